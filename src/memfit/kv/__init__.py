@@ -1,0 +1,7 @@
+"""KV-cache compression: the cache, quantization, eviction methods and policies."""
+
+from memfit.kv.cache import CompressedCache, CompressedLayer
+from memfit.kv.policy import Policy, PolicyError, parse_policy
+from memfit.kv.quant import KIVI
+
+__all__ = ["KIVI", "CompressedCache", "CompressedLayer", "Policy", "PolicyError", "parse_policy"]

@@ -1,0 +1,129 @@
+"""Compression policies: plain config dataclasses, and a spec-string parser.
+
+A spec is a ``+``-separated chain applied left to right: evictions first, then at most one
+quantizer, e.g. ``"snapkv(keep=0.25)+kivi(bits=2,group=32,residual=128)"``; ``"none"`` stores the
+cache as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+from memfit.kv.evict import Eviction, SnapKV, StreamingLLM
+from memfit.kv.quant import KIVI
+
+EVICTIONS: dict[str, type[Eviction]] = {"snapkv": SnapKV, "streaming": StreamingLLM}
+QUANTIZERS: dict[str, type] = {"kivi": KIVI}
+METHODS: dict[str, type] = {**EVICTIONS, **QUANTIZERS}
+
+
+class PolicyError(ValueError):
+    """A policy spec that cannot be parsed or names an unknown method or argument."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    evictions: tuple[Eviction, ...] = ()
+    quant: KIVI | None = None
+
+    @property
+    def is_none(self) -> bool:
+        return not self.evictions and self.quant is None
+
+    def queries_needed(self) -> int:
+        return max((e.queries_needed() for e in self.evictions), default=0)
+
+    @property
+    def spec(self) -> str:
+        """Canonical spec: every argument spelled out, so equal policies have equal specs."""
+        if self.is_none:
+            return "none"
+        return "+".join(_format(m) for m in (*self.evictions, *([self.quant] if self.quant else [])))
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+def _name_of(method: object) -> str:
+    return next(n for n, cls in METHODS.items() if type(method) is cls)
+
+
+def _format(method: object) -> str:
+    args = ",".join(f"{f.name}={getattr(method, f.name)}" for f in dataclasses.fields(method))
+    return f"{_name_of(method)}({args})"
+
+
+def _parse_value(text: str, method: str, name: str) -> object:
+    t = text.strip()
+    if t.lower() == "none":
+        return None
+    try:
+        return int(t)
+    except ValueError:
+        pass
+    try:
+        return float(t)
+    except ValueError:
+        raise PolicyError(f"{method}: argument {name}={t!r} is not a number") from None
+
+
+_TERM = re.compile(r"^\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:\((.*)\))?\s*$")
+
+
+def _build(name: str, argtext: str | None) -> object:
+    cls = METHODS.get(name.lower())
+    if cls is None:
+        raise PolicyError(f"unknown method {name!r}; valid methods: none, {', '.join(sorted(METHODS))}")
+    valid = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, object] = {}
+    for part in filter(str.strip, (argtext or "").split(",")):
+        if "=" not in part:
+            raise PolicyError(f"{name}: expected name=value, got {part.strip()!r}; valid arguments: {', '.join(valid)}")
+        key, val = (s.strip() for s in part.split("=", 1))
+        if key not in valid:
+            raise PolicyError(f"{name}: unknown argument {key!r}; valid arguments: {', '.join(valid)}")
+        value = _parse_value(val, name, key)
+        if isinstance(value, float) and "float" not in str(valid[key].type):
+            raise PolicyError(f"{name}: argument {key} must be an integer, got {val}")
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        msg = str(e)
+        raise PolicyError(msg if msg.startswith(name.lower()) else f"{name.lower()}: {msg}") from None
+
+
+def parse_policy(spec: "str | Policy | None") -> Policy:
+    """Parse a spec string (see module docstring) into a :class:`Policy`."""
+    if isinstance(spec, Policy):
+        return spec
+    if spec is None or not str(spec).strip() or str(spec).strip().lower() == "none":
+        return Policy()
+    evictions: list[Eviction] = []
+    quant = None
+    for term in str(spec).split("+"):
+        m = _TERM.match(term)
+        if not m:
+            raise PolicyError(f"cannot parse {term.strip()!r} in policy {spec!r}; expected name or name(arg=value,...)")
+        if m.group(1).lower() == "none":
+            raise PolicyError(f"'none' cannot be combined with other methods in {spec!r}")
+        method = _build(m.group(1), m.group(2))
+        if isinstance(method, Eviction):
+            if quant is not None:
+                raise PolicyError(f"in {spec!r}: evictions must come before quantization (evict, then quantize)")
+            evictions.append(method)
+        else:
+            if quant is not None:
+                raise PolicyError(f"in {spec!r}: only one quantizer per policy")
+            quant = method
+    return Policy(tuple(evictions), quant)
+
+
+def describe_methods() -> dict[str, str]:
+    """Method name -> its arguments with defaults, for `memfit info`."""
+    return {
+        name: ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls))
+        for name, cls in sorted(METHODS.items())
+    }

