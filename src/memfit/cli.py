@@ -123,7 +123,7 @@ def demo(
                 "policy": pol.spec, "tokens": ctx.num_tokens, "kv_bytes": ctx.nbytes, "full_kv_bytes": ctx.full_nbytes,
                 "compression": ctx.compression, "correct": sum(f.is_correct(a) for f, a in zip(facts, answers)),
                 "questions": len(facts), "seconds": time.perf_counter() - t0,
-                "answers": [a[len(f.answer_prefix):].strip() for f, a in zip(facts, answers)],
+                "answers": [" ".join(a[len(f.answer_prefix):].split()) for f, a in zip(facts, answers)],
             })
     typer.echo(f"\n{rows[0]['tokens']} context tokens, {len(facts)} questions, model {model}")
     typer.echo(f"{'policy':<48} {'KV MiB':>8} {'compr.':>7} {'correct':>8} {'seconds':>8}")
