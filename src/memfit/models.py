@@ -159,3 +159,12 @@ class ChatFormat:
 
     def full_text(self, context: str, question: str, answer_prefix: str | None = None) -> str:
         return self.context_text(context) + self.question_text(question, answer_prefix)
+
+
+def __getattr__(name: str):
+    # `memfit.models.load_model` is `memfit.load_model` (defined in api.py, which builds on this module)
+    if name == "load_model":
+        from memfit.api import load_model
+
+        return load_model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
