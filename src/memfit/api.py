@@ -86,23 +86,38 @@ class LM:
         The question is not seen here: compression is query-agnostic."""
         if not isinstance(context, str):
             raise TypeError(f"context must be a str, got {type(context).__name__}")
-        policy = parse_policy(policy)
-        ids = self._encode(self.chat.context_text(context), special=not self.chat.before_context)
-        return self.prefill_ids(torch.tensor([ids], device=self.device), policy, chunk_size=chunk_size)
+        return self.prefill_many(context, [policy], chunk_size=chunk_size)[0]
 
     @torch.no_grad()
     def prefill_ids(self, input_ids: torch.Tensor, policy: "str | Policy" = "none", *, chunk_size: int = 4096) -> Context:
-        policy = parse_policy(policy)
+        return self.prefill_many_ids(input_ids, [policy], chunk_size=chunk_size)[0]
+
+    @torch.no_grad()
+    def prefill_many(self, context: str, policies: "list[str | Policy]", *, chunk_size: int = 4096) -> list[Context]:
+        """One forward pass over ``context``, compressed once per policy (for side-by-side evaluation)."""
+        ids = self._encode(self.chat.context_text(context), special=not self.chat.before_context)
+        return self.prefill_many_ids(torch.tensor([ids], device=self.device), policies, chunk_size=chunk_size)
+
+    @torch.no_grad()
+    def prefill_many_ids(self, input_ids: torch.Tensor, policies: "list[str | Policy]", *,
+                         chunk_size: int = 4096) -> list[Context]:
+        pols = [parse_policy(p) for p in policies]
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be [batch, tokens] with tokens > 0, got shape {tuple(input_ids.shape)}")
         t0 = time.perf_counter()
-        cache = CompressedCache(policy, self.num_layers, defer=True)
-        with capture_queries(policy.queries_needed()) as cap:
+        base = CompressedCache("none", self.num_layers, defer=True)
+        with capture_queries(max(p.queries_needed() for p in pols)) as cap:
             for start in range(0, input_ids.shape[1], chunk_size):
-                self.model(input_ids[:, start : start + chunk_size], past_key_values=cache, use_cache=True,
+                self.model(input_ids[:, start : start + chunk_size], past_key_values=base, use_cache=True,
                            logits_to_keep=1)
-        cache.compress(cap.queries if cap is not None else None)
-        return Context(cache, input_ids, policy, time.perf_counter() - t0)
+        forward_s = time.perf_counter() - t0
+        queries = cap.queries if cap is not None else None
+        out = []
+        for p in pols:
+            t1 = time.perf_counter()
+            cache = base.derive(p, queries)
+            out.append(Context(cache, input_ids, p, forward_s + time.perf_counter() - t1))
+        return out
 
     # -- ask ---------------------------------------------------------------------------------------
     @torch.no_grad()

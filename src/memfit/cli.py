@@ -139,6 +139,78 @@ def demo(
         typer.echo(f"wrote {out}")
 
 
+DEFAULT_EVAL_POLICIES = ["none", "kivi(bits=4)", "kivi(bits=2)", "snapkv(keep=0.25)", "streaming(keep=0.25)"]
+
+
+@app.command("eval")
+def eval_(
+    tasks: Optional[list[str]] = typer.Option(None, "--task", "-t", help="Repeat; default: every task."),
+    policies: list[str] = typer.Option(DEFAULT_EVAL_POLICIES, "--policy", "-p", help="Repeat to compare several."),
+    lengths: list[int] = typer.Option([1024, 2048], "--length", "-n", help="Context length in tokens; repeat."),
+    samples: int = typer.Option(5, "--samples", "-s"),
+    seed: int = typer.Option(0),
+    model: str = typer.Option("smollm2", "--model", "-m"),
+    out: Path = typer.Option(Path("results/eval"), "--out", "-o", help="Folder for results.jsonl and summary.json."),
+    with_perplexity: bool = typer.Option(False, "--perplexity", help="Also report each policy's perplexity."),
+    perplexity_text: Optional[Path] = typer.Option(None, help="Text for --perplexity (default: the shipped essay)."),
+    max_new_tokens: int = typer.Option(24, "--max-new-tokens"),
+) -> None:
+    """Accuracy of each policy on the built-in long-context tasks (one prefill per sample, shared)."""
+    from memfit.eval.runner import format_summary, run_eval, summarize
+    from memfit.eval.tasks import TASKS
+
+    pols = [_policy(p).spec for p in policies]
+    names = tasks or list(TASKS)
+    unknown = [t for t in names if t not in TASKS]
+    if unknown:
+        _fail(f"unknown task(s) {', '.join(unknown)}; valid tasks: {', '.join(TASKS)}")
+    if samples < 1 or any(n < 64 for n in lengths):
+        _fail("--samples must be >= 1 and every --length >= 64")
+    lm = _load(model)
+    t0 = time.perf_counter()
+    records = run_eval(lm, names, pols, lengths, samples, seed, out, max_new_tokens)
+    rows = summarize(records)
+    summary = {"model": model, "tasks": names, "lengths": lengths, "samples": samples, "seed": seed,
+               "seconds": time.perf_counter() - t0, "rows": rows}
+    if with_perplexity:
+        summary["perplexity"] = _perplexities(lm, perplexity_text, pols)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    typer.echo(format_summary(rows))
+    if "perplexity" in summary:
+        typer.echo("\nperplexity: " + ", ".join(f"{p}: {v:.3f}" for p, v in summary["perplexity"].items()))
+    typer.echo(f"\n{len(records)} records in {summary['seconds']:.0f} s -> {out / 'results.jsonl'}, {out / 'summary.json'}")
+
+
+def _perplexities(lm, path: Optional[Path], policies: list[str]) -> dict[str, float]:
+    from memfit.eval.perplexity import SHIPPED_TEXT, perplexity
+
+    path = path or SHIPPED_TEXT
+    if not path.is_file():
+        _fail(f"perplexity text {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        return {p: perplexity(lm, text, p) for p in policies}
+    except ValueError as e:
+        _fail(str(e))
+
+
+@app.command()
+def plot(results: Path = typer.Argument(..., help="A results folder (or .jsonl file) from memfit eval / peer_kvpress.")) -> None:
+    """Pareto plot (accuracy vs KV bytes per token) and accuracy per task, as PNGs beside the results."""
+    from memfit.eval.plots import plot_results
+    from memfit.eval.runner import load_records
+
+    if not results.exists():
+        _fail(f"{results} does not exist")
+    try:
+        records = load_records(results)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    folder = results if results.is_dir() else results.parent
+    for path in plot_results(records, folder):
+        typer.echo(f"wrote {path}")
+
+
 @bench_app.command("kv")
 def bench_kv(
     model: str = typer.Option("smollm2", "--model", "-m"),

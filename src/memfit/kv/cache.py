@@ -39,6 +39,7 @@ class CompressedLayer(CacheLayerMixin):
         self.defer = defer  # keep every token in the window until compress() (evict, then quantize)
         self.qk: QTensor | None = None
         self.qv: QTensor | None = None
+        self._parent_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # parent dequantized once per fork
         self.seen = parent.get_seq_length() if parent is not None else 0  # logical tokens, evicted ones included
 
     # -- sizes -----------------------------------------------------------------------------------
@@ -91,7 +92,10 @@ class CompressedLayer(CacheLayerMixin):
         """Everything stored, dequantized to the compute dtype: [B, H, stored, D] keys and values."""
         ks, vs = [], []
         if self.parent is not None:
-            pk, pv = self.parent.materialize()
+            # the parent is read-only while forks exist: dequantize it once, not at every step
+            if self._parent_kv is None:
+                self._parent_kv = self.parent.materialize()
+            pk, pv = self._parent_kv
             if batch_size is not None and pk.shape[0] != batch_size:
                 pk, pv = pk.expand(batch_size, -1, -1, -1), pv.expand(batch_size, -1, -1, -1)
             ks.append(pk)
@@ -200,6 +204,19 @@ class CompressedCache(Cache):
         """Apply the policy's evictions and quantization to everything prefilled so far."""
         for i, layer in enumerate(self.layers):
             layer.compress(self.policy, (queries or {}).get(i))
+
+    def derive(self, policy: "str | Policy", queries: dict[int, torch.Tensor] | None = None) -> "CompressedCache":
+        """Compress a copy of this uncompressed (deferred) cache with ``policy``: one prefill, many
+        policies. Tensors are shared until compression replaces them; this cache is unchanged."""
+        if not all(layer.defer and layer.qk is None for layer in self.layers):
+            raise RuntimeError("derive() needs a cache prefilled with defer=True and not compressed yet")
+        out = CompressedCache(policy, len(self.layers), defer=True)
+        for mine, theirs in zip(out.layers, self.layers):
+            if theirs.is_initialized:
+                mine.lazy_initialization(theirs.keys, theirs.values)
+                mine.keys, mine.values, mine.seen = theirs.keys, theirs.values, theirs.seen
+        out.compress(queries)
+        return out
 
     def fork(self, batch_size: int = 1) -> "CompressedCache":
         """A new cache that reads this one as a shared, read-only prefix (no copy) and stores new

@@ -31,7 +31,7 @@ class SnapKV(Eviction):
         if queries is None:
             raise ValueError("snapkv needs the queries of the context's last tokens (use lm.prefill)")
         b, h, n, d = keys.shape
-        hq, w = queries.shape[1], min(queries.shape[2], n)
+        hq, w = queries.shape[1], min(self.window, queries.shape[2], n)
         group = hq // h
         q = queries[:, :, -w:].float()
         k = keys.float().repeat_interleave(group, dim=1)

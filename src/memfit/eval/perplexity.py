@@ -1,0 +1,47 @@
+"""Perplexity with a compressed KV cache (teacher-forced)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from memfit.api import LM
+from memfit.kv.policy import Policy, parse_policy
+
+SHIPPED_TEXT = Path(__file__).parent / "data" / "lighthouses.txt"  # an original essay, written for memfit
+
+
+@torch.no_grad()
+def perplexity(lm: LM, text: str, policy: "str | Policy" = "none", *, context_fraction: float = 0.5,
+               chunk: int = 64, max_tokens: int | None = None) -> float:
+    """Perplexity of the second part of ``text`` given its first part compressed with ``policy``.
+
+    The first ``context_fraction`` of the tokens is prefilled and compressed as ``lm.prefill``
+    does (evictions included); the rest is fed in chunks of ``chunk`` tokens, so that a quantizer
+    also compresses the continuation as it grows. Only the continuation (after its first token) is scored.
+    """
+    if not 0.0 < context_fraction < 1.0:
+        raise ValueError("context_fraction must be in (0, 1)")
+    ids = lm.tokenizer(text, add_special_tokens=True, return_tensors="pt")["input_ids"].to(lm.device)
+    if max_tokens:
+        ids = ids[:, :max_tokens]
+    n = ids.shape[1]
+    split = int(n * context_fraction)
+    if split < 1 or n - split < 2:
+        raise ValueError(f"text too short for perplexity: {n} tokens")
+    ctx = lm.prefill_ids(ids[:, :split], parse_policy(policy))
+    cache = ctx.cache.fork(1)
+    nll, count = 0.0, 0
+    # feed tokens split .. n-2; each position predicts the next token (the first continuation token
+    # itself is not scored: its logits come from the prefill, which keeps none)
+    for start in range(split, n - 1, chunk):
+        piece = ids[:, start : min(start + chunk, n - 1)]
+        targets = ids[:, start + 1 : start + 1 + piece.shape[1]]
+        logits = lm.model(piece, past_key_values=cache, use_cache=True).logits
+        logits = logits.float() if logits.element_size() < 4 else logits  # upcast 16-bit, keep float64
+        nll += F.cross_entropy(logits[0], targets[0], reduction="sum").item()
+        count += targets.shape[1]
+    return math.exp(nll / count)

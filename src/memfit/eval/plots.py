@@ -1,0 +1,71 @@
+"""PNG plots of eval results: a Pareto view (accuracy vs KV bytes per token) and accuracy per task."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from memfit.eval.runner import summarize  # noqa: E402
+
+
+def _label(row: dict) -> str:
+    fam = row["family"]
+    return fam if row["source"] == "memfit" else f"{row['source']}:{fam}"
+
+
+def plot_pareto(rows: list[dict], path: Path, title: str) -> Path:
+    fig, ax = plt.subplots(figsize=(9, 6))
+    lines: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        lines[_label(r)].append(r)
+    for label, pts in sorted(lines.items()):
+        pts.sort(key=lambda r: r["bytes_per_token"])
+        dashed = not label.startswith(("none", "kivi", "snapkv", "streaming")) or ":" in label
+        ax.plot([p["bytes_per_token"] / 1024 for p in pts], [100 * p["accuracy"] for p in pts],
+                marker="s" if ":" in label else "o", linestyle="--" if dashed else "-", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("KV cache size (KiB per context token, log scale)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(title="method family", fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_per_task(rows: list[dict], path: Path, title: str) -> Path:
+    tasks = sorted({t for r in rows for t in r["per_task"]})
+    fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(tasks) + 3), 5.5))
+    width = 0.8 / max(1, len(rows))
+    for i, r in enumerate(rows):
+        xs = [j + i * width for j in range(len(tasks))]
+        ax.bar(xs, [100 * r["per_task"].get(t, 0.0) for t in tasks], width,
+               label=f"{r['source'] + ':' if r['source'] != 'memfit' else ''}{r['policy'][:45]}")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))])
+    ax.set_xticklabels(tasks, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.28))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_results(records: list[dict], folder: Path) -> list[Path]:
+    rows = summarize(records)
+    model = records[0].get("model", "model") if records else "model"
+    n = len({(r["task"], r["length"], r["seed"]) for r in records})
+    return [
+        plot_pareto(rows, folder / "pareto.png", f"Accuracy per KV byte — {model}, {n} samples"),
+        plot_per_task(rows, folder / "per_task.png", f"Accuracy per task (task@context tokens) — {model}"),
+    ]

@@ -1,0 +1,142 @@
+"""`memfit eval`: tasks x policies x lengths x samples -> one JSON record per sample and policy."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from memfit.api import LM
+from memfit.eval.tasks import Sample, get_task
+from memfit.kv.policy import Policy, parse_policy
+
+STOP = ["\n"]  # every task's answer fits on the line the answer prefix starts
+
+
+def family(policy: Policy) -> str:
+    """Method family of a policy, for plotting lines: its method names joined with '+'."""
+    if policy.is_none:
+        return "none"
+    return "+".join(m.split("(")[0] for m in policy.spec.split("+"))
+
+
+def make_samples(lm: LM, tasks: list[str], lengths: list[int], samples: int, seed: int) -> list[Sample]:
+    count = lambda text: len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    return [get_task(t)(seed + i, n, count) for t in tasks for n in lengths for i in range(samples)]
+
+
+def evaluate_sample(lm: LM, sample: Sample, policies: list[Policy], max_new_tokens: int = 24) -> list[dict]:
+    """Prefill once, compress once per policy, ask every question one after another (query-agnostic)."""
+    contexts = lm.prefill_many(sample.context, policies)
+    records = []
+    for pol, ctx in zip(policies, contexts):
+        t0 = time.perf_counter()
+        replies = [lm.ask(ctx, q.text, max_new_tokens=max_new_tokens, answer_prefix=q.answer_prefix, stop=STOP)
+                   for q in sample.questions]
+        answer_s = time.perf_counter() - t0
+        scores = [q.score(r) for q, r in zip(sample.questions, replies)]
+        records.append({
+            "task": sample.task, "length": sample.length, "seed": sample.seed, "policy": pol.spec,
+            "family": family(pol), "source": "memfit", "tokens": ctx.num_tokens,
+            "correct": sum(scores) / len(scores), "scores": scores,
+            "nbytes": ctx.nbytes, "full_nbytes": ctx.full_nbytes, "bytes_per_token": ctx.nbytes / ctx.num_tokens,
+            "compression": ctx.compression, "prefill_s": ctx.prefill_seconds, "answer_s": answer_s,
+            "replies": [r[len(q.answer_prefix):] for q, r in zip(sample.questions, replies)],
+            "expected": [list(q.answers) for q in sample.questions],
+        })
+    return records
+
+
+def run_eval(lm: LM, tasks: list[str], policies: list[str], lengths: list[int], samples: int, seed: int = 0,
+             out_dir: Path | None = None, max_new_tokens: int = 24, progress: bool = True) -> list[dict]:
+    pols = [parse_policy(p) for p in policies]
+    for t in tasks:
+        get_task(t)  # fail before any work on an unknown task
+    items = make_samples(lm, tasks, lengths, samples, seed)
+    out_file = None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        out_file = (out_dir / "results.jsonl").open("a", encoding="utf-8")
+    records: list[dict] = []
+    try:
+        for sample in tqdm(items, desc="eval", unit="sample", disable=not progress):
+            for rec in evaluate_sample(lm, sample, pols, max_new_tokens):
+                rec["model"] = lm.name
+                records.append(rec)
+                if out_file:
+                    out_file.write(json.dumps(rec) + "\n")
+                    out_file.flush()
+    finally:
+        if out_file:
+            out_file.close()
+    return records
+
+
+def load_records(path: Path) -> list[dict]:
+    """Records from a results folder (every *.jsonl in it) or one .jsonl file."""
+    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    if not files:
+        raise FileNotFoundError(f"no .jsonl results in {path}")
+    records = []
+    for f in files:
+        for i, line in enumerate(f.read_text(encoding="utf-8").splitlines()):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{f}:{i + 1}: not a JSON record ({e})") from None
+    return records
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """Per (source, policy): accuracy, mean compression, accuracy relative to "none", per-task accuracy."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[(r.get("source", "memfit"), r["policy"])].append(r)
+    base = {r_key: sum(x["correct"] for x in rs) / len(rs) for r_key, rs in groups.items() if r_key[1] == "none"}
+    none_acc = next(iter(base.values()), None)
+    rows = []
+    for (source, pol), rs in groups.items():
+        acc = sum(x["correct"] for x in rs) / len(rs)
+        per_task: dict[str, list[float]] = defaultdict(list)
+        for x in rs:
+            per_task[f"{x['task']}@{x['length']}"].append(x["correct"])
+        positions: dict[int, list[float]] = defaultdict(list)
+        for x in rs:
+            for i, s in enumerate(x.get("scores", [])):
+                positions[i + 1].append(s)
+        rows.append({
+            "source": source, "policy": pol, "family": rs[0].get("family", pol), "samples": len(rs),
+            "accuracy": acc, "relative": acc / none_acc if none_acc else None,
+            "compression": sum(x["compression"] for x in rs) / len(rs),
+            "bytes_per_token": sum(x["bytes_per_token"] for x in rs) / len(rs),
+            "per_task": {k: sum(v) / len(v) for k, v in sorted(per_task.items())},
+            "per_position": {k: sum(v) / len(v) for k, v in sorted(positions.items())},
+        })
+    rows.sort(key=lambda r: (r["source"] != "memfit", -r["bytes_per_token"]))
+    return rows
+
+
+def format_summary(rows: list[dict]) -> str:
+    lines = [f"{'source':<8} {'policy':<52} {'n':>4} {'accuracy':>8} {'vs none':>8} {'compr.':>7} {'B/token':>8}"]
+    for r in rows:
+        rel = f"{100 * r['relative']:.0f}%" if r["relative"] is not None else "-"
+        lines.append(f"{r['source']:<8} {r['policy'][:52]:<52} {r['samples']:>4} {100 * r['accuracy']:>7.1f}% "
+                     f"{rel:>8} {r['compression']:>6.2f}x {r['bytes_per_token']:>8.0f}")
+    tasks = sorted({t for r in rows for t in r["per_task"]})
+    if tasks:
+        lines.append("")
+        lines.append("accuracy per task (%): " + " | ".join(tasks))
+        for r in rows:
+            lines.append(f"{r['policy'][:52]:<52} " + " ".join(f"{100 * r['per_task'].get(t, float('nan')):>5.0f}"
+                                                            for t in tasks))
+    multi = [r for r in rows if len(r["per_position"]) > 1]
+    if multi:
+        lines.append("")
+        lines.append("accuracy per question position, multi-question tasks (%):")
+        for r in multi:
+            lines.append(f"{r['policy'][:52]:<52} " + " ".join(f"q{k}={100 * v:.0f}" for k, v in r["per_position"].items()))
+    return "\n".join(lines)
