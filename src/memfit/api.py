@@ -11,6 +11,7 @@ import torch
 from memfit.kv.attention import capture_queries
 from memfit.kv.cache import CompressedCache
 from memfit.kv.policy import Policy, parse_policy
+from memfit.textlines import first_lines, lines_done
 from memfit.models import ChatFormat, default_device, default_dtype, fingerprint, load_hf, resolve_model
 
 
@@ -123,22 +124,25 @@ class LM:
     @torch.no_grad()
     def ask(self, ctx: Context, question: "str | list[str]", max_new_tokens: int = 64, *,
             answer_prefix: str | None = None, temperature: float = 0.0, top_p: float = 1.0,
-            stop: list[str] | None = None, seed: int | None = None) -> "str | list[str]":
+            stop: list[str] | None = None, seed: int | None = None,
+            lines: int | None = None) -> "str | list[str]":
         """Answer one question (-> str) or a list of them (-> list, one batch over the shared context).
-        ``answer_prefix`` starts the assistant turn and is included in the answer."""
+        ``answer_prefix`` starts the assistant turn and is included in the answer. ``lines`` ends an
+        answer after that many lines with text (leading punctuation and blank lines do not count)."""
         single = isinstance(question, str)
         questions = [question] if single else list(question)
         if not questions or not all(isinstance(q, str) for q in questions):
             raise TypeError("question must be a str or a non-empty list of str")
         suffixes = [self._encode(self.chat.question_text(q, answer_prefix)) for q in questions]
-        outs = self.generate(ctx, suffixes, max_new_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed)
+        outs = self.generate(ctx, suffixes, max_new_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed,
+                             lines=lines)
         answers = [(answer_prefix or "") + o for o in outs]
         return answers[0] if single else answers
 
     @torch.no_grad()
     def generate(self, ctx: Context, suffixes: list[list[int]], max_new_tokens: int = 64, *,
                  temperature: float = 0.0, top_p: float = 1.0, stop: list[str] | None = None,
-                 seed: int | None = None) -> list[str]:
+                 seed: int | None = None, lines: int | None = None) -> list[str]:
         """Continue the context with each token list in ``suffixes`` (one row each) and decode."""
         if max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
@@ -174,8 +178,10 @@ class LM:
                         done[i] = True
                     else:
                         out[i].append(t)
-                        if stop and any(s in self.tokenizer.decode(out[i]) for s in stop):
-                            done[i] = True
+                        if stop or lines:
+                            text = self.tokenizer.decode(out[i])
+                            if (stop and any(s in text for s in stop)) or (lines and lines_done(text, lines)):
+                                done[i] = True
             if bool(done.all()):
                 break
             step_ids = tok.unsqueeze(-1)
@@ -185,6 +191,8 @@ class LM:
         texts = [self.tokenizer.decode(o, skip_special_tokens=True) for o in out]
         if stop:
             texts = [_cut_at_stop(t, stop) for t in texts]
+        if lines:
+            texts = [first_lines(t, lines) for t in texts]
         return texts
 
 

@@ -13,8 +13,6 @@ from memfit.api import LM
 from memfit.eval.tasks import Sample, get_task
 from memfit.kv.policy import Policy, parse_policy
 
-STOP = ["\n"]  # every task's answer fits on the line the answer prefix starts
-
 
 def family(policy: Policy) -> str:
     """Method family of a policy, for plotting lines: its method names joined with '+'."""
@@ -34,7 +32,8 @@ def evaluate_sample(lm: LM, sample: Sample, policies: list[Policy], max_new_toke
     records = []
     for pol, ctx in zip(policies, contexts):
         t0 = time.perf_counter()
-        replies = [lm.ask(ctx, q.text, max_new_tokens=max_new_tokens, answer_prefix=q.answer_prefix, stop=STOP)
+        replies = [lm.ask(ctx, q.text, max_new_tokens=max_new_tokens, answer_prefix=q.answer_prefix,
+                           lines=q.lines)
                    for q in sample.questions]
         answer_s = time.perf_counter() - t0
         scores = [q.score(r) for q, r in zip(sample.questions, replies)]

@@ -11,6 +11,7 @@ class Question:
     text: str
     answers: tuple[str, ...]  # every one must occur in the reply (case-insensitive)
     answer_prefix: str = ""
+    lines: int = 1  # the reply is read up to this many lines with text
 
     def score(self, reply: str) -> float:
         """Fraction of the expected answers found in the reply (1.0 = correct)."""

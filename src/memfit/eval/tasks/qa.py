@@ -20,7 +20,9 @@ _PRODUCTS = ["bicycles", "umbrellas", "telescopes", "violins", "kayaks", "lanter
 
 def documents_qa(seed: int, length: int, count: TokenCounter, asked: int = 3) -> Sample:
     """Profiles of companies (founder, city, product, year), each padded with filler; ``asked``
-    questions about different companies, asked one after another on the same context."""
+    questions about different companies, asked one after another on the same context. Every
+    answer starts "The company that makes X was founded by" (it steers a small model to the
+    right document); which fact is checked (founder, city or year) varies."""
     rng = random.Random(f"qa:{seed}:{length}")
     products = rng.sample(_PRODUCTS, len(_PRODUCTS))
     docs, facts = [], []
@@ -30,8 +32,7 @@ def documents_qa(seed: int, length: int, count: TokenCounter, asked: int = 3) ->
         p = products[i]
         founder = f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"
         city, year = rng.choice(_CITIES), rng.randint(1850, 1990)
-        core = (f"Document {i + 1}. The company that makes {p} was founded in {city} in {year}. "
-                f"Its founder was {founder}.")
+        core = f"Document {i + 1}. The company that makes {p} was founded by {founder} in {city} in {year}."
         doc = core + " " + " ".join(filler_sentences(rng, rng.randint(4, 8)))
         cost = count(doc)
         if used + cost > length and i >= asked:
@@ -45,13 +46,8 @@ def documents_qa(seed: int, length: int, count: TokenCounter, asked: int = 3) ->
     for j, idx in enumerate(picked):
         p, founder, city, year = facts[idx]
         kind = (seed + j) % 3
-        if kind == 0:
-            questions.append(Question(f"In which city was the company that makes {p} founded?", (city,),
-                                      f"The company that makes {p} was founded in"))
-        elif kind == 1:
-            questions.append(Question(f"Who founded the company that makes {p}?", (founder,),
-                                      f"The company that makes {p} was founded by"))
-        else:
-            questions.append(Question(f"In which year was the company that makes {p} founded?", (year,),
-                                      f"The company that makes {p} was founded in the year"))
+        text, answer = [(f"Who founded the company that makes {p}?", founder),
+                        (f"Who founded the company that makes {p}, and in which city?", city),
+                        (f"Who founded the company that makes {p}, and in which year?", year)][kind]
+        questions.append(Question(text, (answer,), f"The company that makes {p} was founded by"))
     return Sample("documents_qa", length, seed, "\n\n".join(docs), tuple(questions), {"documents": len(docs)})

@@ -35,7 +35,7 @@ def _question(key: str, values: list[str]) -> Question:
         return Question(f"What is the special magic number for {key} mentioned in the text?", tuple(values),
                         f"The special magic number for {key} is")
     return Question(f"What are all the special magic numbers for {key} mentioned in the text?", tuple(values),
-                    f"The special magic numbers for {key} are")
+                    f"The special magic numbers for {key} are", lines=len(values))
 
 
 def _make(task: str, seed: int, length: int, count: TokenCounter, keys: int, values: int, asked: int) -> Sample:
@@ -63,6 +63,36 @@ def niah_multivalue(seed: int, length: int, count: TokenCounter) -> Sample:
     return _make("niah_multivalue", seed, length, count, keys=1, values=2, asked=1)
 
 
+# (statement, question, answer prefix) templates with one slot for a subject and one for the value:
+# five different kinds of fact, so that the questions of one sample cannot be confused with each other
+_FACTS = [
+    ("The secret code of the {s} door is {v}.", "What is the secret code of the {s} door?", "The secret code of the {s} door is"),
+    ("The locker number of {s} is {v}.", "What is the locker number of {s}?", "The locker number of {s} is"),
+    ("The ticket number for the train to {s} is {v}.", "What is the ticket number for the train to {s}?",
+     "The ticket number for the train to {s} is"),
+    ("The serial number of the {s} statue is {v}.", "What is the serial number of the {s} statue?",
+     "The serial number of the {s} statue is"),
+    ("The phone extension of the {s} office is {v}.", "What is the phone extension of the {s} office?",
+     "The phone extension of the {s} office is"),
+]
+_SUBJECTS = [
+    ["red", "blue", "green", "yellow", "white", "black"],
+    ["Anna", "Boris", "Chloe", "Daniel", "Emma", "Farid"],
+    ["Paris", "Berlin", "Madrid", "Rome", "Warsaw", "Athens"],
+    ["lion", "horse", "eagle", "bear", "swan", "wolf"],
+    ["sales", "legal", "finance", "design", "support", "travel"],
+]
+
+
 def niah_multiquery(seed: int, length: int, count: TokenCounter) -> Sample:
-    """Five needles; five questions asked one after another on the same compressed context."""
-    return _make("niah_multiquery", seed, length, count, keys=5, values=1, asked=5)
+    """Five facts of five different kinds; five questions asked one after another on the same
+    compressed context (SCBench-style reuse: accuracy is reported per question position)."""
+    rng = random.Random(f"niah_multiquery:{seed}:{length}")
+    kinds = rng.sample(range(len(_FACTS)), len(_FACTS))
+    facts = []
+    for k in kinds:
+        subject, value = rng.choice(_SUBJECTS[k]), _value(rng)
+        statement, question, prefix = (t.format(s=subject, v=value) for t in _FACTS[k])
+        facts.append((statement, Question(question, (value,), prefix)))
+    text, depth = fill_to_length(rng, count, length, [f[0] for f in facts])
+    return Sample("niah_multiquery", length, seed, text, tuple(q for _, q in facts), {"depth": depth})
