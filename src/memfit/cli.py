@@ -144,7 +144,8 @@ DEFAULT_EVAL_POLICIES = ["none", "kivi(bits=4)", "kivi(bits=2)", "snapkv(keep=0.
 
 @app.command("eval")
 def eval_(
-    tasks: Optional[list[str]] = typer.Option(None, "--task", "-t", help="Repeat; default: every task."),
+    tasks: Optional[list[str]] = typer.Option(None, "--task", "-t", help="Repeat; 'all' for every task; default: the "
+                                              "tasks SmolLM2 can do uncompressed (see README)."),
     policies: list[str] = typer.Option(DEFAULT_EVAL_POLICIES, "--policy", "-p", help="Repeat to compare several."),
     lengths: list[int] = typer.Option([1024, 2048], "--length", "-n", help="Context length in tokens; repeat."),
     samples: int = typer.Option(5, "--samples", "-s"),
@@ -157,10 +158,10 @@ def eval_(
 ) -> None:
     """Accuracy of each policy on the built-in long-context tasks (one prefill per sample, shared)."""
     from memfit.eval.runner import format_summary, run_eval, summarize
-    from memfit.eval.tasks import TASKS
+    from memfit.eval.tasks import DEFAULT_TASKS, TASKS
 
     pols = [_policy(p).spec for p in policies]
-    names = tasks or list(TASKS)
+    names = list(TASKS) if tasks == ["all"] else (tasks or DEFAULT_TASKS)
     unknown = [t for t in names if t not in TASKS]
     if unknown:
         _fail(f"unknown task(s) {', '.join(unknown)}; valid tasks: {', '.join(TASKS)}")

@@ -54,8 +54,8 @@ def niah_single(seed: int, length: int, count: TokenCounter) -> Sample:
 
 
 def niah_multikey(seed: int, length: int, count: TokenCounter) -> Sample:
-    """Four needles with different keys; ask for one (the others are distractors)."""
-    return _make("niah_multikey", seed, length, count, keys=4, values=1, asked=1)
+    """Three needles with different keys; ask for one (the others are distractors)."""
+    return _make("niah_multikey", seed, length, count, keys=3, values=1, asked=1)
 
 
 def niah_multivalue(seed: int, length: int, count: TokenCounter) -> Sample:
