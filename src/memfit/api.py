@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 
 import torch
 
 from memfit.kv.attention import capture_queries
 from memfit.kv.cache import CompressedCache
 from memfit.kv.policy import Policy, parse_policy
-from memfit.textlines import first_lines, lines_done
 from memfit.models import ChatFormat, default_device, default_dtype, fingerprint, load_hf, resolve_model
+from memfit.store import ContextStore, Entry, KeySpace, open_store
+from memfit.store.disk import atomic_write
+from memfit.textlines import first_lines, lines_done
 
 
 @dataclass
@@ -24,6 +29,7 @@ class Context:
     policy: Policy
     prefill_seconds: float = 0.0
     meta: dict = field(default_factory=dict)
+    lm: "LM | None" = field(default=None, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -40,6 +46,35 @@ class Context:
     @property
     def compression(self) -> float:
         return self.full_nbytes / max(1, self.nbytes)
+
+    @property
+    def key(self) -> str:
+        """Store key: model fingerprint, tokenizer, policy, format version and token ids."""
+        return self._space().key(self.token_ids[0].tolist())
+
+    def _space(self) -> KeySpace:
+        if self.lm is None:
+            raise RuntimeError("this context has no model attached")
+        return self.lm.keyspace(self.policy)
+
+    def to_entry(self) -> tuple[Entry, list[str]]:
+        """The stored form, and the prefix hashes under which it can be found (no-eviction policies)."""
+        space = self._space()
+        tensors, state = self.cache.to_state()
+        tensors = {n: t.detach().cpu() for n, t in tensors.items()}
+        tensors["token_ids"] = self.token_ids[0].to(torch.int32).cpu()
+        chain = space.chain(self.token_ids[0].tolist())
+        manifest = {"format": space.format, "fingerprint": space.fingerprint, "tokenizer": space.tokenizer,
+                    "policy": space.policy, "num_tokens": self.num_tokens, "cache": state}
+        aliases = [] if self.policy.evictions else [h for _, h in chain[:-1]]
+        return Entry(chain[-1][1], tensors, manifest), aliases
+
+    def save(self, path: "str | Path") -> Path:
+        """Write this context to one file (atomically); read it back with ``memfit.load_context``."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, self.to_entry()[0].to_bytes())
+        return path
 
     def __repr__(self) -> str:
         return (f"Context(tokens={self.num_tokens}, policy={self.policy.spec!r}, nbytes={self.nbytes}, "
@@ -68,6 +103,32 @@ class LM:
         """Hash of config + weights: part of every stored-context key."""
         return fingerprint(self.model, self._weight_files)
 
+    @cached_property
+    def tokenizer_fingerprint(self) -> str:
+        tok = self.tokenizer
+        backend = getattr(tok, "backend_tokenizer", None)
+        text = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
+        return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+    def keyspace(self, policy: "str | Policy") -> KeySpace:
+        return KeySpace(self.fingerprint, self.tokenizer_fingerprint, parse_policy(policy).spec)
+
+    def context_from_entry(self, entry: Entry) -> Context:
+        """Rebuild a stored context for this model; refuses one made for another model, tokenizer,
+        policy or format (EntryMismatch)."""
+        entry.check(self.keyspace(entry.manifest.get("policy", "none")))
+        state = entry.manifest["cache"]
+        cache = CompressedCache.from_state({n: t for n, t in entry.tensors.items() if n != "token_ids"}, state,
+                                           device=self.device)
+        ids = entry.tensors["token_ids"].to(torch.long).to(self.device).unsqueeze(0)
+        return Context(cache, ids, parse_policy(state["policy"]), meta={"store": "hit"}, lm=self)
+
+    def load_context(self, path: "str | Path") -> Context:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"context file {path} does not exist")
+        return self.context_from_entry(Entry.from_bytes(path.read_bytes()))
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -82,12 +143,54 @@ class LM:
 
     # -- prefill -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, context: str, policy: "str | Policy" = "none", *, chunk_size: int = 4096) -> Context:
+    def prefill(self, context: str, policy: "str | Policy" = "none", *, chunk_size: int = 4096,
+                store: "ContextStore | str | list[str] | None" = None) -> Context:
         """Read ``context`` (as the start of a user turn) and compress its KV cache with ``policy``.
-        The question is not seen here: compression is query-agnostic."""
+        The question is not seen here: compression is query-agnostic. With ``store``, a stored
+        compressed context is restored instead (or its longest stored prefix, then only the rest is
+        read), and a newly read one is stored."""
         if not isinstance(context, str):
             raise TypeError(f"context must be a str, got {type(context).__name__}")
-        return self.prefill_many(context, [policy], chunk_size=chunk_size)[0]
+        if store is None:
+            return self.prefill_many(context, [policy], chunk_size=chunk_size)[0]
+        ids = self._encode(self.chat.context_text(context), special=not self.chat.before_context)
+        return self.prefill_stored(torch.tensor([ids], device=self.device), policy, open_store(store), chunk_size=chunk_size)
+
+    @torch.no_grad()
+    def prefill_stored(self, input_ids: torch.Tensor, policy: "str | Policy", store: ContextStore, *,
+                       chunk_size: int = 4096) -> Context:
+        policy = parse_policy(policy)
+        t0 = time.perf_counter()
+        chain = self.keyspace(policy).chain(input_ids[0].tolist())
+        entry = store.get_entry(chain[-1][1])
+        if entry is not None:
+            ctx = self.context_from_entry(entry)
+            ctx.prefill_seconds = time.perf_counter() - t0
+            return ctx
+        if not policy.evictions:  # a cache without eviction can be cut at a chunk boundary and extended
+            for n, h in reversed(chain[:-1]):
+                key = store.resolve_alias(h)
+                found = store.get_entry(key) if key else None
+                if found is None:
+                    continue
+                prefix = self.context_from_entry(found).cache.truncated(n)
+                cache = self._extend(prefix, input_ids[:, n:], chunk_size)
+                ctx = Context(cache, input_ids, policy, time.perf_counter() - t0, {"store": "prefix", "reused": n},
+                              lm=self)
+                store.put(ctx)
+                return ctx
+        ctx = self.prefill_ids(input_ids, policy, chunk_size=chunk_size)
+        ctx.meta["store"] = "miss"
+        store.put(ctx)
+        return ctx
+
+    def _extend(self, cache: CompressedCache, rest: torch.Tensor, chunk_size: int) -> CompressedCache:
+        for layer in cache.layers:
+            layer.defer = True  # read the rest in 16-bit, then quantize as prefill does
+        for start in range(0, rest.shape[1], chunk_size):
+            self.model(rest[:, start : start + chunk_size], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache.compress()
+        return cache
 
     @torch.no_grad()
     def prefill_ids(self, input_ids: torch.Tensor, policy: "str | Policy" = "none", *, chunk_size: int = 4096) -> Context:
@@ -117,7 +220,7 @@ class LM:
         for p in pols:
             t1 = time.perf_counter()
             cache = base.derive(p, queries)
-            out.append(Context(cache, input_ids, p, forward_s + time.perf_counter() - t1))
+            out.append(Context(cache, input_ids, p, forward_s + time.perf_counter() - t1, lm=self))
         return out
 
     # -- ask ---------------------------------------------------------------------------------------
@@ -211,6 +314,11 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.G
 def _cut_at_stop(text: str, stop: list[str]) -> str:
     cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
     return text[:cut]
+
+
+def load_context(path: "str | Path", lm: LM) -> Context:
+    """Read a context written by ``ctx.save(path)`` for ``lm`` (refused if made for another model)."""
+    return lm.load_context(path)
 
 
 def load_model(name_or_path: str = "smollm2", device: str = "auto", dtype: "str | torch.dtype | None" = None) -> LM:

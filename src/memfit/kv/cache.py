@@ -229,6 +229,61 @@ class CompressedCache(Cache):
         layers = [CompressedLayer(self.policy.quant, parent=layer) for layer in self.layers]
         return CompressedCache(self.policy, _layers=layers)
 
+    # -- (de)serialization: plain tensors + a JSON-able description ----------------------------------
+    def to_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Every tensor held, named ``l{layer}.{name}``, and what is needed to rebuild the cache."""
+        if any(layer.defer or layer.parent is not None for layer in self.layers):
+            raise RuntimeError("only a compressed cache that is not a fork can be serialized")
+        tensors, layers = {}, []
+        for i, layer in enumerate(self.layers):
+            tensors.update({f"l{i}.{n}": t.contiguous() for n, t in layer.tensors().items()})
+            q = layer.qk
+            layers.append({"seen": layer.seen, "dtype": str(layer.dtype).removeprefix("torch.") if layer.is_initialized else None,
+                           "q": None if q is None else {"bits": q.bits, "kgroup": q.group, "vgroup": layer.qv.group}})
+        return tensors, {"policy": self.policy.spec, "layers": layers}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], state: dict, device: "torch.device | str" = "cpu") -> "CompressedCache":
+        cache = cls(state["policy"], len(state["layers"]))
+        for i, (layer, info) in enumerate(zip(cache.layers, state["layers"])):
+            layer.seen = int(info["seen"])
+            if info["dtype"] is None:
+                continue
+            t = {n.split(".", 1)[1]: v.to(device) for n, v in tensors.items() if n.startswith(f"l{i}.")}
+            layer.keys, layer.values = t["k_window"], t["v_window"]
+            layer.dtype, layer.device, layer.is_initialized = getattr(torch, info["dtype"]), layer.keys.device, True
+            if info["q"] is not None:
+                q = info["q"]
+                layer.qk = QTensor(t["k_codes"], t["k_scale"], t["k_zero"], q["bits"], "token", q["kgroup"])
+                layer.qv = QTensor(t["v_codes"], t["v_scale"], t["v_zero"], q["bits"], "channel", q["vgroup"])
+        return cache
+
+    def truncated(self, num_tokens: int) -> "CompressedCache":
+        """The first ``num_tokens`` tokens of a cache without eviction (used for prefix reuse).
+        Key groups must not be cut: ``num_tokens`` must be a multiple of the key group or lie in the window."""
+        if self.policy.evictions:
+            raise ValueError("an evicted cache is a function of its whole context: its prefix cannot be reused")
+        tensors, state = self.to_state()
+        out = CompressedCache.from_state(tensors, state, device=next(iter(tensors.values())).device if tensors else "cpu")
+        for layer in out.layers:
+            if not layer.is_initialized:
+                continue
+            nq = layer.qk.num_tokens if layer.qk is not None else 0
+            if num_tokens < nq:
+                g = layer.qk.group
+                if num_tokens % g:
+                    raise ValueError(f"cannot cut a key group of {g} tokens at token {num_tokens}")
+                layer.qk = QTensor(layer.qk.codes[:, :, :num_tokens].clone(), layer.qk.scale[:, :, : num_tokens // g].clone(),
+                                   layer.qk.zero[:, :, : num_tokens // g].clone(), layer.qk.bits, "token", g)
+                layer.qv = QTensor(layer.qv.codes[:, :, :num_tokens].clone(), layer.qv.scale[:, :, :num_tokens].clone(),
+                                   layer.qv.zero[:, :, :num_tokens].clone(), layer.qv.bits, "channel", layer.qv.group)
+                layer.keys, layer.values = layer.keys[:, :, :0].clone(), layer.values[:, :, :0].clone()
+            else:
+                layer.keys = layer.keys[:, :, : num_tokens - nq].clone()
+                layer.values = layer.values[:, :, : num_tokens - nq].clone()
+            layer.seen = num_tokens
+        return out
+
     # -- figures -----------------------------------------------------------------------------------
     @property
     def num_tokens(self) -> int:

@@ -1,0 +1,124 @@
+"""The Redis/Valkey tier (redis-py, a real server): one key per entry, written in one transaction.
+
+If the server is down or times out, the tier says so once (a warning) and answers as empty until
+it is reachable again, so a store goes on with its other tiers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+
+from memfit.store.disk import check_key
+from memfit.store.entry import Entry
+
+log = logging.getLogger(__name__)
+
+
+class RedisTier:
+    def __init__(self, url: str, max_bytes: int | None = None, prefix: str = "memfit:", timeout: float = 2.0,
+                 retry_after: float = 5.0):
+        import redis
+
+        self.name, self.max_bytes, self.url = "redis", max_bytes, url
+        self.client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        self._errors = (redis.ConnectionError, redis.TimeoutError, OSError)
+        self.p, self.retry_after = prefix, retry_after
+        self._down_since: float | None = None
+        self._warned = False
+
+    # -- availability ------------------------------------------------------------------------------
+    def _call(self, fn, default):
+        if self._down_since is not None and time.monotonic() - self._down_since < self.retry_after:
+            return default
+        try:
+            out = fn()
+        except self._errors as e:
+            self._down_since = time.monotonic()
+            if not self._warned:
+                warnings.warn(f"Redis tier {self.url} unavailable ({type(e).__name__}: {e}); going on without it",
+                              RuntimeWarning, stacklevel=3)
+                self._warned = True
+            return default
+        if self._down_since is not None:
+            log.info("Redis tier %s is back", self.url)
+        self._down_since = None
+        self._warned = False
+        return out
+
+    @property
+    def available(self) -> bool:
+        return self._call(lambda: self.client.ping(), False)
+
+    # -- entries -------------------------------------------------------------------------------------
+    def _k(self, key: str) -> str:
+        return f"{self.p}ctx:{check_key(key)}"
+
+    def get(self, key: str) -> Entry | None:
+        blob = self._call(lambda: self.client.get(self._k(key)), None)
+        if blob is None:
+            return None
+        entry = Entry.from_bytes(blob, expected_key=key)  # raises CorruptEntry
+        self._call(lambda: self.client.zadd(f"{self.p}lru", {key: time.time()}), None)
+        return entry
+
+    def put(self, entry: Entry) -> list[Entry]:
+        blob = entry.to_bytes()
+
+        def write():
+            pipe = self.client.pipeline(transaction=True)  # MULTI/EXEC: all or nothing
+            pipe.set(self._k(entry.key), blob)
+            pipe.zadd(f"{self.p}lru", {entry.key: time.time()})
+            pipe.hset(f"{self.p}sizes", entry.key, len(blob))
+            pipe.execute()
+            return True
+
+        if not self._call(write, False):
+            return [entry]  # not stored here: hand it on rather than lose it
+        return self._evict(keep=entry.key)
+
+    def _evict(self, keep: str) -> list[Entry]:
+        if self.max_bytes is None:
+            return []
+        out = []
+        while self.used_bytes() > self.max_bytes:
+            oldest = self._call(lambda: self.client.zrange(f"{self.p}lru", 0, 0), [])
+            if not oldest or oldest[0].decode() == keep:
+                break
+            key = oldest[0].decode()
+            blob = self._call(lambda: self.client.get(self._k(key)), None)
+            if blob is not None:
+                try:
+                    out.append(Entry.from_bytes(blob, expected_key=key))
+                except Exception:  # noqa: BLE001 - corrupt: dropped, not demoted
+                    pass
+            self.delete(key)
+        return out
+
+    def used_bytes(self) -> int:
+        sizes = self._call(lambda: self.client.hvals(f"{self.p}sizes"), [])
+        return sum(int(s) for s in sizes)
+
+    def delete(self, key: str) -> bool:
+        def rm():
+            pipe = self.client.pipeline(transaction=True)
+            pipe.delete(self._k(key))
+            pipe.zrem(f"{self.p}lru", key)
+            pipe.hdel(f"{self.p}sizes", key)
+            return bool(pipe.execute()[0])
+
+        return self._call(rm, False)
+
+    def contains(self, key: str) -> bool:
+        return bool(self._call(lambda: self.client.exists(self._k(key)), 0))
+
+    def keys(self) -> list[str]:
+        return sorted(k.decode() for k in self._call(lambda: self.client.zrange(f"{self.p}lru", 0, -1), []))
+
+    def set_alias(self, alias: str, key: str) -> None:
+        self._call(lambda: self.client.set(f"{self.p}prefix:{check_key(alias)}", check_key(key)), None)
+
+    def get_alias(self, alias: str) -> str | None:
+        v = self._call(lambda: self.client.get(f"{self.p}prefix:{check_key(alias)}"), None)
+        return v.decode() if v else None
