@@ -113,11 +113,11 @@ class LM:
     def keyspace(self, policy: "str | Policy") -> KeySpace:
         return KeySpace(self.fingerprint, self.tokenizer_fingerprint, parse_policy(policy).spec)
 
-    def context_from_entry(self, entry: Entry) -> Context:
+    def context_from_entry(self, entry: Entry, policy: "str | Policy | None" = None) -> Context:
         """Rebuild a stored context for this model; refuses one made for another model, tokenizer,
-        policy or format (EntryMismatch)."""
-        entry.check(self.keyspace(entry.manifest.get("policy", "none")))
+        format or (if given) policy, with EntryMismatch."""
         state = entry.manifest["cache"]
+        entry.check(self.keyspace(state["policy"] if policy is None else policy))
         cache = CompressedCache.from_state({n: t for n, t in entry.tensors.items() if n != "token_ids"}, state,
                                            device=self.device)
         ids = entry.tensors["token_ids"].to(torch.long).to(self.device).unsqueeze(0)
@@ -164,7 +164,7 @@ class LM:
         chain = self.keyspace(policy).chain(input_ids[0].tolist())
         entry = store.get_entry(chain[-1][1])
         if entry is not None:
-            ctx = self.context_from_entry(entry)
+            ctx = self.context_from_entry(entry, policy)
             ctx.prefill_seconds = time.perf_counter() - t0
             return ctx
         if not policy.evictions:  # a cache without eviction can be cut at a chunk boundary and extended
@@ -173,7 +173,7 @@ class LM:
                 found = store.get_entry(key) if key else None
                 if found is None:
                     continue
-                prefix = self.context_from_entry(found).cache.truncated(n)
+                prefix = self.context_from_entry(found, policy).cache.truncated(n)
                 cache = self._extend(prefix, input_ids[:, n:], chunk_size)
                 ctx = Context(cache, input_ids, policy, time.perf_counter() - t0, {"store": "prefix", "reused": n},
                               lm=self)

@@ -49,8 +49,10 @@ class KeySpace:
         return self.chain(token_ids)[-1][1]
 
 
-def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+def _checksum(tensors: dict[str, torch.Tensor], manifest: dict) -> str:
+    """Over the manifest (minus the checksum itself) and every tensor's name, dtype, shape and bytes."""
     h = xxhash.xxh3_128()
+    h.update(json.dumps({k: v for k, v in manifest.items() if k != "checksum"}, sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         h.update(name.encode())
@@ -70,7 +72,8 @@ class Entry:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def to_bytes(self) -> bytes:
-        manifest = dict(self.manifest, key=self.key, checksum=_checksum(self.tensors))
+        manifest = dict(self.manifest, key=self.key)
+        manifest["checksum"] = _checksum(self.tensors, manifest)
         return st_save(self.tensors, metadata={"memfit": json.dumps(manifest)})
 
     @classmethod
@@ -81,7 +84,7 @@ class Entry:
             manifest = json.loads(json.loads(blob[8 : 8 + header_len])["__metadata__"]["memfit"])
         except Exception as e:  # noqa: BLE001 - any parse failure means the bytes are not an entry
             raise CorruptEntry(f"unreadable entry ({type(e).__name__}: {e})") from None
-        if manifest.get("checksum") != _checksum(tensors):
+        if manifest.get("checksum") != _checksum(tensors, manifest):
             raise CorruptEntry(f"checksum mismatch for entry {manifest.get('key')}")
         if expected_key is not None and manifest.get("key") != expected_key:
             raise CorruptEntry(f"entry holds key {manifest.get('key')}, expected {expected_key}")
