@@ -13,6 +13,8 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="memfit: long-context inference that fits.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that write JSON.")
 app.add_typer(bench_app, name="bench")
+store_app = typer.Typer(no_args_is_help=True, help="Compressed contexts kept in a store (file://DIR, redis://host:port/db).")
+app.add_typer(store_app, name="store")
 
 DEMO_POLICIES = ["none", "kivi(bits=4)", "kivi(bits=2)", "snapkv(keep=0.25)+kivi(bits=2)", "streaming(keep=0.25)+kivi(bits=2)"]
 
@@ -52,9 +54,27 @@ def ask(
     model: str = typer.Option("smollm2", "--model", "-m", help="smollm2, a .gguf file or a HF model folder."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
     answer_prefix: Optional[str] = typer.Option(None, "--answer-prefix", help="Start the answer with this text."),
+    store: Optional[list[str]] = typer.Option(None, "--store", "-s", help="Store URL(s), fastest first: reuse a "
+                                              "stored compressed context, or store this one."),
 ) -> None:
     """Answer a question about a context, and print the memory figures."""
     pol = _policy(policy)
+    text = _read_context(context)
+    st = _open_store(store) if store else None
+    lm = _load(model)
+    ctx = lm.prefill(text, pol, store=st)
+    t0 = time.perf_counter()
+    answer = lm.ask(ctx, question, max_new_tokens=max_new_tokens, answer_prefix=answer_prefix)
+    typer.echo(answer)
+    typer.echo(
+        f"[{ctx.num_tokens} tokens | policy {pol.spec} | KV {_mib(ctx.nbytes)} vs {_mib(ctx.full_nbytes)} 16-bit "
+        f"({ctx.compression:.2f}x) | {'restored' if ctx.meta.get('store') == 'hit' else 'prefill'} "
+        f"{ctx.prefill_seconds:.2f}s, answer {time.perf_counter() - t0:.1f}s]",
+        err=True,
+    )
+
+
+def _read_context(context: str) -> str:
     if context == "-":
         text = sys.stdin.read()
     else:
@@ -64,16 +84,63 @@ def ask(
         text = path.read_text(encoding="utf-8")
     if not text.strip():
         _fail("the context is empty")
+    return text
+
+
+def _open_store(urls: list[str]):
+    from memfit.store import open_store
+
+    try:
+        return open_store(urls)
+    except ValueError as e:
+        _fail(str(e))
+
+
+@store_app.command("put")
+def store_put(
+    context: str = typer.Option(..., "--context", "-c", help="Context file, or - for standard input."),
+    policy: str = typer.Option("none", "--policy", "-p"),
+    store: list[str] = typer.Option(..., "--store", "-s", help="Store URL(s), fastest first."),
+    model: str = typer.Option("smollm2", "--model", "-m"),
+) -> None:
+    """Compress a context and store it; prints its key."""
+    pol = _policy(policy)
+    text = _read_context(context)
+    st = _open_store(store)
     lm = _load(model)
-    ctx = lm.prefill(text, pol)
-    t0 = time.perf_counter()
-    answer = lm.ask(ctx, question, max_new_tokens=max_new_tokens, answer_prefix=answer_prefix)
-    typer.echo(answer)
-    typer.echo(
-        f"[{ctx.num_tokens} tokens | policy {pol.spec} | KV {_mib(ctx.nbytes)} vs {_mib(ctx.full_nbytes)} 16-bit "
-        f"({ctx.compression:.2f}x) | prefill {ctx.prefill_seconds:.1f}s, answer {time.perf_counter() - t0:.1f}s]",
-        err=True,
-    )
+    ctx = lm.prefill(text, pol, store=st)
+    typer.echo(ctx.key)
+    typer.echo(f"[{ctx.meta.get('store')}: {ctx.num_tokens} tokens, {_mib(ctx.nbytes)} ({ctx.compression:.2f}x), "
+               f"{ctx.prefill_seconds:.2f}s]", err=True)
+
+
+@store_app.command("ls")
+def store_ls(store: list[str] = typer.Option(..., "--store", "-s")) -> None:
+    """List stored contexts (key, tier, tokens, policy, bytes)."""
+    st = _open_store(store)
+    for tier in st.tiers:
+        for key in tier.keys():
+            try:
+                e = tier.get(key)
+            except Exception as err:  # noqa: BLE001 - report, keep listing
+                typer.echo(f"{key}  {tier.name:<5} unreadable: {err}")
+                continue
+            if e is not None:
+                m = e.manifest
+                typer.echo(f"{key}  {tier.name:<5} {m.get('num_tokens', '?'):>7} tokens  {_mib(e.nbytes):>12}  {m.get('policy')}")
+
+
+@store_app.command("rm")
+def store_rm(key: str = typer.Argument(...), store: list[str] = typer.Option(..., "--store", "-s")) -> None:
+    """Delete a stored context from every tier."""
+    st = _open_store(store)
+    try:
+        removed = st.delete(key)
+    except ValueError as e:
+        _fail(str(e))
+    if not removed:
+        _fail(f"no stored context {key}")
+    typer.echo(f"removed {key}")
 
 
 @app.command()
@@ -234,6 +301,34 @@ def bench_kv(
         typer.echo(f"{r['policy'][:48]:<48} {r['tokens']:>7} {r['bytes_per_token']:>9.0f} {r['ratio']:>9.3f} "
                    f"{r['prefill_s']:>9.2f} {r['decode_tokens_per_s']:>12.2f}")
     typer.echo(f"wrote {out}")
+
+
+@bench_app.command("store")
+def bench_store(
+    model: str = typer.Option("smollm2", "--model", "-m"),
+    lengths: list[int] = typer.Option([1024, 4096, 8000], "--length", "-n"),
+    policies: list[str] = typer.Option(["none", "kivi(bits=4)", "snapkv(keep=0.3)+kivi(bits=2)"], "--policy", "-p"),
+    store_dir: Path = typer.Option(Path("results/bench_store_data"), help="Folder for the disk tier."),
+    redis_url: Optional[str] = typer.Option(None, "--redis", help="redis://host:port/db (skipped if not given)."),
+    repeats: int = typer.Option(3, help="Restores timed per tier (the median is kept)."),
+    out: Path = typer.Option(Path("results/bench_store.json")),
+) -> None:
+    """Time to first token restoring a compressed context from each tier vs re-prefilling it."""
+    from memfit.bench import bench_store as run
+
+    pols = [_policy(p) for p in policies]
+    lm = _load(model)
+    rows = run(lm, lengths, pols, store_dir, redis_url, repeats)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": model, "device": str(lm.device), "rows": rows}, indent=1))
+    from memfit.eval.plots import plot_store
+
+    png = plot_store(rows, out.with_suffix(".png"))
+    typer.echo(f"{'policy':<40} {'tokens':>6} {'tier':>7} {'TTFT s':>8} {'speed-up':>9} {'stored B':>11} {'overhead':>8}")
+    for r in rows:
+        typer.echo(f"{r['policy'][:40]:<40} {r['tokens']:>6} {r['tier']:>7} {r['ttft_s']:>8.3f} "
+                   f"{r['speedup']:>8.1f}x {r['stored_bytes']:>11} {100 * r['overhead']:>7.2f}%")
+    typer.echo(f"wrote {out} and {png}")
 
 
 def main() -> None:

@@ -69,3 +69,27 @@ def plot_results(records: list[dict], folder: Path) -> list[Path]:
         plot_pareto(rows, folder / "pareto.png", f"Accuracy per KV byte — {model}, {n} samples"),
         plot_per_task(rows, folder / "per_task.png", f"Accuracy per task (task@context tokens) — {model}"),
     ]
+
+
+def plot_store(rows: list[dict], path: Path) -> Path:
+    """Time to first token per tier vs re-prefill, one group of bars per (policy, length)."""
+    groups = sorted({(r["policy"], r["tokens"]) for r in rows}, key=lambda g: (g[1], g[0]))
+    tiers = list(dict.fromkeys(r["tier"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(groups) + 2), 5.5))
+    width = 0.8 / len(tiers)
+    for i, tier in enumerate(tiers):
+        ys = [next((r["ttft_s"] * 1000 for r in rows if (r["policy"], r["tokens"]) == g and r["tier"] == tier), 0)
+              for g in groups]
+        ax.bar([j + i * width for j in range(len(groups))], ys, width, label=tier)
+    ax.set_yscale("log")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+    ax.set_xticklabels([f"{p.split('(')[0] if '+' not in p else p.split('(')[0] + '+…'}\n{n} tok" for p, n in groups],
+                       fontsize=8)
+    ax.set_ylabel("time to first token (ms, log scale)")
+    ax.set_title("Restoring a compressed context vs re-reading it")
+    ax.legend(title="source")
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

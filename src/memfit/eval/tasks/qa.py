@@ -33,7 +33,7 @@ def documents_qa(seed: int, length: int, count: TokenCounter, asked: int = 3) ->
         founder = f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"
         city, year = rng.choice(_CITIES), rng.randint(1850, 1990)
         core = f"Document {i + 1}. The company that makes {p} was founded by {founder} in {city} in {year}."
-        doc = core + " " + " ".join(filler_sentences(rng, rng.randint(14, 22)))
+        doc = core + " " + " ".join(filler_sentences(rng, rng.randint(24, 32)))
         cost = count(doc)
         if used + cost > length and i >= asked:
             break
