@@ -264,9 +264,10 @@ def _perplexities(lm, path: Optional[Path], policies: list[str]) -> dict[str, fl
 
 @app.command()
 def plot(results: Path = typer.Argument(..., help="A results folder (or .jsonl file) from memfit eval / peer_kvpress.")) -> None:
-    """Pareto plot (accuracy vs KV bytes per token) and accuracy per task, as PNGs beside the results."""
+    """Pareto plot (accuracy vs KV bytes per token) and accuracy per task, as PNGs beside the results;
+    prints the summary of every record there (memfit's and kvpress's)."""
     from memfit.eval.plots import plot_results
-    from memfit.eval.runner import load_records
+    from memfit.eval.runner import format_summary, load_records, summarize
 
     if not results.exists():
         _fail(f"{results} does not exist")
@@ -275,6 +276,7 @@ def plot(results: Path = typer.Argument(..., help="A results folder (or .jsonl f
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
     folder = results if results.is_dir() else results.parent
+    typer.echo(format_summary(summarize(records)))
     for path in plot_results(records, folder):
         typer.echo(f"wrote {path}")
 

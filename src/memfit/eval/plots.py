@@ -15,7 +15,7 @@ from memfit.eval.runner import summarize  # noqa: E402
 
 def _label(row: dict) -> str:
     fam = row["family"]
-    return fam if row["source"] == "memfit" else f"{row['source']}:{fam}"
+    return fam if row["source"] == "memfit" or fam.startswith(row["source"] + ":") else f"{row['source']}:{fam}"
 
 
 def plot_pareto(rows: list[dict], path: Path, title: str) -> Path:
@@ -64,9 +64,11 @@ def plot_per_task(rows: list[dict], path: Path, title: str) -> Path:
 def plot_results(records: list[dict], folder: Path) -> list[Path]:
     rows = summarize(records)
     model = records[0].get("model", "model") if records else "model"
-    n = len({(r["task"], r["length"], r["seed"]) for r in records})
+    counts = {src: len({(r["task"], r["length"], r["seed"]) for r in records if r.get("source", "memfit") == src})
+              for src in sorted({r.get("source", "memfit") for r in records})}
+    n = ", ".join(f"{src}: {c} samples" for src, c in counts.items())
     return [
-        plot_pareto(rows, folder / "pareto.png", f"Accuracy per KV byte — {model}, {n} samples"),
+        plot_pareto(rows, folder / "pareto.png", f"Accuracy per KV byte — {model} ({n})"),
         plot_per_task(rows, folder / "per_task.png", f"Accuracy per task (task@context tokens) — {model}"),
     ]
 
