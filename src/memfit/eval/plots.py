@@ -47,8 +47,10 @@ def plot_per_task(rows: list[dict], path: Path, title: str) -> Path:
     width = 0.8 / max(1, len(rows))
     for i, r in enumerate(rows):
         xs = [j + i * width for j in range(len(tasks))]
-        ax.bar(xs, [100 * r["per_task"].get(t, 0.0) for t in tasks], width,
-               label=f"{r['source'] + ':' if r['source'] != 'memfit' else ''}{r['policy'][:45]}")
+        label = r["policy"] if r["source"] == "memfit" or r["policy"].startswith(r["source"] + ":") \
+            else f"{r['source']}:{r['policy']}"
+        ax.bar(xs, [100 * r["per_task"].get(t, 0.0) for t in tasks], width, label=label[:55],
+               color=plt.cm.tab20(i % 20))
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))])
     ax.set_xticklabels(tasks, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("accuracy (%)")
