@@ -153,8 +153,17 @@ class LM:
             raise TypeError(f"context must be a str, got {type(context).__name__}")
         if store is None:
             return self.prefill_many(context, [policy], chunk_size=chunk_size)[0]
+        return self.prefill_stored(self._context_ids(context), policy, open_store(store), chunk_size=chunk_size)
+
+    def _context_ids(self, context: str) -> torch.Tensor:
         ids = self._encode(self.chat.context_text(context), special=not self.chat.before_context)
-        return self.prefill_stored(torch.tensor([ids], device=self.device), policy, open_store(store), chunk_size=chunk_size)
+        return torch.tensor([ids], device=self.device)
+
+    def _forward(self, input_ids: torch.Tensor, cache: CompressedCache, chunk_size: int) -> None:
+        """Feed ``input_ids`` into ``cache`` in chunks, computing only the last position's logits."""
+        for start in range(0, input_ids.shape[1], chunk_size):
+            self.model(input_ids[:, start : start + chunk_size], past_key_values=cache, use_cache=True,
+                       logits_to_keep=1)
 
     @torch.no_grad()
     def prefill_stored(self, input_ids: torch.Tensor, policy: "str | Policy", store: ContextStore, *,
@@ -173,7 +182,10 @@ class LM:
                 found = store.get_entry(key) if key else None
                 if found is None:
                     continue
-                prefix = self.context_from_entry(found, policy).cache.truncated(n)
+                try:
+                    prefix = self.context_from_entry(found, policy).cache.truncated(n)
+                except ValueError:  # e.g. a key group larger than the chunk: read it all instead
+                    break
                 cache = self._extend(prefix, input_ids[:, n:], chunk_size)
                 ctx = Context(cache, input_ids, policy, time.perf_counter() - t0, {"store": "prefix", "reused": n},
                               lm=self)
@@ -187,8 +199,7 @@ class LM:
     def _extend(self, cache: CompressedCache, rest: torch.Tensor, chunk_size: int) -> CompressedCache:
         for layer in cache.layers:
             layer.defer = True  # read the rest in 16-bit, then quantize as prefill does
-        for start in range(0, rest.shape[1], chunk_size):
-            self.model(rest[:, start : start + chunk_size], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self._forward(rest, cache, chunk_size)
         cache.compress()
         return cache
 
@@ -199,8 +210,7 @@ class LM:
     @torch.no_grad()
     def prefill_many(self, context: str, policies: "list[str | Policy]", *, chunk_size: int = 4096) -> list[Context]:
         """One forward pass over ``context``, compressed once per policy (for side-by-side evaluation)."""
-        ids = self._encode(self.chat.context_text(context), special=not self.chat.before_context)
-        return self.prefill_many_ids(torch.tensor([ids], device=self.device), policies, chunk_size=chunk_size)
+        return self.prefill_many_ids(self._context_ids(context), policies, chunk_size=chunk_size)
 
     @torch.no_grad()
     def prefill_many_ids(self, input_ids: torch.Tensor, policies: "list[str | Policy]", *,
@@ -211,9 +221,7 @@ class LM:
         t0 = time.perf_counter()
         base = CompressedCache("none", self.num_layers, defer=True)
         with capture_queries(max(p.queries_needed() for p in pols)) as cap:
-            for start in range(0, input_ids.shape[1], chunk_size):
-                self.model(input_ids[:, start : start + chunk_size], past_key_values=base, use_cache=True,
-                           logits_to_keep=1)
+            self._forward(input_ids, base, chunk_size)
         forward_s = time.perf_counter() - t0
         queries = cap.queries if cap is not None else None
         out = []
