@@ -35,5 +35,5 @@ def variable_tracking(seed: int, length: int, count: TokenCounter, hops: int = 3
     text, _ = fill_to_length(rng, count, length, inserts, ordered=True)
     value, names = first
     q = Question(f"Which variables are assigned the value {value}, directly or through other variables?",
-                 tuple(names), f"The variables assigned the value {value} are")
+                 tuple(names), f"The variables assigned the value {value} are", lines=hops)
     return Sample("variable_tracking", length, seed, text, (q,), {"hops": hops, "chains": chains})

@@ -44,7 +44,7 @@ def common_words(seed: int, length: int, count: TokenCounter, top: int = 1) -> S
                      "The word that appears most often is")
     else:
         q = Question(f"What are the {top} most common words in the list above?", tuple(common),
-                     f"The {top} most common words are")
+                     f"The {top} most common words are", lines=top)
     return Sample("common_words", length, seed, text, (q,), {"top": top, "repeats": n_common})
 
 
@@ -65,5 +65,5 @@ def frequent_words(seed: int, length: int, count: TokenCounter, top: int = 1) ->
                      "The coded word that appears most often is")
     else:
         q = Question(f"What are the {top} most frequent coded words in the text above?", tuple(ranked[:top]),
-                     f"The {top} most frequent coded words are")
+                     f"The {top} most frequent coded words are", lines=top)
     return Sample("frequent_words", length, seed, text, (q,), {"counts": [counts[w] for w in ranked[:3]]})
