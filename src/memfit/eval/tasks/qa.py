@@ -22,7 +22,8 @@ def documents_qa(seed: int, length: int, count: TokenCounter, asked: int = 3) ->
     """Profiles of companies (founder, city, product, year), each padded with filler; ``asked``
     questions about different companies, asked one after another on the same context. Every
     answer starts "The company that makes X was founded by" (it steers a small model to the
-    right document); which fact is checked (founder, city or year) varies."""
+    right document); which fact is checked (founder, city or year) varies. There are always at
+    least ``asked`` documents (~450 tokens each), so a budget under ~1.4K tokens is exceeded."""
     rng = random.Random(f"qa:{seed}:{length}")
     products = rng.sample(_PRODUCTS, len(_PRODUCTS))
     docs, facts = [], []
