@@ -56,7 +56,7 @@ def _facts(rng: random.Random) -> list[Fact]:
     ]
 
 
-def _filler_sentence(rng: random.Random) -> str:
+def filler_sentence(rng: random.Random) -> str:
     return f"{rng.choice(_TIMES)}, {rng.choice(_PEOPLE)} {rng.choice(_ACTS)} near {rng.choice(_PLACES)}."
 
 
@@ -74,7 +74,7 @@ def demo_document(num_sentences: int = 220, seed: int = 0) -> tuple[str, list[Fa
                 paragraphs.append(" ".join(sentences))
                 sentences = []
             paragraphs.append(slots[i].statement)
-        sentences.append(_filler_sentence(rng) if rng.random() > 0.15 else rng.choice(_DETAILS))
+        sentences.append(filler_sentence(rng) if rng.random() > 0.15 else rng.choice(_DETAILS))
         if len(sentences) >= 6:
             paragraphs.append(" ".join(sentences))
             sentences = []

@@ -5,13 +5,13 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from memfit.eval.demo import _filler_sentence
+from memfit.eval.demo import filler_sentence
 
 TokenCounter = Callable[[str], int]
 
 
 def filler_sentences(rng: random.Random, n: int) -> list[str]:
-    return [_filler_sentence(rng) for _ in range(n)]
+    return [filler_sentence(rng) for _ in range(n)]
 
 
 def fill_to_length(rng: random.Random, count_tokens: TokenCounter, budget: int, inserts: list[str],
