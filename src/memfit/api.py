@@ -183,7 +183,7 @@ class LM:
                 if found is None:
                     continue
                 try:
-                    prefix = self.context_from_entry(found, policy).cache.truncated(n)
+                    prefix = self.context_from_entry(found, policy).cache.truncate_(n)  # a fresh copy: ours to cut
                 except ValueError:  # e.g. a key group larger than the chunk: read it all instead
                     break
                 cache = self._extend(prefix, input_ids[:, n:], chunk_size)

@@ -258,31 +258,21 @@ class CompressedCache(Cache):
                 layer.qv = QTensor(t["v_codes"], t["v_scale"], t["v_zero"], q["bits"], "channel", q["vgroup"])
         return cache
 
-    def truncated(self, num_tokens: int) -> "CompressedCache":
-        """The first ``num_tokens`` tokens of a cache without eviction (used for prefix reuse).
-        Key groups must not be cut: ``num_tokens`` must be a multiple of the key group or lie in the window."""
+    def truncate_(self, num_tokens: int) -> "CompressedCache":
+        """Keep only the first ``num_tokens`` tokens, in place (prefix reuse of a cache without
+        eviction). ``num_tokens`` must not cut a key group of the quantized part."""
         if self.policy.evictions:
             raise ValueError("an evicted cache is a function of its whole context: its prefix cannot be reused")
-        tensors, state = self.to_state()
-        out = CompressedCache.from_state(tensors, state, device=next(iter(tensors.values())).device if tensors else "cpu")
-        for layer in out.layers:
+        for layer in self.layers:
             if not layer.is_initialized:
                 continue
             nq = layer.qk.num_tokens if layer.qk is not None else 0
             if num_tokens < nq:
-                g = layer.qk.group
-                if num_tokens % g:
-                    raise ValueError(f"cannot cut a key group of {g} tokens at token {num_tokens}")
-                layer.qk = QTensor(layer.qk.codes[:, :, :num_tokens].clone(), layer.qk.scale[:, :, : num_tokens // g].clone(),
-                                   layer.qk.zero[:, :, : num_tokens // g].clone(), layer.qk.bits, "token", g)
-                layer.qv = QTensor(layer.qv.codes[:, :, :num_tokens].clone(), layer.qv.scale[:, :, :num_tokens].clone(),
-                                   layer.qv.zero[:, :, :num_tokens].clone(), layer.qv.bits, "channel", layer.qv.group)
-                layer.keys, layer.values = layer.keys[:, :, :0].clone(), layer.values[:, :, :0].clone()
-            else:
-                layer.keys = layer.keys[:, :, : num_tokens - nq].clone()
-                layer.values = layer.values[:, :, : num_tokens - nq].clone()
+                layer.qk, layer.qv = layer.qk.prefix(num_tokens), layer.qv.prefix(num_tokens)
+            keep = max(0, num_tokens - nq)
+            layer.keys, layer.values = layer.keys[:, :, :keep].clone(), layer.values[:, :, :keep].clone()
             layer.seen = num_tokens
-        return out
+        return self
 
     # -- figures -----------------------------------------------------------------------------------
     @property

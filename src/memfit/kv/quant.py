@@ -91,16 +91,16 @@ class QTensor:
             self.group,
         )
 
-    def select(self, dim: int, index: torch.Tensor) -> "QTensor":
-        """Rows along the batch dimension (dim=0)."""
-        return QTensor(
-            self.codes.index_select(dim, index),
-            self.scale.index_select(dim, index),
-            self.zero.index_select(dim, index),
-            self.bits,
-            self.axis,
-            self.group,
-        )
+    def prefix(self, n: int) -> "QTensor":
+        """The first ``n`` tokens, as a copy (a slice would keep the whole storage alive). For keys,
+        ``n`` must not cut a token group."""
+        groups = n
+        if self.axis == "token":
+            if n % self.group:
+                raise ValueError(f"cannot cut a key group of {self.group} tokens at token {n}")
+            groups = n // self.group
+        return QTensor(self.codes[:, :, :n].clone(), self.scale[:, :, :groups].clone(), self.zero[:, :, :groups].clone(),
+                       self.bits, self.axis, self.group)
 
 
 def _minmax_quantize(x: torch.Tensor, bits: int, reduce_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
