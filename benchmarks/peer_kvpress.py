@@ -51,9 +51,8 @@ def main() -> int:
     samples = make_samples(lm, args.tasks.split(","), args.length or [2048], args.samples, args.seed)
     payload = {"model": lm.name, "samples": [{
         "task": s.task, "length": s.length, "seed": s.seed,
-        "context_ids": lm.tokenizer(lm.chat.context_text(s.context), add_special_tokens=False)["input_ids"],
-        "question_ids": [lm.tokenizer(lm.chat.question_text(q.text, q.answer_prefix), add_special_tokens=False)["input_ids"]
-                         for q in s.questions],
+        "context_ids": lm.encode_context(s.context)[0].tolist(),  # exactly what memfit's prefill and ask read
+        "question_ids": [lm.encode_question(q.text, q.answer_prefix) for q in s.questions],
         "answers": [list(q.answers) for q in s.questions],
         "lines": [q.lines for q in s.questions],
     } for s in samples]}

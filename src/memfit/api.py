@@ -153,11 +153,16 @@ class LM:
             raise TypeError(f"context must be a str, got {type(context).__name__}")
         if store is None:
             return self.prefill_many(context, [policy], chunk_size=chunk_size)[0]
-        return self.prefill_stored(self._context_ids(context), policy, open_store(store), chunk_size=chunk_size)
+        return self.prefill_stored(self.encode_context(context), policy, open_store(store), chunk_size=chunk_size)
 
-    def _context_ids(self, context: str) -> torch.Tensor:
+    def encode_context(self, context: str) -> torch.Tensor:
+        """[1, N] token ids of the prompt up to the end of ``context`` (what ``prefill`` reads)."""
         ids = self._encode(self.chat.context_text(context), special=not self.chat.before_context)
         return torch.tensor([ids], device=self.device)
+
+    def encode_question(self, question: str, answer_prefix: str | None = None) -> list[int]:
+        """Token ids that follow the context for ``question`` (what ``ask`` feeds)."""
+        return self._encode(self.chat.question_text(question, answer_prefix))
 
     def _forward(self, input_ids: torch.Tensor, cache: CompressedCache, chunk_size: int) -> None:
         """Feed ``input_ids`` into ``cache`` in chunks, computing only the last position's logits."""
@@ -210,7 +215,7 @@ class LM:
     @torch.no_grad()
     def prefill_many(self, context: str, policies: "list[str | Policy]", *, chunk_size: int = 4096) -> list[Context]:
         """One forward pass over ``context``, compressed once per policy (for side-by-side evaluation)."""
-        return self.prefill_many_ids(self._context_ids(context), policies, chunk_size=chunk_size)
+        return self.prefill_many_ids(self.encode_context(context), policies, chunk_size=chunk_size)
 
     @torch.no_grad()
     def prefill_many_ids(self, input_ids: torch.Tensor, policies: "list[str | Policy]", *,
@@ -244,7 +249,7 @@ class LM:
         questions = [question] if single else list(question)
         if not questions or not all(isinstance(q, str) for q in questions):
             raise TypeError("question must be a str or a non-empty list of str")
-        suffixes = [self._encode(self.chat.question_text(q, answer_prefix)) for q in questions]
+        suffixes = [self.encode_question(q, answer_prefix) for q in questions]
         outs = self.generate(ctx, suffixes, max_new_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed,
                              lines=lines)
         answers = [(answer_prefix or "") + o for o in outs]

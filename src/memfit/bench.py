@@ -18,11 +18,9 @@ from memfit.kv.policy import Policy
 def context_ids(lm: LM, num_tokens: int, seed: int = 0) -> torch.Tensor:
     """[1, num_tokens] ids of generated prose (the demo document, as long as needed)."""
     sentences = max(40, num_tokens // 10)
-    ids = lm.tokenizer(lm.chat.context_text(demo_document(sentences, seed)[0]), add_special_tokens=False)["input_ids"]
-    while len(ids) < num_tokens:
+    while (ids := lm.encode_context(demo_document(sentences, seed)[0])).shape[1] < num_tokens:
         sentences *= 2
-        ids = lm.tokenizer(lm.chat.context_text(demo_document(sentences, seed)[0]), add_special_tokens=False)["input_ids"]
-    return torch.tensor([ids[:num_tokens]], device=lm.device)
+    return ids[:, :num_tokens]
 
 
 @torch.no_grad()
