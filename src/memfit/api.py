@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 
-from memfit.kv.attention import capture_queries
+from memfit.kv.attention import observe
 from memfit.kv.cache import CompressedCache
+from memfit.kv.evict import KVzip, Observation
+from memfit.kv.evict.kvzip import REPEAT_PROMPT, reconstruction_scores, repeat_inputs
 from memfit.kv.policy import Policy, parse_policy
 from memfit.models import ChatFormat, default_device, default_dtype, fingerprint, load_hf, resolve_model
 from memfit.store import ContextStore, Entry, KeySpace, open_store
@@ -225,16 +227,39 @@ class LM:
             raise ValueError(f"input_ids must be [batch, tokens] with tokens > 0, got shape {tuple(input_ids.shape)}")
         t0 = time.perf_counter()
         base = CompressedCache("none", self.num_layers, defer=True)
-        with capture_queries(max(p.queries_needed() for p in pols)) as cap:
+        needs = set().union(*(p.observes() for p in pols))
+        with observe(max(p.queries_needed() for p in pols), "sum" if "attention_sum" in needs else None) as rec:
             self._forward(input_ids, base, chunk_size)
+        obs = {i: Observation() for i in range(self.num_layers)}
+        if rec is not None:
+            for i, o in obs.items():
+                o.queries, o.attention_sum = rec.queries.get(i), rec.attention.get(i)
         forward_s = time.perf_counter() - t0
-        queries = cap.queries if cap is not None else None
+        score_s = 0.0
+        if "reconstruction" in needs:
+            t1 = time.perf_counter()
+            chunk = min(e.chunk for p in pols for e in p.evictions if isinstance(e, KVzip))
+            for i, a in self.reconstruction_scores(input_ids, base, chunk).items():
+                obs[i].reconstruction = a
+            score_s = time.perf_counter() - t1
         out = []
         for p in pols:
             t1 = time.perf_counter()
-            cache = base.derive(p, queries)
-            out.append(Context(cache, input_ids, p, forward_s + time.perf_counter() - t1, lm=self))
+            cache = base.derive(p, obs)
+            scored = score_s if "reconstruction" in p.observes() else 0.0
+            ctx = Context(cache, input_ids, p, forward_s + scored + time.perf_counter() - t1, lm=self)
+            if scored:
+                ctx.meta["score_seconds"] = scored
+            out.append(ctx)
         return out
+
+    def reconstruction_scores(self, input_ids: torch.Tensor, cache: CompressedCache, chunk: int) -> dict[int, torch.Tensor]:
+        """KVzip's scores for the context in ``cache`` (deferred, holding ``input_ids``): the model
+        repeats the context after the chat prompt's own prefix, one chunk at a time."""
+        skip = len(self._encode(self.chat.before_context, special=True)) if self.chat.before_context else 0
+        context_ids = input_ids[0, skip:].tolist()
+        return reconstruction_scores(self.model, cache, repeat_inputs(self.encode_question(REPEAT_PROMPT), context_ids,
+                                                                      chunk))
 
     # -- ask ---------------------------------------------------------------------------------------
     @torch.no_grad()

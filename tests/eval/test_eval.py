@@ -59,7 +59,7 @@ def test_cli_eval_and_plot(tmp_path):
                             "--perplexity-text", str(text)])
     assert r.exit_code == 0, r.output
     summary = json.loads((out / "summary.json").read_text())
-    assert len(summary["rows"]) == 2 and set(summary["perplexity"]) == {"none", "snapkv(keep=0.5,window=32,kernel=7)"}
+    assert len(summary["rows"]) == 2 and set(summary["perplexity"]) == {"none", "snapkv(keep=0.5,heads=uniform,window=32,kernel=7)"}
     assert "accuracy" in r.stdout and "perplexity" in r.stdout
     r = runner.invoke(app, ["plot", str(out)])
     assert r.exit_code == 0, r.output

@@ -3,7 +3,7 @@ from transformers import DynamicCache
 
 from memfit.api import Context
 from memfit.kv.cache import CompressedCache
-from memfit.kv.evict import SnapKV, StreamingLLM, select_topk
+from memfit.kv.evict import Observation, SnapKV, StreamingLLM, select_topk
 
 
 def _full_keys(lm, ids):
@@ -40,7 +40,7 @@ def test_snapkv_score_finds_planted_tokens():
         direction = direction / direction.norm() * 6
         keys[0, head, toks] = direction
         queries[0, 2 * head : 2 * head + 2] += direction  # both query heads of the GQA group look for it
-    scores = SnapKV(keep=0.1, window=w, kernel=1).score(keys, keys, queries)
+    scores = SnapKV(keep=0.1, window=w, kernel=1).score(keys, keys, Observation(queries=queries))
     idx = select_topk(scores, 3 + w)
     for head, toks in planted.items():
         kept = set(idx[0, head].tolist())

@@ -18,11 +18,11 @@ def test_parse_examples():
 def test_canonical_spec_roundtrips():
     p = parse_policy("snapkv(keep=0.3)+kivi(bits=2)")
     assert parse_policy(p.spec) == p
-    assert p.spec == "snapkv(keep=0.3,window=32,kernel=7)+kivi(bits=2,group=64,residual=128)"
+    assert p.spec == "snapkv(keep=0.3,heads=uniform,window=32,kernel=7)+kivi(bits=2,group=64,residual=128)"
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("foo", "unknown method 'foo'; valid methods: none, kivi, snapkv, streaming"),
+    ("foo", "unknown method 'foo'; valid methods: none, h2o, kivi, knorm, kvzip, pyramidkv, snapkv, streaming, tova"),
     ("kivi(bitz=2)", "unknown argument 'bitz'; valid arguments: bits, group, residual"),
     ("kivi(bits=3)", "bits must be one of"),
     ("kivi(bits=2.5)", "must be an integer"),

@@ -1,14 +1,21 @@
 """memfit's attention function, registered with transformers' attention interface as ``"memfit"``.
 
-It runs SDPA and, while :func:`capture_queries` is active, records the last query states of each
-layer (after RoPE and any q-norm), which query-aware eviction methods such as SnapKV score with.
-Having our own entry point here is also where packed-KV kernels plug in.
+It runs SDPA and adds two things transformers' own functions cannot do:
+
+- **observation** (:func:`observe`): during prefill it records what eviction methods score with:
+  the last query states of each layer (SnapKV, TOVA), or the attention each key receives, summed
+  (H2O) or maxed (KVzip) over the queries and the query heads of its GQA group;
+- **ragged heads**: a cache whose KV heads hold different numbers of tokens hands over a per-head
+  validity mask with :func:`push_head_mask`; the padded slots are masked out here, so attention over
+  the ragged storage is exact.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface
@@ -16,44 +23,153 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTN_IMPLEMENTATION = "memfit"
+_ROWS = 128  # query rows per block when attention probabilities are reduced (bounds memory)
 
 
-class QueryCapture:
-    """The last ``window`` query states of every layer, [B, Hq, window, D], gathered over chunks."""
+@dataclass
+class Observer:
+    """What one forward pass records. ``window``: last queries kept per layer; ``reduce``: "sum" or
+    "max" of the attention probabilities each of the first ``num_keys`` keys receives."""
 
-    def __init__(self, window: int):
-        self.window = window
-        self.queries: dict[int, torch.Tensor] = {}
+    window: int = 0
+    reduce: str | None = None
+    num_keys: int | None = None
+    queries: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, Hq, window, D]
+    attention: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, H, keys]
 
-    def add(self, layer_idx: int, query: torch.Tensor) -> None:
-        q = query[:, :, -self.window :].detach()
-        prev = self.queries.get(layer_idx)
-        if prev is not None and q.shape[2] < self.window:
-            q = torch.cat([prev, q], dim=2)[:, :, -self.window :]
-        self.queries[layer_idx] = q.clone()
+    def add(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
+            scaling: float) -> None:
+        layer = module.layer_idx
+        if self.window:
+            q = query[:, :, -self.window :].detach()
+            prev = self.queries.get(layer)
+            if prev is not None and q.shape[2] < self.window:
+                q = torch.cat([prev, q], dim=2)[:, :, -self.window :]
+            self.queries[layer] = q.clone()
+        if self.reduce:
+            a = reduce_attention(query, key, mask, scaling, self.reduce)
+            if self.num_keys is not None:
+                a = a[..., : self.num_keys]
+            prev = self.attention.get(layer)
+            if prev is None:
+                self.attention[layer] = a
+            else:  # keys grow chunk by chunk: combine over the keys both have seen
+                n = min(prev.shape[-1], a.shape[-1])
+                head = torch.maximum(prev[..., :n], a[..., :n]) if self.reduce == "max" else prev[..., :n] + a[..., :n]
+                self.attention[layer] = torch.cat([head, a[..., n:], prev[..., a.shape[-1]:]], dim=-1)
 
 
-_capture: QueryCapture | None = None
+def reduce_attention(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+                     how: str) -> torch.Tensor:
+    """Softmax attention probabilities of ``query`` [B, Hq, Q, D] over ``key`` [B, H, L, D], reduced
+    ("sum" or "max") over the queries and the query heads of each KV head -> [B, H, L] (at least
+    float32). ``mask``: bool (True = visible) or additive, broadcastable to [B, 1|Hq, Q, L]; None =
+    causal. Logits come from a matmul in the input dtype; the softmax is taken in float32."""
+    b, hq, nq, d = query.shape
+    h, nk = key.shape[1], key.shape[2]
+    g = hq // h
+    ftype = torch.promote_types(query.dtype, torch.float32)
+    kt = (key.transpose(-1, -2) * scaling).unsqueeze(2)  # [B, H, 1, D, L]
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask > torch.finfo(mask.dtype).min / 2
+    out = torch.full((b, h, nk), float("-inf") if how == "max" else 0.0, dtype=ftype, device=key.device)
+    for s in range(0, nq, _ROWS):
+        q = query[:, :, s : s + _ROWS].reshape(b, h, g, -1, d)
+        rows = q.shape[3]
+        logits = (q @ kt).to(ftype)  # [B, H, g, rows, L]
+        if mask is None:
+            if s + (nk - nq) < nk - 1:  # the block's first query does not see every key
+                i = torch.arange(s, s + rows, device=key.device).unsqueeze(-1) + (nk - nq)
+                logits.masked_fill_(torch.arange(nk, device=key.device) > i, float("-inf"))
+        else:
+            m = mask[..., s : s + rows, :]
+            m = m.reshape(m.shape[0], -1, 1, rows, nk) if m.shape[1] == 1 else m.reshape(m.shape[0], h, g, rows, nk)
+            logits.masked_fill_(~m, float("-inf"))
+        logits.sub_(logits.logsumexp(dim=-1, keepdim=True).nan_to_num_(0.0))  # log-probabilities
+        if how == "max":
+            torch.maximum(out, logits.amax(dim=(2, 3)), out=out)
+        else:
+            out += logits.exp_().sum(dim=(2, 3))
+    return out.exp() if how == "max" else out
+
+
+_observer: Observer | None = None
 
 
 @contextlib.contextmanager
-def capture_queries(window: int) -> Iterator[QueryCapture | None]:
-    """Record the last ``window`` queries of each layer during the forward passes inside the block."""
-    global _capture
-    if window <= 0:
+def observe(window: int = 0, reduce: str | None = None, num_keys: int | None = None) -> Iterator[Observer | None]:
+    """Record, during the forward passes inside the block, what :class:`Observer` describes."""
+    global _observer
+    if window <= 0 and reduce is None:
         yield None
         return
-    prev, _capture = _capture, QueryCapture(window)
+    if reduce not in (None, "sum", "max"):
+        raise ValueError(f"reduce must be 'sum' or 'max', got {reduce!r}")
+    prev, _observer = _observer, Observer(window, reduce, num_keys)
     try:
-        yield _capture
+        yield _observer
     finally:
-        _capture = prev
+        _observer = prev
+
+
+# -- ragged heads: the cache pushes a mask right before the layer's attention pops it ----------------
+_pending = threading.local()
+
+
+def _masks() -> dict[int, torch.Tensor]:
+    if not hasattr(_pending, "masks"):
+        _pending.masks = {}
+    return _pending.masks
+
+
+def push_head_mask(layer_idx: int, mask: torch.Tensor) -> None:
+    """``mask`` [B, H, L] bool: which stored keys of each KV head are real (the rest is padding)."""
+    masks = _masks()
+    if layer_idx in masks:
+        masks.clear()
+        raise RuntimeError("a cache with ragged per-head storage needs the model loaded with "
+                           f"attn_implementation={ATTN_IMPLEMENTATION!r} (memfit.load_model does this)")
+    masks[layer_idx] = mask
+
+
+def _fit_mask(mask: torch.Tensor, nk: int) -> torch.Tensor:
+    """transformers builds one mask for all layers, sized by layer 0; a compressed cache may hold a
+    different number of context entries in other layers (PyramidKV, adaptive heads). The context
+    comes first and is visible to every new token, so the mask is fitted by adding or dropping
+    leading (visible) columns; what follows the context keeps its mask."""
+    if mask.dtype != torch.bool:
+        mask = mask > torch.finfo(mask.dtype).min / 2
+    d = nk - mask.shape[-1]
+    if d == 0:
+        return mask
+    if d > 0:
+        return torch.cat([torch.ones(*mask.shape[:-1], d, dtype=torch.bool, device=mask.device), mask], dim=-1)
+    if not bool(mask[..., :-d].all()):
+        raise ValueError(f"attention mask of length {mask.shape[-1]} does not fit {nk} keys: a cache whose layers "
+                         "hold different numbers of entries needs its leading (context) entries visible")
+    return mask[..., -d:]
+
+
+def _with_head_mask(mask: torch.Tensor | None, head_mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    b, hq, nq, _ = query.shape
+    nk = head_mask.shape[-1]
+    hm = head_mask.repeat_interleave(hq // head_mask.shape[1], dim=1).unsqueeze(2)  # [B, Hq, 1, L]
+    if mask is None:
+        i = torch.arange(nq, device=query.device).unsqueeze(-1) + (nk - nq)
+        mask = torch.arange(nk, device=query.device) <= i
+    return _fit_mask(mask, nk) & hm
 
 
 def memfit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                              value: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs):
-    if _capture is not None:
-        _capture.add(module.layer_idx, query)
+    head_mask = _masks().pop(module.layer_idx, None)
+    if attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
+        attention_mask = _fit_mask(attention_mask, key.shape[-2])
+    if head_mask is not None:
+        attention_mask = _with_head_mask(attention_mask, head_mask, query)
+    if _observer is not None:
+        scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
+        _observer.add(module, query, key, attention_mask, scaling)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 

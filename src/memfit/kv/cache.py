@@ -15,7 +15,8 @@ import math
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from memfit.kv.evict import select_topk
+from memfit.kv.attention import push_head_mask
+from memfit.kv.evict import Observation
 from memfit.kv.policy import Policy, parse_policy
 from memfit.kv.quant import KIVI, QTensor, dequantize, quantize_keys, quantize_values
 
@@ -24,6 +25,77 @@ FULL_BYTES_PER_ELEMENT = 2  # the reference: an uncompressed 16-bit cache
 
 def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
+
+
+def _spill_count(n: int, quant: KIVI) -> int:
+    """Tokens of ``n`` that go to the quantized part: whole key groups, leaving at most ``residual``
+    (and fewer than ``residual + group``) in the 16-bit window."""
+    g, r = quant.group, quant.residual
+    if n <= r:
+        return 0
+    return min(math.ceil((n - r) / g) * g, (n // g) * g)
+
+
+class Ragged:
+    """Per-head token counts that differ (adaptive eviction), stored without padding: every head's
+    tokens back to back, as one flat [1, 1, T, D] sequence. With a quantizer each head's oldest
+    tokens are quantized in whole key groups (so no group spans two heads) and the rest kept in
+    16-bit, as the uniform window would be. Batch size 1."""
+
+    def __init__(self, lens: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk: QTensor | None = None,
+                 qv: QTensor | None = None):
+        self.lens = lens  # int32 [2, H]: tokens per head, of which quantized
+        self.k, self.v, self.qk, self.qv = k, v, qk, qv
+
+    @classmethod
+    def build(cls, keys: torch.Tensor, values: torch.Tensor, idx: list[torch.Tensor], quant: KIVI | None) -> "Ragged":
+        ks = [keys[0, h, i] for h, i in enumerate(idx)]
+        vs = [values[0, h, i] for h, i in enumerate(idx)]
+        lens = [len(i) for i in idx]
+        nq = [_spill_count(n, quant) if quant is not None else 0 for n in lens]
+        flat = lambda parts: torch.cat(parts).unsqueeze(0).unsqueeze(0)  # noqa: E731
+        qk = qv = None
+        if sum(nq):
+            qk = quantize_keys(flat([k[:q] for k, q in zip(ks, nq)]), quant.bits, quant.group)
+            qv = quantize_values(flat([v[:q] for v, q in zip(vs, nq)]), quant.bits, quant.value_group(keys.shape[-1]))
+        lens_t = torch.tensor([lens, nq], dtype=torch.int32, device=keys.device)
+        return cls(lens_t, flat([k[q:] for k, q in zip(ks, nq)]), flat([v[q:] for v, q in zip(vs, nq)]), qk, qv)
+
+    @property
+    def max_len(self) -> int:
+        return int(self.lens[0].max())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"r_lens": self.lens, "r_k": self.k, "r_v": self.v}
+        if self.qk is not None:
+            out.update({f"r_k_{n}": t for n, t in self.qk.tensors().items()})
+            out.update({f"r_v_{n}": t for n, t in self.qv.tensors().items()})
+        return out
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor], q: dict | None) -> "Ragged":
+        qk = qv = None
+        if "r_k_codes" in t:
+            qk = QTensor(t["r_k_codes"], t["r_k_scale"], t["r_k_zero"], q["bits"], "token", q["kgroup"])
+            qv = QTensor(t["r_v_codes"], t["r_v_scale"], t["r_v_zero"], q["bits"], "channel", q["vgroup"])
+        return cls(t["r_lens"], t["r_k"], t["r_v"], qk, qv)
+
+    def dense(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Padded [1, H, max_len, D] keys and values and the [1, H, max_len] mask of real entries."""
+        lens, nq = self.lens[0].tolist(), self.lens[1].tolist()
+        qk = dequantize(self.qk, dtype)[0, 0].split(nq) if self.qk is not None else [None] * len(lens)
+        qv = dequantize(self.qv, dtype)[0, 0].split(nq) if self.qv is not None else [None] * len(lens)
+        wk = self.k[0, 0].split([n - q for n, q in zip(lens, nq)])
+        wv = self.v[0, 0].split([n - q for n, q in zip(lens, nq)])
+        m, d = max(lens), self.k.shape[-1]
+        k = self.k.new_zeros(1, len(lens), m, d, dtype=dtype)
+        v = self.v.new_zeros(1, len(lens), m, self.v.shape[-1], dtype=dtype)
+        mask = torch.zeros(1, len(lens), m, dtype=torch.bool, device=self.k.device)
+        for h, n in enumerate(lens):
+            k[0, h, :n] = torch.cat([t for t in (qk[h], wk[h]) if t is not None])
+            v[0, h, :n] = torch.cat([t for t in (qv[h], wv[h]) if t is not None])
+            mask[0, h, :n] = True
+        return k, v, mask
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -39,14 +111,17 @@ class CompressedLayer(CacheLayerMixin):
         self.defer = defer  # keep every token in the window until compress() (evict, then quantize)
         self.qk: QTensor | None = None
         self.qv: QTensor | None = None
-        self._parent_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # parent dequantized once per fork
+        self.ragged: Ragged | None = None  # the compressed context, when its heads keep different counts
+        self.pending_mask: torch.Tensor | None = None  # per-head validity of the last update's keys
+        self._parent_kv: tuple | None = None  # parent dequantized once per fork: (keys, values, mask)
         self.seen = parent.get_seq_length() if parent is not None else 0  # logical tokens, evicted ones included
 
     # -- sizes -----------------------------------------------------------------------------------
     def _own_stored(self) -> int:
         q = self.qk.num_tokens if self.qk is not None else 0
         w = self.keys.shape[-2] if self.is_initialized else 0
-        return q + w
+        r = self.ragged.max_len if self.ragged is not None else 0  # padded length, as attention sees it
+        return r + q + w
 
     def stored_tokens(self) -> int:
         """Tokens actually held (per row and head), parent included."""
@@ -66,7 +141,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor this layer owns (not its parent's)."""
-        out: dict[str, torch.Tensor] = {}
+        out: dict[str, torch.Tensor] = dict(self.ragged.tensors()) if self.ragged is not None else {}
         if self.is_initialized:
             out["k_window"], out["v_window"] = self.keys, self.values
         if self.qk is not None:
@@ -89,35 +164,58 @@ class CompressedLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def materialize(self, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Everything stored, dequantized to the compute dtype: [B, H, stored, D] keys and values."""
-        ks, vs = [], []
+        """Everything stored, dequantized to the compute dtype: [B, H, stored, D] keys and values
+        (ragged heads padded; :meth:`materialize_masked` also says which entries are real)."""
+        k, v, _ = self.materialize_masked(batch_size)
+        return k, v
+
+    def materialize_masked(self, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        ks, vs, ms = [], [], []
         if self.parent is not None:
             # the parent is read-only while forks exist: dequantize it once, not at every step
             if self._parent_kv is None:
-                self._parent_kv = self.parent.materialize()
-            pk, pv = self._parent_kv
+                self._parent_kv = self.parent.materialize_masked()
+            pk, pv, pm = self._parent_kv
             if batch_size is not None and pk.shape[0] != batch_size:
                 pk, pv = pk.expand(batch_size, -1, -1, -1), pv.expand(batch_size, -1, -1, -1)
+                pm = pm.expand(batch_size, -1, -1) if pm is not None else None
             ks.append(pk)
             vs.append(pv)
+            ms.append(pm)
+        if self.ragged is not None:
+            rk, rv, rm = self.ragged.dense(self.dtype)
+            ks.append(rk)
+            vs.append(rv)
+            ms.append(rm)
         if self.qk is not None:
             ks.append(dequantize(self.qk, self.dtype))
             vs.append(dequantize(self.qv, self.dtype))
+            ms.append(None)
         if self.is_initialized:
             ks.append(self.keys)
             vs.append(self.values)
+            ms.append(None)
+        mask = None
+        if any(m is not None for m in ms):
+            b, h = ks[0].shape[0], ks[0].shape[1]
+            mask = torch.cat([m.expand(b, -1, -1) if m is not None else torch.ones(b, h, k.shape[-2], dtype=torch.bool,
+                              device=k.device) for m, k in zip(ms, ks)], dim=-1)
         if len(ks) == 1:
-            return ks[0], vs[0]
-        return torch.cat(ks, dim=-2), torch.cat(vs, dim=-2)
+            return ks[0], vs[0], mask
+        return torch.cat(ks, dim=-2), torch.cat(vs, dim=-2), mask
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        past_k, past_v = self.materialize(batch_size=key_states.shape[0])
+        past_k, past_v, past_m = self.materialize_masked(batch_size=key_states.shape[0])
         if past_k.shape[0] != key_states.shape[0]:
             raise ValueError(f"cache holds batch size {past_k.shape[0]}, got new states of batch size {key_states.shape[0]}")
         keys = torch.cat([past_k, key_states], dim=-2)
         values = torch.cat([past_v, value_states], dim=-2)
+        self.pending_mask = None
+        if past_m is not None:
+            new = torch.ones(*past_m.shape[:2], key_states.shape[-2], dtype=torch.bool, device=past_m.device)
+            self.pending_mask = torch.cat([past_m, new], dim=-1)
         self.keys = torch.cat([self.keys, key_states.to(self.dtype)], dim=-2)
         self.values = torch.cat([self.values, value_states.to(self.dtype)], dim=-2)
         self.seen += key_states.shape[-2]
@@ -128,13 +226,10 @@ class CompressedLayer(CacheLayerMixin):
         """Quantize the oldest window tokens, in whole key groups, once the window exceeds ``residual``."""
         if self.quant is None or self.defer:
             return
-        n, g, r = self.keys.shape[-2], self.quant.group, self.quant.residual
-        if n <= r:
-            return
-        f = min(math.ceil((n - r) / g) * g, (n // g) * g)
+        f = _spill_count(self.keys.shape[-2], self.quant)
         if f == 0:
             return
-        kq = quantize_keys(self.keys[:, :, :f], self.quant.bits, g)
+        kq = quantize_keys(self.keys[:, :, :f], self.quant.bits, self.quant.group)
         vq = quantize_values(self.values[:, :, :f], self.quant.bits, self.quant.value_group(self.keys.shape[-1]))
         self.qk = kq if self.qk is None else self.qk.cat(kq)
         self.qv = vq if self.qv is None else self.qv.cat(vq)
@@ -142,16 +237,27 @@ class CompressedLayer(CacheLayerMixin):
         self.keys = self.keys[:, :, f:].clone()
         self.values = self.values[:, :, f:].clone()
 
-    def compress(self, policy: Policy, queries: torch.Tensor | None = None) -> None:
-        """End of prefill: apply the policy's evictions to the window, then quantize (evict, then quantize)."""
-        if self.is_initialized and self.qk is None:
+    def compress(self, policy: Policy, obs: Observation | None = None, layer: int = 0, num_layers: int = 1) -> None:
+        """End of prefill: apply the policy's evictions to the window, then quantize (evict, then
+        quantize). ``obs``: what the prefill recorded for this layer; ``layer``/``num_layers`` set
+        depth-dependent budgets."""
+        if self.is_initialized and self.qk is None and self.ragged is None:
             k, v = self.keys, self.values
-            for ev in policy.evictions:
+            obs = obs or Observation()
+            for i, ev in enumerate(policy.evictions):
                 n = k.shape[-2]
-                keep = ev.budget(n)
-                if keep < n:
-                    idx = select_topk(ev.score(k, v, queries), keep)
-                    k, v = _gather_tokens(k, idx), _gather_tokens(v, idx)
+                keep = ev.budget(n, ev.layer_keep(layer, num_layers))
+                if keep >= n:
+                    continue
+                idx = ev.select(ev.score(k, v, obs), keep)
+                if isinstance(idx, list):  # ragged heads: the last eviction of a policy (checked by the parser)
+                    self.ragged = Ragged.build(k, v, idx, policy.quant)
+                    k, v = k[:, :, :0], v[:, :, :0]
+                    break
+                k, v = _gather_tokens(k, idx), _gather_tokens(v, idx)
+                if i + 1 < len(policy.evictions):  # what a later method reads must follow the kept tokens
+                    obs = Observation(obs.queries, *(None if t is None else t.gather(-1, idx) for t in
+                                                     (obs.attention_sum, obs.reconstruction)))
             self.keys, self.values = k.contiguous(), v.contiguous()
         self.defer = False
         self._spill()
@@ -174,6 +280,7 @@ class CompressedLayer(CacheLayerMixin):
         self.keys = self.values = None
         self.is_initialized = False
         self.qk = self.qv = None
+        self.ragged = None
         self.seen = self.parent.get_seq_length() if self.parent is not None else 0
 
 
@@ -200,12 +307,20 @@ class CompressedCache(Cache):
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         return cls(policy, cfg.num_hidden_layers, **kwargs)
 
-    def compress(self, queries: dict[int, torch.Tensor] | None = None) -> None:
-        """Apply the policy's evictions and quantization to everything prefilled so far."""
-        for i, layer in enumerate(self.layers):
-            layer.compress(self.policy, (queries or {}).get(i))
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        mask = self.layers[layer_idx].pending_mask
+        if mask is not None:  # ragged heads: memfit's attention function masks the padding
+            push_head_mask(layer_idx, mask)
+        return keys, values
 
-    def derive(self, policy: "str | Policy", queries: dict[int, torch.Tensor] | None = None) -> "CompressedCache":
+    def compress(self, obs: dict[int, Observation] | None = None) -> None:
+        """Apply the policy's evictions and quantization to everything prefilled so far. ``obs``:
+        layer -> what the prefill recorded, for methods that score with it."""
+        for i, layer in enumerate(self.layers):
+            layer.compress(self.policy, (obs or {}).get(i), i, len(self.layers))
+
+    def derive(self, policy: "str | Policy", obs: dict[int, Observation] | None = None) -> "CompressedCache":
         """Compress a copy of this uncompressed (deferred) cache with ``policy``: one prefill, many
         policies. Tensors are shared until compression replaces them; this cache is unchanged."""
         if not all(layer.defer and layer.qk is None for layer in self.layers):
@@ -215,7 +330,7 @@ class CompressedCache(Cache):
             if theirs.is_initialized:
                 mine.lazy_initialization(theirs.keys, theirs.values)
                 mine.keys, mine.values, mine.seen = theirs.keys, theirs.values, theirs.seen
-        out.compress(queries)
+        out.compress(obs)
         return out
 
     def fork(self, batch_size: int = 1) -> "CompressedCache":
@@ -224,6 +339,8 @@ class CompressedCache(Cache):
         if any(layer.defer for layer in self.layers):
             raise RuntimeError("compress() the cache before forking it")
         rows = {layer.keys.shape[0] for layer in self.layers if layer.is_initialized}
+        if any(layer.ragged is not None for layer in self.layers):
+            rows.add(1)
         if rows and rows != {1} and rows != {batch_size}:
             raise ValueError(f"cannot fork a cache of batch size {rows.pop()} into {batch_size} rows")
         layers = [CompressedLayer(self.policy.quant, parent=layer) for layer in self.layers]
@@ -237,9 +354,10 @@ class CompressedCache(Cache):
         tensors, layers = {}, []
         for i, layer in enumerate(self.layers):
             tensors.update({f"l{i}.{n}": t.contiguous() for n, t in layer.tensors().items()})
-            q = layer.qk
+            q, qv = (layer.qk, layer.qv) if layer.qk is not None else (
+                (layer.ragged.qk, layer.ragged.qv) if layer.ragged is not None else (None, None))
             layers.append({"seen": layer.seen, "dtype": str(layer.dtype).removeprefix("torch.") if layer.is_initialized else None,
-                           "q": None if q is None else {"bits": q.bits, "kgroup": q.group, "vgroup": layer.qv.group}})
+                           "q": None if q is None else {"bits": q.bits, "kgroup": q.group, "vgroup": qv.group}})
         return tensors, {"policy": self.policy.spec, "layers": layers}
 
     @classmethod
@@ -252,7 +370,9 @@ class CompressedCache(Cache):
             t = {n.split(".", 1)[1]: v.to(device) for n, v in tensors.items() if n.startswith(f"l{i}.")}
             layer.keys, layer.values = t["k_window"], t["v_window"]
             layer.dtype, layer.device, layer.is_initialized = getattr(torch, info["dtype"]), layer.keys.device, True
-            if info["q"] is not None:
+            if "r_lens" in t:
+                layer.ragged = Ragged.from_tensors(t, info["q"])
+            if "k_codes" in t:
                 q = info["q"]
                 layer.qk = QTensor(t["k_codes"], t["k_scale"], t["k_zero"], q["bits"], "token", q["kgroup"])
                 layer.qv = QTensor(t["v_codes"], t["v_scale"], t["v_zero"], q["bits"], "channel", q["vgroup"])

@@ -11,10 +11,11 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
-from memfit.kv.evict import Eviction, SnapKV, StreamingLLM
+from memfit.kv.evict import H2O, TOVA, Eviction, Knorm, KVzip, PyramidKV, SnapKV, StreamingLLM
 from memfit.kv.quant import KIVI
 
-EVICTIONS: dict[str, type[Eviction]] = {"snapkv": SnapKV, "streaming": StreamingLLM}
+EVICTIONS: dict[str, type[Eviction]] = {"snapkv": SnapKV, "streaming": StreamingLLM, "kvzip": KVzip, "h2o": H2O,
+                                        "tova": TOVA, "knorm": Knorm, "pyramidkv": PyramidKV}
 QUANTIZERS: dict[str, type] = {"kivi": KIVI}
 METHODS: dict[str, type] = {**EVICTIONS, **QUANTIZERS}
 
@@ -34,6 +35,10 @@ class Policy:
 
     def queries_needed(self) -> int:
         return max((e.queries_needed() for e in self.evictions), default=0)
+
+    def observes(self) -> set[str]:
+        """What the prefill must record for this policy's evictions (see ``Observation``)."""
+        return {e.observes for e in self.evictions if e.observes}
 
     @property
     def spec(self) -> str:
@@ -55,10 +60,14 @@ def _format(method: object) -> str:
     return f"{_name_of(method)}({args})"
 
 
-def _parse_value(text: str, method: str, name: str) -> object:
+def _parse_value(text: str, method: str, name: str, kind: str = "") -> object:
     t = text.strip()
     if t.lower() == "none":
         return None
+    if kind == "str":
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", t):
+            raise PolicyError(f"{method}: argument {name}={t!r} must be a plain word")
+        return t
     try:
         return int(t)
     except ValueError:
@@ -84,7 +93,7 @@ def _build(name: str, argtext: str | None) -> object:
         key, val = (s.strip() for s in part.split("=", 1))
         if key not in valid:
             raise PolicyError(f"{name}: unknown argument {key!r}; valid arguments: {', '.join(valid)}")
-        value = _parse_value(val, name, key)
+        value = _parse_value(val, name, key, str(valid[key].type))
         if isinstance(value, float) and "float" not in str(valid[key].type):
             raise PolicyError(f"{name}: argument {key} must be an integer, got {val}")
         kwargs[key] = value
@@ -113,6 +122,8 @@ def parse_policy(spec: "str | Policy | None") -> Policy:
         if isinstance(method, Eviction):
             if quant is not None:
                 raise PolicyError(f"in {spec!r}: evictions must come before quantization (evict, then quantize)")
+            if evictions and evictions[-1].heads == "adaptive":
+                raise PolicyError(f"in {spec!r}: an eviction with heads=adaptive must be the last eviction")
             evictions.append(method)
         else:
             if quant is not None:

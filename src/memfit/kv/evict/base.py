@@ -2,32 +2,92 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
+
+HEAD_MODES = ("uniform", "adaptive")
+ADAPTIVE_FLOOR = 0.2  # adaptive heads: each head keeps at least this share of its uniform budget (AdaKV's safeguard)
+
+
+@dataclass
+class Observation:
+    """What the model showed during prefill, for one layer (each field only if some method asked).
+
+    ``queries`` [B, Hq, W, D]: the context's last W query states (after RoPE); ``attention_sum``
+    [B, H, N]: attention each key received from every context query (H2O); ``reconstruction``
+    [B, H, N]: the most attention each key received while the model repeated the context (KVzip)."""
+
+    queries: torch.Tensor | None = None
+    attention_sum: torch.Tensor | None = None
+    reconstruction: torch.Tensor | None = None
+
+    def need(self, name: str, method: str) -> torch.Tensor:
+        t = getattr(self, name)
+        if t is None:
+            raise ValueError(f"{method} scores with the prefill's {name.replace('_', ' ')}: use lm.prefill "
+                             "(or pass the Observation it records to cache.compress)")
+        return t
 
 
 @dataclass(frozen=True)
 class Eviction:
-    """Base of the eviction methods. ``keep`` is the fraction of context tokens kept."""
+    """Base of the eviction methods. ``keep``: fraction of context tokens kept (on average over
+    layers and heads). ``heads``: "uniform" keeps the same number in every KV head; "adaptive"
+    (AdaKV) lets heads with peaked scores take budget from heads with flat ones, stored ragged."""
 
     keep: float = 0.25
+    heads: str = "uniform"
+
+    #: what ``score`` reads from the Observation: "queries", "attention_sum", "reconstruction" or None
+    observes: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
+        name = type(self).__name__.lower()
         if not 0.0 < self.keep <= 1.0:
-            raise ValueError(f"{type(self).__name__.lower()}: keep must be in (0, 1], got {self.keep}")
+            raise ValueError(f"{name}: keep must be in (0, 1], got {self.keep}")
+        if self.heads not in HEAD_MODES:
+            raise ValueError(f"{name}: heads must be one of {', '.join(HEAD_MODES)}, got {self.heads!r}")
 
     def queries_needed(self) -> int:
         """How many of the context's last queries ``score`` needs (0: none)."""
         return 0
 
-    def budget(self, n: int) -> int:
-        """Tokens kept out of ``n``."""
-        return min(n, max(1, math.ceil(self.keep * n)))
+    def layer_keep(self, layer: int, num_layers: int) -> float:
+        """Fraction kept in ``layer`` (uniform here; PyramidKV shrinks it with depth)."""
+        return self.keep
 
-    def score(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor | None) -> torch.Tensor:
-        """keys/values [B, H, N, D] (RoPE applied), queries [B, Hq, W, D] or None -> scores [B, H, N]."""
+    def budget(self, n: int, keep: float | None = None) -> int:
+        """Tokens kept per head out of ``n``."""
+        return min(n, max(1, math.ceil((self.keep if keep is None else keep) * n)))
+
+    def score(self, keys: torch.Tensor, values: torch.Tensor, obs: Observation) -> torch.Tensor:
+        """keys/values [B, H, N, D] (RoPE applied) -> scores [B, H, N]; higher is kept first."""
         raise NotImplementedError
+
+    def select(self, scores: torch.Tensor, k: int) -> "torch.Tensor | list[torch.Tensor]":
+        """Kept token indices: [B, H, k] (uniform), or one sorted index tensor per head (adaptive,
+        batch 1) whose lengths sum to H * k."""
+        if self.heads == "uniform" or k >= scores.shape[-1]:
+            return select_topk(scores, k)
+        return select_adaptive(scores, k)
 
 
 def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices [B, H, k] of the ``k`` best tokens per head, in their original order."""
     return scores.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
+def select_adaptive(scores: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """AdaKV-style allocation of ``H * k`` tokens over the heads of one row: every head keeps its
+    ``ADAPTIVE_FLOOR * k`` best tokens, the rest go to the best scores of any head. Scores must be
+    comparable across heads (attention probabilities, norms)."""
+    b, h, n = scores.shape
+    if b != 1:
+        raise ValueError(f"adaptive head budgets need batch size 1, got {b}")
+    s = scores[0].float().clone()
+    floor = min(k, math.ceil(ADAPTIVE_FLOOR * k))
+    s.scatter_(-1, s.topk(floor, dim=-1).indices, float("inf"))
+    chosen = torch.zeros(h * n, dtype=torch.bool, device=scores.device)
+    chosen[s.flatten().topk(h * k).indices] = True
+    return [row.nonzero().squeeze(-1) for row in chosen.view(h, n)]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from memfit.kv.evict.base import Eviction
+from memfit.kv.evict.base import Eviction, Observation
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,8 @@ class SnapKV(Eviction):
     window: int = 32
     kernel: int = 7
 
+    observes = "queries"
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.window < 1 or self.kernel < 1 or self.kernel % 2 == 0:
@@ -27,9 +29,8 @@ class SnapKV(Eviction):
     def queries_needed(self) -> int:
         return self.window
 
-    def score(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor | None) -> torch.Tensor:
-        if queries is None:
-            raise ValueError("snapkv needs the queries of the context's last tokens (use lm.prefill)")
+    def score(self, keys: torch.Tensor, values: torch.Tensor, obs: Observation) -> torch.Tensor:
+        queries = obs.need("queries", "snapkv")
         b, h, n, d = keys.shape
         hq, w = queries.shape[1], min(self.window, queries.shape[2], n)
         group = hq // h

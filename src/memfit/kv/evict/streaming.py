@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from memfit.kv.evict.base import Eviction
+from memfit.kv.evict.base import Eviction, Observation
 
 
 @dataclass(frozen=True)
@@ -22,12 +22,12 @@ class StreamingLLM(Eviction):
         if self.window is not None and self.window < 1:
             raise ValueError(f"streaming: window must be >= 1, got {self.window}")
 
-    def budget(self, n: int) -> int:
+    def budget(self, n: int, keep: float | None = None) -> int:
         if self.window is not None:
             return min(n, self.sinks + self.window)
-        return max(super().budget(n), min(n, self.sinks + 1))
+        return max(super().budget(n, keep), min(n, self.sinks + 1))
 
-    def score(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor | None) -> torch.Tensor:
+    def score(self, keys: torch.Tensor, values: torch.Tensor, obs: Observation) -> torch.Tensor:
         b, h, n, _ = keys.shape
         pos = torch.arange(n, device=keys.device, dtype=torch.float32)
         pos[: self.sinks] = float(n + 1)  # sinks outrank every recent token

@@ -1,0 +1,16 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from memfit.kv.evict.base import Eviction, Observation
+
+
+@dataclass(frozen=True)
+class Knorm(Eviction):
+    """Knorm (Devoto et al., 2024): keys with a small L2 norm tend to receive high attention; keep
+    them. Needs nothing but the keys."""
+
+    def score(self, keys: torch.Tensor, values: torch.Tensor, obs: Observation) -> torch.Tensor:
+        return -keys.float().norm(dim=-1)

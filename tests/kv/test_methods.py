@@ -1,0 +1,143 @@
+"""The eviction methods added on top of SnapKV/StreamingLLM: scores against planted tokens and
+against transformers' eager attention, budgets, and adaptive (ragged) heads."""
+
+import pytest
+import torch
+
+from memfit.kv.attention import observe
+from memfit.kv.cache import CompressedCache
+from memfit.kv.evict import H2O, TOVA, Knorm, KVzip, Observation, PyramidKV, select_adaptive, select_topk
+from memfit.kv.evict.kvzip import reconstruction_scores, repeat_inputs
+from memfit.kv.policy import PolicyError, parse_policy
+
+
+def _planted(n=200, d=16, h=2, hq=4, w=4, seed=0):
+    """Keys with a few tokens per head along a direction that the queries of its GQA group look for."""
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(1, h, n, d, generator=g) * 0.1
+    queries = torch.randn(1, hq, w, d, generator=g) * 0.1
+    planted = {0: [17, 90, 150], 1: [42, 120, 160]}
+    for head, toks in planted.items():
+        direction = torch.randn(d, generator=g)
+        keys[0, head, toks] = direction / direction.norm() * 6
+        queries[0, 2 * head : 2 * head + 2] += direction / direction.norm() * 6
+    return keys, queries, planted
+
+
+def test_tova_finds_planted_tokens():
+    keys, queries, planted = _planted()
+    idx = select_topk(TOVA(keep=0.02).score(keys, keys, Observation(queries=queries)), 3)
+    for head, toks in planted.items():
+        assert set(idx[0, head].tolist()) == set(toks)
+
+
+def test_h2o_keeps_heavy_hitters_and_recent_tokens():
+    keys, queries, planted = _planted()
+    attn = torch.rand(1, 2, 200) * 0.01
+    for head, toks in planted.items():
+        attn[0, head, toks] = 1.0
+    idx = select_topk(H2O(keep=0.1, recent=8).score(keys, keys, Observation(attention_sum=attn)), 11)
+    for head, toks in planted.items():
+        assert set(toks) | set(range(192, 200)) == set(idx[0, head].tolist())
+    with pytest.raises(ValueError, match="attention sum"):
+        H2O().score(keys, keys, Observation())
+
+
+def test_knorm_keeps_small_norm_keys():
+    keys = torch.randn(1, 2, 50, 8) + 3.0
+    keys[0, 0, [5, 25]] = 0.01
+    keys[0, 1, [7, 30]] = 0.01
+    idx = select_topk(Knorm(keep=0.04).score(keys, keys, Observation()), 2)
+    assert idx[0, 0].tolist() == [5, 25] and idx[0, 1].tolist() == [7, 30]
+
+
+def test_reduce_attention_finds_planted_keys():
+    keys, queries, planted = _planted(w=6)
+    with observe(reduce="max") as seen:
+        class M:  # stands for the attention module: only its layer index is read
+            layer_idx = 0
+        mask = torch.ones(1, 1, 6, 200, dtype=torch.bool)
+        seen.add(M(), queries, keys, mask, 16 ** -0.5)
+    scores = KVzip(keep=0.02).score(keys, keys, Observation(reconstruction=seen.attention[0]))
+    for head, toks in planted.items():
+        assert set(select_topk(scores, 3)[0, head].tolist()) == set(toks)
+
+
+def _eager_attentions(lm, ids):
+    lm.model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            return lm.model(ids, output_attentions=True).attentions  # per layer [B, Hq, N, N]
+    finally:
+        lm.model.set_attn_implementation("memfit")
+
+
+def _per_kv_head(a, h):
+    return a.reshape(a.shape[0], h, -1, *a.shape[2:])
+
+
+def test_h2o_attention_sum_equals_eager_attention(tiny_lm):
+    ids = torch.randint(0, 250, (1, 70), generator=torch.Generator().manual_seed(4))
+    cache = CompressedCache("none", tiny_lm.num_layers, defer=True)
+    with observe(reduce="sum") as seen, torch.no_grad():
+        tiny_lm._forward(ids, cache, chunk_size=32)  # three chunks: sums must add up across them
+    for layer, a in enumerate(_eager_attentions(tiny_lm, ids)):
+        ref = _per_kv_head(a, 2).sum(dim=(2, 3))
+        torch.testing.assert_close(seen.attention[layer].double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_kvzip_scores_equal_eager_attention_of_the_repeat_pass(tiny_lm):
+    """Each repeat chunk, read on top of the context, scores a context key by the most attention any
+    of its positions and query heads gives it; the cache is back to the context afterwards."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 250, (1, 60), generator=g)
+    prompt = torch.randint(0, 250, (5,), generator=g).tolist()
+    inputs = repeat_inputs(prompt, ids[0].tolist(), chunk=32, overlap=4)
+    assert inputs[1][:9] == prompt + ids[0, 28:32].tolist()
+    cache = CompressedCache("none", tiny_lm.num_layers, defer=True)
+    with torch.no_grad():
+        tiny_lm._forward(ids, cache, chunk_size=64)
+    scores = reconstruction_scores(tiny_lm.model, cache, inputs)
+    assert cache.get_seq_length() == 60 and cache.layers[0].keys.shape[-2] == 60
+    ref = None
+    for inp in inputs:
+        full = torch.cat([ids, torch.tensor([inp])], dim=1)
+        atts = _eager_attentions(tiny_lm, full)
+        per = torch.stack([_per_kv_head(a[:, :, 60:, :60], 2).amax(dim=(2, 3)) for a in atts])
+        ref = per if ref is None else torch.maximum(ref, per)
+    for layer in range(tiny_lm.num_layers):
+        torch.testing.assert_close(scores[layer].double(), ref[layer], rtol=1e-5, atol=1e-7)
+
+
+def test_pyramid_budgets_shrink_with_depth_and_average_to_keep():
+    p = PyramidKV(keep=0.3, slope=0.5)
+    keeps = [p.layer_keep(i, 30) for i in range(30)]
+    assert keeps[0] == pytest.approx(0.45) and keeps[-1] == pytest.approx(0.15)
+    assert all(a > b for a, b in zip(keeps, keeps[1:]))
+    assert sum(keeps) / 30 == pytest.approx(0.3)
+
+
+def test_adaptive_heads_move_budget_to_peaked_heads():
+    n, k = 100, 20
+    scores = torch.full((1, 3, n), 0.01)
+    scores[0, 0, :40] = 1.0  # head 0: forty tokens that matter
+    scores[0, 2] = torch.linspace(0, 0.02, n)  # head 2: flat
+    idx = select_adaptive(scores, k)
+    lens = [len(i) for i in idx]
+    assert sum(lens) == 3 * k and lens[0] == 40 and min(lens) >= 4  # floor: 20% of the uniform budget
+    assert all(bool((i.diff() > 0).all()) for i in idx)
+    with pytest.raises(ValueError, match="batch size 1"):
+        select_adaptive(scores.expand(2, -1, -1), k)
+
+
+def test_policy_strings_for_new_methods():
+    p = parse_policy("kvzip(keep=0.3)+kivi(bits=2)")
+    assert p.spec.startswith("kvzip(keep=0.3,heads=adaptive,chunk=2048)+kivi(bits=2")
+    assert p.observes() == {"reconstruction"}
+    assert parse_policy("h2o(keep=0.2,heads=adaptive)").evictions[0].heads == "adaptive"
+    with pytest.raises(PolicyError, match="heads must be one of uniform, adaptive"):
+        parse_policy("snapkv(heads=sideways)")
+    with pytest.raises(PolicyError, match="must be the last eviction"):
+        parse_policy("kvzip(keep=0.5)+streaming(keep=0.5)")
+    with pytest.raises(PolicyError, match="plain word"):
+        parse_policy("knorm(heads=1-2)")
