@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -285,9 +286,68 @@ class LM:
                  temperature: float = 0.0, top_p: float = 1.0, stop: list[str] | None = None,
                  seed: int | None = None, lines: int | None = None) -> list[str]:
         """Continue the context with each token list in ``suffixes`` (one row each) and decode."""
+        b = len(suffixes)
+        out: list[list[int]] = [[] for _ in range(b)]
+        done = [False] * b
+        for toks in self._token_steps(ctx, suffixes, max_new_tokens, temperature, top_p, seed):
+            for i, t in enumerate(toks):
+                if done[i]:
+                    continue
+                if t in self.stop_ids:
+                    done[i] = True
+                    continue
+                out[i].append(t)
+                if stop or lines:
+                    text = self.tokenizer.decode(out[i])
+                    if (stop and any(s in text for s in stop)) or (lines and lines_done(text, lines)):
+                        done[i] = True
+            if all(done):
+                break
+        texts = [self.tokenizer.decode(o, skip_special_tokens=True) for o in out]
+        if stop:
+            texts = [_cut_at_stop(t, stop) for t in texts]
+        if lines:
+            texts = [first_lines(t, lines) for t in texts]
+        return texts
+
+    def stream(self, ctx: Context, suffix: list[int], max_new_tokens: int = 64, *, temperature: float = 0.0,
+               top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None,
+               info: dict | None = None, min_new_tokens: int = 0) -> Iterator[str]:
+        """Continue the context with ``suffix`` and yield the answer's text as it grows. Text that
+        could still turn into a stop string is held back. ``info`` receives ``completion_tokens``
+        and ``finish_reason`` ("stop" or "length"). End-of-turn tokens are not sampled before
+        ``min_new_tokens``."""
+        info = {} if info is None else info
+        info.update(completion_tokens=0, finish_reason="length")
+        out: list[int] = []
+        sent = 0
+        hold = max((len(s) for s in stop or []), default=1) - 1
+        for (t,) in self._token_steps(ctx, [suffix], max_new_tokens, temperature, top_p, seed, min_new_tokens):
+            if t in self.stop_ids:
+                info["finish_reason"] = "stop"
+                break
+            out.append(t)
+            info["completion_tokens"] = len(out)
+            text = self.tokenizer.decode(out, skip_special_tokens=True)
+            if stop and any(s in text for s in stop):
+                info["finish_reason"] = "stop"
+                break
+            safe = len(text) - hold - (1 if text.endswith("\ufffd") else 0)  # an unfinished UTF-8 character
+            if safe > sent:
+                yield text[sent:safe]
+                sent = safe
+        text = self.tokenizer.decode(out, skip_special_tokens=True)
+        text = _cut_at_stop(text, stop) if stop else text
+        if len(text) > sent:
+            yield text[sent:]
+
+    @torch.no_grad()
+    def _token_steps(self, ctx: Context, suffixes: list[list[int]], max_new_tokens: int, temperature: float,
+                     top_p: float, seed: int | None, min_new_tokens: int = 0) -> Iterator[list[int]]:
+        """One list of sampled token ids (one per row) per decoding step; the caller stops when done."""
         if max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
-        if any(len(s) == 0 for s in suffixes):
+        if not suffixes or any(len(s) == 0 for s in suffixes):
             raise ValueError("every suffix needs at least one token")
         dev, b = self.device, len(suffixes)
         past = ctx.num_tokens
@@ -304,37 +364,20 @@ class LM:
         pos = past + (attn[:, past:].cumsum(-1) - 1).clamp_min(0)
         gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
         cache = ctx.cache.fork(b)
-        out = [[] for _ in range(b)]
-        done = torch.zeros(b, dtype=torch.bool, device=dev)
         next_pos = past + lengths
         step_ids = input_ids
-        for _ in range(max_new_tokens):
+        stops = torch.tensor(sorted(self.stop_ids), dtype=torch.long, device=dev)
+        for step in range(max_new_tokens):
             logits = self.model(step_ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
                                 use_cache=True, logits_to_keep=1).logits[:, -1].float()
+            if step < min_new_tokens:
+                logits[:, stops] = float("-inf")
             tok = _sample(logits, temperature, top_p, gen)
-            for i in range(b):
-                if not done[i]:
-                    t = int(tok[i])
-                    if t in self.stop_ids:
-                        done[i] = True
-                    else:
-                        out[i].append(t)
-                        if stop or lines:
-                            text = self.tokenizer.decode(out[i])
-                            if (stop and any(s in text for s in stop)) or (lines and lines_done(text, lines)):
-                                done[i] = True
-            if bool(done.all()):
-                break
+            yield tok.tolist()
             step_ids = tok.unsqueeze(-1)
             attn = torch.cat([attn, torch.ones(b, 1, dtype=attn.dtype, device=dev)], dim=-1)
             pos = next_pos.unsqueeze(-1)
             next_pos = next_pos + 1
-        texts = [self.tokenizer.decode(o, skip_special_tokens=True) for o in out]
-        if stop:
-            texts = [_cut_at_stop(t, stop) for t in texts]
-        if lines:
-            texts = [first_lines(t, lines) for t in texts]
-        return texts
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:

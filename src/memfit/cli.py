@@ -333,6 +333,40 @@ def bench_store(
     typer.echo(f"wrote {out} and {png}")
 
 
+@app.command()
+def serve(
+    model: str = typer.Option("smollm2", "--model", "-m"),
+    policy: str = typer.Option("kivi(bits=4)", "--policy", "-p", help="Policy for stored contexts (POST /v1/contexts); "
+                               "plain prompts use its quantizer only, so that their prefixes can be reused."),
+    store: list[str] = typer.Option(["mem://?max_bytes=2GiB"], "--store", "-s", help="Store URL(s), fastest first; "
+                                    "replicas that share a redis:// store share contexts."),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8000),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MEMFIT_API_KEY", help="Require Bearer KEY."),
+    max_queue: int = typer.Option(16, help="Requests waiting or running before 429."),
+    max_tokens: int = typer.Option(1024, help="Largest max_tokens accepted."),
+    max_context_tokens: Optional[int] = typer.Option(None, help="Longest prompt/context (default: the model's)."),
+    max_body_mb: float = typer.Option(4.0, help="Largest request body, MiB."),
+) -> None:
+    """OpenAI-compatible HTTP server (chat/completions, streaming) with stored compressed contexts."""
+    import uvicorn
+
+    from memfit.serve import ServeConfig, create_app
+    from memfit.store import open_store
+
+    _policy(policy)
+    try:
+        st = open_store(list(store))
+    except ValueError as e:
+        _fail(str(e))
+    lm = _load(model)
+    limit = max_context_tokens or getattr(lm.model.config, "max_position_embeddings", 8192)
+    cfg = ServeConfig(policy=policy, api_key=api_key, max_body_bytes=int(max_body_mb * 2**20),
+                      max_context_tokens=limit, max_tokens=max_tokens, max_queue=max_queue,
+                      model_name=Path(model).name if Path(model).exists() else model)
+    uvicorn.run(create_app(lm, st, cfg), host=host, port=port, log_level="warning")
+
+
 def main() -> None:
     app()
 

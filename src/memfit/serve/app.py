@@ -1,0 +1,419 @@
+"""OpenAI-compatible HTTP API over memfit: chat and text completions, streaming or not, plus
+stored compressed contexts (``/v1/contexts``) that any replica sharing the store can answer from.
+
+The model runs one request at a time (CPU inference gains nothing from interleaving); requests
+wait in a bounded queue, and a full queue answers 429. Errors use OpenAI's JSON shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import anyio
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from memfit.api import LM, Context
+from memfit.kv.policy import Policy, PolicyError, parse_policy
+from memfit.store import ContextStore
+from memfit.store.entry import CorruptEntry, EntryMismatch
+
+_CONTEXT_ID = re.compile(r"^[0-9a-f]{32}$")
+REUSE_MIN_TOKENS = 256  # plain prompts shorter than one prefix chunk are not worth storing
+
+
+@dataclass
+class ServeConfig:
+    policy: str = "kivi(bits=4)"
+    api_key: str | None = None
+    max_body_bytes: int = 4 << 20
+    max_context_tokens: int = 8192
+    max_tokens: int = 1024
+    max_queue: int = 16
+    model_name: str = "smollm2"
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> JSONResponse:
+        return _error(self.status, self.message, self.type, self.param, self.code)
+
+
+def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+           code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status)
+
+
+# -- request bodies: unknown fields are refused (422), as are values out of range ------------------------
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    min_tokens: int = Field(0, ge=0)  # vLLM's extension: no end-of-turn before this many tokens
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1)
+    user: str | None = None
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
+
+    def stops(self) -> list[str] | None:
+        s = [self.stop] if isinstance(self.stop, str) else self.stop
+        if s is not None and (len(s) > 4 or any(not x for x in s)):
+            raise APIError(400, "stop: at most 4 non-empty strings", param="stop")
+        return s or None
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    context_id: str | None = None  # memfit: answer from a stored compressed context
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, ge=1)
+
+
+class ContextRequest(_Strict):
+    text: str = Field(min_length=1)
+    policy: str | None = None
+
+
+# -- the server ------------------------------------------------------------------------------------
+class Server:
+    """Holds the model, the store and the queue; the FastAPI routes call into it."""
+
+    def __init__(self, lm: LM, store: ContextStore, config: ServeConfig):
+        self.lm, self.store, self.config = lm, store, config
+        self.policy = parse_policy(config.policy)
+        # plain prompts keep only the quantizer: an evicted cache cannot be reused as a prefix
+        self.prompt_policy = Policy((), self.policy.quant)
+        self.waiting = 0
+        self.lock = asyncio.Lock()
+        self.created = int(time.time())
+
+    # queue: one slot per request, waiting or running; the model lock lets one run at a time
+    def take_slot(self) -> None:
+        if self.waiting >= self.config.max_queue:
+            raise APIError(429, f"server busy: {self.waiting} requests queued (limit {self.config.max_queue})",
+                           "rate_limit_error", code="queue_full")
+        self.waiting += 1
+
+    def free_slot(self) -> None:
+        self.waiting -= 1
+
+    async def run(self, fn: Callable, *args) -> Any:
+        """Run ``fn(*args)`` on a worker thread while holding the model; the slot must be taken."""
+        async with self.lock:
+            return await anyio.to_thread.run_sync(fn, *args)
+
+    # -- building what to decode -----------------------------------------------------------------
+    def _max_tokens(self, requested: int | None) -> int:
+        n = requested or self.config.max_tokens
+        if n > self.config.max_tokens:
+            raise APIError(400, f"max_tokens={n} exceeds this server's limit of {self.config.max_tokens}",
+                           param="max_tokens")
+        return n
+
+    def _check_length(self, tokens: int, what: str) -> None:
+        if tokens > self.config.max_context_tokens:
+            raise APIError(400, f"{what} has {tokens} tokens; this server accepts at most "
+                           f"{self.config.max_context_tokens}", param="messages", code="context_length_exceeded")
+
+    def stored_context(self, context_id: str) -> Context:
+        if not _CONTEXT_ID.match(context_id):
+            raise APIError(400, "context_id must be 32 lowercase hex digits", param="context_id")
+        try:
+            entry = self.store.get_entry(context_id)
+        except (CorruptEntry, EntryMismatch) as e:
+            raise APIError(404, f"context {context_id} is unusable: {e}", param="context_id") from None
+        if entry is None:
+            raise APIError(404, f"no stored context {context_id}", param="context_id", code="context_not_found")
+        try:
+            return self.lm.context_from_entry(entry)
+        except EntryMismatch as e:
+            raise APIError(409, f"context {context_id} was made for another model: {e}", param="context_id") from None
+
+    def chat_inputs(self, req: ChatRequest) -> tuple[Context, list[int]]:
+        """The context to read from and the tokens that follow it (model work: call on the worker)."""
+        if req.context_id is not None:
+            if len(req.messages) != 1 or req.messages[0].role != "user":
+                raise APIError(400, "with context_id, send exactly one user message: the question about the stored "
+                               "context", param="messages")
+            ctx = self.stored_context(req.context_id)
+            suffix = self.lm.encode_question(req.messages[0].text())
+            self._check_length(ctx.num_tokens + len(suffix), "context + question")
+            return ctx, suffix
+        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        try:
+            ids = self.lm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        except Exception as e:  # templates raise on odd role orders
+            raise APIError(400, f"messages cannot be formatted for this model: {e}", param="messages") from None
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        return self._prompt_context(list(ids))
+
+    def completion_inputs(self, req: CompletionRequest) -> tuple[Context, list[int]]:
+        prompt = req.prompt if isinstance(req.prompt, str) else "".join(req.prompt) if len(req.prompt) == 1 else None
+        if prompt is None:
+            raise APIError(400, "prompt: send one string (batches of prompts are not supported)", param="prompt")
+        ids = self.lm.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if not ids:
+            raise APIError(400, "prompt is empty", param="prompt")
+        return self._prompt_context(ids)
+
+    def _prompt_context(self, ids: list[int]) -> tuple[Context, list[int]]:
+        """Everything but the last token is the context: long ones are looked up in the store (a
+        stored prefix is reused, the rest read) and stored for the next request."""
+        self._check_length(len(ids), "prompt")
+        if len(ids) < 2:
+            bos = self.lm.tokenizer.bos_token_id
+            if bos is None:
+                raise APIError(400, "prompt needs at least two tokens", param="prompt")
+            ids = [bos, *ids]
+        head = torch.tensor([ids[:-1]], device=self.lm.device)
+        if len(ids) - 1 >= REUSE_MIN_TOKENS:
+            return self.lm.prefill_stored(head, self.prompt_policy, self.store), ids[-1:]
+        return self.lm.prefill_ids(head, self.prompt_policy), ids[-1:]
+
+    def create_context(self, req: ContextRequest) -> dict:
+        try:
+            policy = parse_policy(req.policy or self.policy)
+        except PolicyError as e:
+            raise APIError(400, str(e), param="policy") from None
+        ids = self.lm.encode_context(req.text)
+        self._check_length(ids.shape[1], "context")
+        ctx = self.lm.prefill_stored(ids, policy, self.store)
+        return self.describe(ctx.key, ctx.num_tokens, ctx.nbytes, policy.spec, ctx.meta.get("store"))
+
+    def describe(self, key: str, tokens: int, nbytes: int, policy: str, status: str | None = None) -> dict:
+        full = tokens * self.lm.kv_bytes_per_token
+        out = {"id": key, "object": "context", "tokens": tokens, "bytes": nbytes, "full_bytes": full,
+               "compression": round(full / max(1, nbytes), 3), "policy": policy}
+        if status:
+            out["store"] = status
+        return out
+
+    def context_info(self, context_id: str) -> dict:
+        ctx = self.stored_context(context_id)
+        return self.describe(context_id, ctx.num_tokens, ctx.nbytes, ctx.policy.spec)
+
+
+def _usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def create_app(lm: LM, store: ContextStore, config: ServeConfig | None = None) -> FastAPI:
+    config = config or ServeConfig()
+    srv = Server(lm, store, config)
+    app = FastAPI(title="memfit", version="0.1")
+    app.state.server = srv
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
+        if first.get("type") == "json_invalid":
+            return _error(400, f"malformed JSON body: {first.get('msg')}")
+        return _error(422, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        if config.api_key is not None and request.headers.get("authorization") != f"Bearer {config.api_key}":
+            return _error(401, "missing or wrong API key (send Authorization: Bearer KEY)", "authentication_error",
+                          code="invalid_api_key")
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > config.max_body_bytes):
+            return _error(413, f"request body larger than {config.max_body_bytes} bytes", code="body_too_large")
+        if request.method in ("POST", "PUT") and length is None:
+            body = await request.body()  # chunked upload: measure what came
+            if len(body) > config.max_body_bytes:
+                return _error(413, f"request body larger than {config.max_body_bytes} bytes", code="body_too_large")
+        return await call_next(request)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": srv.created,
+                                            "owned_by": "memfit"}]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "queued": srv.waiting}
+
+    async def _answer(kind: str, req: _Sampling, inputs: Callable[[], tuple[Context, list[int]]], wrap):
+        max_new = srv._max_tokens(getattr(req, "max_completion_tokens", None) or req.max_tokens)
+        stop = req.stops()
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        kwargs = {"temperature": req.temperature, "top_p": req.top_p, "stop": stop, "seed": req.seed,
+                  "min_new_tokens": min(req.min_tokens, max_new)}
+        srv.take_slot()
+        if not req.stream:
+            try:
+                def work():
+                    ctx, suffix = inputs()
+                    info: dict = {}
+                    text = "".join(srv.lm.stream(ctx, suffix, max_new, info=info, **kwargs))
+                    return text, info, ctx.num_tokens + len(suffix)
+                text, info, prompt_tokens = await srv.run(work)
+            finally:
+                srv.free_slot()
+            return wrap.full(rid, created, text, info["finish_reason"], _usage(prompt_tokens, info["completion_tokens"]))
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        try:  # read the prompt before answering 200, so that its errors get their own status
+            ctx, suffix = await srv.run(inputs)
+        except BaseException:
+            srv.free_slot()
+            raise
+        slot = {"held": True}
+
+        def release() -> None:
+            if slot.pop("held", False):
+                srv.free_slot()
+
+        async def events() -> AsyncIterator[str]:
+            info: dict = {}
+            it = srv.lm.stream(ctx, suffix, max_new, info=info, **kwargs)
+            try:
+                yield _sse(wrap.chunk(rid, created, None, None, first=True))
+                while True:
+                    async with srv.lock:
+                        piece = await anyio.to_thread.run_sync(next, it, None)
+                    if piece is None:
+                        break
+                    yield _sse(wrap.chunk(rid, created, piece, None))
+                yield _sse(wrap.chunk(rid, created, None, info["finish_reason"]))
+                if include_usage:
+                    yield _sse({**wrap.chunk(rid, created, None, None, usage_only=True),
+                                "usage": _usage(ctx.num_tokens + len(suffix), info["completion_tokens"])})
+                yield "data: [DONE]\n\n"
+            finally:  # also when the client went away: stop decoding, free the slot
+                it.close()
+                release()
+
+        return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(release))
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest):
+        if req.context_id is not None and not _CONTEXT_ID.match(req.context_id):
+            raise APIError(400, "context_id must be 32 lowercase hex digits", param="context_id")
+        return await _answer("chat", req, lambda: srv.chat_inputs(req), _ChatShape(config.model_name))
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        return await _answer("text", req, lambda: srv.completion_inputs(req), _TextShape(config.model_name))
+
+    @app.post("/v1/contexts")
+    async def create_context(req: ContextRequest):
+        srv.take_slot()
+        try:
+            return await srv.run(srv.create_context, req)
+        finally:
+            srv.free_slot()
+
+    @app.get("/v1/contexts/{context_id}")
+    async def get_context(context_id: str):
+        return await anyio.to_thread.run_sync(srv.context_info, context_id)
+
+    @app.delete("/v1/contexts/{context_id}")
+    async def delete_context(context_id: str):
+        if not _CONTEXT_ID.match(context_id):
+            raise APIError(400, "context id must be 32 lowercase hex digits", param="context_id")
+        if not await anyio.to_thread.run_sync(srv.store.delete, context_id):
+            raise APIError(404, f"no stored context {context_id}", code="context_not_found")
+        return {"id": context_id, "object": "context", "deleted": True}
+
+    return app
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+@dataclass
+class _ChatShape:
+    model: str
+
+    def full(self, rid: str, created: int, text: str, finish: str, usage: dict) -> dict:
+        return {"id": rid, "object": "chat.completion", "created": created, "model": self.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+                "usage": usage}
+
+    def chunk(self, rid: str, created: int, text: str | None, finish: str | None, first: bool = False,
+              usage_only: bool = False) -> dict:
+        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model}
+        if usage_only:
+            return {**base, "choices": []}
+        delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
+        return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+@dataclass
+class _TextShape:
+    model: str
+
+    def full(self, rid: str, created: int, text: str, finish: str, usage: dict) -> dict:
+        return {"id": rid, "object": "text_completion", "created": created, "model": self.model,
+                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}], "usage": usage}
+
+    def chunk(self, rid: str, created: int, text: str | None, finish: str | None, first: bool = False,
+              usage_only: bool = False) -> dict:
+        base = {"id": rid, "object": "text_completion", "created": created, "model": self.model}
+        if usage_only:
+            return {**base, "choices": []}
+        return {**base, "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]}
