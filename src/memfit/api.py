@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,11 +18,15 @@ from memfit.kv.attention import observe
 from memfit.kv.cache import CompressedCache
 from memfit.kv.evict import KVzip, Observation
 from memfit.kv.evict.kvzip import REPEAT_PROMPT, reconstruction_scores, repeat_inputs
+from memfit.kv.plan import KVShape, budget_bytes
+from memfit.kv.plan import plan as plan_policy
 from memfit.kv.policy import Policy, parse_policy
 from memfit.models import ChatFormat, default_device, default_dtype, fingerprint, load_hf, resolve_model
 from memfit.store import ContextStore, Entry, KeySpace, open_store
 from memfit.store.disk import atomic_write
 from memfit.textlines import first_lines, lines_done
+
+log = logging.getLogger("memfit")
 
 
 @dataclass
@@ -146,17 +152,41 @@ class LM:
 
     # -- prefill -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, context: str, policy: "str | Policy" = "none", *, chunk_size: int = 4096,
-                store: "ContextStore | str | list[str] | None" = None) -> Context:
-        """Read ``context`` (as the start of a user turn) and compress its KV cache with ``policy``.
+    def prefill(self, context: str, policy: "str | Policy | None" = None, *, budget: "str | float | None" = None,
+                chunk_size: int = 4096, store: "ContextStore | str | list[str] | None" = None) -> Context:
+        """Read ``context`` (as the start of a user turn) and compress its KV cache with ``policy``
+        (default ``"none"``), or with the policy the planner picks to fit ``budget``: a size
+        (``"8MiB"``) or a compression factor (``16``); ``ctx.meta["plan"]`` says what it picked.
         The question is not seen here: compression is query-agnostic. With ``store``, a stored
         compressed context is restored instead (or its longest stored prefix, then only the rest is
         read), and a newly read one is stored."""
         if not isinstance(context, str):
             raise TypeError(f"context must be a str, got {type(context).__name__}")
+        ids = self.encode_context(context)
+        plan_info = None
+        if budget is not None:
+            if policy is not None:
+                raise ValueError("give a policy or a budget, not both")
+            policy, plan_info = self.plan(budget, ids.shape[1])
+        policy = "none" if policy is None else policy
         if store is None:
-            return self.prefill_many(context, [policy], chunk_size=chunk_size)[0]
-        return self.prefill_stored(self.encode_context(context), policy, open_store(store), chunk_size=chunk_size)
+            fit = plan_info["budget_bytes"] if plan_info is not None else None
+            ctx = self.prefill_many_ids(ids, [policy], chunk_size=chunk_size, fit_bytes=fit)[0]
+        else:
+            ctx = self.prefill_stored(ids, policy, open_store(store), chunk_size=chunk_size)
+        if plan_info is not None:
+            ctx.meta["plan"] = {**plan_info, "policy": ctx.policy.spec, "nbytes": ctx.nbytes}
+            log.info("budget %s: picked %s (%d bytes)", budget, ctx.policy.spec, ctx.nbytes)
+        return ctx
+
+    def plan(self, budget: "str | float", num_tokens: int, evict: str = "kvzip") -> tuple[Policy, dict]:
+        """The policy the planner picks for ``num_tokens`` context tokens under ``budget`` (see
+        :mod:`memfit.kv.plan`), with what it based the choice on."""
+        shape = KVShape(self.num_layers, self.num_kv_heads, self.head_dim, next(self.model.parameters()).element_size())
+        limit = budget_bytes(budget, num_tokens, shape)
+        policy, estimate = plan_policy(limit, num_tokens, shape, evict)
+        return policy, {"budget": budget, "budget_bytes": limit, "policy": policy.spec, "estimate": estimate,
+                        "full_nbytes": num_tokens * shape.full_bytes_per_token}
 
     def encode_context(self, context: str) -> torch.Tensor:
         """[1, N] token ids of the prompt up to the end of ``context`` (what ``prefill`` reads)."""
@@ -222,7 +252,10 @@ class LM:
 
     @torch.no_grad()
     def prefill_many_ids(self, input_ids: torch.Tensor, policies: "list[str | Policy]", *,
-                         chunk_size: int = 4096) -> list[Context]:
+                         chunk_size: int = 4096, fit_bytes: int | None = None) -> list[Context]:
+        """One forward pass, compressed once per policy. ``fit_bytes``: raise the keep fraction of
+        each policy's last eviction as far as the measured bytes stay within it (the planner's
+        estimate for ragged heads is an upper bound; this spends the slack)."""
         pols = [parse_policy(p) for p in policies]
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be [batch, tokens] with tokens > 0, got shape {tuple(input_ids.shape)}")
@@ -247,12 +280,32 @@ class LM:
         for p in pols:
             t1 = time.perf_counter()
             cache = base.derive(p, obs)
+            if fit_bytes is not None and p.evictions and cache.nbytes <= fit_bytes:
+                p, cache = self._spend_slack(base, obs, p, cache, fit_bytes)
             scored = score_s if "reconstruction" in p.observes() else 0.0
             ctx = Context(cache, input_ids, p, forward_s + scored + time.perf_counter() - t1, lm=self)
             if scored:
                 ctx.meta["score_seconds"] = scored
             out.append(ctx)
         return out
+
+    @staticmethod
+    def _spend_slack(base: CompressedCache, obs: dict, policy: Policy, cache: CompressedCache,
+                     limit: int) -> tuple[Policy, CompressedCache]:
+        """Bisect the last eviction's keep upwards on measured bytes (bytes grow about linearly with it)."""
+        ev = policy.evictions[-1]
+        with_keep = lambda k: Policy((*policy.evictions[:-1], dataclasses.replace(ev, keep=k)), policy.quant)  # noqa: E731
+        lo, hi = ev.keep, min(1.0, ev.keep * limit / max(1, cache.nbytes) * 1.02)
+        for _ in range(5):
+            mid = round((lo + hi) / 2, 4)
+            if mid <= lo:
+                break
+            trial = base.derive(with_keep(mid), obs)
+            if trial.nbytes <= limit:
+                lo, cache, policy = mid, trial, with_keep(mid)
+            else:
+                hi = mid
+        return policy, cache
 
     def reconstruction_scores(self, input_ids: torch.Tensor, cache: CompressedCache, chunk: int) -> dict[int, torch.Tensor]:
         """KVzip's scores for the context in ``cache`` (deferred, holding ``input_ids``): the model

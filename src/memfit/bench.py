@@ -122,3 +122,115 @@ def bench_store(lm: LM, lengths: list[int], policies: list[Policy], store_dir: P
                     tier.delete(entry.key)
                 bar.update()
     return rows
+
+
+# -- memfit serve --------------------------------------------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_server(model: str, *args: str):
+    import subprocess
+    import sys
+
+    import httpx
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "memfit", "serve", "--model", model, "--port", str(port), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"memfit serve exited with code {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("memfit serve did not start in 5 minutes")
+
+
+def _timed_chat(url: str, body: dict) -> tuple[float, float, str]:
+    """Stream one chat completion: (time to first content, total time, text)."""
+    import json
+
+    import httpx
+
+    t0 = time.perf_counter()
+    first, parts = None, []
+    with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=600) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {r.read().decode()[:200]}")
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            delta = json.loads(line[6:])["choices"][0]["delta"].get("content")
+            if delta:
+                first = first or time.perf_counter() - t0
+                parts.append(delta)
+    total = time.perf_counter() - t0
+    return first if first is not None else total, total, "".join(parts)
+
+
+def _summary(times: list[tuple[float, float, str]], wall: float) -> dict:
+    ttft = sorted(t[0] for t in times)
+    lat = sorted(t[1] for t in times)
+    pct = lambda xs, q: xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]  # noqa: E731
+    return {"requests": len(times), "requests_per_s": len(times) / wall, "ttft_p50_s": statistics.median(ttft),
+            "ttft_p95_s": pct(ttft, 0.95), "latency_p50_s": statistics.median(lat), "latency_p95_s": pct(lat, 0.95)}
+
+
+def bench_serve(model: str, policy: str, tokens: int = 4096, questions: int = 8, chats: int = 40,
+                clients: int = 4) -> dict:
+    """Plain chats and questions on one stored context against a live server, and the same
+    questions sent with the whole context each time to a server that re-reads it (no reuse)."""
+    import concurrent.futures as cf
+
+    import httpx
+
+    from memfit.api import load_model
+
+    lm = load_model(model)
+    text = lm.tokenizer.decode(context_ids(lm, tokens)[0], skip_special_tokens=True)
+    text = text[len(lm.chat.before_context):] if text.startswith(lm.chat.before_context) else text
+    del lm
+    qs = [f"{QUESTION} (answer {i + 1} of {questions})" for i in range(questions)]
+    gen = {"max_tokens": 8, "temperature": 0}
+    cases = {}
+    proc, url = _start_server(model, "--policy", policy, "--max-queue", "64")
+    try:
+        _timed_chat(url, {"messages": [{"role": "user", "content": "warm up"}], **gen})
+        t0 = time.perf_counter()
+        with cf.ThreadPoolExecutor(clients) as pool:
+            res = list(pool.map(lambda i: _timed_chat(url, {"messages": [{"role": "user", "content": f"Say hi {i}"}],
+                                                             **gen}), range(chats)))
+        cases["plain chat"] = _summary(res, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        made = httpx.post(url + "/v1/contexts", json={"text": text}, timeout=600).json()
+        upload_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        res = [_timed_chat(url, {"messages": [{"role": "user", "content": q}], "context_id": made["id"], **gen})
+               for q in tqdm(qs, desc="stored context", unit="q")]
+        cases[f"stored {made['tokens']}-token context"] = _summary(res, time.perf_counter() - t0)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    proc, url = _start_server(model, "--policy", policy, "--no-reuse-prompts")
+    try:
+        _timed_chat(url, {"messages": [{"role": "user", "content": "warm up"}], **gen})
+        t0 = time.perf_counter()
+        res = [_timed_chat(url, {"messages": [{"role": "user", "content": text + "\n\n" + q}], **gen})
+               for q in tqdm(qs, desc="context re-sent", unit="q")]
+        cases["context re-sent each time"] = _summary(res, time.perf_counter() - t0)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    stored = cases[f"stored {made['tokens']}-token context"]
+    return {"model": model, "policy": policy, "context": made, "upload_s": upload_s,
+            "ttft_speedup": cases["context re-sent each time"]["ttft_p50_s"] / stored["ttft_p50_s"], "cases": cases}

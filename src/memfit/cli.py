@@ -56,13 +56,24 @@ def ask(
     answer_prefix: Optional[str] = typer.Option(None, "--answer-prefix", help="Start the answer with this text."),
     store: Optional[list[str]] = typer.Option(None, "--store", "-s", help="Store URL(s), fastest first: reuse a "
                                               "stored compressed context, or store this one."),
+    budget: Optional[str] = typer.Option(None, "--budget", "-b", help="Instead of --policy: a KV size (8MiB) or a "
+                                         "compression factor (16x); the planner picks the policy."),
 ) -> None:
     """Answer a question about a context, and print the memory figures."""
     pol = _policy(policy)
     text = _read_context(context)
     st = _open_store(store) if store else None
     lm = _load(model)
-    ctx = lm.prefill(text, pol, store=st)
+    if budget is not None:
+        b = budget.strip().lower()
+        try:
+            ctx = lm.prefill(text, budget=float(b[:-1]) if b.endswith("x") else budget, store=st)
+        except ValueError as e:
+            _fail(str(e))
+        pol = ctx.policy
+        typer.echo(f"[budget {budget}: planner picked {pol.spec}]", err=True)
+    else:
+        ctx = lm.prefill(text, pol, store=st)
     t0 = time.perf_counter()
     answer = lm.ask(ctx, question, max_new_tokens=max_new_tokens, answer_prefix=answer_prefix)
     typer.echo(answer)
@@ -334,6 +345,83 @@ def bench_store(
 
 
 @app.command()
+def plan(
+    model: str = typer.Option("smollm2", "--model", "-m", help="A HF config.json (or its folder), a model folder, "
+                              "a .gguf file or smollm2: only the config is read, no weights."),
+    context_tokens: list[int] = typer.Option([131072], "--context-tokens", "-n", help="Context length; repeat."),
+    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", "-g", help="Memory to fit, e.g. 24GiB."),
+    weight_bits: float = typer.Option(16, help="Bits per weight (16 for bf16; 4.5 for 4-bit g64 with scales)."),
+    batch: int = typer.Option(1, help="Sequences held at once."),
+    policies: Optional[list[str]] = typer.Option(None, "--policy", "-p", help="Policies to list (default: a ladder)."),
+) -> None:
+    """What fits: weights + KV cache per policy, and the policy the planner picks for the memory left."""
+    from memfit.kv.plan import KVShape, plan as plan_policy, policy_nbytes
+    from memfit.models import config_only, count_parameters
+    from memfit.units import human_bytes, parse_bytes
+
+    try:
+        cfg = config_only(model)
+        limit = parse_bytes(gpu_memory) if gpu_memory else None
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    shape = KVShape(text.num_hidden_layers, text.num_key_value_heads,
+                    getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+    params = count_parameters(cfg)
+    weights = int(params * weight_bits / 8)
+    specs = policies or ["none", "kivi(bits=8)", "kivi(bits=4)", "kivi(bits=2)", "kvzip(keep=0.5)+kivi(bits=4)",
+                         "kvzip(keep=0.25)+kivi(bits=4)", "kvzip(keep=0.1)+kivi(bits=4)"]
+    pols = [_policy(p) for p in specs]
+    typer.echo(f"{model}: {params / 1e9:.3f} B parameters, weights {human_bytes(weights)} at {weight_bits:g} bits; "
+               f"16-bit KV {shape.full_bytes_per_token} bytes/token ({shape.num_layers} layers x "
+               f"{shape.num_kv_heads} KV heads x {shape.head_dim}); activations not counted")
+    for n in context_tokens:
+        typer.echo(f"\n{n} context tokens x batch {batch}")
+        typer.echo(f"{'policy':<46} {'KV':>12} {'weights + KV':>14} {'compr.':>7}" + ("  fits" if limit else ""))
+        for p in pols:
+            kv = batch * policy_nbytes(p, n, shape)
+            fits = ("   yes" if weights + kv <= limit else "    no") if limit else ""
+            typer.echo(f"{p.spec[:46]:<46} {human_bytes(kv):>12} {human_bytes(weights + kv):>14} "
+                       f"{batch * n * shape.full_bytes_per_token / kv:>6.1f}x{fits}")
+        if limit:
+            room = (limit - weights) // batch
+            if room <= 0:
+                typer.echo(f"the weights alone ({human_bytes(weights)}) exceed {gpu_memory}")
+                continue
+            try:
+                picked, b = plan_policy(room, n, shape)
+                typer.echo(f"planner: {picked.spec} ({human_bytes(batch * b)} of KV, {human_bytes(weights + batch * b)} "
+                           f"in all, within {gpu_memory})")
+            except ValueError as e:
+                typer.echo(f"planner: nothing fits: {e}")
+
+
+@bench_app.command("serve")
+def bench_serve_cmd(
+    model: str = typer.Option("smollm2", "--model", "-m"),
+    policy: str = typer.Option("kivi(bits=4)", "--policy", "-p", help="Policy of the stored context."),
+    tokens: int = typer.Option(4096, help="Context length in tokens."),
+    questions: int = typer.Option(8, help="Questions asked each way."),
+    chats: int = typer.Option(40, help="Plain short chats."),
+    clients: int = typer.Option(4, help="Concurrent clients for the plain chats."),
+    out: Path = typer.Option(Path("results/bench_serve.json")),
+) -> None:
+    """Against a live `memfit serve`: plain chats (req/s, p50/p95), and time to first token for
+    questions on a stored context vs re-sending the whole context each time."""
+    from memfit.bench import bench_serve
+
+    _policy(policy)
+    res = bench_serve(model, policy, tokens, questions, chats, clients)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    typer.echo(f"{'case':<34} {'n':>4} {'req/s':>7} {'p50 TTFT s':>10} {'p95 TTFT s':>10} {'p50 total s':>11}")
+    for name, r in res["cases"].items():
+        typer.echo(f"{name:<34} {r['requests']:>4} {r['requests_per_s']:>7.2f} {r['ttft_p50_s']:>10.3f} "
+                   f"{r['ttft_p95_s']:>10.3f} {r['latency_p50_s']:>11.3f}")
+    typer.echo(f"stored context vs re-sent: p50 TTFT {res['ttft_speedup']:.1f}x lower; wrote {out}")
+
+
+@app.command()
 def serve(
     model: str = typer.Option("smollm2", "--model", "-m"),
     policy: str = typer.Option("kivi(bits=4)", "--policy", "-p", help="Policy for stored contexts (POST /v1/contexts); "
@@ -347,6 +435,7 @@ def serve(
     max_tokens: int = typer.Option(1024, help="Largest max_tokens accepted."),
     max_context_tokens: Optional[int] = typer.Option(None, help="Longest prompt/context (default: the model's)."),
     max_body_mb: float = typer.Option(4.0, help="Largest request body, MiB."),
+    reuse_prompts: bool = typer.Option(True, help="Store long plain prompts and reuse their prefixes."),
 ) -> None:
     """OpenAI-compatible HTTP server (chat/completions, streaming) with stored compressed contexts."""
     import uvicorn
@@ -363,7 +452,7 @@ def serve(
     limit = max_context_tokens or getattr(lm.model.config, "max_position_embeddings", 8192)
     cfg = ServeConfig(policy=policy, api_key=api_key, max_body_bytes=int(max_body_mb * 2**20),
                       max_context_tokens=limit, max_tokens=max_tokens, max_queue=max_queue,
-                      model_name=Path(model).name if Path(model).exists() else model)
+                      model_name=Path(model).name if Path(model).exists() else model, reuse_prompts=reuse_prompts)
     uvicorn.run(create_app(lm, st, cfg), host=host, port=port, log_level="warning")
 
 

@@ -109,6 +109,31 @@ def load_hf(source: ModelSource, device: torch.device, dtype: torch.dtype):
     return model, tokenizer
 
 
+def config_only(name_or_path: str):
+    """A model's transformers config without its weights: a config.json file, a model folder, a
+    .gguf file or an alias."""
+    from transformers import AutoConfig
+
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise ModelNotFoundError(f"config file {path} does not exist")
+        return AutoConfig.from_pretrained(path.parent if path.name == "config.json" else path, local_files_only=True)
+    source = resolve_model(name_or_path)
+    kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    return AutoConfig.from_pretrained(source.folder, local_files_only=True, **kw)
+
+
+def count_parameters(config) -> int:
+    """Parameters of the model a config describes, counted on the meta device (nothing allocated;
+    tied embeddings counted once)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
 def fingerprint(model: torch.nn.Module, weight_files: list[Path] | None = None) -> str:
     """A hash of the model's config and its weights (the weight files when known, else the tensors)."""
     h = hashlib.blake2b(digest_size=16)

@@ -43,6 +43,7 @@ class ServeConfig:
     max_tokens: int = 1024
     max_queue: int = 16
     model_name: str = "smollm2"
+    reuse_prompts: bool = True  # store long plain prompts and reuse their prefixes
 
 
 class APIError(Exception):
@@ -213,7 +214,7 @@ class Server:
                 raise APIError(400, "prompt needs at least two tokens", param="prompt")
             ids = [bos, *ids]
         head = torch.tensor([ids[:-1]], device=self.lm.device)
-        if len(ids) - 1 >= REUSE_MIN_TOKENS:
+        if self.config.reuse_prompts and len(ids) - 1 >= REUSE_MIN_TOKENS:
             return self.lm.prefill_stored(head, self.prompt_policy, self.store), ids[-1:]
         return self.lm.prefill_ids(head, self.prompt_policy), ids[-1:]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -12,22 +11,9 @@ from urllib.parse import parse_qs, urlparse
 from memfit.store.disk import DiskTier
 from memfit.store.entry import CorruptEntry, Entry
 from memfit.store.memory import MemoryTier
+from memfit.units import parse_bytes
 
 log = logging.getLogger(__name__)
-
-_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 2**20, "mb": 10**6, "mib": 2**20,
-          "g": 2**30, "gb": 10**9, "gib": 2**30}
-
-
-def parse_bytes(text: "str | int | None") -> int | None:
-    """``"2GiB"``, ``"512MB"``, ``"1000"`` -> bytes."""
-    if text is None or isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"cannot read a byte size from {text!r} (examples: 2GiB, 512MB, 1000)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
 
 def open_tier(url: str):
     """``mem://?max_bytes=2GiB``, ``file://DIR?max_bytes=..``, ``redis://host:port/db?max_bytes=..``."""

@@ -1,0 +1,105 @@
+"""Budget planner: the byte cost of a policy, computed before any prefill, and the policy that fits
+a byte budget best.
+
+The bytes are counted the way ``CompressedCache.nbytes`` counts them (codes, scales, zero points,
+the 16-bit window, the per-head length table of ragged layers). For uniform heads the count is
+exact; for adaptive (ragged) heads it is an upper bound, because each head rounds its own window.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from memfit.kv.policy import Policy, parse_policy
+from memfit.kv.quant import KIVI
+from memfit.units import parse_bytes
+
+MIN_KEEP = 0.02  # below this, eviction leaves too little of any context to be worth planning
+
+
+@dataclass(frozen=True)
+class KVShape:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype_bytes: int = 2  # element size of what is kept unquantized (the model's compute dtype)
+
+    @property
+    def full_bytes_per_token(self) -> int:
+        """An uncompressed 16-bit cache: keys and values, 2 bytes each."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 2
+
+
+def _spill(n: int, q: KIVI) -> int:
+    if n <= q.residual:
+        return 0
+    return min(math.ceil((n - q.residual) / q.group) * q.group, (n // q.group) * q.group)
+
+
+def _quantized_token_bytes(q: KIVI, d: int) -> float:
+    """Keys and values of one quantized token of one head: codes, plus its share of scales/zeros."""
+    return 2 * d * q.bits / 8 + 4 * d / q.group + 4 * d / q.value_group(d)
+
+
+def _head_bytes(n: int, q: KIVI | None, d: int, ragged: bool, e: int) -> float:
+    if q is None:
+        return 2 * e * d * n
+    c = _quantized_token_bytes(q, d)
+    window = min(n, q.residual) if ragged else n - _spill(n, q)  # a head's window never exceeds residual
+    return c * (n - window) + 2 * e * d * window
+
+
+def policy_nbytes(policy: "str | Policy", num_tokens: int, shape: KVShape) -> int:
+    """Bytes the policy's cache holds after reading ``num_tokens`` context tokens (batch 1)."""
+    p = parse_policy(policy)
+    total = 0.0
+    for layer in range(shape.num_layers):
+        n, ragged = num_tokens, False
+        for ev in p.evictions:
+            k = ev.budget(n, ev.layer_keep(layer, shape.num_layers))
+            if k < n:
+                ragged = ragged or ev.heads == "adaptive"
+                n = k
+        total += shape.num_kv_heads * _head_bytes(n, p.quant, shape.head_dim, ragged, shape.dtype_bytes)
+        if ragged:
+            total += 2 * shape.num_kv_heads * 4  # the int32 table of per-head lengths
+    return math.ceil(total)
+
+
+LADDER = ("none", "kivi(bits=8)", "kivi(bits=4)")
+
+
+def plan(budget_bytes: int, num_tokens: int, shape: KVShape, evict: str = "kvzip") -> tuple[Policy, int]:
+    """The policy that fits ``budget_bytes`` best, and its byte count: no compression if it fits, then
+    8- and 4-bit KIVI, then ``evict`` keeping as many tokens as fit, in 4-bit (2-bit only when even
+    4-bit at ``MIN_KEEP`` does not fit). Raises ValueError when nothing fits."""
+    if budget_bytes <= 0 or num_tokens <= 0:
+        raise ValueError(f"budget and tokens must be positive, got {budget_bytes} bytes for {num_tokens} tokens")
+    for spec in LADDER:
+        b = policy_nbytes(spec, num_tokens, shape)
+        if b <= budget_bytes:
+            return parse_policy(spec), b
+    for quant in ("kivi(bits=4)", "kivi(bits=2)"):
+        fits = lambda keep: policy_nbytes(f"{evict}(keep={keep})+{quant}", num_tokens, shape) <= budget_bytes  # noqa: E731
+        if not fits(MIN_KEEP):
+            continue
+        lo, hi = MIN_KEEP, 1.0  # the largest keep that fits, to 0.1% of the context
+        while hi - lo > 1e-3:
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        keep = math.floor(lo * 1000) / 1000
+        spec = f"{evict}(keep={keep})+{quant}"
+        return parse_policy(spec), policy_nbytes(spec, num_tokens, shape)
+    smallest = policy_nbytes(f"{evict}(keep={MIN_KEEP})+kivi(bits=2)", num_tokens, shape)
+    raise ValueError(f"a KV budget of {budget_bytes} bytes is too small for {num_tokens} tokens: the smallest "
+                     f"planned policy needs {smallest} bytes")
+
+
+def budget_bytes(budget: "str | int | float", num_tokens: int, shape: KVShape) -> int:
+    """``"8MiB"`` (a size) or ``16`` (a compression factor versus a 16-bit cache) -> bytes."""
+    if isinstance(budget, str):
+        return parse_bytes(budget)
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget >= 1:
+        return int(num_tokens * shape.full_bytes_per_token / budget)
+    raise ValueError(f"budget must be a size like '8MiB' or a compression factor >= 1, got {budget!r}")

@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+from memfit.kv.plan import KVShape, budget_bytes, plan, policy_nbytes
+from memfit.models import count_parameters
+from tests.conftest import tiny_llama
+
+TEXT = "The lighthouse keeper counted ships. " * 40  # about 1.5K byte tokens
+
+
+@pytest.mark.parametrize("policy", ["none", "kivi(bits=4,group=16,residual=16)", "kivi(bits=2)",
+                                    "snapkv(keep=0.3,window=8)+kivi(bits=4,group=16,residual=32)",
+                                    "pyramidkv(keep=0.3,window=8)+kivi(bits=8,group=16,residual=16)"])
+def test_byte_count_is_exact_for_uniform_heads(tiny_lm, policy):
+    ctx = tiny_lm.prefill(TEXT, policy)
+    shape = KVShape(tiny_lm.num_layers, tiny_lm.num_kv_heads, tiny_lm.head_dim, 8)  # float64 model
+    assert policy_nbytes(policy, ctx.num_tokens, shape) == ctx.nbytes
+
+
+@pytest.mark.parametrize("policy", ["knorm(keep=0.3,heads=adaptive)+kivi(bits=4,group=16,residual=16)",
+                                    "knorm(keep=0.2,heads=adaptive)"])
+def test_byte_count_bounds_adaptive_heads(tiny_lm, policy):
+    ctx = tiny_lm.prefill(TEXT, policy)
+    shape = KVShape(tiny_lm.num_layers, tiny_lm.num_kv_heads, tiny_lm.head_dim, 8)  # float64 model
+    est = policy_nbytes(policy, ctx.num_tokens, shape)
+    # a bound: each head's 16-bit window is counted at its largest, at most one key group too many
+    slack = shape.num_layers * shape.num_kv_heads * 16 * 2 * 8 * shape.head_dim if "kivi" in policy else 0
+    assert ctx.nbytes <= est <= ctx.nbytes + slack
+
+
+@pytest.mark.parametrize("budget", ["2MB", "400KB", "250KB", "170KB", 3, 5.0])
+def test_planner_choice_fits_its_budget(tiny_lm, budget):
+    ctx = tiny_lm.prefill(TEXT, budget=budget)
+    limit = ctx.meta["plan"]["budget_bytes"]
+    assert ctx.nbytes <= limit and ctx.meta["plan"]["policy"] == ctx.policy.spec
+    if isinstance(budget, (int, float)):
+        assert ctx.compression >= budget
+    if limit >= ctx.cache.layers[0].keys.element_size() * ctx.full_nbytes // 2:
+        assert ctx.policy.is_none
+    if ctx.policy.evictions:  # the planner spent most of the budget, not just its estimate
+        assert ctx.nbytes >= 0.9 * limit
+
+
+def test_planner_prefers_quantization_then_keeps_as_much_as_fits():
+    shape = KVShape(32, 8, 128)
+    n = 131072
+    full = n * shape.full_bytes_per_token
+    assert plan(full, n, shape)[0].is_none
+    assert plan(full // 3, n, shape)[0].spec.startswith("kivi(bits=4")
+    p, b = plan(full // 10, n, shape)
+    keep = p.evictions[0].keep
+    assert p.spec.startswith("kvzip(keep=") and b <= full // 10
+    assert policy_nbytes(p.spec.replace(f"keep={keep}", f"keep={keep + 0.002:.3f}"), n, shape) > full // 10
+    with pytest.raises(ValueError, match="too small"):
+        plan(1000, n, shape)
+    assert budget_bytes("1GiB", n, shape) == 2**30 and budget_bytes(16, n, shape) == full // 16
+    with pytest.raises(ValueError, match="compression factor"):
+        budget_bytes(0.5, n, shape)
+
+
+def test_parameter_count_from_config_alone():
+    model = tiny_llama()
+    assert count_parameters(model.config) == sum(p.numel() for p in model.parameters())
+
+
+def test_policy_or_budget_not_both(tiny_lm):
+    with pytest.raises(ValueError, match="not both"):
+        tiny_lm.prefill("abc", "kivi(bits=4)", budget=4)
+    assert torch.is_tensor(tiny_lm.prefill("abc").token_ids)
