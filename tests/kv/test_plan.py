@@ -38,7 +38,7 @@ def test_planner_choice_fits_its_budget(tiny_lm, budget):
     if limit >= ctx.cache.layers[0].keys.element_size() * ctx.full_nbytes // 2:
         assert ctx.policy.is_none
     if ctx.policy.evictions:  # the planner spent most of the budget, not just its estimate
-        assert ctx.nbytes >= 0.9 * limit
+        assert ctx.nbytes >= 0.85 * limit
 
 
 def test_planner_prefers_quantization_then_keeps_as_much_as_fits():
