@@ -339,6 +339,10 @@ class LM:
                  temperature: float = 0.0, top_p: float = 1.0, stop: list[str] | None = None,
                  seed: int | None = None, lines: int | None = None) -> list[str]:
         """Continue the context with each token list in ``suffixes`` (one row each) and decode."""
+        if ctx.policy.decode is not None and len({len(x) for x in suffixes}) > 1:
+            # decode-time eviction reorders what each row stores: left padding could not be masked
+            return [self.generate(ctx, [x], max_new_tokens, temperature=temperature, top_p=top_p, stop=stop,
+                                  seed=seed, lines=lines)[0] for x in suffixes]
         b = len(suffixes)
         out: list[list[int]] = [[] for _ in range(b)]
         done = [False] * b

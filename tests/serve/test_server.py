@@ -53,7 +53,12 @@ class Served:
 
     def stop(self) -> None:
         self.proc.terminate()
-        self.proc.wait(10)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise
 
 
 @pytest.fixture(scope="module")
@@ -168,11 +173,11 @@ def test_full_queue_answers_429_and_a_disconnected_stream_frees_its_slot(model_d
         with httpx.Client(timeout=30) as c, c.stream("POST", s.url + "/v1/chat/completions", json=body) as r:
             assert r.status_code == 200
             next(r.iter_lines())  # the stream is open and holds the only slot
-            busy = httpx.post(s.url + "/v1/chat/completions", json={**body, "stream": False})
+            busy = httpx.post(s.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=60)
             assert busy.status_code == 429 and busy.json()["error"]["code"] == "queue_full"
         # the client went away mid-stream: its slot comes back
-        deadline = time.monotonic() + 10
-        while httpx.get(s.url + "/health").json()["queued"] and time.monotonic() < deadline:
+        deadline = time.monotonic() + 30
+        while httpx.get(s.url + "/health", timeout=30).json()["queued"] and time.monotonic() < deadline:
             time.sleep(0.1)
         assert httpx.get(s.url + "/health").json()["queued"] == 0
         ok = httpx.post(s.url + "/v1/chat/completions", json={**body, "stream": False, "max_tokens": 5,

@@ -132,6 +132,22 @@ def push_head_mask(layer_idx: int, mask: torch.Tensor) -> None:
     masks[layer_idx] = mask
 
 
+def request_scores(layer_idx: int) -> None:
+    """Ask for the attention the next query of ``layer_idx`` gives each key (summed over its heads)."""
+    _state().requests.add(layer_idx)
+
+
+def pop_scores(layer_idx: int) -> torch.Tensor | None:
+    """[B, H, L] attention received by each key in the layer's last requested step, if any."""
+    return _state().scores.pop(layer_idx, None)
+
+
+def _state():
+    if not hasattr(_pending, "requests"):
+        _pending.requests, _pending.scores = set(), {}
+    return _pending
+
+
 def _fit_mask(mask: torch.Tensor, nk: int) -> torch.Tensor:
     """transformers builds one mask for all layers, sized by layer 0; a compressed cache may hold a
     different number of context entries in other layers (PyramidKV, adaptive heads). The context
@@ -167,9 +183,13 @@ def memfit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         attention_mask = _fit_mask(attention_mask, key.shape[-2])
     if head_mask is not None:
         attention_mask = _with_head_mask(attention_mask, head_mask, query)
+    scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
     if _observer is not None:
-        scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
         _observer.add(module, query, key, attention_mask, scaling)
+    state = _state()
+    if module.layer_idx in state.requests:
+        state.requests.discard(module.layer_idx)
+        state.scores[module.layer_idx] = reduce_attention(query, key, attention_mask, scaling, "sum")
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 

@@ -15,8 +15,9 @@ import math
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from memfit.kv.attention import push_head_mask
-from memfit.kv.evict import Observation
+from memfit.kv.attention import pop_scores, push_head_mask, request_scores
+from memfit.kv.decode import DecodeBudget
+from memfit.kv.evict import Observation, select_topk
 from memfit.kv.policy import Policy, parse_policy
 from memfit.kv.quant import KIVI, QTensor, dequantize, quantize_keys, quantize_values
 
@@ -104,9 +105,12 @@ class CompressedLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, quant: KIVI | None = None, parent: "CompressedLayer | None" = None, defer: bool = False):
+    def __init__(self, quant: KIVI | None = None, parent: "CompressedLayer | None" = None, defer: bool = False,
+                 decode: DecodeBudget | None = None):
         super().__init__()
         self.quant = quant
+        self.decode = decode
+        self._acc: torch.Tensor | None = None  # decode budget: attention received by each own token
         self.parent = parent
         self.defer = defer  # keep every token in the window until compress() (evict, then quantize)
         self.qk: QTensor | None = None
@@ -262,6 +266,41 @@ class CompressedLayer(CacheLayerMixin):
         self.defer = False
         self._spill()
 
+    # -- compression during decoding -----------------------------------------------------------------
+    def own_tokens(self) -> int:
+        """Tokens this layer added after its context (a fork's new tokens; all, without a parent)."""
+        return (self.qk.num_tokens if self.qk is not None else 0) + (self.keys.shape[-2] if self.is_initialized else 0)
+
+    def add_scores(self, scores: torch.Tensor) -> None:
+        """Accumulate the attention the last query gave this layer's own tokens (the trailing keys)."""
+        n = self.own_tokens()
+        s = scores[..., scores.shape[-1] - n :].float()
+        if self._acc is not None and self._acc.shape[-1] < n:
+            pad = s.new_zeros(*s.shape[:-1], n - self._acc.shape[-1])
+            self._acc = torch.cat([self._acc.expand(s.shape[0], -1, -1), pad], dim=-1)
+        self._acc = s if self._acc is None else self._acc[..., :n] + s
+
+    def evict_own(self) -> None:
+        """Keep ``decode.keep`` own tokens: the ``recent`` newest, then the most attended; re-quantize."""
+        n, budget = self.own_tokens(), self.decode
+        if n <= budget.max_tokens or self.defer:
+            return
+        k, v = self.keys, self.values
+        if self.qk is not None:
+            k = torch.cat([dequantize(self.qk, self.dtype), k], dim=-2)
+            v = torch.cat([dequantize(self.qv, self.dtype), v], dim=-2)
+        acc = self._acc if self._acc is not None else k.new_zeros(k.shape[0], k.shape[1], 0, dtype=torch.float32)
+        acc = torch.cat([acc.expand(k.shape[0], k.shape[1], -1),
+                         acc.new_zeros(k.shape[0], k.shape[1], n - acc.shape[-1])], dim=-1)
+        rank = acc.clone()
+        if budget.recent:
+            rank[..., -budget.recent :] = float("inf")
+        idx = select_topk(rank, budget.keep)
+        self.keys, self.values = _gather_tokens(k, idx).contiguous(), _gather_tokens(v, idx).contiguous()
+        self.qk = self.qv = None
+        self._acc = acc.gather(-1, idx)
+        self._spill()
+
     # -- unsupported generation features: say so instead of silently corrupting ----------------------
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("CompressedCache does not support beam search")
@@ -281,6 +320,7 @@ class CompressedLayer(CacheLayerMixin):
         self.is_initialized = False
         self.qk = self.qv = None
         self.ragged = None
+        self._acc = None
         self.seen = self.parent.get_seq_length() if self.parent is not None else 0
 
 
@@ -299,7 +339,8 @@ class CompressedCache(Cache):
         if _layers is None:
             if num_layers is None:
                 raise ValueError("CompressedCache needs num_layers (model.config.num_hidden_layers)")
-            _layers = [CompressedLayer(self.policy.quant, defer=defer) for _ in range(num_layers)]
+            _layers = [CompressedLayer(self.policy.quant, defer=defer, decode=self.policy.decode)
+                       for _ in range(num_layers)]
         super().__init__(layers=_layers)
 
     @classmethod
@@ -308,7 +349,16 @@ class CompressedCache(Cache):
         return cls(policy, cfg.num_hidden_layers, **kwargs)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
+        budgeted = layer is not None and layer.decode is not None and not layer.defer
+        if budgeted:
+            scores = pop_scores(layer_idx)
+            if scores is not None:
+                layer.add_scores(scores)
+            layer.evict_own()  # before this step's keys: attention then reads the kept ones
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if budgeted:
+            request_scores(layer_idx)
         mask = self.layers[layer_idx].pending_mask
         if mask is not None:  # ragged heads: memfit's attention function masks the padding
             push_head_mask(layer_idx, mask)
@@ -343,7 +393,7 @@ class CompressedCache(Cache):
             rows.add(1)
         if rows and rows != {1} and rows != {batch_size}:
             raise ValueError(f"cannot fork a cache of batch size {rows.pop()} into {batch_size} rows")
-        layers = [CompressedLayer(self.policy.quant, parent=layer) for layer in self.layers]
+        layers = [CompressedLayer(self.policy.quant, parent=layer, decode=self.policy.decode) for layer in self.layers]
         return CompressedCache(self.policy, _layers=layers)
 
     # -- (de)serialization: plain tensors + a JSON-able description ----------------------------------

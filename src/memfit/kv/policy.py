@@ -1,8 +1,8 @@
 """Compression policies: plain config dataclasses, and a spec-string parser.
 
 A spec is a ``+``-separated chain applied left to right: evictions first, then at most one
-quantizer, e.g. ``"snapkv(keep=0.25)+kivi(bits=2,group=32,residual=128)"``; ``"none"`` stores the
-cache as it is.
+quantizer, e.g. ``"snapkv(keep=0.25)+kivi(bits=2,group=32,residual=128)"``, and optionally a
+``decode(max_tokens=...)`` budget for the tokens generation adds; ``"none"`` stores the cache as it is.
 """
 
 from __future__ import annotations
@@ -11,13 +11,14 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
+from memfit.kv.decode import DecodeBudget
 from memfit.kv.evict import H2O, TOVA, Eviction, Knorm, KVzip, PyramidKV, SnapKV, StreamingLLM
 from memfit.kv.quant import KIVI
 
 EVICTIONS: dict[str, type[Eviction]] = {"snapkv": SnapKV, "streaming": StreamingLLM, "kvzip": KVzip, "h2o": H2O,
                                         "tova": TOVA, "knorm": Knorm, "pyramidkv": PyramidKV}
 QUANTIZERS: dict[str, type] = {"kivi": KIVI}
-METHODS: dict[str, type] = {**EVICTIONS, **QUANTIZERS}
+METHODS: dict[str, type] = {**EVICTIONS, **QUANTIZERS, "decode": DecodeBudget}
 
 
 class PolicyError(ValueError):
@@ -28,10 +29,11 @@ class PolicyError(ValueError):
 class Policy:
     evictions: tuple[Eviction, ...] = ()
     quant: KIVI | None = None
+    decode: DecodeBudget | None = None
 
     @property
     def is_none(self) -> bool:
-        return not self.evictions and self.quant is None
+        return not self.evictions and self.quant is None and self.decode is None
 
     def queries_needed(self) -> int:
         return max((e.queries_needed() for e in self.evictions), default=0)
@@ -45,7 +47,7 @@ class Policy:
         """Canonical spec: every argument spelled out, so equal policies have equal specs."""
         if self.is_none:
             return "none"
-        return "+".join(_format(m) for m in (*self.evictions, *([self.quant] if self.quant else [])))
+        return "+".join(_format(m) for m in (*self.evictions, *(m for m in (self.quant, self.decode) if m)))
 
     def __str__(self) -> str:
         return self.spec
@@ -111,7 +113,7 @@ def parse_policy(spec: "str | Policy | None") -> Policy:
     if spec is None or not str(spec).strip() or str(spec).strip().lower() == "none":
         return Policy()
     evictions: list[Eviction] = []
-    quant = None
+    quant = decode = None
     for term in str(spec).split("+"):
         m = _TERM.match(term)
         if not m:
@@ -119,7 +121,11 @@ def parse_policy(spec: "str | Policy | None") -> Policy:
         if m.group(1).lower() == "none":
             raise PolicyError(f"'none' cannot be combined with other methods in {spec!r}")
         method = _build(m.group(1), m.group(2))
-        if isinstance(method, Eviction):
+        if isinstance(method, DecodeBudget):
+            if decode is not None:
+                raise PolicyError(f"in {spec!r}: only one decode budget per policy")
+            decode = method
+        elif isinstance(method, Eviction):
             if quant is not None:
                 raise PolicyError(f"in {spec!r}: evictions must come before quantization (evict, then quantize)")
             if evictions and evictions[-1].heads == "adaptive":
@@ -129,7 +135,7 @@ def parse_policy(spec: "str | Policy | None") -> Policy:
             if quant is not None:
                 raise PolicyError(f"in {spec!r}: only one quantizer per policy")
             quant = method
-    return Policy(tuple(evictions), quant)
+    return Policy(tuple(evictions), quant, decode)
 
 
 def describe_methods() -> dict[str, str]:

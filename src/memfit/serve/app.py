@@ -130,7 +130,7 @@ class Server:
         self.lm, self.store, self.config = lm, store, config
         self.policy = parse_policy(config.policy)
         # plain prompts keep only the quantizer: an evicted cache cannot be reused as a prefix
-        self.prompt_policy = Policy((), self.policy.quant)
+        self.prompt_policy = Policy((), self.policy.quant, self.policy.decode)
         self.waiting = 0
         self.lock = asyncio.Lock()
         self.created = int(time.time())
