@@ -234,3 +234,119 @@ def bench_serve(model: str, policy: str, tokens: int = 4096, questions: int = 8,
     stored = cases[f"stored {made['tokens']}-token context"]
     return {"model": model, "policy": policy, "context": made, "upload_s": upload_s,
             "ttft_speedup": cases["context re-sent each time"]["ttft_p50_s"] / stored["ttft_p50_s"], "cases": cases}
+
+
+# -- GPU: packed-KV decode attention and end-to-end decoding (run on the device) --------------------------
+def _cuda_ms(fn, reps: int = 100) -> float:
+    """Median milliseconds of ``fn`` on the GPU (triton's do_bench: warm-up, cache flush, events)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=reps, return_mode="median"))
+
+
+def bench_attention(shapes: list[tuple[int, int]], q_heads: int = 32, kv_heads: int = 8, head_dim: int = 128,
+                    bits: tuple[int, ...] = (4, 2), window: int = 128) -> list[dict]:
+    """One decode step of attention: bf16 SDPA over a 16-bit cache vs memfit's kernel over the
+    packed KIVI cache of the same tokens (plus a ``window`` of 16-bit recent tokens)."""
+    import torch.nn.functional as F
+
+    from memfit.kernels.decode_attention import decode_attention, decode_attention_reference
+    from memfit.kv.quant import quantize_keys, quantize_values
+
+    dev = torch.device("cuda")
+    rows = []
+    for b, n in shapes:
+        g = torch.Generator(device=dev).manual_seed(0)
+        k = torch.randn(b, kv_heads, n, head_dim, device=dev, dtype=torch.bfloat16, generator=g)
+        v = torch.randn(b, kv_heads, n, head_dim, device=dev, dtype=torch.bfloat16, generator=g)
+        q = torch.randn(b, q_heads, 1, head_dim, device=dev, dtype=torch.bfloat16, generator=g)
+        sdpa = _cuda_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+        row = {"batch": b, "tokens": n, "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": head_dim,
+               "sdpa_bf16_ms": sdpa, "kv_bf16_bytes": 2 * k.numel() * 2}
+        for nb in bits:
+            nq = n - window
+            qk, qv = quantize_keys(k[:, :, :nq], nb, 64), quantize_values(v[:, :, :nq], nb, 64)
+            kw, vw = k[:, :, nq:].contiguous(), v[:, :, nq:].contiguous()
+            lens = (torch.full((b, kv_heads), nq, dtype=torch.int32, device=dev),
+                    torch.full((b, kv_heads), window, dtype=torch.int32, device=dev))
+            args = (q[:, :, 0], qk.codes, qk.scale, qk.zero, qv.codes, qv.scale, qv.zero, kw, vw, *lens)
+            ms = _cuda_ms(lambda: decode_attention(*args, bits=nb))  # noqa: B023
+            err = (decode_attention(*args, bits=nb) - decode_attention_reference(*args, bits=nb)).abs().max().item()
+            packed = qk.nbytes + qv.nbytes + 2 * kw.numel() * 2
+            row[f"kivi{nb}_ms"] = ms
+            row[f"kivi{nb}_speedup"] = sdpa / ms
+            row[f"kivi{nb}_bytes"] = packed
+            row[f"kivi{nb}_max_abs_err"] = err
+            row[f"kivi{nb}_tb_per_s"] = packed / ms / 1e9
+            del qk, qv, args
+        rows.append(row)
+        del k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
+def llama8b_config(layers: int = 32):
+    """Llama-3.1-8B's shape (random weights are fine for speed)."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+                      rope_theta=500000.0, tie_word_embeddings=False)
+    cfg._attn_implementation = "memfit"
+    return cfg
+
+
+@torch.no_grad()
+def bench_decode(batch: int = 8, context: int = 32768, policies: tuple[str, ...] = ("none", "kivi(bits=4)"),
+                 steps: int = 32, chunk: int = 2048, layers: int = 32) -> list[dict]:
+    """Decode step time and peak GPU memory of a random-weight Llama-3.1-8B-shaped model after a
+    ``batch`` x ``context`` prefill, with transformers' DynamicCache ("none") and CompressedCache."""
+    from transformers import DynamicCache, LlamaForCausalLM
+
+    import memfit.kv.attention  # noqa: F401  registers the memfit attention implementation
+    from memfit.kv.cache import CompressedCache
+
+    dev = torch.device("cuda")
+    cfg = llama8b_config(layers)
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with dev:
+            model = LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    ids = torch.randint(0, cfg.vocab_size, (batch, context), device=dev)
+    rows = []
+    for spec in policies:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        cache = DynamicCache(config=cfg) if spec == "none" else CompressedCache.for_model(model, spec)
+        t0 = time.perf_counter()
+        for s in range(0, context, chunk):
+            model(ids[:, s : s + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        torch.cuda.synchronize()
+        prefill_s = time.perf_counter() - t0
+        prefill_peak = torch.cuda.max_memory_allocated()
+        kv = (sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+              if spec == "none" else cache.nbytes)
+        torch.cuda.reset_peak_memory_stats()
+        tok = torch.randint(0, cfg.vocab_size, (batch, 1), device=dev)
+        for i in range(steps + 3):
+            if i == 3:  # three warm-up steps (kernel compilation, allocator)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+            tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        step_ms = (time.perf_counter() - t0) / steps * 1000
+        rows.append({"policy": spec, "batch": batch, "context": context, "layers": layers, "weights_bytes": weights,
+                     "kv_bytes": kv, "prefill_s": prefill_s, "decode_step_ms": step_ms,
+                     "decode_peak_bytes": torch.cuda.max_memory_allocated(), "prefill_peak_bytes": prefill_peak})
+        del cache
+    base = rows[0]
+    for r in rows:
+        r["speedup"] = base["decode_step_ms"] / r["decode_step_ms"]
+        r["peak_saving_bytes"] = base["decode_peak_bytes"] - r["decode_peak_bytes"]
+        r["kv_saving_bytes"] = base["kv_bytes"] - r["kv_bytes"]
+    return rows

@@ -344,6 +344,54 @@ def bench_store(
     typer.echo(f"wrote {out} and {png}")
 
 
+@bench_app.command("attention")
+def bench_attention_cmd(
+    shapes: list[str] = typer.Option(["1x131072", "8x32768", "1x32768", "1x8192"], "--shape", help="BATCHxTOKENS."),
+    out: Path = typer.Option(Path("results/bench_attention.json")),
+) -> None:
+    """GPU: one decode step of attention, bf16 SDPA vs the packed 4/2-bit kernel (Llama-3.1-8B heads)."""
+    import torch
+
+    from memfit.bench import bench_attention
+
+    if not torch.cuda.is_available():
+        _fail("bench attention needs a CUDA GPU")
+    rows = bench_attention([tuple(int(x) for x in s.lower().split("x")) for s in shapes])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+    typer.echo(f"{'batch':>5} {'tokens':>7} {'sdpa ms':>8} {'4-bit ms':>8} {'x':>5} {'2-bit ms':>8} {'x':>5} {'err4':>8} {'err2':>8}")
+    for r in rows:
+        typer.echo(f"{r['batch']:>5} {r['tokens']:>7} {r['sdpa_bf16_ms']:>8.4f} {r['kivi4_ms']:>8.4f} "
+                   f"{r['kivi4_speedup']:>5.2f} {r['kivi2_ms']:>8.4f} {r['kivi2_speedup']:>5.2f} "
+                   f"{r['kivi4_max_abs_err']:>8.1e} {r['kivi2_max_abs_err']:>8.1e}")
+    typer.echo(f"wrote {out}")
+
+
+@bench_app.command("decode")
+def bench_decode_cmd(
+    batch: int = typer.Option(8),
+    context: int = typer.Option(32768),
+    policies: list[str] = typer.Option(["none", "kivi(bits=4)"], "--policy", "-p"),
+    steps: int = typer.Option(32),
+    layers: int = typer.Option(32, help="Decoder layers (32 = Llama-3.1-8B)."),
+    out: Path = typer.Option(Path("results/bench_decode.json")),
+) -> None:
+    """GPU: decode step time and peak memory, random-weight Llama-3.1-8B shape, DynamicCache vs memfit."""
+    import torch
+
+    from memfit.bench import bench_decode
+
+    if not torch.cuda.is_available():
+        _fail("bench decode needs a CUDA GPU")
+    rows = bench_decode(batch, context, tuple(policies), steps, layers=layers)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+    for r in rows:
+        typer.echo(f"{r['policy']:<20} step {r['decode_step_ms']:8.2f} ms ({r['speedup']:.2f}x)  KV {r['kv_bytes'] / 2**30:6.2f} GiB"
+                   f"  decode peak {r['decode_peak_bytes'] / 2**30:6.2f} GiB  prefill {r['prefill_s']:.1f} s")
+    typer.echo(f"wrote {out}")
+
+
 @app.command()
 def plan(
     model: str = typer.Option("smollm2", "--model", "-m", help="A HF config.json (or its folder), a model folder, "

@@ -27,24 +27,29 @@ def make_samples(lm: LM, tasks: list[str], lengths: list[int], samples: int, see
 
 
 def evaluate_sample(lm: LM, sample: Sample, policies: list[Policy], max_new_tokens: int = 24) -> list[dict]:
-    """Prefill once, compress once per policy, ask every question one after another (query-agnostic)."""
+    """Prefill once, compress once per policy, ask every question one after another (query-agnostic).
+    The order of several questions is rotated by the sample's seed, so that accuracy per position
+    (1st question asked, 2nd, ...) is not confounded with what is asked."""
     contexts = lm.prefill_many(sample.context, policies)
+    k = sample.seed % len(sample.questions)
+    order = list(range(k, len(sample.questions))) + list(range(k))
+    questions = [sample.questions[i] for i in order]
     records = []
     for pol, ctx in zip(policies, contexts):
         t0 = time.perf_counter()
         replies = [lm.ask(ctx, q.text, max_new_tokens=max_new_tokens, answer_prefix=q.answer_prefix,
                            lines=q.lines)
-                   for q in sample.questions]
+                   for q in questions]
         answer_s = time.perf_counter() - t0
-        scores = [q.score(r) for q, r in zip(sample.questions, replies)]
+        scores = [q.score(r) for q, r in zip(questions, replies)]
         records.append({
             "task": sample.task, "length": sample.length, "seed": sample.seed, "policy": pol.spec,
             "family": family(pol), "source": "memfit", "tokens": ctx.num_tokens,
             "correct": sum(scores) / len(scores), "scores": scores,
             "nbytes": ctx.nbytes, "full_nbytes": ctx.full_nbytes, "bytes_per_token": ctx.nbytes / ctx.num_tokens,
             "compression": ctx.compression, "prefill_s": ctx.prefill_seconds, "answer_s": answer_s,
-            "replies": [r[len(q.answer_prefix):] for q, r in zip(sample.questions, replies)],
-            "expected": [list(q.answers) for q in sample.questions],
+            "replies": [r[len(q.answer_prefix):] for q, r in zip(questions, replies)],
+            "expected": [list(q.answers) for q in questions], "question_order": order,
         })
     return records
 

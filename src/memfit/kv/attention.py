@@ -132,6 +132,13 @@ def push_head_mask(layer_idx: int, mask: torch.Tensor) -> None:
     masks[layer_idx] = mask
 
 
+def push_packed(layer_idx: int, packed) -> None:
+    """Hand the layer's packed KV to its next attention call instead of dequantized tensors:
+    ``packed.attend(query, scaling)`` -> [B, 1, Hq, D] for one decode step, ``packed.materialize()``
+    -> (keys, values) for anything else."""
+    _state().packed[layer_idx] = packed
+
+
 def request_scores(layer_idx: int) -> None:
     """Ask for the attention the next query of ``layer_idx`` gives each key (summed over its heads)."""
     _state().requests.add(layer_idx)
@@ -144,7 +151,7 @@ def pop_scores(layer_idx: int) -> torch.Tensor | None:
 
 def _state():
     if not hasattr(_pending, "requests"):
-        _pending.requests, _pending.scores = set(), {}
+        _pending.requests, _pending.scores, _pending.packed = set(), {}, {}
     return _pending
 
 
@@ -178,6 +185,13 @@ def _with_head_mask(mask: torch.Tensor | None, head_mask: torch.Tensor, query: t
 
 def memfit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                              value: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs):
+    state = _state()
+    packed = state.packed.pop(module.layer_idx, None)
+    if packed is not None:
+        scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
+        if query.shape[2] == 1 and attention_mask is None and _observer is None and not state.requests:
+            return packed.attend(query, scaling), None  # the packed-KV kernel: nothing dequantized
+        key, value = packed.materialize()
     head_mask = _masks().pop(module.layer_idx, None)
     if attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
         attention_mask = _fit_mask(attention_mask, key.shape[-2])
@@ -186,7 +200,6 @@ def memfit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
     if _observer is not None:
         _observer.add(module, query, key, attention_mask, scaling)
-    state = _state()
     if module.layer_idx in state.requests:
         state.requests.discard(module.layer_idx)
         state.scores[module.layer_idx] = reduce_attention(query, key, attention_mask, scaling, "sum")

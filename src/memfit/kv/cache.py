@@ -15,7 +15,8 @@ import math
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from memfit.kv.attention import pop_scores, push_head_mask, request_scores
+from memfit.kernels.decode_attention import decode_attention
+from memfit.kv.attention import ATTN_IMPLEMENTATION, pop_scores, push_head_mask, push_packed, request_scores
 from memfit.kv.decode import DecodeBudget
 from memfit.kv.evict import Observation, select_topk
 from memfit.kv.policy import Policy, parse_policy
@@ -99,6 +100,25 @@ class Ragged:
         return k, v, mask
 
 
+class _Packed:
+    """A layer's packed KV for one decode step (see ``attention.push_packed``)."""
+
+    def __init__(self, layer: "CompressedLayer"):
+        self.layer = layer
+
+    def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        la = self.layer
+        b, h = la.keys.shape[:2]
+        qlen = torch.full((b, h), la.qk.num_tokens, dtype=torch.int32, device=query.device)
+        wlen = torch.full((b, h), la.keys.shape[-2], dtype=torch.int32, device=query.device)
+        out = decode_attention(query[:, :, 0], la.qk.codes, la.qk.scale, la.qk.zero, la.qv.codes, la.qv.scale,
+                               la.qv.zero, la.keys, la.values, qlen, wlen, la.qk.bits, scale=scaling)
+        return out.to(query.dtype).unsqueeze(1)
+
+    def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.layer.materialize()
+
+
 class CompressedLayer(CacheLayerMixin):
     """One layer's compressed KV storage. ``parent`` is a frozen layer shared by forks (read only)."""
 
@@ -110,6 +130,7 @@ class CompressedLayer(CacheLayerMixin):
         super().__init__()
         self.quant = quant
         self.decode = decode
+        self.kernels = False  # read packed KV with the decode kernel (CUDA, memfit attention): set by the cache
         self._acc: torch.Tensor | None = None  # decode budget: attention received by each own token
         self.parent = parent
         self.defer = defer  # keep every token in the window until compress() (evict, then quantize)
@@ -117,6 +138,7 @@ class CompressedLayer(CacheLayerMixin):
         self.qv: QTensor | None = None
         self.ragged: Ragged | None = None  # the compressed context, when its heads keep different counts
         self.pending_mask: torch.Tensor | None = None  # per-head validity of the last update's keys
+        self.packed: _Packed | None = None  # set by a fast decode step, handed to the attention function
         self._parent_kv: tuple | None = None  # parent dequantized once per fork: (keys, values, mask)
         self.seen = parent.get_seq_length() if parent is not None else 0  # logical tokens, evicted ones included
 
@@ -208,9 +230,23 @@ class CompressedLayer(CacheLayerMixin):
             return ks[0], vs[0], mask
         return torch.cat(ks, dim=-2), torch.cat(vs, dim=-2), mask
 
+    def fast_decode(self, key_states: torch.Tensor) -> bool:
+        """Whether this step can attend over the packed bytes directly (one new token, one plain
+        quantized segment and a window, on CUDA)."""
+        return (self.kernels and key_states.is_cuda and key_states.shape[-2] == 1 and self.parent is None
+                and self.ragged is None and self.qk is not None and self.qk.bits in (2, 4) and not self.defer)
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.fast_decode(key_states):
+            self.keys = torch.cat([self.keys, key_states.to(self.dtype)], dim=-2)
+            self.values = torch.cat([self.values, value_states.to(self.dtype)], dim=-2)
+            self.seen += 1
+            self._spill()
+            self.pending_mask = None
+            self.packed = _Packed(self)
+            return key_states, value_states  # not read: the attention function takes self.packed
         past_k, past_v, past_m = self.materialize_masked(batch_size=key_states.shape[0])
         if past_k.shape[0] != key_states.shape[0]:
             raise ValueError(f"cache holds batch size {past_k.shape[0]}, got new states of batch size {key_states.shape[0]}")
@@ -346,7 +382,17 @@ class CompressedCache(Cache):
     @classmethod
     def for_model(cls, model: torch.nn.Module, policy: "str | Policy" = "none", **kwargs) -> "CompressedCache":
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        return cls(policy, cfg.num_hidden_layers, **kwargs)
+        cache = cls(policy, cfg.num_hidden_layers, **kwargs)
+        # the packed-KV decode kernel is used only where memfit's attention function will take it
+        cache.use_kernels(getattr(model.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION)
+        return cache
+
+    def use_kernels(self, on: bool = True) -> "CompressedCache":
+        """Attend over packed KV with the Triton decode kernel on CUDA (needs the model's attention
+        implementation to be memfit's, which ``for_model`` checks)."""
+        for layer in self.layers:
+            layer.kernels = on
+        return self
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
@@ -357,6 +403,9 @@ class CompressedCache(Cache):
                 layer.add_scores(scores)
             layer.evict_own()  # before this step's keys: attention then reads the kept ones
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if layer is not None and layer.packed is not None:
+            push_packed(layer_idx, layer.packed)
+            layer.packed = None
         if budgeted:
             request_scores(layer_idx)
         mask = self.layers[layer_idx].pending_mask
@@ -375,7 +424,7 @@ class CompressedCache(Cache):
         policies. Tensors are shared until compression replaces them; this cache is unchanged."""
         if not all(layer.defer and layer.qk is None for layer in self.layers):
             raise RuntimeError("derive() needs a cache prefilled with defer=True and not compressed yet")
-        out = CompressedCache(policy, len(self.layers), defer=True)
+        out = CompressedCache(policy, len(self.layers), defer=True).use_kernels(self.layers[0].kernels)
         for mine, theirs in zip(out.layers, self.layers):
             if theirs.is_initialized:
                 mine.lazy_initialization(theirs.keys, theirs.values)

@@ -1,0 +1,234 @@
+"""Decode attention over KIVI-packed KV: one query token per row, read from the packed bytes.
+
+Layout (memfit's KIVI, see ``memfit.kv.quant``), per row ``b`` and KV head ``h``:
+
+- keys:   codes ``kc`` [B, H, N, D*bits/8] uint8, per-channel ``ks``/``kz`` [B, H, N/kgroup, D] fp16;
+- values: codes ``vc`` [B, H, N, D*bits/8] uint8, per-token ``vs``/``vz`` [B, H, N, D/vgroup] fp16;
+- a 16-bit window ``kw``/``vw`` [B, H, W, D] of the most recent tokens;
+- ``qlen``/``wlen`` [B, H] int32: how many quantized / window tokens are real in each row and
+  head (rows of a batch and heads of a ragged cache may hold fewer than N / W).
+
+``decode_attention_reference`` is the pure-torch definition (any device); ``decode_attention``
+runs the Triton kernel on CUDA: each program reads one KV head's packed tiles once for all the
+query heads of its GQA group, over one slice of the sequence (split-K, flash-decoding), and a
+second kernel merges the slices. Keys are dequantized in registers, never written out.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from memfit.kernels.packing import unpack
+
+try:  # Triton exists only where CUDA does; the reference needs nothing
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU-only installs
+    triton = None
+
+
+def _check(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, bits):
+    b, hq, d = q.shape
+    h = kc.shape[1]
+    if hq % h:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({h})")
+    if kc.dtype != torch.uint8 or vc.dtype != torch.uint8:
+        raise TypeError("key and value codes must be uint8")
+    if kc.shape[-1] * 8 // bits != d or vc.shape[-1] * 8 // bits != d:
+        raise ValueError(f"codes of width {kc.shape[-1]} do not hold head_dim {d} at {bits} bits")
+    if kw.shape[:2] != (b, h) or kw.shape[-1] != d or vw.shape != kw.shape:
+        raise ValueError(f"window must be [B={b}, H={h}, W, D={d}], got {tuple(kw.shape)} and {tuple(vw.shape)}")
+    if qlen.shape != (b, h) or wlen.shape != (b, h):
+        raise ValueError(f"qlen and wlen must be [B, H] = [{b}, {h}]")
+
+
+def decode_attention_reference(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: torch.Tensor,
+                               vc: torch.Tensor, vs: torch.Tensor, vz: torch.Tensor, kw: torch.Tensor,
+                               vw: torch.Tensor, qlen: torch.Tensor, wlen: torch.Tensor, bits: int,
+                               scale: float | None = None) -> torch.Tensor:
+    """q [B, Hq, D] -> attention output [B, Hq, D] (float32), dequantizing then attending."""
+    _check(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, bits)
+    b, hq, d = q.shape
+    h, n, w = kc.shape[1], kc.shape[2], kw.shape[2]
+    g = hq // h
+    scale = d ** -0.5 if scale is None else scale
+    kgroup = n // ks.shape[2] if ks.shape[2] else 1
+    vgroup = d // vs.shape[-1]
+    k = unpack(kc, bits).float().reshape(b, h, -1, kgroup, d) * ks.float().unsqueeze(3) + kz.float().unsqueeze(3)
+    v = unpack(vc, bits).float().reshape(b, h, n, -1, vgroup) * vs.float().unsqueeze(-1) + vz.float().unsqueeze(-1)
+    keys = torch.cat([k.reshape(b, h, n, d), kw.float()], dim=2)  # [B, H, N + W, D]
+    values = torch.cat([v.reshape(b, h, n, d), vw.float()], dim=2)
+    valid = torch.cat([torch.arange(n, device=q.device) < qlen.unsqueeze(-1),
+                       torch.arange(w, device=q.device) < wlen.unsqueeze(-1)], dim=-1)  # [B, H, N + W]
+    qg = q.float().reshape(b, h, g, d)
+    logits = (qg @ keys.transpose(-1, -2)) * scale  # [B, H, g, N + W]
+    logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
+    p = logits.softmax(dim=-1).nan_to_num(0.0)
+    return (p @ values).reshape(b, hq, d)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KW, VW, QLEN, WLEN, ACC, M, L,
+                      sqb, sqh, skcb, skch, skcn, sksb, sksh, sksg, svcb, svch, svcn, svsb, svsh, svsn,
+                      swb, swh, swn, H, NSPLIT, SPLIT_LEN, scale,
+                      G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+                      VGROUP: tl.constexpr, BLOCK: tl.constexpr, WBLOCK: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        s = tl.program_id(2)
+        PB: tl.constexpr = 8 // BITS
+        DP: tl.constexpr = D // PB
+        MASK: tl.constexpr = (1 << BITS) - 1
+        og = tl.arange(0, GP)
+        gm = og < G
+        oi = tl.arange(0, DP)
+        od = tl.arange(0, D)
+        qrow = Q + b * sqb + (h * G + og)[:, None] * sqh
+        m_i = tl.full((GP,), float("-inf"), tl.float32)
+        l_i = tl.zeros((GP,), tl.float32)
+        if s < NSPLIT - 1:  # a slice of the quantized tokens
+            qlen = tl.load(QLEN + b * H + h)
+            start = s * SPLIT_LEN
+            end = tl.minimum(start + SPLIT_LEN, qlen)
+            q0 = (tl.load(qrow + oi[None, :] * PB + 0, mask=gm[:, None], other=0.0).to(tl.float32) * scale).to(tl.bfloat16)
+            q1 = (tl.load(qrow + oi[None, :] * PB + 1, mask=gm[:, None], other=0.0).to(tl.float32) * scale).to(tl.bfloat16)
+            if PB == 4:
+                q2 = (tl.load(qrow + oi[None, :] * PB + 2, mask=gm[:, None], other=0.0).to(tl.float32) * scale).to(tl.bfloat16)
+                q3 = (tl.load(qrow + oi[None, :] * PB + 3, mask=gm[:, None], other=0.0).to(tl.float32) * scale).to(tl.bfloat16)
+            a0 = tl.zeros((GP, DP), tl.float32)
+            a1 = tl.zeros((GP, DP), tl.float32)
+            if PB == 4:
+                a2 = tl.zeros((GP, DP), tl.float32)
+                a3 = tl.zeros((GP, DP), tl.float32)
+            for n0 in range(start, end, BLOCK):
+                on = n0 + tl.arange(0, BLOCK)
+                nm = on < end
+                kb = tl.load(KC + b * skcb + h * skch + on[:, None] * skcn + oi[None, :], mask=nm[:, None], other=0)
+                kp = KS + b * sksb + h * sksh + (n0 // BLOCK) * sksg  # BLOCK == key group: one scale row
+                zp = KZ + b * sksb + h * sksh + (n0 // BLOCK) * sksg
+                k0 = ((kb & MASK).to(tl.float32) * tl.load(kp + oi * PB + 0).to(tl.float32)[None, :]
+                      + tl.load(zp + oi * PB + 0).to(tl.float32)[None, :]).to(tl.bfloat16)
+                k1 = (((kb >> BITS) & MASK).to(tl.float32) * tl.load(kp + oi * PB + 1).to(tl.float32)[None, :]
+                      + tl.load(zp + oi * PB + 1).to(tl.float32)[None, :]).to(tl.bfloat16)
+                qk = tl.dot(q0, tl.trans(k0)) + tl.dot(q1, tl.trans(k1))
+                if PB == 4:
+                    k2 = (((kb >> 4) & MASK).to(tl.float32) * tl.load(kp + oi * PB + 2).to(tl.float32)[None, :]
+                          + tl.load(zp + oi * PB + 2).to(tl.float32)[None, :]).to(tl.bfloat16)
+                    k3 = (((kb >> 6) & MASK).to(tl.float32) * tl.load(kp + oi * PB + 3).to(tl.float32)[None, :]
+                          + tl.load(zp + oi * PB + 3).to(tl.float32)[None, :]).to(tl.bfloat16)
+                    qk += tl.dot(q2, tl.trans(k2)) + tl.dot(q3, tl.trans(k3))
+                qk = tl.where(nm[None, :], qk, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(qk, 1))
+                alpha = tl.exp(m_i - m_new)
+                p = tl.exp(qk - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                m_i = m_new
+                pb = p.to(tl.bfloat16)
+                vb = tl.load(VC + b * svcb + h * svch + on[:, None] * svcn + oi[None, :], mask=nm[:, None], other=0)
+                vsp = VS + b * svsb + h * svsh + on[:, None] * svsn
+                vzp = VZ + b * svsb + h * svsh + on[:, None] * svsn
+                c0 = oi * PB + 0
+                v0 = ((vb & MASK).to(tl.float32) * tl.load(vsp + (c0 // VGROUP)[None, :], mask=nm[:, None], other=0.0).to(tl.float32)
+                      + tl.load(vzp + (c0 // VGROUP)[None, :], mask=nm[:, None], other=0.0).to(tl.float32)).to(tl.bfloat16)
+                c1 = oi * PB + 1
+                v1 = (((vb >> BITS) & MASK).to(tl.float32) * tl.load(vsp + (c1 // VGROUP)[None, :], mask=nm[:, None], other=0.0).to(tl.float32)
+                      + tl.load(vzp + (c1 // VGROUP)[None, :], mask=nm[:, None], other=0.0).to(tl.float32)).to(tl.bfloat16)
+                a0 = a0 * alpha[:, None] + tl.dot(pb, v0)
+                a1 = a1 * alpha[:, None] + tl.dot(pb, v1)
+                if PB == 4:
+                    c2 = oi * PB + 2
+                    v2 = (((vb >> 4) & MASK).to(tl.float32) * tl.load(vsp + (c2 // VGROUP)[None, :], mask=nm[:, None], other=0.0).to(tl.float32)
+                          + tl.load(vzp + (c2 // VGROUP)[None, :], mask=nm[:, None], other=0.0).to(tl.float32)).to(tl.bfloat16)
+                    c3 = oi * PB + 3
+                    v3 = (((vb >> 6) & MASK).to(tl.float32) * tl.load(vsp + (c3 // VGROUP)[None, :], mask=nm[:, None], other=0.0).to(tl.float32)
+                          + tl.load(vzp + (c3 // VGROUP)[None, :], mask=nm[:, None], other=0.0).to(tl.float32)).to(tl.bfloat16)
+                    a2 = a2 * alpha[:, None] + tl.dot(pb, v2)
+                    a3 = a3 * alpha[:, None] + tl.dot(pb, v3)
+            base = ACC + ((b * H + h) * NSPLIT + s) * GP * D + og[:, None] * D
+            tl.store(base + oi[None, :] * PB + 0, a0)
+            tl.store(base + oi[None, :] * PB + 1, a1)
+            if PB == 4:
+                tl.store(base + oi[None, :] * PB + 2, a2)
+                tl.store(base + oi[None, :] * PB + 3, a3)
+        else:  # the 16-bit window
+            wlen = tl.load(WLEN + b * H + h)
+            qf = (tl.load(qrow + od[None, :], mask=gm[:, None], other=0.0).to(tl.float32) * scale).to(tl.bfloat16)
+            acc = tl.zeros((GP, D), tl.float32)
+            for n0 in range(0, wlen, WBLOCK):
+                on = n0 + tl.arange(0, WBLOCK)
+                nm = on < wlen
+                k = tl.load(KW + b * swb + h * swh + on[:, None] * swn + od[None, :], mask=nm[:, None], other=0.0).to(tl.bfloat16)
+                qk = tl.dot(qf, tl.trans(k))
+                qk = tl.where(nm[None, :], qk, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(qk, 1))
+                alpha = tl.exp(m_i - m_new)
+                p = tl.exp(qk - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                m_i = m_new
+                v = tl.load(VW + b * swb + h * swh + on[:, None] * swn + od[None, :], mask=nm[:, None], other=0.0).to(tl.bfloat16)
+                acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v)
+            tl.store(ACC + ((b * H + h) * NSPLIT + s) * GP * D + og[:, None] * D + od[None, :], acc)
+        tl.store(M + ((b * H + h) * NSPLIT + s) * GP + og, m_i)
+        tl.store(L + ((b * H + h) * NSPLIT + s) * GP + og, l_i)
+
+    @triton.jit
+    def _merge_kernel(ACC, M, L, OUT, H, NSPLIT, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                      SP: tl.constexpr):
+        b = tl.program_id(0)
+        hq = tl.program_id(1)
+        h = hq // G
+        g = hq % G
+        os_ = tl.arange(0, SP)
+        sm = os_ < NSPLIT
+        row = ((b * H + h) * NSPLIT + os_) * GP + g
+        m = tl.load(M + row, mask=sm, other=float("-inf"))
+        l = tl.load(L + row, mask=sm, other=0.0)
+        mx = tl.max(m, 0)
+        w = tl.where(m > float("-inf"), tl.exp(m - mx), 0.0)
+        denom = tl.sum(w * l, 0)
+        od = tl.arange(0, D)
+        acc = tl.load(ACC + row[:, None] * D + od[None, :], mask=sm[:, None], other=0.0)
+        out = tl.sum(acc * w[:, None], 0) / denom
+        tl.store(OUT + (b * H * G + hq) * D + od, out)
+
+
+def decode_attention(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: torch.Tensor, vc: torch.Tensor,
+                     vs: torch.Tensor, vz: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, qlen: torch.Tensor,
+                     wlen: torch.Tensor, bits: int, scale: float | None = None,
+                     split_len: int | None = None) -> torch.Tensor:
+    """Same contract as :func:`decode_attention_reference`; the Triton kernel on CUDA for 2/4-bit
+    codes with the key group as the tile (32, 64 or 128 tokens), the reference elsewhere."""
+    _check(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, bits)
+    b, hq, d = q.shape
+    h, n = kc.shape[1], kc.shape[2]
+    kgroup = n // ks.shape[2] if ks.shape[2] else 64
+    if triton is None or not q.is_cuda or bits not in (2, 4) or kgroup not in (32, 64, 128) or d not in (64, 128):
+        return decode_attention_reference(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, bits, scale)
+    for t in (q, kc, ks, kz, vc, vs, vz, kw, vw):
+        if t.stride(-1) != 1:
+            raise ValueError("decode_attention needs tensors contiguous in their last dimension")
+    g = hq // h
+    scale = d ** -0.5 if scale is None else scale
+    if split_len is None:  # enough programs to fill the GPU at batch 1, whole key groups per slice
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        split_len = max(kgroup, math.ceil(n / max(1, (4 * sms) // (b * h)) / kgroup) * kgroup)
+    nsplit = math.ceil(n / split_len) + 1  # + the window
+    gp = max(16, triton.next_power_of_2(g))
+    acc = torch.empty(b, h, nsplit, gp, d, device=q.device, dtype=torch.float32)
+    m = torch.empty(b, h, nsplit, gp, device=q.device, dtype=torch.float32)
+    lsum = torch.empty_like(m)
+    qlen = qlen.to(torch.int32).contiguous()
+    wlen = wlen.to(torch.int32).contiguous()
+    _split_kernel[(b, h, nsplit)](
+        q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, acc, m, lsum,
+        q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
+        vc.stride(0), vc.stride(1), vc.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
+        kw.stride(0), kw.stride(1), kw.stride(2), h, nsplit, split_len, scale,
+        G=g, GP=gp, D=d, BITS=bits, VGROUP=d // vs.shape[-1], BLOCK=kgroup, WBLOCK=32, num_warps=4)
+    out = torch.empty(b, hq, d, device=q.device, dtype=torch.float32)
+    _merge_kernel[(b, hq)](acc, m, lsum, out, h, nsplit, G=g, GP=gp, D=d, SP=triton.next_power_of_2(nsplit))
+    return out
