@@ -4,7 +4,7 @@ and the Triton kernel against the reference (GPU, marked ``gpu``)."""
 import pytest
 import torch
 
-from memfit.kernels.decode_attention import decode_attention, decode_attention_reference
+from memfit.kernels.decode_attention import decode_attention, decode_attention_reference, kernel_supports
 from memfit.kv.quant import dequantize, quantize_keys, quantize_values
 
 
@@ -42,6 +42,7 @@ def test_reference_equals_dequantize_then_attend(bits):
 
 def test_cpu_falls_back_to_the_reference():
     args, _ = _case(bits=2)
+    assert not kernel_supports(args[0], args[1], args[2], args[5], 2)
     assert torch.equal(decode_attention(*args, bits=2), decode_attention_reference(*args, bits=2))
     with pytest.raises(ValueError, match="multiple of KV heads"):
         decode_attention(args[0][:, :3], *args[1:], bits=2)
@@ -54,6 +55,7 @@ def test_cpu_falls_back_to_the_reference():
                                    dict(b=2, hq=8, h=8, n=512, w=128, d=128, kgroup=32)])
 def test_triton_kernel_matches_the_reference(bits, shape):
     args, _ = _case(bits=bits, device="cuda", **shape)
+    assert kernel_supports(args[0], args[1], args[2], args[5], bits)  # the kernel runs, not the fallback
     ref = decode_attention_reference(*args, bits=bits)
     for split in (None, 256):
         out = decode_attention(*args, bits=bits, split_len=split if split and split % shape.get("kgroup", 64) == 0 else None)

@@ -16,6 +16,7 @@ second kernel merges the slices. Keys are dequantized in registers, never writte
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -76,7 +77,7 @@ if triton is not None:
                       sqb, sqh, skcb, skch, skcn, sksb, sksh, sksg, svcb, svch, svcn, svsb, svsh, svsn,
                       swb, swh, swn, H, NSPLIT, SPLIT_LEN, scale,
                       G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-                      VGROUP: tl.constexpr, BLOCK: tl.constexpr, WBLOCK: tl.constexpr):
+                      VGROUP: tl.constexpr, NVG: tl.constexpr, BLOCK: tl.constexpr, WBLOCK: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)
         s = tl.program_id(2)
@@ -104,6 +105,7 @@ if triton is not None:
             if PB == 4:
                 a2 = tl.zeros((GP, DP), tl.float32)
                 a3 = tl.zeros((GP, DP), tl.float32)
+            first = (oi * PB < VGROUP)[None, :]  # the value channel group of each packed column
             for n0 in range(start, end, BLOCK):
                 on = n0 + tl.arange(0, BLOCK)
                 nm = on < end
@@ -129,31 +131,24 @@ if triton is not None:
                 m_i = m_new
                 pb = p.to(tl.bfloat16)
                 vb = tl.load(VC + b * svcb + h * svch + on[:, None] * svcn + oi[None, :], mask=nm[:, None], other=0)
-                vsp = VS + b * svsb + h * svsh + on[:, None] * svsn
-                vzp = VZ + b * svsb + h * svsh + on[:, None] * svsn
-                c0 = oi * PB + 0
-                v0 = ((vb & MASK).to(tl.float32) * tl.load(vsp + (c0 // VGROUP)[None, :], mask=nm[:, None], other=0.0).to(tl.float32)
-                      + tl.load(vzp + (c0 // VGROUP)[None, :], mask=nm[:, None], other=0.0).to(tl.float32)).to(tl.bfloat16)
-                c1 = oi * PB + 1
-                v1 = (((vb >> BITS) & MASK).to(tl.float32) * tl.load(vsp + (c1 // VGROUP)[None, :], mask=nm[:, None], other=0.0).to(tl.float32)
-                      + tl.load(vzp + (c1 // VGROUP)[None, :], mask=nm[:, None], other=0.0).to(tl.float32)).to(tl.bfloat16)
-                a0 = a0 * alpha[:, None] + tl.dot(pb, v0)
-                a1 = a1 * alpha[:, None] + tl.dot(pb, v1)
+                vsp = VS + b * svsb + h * svsh + on * svsn
+                vzp = VZ + b * svsb + h * svsh + on * svsn
+                vsc = tl.load(vsp, mask=nm, other=0.0).to(tl.float32)[:, None]
+                vzc = tl.load(vzp, mask=nm, other=0.0).to(tl.float32)[:, None]
+                if NVG == 2:  # two channel groups per token: each packed column picks its group's
+                    vsc = tl.where(first, vsc, tl.load(vsp + 1, mask=nm, other=0.0).to(tl.float32)[:, None])
+                    vzc = tl.where(first, vzc, tl.load(vzp + 1, mask=nm, other=0.0).to(tl.float32)[:, None])
+                a0 = a0 * alpha[:, None] + tl.dot(pb, ((vb & MASK).to(tl.float32) * vsc + vzc).to(tl.bfloat16))
+                a1 = a1 * alpha[:, None] + tl.dot(pb, (((vb >> BITS) & MASK).to(tl.float32) * vsc + vzc).to(tl.bfloat16))
                 if PB == 4:
-                    c2 = oi * PB + 2
-                    v2 = (((vb >> 4) & MASK).to(tl.float32) * tl.load(vsp + (c2 // VGROUP)[None, :], mask=nm[:, None], other=0.0).to(tl.float32)
-                          + tl.load(vzp + (c2 // VGROUP)[None, :], mask=nm[:, None], other=0.0).to(tl.float32)).to(tl.bfloat16)
-                    c3 = oi * PB + 3
-                    v3 = (((vb >> 6) & MASK).to(tl.float32) * tl.load(vsp + (c3 // VGROUP)[None, :], mask=nm[:, None], other=0.0).to(tl.float32)
-                          + tl.load(vzp + (c3 // VGROUP)[None, :], mask=nm[:, None], other=0.0).to(tl.float32)).to(tl.bfloat16)
-                    a2 = a2 * alpha[:, None] + tl.dot(pb, v2)
-                    a3 = a3 * alpha[:, None] + tl.dot(pb, v3)
-            base = ACC + ((b * H + h) * NSPLIT + s) * GP * D + og[:, None] * D
-            tl.store(base + oi[None, :] * PB + 0, a0)
-            tl.store(base + oi[None, :] * PB + 1, a1)
+                    a2 = a2 * alpha[:, None] + tl.dot(pb, (((vb >> 4) & MASK).to(tl.float32) * vsc + vzc).to(tl.bfloat16))
+                    a3 = a3 * alpha[:, None] + tl.dot(pb, (((vb >> 6) & MASK).to(tl.float32) * vsc + vzc).to(tl.bfloat16))
+            base = ACC + ((b * H + h) * NSPLIT + s) * G * D + og[:, None] * D
+            tl.store(base + oi[None, :] * PB + 0, a0, mask=gm[:, None])
+            tl.store(base + oi[None, :] * PB + 1, a1, mask=gm[:, None])
             if PB == 4:
-                tl.store(base + oi[None, :] * PB + 2, a2)
-                tl.store(base + oi[None, :] * PB + 3, a3)
+                tl.store(base + oi[None, :] * PB + 2, a2, mask=gm[:, None])
+                tl.store(base + oi[None, :] * PB + 3, a3, mask=gm[:, None])
         else:  # the 16-bit window
             wlen = tl.load(WLEN + b * H + h)
             qf = (tl.load(qrow + od[None, :], mask=gm[:, None], other=0.0).to(tl.float32) * scale).to(tl.bfloat16)
@@ -171,20 +166,19 @@ if triton is not None:
                 m_i = m_new
                 v = tl.load(VW + b * swb + h * swh + on[:, None] * swn + od[None, :], mask=nm[:, None], other=0.0).to(tl.bfloat16)
                 acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v)
-            tl.store(ACC + ((b * H + h) * NSPLIT + s) * GP * D + og[:, None] * D + od[None, :], acc)
-        tl.store(M + ((b * H + h) * NSPLIT + s) * GP + og, m_i)
-        tl.store(L + ((b * H + h) * NSPLIT + s) * GP + og, l_i)
+            tl.store(ACC + ((b * H + h) * NSPLIT + s) * G * D + og[:, None] * D + od[None, :], acc, mask=gm[:, None])
+        tl.store(M + ((b * H + h) * NSPLIT + s) * G + og, m_i, mask=gm)
+        tl.store(L + ((b * H + h) * NSPLIT + s) * G + og, l_i, mask=gm)
 
     @triton.jit
-    def _merge_kernel(ACC, M, L, OUT, H, NSPLIT, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                      SP: tl.constexpr):
+    def _merge_kernel(ACC, M, L, OUT, H, NSPLIT, G: tl.constexpr, D: tl.constexpr, SP: tl.constexpr):
         b = tl.program_id(0)
         hq = tl.program_id(1)
         h = hq // G
         g = hq % G
         os_ = tl.arange(0, SP)
         sm = os_ < NSPLIT
-        row = ((b * H + h) * NSPLIT + os_) * GP + g
+        row = ((b * H + h) * NSPLIT + os_) * G + g
         m = tl.load(M + row, mask=sm, other=float("-inf"))
         l = tl.load(L + row, mask=sm, other=0.0)
         mx = tl.max(m, 0)
@@ -196,39 +190,55 @@ if triton is not None:
         tl.store(OUT + (b * H * G + hq) * D + od, out)
 
 
+def kernel_supports(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, bits: int) -> bool:
+    """Whether :func:`decode_attention` runs the Triton kernel for these inputs (else the reference):
+    CUDA, 2/4-bit codes, key groups of 32/64/128 tokens, head_dim 64/128, one or two value groups."""
+    d, n = q.shape[-1], kc.shape[2]
+    kgroup = n // ks.shape[2] if ks.shape[2] else 64
+    return (triton is not None and q.is_cuda and bits in (2, 4) and kgroup in (32, 64, 128) and d in (64, 128)
+            and vs.shape[-1] in (1, 2))
+
+
+@functools.lru_cache(maxsize=None)
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def decode_attention(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: torch.Tensor, vc: torch.Tensor,
                      vs: torch.Tensor, vz: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, qlen: torch.Tensor,
                      wlen: torch.Tensor, bits: int, scale: float | None = None,
-                     split_len: int | None = None) -> torch.Tensor:
+                     split_len: int | None = None, programs_per_sm: int = 4, num_warps: int = 4,
+                     num_stages: int = 3) -> torch.Tensor:
     """Same contract as :func:`decode_attention_reference`; the Triton kernel on CUDA for 2/4-bit
     codes with the key group as the tile (32, 64 or 128 tokens), the reference elsewhere."""
     _check(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, bits)
     b, hq, d = q.shape
     h, n = kc.shape[1], kc.shape[2]
     kgroup = n // ks.shape[2] if ks.shape[2] else 64
-    if triton is None or not q.is_cuda or bits not in (2, 4) or kgroup not in (32, 64, 128) or d not in (64, 128):
+    if not kernel_supports(q, kc, ks, vs, bits):
         return decode_attention_reference(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, bits, scale)
     for t in (q, kc, ks, kz, vc, vs, vz, kw, vw):
         if t.stride(-1) != 1:
             raise ValueError("decode_attention needs tensors contiguous in their last dimension")
-    g = hq // h
+    g, nvg = hq // h, vs.shape[-1]
     scale = d ** -0.5 if scale is None else scale
     if split_len is None:  # enough programs to fill the GPU at batch 1, whole key groups per slice
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-        split_len = max(kgroup, math.ceil(n / max(1, (4 * sms) // (b * h)) / kgroup) * kgroup)
+        split_len = max(kgroup, math.ceil(n / max(1, (programs_per_sm * _sms(q.device)) // (b * h)) / kgroup) * kgroup)
     nsplit = math.ceil(n / split_len) + 1  # + the window
     gp = max(16, triton.next_power_of_2(g))
-    acc = torch.empty(b, h, nsplit, gp, d, device=q.device, dtype=torch.float32)
-    m = torch.empty(b, h, nsplit, gp, device=q.device, dtype=torch.float32)
+    acc = torch.empty(b, h, nsplit, g, d, device=q.device, dtype=torch.float32)
+    m = torch.empty(b, h, nsplit, g, device=q.device, dtype=torch.float32)
     lsum = torch.empty_like(m)
-    qlen = qlen.to(torch.int32).contiguous()
-    wlen = wlen.to(torch.int32).contiguous()
+    if qlen.dtype != torch.int32 or wlen.dtype != torch.int32:
+        qlen, wlen = qlen.to(torch.int32), wlen.to(torch.int32)
+    qlen, wlen = qlen.contiguous(), wlen.contiguous()
     _split_kernel[(b, h, nsplit)](
         q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, acc, m, lsum,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
         vc.stride(0), vc.stride(1), vc.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
         kw.stride(0), kw.stride(1), kw.stride(2), h, nsplit, split_len, scale,
-        G=g, GP=gp, D=d, BITS=bits, VGROUP=d // vs.shape[-1], BLOCK=kgroup, WBLOCK=32, num_warps=4)
+        G=g, GP=gp, D=d, BITS=bits, VGROUP=d // nvg, NVG=nvg, BLOCK=kgroup, WBLOCK=32, num_warps=num_warps,
+        num_stages=num_stages)
     out = torch.empty(b, hq, d, device=q.device, dtype=torch.float32)
-    _merge_kernel[(b, hq)](acc, m, lsum, out, h, nsplit, G=g, GP=gp, D=d, SP=triton.next_power_of_2(nsplit))
+    _merge_kernel[(b, hq)](acc, m, lsum, out, h, nsplit, G=g, D=d, SP=triton.next_power_of_2(nsplit))
     return out
