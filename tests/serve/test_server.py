@@ -7,6 +7,7 @@ import concurrent.futures as cf
 import json
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -34,13 +35,14 @@ class Served:
     def __init__(self, model_dir, *args: str):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.TemporaryFile("w+")  # not a pipe: nobody reads it while the server runs
         self.proc = subprocess.Popen([sys.executable, "-m", "memfit", "serve", "--model", str(model_dir), "--port",
                                       str(self.port), "--policy", POLICY, *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                     stdout=self.log, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"memfit serve exited: {self.proc.stdout.read()}")
+                raise RuntimeError(f"memfit serve exited: {self.output()}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code in (200, 401):
                     return
@@ -50,6 +52,10 @@ class Served:
 
     def client(self, key: str = "none") -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -172,9 +178,10 @@ def test_full_queue_answers_429_and_a_disconnected_stream_frees_its_slot(model_d
                 "temperature": 1.0, "seed": 1, "stream": True}
         with httpx.Client(timeout=30) as c, c.stream("POST", s.url + "/v1/chat/completions", json=body) as r:
             assert r.status_code == 200
-            next(r.iter_lines())  # the stream is open and holds the only slot
+            lines = r.iter_lines()  # kept: a dropped iterator closes the connection
+            next(lines)  # the stream is open and holds the only slot
             busy = httpx.post(s.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=60)
-            assert busy.status_code == 429 and busy.json()["error"]["code"] == "queue_full"
+            assert busy.status_code == 429 and busy.json()["error"]["code"] == "queue_full", s.output()
         # the client went away mid-stream: its slot comes back
         deadline = time.monotonic() + 30
         while httpx.get(s.url + "/health", timeout=30).json()["queued"] and time.monotonic() < deadline:

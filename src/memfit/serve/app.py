@@ -13,10 +13,10 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import anyio
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -133,6 +133,9 @@ class Server:
         self.prompt_policy = Policy((), self.policy.quant, self.policy.decode)
         self.waiting = 0
         self.lock = asyncio.Lock()
+        # One thread runs all model work: torch's OpenMP pool belongs to the calling thread, and a
+        # pool per worker thread would leave several teams spinning on the same cores.
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memfit-model")
         self.created = int(time.time())
 
     # queue: one slot per request, waiting or running; the model lock lets one run at a time
@@ -146,9 +149,12 @@ class Server:
         self.waiting -= 1
 
     async def run(self, fn: Callable, *args) -> Any:
-        """Run ``fn(*args)`` on a worker thread while holding the model; the slot must be taken."""
+        """Run ``fn(*args)`` on the model thread while holding the model; the slot must be taken."""
         async with self.lock:
-            return await anyio.to_thread.run_sync(fn, *args)
+            return await self.on_worker(fn, *args)
+
+    async def on_worker(self, fn: Callable, *args) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
 
     # -- building what to decode -----------------------------------------------------------------
     def _max_tokens(self, requested: int | None) -> int:
@@ -250,6 +256,7 @@ def create_app(lm: LM, store: ContextStore, config: ServeConfig | None = None) -
     srv = Server(lm, store, config)
     app = FastAPI(title="memfit", version="0.1")
     app.state.server = srv
+    app.add_middleware(_Guard, api_key=config.api_key, max_body=config.max_body_bytes)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -271,20 +278,6 @@ def create_app(lm: LM, store: ContextStore, config: ServeConfig | None = None) -
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
         return _error(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
-
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        if config.api_key is not None and request.headers.get("authorization") != f"Bearer {config.api_key}":
-            return _error(401, "missing or wrong API key (send Authorization: Bearer KEY)", "authentication_error",
-                          code="invalid_api_key")
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > config.max_body_bytes):
-            return _error(413, f"request body larger than {config.max_body_bytes} bytes", code="body_too_large")
-        if request.method in ("POST", "PUT") and length is None:
-            body = await request.body()  # chunked upload: measure what came
-            if len(body) > config.max_body_bytes:
-                return _error(413, f"request body larger than {config.max_body_bytes} bytes", code="body_too_large")
-        return await call_next(request)
 
     @app.get("/v1/models")
     async def models():
@@ -334,7 +327,7 @@ def create_app(lm: LM, store: ContextStore, config: ServeConfig | None = None) -
                 yield _sse(wrap.chunk(rid, created, None, None, first=True))
                 while True:
                     async with srv.lock:
-                        piece = await anyio.to_thread.run_sync(next, it, None)
+                        piece = await srv.on_worker(next, it, None)
                     if piece is None:
                         break
                     yield _sse(wrap.chunk(rid, created, piece, None))
@@ -343,8 +336,8 @@ def create_app(lm: LM, store: ContextStore, config: ServeConfig | None = None) -
                     yield _sse({**wrap.chunk(rid, created, None, None, usage_only=True),
                                 "usage": _usage(ctx.num_tokens + len(suffix), info["completion_tokens"])})
                 yield "data: [DONE]\n\n"
-            finally:  # also when the client went away: stop decoding, free the slot
-                it.close()
+            finally:  # also when the client went away: stop decoding (after the step running now), free the slot
+                srv.worker.submit(it.close)
                 release()
 
         return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(release))
@@ -369,17 +362,60 @@ def create_app(lm: LM, store: ContextStore, config: ServeConfig | None = None) -
 
     @app.get("/v1/contexts/{context_id}")
     async def get_context(context_id: str):
-        return await anyio.to_thread.run_sync(srv.context_info, context_id)
+        return await srv.on_worker(srv.context_info, context_id)
 
     @app.delete("/v1/contexts/{context_id}")
     async def delete_context(context_id: str):
         if not _CONTEXT_ID.match(context_id):
             raise APIError(400, "context id must be 32 lowercase hex digits", param="context_id")
-        if not await anyio.to_thread.run_sync(srv.store.delete, context_id):
+        if not await srv.on_worker(srv.store.delete, context_id):
             raise APIError(404, f"no stored context {context_id}", code="context_not_found")
         return {"id": context_id, "object": "context", "deleted": True}
 
     return app
+
+
+class _Guard:
+    """API key and body size, checked before the app sees a request. Plain ASGI (not Starlette's
+    BaseHTTPMiddleware), so that streamed responses and client disconnects pass through untouched."""
+
+    def __init__(self, app, api_key: str | None, max_body: int):
+        self.app, self.api_key, self.max_body = app, api_key, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
+            return await _error(401, "missing or wrong API key (send Authorization: Bearer KEY)", "authentication_error",
+                                code="invalid_api_key")(scope, receive, send)
+        too_big = _error(413, f"request body larger than {self.max_body} bytes", code="body_too_large")
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.isdigit() or int(length) > self.max_body:
+                return await too_big(scope, receive, send)
+            return await self.app(scope, receive, send)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        body, more = b"", True  # chunked upload: read it all (up to the limit), then hand it on
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body:
+                return await too_big(scope, receive, send)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
 
 
 def _sse(obj: dict) -> str:
