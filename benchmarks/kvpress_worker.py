@@ -13,12 +13,13 @@ import importlib.util
 import json
 import re
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, pipeline
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerFast, pipeline
 
 import kvpress  # noqa: F401  registers the "kv-press-text-generation" pipeline
 from kvpress import (
@@ -98,6 +99,12 @@ def main() -> int:
     kw = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     tok = AutoTokenizer.from_pretrained(args.model_dir, **kw)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16, **kw).eval()
+    if args.gguf_file:  # KVzipPress reloads the tokenizer from name_or_path, which cannot name a GGUF file
+        tok_dir = tempfile.mkdtemp(prefix="kvpress-tok-")
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, chat_template=tok.chat_template,
+                                       eos_token=tok.eos_token, bos_token=tok.bos_token, pad_token=tok.pad_token)
+        fast.save_pretrained(tok_dir)  # the same backend, so the same token ids as `tok`
+        model.config.name_or_path = tok_dir
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok, device="cpu")  # for its cache helper
     full_per_token = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * \
         (getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads) * 2

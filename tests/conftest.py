@@ -80,6 +80,15 @@ def smollm2():
 
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Llama saved as a HF model folder, as `memfit.load_model(DIR)` and the CLI read it."""
+    d = tmp_path_factory.mktemp("tiny-model")
+    tiny_llama(torch.float32).save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    return d
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,11 +13,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    tiny_llama(torch.float32).save_pretrained(d)
-    byte_tokenizer().save_pretrained(d)
-    return d
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def test_load_hf_folder_and_fingerprint(model_dir, tmp_path):

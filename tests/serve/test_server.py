@@ -14,21 +14,17 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 
 import memfit
-from tests.conftest import _free_port, byte_tokenizer, tiny_llama
+from tests.conftest import _free_port
 
 POLICY = "kivi(bits=4,group=16,residual=16)"
 CONTEXT = "The harbour master of Vell is Ada Quist. The ferry leaves at nine. " * 8
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-serve")
-    tiny_llama(torch.float32).save_pretrained(d)
-    byte_tokenizer().save_pretrained(d)
-    return d
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 class Served:

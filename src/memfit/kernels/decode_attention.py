@@ -73,6 +73,16 @@ def decode_attention_reference(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tens
 if triton is not None:
 
     @triton.jit
+    def _online_softmax(qk, valid, m_i, l_i):
+        """One tile of flash attention's running softmax: probabilities of the tile (scaled to the
+        new running max), the factor that rescales what came before, the new max and sum."""
+        qk = tl.where(valid[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(qk - m_new[:, None])
+        return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+    @triton.jit
     def _split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KW, VW, QLEN, WLEN, ACC, M, L,
                       sqb, sqh, skcb, skch, skcn, sksb, sksh, sksg, svcb, svch, svcn, svsb, svsh, svsn,
                       swb, swh, swn, H, NSPLIT, SPLIT_LEN, scale,
@@ -123,12 +133,7 @@ if triton is not None:
                     k3 = (((kb >> 6) & MASK).to(tl.float32) * tl.load(kp + oi * PB + 3).to(tl.float32)[None, :]
                           + tl.load(zp + oi * PB + 3).to(tl.float32)[None, :]).to(tl.bfloat16)
                     qk += tl.dot(q2, tl.trans(k2)) + tl.dot(q3, tl.trans(k3))
-                qk = tl.where(nm[None, :], qk, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(qk, 1))
-                alpha = tl.exp(m_i - m_new)
-                p = tl.exp(qk - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                m_i = m_new
+                p, alpha, m_i, l_i = _online_softmax(qk, nm, m_i, l_i)
                 pb = p.to(tl.bfloat16)
                 vb = tl.load(VC + b * svcb + h * svch + on[:, None] * svcn + oi[None, :], mask=nm[:, None], other=0)
                 vsp = VS + b * svsb + h * svsh + on * svsn
@@ -157,13 +162,7 @@ if triton is not None:
                 on = n0 + tl.arange(0, WBLOCK)
                 nm = on < wlen
                 k = tl.load(KW + b * swb + h * swh + on[:, None] * swn + od[None, :], mask=nm[:, None], other=0.0).to(tl.bfloat16)
-                qk = tl.dot(qf, tl.trans(k))
-                qk = tl.where(nm[None, :], qk, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(qk, 1))
-                alpha = tl.exp(m_i - m_new)
-                p = tl.exp(qk - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                m_i = m_new
+                p, alpha, m_i, l_i = _online_softmax(tl.dot(qf, tl.trans(k)), nm, m_i, l_i)
                 v = tl.load(VW + b * swb + h * swh + on[:, None] * swn + od[None, :], mask=nm[:, None], other=0.0).to(tl.bfloat16)
                 acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v)
             tl.store(ACC + ((b * H + h) * NSPLIT + s) * G * D + og[:, None] * D + od[None, :], acc, mask=gm[:, None])

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from memfit.kernels.packing import SUPPORTED_BITS, check_bits as _check_bits, pack, unpack
+from memfit.kernels.packing import check_bits as _check_bits, pack, unpack
 
 PARAM_DTYPE = torch.float16  # scales and zero points; see nbytes accounting in cache.py
 _FP16_MAX = 65504.0
