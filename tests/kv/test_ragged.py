@@ -97,3 +97,14 @@ def test_ragged_cache_refuses_an_attention_that_ignores_its_mask(tiny_lm):
                 tiny_lm.model(torch.tensor([[5 + t]]), past_key_values=cache)
     finally:
         tiny_lm.model.set_attn_implementation("memfit")
+
+
+def test_kept_dense_copy_answers_the_same(tiny_lm):
+    ids = torch.randint(0, 250, (1, 300), generator=torch.Generator().manual_seed(10))
+    ctx = tiny_lm.prefill_ids(ids, "knorm(keep=0.5,heads=adaptive)+kivi(bits=4,group=16,residual=16)")
+    before = tiny_lm.ask(ctx, ["ab", "cde"], max_new_tokens=6)
+    nbytes = ctx.nbytes
+    ctx.cache.keep_dense()
+    assert ctx.nbytes == nbytes  # a cache beside the storage, not part of it
+    assert all(layer.dense is not None for layer in ctx.cache.layers)
+    assert tiny_lm.ask(ctx, ["ab", "cde"], max_new_tokens=6) == before

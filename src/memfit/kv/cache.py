@@ -139,6 +139,7 @@ class CompressedLayer(CacheLayerMixin):
         self.ragged: Ragged | None = None  # the compressed context, when its heads keep different counts
         self.pending_mask: torch.Tensor | None = None  # per-head validity of the last update's keys
         self.packed: _Packed | None = None  # set by a fast decode step, handed to the attention function
+        self.dense: tuple | None = None  # see CompressedCache.keep_dense
         self._parent_kv: tuple | None = None  # parent dequantized once per fork: (keys, values, mask)
         self.seen = parent.get_seq_length() if parent is not None else 0  # logical tokens, evicted ones included
 
@@ -200,7 +201,7 @@ class CompressedLayer(CacheLayerMixin):
         if self.parent is not None:
             # the parent is read-only while forks exist: dequantize it once, not at every step
             if self._parent_kv is None:
-                self._parent_kv = self.parent.materialize_masked()
+                self._parent_kv = self.parent.dense or self.parent.materialize_masked()
             pk, pv, pm = self._parent_kv
             if batch_size is not None and pk.shape[0] != batch_size:
                 pk, pv = pk.expand(batch_size, -1, -1, -1), pv.expand(batch_size, -1, -1, -1)
@@ -444,6 +445,15 @@ class CompressedCache(Cache):
             raise ValueError(f"cannot fork a cache of batch size {rows.pop()} into {batch_size} rows")
         layers = [CompressedLayer(self.policy.quant, parent=layer, decode=self.policy.decode) for layer in self.layers]
         return CompressedCache(self.policy, _layers=layers)
+
+    def keep_dense(self) -> "CompressedCache":
+        """Keep a dequantized copy of every layer for the forks to read (a server answering many
+        questions on one context skips the per-question dequantization). It costs that memory
+        beside ``nbytes``; drop the cache object to free it."""
+        for layer in self.layers:
+            if layer.is_initialized and layer.dense is None:
+                layer.dense = layer.materialize_masked()
+        return self
 
     # -- (de)serialization: plain tensors + a JSON-able description ----------------------------------
     def to_state(self) -> tuple[dict[str, torch.Tensor], dict]:

@@ -12,6 +12,7 @@ import json
 import re
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from memfit.store.entry import CorruptEntry, EntryMismatch
 
 _CONTEXT_ID = re.compile(r"^[0-9a-f]{32}$")
 REUSE_MIN_TOKENS = 256  # plain prompts shorter than one prefix chunk are not worth storing
+RECENT_CONTEXTS = 4  # restored contexts kept ready (dequantized) for follow-up questions
 
 
 @dataclass
@@ -137,6 +139,7 @@ class Server:
         # pool per worker thread would leave several teams spinning on the same cores.
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memfit-model")
         self.created = int(time.time())
+        self.recent: OrderedDict[str, Context] = OrderedDict()  # restored contexts, dequantized, newest last
 
     # queue: one slot per request, waiting or running; the model lock lets one run at a time
     def take_slot(self) -> None:
@@ -172,6 +175,19 @@ class Server:
     def stored_context(self, context_id: str) -> Context:
         if not _CONTEXT_ID.match(context_id):
             raise APIError(400, "context_id must be 32 lowercase hex digits", param="context_id")
+        ctx = self.recent.get(context_id)
+        if ctx is not None and self.store.contains(context_id):  # still stored (another replica may delete it)
+            self.recent.move_to_end(context_id)
+            return ctx
+        self.recent.pop(context_id, None)
+        ctx = self._restore(context_id)
+        ctx.cache.keep_dense()
+        self.recent[context_id] = ctx
+        while len(self.recent) > RECENT_CONTEXTS:
+            self.recent.popitem(last=False)
+        return ctx
+
+    def _restore(self, context_id: str) -> Context:
         try:
             entry = self.store.get_entry(context_id)
         except (CorruptEntry, EntryMismatch) as e:
@@ -368,6 +384,7 @@ def create_app(lm: LM, store: ContextStore, config: ServeConfig | None = None) -
     async def delete_context(context_id: str):
         if not _CONTEXT_ID.match(context_id):
             raise APIError(400, "context id must be 32 lowercase hex digits", param="context_id")
+        srv.recent.pop(context_id, None)
         if not await srv.on_worker(srv.store.delete, context_id):
             raise APIError(404, f"no stored context {context_id}", code="context_not_found")
         return {"id": context_id, "object": "context", "deleted": True}
