@@ -121,10 +121,13 @@ def test_stored_context_answers_like_the_library(server, local):
 
 
 def test_plain_chats_reuse_a_stored_prefix(server):
-    long = CONTEXT * 2
+    long = CONTEXT * 2  # over one 256-token prefix chunk, under the test server's 1500-token limit
     a = _chat(server.client(), long + "\n\nFirst question?").choices[0].message.content
+    before = httpx.get(server.url + "/v1/store").json()
     b = _chat(server.client(), long + "\n\nSecond question?").choices[0].message.content
+    after = httpx.get(server.url + "/v1/store").json()
     assert isinstance(a, str) and isinstance(b, str)
+    assert after["hits"] > before["hits"]  # the second prompt restored the first one's stored prefix
     h = httpx.get(server.url + "/health").json()
     assert h["status"] == "ok"
 

@@ -304,6 +304,11 @@ def create_app(lm: LM, store: ContextStore, config: ServeConfig | None = None) -
     async def health():
         return {"status": "ok", "queued": srv.waiting}
 
+    @app.get("/v1/store")
+    async def store_stats():
+        """memfit: the context store's hits, misses and bytes per tier."""
+        return await srv.on_worker(srv.store.stats)
+
     async def _answer(kind: str, req: _Sampling, inputs: Callable[[], tuple[Context, list[int]]], wrap):
         max_new = srv._max_tokens(getattr(req, "max_completion_tokens", None) or req.max_tokens)
         stop = req.stops()
