@@ -116,15 +116,16 @@ def observe(window: int = 0, reduce: str | None = None, num_keys: int | None = N
 _pending = threading.local()
 
 
-def _masks() -> dict[int, torch.Tensor]:
+def _state():
+    """This thread's hand-offs from the cache to the attention calls of the same forward pass."""
     if not hasattr(_pending, "masks"):
-        _pending.masks = {}
-    return _pending.masks
+        _pending.masks, _pending.requests, _pending.scores, _pending.packed = {}, set(), {}, {}
+    return _pending
 
 
 def push_head_mask(layer_idx: int, mask: torch.Tensor) -> None:
     """``mask`` [B, H, L] bool: which stored keys of each KV head are real (the rest is padding)."""
-    masks = _masks()
+    masks = _state().masks
     if layer_idx in masks:
         masks.clear()
         raise RuntimeError("a cache with ragged per-head storage needs the model loaded with "
@@ -147,12 +148,6 @@ def request_scores(layer_idx: int) -> None:
 def pop_scores(layer_idx: int) -> torch.Tensor | None:
     """[B, H, L] attention received by each key in the layer's last requested step, if any."""
     return _state().scores.pop(layer_idx, None)
-
-
-def _state():
-    if not hasattr(_pending, "requests"):
-        _pending.requests, _pending.scores, _pending.packed = set(), {}, {}
-    return _pending
 
 
 def _fit_mask(mask: torch.Tensor, nk: int) -> torch.Tensor:
@@ -192,7 +187,7 @@ def memfit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         if query.shape[2] == 1 and attention_mask is None and _observer is None and not state.requests:
             return packed.attend(query, scaling), None  # the packed-KV kernel: nothing dequantized
         key, value = packed.materialize()
-    head_mask = _masks().pop(module.layer_idx, None)
+    head_mask = state.masks.pop(module.layer_idx, None)
     if attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
         attention_mask = _fit_mask(attention_mask, key.shape[-2])
     if head_mask is not None:

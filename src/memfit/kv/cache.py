@@ -396,20 +396,20 @@ class CompressedCache(Cache):
         return self
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
-        budgeted = layer is not None and layer.decode is not None and not layer.defer
+        layer = self.layers[layer_idx]
+        budgeted = layer.decode is not None and not layer.defer
         if budgeted:
             scores = pop_scores(layer_idx)
             if scores is not None:
                 layer.add_scores(scores)
             layer.evict_own()  # before this step's keys: attention then reads the kept ones
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        if layer is not None and layer.packed is not None:
+        if layer.packed is not None:
             push_packed(layer_idx, layer.packed)
             layer.packed = None
         if budgeted:
             request_scores(layer_idx)
-        mask = self.layers[layer_idx].pending_mask
+        mask = layer.pending_mask
         if mask is not None:  # ragged heads: memfit's attention function masks the padding
             push_head_mask(layer_idx, mask)
         return keys, values
