@@ -59,6 +59,11 @@ class Observer:
                 self.attention[layer] = torch.cat([head, a[..., n:], prev[..., a.shape[-1]:]], dim=-1)
 
 
+def _as_bool(mask: torch.Tensor) -> torch.Tensor:
+    """An additive float mask (0 or a very negative number) as a boolean one (True = visible)."""
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
 def reduce_attention(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float,
                      how: str) -> torch.Tensor:
     """Softmax attention probabilities of ``query`` [B, Hq, Q, D] over ``key`` [B, H, L, D], reduced
@@ -70,8 +75,8 @@ def reduce_attention(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor 
     g = hq // h
     ftype = torch.promote_types(query.dtype, torch.float32)
     kt = (key.transpose(-1, -2) * scaling).unsqueeze(2)  # [B, H, 1, D, L]
-    if mask is not None and mask.dtype != torch.bool:
-        mask = mask > torch.finfo(mask.dtype).min / 2
+    if mask is not None:
+        mask = _as_bool(mask)
     out = torch.full((b, h, nk), float("-inf") if how == "max" else 0.0, dtype=ftype, device=key.device)
     for s in range(0, nq, _ROWS):
         q = query[:, :, s : s + _ROWS].reshape(b, h, g, -1, d)
@@ -155,8 +160,7 @@ def _fit_mask(mask: torch.Tensor, nk: int) -> torch.Tensor:
     different number of context entries in other layers (PyramidKV, adaptive heads). The context
     comes first and is visible to every new token, so the mask is fitted by adding or dropping
     leading (visible) columns; what follows the context keeps its mask."""
-    if mask.dtype != torch.bool:
-        mask = mask > torch.finfo(mask.dtype).min / 2
+    mask = _as_bool(mask)
     d = nk - mask.shape[-1]
     if d == 0:
         return mask

@@ -10,7 +10,6 @@ where its stored entries sit (``kv_offset``) so that causality among new tokens 
 
 from __future__ import annotations
 
-import math
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -29,15 +28,6 @@ def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
 
 
-def _spill_count(n: int, quant: KIVI) -> int:
-    """Tokens of ``n`` that go to the quantized part: whole key groups, leaving at most ``residual``
-    (and fewer than ``residual + group``) in the 16-bit window."""
-    g, r = quant.group, quant.residual
-    if n <= r:
-        return 0
-    return min(math.ceil((n - r) / g) * g, (n // g) * g)
-
-
 class Ragged:
     """Per-head token counts that differ (adaptive eviction), stored without padding: every head's
     tokens back to back, as one flat [1, 1, T, D] sequence. With a quantizer each head's oldest
@@ -54,7 +44,7 @@ class Ragged:
         ks = [keys[0, h, i] for h, i in enumerate(idx)]
         vs = [values[0, h, i] for h, i in enumerate(idx)]
         lens = [len(i) for i in idx]
-        nq = [_spill_count(n, quant) if quant is not None else 0 for n in lens]
+        nq = [quant.spilled(n) if quant is not None else 0 for n in lens]
         flat = lambda parts: torch.cat(parts).unsqueeze(0).unsqueeze(0)  # noqa: E731
         qk = qv = None
         if sum(nq):
@@ -267,7 +257,7 @@ class CompressedLayer(CacheLayerMixin):
         """Quantize the oldest window tokens, in whole key groups, once the window exceeds ``residual``."""
         if self.quant is None or self.defer:
             return
-        f = _spill_count(self.keys.shape[-2], self.quant)
+        f = self.quant.spilled(self.keys.shape[-2])
         if f == 0:
             return
         kq = quantize_keys(self.keys[:, :, :f], self.quant.bits, self.quant.group)

@@ -31,12 +31,6 @@ class KVShape:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 2
 
 
-def _spill(n: int, q: KIVI) -> int:
-    if n <= q.residual:
-        return 0
-    return min(math.ceil((n - q.residual) / q.group) * q.group, (n // q.group) * q.group)
-
-
 def _quantized_token_bytes(q: KIVI, d: int) -> float:
     """Keys and values of one quantized token of one head: codes, plus its share of scales/zeros."""
     return 2 * d * q.bits / 8 + 4 * d / q.group + 4 * d / q.value_group(d)
@@ -46,7 +40,7 @@ def _head_bytes(n: int, q: KIVI | None, d: int, ragged: bool, e: int) -> float:
     if q is None:
         return 2 * e * d * n
     c = _quantized_token_bytes(q, d)
-    window = min(n, q.residual) if ragged else n - _spill(n, q)  # a head's window never exceeds residual
+    window = min(n, q.residual) if ragged else n - q.spilled(n)  # a head's window never exceeds residual
     return c * (n - window) + 2 * e * d * window
 
 

@@ -11,6 +11,7 @@ first code in the lowest bits. Scale and zero point (the group minimum) are floa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -131,6 +132,13 @@ class KIVI:
             raise ValueError(f"kivi: group must be a power of two >= 1, got {self.group}")
         if self.residual < 0:
             raise ValueError(f"kivi: residual must be >= 0, got {self.residual}")
+
+    def spilled(self, n: int) -> int:
+        """Tokens of ``n`` window tokens that go to the quantized part: whole key groups, leaving at
+        most ``residual`` (and fewer than ``residual + group``) in 16-bit."""
+        if n <= self.residual:
+            return 0
+        return min(math.ceil((n - self.residual) / self.group) * self.group, (n // self.group) * self.group)
 
     def value_group(self, head_dim: int) -> int:
         g = min(self.group, head_dim)

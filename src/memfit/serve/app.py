@@ -48,6 +48,12 @@ class ServeConfig:
     reuse_prompts: bool = True  # store long plain prompts and reuse their prefixes
 
 
+def _check_id(context_id: str) -> None:
+    """Context ids are store keys, 32 hex digits: nothing else may reach a tier (or a file name)."""
+    if not _CONTEXT_ID.match(context_id):
+        raise APIError(400, "context_id must be 32 lowercase hex digits", param="context_id")
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None):
@@ -173,8 +179,7 @@ class Server:
                            f"{self.config.max_context_tokens}", param="messages", code="context_length_exceeded")
 
     def stored_context(self, context_id: str) -> Context:
-        if not _CONTEXT_ID.match(context_id):
-            raise APIError(400, "context_id must be 32 lowercase hex digits", param="context_id")
+        _check_id(context_id)
         ctx = self.recent.get(context_id)
         if ctx is not None and self.store.contains(context_id):  # still stored (another replica may delete it)
             self.recent.move_to_end(context_id)
@@ -365,8 +370,6 @@ def create_app(lm: LM, store: ContextStore, config: ServeConfig | None = None) -
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
-        if req.context_id is not None and not _CONTEXT_ID.match(req.context_id):
-            raise APIError(400, "context_id must be 32 lowercase hex digits", param="context_id")
         return await _answer("chat", req, lambda: srv.chat_inputs(req), _ChatShape(config.model_name))
 
     @app.post("/v1/completions")
@@ -387,8 +390,7 @@ def create_app(lm: LM, store: ContextStore, config: ServeConfig | None = None) -
 
     @app.delete("/v1/contexts/{context_id}")
     async def delete_context(context_id: str):
-        if not _CONTEXT_ID.match(context_id):
-            raise APIError(400, "context id must be 32 lowercase hex digits", param="context_id")
+        _check_id(context_id)
         srv.recent.pop(context_id, None)
         if not await srv.on_worker(srv.store.delete, context_id):
             raise APIError(404, f"no stored context {context_id}", code="context_not_found")
