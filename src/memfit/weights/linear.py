@@ -1,0 +1,140 @@
+"""QuantLinear: a Linear layer whose weight is stored as packed bit planes plus a small grid.
+
+Two grids: ``uniform`` (per group of input channels a scale and a zero point, codes ``q`` stand for
+``(q - zero) * scale``) and ``codebook`` (per output channel ``2**bits`` values, codes index them).
+Codes are packed as bit planes, most significant first (``kernels.packing.pack_planes``), so a model
+stored at 8 bits can be read at any ``read_bits`` <= 8 (any-precision): the top ``n`` planes are the
+index of an ``n``-bit bin, dequantized at the bin's centre.
+
+On CPU (and for layouts it cannot take) the forward dequantizes the weight and calls ``F.linear``.
+On CUDA a uniform grid read at 4 bits with a group size torch's tinygemm kernel takes (the int4 kernel
+torchao uses) runs ``torch._weight_int4pack_mm`` instead; ``kernel`` says which one a layer uses.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memfit.kernels.packing import pack_planes, unpack_planes
+
+KINDS = ("uniform", "codebook")
+TINYGEMM_GROUPS = (32, 64, 128, 256)
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, kind: str = "uniform",
+                 bias: bool = False, device=None, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"unknown grid kind {kind!r}; use one of {KINDS}")
+        if not 1 <= bits <= 8:
+            raise ValueError(f"bits must be in 1..8, got {bits}")
+        if kind == "uniform" and in_features % group_size:
+            raise ValueError(f"in_features {in_features} is not a multiple of group_size {group_size}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.kind = bits, group_size, kind
+        self.read_bits = bits
+        self.dtype = dtype
+        self.register_buffer("planes", torch.zeros(bits, out_features, -(-in_features // 8), dtype=torch.uint8, device=device))
+        if kind == "uniform":
+            ng = in_features // group_size
+            self.register_buffer("scale", torch.zeros(out_features, ng, dtype=torch.float16, device=device))
+            self.register_buffer("zero", torch.zeros(out_features, ng, dtype=torch.float16, device=device))
+        else:
+            self.register_buffer("codebook", torch.zeros(out_features, 1 << bits, dtype=torch.float16, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self._int4: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (packed, scales_and_zeros, read_bits)
+
+    # -- building -------------------------------------------------------------------------------
+    @classmethod
+    def from_codes(cls, linear: nn.Linear, codes: torch.Tensor, bits: int, *, scale=None, zero=None, codebook=None,
+                   group_size: int = 0) -> "QuantLinear":
+        kind = "codebook" if codebook is not None else "uniform"
+        q = cls(linear.in_features, linear.out_features, bits, group_size or linear.in_features, kind,
+                bias=linear.bias is not None, device=linear.weight.device, dtype=linear.weight.dtype)
+        if codes.shape != (linear.out_features, linear.in_features) or codes.dtype != torch.uint8:
+            raise ValueError(f"codes must be uint8 {tuple(linear.weight.shape)}, got {codes.dtype} {tuple(codes.shape)}")
+        q.planes.copy_(pack_planes(codes, bits))
+        if kind == "uniform":
+            q.scale.copy_(scale)
+            q.zero.copy_(zero)
+        else:
+            q.codebook.copy_(codebook)
+        if linear.bias is not None:
+            q.bias.data.copy_(linear.bias.data)
+        return q
+
+    def set_read_bits(self, n: int) -> None:
+        """Read the top ``n`` bit planes only (any-precision); needs nothing re-quantized."""
+        if not 1 <= n <= self.bits:
+            raise ValueError(f"this layer stores {self.bits} bit planes: read_bits must be in 1..{self.bits}, got {n}")
+        if self.kind == "codebook" and n != self.bits:
+            raise ValueError("a codebook grid is read at its own bits only; any-precision needs a uniform grid")
+        self.read_bits = n
+        self._int4 = None
+
+    # -- reading --------------------------------------------------------------------------------
+    def codes(self) -> torch.Tensor:
+        return unpack_planes(self.planes, self.in_features, self.read_bits)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        q = self.codes()
+        if self.kind == "codebook":
+            w = torch.gather(self.codebook.float(), 1, q.long())
+        else:
+            # the top n of b planes index a bin of 2**(b-n) codes: dequantize at the bin's centre
+            m = 1 << (self.bits - self.read_bits)
+            c = (q.float() + 0.5) * m - 0.5 if m > 1 else q.float()
+            g = self.group_size
+            c = c.reshape(self.out_features, -1, g)
+            w = ((c - self.zero.float()[..., None]) * self.scale.float()[..., None]).reshape(self.out_features, -1)
+        return w.to(dtype or self.dtype)
+
+    @property
+    def kernel(self) -> str:
+        return "tinygemm-int4" if self._tinygemm_ok() else "dequantize"
+
+    def _tinygemm_ok(self) -> bool:
+        return (self.planes.is_cuda and self.kind == "uniform" and self.read_bits == 4
+                and self.group_size in TINYGEMM_GROUPS and self.in_features % 128 == 0 and self.out_features % 8 == 0
+                and hasattr(torch.ops.aten, "_weight_int4pack_mm"))
+
+    def _int4_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._int4 is None or self._int4[2] != self.read_bits:
+            q = self.codes().to(torch.int32)
+            # tinygemm dequantizes (q - 8) * s + z with z in the float domain; ours is the bin centre
+            # ((q + 0.5) m - 0.5 - zero) * scale, i.e. s = m * scale and z = 8 s + (0.5 m - 0.5 - zero) * scale
+            m = 1 << (self.bits - 4)
+            scale = self.scale.float()
+            s = m * scale
+            z = 8 * s + ((0.5 * m - 0.5) - self.zero.float()) * scale
+            packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
+            sz = torch.stack([s, z], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+            self._int4 = (packed, sz, self.read_bits)
+        return self._int4[0], self._int4[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._tinygemm_ok() and x.dtype == torch.bfloat16:
+            packed, sz = self._int4_weights()
+            y = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, self.in_features), packed, self.group_size, sz)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+            return y + self.bias if self.bias is not None else y
+        return F.linear(x, self.dequantize(x.dtype), self.bias)
+
+    # -- accounting -----------------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored: the bit planes, the grid and the bias."""
+        n = self.planes.numel() + (self.scale.nbytes + self.zero.nbytes if self.kind == "uniform" else self.codebook.nbytes)
+        return n + (self.bias.nbytes if self.bias is not None else 0)
+
+    @property
+    def read_nbytes(self) -> int:
+        """Bytes an ``read_bits`` forward reads: its planes, the grid and the bias."""
+        return self.nbytes - self.planes[self.read_bits:].numel()
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"read_bits={self.read_bits}, kind={self.kind}, group_size={self.group_size}, bias={self.bias is not None}")

@@ -1,0 +1,159 @@
+"""``quantize_(model, WeightQuant(...))``: replace a model's Linear layers with packed QuantLinear layers."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from memfit.weights import guided
+from memfit.weights.anyprec import anyprec
+from memfit.weights.grid import hqq, rtn
+from memfit.weights.linear import QuantLinear
+
+log = logging.getLogger(__name__)
+
+METHODS = ("rtn", "hqq", "guided", "anyprec")
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """How to quantize a model's Linear layers.
+
+    ``method``: ``rtn`` (round to nearest, min..max grid per group), ``hqq`` (HQQ's calibration-free
+    refinement of the zero point), ``guided`` (loss-guided non-uniform codebook per output channel,
+    needs calibration text; ``group_size`` is unused) or ``anyprec`` (``bits`` planes, 8 by default,
+    readable at any width down to ``seed_bits``). ``skip``: glob patterns of module names kept as they are.
+    """
+
+    bits: int = 4
+    group_size: int = 64
+    method: str = "hqq"
+    skip: tuple[str, ...] = ("lm_head",)
+    seed_bits: int = 3  # anyprec: the smallest width, whose grid HQQ chooses
+    calib_seqs: int = 16  # guided: calibration sequences written by the model ...
+    calib_len: int = 256  # ... of this many tokens
+    guide_groups: int = 4  # guided: groups of output channels sharing a weighted Hessian
+    iters: int = 3  # guided: codebook / assignment alternations
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown weight quantization method {self.method!r}; use one of {METHODS}")
+        lo = 1 if self.method != "anyprec" else self.seed_bits
+        if not (2 <= self.bits <= 8 and lo <= self.bits):
+            raise ValueError(f"bits must be in 2..8 (anyprec: >= seed_bits), got {self.bits}")
+        if self.method != "guided" and (self.group_size < 8 or self.group_size % 8):
+            raise ValueError(f"group_size must be a positive multiple of 8, got {self.group_size}")
+        object.__setattr__(self, "skip", tuple(self.skip))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class QuantReport:
+    config: WeightQuant
+    layers: dict[str, dict] = field(default_factory=dict)  # name -> {bits, kind, group_size, nbytes, orig_nbytes}
+    skipped: dict[str, str] = field(default_factory=dict)  # name -> why
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v["nbytes"] for v in self.layers.values())
+
+    @property
+    def orig_nbytes(self) -> int:
+        return sum(v["orig_nbytes"] for v in self.layers.values())
+
+
+def _targets(model: nn.Module, config: WeightQuant) -> tuple[list[str], dict[str, str]]:
+    names, skipped = [], {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        if any(fnmatch.fnmatchcase(name, pat) for pat in config.skip):
+            skipped[name] = "skip-list"
+        elif config.method != "guided" and mod.in_features % config.group_size:
+            skipped[name] = f"in_features {mod.in_features} is not a multiple of group_size {config.group_size}"
+        else:
+            names.append(name)
+    return names, skipped
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def quantize_(model: nn.Module, config: WeightQuant, *, calibration: torch.Tensor | None = None,
+              progress: bool = True) -> QuantReport:
+    """Quantize ``model``'s Linear layers in place (torchao-style). ``calibration`` (token ids
+    [n, length]) is for ``guided``; without it the model writes its own. Layers whose shape the grid
+    cannot take are kept and listed in the report's ``skipped``, with the reason."""
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ValueError("this model is already quantized")
+    names, skipped = _targets(model, config)
+    report = QuantReport(config, skipped=skipped)
+    odd = {n: why for n, why in skipped.items() if why != "skip-list"}
+    if odd:
+        log.warning("not quantizing %d layer(s) the grid cannot take, e.g. %s: %s", len(odd), *next(iter(odd.items())))
+    hessians = {}
+    if config.method == "guided":
+        hessians = _guided_hessians(model, names, config, calibration, progress)
+    mods = dict(model.named_modules())
+    for name in tqdm(names, desc=f"quantizing ({config.method}, {config.bits}-bit)", disable=not progress, leave=False):
+        lin: nn.Linear = mods[name]
+        w = lin.weight.data.float()
+        if config.method == "guided":
+            codes, cb, _ = guided.lnq(w, guided.damp(hessians.pop(name).to(w.device)), config.bits, config.iters)
+            q = QuantLinear.from_codes(lin, codes, config.bits, codebook=cb.to(torch.float16))
+        else:
+            fn = {"rtn": rtn, "hqq": hqq}.get(config.method)
+            uc = fn(w, config.bits, config.group_size) if fn else anyprec(w, config.group_size, config.bits, config.seed_bits)
+            q = QuantLinear.from_codes(lin, uc.codes, uc.bits, scale=uc.scale.half(), zero=uc.zero.half(),
+                                       group_size=uc.group_size)
+        _set_module(model, name, q)
+        report.layers[name] = {"bits": q.bits, "kind": q.kind, "group_size": q.group_size, "nbytes": q.nbytes,
+                               "orig_nbytes": lin.weight.nbytes + (lin.bias.nbytes if lin.bias is not None else 0)}
+    return report
+
+
+def _guided_hessians(model, names, config, calibration, progress) -> dict[str, torch.Tensor]:
+    dtype = next(model.parameters()).dtype
+    model.float()  # gradients in float32; bf16/fp16 -> fp32 -> back is exact
+    try:
+        if calibration is None:
+            log.info("writing %d x %d calibration tokens with the model itself", config.calib_seqs, config.calib_len)
+            calibration = guided.calibration_ids(model, config.calib_seqs, config.calib_len)
+        bar = tqdm(total=calibration.shape[0], desc="guided: loss gradients", disable=not progress, leave=False)
+        with bar:
+            return guided.collect_hessians(model, calibration.to(next(model.parameters()).device), names,
+                                           config.guide_groups, progress=bar)
+    finally:
+        model.to(dtype)
+
+
+def set_read_bits(model: nn.Module, bits: int) -> None:
+    """Serve an any-precision model at ``bits``: every QuantLinear reads its top ``bits`` planes."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    if not layers:
+        raise ValueError("the model has no quantized layers")
+    for m in layers:
+        m.set_read_bits(bits)
+
+
+def weight_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of the model's weights as stored: quantized layers, other parameters (tied ones once), total."""
+    q = sum(m.nbytes for m in model.modules() if isinstance(m, QuantLinear))
+    seen, other = set(), 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            continue
+        for p in m.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                other += p.nbytes
+    return {"quantized": q, "other": other, "total": q + other}

@@ -1,0 +1,200 @@
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import memfit
+from memfit.kernels.packing import pack_planes, unpack_planes
+from memfit.weights import QuantLinear, WeightQuant, quantize_, save_quantized, set_read_bits, weight_bytes
+from memfit.weights import guided
+from memfit.weights.anyprec import anyprec
+from memfit.weights.grid import hqq, round_codes, rtn
+from conftest import byte_tokenizer, tiny_llama
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(1, 8), rows=st.integers(1, 5), dim=st.integers(1, 70), seed=st.integers(0, 1000))
+def test_bit_planes_round_trip_exactly(bits, rows, dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (rows, dim), generator=g).to(torch.uint8)
+    planes = pack_planes(codes, bits)
+    assert planes.shape == (bits, rows, -(-dim // 8))  # exactly `bits` bits per code (plus the row's padding)
+    assert torch.equal(unpack_planes(planes, dim), codes)
+    for n in range(1, bits + 1):  # the top n planes are the top n bits
+        assert torch.equal(unpack_planes(planes, dim, n), codes >> (bits - n))
+
+
+def test_bit_planes_reject_bad_input():
+    with pytest.raises(TypeError, match="uint8"):
+        pack_planes(torch.zeros(4, dtype=torch.int32), 4)
+    with pytest.raises(ValueError, match="bits"):
+        pack_planes(torch.zeros(4, dtype=torch.uint8), 9)
+    with pytest.raises(ValueError, match="read"):
+        unpack_planes(pack_planes(torch.zeros(8, dtype=torch.uint8), 3), 8, 4)
+
+
+def _weight(out=48, inp=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(out, inp, generator=g) * 0.05
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_hqq_never_worse_than_rtn_and_stays_on_its_grid(bits):
+    w = _weight()
+    r, h = rtn(w, bits, 32), hqq(w, bits, 32)
+    err = lambda uc: (uc.dequantize() - w).abs().reshape(48, -1, 32).mean(-1)  # noqa: E731
+    assert (err(h) <= err(r) + 1e-7).all()  # HQQ starts from RTN's grid and keeps each group's best zero
+    assert err(h).mean() < err(r).mean() or bits == 8
+    assert h.codes.max() <= (1 << bits) - 1
+    assert torch.equal(h.codes.float().reshape(48, -1, 32), round_codes(w.reshape(48, -1, 32), h.scale, h.zero, bits))
+
+
+@pytest.mark.parametrize("kind", ["uniform", "codebook"])
+def test_quant_linear_equals_its_dequantized_reference(kind):
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 40, bias=True)
+    w = lin.weight.data
+    if kind == "uniform":
+        uc = hqq(w, 4, 64)
+        q = QuantLinear.from_codes(lin, uc.codes, 4, scale=uc.scale.half(), zero=uc.zero.half(), group_size=64)
+        ref = ((uc.codes.float().reshape(40, 2, 64) - uc.zero.half().float()[..., None])
+               * uc.scale.half().float()[..., None]).reshape(40, 128)
+    else:
+        codes = torch.randint(0, 8, (40, 128), dtype=torch.uint8)
+        cb = torch.randn(40, 8).half()
+        q = QuantLinear.from_codes(lin, codes, 3, codebook=cb)
+        ref = cb.float().gather(1, codes.long())
+    assert torch.equal(q.dequantize(torch.float32), ref)
+    x = torch.randn(3, 5, 128)
+    torch.testing.assert_close(q(x), nn.functional.linear(x, ref, lin.bias), rtol=0, atol=1e-5)
+    bits = 4 if kind == "uniform" else 3
+    grid = 2 * 40 * 2 * 2 if kind == "uniform" else 40 * 8 * 2
+    assert q.nbytes == bits * 40 * 128 // 8 + grid + 40 * 4
+
+
+def test_guided_lnq_beats_rtn_on_its_objective_and_never_increases_it():
+    torch.manual_seed(0)
+    out, inp, t = 32, 64, 2048
+    mix = torch.randn(inp, inp) / inp ** 0.5
+    x = torch.randn(t, inp) @ (torch.eye(inp) + 2 * mix)  # correlated inputs: error feedback pays off
+    s = torch.rand(t, 2) ** 2  # per-token loss sensitivity of two groups of output channels
+    h = guided.damp(torch.einsum("tg,ti,tj->gij", s, x, x) / t)
+    w = _weight(out, inp, seed=1)
+    codes, cb, hist = guided.lnq(w, h, bits=3, iters=3)
+    assert all(b <= a for a, b in zip(hist, hist[1:])) and len(hist) > 1
+    assert hist[-1] < hist[0]
+    wq = cb.gather(1, codes.long())
+    f_guided = guided.objective(w, wq, h)
+    assert abs(f_guided - hist[-1]) <= 1e-4 * hist[-1]
+    for g in (64, 16):  # per channel (the same grid resolution) and even finer groups
+        f_rtn = guided.objective(w, rtn(w, 3, g).dequantize(), h)
+        f_hqq = guided.objective(w, hqq(w, 3, g).dequantize(), h)
+        assert f_guided < min(f_rtn, f_hqq)
+
+
+@pytest.mark.parametrize("n", [3, 4, 5, 6, 7, 8])
+def test_any_precision_n_bits_equal_direct_n_bit_quantization_on_the_same_grid(n):
+    w = _weight(16, 128)
+    ap = anyprec(w, 64, bits=8, seed_bits=3)
+    m = 1 << (8 - n)
+    # the n-bit grid of the nested construction: point k at ((k + 0.5) m - 0.5 - zero) * scale
+    scale_n, zero_n = ap.scale * m, (ap.zero + 0.5 - 0.5 * m) / m
+    wg = w.reshape(16, 2, 64)
+    direct = round_codes(wg, scale_n, zero_n, n).reshape(16, 128)
+    # equal but for float rounding at exact ties (each group's min and max sit on one by construction)
+    x = (wg / scale_n[..., None] + zero_n[..., None]).reshape(16, 128)
+    at_edge = ((x + 0.5) - torch.round(x + 0.5)).abs() < 1e-4
+    differ = (ap.codes >> (8 - n)).float() != direct
+    assert not (differ & ~at_edge).any() and differ.float().mean() < 0.02
+    lin = nn.Linear(128, 16, bias=False)
+    q = QuantLinear.from_codes(lin, ap.codes, 8, scale=ap.scale.half(), zero=ap.zero.half(), group_size=64)
+    q.set_read_bits(n)
+    want = (((ap.codes >> (8 - n)).float().reshape(16, 2, 64) - (ap.zero.half().float()[..., None] + 0.5 - 0.5 * m) / m)
+            * (ap.scale.half().float()[..., None] * m)).reshape(16, 128)
+    torch.testing.assert_close(q.dequantize(torch.float32), want, rtol=0, atol=1e-6)
+    if n == 3:  # the smallest width is exactly the HQQ 3-bit model
+        torch.testing.assert_close(q.dequantize(torch.float32), hqq(w, 3, 64).dequantize(),
+                                   rtol=0, atol=2e-3 * w.abs().max().item())
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("method", ["rtn", "hqq", "anyprec"])
+def test_quantize_replaces_linears_and_matches_the_dequantized_model(method):
+    model, ref = tiny_llama(torch.float32), tiny_llama(torch.float32)
+    report = quantize_(model, WeightQuant(bits=4 if method != "anyprec" else 8, group_size=32, method=method,
+                                          skip=("lm_head", "*.o_proj")), progress=False)
+    names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    assert len(names) == 2 * 6 and not any("o_proj" in n or "lm_head" in n for n in names)
+    assert set(report.skipped) == {"lm_head", "model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"}
+    for n in names:  # put the dequantized weights into the reference: the two must agree
+        ref.get_submodule(n).weight.data.copy_(model.get_submodule(n).dequantize(torch.float32))
+    ids = torch.randint(0, 256, (2, 24))
+    torch.testing.assert_close(_logits(model, ids), _logits(ref, ids), rtol=1e-4, atol=1e-4)
+    wb = weight_bytes(model)
+    assert wb["quantized"] == report.nbytes and report.nbytes < 0.6 * report.orig_nbytes
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_(model, WeightQuant(), progress=False)
+
+
+def test_quantize_rejects_bad_configs():
+    with pytest.raises(ValueError, match="unknown weight quantization method"):
+        WeightQuant(method="gptq9")
+    with pytest.raises(ValueError, match="bits"):
+        WeightQuant(bits=9)
+    with pytest.raises(ValueError, match="group_size"):
+        WeightQuant(group_size=12)
+
+
+def test_guided_quantizes_a_model_from_its_own_calibration_text():
+    model = tiny_llama(torch.float32)
+    cfg = WeightQuant(bits=3, method="guided", calib_seqs=4, calib_len=48, guide_groups=2, iters=2)
+    report = quantize_(model, cfg, progress=False)
+    assert {v["kind"] for v in report.layers.values()} == {"codebook"}
+    assert next(model.parameters()).dtype == torch.float32
+    assert torch.isfinite(_logits(model, torch.randint(0, 256, (1, 16)))).all()
+
+
+def test_save_and_load_round_trip(tmp_path, tiny_model_dir):
+    lm = memfit.load_model(str(tiny_model_dir), dtype="float32")
+    report = quantize_(lm.model, WeightQuant(bits=8, method="anyprec", group_size=32), progress=False)
+    out = save_quantized(lm.model, lm.tokenizer, tmp_path / "q", report)
+    back = memfit.load_model(str(out))
+    ids = torch.randint(0, 256, (1, 20))
+    assert next(back.model.parameters()).dtype == torch.float32
+    torch.testing.assert_close(_logits(back.model, ids), _logits(lm.model, ids), rtol=0, atol=0)
+    assert back.fingerprint != memfit.load_model(str(tiny_model_dir), dtype="float32").fingerprint
+    three = memfit.load_model(str(out), weight_bits=3)  # any-precision: the width is picked at load time
+    set_read_bits(lm.model, 3)
+    torch.testing.assert_close(_logits(three.model, ids), _logits(lm.model, ids), rtol=0, atol=0)
+    assert not torch.equal(_logits(three.model, ids), _logits(back.model, ids))
+    with pytest.raises(ValueError, match="read_bits"):
+        memfit.load_model(str(out), weight_bits=9)
+    with pytest.raises(ValueError, match="memfit quantize"):
+        memfit.load_model(str(tiny_model_dir), weight_bits=4)
+
+
+def test_load_refuses_corrupt_or_incomplete_folders(tmp_path):
+    model = tiny_llama(torch.float32)
+    report = quantize_(model, WeightQuant(bits=4, group_size=32, method="rtn"), progress=False)
+    out = save_quantized(model, byte_tokenizer(), tmp_path / "q", report)
+    weights = out / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="safetensors"):
+        memfit.load_model(str(out))
+    weights.write_bytes(data)
+    manifest = json.loads((out / "memfit_quant.json").read_text())
+    manifest["layers"]["model.layers.0.mlp.nonexistent"] = manifest["layers"].pop("model.layers.0.mlp.up_proj")
+    (out / "memfit_quant.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="nonexistent"):
+        memfit.load_model(str(out))
+    (out / "memfit_quant.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not JSON"):
+        memfit.load_model(str(out))
