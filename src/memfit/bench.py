@@ -302,6 +302,23 @@ def llama8b_config(layers: int = 32):
 
 
 @torch.no_grad()
+def _random_llama8b(layers: int, attn: str | None = None):
+    """A random-weight Llama-3.1-8B-shaped model on the GPU, built in bf16 (no fp32 copy)."""
+    from transformers import LlamaForCausalLM
+
+    cfg = llama8b_config(layers)
+    if attn:
+        cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            return LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
+
+
 def bench_decode(batch: int = 8, context: int = 32768, policies: tuple[str, ...] = ("none", "kivi(bits=4)"),
                  steps: int = 32, chunk: int = 2048, layers: int = 32) -> list[dict]:
     """Decode step time and peak GPU memory of a random-weight Llama-3.1-8B-shaped model after a
@@ -312,15 +329,8 @@ def bench_decode(batch: int = 8, context: int = 32768, policies: tuple[str, ...]
     from memfit.kv.cache import CompressedCache
 
     dev = torch.device("cuda")
-    cfg = llama8b_config(layers)
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with dev:
-            model = LlamaForCausalLM(cfg).eval()
-    finally:
-        torch.set_default_dtype(default)
+    model = _random_llama8b(layers)
+    cfg = model.config
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     ids = torch.randint(0, cfg.vocab_size, (batch, context), device=dev)
     rows = []
@@ -355,3 +365,130 @@ def bench_decode(batch: int = 8, context: int = 32768, policies: tuple[str, ...]
         r["peak_saving_bytes"] = base["decode_peak_bytes"] - r["decode_peak_bytes"]
         r["kv_saving_bytes"] = base["kv_bytes"] - r["kv_bytes"]
     return rows
+
+
+def parse_weight_config(spec: str):
+    """``"hqq:4"``, ``"rtn:3:g128"``, ``"guided:3"``, ``"anyprec:8"`` -> WeightQuant."""
+    from memfit.weights import WeightQuant
+
+    parts = spec.split(":")
+    if len(parts) < 2 or not parts[1].isdigit():
+        raise ValueError(f"bad weight config {spec!r}: use METHOD:BITS[:gGROUP], e.g. hqq:4 or rtn:3:g128")
+    kw = {"method": parts[0], "bits": int(parts[1])}
+    for extra in parts[2:]:
+        if not (extra.startswith("g") and extra[1:].isdigit()):
+            raise ValueError(f"bad weight config {spec!r}: {extra!r} is not gGROUP")
+        kw["group_size"] = int(extra[1:])
+    return WeightQuant(**kw)
+
+
+def bench_weights(lm: LM, configs: list, text: str, read_bits: tuple[int, ...] = (3, 4, 5, 6, 7, 8)) -> list[dict]:
+    """Perplexity and bytes of the model with each weight quantization, against the model as loaded
+    (its 16-bit weights). Every config quantizes a fresh copy of the loaded weights. An any-precision
+    config is measured at every width in ``read_bits`` it stores, from the one quantized model."""
+    import copy
+
+    from memfit.eval.perplexity import perplexity
+    from memfit.weights import quantize_, set_read_bits, weight_bytes
+
+    reference = copy.deepcopy(lm.model)
+    ref_bytes = weight_bytes(reference)
+    linear_bytes = sum(m.weight.nbytes for n, m in reference.named_modules()
+                       if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    t0 = time.perf_counter()
+    rows = [{"config": "16-bit", "method": "none", "bits": 16, "perplexity": perplexity(lm, text),
+             "linear_bytes": linear_bytes, "linear_fraction": 1.0, "model_bytes": ref_bytes["total"],
+             "quantize_s": 0.0, "ppl_seconds": time.perf_counter() - t0}]
+    ref_ppl = rows[0]["perplexity"]
+    for cfg in tqdm(configs, desc="weight configs", leave=False):
+        lm.model = copy.deepcopy(reference)
+        t0 = time.perf_counter()
+        report = quantize_(lm.model, cfg, progress=False)
+        took = time.perf_counter() - t0
+        wb = weight_bytes(lm.model)
+        widths = [b for b in read_bits if cfg.seed_bits <= b <= cfg.bits] if cfg.method == "anyprec" else [cfg.bits]
+        for bits in widths:
+            if cfg.method == "anyprec":
+                set_read_bits(lm.model, bits)
+            t1 = time.perf_counter()
+            ppl = perplexity(lm, text)
+            name = f"{cfg.method}:{cfg.bits}" + (f"@{bits}" if cfg.method == "anyprec" else "")
+            rows.append({"config": name, "method": cfg.method, "bits": bits, "stored_bits": cfg.bits,
+                         "group_size": cfg.group_size if cfg.method != "guided" else None,
+                         "perplexity": ppl, "ppl_vs_ref": ppl / ref_ppl - 1,
+                         "linear_bytes": report.nbytes, "linear_fraction": report.nbytes / report.orig_nbytes,
+                         "model_bytes": wb["total"], "model_fraction": wb["total"] / ref_bytes["total"],
+                         "skipped": sorted(report.skipped), "quantize_s": took, "ppl_seconds": time.perf_counter() - t1})
+    lm.model = reference
+    return rows
+
+
+def _decode_step_ms(model, batch: int, prompt: int, reps: int = 50, compile: bool = False) -> tuple[float, str]:
+    """One decode step at batch ``batch`` after a ``prompt``-token prefill, with a StaticCache, replayed
+    as a CUDA graph (what a serving engine does: at batch 1 eager PyTorch is bound by Python), else eager.
+    With ``compile``, the step is torch.compile'd first (inductor fuses the small elementwise kernels
+    between the matmuls, as gpt-fast and torchao's figures do), then captured."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=prompt + 16)
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda")
+    with torch.no_grad():
+        model(ids, past_key_values=cache, cache_position=torch.arange(prompt, device="cuda"), use_cache=True)
+        tok = ids[:, -1:].clone()
+        pos = torch.tensor([prompt], device="cuda")
+
+        lengths = [layer.cumulative_length for layer in getattr(cache, "layers", [])
+                   if torch.is_tensor(getattr(layer, "cumulative_length", None))]
+
+        def step():
+            for n in lengths:  # newer StaticCache layers count their own length: rewind, so every replay writes slot `prompt`
+                n.fill_(prompt)
+            return model(tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
+
+        if compile:  # the eager prefill above already built every layer's kernel-side weights
+            step = torch.compile(step, dynamic=False)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(s)
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            fn, mode = graph.replay, "torch.compile + cuda-graph" if compile else "cuda-graph"
+        except Exception as e:  # noqa: BLE001 - a step that cannot be captured is timed eagerly, and said so
+            torch.cuda.synchronize()
+            fn, mode = step, f"eager ({type(e).__name__})"
+        fn()
+        torch.cuda.synchronize()
+        return _cuda_ms(fn, reps), mode
+
+
+def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: int = 4, group_size: int = 64,
+                        method: str = "hqq", layers: int = 32, compile: bool = False) -> dict:
+    """Decode step time of a random-weight Llama-3.1-8B-shaped model with bf16 weights, then with
+    ``bits``-bit weights (memfit's QuantLinear; on CUDA a 4-bit uniform grid runs torch's tinygemm
+    int4 kernel), on the same model and shapes."""
+    from memfit.weights import QuantLinear, WeightQuant, quantize_, weight_bytes
+
+    model = _random_llama8b(layers, "sdpa")
+    out = {"batch": batch, "prompt": prompt, "layers": layers, "bits": bits, "group_size": group_size, "method": method,
+           "device": torch.cuda.get_device_name()}
+    out["bf16_ms"], out["bf16_mode"] = _decode_step_ms(model, batch, prompt, compile=compile)
+    out["bf16_weight_bytes"] = weight_bytes(model)["total"]
+    t0 = time.perf_counter()
+    quantize_(model, WeightQuant(bits=bits, group_size=group_size, method=method), progress=False)
+    torch.cuda.synchronize()
+    out["quantize_s"] = time.perf_counter() - t0
+    kernels = [m.kernel for m in model.modules() if isinstance(m, QuantLinear)]
+    out["kernels"] = {k: kernels.count(k) for k in set(kernels)}
+    torch.cuda.empty_cache()
+    if compile:
+        torch._dynamo.reset()
+    out["quant_ms"], out["quant_mode"] = _decode_step_ms(model, batch, prompt, compile=compile)
+    out["quant_weight_bytes"] = weight_bytes(model)["total"]
+    out["speedup"] = out["bf16_ms"] / out["quant_ms"]
+    out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out

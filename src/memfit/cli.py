@@ -228,17 +228,27 @@ def eval_(
     lengths: list[int] = typer.Option([1024, 2048], "--length", "-n", help="Context length in tokens; repeat."),
     samples: int = typer.Option(5, "--samples", "-s"),
     seed: int = typer.Option(0),
-    model: str = typer.Option("smollm2", "--model", "-m"),
+    models: list[str] = typer.Option(["smollm2"], "--model", "-m", help="Repeat to compare perplexities of several "
+                                     "(e.g. folders written by memfit quantize); tasks run on one model."),
+    weight_bits: Optional[list[int]] = typer.Option(None, "--weight-bits", help="Read an any-precision model at these "
+                                                    "widths; repeat."),
     out: Path = typer.Option(Path("results/eval"), "--out", "-o", help="Folder for results.jsonl and summary.json."),
     with_perplexity: bool = typer.Option(False, "--perplexity", help="Also report each policy's perplexity."),
+    perplexity_only: bool = typer.Option(False, "--perplexity-only", help="Only perplexity: no tasks."),
     perplexity_text: Optional[Path] = typer.Option(None, help="Text for --perplexity (default: the shipped essay)."),
     max_new_tokens: int = typer.Option(24, "--max-new-tokens"),
 ) -> None:
-    """Accuracy of each policy on the built-in long-context tasks (one prefill per sample, shared)."""
+    """Accuracy of each policy on the built-in long-context tasks (one prefill per sample, shared),
+    and with --perplexity the perplexity of each model and policy."""
     from memfit.eval.runner import format_summary, run_eval, summarize
     from memfit.eval.tasks import DEFAULT_TASKS, TASKS
 
     pols = [_policy(p).spec for p in policies]
+    if perplexity_only or len(models) > 1 or weight_bits:
+        if not (with_perplexity or perplexity_only):
+            _fail("several models or --weight-bits are compared by perplexity: add --perplexity-only")
+        return _compare_perplexity(models, weight_bits, pols, perplexity_text, out)
+    model = models[0]
     names = list(TASKS) if tasks == ["all"] else (tasks or DEFAULT_TASKS)
     unknown = [t for t in names if t not in TASKS]
     if unknown:
@@ -260,6 +270,28 @@ def eval_(
     typer.echo(f"\n{len(records)} records in {summary['seconds']:.0f} s -> {out / 'results.jsonl'}, {out / 'summary.json'}")
 
 
+def _compare_perplexity(models: list[str], weight_bits: Optional[list[int]], policies: list[str],
+                        path: Optional[Path], out: Path) -> None:
+    import memfit
+    from memfit.weights import weight_bytes
+
+    rows = []
+    for name in models:
+        for bits in weight_bits or [None]:
+            try:
+                lm = memfit.load_model(name, weight_bits=bits)
+            except (FileNotFoundError, ValueError) as e:
+                _fail(str(e))
+            for p, v in _perplexities(lm, path, policies).items():
+                rows.append({"model": name, "weight_bits": bits, "policy": p, "perplexity": v,
+                             "weight_bytes": weight_bytes(lm.model)["total"]})
+                typer.echo(f"{name}{f' @{bits}-bit' if bits else ''}  {p}: perplexity {v:.3f}, "
+                           f"weights {_mib(rows[-1]['weight_bytes'])}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "perplexity.json").write_text(json.dumps(rows, indent=1))
+    typer.echo(f"-> {out / 'perplexity.json'}")
+
+
 def _perplexities(lm, path: Optional[Path], policies: list[str]) -> dict[str, float]:
     from memfit.eval.perplexity import SHIPPED_TEXT, perplexity
 
@@ -271,6 +303,40 @@ def _perplexities(lm, path: Optional[Path], policies: list[str]) -> dict[str, fl
         return {p: perplexity(lm, text, p) for p in policies}
     except ValueError as e:
         _fail(str(e))
+
+
+@app.command()
+def quantize(
+    model: str = typer.Option("smollm2", "--model", "-m"),
+    bits: int = typer.Option(4, "--bits", "-b", help="2..8; for anyprec the widest (8), readable down to --seed-bits."),
+    method: str = typer.Option("hqq", "--method", help="rtn, hqq, guided or anyprec."),
+    group_size: int = typer.Option(64, "--group-size", "-g"),
+    seed_bits: int = typer.Option(3, "--seed-bits", help="anyprec: the smallest width."),
+    skip: list[str] = typer.Option(["lm_head"], "--skip", help="Glob of layer names kept as they are; repeat."),
+    calib_seqs: int = typer.Option(16, help="guided: calibration sequences the model writes."),
+    calib_len: int = typer.Option(256, help="guided: tokens per calibration sequence."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write (safetensors + config + tokenizer)."),
+) -> None:
+    """Quantize a model's weights and save them; `memfit.load_model(OUT)` and `--model OUT` load them."""
+    from memfit.weights import WeightQuant, quantize_, save_quantized, weight_bytes
+
+    try:
+        cfg = WeightQuant(bits=bits, group_size=group_size, method=method, skip=tuple(skip), seed_bits=seed_bits,
+                          calib_seqs=calib_seqs, calib_len=calib_len)
+    except ValueError as e:
+        _fail(str(e))
+    if out.exists() and any(out.iterdir()) and not (out / "memfit_quant.json").is_file():
+        _fail(f"{out} exists and is not a memfit quantized folder: refusing to write into it")
+    lm = _load(model)
+    before = weight_bytes(lm.model)["total"]
+    t0 = time.perf_counter()
+    report = quantize_(lm.model, cfg)
+    save_quantized(lm.model, lm.tokenizer, out, report)
+    after = weight_bytes(lm.model)["total"]
+    typer.echo(f"{len(report.layers)} layers quantized ({method}, {bits}-bit) in {time.perf_counter() - t0:.0f} s: "
+               f"{_mib(report.orig_nbytes)} -> {_mib(report.nbytes)} ({report.nbytes / report.orig_nbytes:.3f}x); "
+               f"whole model {_mib(before)} -> {_mib(after)}; kept: {', '.join(sorted(report.skipped)) or 'none'}")
+    typer.echo(f"-> {out}")
 
 
 @app.command()
@@ -314,6 +380,36 @@ def bench_kv(
         typer.echo(f"{r['policy'][:48]:<48} {r['tokens']:>7} {r['bytes_per_token']:>9.0f} {r['ratio']:>9.3f} "
                    f"{r['prefill_s']:>9.2f} {r['decode_tokens_per_s']:>12.2f}")
     typer.echo(f"wrote {out}")
+
+
+@bench_app.command("weights")
+def bench_weights_cmd(
+    model: str = typer.Option("smollm2", "--model", "-m"),
+    configs: list[str] = typer.Option(["rtn:4", "hqq:4", "rtn:3", "hqq:3", "guided:3", "anyprec:8"], "--config", "-c",
+                                      help="METHOD:BITS[:gGROUP]; repeat."),
+    text: Optional[Path] = typer.Option(None, help="Perplexity text (default: the shipped essay)."),
+    out: Path = typer.Option(Path("results/bench_weights.json"), "--out", "-o"),
+) -> None:
+    """Perplexity and bytes of each weight quantization against the model's 16-bit weights (JSON + plot)."""
+    from memfit.bench import bench_weights, parse_weight_config
+    from memfit.eval.perplexity import SHIPPED_TEXT
+    from memfit.eval.plots import plot_weights
+
+    try:
+        cfgs = [parse_weight_config(c) for c in configs]
+    except ValueError as e:
+        _fail(str(e))
+    path = text or SHIPPED_TEXT
+    if not path.is_file():
+        _fail(f"perplexity text {path} does not exist")
+    lm = _load(model)
+    rows = bench_weights(lm, cfgs, path.read_text(encoding="utf-8"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": model, "text": str(path), "rows": rows}, indent=1))
+    for r in rows:
+        typer.echo(f"{r['config']:>14}  ppl {r['perplexity']:8.3f} ({r.get('ppl_vs_ref', 0):+.1%})  "
+                   f"linear {r['linear_fraction']:.3f}x  model {_mib(r['model_bytes'])}  quantize {r['quantize_s']:.0f} s")
+    typer.echo(f"-> {out}, {plot_weights(rows, out.with_suffix('.png'))}")
 
 
 @bench_app.command("store")
@@ -367,6 +463,32 @@ def bench_attention_cmd(
         typer.echo(f"{r['batch']:>5} {r['tokens']:>7} {r['sdpa_bf16_ms']:>8.4f} {r['kivi4_ms']:>8.4f} "
                    f"{r['kivi4_speedup']:>5.2f} {r['kivi2_ms']:>8.4f} {r['kivi2_speedup']:>5.2f} "
                    f"{r['kivi4_max_abs_err']:>8.1e} {r['kivi2_max_abs_err']:>8.1e}")
+    typer.echo(f"wrote {out}")
+
+
+@bench_app.command("weight-decode")
+def bench_weight_decode_cmd(
+    batch: int = typer.Option(1),
+    bits: int = typer.Option(4),
+    group_size: int = typer.Option(64, "--group-size", "-g"),
+    method: str = typer.Option("hqq"),
+    layers: int = typer.Option(32, help="Decoder layers (32 = Llama-3.1-8B)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the step before capturing it."),
+    out: Path = typer.Option(Path("results/bench_weight_decode.json"), "--out", "-o"),
+) -> None:
+    """GPU: decode step time, random-weight Llama-3.1-8B shape, bf16 weights vs quantized weights."""
+    import torch
+
+    from memfit.bench import bench_weight_decode
+
+    if not torch.cuda.is_available():
+        _fail("bench weight-decode needs a CUDA GPU")
+    r = bench_weight_decode(batch, bits=bits, group_size=group_size, method=method, layers=layers, compile=compile)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(r, indent=1))
+    typer.echo(f"bf16 {r['bf16_ms']:.3f} ms ({r['bf16_mode']}) vs {bits}-bit {r['quant_ms']:.3f} ms ({r['quant_mode']}, "
+               f"{r['kernels']}): {r['speedup']:.2f}x; weights {r['bf16_weight_bytes'] / 2**30:.2f} -> "
+               f"{r['quant_weight_bytes'] / 2**30:.2f} GiB")
     typer.echo(f"wrote {out}")
 
 

@@ -198,3 +198,20 @@ def test_load_refuses_corrupt_or_incomplete_folders(tmp_path):
     (out / "memfit_quant.json").write_text("{not json")
     with pytest.raises(ValueError, match="not JSON"):
         memfit.load_model(str(out))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("stored_bits", [4, 8])
+def test_tinygemm_int4_path_matches_the_dequantized_reference(stored_bits):
+    torch.manual_seed(0)
+    lin = nn.Linear(1024, 256, bias=True, device="cuda", dtype=torch.bfloat16)
+    w = lin.weight.data.float()
+    uc = hqq(w, 4, 64) if stored_bits == 4 else anyprec(w, 64, bits=8, seed_bits=3)
+    q = QuantLinear.from_codes(lin, uc.codes, stored_bits, scale=uc.scale.half(), zero=uc.zero.half(), group_size=64)
+    q.set_read_bits(4)
+    assert q.kernel == "tinygemm-int4"
+    x = torch.randn(3, 1024, device="cuda", dtype=torch.bfloat16)
+    ref = nn.functional.linear(x.float(), q.dequantize(torch.float32), lin.bias.float())
+    err = (q(x).float() - ref).abs().max().item()
+    assert err < 2e-2 * ref.abs().max().item(), err  # bf16 activations and scales inside the kernel

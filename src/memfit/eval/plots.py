@@ -97,3 +97,26 @@ def plot_store(rows: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_weights(rows: list[dict], path: Path) -> Path:
+    """Perplexity against bytes of the quantized linear layers, one series per method."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_method[r["method"]].append(r)
+    for method, rs in by_method.items():
+        rs = sorted(rs, key=lambda r: r["linear_fraction"] * (r["bits"] / r.get("stored_bits", r["bits"])))
+        xs = [r["linear_fraction"] * r["bits"] / r.get("stored_bits", r["bits"]) for r in rs]  # bytes read at that width
+        ax.plot(xs, [r["perplexity"] for r in rs], "o-" if len(rs) > 1 else "o", label=method)
+        for x, r in zip(xs, rs):
+            ax.annotate(f"{r['bits']}b", (x, r["perplexity"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("bytes of the linear layers (fraction of 16-bit)")
+    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

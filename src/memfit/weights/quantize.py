@@ -122,8 +122,11 @@ def quantize_(model: nn.Module, config: WeightQuant, *, calibration: torch.Tenso
 
 
 def _guided_hessians(model, names, config, calibration, progress) -> dict[str, torch.Tensor]:
-    dtype = next(model.parameters()).dtype
-    model.float()  # gradients in float32; bf16/fp16 -> fp32 -> back is exact
+    # gradients in float32 (bf16/fp16 -> fp32 -> back is exact); tensor by tensor, because transformers
+    # refuses .float() on models it loaded from quantized files, and buffers such as RoPE's keep their dtype
+    dtypes = {t: t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
+    for t in dtypes:
+        t.data = t.data.float()
     try:
         if calibration is None:
             log.info("writing %d x %d calibration tokens with the model itself", config.calib_seqs, config.calib_len)
@@ -133,7 +136,8 @@ def _guided_hessians(model, names, config, calibration, progress) -> dict[str, t
             return guided.collect_hessians(model, calibration.to(next(model.parameters()).device), names,
                                            config.guide_groups, progress=bar)
     finally:
-        model.to(dtype)
+        for t, dt in dtypes.items():
+            t.data = t.data.to(dt)
 
 
 def set_read_bits(model: nn.Module, bits: int) -> None:

@@ -1,0 +1,55 @@
+import json
+
+from typer.testing import CliRunner
+
+from memfit.bench import parse_weight_config
+from memfit.cli import app
+
+runner = CliRunner()
+
+
+def test_cli_quantize_then_compare_perplexities(tiny_model_dir, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("The keeper climbed the tower at dusk and lit the lamp. " * 12)
+    out = tmp_path / "q4"
+    r = runner.invoke(app, ["quantize", "-m", str(tiny_model_dir), "--bits", "4", "--method", "hqq", "-g", "32",
+                            "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "14 layers quantized" in r.output and (out / "model.safetensors").is_file()
+    ap = tmp_path / "ap"
+    r = runner.invoke(app, ["quantize", "-m", str(tiny_model_dir), "--bits", "8", "--method", "anyprec", "-g", "32",
+                            "--out", str(ap)])
+    assert r.exit_code == 0, r.output
+    res = tmp_path / "res"
+    r = runner.invoke(app, ["eval", "--perplexity-only", "-m", str(tiny_model_dir), "-m", str(out),
+                            "-p", "none", "--perplexity-text", str(text), "-o", str(res)])
+    assert r.exit_code == 0, r.output
+    rows = json.loads((res / "perplexity.json").read_text())
+    assert [row["model"] for row in rows] == [str(tiny_model_dir), str(out)]
+    assert rows[1]["weight_bytes"] < rows[0]["weight_bytes"]
+    assert rows[0]["perplexity"] != rows[1]["perplexity"]
+    r = runner.invoke(app, ["eval", "--perplexity-only", "-m", str(ap), "--weight-bits", "3", "--weight-bits", "8",
+                            "-p", "none", "--perplexity-text", str(text), "-o", str(res)])
+    assert r.exit_code == 0, r.output
+    rows = json.loads((res / "perplexity.json").read_text())
+    assert [row["weight_bits"] for row in rows] == [3, 8] and rows[0]["perplexity"] != rows[1]["perplexity"]
+
+
+def test_cli_quantize_refuses_bad_input(tiny_model_dir, tmp_path):
+    r = runner.invoke(app, ["quantize", "-m", str(tiny_model_dir), "--method", "magic", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "unknown weight quantization method" in r.output
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    r = runner.invoke(app, ["quantize", "-m", str(tiny_model_dir), "--out", str(busy)])
+    assert r.exit_code == 2 and "refusing" in r.output and (busy / "notes.txt").read_text() == "mine"
+    r = runner.invoke(app, ["eval", "-m", str(tiny_model_dir), "-m", str(tiny_model_dir)])
+    assert r.exit_code == 2 and "--perplexity-only" in r.output
+    r = runner.invoke(app, ["bench", "weights", "-m", str(tiny_model_dir), "-c", "hqq"])
+    assert r.exit_code == 2 and "METHOD:BITS" in r.output
+
+
+def test_parse_weight_config():
+    cfg = parse_weight_config("rtn:3:g128")
+    assert (cfg.method, cfg.bits, cfg.group_size) == ("rtn", 3, 128)
+    assert parse_weight_config("anyprec:8").method == "anyprec"
