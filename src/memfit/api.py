@@ -294,7 +294,7 @@ class LM:
                      limit: int) -> tuple[Policy, CompressedCache]:
         """Bisect the last eviction's keep upwards on measured bytes (bytes grow about linearly with it)."""
         ev = policy.evictions[-1]
-        with_keep = lambda k: Policy((*policy.evictions[:-1], dataclasses.replace(ev, keep=k)), policy.quant)  # noqa: E731
+        with_keep = lambda k: dataclasses.replace(policy, evictions=(*policy.evictions[:-1], dataclasses.replace(ev, keep=k)))  # noqa: E731
         lo, hi = ev.keep, min(1.0, ev.keep * limit / max(1, cache.nbytes) * 1.02)
         for _ in range(5):
             mid = round((lo + hi) / 2, 4)

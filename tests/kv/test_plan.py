@@ -10,7 +10,8 @@ TEXT = "The lighthouse keeper counted ships. " * 40  # about 1.5K byte tokens
 
 @pytest.mark.parametrize("policy", ["none", "kivi(bits=4,group=16,residual=16)", "kivi(bits=2)",
                                     "snapkv(keep=0.3,window=8)+kivi(bits=4,group=16,residual=32)",
-                                    "pyramidkv(keep=0.3,window=8)+kivi(bits=8,group=16,residual=16)"])
+                                    "pyramidkv(keep=0.3,window=8)+kivi(bits=8,group=16,residual=16)",
+                                    "lowrank(rank=16)", "snapkv(keep=0.5,window=8)+lowrank(rank=8)+kivi(bits=4,group=16,residual=16)"])
 def test_byte_count_is_exact_for_uniform_heads(tiny_lm, policy):
     ctx = tiny_lm.prefill(TEXT, policy)
     shape = KVShape(tiny_lm.num_layers, tiny_lm.num_kv_heads, tiny_lm.head_dim, 8)  # float64 model

@@ -22,13 +22,13 @@ def test_canonical_spec_roundtrips():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("foo", "unknown method 'foo'; valid methods: none, decode, h2o, kivi, knorm, kvzip, pyramidkv, snapkv, streaming, tova"),
+    ("foo", "unknown method 'foo'; valid methods: none, decode, h2o, kivi, knorm, kvzip, lowrank, pyramidkv, snapkv, streaming, tova"),
     ("kivi(bitz=2)", "unknown argument 'bitz'; valid arguments: bits, group, residual"),
     ("kivi(bits=3)", "bits must be one of"),
     ("kivi(bits=2.5)", "must be an integer"),
     ("kivi(bits=two)", "is not a number"),
     ("snapkv(keep=1.5)", "keep must be in"),
-    ("kivi(bits=2)+snapkv", "evictions must come before quantization"),
+    ("kivi(bits=2)+snapkv", "evictions must come before lowrank and quantization"),
     ("kivi+kivi", "only one quantizer"),
     ("none+kivi", "cannot be combined"),
     ("kivi(bits=2", "cannot parse"),

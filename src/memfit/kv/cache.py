@@ -19,6 +19,7 @@ from memfit.kv.attention import ATTN_IMPLEMENTATION, pop_scores, push_head_mask,
 from memfit.kv.decode import DecodeBudget
 from memfit.kv.evict import Observation, select_topk
 from memfit.kv.policy import Policy, parse_policy
+from memfit.kv.lowrank import LowRank, project, reconstruct
 from memfit.kv.quant import KIVI, QTensor, dequantize, quantize_keys, quantize_values
 
 FULL_BYTES_PER_ELEMENT = 2  # the reference: an uncompressed 16-bit cache
@@ -116,9 +117,15 @@ class CompressedLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(self, quant: KIVI | None = None, parent: "CompressedLayer | None" = None, defer: bool = False,
-                 decode: DecodeBudget | None = None):
+                 decode: DecodeBudget | None = None, lowrank: LowRank | None = None):
         super().__init__()
         self.quant = quant
+        self.lowrank = lowrank
+        # low-rank keys: the layer's basis [B, H*D, r] (a fork reads its parent's), and without a
+        # quantizer the context's key coefficients and values in the compute dtype
+        self.basis: torch.Tensor | None = parent.basis if parent is not None else None
+        self.kc: torch.Tensor | None = None
+        self.vc: torch.Tensor | None = None
         self.decode = decode
         self.kernels = False  # read packed KV with the decode kernel (CUDA, memfit attention): set by the cache
         self._acc: torch.Tensor | None = None  # decode budget: attention received by each own token
@@ -138,7 +145,8 @@ class CompressedLayer(CacheLayerMixin):
         q = self.qk.num_tokens if self.qk is not None else 0
         w = self.keys.shape[-2] if self.is_initialized else 0
         r = self.ragged.max_len if self.ragged is not None else 0  # padded length, as attention sees it
-        return r + q + w
+        c = self.kc.shape[-2] if self.kc is not None else 0
+        return r + c + q + w
 
     def stored_tokens(self) -> int:
         """Tokens actually held (per row and head), parent included."""
@@ -161,6 +169,10 @@ class CompressedLayer(CacheLayerMixin):
         out: dict[str, torch.Tensor] = dict(self.ragged.tensors()) if self.ragged is not None else {}
         if self.is_initialized:
             out["k_window"], out["v_window"] = self.keys, self.values
+        if self.basis is not None and (self.parent is None or self.basis is not self.parent.basis):
+            out["k_basis"] = self.basis
+        if self.kc is not None:
+            out["k_coef"], out["v_coef"] = self.kc, self.vc
         if self.qk is not None:
             out.update({f"k_{n}": t for n, t in self.qk.tensors().items()})
             out.update({f"v_{n}": t for n, t in self.qv.tensors().items()})
@@ -204,8 +216,12 @@ class CompressedLayer(CacheLayerMixin):
             ks.append(rk)
             vs.append(rv)
             ms.append(rm)
+        if self.kc is not None:
+            ks.append(reconstruct(self.kc, self.basis, self.keys.shape[1]))
+            vs.append(self.vc)
+            ms.append(None)
         if self.qk is not None:
-            ks.append(dequantize(self.qk, self.dtype))
+            ks.append(self._quantized_keys())
             vs.append(dequantize(self.qv, self.dtype))
             ms.append(None)
         if self.is_initialized:
@@ -221,11 +237,16 @@ class CompressedLayer(CacheLayerMixin):
             return ks[0], vs[0], mask
         return torch.cat(ks, dim=-2), torch.cat(vs, dim=-2), mask
 
+    def _quantized_keys(self) -> torch.Tensor:
+        k = dequantize(self.qk, self.dtype)
+        return k if self.basis is None else reconstruct(k, self.basis, self.keys.shape[1])
+
     def fast_decode(self, key_states: torch.Tensor) -> bool:
         """Whether this step can attend over the packed bytes directly (one new token, one plain
         quantized segment and a window, on CUDA)."""
         return (self.kernels and key_states.is_cuda and key_states.shape[-2] == 1 and self.parent is None
-                and self.ragged is None and self.qk is not None and self.qk.bits in (2, 4) and not self.defer)
+                and self.ragged is None and self.qk is not None and self.qk.bits in (2, 4) and not self.defer
+                and self.basis is None)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -260,7 +281,10 @@ class CompressedLayer(CacheLayerMixin):
         f = self.quant.spilled(self.keys.shape[-2])
         if f == 0:
             return
-        kq = quantize_keys(self.keys[:, :, :f], self.quant.bits, self.quant.group)
+        if self.lowrank is not None and self.basis is None:  # no compress() (plain generate): fit it to the window
+            self.basis = self.lowrank.basis(self.keys)
+        k = self.keys[:, :, :f] if self.basis is None else project(self.keys[:, :, :f], self.basis)
+        kq = quantize_keys(k, self.quant.bits, self.quant.group)
         vq = quantize_values(self.values[:, :, :f], self.quant.bits, self.quant.value_group(self.keys.shape[-1]))
         self.qk = kq if self.qk is None else self.qk.cat(kq)
         self.qv = vq if self.qv is None else self.qv.cat(vq)
@@ -289,6 +313,11 @@ class CompressedLayer(CacheLayerMixin):
                 if i + 1 < len(policy.evictions):  # what a later method reads must follow the kept tokens
                     obs = Observation(obs.queries, *(None if t is None else t.gather(-1, idx) for t in
                                                      (obs.attention_sum, obs.reconstruction)))
+            if policy.lowrank is not None and k.shape[-2]:
+                self.basis = policy.lowrank.basis(k)  # fitted to the kept context keys
+                if policy.quant is None:  # no quantizer to spill into: the context becomes coefficients now
+                    self.kc, self.vc = project(k, self.basis), v.contiguous()
+                    k, v = k[:, :, :0], v[:, :, :0]
             self.keys, self.values = k.contiguous(), v.contiguous()
         self.defer = False
         self._spill()
@@ -314,7 +343,7 @@ class CompressedLayer(CacheLayerMixin):
             return
         k, v = self.keys, self.values
         if self.qk is not None:
-            k = torch.cat([dequantize(self.qk, self.dtype), k], dim=-2)
+            k = torch.cat([self._quantized_keys(), k], dim=-2)
             v = torch.cat([dequantize(self.qv, self.dtype), v], dim=-2)
         acc = self._acc if self._acc is not None else k.new_zeros(k.shape[0], k.shape[1], 0, dtype=torch.float32)
         acc = torch.cat([acc.expand(k.shape[0], k.shape[1], -1),
@@ -347,6 +376,8 @@ class CompressedLayer(CacheLayerMixin):
         self.is_initialized = False
         self.qk = self.qv = None
         self.ragged = None
+        self.kc = self.vc = None
+        self.basis = self.parent.basis if self.parent is not None else None
         self._acc = None
         self.seen = self.parent.get_seq_length() if self.parent is not None else 0
 
@@ -366,8 +397,8 @@ class CompressedCache(Cache):
         if _layers is None:
             if num_layers is None:
                 raise ValueError("CompressedCache needs num_layers (model.config.num_hidden_layers)")
-            _layers = [CompressedLayer(self.policy.quant, defer=defer, decode=self.policy.decode)
-                       for _ in range(num_layers)]
+            _layers = [CompressedLayer(self.policy.quant, defer=defer, decode=self.policy.decode,
+                                       lowrank=self.policy.lowrank) for _ in range(num_layers)]
         super().__init__(layers=_layers)
 
     @classmethod
@@ -433,7 +464,8 @@ class CompressedCache(Cache):
             rows.add(1)
         if rows and rows != {1} and rows != {batch_size}:
             raise ValueError(f"cannot fork a cache of batch size {rows.pop()} into {batch_size} rows")
-        layers = [CompressedLayer(self.policy.quant, parent=layer, decode=self.policy.decode) for layer in self.layers]
+        layers = [CompressedLayer(self.policy.quant, parent=layer, decode=self.policy.decode, lowrank=self.policy.lowrank)
+                  for layer in self.layers]
         return CompressedCache(self.policy, _layers=layers)
 
     def keep_dense(self) -> "CompressedCache":
@@ -471,6 +503,8 @@ class CompressedCache(Cache):
             layer.dtype, layer.device, layer.is_initialized = getattr(torch, info["dtype"]), layer.keys.device, True
             if "r_lens" in t:
                 layer.ragged = Ragged.from_tensors(t, info["q"])
+            layer.basis = t.get("k_basis")
+            layer.kc, layer.vc = t.get("k_coef"), t.get("v_coef")
             if "k_codes" in t:
                 q = info["q"]
                 layer.qk = QTensor(t["k_codes"], t["k_scale"], t["k_zero"], q["bits"], "token", q["kgroup"])
@@ -480,8 +514,8 @@ class CompressedCache(Cache):
     def truncate_(self, num_tokens: int) -> "CompressedCache":
         """Keep only the first ``num_tokens`` tokens, in place (prefix reuse of a cache without
         eviction). ``num_tokens`` must not cut a key group of the quantized part."""
-        if self.policy.evictions:
-            raise ValueError("an evicted cache is a function of its whole context: its prefix cannot be reused")
+        if self.policy.evictions or self.policy.lowrank is not None:
+            raise ValueError("an evicted or low-rank cache is a function of its whole context: its prefix cannot be reused")
         for layer in self.layers:
             if not layer.is_initialized:
                 continue

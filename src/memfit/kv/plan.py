@@ -44,6 +44,19 @@ def _head_bytes(n: int, q: KIVI | None, d: int, ragged: bool, e: int) -> float:
     return c * (n - window) + 2 * e * d * window
 
 
+def _lowrank_layer_bytes(n: int, p: Policy, shape: KVShape) -> float:
+    """One layer with low-rank keys: the basis, the keys' coefficients (quantized or not), the values
+    and the 16-bit window."""
+    h, d, e, r, q = shape.num_kv_heads, shape.head_dim, shape.dtype_bytes, p.lowrank.rank, p.quant
+    basis = e * h * d * r
+    if q is None:
+        return basis + e * r * n + h * e * d * n  # the whole context as coefficients + values
+    spilled = q.spilled(n)
+    coef = spilled * (r * q.bits / 8 + 4 * r / q.group)
+    values = h * spilled * (d * q.bits / 8 + 4 * d / q.value_group(d))
+    return basis + coef + values + 2 * h * e * d * (n - spilled)
+
+
 def policy_nbytes(policy: "str | Policy", num_tokens: int, shape: KVShape) -> int:
     """Bytes the policy's cache holds after reading ``num_tokens`` context tokens (batch 1)."""
     p = parse_policy(policy)
@@ -55,6 +68,9 @@ def policy_nbytes(policy: "str | Policy", num_tokens: int, shape: KVShape) -> in
             if k < n:
                 ragged = ragged or ev.heads == "adaptive"
                 n = k
+        if p.lowrank is not None:
+            total += _lowrank_layer_bytes(n, p, shape)
+            continue
         total += shape.num_kv_heads * _head_bytes(n, p.quant, shape.head_dim, ragged, shape.dtype_bytes)
         if ragged:
             total += 2 * shape.num_kv_heads * 4  # the int32 table of per-head lengths

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 
 from memfit.kv.decode import DecodeBudget
 from memfit.kv.evict import H2O, TOVA, Eviction, Knorm, KVzip, PyramidKV, SnapKV, StreamingLLM
+from memfit.kv.lowrank import LowRank
 from memfit.kv.quant import KIVI
 
 EVICTIONS: dict[str, type[Eviction]] = {"snapkv": SnapKV, "streaming": StreamingLLM, "kvzip": KVzip, "h2o": H2O,
                                         "tova": TOVA, "knorm": Knorm, "pyramidkv": PyramidKV}
 QUANTIZERS: dict[str, type] = {"kivi": KIVI}
-METHODS: dict[str, type] = {**EVICTIONS, **QUANTIZERS, "decode": DecodeBudget}
+METHODS: dict[str, type] = {**EVICTIONS, "lowrank": LowRank, **QUANTIZERS, "decode": DecodeBudget}
 
 
 class PolicyError(ValueError):
@@ -30,10 +31,11 @@ class Policy:
     evictions: tuple[Eviction, ...] = ()
     quant: KIVI | None = None
     decode: DecodeBudget | None = None
+    lowrank: LowRank | None = None
 
     @property
     def is_none(self) -> bool:
-        return not self.evictions and self.quant is None and self.decode is None
+        return not self.evictions and self.quant is None and self.decode is None and self.lowrank is None
 
     def queries_needed(self) -> int:
         return max((e.queries_needed() for e in self.evictions), default=0)
@@ -47,7 +49,7 @@ class Policy:
         """Canonical spec: every argument spelled out, so equal policies have equal specs."""
         if self.is_none:
             return "none"
-        return "+".join(_format(m) for m in (*self.evictions, *(m for m in (self.quant, self.decode) if m)))
+        return "+".join(_format(m) for m in (*self.evictions, *(m for m in (self.lowrank, self.quant, self.decode) if m)))
 
     def __str__(self) -> str:
         return self.spec
@@ -113,7 +115,7 @@ def parse_policy(spec: "str | Policy | None") -> Policy:
     if spec is None or not str(spec).strip() or str(spec).strip().lower() == "none":
         return Policy()
     evictions: list[Eviction] = []
-    quant = decode = None
+    quant = decode = lowrank = None
     for term in str(spec).split("+"):
         m = _TERM.match(term)
         if not m:
@@ -125,9 +127,15 @@ def parse_policy(spec: "str | Policy | None") -> Policy:
             if decode is not None:
                 raise PolicyError(f"in {spec!r}: only one decode budget per policy")
             decode = method
+        elif isinstance(method, LowRank):
+            if lowrank is not None or quant is not None:
+                raise PolicyError(f"in {spec!r}: one lowrank term, before the quantizer (its coefficients are what is quantized)")
+            if any(e.heads == "adaptive" for e in evictions):
+                raise PolicyError(f"in {spec!r}: lowrank needs heads=uniform evictions (one basis for the layer's heads)")
+            lowrank = method
         elif isinstance(method, Eviction):
-            if quant is not None:
-                raise PolicyError(f"in {spec!r}: evictions must come before quantization (evict, then quantize)")
+            if quant is not None or lowrank is not None:
+                raise PolicyError(f"in {spec!r}: evictions must come before lowrank and quantization (evict, then compress)")
             if evictions and evictions[-1].heads == "adaptive":
                 raise PolicyError(f"in {spec!r}: an eviction with heads=adaptive must be the last eviction")
             evictions.append(method)
@@ -135,7 +143,7 @@ def parse_policy(spec: "str | Policy | None") -> Policy:
             if quant is not None:
                 raise PolicyError(f"in {spec!r}: only one quantizer per policy")
             quant = method
-    return Policy(tuple(evictions), quant, decode)
+    return Policy(tuple(evictions), quant, decode, lowrank)
 
 
 def describe_methods() -> dict[str, str]:
