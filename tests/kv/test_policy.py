@@ -22,7 +22,7 @@ def test_canonical_spec_roundtrips():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("foo", "unknown method 'foo'; valid methods: none, decode, h2o, kivi, knorm, kvzip, lowrank, pyramidkv, snapkv, streaming, tova"),
+    ("foo", "unknown method 'foo'; valid methods: none, decode, h2o, kivi, knorm, kvtuner, kvzip, lowrank, pyramidkv, snapkv, streaming, tova"),
     ("kivi(bitz=2)", "unknown argument 'bitz'; valid arguments: bits, group, residual"),
     ("kivi(bits=3)", "bits must be one of"),
     ("kivi(bits=2.5)", "must be an integer"),

@@ -10,6 +10,7 @@ where its stored entries sit (``kv_offset``) so that causality among new tokens 
 
 from __future__ import annotations
 
+import dataclasses
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -18,9 +19,9 @@ from memfit.kernels.decode_attention import decode_attention
 from memfit.kv.attention import ATTN_IMPLEMENTATION, pop_scores, push_head_mask, push_packed, request_scores
 from memfit.kv.decode import DecodeBudget
 from memfit.kv.evict import Observation, select_topk
-from memfit.kv.policy import Policy, parse_policy
 from memfit.kv.lowrank import LowRank, project, reconstruct
-from memfit.kv.quant import KIVI, QTensor, dequantize, quantize_keys, quantize_values
+from memfit.kv.policy import Policy, parse_policy
+from memfit.kv.quant import KIVI, LayerBits, QTensor, attention_error, dequantize, quantize_keys, quantize_values
 
 FULL_BYTES_PER_ELEMENT = 2  # the reference: an uncompressed 16-bit cache
 
@@ -397,7 +398,9 @@ class CompressedCache(Cache):
         if _layers is None:
             if num_layers is None:
                 raise ValueError("CompressedCache needs num_layers (model.config.num_hidden_layers)")
-            _layers = [CompressedLayer(self.policy.quant, defer=defer, decode=self.policy.decode,
+            q = self.policy.quant
+            q = q.uniform() if isinstance(q, LayerBits) else q  # until compress() measures each layer
+            _layers = [CompressedLayer(q, defer=defer, decode=self.policy.decode,
                                        lowrank=self.policy.lowrank) for _ in range(num_layers)]
         super().__init__(layers=_layers)
 
@@ -438,8 +441,24 @@ class CompressedCache(Cache):
     def compress(self, obs: dict[int, Observation] | None = None) -> None:
         """Apply the policy's evictions and quantization to everything prefilled so far. ``obs``:
         layer -> what the prefill recorded, for methods that score with it."""
+        q, obs = self.policy.quant, obs or {}
+        if isinstance(q, LayerBits):
+            self._assign_layer_bits(q, obs)
         for i, layer in enumerate(self.layers):
-            layer.compress(self.policy, (obs or {}).get(i), i, len(self.layers))
+            policy = dataclasses.replace(self.policy, quant=layer.quant) if isinstance(q, LayerBits) else self.policy
+            layer.compress(policy, obs.get(i), i, len(self.layers))
+
+    def _assign_layer_bits(self, q: LayerBits, obs: dict[int, Observation]) -> None:
+        """Bits per layer from each layer's attention error on its own context (KVTuner-style)."""
+        errors = []
+        for i, layer in enumerate(self.layers):
+            o = obs.get(i)
+            if not (layer.is_initialized and layer.qk is None and layer.ragged is None and o is not None
+                    and o.queries is not None):
+                return  # nothing measured (e.g. extending a restored prefix): the layers keep their bits
+            errors.append({b: attention_error(o.queries, layer.keys, layer.values, q.kivi(b)) for b in q.CHOICES})
+        for layer, bits in zip(self.layers, q.assign(errors)):
+            layer.quant = q.kivi(bits)
 
     def derive(self, policy: "str | Policy", obs: dict[int, Observation] | None = None) -> "CompressedCache":
         """Compress a copy of this uncompressed (deferred) cache with ``policy``: one prefill, many
@@ -464,7 +483,7 @@ class CompressedCache(Cache):
             rows.add(1)
         if rows and rows != {1} and rows != {batch_size}:
             raise ValueError(f"cannot fork a cache of batch size {rows.pop()} into {batch_size} rows")
-        layers = [CompressedLayer(self.policy.quant, parent=layer, decode=self.policy.decode, lowrank=self.policy.lowrank)
+        layers = [CompressedLayer(layer.quant, parent=layer, decode=self.policy.decode, lowrank=self.policy.lowrank)
                   for layer in self.layers]
         return CompressedCache(self.policy, _layers=layers)
 
@@ -503,6 +522,8 @@ class CompressedCache(Cache):
             layer.dtype, layer.device, layer.is_initialized = getattr(torch, info["dtype"]), layer.keys.device, True
             if "r_lens" in t:
                 layer.ragged = Ragged.from_tensors(t, info["q"])
+            if isinstance(cache.policy.quant, LayerBits) and info["q"]:
+                layer.quant = cache.policy.quant.kivi(info["q"]["bits"])
             layer.basis = t.get("k_basis")
             layer.kc, layer.vc = t.get("k_coef"), t.get("v_coef")
             if "k_codes" in t:

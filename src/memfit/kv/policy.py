@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from memfit.kv.decode import DecodeBudget
 from memfit.kv.evict import H2O, TOVA, Eviction, Knorm, KVzip, PyramidKV, SnapKV, StreamingLLM
 from memfit.kv.lowrank import LowRank
-from memfit.kv.quant import KIVI
+from memfit.kv.quant import KIVI, LayerBits
 
 EVICTIONS: dict[str, type[Eviction]] = {"snapkv": SnapKV, "streaming": StreamingLLM, "kvzip": KVzip, "h2o": H2O,
                                         "tova": TOVA, "knorm": Knorm, "pyramidkv": PyramidKV}
-QUANTIZERS: dict[str, type] = {"kivi": KIVI}
+QUANTIZERS: dict[str, type] = {"kivi": KIVI, "kvtuner": LayerBits}
 METHODS: dict[str, type] = {**EVICTIONS, "lowrank": LowRank, **QUANTIZERS, "decode": DecodeBudget}
 
 
@@ -29,7 +29,7 @@ class PolicyError(ValueError):
 @dataclass(frozen=True)
 class Policy:
     evictions: tuple[Eviction, ...] = ()
-    quant: KIVI | None = None
+    quant: KIVI | LayerBits | None = None
     decode: DecodeBudget | None = None
     lowrank: LowRank | None = None
 
@@ -38,7 +38,8 @@ class Policy:
         return not self.evictions and self.quant is None and self.decode is None and self.lowrank is None
 
     def queries_needed(self) -> int:
-        return max((e.queries_needed() for e in self.evictions), default=0)
+        own = self.quant.window if isinstance(self.quant, LayerBits) else 0  # queries its sensitivity reads
+        return max([own, *(e.queries_needed() for e in self.evictions)])
 
     def observes(self) -> set[str]:
         """What the prefill must record for this policy's evictions (see ``Observation``)."""

@@ -145,3 +145,79 @@ class KIVI:
         if head_dim % g:
             raise ValueError(f"kivi: head_dim {head_dim} is not a multiple of the value group {g}")
         return g
+
+
+@dataclass(frozen=True)
+class LayerBits:
+    """KIVI with bits chosen per layer (KVTuner-style) under a target average ``bits``.
+
+    At the end of prefill each layer's sensitivity is measured on its own context: the relative
+    error of the attention output of the context's last ``window`` queries when its keys and values
+    are quantized at 2, 4 or 8 bits. Every layer starts at 2 bits; the upgrade with the largest error
+    drop per extra bit is taken while the layers' mean stays within ``bits``. Without a prefill that
+    measures (plain ``generate``), every layer uses the widest choice within ``bits``.
+    """
+
+    bits: float = 3.0
+    group: int = 64
+    residual: int = 128
+    window: int = 32
+
+    CHOICES = (2, 4, 8)
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"kvtuner: bits (the target mean over layers) must be in [2, 8], got {self.bits}")
+        KIVI(2, self.group, self.residual)  # same checks on group and residual
+        if self.window < 1:
+            raise ValueError(f"kvtuner: window must be >= 1, got {self.window}")
+
+    def kivi(self, bits: int) -> KIVI:
+        return KIVI(bits, self.group, self.residual)
+
+    def uniform(self) -> KIVI:
+        return self.kivi(max(b for b in self.CHOICES if b <= self.bits))
+
+    def spilled(self, n: int) -> int:
+        return self.uniform().spilled(n)
+
+    def value_group(self, head_dim: int) -> int:
+        return self.uniform().value_group(head_dim)
+
+    def assign(self, errors: list[dict[int, float]]) -> list[int]:
+        """Per-layer bits from each layer's error at each choice: greedy by error drop per bit."""
+        bits = [self.CHOICES[0]] * len(errors)
+        budget = self.bits * len(errors)
+        while True:
+            best, gain = None, 0.0
+            for i, b in enumerate(bits):
+                nxt = next((c for c in self.CHOICES if c > b), None)
+                if nxt is None or sum(bits) - b + nxt > budget + 1e-9:
+                    continue
+                g = (errors[i][b] - errors[i][nxt]) / (nxt - b)
+                if g > gain:
+                    best, gain = i, g
+            if best is None:
+                return bits
+            bits[best] = next(c for c in self.CHOICES if c > bits[best])
+
+
+def attention_error(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q: KIVI) -> float:
+    """Relative error of softmax(QK^T)V when K and V are quantized as ``q`` would (the part that
+    spills; the window stays exact). queries [B, Hq, W, D] (grouped over KV heads), keys/values [B, H, N, D]."""
+    n = keys.shape[-2]
+    f = q.spilled(n)
+    if f == 0:
+        return 0.0
+    kq = torch.cat([dequantize(quantize_keys(keys[:, :, :f], q.bits, q.group)), keys[:, :, f:].float()], -2)
+    vq = torch.cat([dequantize(quantize_values(values[:, :, :f], q.bits, q.value_group(keys.shape[-1]))),
+                    values[:, :, f:].float()], -2)
+    rep = queries.shape[1] // keys.shape[1]
+    qf = queries.float() / math.sqrt(queries.shape[-1])
+
+    def attend(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k, v = k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1)
+        return torch.softmax(qf @ k.transpose(-1, -2), -1) @ v
+
+    ref = attend(keys, values)
+    return float((attend(kq, vq) - ref).norm() / ref.norm().clamp_min(1e-12))
