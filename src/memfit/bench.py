@@ -412,7 +412,8 @@ def bench_weights(lm: LM, configs: list, text: str, read_bits: tuple[int, ...] =
                 set_read_bits(lm.model, bits)
             t1 = time.perf_counter()
             ppl = perplexity(lm, text)
-            name = f"{cfg.method}:{cfg.bits}" + (f"@{bits}" if cfg.method == "anyprec" else "")
+            name = (f"{cfg.method}:{cfg.bits}" + (f":g{cfg.group_size}" if cfg.method != "guided" and cfg.group_size != 64 else "")
+                    + (f"@{bits}" if cfg.method == "anyprec" else ""))
             rows.append({"config": name, "method": cfg.method, "bits": bits, "stored_bits": cfg.bits,
                          "group_size": cfg.group_size if cfg.method != "guided" else None,
                          "perplexity": ppl, "ppl_vs_ref": ppl / ref_ppl - 1,
