@@ -284,6 +284,17 @@ def bench_attention(shapes: list[tuple[int, int]], q_heads: int = 32, kv_heads: 
             row[f"kivi{nb}_max_abs_err"] = err
             row[f"kivi{nb}_tb_per_s"] = packed / ms / 1e9
             del qk, qv, args
+        # quantize-and-pack of this whole cache (what prefill's end does per layer), kernel vs torch,
+        # beside the causal SDPA of the same tokens (a lower bound of one layer's prefill)
+        kq, vq = k[:, :, : n - window], v[:, :, : n - window]
+        row["pack4_ms"] = _cuda_ms(lambda: (quantize_keys(kq, 4, 64), quantize_values(vq, 4, 64)), reps=20)  # noqa: B023
+        row["pack4_torch_ms"] = _cuda_ms(lambda: (quantize_keys(kq, 4, 64, use_kernels=False),  # noqa: B023
+                                                  quantize_values(vq, 4, 64, use_kernels=False)), reps=20)
+        if b * n <= 131072:
+            qs = torch.randn(b, q_heads, n, head_dim, device=dev, dtype=torch.bfloat16, generator=g)
+            row["prefill_attention_ms"] = _cuda_ms(
+                lambda: F.scaled_dot_product_attention(qs, k, v, is_causal=True, enable_gqa=True), reps=20)  # noqa: B023
+            del qs
         rows.append(row)
         del k, v
         torch.cuda.empty_cache()

@@ -446,7 +446,7 @@ def bench_store(
 @bench_app.command("attention")
 def bench_attention_cmd(
     shapes: list[str] = typer.Option(["1x131072", "8x32768", "1x32768", "1x8192"], "--shape", help="BATCHxTOKENS."),
-    out: Path = typer.Option(Path("results/bench_attention.json")),
+    out: Path = typer.Option(Path("results/bench_attention.json"), "--out", "-o"),
 ) -> None:
     """GPU: one decode step of attention, bf16 SDPA vs the packed 4/2-bit kernel (Llama-3.1-8B heads)."""
     import torch
@@ -463,6 +463,10 @@ def bench_attention_cmd(
         typer.echo(f"{r['batch']:>5} {r['tokens']:>7} {r['sdpa_bf16_ms']:>8.4f} {r['kivi4_ms']:>8.4f} "
                    f"{r['kivi4_speedup']:>5.2f} {r['kivi2_ms']:>8.4f} {r['kivi2_speedup']:>5.2f} "
                    f"{r['kivi4_max_abs_err']:>8.1e} {r['kivi2_max_abs_err']:>8.1e}")
+    for r in rows:
+        pre = f", causal SDPA prefill of the same tokens {r['prefill_attention_ms']:.2f} ms" if "prefill_attention_ms" in r else ""
+        typer.echo(f"{r['batch']}x{r['tokens']}: 4-bit quantize-and-pack of one layer's K+V {r['pack4_ms']:.3f} ms "
+                   f"(torch {r['pack4_torch_ms']:.3f} ms){pre}")
     typer.echo(f"wrote {out}")
 
 

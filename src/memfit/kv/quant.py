@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from memfit.kernels import quantize_pack as pack_kernels
 from memfit.kernels.packing import check_bits as _check_bits, pack, unpack
 
 PARAM_DTYPE = torch.float16  # scales and zero points; see nbytes accounting in cache.py
@@ -82,24 +83,29 @@ def _minmax_quantize(x: torch.Tensor, bits: int, reduce_dim: int) -> tuple[torch
     return codes, scale, zero
 
 
-def quantize_keys(k: torch.Tensor, bits: int, group: int) -> QTensor:
-    """Per-channel key quantization over groups of ``group`` tokens. ``k``: [B, H, N, D], N % group == 0."""
+def quantize_keys(k: torch.Tensor, bits: int, group: int, use_kernels: bool = True) -> QTensor:
+    """Per-channel key quantization over groups of ``group`` tokens. ``k``: [B, H, N, D], N % group == 0.
+    On CUDA the Triton quantize-and-pack kernel does it (``use_kernels=False``: this torch path, its reference)."""
     _check_bits(bits)
     b, h, n, d = k.shape
     if n % group:
         raise ValueError(f"key quantization needs a multiple of group={group} tokens, got {n}")
+    if use_kernels and pack_kernels.supports(k, bits, group):
+        return QTensor(*pack_kernels.quantize_keys_pack(k, bits, group), bits, "token", group)
     codes, scale, zero = _minmax_quantize(k.reshape(b, h, n // group, group, d), bits, reduce_dim=3)
     return QTensor(
         pack(codes.reshape(b, h, n, d), bits), scale.squeeze(3), zero.squeeze(3), bits, "token", group
     )
 
 
-def quantize_values(v: torch.Tensor, bits: int, group: int) -> QTensor:
+def quantize_values(v: torch.Tensor, bits: int, group: int, use_kernels: bool = True) -> QTensor:
     """Per-token value quantization over groups of ``group`` channels. ``v``: [B, H, N, D], D % group == 0."""
     _check_bits(bits)
     b, h, n, d = v.shape
     if d % group:
         raise ValueError(f"value quantization needs head_dim ({d}) to be a multiple of its group ({group})")
+    if use_kernels and pack_kernels.supports(v, bits, group) and d // group in (1, 2):
+        return QTensor(*pack_kernels.quantize_values_pack(v, bits, group), bits, "channel", group)
     codes, scale, zero = _minmax_quantize(v.reshape(b, h, n, d // group, group), bits, reduce_dim=4)
     return QTensor(pack(codes.reshape(b, h, n, d), bits), scale.squeeze(4), zero.squeeze(4), bits, "channel", group)
 
