@@ -19,9 +19,8 @@ try:
 except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
 
-FP16_MAX = 65504.0
-
 if triton is not None:
+    FP16_MAX = tl.constexpr(65504.0)  # ranges are clamped to what float16 parameters can hold
 
     @triton.jit
     def _codes(x, zero, scale, QMAX: tl.constexpr):
