@@ -2,7 +2,7 @@
 
 Same contract and the same arithmetic as the pure-torch path in ``memfit.kv.quant``
 (``quantize_keys`` / ``quantize_values``, which call this on CUDA and are its reference): per group
-the minimum and maximum, ``zero = fp16(min)``, ``scale = fp16(max((max - zero) / qmax, 1e-6))``,
+the minimum and maximum, ``zero = fp16(min)``, ``scale = fp16(max((max - zero) * (1 / qmax), 1e-6))``,
 ``code = clamp(rint((x - zero) / scale))`` with IEEE division and round-half-even, packed along the
 channels (``kernels.packing``). Keys are grouped per channel over ``group`` tokens, values per token
 over ``vgroup`` channels. One program reads a tile once and writes its codes and parameters.
@@ -42,7 +42,7 @@ if triton is not None:
             lo = tl.minimum(tl.maximum(tl.min(x, 0), -FP16_MAX), FP16_MAX)
             hi = tl.minimum(tl.maximum(tl.max(x, 0), -FP16_MAX), FP16_MAX)
             zero = lo.to(tl.float16)
-            scale = tl.maximum(tl.math.div_rn(hi - zero.to(tl.float32), QMAX * 1.0), 1e-6).to(tl.float16)
+            scale = tl.maximum((hi - zero.to(tl.float32)) * (1.0 / QMAX), 1e-6).to(tl.float16)
             c = _codes(x, zero.to(tl.float32)[None, :], scale.to(tl.float32)[None, :], QMAX)
             packed = packed | (c << (BITS * j))
             tl.store(S + b * ssb + h * ssh + g * ssg + oi * PB + j, scale)
@@ -74,7 +74,7 @@ if triton is not None:
             lo = tl.minimum(tl.maximum(lo, -FP16_MAX), FP16_MAX)
             hi = tl.minimum(tl.maximum(hi, -FP16_MAX), FP16_MAX)
             zero = lo.to(tl.float16)
-            scale = tl.maximum(tl.math.div_rn(hi - zero.to(tl.float32), QMAX * 1.0), 1e-6).to(tl.float16)
+            scale = tl.maximum((hi - zero.to(tl.float32)) * (1.0 / QMAX), 1e-6).to(tl.float16)
             tl.store(S + sbase + vg, scale, mask=nm)
             tl.store(Z + sbase + vg, zero, mask=nm)
             for j in tl.static_range(PB):

@@ -78,7 +78,9 @@ def _minmax_quantize(x: torch.Tensor, bits: int, reduce_dim: int) -> tuple[torch
     # Round the parameters to their stored precision first, so that the codes are chosen for the
     # scale and zero that dequantization will actually use.
     zero = lo.to(PARAM_DTYPE)
-    scale = ((hi - zero.float()) / qmax).clamp_min(1e-6).to(PARAM_DTYPE)
+    # times the reciprocal, as torch does on CUDA for a scalar divisor anyway: the same on every device and
+    # in the quantize-and-pack kernel
+    scale = ((hi - zero.float()) * (1.0 / qmax)).clamp_min(1e-6).to(PARAM_DTYPE)
     codes = torch.round((x - zero.float()) / scale.float()).clamp_(0, qmax).to(torch.uint8)
     return codes, scale, zero
 
