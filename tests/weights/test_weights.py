@@ -215,3 +215,23 @@ def test_tinygemm_int4_path_matches_the_dequantized_reference(stored_bits):
     ref = nn.functional.linear(x.float(), q.dequantize(torch.float32), lin.bias.float())
     err = (q(x).float() - ref).abs().max().item()
     assert err < 2e-2 * ref.abs().max().item(), err  # bf16 activations and scales inside the kernel
+
+
+@pytest.mark.slow
+def test_smollm2_quantizes_saves_and_loads(smollm2, tmp_path):
+    """The GGUF-loaded model (which transformers marks as quantized) goes through guided calibration,
+    HQQ and a save/load round trip; layer 0 only, to stay fast."""
+    import copy
+
+    lm = copy.copy(smollm2)
+    lm.model = copy.deepcopy(smollm2.model)
+    skip = ("lm_head", "model.layers.[1-9]*")
+    report = quantize_(lm.model, WeightQuant(bits=3, method="guided", skip=skip, calib_seqs=2, calib_len=32, iters=1),
+                       progress=False)
+    assert len(report.layers) == 7 and all(n.startswith("model.layers.0.") for n in report.layers)
+    assert next(lm.model.model.layers[1].parameters()).dtype == torch.bfloat16  # calibration's fp32 undone
+    out = save_quantized(lm.model, lm.tokenizer, tmp_path / "q", report)
+    back = memfit.load_model(str(out))
+    ids = lm.tokenizer("Lighthouses guide ships.", return_tensors="pt")["input_ids"]
+    torch.testing.assert_close(_logits(back.model, ids), _logits(lm.model, ids), rtol=0, atol=0)
+    assert back.ask(back.prefill("The code is 4412."), "What is the code?", max_new_tokens=8)
