@@ -259,8 +259,8 @@ def bench_attention(shapes: list[tuple[int, int]], q_heads: int = 32, kv_heads: 
     from memfit.kv.quant import quantize_keys, quantize_values
 
     dev = torch.device("cuda")
-    rows = []
-    for b, n in shapes:
+
+    def one(b: int, n: int) -> dict:  # a function: its tensors are freed when it returns
         g = torch.Generator(device=dev).manual_seed(0)
         k = torch.randn(b, kv_heads, n, head_dim, device=dev, dtype=torch.bfloat16, generator=g)
         v = torch.randn(b, kv_heads, n, head_dim, device=dev, dtype=torch.bfloat16, generator=g)
@@ -283,7 +283,6 @@ def bench_attention(shapes: list[tuple[int, int]], q_heads: int = 32, kv_heads: 
             row[f"kivi{nb}_bytes"] = packed
             row[f"kivi{nb}_max_abs_err"] = err
             row[f"kivi{nb}_tb_per_s"] = packed / ms / 1e9
-            del qk, qv, args
         # quantize-and-pack of this whole cache (what prefill's end does per layer), kernel vs torch,
         # beside the causal SDPA of the same tokens (a lower bound of one layer's prefill)
         kq, vq = k[:, :, : n - window], v[:, :, : n - window]
@@ -294,9 +293,11 @@ def bench_attention(shapes: list[tuple[int, int]], q_heads: int = 32, kv_heads: 
             qs = torch.randn(b, q_heads, n, head_dim, device=dev, dtype=torch.bfloat16, generator=g)
             row["prefill_attention_ms"] = _cuda_ms(
                 lambda: F.scaled_dot_product_attention(qs, k, v, is_causal=True, enable_gqa=True), reps=20)  # noqa: B023
-            del qs
-        rows.append(row)
-        del k, v
+        return row
+
+    rows = []
+    for b, n in shapes:
+        rows.append(one(b, n))
         torch.cuda.empty_cache()
     return rows
 
@@ -334,7 +335,7 @@ def bench_decode(batch: int = 8, context: int = 32768, policies: tuple[str, ...]
                  steps: int = 32, chunk: int = 2048, layers: int = 32) -> list[dict]:
     """Decode step time and peak GPU memory of a random-weight Llama-3.1-8B-shaped model after a
     ``batch`` x ``context`` prefill, with transformers' DynamicCache ("none") and CompressedCache."""
-    from transformers import DynamicCache, LlamaForCausalLM
+    from transformers import DynamicCache
 
     import memfit.kv.attention  # noqa: F401  registers the memfit attention implementation
     from memfit.kv.cache import CompressedCache

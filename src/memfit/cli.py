@@ -42,6 +42,18 @@ def _policy(spec: str):
         _fail(f"bad policy: {e}")
 
 
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1))
+
+
+def _need_cuda(what: str) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        _fail(f"{what} needs a CUDA GPU")
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
 
@@ -212,8 +224,7 @@ def demo(
     for r in rows:
         typer.echo(f"{r['policy'][:48]:<48} " + " | ".join(a[:14] for a in r["answers"]))
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(rows, indent=1))
+        _write_json(out, rows)
         typer.echo(f"wrote {out}")
 
 
@@ -373,8 +384,7 @@ def bench_kv(
     pols = [_policy(p) for p in policies]
     lm = _load(model)
     rows = run(lm, lengths, pols, decode_tokens)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": model, "device": str(lm.device), "rows": rows}, indent=1))
+    _write_json(out, {"model": model, "device": str(lm.device), "rows": rows})
     typer.echo(f"{'policy':<48} {'tokens':>7} {'B/token':>9} {'vs 16-bit':>9} {'prefill s':>9} {'decode tok/s':>12}")
     for r in rows:
         typer.echo(f"{r['policy'][:48]:<48} {r['tokens']:>7} {r['bytes_per_token']:>9.0f} {r['ratio']:>9.3f} "
@@ -404,8 +414,7 @@ def bench_weights_cmd(
         _fail(f"perplexity text {path} does not exist")
     lm = _load(model)
     rows = bench_weights(lm, cfgs, path.read_text(encoding="utf-8"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": model, "text": str(path), "rows": rows}, indent=1))
+    _write_json(out, {"model": model, "text": str(path), "rows": rows})
     for r in rows:
         typer.echo(f"{r['config']:>14}  ppl {r['perplexity']:8.3f} ({r.get('ppl_vs_ref', 0):+.1%})  "
                    f"linear {r['linear_fraction']:.3f}x  model {_mib(r['model_bytes'])}  quantize {r['quantize_s']:.0f} s")
@@ -428,8 +437,7 @@ def bench_store(
     pols = [_policy(p) for p in policies]
     lm = _load(model)
     rows = run(lm, lengths, pols, store_dir, redis_url, repeats)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": model, "device": str(lm.device), "rows": rows}, indent=1))
+    _write_json(out, {"model": model, "device": str(lm.device), "rows": rows})
     from memfit.eval.plots import plot_store
 
     png = plot_store(rows, out.with_suffix(".png"))
@@ -453,11 +461,9 @@ def bench_attention_cmd(
 
     from memfit.bench import bench_attention
 
-    if not torch.cuda.is_available():
-        _fail("bench attention needs a CUDA GPU")
+    _need_cuda("bench attention")
     rows = bench_attention([tuple(int(x) for x in s.lower().split("x")) for s in shapes])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+    _write_json(out, {"device": torch.cuda.get_device_name(), "rows": rows})
     typer.echo(f"{'batch':>5} {'tokens':>7} {'sdpa ms':>8} {'4-bit ms':>8} {'x':>5} {'2-bit ms':>8} {'x':>5} {'err4':>8} {'err2':>8}")
     for r in rows:
         typer.echo(f"{r['batch']:>5} {r['tokens']:>7} {r['sdpa_bf16_ms']:>8.4f} {r['kivi4_ms']:>8.4f} "
@@ -481,15 +487,11 @@ def bench_weight_decode_cmd(
     out: Path = typer.Option(Path("results/bench_weight_decode.json"), "--out", "-o"),
 ) -> None:
     """GPU: decode step time, random-weight Llama-3.1-8B shape, bf16 weights vs quantized weights."""
-    import torch
-
     from memfit.bench import bench_weight_decode
 
-    if not torch.cuda.is_available():
-        _fail("bench weight-decode needs a CUDA GPU")
+    _need_cuda("bench weight-decode")
     r = bench_weight_decode(batch, bits=bits, group_size=group_size, method=method, layers=layers, compile=compile)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(r, indent=1))
+    _write_json(out, r)
     typer.echo(f"bf16 {r['bf16_ms']:.3f} ms ({r['bf16_mode']}) vs {bits}-bit {r['quant_ms']:.3f} ms ({r['quant_mode']}, "
                f"{r['kernels']}): {r['speedup']:.2f}x; weights {r['bf16_weight_bytes'] / 2**30:.2f} -> "
                f"{r['quant_weight_bytes'] / 2**30:.2f} GiB")
@@ -510,11 +512,9 @@ def bench_decode_cmd(
 
     from memfit.bench import bench_decode
 
-    if not torch.cuda.is_available():
-        _fail("bench decode needs a CUDA GPU")
+    _need_cuda("bench decode")
     rows = bench_decode(batch, context, tuple(policies), steps, layers=layers)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+    _write_json(out, {"device": torch.cuda.get_device_name(), "rows": rows})
     for r in rows:
         typer.echo(f"{r['policy']:<20} step {r['decode_step_ms']:8.2f} ms ({r['speedup']:.2f}x)  KV {r['kv_bytes'] / 2**30:6.2f} GiB"
                    f"  decode peak {r['decode_peak_bytes'] / 2**30:6.2f} GiB  prefill {r['prefill_s']:.1f} s")
@@ -589,8 +589,7 @@ def bench_serve_cmd(
 
     _policy(policy)
     res = bench_serve(model, policy, tokens, questions, chats, clients)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
+    _write_json(out, res)
     typer.echo(f"{'case':<34} {'n':>4} {'req/s':>7} {'p50 TTFT s':>10} {'p95 TTFT s':>10} {'p50 total s':>11}")
     for name, r in res["cases"].items():
         typer.echo(f"{name:<34} {r['requests']:>4} {r['requests_per_s']:>7.2f} {r['ttft_p50_s']:>10.3f} "
