@@ -313,7 +313,6 @@ def llama8b_config(layers: int = 32):
     return cfg
 
 
-@torch.no_grad()
 def _random_llama8b(layers: int, attn: str | None = None):
     """A random-weight Llama-3.1-8B-shaped model on the GPU, built in bf16 (no fp32 copy)."""
     from transformers import LlamaForCausalLM
@@ -331,6 +330,7 @@ def _random_llama8b(layers: int, attn: str | None = None):
         torch.set_default_dtype(default)
 
 
+@torch.no_grad()
 def bench_decode(batch: int = 8, context: int = 32768, policies: tuple[str, ...] = ("none", "kivi(bits=4)"),
                  steps: int = 32, chunk: int = 2048, layers: int = 32) -> list[dict]:
     """Decode step time and peak GPU memory of a random-weight Llama-3.1-8B-shaped model after a

@@ -505,7 +505,7 @@ def bench_decode_cmd(
     policies: list[str] = typer.Option(["none", "kivi(bits=4)"], "--policy", "-p"),
     steps: int = typer.Option(32),
     layers: int = typer.Option(32, help="Decoder layers (32 = Llama-3.1-8B)."),
-    out: Path = typer.Option(Path("results/bench_decode.json")),
+    out: Path = typer.Option(Path("results/bench_decode.json"), "--out", "-o"),
 ) -> None:
     """GPU: decode step time and peak memory, random-weight Llama-3.1-8B shape, DynamicCache vs memfit."""
     import torch

@@ -83,11 +83,20 @@ if triton is not None:
         return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
 
     @triton.jit
+    def _dq(codes, scale, zero, DQ: tl.constexpr):
+        """codes * scale + zero as bf16 MMA operands: in float32 (DQ == 0) or in float16 arithmetic (DQ == 1:
+        half the registers; scales and zero points are float16 already, so only the product and sum round)."""
+        if DQ == 1:
+            return (codes.to(tl.float16) * scale + zero).to(tl.bfloat16)
+        return (codes.to(tl.float32) * scale.to(tl.float32) + zero.to(tl.float32)).to(tl.bfloat16)
+
+    @triton.jit
     def _split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KW, VW, QLEN, WLEN, ACC, M, L,
                       sqb, sqh, skcb, skch, skcn, sksb, sksh, sksg, svcb, svch, svcn, svsb, svsh, svsn,
                       swb, swh, swn, H, NSPLIT, SPLIT_LEN, scale,
                       G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-                      VGROUP: tl.constexpr, NVG: tl.constexpr, BLOCK: tl.constexpr, WBLOCK: tl.constexpr):
+                      VGROUP: tl.constexpr, NVG: tl.constexpr, BLOCK: tl.constexpr, WBLOCK: tl.constexpr,
+                      DQ: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)
         s = tl.program_id(2)
@@ -120,34 +129,32 @@ if triton is not None:
                 on = n0 + tl.arange(0, BLOCK)
                 nm = on < end
                 kb = tl.load(KC + b * skcb + h * skch + on[:, None] * skcn + oi[None, :], mask=nm[:, None], other=0)
-                kp = KS + b * sksb + h * sksh + (n0 // BLOCK) * sksg  # BLOCK == key group: one scale row
-                zp = KZ + b * sksb + h * sksh + (n0 // BLOCK) * sksg
-                k0 = ((kb & MASK).to(tl.float32) * tl.load(kp + oi * PB + 0).to(tl.float32)[None, :]
-                      + tl.load(zp + oi * PB + 0).to(tl.float32)[None, :]).to(tl.bfloat16)
-                k1 = (((kb >> BITS) & MASK).to(tl.float32) * tl.load(kp + oi * PB + 1).to(tl.float32)[None, :]
-                      + tl.load(zp + oi * PB + 1).to(tl.float32)[None, :]).to(tl.bfloat16)
+                # BLOCK == key group: one row of scales per tile (larger tiles that gather each
+                # row's scales measured 1.7x slower on an H100)
+                kp = KS + b * sksb + h * sksh + (n0 // BLOCK) * sksg + oi[None, :] * PB
+                zp = KZ + b * sksb + h * sksh + (n0 // BLOCK) * sksg + oi[None, :] * PB
+                k0 = _dq((kb & MASK), tl.load(kp + 0), tl.load(zp + 0), DQ)
+                k1 = _dq(((kb >> BITS) & MASK), tl.load(kp + 1), tl.load(zp + 1), DQ)
                 qk = tl.dot(q0, tl.trans(k0)) + tl.dot(q1, tl.trans(k1))
                 if PB == 4:
-                    k2 = (((kb >> 4) & MASK).to(tl.float32) * tl.load(kp + oi * PB + 2).to(tl.float32)[None, :]
-                          + tl.load(zp + oi * PB + 2).to(tl.float32)[None, :]).to(tl.bfloat16)
-                    k3 = (((kb >> 6) & MASK).to(tl.float32) * tl.load(kp + oi * PB + 3).to(tl.float32)[None, :]
-                          + tl.load(zp + oi * PB + 3).to(tl.float32)[None, :]).to(tl.bfloat16)
+                    k2 = _dq(((kb >> 4) & MASK), tl.load(kp + 2), tl.load(zp + 2), DQ)
+                    k3 = _dq(((kb >> 6) & MASK), tl.load(kp + 3), tl.load(zp + 3), DQ)
                     qk += tl.dot(q2, tl.trans(k2)) + tl.dot(q3, tl.trans(k3))
                 p, alpha, m_i, l_i = _online_softmax(qk, nm, m_i, l_i)
                 pb = p.to(tl.bfloat16)
                 vb = tl.load(VC + b * svcb + h * svch + on[:, None] * svcn + oi[None, :], mask=nm[:, None], other=0)
                 vsp = VS + b * svsb + h * svsh + on * svsn
                 vzp = VZ + b * svsb + h * svsh + on * svsn
-                vsc = tl.load(vsp, mask=nm, other=0.0).to(tl.float32)[:, None]
-                vzc = tl.load(vzp, mask=nm, other=0.0).to(tl.float32)[:, None]
+                vsc = tl.load(vsp, mask=nm, other=0.0)[:, None]
+                vzc = tl.load(vzp, mask=nm, other=0.0)[:, None]
                 if NVG == 2:  # two channel groups per token: each packed column picks its group's
-                    vsc = tl.where(first, vsc, tl.load(vsp + 1, mask=nm, other=0.0).to(tl.float32)[:, None])
-                    vzc = tl.where(first, vzc, tl.load(vzp + 1, mask=nm, other=0.0).to(tl.float32)[:, None])
-                a0 = a0 * alpha[:, None] + tl.dot(pb, ((vb & MASK).to(tl.float32) * vsc + vzc).to(tl.bfloat16))
-                a1 = a1 * alpha[:, None] + tl.dot(pb, (((vb >> BITS) & MASK).to(tl.float32) * vsc + vzc).to(tl.bfloat16))
+                    vsc = tl.where(first, vsc, tl.load(vsp + 1, mask=nm, other=0.0)[:, None])
+                    vzc = tl.where(first, vzc, tl.load(vzp + 1, mask=nm, other=0.0)[:, None])
+                a0 = a0 * alpha[:, None] + tl.dot(pb, _dq((vb & MASK), vsc, vzc, DQ))
+                a1 = a1 * alpha[:, None] + tl.dot(pb, _dq(((vb >> BITS) & MASK), vsc, vzc, DQ))
                 if PB == 4:
-                    a2 = a2 * alpha[:, None] + tl.dot(pb, (((vb >> 4) & MASK).to(tl.float32) * vsc + vzc).to(tl.bfloat16))
-                    a3 = a3 * alpha[:, None] + tl.dot(pb, (((vb >> 6) & MASK).to(tl.float32) * vsc + vzc).to(tl.bfloat16))
+                    a2 = a2 * alpha[:, None] + tl.dot(pb, _dq(((vb >> 4) & MASK), vsc, vzc, DQ))
+                    a3 = a3 * alpha[:, None] + tl.dot(pb, _dq(((vb >> 6) & MASK), vsc, vzc, DQ))
             base = ACC + ((b * H + h) * NSPLIT + s) * G * D + og[:, None] * D
             tl.store(base + oi[None, :] * PB + 0, a0, mask=gm[:, None])
             tl.store(base + oi[None, :] * PB + 1, a1, mask=gm[:, None])
@@ -207,9 +214,13 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: to
                      vs: torch.Tensor, vz: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, qlen: torch.Tensor,
                      wlen: torch.Tensor, bits: int, scale: float | None = None,
                      split_len: int | None = None, programs_per_sm: int = 4, num_warps: int = 4,
-                     num_stages: int = 3) -> torch.Tensor:
+                     num_stages: int = 3, dequant: str = "fp16") -> torch.Tensor:
     """Same contract as :func:`decode_attention_reference`; the Triton kernel on CUDA for 2/4-bit
-    codes with the key group as the tile (32, 64 or 128 tokens), the reference elsewhere."""
+    codes with the key group as the tile (32, 64 or 128 tokens), the reference elsewhere.
+    ``dequant``: "fp16" dequantizes in float16 arithmetic (half the registers of "fp32"; on an H100
+    4-bit decode over 128K tokens 0.17 ms instead of 0.25)."""
+    if dequant not in ("fp16", "fp32"):
+        raise ValueError(f"dequant must be 'fp16' or 'fp32', got {dequant!r}")
     _check(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, bits)
     b, hq, d = q.shape
     h, n = kc.shape[1], kc.shape[2]
@@ -236,7 +247,8 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: to
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
         vc.stride(0), vc.stride(1), vc.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
         kw.stride(0), kw.stride(1), kw.stride(2), h, nsplit, split_len, scale,
-        G=g, GP=gp, D=d, BITS=bits, VGROUP=d // nvg, NVG=nvg, BLOCK=kgroup, WBLOCK=32, num_warps=num_warps,
+        G=g, GP=gp, D=d, BITS=bits, VGROUP=d // nvg, NVG=nvg, BLOCK=kgroup, WBLOCK=32, DQ=int(dequant == "fp16"),
+        num_warps=num_warps,
         num_stages=num_stages)
     out = torch.empty(b, hq, d, device=q.device, dtype=torch.float32)
     _merge_kernel[(b, hq)](acc, m, lsum, out, h, nsplit, G=g, D=d, SP=triton.next_power_of_2(nsplit))
