@@ -380,7 +380,7 @@ def bench_decode(batch: int = 8, context: int = 32768, policies: tuple[str, ...]
 
 
 def parse_weight_config(spec: str):
-    """``"hqq:4"``, ``"rtn:3:g128"``, ``"guided:3"``, ``"anyprec:8"`` -> WeightQuant."""
+    """``"hqq:4"``, ``"rtn:3:g128"``, ``"guided:3"``, ``"guided:4:uniform"``, ``"anyprec:8"`` -> WeightQuant."""
     from memfit.weights import WeightQuant
 
     parts = spec.split(":")
@@ -388,9 +388,12 @@ def parse_weight_config(spec: str):
         raise ValueError(f"bad weight config {spec!r}: use METHOD:BITS[:gGROUP], e.g. hqq:4 or rtn:3:g128")
     kw = {"method": parts[0], "bits": int(parts[1])}
     for extra in parts[2:]:
-        if not (extra.startswith("g") and extra[1:].isdigit()):
-            raise ValueError(f"bad weight config {spec!r}: {extra!r} is not gGROUP")
-        kw["group_size"] = int(extra[1:])
+        if extra in ("uniform", "codebook"):
+            kw["grid"] = extra
+        elif extra.startswith("g") and extra[1:].isdigit():
+            kw["group_size"] = int(extra[1:])
+        else:
+            raise ValueError(f"bad weight config {spec!r}: {extra!r} is not gGROUP, uniform or codebook")
     return WeightQuant(**kw)
 
 
@@ -424,10 +427,11 @@ def bench_weights(lm: LM, configs: list, text: str, read_bits: tuple[int, ...] =
                 set_read_bits(lm.model, bits)
             t1 = time.perf_counter()
             ppl = perplexity(lm, text)
-            name = (f"{cfg.method}:{cfg.bits}" + (f":g{cfg.group_size}" if cfg.method != "guided" and cfg.group_size != 64 else "")
+            name = (f"{cfg.method}:{cfg.bits}" + (f":g{cfg.group_size}" if cfg.uses_groups and cfg.group_size != 64 else "")
+                    + (":uniform" if cfg.method == "guided" and cfg.grid == "uniform" else "")
                     + (f"@{bits}" if cfg.method == "anyprec" else ""))
             rows.append({"config": name, "method": cfg.method, "bits": bits, "stored_bits": cfg.bits,
-                         "group_size": cfg.group_size if cfg.method != "guided" else None,
+                         "group_size": cfg.group_size if cfg.uses_groups else None,
                          "perplexity": ppl, "ppl_vs_ref": ppl / ref_ppl - 1,
                          "linear_bytes": report.nbytes, "linear_fraction": report.nbytes / report.orig_nbytes,
                          "model_bytes": wb["total"], "model_fraction": wb["total"] / ref_bytes["total"],

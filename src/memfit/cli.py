@@ -326,6 +326,7 @@ def quantize(
     skip: list[str] = typer.Option(["lm_head"], "--skip", help="Glob of layer names kept as they are; repeat."),
     calib_seqs: int = typer.Option(16, help="guided: calibration sequences the model writes."),
     calib_len: int = typer.Option(256, help="guided: tokens per calibration sequence."),
+    grid: str = typer.Option("codebook", help="guided: codebook (non-uniform per output channel) or uniform (per group)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write (safetensors + config + tokenizer)."),
 ) -> None:
     """Quantize a model's weights and save them; `memfit.load_model(OUT)` and `--model OUT` load them."""
@@ -333,7 +334,7 @@ def quantize(
 
     try:
         cfg = WeightQuant(bits=bits, group_size=group_size, method=method, skip=tuple(skip), seed_bits=seed_bits,
-                          calib_seqs=calib_seqs, calib_len=calib_len)
+                          calib_seqs=calib_seqs, calib_len=calib_len, grid=grid)
     except ValueError as e:
         _fail(str(e))
     if out.exists() and any(out.iterdir()) and not (out / "memfit_quant.json").is_file():
@@ -396,7 +397,7 @@ def bench_kv(
 def bench_weights_cmd(
     model: str = typer.Option("smollm2", "--model", "-m"),
     configs: list[str] = typer.Option(["rtn:4", "hqq:4", "rtn:3", "hqq:3", "guided:3", "anyprec:8"], "--config", "-c",
-                                      help="METHOD:BITS[:gGROUP]; repeat."),
+                                      help="METHOD:BITS[:gGROUP][:uniform]; repeat."),
     text: Optional[Path] = typer.Option(None, help="Perplexity text (default: the shipped essay)."),
     out: Path = typer.Option(Path("results/bench_weights.json"), "--out", "-o"),
 ) -> None:

@@ -95,6 +95,20 @@ def test_guided_lnq_beats_rtn_on_its_objective_and_never_increases_it():
         assert f_guided < min(f_rtn, f_hqq)
 
 
+def test_guided_uniform_beats_hqq_on_the_same_grid_and_bytes():
+    torch.manual_seed(0)
+    out, inp, t = 32, 128, 2048
+    x = torch.randn(t, inp) @ (torch.eye(inp) + 2 * torch.randn(inp, inp) / inp ** 0.5)
+    s = torch.rand(t, 2) ** 2
+    h = guided.damp(torch.einsum("tg,ti,tj->gij", s, x, x) / t)
+    w = _weight(out, inp, seed=2)
+    for bits in (3, 4):
+        g = guided.gptq_uniform(w, h, bits, 64)
+        assert g.codes.max() <= (1 << bits) - 1 and g.scale.shape == (out, 2)
+        f_guided = guided.objective(w, g.dequantize(), h)
+        assert f_guided < 0.8 * guided.objective(w, hqq(w, bits, 64).dequantize(), h)
+
+
 @pytest.mark.parametrize("n", [3, 4, 5, 6, 7, 8])
 def test_any_precision_n_bits_equal_direct_n_bit_quantization_on_the_same_grid(n):
     w = _weight(16, 128)
@@ -152,11 +166,13 @@ def test_quantize_rejects_bad_configs():
         WeightQuant(group_size=12)
 
 
-def test_guided_quantizes_a_model_from_its_own_calibration_text():
+@pytest.mark.parametrize("grid", ["codebook", "uniform"])
+def test_guided_quantizes_a_model_from_its_own_calibration_text(grid):
     model = tiny_llama(torch.float32)
-    cfg = WeightQuant(bits=3, method="guided", calib_seqs=4, calib_len=48, guide_groups=2, iters=2)
+    cfg = WeightQuant(bits=3, method="guided", calib_seqs=4, calib_len=48, guide_groups=2, iters=2, grid=grid,
+                      group_size=32)
     report = quantize_(model, cfg, progress=False)
-    assert {v["kind"] for v in report.layers.values()} == {"codebook"}
+    assert {v["kind"] for v in report.layers.values()} == {grid}
     assert next(model.parameters()).dtype == torch.float32
     assert torch.isfinite(_logits(model, torch.randint(0, 256, (1, 16)))).all()
 

@@ -53,3 +53,4 @@ def test_parse_weight_config():
     cfg = parse_weight_config("rtn:3:g128")
     assert (cfg.method, cfg.bits, cfg.group_size) == ("rtn", 3, 128)
     assert parse_weight_config("anyprec:8").method == "anyprec"
+    assert parse_weight_config("guided:4:uniform").grid == "uniform"

@@ -213,3 +213,33 @@ def lnq(w: torch.Tensor, h: torch.Tensor, bits: int, iters: int = 3) -> tuple[to
                 code, cb = new_code, new_cb
                 history.append(val)
     return code.to(torch.uint8), cb, history
+
+
+def gptq_uniform(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int):
+    """The guided objective on a uniform grid (GuidedQuant applied to GPTQ): columns rounded in order,
+    each column's error pushed onto the later columns through the Cholesky factor of H^-1; each group
+    of ``group_size`` input channels gets its HQQ grid from the weights as updated when it is reached.
+    Same storage as ``hqq``. Returns a ``UniformCodes``."""
+    from memfit.weights.grid import UniformCodes, hqq
+
+    out, inp = w.shape
+    g = h.shape[0]
+    rows = out // g
+    qmax = (1 << bits) - 1
+    codes = torch.empty(out, inp, dtype=torch.uint8, device=w.device)
+    scale = torch.empty(out, inp // group_size, device=w.device)
+    zero = torch.empty_like(scale)
+    for gi in range(g):
+        r = slice(gi * rows, (gi + 1) * rows)
+        wg = w[r].float().clone()
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h[gi])), upper=True)
+        for c0 in range(0, inp, group_size):
+            grid = hqq(wg[:, c0 : c0 + group_size], bits, group_size)
+            s, z = grid.scale[:, 0].half().float(), grid.zero[:, 0].half().float()  # as stored
+            scale[r, c0 // group_size], zero[r, c0 // group_size] = s, z
+            for i in range(c0, c0 + group_size):
+                q = torch.round(wg[:, i] / s + z).clamp_(0, qmax)
+                codes[r, i] = q.to(torch.uint8)
+                err = (wg[:, i] - (q - z) * s) / hinv[i, i]
+                wg[:, i + 1 :] -= err[:, None] * hinv[i, i + 1 :][None, :]
+    return UniformCodes(codes, scale, zero, bits, group_size)

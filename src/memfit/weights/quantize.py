@@ -25,9 +25,11 @@ class WeightQuant:
     """How to quantize a model's Linear layers.
 
     ``method``: ``rtn`` (round to nearest, min..max grid per group), ``hqq`` (HQQ's calibration-free
-    refinement of the zero point), ``guided`` (loss-guided non-uniform codebook per output channel,
-    needs calibration text; ``group_size`` is unused) or ``anyprec`` (``bits`` planes, 8 by default,
-    readable at any width down to ``seed_bits``). ``skip``: glob patterns of module names kept as they are.
+    refinement of the zero point), ``guided`` (loss-guided, needs calibration text: with
+    ``grid="codebook"`` a non-uniform codebook per output channel, ``group_size`` unused; with
+    ``grid="uniform"`` HQQ's group grids with GPTQ-style error feedback) or ``anyprec`` (``bits`` planes,
+    8 by default, readable at any width down to ``seed_bits``). ``skip``: glob patterns of module names
+    kept as they are.
     """
 
     bits: int = 4
@@ -39,6 +41,7 @@ class WeightQuant:
     calib_len: int = 256  # ... of this many tokens
     guide_groups: int = 4  # guided: groups of output channels sharing a weighted Hessian
     iters: int = 3  # guided: codebook / assignment alternations
+    grid: str = "codebook"  # guided: "codebook" (non-uniform, per output channel) or "uniform" (per group)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -46,9 +49,15 @@ class WeightQuant:
         lo = 1 if self.method != "anyprec" else self.seed_bits
         if not (2 <= self.bits <= 8 and lo <= self.bits):
             raise ValueError(f"bits must be in 2..8 (anyprec: >= seed_bits), got {self.bits}")
-        if self.method != "guided" and (self.group_size < 8 or self.group_size % 8):
+        if self.grid not in ("codebook", "uniform"):
+            raise ValueError(f"grid must be 'codebook' or 'uniform', got {self.grid!r}")
+        if self.uses_groups and (self.group_size < 8 or self.group_size % 8):
             raise ValueError(f"group_size must be a positive multiple of 8, got {self.group_size}")
         object.__setattr__(self, "skip", tuple(self.skip))
+
+    @property
+    def uses_groups(self) -> bool:
+        return self.method != "guided" or self.grid == "uniform"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,7 +85,7 @@ def _targets(model: nn.Module, config: WeightQuant) -> tuple[list[str], dict[str
             continue
         if any(fnmatch.fnmatchcase(name, pat) for pat in config.skip):
             skipped[name] = "skip-list"
-        elif config.method != "guided" and mod.in_features % config.group_size:
+        elif config.uses_groups and mod.in_features % config.group_size:
             skipped[name] = f"in_features {mod.in_features} is not a multiple of group_size {config.group_size}"
         else:
             names.append(name)
@@ -107,12 +116,16 @@ def quantize_(model: nn.Module, config: WeightQuant, *, calibration: torch.Tenso
     for name in tqdm(names, desc=f"quantizing ({config.method}, {config.bits}-bit)", disable=not progress, leave=False):
         lin: nn.Linear = mods[name]
         w = lin.weight.data.float()
-        if config.method == "guided":
+        if config.method == "guided" and config.grid == "codebook":
             codes, cb, _ = guided.lnq(w, guided.damp(hessians.pop(name).to(w.device)), config.bits, config.iters)
             q = QuantLinear.from_codes(lin, codes, config.bits, codebook=cb.to(torch.float16))
         else:
-            fn = {"rtn": rtn, "hqq": hqq}.get(config.method)
-            uc = fn(w, config.bits, config.group_size) if fn else anyprec(w, config.group_size, config.bits, config.seed_bits)
+            if config.method == "guided":
+                uc = guided.gptq_uniform(w, guided.damp(hessians.pop(name).to(w.device)), config.bits, config.group_size)
+            elif config.method == "anyprec":
+                uc = anyprec(w, config.group_size, config.bits, config.seed_bits)
+            else:
+                uc = {"rtn": rtn, "hqq": hqq}[config.method](w, config.bits, config.group_size)
             q = QuantLinear.from_codes(lin, uc.codes, uc.bits, scale=uc.scale.half(), zero=uc.zero.half(),
                                        group_size=uc.group_size)
         _set_module(model, name, q)
