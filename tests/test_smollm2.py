@@ -1,10 +1,10 @@
 """Slow tests on the real model (SmolLM2-135M-Instruct, bundled GGUF)."""
 
 import pytest
-import torch
 
 from memfit.bench import context_ids
 from memfit.eval.demo import demo_document
+from memfit.weights.quantize import float32_tensors
 
 pytestmark = pytest.mark.slow
 
@@ -46,13 +46,10 @@ def test_kivi4_gives_the_same_demo_answers_as_none(smollm2):
 def test_batched_ask_matches_single_on_the_real_model(smollm2):
     # in float32 (bf16 -> fp32 -> bf16 is lossless): bf16 batched matmuls round differently from
     # single-row ones, which flips near-tied greedy choices of a 135M model
-    torch.nn.Module.float(smollm2.model)  # the GGUF model is flagged quantized: bypass the guard
-    try:
+    with float32_tensors(smollm2.model):  # and back, buffers such as RoPE's keeping their own dtype
         doc, facts = demo_document(40, seed=1)
         ctx = smollm2.prefill(doc, "snapkv(keep=0.5)+kivi(bits=4)")
         qs = [f.question for f in facts[:4]]
         batch = smollm2.ask(ctx, qs, max_new_tokens=8)
         single = [smollm2.ask(ctx, q, max_new_tokens=8) for q in qs]
-    finally:
-        torch.nn.Module.to(smollm2.model, torch.bfloat16)
     assert batch == single

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -134,13 +135,24 @@ def quantize_(model: nn.Module, config: WeightQuant, *, calibration: torch.Tenso
     return report
 
 
-def _guided_hessians(model, names, config, calibration, progress) -> dict[str, torch.Tensor]:
-    # gradients in float32 (bf16/fp16 -> fp32 -> back is exact); tensor by tensor, because transformers
-    # refuses .float() on models it loaded from quantized files, and buffers such as RoPE's keep their dtype
+@contextmanager
+def float32_tensors(model: torch.nn.Module):
+    """Run a block with ``model``'s floating-point parameters and buffers in float32, then give each
+    back its own dtype (bf16/fp16 -> fp32 -> back is exact). Tensor by tensor: ``model.float()`` is
+    refused by transformers for models loaded from quantized files, and ``model.to(dtype)`` would
+    also cast buffers such as RoPE's float32 frequencies."""
     dtypes = {t: t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
     for t in dtypes:
         t.data = t.data.float()
     try:
+        yield model
+    finally:
+        for t, dt in dtypes.items():
+            t.data = t.data.to(dt)
+
+
+def _guided_hessians(model, names, config, calibration, progress) -> dict[str, torch.Tensor]:
+    with float32_tensors(model):  # gradients in float32
         if calibration is None:
             log.info("writing %d x %d calibration tokens with the model itself", config.calib_seqs, config.calib_len)
             calibration = guided.calibration_ids(model, config.calib_seqs, config.calib_len)
@@ -148,9 +160,6 @@ def _guided_hessians(model, names, config, calibration, progress) -> dict[str, t
         with bar:
             return guided.collect_hessians(model, calibration.to(next(model.parameters()).device), names,
                                            config.guide_groups, progress=bar)
-    finally:
-        for t, dt in dtypes.items():
-            t.data = t.data.to(dt)
 
 
 def set_read_bits(model: nn.Module, bits: int) -> None:
