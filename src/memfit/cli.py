@@ -16,6 +16,7 @@ app.add_typer(bench_app, name="bench")
 store_app = typer.Typer(no_args_is_help=True, help="Compressed contexts kept in a store (file://DIR, redis://host:port/db).")
 app.add_typer(store_app, name="store")
 
+LAYERS_OPTION = typer.Option(32, help="Decoder layers (32 = Llama-3.1-8B).")  # the GPU benchmarks' model depth
 DEMO_POLICIES = ["none", "kivi(bits=4)", "kivi(bits=2)", "snapkv(keep=0.25)+kivi(bits=2)", "streaming(keep=0.25)+kivi(bits=2)"]
 
 
@@ -483,7 +484,7 @@ def bench_weight_decode_cmd(
     bits: int = typer.Option(4),
     group_size: int = typer.Option(64, "--group-size", "-g"),
     method: str = typer.Option("hqq"),
-    layers: int = typer.Option(32, help="Decoder layers (32 = Llama-3.1-8B)."),
+    layers: int = LAYERS_OPTION,
     compile: bool = typer.Option(False, "--compile", help="torch.compile the step before capturing it."),
     out: Path = typer.Option(Path("results/bench_weight_decode.json"), "--out", "-o"),
 ) -> None:
@@ -505,7 +506,7 @@ def bench_decode_cmd(
     context: int = typer.Option(32768),
     policies: list[str] = typer.Option(["none", "kivi(bits=4)"], "--policy", "-p"),
     steps: int = typer.Option(32),
-    layers: int = typer.Option(32, help="Decoder layers (32 = Llama-3.1-8B)."),
+    layers: int = LAYERS_OPTION,
     out: Path = typer.Option(Path("results/bench_decode.json"), "--out", "-o"),
 ) -> None:
     """GPU: decode step time and peak memory, random-weight Llama-3.1-8B shape, DynamicCache vs memfit."""
