@@ -178,22 +178,22 @@ def test_guided_quantizes_a_model_from_its_own_calibration_text(grid):
 
 
 def test_save_and_load_round_trip(tmp_path, tiny_model_dir):
-    lm = memfit.load_model(str(tiny_model_dir), dtype="float32")
+    lm = memfit.load_model(str(tiny_model_dir), "cpu", dtype="float32")
     report = quantize_(lm.model, WeightQuant(bits=8, method="anyprec", group_size=32), progress=False)
     out = save_quantized(lm.model, lm.tokenizer, tmp_path / "q", report)
-    back = memfit.load_model(str(out))
+    back = memfit.load_model(str(out), "cpu")
     ids = torch.randint(0, 256, (1, 20))
     assert next(back.model.parameters()).dtype == torch.float32
     torch.testing.assert_close(_logits(back.model, ids), _logits(lm.model, ids), rtol=0, atol=0)
-    assert back.fingerprint != memfit.load_model(str(tiny_model_dir), dtype="float32").fingerprint
-    three = memfit.load_model(str(out), weight_bits=3)  # any-precision: the width is picked at load time
+    assert back.fingerprint != memfit.load_model(str(tiny_model_dir), "cpu", dtype="float32").fingerprint
+    three = memfit.load_model(str(out), "cpu", weight_bits=3)  # any-precision: the width is picked at load time
     set_read_bits(lm.model, 3)
     torch.testing.assert_close(_logits(three.model, ids), _logits(lm.model, ids), rtol=0, atol=0)
     assert not torch.equal(_logits(three.model, ids), _logits(back.model, ids))
     with pytest.raises(ValueError, match="read_bits"):
-        memfit.load_model(str(out), weight_bits=9)
+        memfit.load_model(str(out), "cpu", weight_bits=9)
     with pytest.raises(ValueError, match="memfit quantize"):
-        memfit.load_model(str(tiny_model_dir), weight_bits=4)
+        memfit.load_model(str(tiny_model_dir), "cpu", weight_bits=4)
 
 
 def test_load_refuses_corrupt_or_incomplete_folders(tmp_path):
