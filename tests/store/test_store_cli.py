@@ -54,3 +54,9 @@ def test_bench_store_runs_and_plots(tmp_path, redis_server):
         if x["tier"] in ("file", "redis"):
             assert x["stored_bytes"] > x["kv_bytes"] and x["overhead"] < 0.5
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    # the benchmark leaves no entry behind in the tiers it timed (the Redis one is a real server)
+    from memfit.store.disk import DiskTier
+    from memfit.store.redis_tier import RedisTier
+
+    assert list(RedisTier(redis_server.url).keys()) == []
+    assert list(DiskTier(tmp_path / "s" / "tier").keys()) == []
