@@ -134,17 +134,27 @@ def _kmeans_codebook(w: torch.Tensor, weight: torch.Tensor, k: int, iters: int =
     return cb
 
 
-def _gptq_assign(w: torch.Tensor, h: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
-    """GPTQ's column-by-column rounding to the row's codebook, pushing each column's error onto the
-    columns not yet rounded through the Cholesky factor of H^-1. w [R, in] of one group, h [in, in]."""
-    w = w.clone()
+def _gptq(w: torch.Tensor, h: torch.Tensor, round_column) -> None:
+    """GPTQ's column-by-column rounding of ``w`` [R, in] under ``h`` [in, in]: ``round_column(i, w)``
+    rounds column ``i`` of the weights as updated so far (recording its codes) and returns the rounded
+    values; the column's error is pushed onto the columns not yet rounded through the Cholesky factor
+    of H^-1."""
+    w = w.float().clone()
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    codes = torch.empty(w.shape, dtype=torch.long, device=w.device)
     for i in range(w.shape[1]):
-        a = _nearest(w[:, i], cb)
-        codes[:, i] = a
-        err = (w[:, i] - cb.gather(1, a[:, None])[:, 0]) / hinv[i, i]
+        err = (w[:, i] - round_column(i, w)) / hinv[i, i]
         w[:, i + 1 :] -= err[:, None] * hinv[i, i + 1 :][None, :]
+
+
+def _gptq_assign(w: torch.Tensor, h: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
+    """GPTQ assignments to each row's codebook ``cb`` [R, K]. w [R, in] of one group, h [in, in]."""
+    codes = torch.empty(w.shape, dtype=torch.long, device=w.device)
+
+    def to_codebook(i: int, wu: torch.Tensor) -> torch.Tensor:
+        codes[:, i] = _nearest(wu[:, i], cb)
+        return cb.gather(1, codes[:, i : i + 1])[:, 0]
+
+    _gptq(w, h, to_codebook)
     return codes
 
 
@@ -220,26 +230,31 @@ def gptq_uniform(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int):
     each column's error pushed onto the later columns through the Cholesky factor of H^-1; each group
     of ``group_size`` input channels gets its HQQ grid from the weights as updated when it is reached.
     Same storage as ``hqq``. Returns a ``UniformCodes``."""
-    from memfit.weights.grid import UniformCodes, hqq
+    from memfit.weights.grid import UniformCodes
 
-    out, inp = w.shape
-    g = h.shape[0]
-    rows = out // g
-    qmax = (1 << bits) - 1
-    codes = torch.empty(out, inp, dtype=torch.uint8, device=w.device)
-    scale = torch.empty(out, inp // group_size, device=w.device)
-    zero = torch.empty_like(scale)
-    for gi in range(g):
-        r = slice(gi * rows, (gi + 1) * rows)
-        wg = w[r].float().clone()
-        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h[gi])), upper=True)
-        for c0 in range(0, inp, group_size):
-            grid = hqq(wg[:, c0 : c0 + group_size], bits, group_size)
-            s, z = grid.scale[:, 0].half().float(), grid.zero[:, 0].half().float()  # as stored
-            scale[r, c0 // group_size], zero[r, c0 // group_size] = s, z
-            for i in range(c0, c0 + group_size):
-                q = torch.round(wg[:, i] / s + z).clamp_(0, qmax)
-                codes[r, i] = q.to(torch.uint8)
-                err = (wg[:, i] - (q - z) * s) / hinv[i, i]
-                wg[:, i + 1 :] -= err[:, None] * hinv[i, i + 1 :][None, :]
+    rows = w.shape[0] // h.shape[0]
+    parts = [_gptq_uniform_rows(w[i * rows : (i + 1) * rows], h[i], bits, group_size) for i in range(h.shape[0])]
+    codes, scale, zero = (torch.cat(t) for t in zip(*parts))
     return UniformCodes(codes, scale, zero, bits, group_size)
+
+
+def _gptq_uniform_rows(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int):
+    """:func:`gptq_uniform` for one group of rows sharing ``h``: codes, scale and zero."""
+    from memfit.weights.grid import hqq
+
+    qmax = (1 << bits) - 1
+    codes = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
+    scale = torch.empty(w.shape[0], w.shape[1] // group_size, device=w.device)
+    zero = torch.empty_like(scale)
+
+    def to_grid(i: int, wu: torch.Tensor) -> torch.Tensor:
+        g = i // group_size
+        if i % group_size == 0:  # a new group: its grid from the weights as updated so far
+            u = hqq(wu[:, i : i + group_size], bits, group_size)
+            scale[:, g], zero[:, g] = u.scale[:, 0].half().float(), u.zero[:, 0].half().float()  # as stored
+        q = torch.round(wu[:, i] / scale[:, g] + zero[:, g]).clamp_(0, qmax)
+        codes[:, i] = q.to(torch.uint8)
+        return (q - zero[:, g]) * scale[:, g]
+
+    _gptq(w, h, to_grid)
+    return codes, scale, zero
