@@ -103,7 +103,7 @@ def load_hf(source: ModelSource, device: torch.device, dtype: torch.dtype | None
         return model, tokenizer
     if weight_bits is not None:
         raise ValueError(f"weight_bits applies to a folder written by `memfit quantize`; {source.folder} is not one")
-    dtype = dtype or torch.bfloat16
+    dtype = default_dtype(dtype)
 
     kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     verbosity = hf_logging.get_verbosity()

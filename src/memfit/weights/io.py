@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from memfit.weights.linear import QuantLinear
-from memfit.weights.quantize import QuantReport, WeightQuant, _set_module
+from memfit.weights.quantize import QuantReport, WeightQuant, _set_module, set_read_bits
 
 MANIFEST = "memfit_quant.json"
 WEIGHTS = "model.safetensors"
@@ -84,8 +84,6 @@ def load_quantized(folder: "str | Path", device: torch.device, dtype: torch.dtyp
                          f"unexpected {sorted(unexpected)[:5]}")
     model.to(device).eval()
     if read_bits is not None:
-        from memfit.weights.quantize import set_read_bits
-
         set_read_bits(model, read_bits)
     return model, WeightQuant(**manifest["config"])
 

@@ -130,11 +130,6 @@ class QuantLinear(nn.Module):
         n = self.planes.numel() + (self.scale.nbytes + self.zero.nbytes if self.kind == "uniform" else self.codebook.nbytes)
         return n + (self.bias.nbytes if self.bias is not None else 0)
 
-    @property
-    def read_nbytes(self) -> int:
-        """Bytes an ``read_bits`` forward reads: its planes, the grid and the bias."""
-        return self.nbytes - self.planes[self.read_bits:].numel()
-
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"read_bits={self.read_bits}, kind={self.kind}, group_size={self.group_size}, bias={self.bias is not None}")
