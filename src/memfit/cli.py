@@ -25,11 +25,11 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
-def _load(model: str, dtype: Optional[str] = None):
+def _load(model: str, dtype: Optional[str] = None, weight_bits: Optional[int] = None):
     import memfit
 
     try:
-        return memfit.load_model(model, dtype=dtype)
+        return memfit.load_model(model, dtype=dtype, weight_bits=weight_bits)
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
 
@@ -284,23 +284,17 @@ def eval_(
 
 def _compare_perplexity(models: list[str], weight_bits: Optional[list[int]], policies: list[str],
                         path: Optional[Path], out: Path) -> None:
-    import memfit
     from memfit.weights import weight_bytes
 
     rows = []
     for name in models:
         for bits in weight_bits or [None]:
-            try:
-                lm = memfit.load_model(name, weight_bits=bits)
-            except (FileNotFoundError, ValueError) as e:
-                _fail(str(e))
+            lm = _load(name, weight_bits=bits)
+            nbytes = weight_bytes(lm.model)["total"]
             for p, v in _perplexities(lm, path, policies).items():
-                rows.append({"model": name, "weight_bits": bits, "policy": p, "perplexity": v,
-                             "weight_bytes": weight_bytes(lm.model)["total"]})
-                typer.echo(f"{name}{f' @{bits}-bit' if bits else ''}  {p}: perplexity {v:.3f}, "
-                           f"weights {_mib(rows[-1]['weight_bytes'])}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "perplexity.json").write_text(json.dumps(rows, indent=1))
+                rows.append({"model": name, "weight_bits": bits, "policy": p, "perplexity": v, "weight_bytes": nbytes})
+                typer.echo(f"{name}{f' @{bits}-bit' if bits else ''}  {p}: perplexity {v:.3f}, weights {_mib(nbytes)}")
+    _write_json(out / "perplexity.json", rows)
     typer.echo(f"-> {out / 'perplexity.json'}")
 
 
