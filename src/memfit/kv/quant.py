@@ -195,19 +195,21 @@ class LayerBits:
     def assign(self, errors: list[dict[int, float]]) -> list[int]:
         """Per-layer bits from each layer's error at each choice: greedy by error drop per bit."""
         bits = [self.CHOICES[0]] * len(errors)
-        budget = self.bits * len(errors)
+        spare = self.bits * len(errors) - sum(bits)  # bits the mean still allows
         while True:
             best, gain = None, 0.0
             for i, b in enumerate(bits):
                 nxt = next((c for c in self.CHOICES if c > b), None)
-                if nxt is None or sum(bits) - b + nxt > budget + 1e-9:
+                if nxt is None or nxt - b > spare + 1e-9:
                     continue
                 g = (errors[i][b] - errors[i][nxt]) / (nxt - b)
                 if g > gain:
-                    best, gain = i, g
+                    best, gain = (i, nxt), g
             if best is None:
                 return bits
-            bits[best] = next(c for c in self.CHOICES if c > bits[best])
+            i, nxt = best
+            spare -= nxt - bits[i]
+            bits[i] = nxt
 
 
 def attention_error(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q: KIVI) -> float:
