@@ -24,6 +24,21 @@ def test_none_policy_answers_like_generate_on_the_whole_prompt(tiny_lm):
         _generate_reference(tiny_lm, "Code?", 6, "The code is")
 
 
+def test_follow_up_questions_answer_like_generate_on_the_whole_conversation(tiny_lm):
+    ctx = tiny_lm.prefill(CONTEXT, "none")
+    q1, q2 = "What is the code?", "And the lighthouse?"
+    a1 = tiny_lm.ask(ctx, q1, max_new_tokens=8)
+    msgs = [{"role": "user", "content": CONTEXT + "\n\n" + q1}, {"role": "assistant", "content": a1},
+            {"role": "user", "content": q2}]
+    prompt = tiny_lm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) + "It is"
+    ids = tiny_lm.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    out = tiny_lm.model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=list(tiny_lm.stop_ids),
+                                 pad_token_id=tiny_lm.tokenizer.pad_token_id)
+    ref = "It is" + tiny_lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert tiny_lm.ask(ctx, q2, max_new_tokens=8, answer_prefix="It is", history=[(q1, a1)]) == ref
+    assert tiny_lm.ask(ctx, q1, max_new_tokens=8) == a1  # the conversation left the context as it was
+
+
 @pytest.mark.parametrize("policy", ["none", "kivi(bits=4,group=16,residual=16)", "snapkv(keep=0.5,window=8)+kivi(bits=2,group=16,residual=16)"])
 def test_batched_questions_equal_one_by_one_and_leave_ctx_unchanged(tiny_lm, policy):
     ctx = tiny_lm.prefill(CONTEXT, policy)

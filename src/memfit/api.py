@@ -193,9 +193,15 @@ class LM:
         ids = self._encode(self.chat.context_text(context), special=not self.chat.before_context)
         return torch.tensor([ids], device=self.device)
 
-    def encode_question(self, question: str, answer_prefix: str | None = None) -> list[int]:
-        """Token ids that follow the context for ``question`` (what ``ask`` feeds)."""
-        return self._encode(self.chat.question_text(question, answer_prefix))
+    def encode_question(self, question: str, answer_prefix: str | None = None,
+                        history: "list[tuple[str, str]] | None" = None) -> list[int]:
+        """Token ids that follow the context for ``question`` (what ``ask`` feeds); ``history``: the
+        earlier (question, answer) turns of the same conversation, asked before it."""
+        text = ""
+        for i, (q, a) in enumerate(history or ()):
+            text += (self.chat.question_text(q) if i == 0 else self.chat.follow_up_text(q)) + a
+        turn = self.chat.follow_up_text if history else self.chat.question_text
+        return self._encode(text + turn(question, answer_prefix))
 
     def _forward(self, input_ids: torch.Tensor, cache: CompressedCache, chunk_size: int) -> None:
         """Feed ``input_ids`` into ``cache`` in chunks, computing only the last position's logits."""
@@ -320,15 +326,17 @@ class LM:
     def ask(self, ctx: Context, question: "str | list[str]", max_new_tokens: int = 64, *,
             answer_prefix: str | None = None, temperature: float = 0.0, top_p: float = 1.0,
             stop: list[str] | None = None, seed: int | None = None,
-            lines: int | None = None) -> "str | list[str]":
+            lines: int | None = None, history: "list[tuple[str, str]] | None" = None) -> "str | list[str]":
         """Answer one question (-> str) or a list of them (-> list, one batch over the shared context).
         ``answer_prefix`` starts the assistant turn and is included in the answer. ``lines`` ends an
-        answer after that many lines with text (leading punctuation and blank lines do not count)."""
+        answer after that many lines with text (leading punctuation and blank lines do not count).
+        ``history``: earlier (question, answer) turns of a conversation on this context, which the
+        question follows (they are fed after the context; the context itself is not changed)."""
         single = isinstance(question, str)
         questions = [question] if single else list(question)
         if not questions or not all(isinstance(q, str) for q in questions):
             raise TypeError("question must be a str or a non-empty list of str")
-        suffixes = [self.encode_question(q, answer_prefix) for q in questions]
+        suffixes = [self.encode_question(q, answer_prefix, history) for q in questions]
         outs = self.generate(ctx, suffixes, max_new_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed,
                              lines=lines)
         answers = [(answer_prefix or "") + o for o in outs]

@@ -249,6 +249,8 @@ def eval_(
     perplexity_only: bool = typer.Option(False, "--perplexity-only", help="Only perplexity: no tasks."),
     perplexity_text: Optional[Path] = typer.Option(None, help="Text for --perplexity (default: the shipped essay)."),
     max_new_tokens: int = typer.Option(24, "--max-new-tokens"),
+    follow_up: bool = typer.Option(False, "--follow-up", help="Ask a sample's questions as one conversation "
+                                   "(each turn reads the earlier questions and answers) instead of each on its own."),
 ) -> None:
     """Accuracy of each policy on the built-in long-context tasks (one prefill per sample, shared),
     and with --perplexity the perplexity of each model and policy."""
@@ -269,9 +271,10 @@ def eval_(
         _fail("--samples must be >= 1 and every --length >= 64")
     lm = _load(model)
     t0 = time.perf_counter()
-    records = run_eval(lm, names, pols, lengths, samples, seed, out, max_new_tokens)
+    records = run_eval(lm, names, pols, lengths, samples, seed, out, max_new_tokens, follow_up=follow_up)
     rows = summarize(records)
     summary = {"model": model, "tasks": names, "lengths": lengths, "samples": samples, "seed": seed,
+               "follow_up": follow_up,
                "seconds": time.perf_counter() - t0, "rows": rows}
     if with_perplexity:
         summary["perplexity"] = _perplexities(lm, perplexity_text, pols)

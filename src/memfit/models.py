@@ -175,6 +175,7 @@ class ChatFormat:
 
     before_context: str
     after_question: str  # closes the user turn and opens the assistant's
+    between_turns: str = "\n\n"  # closes an assistant turn and opens the next user turn
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "ChatFormat":
@@ -185,13 +186,20 @@ class ChatFormat:
         )
         before, rest = text.split(_SENTINEL_C)
         _, after = rest.split(_SENTINEL_Q)
-        return cls(before, after)
+        two = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "c"}, {"role": "assistant", "content": _SENTINEL_C},
+             {"role": "user", "content": _SENTINEL_Q}], add_generation_prompt=True, tokenize=False)
+        return cls(before, after, two.split(_SENTINEL_C)[1].split(_SENTINEL_Q)[0])
 
     def context_text(self, context: str) -> str:
         return self.before_context + context
 
     def question_text(self, question: str, answer_prefix: str | None = None) -> str:
         return "\n\n" + question + self.after_question + (answer_prefix or "")
+
+    def follow_up_text(self, question: str, answer_prefix: str | None = None) -> str:
+        """What follows an answer to ask the next question of the same conversation."""
+        return self.between_turns + question + self.after_question + (answer_prefix or "")
 
     def full_text(self, context: str, question: str, answer_prefix: str | None = None) -> str:
         return self.context_text(context) + self.question_text(question, answer_prefix)

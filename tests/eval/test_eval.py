@@ -33,6 +33,39 @@ def test_eval_runs_end_to_end_and_writes_valid_json(tiny_lm, tmp_path):
     assert set(none["per_position"]) == {1, 2, 3, 4, 5}
 
 
+def test_follow_up_eval_feeds_the_earlier_turns(tiny_lm, monkeypatch):
+    seen = []
+    ask = type(tiny_lm).ask
+
+    def spy(self, ctx, question, *a, history=None, **kw):
+        seen.append((question, [q for q, _ in history or ()]))
+        return ask(self, ctx, question, *a, history=history, **kw)
+
+    monkeypatch.setattr(type(tiny_lm), "ask", spy)
+    recs = run_eval(tiny_lm, ["niah_multiquery"], ["none"], [300], samples=1, seed=0, max_new_tokens=3,
+                    progress=False, follow_up=True)
+    assert [len(h) for _, h in seen] == [0, 1, 2, 3, 4]
+    assert all(h == [q for q, _ in seen[:i]] for i, (_, h) in enumerate(seen))
+    assert recs[0]["mode"] == "follow-up"
+    assert summarize(recs)[0]["policy"] == "none [follow-up]"
+
+
+def test_per_position_accuracy_averages_the_same_samples_at_every_position():
+    def rec(task, scores, order):
+        return {"task": task, "length": 100, "policy": "none", "correct": sum(scores) / len(scores), "scores": scores,
+                "question_order": order, "compression": 1.0, "bytes_per_token": 1.0}
+
+    # single-question samples, all right, must not lift the 1st position of the multi-question ones
+    recs = [rec("niah_single", [1.0], [0]) for _ in range(4)]
+    recs += [rec("mq", [0.0, 1.0, 1.0], [0, 1, 2]), rec("mq", [1.0, 0.0, 1.0], [1, 2, 0]),
+             rec("mq", [1.0, 1.0, 0.0], [2, 0, 1])]
+    row = summarize(recs)[0]
+    assert row["per_position"] == pytest.approx({1: 2 / 3, 2: 2 / 3, 3: 2 / 3})
+    assert row["per_position_samples"] == 3 and row["per_position_balanced"]
+    row = summarize(recs[:-1])[0]  # two rotations of three questions: not balanced
+    assert not row["per_position_balanced"]
+
+
 def test_perplexity_none_equals_a_plain_forward(tiny_lm):
     text = SHIPPED_TEXT.read_text()[:1500]
     ppl = perplexity(tiny_lm, text, "none", chunk=50)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from tqdm import tqdm
@@ -26,10 +26,13 @@ def make_samples(lm: LM, tasks: list[str], lengths: list[int], samples: int, see
     return [get_task(t)(seed + i, n, count) for t in tasks for n in lengths for i in range(samples)]
 
 
-def evaluate_sample(lm: LM, sample: Sample, policies: list[Policy], max_new_tokens: int = 24) -> list[dict]:
+def evaluate_sample(lm: LM, sample: Sample, policies: list[Policy], max_new_tokens: int = 24,
+                    follow_up: bool = False) -> list[dict]:
     """Prefill once, compress once per policy, ask every question one after another (query-agnostic).
     The order of several questions is rotated by the sample's seed, so that accuracy per position
-    (1st question asked, 2nd, ...) is not confounded with what is asked."""
+    (1st question asked, 2nd, ...) is not confounded with what is asked. Each question is asked on
+    its own of the compressed context, or with ``follow_up`` as the next turn of one conversation
+    (the k-th question then also reads the k - 1 earlier questions and the model's answers)."""
     contexts = lm.prefill_many(sample.context, policies)
     k = sample.seed % len(sample.questions)
     order = list(range(k, len(sample.questions))) + list(range(k))
@@ -37,9 +40,11 @@ def evaluate_sample(lm: LM, sample: Sample, policies: list[Policy], max_new_toke
     records = []
     for pol, ctx in zip(policies, contexts):
         t0 = time.perf_counter()
-        replies = [lm.ask(ctx, q.text, max_new_tokens=max_new_tokens, answer_prefix=q.answer_prefix,
-                           lines=q.lines)
-                   for q in questions]
+        replies: list[str] = []
+        for q in questions:
+            history = list(zip((x.text for x in questions), replies)) if follow_up else None
+            replies.append(lm.ask(ctx, q.text, max_new_tokens=max_new_tokens, answer_prefix=q.answer_prefix,
+                                  lines=q.lines, history=history))
         answer_s = time.perf_counter() - t0
         scores = [q.score(r) for q, r in zip(questions, replies)]
         records.append({
@@ -50,12 +55,14 @@ def evaluate_sample(lm: LM, sample: Sample, policies: list[Policy], max_new_toke
             "compression": ctx.compression, "prefill_s": ctx.prefill_seconds, "answer_s": answer_s,
             "replies": [r[len(q.answer_prefix):] for q, r in zip(questions, replies)],
             "expected": [list(q.answers) for q in questions], "question_order": order,
+            "mode": "follow-up" if follow_up else "independent",
         })
     return records
 
 
 def run_eval(lm: LM, tasks: list[str], policies: list[str], lengths: list[int], samples: int, seed: int = 0,
-             out_dir: Path | None = None, max_new_tokens: int = 24, progress: bool = True) -> list[dict]:
+             out_dir: Path | None = None, max_new_tokens: int = 24, progress: bool = True,
+             follow_up: bool = False) -> list[dict]:
     pols = [parse_policy(p) for p in policies]
     for t in tasks:
         get_task(t)  # fail before any work on an unknown task
@@ -67,7 +74,7 @@ def run_eval(lm: LM, tasks: list[str], policies: list[str], lengths: list[int], 
     records: list[dict] = []
     try:
         for sample in tqdm(items, desc="eval", unit="sample", disable=not progress):
-            for rec in evaluate_sample(lm, sample, pols, max_new_tokens):
+            for rec in evaluate_sample(lm, sample, pols, max_new_tokens, follow_up):
                 rec["model"] = lm.name
                 records.append(rec)
                 if out_file:
@@ -95,30 +102,52 @@ def load_records(path: Path) -> list[dict]:
     return records
 
 
+def _per_position(rs: list[dict]) -> tuple[dict[int, float], bool, int]:
+    """Accuracy by the position a question was asked in (1st, 2nd, ...) over the samples with the
+    most questions, so that every position averages the same samples (single-question tasks would
+    otherwise all count as 1st), and whether the order rotation was balanced: each question of a
+    sample asked equally often at each position (a sample count that is a multiple of the question
+    count). Returns ({position: accuracy}, balanced, number of samples)."""
+    multi = [x for x in rs if len(x.get("scores", [])) > 1]
+    if not multi:
+        return {}, True, 0
+    nq = max(len(x["scores"]) for x in multi)
+    full = [x for x in multi if len(x["scores"]) == nq]
+    asked: dict[int, Counter] = defaultdict(Counter)  # position -> which question index was asked there
+    for x in full:
+        for i, q in enumerate(x.get("question_order", range(nq))):
+            asked[i][q] += 1
+    balanced = all(len(set(c.values())) == 1 and len(c) == nq for c in asked.values())
+    positions = {i + 1: sum(x["scores"][i] for x in full) / len(full) for i in range(nq)}
+    return positions, balanced, len(full)
+
+
 def summarize(records: list[dict]) -> list[dict]:
     """Per (source, policy): accuracy, mean compression, accuracy relative to "none", per-task accuracy."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in records:
-        groups[(r.get("source", "memfit"), r["policy"])].append(r)
-    base = {r_key: sum(x["correct"] for x in rs) / len(rs) for r_key, rs in groups.items() if r_key[1] == "none"}
-    none_acc = next(iter(base.values()), None)
+    for r in records:  # follow-up conversations are their own rows: "<policy> [follow-up]"
+        label = r["policy"] + (" [follow-up]" if r.get("mode") == "follow-up" else "")
+        groups[(r.get("source", "memfit"), label)].append(r)
+    def mode(label: str) -> str:
+        return " [follow-up]" if label.endswith(" [follow-up]") else ""
+
+    base = {mode(k[1]): sum(x["correct"] for x in rs) / len(rs) for k, rs in groups.items()
+            if k[1] in ("none", "none [follow-up]")}
     rows = []
     for (source, pol), rs in groups.items():
         acc = sum(x["correct"] for x in rs) / len(rs)
         per_task: dict[str, list[float]] = defaultdict(list)
         for x in rs:
             per_task[f"{x['task']}@{x['length']}"].append(x["correct"])
-        positions: dict[int, list[float]] = defaultdict(list)
-        for x in rs:
-            for i, s in enumerate(x.get("scores", [])):
-                positions[i + 1].append(s)
+        positions, balanced, n_multi = _per_position(rs)
+        none_acc = base.get(mode(pol))
         rows.append({
             "source": source, "policy": pol, "family": rs[0].get("family", pol), "samples": len(rs),
             "accuracy": acc, "relative": acc / none_acc if none_acc else None,
             "compression": sum(x["compression"] for x in rs) / len(rs),
             "bytes_per_token": sum(x["bytes_per_token"] for x in rs) / len(rs),
             "per_task": {k: sum(v) / len(v) for k, v in sorted(per_task.items())},
-            "per_position": {k: sum(v) / len(v) for k, v in sorted(positions.items())},
+            "per_position": positions, "per_position_samples": n_multi, "per_position_balanced": balanced,
         })
     rows.sort(key=lambda r: (r["source"] != "memfit", -r["bytes_per_token"]))
     return rows
@@ -140,7 +169,9 @@ def format_summary(rows: list[dict]) -> str:
     multi = [r for r in rows if len(r["per_position"]) > 1]
     if multi:
         lines.append("")
-        lines.append("accuracy per question position, multi-question tasks (%):")
+        lines.append("accuracy by the position a question was asked in, over the samples with the most questions (%):")
         for r in multi:
-            lines.append(f"{r['policy'][:52]:<52} " + " ".join(f"q{k}={100 * v:.0f}" for k, v in r["per_position"].items()))
+            note = "" if r["per_position_balanced"] else "  (not balanced: use a multiple of the question count as --samples)"
+            lines.append(f"{r['policy'][:52]:<52} n={r['per_position_samples']:<3} "
+                         + " ".join(f"q{k}={100 * v:.0f}" for k, v in r["per_position"].items()) + note)
     return "\n".join(lines)
