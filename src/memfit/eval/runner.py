@@ -14,6 +14,9 @@ from memfit.eval.tasks import Sample, get_task
 from memfit.kv.policy import Policy, parse_policy
 
 
+FOLLOW_UP = " [follow-up]"  # how a summary row of questions asked as one conversation is labelled
+
+
 def family(policy: Policy) -> str:
     """Method family of a policy, for plotting lines: its method names joined with '+'."""
     if policy.is_none:
@@ -125,14 +128,11 @@ def _per_position(rs: list[dict]) -> tuple[dict[int, float], bool, int]:
 def summarize(records: list[dict]) -> list[dict]:
     """Per (source, policy): accuracy, mean compression, accuracy relative to "none", per-task accuracy."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in records:  # follow-up conversations are their own rows: "<policy> [follow-up]"
-        label = r["policy"] + (" [follow-up]" if r.get("mode") == "follow-up" else "")
+    for r in records:
+        label = r["policy"] + (FOLLOW_UP if r.get("mode") == "follow-up" else "")
         groups[(r.get("source", "memfit"), label)].append(r)
-    def mode(label: str) -> str:
-        return " [follow-up]" if label.endswith(" [follow-up]") else ""
-
-    base = {mode(k[1]): sum(x["correct"] for x in rs) / len(rs) for k, rs in groups.items()
-            if k[1] in ("none", "none [follow-up]")}
+    base = {k[1]: sum(x["correct"] for x in rs) / len(rs) for k, rs in groups.items()
+            if k[1] in ("none", "none" + FOLLOW_UP)}
     rows = []
     for (source, pol), rs in groups.items():
         acc = sum(x["correct"] for x in rs) / len(rs)
@@ -140,7 +140,7 @@ def summarize(records: list[dict]) -> list[dict]:
         for x in rs:
             per_task[f"{x['task']}@{x['length']}"].append(x["correct"])
         positions, balanced, n_multi = _per_position(rs)
-        none_acc = base.get(mode(pol))
+        none_acc = base.get("none" + FOLLOW_UP if pol.endswith(FOLLOW_UP) else "none")
         rows.append({
             "source": source, "policy": pol, "family": rs[0].get("family", pol), "samples": len(rs),
             "accuracy": acc, "relative": acc / none_acc if none_acc else None,
