@@ -6,7 +6,7 @@ import torch
 
 from memfit.kv.attention import observe
 from memfit.kv.cache import CompressedCache
-from memfit.kv.evict import H2O, TOVA, Knorm, KVzip, Observation, PyramidKV, select_adaptive, select_topk
+from memfit.kv.evict import H2O, TOVA, Knorm, KVzip, Observation, PyramidKV, select_adaptive, select_global, select_topk
 from memfit.kv.evict.kvzip import reconstruction_scores, repeat_inputs
 from memfit.kv.policy import PolicyError, parse_policy
 
@@ -128,6 +128,22 @@ def test_adaptive_heads_move_budget_to_peaked_heads():
     assert all(bool((i.diff() > 0).all()) for i in idx)
     with pytest.raises(ValueError, match="batch size 1"):
         select_adaptive(scores.expand(2, -1, -1), k)
+
+
+def test_global_heads_move_budget_across_layers():
+    n, k = 100, 10
+    peaked = torch.full((1, 2, n), 0.001)
+    peaked[0, 0, :20] = 1.0  # layer 0: twenty tokens that matter in head 0, sixteen in head 1
+    peaked[0, 1, 50:66] = 1.0
+    flat = torch.linspace(0, 0.01, n).expand(1, 2, n).clone()  # layer 1: nothing stands out
+    per_layer = select_global([peaked, flat], [k, k])
+    lens = [[len(i) for i in layer] for layer in per_layer]
+    assert sum(map(sum, lens)) == 2 * 2 * k  # the total budget is kept, and moved to layer 0
+    assert lens[0] == [20, 16] and lens[1] == [2, 2]  # layer 1 keeps its floor: 20% of its share
+    assert per_layer[0][0].tolist() == list(range(20)) and per_layer[0][1].tolist() == list(range(50, 66))
+    assert all(i.tolist() == [98, 99] for i in per_layer[1])  # its best tokens
+    # one layer alone is adaptive heads within it
+    assert [x.tolist() for x in select_global([peaked], [k])[0]] == [x.tolist() for x in select_adaptive(peaked, k)]
 
 
 def test_policy_strings_for_new_methods():

@@ -7,7 +7,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from memfit.kv.cache import CompressedCache
-from memfit.kv.evict import Observation
+from memfit.kv.evict import Observation, select_global
 from memfit.kv.policy import parse_policy
 
 _REF_MASKS: dict[int, torch.Tensor] = {}
@@ -32,10 +32,13 @@ def _kept_masks(lm, ids, policy):
     """What the policy keeps, recomputed from the full cache: layer -> [1, H, N] bool."""
     ev = parse_policy(policy).evictions[0]
     full = lm.prefill_ids(ids, "none").cache
+    scores = [ev.score(layer.keys, layer.values, Observation()) for layer in full.layers]
+    budgets = [ev.budget(s.shape[-1], ev.layer_keep(i, len(scores))) for i, s in enumerate(scores)]
+    picks = (select_global(scores, budgets) if ev.heads == "global"
+             else [ev.select(s, b) for s, b in zip(scores, budgets)])
     masks = {}
-    for i, layer in enumerate(full.layers):
-        k, v = layer.keys, layer.values
-        idx = ev.select(ev.score(k, v, Observation()), ev.budget(k.shape[-2], ev.layer_keep(i, len(full.layers))))
+    for i, (layer, idx) in enumerate(zip(full.layers, picks)):
+        k = layer.keys
         m = torch.zeros(1, k.shape[1], k.shape[-2], dtype=torch.bool)
         for h, ix in enumerate(idx):
             m[0, h, ix] = True
@@ -43,7 +46,8 @@ def _kept_masks(lm, ids, policy):
     return full, masks
 
 
-@pytest.mark.parametrize("policy", ["knorm(keep=0.3,heads=adaptive)", "knorm(keep=0.6,heads=adaptive)"])
+@pytest.mark.parametrize("policy", ["knorm(keep=0.3,heads=adaptive)", "knorm(keep=0.6,heads=adaptive)",
+                                    "knorm(keep=0.3,heads=global)"])
 def test_ragged_heads_equal_masked_full_attention(tiny_lm, policy):
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(0, 250, (1, 90), generator=g)

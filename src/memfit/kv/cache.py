@@ -18,7 +18,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from memfit.kernels.decode_attention import decode_attention
 from memfit.kv.attention import ATTN_IMPLEMENTATION, pop_scores, push_head_mask, push_packed, request_scores
 from memfit.kv.decode import DecodeBudget
-from memfit.kv.evict import Observation, select_topk
+from memfit.kv.evict import Observation, select_global, select_topk
 from memfit.kv.lowrank import LowRank, project, reconstruct
 from memfit.kv.policy import Policy, parse_policy
 from memfit.kv.quant import KIVI, LayerBits, QTensor, attention_error, dequantize, quantize_keys, quantize_values
@@ -293,27 +293,46 @@ class CompressedLayer(CacheLayerMixin):
         self.keys = self.keys[:, :, f:].clone()
         self.values = self.values[:, :, f:].clone()
 
-    def compress(self, policy: Policy, obs: Observation | None = None, layer: int = 0, num_layers: int = 1) -> None:
+    def _evict_uniform(self, evictions, obs: Observation, layer: int, num_layers: int):
+        """The window's keys, values and observation after ``evictions`` (uniform heads)."""
+        k, v = self.keys, self.values
+        for ev in evictions:
+            keep = ev.budget(k.shape[-2], ev.layer_keep(layer, num_layers))
+            if keep >= k.shape[-2]:
+                continue
+            idx = ev.select(ev.score(k, v, obs), keep)
+            k, v = _gather_tokens(k, idx), _gather_tokens(v, idx)
+            # what a later method reads must follow the kept tokens
+            obs = Observation(obs.queries, *(None if t is None else t.gather(-1, idx) for t in
+                                             (obs.attention_sum, obs.reconstruction)))
+        return k, v, obs
+
+    def last_scores(self, policy: Policy, obs: Observation | None, layer: int, num_layers: int) -> tuple[torch.Tensor, int]:
+        """Scores of the policy's last eviction on what the earlier ones keep, and its budget per
+        head (for a selection across layers, ``heads=global``)."""
+        *first, last = policy.evictions
+        k, v, obs = self._evict_uniform(first, obs or Observation(), layer, num_layers)
+        return last.score(k, v, obs), last.budget(k.shape[-2], last.layer_keep(layer, num_layers))
+
+    def compress(self, policy: Policy, obs: Observation | None = None, layer: int = 0, num_layers: int = 1,
+                 picks: list[torch.Tensor] | None = None) -> None:
         """End of prefill: apply the policy's evictions to the window, then quantize (evict, then
         quantize). ``obs``: what the prefill recorded for this layer; ``layer``/``num_layers`` set
-        depth-dependent budgets."""
+        depth-dependent budgets; ``picks``: the kept tokens of each head chosen for the last
+        eviction by the cache (``heads=global``)."""
         if self.is_initialized and self.qk is None and self.ragged is None:
             k, v = self.keys, self.values
-            obs = obs or Observation()
-            for i, ev in enumerate(policy.evictions):
-                n = k.shape[-2]
-                keep = ev.budget(n, ev.layer_keep(layer, num_layers))
-                if keep >= n:
-                    continue
-                idx = ev.select(ev.score(k, v, obs), keep)
-                if isinstance(idx, list):  # ragged heads: the last eviction of a policy (checked by the parser)
+            if policy.evictions:
+                *first, last = policy.evictions
+                k, v, obs = self._evict_uniform(first, obs or Observation(), layer, num_layers)
+                keep = last.budget(k.shape[-2], last.layer_keep(layer, num_layers))
+                idx = picks if picks is not None else (
+                    last.select(last.score(k, v, obs), keep) if keep < k.shape[-2] else None)
+                if isinstance(idx, list):  # ragged heads (the parser keeps them to the last eviction)
                     self.ragged = Ragged.build(k, v, idx, policy.quant)
                     k, v = k[:, :, :0], v[:, :, :0]
-                    break
-                k, v = _gather_tokens(k, idx), _gather_tokens(v, idx)
-                if i + 1 < len(policy.evictions):  # what a later method reads must follow the kept tokens
-                    obs = Observation(obs.queries, *(None if t is None else t.gather(-1, idx) for t in
-                                                     (obs.attention_sum, obs.reconstruction)))
+                elif idx is not None:
+                    k, v = _gather_tokens(k, idx), _gather_tokens(v, idx)
             if policy.lowrank is not None and k.shape[-2]:
                 self.basis = policy.lowrank.basis(k)  # fitted to the kept context keys
                 if policy.quant is None:  # no quantizer to spill into: the context becomes coefficients now
@@ -444,9 +463,22 @@ class CompressedCache(Cache):
         q, obs = self.policy.quant, obs or {}
         if isinstance(q, LayerBits):
             self._assign_layer_bits(q, obs)
+        picks = self._global_picks(obs)
         for i, layer in enumerate(self.layers):
             policy = dataclasses.replace(self.policy, quant=layer.quant) if isinstance(q, LayerBits) else self.policy
-            layer.compress(policy, obs.get(i), i, len(self.layers))
+            layer.compress(policy, obs.get(i), i, len(self.layers), picks[i])
+
+    def _global_picks(self, obs: dict[int, Observation]) -> list:
+        """Per layer, the tokens each head keeps when the last eviction selects across layers
+        (``heads=global``); None where a layer selects on its own."""
+        n = len(self.layers)
+        evs = self.policy.evictions
+        ready = [layer.is_initialized and layer.defer and layer.qk is None and layer.ragged is None
+                 for layer in self.layers]
+        if not evs or evs[-1].heads != "global" or not all(ready):
+            return [None] * n
+        scored = [layer.last_scores(self.policy, obs.get(i), i, n) for i, layer in enumerate(self.layers)]
+        return select_global([s for s, _ in scored], [k for _, k in scored])
 
     def _assign_layer_bits(self, q: LayerBits, obs: dict[int, Observation]) -> None:
         """Bits per layer from each layer's attention error on its own context (KVTuner-style)."""

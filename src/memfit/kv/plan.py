@@ -3,7 +3,7 @@ a byte budget best.
 
 The bytes are counted the way ``CompressedCache.nbytes`` counts them (codes, scales, zero points,
 the 16-bit window, the per-head length table of ragged layers). For uniform heads the count is
-exact; for adaptive (ragged) heads it is an upper bound, because each head rounds its own window.
+exact; for adaptive and global (ragged) heads it is an upper bound, because each head rounds its own window.
 """
 
 from __future__ import annotations
@@ -36,11 +36,20 @@ def _quantized_token_bytes(q: KIVI, d: int) -> float:
     return 2 * d * q.bits / 8 + 4 * d / q.group + 4 * d / q.value_group(d)
 
 
-def _head_bytes(n: int, q: KIVI | None, d: int, ragged: bool, e: int) -> float:
+def _head_bytes(n: int, q: KIVI | None, d: int, ragged: str | None, e: int) -> float:
+    """One head keeping ``n`` tokens (on average over the heads it shares a budget with, if ragged)."""
     if q is None:
         return 2 * e * d * n
     c = _quantized_token_bytes(q, d)
-    window = min(n, q.residual) if ragged else n - q.spilled(n)  # a head's window never exceeds residual
+    if not ragged:
+        window = n - q.spilled(n)
+    else:
+        # a ragged head quantizes whole key groups of its own tokens: its window is at most
+        # max(residual, group - 1), and a 16-bit token costs more than a quantized one, so the
+        # bound is every head holding that window; within a layer (adaptive) no head holds more
+        # than the layer's tokens, across layers (global) one head may hold more than n
+        window = max(q.residual, q.group - 1)
+        window = min(n, window) if ragged == "adaptive" else window
     return c * (n - window) + 2 * e * d * window
 
 
@@ -62,11 +71,11 @@ def policy_nbytes(policy: "str | Policy", num_tokens: int, shape: KVShape) -> in
     p = parse_policy(policy)
     total = 0.0
     for layer in range(shape.num_layers):
-        n, ragged = num_tokens, False
+        n, ragged = num_tokens, None
         for ev in p.evictions:
             k = ev.budget(n, ev.layer_keep(layer, shape.num_layers))
-            if k < n:
-                ragged = ragged or ev.heads == "adaptive"
+            if k < n or ev.heads == "global":  # a global eviction may move tokens into this layer
+                ragged = ev.heads if ev.ragged else None
                 n = k
         if p.lowrank is not None:
             total += _lowrank_layer_bytes(n, p, shape)

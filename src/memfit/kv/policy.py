@@ -131,14 +131,14 @@ def parse_policy(spec: "str | Policy | None") -> Policy:
         elif isinstance(method, LowRank):
             if lowrank is not None or quant is not None:
                 raise PolicyError(f"in {spec!r}: one lowrank term, before the quantizer (its coefficients are what is quantized)")
-            if any(e.heads == "adaptive" for e in evictions):
+            if any(e.ragged for e in evictions):
                 raise PolicyError(f"in {spec!r}: lowrank needs heads=uniform evictions (one basis for the layer's heads)")
             lowrank = method
         elif isinstance(method, Eviction):
             if quant is not None or lowrank is not None:
                 raise PolicyError(f"in {spec!r}: evictions must come before lowrank and quantization (evict, then compress)")
-            if evictions and evictions[-1].heads == "adaptive":
-                raise PolicyError(f"in {spec!r}: an eviction with heads=adaptive must be the last eviction")
+            if evictions and evictions[-1].ragged:
+                raise PolicyError(f"in {spec!r}: an eviction with heads={evictions[-1].heads} must be the last eviction")
             evictions.append(method)
         else:
             if quant is not None:

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import torch
 
-HEAD_MODES = ("uniform", "adaptive")
+HEAD_MODES = ("uniform", "adaptive", "global")
 ADAPTIVE_FLOOR = 0.2  # adaptive heads: each head keeps at least this share of its uniform budget (AdaKV's safeguard)
 
 
@@ -34,7 +34,9 @@ class Observation:
 class Eviction:
     """Base of the eviction methods. ``keep``: fraction of context tokens kept (on average over
     layers and heads). ``heads``: "uniform" keeps the same number in every KV head; "adaptive"
-    (AdaKV) lets heads with peaked scores take budget from heads with flat ones, stored ragged."""
+    (AdaKV) lets heads with peaked scores take budget from heads with flat ones within a layer;
+    "global" (KVzip's pair-level threshold) pools the budget of every layer and head, so layers
+    whose scores are peaked also take budget from flat ones. Adaptive and global are stored ragged."""
 
     keep: float = 0.25
     heads: str = "uniform"
@@ -65,9 +67,15 @@ class Eviction:
         """keys/values [B, H, N, D] (RoPE applied) -> scores [B, H, N]; higher is kept first."""
         raise NotImplementedError
 
+    @property
+    def ragged(self) -> bool:
+        """Whether heads keep different numbers of tokens (stored ragged)."""
+        return self.heads != "uniform"
+
     def select(self, scores: torch.Tensor, k: int) -> "torch.Tensor | list[torch.Tensor]":
         """Kept token indices: [B, H, k] (uniform), or one sorted index tensor per head (adaptive,
-        batch 1) whose lengths sum to H * k."""
+        batch 1) whose lengths sum to H * k. A global eviction selects across layers in
+        ``select_global``; given one layer alone it is adaptive within it."""
         if self.heads == "uniform" or k >= scores.shape[-1]:
             return select_topk(scores, k)
         return select_adaptive(scores, k)
@@ -82,12 +90,28 @@ def select_adaptive(scores: torch.Tensor, k: int) -> list[torch.Tensor]:
     """AdaKV-style allocation of ``H * k`` tokens over the heads of one row: every head keeps its
     ``ADAPTIVE_FLOOR * k`` best tokens, the rest go to the best scores of any head. Scores must be
     comparable across heads (attention probabilities, norms)."""
-    b, h, n = scores.shape
-    if b != 1:
-        raise ValueError(f"adaptive head budgets need batch size 1, got {b}")
-    s = scores[0].float().clone()
-    floor = min(k, math.ceil(ADAPTIVE_FLOOR * k))
-    s.scatter_(-1, s.topk(floor, dim=-1).indices, float("inf"))
-    chosen = torch.zeros(h * n, dtype=torch.bool, device=scores.device)
-    chosen[s.flatten().topk(h * k).indices] = True
-    return [row.nonzero().squeeze(-1) for row in chosen.view(h, n)]
+    return select_global([scores], [k])[0]
+
+
+def select_global(scores: list[torch.Tensor], ks: list[int]) -> list[list[torch.Tensor]]:
+    """Allocation of ``sum(H * ks[l])`` tokens over the heads of several layers of one row
+    (``scores[l]``: [1, H, N_l]): every head of layer ``l`` keeps its ``ADAPTIVE_FLOOR * ks[l]``
+    best tokens, the rest go to the best scores of any head of any layer. Returns, per layer, one
+    sorted index tensor per head."""
+    flat, shapes = [], []
+    for s, k in zip(scores, ks):
+        b, h, n = s.shape
+        if b != 1:
+            raise ValueError(f"adaptive head budgets need batch size 1, got {b}")
+        s = s[0].float().clone()
+        s.scatter_(-1, s.topk(min(k, math.ceil(ADAPTIVE_FLOOR * k)), dim=-1).indices, float("inf"))
+        flat.append(s.flatten())
+        shapes.append((h, n))
+    total = sum(h * k for (h, _), k in zip(shapes, ks))
+    chosen = torch.zeros(sum(h * n for h, n in shapes), dtype=torch.bool, device=scores[0].device)
+    chosen[torch.cat(flat).topk(total).indices] = True
+    out, start = [], 0
+    for h, n in shapes:
+        out.append([row.nonzero().squeeze(-1) for row in chosen[start : start + h * n].view(h, n)])
+        start += h * n
+    return out
