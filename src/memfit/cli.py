@@ -250,7 +250,10 @@ def eval_(
     perplexity_text: Optional[Path] = typer.Option(None, help="Text for --perplexity (default: the shipped essay)."),
     max_new_tokens: int = typer.Option(24, "--max-new-tokens"),
     follow_up: bool = typer.Option(False, "--follow-up", help="Ask a sample's questions as one conversation "
-                                   "(each turn reads the earlier questions and answers) instead of each on its own."),
+                                   "(each turn reads the earlier questions and their reference answers, as in "
+                                   "SCBench's multi-turn setting) instead of each on its own."),
+    own_answers: bool = typer.Option(False, "--own-answers", help="With --follow-up: the earlier turns hold the "
+                                     "model's own answers instead of the reference ones."),
 ) -> None:
     """Accuracy of each policy on the built-in long-context tasks (one prefill per sample, shared),
     and with --perplexity the perplexity of each model and policy."""
@@ -269,12 +272,15 @@ def eval_(
         _fail(f"unknown task(s) {', '.join(unknown)}; valid tasks: {', '.join(TASKS)}")
     if samples < 1 or any(n < 64 for n in lengths):
         _fail("--samples must be >= 1 and every --length >= 64")
+    if own_answers and not follow_up:
+        _fail("--own-answers goes with --follow-up")
+    mode = ("own" if own_answers else "gold") if follow_up else None
     lm = _load(model)
     t0 = time.perf_counter()
-    records = run_eval(lm, names, pols, lengths, samples, seed, out, max_new_tokens, follow_up=follow_up)
+    records = run_eval(lm, names, pols, lengths, samples, seed, out, max_new_tokens, follow_up=mode)
     rows = summarize(records)
     summary = {"model": model, "tasks": names, "lengths": lengths, "samples": samples, "seed": seed,
-               "follow_up": follow_up,
+               "follow_up": mode,
                "seconds": time.perf_counter() - t0, "rows": rows}
     if with_perplexity:
         summary["perplexity"] = _perplexities(lm, perplexity_text, pols)

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from memfit.cli import app
 from memfit.eval.perplexity import SHIPPED_TEXT, perplexity
-from memfit.eval.runner import load_records, run_eval, summarize
+from memfit.eval.runner import load_records, make_samples, run_eval, summarize
 
 runner = CliRunner()
 
@@ -33,21 +33,33 @@ def test_eval_runs_end_to_end_and_writes_valid_json(tiny_lm, tmp_path):
     assert set(none["per_position"]) == {1, 2, 3, 4, 5}
 
 
-def test_follow_up_eval_feeds_the_earlier_turns(tiny_lm, monkeypatch):
-    seen = []
+@pytest.mark.parametrize("follow_up", ["gold", "own"])
+def test_follow_up_eval_feeds_the_earlier_turns(tiny_lm, monkeypatch, follow_up):
+    seen, said = [], []
     ask = type(tiny_lm).ask
 
     def spy(self, ctx, question, *a, history=None, **kw):
-        seen.append((question, [q for q, _ in history or ()]))
-        return ask(self, ctx, question, *a, history=history, **kw)
+        seen.append((question, list(history or ())))
+        said.append(ask(self, ctx, question, *a, history=history, **kw))
+        return said[-1]
 
     monkeypatch.setattr(type(tiny_lm), "ask", spy)
     recs = run_eval(tiny_lm, ["niah_multiquery"], ["none"], [300], samples=1, seed=0, max_new_tokens=3,
-                    progress=False, follow_up=True)
+                    progress=False, follow_up=follow_up)
+    sample = make_samples(tiny_lm, ["niah_multiquery"], [300], 1, 0)[0]
+    by_text = {q.text: q for q in sample.questions}
     assert [len(h) for _, h in seen] == [0, 1, 2, 3, 4]
-    assert all(h == [q for q, _ in seen[:i]] for i, (_, h) in enumerate(seen))
-    assert recs[0]["mode"] == "follow-up"
-    assert summarize(recs)[0]["policy"] == "none [follow-up]"
+    for i, (_, history) in enumerate(seen):
+        assert [q for q, _ in history] == [q for q, _ in seen[:i]]
+        expected = said[:i] if follow_up == "own" else [by_text[q].reference for q, _ in seen[:i]]
+        assert [a for _, a in history] == expected
+    assert by_text[seen[0][0]].reference.endswith(f" is {by_text[seen[0][0]].answers[0]}.")
+    label = {"gold": "none [follow-up]", "own": "none [follow-up, own answers]"}[follow_up]
+    assert recs[0]["mode"] == {"gold": "follow-up", "own": "follow-up-own"}[follow_up]
+    row = summarize(recs)[0]
+    assert row["policy"] == label and row["relative"] == (1.0 if row["accuracy"] else None)
+    with pytest.raises(ValueError, match="follow_up must be"):
+        run_eval(tiny_lm, ["niah_single"], ["none"], [300], samples=1, follow_up="yes", progress=False)
 
 
 def test_per_position_accuracy_averages_the_same_samples_at_every_position():

@@ -14,7 +14,9 @@ from memfit.eval.tasks import Sample, get_task
 from memfit.kv.policy import Policy, parse_policy
 
 
-FOLLOW_UP = " [follow-up]"  # how a summary row of questions asked as one conversation is labelled
+# summary-row labels of the conversation modes (records' "mode"), after the policy
+MODE_LABELS = {"follow-up": " [follow-up]", "follow-up-own": " [follow-up, own answers]"}
+FOLLOW_UPS = {"gold": "follow-up", "own": "follow-up-own"}  # run_eval's follow_up -> record mode
 
 
 def family(policy: Policy) -> str:
@@ -30,12 +32,16 @@ def make_samples(lm: LM, tasks: list[str], lengths: list[int], samples: int, see
 
 
 def evaluate_sample(lm: LM, sample: Sample, policies: list[Policy], max_new_tokens: int = 24,
-                    follow_up: bool = False) -> list[dict]:
+                    follow_up: str | None = None) -> list[dict]:
     """Prefill once, compress once per policy, ask every question one after another (query-agnostic).
     The order of several questions is rotated by the sample's seed, so that accuracy per position
     (1st question asked, 2nd, ...) is not confounded with what is asked. Each question is asked on
-    its own of the compressed context, or with ``follow_up`` as the next turn of one conversation
-    (the k-th question then also reads the k - 1 earlier questions and the model's answers)."""
+    its own of the compressed context, or with ``follow_up`` as the next turn of one conversation:
+    the k-th question then also reads the k - 1 earlier questions and their reference answers
+    (``"gold"``, SCBench's multi-turn setting: a wrong earlier answer cannot mislead a later one)
+    or the model's own answers (``"own"``)."""
+    if follow_up not in (None, *FOLLOW_UPS):
+        raise ValueError(f"follow_up must be None, 'gold' or 'own', got {follow_up!r}")
     contexts = lm.prefill_many(sample.context, policies)
     k = sample.seed % len(sample.questions)
     order = list(range(k, len(sample.questions))) + list(range(k))
@@ -44,8 +50,9 @@ def evaluate_sample(lm: LM, sample: Sample, policies: list[Policy], max_new_toke
     for pol, ctx in zip(policies, contexts):
         t0 = time.perf_counter()
         replies: list[str] = []
-        for q in questions:
-            history = list(zip((x.text for x in questions), replies)) if follow_up else None
+        for i, q in enumerate(questions):
+            said = [x.reference for x in questions[:i]] if follow_up == "gold" else replies
+            history = list(zip((x.text for x in questions), said)) if follow_up else None
             replies.append(lm.ask(ctx, q.text, max_new_tokens=max_new_tokens, answer_prefix=q.answer_prefix,
                                   lines=q.lines, history=history))
         answer_s = time.perf_counter() - t0
@@ -58,14 +65,18 @@ def evaluate_sample(lm: LM, sample: Sample, policies: list[Policy], max_new_toke
             "compression": ctx.compression, "prefill_s": ctx.prefill_seconds, "answer_s": answer_s,
             "replies": [r[len(q.answer_prefix):] for q, r in zip(questions, replies)],
             "expected": [list(q.answers) for q in questions], "question_order": order,
-            "mode": "follow-up" if follow_up else "independent",
+            "mode": FOLLOW_UPS[follow_up] if follow_up else "independent",
         })
     return records
 
 
 def run_eval(lm: LM, tasks: list[str], policies: list[str], lengths: list[int], samples: int, seed: int = 0,
              out_dir: Path | None = None, max_new_tokens: int = 24, progress: bool = True,
-             follow_up: bool = False) -> list[dict]:
+             follow_up: str | None = None) -> list[dict]:
+    """Every sample of ``tasks`` x ``lengths`` under every policy (see ``evaluate_sample``), records
+    appended to ``out_dir``/results.jsonl as they come."""
+    if follow_up not in (None, *FOLLOW_UPS):
+        raise ValueError(f"follow_up must be None, 'gold' or 'own', got {follow_up!r}")
     pols = [parse_policy(p) for p in policies]
     for t in tasks:
         get_task(t)  # fail before any work on an unknown task
@@ -129,10 +140,10 @@ def summarize(records: list[dict]) -> list[dict]:
     """Per (source, policy): accuracy, mean compression, accuracy relative to "none", per-task accuracy."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
-        label = r["policy"] + (FOLLOW_UP if r.get("mode") == "follow-up" else "")
+        label = r["policy"] + MODE_LABELS.get(r.get("mode"), "")
         groups[(r.get("source", "memfit"), label)].append(r)
     base = {k[1]: sum(x["correct"] for x in rs) / len(rs) for k, rs in groups.items()
-            if k[1] in ("none", "none" + FOLLOW_UP)}
+            if k[1] in ("none", *("none" + m for m in MODE_LABELS.values()))}
     rows = []
     for (source, pol), rs in groups.items():
         acc = sum(x["correct"] for x in rs) / len(rs)
@@ -140,7 +151,7 @@ def summarize(records: list[dict]) -> list[dict]:
         for x in rs:
             per_task[f"{x['task']}@{x['length']}"].append(x["correct"])
         positions, balanced, n_multi = _per_position(rs)
-        none_acc = base.get("none" + FOLLOW_UP if pol.endswith(FOLLOW_UP) else "none")
+        none_acc = base.get("none" + _mode_label(pol))
         rows.append({
             "source": source, "policy": pol, "family": rs[0].get("family", pol), "samples": len(rs),
             "accuracy": acc, "relative": acc / none_acc if none_acc else None,
@@ -153,18 +164,30 @@ def summarize(records: list[dict]) -> list[dict]:
     return rows
 
 
+def _mode_label(label: str) -> str:
+    return next((m for m in MODE_LABELS.values() if label.endswith(m)), "")
+
+
+def _short(label: str, width: int = 52) -> str:
+    """A row label cut to ``width`` characters, keeping its mode suffix readable."""
+    if len(label) <= width:
+        return label
+    mode = _mode_label(label)
+    return label[: width - len(mode)] + mode
+
+
 def format_summary(rows: list[dict]) -> str:
     lines = [f"{'source':<8} {'policy':<52} {'n':>4} {'accuracy':>8} {'vs none':>8} {'compr.':>7} {'B/token':>8}"]
     for r in rows:
         rel = f"{100 * r['relative']:.0f}%" if r["relative"] is not None else "-"
-        lines.append(f"{r['source']:<8} {r['policy'][:52]:<52} {r['samples']:>4} {100 * r['accuracy']:>7.1f}% "
+        lines.append(f"{r['source']:<8} {_short(r['policy']):<52} {r['samples']:>4} {100 * r['accuracy']:>7.1f}% "
                      f"{rel:>8} {r['compression']:>6.2f}x {r['bytes_per_token']:>8.0f}")
     tasks = sorted({t for r in rows for t in r["per_task"]})
     if tasks:
         lines.append("")
         lines.append("accuracy per task (%): " + " | ".join(tasks))
         for r in rows:
-            lines.append(f"{r['policy'][:52]:<52} " + " ".join(f"{100 * r['per_task'].get(t, float('nan')):>5.0f}"
+            lines.append(f"{_short(r['policy']):<52} " + " ".join(f"{100 * r['per_task'].get(t, float('nan')):>5.0f}"
                                                             for t in tasks))
     multi = [r for r in rows if len(r["per_position"]) > 1]
     if multi:
@@ -172,6 +195,6 @@ def format_summary(rows: list[dict]) -> str:
         lines.append("accuracy by the position a question was asked in, over the samples with the most questions (%):")
         for r in multi:
             note = "" if r["per_position_balanced"] else "  (not balanced: use a multiple of the question count as --samples)"
-            lines.append(f"{r['policy'][:52]:<52} n={r['per_position_samples']:<3} "
+            lines.append(f"{_short(r['policy']):<52} n={r['per_position_samples']:<3} "
                          + " ".join(f"q{k}={100 * v:.0f}" for k, v in r["per_position"].items()) + note)
     return "\n".join(lines)

@@ -13,6 +13,12 @@ class Question:
     answer_prefix: str = ""
     lines: int = 1  # the reply is read up to this many lines with text
 
+    @property
+    def reference(self) -> str:
+        """The expected reply in words (the answer prefix, then every answer): what an earlier turn
+        of a conversation says when the history holds reference answers."""
+        return (f"{self.answer_prefix} " if self.answer_prefix else "") + ", ".join(self.answers) + "."
+
     def score(self, reply: str) -> float:
         """Fraction of the expected answers found in the reply (1.0 = correct)."""
         norm = _normalize(reply)
