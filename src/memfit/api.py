@@ -90,6 +90,9 @@ class Context:
                 f"compression={self.compression:.2f}x)")
 
 
+SLACK_STEPS = 8  # keep fractions tried above the planner's estimate when a budget has room to spare
+
+
 class LM:
     """A loaded model with its tokenizer and chat format. Build it with :func:`load_model`."""
 
@@ -298,19 +301,19 @@ class LM:
     @staticmethod
     def _spend_slack(base: CompressedCache, obs: dict, policy: Policy, cache: CompressedCache,
                      limit: int) -> tuple[Policy, CompressedCache]:
-        """Bisect the last eviction's keep upwards on measured bytes (bytes grow about linearly with it)."""
+        """Raise the last eviction's keep to the largest of a few steps whose measured bytes fit.
+        Not a bisection: with ragged heads bytes are not monotonic in keep (each head quantizes
+        whole key groups, so one more token can move a group back to the 16-bit window)."""
         ev = policy.evictions[-1]
         with_keep = lambda k: dataclasses.replace(policy, evictions=(*policy.evictions[:-1], dataclasses.replace(ev, keep=k)))  # noqa: E731
-        lo, hi = ev.keep, min(1.0, ev.keep * limit / max(1, cache.nbytes) * 1.02)
-        for _ in range(5):
-            mid = round((lo + hi) / 2, 4)
-            if mid <= lo:
+        hi = min(1.0, ev.keep * limit / max(1, cache.nbytes) * 1.5)
+        for keep in sorted({round(ev.keep + (hi - ev.keep) * i / SLACK_STEPS, 4) for i in range(1, SLACK_STEPS + 1)},
+                           reverse=True):
+            if keep <= ev.keep:
                 break
-            trial = base.derive(with_keep(mid), obs)
+            trial = base.derive(with_keep(keep), obs)
             if trial.nbytes <= limit:
-                lo, cache, policy = mid, trial, with_keep(mid)
-            else:
-                hi = mid
+                return with_keep(keep), trial
         return policy, cache
 
     def reconstruction_scores(self, input_ids: torch.Tensor, cache: CompressedCache, chunk: int) -> dict[int, torch.Tensor]:

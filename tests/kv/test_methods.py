@@ -148,7 +148,7 @@ def test_global_heads_move_budget_across_layers():
 
 def test_policy_strings_for_new_methods():
     p = parse_policy("kvzip(keep=0.3)+kivi(bits=2)")
-    assert p.spec.startswith("kvzip(keep=0.3,heads=adaptive,chunk=2048)+kivi(bits=2")
+    assert p.spec.startswith("kvzip(keep=0.3,heads=global,chunk=2048)+kivi(bits=2")
     assert p.observes() == {"reconstruction"}
     assert parse_policy("h2o(keep=0.2,heads=adaptive)").evictions[0].heads == "adaptive"
     with pytest.raises(PolicyError, match="heads must be one of uniform, adaptive"):

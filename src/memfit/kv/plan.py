@@ -36,21 +36,16 @@ def _quantized_token_bytes(q: KIVI, d: int) -> float:
     return 2 * d * q.bits / 8 + 4 * d / q.group + 4 * d / q.value_group(d)
 
 
-def _head_bytes(n: int, q: KIVI | None, d: int, ragged: str | None, e: int) -> float:
-    """One head keeping ``n`` tokens (on average over the heads it shares a budget with, if ragged)."""
+def _ragged_bytes(tokens: int, heads: int, q: KIVI | None, d: int, e: int) -> float:
+    """Upper bound for ``heads`` ragged heads holding ``tokens`` in all: a ragged head quantizes
+    whole key groups of its own tokens, so its 16-bit window is at most max(residual, group - 1)
+    tokens; a 16-bit token costs more than a quantized one, so the bound is the most window the
+    heads can hold between them."""
     if q is None:
-        return 2 * e * d * n
+        return 2 * e * d * tokens
     c = _quantized_token_bytes(q, d)
-    if not ragged:
-        window = n - q.spilled(n)
-    else:
-        # a ragged head quantizes whole key groups of its own tokens: its window is at most
-        # max(residual, group - 1), and a 16-bit token costs more than a quantized one, so the
-        # bound is every head holding that window; within a layer (adaptive) no head holds more
-        # than the layer's tokens, across layers (global) one head may hold more than n
-        window = max(q.residual, q.group - 1)
-        window = min(n, window) if ragged == "adaptive" else window
-    return c * (n - window) + 2 * e * d * window
+    window = min(tokens, heads * max(q.residual, q.group - 1))
+    return c * (tokens - window) + 2 * e * d * window
 
 
 def _lowrank_layer_bytes(n: int, p: Policy, shape: KVShape) -> float:
@@ -69,20 +64,28 @@ def _lowrank_layer_bytes(n: int, p: Policy, shape: KVShape) -> float:
 def policy_nbytes(policy: "str | Policy", num_tokens: int, shape: KVShape) -> int:
     """Bytes the policy's cache holds after reading ``num_tokens`` context tokens (batch 1)."""
     p = parse_policy(policy)
-    total = 0.0
+    h, d, e = shape.num_kv_heads, shape.head_dim, shape.dtype_bytes
+    total, pooled = 0.0, 0  # pooled: tokens of a global eviction, which may move between layers
     for layer in range(shape.num_layers):
         n, ragged = num_tokens, None
         for ev in p.evictions:
             k = ev.budget(n, ev.layer_keep(layer, shape.num_layers))
-            if k < n or ev.heads == "global":  # a global eviction may move tokens into this layer
+            if k < n or ev.heads == "global":
                 ragged = ev.heads if ev.ragged else None
                 n = k
         if p.lowrank is not None:
             total += _lowrank_layer_bytes(n, p, shape)
-            continue
-        total += shape.num_kv_heads * _head_bytes(n, p.quant, shape.head_dim, ragged, shape.dtype_bytes)
+        elif ragged == "global":
+            pooled += h * n
+        elif ragged == "adaptive":
+            total += _ragged_bytes(h * n, h, p.quant, d, e)
+        else:
+            total += h * (2 * e * d * n if p.quant is None else
+                          _quantized_token_bytes(p.quant, d) * p.quant.spilled(n) + 2 * e * d * (n - p.quant.spilled(n)))
         if ragged:
-            total += 2 * shape.num_kv_heads * 4  # the int32 table of per-head lengths
+            total += 2 * h * 4  # the int32 table of per-head lengths
+    if pooled:
+        total += _ragged_bytes(pooled, h * shape.num_layers, p.quant, d, e)
     return math.ceil(total)
 
 

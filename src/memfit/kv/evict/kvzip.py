@@ -16,10 +16,10 @@ class KVzip(Eviction):
     context, reading it again in ``chunk``-token pieces (each starting with the last tokens of the
     previous one) on top of the cache. A KV pair scores the most attention it received from any
     repeat position and any query head of its GQA group; the pairs the model needs to reconstruct
-    the context are kept. Costs about one more prefill. Heads are adaptive by default (the paper's
-    non-uniform head budgets)."""
+    the context are kept. Costs about one more prefill. Heads are global by default (the paper's
+    pair-level threshold: one budget over every layer and head)."""
 
-    heads: str = "adaptive"
+    heads: str = "global"
     chunk: int = 2048
 
     observes = "reconstruction"
