@@ -26,6 +26,15 @@ def family(policy: Policy) -> str:
     return "+".join(m.split("(")[0] for m in policy.spec.split("+"))
 
 
+def _record_mode(follow_up: str | None) -> str:
+    """The records' "mode" for ``follow_up`` (None, "gold" or "own"); anything else is an error."""
+    if follow_up is None:
+        return "independent"
+    if follow_up not in FOLLOW_UPS:
+        raise ValueError(f"follow_up must be None, 'gold' or 'own', got {follow_up!r}")
+    return FOLLOW_UPS[follow_up]
+
+
 def make_samples(lm: LM, tasks: list[str], lengths: list[int], samples: int, seed: int) -> list[Sample]:
     count = lambda text: len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     return [get_task(t)(seed + i, n, count) for t in tasks for n in lengths for i in range(samples)]
@@ -40,8 +49,7 @@ def evaluate_sample(lm: LM, sample: Sample, policies: list[Policy], max_new_toke
     the k-th question then also reads the k - 1 earlier questions and their reference answers
     (``"gold"``, SCBench's multi-turn setting: a wrong earlier answer cannot mislead a later one)
     or the model's own answers (``"own"``)."""
-    if follow_up not in (None, *FOLLOW_UPS):
-        raise ValueError(f"follow_up must be None, 'gold' or 'own', got {follow_up!r}")
+    mode = _record_mode(follow_up)
     contexts = lm.prefill_many(sample.context, policies)
     k = sample.seed % len(sample.questions)
     order = list(range(k, len(sample.questions))) + list(range(k))
@@ -65,7 +73,7 @@ def evaluate_sample(lm: LM, sample: Sample, policies: list[Policy], max_new_toke
             "compression": ctx.compression, "prefill_s": ctx.prefill_seconds, "answer_s": answer_s,
             "replies": [r[len(q.answer_prefix):] for q, r in zip(questions, replies)],
             "expected": [list(q.answers) for q in questions], "question_order": order,
-            "mode": FOLLOW_UPS[follow_up] if follow_up else "independent",
+            "mode": mode,
         })
     return records
 
@@ -75,8 +83,7 @@ def run_eval(lm: LM, tasks: list[str], policies: list[str], lengths: list[int], 
              follow_up: str | None = None) -> list[dict]:
     """Every sample of ``tasks`` x ``lengths`` under every policy (see ``evaluate_sample``), records
     appended to ``out_dir``/results.jsonl as they come."""
-    if follow_up not in (None, *FOLLOW_UPS):
-        raise ValueError(f"follow_up must be None, 'gold' or 'own', got {follow_up!r}")
+    _record_mode(follow_up)  # fail before any work on a bad mode
     pols = [parse_policy(p) for p in policies]
     for t in tasks:
         get_task(t)  # fail before any work on an unknown task
