@@ -17,7 +17,7 @@ from pathlib import Path
 
 import memfit
 from memfit.eval.runner import make_samples
-from memfit.eval.tasks import TASKS
+from memfit.eval.tasks import DEFAULT_TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv-kvpress"
@@ -37,7 +37,7 @@ def ensure_venv(venv: Path) -> Path:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS))  # as `memfit eval`, so both sides see the same samples
     ap.add_argument("--length", type=int, action="append", default=None)
     ap.add_argument("--samples", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
