@@ -60,7 +60,8 @@ def test_kivi_window_spills_in_whole_groups_and_stays_bounded():
     assert cache.num_tokens == 100
 
 
-@pytest.mark.parametrize("spec", ["none", "kivi(bits=2,group=16,residual=8)", "kivi(bits=4)"])
+@pytest.mark.parametrize("spec", ["none", "kivi(bits=2,group=16,residual=8)", "kivi(bits=4)",
+                                  "kivi(bits=2,group=16,residual=8,outliers=0.02)"])
 def test_nbytes_is_the_storage_actually_held(spec):
     model = tiny_llama(torch.bfloat16)
     cache = CompressedCache(spec, 2)

@@ -22,7 +22,9 @@ def test_byte_count_is_exact_for_uniform_heads(tiny_lm, policy):
                                     "knorm(keep=0.2,heads=adaptive)",
                                     "knorm(keep=0.3,heads=global)+kivi(bits=4,group=16,residual=16)",
                                     "knorm(keep=0.2,heads=global)",
-                                    "kvzip(keep=0.3,heads=global,chunk=512)+kivi(bits=2,group=16,residual=16)"])
+                                    "kvzip(keep=0.3,heads=global,chunk=512)+kivi(bits=2,group=16,residual=16)",
+                                    "knorm(keep=0.3,heads=global)+kivi(bits=4,group=16,residual=16,outliers=0.02)",
+                                    "kivi(bits=2,group=16,residual=16,outliers=0.02)"])
 def test_byte_count_bounds_adaptive_heads(tiny_lm, policy):
     ctx = tiny_lm.prefill(TEXT, policy)
     shape = KVShape(tiny_lm.num_layers, tiny_lm.num_kv_heads, tiny_lm.head_dim, 8)  # float64 model

@@ -19,11 +19,15 @@ def test_canonical_spec_roundtrips():
     p = parse_policy("snapkv(keep=0.3)+kivi(bits=2)")
     assert parse_policy(p.spec) == p
     assert p.spec == "snapkv(keep=0.3,heads=uniform,window=32,kernel=7)+kivi(bits=2,group=64,residual=128)"
+    # an argument added later is spelled only when set, so the specs (and store keys) made before stay the same
+    p = parse_policy("kivi(bits=4,outliers=0.01)")
+    assert p.spec == "kivi(bits=4,group=64,residual=128,outliers=0.01)" and parse_policy(p.spec) == p
 
 
 @pytest.mark.parametrize("spec, message", [
     ("foo", "unknown method 'foo'; valid methods: none, decode, h2o, kivi, knorm, kvtuner, kvzip, lowrank, pyramidkv, snapkv, streaming, tova"),
-    ("kivi(bitz=2)", "unknown argument 'bitz'; valid arguments: bits, group, residual"),
+    ("kivi(bitz=2)", "unknown argument 'bitz'; valid arguments: bits, group, residual, outliers"),
+    ("kivi(outliers=0.6)", "kivi: outliers is the fraction of elements kept in 16-bit"),
     ("kivi(bits=3)", "bits must be one of"),
     ("kivi(bits=2.5)", "must be an integer"),
     ("kivi(bits=two)", "is not a number"),

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memfit.kv.quant import KIVI, dequantize, pack, quantize_keys, quantize_values, unpack
+from memfit.kv.quant import KIVI, QTensor, dequantize, pack, quantize_keys, quantize_values, unpack
 
 
 @settings(max_examples=50, deadline=None)
@@ -75,3 +75,45 @@ def test_kivi_config_validation():
         KIVI(group=48)
     with pytest.raises(ValueError, match="head_dim"):
         KIVI(group=64).value_group(96)
+
+
+def _planted(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """[1, 2, 128, 32] Gaussian data with one far outlier in 8 of each head's 4096 elements."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 2, 128, 32, generator=g)
+    where = torch.zeros(x.numel(), dtype=torch.bool)
+    for h in range(2):
+        where[h * 4096 + torch.randperm(4096, generator=g)[:8]] = True
+    x.view(-1)[where] = 50.0 * torch.sign(torch.randn(int(where.sum()), generator=g))
+    return x, where.nonzero().squeeze(1)
+
+
+@pytest.mark.parametrize("quantize", [quantize_keys, quantize_values])
+def test_outliers_are_the_planted_ones_kept_exactly(quantize):
+    x, planted = _planted()
+    q = quantize(x, 4, 16, outliers=8 / 4096)  # exactly 8 per head
+    assert torch.equal(q.out_idx.long(), planted) and q.out_idx.dtype == torch.int32
+    assert torch.equal(q.out_val.float(), x.view(-1)[planted])
+    rec = dequantize(q)
+    assert torch.equal(rec.view(-1)[planted], x.view(-1)[planted])
+    plain = dequantize(quantize(x, 4, 16))
+    rest = torch.ones(x.numel(), dtype=torch.bool)
+    rest[planted] = False
+    # without the outliers stretching their groups, the other elements of those groups get a 4-bit
+    # grid of their own range (the worst error is in those groups)
+    err, err_plain = (rec - x).view(-1)[rest].abs().max(), (plain - x).view(-1)[rest].abs().max()
+    assert err < err_plain / 4
+    assert q.nbytes == quantize(x, 4, 16).nbytes + 16 * (4 + 2)  # int32 index + float16 value each
+
+
+def test_outliers_survive_prefix_and_cat():
+    x, _ = _planted(1)
+    q = quantize_keys(x, 4, 16, outliers=0.01)
+    whole = dequantize(q)
+    joined = q.prefix(48).cat(quantize_keys(x[:, :, 48:], 4, 16, outliers=0.01))
+    assert torch.equal(dequantize(q.prefix(48)), whole[:, :, :48])
+    assert torch.equal(dequantize(joined)[:, :, :48], whole[:, :, :48])
+    assert torch.equal(dequantize(joined)[:, :, 48:], dequantize(quantize_keys(x[:, :, 48:], 4, 16, outliers=0.01)))
+    assert QTensor.from_tensors({f"k_{n}": t for n, t in joined.tensors().items()}, "k_", 4, "token", 16) == joined
+    with pytest.raises(ValueError, match="outliers"):
+        quantize_values(x, 4, 16, outliers=-0.1)

@@ -50,8 +50,9 @@ class Ragged:
         flat = lambda parts: torch.cat(parts).unsqueeze(0).unsqueeze(0)  # noqa: E731
         qk = qv = None
         if sum(nq):
-            qk = quantize_keys(flat([k[:q] for k, q in zip(ks, nq)]), quant.bits, quant.group)
-            qv = quantize_values(flat([v[:q] for v, q in zip(vs, nq)]), quant.bits, quant.value_group(keys.shape[-1]))
+            qk = quantize_keys(flat([k[:q] for k, q in zip(ks, nq)]), quant.bits, quant.group, outliers=quant.outliers)
+            qv = quantize_values(flat([v[:q] for v, q in zip(vs, nq)]), quant.bits, quant.value_group(keys.shape[-1]),
+                                 outliers=quant.outliers)
         lens_t = torch.tensor([lens, nq], dtype=torch.int32, device=keys.device)
         return cls(lens_t, flat([k[q:] for k, q in zip(ks, nq)]), flat([v[q:] for v, q in zip(vs, nq)]), qk, qv)
 
@@ -70,8 +71,8 @@ class Ragged:
     def from_tensors(cls, t: dict[str, torch.Tensor], q: dict | None) -> "Ragged":
         qk = qv = None
         if "r_k_codes" in t:
-            qk = QTensor(t["r_k_codes"], t["r_k_scale"], t["r_k_zero"], q["bits"], "token", q["kgroup"])
-            qv = QTensor(t["r_v_codes"], t["r_v_scale"], t["r_v_zero"], q["bits"], "channel", q["vgroup"])
+            qk = QTensor.from_tensors(t, "r_k_", q["bits"], "token", q["kgroup"])
+            qv = QTensor.from_tensors(t, "r_v_", q["bits"], "channel", q["vgroup"])
         return cls(t["r_lens"], t["r_k"], t["r_v"], qk, qv)
 
     def dense(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -247,7 +248,7 @@ class CompressedLayer(CacheLayerMixin):
         quantized segment and a window, on CUDA)."""
         return (self.kernels and key_states.is_cuda and key_states.shape[-2] == 1 and self.parent is None
                 and self.ragged is None and self.qk is not None and self.qk.bits in (2, 4) and not self.defer
-                and self.basis is None)
+                and self.basis is None and self.qk.out_idx is None)  # the kernel reads no sparse outliers
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -285,8 +286,9 @@ class CompressedLayer(CacheLayerMixin):
         if self.lowrank is not None and self.basis is None:  # no compress() (plain generate): fit it to the window
             self.basis = self.lowrank.basis(self.keys)
         k = self.keys[:, :, :f] if self.basis is None else project(self.keys[:, :, :f], self.basis)
-        kq = quantize_keys(k, self.quant.bits, self.quant.group)
-        vq = quantize_values(self.values[:, :, :f], self.quant.bits, self.quant.value_group(self.keys.shape[-1]))
+        kq = quantize_keys(k, self.quant.bits, self.quant.group, outliers=self.quant.outliers)
+        vq = quantize_values(self.values[:, :, :f], self.quant.bits, self.quant.value_group(self.keys.shape[-1]),
+                             outliers=self.quant.outliers)
         self.qk = kq if self.qk is None else self.qk.cat(kq)
         self.qv = vq if self.qv is None else self.qv.cat(vq)
         # clone: a slice would keep the whole old window alive
@@ -560,8 +562,8 @@ class CompressedCache(Cache):
             layer.kc, layer.vc = t.get("k_coef"), t.get("v_coef")
             if "k_codes" in t:
                 q = info["q"]
-                layer.qk = QTensor(t["k_codes"], t["k_scale"], t["k_zero"], q["bits"], "token", q["kgroup"])
-                layer.qv = QTensor(t["v_codes"], t["v_scale"], t["v_zero"], q["bits"], "channel", q["vgroup"])
+                layer.qk = QTensor.from_tensors(t, "k_", q["bits"], "token", q["kgroup"])
+                layer.qv = QTensor.from_tensors(t, "v_", q["bits"], "channel", q["vgroup"])
         return cache
 
     def truncate_(self, num_tokens: int) -> "CompressedCache":

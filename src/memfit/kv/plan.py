@@ -32,8 +32,9 @@ class KVShape:
 
 
 def _quantized_token_bytes(q: KIVI, d: int) -> float:
-    """Keys and values of one quantized token of one head: codes, plus its share of scales/zeros."""
-    return 2 * d * q.bits / 8 + 4 * d / q.group + 4 * d / q.value_group(d)
+    """Keys and values of one quantized token of one head: codes, plus its share of scales/zeros and
+    of the sparse outliers (6 bytes each)."""
+    return 2 * d * q.bits / 8 + 4 * d / q.group + 4 * d / q.value_group(d) + 2 * d * q.outliers * 6
 
 
 def _ragged_bytes(tokens: int, heads: int, q: KIVI | None, d: int, e: int) -> float:
@@ -56,8 +57,8 @@ def _lowrank_layer_bytes(n: int, p: Policy, shape: KVShape) -> float:
     if q is None:
         return basis + e * r * n + h * e * d * n  # the whole context as coefficients + values
     spilled = q.spilled(n)
-    coef = spilled * (r * q.bits / 8 + 4 * r / q.group)
-    values = h * spilled * (d * q.bits / 8 + 4 * d / q.value_group(d))
+    coef = spilled * (r * q.bits / 8 + 4 * r / q.group + r * q.outliers * 6)
+    values = h * spilled * (d * q.bits / 8 + 4 * d / q.value_group(d) + d * q.outliers * 6)
     return basis + coef + values + 2 * h * e * d * (n - spilled)
 
 

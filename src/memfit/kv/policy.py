@@ -61,7 +61,8 @@ def _name_of(method: object) -> str:
 
 
 def _format(method: object) -> str:
-    args = ",".join(f"{f.name}={getattr(method, f.name)}" for f in dataclasses.fields(method))
+    args = ",".join(f"{f.name}={getattr(method, f.name)}" for f in dataclasses.fields(method)
+                    if f.metadata.get("spec") != "if-set" or getattr(method, f.name) != f.default)
     return f"{_name_of(method)}({args})"
 
 

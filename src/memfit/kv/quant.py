@@ -12,7 +12,7 @@ first code in the lowest bits. Scale and zero point (the group minimum) are floa
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,21 +33,61 @@ class QTensor:
     bits: int
     axis: str  # "token" (keys: groups along tokens) or "channel" (values: groups along channels)
     group: int
+    # dense-and-sparse (KVQuant): elements kept exactly, as flat indices into the [B, H, N, D]
+    # tensor (int32, or int64 past 2**31 elements) and their float16 values; None: no outliers
+    out_idx: torch.Tensor | None = None
+    out_val: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
         return self.codes.shape[-2]
 
     @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """[B, H, N, D] of the tensor these codes stand for."""
+        b, h, n, w = self.codes.shape
+        return b, h, n, w * 8 // self.bits
+
+    @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"codes": self.codes, "scale": self.scale, "zero": self.zero}
+        out = {"codes": self.codes, "scale": self.scale, "zero": self.zero}
+        if self.out_idx is not None:
+            out.update(out_idx=self.out_idx, out_val=self.out_val)
+        return out
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor], prefix: str, bits: int, axis: str, group: int) -> "QTensor":
+        """Inverse of :meth:`tensors`, the names prefixed with ``prefix``."""
+        return cls(t[prefix + "codes"], t[prefix + "scale"], t[prefix + "zero"], bits, axis, group,
+                   t.get(prefix + "out_idx"), t.get(prefix + "out_val"))
+
+    def _outliers_at(self, n: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The outliers re-indexed for a tensor of ``n`` tokens in which this one starts at token
+        ``offset`` (dropping those at or past token ``n``)."""
+        if self.out_idx is None:
+            return None
+        _, _, m, d = self.shape
+        bh, rest = self.out_idx // (m * d), self.out_idx % (m * d)
+        keep = rest < (n - offset) * d
+        idx = bh[keep].long() * (n * d) + rest[keep].long() + offset * d
+        return idx, self.out_val[keep]
+
+    def _with_outliers(self, parts: list[tuple[torch.Tensor, torch.Tensor] | None], numel: int):
+        parts = [p for p in parts if p is not None]
+        if not parts:
+            return None, None
+        idx = torch.cat([p[0] for p in parts])
+        return idx.to(_index_dtype(numel)), torch.cat([p[1] for p in parts])
 
     def cat(self, other: "QTensor") -> "QTensor":
         if (other.bits, other.axis, other.group) != (self.bits, self.axis, self.group):
             raise ValueError("cannot concatenate quantized tensors of different formats")
+        b, h, n1, d = self.shape
+        n = n1 + other.num_tokens
+        idx, val = self._with_outliers([self._outliers_at(n), other._outliers_at(n, n1)], b * h * n * d)
         return QTensor(
             torch.cat([self.codes, other.codes], dim=-2),
             torch.cat([self.scale, other.scale], dim=-2),
@@ -55,6 +95,8 @@ class QTensor:
             self.bits,
             self.axis,
             self.group,
+            idx,
+            val,
         )
 
     def prefix(self, n: int) -> "QTensor":
@@ -65,8 +107,10 @@ class QTensor:
             if n % self.group:
                 raise ValueError(f"cannot cut a key group of {self.group} tokens at token {n}")
             groups = n // self.group
+        b, h, _, d = self.shape
+        idx, val = self._with_outliers([self._outliers_at(n)], b * h * n * d)
         return QTensor(self.codes[:, :, :n].clone(), self.scale[:, :, :groups].clone(), self.zero[:, :, :groups].clone(),
-                       self.bits, self.axis, self.group)
+                       self.bits, self.axis, self.group, idx, val)
 
 
 def _minmax_quantize(x: torch.Tensor, bits: int, reduce_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -85,31 +129,74 @@ def _minmax_quantize(x: torch.Tensor, bits: int, reduce_dim: int) -> tuple[torch
     return codes, scale, zero
 
 
-def quantize_keys(k: torch.Tensor, bits: int, group: int, use_kernels: bool = True) -> QTensor:
+def _index_dtype(numel: int) -> torch.dtype:
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def _split_outliers(x: torch.Tensor, reduce_dim: int, fraction: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense-and-sparse split of grouped ``x`` (KVQuant): the ``fraction`` of each head's elements
+    that stand furthest out of their quantization group (distance to the group mean in units of the
+    group's standard deviation) are taken out, and replaced in the dense part by the group mean so
+    that they no longer stretch its min-max range. Returns (dense x, flat indices into x as
+    [B, H, ...] per head, float16 values)."""
+    x = x.float()
+    mean = x.mean(dim=reduce_dim, keepdim=True)
+    z = (x - mean).abs() / x.std(dim=reduce_dim, keepdim=True, correction=0).clamp_min(1e-6)
+    b, h = x.shape[:2]
+    per_head = z.reshape(b, h, -1)
+    k = int(fraction * per_head.shape[-1])  # never more than the fraction: the planner's byte bound
+    if k == 0:
+        return x, torch.empty(0, dtype=_index_dtype(x.numel()), device=x.device), x.new_empty(0, dtype=PARAM_DTYPE)
+    top = per_head.topk(k, dim=-1).indices  # [B, H, k] within each head
+    idx = (top + torch.arange(b * h, device=x.device).reshape(b, h, 1) * per_head.shape[-1]).reshape(-1)
+    idx = idx.sort().values
+    val = x.reshape(-1)[idx].clamp(-_FP16_MAX, _FP16_MAX).to(PARAM_DTYPE)
+    dense = x.reshape(-1).clone()
+    dense[idx] = mean.expand_as(x).reshape(-1)[idx]
+    return dense.reshape(x.shape), idx.to(_index_dtype(x.numel())), val
+
+
+def _quantize(x: torch.Tensor, bits: int, reduce_dim: int, outliers: float, axis: str, group: int) -> QTensor:
+    """Torch path of both quantizers: ``x`` grouped as [B, H, ..., group axis at reduce_dim, ...]."""
+    b, h = x.shape[:2]
+    idx = val = None
+    if outliers > 0:
+        x, idx, val = _split_outliers(x, reduce_dim, outliers)
+    codes, scale, zero = _minmax_quantize(x, bits, reduce_dim)
+    d = x.shape[-1] * (x.shape[-2] if axis == "channel" else 1)
+    return QTensor(pack(codes.reshape(b, h, -1, d), bits), scale.squeeze(reduce_dim), zero.squeeze(reduce_dim),
+                   bits, axis, group, idx, val)
+
+
+def _check_outliers(outliers: float) -> None:
+    if not 0 <= outliers < 0.5:
+        raise ValueError(f"outliers is the fraction of elements kept in 16-bit, in [0, 0.5), got {outliers}")
+
+
+def quantize_keys(k: torch.Tensor, bits: int, group: int, use_kernels: bool = True, outliers: float = 0.0) -> QTensor:
     """Per-channel key quantization over groups of ``group`` tokens. ``k``: [B, H, N, D], N % group == 0.
-    On CUDA the Triton quantize-and-pack kernel does it (``use_kernels=False``: this torch path, its reference)."""
+    On CUDA the Triton quantize-and-pack kernel does it (``use_kernels=False``: this torch path, its reference).
+    ``outliers``: the fraction of elements kept exactly in float16 beside the codes (dense-and-sparse)."""
     _check_bits(bits)
+    _check_outliers(outliers)
     b, h, n, d = k.shape
     if n % group:
         raise ValueError(f"key quantization needs a multiple of group={group} tokens, got {n}")
-    if use_kernels and pack_kernels.supports(k, bits, group):
+    if use_kernels and not outliers and pack_kernels.supports(k, bits, group):
         return QTensor(*pack_kernels.quantize_keys_pack(k, bits, group), bits, "token", group)
-    codes, scale, zero = _minmax_quantize(k.reshape(b, h, n // group, group, d), bits, reduce_dim=3)
-    return QTensor(
-        pack(codes.reshape(b, h, n, d), bits), scale.squeeze(3), zero.squeeze(3), bits, "token", group
-    )
+    return _quantize(k.reshape(b, h, n // group, group, d), bits, 3, outliers, "token", group)
 
 
-def quantize_values(v: torch.Tensor, bits: int, group: int, use_kernels: bool = True) -> QTensor:
+def quantize_values(v: torch.Tensor, bits: int, group: int, use_kernels: bool = True, outliers: float = 0.0) -> QTensor:
     """Per-token value quantization over groups of ``group`` channels. ``v``: [B, H, N, D], D % group == 0."""
     _check_bits(bits)
+    _check_outliers(outliers)
     b, h, n, d = v.shape
     if d % group:
         raise ValueError(f"value quantization needs head_dim ({d}) to be a multiple of its group ({group})")
-    if use_kernels and pack_kernels.supports(v, bits, group) and d // group in (1, 2):
+    if use_kernels and not outliers and pack_kernels.supports(v, bits, group) and d // group in (1, 2):
         return QTensor(*pack_kernels.quantize_values_pack(v, bits, group), bits, "channel", group)
-    codes, scale, zero = _minmax_quantize(v.reshape(b, h, n, d // group, group), bits, reduce_dim=4)
-    return QTensor(pack(codes.reshape(b, h, n, d), bits), scale.squeeze(4), zero.squeeze(4), bits, "channel", group)
+    return _quantize(v.reshape(b, h, n, d // group, group), bits, 4, outliers, "channel", group)
 
 
 def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -122,20 +209,27 @@ def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     else:
         c = codes.reshape(b, h, n, d // q.group, q.group)
         out = c * q.scale.float().unsqueeze(4) + q.zero.float().unsqueeze(4)
-    return out.reshape(b, h, n, d).to(dtype)
+    out = out.reshape(b, h, n, d)
+    if q.out_idx is not None:
+        out.view(-1)[q.out_idx.long()] = q.out_val.float()
+    return out.to(dtype)
 
 
 @dataclass(frozen=True)
 class KIVI:
     """KIVI quantization: ``bits``-bit keys per channel and values per token, in groups of ``group``,
-    with the most recent ``residual`` tokens kept in 16-bit and quantized as the window fills."""
+    with the most recent ``residual`` tokens kept in 16-bit and quantized as the window fills.
+    ``outliers`` > 0 adds KVQuant's dense-and-sparse split: that fraction of each head's elements,
+    the ones furthest out of their group, kept exactly (float16 value + int32 index: 6 bytes each)."""
 
     bits: int = 4
     group: int = 64
     residual: int = 128
+    outliers: float = field(default=0.0, metadata={"spec": "if-set"})  # spelled in the spec only when set
 
     def __post_init__(self) -> None:
         _check_bits(self.bits)
+        _check_outliers(self.outliers)
         if self.group < 1 or self.group & (self.group - 1):
             raise ValueError(f"kivi: group must be a power of two >= 1, got {self.group}")
         if self.residual < 0:
@@ -170,18 +264,19 @@ class LayerBits:
     group: int = 64
     residual: int = 128
     window: int = 32
+    outliers: float = field(default=0.0, metadata={"spec": "if-set"})
 
     CHOICES = (2, 4, 8)
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
             raise ValueError(f"kvtuner: bits (the target mean over layers) must be in [2, 8], got {self.bits}")
-        KIVI(2, self.group, self.residual)  # same checks on group and residual
+        KIVI(2, self.group, self.residual, self.outliers)  # same checks on group, residual and outliers
         if self.window < 1:
             raise ValueError(f"kvtuner: window must be >= 1, got {self.window}")
 
     def kivi(self, bits: int) -> KIVI:
-        return KIVI(bits, self.group, self.residual)
+        return KIVI(bits, self.group, self.residual, self.outliers)
 
     def uniform(self) -> KIVI:
         return self.kivi(max(b for b in self.CHOICES if b <= self.bits))
@@ -219,8 +314,8 @@ def attention_error(queries: torch.Tensor, keys: torch.Tensor, values: torch.Ten
     f = q.spilled(n)
     if f == 0:
         return 0.0
-    kq = torch.cat([dequantize(quantize_keys(keys[:, :, :f], q.bits, q.group)), keys[:, :, f:].float()], -2)
-    vq = torch.cat([dequantize(quantize_values(values[:, :, :f], q.bits, q.value_group(keys.shape[-1]))),
+    kq = torch.cat([dequantize(quantize_keys(keys[:, :, :f], q.bits, q.group, outliers=q.outliers)), keys[:, :, f:].float()], -2)
+    vq = torch.cat([dequantize(quantize_values(values[:, :, :f], q.bits, q.value_group(keys.shape[-1]), outliers=q.outliers)),
                     values[:, :, f:].float()], -2)
     rep = queries.shape[1] // keys.shape[1]
     qf = queries.float() / math.sqrt(queries.shape[-1])
