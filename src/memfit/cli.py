@@ -254,6 +254,9 @@ def eval_(
                                    "SCBench's multi-turn setting) instead of each on its own."),
     own_answers: bool = typer.Option(False, "--own-answers", help="With --follow-up: the earlier turns hold the "
                                      "model's own answers instead of the reference ones."),
+    every_order: bool = typer.Option(False, "--every-order", help="Ask a sample's questions in every rotation, so "
+                                     "that each is asked once at every position (paired per-position accuracy; "
+                                     "costs one pass per question)."),
 ) -> None:
     """Accuracy of each policy on the built-in long-context tasks (one prefill per sample, shared),
     and with --perplexity the perplexity of each model and policy."""
@@ -277,10 +280,11 @@ def eval_(
     mode = ("own" if own_answers else "gold") if follow_up else None
     lm = _load(model)
     t0 = time.perf_counter()
-    records = run_eval(lm, names, pols, lengths, samples, seed, out, max_new_tokens, follow_up=mode)
+    records = run_eval(lm, names, pols, lengths, samples, seed, out, max_new_tokens, follow_up=mode,
+                       every_order=every_order)
     rows = summarize(records)
     summary = {"model": model, "tasks": names, "lengths": lengths, "samples": samples, "seed": seed,
-               "follow_up": mode,
+               "follow_up": mode, "every_order": every_order,
                "seconds": time.perf_counter() - t0, "rows": rows}
     if with_perplexity:
         summary["perplexity"] = _perplexities(lm, perplexity_text, pols)

@@ -62,6 +62,33 @@ def test_follow_up_eval_feeds_the_earlier_turns(tiny_lm, monkeypatch, follow_up)
         run_eval(tiny_lm, ["niah_single"], ["none"], [300], samples=1, follow_up="yes", progress=False)
 
 
+@pytest.mark.parametrize("follow_up", [None, "gold"])
+def test_every_order_asks_each_question_at_every_position(tiny_lm, monkeypatch, follow_up):
+    calls = []
+    ask = type(tiny_lm).ask
+
+    def spy(self, ctx, question, *a, history=None, **kw):
+        calls.append(question)
+        return ask(self, ctx, question, *a, history=history, **kw)
+
+    monkeypatch.setattr(type(tiny_lm), "ask", spy)
+    recs = run_eval(tiny_lm, ["niah_multiquery"], ["none"], [300], samples=1, seed=0, max_new_tokens=3,
+                    progress=False, follow_up=follow_up, every_order=True)
+    assert len(recs) == 5
+    for pos in range(5):
+        assert sorted(r["question_order"][pos] for r in recs) == [0, 1, 2, 3, 4]
+    # on its own a question's reply cannot depend on the order: asked once, reused; in a conversation every turn is asked
+    assert len(calls) == (25 if follow_up else 5)
+    if follow_up is None:
+        reply = {r["question_order"][i]: r["replies"][i] for r in recs for i in range(5)}
+        assert all(r["replies"][i] == reply[r["question_order"][i]] for r in recs for i in range(5))
+    row = summarize(recs)[0]
+    assert row["per_position_balanced"]
+    paired = row["last_minus_first"]
+    assert paired["pairs"] == 5
+    assert paired["diff"] == pytest.approx(row["per_position"][5] - row["per_position"][1])
+
+
 def test_per_position_accuracy_averages_the_same_samples_at_every_position():
     def rec(task, scores, order):
         return {"task": task, "length": 100, "policy": "none", "correct": sum(scores) / len(scores), "scores": scores,

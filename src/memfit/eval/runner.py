@@ -40,29 +40,42 @@ def make_samples(lm: LM, tasks: list[str], lengths: list[int], samples: int, see
     return [get_task(t)(seed + i, n, count) for t in tasks for n in lengths for i in range(samples)]
 
 
+def _orders(sample: Sample, every_order: bool) -> list[list[int]]:
+    """The question orders a sample is asked in: one rotation chosen by its seed, or every rotation."""
+    n = len(sample.questions)
+    rotate = lambda k: list(range(k, n)) + list(range(k))  # noqa: E731
+    return [rotate(k) for k in range(n)] if every_order else [rotate(sample.seed % n)]
+
+
 def evaluate_sample(lm: LM, sample: Sample, policies: list[Policy], max_new_tokens: int = 24,
-                    follow_up: str | None = None) -> list[dict]:
+                    follow_up: str | None = None, every_order: bool = False) -> list[dict]:
     """Prefill once, compress once per policy, ask every question one after another (query-agnostic).
     The order of several questions is rotated by the sample's seed, so that accuracy per position
-    (1st question asked, 2nd, ...) is not confounded with what is asked. Each question is asked on
-    its own of the compressed context, or with ``follow_up`` as the next turn of one conversation:
-    the k-th question then also reads the k - 1 earlier questions and their reference answers
-    (``"gold"``, SCBench's multi-turn setting: a wrong earlier answer cannot mislead a later one)
-    or the model's own answers (``"own"``)."""
+    (1st question asked, 2nd, ...) is not confounded with what is asked; with ``every_order`` the
+    questions are asked in every rotation (one record each), so that each question is asked once at
+    every position of the same compressed context and positions compare like with like (paired).
+    Each question is asked on its own of the compressed context, or with ``follow_up`` as the next
+    turn of one conversation: the k-th question then also reads the k - 1 earlier questions and
+    their reference answers (``"gold"``, SCBench's multi-turn setting: a wrong earlier answer cannot
+    mislead a later one) or the model's own answers (``"own"``)."""
     mode = _record_mode(follow_up)
     contexts = lm.prefill_many(sample.context, policies)
-    k = sample.seed % len(sample.questions)
-    order = list(range(k, len(sample.questions))) + list(range(k))
-    questions = [sample.questions[i] for i in order]
     records = []
-    for pol, ctx in zip(policies, contexts):
+    alone: dict[tuple[int, int], str] = {}  # asked on its own, a question's reply does not depend on the order
+    for (p, (pol, ctx)), order in ((pc, o) for pc in enumerate(zip(policies, contexts)) for o in _orders(sample, every_order)):
+        questions = [sample.questions[i] for i in order]
         t0 = time.perf_counter()
         replies: list[str] = []
-        for i, q in enumerate(questions):
+        for i, (qi, q) in enumerate(zip(order, questions)):
             said = [x.reference for x in questions[:i]] if follow_up == "gold" else replies
             history = list(zip((x.text for x in questions), said)) if follow_up else None
+            if history is None and (p, qi) in alone:
+                replies.append(alone[(p, qi)])
+                continue
             replies.append(lm.ask(ctx, q.text, max_new_tokens=max_new_tokens, answer_prefix=q.answer_prefix,
                                   lines=q.lines, history=history))
+            if history is None:
+                alone[(p, qi)] = replies[-1]
         answer_s = time.perf_counter() - t0
         scores = [q.score(r) for q, r in zip(questions, replies)]
         records.append({
@@ -80,7 +93,7 @@ def evaluate_sample(lm: LM, sample: Sample, policies: list[Policy], max_new_toke
 
 def run_eval(lm: LM, tasks: list[str], policies: list[str], lengths: list[int], samples: int, seed: int = 0,
              out_dir: Path | None = None, max_new_tokens: int = 24, progress: bool = True,
-             follow_up: str | None = None) -> list[dict]:
+             follow_up: str | None = None, every_order: bool = False) -> list[dict]:
     """Every sample of ``tasks`` x ``lengths`` under every policy (see ``evaluate_sample``), records
     appended to ``out_dir``/results.jsonl as they come."""
     _record_mode(follow_up)  # fail before any work on a bad mode
@@ -95,7 +108,7 @@ def run_eval(lm: LM, tasks: list[str], policies: list[str], lengths: list[int], 
     records: list[dict] = []
     try:
         for sample in tqdm(items, desc="eval", unit="sample", disable=not progress):
-            for rec in evaluate_sample(lm, sample, pols, max_new_tokens, follow_up):
+            for rec in evaluate_sample(lm, sample, pols, max_new_tokens, follow_up, every_order):
                 rec["model"] = lm.name
                 records.append(rec)
                 if out_file:
@@ -121,6 +134,21 @@ def load_records(path: Path) -> list[dict]:
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{f}:{i + 1}: not a JSON record ({e})") from None
     return records
+
+
+def _first_last_paired(full: list[dict], nq: int) -> dict | None:
+    """Last position minus first over the questions asked at both in the same sample (every-order
+    runs): mean difference and its standard error, in accuracy units; None without such pairs."""
+    at: dict[tuple, dict[int, float]] = defaultdict(dict)
+    for x in full:
+        for pos, (q, score) in enumerate(zip(x.get("question_order", range(nq)), x["scores"])):
+            at[(x["task"], x["length"], x.get("seed"), q)][pos] = score
+    diffs = [p[nq - 1] - p[0] for p in at.values() if 0 in p and nq - 1 in p]
+    if len(diffs) < 2:
+        return None
+    mean = sum(diffs) / len(diffs)
+    var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return {"diff": mean, "se": (var / len(diffs)) ** 0.5, "pairs": len(diffs)}
 
 
 def _per_position(rs: list[dict]) -> tuple[dict[int, float], bool, int]:
@@ -158,6 +186,7 @@ def summarize(records: list[dict]) -> list[dict]:
         for x in rs:
             per_task[f"{x['task']}@{x['length']}"].append(x["correct"])
         positions, balanced, n_multi = _per_position(rs)
+        multi = [x for x in rs if len(x.get("scores", [])) == len(positions)] if len(positions) > 1 else []
         none_acc = base.get("none" + _mode_label(pol))
         rows.append({
             "source": source, "policy": pol, "family": rs[0].get("family", pol), "samples": len(rs),
@@ -166,6 +195,7 @@ def summarize(records: list[dict]) -> list[dict]:
             "bytes_per_token": sum(x["bytes_per_token"] for x in rs) / len(rs),
             "per_task": {k: sum(v) / len(v) for k, v in sorted(per_task.items())},
             "per_position": positions, "per_position_samples": n_multi, "per_position_balanced": balanced,
+            "last_minus_first": _first_last_paired(multi, len(positions)) if multi else None,
         })
     rows.sort(key=lambda r: (r["source"] != "memfit", -r["bytes_per_token"]))
     return rows
@@ -202,6 +232,10 @@ def format_summary(rows: list[dict]) -> str:
         lines.append("accuracy by the position a question was asked in, over the samples with the most questions (%):")
         for r in multi:
             note = "" if r["per_position_balanced"] else "  (not balanced: use a multiple of the question count as --samples)"
+            paired = r.get("last_minus_first")
+            if paired:
+                note += (f"  q{len(r['per_position'])}-q1 {100 * paired['diff']:+.1f} +- {100 * paired['se']:.1f} "
+                         f"(paired, {paired['pairs']} questions)")
             lines.append(f"{_short(r['policy']):<52} n={r['per_position_samples']:<3} "
                          + " ".join(f"q{k}={100 * v:.0f}" for k, v in r["per_position"].items()) + note)
     return "\n".join(lines)
