@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from memfit.cli import app
 from memfit.eval.perplexity import SHIPPED_TEXT, perplexity
-from memfit.eval.runner import load_records, make_samples, run_eval, summarize
+from memfit.eval.runner import evaluate_sample, load_records, make_samples, run_eval, summarize
 
 runner = CliRunner()
 
@@ -33,22 +33,29 @@ def test_eval_runs_end_to_end_and_writes_valid_json(tiny_lm, tmp_path):
     assert set(none["per_position"]) == {1, 2, 3, 4, 5}
 
 
+def _spy_questions(lm, monkeypatch) -> list:
+    """Record every (question, history) the model is asked (what ``encode_question`` is given)."""
+    seen = []
+    encode = type(lm).encode_question
+
+    def spy(self, question, answer_prefix=None, history=None):
+        seen.append((question, list(history or ())))
+        return encode(self, question, answer_prefix, history)
+
+    monkeypatch.setattr(type(lm), "encode_question", spy)
+    return seen
+
+
 @pytest.mark.parametrize("follow_up", ["gold", "own"])
 def test_follow_up_eval_feeds_the_earlier_turns(tiny_lm, monkeypatch, follow_up):
-    seen, said = [], []
-    ask = type(tiny_lm).ask
-
-    def spy(self, ctx, question, *a, history=None, **kw):
-        seen.append((question, list(history or ())))
-        said.append(ask(self, ctx, question, *a, history=history, **kw))
-        return said[-1]
-
-    monkeypatch.setattr(type(tiny_lm), "ask", spy)
+    seen = _spy_questions(tiny_lm, monkeypatch)
     recs = run_eval(tiny_lm, ["niah_multiquery"], ["none"], [300], samples=1, seed=0, max_new_tokens=3,
                     progress=False, follow_up=follow_up)
     sample = make_samples(tiny_lm, ["niah_multiquery"], [300], 1, 0)[0]
     by_text = {q.text: q for q in sample.questions}
+    said = [by_text[q].answer_prefix + r for (q, _), r in zip(seen, recs[0]["replies"])]  # the full replies
     assert [len(h) for _, h in seen] == [0, 1, 2, 3, 4]
+    assert [q for q, _ in seen] == [sample.questions[i].text for i in recs[0]["question_order"]]
     for i, (_, history) in enumerate(seen):
         assert [q for q, _ in history] == [q for q, _ in seen[:i]]
         expected = said[:i] if follow_up == "own" else [by_text[q].reference for q, _ in seen[:i]]
@@ -62,26 +69,34 @@ def test_follow_up_eval_feeds_the_earlier_turns(tiny_lm, monkeypatch, follow_up)
         run_eval(tiny_lm, ["niah_single"], ["none"], [300], samples=1, follow_up="yes", progress=False)
 
 
+def test_batched_answers_equal_one_at_a_time(tiny_lm):
+    sample = make_samples(tiny_lm, ["niah_multiquery"], [300], 1, 0)[0]
+    ctx = tiny_lm.prefill(sample.context, "knorm(keep=0.5,heads=adaptive)+kivi(bits=4,group=16,residual=16)")
+    recs = evaluate_sample(tiny_lm, sample, [ctx.policy], max_new_tokens=6, follow_up="gold")
+    order = recs[0]["question_order"]
+    for i, reply in enumerate(recs[0]["replies"]):
+        q = sample.questions[order[i]]
+        history = [(sample.questions[j].text, sample.questions[j].reference) for j in order[:i]] or None
+        alone = tiny_lm.ask(ctx, q.text, max_new_tokens=6, answer_prefix=q.answer_prefix, lines=q.lines, history=history)
+        assert q.answer_prefix + reply == alone
+
+
 @pytest.mark.parametrize("follow_up", [None, "gold"])
 def test_every_order_asks_each_question_at_every_position(tiny_lm, monkeypatch, follow_up):
-    calls = []
-    ask = type(tiny_lm).ask
-
-    def spy(self, ctx, question, *a, history=None, **kw):
-        calls.append(question)
-        return ask(self, ctx, question, *a, history=history, **kw)
-
-    monkeypatch.setattr(type(tiny_lm), "ask", spy)
+    seen = _spy_questions(tiny_lm, monkeypatch)
     recs = run_eval(tiny_lm, ["niah_multiquery"], ["none"], [300], samples=1, seed=0, max_new_tokens=3,
                     progress=False, follow_up=follow_up, every_order=True)
     assert len(recs) == 5
     for pos in range(5):
         assert sorted(r["question_order"][pos] for r in recs) == [0, 1, 2, 3, 4]
-    # on its own a question's reply cannot depend on the order: asked once, reused; in a conversation every turn is asked
-    assert len(calls) == (25 if follow_up else 5)
-    if follow_up is None:
-        reply = {r["question_order"][i]: r["replies"][i] for r in recs for i in range(5)}
-        assert all(r["replies"][i] == reply[r["question_order"][i]] for r in recs for i in range(5))
+    # each distinct ask once: on its own a question's reply cannot depend on the order; in a
+    # conversation the 1st turn of each order is the question alone, the others each have their history
+    assert len(seen) == (5 * 5 if follow_up else 5) and len({(q, tuple(h)) for q, h in seen}) == len(seen)
+    reply = {}
+    for r in recs:
+        for i in range(5):
+            if i == 0 or follow_up is None:  # the same ask (question alone) in every order: the same reply
+                assert reply.setdefault(r["question_order"][i], r["replies"][i]) == r["replies"][i]
     row = summarize(recs)[0]
     assert row["per_position_balanced"]
     paired = row["last_minus_first"]

@@ -47,6 +47,29 @@ def _orders(sample: Sample, every_order: bool) -> list[list[int]]:
     return [rotate(k) for k in range(n)] if every_order else [rotate(sample.seed % n)]
 
 
+def _turn(sample: Sample, order: list[int], i: int, follow_up: str | None) -> tuple:
+    """The i-th ask of ``order``: (question, earlier (question, reference answer) turns or None)."""
+    q = sample.questions[order[i]]
+    if follow_up != "gold":
+        return q, None
+    return q, tuple((sample.questions[j].text, sample.questions[j].reference) for j in order[:i])
+
+
+def _answer_batched(lm: LM, ctx, asks: list[tuple], max_new_tokens: int, batch: int = 8) -> dict[tuple, str]:
+    """Replies to independent asks (question, history), each distinct one answered once, as batches
+    over the shared compressed context (one fork per batch instead of one per question)."""
+    todo = list(dict.fromkeys(asks))
+    out: dict[tuple, str] = {}
+    for lines in sorted({q.lines for q, _ in todo}):  # generate reads every row to the same line count
+        same = [a for a in todo if a[0].lines == lines]
+        for k in range(0, len(same), batch):
+            part = same[k : k + batch]
+            suffixes = [lm.encode_question(q.text, q.answer_prefix, list(h) if h else None) for q, h in part]
+            texts = lm.generate(ctx, suffixes, max_new_tokens, lines=lines)
+            out.update({a: a[0].answer_prefix + t for a, t in zip(part, texts)})
+    return out
+
+
 def evaluate_sample(lm: LM, sample: Sample, policies: list[Policy], max_new_tokens: int = 24,
                     follow_up: str | None = None, every_order: bool = False) -> list[dict]:
     """Prefill once, compress once per policy, ask every question one after another (query-agnostic).
@@ -60,34 +83,38 @@ def evaluate_sample(lm: LM, sample: Sample, policies: list[Policy], max_new_toke
     mislead a later one) or the model's own answers (``"own"``)."""
     mode = _record_mode(follow_up)
     contexts = lm.prefill_many(sample.context, policies)
+    orders = _orders(sample, every_order)
     records = []
-    alone: dict[tuple[int, int], str] = {}  # asked on its own, a question's reply does not depend on the order
-    for (p, (pol, ctx)), order in ((pc, o) for pc in enumerate(zip(policies, contexts)) for o in _orders(sample, every_order)):
-        questions = [sample.questions[i] for i in order]
+    for pol, ctx in zip(policies, contexts):
         t0 = time.perf_counter()
-        replies: list[str] = []
-        for i, (qi, q) in enumerate(zip(order, questions)):
-            said = [x.reference for x in questions[:i]] if follow_up == "gold" else replies
-            history = list(zip((x.text for x in questions), said)) if follow_up else None
-            if history is None and (p, qi) in alone:
-                replies.append(alone[(p, qi)])
-                continue
-            replies.append(lm.ask(ctx, q.text, max_new_tokens=max_new_tokens, answer_prefix=q.answer_prefix,
-                                  lines=q.lines, history=history))
-            if history is None:
-                alone[(p, qi)] = replies[-1]
-        answer_s = time.perf_counter() - t0
-        scores = [q.score(r) for q, r in zip(questions, replies)]
-        records.append({
-            "task": sample.task, "length": sample.length, "seed": sample.seed, "policy": pol.spec,
-            "family": family(pol), "source": "memfit", "tokens": ctx.num_tokens,
-            "correct": sum(scores) / len(scores), "scores": scores,
-            "nbytes": ctx.nbytes, "full_nbytes": ctx.full_nbytes, "bytes_per_token": ctx.nbytes / ctx.num_tokens,
-            "compression": ctx.compression, "prefill_s": ctx.prefill_seconds, "answer_s": answer_s,
-            "replies": [r[len(q.answer_prefix):] for q, r in zip(questions, replies)],
-            "expected": [list(q.answers) for q in questions], "question_order": order,
-            "mode": mode,
-        })
+        if follow_up == "own":  # each turn reads the replies before it: one question at a time
+            all_replies = []
+            for order in orders:
+                replies: list[str] = []
+                questions = [sample.questions[i] for i in order]
+                for i, q in enumerate(questions):
+                    history = list(zip((x.text for x in questions), replies))
+                    replies.append(lm.ask(ctx, q.text, max_new_tokens=max_new_tokens, answer_prefix=q.answer_prefix,
+                                          lines=q.lines, history=history))
+                all_replies.append(replies)
+        else:  # no turn depends on a reply: every (question, history) of every order asked once, in batches
+            asks = [[_turn(sample, order, i, follow_up) for i in range(len(order))] for order in orders]
+            answered = _answer_batched(lm, ctx, [a for row in asks for a in row], max_new_tokens)
+            all_replies = [[answered[a] for a in row] for row in asks]
+        answer_s = (time.perf_counter() - t0) / len(orders)
+        for order, replies in zip(orders, all_replies):
+            questions = [sample.questions[i] for i in order]
+            scores = [q.score(r) for q, r in zip(questions, replies)]
+            records.append({
+                "task": sample.task, "length": sample.length, "seed": sample.seed, "policy": pol.spec,
+                "family": family(pol), "source": "memfit", "tokens": ctx.num_tokens,
+                "correct": sum(scores) / len(scores), "scores": scores,
+                "nbytes": ctx.nbytes, "full_nbytes": ctx.full_nbytes, "bytes_per_token": ctx.nbytes / ctx.num_tokens,
+                "compression": ctx.compression, "prefill_s": ctx.prefill_seconds, "answer_s": answer_s,
+                "replies": [r[len(q.answer_prefix):] for q, r in zip(questions, replies)],
+                "expected": [list(q.answers) for q in questions], "question_order": order,
+                "mode": mode,
+            })
     return records
 
 
