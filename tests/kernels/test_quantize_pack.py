@@ -50,3 +50,22 @@ def test_cache_spills_through_the_kernel_on_cuda():
     layer = cache.layers[0]
     want = quantize_keys(k[:, :, : layer.qk.num_tokens], 4, 32, use_kernels=False)
     assert torch.equal(layer.qk.codes, want.codes) and torch.equal(layer.qk.scale, want.scale)
+
+
+@pytest.mark.gpu
+@gpu
+def test_outliers_take_the_torch_path_on_cuda():
+    from memfit.kv.cache import CompressedCache
+
+    x = torch.randn(1, 2, 128, 64, generator=torch.Generator().manual_seed(3))
+    x[0, 1, 7, 5] = 80.0
+    for quantize in (quantize_keys, quantize_values):
+        on_gpu, on_cpu = quantize(x.cuda(), 4, 64, outliers=0.01), quantize(x, 4, 64, outliers=0.01)
+        assert torch.equal(on_gpu.out_idx.cpu(), on_cpu.out_idx) and torch.equal(on_gpu.out_val.cpu(), on_cpu.out_val)
+        # the same computation on another device: at most one step apart where rounding falls differently
+        assert (dequantize(on_gpu).cpu() - dequantize(on_cpu)).abs().max() <= on_cpu.scale.float().max() + 1e-3
+    cache = CompressedCache("kivi(bits=4,group=64,residual=16,outliers=0.01)", 1).use_kernels()
+    k = torch.randn(1, 2, 200, 64, device="cuda", dtype=torch.bfloat16)
+    cache.update(k, k.clone(), 0)
+    assert cache.layers[0].qk.out_idx is not None
+    assert not cache.layers[0].fast_decode(k[:, :, :1])  # the decode kernel reads no sparse outliers

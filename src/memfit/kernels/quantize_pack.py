@@ -84,11 +84,11 @@ if triton is not None:
         tl.store(C + b * scb + h * sch + on[:, None] * scn + oi[None, :], packed, mask=nm[:, None])
 
 
-def supports(x: torch.Tensor, bits: int, group: int) -> bool:
+def supports(x: torch.Tensor, bits: int, group: int, values: bool = False) -> bool:
     """Whether the kernels take this input: CUDA, 2/4-bit, head_dim 64/128, a power-of-two group
-    of 16..128 (tokens for keys, channels for values)."""
+    of 16..128 (tokens for keys, channels for values; values in one or two channel groups)."""
     return (triton is not None and x.is_cuda and x.ndim == 4 and bits in (2, 4) and x.shape[-1] in (64, 128)
-            and group in (16, 32, 64, 128) and x.stride(-1) == 1)
+            and group in (16, 32, 64, 128) and x.stride(-1) == 1 and (not values or x.shape[-1] // group in (1, 2)))
 
 
 def quantize_keys_pack(k: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

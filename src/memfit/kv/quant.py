@@ -194,7 +194,7 @@ def quantize_values(v: torch.Tensor, bits: int, group: int, use_kernels: bool = 
     b, h, n, d = v.shape
     if d % group:
         raise ValueError(f"value quantization needs head_dim ({d}) to be a multiple of its group ({group})")
-    if use_kernels and not outliers and pack_kernels.supports(v, bits, group) and d // group in (1, 2):
+    if use_kernels and not outliers and pack_kernels.supports(v, bits, group, values=True):
         return QTensor(*pack_kernels.quantize_values_pack(v, bits, group), bits, "channel", group)
     return _quantize(v.reshape(b, h, n, d // group, group), bits, 4, outliers, "channel", group)
 
