@@ -76,8 +76,8 @@ class QTensor:
         return idx, self.out_val[keep]
 
     def _with_outliers(self, parts: list[tuple[torch.Tensor, torch.Tensor] | None], numel: int):
-        parts = [p for p in parts if p is not None]
-        if not parts:
+        parts = [p for p in parts if p is not None and len(p[0])]
+        if not parts:  # no outliers at all: None, so that readers (the decode kernel) need not check
             return None, None
         idx = torch.cat([p[0] for p in parts])
         return idx.to(_index_dtype(numel)), torch.cat([p[1] for p in parts])
@@ -133,12 +133,12 @@ def _index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 else torch.int64
 
 
-def _split_outliers(x: torch.Tensor, reduce_dim: int, fraction: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _split_outliers(x: torch.Tensor, reduce_dim: int, fraction: float) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Dense-and-sparse split of grouped ``x`` (KVQuant): the ``fraction`` of each head's elements
     that stand furthest out of their quantization group (distance to the group mean in units of the
     group's standard deviation) are taken out, and replaced in the dense part by the group mean so
     that they no longer stretch its min-max range. Returns (dense x, flat indices into x as
-    [B, H, ...] per head, float16 values)."""
+    [B, H, ...], float16 values); (x, None, None) when the fraction of a head is not one element."""
     x = x.float()
     mean = x.mean(dim=reduce_dim, keepdim=True)
     z = (x - mean).abs() / x.std(dim=reduce_dim, keepdim=True, correction=0).clamp_min(1e-6)
@@ -146,7 +146,7 @@ def _split_outliers(x: torch.Tensor, reduce_dim: int, fraction: float) -> tuple[
     per_head = z.reshape(b, h, -1)
     k = int(fraction * per_head.shape[-1])  # never more than the fraction: the planner's byte bound
     if k == 0:
-        return x, torch.empty(0, dtype=_index_dtype(x.numel()), device=x.device), x.new_empty(0, dtype=PARAM_DTYPE)
+        return x, None, None
     top = per_head.topk(k, dim=-1).indices  # [B, H, k] within each head
     idx = (top + torch.arange(b * h, device=x.device).reshape(b, h, 1) * per_head.shape[-1]).reshape(-1)
     idx = idx.sort().values
