@@ -21,6 +21,7 @@ from memfit.kv.evict.kvzip import REPEAT_PROMPT, reconstruction_scores, repeat_i
 from memfit.kv.plan import KVShape, budget_bytes
 from memfit.kv.plan import plan as plan_policy
 from memfit.kv.policy import Policy, parse_policy
+from memfit.kv.rope import RoPE
 from memfit.models import ChatFormat, default_device, default_dtype, fingerprint, load_hf, resolve_model
 from memfit.store import ContextStore, Entry, KeySpace, open_store
 from memfit.store.disk import atomic_write
@@ -109,6 +110,11 @@ class LM:
         ids = {tokenizer.eos_token_id, *([cfg.eos_token_id] if isinstance(cfg.eos_token_id, int) else cfg.eos_token_id or [])}
         im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
         self.stop_ids = {i for i in (*ids, im_end) if i is not None}
+
+    @cached_property
+    def rope(self) -> RoPE | None:
+        """The model's rotary embedding (for caches that quantize keys before RoPE)."""
+        return RoPE.from_model(self.model)
 
     @cached_property
     def fingerprint(self) -> str:
@@ -269,7 +275,7 @@ class LM:
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be [batch, tokens] with tokens > 0, got shape {tuple(input_ids.shape)}")
         t0 = time.perf_counter()
-        base = CompressedCache("none", self.num_layers, defer=True)
+        base = CompressedCache("none", self.num_layers, defer=True, rope=self.rope)
         needs = set().union(*(p.observes() for p in pols))
         with observe(max(p.queries_needed() for p in pols), "sum" if "attention_sum" in needs else None) as rec:
             self._forward(input_ids, base, chunk_size)

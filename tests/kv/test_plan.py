@@ -9,6 +9,7 @@ TEXT = "The lighthouse keeper counted ships. " * 40  # about 1.5K byte tokens
 
 
 @pytest.mark.parametrize("policy", ["none", "kivi(bits=4,group=16,residual=16)", "kivi(bits=2)",
+                                    "kivi(bits=4,group=16,residual=16,pre_rope=true)",
                                     "snapkv(keep=0.3,window=8)+kivi(bits=4,group=16,residual=32)",
                                     "pyramidkv(keep=0.3,window=8)+kivi(bits=8,group=16,residual=16)",
                                     "lowrank(rank=16)", "snapkv(keep=0.5,window=8)+lowrank(rank=8)+kivi(bits=4,group=16,residual=16)"])

@@ -22,6 +22,7 @@ from memfit.kv.evict import Observation, select_global, select_topk
 from memfit.kv.lowrank import LowRank, project, reconstruct
 from memfit.kv.policy import Policy, parse_policy
 from memfit.kv.quant import KIVI, LayerBits, QTensor, attention_error, dequantize, quantize_keys, quantize_values
+from memfit.kv.rope import RoPE
 
 FULL_BYTES_PER_ELEMENT = 2  # the reference: an uncompressed 16-bit cache
 
@@ -119,9 +120,10 @@ class CompressedLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(self, quant: KIVI | None = None, parent: "CompressedLayer | None" = None, defer: bool = False,
-                 decode: DecodeBudget | None = None, lowrank: LowRank | None = None):
+                 decode: DecodeBudget | None = None, lowrank: LowRank | None = None, rope: RoPE | None = None):
         super().__init__()
         self.quant = quant
+        self.rope = rope  # the model's RoPE, for keys quantized before it (kivi(pre_rope=true))
         self.lowrank = lowrank
         # low-rank keys: the layer's basis [B, H*D, r] (a fork reads its parent's), and without a
         # quantizer the context's key coefficients and values in the compute dtype
@@ -239,7 +241,22 @@ class CompressedLayer(CacheLayerMixin):
             return ks[0], vs[0], mask
         return torch.cat(ks, dim=-2), torch.cat(vs, dim=-2), mask
 
+    @property
+    def pre_rope(self) -> bool:
+        """Whether this layer quantizes keys before RoPE: only a layer that holds its own tokens in
+        order from position 0 (not a fork, whose rows may be padded at different positions)."""
+        return bool(getattr(self.quant, "pre_rope", False)) and self.parent is None
+
+    def _positions(self, start: int, n: int) -> torch.Tensor:
+        if self.rope is None:
+            raise ValueError("kivi(pre_rope=true) needs the model's RoPE: build the cache with "
+                             "CompressedCache.for_model(model, policy)")
+        return torch.arange(start, start + n, device=self.device)
+
     def _quantized_keys(self) -> torch.Tensor:
+        if self.pre_rope:  # the quantized tokens are the layer's first ones: positions 0..n-1
+            k = dequantize(self.qk, torch.float32)
+            return self.rope.rotate(k, self._positions(0, k.shape[-2])).to(self.dtype)
         k = dequantize(self.qk, self.dtype)
         return k if self.basis is None else reconstruct(k, self.basis, self.keys.shape[1])
 
@@ -248,7 +265,8 @@ class CompressedLayer(CacheLayerMixin):
         quantized segment and a window, on CUDA)."""
         return (self.kernels and key_states.is_cuda and key_states.shape[-2] == 1 and self.parent is None
                 and self.ragged is None and self.qk is not None and self.qk.bits in (2, 4) and not self.defer
-                and self.basis is None and self.qk.out_idx is None)  # the kernel reads no sparse outliers
+                and self.basis is None and self.qk.out_idx is None  # the kernel reads no sparse outliers
+                and not self.pre_rope)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -286,6 +304,8 @@ class CompressedLayer(CacheLayerMixin):
         if self.lowrank is not None and self.basis is None:  # no compress() (plain generate): fit it to the window
             self.basis = self.lowrank.basis(self.keys)
         k = self.keys[:, :, :f] if self.basis is None else project(self.keys[:, :, :f], self.basis)
+        if self.pre_rope:  # the window's first token sits at position seen - window
+            k = self.rope_off(k, self.seen - self.keys.shape[-2])
         kq = quantize_keys(k, self.quant.bits, self.quant.group, outliers=self.quant.outliers)
         vq = quantize_values(self.values[:, :, :f], self.quant.bits, self.quant.value_group(self.keys.shape[-1]),
                              outliers=self.quant.outliers)
@@ -294,6 +314,12 @@ class CompressedLayer(CacheLayerMixin):
         # clone: a slice would keep the whole old window alive
         self.keys = self.keys[:, :, f:].clone()
         self.values = self.values[:, :, f:].clone()
+
+    def rope_off(self, k: torch.Tensor, start: int) -> torch.Tensor:
+        """``k`` (keys at positions start, start+1, ...) with RoPE taken off."""
+        positions = self._positions(start, k.shape[-2])
+        self.rope.check(k.shape[-1])
+        return self.rope.unrotate(k, positions)
 
     def _evict_uniform(self, evictions, obs: Observation, layer: int, num_layers: int):
         """The window's keys, values and observation after ``evictions`` (uniform heads)."""
@@ -414,7 +440,7 @@ class CompressedCache(Cache):
     """
 
     def __init__(self, policy: "str | Policy" = "none", num_layers: int | None = None, *, defer: bool = False,
-                 _layers: list[CompressedLayer] | None = None):
+                 rope: RoPE | None = None, _layers: list[CompressedLayer] | None = None):
         self.policy = parse_policy(policy)
         if _layers is None:
             if num_layers is None:
@@ -422,12 +448,17 @@ class CompressedCache(Cache):
             q = self.policy.quant
             q = q.uniform() if isinstance(q, LayerBits) else q  # until compress() measures each layer
             _layers = [CompressedLayer(q, defer=defer, decode=self.policy.decode,
-                                       lowrank=self.policy.lowrank) for _ in range(num_layers)]
+                                       lowrank=self.policy.lowrank, rope=rope) for _ in range(num_layers)]
         super().__init__(layers=_layers)
+
+    @property
+    def rope(self) -> RoPE | None:
+        return self.layers[0].rope if self.layers else None
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, policy: "str | Policy" = "none", **kwargs) -> "CompressedCache":
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        kwargs.setdefault("rope", RoPE.from_model(model))
         cache = cls(policy, cfg.num_hidden_layers, **kwargs)
         # the packed-KV decode kernel is used only where memfit's attention function will take it
         cache.use_kernels(getattr(model.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION)
@@ -499,7 +530,7 @@ class CompressedCache(Cache):
         policies. Tensors are shared until compression replaces them; this cache is unchanged."""
         if not all(layer.defer and layer.qk is None for layer in self.layers):
             raise RuntimeError("derive() needs a cache prefilled with defer=True and not compressed yet")
-        out = CompressedCache(policy, len(self.layers), defer=True).use_kernels(self.layers[0].kernels)
+        out = CompressedCache(policy, len(self.layers), defer=True, rope=self.rope).use_kernels(self.layers[0].kernels)
         for mine, theirs in zip(out.layers, self.layers):
             if theirs.is_initialized:
                 mine.lazy_initialization(theirs.keys, theirs.values)
@@ -517,8 +548,8 @@ class CompressedCache(Cache):
             rows.add(1)
         if rows and rows != {1} and rows != {batch_size}:
             raise ValueError(f"cannot fork a cache of batch size {rows.pop()} into {batch_size} rows")
-        layers = [CompressedLayer(layer.quant, parent=layer, decode=self.policy.decode, lowrank=self.policy.lowrank)
-                  for layer in self.layers]
+        layers = [CompressedLayer(layer.quant, parent=layer, decode=self.policy.decode, lowrank=self.policy.lowrank,
+                                  rope=layer.rope) for layer in self.layers]
         return CompressedCache(self.policy, _layers=layers)
 
     def keep_dense(self) -> "CompressedCache":
@@ -542,11 +573,16 @@ class CompressedCache(Cache):
                 (layer.ragged.qk, layer.ragged.qv) if layer.ragged is not None else (None, None))
             layers.append({"seen": layer.seen, "dtype": str(layer.dtype).removeprefix("torch.") if layer.is_initialized else None,
                            "q": None if q is None else {"bits": q.bits, "kgroup": q.group, "vgroup": qv.group}})
-        return tensors, {"policy": self.policy.spec, "layers": layers}
+        if self.rope is not None and any(layer.pre_rope and layer.qk is not None for layer in self.layers):
+            tensors["rope.inv_freq"] = self.rope.inv_freq  # what puts RoPE back on the stored keys
+        return tensors, {"policy": self.policy.spec, "layers": layers,
+                         **({"rope_scaling": self.rope.scaling} if "rope.inv_freq" in tensors else {})}
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], state: dict, device: "torch.device | str" = "cpu") -> "CompressedCache":
-        cache = cls(state["policy"], len(state["layers"]))
+        rope = RoPE(tensors["rope.inv_freq"].float(), float(state.get("rope_scaling", 1.0))) \
+            if "rope.inv_freq" in tensors else None
+        cache = cls(state["policy"], len(state["layers"]), rope=rope)
         for i, (layer, info) in enumerate(zip(cache.layers, state["layers"])):
             layer.seen = int(info["seen"])
             if info["dtype"] is None:

@@ -70,6 +70,10 @@ def _parse_value(text: str, method: str, name: str, kind: str = "") -> object:
     t = text.strip()
     if t.lower() == "none":
         return None
+    if kind == "bool":
+        if t.lower() not in ("true", "false", "1", "0"):
+            raise PolicyError(f"{method}: argument {name}={t!r} must be true or false")
+        return t.lower() in ("true", "1")
     if kind == "str":
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", t):
             raise PolicyError(f"{method}: argument {name}={t!r} must be a plain word")
@@ -145,6 +149,10 @@ def parse_policy(spec: "str | Policy | None") -> Policy:
             if quant is not None:
                 raise PolicyError(f"in {spec!r}: only one quantizer per policy")
             quant = method
+    if getattr(quant, "pre_rope", False) and (evictions or lowrank or decode):
+        # the cache puts RoPE back at each stored token's position, which it knows only while it
+        # holds every token in order
+        raise PolicyError(f"in {spec!r}: pre_rope keys cannot follow eviction, lowrank or a decode budget")
     return Policy(tuple(evictions), quant, decode, lowrank)
 
 

@@ -220,12 +220,16 @@ class KIVI:
     """KIVI quantization: ``bits``-bit keys per channel and values per token, in groups of ``group``,
     with the most recent ``residual`` tokens kept in 16-bit and quantized as the window fills.
     ``outliers`` > 0 adds KVQuant's dense-and-sparse split: that fraction of each head's elements,
-    the ones furthest out of their group, kept exactly (float16 value + int32 index: 6 bytes each)."""
+    the ones furthest out of their group, kept exactly (float16 value + int32 index: 6 bytes each).
+    ``pre_rope`` (KVQuant) quantizes keys before RoPE, whose per-channel structure RoPE scrambles
+    by position, and puts RoPE back on read (needs ``CompressedCache.for_model``; not with
+    eviction, where the cache would have to store positions)."""
 
     bits: int = 4
     group: int = 64
     residual: int = 128
     outliers: float = field(default=0.0, metadata={"spec": "if-set"})  # spelled in the spec only when set
+    pre_rope: bool = field(default=False, metadata={"spec": "if-set"})
 
     def __post_init__(self) -> None:
         _check_bits(self.bits)

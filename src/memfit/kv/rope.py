@@ -1,0 +1,54 @@
+"""Rotary position embedding, for keys quantized before RoPE (KVQuant): the cache takes RoPE off
+the keys it quantizes and puts it back when it reads them, at each token's position.
+
+Llama-style RoPE (``rotate_half``, transformers' ``LlamaRotaryEmbedding`` and the models that share
+it): ``k_rot = k * cos + rotate_half(k) * sin`` with ``cos, sin = cos/sin(position * inv_freq) * s``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+@dataclass(frozen=True)
+class RoPE:
+    inv_freq: torch.Tensor  # [head_dim / 2] float32
+    scaling: float = 1.0  # transformers' attention_scaling (1 except for YaRN-like types)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module) -> "RoPE | None":
+        """The model's rotary embedding (the module holding ``inv_freq``), or None if it has none."""
+        for m in model.modules():
+            inv = getattr(m, "inv_freq", None)
+            if isinstance(inv, torch.Tensor):
+                return cls(inv.detach().float().cpu().clone(), float(getattr(m, "attention_scaling", 1.0)))
+        return None
+
+    def _cos_sin(self, positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.to(device=device, dtype=torch.float32)[:, None] * self.inv_freq.to(device)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [N, D]
+        return emb.cos() * self.scaling, emb.sin() * self.scaling
+
+    def rotate(self, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """RoPE on ``k`` [B, H, N, D] at ``positions`` [N] (float32 out)."""
+        cos, sin = self._cos_sin(positions, k.device)
+        k = k.float()
+        return k * cos + _rotate_half(k) * sin
+
+    def unrotate(self, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`rotate` (the transpose of the rotation, over the squared scaling)."""
+        cos, sin = self._cos_sin(positions, k.device)
+        k = k.float()
+        return (k * cos - _rotate_half(k) * sin) / (self.scaling**2)
+
+    def check(self, head_dim: int) -> None:
+        if 2 * self.inv_freq.numel() != head_dim:
+            raise ValueError(f"RoPE over {2 * self.inv_freq.numel()} channels cannot rotate keys of head_dim {head_dim} "
+                             "(partial rotary embeddings are not supported for pre_rope keys)")

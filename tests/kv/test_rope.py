@@ -1,0 +1,77 @@
+import pytest
+import torch
+from conftest import tiny_llama
+from transformers import DynamicCache
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from memfit.kv.cache import CompressedCache
+from memfit.kv.policy import PolicyError, parse_policy
+from memfit.kv.quant import dequantize
+from memfit.kv.rope import RoPE
+
+
+def test_rope_matches_the_model_and_inverts():
+    model = tiny_llama(torch.float64)
+    rope = RoPE.from_model(model)
+    k = torch.randn(1, 2, 40, model.config.head_dim, dtype=torch.float64)
+    pos = torch.arange(100, 140)
+    cos, sin = model.model.rotary_emb(k, pos[None])
+    _, want = apply_rotary_pos_emb(k, k, cos, sin)
+    torch.testing.assert_close(rope.rotate(k, pos), want.float(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(rope.unrotate(rope.rotate(k, pos), pos), k.float(), rtol=0, atol=1e-5)
+    scaled = RoPE(rope.inv_freq, scaling=1.3)
+    torch.testing.assert_close(scaled.unrotate(scaled.rotate(k, pos), pos), k.float(), rtol=0, atol=1e-5)
+
+
+def test_pre_rope_cache_stores_keys_before_rope_and_reads_them_back_rotated():
+    model = tiny_llama(torch.float64)
+    ids = torch.randint(0, 250, (1, 70), generator=torch.Generator().manual_seed(1))
+    cache = CompressedCache.for_model(model, "kivi(bits=8,group=16,residual=16,pre_rope=true)")
+    ref = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        model(ids, past_key_values=ref)
+        for t in range(5):  # decoding spills more groups at later positions
+            nxt = torch.tensor([[7 + t]])
+            model(nxt, past_key_values=cache)
+            model(nxt, past_key_values=ref)
+    layer, keys = cache.layers[1], ref.layers[1].keys
+    n = layer.qk.num_tokens
+    assert n == 64
+    # the codes hold the keys with RoPE taken off (8-bit: within a small step of them) ...
+    pre = RoPE.from_model(model).unrotate(keys[:, :, :n], torch.arange(n))
+    assert (dequantize(layer.qk) - pre).abs().max() < 0.02 * pre.abs().max()
+    # ... and what attention reads is the rotated keys again, at their own positions
+    got, _ = layer.materialize()
+    assert (got - keys).abs().max() < 0.02 * keys.abs().max()
+    assert (dequantize(layer.qk) - keys[:, :, :n].float()).abs().max() > 0.1 * keys.abs().max()  # not post-RoPE
+
+
+def test_pre_rope_needs_the_model_and_no_eviction():
+    model = tiny_llama()
+    cache = CompressedCache("kivi(bits=4,group=16,residual=16,pre_rope=true)", 2)  # no model: no RoPE
+    with pytest.raises(ValueError, match="CompressedCache.for_model"), torch.no_grad():
+        model(torch.randint(0, 250, (1, 40)), past_key_values=cache)
+    with pytest.raises(PolicyError, match="pre_rope keys cannot follow eviction"):
+        parse_policy("snapkv(keep=0.5)+kivi(bits=4,pre_rope=true)")
+    with pytest.raises(PolicyError, match="must be true or false"):
+        parse_policy("kivi(pre_rope=maybe)")
+    p = parse_policy("kivi(bits=2,pre_rope=1)")
+    assert p.spec == "kivi(bits=2,group=64,residual=128,pre_rope=True)" and parse_policy(p.spec) == p
+
+
+def test_pre_rope_context_answers_and_round_trips(tiny_lm):
+    text = "The lighthouse keeper counted ships. " * 12
+    ctx = tiny_lm.prefill(text, "kivi(bits=4,group=16,residual=16,pre_rope=true)")
+    assert ctx.cache.layers[0].qk is not None and ctx.cache.layers[0].pre_rope
+    ref = DynamicCache(config=tiny_lm.model.config)
+    with torch.no_grad():
+        tiny_lm.model(ctx.token_ids, past_key_values=ref)
+    keys = ref.layers[0].keys  # the prefill path (compress, then spill) also takes RoPE off and puts it back
+    assert (ctx.cache.layers[0].materialize()[0] - keys).norm() < 0.1 * keys.norm()
+    a = tiny_lm.ask(ctx, ["x", "yz"], max_new_tokens=5)  # forks: their own tokens stay after RoPE
+    tensors, state = ctx.cache.to_state()
+    assert "rope.inv_freq" in tensors
+    back = CompressedCache.from_state(tensors, state)
+    assert back.nbytes == ctx.nbytes and back.rope is not None
+    assert tiny_lm.ask(type(ctx)(back, ctx.token_ids, ctx.policy, lm=tiny_lm), ["x", "yz"], max_new_tokens=5) == a
