@@ -69,3 +69,24 @@ def test_outliers_take_the_torch_path_on_cuda():
     cache.update(k, k.clone(), 0)
     assert cache.layers[0].qk.out_idx is not None
     assert not cache.layers[0].fast_decode(k[:, :, :1])  # the decode kernel reads no sparse outliers
+
+
+@pytest.mark.gpu
+@gpu
+def test_pre_rope_keys_on_cuda_read_back_rotated():
+    from conftest import tiny_llama
+    from transformers import DynamicCache
+
+    from memfit.kv.cache import CompressedCache
+
+    model = tiny_llama(torch.float32).cuda()
+    ids = torch.randint(0, 250, (1, 90), device="cuda")
+    cache = CompressedCache.for_model(model, "kivi(bits=8,group=16,residual=16,pre_rope=true)").use_kernels()
+    ref = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        model(ids, past_key_values=ref)
+    layer = cache.layers[0]
+    assert layer.pre_rope and not layer.fast_decode(ids[:, None, :1].float())  # the kernel reads post-RoPE keys only
+    keys = ref.layers[0].keys
+    assert (layer.materialize()[0] - keys).abs().max() < 0.02 * keys.abs().max()
