@@ -75,3 +75,18 @@ def test_pre_rope_context_answers_and_round_trips(tiny_lm):
     back = CompressedCache.from_state(tensors, state)
     assert back.nbytes == ctx.nbytes and back.rope is not None
     assert tiny_lm.ask(type(ctx)(back, ctx.token_ids, ctx.policy, lm=tiny_lm), ["x", "yz"], max_new_tokens=5) == a
+
+
+def test_pre_rope_cache_saved_before_its_first_spill_can_still_spill(tiny_lm):
+    ctx = tiny_lm.prefill("short", "kivi(bits=4,group=16,residual=16,pre_rope=true)")
+    assert ctx.cache.layers[0].qk is None  # nothing quantized yet
+    back = CompressedCache.from_state(*ctx.cache.to_state())
+    assert back.rope is not None
+    more = torch.randint(0, 250, (1, 40), generator=torch.Generator().manual_seed(3))
+    ref = DynamicCache(config=tiny_lm.model.config)
+    with torch.no_grad():
+        tiny_lm.model(more, past_key_values=back)
+        tiny_lm.model(torch.cat([ctx.token_ids, more], dim=1), past_key_values=ref)
+    assert back.layers[0].qk is not None
+    keys = ref.layers[0].keys  # the spilled keys went through RoPE off and on at their own positions
+    assert (back.layers[0].materialize()[0] - keys).norm() < 0.1 * keys.norm()

@@ -305,7 +305,7 @@ class CompressedLayer(CacheLayerMixin):
             self.basis = self.lowrank.basis(self.keys)
         k = self.keys[:, :, :f] if self.basis is None else project(self.keys[:, :, :f], self.basis)
         if self.pre_rope:  # the window's first token sits at position seen - window
-            k = self.rope_off(k, self.seen - self.keys.shape[-2])
+            k = self._rope_off(k, self.seen - self.keys.shape[-2])
         kq = quantize_keys(k, self.quant.bits, self.quant.group, outliers=self.quant.outliers)
         vq = quantize_values(self.values[:, :, :f], self.quant.bits, self.quant.value_group(self.keys.shape[-1]),
                              outliers=self.quant.outliers)
@@ -315,7 +315,7 @@ class CompressedLayer(CacheLayerMixin):
         self.keys = self.keys[:, :, f:].clone()
         self.values = self.values[:, :, f:].clone()
 
-    def rope_off(self, k: torch.Tensor, start: int) -> torch.Tensor:
+    def _rope_off(self, k: torch.Tensor, start: int) -> torch.Tensor:
         """``k`` (keys at positions start, start+1, ...) with RoPE taken off."""
         positions = self._positions(start, k.shape[-2])
         self.rope.check(k.shape[-1])
@@ -573,8 +573,9 @@ class CompressedCache(Cache):
                 (layer.ragged.qk, layer.ragged.qv) if layer.ragged is not None else (None, None))
             layers.append({"seen": layer.seen, "dtype": str(layer.dtype).removeprefix("torch.") if layer.is_initialized else None,
                            "q": None if q is None else {"bits": q.bits, "kgroup": q.group, "vgroup": qv.group}})
-        if self.rope is not None and any(layer.pre_rope and layer.qk is not None for layer in self.layers):
-            tensors["rope.inv_freq"] = self.rope.inv_freq  # what puts RoPE back on the stored keys
+        if self.rope is not None and getattr(self.policy.quant, "pre_rope", False):
+            # what puts RoPE back on the stored keys (and takes it off those a restored cache reads later)
+            tensors["rope.inv_freq"] = self.rope.inv_freq
         return tensors, {"policy": self.policy.spec, "layers": layers,
                          **({"rope_scaling": self.rope.scaling} if "rope.inv_freq" in tensors else {})}
 
