@@ -104,6 +104,16 @@ def test_every_order_asks_each_question_at_every_position(tiny_lm, monkeypatch, 
     assert paired["diff"] == pytest.approx(row["per_position"][5] - row["per_position"][1])
 
 
+def test_terminal_labels_drop_defaults_and_keep_the_mode():
+    from memfit.eval.runner import _short
+
+    long = "kvzip(keep=0.42,heads=global,chunk=2048)+kivi(bits=4,group=64,residual=32)"
+    assert _short(long + " [follow-up]") == "kvzip(keep=0.42)+kivi(bits=4,residual=32) [follow-up]"
+    assert _short("kvpress:tova(ratio=0.75)") == "kvpress:tova(ratio=0.75)"  # not a memfit spec: as it is
+    cut = _short(long + " [follow-up, own answers]")  # too long even without defaults: cut before the mode
+    assert len(cut) == 56 and cut == "kvzip(keep=0.42)+kivi(bits=4,re [follow-up, own answers]"
+
+
 def test_per_position_accuracy_averages_the_same_samples_at_every_position():
     def rec(task, scores, order):
         return {"task": task, "length": 100, "policy": "none", "correct": sum(scores) / len(scores), "scores": scores,

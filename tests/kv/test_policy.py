@@ -15,6 +15,18 @@ def test_parse_examples():
     assert p.evictions == (StreamingLLM(sinks=4, window=1020),)
 
 
+@pytest.mark.parametrize("spec, short", [
+    ("kvzip(keep=0.42,heads=global,chunk=2048)+kivi(bits=4,group=64,residual=32)", "kvzip(keep=0.42)+kivi(bits=4,residual=32)"),
+    ("kivi", "kivi(bits=4)"),
+    ("snapkv(keep=0.3,heads=adaptive)+kivi(bits=2,outliers=0.01)", "snapkv(keep=0.3,heads=adaptive)+kivi(bits=2,outliers=0.01)"),
+    ("kivi(bits=8,pre_rope=1)", "kivi(bits=8,pre_rope=True)"),
+    ("kivi(bits=8)+decode(max_tokens=2048)", "kivi(bits=8)+decode(max_tokens=2048)"),
+])
+def test_short_spec_keeps_the_first_and_the_non_default_arguments(spec, short):
+    p = parse_policy(spec)
+    assert p.short_spec == short and parse_policy(short) == p
+
+
 def test_canonical_spec_roundtrips():
     p = parse_policy("snapkv(keep=0.3)+kivi(bits=2)")
     assert parse_policy(p.spec) == p

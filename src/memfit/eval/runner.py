@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from memfit.api import LM
 from memfit.eval.tasks import Sample, get_task
-from memfit.kv.policy import Policy, parse_policy
+from memfit.kv.policy import Policy, PolicyError, parse_policy
 
 
 # summary-row labels of the conversation modes (records' "mode"), after the policy
@@ -232,26 +232,33 @@ def _mode_label(label: str) -> str:
     return next((m for m in MODE_LABELS.values() if label.endswith(m)), "")
 
 
-def _short(label: str, width: int = 52) -> str:
-    """A row label cut to ``width`` characters, keeping its mode suffix readable."""
+def _short(label: str, width: int = 56) -> str:
+    """A row label for the terminal: a memfit policy without its default arguments, cut to
+    ``width`` characters keeping its mode suffix readable."""
+    mode = _mode_label(label)
+    base = label[: len(label) - len(mode)]
+    try:
+        base = parse_policy(base).short_spec
+    except PolicyError:  # another source's label (kvpress:...): as it is
+        pass
+    label = base + mode
     if len(label) <= width:
         return label
-    mode = _mode_label(label)
     return label[: width - len(mode)] + mode
 
 
 def format_summary(rows: list[dict]) -> str:
-    lines = [f"{'source':<8} {'policy':<52} {'n':>4} {'accuracy':>8} {'vs none':>8} {'compr.':>7} {'B/token':>8}"]
+    lines = [f"{'source':<8} {'policy':<56} {'n':>4} {'accuracy':>8} {'vs none':>8} {'compr.':>7} {'B/token':>8}"]
     for r in rows:
         rel = f"{100 * r['relative']:.0f}%" if r["relative"] is not None else "-"
-        lines.append(f"{r['source']:<8} {_short(r['policy']):<52} {r['samples']:>4} {100 * r['accuracy']:>7.1f}% "
+        lines.append(f"{r['source']:<8} {_short(r['policy']):<56} {r['samples']:>4} {100 * r['accuracy']:>7.1f}% "
                      f"{rel:>8} {r['compression']:>6.2f}x {r['bytes_per_token']:>8.0f}")
     tasks = sorted({t for r in rows for t in r["per_task"]})
     if tasks:
         lines.append("")
         lines.append("accuracy per task (%): " + " | ".join(tasks))
         for r in rows:
-            lines.append(f"{_short(r['policy']):<52} " + " ".join(f"{100 * r['per_task'].get(t, float('nan')):>5.0f}"
+            lines.append(f"{_short(r['policy']):<56} " + " ".join(f"{100 * r['per_task'].get(t, float('nan')):>5.0f}"
                                                             for t in tasks))
     multi = [r for r in rows if len(r["per_position"]) > 1]
     if multi:
@@ -263,6 +270,6 @@ def format_summary(rows: list[dict]) -> str:
             if paired:
                 note += (f"  q{len(r['per_position'])}-q1 {100 * paired['diff']:+.1f} +- {100 * paired['se']:.1f} "
                          f"(paired, {paired['pairs']} questions)")
-            lines.append(f"{_short(r['policy']):<52} n={r['per_position_samples']:<3} "
+            lines.append(f"{_short(r['policy']):<56} n={r['per_position_samples']:<3} "
                          + " ".join(f"q{k}={100 * v:.0f}" for k, v in r["per_position"].items()) + note)
     return "\n".join(lines)

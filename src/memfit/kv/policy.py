@@ -52,6 +52,16 @@ class Policy:
             return "none"
         return "+".join(_format(m) for m in (*self.evictions, *(m for m in (self.lowrank, self.quant, self.decode) if m)))
 
+    @property
+    def short_spec(self) -> str:
+        """The spec with each method's first argument and the others that differ from their defaults:
+        for labels (it parses back to the same policy; the canonical :attr:`spec` is what keys and
+        records use)."""
+        if self.is_none:
+            return "none"
+        return "+".join(_format(m, defaults=False)
+                        for m in (*self.evictions, *(m for m in (self.lowrank, self.quant, self.decode) if m)))
+
     def __str__(self) -> str:
         return self.spec
 
@@ -60,9 +70,13 @@ def _name_of(method: object) -> str:
     return next(n for n, cls in METHODS.items() if type(method) is cls)
 
 
-def _format(method: object) -> str:
-    args = ",".join(f"{f.name}={getattr(method, f.name)}" for f in dataclasses.fields(method)
-                    if f.metadata.get("spec") != "if-set" or getattr(method, f.name) != f.default)
+def _format(method: object, defaults: bool = True) -> str:
+    """``name(arg=value,...)``: every argument (``defaults``), else the first and those not at their
+    default; arguments marked ``if-set`` are spelled only when set either way."""
+    fields = dataclasses.fields(method)
+    args = ",".join(f"{f.name}={getattr(method, f.name)}" for f in fields
+                    if getattr(method, f.name) != f.default
+                    or (f.metadata.get("spec") != "if-set" and (defaults or f is fields[0])))
     return f"{_name_of(method)}({args})"
 
 
