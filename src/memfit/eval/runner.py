@@ -178,15 +178,16 @@ def _first_last_paired(full: list[dict], nq: int) -> dict | None:
     return {"diff": mean, "se": (var / len(diffs)) ** 0.5, "pairs": len(diffs)}
 
 
-def _per_position(rs: list[dict]) -> tuple[dict[int, float], bool, int]:
+def _per_position(rs: list[dict]) -> tuple[dict[int, float], bool, int, dict | None]:
     """Accuracy by the position a question was asked in (1st, 2nd, ...) over the samples with the
     most questions, so that every position averages the same samples (single-question tasks would
     otherwise all count as 1st), and whether the order rotation was balanced: each question of a
     sample asked equally often at each position (a sample count that is a multiple of the question
-    count). Returns ({position: accuracy}, balanced, number of samples)."""
+    count), and the paired last-minus-first difference (see ``_first_last_paired``). Returns
+    ({position: accuracy}, balanced, number of samples, paired difference or None)."""
     multi = [x for x in rs if len(x.get("scores", [])) > 1]
     if not multi:
-        return {}, True, 0
+        return {}, True, 0, None
     nq = max(len(x["scores"]) for x in multi)
     full = [x for x in multi if len(x["scores"]) == nq]
     asked: dict[int, Counter] = defaultdict(Counter)  # position -> which question index was asked there
@@ -195,7 +196,7 @@ def _per_position(rs: list[dict]) -> tuple[dict[int, float], bool, int]:
             asked[i][q] += 1
     balanced = all(len(set(c.values())) == 1 and len(c) == nq for c in asked.values())
     positions = {i + 1: sum(x["scores"][i] for x in full) / len(full) for i in range(nq)}
-    return positions, balanced, len(full)
+    return positions, balanced, len(full), _first_last_paired(full, nq)
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -212,8 +213,7 @@ def summarize(records: list[dict]) -> list[dict]:
         per_task: dict[str, list[float]] = defaultdict(list)
         for x in rs:
             per_task[f"{x['task']}@{x['length']}"].append(x["correct"])
-        positions, balanced, n_multi = _per_position(rs)
-        multi = [x for x in rs if len(x.get("scores", [])) == len(positions)] if len(positions) > 1 else []
+        positions, balanced, n_multi, paired = _per_position(rs)
         none_acc = base.get("none" + _mode_label(pol))
         rows.append({
             "source": source, "policy": pol, "family": rs[0].get("family", pol), "samples": len(rs),
@@ -222,7 +222,7 @@ def summarize(records: list[dict]) -> list[dict]:
             "bytes_per_token": sum(x["bytes_per_token"] for x in rs) / len(rs),
             "per_task": {k: sum(v) / len(v) for k, v in sorted(per_task.items())},
             "per_position": positions, "per_position_samples": n_multi, "per_position_balanced": balanced,
-            "last_minus_first": _first_last_paired(multi, len(positions)) if multi else None,
+            "last_minus_first": paired,
         })
     rows.sort(key=lambda r: (r["source"] != "memfit", -r["bytes_per_token"]))
     return rows

@@ -46,21 +46,21 @@ class Policy:
         return {e.observes for e in self.evictions if e.observes}
 
     @property
+    def methods(self) -> tuple:
+        """Every method of the policy in the order a spec spells them."""
+        return (*self.evictions, *(m for m in (self.lowrank, self.quant, self.decode) if m))
+
+    @property
     def spec(self) -> str:
         """Canonical spec: every argument spelled out, so equal policies have equal specs."""
-        if self.is_none:
-            return "none"
-        return "+".join(_format(m) for m in (*self.evictions, *(m for m in (self.lowrank, self.quant, self.decode) if m)))
+        return "+".join(_format(m) for m in self.methods) if not self.is_none else "none"
 
     @property
     def short_spec(self) -> str:
         """The spec with each method's first argument and the others that differ from their defaults:
         for labels (it parses back to the same policy; the canonical :attr:`spec` is what keys and
         records use)."""
-        if self.is_none:
-            return "none"
-        return "+".join(_format(m, defaults=False)
-                        for m in (*self.evictions, *(m for m in (self.lowrank, self.quant, self.decode) if m)))
+        return "+".join(_format(m, defaults=False) for m in self.methods) if not self.is_none else "none"
 
     def __str__(self) -> str:
         return self.spec
