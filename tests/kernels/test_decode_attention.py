@@ -57,11 +57,25 @@ def test_triton_kernel_matches_the_reference(bits, shape):
     args, _ = _case(bits=bits, device="cuda", **shape)
     assert kernel_supports(args[0], args[1], args[2], args[5], bits)  # the kernel runs, not the fallback
     ref = decode_attention_reference(*args, bits=bits)
-    for split in (None, 256):
-        out = decode_attention(*args, bits=bits, split_len=split if split and split % shape.get("kgroup", 64) == 0 else None)
+    for split, dequant in ((None, "magic"), (256, "magic"), (None, "fp16"), (None, "fp32")):
+        out = decode_attention(*args, bits=bits, split_len=split if split and split % shape.get("kgroup", 64) == 0 else None,
+                               dequant=dequant)
         err = (out - ref).abs().max().item()
-        print(f"bits={bits} {shape} max abs error {err:.2e}")
+        print(f"bits={bits} {shape} {dequant} max abs error {err:.2e}")
         assert err < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_float16_operands_saturate_instead_of_overflowing():
+    """The kernel multiplies in float16: a query beyond its range must not turn the output into nan."""
+    args, _ = _case(bits=4, device="cuda", b=1, hq=4, h=1, n=256, w=8, d=64)
+    q = args[0].clone()
+    q[0, 0, 0] = 1e6  # a bf16 query logit far past float16's 65504
+    out = decode_attention(q, *args[1:], bits=4)
+    assert torch.isfinite(out).all()
+    ok = slice(1, None)  # the other query heads are unaffected
+    assert (out[:, ok] - decode_attention_reference(q, *args[1:], bits=4)[:, ok]).abs().max() < 1e-2
 
 
 @pytest.mark.gpu
