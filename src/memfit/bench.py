@@ -242,17 +242,24 @@ def bench_serve(model: str, policy: str, tokens: int = 4096, questions: int = 8,
 
 
 # -- GPU: packed-KV decode attention and end-to-end decoding (run on the device) --------------------------
-def _cuda_ms(fn, reps: int = 100) -> float:
-    """Median milliseconds of ``fn`` on the GPU (triton's do_bench: warm-up, cache flush, events)."""
+def _cuda_ms(fn, reps: int = 100, graph: bool = False) -> float:
+    """Median milliseconds of ``fn`` on the GPU (triton's do_bench: warm-up, cache flush, events).
+    ``graph``: replay it as a CUDA graph, so the host's launch overhead is not counted (what a
+    server's decode step sees when it captures one)."""
     import triton.testing
 
+    torch.cuda.synchronize()  # both time fn on their own stream: its inputs must be finished first
+    if graph:
+        return float(triton.testing.do_bench_cudagraph(fn, rep=reps, return_mode="median"))
     return float(triton.testing.do_bench(fn, warmup=25, rep=reps, return_mode="median"))
 
 
 def bench_attention(shapes: list[tuple[int, int]], q_heads: int = 32, kv_heads: int = 8, head_dim: int = 128,
                     bits: tuple[int, ...] = (4, 2), window: int = 128) -> list[dict]:
     """One decode step of attention: bf16 SDPA over a 16-bit cache vs memfit's kernel over the
-    packed KIVI cache of the same tokens (plus a ``window`` of 16-bit recent tokens)."""
+    packed KIVI cache of the same tokens (plus a ``window`` of 16-bit recent tokens). Both are
+    timed as CUDA graphs: kernel time without the host's launch overhead, which on a slow host
+    exceeds a 0.1 ms kernel (the eager launch cost is measured end to end by ``bench_decode``)."""
     import torch.nn.functional as F
 
     from memfit.kernels.decode_attention import decode_attention, decode_attention_reference
@@ -265,7 +272,7 @@ def bench_attention(shapes: list[tuple[int, int]], q_heads: int = 32, kv_heads: 
         k = torch.randn(b, kv_heads, n, head_dim, device=dev, dtype=torch.bfloat16, generator=g)
         v = torch.randn(b, kv_heads, n, head_dim, device=dev, dtype=torch.bfloat16, generator=g)
         q = torch.randn(b, q_heads, 1, head_dim, device=dev, dtype=torch.bfloat16, generator=g)
-        sdpa = _cuda_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+        sdpa = _cuda_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), graph=True)
         row = {"batch": b, "tokens": n, "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": head_dim,
                "sdpa_bf16_ms": sdpa, "kv_bf16_bytes": 2 * k.numel() * 2}
         for nb in bits:
@@ -275,7 +282,7 @@ def bench_attention(shapes: list[tuple[int, int]], q_heads: int = 32, kv_heads: 
             lens = (torch.full((b, kv_heads), nq, dtype=torch.int32, device=dev),
                     torch.full((b, kv_heads), window, dtype=torch.int32, device=dev))
             args = (q[:, :, 0], qk.codes, qk.scale, qk.zero, qv.codes, qv.scale, qv.zero, kw, vw, *lens)
-            ms = _cuda_ms(lambda: decode_attention(*args, bits=nb))  # noqa: B023
+            ms = _cuda_ms(lambda: decode_attention(*args, bits=nb), graph=True)  # noqa: B023
             err = (decode_attention(*args, bits=nb) - decode_attention_reference(*args, bits=nb)).abs().max().item()
             packed = qk.nbytes + qv.nbytes + 2 * kw.numel() * 2
             row[f"kivi{nb}_ms"] = ms

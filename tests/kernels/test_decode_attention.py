@@ -65,6 +65,25 @@ def test_triton_kernel_matches_the_reference(bits, shape):
         assert err < 1e-2
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_lengths_given_as_numbers_equal_uniform_tensors(device):
+    args, _ = _case(bits=4, device=device, b=2, hq=8, h=2, n=256, w=24, d=64)
+    args[9].fill_(192)
+    args[10].fill_(17)
+    by_tensor = decode_attention(*args, bits=4)
+    by_number = decode_attention(*args[:9], 192, 17, bits=4, out_dtype=torch.bfloat16)
+    assert by_number.dtype == torch.bfloat16
+    assert (by_number.float() - by_tensor).abs().max() < 1e-2
+    assert torch.equal(decode_attention(*args[:9], 192, 17, bits=4), by_tensor)
+    with pytest.raises(ValueError, match="qlen must be an int or a"):
+        decode_attention(*args[:9], args[9][:1], 17, bits=4)
+    # lengths past the buffers mean "all of them" (as in the reference), never a read beyond them
+    full = decode_attention_reference(*args[:9], 256, 24, bits=4)
+    assert (decode_attention(*args[:9], args[9] + 10_000, args[10] + 10_000, bits=4) - full).abs().max() < 1e-2
+    assert (decode_attention(*args[:9], 10_000, 10_000, bits=4) - full).abs().max() < 1e-2
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_float16_operands_saturate_instead_of_overflowing():

@@ -43,18 +43,21 @@ def _check(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, bits):
         raise ValueError(f"codes of width {kc.shape[-1]} do not hold head_dim {d} at {bits} bits")
     if kw.shape[:2] != (b, h) or kw.shape[-1] != d or vw.shape != kw.shape:
         raise ValueError(f"window must be [B={b}, H={h}, W, D={d}], got {tuple(kw.shape)} and {tuple(vw.shape)}")
-    if qlen.shape != (b, h) or wlen.shape != (b, h):
-        raise ValueError(f"qlen and wlen must be [B, H] = [{b}, {h}]")
+    for name, t in (("qlen", qlen), ("wlen", wlen)):
+        if isinstance(t, torch.Tensor) and t.shape != (b, h):
+            raise ValueError(f"{name} must be an int or a [B, H] = [{b}, {h}] tensor, got {tuple(t.shape)}")
 
 
 def decode_attention_reference(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: torch.Tensor,
                                vc: torch.Tensor, vs: torch.Tensor, vz: torch.Tensor, kw: torch.Tensor,
                                vw: torch.Tensor, qlen: torch.Tensor, wlen: torch.Tensor, bits: int,
                                scale: float | None = None) -> torch.Tensor:
-    """q [B, Hq, D] -> attention output [B, Hq, D] (float32), dequantizing then attending."""
+    """q [B, Hq, D] -> attention output [B, Hq, D] (float32), dequantizing then attending. ``qlen`` /
+    ``wlen``: [B, H] lengths, or one int when every row and head holds as many."""
     _check(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, bits)
     b, hq, d = q.shape
     h, n, w = kc.shape[1], kc.shape[2], kw.shape[2]
+    qlen, wlen = (t if isinstance(t, torch.Tensor) else torch.full((b, h), t, device=q.device) for t in (qlen, wlen))
     g = hq // h
     scale = d ** -0.5 if scale is None else scale
     kgroup = n // ks.shape[2] if ks.shape[2] else 1
@@ -149,10 +152,10 @@ if triton is not None:
     @triton.jit
     def _split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KW, VW, QLEN, WLEN, ACC, M, L,
                       sqb, sqh, skcb, skch, skcn, sksb, sksh, sksg, svcb, svch, svcn, svsb, svsh, svsn,
-                      swb, swh, swn, H, NSPLIT, SPLIT_LEN, scale,
+                      swb, swh, swn, H, NSPLIT, SPLIT_LEN, NQ, NW, scale,
                       G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
                       VGROUP: tl.constexpr, NVG: tl.constexpr, BLOCK: tl.constexpr, WBLOCK: tl.constexpr,
-                      DQ: tl.constexpr):
+                      DQ: tl.constexpr, PER_HEAD: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)
         s = tl.program_id(2)
@@ -166,7 +169,10 @@ if triton is not None:
         m_i = tl.full((GP,), float("-inf"), tl.float32)
         l_i = tl.zeros((GP,), tl.float32)
         if s < NSPLIT - 1:  # a slice of the quantized tokens
-            qlen = tl.load(QLEN + b * H + h)
+            if PER_HEAD:  # clamped to the buffers: a length past them reads nothing out of bounds
+                qlen = tl.minimum(tl.load(QLEN + b * H + h), NQ)
+            else:  # one length for every row and head, passed as a number
+                qlen = tl.minimum(QLEN, NQ)
             start = s * SPLIT_LEN
             end = tl.minimum(start + SPLIT_LEN, qlen)
             c0 = (oi * PB)[None, :]  # the channels that packed position j holds: c0 + j
@@ -219,7 +225,10 @@ if triton is not None:
                 tl.store(base + c2, a2, mask=gm[:, None])
                 tl.store(base + c3, a3, mask=gm[:, None])
         else:  # the 16-bit window
-            wlen = tl.load(WLEN + b * H + h)
+            if PER_HEAD:
+                wlen = tl.minimum(tl.load(WLEN + b * H + h), NW)
+            else:
+                wlen = tl.minimum(WLEN, NW)
             qf = (tl.load(qrow + od[None, :], mask=gm[:, None], other=0.0).to(tl.float32) * scale).to(tl.bfloat16)
             acc = tl.zeros((GP, D), tl.float32)
             for n0 in range(0, wlen, WBLOCK):
@@ -274,9 +283,10 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: to
                      vs: torch.Tensor, vz: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, qlen: torch.Tensor,
                      wlen: torch.Tensor, bits: int, scale: float | None = None,
                      split_len: int | None = None, programs_per_sm: int = 4, num_warps: int = 4,
-                     num_stages: int = 3, dequant: str = "magic") -> torch.Tensor:
+                     num_stages: int | None = None, dequant: str = "magic", out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Same contract as :func:`decode_attention_reference`; the Triton kernel on CUDA for 2/4-bit
-    codes with the key group as the tile (32, 64 or 128 tokens), the reference elsewhere.
+    codes with the key group as the tile (32, 64 or 128 tokens), the reference elsewhere. The
+    output is ``out_dtype``; ints for ``qlen`` / ``wlen`` spare a decode step building tensors.
     ``dequant``: "magic" (default) builds float16 operands from the code bits in a few integer and
     packed-float16 instructions and multiplies in float16 (on an H100, 4-bit over 128K tokens
     0.13 ms); "fp16" and "fp32" convert codes to float and multiply in bf16 (0.16 / 0.25 ms)."""
@@ -287,30 +297,33 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: to
     h, n = kc.shape[1], kc.shape[2]
     kgroup = n // ks.shape[2] if ks.shape[2] else 64
     if not kernel_supports(q, kc, ks, vs, bits):
-        return decode_attention_reference(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, bits, scale)
+        return decode_attention_reference(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, bits, scale).to(out_dtype)
     for t in (q, kc, ks, kz, vc, vs, vz, kw, vw):
         if t.stride(-1) != 1:
             raise ValueError("decode_attention needs tensors contiguous in their last dimension")
     g, nvg = hq // h, vs.shape[-1]
     scale = d ** -0.5 if scale is None else scale
+    if num_stages is None:  # 2-bit at 3 stages needs 140 registers a thread: 3 programs an SM instead of 4
+        num_stages = 3 if bits == 4 else 2
     if split_len is None:  # enough programs to fill the GPU at batch 1, whole key groups per slice
         split_len = max(kgroup, math.ceil(n / max(1, (programs_per_sm * _sms(q.device)) // (b * h)) / kgroup) * kgroup)
     nsplit = math.ceil(n / split_len) + 1  # + the window
     gp = max(16, triton.next_power_of_2(g))
-    acc = torch.empty(b, h, nsplit, g, d, device=q.device, dtype=torch.float32)
-    m = torch.empty(b, h, nsplit, g, device=q.device, dtype=torch.float32)
-    lsum = torch.empty_like(m)
-    if qlen.dtype != torch.int32 or wlen.dtype != torch.int32:
-        qlen, wlen = qlen.to(torch.int32), wlen.to(torch.int32)
-    qlen, wlen = qlen.contiguous(), wlen.contiguous()
+    rows = b * h * nsplit * g
+    work = torch.empty(rows * (d + 2), device=q.device, dtype=torch.float32)  # one allocation: acc, max, sum
+    acc, m, lsum = work[: rows * d], work[rows * d : rows * (d + 1)], work[rows * (d + 1) :]
+    per_head = isinstance(qlen, torch.Tensor) or isinstance(wlen, torch.Tensor)
+    if per_head:
+        qlen, wlen = (t.to(device=q.device, dtype=torch.int32).contiguous() if isinstance(t, torch.Tensor)
+                      else torch.full((b, h), t, dtype=torch.int32, device=q.device) for t in (qlen, wlen))
     _split_kernel[(b, h, nsplit)](
         q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, acc, m, lsum,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
         vc.stride(0), vc.stride(1), vc.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
-        kw.stride(0), kw.stride(1), kw.stride(2), h, nsplit, split_len, scale,
+        kw.stride(0), kw.stride(1), kw.stride(2), h, nsplit, split_len, n, kw.shape[2], scale,
         G=g, GP=gp, D=d, BITS=bits, VGROUP=d // nvg, NVG=nvg, BLOCK=kgroup, WBLOCK=32, DQ=_DEQUANT[dequant],
-        num_warps=num_warps,
+        PER_HEAD=per_head, num_warps=num_warps,
         num_stages=num_stages)
-    out = torch.empty(b, hq, d, device=q.device, dtype=torch.float32)
+    out = torch.empty(b, hq, d, device=q.device, dtype=out_dtype)
     _merge_kernel[(b, hq)](acc, m, lsum, out, h, nsplit, G=g, D=d, SP=triton.next_power_of_2(nsplit))
     return out

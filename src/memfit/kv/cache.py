@@ -102,12 +102,10 @@ class _Packed:
 
     def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         la = self.layer
-        b, h = la.keys.shape[:2]
-        qlen = torch.full((b, h), la.qk.num_tokens, dtype=torch.int32, device=query.device)
-        wlen = torch.full((b, h), la.keys.shape[-2], dtype=torch.int32, device=query.device)
         out = decode_attention(query[:, :, 0], la.qk.codes, la.qk.scale, la.qk.zero, la.qv.codes, la.qv.scale,
-                               la.qv.zero, la.keys, la.values, qlen, wlen, la.qk.bits, scale=scaling)
-        return out.to(query.dtype).unsqueeze(1)
+                               la.qv.zero, la.keys, la.values, la.qk.num_tokens, la.keys.shape[-2], la.qk.bits,
+                               scale=scaling, out_dtype=query.dtype)
+        return out.unsqueeze(1)
 
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.layer.materialize()
