@@ -50,7 +50,7 @@ def _check(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, bits):
 
 def decode_attention_reference(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: torch.Tensor,
                                vc: torch.Tensor, vs: torch.Tensor, vz: torch.Tensor, kw: torch.Tensor,
-                               vw: torch.Tensor, qlen: torch.Tensor, wlen: torch.Tensor, bits: int,
+                               vw: torch.Tensor, qlen: torch.Tensor | int, wlen: torch.Tensor | int, bits: int,
                                scale: float | None = None) -> torch.Tensor:
     """q [B, Hq, D] -> attention output [B, Hq, D] (float32), dequantizing then attending. ``qlen`` /
     ``wlen``: [B, H] lengths, or one int when every row and head holds as many."""
@@ -280,8 +280,8 @@ def _sms(device: torch.device) -> int:
 
 
 def decode_attention(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: torch.Tensor, vc: torch.Tensor,
-                     vs: torch.Tensor, vz: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, qlen: torch.Tensor,
-                     wlen: torch.Tensor, bits: int, scale: float | None = None,
+                     vs: torch.Tensor, vz: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, qlen: torch.Tensor | int,
+                     wlen: torch.Tensor | int, bits: int, scale: float | None = None,
                      split_len: int | None = None, programs_per_sm: int = 4, num_warps: int = 4,
                      num_stages: int | None = None, dequant: str = "magic", out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Same contract as :func:`decode_attention_reference`; the Triton kernel on CUDA for 2/4-bit
