@@ -48,6 +48,13 @@ def _check(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, bits):
             raise ValueError(f"{name} must be an int or a [B, H] = [{b}, {h}] tensor, got {tuple(t.shape)}")
 
 
+def _length_tensors(qlen: torch.Tensor | int, wlen: torch.Tensor | int, b: int, h: int,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lengths given as [B, H] tensors or as one number each -> contiguous int32 [B, H] tensors."""
+    return tuple(t.to(device=device, dtype=torch.int32).contiguous() if isinstance(t, torch.Tensor)
+                 else torch.full((b, h), t, dtype=torch.int32, device=device) for t in (qlen, wlen))
+
+
 def decode_attention_reference(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: torch.Tensor,
                                vc: torch.Tensor, vs: torch.Tensor, vz: torch.Tensor, kw: torch.Tensor,
                                vw: torch.Tensor, qlen: torch.Tensor | int, wlen: torch.Tensor | int, bits: int,
@@ -57,7 +64,7 @@ def decode_attention_reference(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tens
     _check(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, bits)
     b, hq, d = q.shape
     h, n, w = kc.shape[1], kc.shape[2], kw.shape[2]
-    qlen, wlen = (t if isinstance(t, torch.Tensor) else torch.full((b, h), t, device=q.device) for t in (qlen, wlen))
+    qlen, wlen = _length_tensors(qlen, wlen, b, h, q.device)
     g = hq // h
     scale = d ** -0.5 if scale is None else scale
     kgroup = n // ks.shape[2] if ks.shape[2] else 1
@@ -314,8 +321,7 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: to
     acc, m, lsum = work[: rows * d], work[rows * d : rows * (d + 1)], work[rows * (d + 1) :]
     per_head = isinstance(qlen, torch.Tensor) or isinstance(wlen, torch.Tensor)
     if per_head:
-        qlen, wlen = (t.to(device=q.device, dtype=torch.int32).contiguous() if isinstance(t, torch.Tensor)
-                      else torch.full((b, h), t, dtype=torch.int32, device=q.device) for t in (qlen, wlen))
+        qlen, wlen = _length_tensors(qlen, wlen, b, h, q.device)
     _split_kernel[(b, h, nsplit)](
         q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, acc, m, lsum,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
