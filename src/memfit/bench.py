@@ -285,6 +285,9 @@ def bench_attention(shapes: list[tuple[int, int]], q_heads: int = 32, kv_heads: 
             ms = _cuda_ms(lambda: decode_attention(*args, bits=nb), graph=True)  # noqa: B023
             err = (decode_attention(*args, bits=nb) - decode_attention_reference(*args, bits=nb)).abs().max().item()
             packed = qk.nbytes + qv.nbytes + 2 * kw.numel() * 2
+            # the Triton kernel beside the default (the Gluon one where it takes the shape)
+            row[f"kivi{nb}_triton_ms"] = _cuda_ms(lambda: decode_attention(*args, bits=nb, impl="triton"),  # noqa: B023
+                                                  graph=True)
             row[f"kivi{nb}_ms"] = ms
             row[f"kivi{nb}_speedup"] = sdpa / ms
             row[f"kivi{nb}_bytes"] = packed

@@ -473,11 +473,13 @@ def bench_attention_cmd(
     _need_cuda("bench attention")
     rows = bench_attention([tuple(int(x) for x in s.lower().split("x")) for s in shapes])
     _write_json(out, {"device": torch.cuda.get_device_name(), "rows": rows})
-    typer.echo(f"{'batch':>5} {'tokens':>7} {'sdpa ms':>8} {'4-bit ms':>8} {'x':>5} {'2-bit ms':>8} {'x':>5} {'err4':>8} {'err2':>8}")
+    typer.echo(f"{'batch':>5} {'tokens':>7} {'sdpa ms':>8} {'4-bit ms':>8} {'x':>5} {'2-bit ms':>8} {'x':>5} {'err4':>8} "
+               f"{'err2':>8} {'triton 4/2-bit ms':>18}")
     for r in rows:
         typer.echo(f"{r['batch']:>5} {r['tokens']:>7} {r['sdpa_bf16_ms']:>8.4f} {r['kivi4_ms']:>8.4f} "
                    f"{r['kivi4_speedup']:>5.2f} {r['kivi2_ms']:>8.4f} {r['kivi2_speedup']:>5.2f} "
-                   f"{r['kivi4_max_abs_err']:>8.1e} {r['kivi2_max_abs_err']:>8.1e}")
+                   f"{r['kivi4_max_abs_err']:>8.1e} {r['kivi2_max_abs_err']:>8.1e} "
+                   f"{r['kivi4_triton_ms']:>8.4f} {r['kivi2_triton_ms']:>8.4f}")
     for r in rows:
         pre = f", causal SDPA prefill of the same tokens {r['prefill_attention_ms']:.2f} ms" if "prefill_attention_ms" in r else ""
         typer.echo(f"{r['batch']}x{r['tokens']}: 4-bit quantize-and-pack of one layer's K+V {r['pack4_ms']:.3f} ms "

@@ -4,6 +4,7 @@ and the Triton kernel against the reference (GPU, marked ``gpu``)."""
 import pytest
 import torch
 
+from memfit.kernels import gluon_decode
 from memfit.kernels.decode_attention import decode_attention, decode_attention_reference, kernel_supports
 from memfit.kv.quant import dequantize, quantize_keys, quantize_values
 
@@ -52,16 +53,27 @@ def test_cpu_falls_back_to_the_reference():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("shape", [dict(b=1, hq=32, h=8, n=4096, w=100, d=128), dict(b=3, hq=9, h=3, n=1024, w=7, d=64),
-                                   dict(b=2, hq=8, h=8, n=512, w=128, d=128, kgroup=32)])
-def test_triton_kernel_matches_the_reference(bits, shape):
+                                   dict(b=2, hq=8, h=8, n=512, w=128, d=128, kgroup=32),
+                                   dict(b=2, hq=32, h=8, n=960, w=60, d=128, vgroup=128),
+                                   dict(b=1, hq=7, h=1, n=288, w=1, d=64, kgroup=32, vgroup=32)])
+def test_kernels_match_the_reference(bits, shape):
     args, _ = _case(bits=bits, device="cuda", **shape)
-    assert kernel_supports(args[0], args[1], args[2], args[5], bits)  # the kernel runs, not the fallback
+    assert kernel_supports(args[0], args[1], args[2], args[5], bits)  # a kernel runs, not the fallback
     ref = decode_attention_reference(*args, bits=bits)
-    for split, dequant in ((None, "magic"), (256, "magic"), (None, "fp16"), (None, "fp32")):
+    runs = [("triton", None, "magic"), ("triton", 256, "magic"), ("gluon", None, "magic"), ("gluon", 256, "magic")]
+    if "vgroup" not in shape:  # the bf16-operand modes (kept for comparison) on the first shapes only
+        runs += [("triton", None, "fp16"), ("triton", None, "fp32")]
+    gluon_fits = gluon_decode.supports(shape["d"], bits, shape.get("kgroup", 64), shape["d"] // shape.get("vgroup", 64),
+                                       shape["hq"] // shape["h"])
+    for impl, split, dequant in runs:
+        if impl == "gluon" and not gluon_fits:
+            with pytest.raises(ValueError, match="Gluon kernel does not take"):
+                decode_attention(*args, bits=bits, impl=impl)
+            continue
         out = decode_attention(*args, bits=bits, split_len=split if split and split % shape.get("kgroup", 64) == 0 else None,
-                               dequant=dequant)
+                               dequant=dequant, impl=impl)
         err = (out - ref).abs().max().item()
-        print(f"bits={bits} {shape} {dequant} max abs error {err:.2e}")
+        print(f"bits={bits} {shape} {impl} {dequant} max abs error {err:.2e}")
         assert err < 1e-2
 
 

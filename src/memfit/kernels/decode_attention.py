@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from memfit.kernels import gluon_decode
 from memfit.kernels.packing import unpack
 
 try:  # Triton exists only where CUDA does; the reference needs nothing
@@ -159,13 +160,13 @@ if triton is not None:
     @triton.jit
     def _split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KW, VW, QLEN, WLEN, ACC, M, L,
                       sqb, sqh, skcb, skch, skcn, sksb, sksh, sksg, svcb, svch, svcn, svsb, svsh, svsn,
-                      swb, swh, swn, H, NSPLIT, SPLIT_LEN, NQ, NW, scale,
+                      swb, swh, swn, H, NSPLIT, SPLIT_LEN, NQ, NW, S0, scale,
                       G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
                       VGROUP: tl.constexpr, NVG: tl.constexpr, BLOCK: tl.constexpr, WBLOCK: tl.constexpr,
                       DQ: tl.constexpr, PER_HEAD: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)
-        s = tl.program_id(2)
+        s = tl.program_id(2) + S0  # S0 = NSPLIT - 1: the window alone (the Gluon kernel did the rest)
         PB: tl.constexpr = 8 // BITS
         DP: tl.constexpr = D // PB
         og = tl.arange(0, GP)
@@ -269,6 +270,19 @@ if triton is not None:
         tl.store(OUT + (b * H * G + hq) * D + od, out)
 
 
+def _gluon_fits(q, kc, ks, kz, vc, vs, vz, bits: int, kgroup: int) -> bool:
+    """The Gluon kernel's shapes, with rows of codes and scales contiguous (their strides are
+    constants there) and its words aligned (the key scales a code byte needs are read as one word,
+    value codes as 16- or 32-bit words)."""
+    d, dp, nvg = kc.shape[-1] * 8 // bits, kc.shape[-1], vs.shape[-1]
+    word = 8 if bits == 2 else 4
+    return (gluon_decode.supports(d, bits, kgroup, nvg, q.shape[1] // kc.shape[1])
+            and all(t.data_ptr() % 16 == 0 for t in (kc, ks, kz, vc, vs, vz))
+            and kc.stride(2) == dp and vc.stride(2) == dp and ks.stride(2) == d and vs.stride(2) == nvg
+            and kz.stride() == ks.stride() and vz.stride() == vs.stride() and vc.stride() == kc.stride()
+            and all(st * 2 % word == 0 for st in ks.stride()[:2]) and all(st % 4 == 0 for st in vc.stride()[:2]))
+
+
 def kernel_supports(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, bits: int) -> bool:
     """Whether :func:`decode_attention` runs the Triton kernel for these inputs (else the reference):
     CUDA, 2/4-bit codes, key groups of 32/64/128 tokens, head_dim 64/128, one or two value groups."""
@@ -281,7 +295,7 @@ def kernel_supports(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, vs: tor
 _DEQUANT = {"fp32": 0, "fp16": 1, "magic": 2}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -289,8 +303,9 @@ def _sms(device: torch.device) -> int:
 def decode_attention(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: torch.Tensor, vc: torch.Tensor,
                      vs: torch.Tensor, vz: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, qlen: torch.Tensor | int,
                      wlen: torch.Tensor | int, bits: int, scale: float | None = None,
-                     split_len: int | None = None, programs_per_sm: int = 4, num_warps: int = 4,
-                     num_stages: int | None = None, dequant: str = "magic", out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                     split_len: int | None = None, programs_per_sm: int | None = None, num_warps: int = 4,
+                     num_stages: int | None = None, dequant: str = "magic", out_dtype: torch.dtype = torch.float32,
+                     impl: str = "auto") -> torch.Tensor:
     """Same contract as :func:`decode_attention_reference`; the Triton kernel on CUDA for 2/4-bit
     codes with the key group as the tile (32, 64 or 128 tokens), the reference elsewhere. The
     output is ``out_dtype``; ints for ``qlen`` / ``wlen`` spare a decode step building tensors.
@@ -299,6 +314,8 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: to
     0.13 ms); "fp16" and "fp32" convert codes to float and multiply in bf16 (0.16 / 0.25 ms)."""
     if dequant not in _DEQUANT:
         raise ValueError(f"dequant must be one of {sorted(_DEQUANT)}, got {dequant!r}")
+    if impl not in ("auto", "gluon", "triton"):
+        raise ValueError(f"impl must be 'auto', 'gluon' or 'triton', got {impl!r}")
     _check(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, bits)
     b, hq, d = q.shape
     h, n = kc.shape[1], kc.shape[2]
@@ -310,6 +327,11 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: to
             raise ValueError("decode_attention needs tensors contiguous in their last dimension")
     g, nvg = hq // h, vs.shape[-1]
     scale = d ** -0.5 if scale is None else scale
+    use_gluon = impl != "triton" and _gluon_fits(q, kc, ks, kz, vc, vs, vz, bits, kgroup)
+    if impl == "gluon" and not use_gluon:
+        raise ValueError("the Gluon kernel does not take these inputs (see gluon_decode.supports)")
+    if programs_per_sm is None:  # the Gluon kernel's programs are one warp each
+        programs_per_sm = 8 if use_gluon else 4
     if num_stages is None:  # 2-bit at 3 stages needs 140 registers a thread: 3 programs an SM instead of 4
         num_stages = 3 if bits == 4 else 2
     if split_len is None:  # enough programs to fill the GPU at batch 1, whole key groups per slice
@@ -322,11 +344,16 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: to
     per_head = isinstance(qlen, torch.Tensor) or isinstance(wlen, torch.Tensor)
     if per_head:
         qlen, wlen = _length_tensors(qlen, wlen, b, h, q.device)
-    _split_kernel[(b, h, nsplit)](
+    s0 = 0
+    if use_gluon:  # the quantized splits; the Triton kernel attends the window's split
+        gluon_decode.launch(q, kc, ks, kz, vc, vs, vz, qlen, acc, m, lsum, nsplit=nsplit, split_len=split_len,
+                            scale=scale, per_head=per_head)
+        s0 = nsplit - 1
+    _split_kernel[(b, h, nsplit - s0)](
         q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, acc, m, lsum,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
         vc.stride(0), vc.stride(1), vc.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
-        kw.stride(0), kw.stride(1), kw.stride(2), h, nsplit, split_len, n, kw.shape[2], scale,
+        kw.stride(0), kw.stride(1), kw.stride(2), h, nsplit, split_len, n, kw.shape[2], s0, scale,
         G=g, GP=gp, D=d, BITS=bits, VGROUP=d // nvg, NVG=nvg, BLOCK=kgroup, WBLOCK=32, DQ=_DEQUANT[dequant],
         PER_HEAD=per_head, num_warps=num_warps,
         num_stages=num_stages)
