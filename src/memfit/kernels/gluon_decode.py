@@ -26,7 +26,7 @@ from __future__ import annotations
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 except ImportError:  # pragma: no cover - CPU-only installs, or a Triton without Gluon
     gluon = None
 
@@ -98,8 +98,11 @@ if gluon is not None:
 
     @gluon.jit
     def _halves(words, PB: gl.constexpr):
-        """Scale words (PB float16 each: the channels one code byte holds) -> PB float16 tensors."""
-        if PB == 2:
+        """Words of PB float16 (the channels one code byte holds, a token's value groups) -> PB
+        float16 tensors."""
+        if PB == 1:
+            return (words,)
+        elif PB == 2:
             return ((words & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True),
                     (words >> 16).to(gl.int16).to(gl.float16, bitcast=True))
         else:
@@ -113,23 +116,27 @@ if gluon is not None:
                       sqb, sqh, skcb, skch, sksb, sksh, svcb, svch, svsb, svsh,
                       H, NSPLIT, SPLIT_LEN, NQ, scale,
                       G: gl.constexpr, D: gl.constexpr, BITS: gl.constexpr, NVG: gl.constexpr,
-                      KGROUP: gl.constexpr, T: gl.constexpr, VW: gl.constexpr, PER_HEAD: gl.constexpr):
+                      KGROUP: gl.constexpr, T: gl.constexpr, VW: gl.constexpr, PER_HEAD: gl.constexpr,
+                      STAGES: gl.constexpr):
         """One program: one row, one KV head, one slice of the quantized tokens, one warp.
-        Writes the slice's unnormalized output (float32 [G, D]), running max (natural log) and sum."""
+        Writes the slice's unnormalized output (float32 [G, D]), running max (natural log) and sum.
+        Tiles stream through a ring of ``STAGES`` shared-memory buffers filled by asynchronous
+        copies (cp.async), issued ``STAGES - 1`` tiles ahead: no registers wait on memory."""
         b = gl.program_id(0)
         h = gl.program_id(1)
         s = gl.program_id(2)
         PB: gl.constexpr = 8 // BITS  # codes a byte
         DP: gl.constexpr = D // PB  # code bytes a token
         WG: gl.constexpr = D * BITS // VW // NVG  # code words a token and value group
+        WT: gl.constexpr = WG * NVG  # code words a token
         NO: gl.constexpr = VW // BITS  # codes a word
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
         la4: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
-        lb4: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4)
-        la2: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-        lb2: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
         rows: gl.constexpr = gl.SliceLayout(1, mma)
         cols: gl.constexpr = gl.SliceLayout(0, mma)
+        flat: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
+        flat1: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+        gl.static_assert(KGROUP % T == 0)
 
         if PER_HEAD:
             qlen = gl.minimum(gl.load(QLEN + b * H + h), NQ)
@@ -138,44 +145,65 @@ if gluon is not None:
         start = s * SPLIT_LEN
         end = gl.minimum(start + SPLIT_LEN, qlen)
 
-        # the query, scaled (log2 units: softmax in exp2), split by code position, each divided by
-        # the factor its codes carry (2**(BITS*m)), as float16 A operands, clamped to its range
+        # the query, scaled (log2 units: softmax in exp2), split by code position m: q / f (f =
+        # 2**(BITS*m), which the codes carry) multiplies the codes, q the zero points; kept in
+        # shared memory, read per tile
         r_a = gl.arange(0, 16, layout=gl.SliceLayout(1, la4))
         j_a = gl.arange(0, DP, layout=gl.SliceLayout(0, la4))
         qptr = Q + b * sqb + (h * G + r_a)[:, None] * sqh + j_a[None, :] * PB
         qm = (r_a < G)[:, None]
-        qs = ()  # q / f: multiplies the codes (which carry f)
-        qr = ()  # q: multiplies the zero points
+        q_smem = gl.allocate_shared_memory(gl.float16, [2 * PB - 1, 16, DP], flat)
         for m in gl.static_range(PB):
             x = gl.load(qptr + m, mask=qm, other=0.0).to(gl.float32) * (scale * 1.4426950408889634)
             x = gl.minimum(gl.maximum(x, -65504.0), 65504.0)
-            qr = qr + (x.to(gl.float16),)
             if m == 0:
-                qs = qs + (qr[0],)
+                q_smem.index(0).store(x.to(gl.float16))
             else:
-                qs = qs + ((x * (1.0 / (1 << (BITS * m)))).to(gl.float16),)
+                q_smem.index(m).store((x * (1.0 / (1 << (BITS * m)))).to(gl.float16))
+                q_smem.index(PB + m - 1).store(x.to(gl.float16))
 
-        j_b = gl.arange(0, DP, layout=gl.SliceLayout(1, lb4))  # key code bytes (the B operand's K)
-        n_b = gl.arange(0, T, layout=gl.SliceLayout(0, lb4))
-        t_c = gl.arange(0, T, layout=cols)
-        t_v = gl.arange(0, T, layout=gl.SliceLayout(1, lb2))
-        w_v = gl.arange(0, WG, layout=gl.SliceLayout(0, lb2))
-        like = gl.zeros([DP, 8], gl.float16, layout=lb4)  # the shape of the zero points' B operand
+        # the ring: key codes, value code words, the key group's scale / zero rows (PB float16 a
+        # word: the channels of one code byte), the tokens' value scales / zero points
         if PB == 2:
             sw_t: gl.constexpr = gl.int32
         else:
             sw_t: gl.constexpr = gl.int64
-        ksw_ptr = (KS + b * sksb + h * sksh).to(gl.pointer_type(sw_t), bitcast=True)
-        kzw_ptr = (KZ + b * sksb + h * sksh).to(gl.pointer_type(sw_t), bitcast=True)
-        gl.static_assert(KGROUP % T == 0)
-        kc_ptr = KC + b * skcb + h * skch
         if VW == 32:
             vw_t: gl.constexpr = gl.int32
         else:
             vw_t: gl.constexpr = gl.int16
-        vc_ptr = (VC + b * svcb + h * svch).to(gl.pointer_type(vw_t), bitcast=True)
-        vs_ptr = VS + b * svsb + h * svsh
-        vz_ptr = VZ + b * svsb + h * svsh
+        kbuf = gl.allocate_shared_memory(gl.uint8, [STAGES, T, DP], flat)
+        vbuf = gl.allocate_shared_memory(vw_t, [STAGES, T, WT], flat)
+        ksbuf = gl.allocate_shared_memory(sw_t, [STAGES, DP], flat1)
+        kzbuf = gl.allocate_shared_memory(sw_t, [STAGES, DP], flat1)
+        if NVG == 1:  # a token's value scales: one float16, or a word of two
+            vz_t: gl.constexpr = gl.float16
+        else:
+            vz_t: gl.constexpr = gl.int32
+        vsbuf = gl.allocate_shared_memory(vz_t, [STAGES, T], flat1)
+        vzbuf = gl.allocate_shared_memory(vz_t, [STAGES, T], flat1)
+        # copy layouts: 16 bytes a thread
+        ck: gl.constexpr = gl.BlockedLayout([1, 16], [32 // (DP // 16), DP // 16], [1, 1], [1, 0])
+        VPT: gl.constexpr = 16 // (VW // 8)
+        cv: gl.constexpr = gl.BlockedLayout([1, VPT], [32 // (WT // VPT), WT // VPT], [1, 1], [1, 0])
+        SPT: gl.constexpr = 16 // (2 * PB)
+        cs: gl.constexpr = gl.BlockedLayout([SPT], [32], [1], [0])
+        cz: gl.constexpr = gl.BlockedLayout([8 // NVG], [32], [1], [0])
+        rk = gl.arange(0, T, layout=gl.SliceLayout(1, ck))
+        ik = gl.arange(0, DP, layout=gl.SliceLayout(0, ck))
+        rv = gl.arange(0, T, layout=gl.SliceLayout(1, cv))
+        iv = gl.arange(0, WT, layout=gl.SliceLayout(0, cv))
+        i_s = gl.arange(0, DP, layout=cs)
+        i_z = gl.arange(0, T, layout=cz)
+        kc_ptr = KC + b * skcb + h * skch + rk[:, None] * DP + ik[None, :]
+        vc_ptr = (VC + b * svcb + h * svch).to(gl.pointer_type(vw_t), bitcast=True) + rv[:, None] * WT + iv[None, :]
+        ks_ptr = (KS + b * sksb + h * sksh).to(gl.pointer_type(sw_t), bitcast=True) + i_s
+        kz_ptr = (KZ + b * sksb + h * sksh).to(gl.pointer_type(sw_t), bitcast=True) + i_s
+        vs_ptr = (VS + b * svsb + h * svsh).to(gl.pointer_type(vz_t), bitcast=True) + i_z
+        vz_ptr = (VZ + b * svsb + h * svsh).to(gl.pointer_type(vz_t), bitcast=True) + i_z
+        for i in gl.static_range(STAGES - 1):
+            _issue(start + i * T, end, i, kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf, kc_ptr, vc_ptr, ks_ptr, kz_ptr,
+                   vs_ptr, vz_ptr, rk, rv, DP, WT, NVG, KGROUP, T)
 
         m_i = gl.full([16], float("-inf"), gl.float32, layout=rows)
         l_i = gl.zeros([16], gl.float32, layout=rows)
@@ -187,18 +215,17 @@ if gluon is not None:
         for g in gl.static_range(NVG):
             pz = pz + (gl.zeros([16], gl.float32, layout=rows),)
 
-        # offsets inside a tile (rows of codes and scales are contiguous: their strides are constants)
-        off_kc = n_b[None, :] * DP + j_b[:, None]
-        off_vc = t_v[:, None] * (WG * NVG) + w_v[None, :]
-        full = start + (end - start) // T * T  # whole tiles need no masks; one partial tile may follow
-        for n0 in range(start, full, T):
-            m_i, l_i, accs, pz = _tile(n0, end, qs, qr, m_i, l_i, accs, pz, ksw_ptr, kzw_ptr, kc_ptr, vc_ptr,
-                                       vs_ptr, vz_ptr, off_kc, off_vc, j_a, j_b, n_b, t_c, t_v, like, BITS, NVG, KGROUP, T, VW,
-                                       False)
-        if full < end:
-            m_i, l_i, accs, pz = _tile(full, end, qs, qr, m_i, l_i, accs, pz, ksw_ptr, kzw_ptr, kc_ptr, vc_ptr,
-                                       vs_ptr, vz_ptr, off_kc, off_vc, j_a, j_b, n_b, t_c, t_v, like, BITS, NVG, KGROUP, T, VW,
-                                       True)
+        for n0 in range(start, end, T):
+            it = (n0 - start) // T
+            async_copy.wait_group(STAGES - 2)  # this tile's copies have landed ...
+            gl.thread_barrier()  # ... every lane's, and the stage refilled next was read by all
+            _issue(n0 + (STAGES - 1) * T, end, (it + STAGES - 1) % STAGES, kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf,
+                   kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, rk, rv, DP, WT, NVG, KGROUP, T)
+            st = it % STAGES
+            m_i, l_i, accs, pz = _tile(n0, end, q_smem, m_i, l_i, accs, pz, kbuf.index(st), vbuf.index(st),
+                                       ksbuf.index(st), kzbuf.index(st), vsbuf.index(st), vzbuf.index(st),
+                                       BITS, NVG, T, VW)
+        async_copy.wait_group(0)
 
         # out[c] = acc / f + sum(p * vz), channel c = word * NO + i
         r_o = gl.arange(0, 16, layout=rows)
@@ -215,60 +242,73 @@ if gluon is not None:
         gl.store(L + row * G + r_o, l_i, mask=gm)
 
     @gluon.jit
-    def _tile(n0, end, qs, qr, m_i, l_i, accs, pz, ksw_ptr, kzw_ptr, kc_ptr, vc_ptr, vs_ptr, vz_ptr, off_kc, off_vc,
-              j_a, j_b, n_b, t_c, t_v, like, BITS: gl.constexpr, NVG: gl.constexpr, KGROUP: gl.constexpr, T: gl.constexpr,
-              VW: gl.constexpr, MASKED: gl.constexpr):
-        """One tile of T tokens from n0 (``MASKED``: tokens from ``end`` on are not real): the
-        running max / sum, the value accumulators and the zero points' sums, updated."""
+    def _issue(n, end, st, kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
+               rk, rv, DP: gl.constexpr, WT: gl.constexpr, NVG: gl.constexpr, KGROUP: gl.constexpr,
+               T: gl.constexpr):
+        """Start copying the tile at token ``n`` into ring stage ``st`` (tokens from ``end`` on are
+        not copied: their bytes read as zeros), as one commit group."""
+        async_copy.async_copy_global_to_shared(kbuf.index(st), kc_ptr + n * DP, mask=((n + rk) < end)[:, None])
+        async_copy.async_copy_global_to_shared(vbuf.index(st), vc_ptr + n * WT, mask=((n + rv) < end)[:, None])
+        live = n < end
+        async_copy.async_copy_global_to_shared(ksbuf.index(st), ks_ptr + (n // KGROUP) * DP, mask=live)
+        async_copy.async_copy_global_to_shared(kzbuf.index(st), kz_ptr + (n // KGROUP) * DP, mask=live)
+        # whole tiles of value scales (a mask per token would copy 2 bytes at a time): the buffers
+        # hold whole key groups, and what lies past ``end`` is zeroed where it is read
+        async_copy.async_copy_global_to_shared(vsbuf.index(st), vs_ptr + n, mask=live)
+        async_copy.async_copy_global_to_shared(vzbuf.index(st), vz_ptr + n, mask=live)
+        async_copy.commit_group()
+
+    @gluon.jit
+    def _tile(n0, end, q_smem, m_i, l_i, accs, pz, kb, vb, ksb, kzb, vsb, vzb, BITS: gl.constexpr,
+              NVG: gl.constexpr, T: gl.constexpr, VW: gl.constexpr):
+        """One tile of T tokens from n0 (tokens from ``end`` on are not real), read from one ring
+        stage: the running max / sum, the value accumulators and the zero points' sums, updated."""
         PB: gl.constexpr = 8 // BITS
-        DP: gl.constexpr = j_a.shape[0]
         NO: gl.constexpr = VW // BITS
-        WG: gl.constexpr = off_vc.shape[1]
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
+        la4: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
+        lb4: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4)
         la2: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-        grp = n0 // KGROUP
+        lb2: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+        cols: gl.constexpr = gl.SliceLayout(0, mma)
+        DP: gl.constexpr = kb.shape[1]
+        WG: gl.constexpr = vb.shape[1] // NVG
         # keys: q . k = (q * ks) . code + q . kz, per channel of this key group
-        ks = _halves(gl.load(ksw_ptr + grp * DP + j_a), PB)
-        kz = _halves(gl.load(kzw_ptr + grp * DP + j_b), PB)
-        if MASKED:
-            codes = gl.load(kc_ptr + n0 * DP + off_kc, mask=((n0 + n_b) < end)[None, :], other=0)
-        else:
-            codes = gl.load(kc_ptr + n0 * DP + off_kc)
-        kv = _keys(codes, BITS)
+        ks = _halves(ksb.load(gl.SliceLayout(0, la4)), PB)
+        kz = _halves(kzb.load(gl.SliceLayout(1, lb4)), PB)
+        kv = _keys(kb.permute([1, 0]).load(lb4), BITS)
+        like = gl.zeros([DP, 8], gl.float16, layout=lb4)
         qk = gl.zeros([16, T], gl.float32, layout=mma)
         off = gl.zeros([16, 8], gl.float32, layout=mma)
         for m in gl.static_range(PB):
-            qk = mma_v2(qs[m] * ks[m][None, :], kv[m], qk)  # (q / f * ks) . (code * f)
-            off = mma_v2(qr[m], _bcast(kz[m], like), off)  # q . kz
+            qs = q_smem.index(m).load(la4)  # q / f
+            qk = mma_v2(qs * ks[m][None, :], kv[m], qk)  # (q / f * ks) . (code * f)
+            if m > 0:
+                qs = q_smem.index(PB + m - 1).load(la4)  # q
+            off = mma_v2(qs, _bcast(kz[m], like), off)  # q . kz
         qk = qk + gl.max(off, axis=1)[:, None]
-        if MASKED:
-            valid = (n0 + t_c) < end
-            qk = gl.where(valid[None, :], qk, float("-inf"))
+        valid = (n0 + gl.arange(0, T, layout=cols)) < end
+        qk = gl.where(valid[None, :], qk, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(qk, axis=1))
         alpha = gl.exp2(m_i - m_new)
         p = gl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + gl.sum(p, axis=1)
         # values: p . v = (p * vs) . code + p . vz, per token; codes of consecutive tokens pair up
         # in the B operand's registers
+        vss = _halves(vsb.load(cols), NVG)  # per value group
+        vzs = _halves(vzb.load(cols), NVG)
         new_accs = ()
         new_pz = ()
         for g in gl.static_range(NVG):
-            if MASKED:
-                vsg = gl.load(vs_ptr + (n0 + t_c) * NVG + g, mask=valid, other=0.0)
-                vzg = gl.load(vz_ptr + (n0 + t_c) * NVG + g, mask=valid, other=0.0)
-                words = gl.load(vc_ptr + n0 * (WG * NVG) + g * WG + off_vc,
-                                mask=((n0 + t_v) < end)[:, None], other=0)
-            else:
-                vsg = gl.load(vs_ptr + (n0 + t_c) * NVG + g)
-                vzg = gl.load(vz_ptr + (n0 + t_c) * NVG + g)
-                words = gl.load(vc_ptr + n0 * (WG * NVG) + g * WG + off_vc)
-            pv = (p * vsg.to(gl.float32)[None, :]).to(gl.float16)
+            vsg = gl.where(valid, vss[g].to(gl.float32), 0.0)
+            vzg = gl.where(valid, vzs[g].to(gl.float32), 0.0)
+            pv = (p * vsg[None, :]).to(gl.float16)
             # the codes' 1024 offset times sum(p * vs), taken out of the accumulator before this
             # tile's MMAs (not at the end: its float32 sums stay the size of the output)
             off_v = (gl.sum(pv.to(gl.float32), axis=1) * -1024.0)[:, None]
-            new_pz = new_pz + (pz[g] * alpha + gl.sum(p * vzg.to(gl.float32)[None, :], axis=1),)
+            new_pz = new_pz + (pz[g] * alpha + gl.sum(p * vzg[None, :], axis=1),)
             pa = gl.convert_layout(pv, la2)
-            vals = _values(words, BITS, VW)
+            vals = _values(vb.slice(g * WG, WG, dim=1).load(lb2), BITS, VW)
             for i in gl.static_range(NO):
                 new_accs = new_accs + (mma_v2(pa, vals[i], accs[g * NO + i] * alpha[:, None] + off_v),)
         return m_new, l_i, new_accs, new_pz
@@ -295,7 +335,7 @@ def supports(d: int, bits: int, kgroup: int, nvg: int, group: int) -> bool:
 
 
 def launch(q, kc, ks, kz, vc, vs, vz, qlen, acc, m, lsum, *, nsplit: int, split_len: int, scale: float,
-           per_head: bool, tile: int | None = None, maxnreg: int | None = None) -> None:
+           per_head: bool, tile: int | None = None, maxnreg: int | None = None, stages: int = 2) -> None:
     """Fill splits 0 .. nsplit-2 of ``acc`` / ``m`` / ``lsum`` (the window's split is the caller's)."""
     b, hq, d = q.shape
     h, n, dp = kc.shape[1], kc.shape[2], kc.shape[3]
@@ -308,4 +348,4 @@ def launch(q, kc, ks, kz, vc, vs, vz, qlen, acc, m, lsum, *, nsplit: int, split_
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), ks.stride(0), ks.stride(1),
         vc.stride(0), vc.stride(1), vs.stride(0), vs.stride(1), h, nsplit, split_len, n, scale,
         G=hq // h, D=d, BITS=bits, NVG=vs.shape[-1], KGROUP=kgroup, T=tile, VW=_word_bits(d, bits, vs.shape[-1]),
-        PER_HEAD=per_head, num_warps=1, **opts)
+        PER_HEAD=per_head, STAGES=stages, num_warps=1, **opts)
