@@ -31,23 +31,24 @@ except ImportError:  # pragma: no cover - CPU-only installs, or a Triton without
     gluon = None
 
 def _key_asm(bits: int) -> str:
-    """Four code bytes ($N) -> for each code position m (8 // bits of them) four float16
-    code * 2**(bits*m), exact, as two registers per position (1024 + that, less 1024: the offset
-    left in would make the MMA's float32 sums 1024x larger than the logits, and as much less exact)."""
+    """Four code bytes ($N) -> for each code position m (8 // bits of them) four float16 holding
+    code * 2**(bits*m) * 2**-24 exactly, as two registers per position: the masked bits read as a
+    float16 with a zero exponent are a subnormal number (no offset to take off, unlike the
+    0x6400 = 1024 trick)."""
     per = 8 // bits
     src = f"${2 * per}"
-    lines = ["mov.b32 k, 0x64006400;", f"prmt.b32 t0, {src}, 0, 0x4140;", f"prmt.b32 t1, {src}, 0, 0x4342;"]
+    lines = [f"prmt.b32 t0, {src}, 0, 0x4140;", f"prmt.b32 t1, {src}, 0, 0x4342;"]
     for m in range(per):
         mask = (((1 << bits) - 1) << (bits * m)) * 0x10001
-        lines += [f"lop3.b32 t2, t0, {mask:#x}, k, 0xEA;", f"sub.f16x2 ${2 * m}, t2, k;",
-                  f"lop3.b32 t2, t1, {mask:#x}, k, 0xEA;", f"sub.f16x2 ${2 * m + 1}, t2, k;"]
-    return "{ .reg .b32 t0, t1, t2, k; " + " ".join(lines) + " }"
+        lines += [f"and.b32 ${2 * m}, t0, {mask:#x};", f"and.b32 ${2 * m + 1}, t1, {mask:#x};"]
+    return "{ .reg .b32 t0, t1; " + " ".join(lines) + " }"
 
 
 def _value_asm(bits: int, word: int) -> str:
     """Code words (``word`` bits) of two consecutive tokens -> for each code of the word (channel
-    order) a float16 pair (token 2t, token 2t+1) holding 1024 + code * 2**(bits*m), m the code's
-    position in its byte. 32-bit words come in two registers, 16-bit ones share one."""
+    order) a float16 pair (token 2t, token 2t+1) holding code * 2**(bits*m) * 2**-24 (subnormal,
+    exact), m the code's position in its byte. 32-bit words come in two registers, 16-bit ones
+    share one."""
     per = 8 // bits
     n_out = word // 8 * per
     lines = []
@@ -60,7 +61,7 @@ def _value_asm(bits: int, word: int) -> str:
             lines.append(f"prmt.b32 t, ${n_out}, 0, {sel:#x};")
         for m in range(per):
             mask = (((1 << bits) - 1) << (bits * m)) * 0x10001
-            lines.append(f"lop3.b32 ${k * per + m}, t, {mask:#x}, 0x64006400, 0xEA;")
+            lines.append(f"and.b32 ${k * per + m}, t, {mask:#x};")
     return "{ .reg .b32 t; " + " ".join(lines) + " }"
 
 
@@ -152,7 +153,9 @@ if gluon is not None:
         j_a = gl.arange(0, DP, layout=gl.SliceLayout(0, la4))
         qptr = Q + b * sqb + (h * G + r_a)[:, None] * sqh + j_a[None, :] * PB
         qm = (r_a < G)[:, None]
-        q_smem = gl.allocate_shared_memory(gl.float16, [2 * PB - 1, 16, DP], flat)
+        # swizzled (rows XOR 8-byte chunks): the A operand reads 8 rows at the same columns at once
+        q_smem = gl.allocate_shared_memory(gl.float16, [2 * PB - 1, 16, DP],
+                                           gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0]))
         for m in gl.static_range(PB):
             x = gl.load(qptr + m, mask=qm, other=0.0).to(gl.float32) * (scale * 1.4426950408889634)
             x = gl.minimum(gl.maximum(x, -65504.0), 65504.0)
@@ -172,8 +175,13 @@ if gluon is not None:
             vw_t: gl.constexpr = gl.int32
         else:
             vw_t: gl.constexpr = gl.int16
-        kbuf = gl.allocate_shared_memory(gl.uint8, [STAGES, T, DP], flat)
-        vbuf = gl.allocate_shared_memory(vw_t, [STAGES, T, WT], flat)
+        # swizzled in 16-byte chunks (a copy's width), so that the 8 token rows one MMA operand
+        # read touches fall in different banks
+        kbuf = gl.allocate_shared_memory(gl.uint8, [STAGES, T, DP], gl.SwizzledSharedLayout(
+            vec=16, per_phase=max(1, 128 // DP), max_phase=max(1, DP // 16), order=[1, 0]))
+        VCH: gl.constexpr = WT * (VW // 8) // 16  # 16-byte chunks a row of value codes
+        vbuf = gl.allocate_shared_memory(vw_t, [STAGES, T, WT], gl.SwizzledSharedLayout(
+            vec=16 // (VW // 8), per_phase=max(2, 128 // (16 * VCH)), max_phase=max(1, VCH), order=[1, 0]))
         ksbuf = gl.allocate_shared_memory(sw_t, [STAGES, DP], flat1)
         kzbuf = gl.allocate_shared_memory(sw_t, [STAGES, DP], flat1)
         if NVG == 1:  # a token's value scales: one float16, or a word of two
@@ -227,7 +235,7 @@ if gluon is not None:
                                        BITS, NVG, T, VW)
         async_copy.wait_group(0)
 
-        # out[c] = acc / f + sum(p * vz), channel c = word * NO + i
+        # out[c] = acc * 2**24 / f + sum(p * vz), channel c = word * NO + i
         r_o = gl.arange(0, 16, layout=rows)
         w_o = gl.arange(0, WG, layout=cols)
         row = (b * H + h) * NSPLIT + s
@@ -235,7 +243,7 @@ if gluon is not None:
         om = (r_o < G)[:, None]
         for g in gl.static_range(NVG):
             for i in gl.static_range(NO):
-                out = accs[g * NO + i] * (1.0 / (1 << (BITS * (i % PB)))) + pz[g][:, None]
+                out = accs[g * NO + i] * (16777216.0 / (1 << (BITS * (i % PB)))) + pz[g][:, None]
                 gl.store(base + ((g * WG + w_o) * NO + i)[None, :], out, mask=om)
         gm = r_o < G
         gl.store(M + row * G + r_o, m_i * 0.6931471805599453, mask=gm)  # log2 -> natural units
@@ -282,11 +290,11 @@ if gluon is not None:
         off = gl.zeros([16, 8], gl.float32, layout=mma)
         for m in gl.static_range(PB):
             qs = q_smem.index(m).load(la4)  # q / f
-            qk = mma_v2(qs * ks[m][None, :], kv[m], qk)  # (q / f * ks) . (code * f)
+            qk = mma_v2(qs * ks[m][None, :], kv[m], qk)  # (q / f * ks) . (code * f * 2**-24)
             if m > 0:
                 qs = q_smem.index(PB + m - 1).load(la4)  # q
             off = mma_v2(qs, _bcast(kz[m], like), off)  # q . kz
-        qk = qk + gl.max(off, axis=1)[:, None]
+        qk = qk * 16777216.0 + gl.max(off, axis=1)[:, None]  # the codes' 2**-24 back
         valid = (n0 + gl.arange(0, T, layout=cols)) < end
         qk = gl.where(valid[None, :], qk, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(qk, axis=1))
@@ -303,14 +311,11 @@ if gluon is not None:
             vsg = gl.where(valid, vss[g].to(gl.float32), 0.0)
             vzg = gl.where(valid, vzs[g].to(gl.float32), 0.0)
             pv = (p * vsg[None, :]).to(gl.float16)
-            # the codes' 1024 offset times sum(p * vs), taken out of the accumulator before this
-            # tile's MMAs (not at the end: its float32 sums stay the size of the output)
-            off_v = (gl.sum(pv.to(gl.float32), axis=1) * -1024.0)[:, None]
             new_pz = new_pz + (pz[g] * alpha + gl.sum(p * vzg[None, :], axis=1),)
             pa = gl.convert_layout(pv, la2)
             vals = _values(vb.slice(g * WG, WG, dim=1).load(lb2), BITS, VW)
             for i in gl.static_range(NO):
-                new_accs = new_accs + (mma_v2(pa, vals[i], accs[g * NO + i] * alpha[:, None] + off_v),)
+                new_accs = new_accs + (mma_v2(pa, vals[i], accs[g * NO + i] * alpha[:, None]),)
         return m_new, l_i, new_accs, new_pz
 
     @gluon.jit
