@@ -160,13 +160,13 @@ if triton is not None:
     @triton.jit
     def _split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KW, VW, QLEN, WLEN, ACC, M, L,
                       sqb, sqh, skcb, skch, skcn, sksb, sksh, sksg, svcb, svch, svcn, svsb, svsh, svsn,
-                      swb, swh, swn, H, NSPLIT, SPLIT_LEN, NQ, NW, S0, scale,
+                      swb, swh, swn, H, NSPLIT, SPLIT_LEN, NQ, NW, scale,
                       G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
                       VGROUP: tl.constexpr, NVG: tl.constexpr, BLOCK: tl.constexpr, WBLOCK: tl.constexpr,
                       DQ: tl.constexpr, PER_HEAD: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)
-        s = tl.program_id(2) + S0  # S0 = NSPLIT - 1: the window alone (the Gluon kernel did the rest)
+        s = tl.program_id(2)
         PB: tl.constexpr = 8 // BITS
         DP: tl.constexpr = D // PB
         og = tl.arange(0, GP)
@@ -251,7 +251,10 @@ if triton is not None:
         tl.store(L + ((b * H + h) * NSPLIT + s) * G + og, l_i, mask=gm)
 
     @triton.jit
-    def _merge_kernel(ACC, M, L, OUT, H, NSPLIT, G: tl.constexpr, D: tl.constexpr, SP: tl.constexpr):
+    def _merge_kernel(ACC, M, L, OUT, H, NSPLIT, G: tl.constexpr, D: tl.constexpr, SP: tl.constexpr,
+                      DB: tl.constexpr):
+        """out = sum_s exp(m_s - max) acc_s / sum_s exp(m_s - max) l_s over the slices s, for one
+        query head and DB of its channels a program (many programs, one pass over the partials)."""
         b = tl.program_id(0)
         hq = tl.program_id(1)
         h = hq // G
@@ -260,17 +263,14 @@ if triton is not None:
         sm = os_ < NSPLIT
         row = ((b * H + h) * NSPLIT + os_) * G + g
         m = tl.load(M + row, mask=sm, other=float("-inf"))
-        l = tl.load(L + row, mask=sm, other=0.0)
-        mx = tl.max(m, 0)
-        w = tl.where(m > float("-inf"), tl.exp(m - mx), 0.0)
-        denom = tl.sum(w * l, 0)
-        od = tl.arange(0, D)
+        w = tl.where(m > float("-inf"), tl.exp(m - tl.max(m, 0)), 0.0)
+        denom = tl.sum(w * tl.load(L + row, mask=sm, other=0.0), 0)
+        od = tl.program_id(2) * DB + tl.arange(0, DB)
         acc = tl.load(ACC + row[:, None] * D + od[None, :], mask=sm[:, None], other=0.0)
-        out = tl.sum(acc * w[:, None], 0) / denom
-        tl.store(OUT + (b * H * G + hq) * D + od, out)
+        tl.store(OUT + (b * H * G + hq) * D + od, tl.sum(acc * w[:, None], 0) / denom)
 
 
-def _gluon_fits(q, kc, ks, kz, vc, vs, vz, bits: int, kgroup: int) -> bool:
+def _gluon_fits(q, kc, ks, kz, vc, vs, vz, kw, vw, bits: int, kgroup: int) -> bool:
     """The Gluon kernel's shapes, with rows of codes and scales contiguous (their strides are
     constants there) and its words aligned (the key scales a code byte needs are read as one word,
     value codes as 16- or 32-bit words)."""
@@ -280,6 +280,7 @@ def _gluon_fits(q, kc, ks, kz, vc, vs, vz, bits: int, kgroup: int) -> bool:
             and all(t.data_ptr() % 16 == 0 for t in (kc, ks, kz, vc, vs, vz))
             and kc.stride(2) == dp and vc.stride(2) == dp and ks.stride(2) == d and vs.stride(2) == nvg
             and kz.stride() == ks.stride() and vz.stride() == vs.stride() and vc.stride() == kc.stride()
+            and kw.stride(2) == d and vw.stride() == kw.stride()
             and all(st * 2 % word == 0 for st in ks.stride()[:2]) and all(st % 4 == 0 for st in vc.stride()[:2]))
 
 
@@ -327,7 +328,7 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: to
             raise ValueError("decode_attention needs tensors contiguous in their last dimension")
     g, nvg = hq // h, vs.shape[-1]
     scale = d ** -0.5 if scale is None else scale
-    use_gluon = impl != "triton" and _gluon_fits(q, kc, ks, kz, vc, vs, vz, bits, kgroup)
+    use_gluon = impl != "triton" and _gluon_fits(q, kc, ks, kz, vc, vs, vz, kw, vw, bits, kgroup)
     if impl == "gluon" and not use_gluon:
         raise ValueError("the Gluon kernel does not take these inputs (see gluon_decode.supports)")
     if programs_per_sm is None:  # the Gluon kernel's programs are one warp each
@@ -336,7 +337,9 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: to
         num_stages = 3 if bits == 4 else 2
     if split_len is None:  # enough programs to fill the GPU at batch 1, whole key groups per slice
         split_len = max(kgroup, math.ceil(n / max(1, (programs_per_sm * _sms(q.device)) // (b * h)) / kgroup) * kgroup)
-    nsplit = math.ceil(n / split_len) + 1  # + the window
+    nqs = math.ceil(n / split_len)  # slices of the quantized tokens
+    # + the window: one slice (Triton kernel), or one a WINDOW_TILE tokens (Gluon: run beside the rest)
+    nsplit = nqs + (math.ceil(kw.shape[2] / gluon_decode.WINDOW_TILE) if use_gluon else 1)
     gp = max(16, triton.next_power_of_2(g))
     rows = b * h * nsplit * g
     work = torch.empty(rows * (d + 2), device=q.device, dtype=torch.float32)  # one allocation: acc, max, sum
@@ -344,19 +347,19 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: to
     per_head = isinstance(qlen, torch.Tensor) or isinstance(wlen, torch.Tensor)
     if per_head:
         qlen, wlen = _length_tensors(qlen, wlen, b, h, q.device)
-    s0 = 0
-    if use_gluon:  # the quantized splits; the Triton kernel attends the window's split
-        gluon_decode.launch(q, kc, ks, kz, vc, vs, vz, qlen, acc, m, lsum, nsplit=nsplit, split_len=split_len,
-                            scale=scale, per_head=per_head)
-        s0 = nsplit - 1
-    _split_kernel[(b, h, nsplit - s0)](
-        q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, acc, m, lsum,
-        q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
-        vc.stride(0), vc.stride(1), vc.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
-        kw.stride(0), kw.stride(1), kw.stride(2), h, nsplit, split_len, n, kw.shape[2], s0, scale,
-        G=g, GP=gp, D=d, BITS=bits, VGROUP=d // nvg, NVG=nvg, BLOCK=kgroup, WBLOCK=32, DQ=_DEQUANT[dequant],
-        PER_HEAD=per_head, num_warps=num_warps,
-        num_stages=num_stages)
+    if use_gluon:
+        gluon_decode.launch(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, acc, m, lsum, nsplit=nsplit, nqs=nqs,
+                            split_len=split_len, scale=scale, per_head=per_head)
+    else:
+        _split_kernel[(b, h, nsplit)](
+            q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, acc, m, lsum,
+            q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0), ks.stride(1),
+            ks.stride(2), vc.stride(0), vc.stride(1), vc.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
+            kw.stride(0), kw.stride(1), kw.stride(2), h, nsplit, split_len, n, kw.shape[2], scale,
+            G=g, GP=gp, D=d, BITS=bits, VGROUP=d // nvg, NVG=nvg, BLOCK=kgroup, WBLOCK=32, DQ=_DEQUANT[dequant],
+            PER_HEAD=per_head, num_warps=num_warps, num_stages=num_stages)
     out = torch.empty(b, hq, d, device=q.device, dtype=out_dtype)
-    _merge_kernel[(b, hq)](acc, m, lsum, out, h, nsplit, G=g, D=d, SP=triton.next_power_of_2(nsplit))
+    sp = triton.next_power_of_2(nsplit)
+    db = max(8, min(d, 8192 // sp))  # channels a merge program: its [splits, channels] block stays small
+    _merge_kernel[(b, hq, d // db)](acc, m, lsum, out, h, nsplit, G=g, D=d, SP=sp, DB=db)
     return out

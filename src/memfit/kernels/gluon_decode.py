@@ -113,12 +113,12 @@ if gluon is not None:
                     (words >> 48).to(gl.int16).to(gl.float16, bitcast=True))
 
     @gluon.jit
-    def _split_kernel(Q, KC, KS, KZ, VC, VS, VZ, QLEN, ACC, M, L,
-                      sqb, sqh, skcb, skch, sksb, sksh, svcb, svch, svsb, svsh,
-                      H, NSPLIT, SPLIT_LEN, NQ, scale,
+    def _split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KW, VWIN, QLEN, WLEN, ACC, M, L,
+                      sqb, sqh, skcb, skch, sksb, sksh, svcb, svch, svsb, svsh, swb, swh,
+                      H, NSPLIT, NQS, SPLIT_LEN, NQ, NW, scale,
                       G: gl.constexpr, D: gl.constexpr, BITS: gl.constexpr, NVG: gl.constexpr,
                       KGROUP: gl.constexpr, T: gl.constexpr, VW: gl.constexpr, PER_HEAD: gl.constexpr,
-                      STAGES: gl.constexpr):
+                      STAGES: gl.constexpr, WTILE: gl.constexpr):
         """One program: one row, one KV head, one slice of the quantized tokens, one warp.
         Writes the slice's unnormalized output (float32 [G, D]), running max (natural log) and sum.
         Tiles stream through a ring of ``STAGES`` shared-memory buffers filled by asynchronous
@@ -126,6 +126,10 @@ if gluon is not None:
         b = gl.program_id(0)
         h = gl.program_id(1)
         s = gl.program_id(2)
+        if s >= NQS:  # the 16-bit window's programs, WTILE tokens each
+            _window(Q, KW, VWIN, WLEN, ACC, M, L, b, h, s, sqb, sqh, swb, swh, H, NSPLIT, (s - NQS) * WTILE, NW,
+                    scale, G, D, WTILE, PER_HEAD)
+            return
         PB: gl.constexpr = 8 // BITS  # codes a byte
         DP: gl.constexpr = D // PB  # code bytes a token
         WG: gl.constexpr = D * BITS // VW // NVG  # code words a token and value group
@@ -230,9 +234,14 @@ if gluon is not None:
             _issue(n0 + (STAGES - 1) * T, end, (it + STAGES - 1) % STAGES, kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf,
                    kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, rk, rv, DP, WT, NVG, KGROUP, T)
             st = it % STAGES
-            m_i, l_i, accs, pz = _tile(n0, end, q_smem, m_i, l_i, accs, pz, kbuf.index(st), vbuf.index(st),
-                                       ksbuf.index(st), kzbuf.index(st), vsbuf.index(st), vzbuf.index(st),
-                                       BITS, NVG, T, VW)
+            if n0 + T <= end:
+                m_i, l_i, accs, pz = _tile(n0, end, q_smem, m_i, l_i, accs, pz, kbuf.index(st), vbuf.index(st),
+                                           ksbuf.index(st), kzbuf.index(st), vsbuf.index(st), vzbuf.index(st),
+                                           BITS, NVG, T, VW, False)
+            else:  # the slice's last tile, partial
+                m_i, l_i, accs, pz = _tile(n0, end, q_smem, m_i, l_i, accs, pz, kbuf.index(st), vbuf.index(st),
+                                           ksbuf.index(st), kzbuf.index(st), vsbuf.index(st), vzbuf.index(st),
+                                           BITS, NVG, T, VW, True)
         async_copy.wait_group(0)
 
         # out[c] = acc * 2**24 / f + sum(p * vz), channel c = word * NO + i
@@ -248,6 +257,45 @@ if gluon is not None:
         gm = r_o < G
         gl.store(M + row * G + r_o, m_i * 0.6931471805599453, mask=gm)  # log2 -> natural units
         gl.store(L + row * G + r_o, l_i, mask=gm)
+
+    @gluon.jit
+    def _window(Q, KW, VWIN, WLEN, ACC, M, L, b, h, s, sqb, sqh, swb, swh, H, NSPLIT, w0, NW, scale,
+                G: gl.constexpr, D: gl.constexpr, WT: gl.constexpr, PER_HEAD: gl.constexpr):
+        """Attention over WT tokens of the 16-bit window from w0 (bf16 MMAs), as one more slice."""
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
+        la: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        lb: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+        rows: gl.constexpr = gl.SliceLayout(1, mma)
+        cols: gl.constexpr = gl.SliceLayout(0, mma)
+        ld: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [1, 1], [1, 0])
+        if PER_HEAD:
+            wlen = gl.minimum(gl.load(WLEN + b * H + h), NW)
+        else:
+            wlen = gl.minimum(WLEN, NW)
+        r = gl.arange(0, 16, layout=gl.SliceLayout(1, la))
+        c = gl.arange(0, D, layout=gl.SliceLayout(0, la))
+        q = gl.load(Q + b * sqb + (h * G + r)[:, None] * sqh + c[None, :], mask=(r < G)[:, None], other=0.0)
+        q = (q.to(gl.float32) * (scale * 1.4426950408889634)).to(gl.bfloat16)
+        t = gl.arange(0, WT, layout=gl.SliceLayout(1, ld))
+        cd = gl.arange(0, D, layout=gl.SliceLayout(0, ld))
+        tm = ((w0 + t) < wlen)[:, None]
+        off = b * swb + h * swh + (w0 + t)[:, None] * D + cd[None, :]
+        k = gl.load(KW + off, mask=tm, other=0.0).to(gl.bfloat16)
+        v = gl.load(VWIN + off, mask=tm, other=0.0).to(gl.bfloat16)
+        qk = mma_v2(q, gl.convert_layout(gl.permute(k, [1, 0]), lb), gl.zeros([16, WT], gl.float32, layout=mma))
+        valid = (w0 + gl.arange(0, WT, layout=cols)) < wlen
+        qk = gl.where(valid[None, :], qk, float("-inf"))
+        m = gl.max(qk, axis=1)
+        p = gl.where(valid[None, :], gl.exp2(qk - m[:, None]), 0.0)
+        l = gl.sum(p, axis=1)
+        acc = mma_v2(gl.convert_layout(p.to(gl.bfloat16), la), gl.convert_layout(v, lb),
+                     gl.zeros([16, D], gl.float32, layout=mma))
+        r_o = gl.arange(0, 16, layout=rows)
+        row = (b * H + h) * NSPLIT + s
+        gm = r_o < G
+        gl.store(ACC + row * G * D + r_o[:, None] * D + gl.arange(0, D, layout=cols)[None, :], acc, mask=gm[:, None])
+        gl.store(M + row * G + r_o, m * 0.6931471805599453, mask=gm)  # -inf where the slice is empty
+        gl.store(L + row * G + r_o, l, mask=gm)
 
     @gluon.jit
     def _issue(n, end, st, kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
@@ -268,9 +316,10 @@ if gluon is not None:
 
     @gluon.jit
     def _tile(n0, end, q_smem, m_i, l_i, accs, pz, kb, vb, ksb, kzb, vsb, vzb, BITS: gl.constexpr,
-              NVG: gl.constexpr, T: gl.constexpr, VW: gl.constexpr):
-        """One tile of T tokens from n0 (tokens from ``end`` on are not real), read from one ring
-        stage: the running max / sum, the value accumulators and the zero points' sums, updated."""
+              NVG: gl.constexpr, T: gl.constexpr, VW: gl.constexpr, MASKED: gl.constexpr):
+        """One tile of T tokens from n0 (``MASKED``: tokens from ``end`` on are not real), read from
+        one ring stage: the running max / sum, the value accumulators and the zero points' sums,
+        updated."""
         PB: gl.constexpr = 8 // BITS
         NO: gl.constexpr = VW // BITS
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
@@ -295,12 +344,18 @@ if gluon is not None:
                 qs = q_smem.index(PB + m - 1).load(la4)  # q
             off = mma_v2(qs, _bcast(kz[m], like), off)  # q . kz
         qk = qk * 16777216.0 + gl.max(off, axis=1)[:, None]  # the codes' 2**-24 back
-        valid = (n0 + gl.arange(0, T, layout=cols)) < end
-        qk = gl.where(valid[None, :], qk, float("-inf"))
+        if MASKED:
+            valid = (n0 + gl.arange(0, T, layout=cols)) < end
+            qk = gl.where(valid[None, :], qk, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(qk, axis=1))
         alpha = gl.exp2(m_i - m_new)
         p = gl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + gl.sum(p, axis=1)
+        if gl.max(m_new - m_i, axis=0) > 0.0:  # a running max moved: rescale what came before
+            scaled = ()
+            for i in gl.static_range(len(accs)):
+                scaled = scaled + (accs[i] * alpha[:, None],)
+            accs = scaled
         # values: p . v = (p * vs) . code + p . vz, per token; codes of consecutive tokens pair up
         # in the B operand's registers
         vss = _halves(vsb.load(cols), NVG)  # per value group
@@ -308,20 +363,26 @@ if gluon is not None:
         new_accs = ()
         new_pz = ()
         for g in gl.static_range(NVG):
-            vsg = gl.where(valid, vss[g].to(gl.float32), 0.0)
-            vzg = gl.where(valid, vzs[g].to(gl.float32), 0.0)
+            vsg = vss[g].to(gl.float32)
+            vzg = vzs[g].to(gl.float32)
+            if MASKED:  # what lies past the end in the copied scale rows
+                vsg = gl.where(valid, vsg, 0.0)
+                vzg = gl.where(valid, vzg, 0.0)
             pv = (p * vsg[None, :]).to(gl.float16)
             new_pz = new_pz + (pz[g] * alpha + gl.sum(p * vzg[None, :], axis=1),)
             pa = gl.convert_layout(pv, la2)
             vals = _values(vb.slice(g * WG, WG, dim=1).load(lb2), BITS, VW)
             for i in gl.static_range(NO):
-                new_accs = new_accs + (mma_v2(pa, vals[i], accs[g * NO + i] * alpha[:, None]),)
+                new_accs = new_accs + (mma_v2(pa, vals[i], accs[g * NO + i]),)
         return m_new, l_i, new_accs, new_pz
 
     @gluon.jit
     def _bcast(vec, like):
         """A [K] vector as the [K, 8] B operand whose every column is it."""
         return gl.broadcast(vec[:, None], like)[0]
+
+
+WINDOW_TILE = 32  # tokens of the 16-bit window a program attends
 
 
 def _word_bits(d: int, bits: int, nvg: int) -> int:
@@ -339,18 +400,21 @@ def supports(d: int, bits: int, kgroup: int, nvg: int, group: int) -> bool:
             and words >= 8)
 
 
-def launch(q, kc, ks, kz, vc, vs, vz, qlen, acc, m, lsum, *, nsplit: int, split_len: int, scale: float,
-           per_head: bool, tile: int | None = None, maxnreg: int | None = None, stages: int = 2) -> None:
-    """Fill splits 0 .. nsplit-2 of ``acc`` / ``m`` / ``lsum`` (the window's split is the caller's)."""
+def launch(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, acc, m, lsum, *, nsplit: int, nqs: int, split_len: int,
+           scale: float, per_head: bool, tile: int | None = None, maxnreg: int | None = None, stages: int = 2,
+           window_tile: int = WINDOW_TILE) -> None:
+    """Fill all ``nsplit`` slices of ``acc`` / ``m`` / ``lsum``: ``nqs`` of the quantized tokens,
+    then the 16-bit window's, ``window_tile`` tokens each."""
     b, hq, d = q.shape
     h, n, dp = kc.shape[1], kc.shape[2], kc.shape[3]
     bits = dp * 8 // d
     kgroup = n // ks.shape[2]
     tile = tile or kgroup
     opts = {} if maxnreg is None else {"maxnreg": maxnreg}
-    _split_kernel[(b, h, nsplit - 1)](
-        q, kc, ks, kz, vc, vs, vz, qlen, acc, m, lsum,
+    _split_kernel[(b, h, nsplit)](
+        q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, acc, m, lsum,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), ks.stride(0), ks.stride(1),
-        vc.stride(0), vc.stride(1), vs.stride(0), vs.stride(1), h, nsplit, split_len, n, scale,
+        vc.stride(0), vc.stride(1), vs.stride(0), vs.stride(1), kw.stride(0), kw.stride(1),
+        h, nsplit, nqs, split_len, n, kw.shape[2], scale,
         G=hq // h, D=d, BITS=bits, NVG=vs.shape[-1], KGROUP=kgroup, T=tile, VW=_word_bits(d, bits, vs.shape[-1]),
-        PER_HEAD=per_head, STAGES=stages, num_warps=1, **opts)
+        PER_HEAD=per_head, STAGES=stages, WTILE=window_tile, num_warps=1, **opts)
