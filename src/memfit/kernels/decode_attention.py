@@ -157,7 +157,9 @@ if triton is not None:
             out = x.to(tl.bfloat16)
         return out
 
-    @triton.jit
+    # lengths change every decode step: specializing on them (divisible by 16 or not) would compile
+    # new variants while a model decodes
+    @triton.jit(do_not_specialize=["QLEN", "WLEN", "NSPLIT", "NQ", "NW"])
     def _split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KW, VW, QLEN, WLEN, ACC, M, L,
                       sqb, sqh, skcb, skch, skcn, sksb, sksh, sksg, svcb, svch, svcn, svsb, svsh, svsn,
                       swb, swh, swn, H, NSPLIT, SPLIT_LEN, NQ, NW, scale,
@@ -250,7 +252,7 @@ if triton is not None:
         tl.store(M + ((b * H + h) * NSPLIT + s) * G + og, m_i, mask=gm)
         tl.store(L + ((b * H + h) * NSPLIT + s) * G + og, l_i, mask=gm)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["NSPLIT"])
     def _merge_kernel(ACC, M, L, OUT, H, NSPLIT, G: tl.constexpr, D: tl.constexpr, SP: tl.constexpr,
                       DB: tl.constexpr):
         """out = sum_s exp(m_s - max) acc_s / sum_s exp(m_s - max) l_s over the slices s, for one

@@ -112,7 +112,9 @@ if gluon is not None:
                     ((words >> 32) & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True),
                     (words >> 48).to(gl.int16).to(gl.float16, bitcast=True))
 
-    @gluon.jit
+    # lengths change every decode step: specializing on them (divisible by 16 or not) would compile
+    # new variants while a model decodes
+    @gluon.jit(do_not_specialize=["QLEN", "WLEN", "NSPLIT", "NQS", "NQ", "NW"])
     def _split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KW, VWIN, QLEN, WLEN, ACC, M, L,
                       sqb, sqh, skcb, skch, sksb, sksh, svcb, svch, svsb, svsh, swb, swh,
                       H, NSPLIT, NQS, SPLIT_LEN, NQ, NW, scale,
