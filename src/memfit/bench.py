@@ -342,13 +342,16 @@ def _random_llama8b(layers: int, attn: str | None = None):
 
 @torch.no_grad()
 def bench_decode(batch: int = 8, context: int = 32768, policies: tuple[str, ...] = ("none", "kivi(bits=4)"),
-                 steps: int = 32, chunk: int = 2048, layers: int = 32) -> list[dict]:
+                 steps: int = 32, chunk: int = 2048, layers: int = 32, graph: bool = True) -> list[dict]:
     """Decode step time and peak GPU memory of a random-weight Llama-3.1-8B-shaped model after a
-    ``batch`` x ``context`` prefill, with transformers' DynamicCache ("none") and CompressedCache."""
+    ``batch`` x ``context`` prefill, with transformers' DynamicCache ("none") and CompressedCache;
+    ``graph``: a compressed cache is also timed in static form, each step a replayed CUDA graph
+    (``graph_step_ms``: no per-step host work, which on a slow host sets the eager step time)."""
     from transformers import DynamicCache
 
     import memfit.kv.attention  # noqa: F401  registers the memfit attention implementation
     from memfit.kv.cache import CompressedCache
+    from memfit.kv.static import GraphDecoder
 
     dev = torch.device("cuda")
     model = _random_llama8b(layers)
@@ -377,13 +380,27 @@ def bench_decode(batch: int = 8, context: int = 32768, policies: tuple[str, ...]
             tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
         torch.cuda.synchronize()
         step_ms = (time.perf_counter() - t0) / steps * 1000
-        rows.append({"policy": spec, "batch": batch, "context": context, "layers": layers, "weights_bytes": weights,
-                     "kv_bytes": kv, "prefill_s": prefill_s, "decode_step_ms": step_ms,
-                     "decode_peak_bytes": torch.cuda.max_memory_allocated(), "prefill_peak_bytes": prefill_peak})
+        row = {"policy": spec, "batch": batch, "context": context, "layers": layers, "weights_bytes": weights,
+               "kv_bytes": kv, "prefill_s": prefill_s, "decode_step_ms": step_ms,
+               "decode_peak_bytes": torch.cuda.max_memory_allocated(), "prefill_peak_bytes": prefill_peak}
+        if graph and spec != "none":  # the same cache in fixed buffers, each step one replayed CUDA graph
+            dec = GraphDecoder(model, cache.to_static(max_new_tokens=steps + 3))
+            for i in range(steps + 3):
+                if i == 3:  # an eager step (compiles), the capture, one replay
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                tok = dec.step(tok).argmax(-1, keepdim=True)
+            torch.cuda.synchronize()
+            row["graph_step_ms"] = (time.perf_counter() - t0) / steps * 1000
+            row["graph_peak_bytes"] = torch.cuda.max_memory_allocated()
+            del dec
+        rows.append(row)
         del cache
     base = rows[0]
     for r in rows:
         r["speedup"] = base["decode_step_ms"] / r["decode_step_ms"]
+        if "graph_step_ms" in r:
+            r["graph_speedup"] = base["decode_step_ms"] / r["graph_step_ms"]
         r["peak_saving_bytes"] = base["decode_peak_bytes"] - r["decode_peak_bytes"]
         r["kv_saving_bytes"] = base["kv_bytes"] - r["kv_bytes"]
     return rows

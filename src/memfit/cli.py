@@ -516,6 +516,7 @@ def bench_decode_cmd(
     policies: list[str] = typer.Option(["none", "kivi(bits=4)"], "--policy", "-p"),
     steps: int = typer.Option(32),
     layers: int = LAYERS_OPTION,
+    graph: bool = typer.Option(True, "--graph/--no-graph", help="Also time compressed caches as CUDA graphs."),
     out: Path = typer.Option(Path("results/bench_decode.json"), "--out", "-o"),
 ) -> None:
     """GPU: decode step time and peak memory, random-weight Llama-3.1-8B shape, DynamicCache vs memfit."""
@@ -524,11 +525,13 @@ def bench_decode_cmd(
     from memfit.bench import bench_decode
 
     _need_cuda("bench decode")
-    rows = bench_decode(batch, context, tuple(policies), steps, layers=layers)
+    rows = bench_decode(batch, context, tuple(policies), steps, layers=layers, graph=graph)
     _write_json(out, {"device": torch.cuda.get_device_name(), "rows": rows})
     for r in rows:
-        typer.echo(f"{r['policy']:<20} step {r['decode_step_ms']:8.2f} ms ({r['speedup']:.2f}x)  KV {r['kv_bytes'] / 2**30:6.2f} GiB"
-                   f"  decode peak {r['decode_peak_bytes'] / 2**30:6.2f} GiB  prefill {r['prefill_s']:.1f} s")
+        graph = f"  CUDA graph {r['graph_step_ms']:8.2f} ms ({r['graph_speedup']:.2f}x)" if "graph_step_ms" in r else ""
+        typer.echo(f"{r['policy']:<20} step {r['decode_step_ms']:8.2f} ms ({r['speedup']:.2f}x){graph}  KV "
+                   f"{r['kv_bytes'] / 2**30:6.2f} GiB  decode peak {r['decode_peak_bytes'] / 2**30:6.2f} GiB  "
+                   f"prefill {r['prefill_s']:.1f} s")
     typer.echo(f"wrote {out}")
 
 

@@ -188,7 +188,10 @@ def memfit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     packed = state.packed.pop(module.layer_idx, None)
     if packed is not None:
         scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
-        if query.shape[2] == 1 and attention_mask is None and _observer is None and not state.requests:
+        # a GraphDecoder step (memfit_static_step) has no padding: the mask transformers builds for
+        # its one query token is all visible (under CUDA-graph capture it is not skipped)
+        unmasked = attention_mask is None or kwargs.get("memfit_static_step", False)
+        if query.shape[2] == 1 and unmasked and _observer is None and not state.requests:
             return packed.attend(query, scaling), None  # the packed-KV kernel: nothing dequantized
         key, value = packed.materialize()
     head_mask = state.masks.pop(module.layer_idx, None)

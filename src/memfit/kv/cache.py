@@ -23,6 +23,7 @@ from memfit.kv.lowrank import LowRank, project, reconstruct
 from memfit.kv.policy import Policy, parse_policy
 from memfit.kv.quant import KIVI, LayerBits, QTensor, attention_error, dequantize, quantize_keys, quantize_values
 from memfit.kv.rope import RoPE
+from memfit.kv.static import StaticKIVI
 
 FULL_BYTES_PER_ELEMENT = 2  # the reference: an uncompressed 16-bit cache
 
@@ -111,6 +112,18 @@ class _Packed:
         return self.layer.materialize()
 
 
+class _StaticPacked:
+    """A static layer's packed KV for one decode step: the kernel or nothing (no dequantization
+    into tensors whose sizes would be fixed into a recorded graph)."""
+
+    def __init__(self, static: StaticKIVI):
+        self.attend = static.attend
+
+    def materialize(self):
+        raise ValueError("a static cache attends one new token with no attention mask and no observer "
+                         "(convert back with to_dynamic() for anything else)")
+
+
 class CompressedLayer(CacheLayerMixin):
     """One layer's compressed KV storage. ``parent`` is a frozen layer shared by forks (read only)."""
 
@@ -141,9 +154,12 @@ class CompressedLayer(CacheLayerMixin):
         self.dense: tuple | None = None  # see CompressedCache.keep_dense
         self._parent_kv: tuple | None = None  # parent dequantized once per fork: (keys, values, mask)
         self.seen = parent.get_seq_length() if parent is not None else 0  # logical tokens, evicted ones included
+        self.static: StaticKIVI | None = None  # fixed buffers for graph-captured decoding (to_static)
 
     # -- sizes -----------------------------------------------------------------------------------
     def _own_stored(self) -> int:
+        if self.static is not None:
+            return self.static.nq + self.static.w
         q = self.qk.num_tokens if self.qk is not None else 0
         w = self.keys.shape[-2] if self.is_initialized else 0
         r = self.ragged.max_len if self.ragged is not None else 0  # padded length, as attention sees it
@@ -168,6 +184,10 @@ class CompressedLayer(CacheLayerMixin):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor this layer owns (not its parent's)."""
+        if self.static is not None:  # allocated for the whole generation
+            st = self.static
+            return {n: getattr(st, n) for n in ("codes_k", "scale_k", "zero_k", "codes_v", "scale_v", "zero_v",
+                                                "keys", "values")}
         out: dict[str, torch.Tensor] = dict(self.ragged.tensors()) if self.ragged is not None else {}
         if self.is_initialized:
             out["k_window"], out["v_window"] = self.keys, self.values
@@ -267,6 +287,12 @@ class CompressedLayer(CacheLayerMixin):
                 and not self.pre_rope)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.static is not None:  # device work only: the step may be recorded as a CUDA graph
+            if key_states.shape[-2] != 1:
+                raise ValueError("a static cache decodes one token a step (convert back with to_dynamic())")
+            self.static.append(key_states, value_states)
+            self.packed = _StaticPacked(self.static)
+            return key_states, value_states
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.fast_decode(key_states):
@@ -560,10 +586,53 @@ class CompressedCache(Cache):
         return self
 
     # -- (de)serialization: plain tensors + a JSON-able description ----------------------------------
+    # -- static decode (see memfit.kv.static) --------------------------------------------------------
+    def to_static(self, max_new_tokens: int) -> "CompressedCache":
+        """Move every layer's KIVI storage into buffers with room for ``max_new_tokens`` more tokens,
+        so that decode steps can be replayed as a CUDA graph (:class:`memfit.kv.static.GraphDecoder`).
+        Plain KIVI caches only: no evictions in flight, outliers, low rank, pre-RoPE keys or forks."""
+        for i, layer in enumerate(self.layers):
+            why = ("no KIVI quantizer" if layer.quant is None else "a fork" if layer.parent is not None
+                   else "ragged heads" if layer.ragged is not None else "low-rank keys" if layer.basis is not None
+                   or layer.lowrank is not None else "outliers" if layer.quant.outliers
+                   else "pre-RoPE keys" if layer.pre_rope else "a decode budget" if layer.decode is not None
+                   else "deferred compression" if layer.defer else "nothing stored" if not layer.is_initialized
+                   else None)
+            if why:
+                raise ValueError(f"to_static: layer {i} has {why}; static decode takes plain kivi(...) caches")
+        for layer in self.layers:
+            layer.static = StaticKIVI(layer.quant, layer.qk, layer.qv, layer.keys, layer.values,
+                                      capacity=layer._own_stored() + max_new_tokens)
+            layer.qk = layer.qv = None
+            layer.keys, layer.values = layer.keys[:, :, :0], layer.values[:, :, :0]
+        return self
+
+    @property
+    def static_layers(self) -> list[StaticKIVI] | None:
+        if not self.layers or self.layers[0].static is None:
+            return None
+        return [layer.static for layer in self.layers]
+
+    def after_static_step(self) -> None:
+        """Host bookkeeping of a step that ran on the device (maybe as a replayed graph)."""
+        for layer in self.layers:
+            layer.static.after_step()
+            layer.seen += 1
+
+    def to_dynamic(self) -> "CompressedCache":
+        """Back from :meth:`to_static` (to store, fork or prefill more)."""
+        for layer in self.layers:
+            if layer.static is not None:
+                layer.qk, layer.qv, layer.keys, layer.values = layer.static.dynamic()
+                layer.static = None
+        return self
+
     def to_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Every tensor held, named ``l{layer}.{name}``, and what is needed to rebuild the cache."""
         if any(layer.defer or layer.parent is not None for layer in self.layers):
             raise RuntimeError("only a compressed cache that is not a fork can be serialized")
+        if self.static_layers is not None:
+            raise RuntimeError("a static cache is serialized after to_dynamic()")
         tensors, layers = {}, []
         for i, layer in enumerate(self.layers):
             tensors.update({f"l{i}.{n}": t.contiguous() for n, t in layer.tensors().items()})

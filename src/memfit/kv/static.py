@@ -1,0 +1,162 @@
+"""Static decode: KIVI storage in fixed buffers, so that a decode step can be one CUDA graph.
+
+A decode step in eager mode costs the host a Python call and a kernel launch per operation, for
+every layer: on a slow host that, not the GPU, sets the step time. CUDA graphs replay a recorded
+step with no host work, but need every buffer at a fixed address and every length on the device.
+:class:`StaticKIVI` holds one layer's codes, scales and 16-bit window in buffers sized for the
+whole generation, with the lengths in device tensors; a decode step writes the new token into the
+window in place and attends with the packed-KV kernel, reading the lengths on the device. Window
+spills (whole key groups, exactly as :meth:`memfit.kv.cache.CompressedLayer.update` does them)
+run between steps, in place. :class:`GraphDecoder` drives the steps: it captures the model's
+forward once and replays it (on CUDA), or runs it eagerly (elsewhere), with the same bookkeeping.
+
+``cache.to_static(max_new_tokens)`` converts a cache (plain KIVI, 2 or 4 bits, no evictions in
+flight); ``cache.to_dynamic()`` converts it back, e.g. to store it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from memfit.kernels.decode_attention import decode_attention
+from memfit.kv.quant import KIVI, QTensor, quantize_keys, quantize_values
+
+
+class StaticKIVI:
+    """One layer's KIVI storage in fixed buffers: room for ``capacity`` quantized tokens and a
+    window of ``residual + 1`` tokens; ``nq`` / ``w`` (host) and ``qlen`` / ``wlen`` (device, [B, H])
+    say how much of each is filled."""
+
+    def __init__(self, quant: KIVI, qk: QTensor | None, qv: QTensor | None, keys: torch.Tensor,
+                 values: torch.Tensor, capacity: int):
+        b, h, w, d = keys.shape
+        g, r = quant.group, quant.residual
+        if w > r + 1:
+            raise ValueError(f"static decode: the window holds {w} tokens, more than residual + 1 = {r + 1}")
+        self.quant, self.bits = quant, quant.bits
+        self.nq = qk.num_tokens if qk is not None else 0
+        cap = math.ceil(max(capacity, self.nq) / g) * g
+        dev, vgroups = keys.device, d // quant.value_group(d)
+        self.codes_k = torch.zeros(b, h, cap, d * self.bits // 8, dtype=torch.uint8, device=dev)
+        self.codes_v = torch.zeros_like(self.codes_k)
+        self.scale_k = torch.ones(b, h, cap // g, d, dtype=torch.float16, device=dev)
+        self.zero_k = torch.zeros_like(self.scale_k)
+        self.scale_v = torch.ones(b, h, cap, vgroups, dtype=torch.float16, device=dev)
+        self.zero_v = torch.zeros_like(self.scale_v)
+        if qk is not None:
+            self._write(qk, qv, 0)
+        self.keys = keys.new_zeros(b, h, r + 1, d)
+        self.values = values.new_zeros(b, h, r + 1, values.shape[-1])
+        self.keys[:, :, :w], self.values[:, :, :w] = keys, values
+        self.w = w
+        self.qlen = torch.full((b, h), self.nq, dtype=torch.int32, device=dev)
+        self.wlen = torch.full((b, h), w, dtype=torch.int32, device=dev)
+        self.wpos = torch.full((1,), w, dtype=torch.long, device=dev)  # where the next token goes
+
+    @property
+    def capacity(self) -> int:
+        return self.codes_k.shape[2]
+
+    def _write(self, qk: QTensor, qv: QTensor, at: int) -> None:
+        n, g = qk.num_tokens, self.quant.group
+        if at + n > self.capacity:
+            raise RuntimeError(f"static decode: {at + n} quantized tokens exceed the capacity of {self.capacity} "
+                               "(to_static's max_new_tokens)")
+        self.codes_k[:, :, at : at + n] = qk.codes
+        self.scale_k[:, :, at // g : (at + n) // g] = qk.scale
+        self.zero_k[:, :, at // g : (at + n) // g] = qk.zero
+        self.codes_v[:, :, at : at + n] = qv.codes
+        self.scale_v[:, :, at : at + n] = qv.scale
+        self.zero_v[:, :, at : at + n] = qv.zero
+
+    def before_step(self) -> None:
+        """Spill the oldest window tokens that the next token pushes out (what the dynamic cache
+        does right after appending it: the new token itself is never among them)."""
+        f = self.quant.spilled(self.w + 1)
+        if f == 0:
+            return
+        kq = quantize_keys(self.keys[:, :, :f], self.bits, self.quant.group)
+        vq = quantize_values(self.values[:, :, :f], self.bits, self.quant.value_group(self.keys.shape[-1]))
+        self._write(kq, vq, self.nq)
+        rest = self.w - f
+        self.keys[:, :, :rest] = self.keys[:, :, f : self.w].clone()
+        self.values[:, :, :rest] = self.values[:, :, f : self.w].clone()
+        self.nq, self.w = self.nq + f, rest
+        self.qlen.fill_(self.nq)
+        self.wlen.fill_(self.w)
+        self.wpos.fill_(self.w)
+
+    def append(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Device work only (recorded into a graph): the new token into the window, lengths + 1."""
+        self.keys.index_copy_(2, self.wpos, key.to(self.keys.dtype))
+        self.values.index_copy_(2, self.wpos, value.to(self.values.dtype))
+        self.wpos += 1
+        self.wlen += 1
+
+    def after_step(self) -> None:
+        self.w += 1
+
+    def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        out = decode_attention(query[:, :, 0], self.codes_k, self.scale_k, self.zero_k, self.codes_v, self.scale_v,
+                               self.zero_v, self.keys, self.values, self.qlen, self.wlen, self.bits, scale=scaling,
+                               out_dtype=query.dtype)
+        return out.unsqueeze(1)
+
+    def dynamic(self) -> tuple[QTensor | None, QTensor | None, torch.Tensor, torch.Tensor]:
+        """(qk, qv, window keys, window values) as the dynamic layer holds them (copies)."""
+        n, g = self.nq, self.quant.group
+        qk = qv = None
+        if n:
+            qk = QTensor(self.codes_k[:, :, :n].clone(), self.scale_k[:, :, : n // g].clone(),
+                         self.zero_k[:, :, : n // g].clone(), self.bits, "token", g)
+            qv = QTensor(self.codes_v[:, :, :n].clone(), self.scale_v[:, :, :n].clone(), self.zero_v[:, :, :n].clone(),
+                         self.bits, "channel", self.quant.value_group(self.keys.shape[-1]))
+        return qk, qv, self.keys[:, :, : self.w].clone(), self.values[:, :, : self.w].clone()
+
+
+class GraphDecoder:
+    """One-token decode steps of ``model`` over ``cache`` (converted with ``to_static``): on CUDA
+    the forward is captured once as a CUDA graph and replayed, after a first eager step (which
+    compiles the kernels); elsewhere, or with ``graph=False``, it runs eagerly. ``step(tokens)``
+    ([B, 1] ids) returns the logits [B, vocab] (a buffer the next step overwrites)."""
+
+    def __init__(self, model: torch.nn.Module, cache, graph: bool | None = None):
+        if getattr(cache, "static_layers", None) is None:
+            raise ValueError("GraphDecoder needs a cache converted with cache.to_static(max_new_tokens)")
+        self.model, self.cache = model, cache
+        dev = cache.static_layers[0].keys.device
+        self.graph = dev.type == "cuda" if graph is None else graph
+        b = cache.static_layers[0].keys.shape[0]
+        self.ids = torch.zeros(b, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(b, 1, dtype=torch.long, device=dev)
+        self.cache_pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._logits: torch.Tensor | None = None
+        self._eager_steps = 0
+
+    def _forward(self) -> torch.Tensor:
+        return self.model(input_ids=self.ids, position_ids=self.pos, cache_position=self.cache_pos,
+                          past_key_values=self.cache, use_cache=True, memfit_static_step=True).logits[:, -1]
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        for layer in self.cache.static_layers:
+            layer.before_step()
+        seen = self.cache.get_seq_length()
+        self.ids.copy_(tokens.reshape(self.ids.shape))
+        self.pos.fill_(seen)
+        self.cache_pos.fill_(seen)
+        if not self.graph or self._eager_steps == 0:
+            logits = self._forward()
+            self._eager_steps += 1
+        else:
+            if self._graph is None:
+                self._graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self._graph):
+                    self._logits = self._forward()
+            self._graph.replay()
+            logits = self._logits
+        self.cache.after_static_step()
+        return logits

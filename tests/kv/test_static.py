@@ -1,0 +1,85 @@
+"""Static decode (fixed buffers, device lengths): the same logits as the dynamic cache, across
+window spills; back to a dynamic cache; clear refusals. The CUDA-graph replay itself is checked
+on the GPU (marked ``gpu``)."""
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from memfit.kv.cache import CompressedCache, CompressedLayer
+from memfit.kv.static import GraphDecoder
+
+POLICY = "kivi(bits=4,group=16,residual=20)"  # a spill every 16 steps
+
+
+def _prefilled(model, ids, policy=POLICY):
+    cache = CompressedCache.for_model(model, policy)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    return cache
+
+
+def _dynamic_logits(model, cache, feed):
+    out = []
+    with torch.no_grad():
+        for i in range(feed.shape[1]):
+            out.append(model(feed[:, i : i + 1], past_key_values=cache).logits[:, -1])
+    return torch.stack(out)
+
+
+def _packed_decode_everywhere(monkeypatch):
+    """The dynamic cache's CUDA decode path (spill, then attend over the packed KV) on CPU too,
+    where decode_attention is the torch reference: the semantics static decode reproduces."""
+    monkeypatch.setattr(CompressedLayer, "fast_decode", lambda self, ks: (
+        ks.shape[-2] == 1 and self.kernels and self.parent is None and self.ragged is None and self.qk is not None
+        and not self.defer))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_static_decode_equals_the_dynamic_cache(device, monkeypatch):
+    _packed_decode_everywhere(monkeypatch)
+    model = tiny_llama(layers=2).to(device)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (3, 75), generator=g).to(device)
+    feed = torch.randint(0, 256, (3, 40), generator=g).to(device)
+    ref = _dynamic_logits(model, _prefilled(model, ids), feed)
+
+    cache = _prefilled(model, ids).to_static(max_new_tokens=40)
+    nq0 = cache.static_layers[0].nq
+    dec = GraphDecoder(model, cache)  # a CUDA graph on the GPU, eager here
+    got = torch.stack([dec.step(feed[:, i : i + 1]).clone() for i in range(feed.shape[1])])
+    assert cache.static_layers[0].nq > nq0  # the window spilled while decoding
+    assert cache.get_seq_length() == 75 + 40
+    torch.testing.assert_close(got, ref, rtol=2e-4, atol=2e-4)
+
+    # back to a dynamic cache: it holds what the dynamic one holds, and decodes on the same way
+    dyn = _prefilled(model, ids)
+    _dynamic_logits(model, dyn, feed)
+    cache.to_dynamic()
+    assert cache.static_layers is None and cache.nbytes == dyn.nbytes
+    for a, b in zip(cache.layers, dyn.layers):  # (the second layer's inputs differ by float rounding)
+        assert (a.qk.codes == b.qk.codes).float().mean() > 0.999
+        torch.testing.assert_close(a.keys, b.keys)
+    more = torch.randint(0, 256, (3, 3), generator=g).to(device)
+    torch.testing.assert_close(_dynamic_logits(model, cache, more), _dynamic_logits(model, dyn, more))
+
+
+def test_static_decode_refuses_what_it_cannot_hold():
+    model = tiny_llama(layers=2)
+    ids = torch.randint(0, 256, (1, 40))
+    with pytest.raises(ValueError, match="no KIVI quantizer"):
+        _prefilled(model, ids, "none").to_static(8)
+    with pytest.raises(ValueError, match="outliers"):
+        _prefilled(model, ids, "kivi(bits=2,outliers=0.01)").to_static(8)
+    cache = _prefilled(model, ids).to_static(max_new_tokens=16)
+    with pytest.raises(ValueError, match="one token a step"):
+        model(ids[:, :2], past_key_values=cache)
+    with pytest.raises(RuntimeError, match="to_dynamic"):
+        cache.to_state()
+    dec = GraphDecoder(model, cache)
+    with pytest.raises(RuntimeError, match="exceed the capacity"):
+        for _ in range(64):
+            dec.step(ids[:, :1])
+    with pytest.raises(ValueError, match="to_static"):
+        GraphDecoder(model, _prefilled(model, ids))
