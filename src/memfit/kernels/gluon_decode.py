@@ -3,22 +3,26 @@
 The Triton kernel beside it (``decode_attention._split_kernel``) spends most of its instructions on
 moving data between layouts: the query is re-read from shared memory and reshuffled for every tile,
 the probabilities cross warps through shared memory, and each thread loads 72 scales one by one.
-Here every operand is loaded straight into the registers the tensor-core instruction reads
-(``DotOperandLayout``), one warp owns whole tiles (no cross-warp exchange), and the quantization
+Here every operand is read straight into the registers the tensor-core instruction takes
+(``DotOperandLayout``), one warp owns whole tiles (no cross-warp exchange), tiles stream through a
+ring of shared memory filled by ``cp.async`` (no registers wait on memory), and the quantization
 grid is folded into the small operands instead of applied to every code:
 
 - keys: ``k = ks * code + kz`` per channel and key group, so ``q . k = (q * ks) . code + q . kz``:
-  the query is scaled once per tile; the codes become float16 ``1024 + f * code`` exactly with two
-  integer instructions per pair (``prmt`` spreads the bytes, ``lop3`` masks a code into the
-  mantissa of 1024; ``f`` is the code's bit position, folded into the query as ``1 / f``); the
-  constant parts (``q . kz`` and ``1024 * sum(q * ks / f)``) are two small MMAs per tile;
+  the query is scaled once per tile, and ``q . kz`` is one small MMA;
 - values: ``v = vs * code + vz`` per token, so ``p . v = (p * vs) . code + p . vz``: the
-  probabilities are scaled per token; codes become float16 the same way, and ``1024 / f`` times
-  ``sum(p * vs)`` plus ``sum(p * vz)`` is taken off once at the end.
+  probabilities are scaled per token, and ``sum(p * vz)`` is added at the end;
+- codes become float16 exactly with one ``and`` per pair (after a ``prmt`` that spreads four
+  bytes): the masked bits under a zero exponent are the subnormal ``code * f * 2**-24`` (``f`` the
+  code's bit position in its byte, folded into the query as ``1 / f``; ``2**24`` is multiplied back
+  once per tile). Unlike the ``0x6400`` (``1024 + code``) trick there is no offset, whose removal
+  costs an instruction a pair or, left in, makes the MMA's float32 sums 1024x larger than the
+  result and as much less exact.
 
-Shapes it takes (``supports``): head_dim 64 or 128, 2 or 4 bits, key groups of 32 or 64 tokens,
-value groups of at least 8 code words. The 16-bit window is attended by the Triton kernel and the
-splits are merged by its merge kernel.
+The 16-bit window is attended by extra programs of the same launch (WINDOW_TILE tokens each), and
+``decode_attention._merge_kernel`` merges the slices. Shapes it takes (``supports``): head_dim 64 or
+128, 2 or 4 bits, key groups of 32 or 64 tokens, up to 16 query heads a KV head, value groups of at
+least 8 code words.
 """
 
 from __future__ import annotations
