@@ -70,36 +70,36 @@ def _value_asm(bits: int, word: int) -> str:
 
 
 if gluon is not None:
-    _K4, _K2 = gl.constexpr(_key_asm(4)), gl.constexpr(_key_asm(2))
-    _V4, _V2 = gl.constexpr(_value_asm(4, 32)), gl.constexpr(_value_asm(2, 32))
-    _V4H, _V2H = gl.constexpr(_value_asm(4, 16)), gl.constexpr(_value_asm(2, 16))
+
+    _key_ptx = gluon.constexpr_function(_key_asm)  # the PTX strings, built when a kernel compiles
+    _value_ptx = gluon.constexpr_function(_value_asm)
+
+    @gluon.constexpr_function
+    def _f16s(n):
+        return (gl.float16,) * n
+
+    @gluon.constexpr_function
+    def _outs(n, inputs):
+        return "=r," * n + inputs
 
     @gluon.jit
     def _keys(codes, BITS: gl.constexpr):
-        if BITS == 4:
-            return gl.inline_asm_elementwise(_K4, "=r,=r,=r,=r,r", [codes], dtype=(gl.float16, gl.float16),
-                                             is_pure=True, pack=4)
-        else:
-            return gl.inline_asm_elementwise(_K2, "=r,=r,=r,=r,=r,=r,=r,=r,r", [codes],
-                                             dtype=(gl.float16,) * 4, is_pure=True, pack=4)
+        """uint8 code bytes -> one float16 tensor per code position (see ``_key_asm``)."""
+        PB: gl.constexpr = 8 // BITS
+        return gl.inline_asm_elementwise(_key_ptx(BITS), _outs(2 * PB, "r"), [codes], dtype=_f16s(PB),
+                                         is_pure=True, pack=4)
 
     @gluon.jit
     def _values(words, BITS: gl.constexpr, VW: gl.constexpr):
+        """Code words, two tokens a register pair -> one float16 tensor per code of a word (see
+        ``_value_asm``)."""
+        NO: gl.constexpr = VW // BITS
         if VW == 32:
-            if BITS == 4:
-                out = gl.inline_asm_elementwise(_V4, "=r," * 8 + "r,r", [words], dtype=(gl.float16,) * 8,
-                                                is_pure=True, pack=2)
-            else:
-                out = gl.inline_asm_elementwise(_V2, "=r," * 16 + "r,r", [words], dtype=(gl.float16,) * 16,
-                                                is_pure=True, pack=2)
+            inputs: gl.constexpr = "r,r"
         else:
-            if BITS == 4:
-                out = gl.inline_asm_elementwise(_V4H, "=r," * 4 + "r", [words], dtype=(gl.float16,) * 4,
-                                                is_pure=True, pack=2)
-            else:
-                out = gl.inline_asm_elementwise(_V2H, "=r," * 8 + "r", [words], dtype=(gl.float16,) * 8,
-                                                is_pure=True, pack=2)
-        return out
+            inputs: gl.constexpr = "r"
+        return gl.inline_asm_elementwise(_value_ptx(BITS, VW), _outs(NO, inputs), [words], dtype=_f16s(NO),
+                                         is_pure=True, pack=2)
 
     @gluon.jit
     def _halves(words, PB: gl.constexpr):
