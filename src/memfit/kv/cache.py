@@ -278,13 +278,20 @@ class CompressedLayer(CacheLayerMixin):
         k = dequantize(self.qk, self.dtype)
         return k if self.basis is None else reconstruct(k, self.basis, self.keys.shape[1])
 
+    def not_one_segment(self) -> str | None:
+        """Why this layer's storage is not one plain quantized segment plus a window, as the decode
+        kernel reads it (None when it is)."""
+        checks = ((self.parent is not None, "a fork"), (self.ragged is not None, "ragged heads"),
+                  (self.basis is not None, "low-rank keys"), (self.defer, "deferred compression"),
+                  (self.pre_rope, "pre-RoPE keys"),  # the kernel reads post-RoPE keys ...
+                  (self.qk is not None and self.qk.out_idx is not None, "outliers"))  # ... and no sparse outliers
+        return next((why for bad, why in checks if bad), None)
+
     def fast_decode(self, key_states: torch.Tensor) -> bool:
         """Whether this step can attend over the packed bytes directly (one new token, one plain
         quantized segment and a window, on CUDA)."""
-        return (self.kernels and key_states.is_cuda and key_states.shape[-2] == 1 and self.parent is None
-                and self.ragged is None and self.qk is not None and self.qk.bits in (2, 4) and not self.defer
-                and self.basis is None and self.qk.out_idx is None  # the kernel reads no sparse outliers
-                and not self.pre_rope)
+        return (self.kernels and key_states.is_cuda and key_states.shape[-2] == 1 and self.qk is not None
+                and self.qk.bits in (2, 4) and self.not_one_segment() is None)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if self.static is not None:  # device work only: the step may be recorded as a CUDA graph
@@ -585,19 +592,16 @@ class CompressedCache(Cache):
                 layer.dense = layer.materialize_masked()
         return self
 
-    # -- (de)serialization: plain tensors + a JSON-able description ----------------------------------
     # -- static decode (see memfit.kv.static) --------------------------------------------------------
     def to_static(self, max_new_tokens: int) -> "CompressedCache":
         """Move every layer's KIVI storage into buffers with room for ``max_new_tokens`` more tokens,
         so that decode steps can be replayed as a CUDA graph (:class:`memfit.kv.static.GraphDecoder`).
         Plain KIVI caches only: no evictions in flight, outliers, low rank, pre-RoPE keys or forks."""
         for i, layer in enumerate(self.layers):
-            why = ("no KIVI quantizer" if layer.quant is None else "a fork" if layer.parent is not None
-                   else "ragged heads" if layer.ragged is not None else "low-rank keys" if layer.basis is not None
-                   or layer.lowrank is not None else "outliers" if layer.quant.outliers
-                   else "pre-RoPE keys" if layer.pre_rope else "a decode budget" if layer.decode is not None
-                   else "deferred compression" if layer.defer else "nothing stored" if not layer.is_initialized
-                   else None)
+            # beyond what the kernel reads now, what the policy would add while decoding
+            why = ("no KIVI quantizer" if layer.quant is None else "low-rank keys" if layer.lowrank is not None
+                   else "outliers" if layer.quant.outliers else "a decode budget" if layer.decode is not None
+                   else layer.not_one_segment() or ("nothing stored" if not layer.is_initialized else None))
             if why:
                 raise ValueError(f"to_static: layer {i} has {why}; static decode takes plain kivi(...) caches")
         for layer in self.layers:
@@ -627,6 +631,7 @@ class CompressedCache(Cache):
                 layer.static = None
         return self
 
+    # -- (de)serialization: plain tensors + a JSON-able description ----------------------------------
     def to_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Every tensor held, named ``l{layer}.{name}``, and what is needed to rebuild the cache."""
         if any(layer.defer or layer.parent is not None for layer in self.layers):

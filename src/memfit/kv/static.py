@@ -134,7 +134,7 @@ class GraphDecoder:
         self.cache_pos = torch.zeros(1, dtype=torch.long, device=dev)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._logits: torch.Tensor | None = None
-        self._eager_steps = 0
+        self._warm = False  # the first step runs eagerly: it compiles the kernels
 
     def _forward(self) -> torch.Tensor:
         return self.model(input_ids=self.ids, position_ids=self.pos, cache_position=self.cache_pos,
@@ -148,9 +148,9 @@ class GraphDecoder:
         self.ids.copy_(tokens.reshape(self.ids.shape))
         self.pos.fill_(seen)
         self.cache_pos.fill_(seen)
-        if not self.graph or self._eager_steps == 0:
+        if not self.graph or not self._warm:
             logits = self._forward()
-            self._eager_steps += 1
+            self._warm = True
         else:
             if self._graph is None:
                 self._graph = torch.cuda.CUDAGraph()
