@@ -1,5 +1,5 @@
 """The packed-KV decode attention: the torch reference against a plain dequantize-then-attend (CPU),
-and the Triton kernel against the reference (GPU, marked ``gpu``)."""
+and the Gluon and Triton kernels against the reference (GPU, marked ``gpu``)."""
 
 import pytest
 import torch
