@@ -1,6 +1,8 @@
 """The packed-KV decode attention: the torch reference against a plain dequantize-then-attend (CPU),
 and the Gluon and Triton kernels against the reference (GPU, marked ``gpu``)."""
 
+import functools
+
 import pytest
 import torch
 
@@ -141,3 +143,20 @@ def test_cache_decodes_through_the_kernel_like_the_reference(bits, monkeypatch):
     err = (logits[True] - logits[False]).abs().max().item()
     print(f"bits={bits}: logits max abs difference kernel vs dequantize+SDPA {err:.3e}")
     assert err < 0.1 * logits[False].abs().max().item()
+
+
+def test_gluon_kernel_runs_only_on_triton_releases_it_was_tested_with(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(gluon_decode, "gluon", object())  # as if Gluon imported
+    monkeypatch.setattr(gluon_decode, "triton", SimpleNamespace(__version__="3.6.0"), raising=False)
+    monkeypatch.delenv("MEMFIT_GLUON", raising=False)
+    fits = functools.partial(gluon_decode.supports, 128, 4, 64, 1, 4)
+    assert fits() and not gluon_decode.supports(96, 4, 64, 1, 4) and not gluon_decode.supports(128, 4, 128, 1, 4)
+    monkeypatch.setenv("MEMFIT_GLUON", "0")
+    assert not fits()
+    monkeypatch.setattr(gluon_decode.triton, "__version__", "3.7.0")
+    monkeypatch.setenv("MEMFIT_GLUON", "")
+    assert not fits()  # an untested release: the Triton kernel runs
+    monkeypatch.setenv("MEMFIT_GLUON", "1")
+    assert fits()

@@ -27,12 +27,28 @@ least 8 code words.
 
 from __future__ import annotations
 
+import os
+
 try:
+    import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 except ImportError:  # pragma: no cover - CPU-only installs, or a Triton without Gluon
     gluon = None
+
+TESTED_TRITON = ("3.6.",)  # Gluon is experimental: its API has changed between Triton releases
+
+
+def enabled() -> bool:
+    """Whether the Gluon kernel may run: Gluon imports and Triton is a release it was tested with
+    (``MEMFIT_GLUON=1`` allows any release, ``MEMFIT_GLUON=0`` turns the kernel off). Elsewhere the
+    Triton kernel runs: slower, but its API is stable."""
+    flag = os.environ.get("MEMFIT_GLUON", "")
+    if gluon is None or flag == "0":
+        return False
+    return flag == "1" or triton.__version__.startswith(TESTED_TRITON)
+
 
 def _key_asm(bits: int) -> str:
     """Four code bytes ($N) -> for each code position m (8 // bits of them) four float16 holding
@@ -145,7 +161,6 @@ if gluon is not None:
         la4: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
         rows: gl.constexpr = gl.SliceLayout(1, mma)
         cols: gl.constexpr = gl.SliceLayout(0, mma)
-        flat: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
         flat1: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
         gl.static_assert(KGROUP % T == 0)
 
@@ -402,7 +417,7 @@ def supports(d: int, bits: int, kgroup: int, nvg: int, group: int) -> bool:
     2/4 bits, key groups of 32/64 tokens, at most 16 query heads a KV head, value groups of at
     least 8 code words."""
     words = d * bits // _word_bits(d, bits, nvg) // max(nvg, 1)
-    return (gluon is not None and d in (64, 128) and bits in (2, 4) and kgroup in (32, 64) and group <= 16
+    return (enabled() and d in (64, 128) and bits in (2, 4) and kgroup in (32, 64) and group <= 16
             and words >= 8)
 
 
