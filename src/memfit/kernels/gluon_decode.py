@@ -139,9 +139,10 @@ if gluon is not None:
                       sqb, sqh, skcb, skch, sksb, sksh, svcb, svch, svsb, svsh, swb, swh,
                       H, NSPLIT, NQS, SPLIT_LEN, NQ, NW, scale,
                       G: gl.constexpr, D: gl.constexpr, BITS: gl.constexpr, NVG: gl.constexpr,
-                      KGROUP: gl.constexpr, T: gl.constexpr, VW: gl.constexpr, PER_HEAD: gl.constexpr,
-                      STAGES: gl.constexpr, WTILE: gl.constexpr):
-        """One program: one row, one KV head, one slice of the quantized tokens, one warp.
+                      T: gl.constexpr, VW: gl.constexpr, PER_HEAD: gl.constexpr, STAGES: gl.constexpr,
+                      WTILE: gl.constexpr):
+        """One program: one row, one KV head, one slice of the quantized tokens, one warp; tiles of
+        T tokens, one key group each (one row of key scales a tile).
         Writes the slice's unnormalized output (float32 [G, D]), running max (natural log) and sum.
         Tiles stream through a ring of ``STAGES`` shared-memory buffers filled by asynchronous
         copies (cp.async), issued ``STAGES - 1`` tiles ahead: no registers wait on memory."""
@@ -162,7 +163,6 @@ if gluon is not None:
         rows: gl.constexpr = gl.SliceLayout(1, mma)
         cols: gl.constexpr = gl.SliceLayout(0, mma)
         flat1: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
-        gl.static_assert(KGROUP % T == 0)
 
         if PER_HEAD:
             qlen = gl.minimum(gl.load(QLEN + b * H + h), NQ)
@@ -236,7 +236,7 @@ if gluon is not None:
         vz_ptr = (VZ + b * svsb + h * svsh).to(gl.pointer_type(vz_t), bitcast=True) + i_z
         for i in gl.static_range(STAGES - 1):
             _issue(start + i * T, end, i, kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf, kc_ptr, vc_ptr, ks_ptr, kz_ptr,
-                   vs_ptr, vz_ptr, rk, rv, DP, WT, NVG, KGROUP, T)
+                   vs_ptr, vz_ptr, rk, rv, DP, WT, T)
 
         m_i = gl.full([16], float("-inf"), gl.float32, layout=rows)
         l_i = gl.zeros([16], gl.float32, layout=rows)
@@ -253,7 +253,7 @@ if gluon is not None:
             async_copy.wait_group(STAGES - 2)  # this tile's copies have landed ...
             gl.thread_barrier()  # ... every lane's, and the stage refilled next was read by all
             _issue(n0 + (STAGES - 1) * T, end, (it + STAGES - 1) % STAGES, kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf,
-                   kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, rk, rv, DP, WT, NVG, KGROUP, T)
+                   kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, rk, rv, DP, WT, T)
             st = it % STAGES
             if n0 + T <= end:
                 m_i, l_i, accs, pz = _tile(n0, end, q_smem, m_i, l_i, accs, pz, kbuf.index(st), vbuf.index(st),
@@ -320,15 +320,14 @@ if gluon is not None:
 
     @gluon.jit
     def _issue(n, end, st, kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
-               rk, rv, DP: gl.constexpr, WT: gl.constexpr, NVG: gl.constexpr, KGROUP: gl.constexpr,
-               T: gl.constexpr):
-        """Start copying the tile at token ``n`` into ring stage ``st`` (tokens from ``end`` on are
-        not copied: their bytes read as zeros), as one commit group."""
+               rk, rv, DP: gl.constexpr, WT: gl.constexpr, T: gl.constexpr):
+        """Start copying the tile at token ``n`` (T tokens: one key group) into ring stage ``st``
+        (tokens from ``end`` on are not copied: their bytes read as zeros), as one commit group."""
         async_copy.async_copy_global_to_shared(kbuf.index(st), kc_ptr + n * DP, mask=((n + rk) < end)[:, None])
         async_copy.async_copy_global_to_shared(vbuf.index(st), vc_ptr + n * WT, mask=((n + rv) < end)[:, None])
         live = n < end
-        async_copy.async_copy_global_to_shared(ksbuf.index(st), ks_ptr + (n // KGROUP) * DP, mask=live)
-        async_copy.async_copy_global_to_shared(kzbuf.index(st), kz_ptr + (n // KGROUP) * DP, mask=live)
+        async_copy.async_copy_global_to_shared(ksbuf.index(st), ks_ptr + (n // T) * DP, mask=live)
+        async_copy.async_copy_global_to_shared(kzbuf.index(st), kz_ptr + (n // T) * DP, mask=live)
         # whole tiles of value scales (a mask per token would copy 2 bytes at a time): the buffers
         # hold whole key groups, and what lies past ``end`` is zeroed where it is read
         async_copy.async_copy_global_to_shared(vsbuf.index(st), vs_ptr + n, mask=live)
@@ -422,20 +421,16 @@ def supports(d: int, bits: int, kgroup: int, nvg: int, group: int) -> bool:
 
 
 def launch(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, acc, m, lsum, *, nsplit: int, nqs: int, split_len: int,
-           scale: float, per_head: bool, tile: int | None = None, maxnreg: int | None = None, stages: int = 2,
-           window_tile: int = WINDOW_TILE) -> None:
+           scale: float, per_head: bool, stages: int = 2, window_tile: int = WINDOW_TILE) -> None:
     """Fill all ``nsplit`` slices of ``acc`` / ``m`` / ``lsum``: ``nqs`` of the quantized tokens,
     then the 16-bit window's, ``window_tile`` tokens each."""
     b, hq, d = q.shape
     h, n, dp = kc.shape[1], kc.shape[2], kc.shape[3]
     bits = dp * 8 // d
-    kgroup = n // ks.shape[2]
-    tile = tile or kgroup
-    opts = {} if maxnreg is None else {"maxnreg": maxnreg}
     _split_kernel[(b, h, nsplit)](
         q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, acc, m, lsum,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), ks.stride(0), ks.stride(1),
         vc.stride(0), vc.stride(1), vs.stride(0), vs.stride(1), kw.stride(0), kw.stride(1),
         h, nsplit, nqs, split_len, n, kw.shape[2], scale,
-        G=hq // h, D=d, BITS=bits, NVG=vs.shape[-1], KGROUP=kgroup, T=tile, VW=_word_bits(d, bits, vs.shape[-1]),
-        PER_HEAD=per_head, STAGES=stages, WTILE=window_tile, num_warps=1, **opts)
+        G=hq // h, D=d, BITS=bits, NVG=vs.shape[-1], T=n // ks.shape[2], VW=_word_bits(d, bits, vs.shape[-1]),
+        PER_HEAD=per_head, STAGES=stages, WTILE=window_tile, num_warps=1)

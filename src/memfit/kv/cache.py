@@ -184,20 +184,20 @@ class CompressedLayer(CacheLayerMixin):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor this layer owns (not its parent's)."""
-        if self.static is not None:  # allocated for the whole generation
-            st = self.static
-            return {n: getattr(st, n) for n in ("codes_k", "scale_k", "zero_k", "codes_v", "scale_v", "zero_v",
-                                                "keys", "values")}
+        st = self.static  # static decode: its buffers, allocated for the whole generation
+        qk, qv = (st.qk, st.qv) if st is not None else (self.qk, self.qv)
         out: dict[str, torch.Tensor] = dict(self.ragged.tensors()) if self.ragged is not None else {}
-        if self.is_initialized:
+        if st is not None:
+            out["k_window"], out["v_window"] = st.keys, st.values
+        elif self.is_initialized:
             out["k_window"], out["v_window"] = self.keys, self.values
         if self.basis is not None and (self.parent is None or self.basis is not self.parent.basis):
             out["k_basis"] = self.basis
         if self.kc is not None:
             out["k_coef"], out["v_coef"] = self.kc, self.vc
-        if self.qk is not None:
-            out.update({f"k_{n}": t for n, t in self.qk.tensors().items()})
-            out.update({f"v_{n}": t for n, t in self.qv.tensors().items()})
+        if qk is not None:
+            out.update({f"k_{n}": t for n, t in qk.tensors().items()})
+            out.update({f"v_{n}": t for n, t in qv.tensors().items()})
         return out
 
     @property

@@ -38,13 +38,13 @@ class StaticKIVI:
         self.quant, self.bits = quant, quant.bits
         self.nq = qk.num_tokens if qk is not None else 0
         cap = math.ceil(max(capacity, self.nq) / g) * g
-        dev, vgroups = keys.device, d // quant.value_group(d)
-        self.codes_k = torch.zeros(b, h, cap, d * self.bits // 8, dtype=torch.uint8, device=dev)
-        self.codes_v = torch.zeros_like(self.codes_k)
-        self.scale_k = torch.ones(b, h, cap // g, d, dtype=torch.float16, device=dev)
-        self.zero_k = torch.zeros_like(self.scale_k)
-        self.scale_v = torch.ones(b, h, cap, vgroups, dtype=torch.float16, device=dev)
-        self.zero_v = torch.zeros_like(self.scale_v)
+        dev, vgroup = keys.device, quant.value_group(d)
+        codes = torch.zeros(b, h, cap, d * self.bits // 8, dtype=torch.uint8, device=dev)
+        ks = torch.ones(b, h, cap // g, d, dtype=torch.float16, device=dev)
+        vs = torch.ones(b, h, cap, d // vgroup, dtype=torch.float16, device=dev)
+        # the quantized part over the whole capacity (its first nq tokens are filled)
+        self.qk = QTensor(codes, ks, torch.zeros_like(ks), self.bits, "token", g)
+        self.qv = QTensor(torch.zeros_like(codes), vs, torch.zeros_like(vs), self.bits, "channel", vgroup)
         if qk is not None:
             self._write(qk, qv, 0)
         self.keys = keys.new_zeros(b, h, r + 1, d)
@@ -57,19 +57,19 @@ class StaticKIVI:
 
     @property
     def capacity(self) -> int:
-        return self.codes_k.shape[2]
+        return self.qk.num_tokens
 
     def _write(self, qk: QTensor, qv: QTensor, at: int) -> None:
         n, g = qk.num_tokens, self.quant.group
         if at + n > self.capacity:
             raise RuntimeError(f"static decode: {at + n} quantized tokens exceed the capacity of {self.capacity} "
                                "(to_static's max_new_tokens)")
-        self.codes_k[:, :, at : at + n] = qk.codes
-        self.scale_k[:, :, at // g : (at + n) // g] = qk.scale
-        self.zero_k[:, :, at // g : (at + n) // g] = qk.zero
-        self.codes_v[:, :, at : at + n] = qv.codes
-        self.scale_v[:, :, at : at + n] = qv.scale
-        self.zero_v[:, :, at : at + n] = qv.zero
+        self.qk.codes[:, :, at : at + n] = qk.codes
+        self.qk.scale[:, :, at // g : (at + n) // g] = qk.scale
+        self.qk.zero[:, :, at // g : (at + n) // g] = qk.zero
+        self.qv.codes[:, :, at : at + n] = qv.codes
+        self.qv.scale[:, :, at : at + n] = qv.scale
+        self.qv.zero[:, :, at : at + n] = qv.zero
 
     def before_step(self) -> None:
         """Spill the oldest window tokens that the next token pushes out (what the dynamic cache
@@ -99,20 +99,17 @@ class StaticKIVI:
         self.w += 1
 
     def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
-        out = decode_attention(query[:, :, 0], self.codes_k, self.scale_k, self.zero_k, self.codes_v, self.scale_v,
-                               self.zero_v, self.keys, self.values, self.qlen, self.wlen, self.bits, scale=scaling,
-                               out_dtype=query.dtype)
+        k, v = self.qk, self.qv
+        out = decode_attention(query[:, :, 0], k.codes, k.scale, k.zero, v.codes, v.scale, v.zero, self.keys,
+                               self.values, self.qlen, self.wlen, self.bits, scale=scaling, out_dtype=query.dtype)
         return out.unsqueeze(1)
 
     def dynamic(self) -> tuple[QTensor | None, QTensor | None, torch.Tensor, torch.Tensor]:
         """(qk, qv, window keys, window values) as the dynamic layer holds them (copies)."""
-        n, g = self.nq, self.quant.group
-        qk = qv = None
-        if n:
-            qk = QTensor(self.codes_k[:, :, :n].clone(), self.scale_k[:, :, : n // g].clone(),
-                         self.zero_k[:, :, : n // g].clone(), self.bits, "token", g)
-            qv = QTensor(self.codes_v[:, :, :n].clone(), self.scale_v[:, :, :n].clone(), self.zero_v[:, :, :n].clone(),
-                         self.bits, "channel", self.quant.value_group(self.keys.shape[-1]))
+        if not self.nq:
+            qk = qv = None
+        else:
+            qk, qv = self.qk.prefix(self.nq), self.qv.prefix(self.nq)
         return qk, qv, self.keys[:, :, : self.w].clone(), self.values[:, :, : self.w].clone()
 
 
