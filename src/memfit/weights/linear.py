@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memfit.kernels.packing import pack_planes, unpack_planes
+from memfit.weights.anyprec import bin_centres
 
 KINDS = ("uniform", "codebook")
 TINYGEMM_GROUPS = (32, 64, 128, 256)
@@ -85,10 +86,7 @@ class QuantLinear(nn.Module):
             w = torch.gather(self.codebook.float(), 1, q.long())
         else:
             # the top n of b planes index a bin of 2**(b-n) codes: dequantize at the bin's centre
-            m = 1 << (self.bits - self.read_bits)
-            c = (q.float() + 0.5) * m - 0.5 if m > 1 else q.float()
-            g = self.group_size
-            c = c.reshape(self.out_features, -1, g)
+            c = bin_centres(q, self.bits, self.read_bits).reshape(self.out_features, -1, self.group_size)
             w = ((c - self.zero.float()[..., None]) * self.scale.float()[..., None]).reshape(self.out_features, -1)
         return w.to(dtype or self.dtype)
 
