@@ -25,19 +25,19 @@ METHODS = ("rtn", "hqq", "guided", "anyprec")
 class WeightQuant:
     """How to quantize a model's Linear layers.
 
-    ``method``: ``rtn`` (round to nearest, min..max grid per group), ``hqq`` (HQQ's calibration-free
-    refinement of the zero point), ``guided`` (loss-guided, needs calibration text: with
-    ``grid="codebook"`` a non-uniform codebook per output channel, ``group_size`` unused; with
-    ``grid="uniform"`` HQQ's group grids with GPTQ-style error feedback) or ``anyprec`` (``bits`` planes,
-    8 by default, readable at any width down to ``seed_bits``). ``skip``: glob patterns of module names
-    kept as they are.
+    ``method``: ``rtn`` (round to nearest, min..max grid per group), ``hqq`` (calibration-free: a
+    searched clipping of each group's range, then HQQ's half-quadratic refinement of scale and zero),
+    ``guided`` (loss-guided, needs calibration text: with ``grid="codebook"`` a non-uniform codebook
+    per output channel, ``group_size`` unused; with ``grid="uniform"`` HQQ's group grids with
+    GPTQ-style error feedback) or ``anyprec`` (``bits`` planes, 8 by default, readable at any width
+    down to ``seed_bits``). ``skip``: glob patterns of module names kept as they are.
     """
 
     bits: int = 4
     group_size: int = 64
     method: str = "hqq"
     skip: tuple[str, ...] = ("lm_head",)
-    seed_bits: int = 3  # anyprec: the smallest width, whose grid HQQ chooses
+    seed_bits: int = 3  # anyprec: the smallest width, whose grid is searched for all widths at once
     calib_seqs: int = 16  # guided: calibration sequences written by the model ...
     calib_len: int = 256  # ... of this many tokens
     guide_groups: int = 4  # guided: groups of output channels sharing a weighted Hessian
