@@ -199,6 +199,13 @@ def test_quantize_rejects_bad_configs():
         WeightQuant(group_size=12)
 
 
+def test_quantize_refuses_non_finite_weights_and_leaves_the_model_as_it_was():
+    model = tiny_llama()
+    model.model.layers[1].mlp.up_proj.weight.data[3, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or infinite weights, e.g. model.layers.1.mlp.up_proj"):
+        quantize_(model, WeightQuant(bits=4, method="hqq"), progress=False)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+
 @pytest.mark.parametrize("grid", ["codebook", "uniform"])
 def test_guided_quantizes_a_model_from_its_own_calibration_text(grid):
     model = tiny_llama(torch.float32)

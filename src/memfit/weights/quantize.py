@@ -106,6 +106,12 @@ def quantize_(model: nn.Module, config: WeightQuant, *, calibration: torch.Tenso
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("this model is already quantized")
     names, skipped = _targets(model, config)
+    mods = dict(model.named_modules())
+    # checked before any layer is replaced: a grid fitted to NaN/inf is silently wrong, and the
+    # caller's model must not be left half quantized
+    bad = [n for n in names if not torch.isfinite(mods[n].weight).all()]
+    if bad:
+        raise ValueError(f"{len(bad)} layer(s) have NaN or infinite weights, e.g. {bad[0]}: refusing to quantize")
     report = QuantReport(config, skipped=skipped)
     odd = {n: why for n, why in skipped.items() if why != "skip-list"}
     if odd:
@@ -113,7 +119,6 @@ def quantize_(model: nn.Module, config: WeightQuant, *, calibration: torch.Tenso
     hessians = {}
     if config.method == "guided":
         hessians = _guided_hessians(model, names, config, calibration, progress)
-    mods = dict(model.named_modules())
     for name in tqdm(names, desc=f"quantizing ({config.method}, {config.bits}-bit)", disable=not progress, leave=False):
         lin: nn.Linear = mods[name]
         w = lin.weight.data.float()
