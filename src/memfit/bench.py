@@ -345,8 +345,9 @@ def bench_decode(batch: int = 8, context: int = 32768, policies: tuple[str, ...]
                  steps: int = 32, chunk: int = 2048, layers: int = 32, graph: bool = True) -> list[dict]:
     """Decode step time and peak GPU memory of a random-weight Llama-3.1-8B-shaped model after a
     ``batch`` x ``context`` prefill, with transformers' DynamicCache ("none") and CompressedCache;
-    ``graph``: a compressed cache is also timed in static form, each step a replayed CUDA graph
-    (``graph_step_ms``: no per-step host work, which on a slow host sets the eager step time)."""
+    ``graph``: each cache is also timed in static form, each step a replayed CUDA graph
+    (``graph_step_ms``: no per-step host work, which on a slow host sets the eager step time):
+    "none" as transformers' 16-bit StaticCache, a compressed cache through ``to_static``."""
     from transformers import DynamicCache
 
     import memfit.kv.attention  # noqa: F401  registers the memfit attention implementation
@@ -383,7 +384,14 @@ def bench_decode(batch: int = 8, context: int = 32768, policies: tuple[str, ...]
         row = {"policy": spec, "batch": batch, "context": context, "layers": layers, "weights_bytes": weights,
                "kv_bytes": kv, "prefill_s": prefill_s, "decode_step_ms": step_ms,
                "decode_peak_bytes": torch.cuda.max_memory_allocated(), "prefill_peak_bytes": prefill_peak}
-        if graph and spec != "none":  # the same cache in fixed buffers, each step one replayed CUDA graph
+        if graph and spec == "none":  # transformers' own static form: a StaticCache, each step a replayed graph
+            del cache
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            row["graph_step_ms"] = _decode_step_ms(model, batch, context, reps=steps, chunk=chunk, full=True)[0]
+            row["graph_peak_bytes"] = torch.cuda.max_memory_allocated()
+            cache = None
+        elif graph:  # the same cache in fixed buffers, each step one replayed CUDA graph
             dec = GraphDecoder(model, cache.to_static(max_new_tokens=steps + 3))
             for i in range(steps + 3):
                 if i == 3:  # an eager step (compiles), the capture, one replay
@@ -401,6 +409,8 @@ def bench_decode(batch: int = 8, context: int = 32768, policies: tuple[str, ...]
         r["speedup"] = base["decode_step_ms"] / r["decode_step_ms"]
         if "graph_step_ms" in r:
             r["graph_speedup"] = base["decode_step_ms"] / r["graph_step_ms"]
+            if "graph_step_ms" in base:  # graph against graph: no host overhead on either side
+                r["graph_speedup_vs_static"] = base["graph_step_ms"] / r["graph_step_ms"]
         r["peak_saving_bytes"] = base["decode_peak_bytes"] - r["decode_peak_bytes"]
         r["kv_saving_bytes"] = base["kv_bytes"] - r["kv_bytes"]
     return rows
@@ -467,27 +477,35 @@ def bench_weights(lm: LM, configs: list, text: str, read_bits: tuple[int, ...] =
     return rows
 
 
-def _decode_step_ms(model, batch: int, prompt: int, reps: int = 50, compile: bool = False) -> tuple[float, str]:
-    """One decode step at batch ``batch`` after a ``prompt``-token prefill, with a StaticCache, replayed
-    as a CUDA graph (what a serving engine does: at batch 1 eager PyTorch is bound by Python), else eager.
-    With ``compile``, the step is torch.compile'd first (inductor fuses the small elementwise kernels
-    between the matmuls, as gpt-fast and torchao's figures do), then captured."""
+def _decode_step_ms(model, batch: int, prompt: int, reps: int = 50, compile: bool = False,
+                    chunk: int | None = None, full: bool = False) -> tuple[float, str]:
+    """One decode step at batch ``batch`` after a ``prompt``-token prefill (``chunk`` tokens a forward),
+    with a StaticCache, replayed as a CUDA graph (what a serving engine does: at batch 1 eager PyTorch
+    is bound by Python), else eager. With ``compile``, the step is torch.compile'd first (inductor
+    fuses the small elementwise kernels between the matmuls, as gpt-fast and torchao's figures do),
+    then captured. ``full``: the step fills the cache's last slot, so (with memfit's attention) it
+    runs unmasked, on SDPA's GQA kernel: transformers' masked step repeats K and V for every query
+    head, which at long context costs more than the attention itself."""
     from transformers import StaticCache
 
-    cache = StaticCache(config=model.config, max_cache_len=prompt + 16)
+    cache = StaticCache(config=model.config, max_cache_len=prompt + (1 if full else 16))
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda")
+    chunk = chunk or prompt
     with torch.no_grad():
-        model(ids, past_key_values=cache, cache_position=torch.arange(prompt, device="cuda"), use_cache=True)
+        for s in range(0, prompt, chunk):
+            model(ids[:, s : s + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1,
+                  cache_position=torch.arange(s, min(s + chunk, prompt), device="cuda"))
         tok = ids[:, -1:].clone()
         pos = torch.tensor([prompt], device="cuda")
 
+        flag = {"memfit_static_step": True} if full else {}
         lengths = [layer.cumulative_length for layer in getattr(cache, "layers", [])
                    if torch.is_tensor(getattr(layer, "cumulative_length", None))]
 
         def step():
             for n in lengths:  # newer StaticCache layers count their own length: rewind, so every replay writes slot `prompt`
                 n.fill_(prompt)
-            return model(tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
+            return model(tok, past_key_values=cache, cache_position=pos, use_cache=True, **flag).logits
 
         if compile:  # the eager prefill above already built every layer's kernel-side weights
             step = torch.compile(step, dynamic=False)

@@ -83,3 +83,25 @@ def test_static_decode_refuses_what_it_cannot_hold():
             dec.step(ids[:, :1])
     with pytest.raises(ValueError, match="to_static"):
         GraphDecoder(model, _prefilled(model, ids))
+
+
+def test_a_static_step_over_a_full_static_cache_runs_unmasked_and_equals_the_dynamic_cache():
+    """``memfit_static_step`` says every slot is filled: memfit's attention drops transformers' mask
+    (so SDPA can run its GQA kernel), which is exact for a full cache: `bench decode`'s 16-bit
+    graph baseline."""
+    from transformers import DynamicCache, StaticCache
+
+    model = tiny_llama()
+    ids = torch.randint(0, 250, (2, 41))
+    prompt = ids[:, :40]
+    with torch.no_grad():
+        dyn = DynamicCache(config=model.config)
+        model(prompt, past_key_values=dyn)
+        want = model(ids[:, 40:], past_key_values=dyn).logits
+        for slots in (41, 48):  # full, then with empty slots (which the mask must hide)
+            cache = StaticCache(config=model.config, max_cache_len=slots)
+            for s in range(0, 40, 16):
+                model(prompt[:, s : s + 16], past_key_values=cache, cache_position=torch.arange(s, min(s + 16, 40)))
+            got = model(ids[:, 40:], past_key_values=cache, cache_position=torch.tensor([40]),
+                        memfit_static_step=slots == 41).logits
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -185,13 +185,15 @@ def _with_head_mask(mask: torch.Tensor | None, head_mask: torch.Tensor, query: t
 def memfit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                              value: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs):
     state = _state()
+    if kwargs.get("memfit_static_step", False) and query.shape[2] == 1:
+        # a static step (GraphDecoder's) has no padding and no empty slot: the mask transformers
+        # builds for its one query token is all visible (under CUDA-graph capture it is not
+        # skipped); without it SDPA also runs its GQA kernel instead of repeating K and V per head
+        attention_mask = None
     packed = state.packed.pop(module.layer_idx, None)
     if packed is not None:
         scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
-        # a GraphDecoder step (memfit_static_step) has no padding: the mask transformers builds for
-        # its one query token is all visible (under CUDA-graph capture it is not skipped)
-        unmasked = attention_mask is None or kwargs.get("memfit_static_step", False)
-        if query.shape[2] == 1 and unmasked and _observer is None and not state.requests:
+        if query.shape[2] == 1 and attention_mask is None and _observer is None and not state.requests:
             return packed.attend(query, scaling), None  # the packed-KV kernel: nothing dequantized
         key, value = packed.materialize()
     head_mask = state.masks.pop(module.layer_idx, None)
