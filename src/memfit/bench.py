@@ -529,19 +529,23 @@ def _decode_step_ms(model, batch: int, prompt: int, reps: int = 50, compile: boo
 
 
 def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: int = 4, group_size: int = 64,
-                        method: str = "hqq", layers: int = 32, compile: bool = False) -> dict:
+                        method: str = "hqq", layers: int = 32, compile: bool = False,
+                        lm_head: bool = False) -> dict:
     """Decode step time of a random-weight Llama-3.1-8B-shaped model with bf16 weights, then with
     ``bits``-bit weights (memfit's QuantLinear; on CUDA a 4-bit uniform grid runs torch's tinygemm
-    int4 kernel), on the same model and shapes."""
+    int4 kernel), on the same model and shapes. ``lm_head``: quantize the output layer too (as
+    torchao's int4 weight-only and gpt-fast do: every Linear); by default it stays bf16, as
+    ``WeightQuant``'s skip-list keeps it."""
     from memfit.weights import QuantLinear, WeightQuant, quantize_, weight_bytes
 
     model = _random_llama8b(layers, "sdpa")
     out = {"batch": batch, "prompt": prompt, "layers": layers, "bits": bits, "group_size": group_size, "method": method,
-           "device": torch.cuda.get_device_name()}
+           "lm_head_quantized": lm_head, "device": torch.cuda.get_device_name()}
     out["bf16_ms"], out["bf16_mode"] = _decode_step_ms(model, batch, prompt, compile=compile)
     out["bf16_weight_bytes"] = weight_bytes(model)["total"]
     t0 = time.perf_counter()
-    quantize_(model, WeightQuant(bits=bits, group_size=group_size, method=method), progress=False)
+    skip = () if lm_head else WeightQuant.skip
+    quantize_(model, WeightQuant(bits=bits, group_size=group_size, method=method, skip=skip), progress=False)
     torch.cuda.synchronize()
     out["quantize_s"] = time.perf_counter() - t0
     kernels = [m.kernel for m in model.modules() if isinstance(m, QuantLinear)]

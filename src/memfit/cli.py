@@ -495,13 +495,16 @@ def bench_weight_decode_cmd(
     method: str = typer.Option("hqq"),
     layers: int = LAYERS_OPTION,
     compile: bool = typer.Option(False, "--compile", help="torch.compile the step before capturing it."),
+    lm_head: bool = typer.Option(False, "--lm-head", help="Quantize the output layer too (torchao's int4 "
+                                 "weight-only does: every Linear); by default it stays bf16."),
     out: Path = typer.Option(Path("results/bench_weight_decode.json"), "--out", "-o"),
 ) -> None:
     """GPU: decode step time, random-weight Llama-3.1-8B shape, bf16 weights vs quantized weights."""
     from memfit.bench import bench_weight_decode
 
     _need_cuda("bench weight-decode")
-    r = bench_weight_decode(batch, bits=bits, group_size=group_size, method=method, layers=layers, compile=compile)
+    r = bench_weight_decode(batch, bits=bits, group_size=group_size, method=method, layers=layers, compile=compile,
+                            lm_head=lm_head)
     _write_json(out, r)
     typer.echo(f"bf16 {r['bf16_ms']:.3f} ms ({r['bf16_mode']}) vs {bits}-bit {r['quant_ms']:.3f} ms ({r['quant_mode']}, "
                f"{r['kernels']}): {r['speedup']:.2f}x; weights {r['bf16_weight_bytes'] / 2**30:.2f} -> "
