@@ -206,6 +206,7 @@ def test_quantize_refuses_non_finite_weights_and_leaves_the_model_as_it_was():
         quantize_(model, WeightQuant(bits=4, method="hqq"), progress=False)
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
 
+
 @pytest.mark.parametrize("grid", ["codebook", "uniform"])
 def test_guided_quantizes_a_model_from_its_own_calibration_text(grid):
     model = tiny_llama(torch.float32)
