@@ -340,6 +340,18 @@ def _random_llama8b(layers: int, attn: str | None = None):
         torch.set_default_dtype(default)
 
 
+def _steps_ms(step, tok: torch.Tensor, steps: int, warmup: int = 3) -> tuple[float, torch.Tensor]:
+    """Mean wall time in ms of ``steps`` greedy decode steps ``tok = step(tok)`` after ``warmup``
+    untimed ones (kernel compilation, allocator, graph capture); returns it and the last token."""
+    for i in range(steps + warmup):
+        if i == warmup:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        tok = step(tok)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps * 1000, tok
+
+
 @torch.no_grad()
 def bench_decode(batch: int = 8, context: int = 32768, policies: tuple[str, ...] = ("none", "kivi(bits=4)"),
                  steps: int = 32, chunk: int = 2048, layers: int = 32, graph: bool = True) -> list[dict]:
@@ -374,32 +386,21 @@ def bench_decode(batch: int = 8, context: int = 32768, policies: tuple[str, ...]
               if spec == "none" else cache.nbytes)
         torch.cuda.reset_peak_memory_stats()
         tok = torch.randint(0, cfg.vocab_size, (batch, 1), device=dev)
-        for i in range(steps + 3):
-            if i == 3:  # three warm-up steps (kernel compilation, allocator)
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-            tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-        torch.cuda.synchronize()
-        step_ms = (time.perf_counter() - t0) / steps * 1000
+        step_ms, tok = _steps_ms(lambda t, c=cache: model(t, past_key_values=c, use_cache=True).logits[:, -1:].argmax(-1),
+                                 tok, steps)
         row = {"policy": spec, "batch": batch, "context": context, "layers": layers, "weights_bytes": weights,
                "kv_bytes": kv, "prefill_s": prefill_s, "decode_step_ms": step_ms,
                "decode_peak_bytes": torch.cuda.max_memory_allocated(), "prefill_peak_bytes": prefill_peak}
         if graph and spec == "none":  # transformers' own static form: a StaticCache, each step a replayed graph
-            del cache
+            cache = None
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             row["graph_step_ms"] = _decode_step_ms(model, batch, context, reps=steps, chunk=chunk, full=True)[0]
             row["graph_peak_bytes"] = torch.cuda.max_memory_allocated()
-            cache = None
         elif graph:  # the same cache in fixed buffers, each step one replayed CUDA graph
             dec = GraphDecoder(model, cache.to_static(max_new_tokens=steps + 3))
-            for i in range(steps + 3):
-                if i == 3:  # an eager step (compiles), the capture, one replay
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                tok = dec.step(tok).argmax(-1, keepdim=True)
-            torch.cuda.synchronize()
-            row["graph_step_ms"] = (time.perf_counter() - t0) / steps * 1000
+            # the warm-up steps: an eager step (compiles), the capture, one replay
+            row["graph_step_ms"], tok = _steps_ms(lambda t, d=dec: d.step(t).argmax(-1, keepdim=True), tok, steps)
             row["graph_peak_bytes"] = torch.cuda.max_memory_allocated()
             del dec
         rows.append(row)
