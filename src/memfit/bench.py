@@ -418,20 +418,21 @@ def bench_decode(batch: int = 8, context: int = 32768, policies: tuple[str, ...]
 
 
 def parse_weight_config(spec: str):
-    """``"hqq:4"``, ``"rtn:3:g128"``, ``"guided:3"``, ``"guided:4:uniform"``, ``"anyprec:8"`` -> WeightQuant."""
+    """``"hqq:4"``, ``"rtn:3:g128"``, ``"hqq:4:g32:m8"`` (scale and zero in 8 bits), ``"guided:3"``,
+    ``"guided:4:uniform"``, ``"anyprec:8"`` -> WeightQuant."""
     from memfit.weights import WeightQuant
 
     parts = spec.split(":")
     if len(parts) < 2 or not parts[1].isdigit():
-        raise ValueError(f"bad weight config {spec!r}: use METHOD:BITS[:gGROUP], e.g. hqq:4 or rtn:3:g128")
+        raise ValueError(f"bad weight config {spec!r}: use METHOD:BITS[:gGROUP][:mMETA], e.g. hqq:4 or rtn:3:g128")
     kw = {"method": parts[0], "bits": int(parts[1])}
     for extra in parts[2:]:
         if extra in ("uniform", "codebook"):
             kw["grid"] = extra
-        elif extra.startswith("g") and extra[1:].isdigit():
-            kw["group_size"] = int(extra[1:])
+        elif extra[:1] in ("g", "m") and extra[1:].isdigit():
+            kw["group_size" if extra[0] == "g" else "meta_bits"] = int(extra[1:])
         else:
-            raise ValueError(f"bad weight config {spec!r}: {extra!r} is not gGROUP, uniform or codebook")
+            raise ValueError(f"bad weight config {spec!r}: {extra!r} is not gGROUP, mMETA_BITS, uniform or codebook")
     return WeightQuant(**kw)
 
 
@@ -467,9 +468,10 @@ def bench_weights(lm: LM, configs: list, text: str, read_bits: tuple[int, ...] =
             ppl = perplexity(lm, text)
             name = (f"{cfg.method}:{cfg.bits}" + (f":g{cfg.group_size}" if cfg.uses_groups and cfg.group_size != 64 else "")
                     + (":uniform" if cfg.method == "guided" and cfg.grid == "uniform" else "")
+                    + (f":m{cfg.meta_bits}" if cfg.meta_bits else "")
                     + (f"@{bits}" if cfg.method == "anyprec" else ""))
             rows.append({"config": name, "method": cfg.method, "bits": bits, "stored_bits": cfg.bits,
-                         "group_size": cfg.group_size if cfg.uses_groups else None,
+                         "group_size": cfg.group_size if cfg.uses_groups else None, "meta_bits": cfg.meta_bits,
                          "perplexity": ppl, "ppl_vs_ref": ppl / ref_ppl - 1,
                          "linear_bytes": report.nbytes, "linear_fraction": report.nbytes / report.orig_nbytes,
                          "model_bytes": wb["total"], "model_fraction": wb["total"] / ref_bytes["total"],
@@ -531,22 +533,24 @@ def _decode_step_ms(model, batch: int, prompt: int, reps: int = 50, compile: boo
 
 def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: int = 4, group_size: int = 64,
                         method: str = "hqq", layers: int = 32, compile: bool = False,
-                        lm_head: bool = False) -> dict:
+                        lm_head: bool = False, meta_bits: int = 0) -> dict:
     """Decode step time of a random-weight Llama-3.1-8B-shaped model with bf16 weights, then with
     ``bits``-bit weights (memfit's QuantLinear; on CUDA a 4-bit uniform grid runs torch's tinygemm
     int4 kernel), on the same model and shapes. ``lm_head``: quantize the output layer too (as
     torchao's int4 weight-only and gpt-fast do: every Linear); by default it stays bf16, as
-    ``WeightQuant``'s skip-list keeps it."""
+    ``WeightQuant``'s skip-list keeps it. ``meta_bits``: scale and zero stored in that many bits (the
+    kernel reads a bfloat16 copy made on first use)."""
     from memfit.weights import QuantLinear, WeightQuant, quantize_, weight_bytes
 
     model = _random_llama8b(layers, "sdpa")
     out = {"batch": batch, "prompt": prompt, "layers": layers, "bits": bits, "group_size": group_size, "method": method,
-           "lm_head_quantized": lm_head, "device": torch.cuda.get_device_name()}
+           "meta_bits": meta_bits, "lm_head_quantized": lm_head, "device": torch.cuda.get_device_name()}
     out["bf16_ms"], out["bf16_mode"] = _decode_step_ms(model, batch, prompt, compile=compile)
     out["bf16_weight_bytes"] = weight_bytes(model)["total"]
     t0 = time.perf_counter()
     skip = () if lm_head else WeightQuant.skip
-    quantize_(model, WeightQuant(bits=bits, group_size=group_size, method=method, skip=skip), progress=False)
+    quantize_(model, WeightQuant(bits=bits, group_size=group_size, method=method, skip=skip, meta_bits=meta_bits),
+              progress=False)
     torch.cuda.synchronize()
     out["quantize_s"] = time.perf_counter() - t0
     kernels = [m.kernel for m in model.modules() if isinstance(m, QuantLinear)]

@@ -335,6 +335,8 @@ def quantize(
     calib_seqs: int = typer.Option(16, help="guided: calibration sequences the model writes."),
     calib_len: int = typer.Option(256, help="guided: tokens per calibration sequence."),
     grid: str = typer.Option("codebook", help="guided: codebook (non-uniform per output channel) or uniform (per group)."),
+    meta_bits: int = typer.Option(0, "--meta-bits", help="Uniform grids: bits of each group's scale and of its zero "
+                                  "(0: float16). 8 pays for --group-size 32 at about g64's bytes."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write (safetensors + config + tokenizer)."),
 ) -> None:
     """Quantize a model's weights and save them; `memfit.load_model(OUT)` and `--model OUT` load them."""
@@ -342,7 +344,7 @@ def quantize(
 
     try:
         cfg = WeightQuant(bits=bits, group_size=group_size, method=method, skip=tuple(skip), seed_bits=seed_bits,
-                          calib_seqs=calib_seqs, calib_len=calib_len, grid=grid)
+                          calib_seqs=calib_seqs, calib_len=calib_len, grid=grid, meta_bits=meta_bits)
     except ValueError as e:
         _fail(str(e))
     if out.exists() and any(out.iterdir()) and not (out / "memfit_quant.json").is_file():
@@ -497,6 +499,7 @@ def bench_weight_decode_cmd(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the step before capturing it."),
     lm_head: bool = typer.Option(False, "--lm-head", help="Quantize the output layer too (torchao's int4 "
                                  "weight-only does: every Linear); by default it stays bf16."),
+    meta_bits: int = typer.Option(0, "--meta-bits", help="Scale and zero stored in this many bits (0: float16)."),
     out: Path = typer.Option(Path("results/bench_weight_decode.json"), "--out", "-o"),
 ) -> None:
     """GPU: decode step time, random-weight Llama-3.1-8B shape, bf16 weights vs quantized weights."""
@@ -504,7 +507,7 @@ def bench_weight_decode_cmd(
 
     _need_cuda("bench weight-decode")
     r = bench_weight_decode(batch, bits=bits, group_size=group_size, method=method, layers=layers, compile=compile,
-                            lm_head=lm_head)
+                            lm_head=lm_head, meta_bits=meta_bits)
     _write_json(out, r)
     typer.echo(f"bf16 {r['bf16_ms']:.3f} ms ({r['bf16_mode']}) vs {bits}-bit {r['quant_ms']:.3f} ms ({r['quant_mode']}, "
                f"{r['kernels']}): {r['speedup']:.2f}x; weights {r['bf16_weight_bytes'] / 2**30:.2f} -> "

@@ -11,7 +11,7 @@ from memfit.kernels.packing import pack_planes, unpack_planes
 from memfit.weights import QuantLinear, WeightQuant, quantize_, save_quantized, set_read_bits, weight_bytes
 from memfit.weights import guided
 from memfit.weights.anyprec import anyprec, bin_centres, nested_grid
-from memfit.weights.grid import UniformCodes, hqq, minmax_grid, round_codes, rtn, search_grid
+from memfit.weights.grid import MetaCodes, UniformCodes, hqq, minmax_grid, round_codes, rtn, search_grid, with_meta
 from conftest import byte_tokenizer, tiny_llama
 
 
@@ -121,7 +121,7 @@ def test_guided_uniform_beats_hqq_on_the_same_grid_and_bytes():
     h = guided.damp(torch.einsum("tg,ti,tj->gij", s, x, x) / t)
     w = _weight(out, inp, seed=2)
     for bits in (3, 4):
-        g = guided.gptq_uniform(w, h, bits, 64)
+        g, _ = guided.gptq_uniform(w, h, bits, 64)
         assert g.codes.max() <= (1 << bits) - 1 and g.scale.shape == (out, 2)
         f_guided = guided.objective(w, g.dequantize(), h)
         assert f_guided < 0.8 * guided.objective(w, hqq(w, bits, 64).dequantize(), h)
@@ -167,16 +167,67 @@ def test_any_precision_seed_grid_is_searched_for_every_width_at_once():
     assert (searched <= minmax * (1 + 1e-5)).all() and searched.sum() < 0.95 * minmax.sum()
 
 
+def test_meta_codes_keep_each_grid_within_half_a_meta_step():
+    w = _weight(48, 256)
+    w[0] *= 20
+    w[1] = w[1] ** 3 * 400
+    w[2, :32] = 0.3  # a constant group: its zero is 2**12 code units away, its offset is just 0.3
+    uc = hqq(w, 4, 32)
+    for bits in (4, 8):
+        meta = MetaCodes.fit(uc.scale, uc.zero, bits)
+        assert meta.scale_codes.dtype == torch.uint8 and meta.scale_codes.max() <= (1 << bits) - 1
+        s, z = meta.grid()
+        r = meta.ranges.float()
+        # log2 scale within half a step; the offset -zero * scale within half a step (a little float16 slack)
+        assert ((torch.log2(s) - torch.log2(uc.scale)).abs() <= r[:, 1:2] / 2 + 1e-3).all()
+        assert ((s * z - uc.scale * uc.zero).abs() <= r[:, 3:4] / 2 + 1e-3 * uc.scale).all()
+        assert torch.equal(MetaCodes.snap(meta.ranges, s, z, bits).scale_codes, meta.scale_codes)  # a fixed point
+
+
+def test_meta_bits_buy_smaller_groups_for_about_the_bytes():
+    """4-bit g32 with 8-bit scale and zero: nearly g32's float16 error, well under g64's, for 4.5 bits
+    a weight plus 64 per row; the weights are re-rounded on the grid as stored."""
+    w = _weight(48, 256)
+    w[0] *= 20
+    w[1] = w[1] ** 3 * 400
+    err = lambda x: ((x - w) ** 2).sum().item()  # noqa: E731
+    g32 = hqq(w, 4, 32)
+    uc, meta = with_meta(w, g32, 8)
+    assert torch.equal(uc.codes.float().reshape(48, -1, 32), round_codes(w.reshape(48, -1, 32), *meta.grid(), 4))
+    assert err(uc.dequantize()) < 1.02 * err(g32.dequantize())
+    assert err(uc.dequantize()) < 0.8 * err(hqq(w, 4, 64).dequantize())
+    lin = nn.Linear(256, 48, bias=False)
+    lin.weight.data.copy_(w)
+    q = QuantLinear.from_codes(lin, uc.codes, 4, group_size=32, meta=meta)
+    torch.testing.assert_close(q.dequantize(torch.float32), uc.dequantize(), rtol=0, atol=1e-6)
+    assert q.nbytes == 48 * 256 // 2 + 2 * 48 * 8 + 48 * 8  # planes, two uint8 codes per group, 4 float16 per row
+    with pytest.raises(ValueError, match="meta_bits"):
+        QuantLinear(256, 48, 4, 32, meta_bits=9)
+
+
+def test_guided_uniform_with_meta_bits_rounds_on_the_stored_grid():
+    torch.manual_seed(0)
+    x = torch.randn(1024, 128)
+    h = guided.damp((x.T @ x / 1024)[None])
+    w = _weight(32, 128, seed=3)
+    uc, meta = guided.gptq_uniform(w, h, 3, 32, meta_bits=8)
+    s, z = meta.grid()
+    torch.testing.assert_close(s, uc.scale, rtol=1e-5, atol=0)
+    torch.testing.assert_close(z * s, uc.zero * uc.scale, rtol=0, atol=1e-6)
+    plain, _ = guided.gptq_uniform(w, h, 3, 32)
+    assert guided.objective(w, uc.dequantize(), h) < 1.1 * guided.objective(w, plain.dequantize(), h)
+
+
 def _logits(model, ids):
     with torch.no_grad():
         return model(ids).logits
 
 
-@pytest.mark.parametrize("method", ["rtn", "hqq", "anyprec"])
-def test_quantize_replaces_linears_and_matches_the_dequantized_model(method):
+@pytest.mark.parametrize("method,meta_bits", [("rtn", 0), ("hqq", 0), ("anyprec", 0), ("hqq", 8), ("anyprec", 6)])
+def test_quantize_replaces_linears_and_matches_the_dequantized_model(method, meta_bits):
     model, ref = tiny_llama(torch.float32), tiny_llama(torch.float32)
     report = quantize_(model, WeightQuant(bits=4 if method != "anyprec" else 8, group_size=32, method=method,
-                                          skip=("lm_head", "*.o_proj")), progress=False)
+                                          skip=("lm_head", "*.o_proj"), meta_bits=meta_bits), progress=False)
     names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     assert len(names) == 2 * 6 and not any("o_proj" in n or "lm_head" in n for n in names)
     assert set(report.skipped) == {"lm_head", "model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"}
@@ -197,6 +248,10 @@ def test_quantize_rejects_bad_configs():
         WeightQuant(bits=9)
     with pytest.raises(ValueError, match="group_size"):
         WeightQuant(group_size=12)
+    with pytest.raises(ValueError, match="meta_bits"):
+        WeightQuant(meta_bits=1)
+    with pytest.raises(ValueError, match="meta_bits.*codebook"):
+        WeightQuant(method="guided", meta_bits=8)
 
 
 def test_quantize_refuses_non_finite_weights_and_leaves_the_model_as_it_was():
@@ -220,7 +275,8 @@ def test_guided_quantizes_a_model_from_its_own_calibration_text(grid):
 
 def test_save_and_load_round_trip(tmp_path, tiny_model_dir):
     lm = memfit.load_model(str(tiny_model_dir), "cpu", dtype="float32")
-    report = quantize_(lm.model, WeightQuant(bits=8, method="anyprec", group_size=32), progress=False)
+    report = quantize_(lm.model, WeightQuant(bits=8, method="anyprec", group_size=32, meta_bits=8), progress=False)
+    assert all(v["meta_bits"] == 8 for v in report.layers.values())
     out = save_quantized(lm.model, lm.tokenizer, tmp_path / "q", report)
     back = memfit.load_model(str(out), "cpu")
     ids = torch.randint(0, 256, (1, 20))
@@ -259,13 +315,17 @@ def test_load_refuses_corrupt_or_incomplete_folders(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("stored_bits", [4, 8])
-def test_tinygemm_int4_path_matches_the_dequantized_reference(stored_bits):
+@pytest.mark.parametrize("stored_bits,meta_bits", [(4, 0), (8, 0), (4, 8)])
+def test_tinygemm_int4_path_matches_the_dequantized_reference(stored_bits, meta_bits):
     torch.manual_seed(0)
     lin = nn.Linear(1024, 256, bias=True, device="cuda", dtype=torch.bfloat16)
     w = lin.weight.data.float()
     uc = hqq(w, 4, 64) if stored_bits == 4 else anyprec(w, 64, bits=8, seed_bits=3)
-    q = QuantLinear.from_codes(lin, uc.codes, stored_bits, scale=uc.scale.half(), zero=uc.zero.half(), group_size=64)
+    meta = None
+    if meta_bits:
+        uc, meta = with_meta(w, uc, meta_bits)
+    q = QuantLinear.from_codes(lin, uc.codes, stored_bits, scale=uc.scale.half(), zero=uc.zero.half(), group_size=64,
+                               meta=meta)
     q.set_read_bits(4)
     assert q.kernel == "tinygemm-int4"
     x = torch.randn(3, 1024, device="cuda", dtype=torch.bfloat16)

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from memfit.bench import parse_weight_config
@@ -13,9 +14,10 @@ def test_cli_quantize_then_compare_perplexities(tiny_model_dir, tmp_path):
     text.write_text("The keeper climbed the tower at dusk and lit the lamp. " * 12)
     out = tmp_path / "q4"
     r = runner.invoke(app, ["quantize", "-m", str(tiny_model_dir), "--bits", "4", "--method", "hqq", "-g", "32",
-                            "--out", str(out)])
+                            "--meta-bits", "8", "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert "14 layers quantized" in r.output and (out / "model.safetensors").is_file()
+    assert json.loads((out / "memfit_quant.json").read_text())["config"]["meta_bits"] == 8
     ap = tmp_path / "ap"
     r = runner.invoke(app, ["quantize", "-m", str(tiny_model_dir), "--bits", "8", "--method", "anyprec", "-g", "32",
                             "--out", str(ap)])
@@ -54,3 +56,6 @@ def test_parse_weight_config():
     assert (cfg.method, cfg.bits, cfg.group_size) == ("rtn", 3, 128)
     assert parse_weight_config("anyprec:8").method == "anyprec"
     assert parse_weight_config("guided:4:uniform").grid == "uniform"
+    assert parse_weight_config("hqq:4:g32:m8").meta_bits == 8
+    with pytest.raises(ValueError, match="mMETA_BITS"):
+        parse_weight_config("hqq:4:x8")

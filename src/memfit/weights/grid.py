@@ -134,3 +134,69 @@ def hqq(w: torch.Tensor, bits: int, group_size: int, *, iters: int = 20, p: floa
         beta *= kappa
     codes = round_codes(wg, best_s, best_z, bits)
     return UniformCodes(codes.reshape(w.shape).to(torch.uint8), best_s, best_z, bits, group_size)
+
+
+def _half_towards(x: torch.Tensor, direction: int) -> torch.Tensor:
+    """``x`` in float16, rounded down (``direction`` -1) or up (+1) instead of to nearest."""
+    h = x.half()
+    off = h.float() > x if direction < 0 else h.float() < x
+    return torch.where(off, torch.nextafter(h, torch.full_like(h, direction * float("inf"))), h)
+
+
+@dataclass
+class MetaCodes:
+    """A uniform grid's scale and zero stored in ``bits`` bits per group instead of float16 (HQQ's
+    meta-data quantization, QLoRA's double quantization): ``log2(scale)`` and the grid's offset
+    ``-zero * scale`` (the weight that code 0 stands for), each on ``2**bits`` levels spanning its
+    output row's own range. ``ranges`` float16 [out, 4]: log2-scale low and step, offset low and step.
+    Log scale, because a row's scales span orders of magnitude and each wants the same relative
+    precision; offset in the weight domain, because a constant group's zero (|zero| up to 2**12 in
+    code units) would stretch a code-domain range for the whole row."""
+
+    scale_codes: torch.Tensor  # uint8 [out, groups]
+    offset_codes: torch.Tensor  # uint8 [out, groups]
+    ranges: torch.Tensor
+    bits: int
+
+    @classmethod
+    def fit(cls, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> "MetaCodes":
+        """Each row's ranges from its own grids, then those grids snapped onto them."""
+        if not 2 <= bits <= 8:
+            raise ValueError(f"meta bits must be in 2..8, got {bits}")
+        n = (1 << bits) - 1
+
+        def span(x):  # float16 low rounded down and step rounded up, so the n steps still reach the top
+            lo = _half_towards(x.amin(-1), -1)
+            return lo, _half_towards((x.amax(-1) - lo.float()) / n, 1)
+
+        ranges = torch.stack([*span(torch.log2(scale.float())), *span(-zero.float() * scale.float())], -1)
+        return cls.snap(ranges, scale, zero, bits)
+
+    @classmethod
+    def snap(cls, ranges: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> "MetaCodes":
+        """Codes of the grids ``scale``/``zero`` on given row ranges (out-of-range values are clamped)."""
+        n = (1 << bits) - 1
+        r = ranges.float()[:, None, :]  # [out, 1, 4] against [out, groups]
+
+        def code(x, lo, step):
+            return torch.round((x - lo) / step.clamp_min(1e-30)).clamp_(0, n).to(torch.uint8)
+
+        sc = code(torch.log2(scale.float()), r[..., 0], r[..., 1])
+        oc = code(-zero.float() * scale.float(), r[..., 2], r[..., 3])
+        return cls(sc, oc, ranges, bits)
+
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scale and zero (float32) these codes stand for."""
+        r = self.ranges.float()[:, None, :]
+        scale = torch.exp2(r[..., 0] + self.scale_codes.float() * r[..., 1])
+        offset = r[..., 2] + self.offset_codes.float() * r[..., 3]
+        return scale, -offset / scale
+
+
+def with_meta(w: torch.Tensor, uc: UniformCodes, meta_bits: int) -> tuple[UniformCodes, MetaCodes]:
+    """``uc``'s grids with their scale and zero stored in ``meta_bits`` bits (``MetaCodes``), and the
+    weights re-rounded on the grids as stored, so the codes fit the grid that is read back."""
+    meta = MetaCodes.fit(uc.scale, uc.zero, meta_bits)
+    scale, zero = meta.grid()
+    codes = round_codes(_grouped(w, uc.group_size), scale, zero, uc.bits)
+    return UniformCodes(codes.reshape(w.shape).to(torch.uint8), scale, zero, uc.bits, uc.group_size), meta

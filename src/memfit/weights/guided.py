@@ -225,22 +225,34 @@ def lnq(w: torch.Tensor, h: torch.Tensor, bits: int, iters: int = 3) -> tuple[to
     return code.to(torch.uint8), cb, history
 
 
-def gptq_uniform(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int):
+def gptq_uniform(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, meta_bits: int = 0):
     """The guided objective on a uniform grid (GuidedQuant applied to GPTQ): columns rounded in order,
     each column's error pushed onto the later columns through the Cholesky factor of H^-1; each group
     of ``group_size`` input channels gets its HQQ grid from the weights as updated when it is reached.
-    Same storage as ``hqq``. Returns a ``UniformCodes``."""
-    from memfit.weights.grid import UniformCodes
+    Same storage as ``hqq``. With ``meta_bits``, each row's meta ranges come from the HQQ grids of the
+    weights before any feedback, and every group's grid is snapped onto them before its columns are
+    rounded, so the codes are chosen on the grid that is stored. Returns ``(UniformCodes, MetaCodes
+    or None)``."""
+    from memfit.weights.grid import MetaCodes, UniformCodes, hqq
 
+    ranges = None
+    if meta_bits:
+        u = hqq(w, bits, group_size)
+        ranges = MetaCodes.fit(u.scale, u.zero, meta_bits).ranges
     rows = w.shape[0] // h.shape[0]
-    parts = [_gptq_uniform_rows(w[i * rows : (i + 1) * rows], h[i], bits, group_size) for i in range(h.shape[0])]
+    parts = []
+    for i in range(h.shape[0]):
+        sl = slice(i * rows, (i + 1) * rows)
+        parts.append(_gptq_uniform_rows(w[sl], h[i], bits, group_size, None if ranges is None else (ranges[sl], meta_bits)))
     codes, scale, zero = (torch.cat(t) for t in zip(*parts))
-    return UniformCodes(codes, scale, zero, bits, group_size)
+    meta = MetaCodes.snap(ranges, scale, zero, meta_bits) if meta_bits else None
+    return UniformCodes(codes, scale, zero, bits, group_size), meta
 
 
-def _gptq_uniform_rows(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int):
-    """:func:`gptq_uniform` for one group of rows sharing ``h``: codes, scale and zero."""
-    from memfit.weights.grid import hqq
+def _gptq_uniform_rows(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, meta=None):
+    """:func:`gptq_uniform` for one group of rows sharing ``h``: codes, scale and zero. ``meta``:
+    (row ranges, meta bits) to snap each group's grid onto."""
+    from memfit.weights.grid import MetaCodes, hqq
 
     qmax = (1 << bits) - 1
     codes = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
@@ -251,7 +263,11 @@ def _gptq_uniform_rows(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: 
         g = i // group_size
         if i % group_size == 0:  # a new group: its grid from the weights as updated so far
             u = hqq(wu[:, i : i + group_size], bits, group_size)
-            scale[:, g], zero[:, g] = u.scale[:, 0].half().float(), u.zero[:, 0].half().float()  # as stored
+            if meta is None:
+                scale[:, g], zero[:, g] = u.scale[:, 0].half().float(), u.zero[:, 0].half().float()  # as stored
+            else:
+                s, z = MetaCodes.snap(meta[0], u.scale, u.zero, meta[1]).grid()
+                scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
         q = torch.round(wu[:, i] / scale[:, g] + zero[:, g]).clamp_(0, qmax)
         codes[:, i] = q.to(torch.uint8)
         return (q - zero[:, g]) * scale[:, g]

@@ -71,7 +71,8 @@ def load_quantized(folder: "str | Path", device: torch.device, dtype: torch.dtyp
         if not isinstance(lin, nn.Linear):
             raise ValueError(f"{folder}: quantized layer {name} is not a Linear layer of this architecture")
         _set_module(model, name, QuantLinear(lin.in_features, lin.out_features, info["bits"], info["group_size"],
-                                             info["kind"], bias=lin.bias is not None, dtype=dtype))
+                                             info["kind"], bias=lin.bias is not None, dtype=dtype,
+                                             meta_bits=info.get("meta_bits", 0)))
     try:
         tensors = load_file(str(folder / WEIGHTS))
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files

@@ -1,7 +1,8 @@
 """QuantLinear: a Linear layer whose weight is stored as packed bit planes plus a small grid.
 
 Two grids: ``uniform`` (per group of input channels a scale and a zero point, codes ``q`` stand for
-``(q - zero) * scale``) and ``codebook`` (per output channel ``2**bits`` values, codes index them).
+``(q - zero) * scale``; scale and zero in float16, or with ``meta_bits`` in that many bits each, see
+``grid.MetaCodes``) and ``codebook`` (per output channel ``2**bits`` values, codes index them).
 Codes are packed as bit planes, most significant first (``kernels.packing.pack_planes``), so a model
 stored at 8 bits can be read at any ``read_bits`` <= 8 (any-precision): the top ``n`` planes are the
 index of an ``n``-bit bin, dequantized at the bin's centre.
@@ -19,6 +20,7 @@ from torch import nn
 
 from memfit.kernels.packing import pack_planes, unpack_planes
 from memfit.weights.anyprec import bin_centres
+from memfit.weights.grid import MetaCodes
 
 KINDS = ("uniform", "codebook")
 TINYGEMM_GROUPS = (32, 64, 128, 256)
@@ -26,7 +28,7 @@ TINYGEMM_GROUPS = (32, 64, 128, 256)
 
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, kind: str = "uniform",
-                 bias: bool = False, device=None, dtype: torch.dtype = torch.bfloat16):
+                 bias: bool = False, device=None, dtype: torch.dtype = torch.bfloat16, meta_bits: int = 0):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown grid kind {kind!r}; use one of {KINDS}")
@@ -34,13 +36,19 @@ class QuantLinear(nn.Module):
             raise ValueError(f"bits must be in 1..8, got {bits}")
         if kind == "uniform" and in_features % group_size:
             raise ValueError(f"in_features {in_features} is not a multiple of group_size {group_size}")
+        if meta_bits and (kind != "uniform" or not 2 <= meta_bits <= 8):
+            raise ValueError(f"meta_bits must be 0 (float16 scale and zero) or 2..8 on a uniform grid, got {meta_bits} ({kind})")
         self.in_features, self.out_features = in_features, out_features
-        self.bits, self.group_size, self.kind = bits, group_size, kind
+        self.bits, self.group_size, self.kind, self.meta_bits = bits, group_size, kind, meta_bits
         self.read_bits = bits
         self.dtype = dtype
         self.register_buffer("planes", torch.zeros(bits, out_features, -(-in_features // 8), dtype=torch.uint8, device=device))
-        if kind == "uniform":
-            ng = in_features // group_size
+        ng = in_features // group_size
+        if kind == "uniform" and meta_bits:
+            self.register_buffer("scale_codes", torch.zeros(out_features, ng, dtype=torch.uint8, device=device))
+            self.register_buffer("offset_codes", torch.zeros(out_features, ng, dtype=torch.uint8, device=device))
+            self.register_buffer("meta_ranges", torch.zeros(out_features, 4, dtype=torch.float16, device=device))
+        elif kind == "uniform":
             self.register_buffer("scale", torch.zeros(out_features, ng, dtype=torch.float16, device=device))
             self.register_buffer("zero", torch.zeros(out_features, ng, dtype=torch.float16, device=device))
         else:
@@ -51,14 +59,20 @@ class QuantLinear(nn.Module):
     # -- building -------------------------------------------------------------------------------
     @classmethod
     def from_codes(cls, linear: nn.Linear, codes: torch.Tensor, bits: int, *, scale=None, zero=None, codebook=None,
-                   group_size: int = 0) -> "QuantLinear":
+                   group_size: int = 0, meta: MetaCodes | None = None) -> "QuantLinear":
+        """A layer holding ``codes`` on a uniform grid (``scale`` and ``zero``, or ``meta``) or a ``codebook``."""
         kind = "codebook" if codebook is not None else "uniform"
         q = cls(linear.in_features, linear.out_features, bits, group_size or linear.in_features, kind,
-                bias=linear.bias is not None, device=linear.weight.device, dtype=linear.weight.dtype)
+                bias=linear.bias is not None, device=linear.weight.device, dtype=linear.weight.dtype,
+                meta_bits=meta.bits if meta is not None else 0)
         if codes.shape != (linear.out_features, linear.in_features) or codes.dtype != torch.uint8:
             raise ValueError(f"codes must be uint8 {tuple(linear.weight.shape)}, got {codes.dtype} {tuple(codes.shape)}")
         q.planes.copy_(pack_planes(codes, bits))
-        if kind == "uniform":
+        if meta is not None:
+            q.scale_codes.copy_(meta.scale_codes)
+            q.offset_codes.copy_(meta.offset_codes)
+            q.meta_ranges.copy_(meta.ranges)
+        elif kind == "uniform":
             q.scale.copy_(scale)
             q.zero.copy_(zero)
         else:
@@ -80,6 +94,12 @@ class QuantLinear(nn.Module):
     def codes(self) -> torch.Tensor:
         return unpack_planes(self.planes, self.in_features, self.read_bits)
 
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A uniform grid's scale and zero, float32 [out, groups]."""
+        if self.meta_bits:
+            return MetaCodes(self.scale_codes, self.offset_codes, self.meta_ranges, self.meta_bits).grid()
+        return self.scale.float(), self.zero.float()
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         q = self.codes()
         if self.kind == "codebook":
@@ -87,7 +107,8 @@ class QuantLinear(nn.Module):
         else:
             # the top n of b planes index a bin of 2**(b-n) codes: dequantize at the bin's centre
             c = bin_centres(q, self.bits, self.read_bits).reshape(self.out_features, -1, self.group_size)
-            w = ((c - self.zero.float()[..., None]) * self.scale.float()[..., None]).reshape(self.out_features, -1)
+            scale, zero = self.grid()
+            w = ((c - zero[..., None]) * scale[..., None]).reshape(self.out_features, -1)
         return w.to(dtype or self.dtype)
 
     @property
@@ -105,9 +126,9 @@ class QuantLinear(nn.Module):
             # tinygemm dequantizes (q - 8) * s + z with z in the float domain; ours is the bin centre
             # ((q + 0.5) m - 0.5 - zero) * scale, i.e. s = m * scale and z = 8 s + (0.5 m - 0.5 - zero) * scale
             m = 1 << (self.bits - 4)
-            scale = self.scale.float()
+            scale, zero = self.grid()
             s = m * scale
-            z = 8 * s + ((0.5 * m - 0.5) - self.zero.float()) * scale
+            z = 8 * s + ((0.5 * m - 0.5) - zero) * scale
             packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
             sz = torch.stack([s, z], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
             self._int4 = (packed, sz, self.read_bits)
@@ -124,10 +145,11 @@ class QuantLinear(nn.Module):
     # -- accounting -----------------------------------------------------------------------------
     @property
     def nbytes(self) -> int:
-        """Bytes stored: the bit planes, the grid and the bias."""
-        n = self.planes.numel() + (self.scale.nbytes + self.zero.nbytes if self.kind == "uniform" else self.codebook.nbytes)
-        return n + (self.bias.nbytes if self.bias is not None else 0)
+        """Bytes stored: the bit planes, the grid and the bias (the tinygemm copy a CUDA layer makes
+        on first use is not counted: it holds the codes again, with a bfloat16 scale and zero)."""
+        return sum(t.nbytes for t in self.buffers() if t is not None) + (self.bias.nbytes if self.bias is not None else 0)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"read_bits={self.read_bits}, kind={self.kind}, group_size={self.group_size}, bias={self.bias is not None}")
+                f"read_bits={self.read_bits}, kind={self.kind}, group_size={self.group_size}, meta_bits={self.meta_bits}, "
+                f"bias={self.bias is not None}")

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from memfit.weights import guided
 from memfit.weights.anyprec import anyprec
-from memfit.weights.grid import hqq, rtn
+from memfit.weights.grid import hqq, rtn, with_meta
 from memfit.weights.linear import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,9 @@ class WeightQuant:
     per output channel, ``group_size`` unused; with ``grid="uniform"`` HQQ's group grids with
     GPTQ-style error feedback) or ``anyprec`` (``bits`` planes, 8 by default, readable at any width
     down to ``seed_bits``). ``skip``: glob patterns of module names kept as they are.
+    ``meta_bits``: 0 stores each group's scale and zero in float16; 2..8 stores them in that many bits
+    each (``grid.MetaCodes``), which pays for smaller groups: 4-bit g32 with ``meta_bits=8`` takes
+    4.6 bits a weight on SmolLM2, against 4.5 for g64 with float16 scale and zero.
     """
 
     bits: int = 4
@@ -43,6 +46,7 @@ class WeightQuant:
     guide_groups: int = 4  # guided: groups of output channels sharing a weighted Hessian
     iters: int = 3  # guided: codebook / assignment alternations
     grid: str = "codebook"  # guided: "codebook" (non-uniform, per output channel) or "uniform" (per group)
+    meta_bits: int = 0  # uniform grids: bits of each group's scale and of its zero (0: float16)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -54,6 +58,9 @@ class WeightQuant:
             raise ValueError(f"grid must be 'codebook' or 'uniform', got {self.grid!r}")
         if self.uses_groups and (self.group_size < 8 or self.group_size % 8):
             raise ValueError(f"group_size must be a positive multiple of 8, got {self.group_size}")
+        if self.meta_bits and not (self.uses_groups and 2 <= self.meta_bits <= 8):
+            raise ValueError(f"meta_bits must be 0 (float16) or 2..8, and needs a uniform grid; got {self.meta_bits} "
+                             f"with method={self.method!r}, grid={self.grid!r}")
         object.__setattr__(self, "skip", tuple(self.skip))
 
     @property
@@ -126,16 +133,22 @@ def quantize_(model: nn.Module, config: WeightQuant, *, calibration: torch.Tenso
             codes, cb, _ = guided.lnq(w, guided.damp(hessians.pop(name).to(w.device)), config.bits, config.iters)
             q = QuantLinear.from_codes(lin, codes, config.bits, codebook=cb.to(torch.float16))
         else:
+            meta = None
             if config.method == "guided":
-                uc = guided.gptq_uniform(w, guided.damp(hessians.pop(name).to(w.device)), config.bits, config.group_size)
-            elif config.method == "anyprec":
-                uc = anyprec(w, config.group_size, config.bits, config.seed_bits)
+                uc, meta = guided.gptq_uniform(w, guided.damp(hessians.pop(name).to(w.device)), config.bits,
+                                               config.group_size, config.meta_bits)
             else:
-                uc = {"rtn": rtn, "hqq": hqq}[config.method](w, config.bits, config.group_size)
+                if config.method == "anyprec":
+                    uc = anyprec(w, config.group_size, config.bits, config.seed_bits)
+                else:
+                    uc = {"rtn": rtn, "hqq": hqq}[config.method](w, config.bits, config.group_size)
+                if config.meta_bits:
+                    uc, meta = with_meta(w, uc, config.meta_bits)
             q = QuantLinear.from_codes(lin, uc.codes, uc.bits, scale=uc.scale.half(), zero=uc.zero.half(),
-                                       group_size=uc.group_size)
+                                       group_size=uc.group_size, meta=meta)
         _set_module(model, name, q)
-        report.layers[name] = {"bits": q.bits, "kind": q.kind, "group_size": q.group_size, "nbytes": q.nbytes,
+        report.layers[name] = {"bits": q.bits, "kind": q.kind, "group_size": q.group_size, "meta_bits": q.meta_bits,
+                               "nbytes": q.nbytes,
                                "orig_nbytes": lin.weight.nbytes + (lin.bias.nbytes if lin.bias is not None else 0)}
     return report
 
