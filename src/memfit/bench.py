@@ -560,6 +560,9 @@ def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: int = 4, group_
         torch._dynamo.reset()
     out["quant_ms"], out["quant_mode"] = _decode_step_ms(model, batch, prompt, compile=compile)
     out["quant_weight_bytes"] = weight_bytes(model)["total"]
+    # what the GPU holds: the stored planes and grid plus each layer's tinygemm copy (codes again, bf16 scale and zero)
+    out["quant_resident_bytes"] = out["quant_weight_bytes"] + sum(
+        m.resident_nbytes - m.nbytes for m in model.modules() if isinstance(m, QuantLinear))
     out["speedup"] = out["bf16_ms"] / out["quant_ms"]
     out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out

@@ -511,7 +511,7 @@ def bench_weight_decode_cmd(
     _write_json(out, r)
     typer.echo(f"bf16 {r['bf16_ms']:.3f} ms ({r['bf16_mode']}) vs {bits}-bit {r['quant_ms']:.3f} ms ({r['quant_mode']}, "
                f"{r['kernels']}): {r['speedup']:.2f}x; weights {r['bf16_weight_bytes'] / 2**30:.2f} -> "
-               f"{r['quant_weight_bytes'] / 2**30:.2f} GiB")
+               f"{r['quant_weight_bytes'] / 2**30:.2f} GiB stored, {r['quant_resident_bytes'] / 2**30:.2f} GiB resident")
     typer.echo(f"wrote {out}")
 
 

@@ -9,7 +9,10 @@ index of an ``n``-bit bin, dequantized at the bin's centre.
 
 On CPU (and for layouts it cannot take) the forward dequantizes the weight and calls ``F.linear``.
 On CUDA a uniform grid read at 4 bits with a group size torch's tinygemm kernel takes (the int4 kernel
-torchao uses) runs ``torch._weight_int4pack_mm`` instead; ``kernel`` says which one a layer uses.
+torchao uses) runs ``torch._weight_int4pack_mm`` instead; ``kernel`` says which one a layer uses. The
+kernel's packed copy is made on first use; for a layer stored at 4 bits it holds every code, so the
+bit planes are then dropped from the GPU and read back from it exactly when needed (saving, moving,
+another read width): the codes sit in GPU memory once. An any-precision layer keeps its planes.
 """
 
 from __future__ import annotations
@@ -87,12 +90,12 @@ class QuantLinear(nn.Module):
             raise ValueError(f"this layer stores {self.bits} bit planes: read_bits must be in 1..{self.bits}, got {n}")
         if self.kind == "codebook" and n != self.bits:
             raise ValueError("a codebook grid is read at its own bits only; any-precision needs a uniform grid")
+        self._drop_int4()
         self.read_bits = n
-        self._int4 = None
 
     # -- reading --------------------------------------------------------------------------------
     def codes(self) -> torch.Tensor:
-        return unpack_planes(self.planes, self.in_features, self.read_bits)
+        return unpack_planes(self._planes(), self.in_features, self.read_bits)
 
     def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A uniform grid's scale and zero, float32 [out, groups]."""
@@ -132,7 +135,45 @@ class QuantLinear(nn.Module):
             packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
             sz = torch.stack([s, z], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
             self._int4 = (packed, sz, self.read_bits)
+            if self.bits == 4:  # the packed copy holds every code: keep the codes on the GPU once
+                self.planes = self.planes.new_empty(0)
         return self._int4[0], self._int4[1]
+
+    # -- the tinygemm copy as the only copy of a 4-bit layer's codes ------------------------------
+    def _planes(self) -> torch.Tensor:
+        if self.planes.numel() or self._int4 is None:
+            return self.planes
+        return pack_planes(self._int4_codes(), self.bits)
+
+    def _int4_codes(self, chunk: int = 2048) -> torch.Tensor:
+        """The codes back from the tinygemm copy, exactly: with scale 1 and zero 8 the kernel reads
+        code q as (q - 8) * 1 + 8 = q, so multiplying rows of the identity returns them (uint8 [out, in])."""
+        packed, dev = self._int4[0], self._int4[0].device
+        sz = torch.tensor([1.0, 8.0], device=dev, dtype=torch.bfloat16).expand(
+            self.in_features // self.group_size, self.out_features, 2).contiguous()
+        cols = []
+        for i in range(0, self.in_features, chunk):
+            eye = torch.eye(self.in_features, device=dev, dtype=torch.bfloat16)[i : i + chunk]
+            cols.append(torch.ops.aten._weight_int4pack_mm(eye, packed, self.group_size, sz).T)
+        return torch.cat(cols, 1).round().to(torch.uint8)
+
+    def _drop_int4(self) -> None:
+        """Forget the tinygemm copy, putting the planes back first if it was their only copy."""
+        if self._int4 is not None and not self.planes.numel():
+            self.planes = self._planes()
+        self._int4 = None
+
+    def _apply(self, fn, recurse: bool = True):
+        self._drop_int4()  # moving or casting: the copy stays behind, the planes go along
+        return super()._apply(fn, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "planes"] = self._planes()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._drop_int4()  # new codes make the copy stale
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._tinygemm_ok() and x.dtype == torch.bfloat16:
@@ -145,9 +186,18 @@ class QuantLinear(nn.Module):
     # -- accounting -----------------------------------------------------------------------------
     @property
     def nbytes(self) -> int:
-        """Bytes stored: the bit planes, the grid and the bias (the tinygemm copy a CUDA layer makes
-        on first use is not counted: it holds the codes again, with a bfloat16 scale and zero)."""
-        return sum(t.nbytes for t in self.buffers() if t is not None) + (self.bias.nbytes if self.bias is not None else 0)
+        """Bytes stored (what ``save_quantized`` writes): the bit planes, the grid and the bias."""
+        planes = self.bits * self.out_features * -(-self.in_features // 8)
+        return planes + self._held() - self.planes.nbytes
+
+    @property
+    def resident_nbytes(self) -> int:
+        """Bytes this layer holds in memory now: its buffers and bias, and the tinygemm copy (the codes
+        again, with a bfloat16 scale and zero) where it exists; a 4-bit layer's planes are then gone."""
+        return self._held() + (self._int4[0].nbytes + self._int4[1].nbytes if self._int4 is not None else 0)
+
+    def _held(self) -> int:
+        return sum(t.nbytes for t in self.buffers()) + (self.bias.nbytes if self.bias is not None else 0)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
