@@ -278,6 +278,7 @@ def test_save_and_load_round_trip(tmp_path, tiny_model_dir):
     report = quantize_(lm.model, WeightQuant(bits=8, method="anyprec", group_size=32, meta_bits=8), progress=False)
     assert all(v["meta_bits"] == 8 for v in report.layers.values())
     out = save_quantized(lm.model, lm.tokenizer, tmp_path / "q", report)
+    assert json.loads((out / "memfit_quant.json").read_text())["format"] == 2  # an older memfit refuses it by name
     back = memfit.load_model(str(out), "cpu")
     ids = torch.randint(0, 256, (1, 20))
     assert next(back.model.parameters()).dtype == torch.float32
@@ -307,6 +308,10 @@ def test_load_refuses_corrupt_or_incomplete_folders(tmp_path):
     manifest["layers"]["model.layers.0.mlp.nonexistent"] = manifest["layers"].pop("model.layers.0.mlp.up_proj")
     (out / "memfit_quant.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="nonexistent"):
+        memfit.load_model(str(out))
+    assert manifest["format"] == 1  # float16 scale and zero: the format older memfit reads
+    (out / "memfit_quant.json").write_text(json.dumps({**manifest, "format": 9}))
+    with pytest.raises(ValueError, match="unsupported format 9"):
         memfit.load_model(str(out))
     (out / "memfit_quant.json").write_text("{not json")
     with pytest.raises(ValueError, match="not JSON"):

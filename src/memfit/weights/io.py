@@ -14,7 +14,8 @@ from memfit.weights.quantize import QuantReport, WeightQuant, _set_module, set_r
 
 MANIFEST = "memfit_quant.json"
 WEIGHTS = "model.safetensors"
-FORMAT = 1
+FORMAT = 2  # 2 added quantized scale and zero (meta_bits); a folder without them is still written as 1
+READS = (1, 2)
 
 
 def save_quantized(model: nn.Module, tokenizer, out_dir: "str | Path", report: QuantReport) -> Path:
@@ -36,7 +37,8 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: "str | Path", report: Q
     tmp = out / (WEIGHTS + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "memfit-quant"})
     tmp.replace(out / WEIGHTS)
-    manifest = {"format": FORMAT, "config": report.config.to_dict(), "layers": report.layers,
+    fmt = FORMAT if any(v.get("meta_bits") for v in report.layers.values()) else 1  # older memfit reads these
+    manifest = {"format": fmt, "config": report.config.to_dict(), "layers": report.layers,
                 "skipped": report.skipped, "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return out
@@ -57,8 +59,8 @@ def load_quantized(folder: "str | Path", device: torch.device, dtype: torch.dtyp
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{folder / MANIFEST} is missing or not JSON: {e}") from None
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{folder / MANIFEST}: unsupported format {manifest.get('format')!r} (this memfit reads {FORMAT})")
+    if manifest.get("format") not in READS:
+        raise ValueError(f"{folder / MANIFEST}: unsupported format {manifest.get('format')!r} (this memfit reads {READS})")
     if not (folder / WEIGHTS).is_file():
         raise ValueError(f"{folder / WEIGHTS} is missing")
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
