@@ -7,9 +7,11 @@ Codes are packed as bit planes, most significant first (``kernels.packing.pack_p
 stored at 8 bits can be read at any ``read_bits`` <= 8 (any-precision): the top ``n`` planes are the
 index of an ``n``-bit bin, dequantized at the bin's centre.
 
-On CPU (and for layouts it cannot take) the forward dequantizes the weight and calls ``F.linear``.
+On CPU (and for layouts no kernel takes) the forward dequantizes the weight and calls ``F.linear``.
 On CUDA a uniform grid read at 4 bits with a group size torch's tinygemm kernel takes (the int4 kernel
-torchao uses) runs ``torch._weight_int4pack_mm`` instead; ``kernel`` says which one a layer uses. The
+torchao uses) runs ``torch._weight_int4pack_mm`` instead; other uniform grids run a Triton GEMV that
+reads the bit planes (``kernels.plane_gemv``) for up to 16 rows (decode), and dequantize for more
+(prefill, where the matmul's cost hides the dequantization); ``kernel`` says which one a layer uses. The
 kernel's packed copy is made on first use; for a layer stored at 4 bits it holds every code, so the
 bit planes are then dropped from the GPU and read back from it exactly when needed (saving, moving,
 another read width): the codes sit in GPU memory once. An any-precision layer keeps its planes.
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memfit.kernels import plane_gemv
 from memfit.kernels.packing import pack_planes, unpack_planes
 from memfit.weights.anyprec import bin_centres
 from memfit.weights.grid import MetaCodes
@@ -116,7 +119,15 @@ class QuantLinear(nn.Module):
 
     @property
     def kernel(self) -> str:
-        return "tinygemm-int4" if self._tinygemm_ok() else "dequantize"
+        if self._tinygemm_ok():
+            return "tinygemm-int4"
+        return "triton-gemv" if self._gemv_ok() else "dequantize"
+
+    def _gemv_ok(self, x: torch.Tensor | None = None) -> bool:
+        if self.kind != "uniform" or not self.planes.is_cuda:
+            return False
+        x = x if x is not None else self.planes.new_empty(1, self.in_features, dtype=torch.bfloat16)
+        return plane_gemv.supports(x, self.planes, self.group_size)
 
     def _tinygemm_ok(self) -> bool:
         return (self.planes.is_cuda and self.kind == "uniform" and self.read_bits == 4
@@ -180,6 +191,13 @@ class QuantLinear(nn.Module):
             packed, sz = self._int4_weights()
             y = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, self.in_features), packed, self.group_size, sz)
             y = y.reshape(*x.shape[:-1], self.out_features)
+            return y + self.bias if self.bias is not None else y
+        if self._gemv_ok(x):
+            if self.meta_bits:
+                grid = {"meta": (self.scale_codes, self.offset_codes, self.meta_ranges)}
+            else:
+                grid = {"scale": self.scale, "zero": self.zero}
+            y = plane_gemv.plane_gemv(x, self._planes(), self.group_size, self.read_bits, **grid)
             return y + self.bias if self.bias is not None else y
         return F.linear(x, self.dequantize(x.dtype), self.bias)
 
