@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
 
 MAX_ROWS = 16  # more rows than this (prefill) go through a dequantized matmul instead
-BLOCK_N, BK8 = 64, 32  # a program's tile: 64 outputs x 32 bytes of each plane (256 input channels)
+TILE = (256, 8, 4)  # a program's tile: 256 outputs x 8 bytes of each plane (64 input channels), 4 warps: best of 9 on an H100
 
 
 def _sms(device: torch.device) -> int:
@@ -66,10 +66,10 @@ if triton is not None:
             for t in tl.static_range(8):
                 sx += tl.load(X + row * K + j * 8 + t, mask=jmask, other=0.0).to(tl.float32)
             for p in tl.static_range(READ):  # plane p holds bit BITS - 1 - p: the top READ planes
-                byte = tl.load(P + p * N * K8 + n[:, None] * K8 + j[None, :], mask=mask, other=0)
-                for t in tl.static_range(8):
-                    xt = tl.load(X + row * K + j * 8 + t, mask=jmask, other=0.0).to(tl.float32) * (1 << (READ - 1 - p))
-                    cx += tl.where((byte & (1 << t)) != 0, xt[None, :], 0.0)  # a select: no int-to-float conversion
+                byte = tl.load(P + p * N * K8 + n[:, None] * K8 + j[None, :], mask=mask, other=0).to(tl.int32)
+                for u in tl.static_range(8):
+                    xu = tl.load(X + row * K + j * 8 + u, mask=jmask, other=0.0).to(tl.float32) * (1 << (READ - 1 - p))
+                    cx += tl.where((byte & (1 << u)) != 0, xu[None, :], 0.0)  # a select: no int-to-float conversion
             gi = n[:, None] * G + (j // (GROUP // 8))[None, :]  # each byte column's group
             if META:
                 scale = tl.exp2(r0 + tl.load(SC + gi, mask=mask, other=0).to(tl.float32) * r1)
@@ -84,10 +84,12 @@ if triton is not None:
 
 def plane_gemv(x: torch.Tensor, planes: torch.Tensor, group_size: int, read_bits: int, *,
                scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
-               meta: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+               meta: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+               tile: tuple[int, int, int] | None = None) -> torch.Tensor:
     """``x`` [..., K] (at most ``MAX_ROWS`` rows) times the weight in ``planes`` (uint8 [bits, N, K/8]),
     read at ``read_bits``, on a grid given by ``scale`` and ``zero`` (float16 [N, K/group]) or by
-    ``meta`` = (scale codes, offset codes, ranges). Returns [..., N] in ``x``'s dtype."""
+    ``meta`` = (scale codes, offset codes, ranges). ``tile``: (outputs, bytes, warps) of a program,
+    for tuning (default ``TILE``). Returns [..., N] in ``x``'s dtype."""
     if not supports(x, planes, group_size):
         raise ValueError(f"plane_gemv takes CUDA inputs with at most {MAX_ROWS} rows and a group_size that is a multiple of 8")
     bits, n, k8 = planes.shape
@@ -101,10 +103,12 @@ def plane_gemv(x: torch.Tensor, planes: torch.Tensor, group_size: int, read_bits
         args = (dummy, dummy, sc, oc, r)
     else:
         args = (scale.contiguous(), zero.contiguous(), dummy, dummy, dummy)
-    steps, blocks = triton.cdiv(k8, BK8), triton.cdiv(n, BLOCK_N)
+    block_n, bk8, warps = tile or TILE
+    steps, blocks = triton.cdiv(k8, bk8), triton.cdiv(n, block_n)
     per = triton.cdiv(steps, min(steps, triton.cdiv(4 * _sms(x.device), blocks)))  # split K to fill the GPU
     y = torch.zeros(xs.shape[0], n, device=x.device, dtype=torch.float32)
     _gemv_kernel[(blocks, triton.cdiv(steps, per), xs.shape[0])](
         xs, planes.contiguous(), *args, y, n, k, k8, k // group_size, per,
-        BITS=bits, READ=read_bits, GROUP=group_size, META=meta is not None, BLOCK_N=BLOCK_N, BK8=BK8)
+        BITS=bits, READ=read_bits, GROUP=group_size, META=meta is not None, BLOCK_N=block_n, BK8=bk8,
+        num_warps=warps)
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
