@@ -536,10 +536,10 @@ def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: int = 4, group_
                         lm_head: bool = False, meta_bits: int = 0) -> dict:
     """Decode step time of a random-weight Llama-3.1-8B-shaped model with bf16 weights, then with
     ``bits``-bit weights (memfit's QuantLinear; on CUDA a 4-bit uniform grid runs torch's tinygemm
-    int4 kernel), on the same model and shapes. ``lm_head``: quantize the output layer too (as
+    int4 kernel, other widths memfit's Triton bit-plane GEMV), on the same model and shapes. ``lm_head``: quantize the output layer too (as
     torchao's int4 weight-only and gpt-fast do: every Linear); by default it stays bf16, as
-    ``WeightQuant``'s skip-list keeps it. ``meta_bits``: scale and zero stored in that many bits (the
-    kernel reads a bfloat16 copy made on first use)."""
+    ``WeightQuant``'s skip-list keeps it. ``meta_bits``: scale and zero stored in that many bits (tinygemm
+    reads a bfloat16 copy made on first use; the GEMV decodes them itself)."""
     from memfit.weights import QuantLinear, WeightQuant, quantize_, weight_bytes
 
     model = _random_llama8b(layers, "sdpa")
