@@ -136,6 +136,9 @@ def hqq(w: torch.Tensor, bits: int, group_size: int, *, iters: int = 20, p: floa
     return UniformCodes(codes.reshape(w.shape).to(torch.uint8), best_s, best_z, bits, group_size)
 
 
+META_BITS = range(2, 9)  # the widths a MetaCodes scale or zero may take
+
+
 def _half_towards(x: torch.Tensor, direction: int) -> torch.Tensor:
     """``x`` in float16, rounded down (``direction`` -1) or up (+1) instead of to nearest."""
     h = x.half()
@@ -161,7 +164,7 @@ class MetaCodes:
     @classmethod
     def fit(cls, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> "MetaCodes":
         """Each row's ranges from its own grids, then those grids snapped onto them."""
-        if not 2 <= bits <= 8:
+        if bits not in META_BITS:
             raise ValueError(f"meta bits must be in 2..8, got {bits}")
         n = (1 << bits) - 1
 

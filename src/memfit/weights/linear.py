@@ -26,7 +26,7 @@ from torch import nn
 from memfit.kernels import plane_gemv
 from memfit.kernels.packing import pack_planes, unpack_planes
 from memfit.weights.anyprec import bin_centres
-from memfit.weights.grid import MetaCodes
+from memfit.weights.grid import META_BITS, MetaCodes
 
 KINDS = ("uniform", "codebook")
 TINYGEMM_GROUPS = (32, 64, 128, 256)
@@ -42,7 +42,7 @@ class QuantLinear(nn.Module):
             raise ValueError(f"bits must be in 1..8, got {bits}")
         if kind == "uniform" and in_features % group_size:
             raise ValueError(f"in_features {in_features} is not a multiple of group_size {group_size}")
-        if meta_bits and (kind != "uniform" or not 2 <= meta_bits <= 8):
+        if meta_bits and (kind != "uniform" or meta_bits not in META_BITS):
             raise ValueError(f"meta_bits must be 0 (float16 scale and zero) or 2..8 on a uniform grid, got {meta_bits} ({kind})")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.kind, self.meta_bits = bits, group_size, kind, meta_bits

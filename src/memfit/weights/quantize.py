@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from memfit.weights import guided
 from memfit.weights.anyprec import anyprec
-from memfit.weights.grid import hqq, rtn, with_meta
+from memfit.weights.grid import META_BITS, hqq, rtn, with_meta
 from memfit.weights.linear import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class WeightQuant:
             raise ValueError(f"grid must be 'codebook' or 'uniform', got {self.grid!r}")
         if self.uses_groups and (self.group_size < 8 or self.group_size % 8):
             raise ValueError(f"group_size must be a positive multiple of 8, got {self.group_size}")
-        if self.meta_bits and not (self.uses_groups and 2 <= self.meta_bits <= 8):
+        if self.meta_bits and not (self.uses_groups and self.meta_bits in META_BITS):
             raise ValueError(f"meta_bits must be 0 (float16) or 2..8, and needs a uniform grid; got {self.meta_bits} "
                              f"with method={self.method!r}, grid={self.grid!r}")
         object.__setattr__(self, "skip", tuple(self.skip))
