@@ -163,9 +163,11 @@ class QuantLinear(nn.Module):
         sz = torch.tensor([1.0, 8.0], device=dev, dtype=torch.bfloat16).expand(
             self.in_features // self.group_size, self.out_features, 2).contiguous()
         cols = []
-        for i in range(0, self.in_features, chunk):
-            eye = torch.eye(self.in_features, device=dev, dtype=torch.bfloat16)[i : i + chunk]
-            cols.append(torch.ops.aten._weight_int4pack_mm(eye, packed, self.group_size, sz).T)
+        for i in range(0, self.in_features, chunk):  # rows i .. i + c of the identity, built alone
+            c = min(chunk, self.in_features - i)
+            rows = torch.zeros(c, self.in_features, device=dev, dtype=torch.bfloat16)
+            rows[torch.arange(c, device=dev), torch.arange(i, i + c, device=dev)] = 1
+            cols.append(torch.ops.aten._weight_int4pack_mm(rows, packed, self.group_size, sz).T)
         return torch.cat(cols, 1).round().to(torch.uint8)
 
     def _drop_int4(self) -> None:
