@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from memfit.api import LM
 from memfit.eval.demo import demo_document
+from memfit.hfcompat import with_cache
 from memfit.kv.policy import Policy
 
 
@@ -32,7 +33,7 @@ def decode_speed(lm: LM, ctx, steps: int) -> float:
     for i in range(steps + 1):
         if i == 1:
             t0 = time.perf_counter()
-        logits = lm.model(tok, position_ids=torch.tensor([[pos]], device=lm.device), past_key_values=cache,
+        logits = lm.model(tok, position_ids=torch.tensor([[pos]], device=lm.device), **with_cache(lm.model, cache),
                           use_cache=True).logits
         tok = logits[:, -1:].argmax(-1)
         pos += 1
@@ -262,7 +263,10 @@ def bench_attention(shapes: list[tuple[int, int]], q_heads: int = 32, kv_heads: 
     exceeds a 0.1 ms kernel (the eager launch cost is measured end to end by ``bench_decode``)."""
     import torch.nn.functional as F
 
-    from memfit.kernels.decode_attention import decode_attention, decode_attention_reference
+    from memfit.kernels.decode_attention import (
+        decode_attention,
+        decode_attention_reference,
+    )
     from memfit.kv.quant import quantize_keys, quantize_values
 
     dev = torch.device("cuda")
@@ -378,7 +382,7 @@ def bench_decode(batch: int = 8, context: int = 32768, policies: tuple[str, ...]
         cache = DynamicCache(config=cfg) if spec == "none" else CompressedCache.for_model(model, spec)
         t0 = time.perf_counter()
         for s in range(0, context, chunk):
-            model(ids[:, s : s + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(ids[:, s : s + chunk], **with_cache(model, cache), use_cache=True, logits_to_keep=1)
         torch.cuda.synchronize()
         prefill_s = time.perf_counter() - t0
         prefill_peak = torch.cuda.max_memory_allocated()
@@ -386,7 +390,7 @@ def bench_decode(batch: int = 8, context: int = 32768, policies: tuple[str, ...]
               if spec == "none" else cache.nbytes)
         torch.cuda.reset_peak_memory_stats()
         tok = torch.randint(0, cfg.vocab_size, (batch, 1), device=dev)
-        step_ms, tok = _steps_ms(lambda t, c=cache: model(t, past_key_values=c, use_cache=True).logits[:, -1:].argmax(-1),
+        step_ms, tok = _steps_ms(lambda t, c=cache: model(t, **with_cache(model, c), use_cache=True).logits[:, -1:].argmax(-1),
                                  tok, steps)
         row = {"policy": spec, "batch": batch, "context": context, "layers": layers, "weights_bytes": weights,
                "kv_bytes": kv, "prefill_s": prefill_s, "decode_step_ms": step_ms,
@@ -496,7 +500,7 @@ def _decode_step_ms(model, batch: int, prompt: int, reps: int = 50, compile: boo
     chunk = chunk or prompt
     with torch.no_grad():
         for s in range(0, prompt, chunk):
-            model(ids[:, s : s + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1,
+            model(ids[:, s : s + chunk], **with_cache(model, cache), use_cache=True, logits_to_keep=1,
                   cache_position=torch.arange(s, min(s + chunk, prompt), device="cuda"))
         tok = ids[:, -1:].clone()
         pos = torch.tensor([prompt], device="cuda")
@@ -505,10 +509,12 @@ def _decode_step_ms(model, batch: int, prompt: int, reps: int = 50, compile: boo
         lengths = [layer.cumulative_length for layer in getattr(cache, "layers", [])
                    if torch.is_tensor(getattr(layer, "cumulative_length", None))]
 
+        flag.update(with_cache(model, cache))  # looked up here, outside what torch.compile traces
+
         def step():
             for n in lengths:  # newer StaticCache layers count their own length: rewind, so every replay writes slot `prompt`
                 n.fill_(prompt)
-            return model(tok, past_key_values=cache, cache_position=pos, use_cache=True, **flag).logits
+            return model(tok, cache_position=pos, use_cache=True, **flag).logits
 
         if compile:  # the eager prefill above already built every layer's kernel-side weights
             step = torch.compile(step, dynamic=False)

@@ -6,6 +6,7 @@ import functools
 import pytest
 import torch
 
+from memfit.hfcompat import with_cache
 from memfit.kernels import gluon_decode
 from memfit.kernels.decode_attention import decode_attention, decode_attention_reference, kernel_supports
 from memfit.kv.quant import dequantize, quantize_keys, quantize_values
@@ -135,9 +136,9 @@ def test_cache_decodes_through_the_kernel_like_the_reference(bits, monkeypatch):
         cache = CompressedCache.for_model(model, f"kivi(bits={bits},group=64,residual=64)").use_kernels(kernels)
         out = []
         with torch.no_grad():
-            model(ids, past_key_values=cache)
+            model(ids, **with_cache(model, cache))
             for i in range(20):
-                out.append(model(feed[:, i : i + 1], past_key_values=cache).logits[:, -1].float())
+                out.append(model(feed[:, i : i + 1], **with_cache(model, cache)).logits[:, -1].float())
         logits[kernels] = torch.stack(out)
     assert len(calls) == 20 * 2  # every decode step of both layers went through the kernel
     err = (logits[True] - logits[False]).abs().max().item()

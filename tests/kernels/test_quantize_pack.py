@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from memfit.hfcompat import with_cache
 from memfit.kernels import quantize_pack
 from memfit.kv.quant import dequantize, quantize_keys, quantize_values
 
@@ -84,8 +85,8 @@ def test_pre_rope_keys_on_cuda_read_back_rotated():
     cache = CompressedCache.for_model(model, "kivi(bits=8,group=16,residual=16,pre_rope=true)").use_kernels()
     ref = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids, past_key_values=cache)
-        model(ids, past_key_values=ref)
+        model(ids, **with_cache(model, cache))
+        model(ids, **with_cache(model, ref))
     layer = cache.layers[0]
     assert layer.pre_rope and not layer.fast_decode(ids[:, None, :1].float())  # the kernel reads post-RoPE keys only
     keys = ref.layers[0].keys

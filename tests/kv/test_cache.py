@@ -3,6 +3,7 @@ import torch
 from conftest import tiny_llama, tiny_qwen
 from transformers import DynamicCache
 
+from memfit.hfcompat import with_cache
 from memfit.kv.cache import CompressedCache
 
 
@@ -24,11 +25,11 @@ def test_none_matches_dynamic_cache_logits(make):
     ids = torch.randint(0, 250, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref_cache, cache = DynamicCache(config=model.config), CompressedCache("none", model.config.num_hidden_layers)
-        ref = [model(ids[:, :30], past_key_values=ref_cache).logits]
-        out = [model(ids[:, :30], past_key_values=cache).logits]
+        ref = [model(ids[:, :30], **with_cache(model, ref_cache)).logits]
+        out = [model(ids[:, :30], **with_cache(model, cache)).logits]
         for t in range(30, 40):  # decode step by step
-            ref.append(model(ids[:, t : t + 1], past_key_values=ref_cache).logits)
-            out.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
+            ref.append(model(ids[:, t : t + 1], **with_cache(model, ref_cache)).logits)
+            out.append(model(ids[:, t : t + 1], **with_cache(model, cache)).logits)
     for r, o in zip(ref, out):
         torch.testing.assert_close(o, r, rtol=0, atol=1e-5)
     assert cache.get_seq_length() == 40
@@ -38,9 +39,9 @@ def test_generate_accepts_the_cache():
     model = tiny_llama(torch.float64)
     ids = torch.randint(0, 250, (1, 50), generator=torch.Generator().manual_seed(2))
     ref = model.generate(ids, max_new_tokens=8, do_sample=False)
-    out = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=CompressedCache("none", 2))
+    out = model.generate(ids, max_new_tokens=8, do_sample=False, **with_cache(model, CompressedCache("none", 2)))
     assert torch.equal(ref, out)
-    out8 = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=CompressedCache("kivi(bits=8,group=16,residual=16)", 2))
+    out8 = model.generate(ids, max_new_tokens=8, do_sample=False, **with_cache(model, CompressedCache("kivi(bits=8,group=16,residual=16)", 2)))
     assert out8.shape == ref.shape
 
 
@@ -49,11 +50,11 @@ def test_kivi_window_spills_in_whole_groups_and_stays_bounded():
     cache = CompressedCache("kivi(bits=4,group=16,residual=32)", 2)
     ids = torch.randint(0, 250, (1, 100), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        model(ids[:, :70], past_key_values=cache)
+        model(ids[:, :70], **with_cache(model, cache))
         layer = cache.layers[0]
         assert layer.qk.num_tokens == 48 and layer.keys.shape[-2] == 22
         for t in range(70, 100):
-            model(ids[:, t : t + 1], past_key_values=cache)
+            model(ids[:, t : t + 1], **with_cache(model, cache))
             w = layer.keys.shape[-2]
             assert 32 - 16 < w <= 32 and layer.qk.num_tokens % 16 == 0
             assert layer.qk.num_tokens + w == t + 1
@@ -67,9 +68,9 @@ def test_nbytes_is_the_storage_actually_held(spec):
     cache = CompressedCache(spec, 2)
     ids = torch.randint(0, 250, (1, 150), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        model(ids[:, :120], past_key_values=cache)
+        model(ids[:, :120], **with_cache(model, cache))
         for t in range(120, 150):
-            model(ids[:, t : t + 1], past_key_values=cache)
+            model(ids[:, t : t + 1], **with_cache(model, cache))
     assert cache.nbytes == _held_bytes(cache) > 0
     assert cache.full_nbytes == 2 * 2 * 2 * 150 * 16 * 2  # K+V, layers, kv heads, tokens, head_dim, 16-bit
 
@@ -78,12 +79,12 @@ def test_kivi_quantized_cache_stays_close_to_full_precision():
     model = tiny_llama()
     ids = torch.randint(0, 250, (1, 200), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        ref = model(ids, past_key_values=DynamicCache(config=model.config)).logits[0, -1]
+        ref = model(ids, **with_cache(model, DynamicCache(config=model.config))).logits[0, -1]
         errs = {}
         for bits in (8, 4, 2):
             cache = CompressedCache(f"kivi(bits={bits},group=32,residual=0)", 2)
-            model(ids[:, :-1], past_key_values=cache)
-            errs[bits] = (model(ids[:, -1:], past_key_values=cache).logits[0, -1] - ref).abs().max().item()
+            model(ids[:, :-1], **with_cache(model, cache))
+            errs[bits] = (model(ids[:, -1:], **with_cache(model, cache)).logits[0, -1] - ref).abs().max().item()
     assert errs[8] < errs[4] < errs[2] and errs[8] < 1e-2
 
 
@@ -92,10 +93,10 @@ def test_fork_shares_the_prefix_and_leaves_it_unchanged():
     cache = CompressedCache("kivi(bits=4,group=16,residual=16)", 2)
     ids = torch.randint(0, 250, (1, 64), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **with_cache(model, cache))
         before = {k: v.clone() for k, v in cache.layers[0].tensors().items()}
         fork = cache.fork(3)
-        model(torch.randint(0, 250, (3, 5)), past_key_values=fork)
+        model(torch.randint(0, 250, (3, 5)), **with_cache(model, fork))
     assert fork.num_tokens == 69 and cache.num_tokens == 64
     assert fork.nbytes == 2 * 2 * (3 * 2 * 5 * 16 * 4)  # only the new tokens (float32 window)
     for k, v in cache.layers[0].tensors().items():

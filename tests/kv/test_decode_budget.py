@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from memfit.hfcompat import with_cache
 from memfit.kv.attention import _state
 from memfit.kv.policy import PolicyError, parse_policy
 
@@ -12,7 +13,7 @@ def _decode(lm, ctx, steps, seed=0):
     tok = torch.tensor([[65]])
     with torch.no_grad():
         for _ in range(steps):
-            logits = lm.model(tok, past_key_values=cache).logits[:, -1]
+            logits = lm.model(tok, **with_cache(lm.model, cache)).logits[:, -1]
             tok = torch.multinomial(logits.float().softmax(-1), 1, generator=g)
             yield cache, logits
 

@@ -2,6 +2,7 @@ import torch
 from transformers import DynamicCache
 
 from memfit.api import Context
+from memfit.hfcompat import with_cache
 from memfit.kv.cache import CompressedCache
 from memfit.kv.evict import Observation, SnapKV, StreamingLLM, select_topk
 
@@ -9,7 +10,7 @@ from memfit.kv.evict import Observation, SnapKV, StreamingLLM, select_topk
 def _full_keys(lm, ids):
     cache = DynamicCache(config=lm.model.config)
     with torch.no_grad():
-        lm.model(ids, past_key_values=cache)
+        lm.model(ids, **with_cache(lm.model, cache))
     return cache
 
 
@@ -68,12 +69,12 @@ def test_evicted_cache_equals_masked_full_attention(tiny_lm):
     q = torch.randint(0, 250, (1, 6))
     ctx = tiny_lm.prefill_ids(ids, "streaming(sinks=3,window=30)")
     with torch.no_grad():
-        out = tiny_lm.model(q, past_key_values=ctx.cache.fork(1)).logits
+        out = tiny_lm.model(q, **with_cache(tiny_lm.model, ctx.cache.fork(1))).logits
         full = _full_keys(tiny_lm, ids)
         mask = torch.zeros(1, 96, dtype=torch.long)
         mask[0, :3] = 1
         mask[0, 60:] = 1
-        ref = tiny_lm.model(q, past_key_values=full, attention_mask=mask,
+        ref = tiny_lm.model(q, **with_cache(tiny_lm.model, full), attention_mask=mask,
                             position_ids=torch.arange(90, 96)[None]).logits
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
 

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from memfit.hfcompat import with_cache
 from memfit.kv.cache import CompressedCache
 from memfit.kv.lowrank import LowRank, project, reconstruct
 from memfit.kv.policy import PolicyError, parse_policy
@@ -66,7 +67,7 @@ def test_low_rank_cache_round_trips_and_forks(tiny_lm):
     assert fork.nbytes == 0  # the basis belongs to the parent
     ids = torch.randint(0, 256, (2, 40))
     with torch.no_grad():
-        tiny_lm.model(ids, past_key_values=fork, use_cache=True)  # spills project onto the parent's basis
+        tiny_lm.model(ids, **with_cache(tiny_lm.model, fork), use_cache=True)  # spills project onto the parent's basis
     assert fork.layers[0].qk is not None and fork.layers[0].qk.codes.shape[1] == 1
     assert fork.layers[0].basis is ctx.cache.layers[0].basis
 
@@ -75,7 +76,7 @@ def test_plain_generate_fits_a_basis_at_the_first_spill(tiny_lm):
     cache = CompressedCache("lowrank(rank=8)+kivi(bits=4,group=16,residual=16)", tiny_lm.num_layers)
     ids = torch.randint(0, 256, (1, 60))
     with torch.no_grad():
-        tiny_lm.model(ids, past_key_values=cache, use_cache=True)
+        tiny_lm.model(ids, **with_cache(tiny_lm.model, cache), use_cache=True)
     assert cache.layers[0].basis is not None
     assert cache.layers[0].qk.num_tokens == cache.policy.quant.spilled(60) and cache.layers[0].qk.codes.shape[-1] == 8 * 4 // 8
 

@@ -6,6 +6,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from memfit.hfcompat import with_cache
 from memfit.kv.cache import CompressedCache
 from memfit.kv.evict import Observation, select_global
 from memfit.kv.policy import parse_policy
@@ -58,11 +59,11 @@ def test_ragged_heads_equal_masked_full_attention(tiny_lm, policy):
     full, masks = _kept_masks(tiny_lm, ids, policy)
     assert [m[0].sum(-1).tolist() for m in masks.values()] == lens
     with torch.no_grad():
-        out = tiny_lm.model(q, past_key_values=ctx.cache.fork(1)).logits
+        out = tiny_lm.model(q, **with_cache(tiny_lm.model, ctx.cache.fork(1))).logits
         _REF_MASKS.update(masks)
         tiny_lm.model.set_attn_implementation("memfit_test_masked")
         try:
-            ref = tiny_lm.model(q, past_key_values=full.fork(1)).logits
+            ref = tiny_lm.model(q, **with_cache(tiny_lm.model, full.fork(1))).logits
         finally:
             tiny_lm.model.set_attn_implementation("memfit")
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
@@ -98,7 +99,7 @@ def test_ragged_cache_refuses_an_attention_that_ignores_its_mask(tiny_lm):
         with pytest.raises(RuntimeError, match="attn_implementation='memfit'"), torch.no_grad():
             cache = ctx.cache.fork(1)
             for t in range(3):
-                tiny_lm.model(torch.tensor([[5 + t]]), past_key_values=cache)
+                tiny_lm.model(torch.tensor([[5 + t]]), **with_cache(tiny_lm.model, cache))
     finally:
         tiny_lm.model.set_attn_implementation("memfit")
 

@@ -4,6 +4,7 @@ from conftest import tiny_llama
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from memfit.hfcompat import with_cache
 from memfit.kv.cache import CompressedCache
 from memfit.kv.policy import PolicyError, parse_policy
 from memfit.kv.quant import dequantize
@@ -29,12 +30,12 @@ def test_pre_rope_cache_stores_keys_before_rope_and_reads_them_back_rotated():
     cache = CompressedCache.for_model(model, "kivi(bits=8,group=16,residual=16,pre_rope=true)")
     ref = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids, past_key_values=cache)
-        model(ids, past_key_values=ref)
+        model(ids, **with_cache(model, cache))
+        model(ids, **with_cache(model, ref))
         for t in range(5):  # decoding spills more groups at later positions
             nxt = torch.tensor([[7 + t]])
-            model(nxt, past_key_values=cache)
-            model(nxt, past_key_values=ref)
+            model(nxt, **with_cache(model, cache))
+            model(nxt, **with_cache(model, ref))
     layer, keys = cache.layers[1], ref.layers[1].keys
     n = layer.qk.num_tokens
     assert n == 64
@@ -51,7 +52,7 @@ def test_pre_rope_needs_the_model_and_no_eviction():
     model = tiny_llama()
     cache = CompressedCache("kivi(bits=4,group=16,residual=16,pre_rope=true)", 2)  # no model: no RoPE
     with pytest.raises(ValueError, match="CompressedCache.for_model"), torch.no_grad():
-        model(torch.randint(0, 250, (1, 40)), past_key_values=cache)
+        model(torch.randint(0, 250, (1, 40)), **with_cache(model, cache))
     with pytest.raises(PolicyError, match="pre_rope keys cannot follow eviction"):
         parse_policy("snapkv(keep=0.5)+kivi(bits=4,pre_rope=true)")
     with pytest.raises(PolicyError, match="must be true or false"):
@@ -66,7 +67,7 @@ def test_pre_rope_context_answers_and_round_trips(tiny_lm):
     assert ctx.cache.layers[0].qk is not None and ctx.cache.layers[0].pre_rope
     ref = DynamicCache(config=tiny_lm.model.config)
     with torch.no_grad():
-        tiny_lm.model(ctx.token_ids, past_key_values=ref)
+        tiny_lm.model(ctx.token_ids, **with_cache(tiny_lm.model, ref))
     keys = ref.layers[0].keys  # the prefill path (compress, then spill) also takes RoPE off and puts it back
     assert (ctx.cache.layers[0].materialize()[0] - keys).norm() < 0.1 * keys.norm()
     a = tiny_lm.ask(ctx, ["x", "yz"], max_new_tokens=5)  # forks: their own tokens stay after RoPE
@@ -85,8 +86,8 @@ def test_pre_rope_cache_saved_before_its_first_spill_can_still_spill(tiny_lm):
     more = torch.randint(0, 250, (1, 40), generator=torch.Generator().manual_seed(3))
     ref = DynamicCache(config=tiny_lm.model.config)
     with torch.no_grad():
-        tiny_lm.model(more, past_key_values=back)
-        tiny_lm.model(torch.cat([ctx.token_ids, more], dim=1), past_key_values=ref)
+        tiny_lm.model(more, **with_cache(tiny_lm.model, back))
+        tiny_lm.model(torch.cat([ctx.token_ids, more], dim=1), **with_cache(tiny_lm.model, ref))
     assert back.layers[0].qk is not None
     keys = ref.layers[0].keys  # the spilled keys went through RoPE off and on at their own positions
     assert (back.layers[0].materialize()[0] - keys).norm() < 0.1 * keys.norm()

@@ -61,6 +61,8 @@ class Served:
             self.proc.kill()
             self.proc.wait(10)
             raise
+        finally:
+            self.log.close()
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from memfit.api import LM
+from memfit.hfcompat import with_cache
 from memfit.kv.policy import Policy, parse_policy
 
 SHIPPED_TEXT = Path(__file__).parent / "data" / "lighthouses.txt"  # an original essay, written for memfit
@@ -43,7 +44,7 @@ def perplexity(lm: LM, text: str, policy: "str | Policy" = "none", *, context_fr
     for start in range(split, n - 1, chunk):
         piece = ids[:, start : min(start + chunk, n - 1)]
         targets = ids[:, start + 1 : start + 1 + piece.shape[1]]
-        logits = lm.model(piece, past_key_values=cache, use_cache=True).logits
+        logits = lm.model(piece, **with_cache(lm.model, cache), use_cache=True).logits
         logits = logits.float() if logits.element_size() < 4 else logits  # upcast 16-bit, keep float64
         nll += F.cross_entropy(logits[0], targets[0], reduction="sum").item()
         count += targets.shape[1]

@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from memfit.hfcompat import with_cache
 from memfit.kernels.decode_attention import decode_attention
 from memfit.kv.quant import KIVI, QTensor, quantize_keys, quantize_values
 
@@ -135,7 +136,7 @@ class GraphDecoder:
 
     def _forward(self) -> torch.Tensor:
         return self.model(input_ids=self.ids, position_ids=self.pos, cache_position=self.cache_pos,
-                          past_key_values=self.cache, use_cache=True, memfit_static_step=True).logits[:, -1]
+                          **with_cache(self.model, self.cache), use_cache=True, memfit_static_step=True).logits[:, -1]
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from memfit.hfcompat import output_cache, with_cache
+
 DAMP = 0.01  # relative diagonal damping of H (as in GPTQ): keeps H well conditioned with little calibration text
 
 
@@ -38,14 +40,14 @@ def calibration_ids(model: nn.Module, num_seqs: int = 16, length: int = 256, see
     gen = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.tensor([start] * num_seqs, device=dev)
     out = model(ids, use_cache=True)
-    cache, seq = out.past_key_values, [ids]
+    cache, seq = output_cache(out), [ids]
     logits = out.logits[:, -1]
     for _ in range(length - ids.shape[1]):
         probs = torch.softmax(logits.float(), -1).cpu()
         nxt = torch.multinomial(probs, 1, generator=gen).to(dev)
         seq.append(nxt)
-        out = model(nxt, past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        out = model(nxt, **with_cache(model, cache), use_cache=True)
+        cache, logits = output_cache(out), out.logits[:, -1]
     return torch.cat(seq, 1)
 
 

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
+from memfit.hfcompat import with_cache
 from memfit.kv.attention import observe
 from memfit.kv.evict.base import Eviction, Observation
 
@@ -48,6 +49,6 @@ def reconstruction_scores(model: torch.nn.Module, cache, inputs: list[list[int]]
     device = next(model.parameters()).device
     with observe(reduce="max", num_keys=n) as seen:
         for ids in inputs:
-            model(torch.tensor([ids], device=device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(torch.tensor([ids], device=device), **with_cache(model, cache), use_cache=True, logits_to_keep=1)
             cache.truncate_(n)
     return seen.attention
