@@ -75,3 +75,72 @@ def test_cli_demo_and_bench_run_end_to_end(model_dir, tmp_path):
     rows = json.loads(bench.read_text())["rows"]
     assert len(rows) == 2 and all(row["tokens"] == 200 and row["decode_tokens_per_s"] > 0 for row in rows)
     assert rows[1]["bytes_per_token"] < rows[0]["bytes_per_token"]
+
+
+def _fake_convert(calls):
+    """A stand-in for the GGUF conversion: writes a small model folder and counts its calls."""
+    def convert(gguf, out, dtype):
+        calls.append(gguf)
+        tiny_llama(dtype).save_pretrained(out)
+        byte_tokenizer().save_pretrained(out)
+    return convert
+
+
+def test_gguf_is_converted_once_and_rebuilt_when_damaged(tmp_path, monkeypatch):
+    from memfit import models
+
+    monkeypatch.setenv("MEMFIT_CACHE", str(tmp_path / "cache"))
+    calls = []
+    monkeypatch.setattr(models, "_convert", _fake_convert(calls))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    source = models.ModelSource(tmp_path, "m.gguf")
+    folder = models.converted_gguf(source, torch.float32)
+    assert folder.parent == tmp_path / "cache" / "converted" and len(calls) == 1
+    assert models.converted_gguf(source, torch.float32) == folder and len(calls) == 1  # reused, not rebuilt
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".tmp-")]  # nothing half-written left
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit in the weights: rebuilt, not loaded
+    weights.write_bytes(bytes(data))
+    assert models.converted_gguf(source, torch.float32) == folder and len(calls) == 2
+    (folder / "config.json").unlink()  # a missing file: rebuilt
+    assert models.converted_gguf(source, torch.float32) == folder and len(calls) == 3
+    # another dtype or other GGUF content is another folder
+    assert models.converted_gguf(source, torch.bfloat16) != folder
+    gguf.write_bytes(b"GGUF" + bytes(range(255, -1, -1)) * 64)
+    assert models.converted_gguf(source, torch.float32) != folder and len(calls) == 5
+
+
+def test_a_failed_conversion_leaves_nothing(tmp_path, monkeypatch):
+    from memfit import models
+
+    monkeypatch.setenv("MEMFIT_CACHE", str(tmp_path / "cache"))
+
+    def broken(gguf, out, dtype):
+        (out / "config.json").write_text("{}")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(models, "_convert", broken)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(RuntimeError, match="disk full"):
+        models.converted_gguf(models.ModelSource(tmp_path, "m.gguf"), torch.float32)
+    assert list((tmp_path / "cache" / "converted").iterdir()) == []
+
+
+def test_cache_argument_follows_the_models_forward():
+    from memfit.hfcompat import cache_arg_name, output_cache, with_cache
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None):
+            return {"past_key_values": past_key_values}
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids, cache=None):
+            return {"cache": cache}
+
+    assert cache_arg_name(Old) == "past_key_values" and cache_arg_name(New) == "cache"
+    for cls in (Old, New):
+        model = cls()
+        assert output_cache(model(None, **with_cache(model, "c"))) == "c"

@@ -7,10 +7,13 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import xxhash
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +93,9 @@ def default_dtype(dtype: "str | torch.dtype | None") -> torch.dtype:
 def load_hf(source: ModelSource, device: torch.device, dtype: torch.dtype | None, weight_bits: int | None = None):
     """Load the transformers model and tokenizer from local files, with memfit's attention function.
     A folder written by ``memfit quantize`` loads as its quantized layers (``weight_bits`` picks the
-    width of an any-precision one); ``dtype`` None means bfloat16, or the quantized folder's own."""
+    width of an any-precision one); ``dtype`` None means bfloat16, or the quantized folder's own.
+    A GGUF file is converted once into a plain model folder (see :func:`converted_gguf`) and loaded
+    from there."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -104,20 +109,110 @@ def load_hf(source: ModelSource, device: torch.device, dtype: torch.dtype | None
     if weight_bits is not None:
         raise ValueError(f"weight_bits applies to a folder written by `memfit quantize`; {source.folder} is not one")
     dtype = default_dtype(dtype)
-
-    kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # GGUF loading is chatty about the tokenizer conversion
+    folder = converted_gguf(source, dtype) if source.gguf_file else source.folder
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a one-second load needs no progress bar
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.folder, local_files_only=True, **kw)
-        model = AutoModelForCausalLM.from_pretrained(
-            source.folder, local_files_only=True, dtype=dtype,
-            attn_implementation=attention.ATTN_IMPLEMENTATION, **kw,
-        )
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype,
+                                                     attn_implementation=attention.ATTN_IMPLEMENTATION)
     finally:
-        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     model.to(device).eval()
     return model, tokenizer
+
+
+CONVERTED_FORMAT = 1  # bump when what a converted folder holds changes
+
+
+def cache_root() -> Path:
+    """Where memfit keeps what it builds from local files: ``$MEMFIT_CACHE``, else
+    ``$XDG_CACHE_HOME/memfit``, else ``~/.cache/memfit``."""
+    env = os.environ.get("MEMFIT_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "memfit"
+
+
+def _file_digest(path: Path) -> str:
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _intact(folder: Path) -> bool:
+    """Whether a converted folder is complete and unchanged: every file its manifest lists, with
+    that size and digest (xxh3 reads ~10 GB/s, so the check costs milliseconds)."""
+    try:
+        manifest = json.loads((folder / "memfit-converted.json").read_text())
+        return manifest["format"] == CONVERTED_FORMAT and all(
+            (folder / name).stat().st_size == size and _file_digest(folder / name) == digest
+            for name, (size, digest) in manifest["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def converted_gguf(source: ModelSource, dtype: torch.dtype) -> Path:
+    """A plain model folder (safetensors weights, config, tokenizer files) made from a GGUF file.
+
+    transformers parses a GGUF file once each for its config, tokenizer and weights and rebuilds its
+    tensor-name maps on every load (~15 s for SmolLM2); a safetensors folder loads in about a second.
+    The folder is keyed by the GGUF's content, the transformers version and the dtype, built in a
+    temporary folder and renamed into place (a killed build leaves nothing half-written), and
+    rebuilt when a file in it is missing or changed."""
+    import transformers
+
+    gguf = source.folder / source.gguf_file
+    key = f"{_file_digest(gguf)[:16]}-tf{transformers.__version__}-{str(dtype).removeprefix('torch.')}"
+    root = cache_root() / "converted"
+    folder = root / f"{Path(source.gguf_file).stem}-{key}"
+    if _intact(folder):
+        return folder
+    if folder.exists():
+        log.warning("rebuilding %s: a file in it is missing or changed", folder)
+        shutil.rmtree(folder, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the folder from other users of a shared cache
+        _convert(gguf, tmp, dtype)
+        files = {p.name: (p.stat().st_size, _file_digest(p)) for p in tmp.iterdir()}
+        (tmp / "memfit-converted.json").write_text(json.dumps({"format": CONVERTED_FORMAT, "gguf": str(gguf),
+                                                                "files": files}, indent=1))
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process renamed its copy first: keep that one
+            if not _intact(folder):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _convert(gguf: Path, out: Path, dtype: torch.dtype) -> None:
+    """Load ``gguf`` through transformers (dequantized) and write it as a plain model folder."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    log.warning("converting %s to safetensors once (about 20 s); later loads read the converted copy", gguf.name)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # GGUF loading is chatty about the tokenizer conversion and its dtype
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True,
+                                                     dtype=dtype)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    config = model.config
+    if hasattr(config, "quantization_config"):  # the GGUF blocks are unpacked: what is written is a plain model
+        del config.quantization_config
+    config.save_pretrained(out)
+    save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})  # tied weights written once
+    tokenizer.save_pretrained(out)
 
 
 def config_only(name_or_path: str):
@@ -204,11 +299,3 @@ class ChatFormat:
     def full_text(self, context: str, question: str, answer_prefix: str | None = None) -> str:
         return self.context_text(context) + self.question_text(question, answer_prefix)
 
-
-def __getattr__(name: str):
-    # `memfit.models.load_model` is `memfit.load_model` (defined in api.py, which builds on this module)
-    if name == "load_model":
-        from memfit.api import load_model
-
-        return load_model
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
