@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -14,12 +13,12 @@ from pathlib import Path
 
 import torch
 
+from memfit.hfcompat import with_cache
 from memfit.kv.attention import observe
 from memfit.kv.cache import CompressedCache
 from memfit.kv.evict import KVzip, Observation
 from memfit.kv.evict.kvzip import REPEAT_PROMPT, reconstruction_scores, repeat_inputs
-from memfit.kv.plan import KVShape, budget_bytes
-from memfit.kv.plan import plan as plan_policy
+from memfit.kv.plan import KVShape, plan_budget, spend_slack
 from memfit.kv.policy import Policy, parse_policy
 from memfit.kv.rope import RoPE
 from memfit.models import ChatFormat, default_device, default_dtype, fingerprint, load_hf, resolve_model
@@ -91,9 +90,6 @@ class Context:
                 f"compression={self.compression:.2f}x)")
 
 
-SLACK_STEPS = 8  # keep fractions tried above the planner's estimate when a budget has room to spare
-
-
 class LM:
     """A loaded model with its tokenizer and chat format. Build it with :func:`load_model`."""
 
@@ -128,18 +124,19 @@ class LM:
         text = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
         return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
-    def keyspace(self, policy: "str | Policy") -> KeySpace:
-        return KeySpace(self.fingerprint, self.tokenizer_fingerprint, parse_policy(policy).spec)
+    def keyspace(self, policy: Policy) -> KeySpace:
+        return KeySpace(self.fingerprint, self.tokenizer_fingerprint, policy.spec)
 
-    def context_from_entry(self, entry: Entry, policy: "str | Policy | None" = None) -> Context:
+    def context_from_entry(self, entry: Entry, policy: Policy | None = None) -> Context:
         """Rebuild a stored context for this model; refuses one made for another model, tokenizer,
         format or (if given) policy, with EntryMismatch."""
         state = entry.manifest["cache"]
-        entry.check(self.keyspace(state["policy"] if policy is None else policy))
+        stored = parse_policy(state["policy"])  # what the entry says it holds: read once, here
+        entry.check(self.keyspace(stored if policy is None else policy))
         cache = CompressedCache.from_state({n: t for n, t in entry.tensors.items() if n != "token_ids"}, state,
-                                           device=self.device)
+                                           stored, device=self.device)
         ids = entry.tensors["token_ids"].to(torch.long).to(self.device).unsqueeze(0)
-        return Context(cache, ids, parse_policy(state["policy"]), meta={"store": "hit"}, lm=self)
+        return Context(cache, ids, stored, meta={"store": "hit"}, lm=self)
 
     def load_context(self, path: "str | Path") -> Context:
         path = Path(path)
@@ -171,19 +168,18 @@ class LM:
         read), and a newly read one is stored."""
         if not isinstance(context, str):
             raise TypeError(f"context must be a str, got {type(context).__name__}")
+        if budget is not None and policy is not None:
+            raise ValueError("give a policy or a budget, not both")
         ids = self.encode_context(context)
-        plan_info = None
         if budget is not None:
-            if policy is not None:
-                raise ValueError("give a policy or a budget, not both")
             policy, plan_info = self.plan(budget, ids.shape[1])
-        policy = "none" if policy is None else policy
+        policy = parse_policy(policy)  # the one place a spec string becomes a Policy
         if store is None:
-            fit = plan_info["budget_bytes"] if plan_info is not None else None
-            ctx = self.prefill_many_ids(ids, [policy], chunk_size=chunk_size, fit_bytes=fit)[0]
+            fits = [plan_info["budget_bytes"]] if budget is not None else None
+            ctx = self.prefill_many_ids(ids, [policy], chunk_size=chunk_size, fit_bytes=fits)[0]
         else:
             ctx = self.prefill_stored(ids, policy, open_store(store), chunk_size=chunk_size)
-        if plan_info is not None:
+        if budget is not None:
             ctx.meta["plan"] = {**plan_info, "policy": ctx.policy.spec, "nbytes": ctx.nbytes}
             log.info("budget %s: picked %s (%d bytes)", budget, ctx.policy.spec, ctx.nbytes)
         return ctx
@@ -191,11 +187,11 @@ class LM:
     def plan(self, budget: "str | float", num_tokens: int, evict: str = "kvzip") -> tuple[Policy, dict]:
         """The policy the planner picks for ``num_tokens`` context tokens under ``budget`` (see
         :mod:`memfit.kv.plan`), with what it based the choice on."""
-        shape = KVShape(self.num_layers, self.num_kv_heads, self.head_dim, next(self.model.parameters()).element_size())
-        limit = budget_bytes(budget, num_tokens, shape)
-        policy, estimate = plan_policy(limit, num_tokens, shape, evict)
-        return policy, {"budget": budget, "budget_bytes": limit, "policy": policy.spec, "estimate": estimate,
-                        "full_nbytes": num_tokens * shape.full_bytes_per_token}
+        return plan_budget(budget, num_tokens, self.kv_shape, evict)
+
+    @property
+    def kv_shape(self) -> KVShape:
+        return KVShape(self.num_layers, self.num_kv_heads, self.head_dim, next(self.model.parameters()).element_size())
 
     def encode_context(self, context: str) -> torch.Tensor:
         """[1, N] token ids of the prompt up to the end of ``context`` (what ``prefill`` reads)."""
@@ -215,13 +211,12 @@ class LM:
     def _forward(self, input_ids: torch.Tensor, cache: CompressedCache, chunk_size: int) -> None:
         """Feed ``input_ids`` into ``cache`` in chunks, computing only the last position's logits."""
         for start in range(0, input_ids.shape[1], chunk_size):
-            self.model(input_ids[:, start : start + chunk_size], past_key_values=cache, use_cache=True,
+            self.model(input_ids[:, start : start + chunk_size], **with_cache(self.model, cache), use_cache=True,
                        logits_to_keep=1)
 
     @torch.no_grad()
-    def prefill_stored(self, input_ids: torch.Tensor, policy: "str | Policy", store: ContextStore, *,
+    def prefill_stored(self, input_ids: torch.Tensor, policy: Policy, store: ContextStore, *,
                        chunk_size: int = 4096) -> Context:
-        policy = parse_policy(policy)
         t0 = time.perf_counter()
         chain = self.keyspace(policy).chain(input_ids[0].tolist())
         entry = store.get_entry(chain[-1][1])
@@ -267,11 +262,14 @@ class LM:
 
     @torch.no_grad()
     def prefill_many_ids(self, input_ids: torch.Tensor, policies: "list[str | Policy]", *,
-                         chunk_size: int = 4096, fit_bytes: int | None = None) -> list[Context]:
-        """One forward pass, compressed once per policy. ``fit_bytes``: raise the keep fraction of
-        each policy's last eviction as far as the measured bytes stay within it (the planner's
-        estimate for ragged heads is an upper bound; this spends the slack)."""
+                         chunk_size: int = 4096, fit_bytes: "list[int | None] | None" = None) -> list[Context]:
+        """One forward pass, compressed once per policy (scores such as KVzip's computed once for
+        all). ``fit_bytes``: per policy, a byte budget up to which the keep fraction of its last
+        eviction is raised (see :func:`memfit.kv.plan.spend_slack`)."""
         pols = [parse_policy(p) for p in policies]
+        fit_bytes = fit_bytes or [None] * len(pols)
+        if len(fit_bytes) != len(pols):
+            raise ValueError(f"fit_bytes needs one entry per policy: {len(fit_bytes)} for {len(pols)}")
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be [batch, tokens] with tokens > 0, got shape {tuple(input_ids.shape)}")
         t0 = time.perf_counter()
@@ -292,35 +290,17 @@ class LM:
                 obs[i].reconstruction = a
             score_s = time.perf_counter() - t1
         out = []
-        for p in pols:
+        for p, fit in zip(pols, fit_bytes):
             t1 = time.perf_counter()
             cache = base.derive(p, obs)
-            if fit_bytes is not None and p.evictions and cache.nbytes <= fit_bytes:
-                p, cache = self._spend_slack(base, obs, p, cache, fit_bytes)
+            if fit is not None:
+                p, cache = spend_slack(lambda q: base.derive(q, obs), p, cache, fit)
             scored = score_s if "reconstruction" in p.observes() else 0.0
             ctx = Context(cache, input_ids, p, forward_s + scored + time.perf_counter() - t1, lm=self)
             if scored:
                 ctx.meta["score_seconds"] = scored
             out.append(ctx)
         return out
-
-    @staticmethod
-    def _spend_slack(base: CompressedCache, obs: dict, policy: Policy, cache: CompressedCache,
-                     limit: int) -> tuple[Policy, CompressedCache]:
-        """Raise the last eviction's keep to the largest of a few steps whose measured bytes fit.
-        Not a bisection: with ragged heads bytes are not monotonic in keep (each head quantizes
-        whole key groups, so one more token can move a group back to the 16-bit window)."""
-        ev = policy.evictions[-1]
-        with_keep = lambda k: dataclasses.replace(policy, evictions=(*policy.evictions[:-1], dataclasses.replace(ev, keep=k)))  # noqa: E731
-        hi = min(1.0, ev.keep * limit / max(1, cache.nbytes) * 1.5)
-        for keep in sorted({round(ev.keep + (hi - ev.keep) * i / SLACK_STEPS, 4) for i in range(1, SLACK_STEPS + 1)},
-                           reverse=True):
-            if keep <= ev.keep:
-                break
-            trial = base.derive(with_keep(keep), obs)
-            if trial.nbytes <= limit:
-                return with_keep(keep), trial
-        return policy, cache
 
     def reconstruction_scores(self, input_ids: torch.Tensor, cache: CompressedCache, chunk: int) -> dict[int, torch.Tensor]:
         """KVzip's scores for the context in ``cache`` (deferred, holding ``input_ids``): the model
@@ -442,7 +422,7 @@ class LM:
         step_ids = input_ids
         stops = torch.tensor(sorted(self.stop_ids), dtype=torch.long, device=dev)
         for step in range(max_new_tokens):
-            logits = self.model(step_ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
+            logits = self.model(step_ids, attention_mask=attn, position_ids=pos, **with_cache(self.model, cache),
                                 use_cache=True, logits_to_keep=1).logits[:, -1].float()
             if step < min_new_tokens:
                 logits[:, stops] = float("-inf")

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from memfit.kv.plan import KVShape, budget_bytes, plan, policy_nbytes
+from memfit.kv.policy import parse_policy
 from memfit.models import count_parameters
 from tests.conftest import tiny_llama
 
@@ -16,7 +17,7 @@ TEXT = "The lighthouse keeper counted ships. " * 40  # about 1.5K byte tokens
 def test_byte_count_is_exact_for_uniform_heads(tiny_lm, policy):
     ctx = tiny_lm.prefill(TEXT, policy)
     shape = KVShape(tiny_lm.num_layers, tiny_lm.num_kv_heads, tiny_lm.head_dim, 8)  # float64 model
-    assert policy_nbytes(policy, ctx.num_tokens, shape) == ctx.nbytes
+    assert policy_nbytes(parse_policy(policy), ctx.num_tokens, shape) == ctx.nbytes
 
 
 @pytest.mark.parametrize("policy", ["knorm(keep=0.3,heads=adaptive)+kivi(bits=4,group=16,residual=16)",
@@ -29,7 +30,7 @@ def test_byte_count_is_exact_for_uniform_heads(tiny_lm, policy):
 def test_byte_count_bounds_adaptive_heads(tiny_lm, policy):
     ctx = tiny_lm.prefill(TEXT, policy)
     shape = KVShape(tiny_lm.num_layers, tiny_lm.num_kv_heads, tiny_lm.head_dim, 8)  # float64 model
-    est = policy_nbytes(policy, ctx.num_tokens, shape)
+    est = policy_nbytes(parse_policy(policy), ctx.num_tokens, shape)
     # a bound: each head's 16-bit window is counted at its largest, at most one key group too many
     slack = shape.num_layers * shape.num_kv_heads * 16 * 2 * 8 * shape.head_dim if "kivi" in policy else 0
     assert ctx.nbytes <= est <= ctx.nbytes + slack
@@ -57,7 +58,7 @@ def test_planner_prefers_quantization_then_keeps_as_much_as_fits():
     p, b = plan(full // 10, n, shape)
     keep = p.evictions[0].keep
     assert p.spec.startswith("kvzip(keep=") and b <= full // 10
-    assert policy_nbytes(p.spec.replace(f"keep={keep}", f"keep={keep + 0.002:.3f}"), n, shape) > full // 10
+    assert policy_nbytes(parse_policy(p.spec.replace(f"keep={keep}", f"keep={keep + 0.002:.3f}")), n, shape) > full // 10
     with pytest.raises(ValueError, match="too small"):
         plan(1000, n, shape)
     assert budget_bytes("1GiB", n, shape) == 2**30 and budget_bytes(16, n, shape) == full // 16

@@ -6,7 +6,9 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from memfit.kv.cache import CompressedCache, CompressedLayer
+from memfit.hfcompat import with_cache
+from memfit.kv.cache import CompressedCache
+from memfit.kv.layer import CompressedLayer
 from memfit.kv.static import GraphDecoder
 
 POLICY = "kivi(bits=4,group=16,residual=20)"  # a spill every 16 steps
@@ -15,7 +17,7 @@ POLICY = "kivi(bits=4,group=16,residual=20)"  # a spill every 16 steps
 def _prefilled(model, ids, policy=POLICY):
     cache = CompressedCache.for_model(model, policy)
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **with_cache(model, cache))
     return cache
 
 
@@ -23,7 +25,7 @@ def _dynamic_logits(model, cache, feed):
     out = []
     with torch.no_grad():
         for i in range(feed.shape[1]):
-            out.append(model(feed[:, i : i + 1], past_key_values=cache).logits[:, -1])
+            out.append(model(feed[:, i : i + 1], **with_cache(model, cache)).logits[:, -1])
     return torch.stack(out)
 
 
@@ -74,7 +76,7 @@ def test_static_decode_refuses_what_it_cannot_hold():
         _prefilled(model, ids, "kivi(bits=2,outliers=0.01)").to_static(8)
     cache = _prefilled(model, ids).to_static(max_new_tokens=16)
     with pytest.raises(ValueError, match="one token a step"):
-        model(ids[:, :2], past_key_values=cache)
+        model(ids[:, :2], **with_cache(model, cache))
     with pytest.raises(RuntimeError, match="to_dynamic"):
         cache.to_state()
     dec = GraphDecoder(model, cache)
@@ -96,12 +98,12 @@ def test_a_static_step_over_a_full_static_cache_runs_unmasked_and_equals_the_dyn
     prompt = ids[:, :40]
     with torch.no_grad():
         dyn = DynamicCache(config=model.config)
-        model(prompt, past_key_values=dyn)
-        want = model(ids[:, 40:], past_key_values=dyn).logits
+        model(prompt, **with_cache(model, dyn))
+        want = model(ids[:, 40:], **with_cache(model, dyn)).logits
         for slots in (41, 48):  # full, then with empty slots (which the mask must hide)
             cache = StaticCache(config=model.config, max_cache_len=slots)
             for s in range(0, 40, 16):
-                model(prompt[:, s : s + 16], past_key_values=cache, cache_position=torch.arange(s, min(s + 16, 40)))
-            got = model(ids[:, 40:], past_key_values=cache, cache_position=torch.tensor([40]),
+                model(prompt[:, s : s + 16], **with_cache(model, cache), cache_position=torch.arange(s, min(s + 16, 40)))
+            got = model(ids[:, 40:], **with_cache(model, cache), cache_position=torch.tensor([40]),
                         memfit_static_step=slots == 41).logits
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

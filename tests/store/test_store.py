@@ -12,6 +12,7 @@ from conftest import byte_tokenizer, tiny_llama
 
 import memfit
 from memfit.api import LM
+from memfit.kv.policy import parse_policy
 from memfit.store import CorruptEntry, Entry, EntryMismatch, open_store, parse_bytes
 from memfit.store.disk import DiskTier
 
@@ -115,7 +116,7 @@ def test_entry_for_another_model_or_policy_is_refused(lm, tmp_path):
         memfit.load_context(path, other)
     entry, _ = ctx.to_entry()
     with pytest.raises(EntryMismatch, match="policy"):
-        lm.context_from_entry(entry, policy="none")
+        lm.context_from_entry(entry, policy=parse_policy("none"))
     entry.manifest["format"] = 99
     with pytest.raises(EntryMismatch, match="format"):
         lm.context_from_entry(entry)
@@ -181,12 +182,12 @@ def test_kill_9_mid_write_leaves_a_consistent_store(tmp_path, kind, request):
     url = f"file://{tmp_path}" if kind == "file" else request.getfixturevalue("redis_server").url
     acknowledged = -1
     for delay in (0.05, 0.13, 0.29):
-        proc = _spawn_writer(url)
-        assert proc.stdout.readline().startswith("ready")
-        time.sleep(delay)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        lines = [ln for ln in proc.stdout.read().splitlines() if ln.startswith("stored")]
+        with _spawn_writer(url) as proc:  # closes its stdout pipe
+            assert proc.stdout.readline().startswith("ready")
+            time.sleep(delay)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            lines = [ln for ln in proc.stdout.read().splitlines() if ln.startswith("stored")]
         if lines:
             acknowledged = max(acknowledged, 0)
     store = open_store(url)

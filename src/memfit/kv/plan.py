@@ -8,11 +8,17 @@ exact; for adaptive and global (ragged) heads it is an upper bound, because each
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from memfit.kv.policy import Policy, parse_policy
+from memfit.kv.policy import EVICTIONS, Policy
 from memfit.kv.quant import KIVI
+
+if TYPE_CHECKING:
+    from memfit.kv.cache import CompressedCache
 from memfit.units import parse_bytes
 
 MIN_KEEP = 0.02  # below this, eviction leaves too little of any context to be worth planning
@@ -62,9 +68,9 @@ def _lowrank_layer_bytes(n: int, p: Policy, shape: KVShape) -> float:
     return basis + coef + values + 2 * h * e * d * (n - spilled)
 
 
-def policy_nbytes(policy: "str | Policy", num_tokens: int, shape: KVShape) -> int:
+def policy_nbytes(policy: Policy, num_tokens: int, shape: KVShape) -> int:
     """Bytes the policy's cache holds after reading ``num_tokens`` context tokens (batch 1)."""
-    p = parse_policy(policy)
+    p = policy
     h, d, e = shape.num_kv_heads, shape.head_dim, shape.dtype_bytes
     total, pooled = 0.0, 0  # pooled: tokens of a global eviction, which may move between layers
     for layer in range(shape.num_layers):
@@ -90,7 +96,11 @@ def policy_nbytes(policy: "str | Policy", num_tokens: int, shape: KVShape) -> in
     return math.ceil(total)
 
 
-LADDER = ("none", "kivi(bits=8)", "kivi(bits=4)")
+LADDER = (Policy(), Policy(quant=KIVI(bits=8)), Policy(quant=KIVI(bits=4)))  # tried in order: the first that fits
+
+
+def _evicted(evict: str, keep: float, bits: int) -> Policy:
+    return Policy((EVICTIONS[evict](keep=keep),), KIVI(bits=bits))
 
 
 def plan(budget_bytes: int, num_tokens: int, shape: KVShape, evict: str = "kvzip") -> tuple[Policy, int]:
@@ -99,24 +109,59 @@ def plan(budget_bytes: int, num_tokens: int, shape: KVShape, evict: str = "kvzip
     4-bit at ``MIN_KEEP`` does not fit). Raises ValueError when nothing fits."""
     if budget_bytes <= 0 or num_tokens <= 0:
         raise ValueError(f"budget and tokens must be positive, got {budget_bytes} bytes for {num_tokens} tokens")
-    for spec in LADDER:
-        b = policy_nbytes(spec, num_tokens, shape)
+    if evict not in EVICTIONS:
+        raise ValueError(f"unknown eviction {evict!r}; valid: {', '.join(sorted(EVICTIONS))}")
+    for policy in LADDER:
+        b = policy_nbytes(policy, num_tokens, shape)
         if b <= budget_bytes:
-            return parse_policy(spec), b
-    for quant in ("kivi(bits=4)", "kivi(bits=2)"):
-        fits = lambda keep: policy_nbytes(f"{evict}(keep={keep})+{quant}", num_tokens, shape) <= budget_bytes  # noqa: E731
+            return policy, b
+    for bits in (4, 2):
+        fits = lambda keep: policy_nbytes(_evicted(evict, keep, bits), num_tokens, shape) <= budget_bytes  # noqa: E731
         if not fits(MIN_KEEP):
             continue
         lo, hi = MIN_KEEP, 1.0  # the largest keep that fits, to 0.1% of the context
         while hi - lo > 1e-3:
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-        keep = math.floor(lo * 1000) / 1000
-        spec = f"{evict}(keep={keep})+{quant}"
-        return parse_policy(spec), policy_nbytes(spec, num_tokens, shape)
-    smallest = policy_nbytes(f"{evict}(keep={MIN_KEEP})+kivi(bits=2)", num_tokens, shape)
+        policy = _evicted(evict, math.floor(lo * 1000) / 1000, bits)
+        return policy, policy_nbytes(policy, num_tokens, shape)
+    smallest = policy_nbytes(_evicted(evict, MIN_KEEP, 2), num_tokens, shape)
     raise ValueError(f"a KV budget of {budget_bytes} bytes is too small for {num_tokens} tokens: the smallest "
                      f"planned policy needs {smallest} bytes")
+
+
+def plan_budget(budget: "str | float", num_tokens: int, shape: KVShape, evict: str = "kvzip") -> tuple[Policy, dict]:
+    """The planner's policy for ``budget`` (a size or a compression factor, see :func:`budget_bytes`),
+    with what it based the choice on (``ctx.meta["plan"]``)."""
+    limit = budget_bytes(budget, num_tokens, shape)
+    policy, estimate = plan(limit, num_tokens, shape, evict)
+    return policy, {"budget": budget, "budget_bytes": limit, "policy": policy.spec, "estimate": estimate,
+                    "full_nbytes": num_tokens * shape.full_bytes_per_token}
+
+
+SLACK_STEPS = 8  # keep fractions tried above the planner's estimate when a budget has room to spare
+
+
+def spend_slack(derive: Callable[[Policy], "CompressedCache"], policy: Policy, cache: "CompressedCache",
+                limit: int) -> tuple[Policy, "CompressedCache"]:
+    """Raise the last eviction's keep to the largest of a few steps whose measured bytes fit
+    (``derive`` compresses the same prefill with a policy). With ragged heads the planner's estimate
+    is an upper bound, so a planned cache often has room to spare. Not a bisection: with ragged
+    heads bytes are not monotonic in keep (each head quantizes whole key groups, so one more token
+    can move a group back to the 16-bit window)."""
+    if not policy.evictions or cache.nbytes > limit:
+        return policy, cache
+    ev = policy.evictions[-1]
+    with_keep = lambda k: dataclasses.replace(policy, evictions=(*policy.evictions[:-1], dataclasses.replace(ev, keep=k)))  # noqa: E731
+    hi = min(1.0, ev.keep * limit / max(1, cache.nbytes) * 1.5)
+    for keep in sorted({round(ev.keep + (hi - ev.keep) * i / SLACK_STEPS, 4) for i in range(1, SLACK_STEPS + 1)},
+                       reverse=True):
+        if keep <= ev.keep:
+            break
+        trial = derive(with_keep(keep))
+        if trial.nbytes <= limit:
+            return with_keep(keep), trial
+    return policy, cache
 
 
 def budget_bytes(budget: "str | int | float", num_tokens: int, shape: KVShape) -> int:

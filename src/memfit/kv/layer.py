@@ -1,0 +1,391 @@
+"""One layer's compressed KV storage (a transformers ``CacheLayerMixin``): the quantized segment,
+the 16-bit window, ragged heads, low-rank keys, a fork's shared parent, and the compression that
+runs at the end of prefill and while decoding."""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from memfit.kernels.decode_attention import decode_attention
+from memfit.kv.decode import DecodeBudget
+from memfit.kv.evict import Observation, select_topk
+from memfit.kv.lowrank import LowRank, project, reconstruct
+from memfit.kv.policy import Policy
+from memfit.kv.quant import KIVI, QTensor, dequantize, quantize_keys, quantize_values
+from memfit.kv.ragged import Ragged
+from memfit.kv.rope import RoPE
+from memfit.kv.static import StaticKIVI
+
+
+def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return x.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
+
+
+class _Packed:
+    """A layer's packed KV for one decode step (see ``attention.push_packed``)."""
+
+    def __init__(self, layer: "CompressedLayer"):
+        self.layer = layer
+
+    def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        la = self.layer
+        out = decode_attention(query[:, :, 0], la.qk.codes, la.qk.scale, la.qk.zero, la.qv.codes, la.qv.scale,
+                               la.qv.zero, la.keys, la.values, la.qk.num_tokens, la.keys.shape[-2], la.qk.bits,
+                               scale=scaling, out_dtype=query.dtype)
+        return out.unsqueeze(1)
+
+    def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.layer.materialize()
+
+
+class _StaticPacked:
+    """A static layer's packed KV for one decode step: the kernel or nothing (no dequantization
+    into tensors whose sizes would be fixed into a recorded graph)."""
+
+    def __init__(self, static: StaticKIVI):
+        self.attend = static.attend
+
+    def materialize(self):
+        raise ValueError("a static cache attends one new token with no attention mask and no observer "
+                         "(convert back with to_dynamic() for anything else)")
+
+
+class CompressedLayer(CacheLayerMixin):
+    """One layer's compressed KV storage. ``parent`` is a frozen layer shared by forks (read only)."""
+
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, quant: KIVI | None = None, parent: "CompressedLayer | None" = None, defer: bool = False,
+                 decode: DecodeBudget | None = None, lowrank: LowRank | None = None, rope: RoPE | None = None):
+        super().__init__()
+        self.quant = quant
+        self.rope = rope  # the model's RoPE, for keys quantized before it (kivi(pre_rope=true))
+        self.lowrank = lowrank
+        # low-rank keys: the layer's basis [B, H*D, r] (a fork reads its parent's), and without a
+        # quantizer the context's key coefficients and values in the compute dtype
+        self.basis: torch.Tensor | None = parent.basis if parent is not None else None
+        self.kc: torch.Tensor | None = None
+        self.vc: torch.Tensor | None = None
+        self.decode = decode
+        self.kernels = False  # read packed KV with the decode kernel (CUDA, memfit attention): set by the cache
+        self._acc: torch.Tensor | None = None  # decode budget: attention received by each own token
+        self.parent = parent
+        self.defer = defer  # keep every token in the window until compress() (evict, then quantize)
+        self.qk: QTensor | None = None
+        self.qv: QTensor | None = None
+        self.ragged: Ragged | None = None  # the compressed context, when its heads keep different counts
+        self.pending_mask: torch.Tensor | None = None  # per-head validity of the last update's keys
+        self.packed: _Packed | None = None  # set by a fast decode step, handed to the attention function
+        self.dense: tuple | None = None  # see CompressedCache.keep_dense
+        self._parent_kv: tuple | None = None  # parent dequantized once per fork: (keys, values, mask)
+        self.seen = parent.get_seq_length() if parent is not None else 0  # logical tokens, evicted ones included
+        self.static: StaticKIVI | None = None  # fixed buffers for graph-captured decoding (to_static)
+
+    # -- sizes -----------------------------------------------------------------------------------
+    def _own_stored(self) -> int:
+        if self.static is not None:
+            return self.static.nq + self.static.w
+        q = self.qk.num_tokens if self.qk is not None else 0
+        w = self.keys.shape[-2] if self.is_initialized else 0
+        r = self.ragged.max_len if self.ragged is not None else 0  # padded length, as attention sees it
+        c = self.kc.shape[-2] if self.kc is not None else 0
+        return r + c + q + w
+
+    def stored_tokens(self) -> int:
+        """Tokens actually held (per row and head), parent included."""
+        return self._own_stored() + (self.parent.stored_tokens() if self.parent is not None else 0)
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # the same question, under its name in transformers 5.0
+        return -1
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        stored = self.stored_tokens()
+        # Stored entries stand for the last `stored` logical slots before the query: causal masking
+        # among the new tokens stays right, and every stored entry is visible to them.
+        return stored + query_length, self.seen - stored
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor this layer owns (not its parent's)."""
+        st = self.static  # static decode: its buffers, allocated for the whole generation
+        qk, qv = (st.qk, st.qv) if st is not None else (self.qk, self.qv)
+        out: dict[str, torch.Tensor] = dict(self.ragged.tensors()) if self.ragged is not None else {}
+        if st is not None:
+            out["k_window"], out["v_window"] = st.keys, st.values
+        elif self.is_initialized:
+            out["k_window"], out["v_window"] = self.keys, self.values
+        if self.basis is not None and (self.parent is None or self.basis is not self.parent.basis):
+            out["k_basis"] = self.basis
+        if self.kc is not None:
+            out["k_coef"], out["v_coef"] = self.kc, self.vc
+        if qk is not None:
+            out.update({f"k_{n}": t for n, t in qk.tensors().items()})
+            out.update({f"v_{n}": t for n, t in qv.tensors().items()})
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    # -- reading and writing ----------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, h, _, d = key_states.shape
+        self.keys = key_states.new_empty(b, h, 0, d)
+        self.values = value_states.new_empty(b, h, 0, value_states.shape[-1])
+        if self.quant is not None:
+            self.quant.value_group(d)  # fail early on a head_dim the config cannot group
+        self.is_initialized = True
+
+    def materialize(self, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Everything stored, dequantized to the compute dtype: [B, H, stored, D] keys and values
+        (ragged heads padded; :meth:`materialize_masked` also says which entries are real)."""
+        k, v, _ = self.materialize_masked(batch_size)
+        return k, v
+
+    def materialize_masked(self, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        ks, vs, ms = [], [], []
+        if self.parent is not None:
+            # the parent is read-only while forks exist: dequantize it once, not at every step
+            if self._parent_kv is None:
+                self._parent_kv = self.parent.dense or self.parent.materialize_masked()
+            pk, pv, pm = self._parent_kv
+            if batch_size is not None and pk.shape[0] != batch_size:
+                pk, pv = pk.expand(batch_size, -1, -1, -1), pv.expand(batch_size, -1, -1, -1)
+                pm = pm.expand(batch_size, -1, -1) if pm is not None else None
+            ks.append(pk)
+            vs.append(pv)
+            ms.append(pm)
+        if self.ragged is not None:
+            rk, rv, rm = self.ragged.dense(self.dtype)
+            ks.append(rk)
+            vs.append(rv)
+            ms.append(rm)
+        if self.kc is not None:
+            ks.append(reconstruct(self.kc, self.basis, self.keys.shape[1]))
+            vs.append(self.vc)
+            ms.append(None)
+        if self.qk is not None:
+            ks.append(self._quantized_keys())
+            vs.append(dequantize(self.qv, self.dtype))
+            ms.append(None)
+        if self.is_initialized:
+            ks.append(self.keys)
+            vs.append(self.values)
+            ms.append(None)
+        mask = None
+        if any(m is not None for m in ms):
+            b, h = ks[0].shape[0], ks[0].shape[1]
+            mask = torch.cat([m.expand(b, -1, -1) if m is not None else torch.ones(b, h, k.shape[-2], dtype=torch.bool,
+                              device=k.device) for m, k in zip(ms, ks)], dim=-1)
+        if len(ks) == 1:
+            return ks[0], vs[0], mask
+        return torch.cat(ks, dim=-2), torch.cat(vs, dim=-2), mask
+
+    @property
+    def pre_rope(self) -> bool:
+        """Whether this layer quantizes keys before RoPE: only a layer that holds its own tokens in
+        order from position 0 (not a fork, whose rows may be padded at different positions)."""
+        return bool(getattr(self.quant, "pre_rope", False)) and self.parent is None
+
+    def _positions(self, start: int, n: int) -> torch.Tensor:
+        if self.rope is None:
+            raise ValueError("kivi(pre_rope=true) needs the model's RoPE: build the cache with "
+                             "CompressedCache.for_model(model, policy)")
+        return torch.arange(start, start + n, device=self.device)
+
+    def _quantized_keys(self) -> torch.Tensor:
+        if self.pre_rope:  # the quantized tokens are the layer's first ones: positions 0..n-1
+            k = dequantize(self.qk, torch.float32)
+            return self.rope.rotate(k, self._positions(0, k.shape[-2])).to(self.dtype)
+        k = dequantize(self.qk, self.dtype)
+        return k if self.basis is None else reconstruct(k, self.basis, self.keys.shape[1])
+
+    def not_one_segment(self) -> str | None:
+        """Why this layer's storage is not one plain quantized segment plus a window, as the decode
+        kernel reads it (None when it is)."""
+        checks = ((self.parent is not None, "a fork"), (self.ragged is not None, "ragged heads"),
+                  (self.basis is not None, "low-rank keys"), (self.defer, "deferred compression"),
+                  (self.pre_rope, "pre-RoPE keys"),  # the kernel reads post-RoPE keys ...
+                  (self.qk is not None and self.qk.out_idx is not None, "outliers"))  # ... and no sparse outliers
+        return next((why for bad, why in checks if bad), None)
+
+    def fast_decode(self, key_states: torch.Tensor) -> bool:
+        """Whether this step can attend over the packed bytes directly (one new token, one plain
+        quantized segment and a window, on CUDA)."""
+        return (self.kernels and key_states.is_cuda and key_states.shape[-2] == 1 and self.qk is not None
+                and self.qk.bits in (2, 4) and self.not_one_segment() is None)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.static is not None:  # device work only: the step may be recorded as a CUDA graph
+            if key_states.shape[-2] != 1:
+                raise ValueError("a static cache decodes one token a step (convert back with to_dynamic())")
+            self.static.append(key_states, value_states)
+            self.packed = _StaticPacked(self.static)
+            return key_states, value_states
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.fast_decode(key_states):
+            self.keys = torch.cat([self.keys, key_states.to(self.dtype)], dim=-2)
+            self.values = torch.cat([self.values, value_states.to(self.dtype)], dim=-2)
+            self.seen += 1
+            self._spill()
+            self.pending_mask = None
+            self.packed = _Packed(self)
+            return key_states, value_states  # not read: the attention function takes self.packed
+        past_k, past_v, past_m = self.materialize_masked(batch_size=key_states.shape[0])
+        if past_k.shape[0] != key_states.shape[0]:
+            raise ValueError(f"cache holds batch size {past_k.shape[0]}, got new states of batch size {key_states.shape[0]}")
+        keys = torch.cat([past_k, key_states], dim=-2)
+        values = torch.cat([past_v, value_states], dim=-2)
+        self.pending_mask = None
+        if past_m is not None:
+            new = torch.ones(*past_m.shape[:2], key_states.shape[-2], dtype=torch.bool, device=past_m.device)
+            self.pending_mask = torch.cat([past_m, new], dim=-1)
+        self.keys = torch.cat([self.keys, key_states.to(self.dtype)], dim=-2)
+        self.values = torch.cat([self.values, value_states.to(self.dtype)], dim=-2)
+        self.seen += key_states.shape[-2]
+        self._spill()
+        return keys, values
+
+    def _spill(self) -> None:
+        """Quantize the oldest window tokens, in whole key groups, once the window exceeds ``residual``."""
+        if self.quant is None or self.defer:
+            return
+        f = self.quant.spilled(self.keys.shape[-2])
+        if f == 0:
+            return
+        if self.lowrank is not None and self.basis is None:  # no compress() (plain generate): fit it to the window
+            self.basis = self.lowrank.basis(self.keys)
+        k = self.keys[:, :, :f] if self.basis is None else project(self.keys[:, :, :f], self.basis)
+        if self.pre_rope:  # the window's first token sits at position seen - window
+            k = self._rope_off(k, self.seen - self.keys.shape[-2])
+        kq = quantize_keys(k, self.quant.bits, self.quant.group, outliers=self.quant.outliers)
+        vq = quantize_values(self.values[:, :, :f], self.quant.bits, self.quant.value_group(self.keys.shape[-1]),
+                             outliers=self.quant.outliers)
+        self.qk = kq if self.qk is None else self.qk.cat(kq)
+        self.qv = vq if self.qv is None else self.qv.cat(vq)
+        # clone: a slice would keep the whole old window alive
+        self.keys = self.keys[:, :, f:].clone()
+        self.values = self.values[:, :, f:].clone()
+
+    def _rope_off(self, k: torch.Tensor, start: int) -> torch.Tensor:
+        """``k`` (keys at positions start, start+1, ...) with RoPE taken off."""
+        positions = self._positions(start, k.shape[-2])
+        self.rope.check(k.shape[-1])
+        return self.rope.unrotate(k, positions)
+
+    def _evict_uniform(self, evictions, obs: Observation, layer: int, num_layers: int):
+        """The window's keys, values and observation after ``evictions`` (uniform heads)."""
+        k, v = self.keys, self.values
+        for ev in evictions:
+            keep = ev.budget(k.shape[-2], ev.layer_keep(layer, num_layers))
+            if keep >= k.shape[-2]:
+                continue
+            idx = ev.select(ev.score(k, v, obs), keep)
+            k, v = _gather_tokens(k, idx), _gather_tokens(v, idx)
+            # what a later method reads must follow the kept tokens
+            obs = Observation(obs.queries, *(None if t is None else t.gather(-1, idx) for t in
+                                             (obs.attention_sum, obs.reconstruction)))
+        return k, v, obs
+
+    def last_scores(self, policy: Policy, obs: Observation | None, layer: int, num_layers: int) -> tuple[torch.Tensor, int]:
+        """Scores of the policy's last eviction on what the earlier ones keep, and its budget per
+        head (for a selection across layers, ``heads=global``)."""
+        *first, last = policy.evictions
+        k, v, obs = self._evict_uniform(first, obs or Observation(), layer, num_layers)
+        return last.score(k, v, obs), last.budget(k.shape[-2], last.layer_keep(layer, num_layers))
+
+    def compress(self, policy: Policy, obs: Observation | None = None, layer: int = 0, num_layers: int = 1,
+                 picks: list[torch.Tensor] | None = None) -> None:
+        """End of prefill: apply the policy's evictions to the window, then quantize (evict, then
+        quantize). ``obs``: what the prefill recorded for this layer; ``layer``/``num_layers`` set
+        depth-dependent budgets; ``picks``: the kept tokens of each head chosen for the last
+        eviction by the cache (``heads=global``)."""
+        if self.is_initialized and self.qk is None and self.ragged is None:
+            k, v = self.keys, self.values
+            if policy.evictions:
+                *first, last = policy.evictions
+                k, v, obs = self._evict_uniform(first, obs or Observation(), layer, num_layers)
+                keep = last.budget(k.shape[-2], last.layer_keep(layer, num_layers))
+                idx = picks if picks is not None else (
+                    last.select(last.score(k, v, obs), keep) if keep < k.shape[-2] else None)
+                if isinstance(idx, list):  # ragged heads (the parser keeps them to the last eviction)
+                    self.ragged = Ragged.build(k, v, idx, policy.quant)
+                    k, v = k[:, :, :0], v[:, :, :0]
+                elif idx is not None:
+                    k, v = _gather_tokens(k, idx), _gather_tokens(v, idx)
+            if policy.lowrank is not None and k.shape[-2]:
+                self.basis = policy.lowrank.basis(k)  # fitted to the kept context keys
+                if policy.quant is None:  # no quantizer to spill into: the context becomes coefficients now
+                    self.kc, self.vc = project(k, self.basis), v.contiguous()
+                    k, v = k[:, :, :0], v[:, :, :0]
+            self.keys, self.values = k.contiguous(), v.contiguous()
+        self.defer = False
+        self._spill()
+
+    # -- compression during decoding -----------------------------------------------------------------
+    def own_tokens(self) -> int:
+        """Tokens this layer added after its context (a fork's new tokens; all, without a parent)."""
+        return (self.qk.num_tokens if self.qk is not None else 0) + (self.keys.shape[-2] if self.is_initialized else 0)
+
+    def add_scores(self, scores: torch.Tensor) -> None:
+        """Accumulate the attention the last query gave this layer's own tokens (the trailing keys)."""
+        n = self.own_tokens()
+        s = scores[..., scores.shape[-1] - n :].float()
+        if self._acc is not None and self._acc.shape[-1] < n:
+            pad = s.new_zeros(*s.shape[:-1], n - self._acc.shape[-1])
+            self._acc = torch.cat([self._acc.expand(s.shape[0], -1, -1), pad], dim=-1)
+        self._acc = s if self._acc is None else self._acc[..., :n] + s
+
+    def evict_own(self) -> None:
+        """Keep ``decode.keep`` own tokens: the ``recent`` newest, then the most attended; re-quantize."""
+        n, budget = self.own_tokens(), self.decode
+        if n <= budget.max_tokens or self.defer:
+            return
+        k, v = self.keys, self.values
+        if self.qk is not None:
+            k = torch.cat([self._quantized_keys(), k], dim=-2)
+            v = torch.cat([dequantize(self.qv, self.dtype), v], dim=-2)
+        acc = self._acc if self._acc is not None else k.new_zeros(k.shape[0], k.shape[1], 0, dtype=torch.float32)
+        acc = torch.cat([acc.expand(k.shape[0], k.shape[1], -1),
+                         acc.new_zeros(k.shape[0], k.shape[1], n - acc.shape[-1])], dim=-1)
+        rank = acc.clone()
+        if budget.recent:
+            rank[..., -budget.recent :] = float("inf")
+        idx = select_topk(rank, budget.keep)
+        self.keys, self.values = _gather_tokens(k, idx).contiguous(), _gather_tokens(v, idx).contiguous()
+        self.qk = self.qv = None
+        self._acc = acc.gather(-1, idx)
+        self._spill()
+
+    # -- unsupported generation features: say so instead of silently corrupting ----------------------
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("CompressedCache does not support beam search")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("CompressedCache cannot be cropped (assisted decoding is not supported)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("CompressedCache does not support num_return_sequences > 1; use fork(batch_size)")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("CompressedCache does not support selecting batch rows")
+
+    def reset(self) -> None:
+        super().reset()
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.qk = self.qv = None
+        self.ragged = None
+        self.kc = self.vc = None
+        self.basis = self.parent.basis if self.parent is not None else None
+        self._acc = None
+        self.seen = self.parent.get_seq_length() if self.parent is not None else 0
