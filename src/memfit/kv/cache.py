@@ -37,7 +37,9 @@ class CompressedCache(Cache):
     """
 
     def __init__(self, policy: "str | Policy" = "none", num_layers: int | None = None, *, defer: bool = False,
-                 rope: RoPE | None = None, _layers: list[CompressedLayer] | None = None):
+                 rope: RoPE | None = None, dtype: torch.dtype | None = None,
+                 _layers: list[CompressedLayer] | None = None):
+        """``dtype``: what unquantized entries are stored in (default: the model's compute dtype)."""
         self.policy = parse_policy(policy)
         if _layers is None:
             if num_layers is None:
@@ -45,7 +47,7 @@ class CompressedCache(Cache):
             q = self.policy.quant
             q = q.uniform() if isinstance(q, LayerBits) else q  # until compress() measures each layer
             _layers = [CompressedLayer(q, defer=defer, decode=self.policy.decode,
-                                       lowrank=self.policy.lowrank, rope=rope) for _ in range(num_layers)]
+                                       lowrank=self.policy.lowrank, rope=rope, dtype=dtype) for _ in range(num_layers)]
         super().__init__(layers=_layers)
 
     @property
@@ -127,7 +129,8 @@ class CompressedCache(Cache):
         policies. Tensors are shared until compression replaces them; this cache is unchanged."""
         if not all(layer.defer and layer.qk is None for layer in self.layers):
             raise RuntimeError("derive() needs a cache prefilled with defer=True and not compressed yet")
-        out = CompressedCache(policy, len(self.layers), defer=True, rope=self.rope).use_kernels(self.layers[0].kernels)
+        out = CompressedCache(policy, len(self.layers), defer=True, rope=self.rope,
+                              dtype=self.layers[0].store_dtype).use_kernels(self.layers[0].kernels)
         for mine, theirs in zip(out.layers, self.layers):
             if theirs.is_initialized:
                 mine.lazy_initialization(theirs.keys, theirs.values)

@@ -58,9 +58,14 @@ class CompressedLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(self, quant: KIVI | None = None, parent: "CompressedLayer | None" = None, defer: bool = False,
-                 decode: DecodeBudget | None = None, lowrank: LowRank | None = None, rope: RoPE | None = None):
+                 decode: DecodeBudget | None = None, lowrank: LowRank | None = None, rope: RoPE | None = None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
         self.quant = quant
+        # what unquantized entries are stored in (None: the compute dtype). A model computing in
+        # float32 on a CPU without bf16 arithmetic still keeps a 16-bit cache: 16-bit is what the
+        # compression figures are measured against, and what a bf16 model would store.
+        self.store_dtype = dtype if dtype is not None else (parent.store_dtype if parent is not None else None)
         self.rope = rope  # the model's RoPE, for keys quantized before it (kivi(pre_rope=true))
         self.lowrank = lowrank
         # low-rank keys: the layer's basis [B, H*D, r] (a fork reads its parent's), and without a
@@ -80,6 +85,7 @@ class CompressedLayer(CacheLayerMixin):
         self.packed: _Packed | None = None  # set by a fast decode step, handed to the attention function
         self.dense: tuple | None = None  # see CompressedCache.keep_dense
         self._parent_kv: tuple | None = None  # parent dequantized once per fork: (keys, values, mask)
+        self._view: tuple | None = None  # a fork's attention buffer: the parent, then its own tokens
         self.seen = parent.get_seq_length() if parent is not None else 0  # logical tokens, evicted ones included
         self.static: StaticKIVI | None = None  # fixed buffers for graph-captured decoding (to_static)
 
@@ -136,10 +142,10 @@ class CompressedLayer(CacheLayerMixin):
 
     # -- reading and writing ----------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
+        self.dtype, self.device = self.store_dtype or key_states.dtype, key_states.device
         b, h, _, d = key_states.shape
-        self.keys = key_states.new_empty(b, h, 0, d)
-        self.values = value_states.new_empty(b, h, 0, value_states.shape[-1])
+        self.keys = key_states.new_empty(b, h, 0, d, dtype=self.dtype)
+        self.values = value_states.new_empty(b, h, 0, value_states.shape[-1], dtype=self.dtype)
         if self.quant is not None:
             self.quant.value_group(d)  # fail early on a head_dim the config cannot group
         self.is_initialized = True
@@ -150,36 +156,18 @@ class CompressedLayer(CacheLayerMixin):
         k, v, _ = self.materialize_masked(batch_size)
         return k, v
 
-    def materialize_masked(self, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        ks, vs, ms = [], [], []
+    def materialize_masked(self, batch_size: int | None = None, dtype: torch.dtype | None = None,
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Like :meth:`materialize`, with the mask of real entries (None: all are). ``dtype``: what a
+        fork reads its parent in (the compute dtype), converted once, not at every step."""
+        parts = self._own_parts()
         if self.parent is not None:
-            # the parent is read-only while forks exist: dequantize it once, not at every step
-            if self._parent_kv is None:
-                self._parent_kv = self.parent.dense or self.parent.materialize_masked()
-            pk, pv, pm = self._parent_kv
+            pk, pv, pm = self._parent_dense(dtype)
             if batch_size is not None and pk.shape[0] != batch_size:
                 pk, pv = pk.expand(batch_size, -1, -1, -1), pv.expand(batch_size, -1, -1, -1)
                 pm = pm.expand(batch_size, -1, -1) if pm is not None else None
-            ks.append(pk)
-            vs.append(pv)
-            ms.append(pm)
-        if self.ragged is not None:
-            rk, rv, rm = self.ragged.dense(self.dtype)
-            ks.append(rk)
-            vs.append(rv)
-            ms.append(rm)
-        if self.kc is not None:
-            ks.append(reconstruct(self.kc, self.basis, self.keys.shape[1]))
-            vs.append(self.vc)
-            ms.append(None)
-        if self.qk is not None:
-            ks.append(self._quantized_keys())
-            vs.append(dequantize(self.qv, self.dtype))
-            ms.append(None)
-        if self.is_initialized:
-            ks.append(self.keys)
-            vs.append(self.values)
-            ms.append(None)
+            parts.insert(0, (pk, pv, pm))
+        ks, vs, ms = zip(*parts)
         mask = None
         if any(m is not None for m in ms):
             b, h = ks[0].shape[0], ks[0].shape[1]
@@ -188,6 +176,55 @@ class CompressedLayer(CacheLayerMixin):
         if len(ks) == 1:
             return ks[0], vs[0], mask
         return torch.cat(ks, dim=-2), torch.cat(vs, dim=-2), mask
+
+    def _parent_dense(self, dtype: torch.dtype | None) -> tuple:
+        """The parent's entries, dequantized once per fork (the parent is read-only while forks exist)."""
+        if self._parent_kv is None:
+            pk, pv, pm = self.parent.dense or self.parent.materialize_masked()
+            self._parent_kv = (pk.to(dtype or pk.dtype), pv.to(dtype or pv.dtype), pm)
+        return self._parent_kv
+
+    def _own_parts(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """This layer's own stored segments, oldest first, dequantized: (keys, values, mask or None)."""
+        parts = []
+        if self.ragged is not None:
+            parts.append(self.ragged.dense(self.dtype))
+        if self.kc is not None:
+            parts.append((reconstruct(self.kc, self.basis, self.keys.shape[1]), self.vc, None))
+        if self.qk is not None:
+            parts.append((self._quantized_keys(), dequantize(self.qv, self.dtype), None))
+        if self.is_initialized:
+            parts.append((self.keys, self.values, None))
+        return parts
+
+    def _fork_view(self, key_states: torch.Tensor, value_states: torch.Tensor,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What a fork attends over (its parent, its own entries, the new states) as views of one
+        buffer that took the parent once: a decode step then copies only the fork's own tokens, not
+        the whole shared context expanded to every row."""
+        b, dtype = key_states.shape[0], key_states.dtype
+        pk, pv, pm = self._parent_dense(dtype)
+        if pk.shape[0] not in (1, b):
+            raise ValueError(f"cache holds batch size {pk.shape[0]}, got new states of batch size {b}")
+        own = [(k, v) for k, v, _ in self._own_parts()] + [(key_states, value_states)]
+        start = pk.shape[-2]
+        n = start + sum(k.shape[-2] for k, _ in own)
+        buf = self._view
+        if buf is None or buf[0].shape[0] != b or buf[0].shape[-2] < n or buf[0].dtype != dtype:
+            cap = n + 256  # room for the next steps
+            kb = key_states.new_empty(b, pk.shape[1], cap, pk.shape[-1])
+            vb = value_states.new_empty(b, pv.shape[1], cap, pv.shape[-1])
+            kb[:, :, :start], vb[:, :, :start] = pk, pv
+            self._view = buf = (kb, vb)
+        kb, vb = buf
+        at = start
+        for k, v in own:
+            kb[:, :, at : at + k.shape[-2]], vb[:, :, at : at + k.shape[-2]] = k, v
+            at += k.shape[-2]
+        mask = None
+        if pm is not None:
+            mask = torch.cat([pm.expand(b, -1, -1), pm.new_ones(b, pm.shape[1], n - start)], dim=-1)
+        return kb[:, :, :n], vb[:, :, :n], mask
 
     @property
     def pre_rope(self) -> bool:
@@ -240,15 +277,19 @@ class CompressedLayer(CacheLayerMixin):
             self.pending_mask = None
             self.packed = _Packed(self)
             return key_states, value_states  # not read: the attention function takes self.packed
-        past_k, past_v, past_m = self.materialize_masked(batch_size=key_states.shape[0])
-        if past_k.shape[0] != key_states.shape[0]:
-            raise ValueError(f"cache holds batch size {past_k.shape[0]}, got new states of batch size {key_states.shape[0]}")
-        keys = torch.cat([past_k, key_states], dim=-2)
-        values = torch.cat([past_v, value_states], dim=-2)
-        self.pending_mask = None
-        if past_m is not None:
-            new = torch.ones(*past_m.shape[:2], key_states.shape[-2], dtype=torch.bool, device=past_m.device)
-            self.pending_mask = torch.cat([past_m, new], dim=-1)
+        if self.parent is not None:
+            keys, values, self.pending_mask = self._fork_view(key_states, value_states)
+        else:
+            past_k, past_v, past_m = self.materialize_masked()
+            if past_k.shape[0] != key_states.shape[0]:
+                raise ValueError(f"cache holds batch size {past_k.shape[0]}, got new states of batch size "
+                                 f"{key_states.shape[0]}")
+            keys = torch.cat([past_k.to(key_states.dtype), key_states], dim=-2)  # attention reads the compute dtype
+            values = torch.cat([past_v.to(value_states.dtype), value_states], dim=-2)
+            self.pending_mask = None
+            if past_m is not None:
+                new = torch.ones(*past_m.shape[:2], key_states.shape[-2], dtype=torch.bool, device=past_m.device)
+                self.pending_mask = torch.cat([past_m, new], dim=-1)
         self.keys = torch.cat([self.keys, key_states.to(self.dtype)], dim=-2)
         self.values = torch.cat([self.values, value_states.to(self.dtype)], dim=-2)
         self.seen += key_states.shape[-2]
@@ -388,4 +429,5 @@ class CompressedLayer(CacheLayerMixin):
         self.kc = self.vc = None
         self.basis = self.parent.basis if self.parent is not None else None
         self._acc = None
+        self._view = None
         self.seen = self.parent.get_seq_length() if self.parent is not None else 0

@@ -5,7 +5,6 @@ from dataclasses import dataclass
 import torch
 
 from memfit.hfcompat import with_cache
-from memfit.kv.attention import observe
 from memfit.kv.evict.base import Eviction, Observation
 
 REPEAT_PROMPT = "Repeat the previous context exactly."
@@ -45,6 +44,8 @@ def repeat_inputs(prompt_ids: list[int], context_ids: list[int], chunk: int, ove
 def reconstruction_scores(model: torch.nn.Module, cache, inputs: list[list[int]]) -> dict[int, torch.Tensor]:
     """Run each input on top of ``cache`` (an uncompressed, deferred cache holding the context), then
     cut the cache back: layer -> [B, H, N] max attention received by each of the N context keys."""
+    from memfit.kv.attention import observe  # here: the spec parser imports this module, not transformers
+
     n = cache.get_seq_length()
     device = next(model.parameters()).device
     with observe(reduce="max", num_keys=n) as seen:
