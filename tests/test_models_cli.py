@@ -61,13 +61,17 @@ def test_cli_ask_info_and_errors(model_dir, tmp_path):
 
 
 def test_cli_demo_and_bench_run_end_to_end(model_dir, tmp_path):
-    out = tmp_path / "demo.json"
+    out = tmp_path / "demo"
     r = runner.invoke(app, ["demo", "-m", str(model_dir), "--sentences", "30", "-p", "none", "-p",
-                            "snapkv(keep=0.5)+kivi(bits=2,group=16,residual=16)", "--out", str(out)])
+                            "snapkv(keep=0.5)+kivi(bits=2,group=16,residual=16)", "-p", "budget=8", "--out", str(out)])
     assert r.exit_code == 0, r.output
-    rows = json.loads(out.read_text())
-    assert [row["policy"].split("(")[0] for row in rows] == ["none", "snapkv"]
+    rows = json.loads((out / "demo.json").read_text())
+    assert [row["policy"].split("(")[0] for row in rows] == ["none", "snapkv", "kvzip"]  # the planner's pick at 8x
     assert rows[0]["compression"] == pytest.approx(1.0) and rows[1]["compression"] > 2
+    assert rows[2]["kv_bytes"] <= rows[2]["budget_bytes"] and rows[2]["compression"] >= 8
+    assert (out / "pareto.png").read_bytes().startswith(b"\x89PNG")
+    r = runner.invoke(app, ["demo", "-m", str(model_dir), "-p", "kivi(bits=3)"])
+    assert r.exit_code == 2 and "bad policy" in r.stderr
     bench = tmp_path / "bench.json"
     r = runner.invoke(app, ["bench", "kv", "-m", str(model_dir), "-n", "200", "-p", "none", "-p", "kivi(bits=2,group=16)",
                             "--decode-tokens", "3", "--out", str(bench)])

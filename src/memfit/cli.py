@@ -10,6 +10,8 @@ from typing import Optional
 
 import typer
 
+from memfit.eval.demo import DEMO_ROWS
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="memfit: long-context inference that fits.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that write JSON.")
 app.add_typer(bench_app, name="bench")
@@ -17,7 +19,6 @@ store_app = typer.Typer(no_args_is_help=True, help="Compressed contexts kept in 
 app.add_typer(store_app, name="store")
 
 LAYERS_OPTION = typer.Option(32, help="Decoder layers (32 = Llama-3.1-8B).")  # the GPU benchmarks' model depth
-DEMO_POLICIES = ["none", "kivi(bits=4)", "kivi(bits=2)", "snapkv(keep=0.25)+kivi(bits=2)", "streaming(keep=0.25)+kivi(bits=2)"]
 
 
 def _fail(msg: str) -> None:
@@ -169,14 +170,24 @@ def store_rm(key: str = typer.Argument(...), store: list[str] = typer.Option(...
 
 @app.command()
 def info(model: str = typer.Option("smollm2", "--model", "-m")) -> None:
-    """Print the model, its KV bytes per token and the available methods."""
+    """Print the model, its KV bytes per token and the available methods (reads the config only)."""
     from memfit.kv.policy import describe_methods
+    from memfit.models import config_dict, default_device, native_dtype
 
-    lm = _load(model)
-    cfg = lm.model.config.get_text_config()
-    typer.echo(f"model: {model} ({cfg.model_type}, {lm.num_layers} layers, {cfg.num_attention_heads} query / "
-               f"{lm.num_kv_heads} KV heads, head_dim {lm.head_dim}, dtype {lm.model.dtype}, device {lm.device})")
-    typer.echo(f"KV bytes per token (16-bit): {lm.kv_bytes_per_token} ({lm.kv_bytes_per_token / 1024:.1f} KiB)")
+    try:
+        cfg = config_dict(model)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        _fail(str(e))
+    device = default_device()
+    compute, kv = native_dtype(device)
+    layers, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    per_token = 2 * layers * kv_heads * head_dim * 2
+    typer.echo(f"model: {model} ({cfg.get('model_type')}, {layers} layers, {heads} query / "
+               f"{kv_heads} KV heads, head_dim {head_dim}); on {device}: computes in "
+               f"{str(compute).removeprefix('torch.')}, caches store {str(kv or compute).removeprefix('torch.')}")
+    typer.echo(f"KV bytes per token (16-bit): {per_token} ({per_token / 1024:.1f} KiB)")
     typer.echo("methods (spec: name(arg=value,...), chained with +, evictions before quantization):")
     typer.echo("  none")
     for name, args in describe_methods().items():
@@ -186,47 +197,43 @@ def info(model: str = typer.Option("smollm2", "--model", "-m")) -> None:
 @app.command()
 def demo(
     model: str = typer.Option("smollm2", "--model", "-m"),
-    policies: list[str] = typer.Option(DEMO_POLICIES, "--policy", "-p", help="Repeat to compare several."),
-    sentences: int = typer.Option(220, help="Document length in filler sentences (220: about 3K tokens)."),
+    rows: list[str] = typer.Option(list(DEMO_ROWS), "--policy", "-p", help="A policy spec, or budget=N (N times "
+                                   "smaller than 16-bit) / budget=SIZE (8MiB) for the planner's pick. Repeat."),
+    sentences: int = typer.Option(140, help="Document length in filler sentences (140: about 2.1K tokens)."),
     seed: int = typer.Option(0),
-    out: Optional[Path] = typer.Option(None, help="Also write the rows as JSON here."),
+    out: Path = typer.Option(Path("results/demo"), "--out", "-o", help="Folder for demo.json and pareto.png."),
 ) -> None:
-    """The main job: ask a built-in ~3K-token document several questions under a few policies."""
+    """The main job: one ~3K-token document, seven planted facts, asked under the planner's budgets,
+    plain KIVI and an eviction baseline; prints a table and writes a Pareto plot."""
     from tqdm import tqdm
 
-    from memfit.eval.demo import demo_document
+    from memfit.eval.demo import parse_row, run_demo
+    from memfit.eval.plots import plot_demo
 
-    pols = [_policy(p) for p in policies]
-    doc, facts = demo_document(sentences, seed)
+    for r in rows:
+        kind, value = parse_row(r)
+        if kind == "policy":
+            _policy(value)  # a bad spec fails here, before the model loads
     lm = _load(model)
-    rows = []
-    with tqdm(total=len(pols) * (1 + len(facts)), desc="demo", unit="step", file=sys.stderr) as bar:
-        for pol in pols:
-            bar.set_postfix_str(pol.spec[:40])
-            t0 = time.perf_counter()
-            ctx = lm.prefill(doc, pol)
-            bar.update()
-            answers = []
-            for f in facts:
-                answers.append(lm.ask(ctx, f.question, max_new_tokens=12, answer_prefix=f.answer_prefix))
-                bar.update()
-            rows.append({
-                "policy": pol.spec, "tokens": ctx.num_tokens, "kv_bytes": ctx.nbytes, "full_kv_bytes": ctx.full_nbytes,
-                "compression": ctx.compression, "correct": sum(f.is_correct(a) for f, a in zip(facts, answers)),
-                "questions": len(facts), "seconds": time.perf_counter() - t0,
-                "answers": [" ".join(a[len(f.answer_prefix):].split()) for f, a in zip(facts, answers)],
-            })
-    typer.echo(f"\n{rows[0]['tokens']} context tokens, {len(facts)} questions, model {model}")
-    typer.echo(f"{'policy':<48} {'KV MiB':>8} {'compr.':>7} {'correct':>8} {'seconds':>8}")
-    for r in rows:
-        typer.echo(f"{r['policy'][:48]:<48} {r['kv_bytes'] / 2**20:>8.2f} {r['compression']:>6.2f}x "
-                   f"{r['correct']:>4}/{r['questions']:<3} {r['seconds']:>8.1f}")
-    typer.echo("\nexpected answers: " + ", ".join(f.answer for f in facts))
-    for r in rows:
-        typer.echo(f"{r['policy'][:48]:<48} " + " | ".join(a[:14] for a in r["answers"]))
-    if out:
-        _write_json(out, rows)
-        typer.echo(f"wrote {out}")
+    with tqdm(total=1 + len(rows), desc="demo", unit="step", file=sys.stderr) as bar:
+        try:
+            records = run_demo(lm, rows, sentences, seed, progress=bar.update)
+        except ValueError as e:  # e.g. a budget too small for any policy
+            _fail(str(e))
+    typer.echo(f"\n{records[0]['tokens']} context tokens, {records[0]['questions']} questions, model {model}; "
+               f"one prefill ({records[0]['shared_prefill_s']:.1f} s, KVzip scoring included) compressed per row")
+    typer.echo(f"{'row':<11} {'policy':<44} {'KV MiB':>7} {'compr.':>7} {'correct':>8} {'answer s':>9}")
+    for r in records:
+        label = r["row"] if r["row"].startswith("budget=") else ""
+        typer.echo(f"{label:<11} {r['short_policy'][:44]:<44} {r['kv_bytes'] / 2**20:>7.2f} {r['compression']:>6.2f}x "
+                   f"{r['correct']:>4}/{r['questions']:<3} {r['answer_s']:>9.1f}")
+    typer.echo("\nexpected: " + " | ".join(records[0]["expected"]))
+    for r in records:
+        typer.echo(f"{(r['row'] if r['row'].startswith('budget=') else r['short_policy'])[:24]:<24} "
+                   + " | ".join(a[:14] for a in r["answers"]))
+    _write_json(out / "demo.json", records)
+    png = plot_demo(records, out / "pareto.png", f"{records[0]['tokens']}-token document, {model}")
+    typer.echo(f"\nwrote {out / 'demo.json'} and {png} (correct answers vs KV size)")
 
 
 DEFAULT_EVAL_POLICIES = ["none", "kivi(bits=4)", "kivi(bits=2)", "snapkv(keep=0.25)", "streaming(keep=0.25)"]
@@ -555,7 +562,8 @@ def plan(
     policies: Optional[list[str]] = typer.Option(None, "--policy", "-p", help="Policies to list (default: a ladder)."),
 ) -> None:
     """What fits: weights + KV cache per policy, and the policy the planner picks for the memory left."""
-    from memfit.kv.plan import KVShape, plan as plan_policy, policy_nbytes
+    from memfit.kv.plan import KVShape, policy_nbytes
+    from memfit.kv.plan import plan as plan_policy
     from memfit.models import config_only, count_parameters
     from memfit.units import human_bytes, parse_bytes
 

@@ -120,3 +120,27 @@ def plot_weights(rows: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_demo(records: list[dict], path: Path, title: str) -> Path:
+    """Correct answers against KV size, one labelled point per demo row."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in records:
+        planned = r["row"].startswith("budget=")
+        ax.scatter(r["kv_bytes"] / 2**20, r["correct"], s=60, marker="*" if planned else "o",
+                   color="tab:green" if planned else "tab:blue", zorder=3)
+        # planned rows are named by their budget (the policy the planner picked is in demo.json)
+        label = r["row"] if planned else r["short_policy"]
+        ax.annotate(f"{label} ({r['compression']:.1f}x)", (r["kv_bytes"] / 2**20, r["correct"]), fontsize=7,
+                    xytext=(4, -11 if planned else 5), textcoords="offset points")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("KV cache (MiB, log scale)")
+    ax.set_ylabel(f"correct answers (of {records[0]['questions']})")
+    ax.set_ylim(-0.3, records[0]["questions"] + 0.6)
+    ax.set_title(title + " (stars: the planner's pick for a budget)")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
