@@ -135,7 +135,7 @@ def load_hf(source: ModelSource, device: torch.device, dtype: torch.dtype | None
     return model, tokenizer
 
 
-CONVERTED_FORMAT = 1  # bump when what a converted folder holds changes
+CONVERTED_FORMAT = 2  # bump when what a converted folder holds changes
 
 
 def cache_root() -> Path:
@@ -224,6 +224,13 @@ def _convert(gguf: Path, out: Path, dtype: torch.dtype) -> None:
     config.save_pretrained(out)
     save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})  # tied weights written once
     tokenizer.save_pretrained(out)
+    # Read back through the generic fast tokenizer, which takes tokenizer.json exactly as written:
+    # some releases (5.4) save a GGUF's byte-level BPE under a Llama class name that rebuilds it as
+    # SentencePiece on load, and every token then decodes as raw bytes.
+    config_path = out / "tokenizer_config.json"
+    tok_config = json.loads(config_path.read_text())
+    tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(tok_config, indent=2))
 
 
 def config_only(name_or_path: str):
