@@ -2,18 +2,16 @@ import json
 
 import pytest
 import torch
-from conftest import smollm2_available
+from conftest import byte_tokenizer, smollm2_available, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import memfit
 from memfit.kernels.packing import pack_planes, unpack_planes
-from memfit.weights import QuantLinear, WeightQuant, quantize_, save_quantized, set_read_bits, weight_bytes
-from memfit.weights import guided
+from memfit.weights import QuantLinear, WeightQuant, guided, quantize_, save_quantized, set_read_bits, weight_bytes
 from memfit.weights.anyprec import anyprec, bin_centres, nested_grid
 from memfit.weights.grid import MetaCodes, UniformCodes, hqq, minmax_grid, round_codes, rtn, search_grid, with_meta
-from conftest import byte_tokenizer, tiny_llama
 
 
 @settings(max_examples=40, deadline=None)
