@@ -118,7 +118,7 @@ def test_float16_operands_saturate_instead_of_overflowing():
 def test_cache_decodes_through_the_kernel_like_the_reference(bits, monkeypatch):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import memfit.kv.cache as cache_mod
+    import memfit.kv.layer as layer_mod  # where the layer calls the kernel
     from memfit.kv.cache import CompressedCache
 
     torch.manual_seed(0)
@@ -127,8 +127,8 @@ def test_cache_decodes_through_the_kernel_like_the_reference(bits, monkeypatch):
     cfg._attn_implementation = "memfit"
     model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
     calls = []
-    real = cache_mod.decode_attention
-    monkeypatch.setattr(cache_mod, "decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = layer_mod.decode_attention
+    monkeypatch.setattr(layer_mod, "decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     ids = torch.randint(0, 300, (3, 700), device="cuda")
     feed = torch.randint(0, 300, (3, 20), device="cuda")
     logits = {}
