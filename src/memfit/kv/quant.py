@@ -19,7 +19,7 @@ import torch
 from memfit.kernels import quantize_pack as pack_kernels
 from memfit.kernels.packing import check_bits as _check_bits, pack, unpack
 
-PARAM_DTYPE = torch.float16  # scales and zero points; see nbytes accounting in cache.py
+PARAM_DTYPE = torch.float16  # scales and zero points; see nbytes accounting in kv/layer.py
 _FP16_MAX = 65504.0
 
 
