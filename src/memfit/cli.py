@@ -171,6 +171,7 @@ def store_rm(key: str = typer.Argument(...), store: list[str] = typer.Option(...
 @app.command()
 def info(model: str = typer.Option("smollm2", "--model", "-m")) -> None:
     """Print the model, its KV bytes per token and the available methods (reads the config only)."""
+    from memfit.kv.plan import KVShape
     from memfit.kv.policy import describe_methods
     from memfit.models import config_dict, default_device, native_dtype
 
@@ -183,7 +184,7 @@ def info(model: str = typer.Option("smollm2", "--model", "-m")) -> None:
     layers, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
     kv_heads = cfg.get("num_key_value_heads") or heads
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    per_token = 2 * layers * kv_heads * head_dim * 2
+    per_token = KVShape(layers, kv_heads, head_dim).full_bytes_per_token
     typer.echo(f"model: {model} ({cfg.get('model_type')}, {layers} layers, {heads} query / "
                f"{kv_heads} KV heads, head_dim {head_dim}); on {device}: computes in "
                f"{str(compute).removeprefix('torch.')}, caches store {str(kv or compute).removeprefix('torch.')}")

@@ -243,19 +243,20 @@ def config_only(name_or_path: str):
         if not path.is_file():
             raise ModelNotFoundError(f"config file {path} does not exist")
         return AutoConfig.from_pretrained(path.parent if path.name == "config.json" else path, local_files_only=True)
+    return AutoConfig.from_pretrained(_config_folder(name_or_path), local_files_only=True)
+
+
+def _config_folder(name_or_path: str) -> Path:
+    """The folder holding a model's config.json. A GGUF's is its converted folder (made once, what
+    load_model reads): parsing the GGUF itself takes seconds."""
     source = resolve_model(name_or_path)
-    # a GGUF's config comes from its converted folder (made once, what load_model reads): parsing
-    # the GGUF itself takes seconds
-    folder = converted_gguf(source, native_dtype(default_device())[0]) if source.gguf_file else source.folder
-    return AutoConfig.from_pretrained(folder, local_files_only=True)
+    return converted_gguf(source, native_dtype(default_device())[0]) if source.gguf_file else source.folder
 
 
 def config_dict(name_or_path: str) -> dict:
     """A model's config.json as a plain dict (the text model's part of a multimodal one), read
     without importing transformers' config classes, which costs seconds at start-up."""
-    source = resolve_model(name_or_path)
-    folder = converted_gguf(source, native_dtype(default_device())[0]) if source.gguf_file else source.folder
-    cfg = json.loads((folder / "config.json").read_text())
+    cfg = json.loads((_config_folder(name_or_path) / "config.json").read_text())
     return cfg.get("text_config") or cfg
 
 
