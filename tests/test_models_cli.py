@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -114,6 +117,27 @@ def test_gguf_is_converted_once_and_rebuilt_when_damaged(tmp_path, monkeypatch):
     assert models.converted_gguf(source, torch.bfloat16) != folder
     gguf.write_bytes(b"GGUF" + bytes(range(255, -1, -1)) * 64)
     assert models.converted_gguf(source, torch.float32) != folder and len(calls) == 5
+
+
+def test_info_on_a_converted_gguf_never_imports_torch(tmp_path, monkeypatch):
+    """`memfit info` reads the config of any intact converted copy (the config is the same in every
+    dtype) and the method dataclasses, all without importing torch (~3 s of a start-up)."""
+    from memfit import models
+
+    monkeypatch.setenv("MEMFIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "_convert", _fake_convert([]))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    models.converted_gguf(models.ModelSource(tmp_path, "m.gguf"), torch.bfloat16)  # as a bf16 machine made it
+    code = ("import sys, types\nfrom memfit.cli import main\nsys.argv = ['memfit', 'info', '-m', sys.argv[1]]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('torch imported:', type(sys.modules.get('torch')) is types.ModuleType)")
+    r = subprocess.run([sys.executable, "-c", code, str(gguf)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "MEMFIT_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr
+    assert "KV bytes per token (16-bit): 256" in r.stdout and "kvzip(keep=" in r.stdout
+    assert "torch imported: False" in r.stdout
+    assert len(list((tmp_path / "cache" / "converted").iterdir())) == 1  # read, not converted again
 
 
 def test_a_failed_conversion_leaves_nothing(tmp_path, monkeypatch):

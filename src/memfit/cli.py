@@ -169,25 +169,33 @@ def store_rm(key: str = typer.Argument(...), store: list[str] = typer.Option(...
 
 
 @app.command()
-def info(model: str = typer.Option("smollm2", "--model", "-m")) -> None:
+def info(
+    model: str = typer.Option("smollm2", "--model", "-m"),
+    device: bool = typer.Option(False, "--device", help="Also say where it would run and in which dtypes "
+                                "(imports torch: ~3 s on a small CPU)."),
+) -> None:
     """Print the model, its KV bytes per token and the available methods (reads the config only)."""
     from memfit.kv.plan import KVShape
     from memfit.kv.policy import describe_methods
-    from memfit.models import config_dict, default_device, native_dtype
+    from memfit.models import config_dict
 
     try:
         cfg = config_dict(model)
     except (FileNotFoundError, ValueError, KeyError) as e:
         _fail(str(e))
-    device = default_device()
-    compute, kv = native_dtype(device)
     layers, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
     kv_heads = cfg.get("num_key_value_heads") or heads
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     per_token = KVShape(layers, kv_heads, head_dim).full_bytes_per_token
     typer.echo(f"model: {model} ({cfg.get('model_type')}, {layers} layers, {heads} query / "
-               f"{kv_heads} KV heads, head_dim {head_dim}); on {device}: computes in "
-               f"{str(compute).removeprefix('torch.')}, caches store {str(kv or compute).removeprefix('torch.')}")
+               f"{kv_heads} KV heads, head_dim {head_dim})")
+    if device:
+        from memfit.models import default_device, native_dtype
+
+        where = default_device()
+        compute, kv = native_dtype(where)
+        typer.echo(f"on {where}: computes in {str(compute).removeprefix('torch.')}, caches store "
+                   f"{str(kv or compute).removeprefix('torch.')}")
     typer.echo(f"KV bytes per token (16-bit): {per_token} ({per_token / 1024:.1f} KiB)")
     typer.echo("methods (spec: name(arg=value,...), chained with +, evictions before quantization):")
     typer.echo("  none")

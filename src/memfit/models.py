@@ -13,8 +13,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import xxhash
+
+from memfit.lazy import lazy_module
+
+torch = lazy_module("torch")  # a config-only caller (`memfit info`) never needs it
 
 log = logging.getLogger(__name__)
 
@@ -176,10 +179,8 @@ def converted_gguf(source: ModelSource, dtype: torch.dtype) -> Path:
     temporary folder and renamed into place (a killed build leaves nothing half-written), and
     rebuilt when a file in it is missing or changed."""
     gguf = source.folder / source.gguf_file
-    tf = importlib.metadata.version("transformers")  # not `import transformers`: that alone takes seconds
-    key = f"{_file_digest(gguf)[:16]}-tf{tf}-{str(dtype).removeprefix('torch.')}"
     root = cache_root() / "converted"
-    folder = root / f"{Path(source.gguf_file).stem}-{key}"
+    folder = root / f"{_converted_prefix(source)}-{str(dtype).removeprefix('torch.')}"
     if _intact(folder):
         return folder
     if folder.exists():
@@ -201,6 +202,13 @@ def converted_gguf(source: ModelSource, dtype: torch.dtype) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _converted_prefix(source: ModelSource) -> str:
+    """The converted folders' name for a GGUF, less the dtype: its stem, content digest and the
+    transformers version."""
+    tf = importlib.metadata.version("transformers")  # not `import transformers`: that alone takes seconds
+    return f"{Path(source.gguf_file).stem}-{_file_digest(source.folder / source.gguf_file)[:16]}-tf{tf}"
 
 
 def _convert(gguf: Path, out: Path, dtype: torch.dtype) -> None:
@@ -250,7 +258,14 @@ def _config_folder(name_or_path: str) -> Path:
     """The folder holding a model's config.json. A GGUF's is its converted folder (made once, what
     load_model reads): parsing the GGUF itself takes seconds."""
     source = resolve_model(name_or_path)
-    return converted_gguf(source, native_dtype(default_device())[0]) if source.gguf_file else source.folder
+    if not source.gguf_file:
+        return source.folder
+    # the config is the same in every dtype: any intact converted copy will do, and finding one
+    # needs no torch (choosing the dtype to convert in does)
+    for folder in sorted((cache_root() / "converted").glob(f"{_converted_prefix(source)}-*")):
+        if _intact(folder):
+            return folder
+    return converted_gguf(source, native_dtype(default_device())[0])
 
 
 def config_dict(name_or_path: str) -> dict:

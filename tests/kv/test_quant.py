@@ -3,7 +3,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memfit.kv.quant import KIVI, QTensor, dequantize, pack, quantize_keys, quantize_values, unpack
+from memfit.kernels.packing import pack, unpack
+from memfit.kv.quant import KIVI, QTensor, dequantize, quantize_keys, quantize_values
 
 
 @settings(max_examples=50, deadline=None)

@@ -6,7 +6,9 @@ in the lowest bits, so that byte ``i`` holds channels ``per_byte * i + j`` for `
 
 from __future__ import annotations
 
-import torch
+import lazy_loader
+
+torch = lazy_loader.load("torch")  # check_bits, which config validation calls, needs no torch
 
 SUPPORTED_BITS = (2, 4, 8)
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from memfit.lazy import lazy_module
+
+torch = lazy_module("torch")
 
 
 @dataclass(frozen=True)

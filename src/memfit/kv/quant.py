@@ -6,7 +6,8 @@ Layout (shared with the GPU kernels):
 - values are quantized per token, in groups of ``vgroup`` consecutive channels:
   codes [B, H, N, D] packed along D, scale/zero [B, H, N, D // vgroup].
 Codes are packed along the last dimension into uint8: four 2-bit or two 4-bit codes per byte, the
-first code in the lowest bits. Scale and zero point (the group minimum) are float16.
+first code in the lowest bits. Scale and zero point (the group minimum) are float16 (see the nbytes
+accounting in kv/layer.py).
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import torch
+from memfit.lazy import lazy_module
 
-from memfit.kernels import quantize_pack as pack_kernels
-from memfit.kernels.packing import check_bits as _check_bits, pack, unpack
+# imported on first use: the spec parser and `memfit info` need only the config dataclasses
+torch = lazy_module("torch")
+pack_kernels = lazy_module("memfit.kernels.quantize_pack")
+packing = lazy_module("memfit.kernels.packing")
 
-PARAM_DTYPE = torch.float16  # scales and zero points; see nbytes accounting in kv/layer.py
 _FP16_MAX = 65504.0
 
 
@@ -121,10 +123,10 @@ def _minmax_quantize(x: torch.Tensor, bits: int, reduce_dim: int) -> tuple[torch
     hi = x.amax(dim=reduce_dim, keepdim=True).clamp(-_FP16_MAX, _FP16_MAX)
     # Round the parameters to their stored precision first, so that the codes are chosen for the
     # scale and zero that dequantization will actually use.
-    zero = lo.to(PARAM_DTYPE)
+    zero = lo.to(torch.float16)
     # times the reciprocal, as torch does on CUDA for a scalar divisor anyway: the same on every device and
     # in the quantize-and-pack kernel
-    scale = ((hi - zero.float()) * (1.0 / qmax)).clamp_min(1e-6).to(PARAM_DTYPE)
+    scale = ((hi - zero.float()) * (1.0 / qmax)).clamp_min(1e-6).to(torch.float16)
     codes = torch.round((x - zero.float()) / scale.float()).clamp_(0, qmax).to(torch.uint8)
     return codes, scale, zero
 
@@ -150,7 +152,7 @@ def _split_outliers(x: torch.Tensor, reduce_dim: int, fraction: float) -> tuple[
     top = per_head.topk(k, dim=-1).indices  # [B, H, k] within each head
     idx = (top + torch.arange(b * h, device=x.device).reshape(b, h, 1) * per_head.shape[-1]).reshape(-1)
     idx = idx.sort().values
-    val = x.reshape(-1)[idx].clamp(-_FP16_MAX, _FP16_MAX).to(PARAM_DTYPE)
+    val = x.reshape(-1)[idx].clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
     dense = x.reshape(-1).clone()
     dense[idx] = mean.expand_as(x).reshape(-1)[idx]
     return dense.reshape(x.shape), idx.to(_index_dtype(x.numel())), val
@@ -164,7 +166,7 @@ def _quantize(x: torch.Tensor, bits: int, reduce_dim: int, outliers: float, axis
         x, idx, val = _split_outliers(x, reduce_dim, outliers)
     codes, scale, zero = _minmax_quantize(x, bits, reduce_dim)
     d = x.shape[-1] * (x.shape[-2] if axis == "channel" else 1)
-    return QTensor(pack(codes.reshape(b, h, -1, d), bits), scale.squeeze(reduce_dim), zero.squeeze(reduce_dim),
+    return QTensor(packing.pack(codes.reshape(b, h, -1, d), bits), scale.squeeze(reduce_dim), zero.squeeze(reduce_dim),
                    bits, axis, group, idx, val)
 
 
@@ -177,7 +179,7 @@ def quantize_keys(k: torch.Tensor, bits: int, group: int, use_kernels: bool = Tr
     """Per-channel key quantization over groups of ``group`` tokens. ``k``: [B, H, N, D], N % group == 0.
     On CUDA the Triton quantize-and-pack kernel does it (``use_kernels=False``: this torch path, its reference).
     ``outliers``: the fraction of elements kept exactly in float16 beside the codes (dense-and-sparse)."""
-    _check_bits(bits)
+    packing.check_bits(bits)
     _check_outliers(outliers)
     b, h, n, d = k.shape
     if n % group:
@@ -189,7 +191,7 @@ def quantize_keys(k: torch.Tensor, bits: int, group: int, use_kernels: bool = Tr
 
 def quantize_values(v: torch.Tensor, bits: int, group: int, use_kernels: bool = True, outliers: float = 0.0) -> QTensor:
     """Per-token value quantization over groups of ``group`` channels. ``v``: [B, H, N, D], D % group == 0."""
-    _check_bits(bits)
+    packing.check_bits(bits)
     _check_outliers(outliers)
     b, h, n, d = v.shape
     if d % group:
@@ -199,9 +201,9 @@ def quantize_values(v: torch.Tensor, bits: int, group: int, use_kernels: bool = 
     return _quantize(v.reshape(b, h, n, d // group, group), bits, 4, outliers, "channel", group)
 
 
-def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Pure-torch reference: QTensor -> [B, H, N, D] tensor of ``dtype``."""
-    codes = unpack(q.codes, q.bits).float()
+def dequantize(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Pure-torch reference: QTensor -> [B, H, N, D] tensor of ``dtype`` (float32 if None)."""
+    codes = packing.unpack(q.codes, q.bits).float()
     b, h, n, d = codes.shape
     if q.axis == "token":
         c = codes.reshape(b, h, n // q.group, q.group, d)
@@ -212,7 +214,7 @@ def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     out = out.reshape(b, h, n, d)
     if q.out_idx is not None:
         out.view(-1)[q.out_idx.long()] = q.out_val.float()
-    return out.to(dtype)
+    return out.to(dtype or torch.float32)
 
 
 @dataclass(frozen=True)
@@ -232,7 +234,7 @@ class KIVI:
     pre_rope: bool = field(default=False, metadata={"spec": "if-set"})
 
     def __post_init__(self) -> None:
-        _check_bits(self.bits)
+        packing.check_bits(self.bits)
         _check_outliers(self.outliers)
         if self.group < 1 or self.group & (self.group - 1):
             raise ValueError(f"kivi: group must be a power of two >= 1, got {self.group}")

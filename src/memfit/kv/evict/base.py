@@ -4,7 +4,9 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
+from memfit.lazy import lazy_module
+
+torch = lazy_module("torch")
 
 HEAD_MODES = ("uniform", "adaptive", "global")
 ADAPTIVE_FLOOR = 0.2  # adaptive heads: each head keeps at least this share of its uniform budget (AdaKV's safeguard)

@@ -2,9 +2,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from memfit.kv.evict.base import Eviction, Observation
+from memfit.lazy import lazy_module
+
+torch = lazy_module("torch")
 
 
 @dataclass(frozen=True)

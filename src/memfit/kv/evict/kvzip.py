@@ -2,10 +2,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from memfit.hfcompat import with_cache
 from memfit.kv.evict.base import Eviction, Observation
+from memfit.lazy import lazy_module
+
+torch = lazy_module("torch")
 
 REPEAT_PROMPT = "Repeat the previous context exactly."
 
@@ -40,7 +41,6 @@ def repeat_inputs(prompt_ids: list[int], context_ids: list[int], chunk: int, ove
             for s in range(0, len(context_ids), chunk)]
 
 
-@torch.no_grad()
 def reconstruction_scores(model: torch.nn.Module, cache, inputs: list[list[int]]) -> dict[int, torch.Tensor]:
     """Run each input on top of ``cache`` (an uncompressed, deferred cache holding the context), then
     cut the cache back: layer -> [B, H, N] max attention received by each of the N context keys."""
@@ -48,7 +48,7 @@ def reconstruction_scores(model: torch.nn.Module, cache, inputs: list[list[int]]
 
     n = cache.get_seq_length()
     device = next(model.parameters()).device
-    with observe(reduce="max", num_keys=n) as seen:
+    with torch.no_grad(), observe(reduce="max", num_keys=n) as seen:
         for ids in inputs:
             model(torch.tensor([ids], device=device), **with_cache(model, cache), use_cache=True, logits_to_keep=1)
             cache.truncate_(n)

@@ -3,10 +3,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-
 from memfit.kv.evict.base import Eviction, Observation
+from memfit.lazy import lazy_module
+
+torch = lazy_module("torch")
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,8 @@ class SnapKV(Eviction):
         logits[..., n - w :] = logits[..., n - w :].masked_fill(causal, float("-inf"))
         attn = logits.softmax(dim=-1)[..., : n - w].mean(dim=2)  # [B, Hq, N - w]
         if self.kernel > 1 and n - w > 0:
-            attn = F.avg_pool1d(attn.reshape(b * hq, 1, -1), self.kernel, stride=1, padding=self.kernel // 2,
-                                count_include_pad=False).reshape(b, hq, -1)
+            attn = torch.nn.functional.avg_pool1d(attn.reshape(b * hq, 1, -1), self.kernel, stride=1,
+                                                  padding=self.kernel // 2, count_include_pad=False).reshape(b, hq, -1)
         scores = attn.reshape(b, h, group, n - w).mean(dim=2)
         top = scores.amax(dim=-1, keepdim=True) if n > w else torch.zeros(b, h, 1, device=keys.device)
         return torch.cat([scores, (top + 1).expand(b, h, w)], dim=-1)
