@@ -82,6 +82,14 @@ def test_cli_demo_and_bench_run_end_to_end(model_dir, tmp_path):
     rows = json.loads(bench.read_text())["rows"]
     assert len(rows) == 2 and all(row["tokens"] == 200 and row["decode_tokens_per_s"] > 0 for row in rows)
     assert rows[1]["bytes_per_token"] < rows[0]["bytes_per_token"]
+    r = runner.invoke(app, ["bench", "kvzip", "-m", str(model_dir), "-n", "100", "-n", "300", "--repeats", "2",
+                            "-p", "kvzip(keep=0.3,chunk=128)", "--out", str(bench)])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(bench.read_text())["rows"]
+    assert [(row["tokens"], row["repeat_passes"], len(row["score_runs_s"])) for row in rows] == [(100, 1, 2), (300, 3, 2)]
+    assert all(row["score_vs_prefill"] == pytest.approx(row["score_s"] / row["prefill_s"]) for row in rows)
+    r = runner.invoke(app, ["bench", "kvzip", "-m", str(model_dir), "-p", "kivi(bits=4)"])
+    assert r.exit_code == 2 and "no kvzip eviction" in r.stderr
 
 
 def _fake_convert(calls):

@@ -57,6 +57,29 @@ def bench_kv(lm: LM, lengths: list[int], policies: list[Policy], decode_tokens: 
     return rows
 
 
+def bench_kvzip(lm: LM, lengths: list[int], policy: Policy, repeats: int = 3) -> list[dict]:
+    """KVzip's scoring (the repeat pass and its max attention) against a plain prefill of the same
+    context: after a warm-up run, the median of ``repeats`` timed runs of each per length (a
+    shared 2-core machine varies by 20% from run to run)."""
+    chunk = next(e.chunk for e in policy.evictions if e.observes == "reconstruction")
+    lm.prefill_ids(context_ids(lm, 256), policy)  # warm-up: first calls allocate and pick kernels
+    rows = []
+    with tqdm(total=len(lengths) * repeats, desc="bench kvzip", unit="run") as bar:
+        for n in lengths:
+            ids = context_ids(lm, n)
+            prefill, score = [], []
+            for _ in range(repeats):
+                prefill.append(lm.prefill_ids(ids, "none").prefill_seconds)
+                ctx = lm.prefill_ids(ids, policy)
+                score.append(ctx.meta["score_seconds"])
+                bar.update()
+            p, sc = statistics.median(prefill), statistics.median(score)
+            rows.append({"policy": policy.spec, "tokens": n, "repeat_passes": -(-n // chunk), "runs": repeats,
+                         "prefill_s": p, "score_s": sc, "score_vs_prefill": sc / p,
+                         "prefill_runs_s": prefill, "score_runs_s": score, "kv_bytes": ctx.nbytes})
+    return rows
+
+
 QUESTION = "What did the mayor do near the harbour?"
 
 

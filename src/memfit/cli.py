@@ -419,6 +419,31 @@ def bench_kv(
     typer.echo(f"wrote {out}")
 
 
+@bench_app.command("kvzip")
+def bench_kvzip_cmd(
+    model: str = typer.Option("smollm2", "--model", "-m"),
+    lengths: list[int] = typer.Option([1024, 2048, 4096], "--length", "-n"),
+    policy: str = typer.Option("kvzip(keep=0.42)+kivi(bits=4,residual=32)", "--policy", "-p",
+                               help="A policy with a kvzip eviction."),
+    repeats: int = typer.Option(3, help="Timed runs per length; the median is reported."),
+    out: Path = typer.Option(Path("results/bench_kvzip.json"), help="JSON output."),
+) -> None:
+    """KVzip's scoring time (the repeat pass and its max attention) against a plain prefill."""
+    from memfit.bench import bench_kvzip as run
+
+    pol = _policy(policy)
+    if "reconstruction" not in pol.observes():
+        _fail(f"policy {policy!r} has no kvzip eviction to score")
+    lm = _load(model)
+    rows = run(lm, lengths, pol, repeats)
+    _write_json(out, {"model": model, "device": str(lm.device), "dtype": str(lm.model.dtype), "rows": rows})
+    typer.echo(f"{'tokens':>7} {'passes':>6} {'prefill s':>9} {'score s':>8} {'score/prefill':>13}")
+    for r in rows:
+        typer.echo(f"{r['tokens']:>7} {r['repeat_passes']:>6} {r['prefill_s']:>9.2f} {r['score_s']:>8.2f} "
+                   f"{r['score_vs_prefill']:>13.2f}")
+    typer.echo(f"wrote {out}")
+
+
 @bench_app.command("weights")
 def bench_weights_cmd(
     model: str = typer.Option("smollm2", "--model", "-m"),

@@ -109,6 +109,45 @@ def test_kvzip_scores_equal_eager_attention_of_the_repeat_pass(tiny_lm):
         torch.testing.assert_close(scores[layer].double(), ref[layer], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("split", [True, False])
+def test_fused_attention_and_max_from_lse_equal_the_reference(masked, split):
+    """KVzip's pass on CPU: the fused kernel gives SDPA's output and each query's log-sum-exp (in one
+    call, or two merged: the context unmasked, the repeat tokens causal), from which the max
+    attention over the context keys is a matmul; both equal the plain path."""
+    from memfit.kv.attention import attention_with_lse, max_attention, reduce_attention
+
+    g = torch.Generator().manual_seed(7)
+    b, hq, h, nq, n, d = 2, 6, 2, 37, 50, 16
+    nk = n + nq
+    q, k, v = (torch.randn(b, x, y, d, generator=g) for x, y in ((hq, nq), (h, nk), (h, nk)))
+    causal = (torch.arange(nk) <= torch.arange(n, nk).unsqueeze(-1))[None, None].expand(b, 1, nq, nk)
+    mask = causal if masked else None  # None: causal, the queries being the last nq positions
+    out, lse = attention_with_lse(q, k, v, mask, 0.3, visible=n if split else 0)  # split: context, then causal
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=0.3, enable_gqa=True)
+    torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
+    want = reduce_attention(q, k, mask, 0.3, "max")[..., :n]
+    torch.testing.assert_close(max_attention(q, k[:, :, :n], lse, 0.3), want, rtol=1e-5, atol=1e-7)
+
+
+def test_kvzip_scores_are_the_same_without_the_fused_kernel(tiny_lm, monkeypatch):
+    """Where the fused kernel is unavailable (GPU, older torch) the pass runs SDPA and reduces the
+    probabilities itself: the same scores."""
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, 250, (1, 80), generator=g)
+    inputs = repeat_inputs([1, 2, 3], ids[0].tolist(), chunk=40, overlap=4)
+    runs = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr("memfit.kv.attention.attention_with_lse", lambda *a: None)
+        cache = CompressedCache("none", tiny_lm.num_layers, defer=True)
+        with torch.no_grad():
+            tiny_lm._forward(ids, cache, chunk_size=64)
+        runs.append(reconstruction_scores(tiny_lm.model, cache, inputs))
+    for layer in range(tiny_lm.num_layers):
+        torch.testing.assert_close(runs[0][layer], runs[1][layer], rtol=1e-5, atol=1e-7)
+
+
 def test_pyramid_budgets_shrink_with_depth_and_average_to_keep():
     p = PyramidKV(keep=0.3, slope=0.5)
     keeps = [p.layer_keep(i, 30) for i in range(30)]

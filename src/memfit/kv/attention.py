@@ -24,6 +24,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTN_IMPLEMENTATION = "memfit"
 _ROWS = 128  # query rows per block when attention probabilities are reduced (bounds memory)
+_TILE = (256, 1024)  # max_attention's blocks of query rows x keys (measured fastest on a 2-core CPU)
 
 
 @dataclass
@@ -37,8 +38,14 @@ class Observer:
     queries: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, Hq, window, D]
     attention: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, H, keys]
 
+    @property
+    def wants_lse(self) -> bool:
+        """Whether a log-sum-exp of each query's logits from the attention kernel saves work: the
+        max of probabilities over the first ``num_keys`` keys is then one matmul and a max."""
+        return self.reduce == "max" and self.num_keys is not None
+
     def add(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
-            scaling: float) -> None:
+            scaling: float, lse: torch.Tensor | None = None) -> None:
         layer = module.layer_idx
         if self.window:
             q = query[:, :, -self.window :].detach()
@@ -47,7 +54,10 @@ class Observer:
                 q = torch.cat([prev, q], dim=2)[:, :, -self.window :]
             self.queries[layer] = q.clone()
         if self.reduce:
-            a = reduce_attention(query, key, mask, scaling, self.reduce)
+            if lse is not None and _all_visible(mask, query.shape[2], key.shape[2], self.num_keys):
+                a = max_attention(query, key[:, :, : self.num_keys], lse, scaling)
+            else:
+                a = reduce_attention(query, key, mask, scaling, self.reduce)
             if self.num_keys is not None:
                 a = a[..., : self.num_keys]
             prev = self.attention.get(layer)
@@ -96,6 +106,68 @@ def reduce_attention(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor 
         else:
             out += logits.exp_().sum(dim=(2, 3))
     return out.exp() if how == "max" else out
+
+
+def max_attention(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The largest softmax probability each key of ``key`` [B, H, L, D] receives from ``query``
+    [B, Hq, Q, D] and the query heads of its GQA group -> [B, H, L] float32, given each query's
+    log-sum-exp ``lse`` [B, Hq, Q] over all the keys it attends to (every key here must be visible
+    to every query). p = exp(q.k * scaling - lse), and exp is monotone, so the max is taken over
+    logits and exp applied once per key: the -lse rides in the matmul as an extra column
+    (q * scaling, -lse) . (k, 1), so no probability is ever exponentiated or written twice."""
+    b, hq, nq, d = query.shape
+    h, nk = key.shape[1], key.shape[2]
+    ftype = torch.promote_types(query.dtype, torch.float32)
+    kt = torch.cat([key.to(ftype), key.new_ones(b, h, nk, 1, dtype=ftype)], dim=-1).transpose(-1, -2)
+    qa = torch.cat([query.to(ftype) * scaling, -lse.to(ftype).unsqueeze(-1)], dim=-1)
+    qa = qa.reshape(b, h, (hq // h) * nq, d + 1)  # query head i reads KV head i // g: a group's rows are adjacent
+    out = torch.full((b, h, nk), float("-inf"), dtype=ftype, device=key.device)
+    rows, cols = _TILE  # tiles that stay in cache between the matmul and the max
+    for c in range(0, nk, cols):
+        part = out[..., c : c + cols]
+        for s in range(0, qa.shape[2], rows):
+            torch.maximum(part, (qa[:, :, s : s + rows] @ kt[..., c : c + cols]).amax(dim=2), out=part)
+    return out.exp_()
+
+
+def _all_visible(mask: torch.Tensor | None, nq: int, nk: int, num_keys: int | None) -> bool:
+    """Whether every query sees each of the first ``num_keys`` keys (None mask: causal)."""
+    if num_keys is None:
+        return False
+    if mask is None:
+        return nk - nq >= num_keys - 1
+    return bool(_as_bool(mask)[..., :num_keys].all())
+
+
+def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                       scaling: float, visible: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Attention output [B, Q, Hq, D] (the layout transformers' attention functions return) and
+    each query's log-sum-exp [B, Hq, Q], from torch's fused CPU attention kernel; None where that
+    kernel is not available (other devices, older torch), and the caller runs SDPA.
+
+    ``visible``: how many leading keys every query sees (the caller has checked the mask). When
+    the rest is the queries' own causal square (KVzip's pass: the context, then the repeat tokens),
+    the two parts run as two unmasked kernel calls (the causal one skips the upper triangle) merged
+    by their log-sum-exps, instead of one call reading a full additive mask."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None or query.device.type != "cpu":
+        return None
+    nq, nk = query.shape[2], key.shape[2]
+    g = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(g, dim=1), value.repeat_interleave(g, dim=1)
+    causal = torch.arange(nk) <= torch.arange(nk - nq, nk).unsqueeze(-1)
+    if mask is None:  # causal, the queries being the last nq positions
+        mask = causal
+    mask = _as_bool(mask)
+    if 0 < visible == nk - nq and bool((mask[..., visible:] == causal[:, visible:]).all()):
+        out, lse = op(query, key[:, :, :visible], value[:, :, :visible], 0.0, False, scale=scaling)
+        out2, lse2 = op(query, key[:, :, visible:], value[:, :, visible:], 0.0, True, scale=scaling)
+        total = torch.logaddexp(lse, lse2)
+        out = out * (lse - total).exp_().unsqueeze(-1) + out2 * (lse2 - total).exp_().unsqueeze(-1)
+        return out.to(query.dtype).transpose(1, 2).contiguous(), total
+    bias = torch.zeros(mask.shape, dtype=query.dtype).masked_fill_(~mask, float("-inf"))
+    out, lse = op(query, key, value, 0.0, False, attn_mask=bias, scale=scaling)
+    return out.transpose(1, 2).contiguous(), lse
 
 
 _observer: Observer | None = None
@@ -203,7 +275,16 @@ def memfit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         attention_mask = _with_head_mask(attention_mask, head_mask, query)
     scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
     if _observer is not None:
-        _observer.add(module, query, key, attention_mask, scaling)
+        # KVzip's pass: the fused kernel's log-sum-exp makes its max attention one matmul; its
+        # output stands in for SDPA's, so the attention runs once
+        fused = None
+        if _observer.wants_lse and not module.training:
+            n = _observer.num_keys
+            visible = n if _all_visible(attention_mask, query.shape[2], key.shape[2], n) else 0
+            fused = attention_with_lse(query, key, value, attention_mask, scaling, visible)
+        _observer.add(module, query, key, attention_mask, scaling, lse=fused[1] if fused else None)
+        if fused is not None and module.layer_idx not in state.requests:
+            return fused[0], None
     if module.layer_idx in state.requests:
         state.requests.discard(module.layer_idx)
         state.scores[module.layer_idx] = reduce_attention(query, key, attention_mask, scaling, "sum")
