@@ -367,6 +367,63 @@ def _random_llama8b(layers: int, attn: str | None = None):
         torch.set_default_dtype(default)
 
 
+@torch.no_grad()
+def bench_kvzip_8b(lengths: list[int], layers: int = 32, chunk: int = 2048, prefill_chunk: int = 4096,
+                   unfused: bool = True) -> list[dict]:
+    """KVzip's scoring against the prefill of the same context on a random-weight Llama-3.1-8B-shaped
+    model on the GPU (what ``LM.prefill_many_ids`` runs, without a tokenizer: random ids, a 12-token
+    repeat prompt). ``unfused``: also time the pass with SDPA and blocked probabilities (the path
+    before the fused kernels)."""
+    import memfit.kv.attention as attention
+    from memfit.kv.cache import CompressedCache
+    from memfit.kv.evict.kvzip import reconstruction_scores, repeat_inputs
+
+    model = _random_llama8b(layers)
+    vocab = model.config.vocab_size
+
+    def prefill(ids: torch.Tensor) -> CompressedCache:
+        cache = CompressedCache("none", layers, defer=True)
+        for s in range(0, ids.shape[1], prefill_chunk):
+            model(ids[:, s : s + prefill_chunk], **with_cache(model, cache), use_cache=True, logits_to_keep=1)
+        return cache
+
+    def timed(fn) -> tuple[float, object]:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0, out
+
+    prompt = torch.randint(0, vocab, (12,)).tolist()
+    rows = []
+    for n in [2 * prefill_chunk, *lengths]:  # the first, untimed: kernels compile, libraries pick algorithms
+        ids = torch.randint(0, vocab, (1, n), device="cuda")
+        inputs = repeat_inputs(prompt, ids[0].tolist(), chunk)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        prefill_s, cache = timed(lambda: prefill(ids))  # noqa: B023
+        score_s, scores = timed(lambda: reconstruction_scores(model, cache, inputs))  # noqa: B023
+        row = {"tokens": n, "layers": layers, "repeat_passes": len(inputs), "prefill_s": prefill_s,
+               "score_s": score_s, "score_vs_prefill": score_s / prefill_s,
+               "peak_bytes": torch.cuda.max_memory_allocated()}
+        if unfused:
+            fused = attention.attention_with_lse
+            attention.attention_with_lse = lambda *a: None
+            try:
+                row["score_unfused_s"], plain = timed(lambda: reconstruction_scores(model, cache, inputs))  # noqa: B023
+            finally:
+                attention.attention_with_lse = fused
+            # what eviction reads from the scores: the pairs KVzip(keep=0.42, heads=global) would keep
+            a, b = (torch.cat([x[i].flatten() for i in sorted(x)]) for x in (scores, plain))
+            k = int(0.42 * a.numel())
+            kept = torch.zeros_like(a, dtype=torch.bool).index_fill_(0, a.topk(k).indices, True)
+            row["kept_overlap_vs_unfused"] = float(kept[b.topk(k).indices].float().mean())
+        if n in lengths:
+            rows.append(row)
+        del cache
+    return rows
+
+
 def _steps_ms(step, tok: torch.Tensor, steps: int, warmup: int = 3) -> tuple[float, torch.Tensor]:
     """Mean wall time in ms of ``steps`` greedy decode steps ``tok = step(tok)`` after ``warmup``
     untimed ones (kernel compilation, allocator, graph capture); returns it and the last token."""

@@ -426,11 +426,25 @@ def bench_kvzip_cmd(
     policy: str = typer.Option("kvzip(keep=0.42)+kivi(bits=4,residual=32)", "--policy", "-p",
                                help="A policy with a kvzip eviction."),
     repeats: int = typer.Option(3, help="Timed runs per length; the median is reported."),
+    llama8b: bool = typer.Option(False, "--llama8b", help="A random-weight Llama-3.1-8B shape on the GPU instead "
+                                 "of --model (scoring with chunk=2048; also times the unfused pass)."),
+    layers: int = LAYERS_OPTION,
     out: Path = typer.Option(Path("results/bench_kvzip.json"), help="JSON output."),
 ) -> None:
     """KVzip's scoring time (the repeat pass and its max attention) against a plain prefill."""
     from memfit.bench import bench_kvzip as run
 
+    if llama8b:
+        from memfit.bench import bench_kvzip_8b
+
+        rows = bench_kvzip_8b(lengths, layers)
+        _write_json(out, {"model": "random Llama-3.1-8B shape", "device": "cuda", "rows": rows})
+        typer.echo(f"{'tokens':>7} {'passes':>6} {'prefill s':>9} {'score s':>8} {'score/prefill':>13} {'unfused s':>9}")
+        for r in rows:
+            typer.echo(f"{r['tokens']:>7} {r['repeat_passes']:>6} {r['prefill_s']:>9.3f} {r['score_s']:>8.3f} "
+                       f"{r['score_vs_prefill']:>13.2f} {r.get('score_unfused_s', float('nan')):>9.3f}")
+        typer.echo(f"wrote {out}")
+        return
     pol = _policy(policy)
     if "reconstruction" not in pol.observes():
         _fail(f"policy {policy!r} has no kvzip eviction to score")

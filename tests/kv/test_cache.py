@@ -110,3 +110,22 @@ def test_unsupported_features_fail_loudly():
         cache.reorder_cache(torch.tensor([0]))
     with pytest.raises(ValueError, match="num_layers"):
         CompressedCache("none")
+
+
+def test_reserved_room_appends_in_place_and_truncates_without_a_copy():
+    """KVzip's repeat pass: the context stays where it is, each pass writes only its own tokens."""
+    g = torch.Generator().manual_seed(0)
+    k, k2, k3 = (torch.randn(1, 2, n, 8, generator=g) for n in (10, 4, 7))
+    cache = CompressedCache("none", 1, defer=True)
+    cache.update(k, k * 2, 0)
+    cache.reserve(6)
+    buf = cache.layers[0].keys.data_ptr()
+    keys, values = cache.update(k2, k2 * 2, 0)
+    assert keys.data_ptr() == buf and torch.equal(keys, torch.cat([k, k2], -2)) and torch.equal(values, keys * 2)
+    cache.truncate_(10)
+    assert cache.get_seq_length() == 10 and cache.layers[0].keys.data_ptr() == buf
+    keys, _ = cache.update(k3, k3, 0)  # more than the room: given up, the plain path
+    assert keys.data_ptr() != buf and torch.equal(keys, torch.cat([k, k3], -2))
+    cache.truncate_(10)
+    cache.release()
+    assert torch.equal(cache.layers[0].keys, k) and cache.nbytes == 2 * k.numel() * k.element_size()

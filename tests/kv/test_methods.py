@@ -123,7 +123,7 @@ def test_fused_attention_and_max_from_lse_equal_the_reference(masked, split):
     q, k, v = (torch.randn(b, x, y, d, generator=g) for x, y in ((hq, nq), (h, nk), (h, nk)))
     causal = (torch.arange(nk) <= torch.arange(n, nk).unsqueeze(-1))[None, None].expand(b, 1, nq, nk)
     mask = causal if masked else None  # None: causal, the queries being the last nq positions
-    out, lse = attention_with_lse(q, k, v, mask, 0.3, visible=n if split else 0)  # split: context, then causal
+    out, lse = attention_with_lse(q, k, v, mask, 0.3, split=split)  # split: context, then causal
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=0.3, enable_gqa=True)
     torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
     want = reduce_attention(q, k, mask, 0.3, "max")[..., :n]

@@ -22,6 +22,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from memfit.kernels import max_attention as kernel
+
 ATTN_IMPLEMENTATION = "memfit"
 _ROWS = 128  # query rows per block when attention probabilities are reduced (bounds memory)
 _TILE = (256, 1024)  # max_attention's blocks of query rows x keys (measured fastest on a 2-core CPU)
@@ -37,6 +39,18 @@ class Observer:
     num_keys: int | None = None
     queries: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, Hq, window, D]
     attention: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, H, keys]
+
+    _layout: tuple | None = field(default=None, repr=False)  # (mask, nq, nk) -> layout, see mask_layout
+
+    def mask_layout(self, mask: torch.Tensor | None, nq: int, nk: int) -> tuple[bool, bool]:
+        """(every query sees each of the first ``num_keys`` keys, the keys after them are the
+        queries' own causal square): checked once per mask, which transformers builds once for all
+        layers of a forward pass."""
+        if self._layout is None or self._layout[0] is not mask or self._layout[1:3] != (nq, nk):
+            visible = _all_visible(mask, nq, nk, self.num_keys)
+            split = visible and nk - nq == self.num_keys and _causal_tail(mask, nq, nk)
+            self._layout = (mask, nq, nk, (visible, split))
+        return self._layout[3]
 
     @property
     def wants_lse(self) -> bool:
@@ -54,7 +68,7 @@ class Observer:
                 q = torch.cat([prev, q], dim=2)[:, :, -self.window :]
             self.queries[layer] = q.clone()
         if self.reduce:
-            if lse is not None and _all_visible(mask, query.shape[2], key.shape[2], self.num_keys):
+            if lse is not None and self.mask_layout(mask, query.shape[2], key.shape[2])[0]:
                 a = max_attention(query, key[:, :, : self.num_keys], lse, scaling)
             else:
                 a = reduce_attention(query, key, mask, scaling, self.reduce)
@@ -114,7 +128,11 @@ def max_attention(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, sca
     log-sum-exp ``lse`` [B, Hq, Q] over all the keys it attends to (every key here must be visible
     to every query). p = exp(q.k * scaling - lse), and exp is monotone, so the max is taken over
     logits and exp applied once per key: the -lse rides in the matmul as an extra column
-    (q * scaling, -lse) . (k, 1), so no probability is ever exponentiated or written twice."""
+    (q * scaling, -lse) . (k, 1), so no probability is ever exponentiated or written twice. On CUDA
+    the Triton kernel (``memfit.kernels.max_attention``) does the same without writing the logits;
+    this is its reference."""
+    if kernel.supported(query, key):
+        return kernel.max_attention(query, key, lse, scaling)
     b, hq, nq, d = query.shape
     h, nk = key.shape[1], key.shape[2]
     ftype = torch.promote_types(query.dtype, torch.float32)
@@ -139,34 +157,73 @@ def _all_visible(mask: torch.Tensor | None, nq: int, nk: int, num_keys: int | No
     return bool(_as_bool(mask)[..., :num_keys].all())
 
 
-def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                       scaling: float, visible: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Attention output [B, Q, Hq, D] (the layout transformers' attention functions return) and
-    each query's log-sum-exp [B, Hq, Q], from torch's fused CPU attention kernel; None where that
-    kernel is not available (other devices, older torch), and the caller runs SDPA.
+def _causal_tail(mask: torch.Tensor | None, nq: int, nk: int) -> bool:
+    """Whether the last ``nq`` keys are masked as the queries' own causal square."""
+    if mask is None:
+        return True
+    i = torch.arange(nq, device=mask.device)
+    return bool((_as_bool(mask)[..., nk - nq :] == (i <= i.unsqueeze(-1))).all())
 
-    ``visible``: how many leading keys every query sees (the caller has checked the mask). When
-    the rest is the queries' own causal square (KVzip's pass: the context, then the repeat tokens),
-    the two parts run as two unmasked kernel calls (the causal one skips the upper triangle) merged
-    by their log-sum-exps, instead of one call reading a full additive mask."""
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if op is None or query.device.type != "cpu":
+
+_cudnn_ok = True  # cleared when cuDNN's attention refuses a call (shape, GPU, torch version): flash after that
+
+
+def _fused_op(query: torch.Tensor):
+    """torch's fused attention kernel that returns each query's log-sum-exp with the output, as
+    ``op(q, k, v, causal, bias, scale) -> (out [B, Hq, Q, D], lse [B, Hq, Q])`` and whether it
+    takes an additive mask; None where there is none (older torch, other devices, float32 on GPU).
+    On CUDA: cuDNN's attention (2x the flash kernel on an H200 for KVzip's 2K x 32K shape), else flash."""
+    aten = torch.ops.aten
+    if query.device.type == "cpu" and hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        cpu = aten._scaled_dot_product_flash_attention_for_cpu
+        return (lambda q, k, v, causal, bias, scale: cpu(q, k, v, 0.0, causal, attn_mask=bias, scale=scale)), True
+    if (query.device.type != "cuda" or query.dtype not in (torch.float16, torch.bfloat16)
+            or not hasattr(aten, "_scaled_dot_product_flash_attention")):
         return None
+
+    def cuda(q, k, v, causal, bias, scale):
+        global _cudnn_ok
+        if _cudnn_ok and hasattr(aten, "_scaled_dot_product_cudnn_attention"):
+            try:
+                out, lse = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
+                                                                     scale=scale)[:2]
+                return out, lse.reshape(lse.shape[:3])  # cuDNN's is [B, H, Q, 1]
+            except RuntimeError:
+                _cudnn_ok = False
+        return aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+
+    return cuda, False
+
+
+def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                       scaling: float, split: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Attention output [B, Q, Hq, D] (the layout transformers' attention functions return) and
+    each query's log-sum-exp [B, Hq, Q], from torch's fused attention kernel (GQA read natively);
+    None where no such kernel applies (see :func:`_fused_op`), and the caller runs SDPA.
+
+    ``split``: every query sees the keys before the last ``nq``, and those are the queries' own
+    causal square (KVzip's pass: the context, then the repeat tokens; the caller has checked the
+    mask). The two parts then run as two unmasked kernel calls (the causal one skips the upper
+    triangle) merged by their log-sum-exps, instead of one call reading a full additive mask
+    (which the GPU's flash kernel does not take)."""
+    found = _fused_op(query)
+    if found is None:
+        return None
+    op, takes_mask = found
     nq, nk = query.shape[2], key.shape[2]
-    g = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(g, dim=1), value.repeat_interleave(g, dim=1)
-    causal = torch.arange(nk) <= torch.arange(nk - nq, nk).unsqueeze(-1)
-    if mask is None:  # causal, the queries being the last nq positions
-        mask = causal
-    mask = _as_bool(mask)
-    if 0 < visible == nk - nq and bool((mask[..., visible:] == causal[:, visible:]).all()):
-        out, lse = op(query, key[:, :, :visible], value[:, :, :visible], 0.0, False, scale=scaling)
-        out2, lse2 = op(query, key[:, :, visible:], value[:, :, visible:], 0.0, True, scale=scaling)
+    if split:
+        c = nk - nq
+        out, lse = op(query, key[:, :, :c], value[:, :, :c], False, None, scaling)
+        out2, lse2 = op(query, key[:, :, c:], value[:, :, c:], True, None, scaling)
         total = torch.logaddexp(lse, lse2)
         out = out * (lse - total).exp_().unsqueeze(-1) + out2 * (lse2 - total).exp_().unsqueeze(-1)
         return out.to(query.dtype).transpose(1, 2).contiguous(), total
-    bias = torch.zeros(mask.shape, dtype=query.dtype).masked_fill_(~mask, float("-inf"))
-    out, lse = op(query, key, value, 0.0, False, attn_mask=bias, scale=scaling)
+    if not takes_mask:
+        return None
+    if mask is None:  # causal, the queries being the last nq positions
+        mask = torch.arange(nk, device=query.device) <= torch.arange(nk - nq, nk, device=query.device).unsqueeze(-1)
+    bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(~_as_bool(mask), float("-inf"))
+    out, lse = op(query, key, value, False, bias, scaling)
     return out.transpose(1, 2).contiguous(), lse
 
 
@@ -279,9 +336,8 @@ def memfit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         # output stands in for SDPA's, so the attention runs once
         fused = None
         if _observer.wants_lse and not module.training:
-            n = _observer.num_keys
-            visible = n if _all_visible(attention_mask, query.shape[2], key.shape[2], n) else 0
-            fused = attention_with_lse(query, key, value, attention_mask, scaling, visible)
+            split = _observer.mask_layout(attention_mask, query.shape[2], key.shape[2])[1]
+            fused = attention_with_lse(query, key, value, attention_mask, scaling, split)
         _observer.add(module, query, key, attention_mask, scaling, lse=fused[1] if fused else None)
         if fused is not None and module.layer_idx not in state.requests:
             return fused[0], None

@@ -258,9 +258,20 @@ class CompressedCache(Cache):
             nq = layer.qk.num_tokens if layer.qk is not None else 0
             if num_tokens < nq:
                 layer.qk, layer.qv = layer.qk.prefix(num_tokens), layer.qv.prefix(num_tokens)
-            keep = max(0, num_tokens - nq)
-            layer.keys, layer.values = layer.keys[:, :, :keep].clone(), layer.values[:, :, :keep].clone()
+            layer.trim(max(0, num_tokens - nq))
             layer.seen = num_tokens
+        return self
+
+    def reserve(self, tokens: int) -> "CompressedCache":
+        """Room for ``tokens`` more entries per layer, appended in place until :meth:`release` (see
+        :meth:`CompressedLayer.reserve`): for passes that are cut back with :meth:`truncate_`."""
+        for layer in self.layers:
+            layer.reserve(tokens)
+        return self
+
+    def release(self) -> "CompressedCache":
+        for layer in self.layers:
+            layer.release()
         return self
 
     # -- figures -----------------------------------------------------------------------------------

@@ -88,6 +88,7 @@ class CompressedLayer(CacheLayerMixin):
         self._view: tuple | None = None  # a fork's attention buffer: the parent, then its own tokens
         self.seen = parent.get_seq_length() if parent is not None else 0  # logical tokens, evicted ones included
         self.static: StaticKIVI | None = None  # fixed buffers for graph-captured decoding (to_static)
+        self._room: tuple | None = None  # reserve(): window buffers with room to append in place
 
     # -- sizes -----------------------------------------------------------------------------------
     def _own_stored(self) -> int:
@@ -277,6 +278,8 @@ class CompressedLayer(CacheLayerMixin):
             self.pending_mask = None
             self.packed = _Packed(self)
             return key_states, value_states  # not read: the attention function takes self.packed
+        if self._room is not None and self._append_in_place(key_states, value_states):
+            return self.keys, self.values
         if self.parent is not None:
             keys, values, self.pending_mask = self._fork_view(key_states, value_states)
         else:
@@ -295,6 +298,50 @@ class CompressedLayer(CacheLayerMixin):
         self.seen += key_states.shape[-2]
         self._spill()
         return keys, values
+
+    def reserve(self, tokens: int) -> None:
+        """Hold the window in buffers with room for ``tokens`` more entries, appended in place until
+        :meth:`release`: a pass that reads the cache and is then cut back (KVzip's repeat pass)
+        copies only its own tokens, not the whole context at every layer. Only a layer that holds
+        nothing but its window (deferred or uncompressed, not a fork); ``nbytes`` does not count the
+        spare room while it lasts."""
+        if (not self.is_initialized or self.parent is not None or self.qk is not None or self.ragged is not None
+                or self.kc is not None or self.static is not None):
+            return
+        b, h, n, d = self.keys.shape
+        kb = self.keys.new_empty(b, h, n + tokens, d)
+        vb = self.values.new_empty(b, h, n + tokens, self.values.shape[-1])
+        kb[:, :, :n], vb[:, :, :n] = self.keys, self.values
+        self._room = (kb, vb)
+        self.keys, self.values = kb[:, :, :n], vb[:, :, :n]
+
+    def release(self) -> None:
+        """Back to exact-size storage after :meth:`reserve`."""
+        if self._room is not None:
+            self._room = None
+            self.keys, self.values = self.keys.clone(), self.values.clone()
+
+    def trim(self, n: int) -> None:
+        """Keep the first ``n`` window entries (in the reserved buffers, without a copy, if any)."""
+        if self._room is not None:
+            self.keys, self.values = self._room[0][:, :, :n], self._room[1][:, :, :n]
+        else:  # clone: a slice would keep the whole old window alive
+            self.keys, self.values = self.keys[:, :, :n].clone(), self.values[:, :, :n].clone()
+
+    def _append_in_place(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
+        """Append into the reserved room when the states fit as they are (the storage dtype, the
+        same rows), so that the attention can read the buffers themselves; else give the room up."""
+        kb, vb = self._room
+        n, m = self.keys.shape[-2], key_states.shape[-2]
+        if (n + m > kb.shape[-2] or key_states.dtype != kb.dtype or key_states.shape[0] != kb.shape[0]
+                or self.qk is not None or self.ragged is not None):
+            self.release()
+            return False
+        kb[:, :, n : n + m], vb[:, :, n : n + m] = key_states, value_states
+        self.keys, self.values = kb[:, :, : n + m], vb[:, :, : n + m]
+        self.seen += m
+        self.pending_mask = None
+        return True
 
     def _spill(self) -> None:
         """Quantize the oldest window tokens, in whole key groups, once the window exceeds ``residual``."""

@@ -48,8 +48,12 @@ def reconstruction_scores(model: torch.nn.Module, cache, inputs: list[list[int]]
 
     n = cache.get_seq_length()
     device = next(model.parameters()).device
-    with torch.no_grad(), observe(reduce="max", num_keys=n) as seen:
-        for ids in inputs:
-            model(torch.tensor([ids], device=device), **with_cache(model, cache), use_cache=True, logits_to_keep=1)
-            cache.truncate_(n)
+    cache.reserve(max(map(len, inputs)))  # each pass appends in place and is cut back without a copy
+    try:
+        with torch.no_grad(), observe(reduce="max", num_keys=n) as seen:
+            for ids in inputs:
+                model(torch.tensor([ids], device=device), **with_cache(model, cache), use_cache=True, logits_to_keep=1)
+                cache.truncate_(n)
+    finally:
+        cache.release()
     return seen.attention
