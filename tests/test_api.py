@@ -94,3 +94,10 @@ def test_bad_input_is_named(tiny_lm):
         tiny_lm.prefill(CONTEXT, "h2x(keep=0.5)")
     with pytest.raises(ValueError, match="max_new_tokens"):
         tiny_lm.ask(ctx, "q", max_new_tokens=-1)
+
+
+def test_warmup_runs_the_policy_once_and_leaves_the_model_as_it_was(tiny_lm):
+    ctx = tiny_lm.prefill("The vault code is 4821. " * 8, policy="none")
+    before = tiny_lm.ask(ctx, "Code?", max_new_tokens=4)
+    assert tiny_lm.warmup("kvzip(keep=0.5)+kivi(bits=4,group=16,residual=16)", tokens=64) > 0
+    assert tiny_lm.ask(ctx, "Code?", max_new_tokens=4) == before

@@ -158,6 +158,18 @@ class LM:
     def _encode(self, text: str, special: bool = False) -> list[int]:
         return self.tokenizer(text, add_special_tokens=special)["input_ids"]
 
+    # -- warm-up -----------------------------------------------------------------------------------
+    def warmup(self, policy: "str | Policy" = "none", tokens: int = 512) -> float:
+        """Prefill a short made-up context under ``policy`` and answer two tokens from it, so that
+        the kernels this model and policy use are compiled (or loaded from Triton's cache) now, not
+        in a user's first request; returns the seconds it took. ``memfit serve`` runs it before it
+        reports ready."""
+        t0 = time.perf_counter()
+        text = " ".join(f"Box {i} holds {i * 7 % 13} keys." for i in range(max(1, tokens // 8)))
+        ctx = self.prefill(text, policy=parse_policy(policy))
+        self.ask(ctx, "Which box holds 5 keys?", max_new_tokens=2)
+        return time.perf_counter() - t0
+
     # -- prefill -----------------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, context: str, policy: "str | Policy | None" = None, *, budget: "str | float | None" = None,

@@ -704,6 +704,8 @@ def serve(
     except ValueError as e:
         _fail(str(e))
     lm = _load(model)
+    typer.echo(f"warming up ({policy})...", err=True)  # the kernels compile now, not in the first request
+    typer.echo(f"warm in {lm.warmup(policy):.1f} s; serving on http://{host}:{port}", err=True)
     limit = max_context_tokens or getattr(lm.model.config, "max_position_embeddings", 8192)
     cfg = ServeConfig(policy=policy, api_key=api_key, max_body_bytes=int(max_body_mb * 2**20),
                       max_context_tokens=limit, max_tokens=max_tokens, max_queue=max_queue,

@@ -78,3 +78,36 @@ def test_kvzip_scores_on_cuda_match_the_unfused_pass(monkeypatch):
         runs.append(reconstruction_scores(model, cache, inputs))
     for layer in range(2):
         torch.testing.assert_close(runs[0][layer].float(), runs[1][layer].float(), rtol=5e-2, atol=5e-3)
+
+
+@pytest.mark.gpu
+@gpu
+def test_masked_attention_on_cuda_never_runs_cudnn(monkeypatch):
+    """cuDNN builds a kernel for every new masked shape, and each decode step is one (seconds for a
+    first answer): memfit's attention leaves it out of masked calls with few queries, and only those."""
+    import memfit.kv.attention as attention
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    seen = []
+    real = attention.sdpa_attention_forward
+
+    def spy(module, q, k, v, mask, **kw):
+        seen.append((mask is not None, torch.backends.cuda.cudnn_sdp_enabled()))
+        return real(module, q, k, v, mask, **kw)
+
+    monkeypatch.setattr(attention, "sdpa_attention_forward", spy)
+    cfg = LlamaConfig(vocab_size=259, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=64)
+    cfg._attn_implementation = "memfit"
+    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with torch.no_grad():
+        for n in (12, 200):  # a question, a prefill chunk
+            ids = torch.randint(0, 250, (2, n), device="cuda")
+            padded = torch.ones(2, n, dtype=torch.long, device="cuda")
+            padded[0, :3] = 0
+            model(ids, attention_mask=padded)  # padding: a mask
+            model(ids)  # causal, no padding: no mask
+    assert [m for m, _ in seen] == [True, False, True, False]
+    assert seen[0][1] is False and all(cudnn == before for _, cudnn in seen[1:])  # the others: the caller's choice
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -344,8 +345,17 @@ def memfit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if module.layer_idx in state.requests:
         state.requests.discard(module.layer_idx)
         state.scores[module.layer_idx] = reduce_attention(query, key, attention_mask, scaling, "sum")
+    if query.is_cuda and attention_mask is not None and query.shape[2] <= _FEW_QUERIES:
+        # SDPA would pick cuDNN for a masked call, which builds a kernel for every new shape: every
+        # decode step is one (~10 s for the first answer on a KVzip cache on an H200). Prefill
+        # chunks keep it (fewer shapes, and there cuDNN is the fastest kernel).
+        with sdpa_kernel(_MASKED_BACKENDS):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
+
+_MASKED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+_FEW_QUERIES = 64  # decode steps and questions; longer calls are prefill chunks
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, memfit_attention_forward)
 AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
