@@ -306,8 +306,8 @@ class CompressedLayer(CacheLayerMixin):
         nothing but its window (deferred or uncompressed, not a fork); ``nbytes`` does not count the
         spare room while it lasts."""
         if (not self.is_initialized or self.parent is not None or self.qk is not None or self.ragged is not None
-                or self.kc is not None or self.static is not None):
-            return
+                or self.kc is not None or self.static is not None or (self.quant is not None and not self.defer)):
+            return  # (a quantizing layer spills its window as it grows: not a plain window)
         b, h, n, d = self.keys.shape
         kb = self.keys.new_empty(b, h, n + tokens, d)
         vb = self.values.new_empty(b, h, n + tokens, self.values.shape[-1])
