@@ -129,3 +129,8 @@ def test_reserved_room_appends_in_place_and_truncates_without_a_copy():
     cache.truncate_(10)
     cache.release()
     assert torch.equal(cache.layers[0].keys, k) and cache.nbytes == 2 * k.numel() * k.element_size()
+    cache.reserve(6)
+    layer = cache.layers[0]
+    layer.keys, layer.values = layer.keys.clone(), layer.values.clone()  # replaced (as compression would)
+    keys, _ = cache.update(k2, k2, 0)
+    assert layer._room is None and torch.equal(keys, torch.cat([k, k2], -2))  # the stale room is not written

@@ -315,26 +315,34 @@ class CompressedLayer(CacheLayerMixin):
         self._room = (kb, vb)
         self.keys, self.values = kb[:, :, :n], vb[:, :, :n]
 
+    def _live_room(self) -> tuple | None:
+        """The reserved buffers while the window still lives in them (whatever replaced the window,
+        compression or a spill, has given them up)."""
+        if self._room is not None and self.keys.data_ptr() != self._room[0].data_ptr():
+            self._room = None
+        return self._room
+
     def release(self) -> None:
         """Back to exact-size storage after :meth:`reserve`."""
-        if self._room is not None:
+        if self._live_room() is not None:
             self._room = None
             self.keys, self.values = self.keys.clone(), self.values.clone()
 
     def trim(self, n: int) -> None:
         """Keep the first ``n`` window entries (in the reserved buffers, without a copy, if any)."""
-        if self._room is not None:
-            self.keys, self.values = self._room[0][:, :, :n], self._room[1][:, :, :n]
+        if (room := self._live_room()) is not None:
+            self.keys, self.values = room[0][:, :, :n], room[1][:, :, :n]
         else:  # clone: a slice would keep the whole old window alive
             self.keys, self.values = self.keys[:, :, :n].clone(), self.values[:, :, :n].clone()
 
     def _append_in_place(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
         """Append into the reserved room when the states fit as they are (the storage dtype, the
         same rows), so that the attention can read the buffers themselves; else give the room up."""
+        if self._live_room() is None:
+            return False
         kb, vb = self._room
         n, m = self.keys.shape[-2], key_states.shape[-2]
-        if (n + m > kb.shape[-2] or key_states.dtype != kb.dtype or key_states.shape[0] != kb.shape[0]
-                or self.qk is not None or self.ragged is not None):
+        if n + m > kb.shape[-2] or key_states.dtype != kb.dtype or key_states.shape[0] != kb.shape[0]:
             self.release()
             return False
         kb[:, :, n : n + m], vb[:, :, n : n + m] = key_states, value_states
