@@ -102,9 +102,8 @@ class LM:
         self.chat = ChatFormat.from_tokenizer(tokenizer)
         self._weight_files = weight_files
         cfg = model.config.get_text_config()
-        self.num_layers = cfg.num_hidden_layers
-        self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        shape = KVShape.from_config(cfg)
+        self.num_layers, self.num_kv_heads, self.head_dim = shape.num_layers, shape.num_kv_heads, shape.head_dim
         ids = {tokenizer.eos_token_id, *([cfg.eos_token_id] if isinstance(cfg.eos_token_id, int) else cfg.eos_token_id or [])}
         im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
         self.stop_ids = {i for i in (*ids, im_end) if i is not None}

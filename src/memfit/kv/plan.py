@@ -31,6 +31,15 @@ class KVShape:
     head_dim: int
     dtype_bytes: int = 2  # element size of what is kept unquantized (the model's compute dtype)
 
+    @classmethod
+    def from_config(cls, cfg, dtype_bytes: int = 2) -> "KVShape":
+        """The KV shape a text model's config describes: a transformers config, or its config.json
+        read as a dict (head_dim defaults to hidden_size / heads, KV heads to the query heads)."""
+        get = cfg.get if isinstance(cfg, dict) else (lambda name: getattr(cfg, name, None))
+        heads = get("num_attention_heads")
+        return cls(get("num_hidden_layers"), get("num_key_value_heads") or heads,
+                   get("head_dim") or get("hidden_size") // heads, dtype_bytes)
+
     @property
     def full_bytes_per_token(self) -> int:
         """An uncompressed 16-bit cache: keys and values, 2 bytes each."""
