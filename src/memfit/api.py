@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from memfit.hfcompat import with_cache
-from memfit.kv.attention import observe
+from memfit.kv.attention import ATTN_IMPLEMENTATION, observe
 from memfit.kv.cache import CompressedCache
 from memfit.kv.evict import KVzip, Observation
 from memfit.kv.evict.kvzip import REPEAT_PROMPT, reconstruction_scores, repeat_inputs
@@ -431,7 +431,8 @@ class LM:
         lengths = torch.tensor([len(s) for s in suffixes], device=dev)
         pos = past + (attn[:, past:].cumsum(-1) - 1).clamp_min(0)
         gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
-        cache = ctx.cache.fork(b)
+        # decode steps read the packed context directly (CUDA) when no row is padded
+        cache = ctx.cache.fork(b).use_kernels(getattr(self.model.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION)
         next_pos = past + lengths
         step_ids = input_ids
         stops = torch.tensor(sorted(self.stop_ids), dtype=torch.long, device=dev)

@@ -266,6 +266,49 @@ def bench_serve(model: str, policy: str, tokens: int = 4096, questions: int = 8,
 
 
 # -- GPU: packed-KV decode attention and end-to-end decoding (run on the device) --------------------------
+# HBM bandwidth at the data sheet's peak, bytes/s: the roofline a memory-bound step is measured against
+HBM_PEAK = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "L40S": 0.864e12}
+
+
+def hbm_peak(device: "torch.device | int | None" = None) -> float | None:
+    """The GPU's HBM peak in bytes/s, from its name (None for a GPU not in ``HBM_PEAK``);
+    ``MEMFIT_HBM_PEAK`` (bytes/s) overrides it."""
+    if os.environ.get("MEMFIT_HBM_PEAK"):
+        return float(os.environ["MEMFIT_HBM_PEAK"])
+    name = torch.cuda.get_device_name(device)
+    return next((bw for key, bw in HBM_PEAK.items() if key in name), None)
+
+
+def _ragged_lengths(b: int, h: int, n: int, group: int, seed: int = 0) -> torch.Tensor:
+    """[B, H] token counts that differ per row and head (as KVzip keeps them: some heads several
+    times others) in whole key groups, summing to about b * h * n."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(b, h, generator=g) * 1.5 + 0.25
+    lens = (w / w.mean() * n / group).round().clamp_min(1).long() * group
+    return lens
+
+
+def _ragged_run(lens: torch.Tensor, d: int, bits: int, window: int, device: torch.device):
+    """A flat ragged run (what KVzip storage decodes from) of random KV: per row and head ``lens``
+    quantized tokens and a 16-bit ``window``; returns it and its bytes."""
+    from memfit.kernels.decode_attention import PackedRun
+    from memfit.kv.quant import quantize_keys, quantize_values
+
+    b, h = lens.shape
+    g = torch.Generator(device=device).manual_seed(1)
+    total = int(lens.sum())
+    k, v = (torch.randn(1, 1, total, d, device=device, dtype=torch.bfloat16, generator=g) for _ in range(2))
+    qk, qv = quantize_keys(k, bits, 64), quantize_values(v, bits, 64)
+    del k, v
+    kw, vw = (torch.randn(1, 1, b * h * window, d, device=device, dtype=torch.bfloat16, generator=g) for _ in range(2))
+    nq = lens.to(device)
+    wl = torch.full((b, h), window, device=device)
+    starts = lambda x: (x.flatten().cumsum(0) - x.flatten()).reshape(b, h)  # noqa: E731
+    run = PackedRun(qk.codes, qk.scale, qk.zero, qv.codes, qv.scale, qv.zero, kw, vw, nq.int(), wl.int(), bits, 64,
+                    qoff=starts(nq), woff=starts(wl), nq=int(lens.max()), nw=window, total_q=total)
+    return run, qk.nbytes + qv.nbytes + 2 * kw.numel() * 2
+
+
 def _cuda_ms(fn, reps: int = 100, graph: bool = False) -> float:
     """Median milliseconds of ``fn`` on the GPU (triton's do_bench: warm-up, cache flush, events).
     ``graph``: replay it as a CUDA graph, so the host's launch overhead is not counted (what a
@@ -281,18 +324,23 @@ def _cuda_ms(fn, reps: int = 100, graph: bool = False) -> float:
 def bench_attention(shapes: list[tuple[int, int]], q_heads: int = 32, kv_heads: int = 8, head_dim: int = 128,
                     bits: tuple[int, ...] = (4, 2), window: int = 128) -> list[dict]:
     """One decode step of attention: bf16 SDPA over a 16-bit cache vs memfit's kernel over the
-    packed KIVI cache of the same tokens (plus a ``window`` of 16-bit recent tokens). Both are
-    timed as CUDA graphs: kernel time without the host's launch overhead, which on a slow host
-    exceeds a 0.1 ms kernel (the eager launch cost is measured end to end by ``bench_decode``)."""
+    packed KIVI cache of the same tokens (plus a ``window`` of 16-bit recent tokens), and over
+    ragged storage (KVzip's: every row and head its own length, read from offsets) of about the
+    same bytes. Both are timed as CUDA graphs: kernel time without the host's launch overhead,
+    which on a slow host exceeds a 0.1 ms kernel (the eager launch cost is measured end to end by
+    ``bench_decode``). ``*_hbm_fraction``: bytes read / time / HBM peak (the roofline)."""
     import torch.nn.functional as F
 
     from memfit.kernels.decode_attention import (
         decode_attention,
         decode_attention_reference,
+        decode_attention_runs,
+        decode_attention_runs_reference,
     )
     from memfit.kv.quant import quantize_keys, quantize_values
 
     dev = torch.device("cuda")
+    peak = hbm_peak(dev)
 
     def one(b: int, n: int) -> dict:  # a function: its tensors are freed when it returns
         g = torch.Generator(device=dev).manual_seed(0)
@@ -301,7 +349,9 @@ def bench_attention(shapes: list[tuple[int, int]], q_heads: int = 32, kv_heads: 
         q = torch.randn(b, q_heads, 1, head_dim, device=dev, dtype=torch.bfloat16, generator=g)
         sdpa = _cuda_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), graph=True)
         row = {"batch": b, "tokens": n, "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": head_dim,
-               "sdpa_bf16_ms": sdpa, "kv_bf16_bytes": 2 * k.numel() * 2}
+               "sdpa_bf16_ms": sdpa, "kv_bf16_bytes": 2 * k.numel() * 2, "hbm_peak_bytes_per_s": peak}
+        if peak:
+            row["sdpa_bf16_hbm_fraction"] = row["kv_bf16_bytes"] / (sdpa * 1e-3) / peak
         for nb in bits:
             nq = n - window
             qk, qv = quantize_keys(k[:, :, :nq], nb, 64), quantize_values(v[:, :, :nq], nb, 64)
@@ -320,6 +370,17 @@ def bench_attention(shapes: list[tuple[int, int]], q_heads: int = 32, kv_heads: 
             row[f"kivi{nb}_bytes"] = packed
             row[f"kivi{nb}_max_abs_err"] = err
             row[f"kivi{nb}_tb_per_s"] = packed / ms / 1e9
+            # ragged storage of about the same tokens, lengths per row and head from 1/4 to 7/4 of n
+            run, rbytes = _ragged_run(_ragged_lengths(b, kv_heads, nq, 64), head_dim, nb, window, dev)
+            qq = q[:, :, 0]
+            rms = _cuda_ms(lambda: decode_attention_runs(qq, [run]), graph=True)  # noqa: B023
+            row[f"ragged{nb}_ms"], row[f"ragged{nb}_bytes"] = rms, rbytes
+            row[f"ragged{nb}_vs_plain_per_byte"] = (rms / rbytes) / (ms / packed)
+            row[f"ragged{nb}_max_abs_err"] = (decode_attention_runs(qq, [run])
+                                              - decode_attention_runs_reference(qq, [run])).abs().max().item()
+            if peak:
+                row[f"kivi{nb}_hbm_fraction"] = packed / (ms * 1e-3) / peak
+                row[f"ragged{nb}_hbm_fraction"] = rbytes / (rms * 1e-3) / peak
         # quantize-and-pack of this whole cache (what prefill's end does per layer), kernel vs torch,
         # beside the causal SDPA of the same tokens (a lower bound of one layer's prefill)
         kq, vq = k[:, :, : n - window], v[:, :, : n - window]
@@ -437,20 +498,59 @@ def _steps_ms(step, tok: torch.Tensor, steps: int, warmup: int = 3) -> tuple[flo
 
 
 @torch.no_grad()
+def _evicted_batch(model, ids: torch.Tensor, spec: str, chunk: int):
+    """A CompressedCache of ``ids`` [B, N] under an evicting policy, built as a server would: each
+    row prefilled alone, scored (KVzip's repeat pass, SnapKV's window) and compressed as
+    ``LM.prefill`` does, then the rows stacked for decoding together (ragged rows and heads)."""
+    from memfit.kv.attention import observe
+    from memfit.kv.cache import CompressedCache
+    from memfit.kv.evict import KVzip, Observation
+    from memfit.kv.evict.kvzip import reconstruction_scores, repeat_inputs
+    from memfit.kv.policy import parse_policy
+
+    pol = parse_policy(spec)
+    layers = model.config.num_hidden_layers
+    needs = pol.observes()
+    prompt = torch.randint(0, model.config.vocab_size, (12,)).tolist()  # a repeat prompt's length
+    rows = []
+    for r in tqdm(range(ids.shape[0]), desc=f"prefill {spec[:40]}", unit="row"):
+        base = CompressedCache("none", layers, defer=True)
+        with observe(pol.queries_needed(), "sum" if "attention_sum" in needs else None) as rec:
+            for s in range(0, ids.shape[1], chunk):
+                model(ids[r : r + 1, s : s + chunk], **with_cache(model, base), use_cache=True, logits_to_keep=1)
+        obs = {i: Observation() for i in range(layers)}
+        if rec is not None:
+            for i, o in obs.items():
+                o.queries, o.attention_sum = rec.queries.get(i), rec.attention.get(i)
+        if "reconstruction" in needs:
+            kz = next(e for e in pol.evictions if isinstance(e, KVzip))
+            for i, a in reconstruction_scores(model, base, repeat_inputs(prompt, ids[r].tolist(), kz.chunk)).items():
+                obs[i].reconstruction = a
+        rows.append(base.derive(pol, obs))
+        del base, obs
+    return CompressedCache.stack(rows).use_kernels()
+
+
+@torch.no_grad()
 def bench_decode(batch: int = 8, context: int = 32768, policies: tuple[str, ...] = ("none", "kivi(bits=4)"),
                  steps: int = 32, chunk: int = 2048, layers: int = 32, graph: bool = True) -> list[dict]:
     """Decode step time and peak GPU memory of a random-weight Llama-3.1-8B-shaped model after a
-    ``batch`` x ``context`` prefill, with transformers' DynamicCache ("none") and CompressedCache;
+    ``batch`` x ``context`` prefill, with transformers' DynamicCache ("none") and CompressedCache
+    under any policy (evicting ones prefill, score and compress each row alone, then decode the
+    rows together: see :func:`_evicted_batch`);
     ``graph``: each cache is also timed in static form, each step a replayed CUDA graph
     (``graph_step_ms``: no per-step host work, which on a slow host sets the eager step time):
-    "none" as transformers' 16-bit StaticCache, a compressed cache through ``to_static``."""
+    "none" as transformers' 16-bit StaticCache, a compressed cache through ``to_static``.
+    ``roofline_ms``: weights and KV bytes read once at the GPU's HBM peak (a step's lower bound)."""
     from transformers import DynamicCache
 
     import memfit.kv.attention  # noqa: F401  registers the memfit attention implementation
     from memfit.kv.cache import CompressedCache
+    from memfit.kv.policy import parse_policy
     from memfit.kv.static import GraphDecoder
 
     dev = torch.device("cuda")
+    peak = hbm_peak(dev)
     model = _random_llama8b(layers)
     cfg = model.config
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -459,10 +559,14 @@ def bench_decode(batch: int = 8, context: int = 32768, policies: tuple[str, ...]
     for spec in policies:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        evicts = spec != "none" and bool(parse_policy(spec).evictions)
         cache = DynamicCache(config=cfg) if spec == "none" else CompressedCache.for_model(model, spec)
         t0 = time.perf_counter()
-        for s in range(0, context, chunk):
-            model(ids[:, s : s + chunk], **with_cache(model, cache), use_cache=True, logits_to_keep=1)
+        if evicts:
+            cache = _evicted_batch(model, ids, spec, chunk)
+        else:
+            for s in range(0, context, chunk):
+                model(ids[:, s : s + chunk], **with_cache(model, cache), use_cache=True, logits_to_keep=1)
         torch.cuda.synchronize()
         prefill_s = time.perf_counter() - t0
         prefill_peak = torch.cuda.max_memory_allocated()
@@ -475,6 +579,8 @@ def bench_decode(batch: int = 8, context: int = 32768, policies: tuple[str, ...]
         row = {"policy": spec, "batch": batch, "context": context, "layers": layers, "weights_bytes": weights,
                "kv_bytes": kv, "prefill_s": prefill_s, "decode_step_ms": step_ms,
                "decode_peak_bytes": torch.cuda.max_memory_allocated(), "prefill_peak_bytes": prefill_peak}
+        if peak:
+            row["roofline_ms"] = (weights + kv) / peak * 1e3
         if graph and spec == "none":  # transformers' own static form: a StaticCache, each step a replayed graph
             cache = None
             torch.cuda.empty_cache()
@@ -497,6 +603,8 @@ def bench_decode(batch: int = 8, context: int = 32768, policies: tuple[str, ...]
             if "graph_step_ms" in base:  # graph against graph: no host overhead on either side
                 r["graph_speedup_vs_static"] = base["graph_step_ms"] / r["graph_step_ms"]
         r["peak_saving_bytes"] = base["decode_peak_bytes"] - r["decode_peak_bytes"]
+        if "roofline_ms" in r:
+            r["step_vs_roofline"] = r.get("graph_step_ms", r["decode_step_ms"]) / r["roofline_ms"]
         r["kv_saving_bytes"] = base["kv_bytes"] - r["kv_bytes"]
     return rows
 

@@ -532,6 +532,12 @@ def bench_attention_cmd(
                    f"{r['kivi4_max_abs_err']:>8.1e} {r['kivi2_max_abs_err']:>8.1e} "
                    f"{r['kivi4_triton_ms']:>8.4f} {r['kivi2_triton_ms']:>8.4f}")
     for r in rows:
+        typer.echo(f"{r['batch']}x{r['tokens']}: ragged (KVzip) storage 4/2-bit {r['ragged4_ms']:.4f} / "
+                   f"{r['ragged2_ms']:.4f} ms, per byte {r['ragged4_vs_plain_per_byte']:.2f}x / "
+                   f"{r['ragged2_vs_plain_per_byte']:.2f}x plain"
+                   + (f"; HBM peak fraction sdpa {r['sdpa_bf16_hbm_fraction']:.0%}, 4-bit {r['kivi4_hbm_fraction']:.0%}, "
+                      f"2-bit {r['kivi2_hbm_fraction']:.0%}" if "kivi4_hbm_fraction" in r else ""))
+    for r in rows:
         pre = f", causal SDPA prefill of the same tokens {r['prefill_attention_ms']:.2f} ms" if "prefill_attention_ms" in r else ""
         typer.echo(f"{r['batch']}x{r['tokens']}: 4-bit quantize-and-pack of one layer's K+V {r['pack4_ms']:.3f} ms "
                    f"(torch {r['pack4_torch_ms']:.3f} ms){pre}")
@@ -587,7 +593,8 @@ def bench_decode_cmd(
         graph = (f"  CUDA graph {r['graph_step_ms']:8.2f} ms ({r['graph_speedup']:.2f}x"
                  + (f", {r['graph_speedup_vs_static']:.2f}x graph to graph)" if "graph_speedup_vs_static" in r else ")")
                  if "graph_step_ms" in r else "")
-        typer.echo(f"{r['policy']:<20} step {r['decode_step_ms']:8.2f} ms ({r['speedup']:.2f}x){graph}  KV "
+        roof = f"  roofline {r['roofline_ms']:.2f} ms ({r['step_vs_roofline']:.2f}x)" if "roofline_ms" in r else ""
+        typer.echo(f"{r['policy']:<20} step {r['decode_step_ms']:8.2f} ms ({r['speedup']:.2f}x){graph}{roof}  KV "
                    f"{r['kv_bytes'] / 2**30:6.2f} GiB  decode peak {r['decode_peak_bytes'] / 2**30:6.2f} GiB  "
                    f"prefill {r['prefill_s']:.1f} s")
     typer.echo(f"wrote {out}")

@@ -127,8 +127,8 @@ def test_cache_decodes_through_the_kernel_like_the_reference(bits, monkeypatch):
     cfg._attn_implementation = "memfit"
     model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
     calls = []
-    real = layer_mod.decode_attention
-    monkeypatch.setattr(layer_mod, "decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = layer_mod.decode_attention_runs
+    monkeypatch.setattr(layer_mod, "decode_attention_runs", lambda *a, **k: calls.append(1) or real(*a, **k))
     ids = torch.randint(0, 300, (3, 700), device="cuda")
     feed = torch.randint(0, 300, (3, 20), device="cuda")
     logits = {}
@@ -161,3 +161,81 @@ def test_gluon_kernel_runs_only_on_triton_releases_it_was_tested_with(monkeypatc
     assert not fits()  # an untested release: the Triton kernel runs
     monkeypatch.setenv("MEMFIT_GLUON", "1")
     assert fits()
+
+
+def _ragged_case(b=2, hq=8, h=2, d=64, bits=4, kgroup=64, vgroup=64, device="cpu", seed=0, max_groups=4, max_w=40):
+    """Runs of different lengths per row and head, stored back to back (flat, read from offsets),
+    and the same tokens per row and head for an explicit check."""
+    from memfit.kernels.decode_attention import PackedRun
+
+    g = torch.Generator().manual_seed(seed)
+    nq = torch.randint(0, max_groups + 1, (b, h), generator=g) * kgroup
+    nw = torch.randint(0, max_w + 1, (b, h), generator=g)
+    nq[0, 0], nw[-1, -1] = max_groups * kgroup, max(1, int(nw[-1, -1]))
+    k = torch.randn(1, 1, int(nq.sum()), d, generator=g) * 2
+    v = torch.randn(1, 1, int(nq.sum()), d, generator=g)
+    qk, qv = quantize_keys(k, bits, kgroup), quantize_values(v, bits, vgroup)
+    kw = torch.randn(1, 1, int(nw.sum()), d, generator=g).to(torch.bfloat16)
+    vw = torch.randn(1, 1, int(nw.sum()), d, generator=g).to(torch.bfloat16)
+    q = torch.randn(b, hq, d, generator=g).to(torch.bfloat16)
+    starts = lambda n: (n.flatten().cumsum(0) - n.flatten()).reshape(b, h)  # noqa: E731
+    run = PackedRun(qk.codes, qk.scale, qk.zero, qv.codes, qv.scale, qv.zero, kw, vw, nq.int(), nw.int(), bits,
+                    kgroup, qoff=starts(nq), woff=starts(nw), nq=int(nq.max()), nw=int(nw.max()))
+    dense_k = torch.cat([dequantize(qk, torch.float64), torch.zeros(1, 1, 0, d, dtype=torch.float64)], 2)[0, 0]
+    dense_v = dequantize(qv, torch.float64)[0, 0]
+    per_head = {}
+    for i in range(b):
+        for j in range(h):
+            a, n = int(starts(nq)[i, j]), int(nq[i, j])
+            c, m = int(starts(nw)[i, j]), int(nw[i, j])
+            per_head[i, j] = (torch.cat([dense_k[a : a + n], kw[0, 0, c : c + m].double()]),
+                              torch.cat([dense_v[a : a + n], vw[0, 0, c : c + m].double()]))
+    moved = {f: getattr(run, f).to(device) if isinstance(getattr(run, f), torch.Tensor) else getattr(run, f)
+             for f in run.__dataclass_fields__}
+    return q.to(device), PackedRun(**moved), per_head
+
+
+def test_runs_read_from_offsets_equal_attention_over_each_heads_tokens():
+    from memfit.kernels.decode_attention import decode_attention_runs, decode_attention_runs_reference
+
+    for bits in (2, 4):
+        q, run, per_head = _ragged_case(bits=bits, kgroup=32, vgroup=32)
+        out = decode_attention_runs_reference(q, [run])
+        b, hq, d = q.shape
+        h = run.qoff.shape[1]
+        for i in range(b):
+            for j in range(hq):
+                keys, values = per_head[i, j // (hq // h)]
+                att = (q[i, j].double() @ keys.T / d ** 0.5).softmax(-1)
+                torch.testing.assert_close(out[i, j].double(), att @ values, rtol=1e-4, atol=1e-4)
+        # two runs (the same tokens twice) attend like one run holding both
+        twice = decode_attention_runs(q, [run, run])
+        assert (twice - out).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="qoff must be an int64"):
+        decode_attention_runs(q, [type(run)(**{**run.__dict__, "qoff": run.qoff.int()})])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("shape", [dict(b=1, hq=32, h=8, d=128, max_groups=40), dict(b=3, hq=9, h=3, d=64),
+                                   dict(b=4, hq=32, h=8, d=128, kgroup=32, max_groups=20)])
+def test_kernels_read_ragged_runs_forks_and_several_runs_like_the_reference(bits, shape):
+    from memfit.kernels.decode_attention import PackedRun, decode_attention_runs, decode_attention_runs_reference
+
+    q, ragged, _ = _ragged_case(bits=bits, device="cuda", **shape)
+    b, hq, d = q.shape
+    # a uniform run shared by every row (stride-0 batch, a fork's parent) and one of the rows' own
+    args, _ = _case(b=1, hq=hq, h=shape["h"], n=256, w=20, d=d, bits=bits, kgroup=shape.get("kgroup", 64),
+                    device="cuda", seed=1)
+    shared = PackedRun(*(t.expand(b, *t.shape[1:]) for t in args[1:9]), 256, 20, bits, shape.get("kgroup", 64))
+    own, _ = _case(b=b, hq=hq, h=shape["h"], n=128, w=5, d=d, bits=bits, kgroup=shape.get("kgroup", 64),
+                   device="cuda", seed=2)
+    mine = PackedRun(*own[1:11], bits, shape.get("kgroup", 64))
+    window = PackedRun.window_only(own[7], own[8], 3, bits, shape.get("kgroup", 64))
+    for runs in ([ragged], [shared, ragged, mine], [ragged, window]):
+        ref = decode_attention_runs_reference(q, runs)
+        for impl in ("auto", "triton"):
+            err = (decode_attention_runs(q, runs, impl=impl) - ref).abs().max().item()
+            print(f"bits={bits} {shape} runs={len(runs)} {impl}: max abs error {err:.2e}")
+            assert err < 1e-2

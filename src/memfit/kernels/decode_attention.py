@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -36,20 +37,90 @@ except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
 
 
-def _check(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, bits):
+@dataclass
+class PackedRun:
+    """One run of stored KV that a decode step reads, per row and KV head: KIVI-packed tokens (the
+    layout above; ``kc`` may hold no tokens), then 16-bit ones.
+
+    Tensors are [B, H, N, ...], each row and head from token 0 (a batch dimension of stride 0 reads
+    one shared context from every row), or flat [1, 1, T, ...] with ``qoff`` / ``woff`` (int64
+    [B, H]) saying where each row and head's tokens start: ragged heads, a batch of contexts of
+    different lengths, a parent read by many rows. Quantized runs start at multiples of ``kgroup``.
+    ``nq`` / ``nw``: the longest quantized / window run of a row and head (default: N / W), which
+    sizes the launch; lengths past them are clamped to them. ``total_q``: the quantized tokens of
+    all rows and heads, which sizes the slices (so that uneven runs still fill the GPU)."""
+
+    kc: torch.Tensor
+    ks: torch.Tensor
+    kz: torch.Tensor
+    vc: torch.Tensor
+    vs: torch.Tensor
+    vz: torch.Tensor
+    kw: torch.Tensor
+    vw: torch.Tensor
+    qlen: torch.Tensor | int
+    wlen: torch.Tensor | int
+    bits: int
+    kgroup: int
+    qoff: torch.Tensor | None = None
+    woff: torch.Tensor | None = None
+    nq: int | None = None
+    nw: int | None = None
+    total_q: int | None = None  # quantized tokens over every row and head (default: rows x heads x nq)
+
+    @classmethod
+    def window_only(cls, kw: torch.Tensor, vw: torch.Tensor, wlen: torch.Tensor | int, bits: int = 4,
+                    kgroup: int = 64, **kw_args) -> "PackedRun":
+        """A run of 16-bit tokens only (no quantized ones yet)."""
+        d, dev = kw.shape[-1], kw.device
+        codes = torch.empty(1, 1, 0, d * bits // 8, dtype=torch.uint8, device=dev)
+        ks = torch.empty(1, 1, 0, d, dtype=torch.float16, device=dev)
+        vs = torch.empty(1, 1, 0, 1, dtype=torch.float16, device=dev)
+        if kw_args.get("woff") is None:  # per-row-and-head layout: the empty part takes the window's rows
+            codes, ks, vs = (t.expand(*kw.shape[:2], *t.shape[2:]) for t in (codes, ks, vs))
+        return cls(codes, ks, ks, codes, vs, vs, kw, vw, 0, wlen, bits, kgroup, qoff=kw_args.get("qoff"),
+                   nq=0, **{k: v for k, v in kw_args.items() if k != "qoff"})
+
+    @property
+    def offsets(self) -> bool:
+        return self.qoff is not None
+
+    @property
+    def max_q(self) -> int:
+        return self.kc.shape[2] if self.nq is None else self.nq
+
+    @property
+    def max_w(self) -> int:
+        return self.kw.shape[2] if self.nw is None else self.nw
+
+    def heads(self) -> int:
+        return self.qoff.shape[1] if self.offsets else self.kc.shape[1]
+
+
+def _check_run(q: torch.Tensor, r: PackedRun) -> int:
+    """Validate one run against the query; returns its KV heads."""
     b, hq, d = q.shape
-    h = kc.shape[1]
+    h = r.heads()
     if hq % h:
         raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({h})")
-    if kc.dtype != torch.uint8 or vc.dtype != torch.uint8:
+    if r.kc.dtype != torch.uint8 or r.vc.dtype != torch.uint8:
         raise TypeError("key and value codes must be uint8")
-    if kc.shape[-1] * 8 // bits != d or vc.shape[-1] * 8 // bits != d:
-        raise ValueError(f"codes of width {kc.shape[-1]} do not hold head_dim {d} at {bits} bits")
-    if kw.shape[:2] != (b, h) or kw.shape[-1] != d or vw.shape != kw.shape:
-        raise ValueError(f"window must be [B={b}, H={h}, W, D={d}], got {tuple(kw.shape)} and {tuple(vw.shape)}")
-    for name, t in (("qlen", qlen), ("wlen", wlen)):
+    if r.kc.shape[-1] * 8 // r.bits != d or r.vc.shape[-1] * 8 // r.bits != d:
+        raise ValueError(f"codes of width {r.kc.shape[-1]} do not hold head_dim {d} at {r.bits} bits")
+    rows = (1, 1) if r.offsets else (b, h)
+    if r.kw.shape[:2] != rows or r.kw.shape[-1] != d or r.vw.shape != r.kw.shape:
+        raise ValueError(f"window must be [B={rows[0]}, H={rows[1]}, W, D={d}], got {tuple(r.kw.shape)} and "
+                         f"{tuple(r.vw.shape)}")
+    if r.offsets:
+        if r.kc.shape[:2] != (1, 1) or r.woff is None:
+            raise ValueError("a run read from offsets needs flat [1, 1, T, ...] storage and both qoff and woff")
+        for name, t in (("qoff", r.qoff), ("woff", r.woff)):
+            if t.shape != (b, h) or t.dtype != torch.int64:
+                raise ValueError(f"{name} must be an int64 [B, H] = [{b}, {h}] tensor, got {t.dtype} {tuple(t.shape)}")
+    for name, t in (("qlen", r.qlen), ("wlen", r.wlen)):
         if isinstance(t, torch.Tensor) and t.shape != (b, h):
             raise ValueError(f"{name} must be an int or a [B, H] = [{b}, {h}] tensor, got {tuple(t.shape)}")
+    return h
 
 
 def _length_tensors(qlen: torch.Tensor | int, wlen: torch.Tensor | int, b: int, h: int,
@@ -59,31 +130,73 @@ def _length_tensors(qlen: torch.Tensor | int, wlen: torch.Tensor | int, b: int, 
                  else torch.full((b, h), t, dtype=torch.int32, device=device) for t in (qlen, wlen))
 
 
+def _gather(flat: torch.Tensor, start: torch.Tensor, n: int, length: torch.Tensor):
+    """Rows start .. start + n of ``flat`` [T, ...] for every [B, H] start, and which are real."""
+    i = torch.arange(n, device=flat.device)
+    valid = i < length.unsqueeze(-1)
+    pos = torch.where(valid, start.unsqueeze(-1) + i, 0)
+    return pos, valid
+
+
+def _dense_run(r: PackedRun, b: int, h: int, device: torch.device):
+    """A run dequantized: float32 keys and values [B, H, n, D] and the [B, H, n] mask of real ones."""
+    d = r.kw.shape[-1]
+    qlen, wlen = _length_tensors(r.qlen, r.wlen, b, h, device)
+    rows = torch.arange(b * h, device=device).reshape(b, h)
+    keys, values, valid = [], [], []
+    if r.max_q:
+        n = r.kc.shape[2]
+        start = r.qoff if r.offsets else rows * n  # per-row-and-head storage read as one flat run
+        pos, ok = _gather(r.kc.reshape(-1, r.kc.shape[-1]), start, r.max_q, qlen.clamp(max=r.max_q))
+        g = r.kgroup
+        k = unpack(r.kc, r.bits).float().reshape(-1, d)[pos] * r.ks.float().reshape(-1, d)[pos // g] \
+            + r.kz.float().reshape(-1, d)[pos // g]
+        nvg = r.vs.shape[-1]
+        codes = unpack(r.vc, r.bits).float().reshape(-1, nvg, d // nvg)[pos]
+        v = codes * r.vs.float().reshape(-1, nvg)[pos].unsqueeze(-1) + r.vz.float().reshape(-1, nvg)[pos].unsqueeze(-1)
+        keys.append(k)
+        values.append(v.reshape(b, h, -1, d))
+        valid.append(ok)
+    if r.max_w:
+        start = r.woff if r.offsets else rows * r.kw.shape[2]
+        pos, ok = _gather(r.kw.reshape(-1, d), start, r.max_w, wlen.clamp(max=r.max_w))
+        keys.append(r.kw.float().reshape(-1, d)[pos])
+        values.append(r.vw.float().reshape(-1, d)[pos])
+        valid.append(ok)
+    return keys, values, valid
+
+
+def decode_attention_runs_reference(q: torch.Tensor, runs: list[PackedRun], scale: float | None = None) -> torch.Tensor:
+    """q [B, Hq, D] -> attention over every run's tokens [B, Hq, D] (float32), dequantizing then
+    attending: the definition the kernels are tested against."""
+    b, hq, d = q.shape
+    h = {_check_run(q, r) for r in runs}
+    if len(h) != 1:
+        raise ValueError(f"runs of different KV head counts: {sorted(h)}")
+    h = h.pop()
+    parts = [_dense_run(r, b, h, q.device) for r in runs]
+    keys = torch.cat([k for p in parts for k in p[0]], dim=2)
+    values = torch.cat([v for p in parts for v in p[1]], dim=2)
+    valid = torch.cat([m for p in parts for m in p[2]], dim=2)
+    scale = d ** -0.5 if scale is None else scale
+    logits = (q.float().reshape(b, h, hq // h, d) @ keys.transpose(-1, -2)) * scale  # [B, H, g, n]
+    p = logits.masked_fill(~valid.unsqueeze(2), float("-inf")).softmax(dim=-1).nan_to_num(0.0)
+    return (p @ values).reshape(b, hq, d)
+
+
+def _one_run(kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, bits) -> PackedRun:
+    n = kc.shape[2]
+    kgroup = n // ks.shape[2] if ks.shape[2] else 64
+    return PackedRun(kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, bits, kgroup)
+
+
 def decode_attention_reference(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: torch.Tensor,
                                vc: torch.Tensor, vs: torch.Tensor, vz: torch.Tensor, kw: torch.Tensor,
                                vw: torch.Tensor, qlen: torch.Tensor | int, wlen: torch.Tensor | int, bits: int,
                                scale: float | None = None) -> torch.Tensor:
     """q [B, Hq, D] -> attention output [B, Hq, D] (float32), dequantizing then attending. ``qlen`` /
     ``wlen``: [B, H] lengths, or one int when every row and head holds as many."""
-    _check(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, bits)
-    b, hq, d = q.shape
-    h, n, w = kc.shape[1], kc.shape[2], kw.shape[2]
-    qlen, wlen = _length_tensors(qlen, wlen, b, h, q.device)
-    g = hq // h
-    scale = d ** -0.5 if scale is None else scale
-    kgroup = n // ks.shape[2] if ks.shape[2] else 1
-    vgroup = d // vs.shape[-1]
-    k = unpack(kc, bits).float().reshape(b, h, -1, kgroup, d) * ks.float().unsqueeze(3) + kz.float().unsqueeze(3)
-    v = unpack(vc, bits).float().reshape(b, h, n, -1, vgroup) * vs.float().unsqueeze(-1) + vz.float().unsqueeze(-1)
-    keys = torch.cat([k.reshape(b, h, n, d), kw.float()], dim=2)  # [B, H, N + W, D]
-    values = torch.cat([v.reshape(b, h, n, d), vw.float()], dim=2)
-    valid = torch.cat([torch.arange(n, device=q.device) < qlen.unsqueeze(-1),
-                       torch.arange(w, device=q.device) < wlen.unsqueeze(-1)], dim=-1)  # [B, H, N + W]
-    qg = q.float().reshape(b, h, g, d)
-    logits = (qg @ keys.transpose(-1, -2)) * scale  # [B, H, g, N + W]
-    logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
-    p = logits.softmax(dim=-1).nan_to_num(0.0)
-    return (p @ values).reshape(b, hq, d)
+    return decode_attention_runs_reference(q, [_one_run(kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, bits)], scale)
 
 
 if triton is not None:
@@ -162,16 +275,26 @@ if triton is not None:
 
     # lengths change every decode step: specializing on them (divisible by 16 or not) would compile
     # new variants while a model decodes
-    @triton.jit(do_not_specialize=["QLEN", "WLEN", "NSPLIT", "NQ", "NW"])
-    def _split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KW, VW, QLEN, WLEN, ACC, M, L,
+    @triton.jit(do_not_specialize=["QLEN", "WLEN", "NSPLIT", "S0", "NQS", "NQ", "NW"])
+    def _split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KW, VW, QLEN, WLEN, QOFF, WOFF, ACC, M, L,
                       sqb, sqh, skcb, skch, skcn, sksb, sksh, sksg, svcb, svch, svcn, svsb, svsh, svsn,
-                      swb, swh, swn, H, NSPLIT, SPLIT_LEN, NQ, NW, scale,
+                      swb, swh, swn, H, NSPLIT, S0, NQS, SPLIT_LEN, NQ, NW, scale,
                       G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
                       VGROUP: tl.constexpr, NVG: tl.constexpr, BLOCK: tl.constexpr, WBLOCK: tl.constexpr,
-                      DQ: tl.constexpr, PER_HEAD: tl.constexpr):
+                      DQ: tl.constexpr, PER_HEAD: tl.constexpr, OFFSETS: tl.constexpr):
+        """Slices 0..NQS-1 of the quantized tokens, then one slice of the 16-bit window, written as
+        slices S0.. of NSPLIT. ``OFFSETS``: each row and head's tokens start at QOFF / WOFF [B, H]
+        in flat storage (ragged heads and batches; the row and head strides are then 0)."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         s = tl.program_id(2)
+        if OFFSETS:
+            qo = tl.load(QOFF + b * H + h)
+            wo = tl.load(WOFF + b * H + h)
+        else:
+            qo = 0
+            wo = 0
+        row = (b * H + h) * NSPLIT + S0 + s
         PB: tl.constexpr = 8 // BITS
         DP: tl.constexpr = D // PB
         og = tl.arange(0, GP)
@@ -181,7 +304,7 @@ if triton is not None:
         qrow = Q + b * sqb + (h * G + og)[:, None] * sqh
         m_i = tl.full((GP,), float("-inf"), tl.float32)
         l_i = tl.zeros((GP,), tl.float32)
-        if s < NSPLIT - 1:  # a slice of the quantized tokens
+        if s < NQS:  # a slice of the quantized tokens
             if PER_HEAD:  # clamped to the buffers: a length past them reads nothing out of bounds
                 qlen = tl.minimum(tl.load(QLEN + b * H + h), NQ)
             else:  # one length for every row and head, passed as a number
@@ -204,11 +327,12 @@ if triton is not None:
             for n0 in range(start, end, BLOCK):
                 on = n0 + tl.arange(0, BLOCK)
                 nm = on < end
-                kb = tl.load(KC + b * skcb + h * skch + on[:, None] * skcn + oi[None, :], mask=nm[:, None], other=0)
+                kb = tl.load(KC + b * skcb + h * skch + (qo + on)[:, None] * skcn + oi[None, :], mask=nm[:, None],
+                             other=0)
                 # BLOCK == key group: one row of scales per tile (larger tiles that gather each
                 # row's scales measured 1.7x slower on an H100)
-                kp = KS + b * sksb + h * sksh + (n0 // BLOCK) * sksg
-                zp = KZ + b * sksb + h * sksh + (n0 // BLOCK) * sksg
+                kp = KS + b * sksb + h * sksh + ((qo + n0) // BLOCK) * sksg
+                zp = KZ + b * sksb + h * sksh + ((qo + n0) // BLOCK) * sksg
                 k0 = _dq(kb, tl.load(kp + c0), tl.load(zp + c0), DQ, 0, BITS)
                 k1 = _dq(kb, tl.load(kp + c1), tl.load(zp + c1), DQ, BITS, BITS)
                 qk = tl.dot(q0, tl.trans(k0)) + tl.dot(q1, tl.trans(k1))
@@ -218,9 +342,10 @@ if triton is not None:
                     qk += tl.dot(q2, tl.trans(k2)) + tl.dot(q3, tl.trans(k3))
                 p, alpha, m_i, l_i = _online_softmax(qk, nm, m_i, l_i)
                 pb = p.to(tl.float16) if DQ == 2 else p.to(tl.bfloat16)
-                vb = tl.load(VC + b * svcb + h * svch + on[:, None] * svcn + oi[None, :], mask=nm[:, None], other=0)
-                vsp = VS + b * svsb + h * svsh + on * svsn
-                vzp = VZ + b * svsb + h * svsh + on * svsn
+                vb = tl.load(VC + b * svcb + h * svch + (qo + on)[:, None] * svcn + oi[None, :], mask=nm[:, None],
+                             other=0)
+                vsp = VS + b * svsb + h * svsh + (qo + on) * svsn
+                vzp = VZ + b * svsb + h * svsh + (qo + on) * svsn
                 vsc = tl.load(vsp, mask=nm, other=0.0)[:, None]
                 vzc = tl.load(vzp, mask=nm, other=0.0)[:, None]
                 if NVG == 2:  # two channel groups per token: each packed column picks its group's
@@ -231,7 +356,7 @@ if triton is not None:
                 if PB == 4:
                     a2 = a2 * alpha[:, None] + tl.dot(pb, _dq(vb, vsc, vzc, DQ, 4, BITS))
                     a3 = a3 * alpha[:, None] + tl.dot(pb, _dq(vb, vsc, vzc, DQ, 6, BITS))
-            base = ACC + ((b * H + h) * NSPLIT + s) * G * D + og[:, None] * D
+            base = ACC + row * G * D + og[:, None] * D
             tl.store(base + c0, a0, mask=gm[:, None])
             tl.store(base + c1, a1, mask=gm[:, None])
             if PB == 4:
@@ -247,13 +372,15 @@ if triton is not None:
             for n0 in range(0, wlen, WBLOCK):
                 on = n0 + tl.arange(0, WBLOCK)
                 nm = on < wlen
-                k = tl.load(KW + b * swb + h * swh + on[:, None] * swn + od[None, :], mask=nm[:, None], other=0.0).to(tl.bfloat16)
+                k = tl.load(KW + b * swb + h * swh + (wo + on)[:, None] * swn + od[None, :], mask=nm[:, None],
+                            other=0.0).to(tl.bfloat16)
                 p, alpha, m_i, l_i = _online_softmax(tl.dot(qf, tl.trans(k)), nm, m_i, l_i)
-                v = tl.load(VW + b * swb + h * swh + on[:, None] * swn + od[None, :], mask=nm[:, None], other=0.0).to(tl.bfloat16)
+                v = tl.load(VW + b * swb + h * swh + (wo + on)[:, None] * swn + od[None, :], mask=nm[:, None],
+                            other=0.0).to(tl.bfloat16)
                 acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v)
-            tl.store(ACC + ((b * H + h) * NSPLIT + s) * G * D + og[:, None] * D + od[None, :], acc, mask=gm[:, None])
-        tl.store(M + ((b * H + h) * NSPLIT + s) * G + og, m_i, mask=gm)
-        tl.store(L + ((b * H + h) * NSPLIT + s) * G + og, l_i, mask=gm)
+            tl.store(ACC + row * G * D + og[:, None] * D + od[None, :], acc, mask=gm[:, None])
+        tl.store(M + row * G + og, m_i, mask=gm)
+        tl.store(L + row * G + og, l_i, mask=gm)
 
     @triton.jit(do_not_specialize=["NSPLIT"])
     def _merge_kernel(ACC, M, L, OUT, H, NSPLIT, G: tl.constexpr, D: tl.constexpr, SP: tl.constexpr,
@@ -275,27 +402,35 @@ if triton is not None:
         tl.store(OUT + (b * H * G + hq) * D + od, tl.sum(acc * w[:, None], 0) / denom)
 
 
-def _gluon_fits(q, kc, ks, kz, vc, vs, vz, kw, vw, bits: int, kgroup: int) -> bool:
+def _gluon_fits(q: torch.Tensor, r: PackedRun) -> bool:
     """The Gluon kernel's shapes, with rows of codes and scales contiguous (their strides are
     constants there) and its words aligned (the key scales a code byte needs are read as one word,
-    value codes as 16- or 32-bit words)."""
-    d, dp, nvg = kc.shape[-1] * 8 // bits, kc.shape[-1], vs.shape[-1]
-    word = 8 if bits == 2 else 4
-    return (gluon_decode.supports(d, bits, kgroup, nvg, q.shape[1] // kc.shape[1])
-            and all(t.data_ptr() % 16 == 0 for t in (kc, ks, kz, vc, vs, vz))
-            and kc.stride(2) == dp and vc.stride(2) == dp and ks.stride(2) == d and vs.stride(2) == nvg
-            and kz.stride() == ks.stride() and vz.stride() == vs.stride() and vc.stride() == kc.stride()
-            and kw.stride(2) == d and vw.stride() == kw.stride()
-            and all(st * 2 % word == 0 for st in ks.stride()[:2]) and all(st % 4 == 0 for st in vc.stride()[:2]))
+    value codes as 16- or 32-bit words; runs read from offsets start at whole key groups)."""
+    kc, ks, kz, vc, vs, vz, kw, vw = r.kc, r.ks, r.kz, r.vc, r.vs, r.vz, r.kw, r.vw
+    d, dp, nvg = kc.shape[-1] * 8 // r.bits, kc.shape[-1], vs.shape[-1]
+    word = 8 if r.bits == 2 else 4
+    rows_aligned = r.offsets or (all(st * 2 % word == 0 for st in ks.stride()[:2])
+                                 and all(st % 4 == 0 for st in vc.stride()[:2]))
+    return (gluon_decode.supports(d, r.bits, r.kgroup, nvg, q.shape[1] // r.heads())
+            and all(t.data_ptr() % 16 == 0 for t in (kc, ks, kz, vc, vs, vz)) and rows_aligned
+            and (r.max_q == 0 or (kc.stride(2) == dp and vc.stride(2) == dp and ks.stride(2) == d
+                                  and vs.stride(2) == nvg and kz.stride() == ks.stride() and vz.stride() == vs.stride()
+                                  and vc.stride() == kc.stride()))
+            and kw.stride(2) == d and vw.stride() == kw.stride())
+
+
+def _kernel_takes(q: torch.Tensor, r: PackedRun) -> bool:
+    d = q.shape[-1]
+    return (triton is not None and q.is_cuda and r.bits in (2, 4) and r.kgroup in (32, 64, 128) and d in (64, 128)
+            and r.vs.shape[-1] in (1, 2))
 
 
 def kernel_supports(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, bits: int) -> bool:
-    """Whether :func:`decode_attention` runs the Triton kernel for these inputs (else the reference):
-    CUDA, 2/4-bit codes, key groups of 32/64/128 tokens, head_dim 64/128, one or two value groups."""
-    d, n = q.shape[-1], kc.shape[2]
+    """Whether :func:`decode_attention` runs a kernel for these inputs (else the reference): CUDA,
+    2/4-bit codes, key groups of 32/64/128 tokens, head_dim 64/128, one or two value groups."""
+    n = kc.shape[2]
     kgroup = n // ks.shape[2] if ks.shape[2] else 64
-    return (triton is not None and q.is_cuda and bits in (2, 4) and kgroup in (32, 64, 128) and d in (64, 128)
-            and vs.shape[-1] in (1, 2))
+    return _kernel_takes(q, PackedRun(kc, ks, ks, kc, vs, vs, kc, kc, 0, 0, bits, kgroup))
 
 
 _DEQUANT = {"fp32": 0, "fp16": 1, "magic": 2}
@@ -308,15 +443,22 @@ def _sms(device: torch.device) -> int:
 
 def decode_attention(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: torch.Tensor, vc: torch.Tensor,
                      vs: torch.Tensor, vz: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, qlen: torch.Tensor | int,
-                     wlen: torch.Tensor | int, bits: int, scale: float | None = None,
-                     split_len: int | None = None, programs_per_sm: int | None = None, num_warps: int = 4,
-                     num_stages: int | None = None, dequant: str = "magic", out_dtype: torch.dtype = torch.float32,
-                     impl: str = "auto") -> torch.Tensor:
-    """Same contract as :func:`decode_attention_reference`: a kernel on CUDA for 2/4-bit codes with
-    the key group as the tile (32, 64 or 128 tokens), the reference elsewhere. The output is
+                     wlen: torch.Tensor | int, bits: int, scale: float | None = None, **options) -> torch.Tensor:
+    """Same contract as :func:`decode_attention_reference`, for one run of packed tokens and a
+    window (see :func:`decode_attention_runs` for the ``options``)."""
+    return decode_attention_runs(q, [_one_run(kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, bits)], scale, **options)
+
+
+def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float | None = None, *,
+                          split_len: int | None = None, programs_per_sm: int | None = None, num_warps: int = 4,
+                          num_stages: int | None = None, dequant: str = "magic",
+                          out_dtype: torch.dtype = torch.float32, impl: str = "auto") -> torch.Tensor:
+    """Attention of one query token a row over every run (see :class:`PackedRun`): a kernel on CUDA
+    for 2/4-bit codes with the key group as the tile (32, 64 or 128 tokens), the reference
+    elsewhere. Each run's slices go to one buffer of partial results, merged once. The output is
     ``out_dtype``; ints for ``qlen`` / ``wlen`` spare a decode step building tensors.
-    ``impl``: "auto" (the Gluon kernel where it takes the inputs, see ``gluon_decode.supports``;
-    on an H100, 4-bit over 128K tokens 0.063 ms), "gluon" (an error where it does not) or "triton".
+    ``impl``: "auto" (the Gluon kernel where it takes a run, see ``gluon_decode.supports``; on an
+    H100, 4-bit over 128K tokens 0.063 ms), "gluon" (an error where it does not) or "triton".
     The Triton kernel's ``dequant``: "magic" (default) builds float16 operands from the code bits
     in a few integer and packed-float16 instructions (0.13 ms); "fp16" and "fp32" convert codes to
     float and multiply in bf16 (0.16 / 0.25 ms). ``split_len``, ``programs_per_sm``, ``num_warps``
@@ -325,49 +467,74 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: to
         raise ValueError(f"dequant must be one of {sorted(_DEQUANT)}, got {dequant!r}")
     if impl not in ("auto", "gluon", "triton"):
         raise ValueError(f"impl must be 'auto', 'gluon' or 'triton', got {impl!r}")
-    _check(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, bits)
+    if not runs:
+        raise ValueError("decode attention needs at least one run of stored tokens")
+    heads = {_check_run(q, r) for r in runs}
+    if len(heads) != 1:
+        raise ValueError(f"runs of different KV head counts: {sorted(heads)}")
+    if not all(_kernel_takes(q, r) for r in runs):
+        return decode_attention_runs_reference(q, runs, scale).to(out_dtype)
+    for r in runs:
+        for t in (r.kc, r.ks, r.kz, r.vc, r.vs, r.vz, r.kw, r.vw):
+            if t.stride(-1) != 1 and t.numel():
+                raise ValueError("decode_attention needs tensors contiguous in their last dimension")
     b, hq, d = q.shape
-    h, n = kc.shape[1], kc.shape[2]
-    kgroup = n // ks.shape[2] if ks.shape[2] else 64
-    if not kernel_supports(q, kc, ks, vs, bits):
-        return decode_attention_reference(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, bits, scale).to(out_dtype)
-    for t in (q, kc, ks, kz, vc, vs, vz, kw, vw):
-        if t.stride(-1) != 1:
-            raise ValueError("decode_attention needs tensors contiguous in their last dimension")
-    g, nvg = hq // h, vs.shape[-1]
+    h = heads.pop()
+    g = hq // h
     scale = d ** -0.5 if scale is None else scale
-    use_gluon = impl != "triton" and _gluon_fits(q, kc, ks, kz, vc, vs, vz, kw, vw, bits, kgroup)
-    if impl == "gluon" and not use_gluon:
-        raise ValueError("the Gluon kernel does not take these inputs (see gluon_decode.supports)")
-    if programs_per_sm is None:  # the Gluon kernel's programs are one warp each
-        programs_per_sm = 8 if use_gluon else 4
-    if num_stages is None:  # 2-bit at 3 stages needs 140 registers a thread: 3 programs an SM instead of 4
-        num_stages = 3 if bits == 4 else 2
-    if split_len is None:  # enough programs to fill the GPU at batch 1, whole key groups per slice
-        split_len = max(kgroup, math.ceil(n / max(1, (programs_per_sm * _sms(q.device)) // (b * h)) / kgroup) * kgroup)
-    nqs = math.ceil(n / split_len)  # slices of the quantized tokens
-    # + the window: one slice (Triton kernel), or one a WINDOW_TILE tokens (Gluon: run beside the rest)
-    nsplit = nqs + (math.ceil(kw.shape[2] / gluon_decode.WINDOW_TILE) if use_gluon else 1)
-    gp = max(16, triton.next_power_of_2(g))
+    plans = []
+    for r in runs:
+        use_gluon = impl != "triton" and _gluon_fits(q, r)
+        if impl == "gluon" and not use_gluon:
+            raise ValueError("the Gluon kernel does not take these inputs (see gluon_decode.supports)")
+        pps = programs_per_sm or (8 if use_gluon else 4)  # the Gluon kernel's programs are one warp each
+        n, kg = r.max_q, r.kgroup
+        total = r.total_q if r.total_q is not None else n * b * h
+        # enough slices with tokens to fill the GPU (uneven runs: sized by the tokens, not the
+        # longest run; slices past a short run's end return at once), whole key groups each
+        sl = split_len or max(kg, math.ceil(total / (pps * _sms(q.device)) / kg) * kg)
+        nqs = math.ceil(n / sl)  # slices of the quantized tokens
+        # + the window: one slice (Triton kernel), or one a WINDOW_TILE tokens (Gluon: run beside the rest)
+        nwin = math.ceil(r.max_w / gluon_decode.WINDOW_TILE) if use_gluon else 1
+        plans.append((use_gluon, sl, nqs, nqs + max(nwin, 0)))
+    nsplit = sum(p[3] for p in plans)
     rows = b * h * nsplit * g
     work = torch.empty(rows * (d + 2), device=q.device, dtype=torch.float32)  # one allocation: acc, max, sum
     acc, m, lsum = work[: rows * d], work[rows * d : rows * (d + 1)], work[rows * (d + 1) :]
-    per_head = isinstance(qlen, torch.Tensor) or isinstance(wlen, torch.Tensor)
-    if per_head:
-        qlen, wlen = _length_tensors(qlen, wlen, b, h, q.device)
-    if use_gluon:
-        gluon_decode.launch(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, acc, m, lsum, nsplit=nsplit, nqs=nqs,
-                            split_len=split_len, scale=scale, per_head=per_head)
-    else:
-        _split_kernel[(b, h, nsplit)](
-            q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, acc, m, lsum,
-            q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0), ks.stride(1),
-            ks.stride(2), vc.stride(0), vc.stride(1), vc.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
-            kw.stride(0), kw.stride(1), kw.stride(2), h, nsplit, split_len, n, kw.shape[2], scale,
-            G=g, GP=gp, D=d, BITS=bits, VGROUP=d // nvg, NVG=nvg, BLOCK=kgroup, WBLOCK=32, DQ=_DEQUANT[dequant],
-            PER_HEAD=per_head, num_warps=num_warps, num_stages=num_stages)
+    s0 = 0
+    for r, (use_gluon, sl, nqs, nslices) in zip(runs, plans):
+        if not nslices:
+            continue
+        per_head = r.offsets or isinstance(r.qlen, torch.Tensor) or isinstance(r.wlen, torch.Tensor)
+        qlen, wlen = _length_tensors(r.qlen, r.wlen, b, h, q.device) if per_head else (r.qlen, r.wlen)
+        if use_gluon:
+            gluon_decode.launch(q, r.kc, r.ks, r.kz, r.vc, r.vs, r.vz, r.kw, r.vw, qlen, wlen, r.qoff, r.woff, acc,
+                                m, lsum, h=h, bits=r.bits, kgroup=r.kgroup, nq=r.max_q, nw=r.max_w, s0=s0,
+                                nslices=nslices, nsplit=nsplit, nqs=nqs, split_len=sl, scale=scale,
+                                per_head=per_head)
+        else:
+            _launch_triton(q, r, qlen, wlen, acc, m, lsum, h=h, s0=s0, nslices=nslices, nsplit=nsplit, nqs=nqs,
+                           split_len=sl, scale=scale, per_head=per_head, dequant=dequant, num_warps=num_warps,
+                           num_stages=num_stages or (3 if r.bits == 4 else 2))
+        s0 += nslices
     out = torch.empty(b, hq, d, device=q.device, dtype=out_dtype)
     sp = triton.next_power_of_2(nsplit)
     db = max(8, min(d, 8192 // sp))  # channels a merge program: its [splits, channels] block stays small
     _merge_kernel[(b, hq, d // db)](acc, m, lsum, out, h, nsplit, G=g, D=d, SP=sp, DB=db)
     return out
+
+
+def _launch_triton(q, r: PackedRun, qlen, wlen, acc, m, lsum, *, h, s0, nslices, nsplit, nqs, split_len, scale,
+                   per_head, dequant, num_warps, num_stages) -> None:
+    """The Triton kernel's slices ``s0 .. s0 + nslices`` of run ``r`` (2-bit at 3 stages needs 140
+    registers a thread: 3 programs an SM instead of 4, hence 2 stages there by default)."""
+    b, hq, d = q.shape
+    g, nvg = hq // h, r.vs.shape[-1]
+    st = (lambda t: (0, 0, t.stride(2))) if r.offsets else (lambda t: t.stride()[:3])  # noqa: E731
+    _split_kernel[(b, h, nslices)](
+        q, r.kc, r.ks, r.kz, r.vc, r.vs, r.vz, r.kw, r.vw, qlen, wlen, r.qoff if r.offsets else m,
+        r.woff if r.offsets else m, acc, m, lsum, q.stride(0), q.stride(1), *st(r.kc), *st(r.ks), *st(r.vc),
+        *st(r.vs), *st(r.kw), h, nsplit, s0, nqs, split_len, r.max_q, r.max_w, scale,
+        G=g, GP=max(16, triton.next_power_of_2(g)), D=d, BITS=r.bits, VGROUP=d // nvg, NVG=nvg, BLOCK=r.kgroup,
+        WBLOCK=32, DQ=_DEQUANT[dequant], PER_HEAD=per_head, OFFSETS=r.offsets, num_warps=num_warps,
+        num_stages=num_stages)

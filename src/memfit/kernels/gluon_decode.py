@@ -134,24 +134,36 @@ if gluon is not None:
 
     # lengths change every decode step: specializing on them (divisible by 16 or not) would compile
     # new variants while a model decodes
-    @gluon.jit(do_not_specialize=["QLEN", "WLEN", "NSPLIT", "NQS", "NQ", "NW"])
-    def _split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KW, VWIN, QLEN, WLEN, ACC, M, L,
+    @gluon.jit(do_not_specialize=["QLEN", "WLEN", "NSPLIT", "S0", "NQS", "NQ", "NW"])
+    def _split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KW, VWIN, QLEN, WLEN, QOFF, WOFF, ACC, M, L,
                       sqb, sqh, skcb, skch, sksb, sksh, svcb, svch, svsb, svsh, swb, swh,
-                      H, NSPLIT, NQS, SPLIT_LEN, NQ, NW, scale,
+                      H, NSPLIT, S0, NQS, SPLIT_LEN, NQ, NW, scale,
                       G: gl.constexpr, D: gl.constexpr, BITS: gl.constexpr, NVG: gl.constexpr,
                       T: gl.constexpr, VW: gl.constexpr, PER_HEAD: gl.constexpr, STAGES: gl.constexpr,
-                      WTILE: gl.constexpr):
+                      WTILE: gl.constexpr, OFFSETS: gl.constexpr):
         """One program: one row, one KV head, one slice of the quantized tokens, one warp; tiles of
         T tokens, one key group each (one row of key scales a tile).
-        Writes the slice's unnormalized output (float32 [G, D]), running max (natural log) and sum.
+        Writes the slice's unnormalized output (float32 [G, D]), running max (natural log) and sum,
+        as slice S0 + s of NSPLIT. ``OFFSETS``: each row and head's tokens start at QOFF / WOFF
+        [B, H] in flat storage (ragged heads and batches; row and head strides are then 0).
         Tiles stream through a ring of ``STAGES`` shared-memory buffers filled by asynchronous
         copies (cp.async), issued ``STAGES - 1`` tiles ahead: no registers wait on memory."""
         b = gl.program_id(0)
         h = gl.program_id(1)
         s = gl.program_id(2)
+        if OFFSETS:  # 32-bit: a layer's flat storage holds fewer than 2**31 / 64 tokens
+            # runs start at whole key groups: // T * T says so to the compiler, whose 16-byte
+            # asynchronous copies need that alignment proven (the value scales are 2-byte words)
+            qo = gl.load(QOFF + b * H + h).to(gl.int32) // T * T
+        else:
+            qo = 0
         if s >= NQS:  # the 16-bit window's programs, WTILE tokens each
-            _window(Q, KW, VWIN, WLEN, ACC, M, L, b, h, s, sqb, sqh, swb, swh, H, NSPLIT, (s - NQS) * WTILE, NW,
-                    scale, G, D, WTILE, PER_HEAD)
+            if OFFSETS:
+                wo = gl.load(WOFF + b * H + h).to(gl.int32)
+            else:
+                wo = 0
+            _window(Q, KW, VWIN, WLEN, ACC, M, L, b, h, S0 + s, sqb, sqh, swb, swh, wo, H, NSPLIT,
+                    (s - NQS) * WTILE, NW, scale, G, D, WTILE, PER_HEAD)
             return
         PB: gl.constexpr = 8 // BITS  # codes a byte
         DP: gl.constexpr = D // PB  # code bytes a token
@@ -228,12 +240,12 @@ if gluon is not None:
         iv = gl.arange(0, WT, layout=gl.SliceLayout(0, cv))
         i_s = gl.arange(0, DP, layout=cs)
         i_z = gl.arange(0, T, layout=cz)
-        kc_ptr = KC + b * skcb + h * skch + rk[:, None] * DP + ik[None, :]
-        vc_ptr = (VC + b * svcb + h * svch).to(gl.pointer_type(vw_t), bitcast=True) + rv[:, None] * WT + iv[None, :]
-        ks_ptr = (KS + b * sksb + h * sksh).to(gl.pointer_type(sw_t), bitcast=True) + i_s
-        kz_ptr = (KZ + b * sksb + h * sksh).to(gl.pointer_type(sw_t), bitcast=True) + i_s
-        vs_ptr = (VS + b * svsb + h * svsh).to(gl.pointer_type(vz_t), bitcast=True) + i_z
-        vz_ptr = (VZ + b * svsb + h * svsh).to(gl.pointer_type(vz_t), bitcast=True) + i_z
+        kc_ptr = KC + b * skcb + h * skch + qo * DP + rk[:, None] * DP + ik[None, :]
+        vc_ptr = (VC + b * svcb + h * svch).to(gl.pointer_type(vw_t), bitcast=True) + qo * WT + rv[:, None] * WT + iv[None, :]
+        ks_ptr = (KS + b * sksb + h * sksh).to(gl.pointer_type(sw_t), bitcast=True) + (qo // T) * DP + i_s
+        kz_ptr = (KZ + b * sksb + h * sksh).to(gl.pointer_type(sw_t), bitcast=True) + (qo // T) * DP + i_s
+        vs_ptr = (VS + b * svsb + h * svsh).to(gl.pointer_type(vz_t), bitcast=True) + qo + i_z
+        vz_ptr = (VZ + b * svsb + h * svsh).to(gl.pointer_type(vz_t), bitcast=True) + qo + i_z
         for i in gl.static_range(STAGES - 1):
             _issue(start + i * T, end, i, kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf, kc_ptr, vc_ptr, ks_ptr, kz_ptr,
                    vs_ptr, vz_ptr, rk, rv, DP, WT, T)
@@ -268,7 +280,7 @@ if gluon is not None:
         # out[c] = acc * 2**24 / f + sum(p * vz), channel c = word * NO + i
         r_o = gl.arange(0, 16, layout=rows)
         w_o = gl.arange(0, WG, layout=cols)
-        row = (b * H + h) * NSPLIT + s
+        row = (b * H + h) * NSPLIT + S0 + s
         base = ACC + row * G * D + r_o[:, None] * D
         om = (r_o < G)[:, None]
         for g in gl.static_range(NVG):
@@ -280,9 +292,10 @@ if gluon is not None:
         gl.store(L + row * G + r_o, l_i, mask=gm)
 
     @gluon.jit
-    def _window(Q, KW, VWIN, WLEN, ACC, M, L, b, h, s, sqb, sqh, swb, swh, H, NSPLIT, w0, NW, scale,
+    def _window(Q, KW, VWIN, WLEN, ACC, M, L, b, h, s, sqb, sqh, swb, swh, wo, H, NSPLIT, w0, NW, scale,
                 G: gl.constexpr, D: gl.constexpr, WT: gl.constexpr, PER_HEAD: gl.constexpr):
-        """Attention over WT tokens of the 16-bit window from w0 (bf16 MMAs), as one more slice."""
+        """Attention over WT tokens of the 16-bit window from w0 (bf16 MMAs; the row and head's
+        window starts at token ``wo``), as slice ``s``."""
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
         la: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         lb: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
@@ -300,7 +313,7 @@ if gluon is not None:
         t = gl.arange(0, WT, layout=gl.SliceLayout(1, ld))
         cd = gl.arange(0, D, layout=gl.SliceLayout(0, ld))
         tm = ((w0 + t) < wlen)[:, None]
-        off = b * swb + h * swh + (w0 + t)[:, None] * D + cd[None, :]
+        off = b * swb + h * swh + (wo + w0 + t)[:, None] * D + cd[None, :]
         k = gl.load(KW + off, mask=tm, other=0.0).to(gl.bfloat16)
         v = gl.load(VWIN + off, mask=tm, other=0.0).to(gl.bfloat16)
         qk = mma_v2(q, gl.convert_layout(gl.permute(k, [1, 0]), lb), gl.zeros([16, WT], gl.float32, layout=mma))
@@ -420,17 +433,19 @@ def supports(d: int, bits: int, kgroup: int, nvg: int, group: int) -> bool:
             and words >= 8)
 
 
-def launch(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, acc, m, lsum, *, nsplit: int, nqs: int, split_len: int,
-           scale: float, per_head: bool, stages: int = 2, window_tile: int = WINDOW_TILE) -> None:
-    """Fill all ``nsplit`` slices of ``acc`` / ``m`` / ``lsum``: ``nqs`` of the quantized tokens,
-    then the 16-bit window's, ``window_tile`` tokens each."""
+def launch(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, acc, m, lsum, *, h: int, bits: int,
+           kgroup: int, nq: int, nw: int, s0: int, nslices: int, nsplit: int, nqs: int, split_len: int, scale: float,
+           per_head: bool, stages: int = 2, window_tile: int = WINDOW_TILE) -> None:
+    """Fill slices ``s0 .. s0 + nslices`` of the ``nsplit`` in ``acc`` / ``m`` / ``lsum``: ``nqs``
+    of the quantized tokens (at most ``nq`` a row and head), then the 16-bit window's (at most
+    ``nw``), ``window_tile`` tokens each. ``qoff`` / ``woff``: [B, H] starts in flat storage, or None."""
     b, hq, d = q.shape
-    h, n, dp = kc.shape[1], kc.shape[2], kc.shape[3]
-    bits = dp * 8 // d
-    _split_kernel[(b, h, nsplit)](
-        q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, acc, m, lsum,
-        q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), ks.stride(0), ks.stride(1),
-        vc.stride(0), vc.stride(1), vs.stride(0), vs.stride(1), kw.stride(0), kw.stride(1),
-        h, nsplit, nqs, split_len, n, kw.shape[2], scale,
-        G=hq // h, D=d, BITS=bits, NVG=vs.shape[-1], T=n // ks.shape[2], VW=_word_bits(d, bits, vs.shape[-1]),
-        PER_HEAD=per_head, STAGES=stages, WTILE=window_tile, num_warps=1)
+    offsets = qoff is not None
+    # flat storage: every row and head reads from its offsets
+    st = (lambda t: (0, 0)) if offsets else (lambda t: (t.stride(0), t.stride(1)))  # noqa: E731
+    _split_kernel[(b, h, nslices)](
+        q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff if offsets else m, woff if offsets else m,
+        acc, m, lsum, q.stride(0), q.stride(1), *st(kc), *st(ks), *st(vc), *st(vs), *st(kw),
+        h, nsplit, s0, nqs, split_len, nq, nw, scale,
+        G=hq // h, D=d, BITS=bits, NVG=vs.shape[-1], T=kgroup, VW=_word_bits(d, bits, vs.shape[-1]),
+        PER_HEAD=per_head, STAGES=stages, WTILE=window_tile, OFFSETS=offsets, num_warps=1)

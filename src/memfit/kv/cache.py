@@ -150,7 +150,52 @@ class CompressedCache(Cache):
             raise ValueError(f"cannot fork a cache of batch size {rows.pop()} into {batch_size} rows")
         layers = [CompressedLayer(layer.quant, parent=layer, decode=self.policy.decode, lowrank=self.policy.lowrank,
                                   rope=layer.rope) for layer in self.layers]
+        for mine, theirs in zip(layers, self.layers):
+            mine.kernels = theirs.kernels
         return CompressedCache(self.policy, _layers=layers)
+
+    @classmethod
+    def stack(cls, caches: "list[CompressedCache]") -> "CompressedCache":
+        """Contexts compressed one by one, as one batch to decode together (a server batching
+        requests): each layer's rows side by side; evicted (ragged) contexts keep their own lengths
+        per row and head, read through offsets without padding. The contexts must have the same
+        policy and logical length, and the same numbers of quantized and window tokens beyond what
+        eviction kept (true right after prefill); no forks, outliers or low rank."""
+        if not caches:
+            raise ValueError("stack() needs at least one cache")
+        first = caches[0]
+        for c in caches:
+            if c.policy.spec != first.policy.spec or len(c.layers) != len(first.layers):
+                raise ValueError(f"cannot stack caches of different policies or depths: {c.policy.spec!r} vs "
+                                 f"{first.policy.spec!r}")
+        layers = []
+        for i, parts in enumerate(zip(*(c.layers for c in caches))):
+            p0 = parts[0]
+            bad = next((why for la in parts for bad, why in (
+                (la.parent is not None or la.static is not None, "a fork or a static cache"),
+                (la.defer or not la.is_initialized, "nothing compressed"),
+                (la.basis is not None or la.kc is not None, "low-rank keys"),
+                (any(q is not None and q.out_idx is not None for q in (la.qk, la.ragged and la.ragged.qk)), "outliers"),
+                (la.seen != p0.seen, f"{la.seen} tokens against {p0.seen}"),
+                ((la.ragged is None) != (p0.ragged is None), "ragged and uniform storage"),
+                (la.keys.shape[2:] != p0.keys.shape[2:] or (la.qk is None) != (p0.qk is None)
+                 or (la.qk is not None and la.qk.num_tokens != p0.qk.num_tokens), "different uniform lengths"),
+            ) if bad), None)
+            if bad:
+                raise ValueError(f"stack(): layer {i} has {bad}")
+            layer = CompressedLayer(p0.quant, decode=p0.decode, rope=p0.rope, dtype=p0.store_dtype)
+            layer.lazy_initialization(p0.keys, p0.values)
+            layer.keys = torch.cat([la.keys for la in parts])
+            layer.values = torch.cat([la.values for la in parts])
+            layer.seen, layer.kernels = p0.seen, p0.kernels
+            if p0.qk is not None:
+                layer.qk, layer.qv = (QTensor(*(torch.cat([getattr(q, n) for q in qs]) for n in ("codes", "scale", "zero")),
+                                              qs[0].bits, qs[0].axis, qs[0].group)
+                                      for qs in ([la.qk for la in parts], [la.qv for la in parts]))
+            if p0.ragged is not None:
+                layer.ragged = Ragged.stack([la.ragged for la in parts])
+            layers.append(layer)
+        return cls(first.policy, _layers=layers)
 
     def keep_dense(self) -> "CompressedCache":
         """Keep a dequantized copy of every layer for the forks to read (a server answering many
@@ -165,17 +210,23 @@ class CompressedCache(Cache):
     def to_static(self, max_new_tokens: int) -> "CompressedCache":
         """Move every layer's KIVI storage into buffers with room for ``max_new_tokens`` more tokens,
         so that decode steps can be replayed as a CUDA graph (:class:`memfit.kv.static.GraphDecoder`).
-        Plain KIVI caches only: no evictions in flight, outliers, low rank, pre-RoPE keys or forks."""
+        Caches the decode kernel reads (KIVI at 2/4 bits, evicted or ragged, forks of such caches);
+        not outliers, low rank, pre-RoPE keys, or a decode budget."""
         for i, layer in enumerate(self.layers):
             # beyond what the kernel reads now, what the policy would add while decoding
             why = ("no KIVI quantizer" if layer.quant is None else "low-rank keys" if layer.lowrank is not None
                    else "outliers" if layer.quant.outliers else "a decode budget" if layer.decode is not None
-                   else layer.not_one_segment() or ("nothing stored" if not layer.is_initialized else None))
+                   else layer.not_packed())
             if why:
-                raise ValueError(f"to_static: layer {i} has {why}; static decode takes plain kivi(...) caches")
+                raise ValueError(f"to_static: layer {i} has {why}; static decode takes caches the decode "
+                                 "kernel reads (kivi at 2/4 bits, evicted or not)")
         for layer in self.layers:
+            rows = layer.keys.shape[0]
+            prefix = layer.parent.runs(rows) if layer.parent is not None else []
+            if layer.ragged is not None:
+                prefix.append(layer.ragged.run(rows, layer.quant))
             layer.static = StaticKIVI(layer.quant, layer.qk, layer.qv, layer.keys, layer.values,
-                                      capacity=layer._own_stored() + max_new_tokens)
+                                      capacity=layer.own_tokens() + max_new_tokens, prefix=prefix)
             layer.qk = layer.qv = None
             layer.keys, layer.values = layer.keys[:, :, :0], layer.values[:, :, :0]
         return self
@@ -236,7 +287,7 @@ class CompressedCache(Cache):
             layer.keys, layer.values = t["k_window"], t["v_window"]
             layer.dtype, layer.device, layer.is_initialized = getattr(torch, info["dtype"]), layer.keys.device, True
             if "r_lens" in t:
-                layer.ragged = Ragged.from_tensors(t, info["q"])
+                layer.ragged = Ragged.from_tensors(t, info["q"], rows=layer.keys.shape[0])
             if isinstance(cache.policy.quant, LayerBits) and info["q"]:
                 layer.quant = cache.policy.quant.kivi(info["q"]["bits"])
             layer.basis = t.get("k_basis")

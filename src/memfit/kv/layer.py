@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from memfit.kernels.decode_attention import decode_attention
+from memfit.kernels.decode_attention import PackedRun, decode_attention_runs
 from memfit.kv.decode import DecodeBudget
 from memfit.kv.evict import Observation, select_topk
 from memfit.kv.lowrank import LowRank, project, reconstruct
@@ -29,10 +29,8 @@ class _Packed:
         self.layer = layer
 
     def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
-        la = self.layer
-        out = decode_attention(query[:, :, 0], la.qk.codes, la.qk.scale, la.qk.zero, la.qv.codes, la.qv.scale,
-                               la.qv.zero, la.keys, la.values, la.qk.num_tokens, la.keys.shape[-2], la.qk.bits,
-                               scale=scaling, out_dtype=query.dtype)
+        out = decode_attention_runs(query[:, :, 0], self.layer.runs(query.shape[0]), scale=scaling,
+                                    out_dtype=query.dtype)
         return out.unsqueeze(1)
 
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,11 +90,11 @@ class CompressedLayer(CacheLayerMixin):
 
     # -- sizes -----------------------------------------------------------------------------------
     def _own_stored(self) -> int:
+        r = self.ragged.max_len if self.ragged is not None else 0  # padded length, as attention sees it
         if self.static is not None:
-            return self.static.nq + self.static.w
+            return r + self.static.nq + self.static.w
         q = self.qk.num_tokens if self.qk is not None else 0
         w = self.keys.shape[-2] if self.is_initialized else 0
-        r = self.ragged.max_len if self.ragged is not None else 0  # padded length, as attention sees it
         c = self.kc.shape[-2] if self.kc is not None else 0
         return r + c + q + w
 
@@ -246,20 +244,47 @@ class CompressedLayer(CacheLayerMixin):
         k = dequantize(self.qk, self.dtype)
         return k if self.basis is None else reconstruct(k, self.basis, self.keys.shape[1])
 
-    def not_one_segment(self) -> str | None:
-        """Why this layer's storage is not one plain quantized segment plus a window, as the decode
-        kernel reads it (None when it is)."""
-        checks = ((self.parent is not None, "a fork"), (self.ragged is not None, "ragged heads"),
-                  (self.basis is not None, "low-rank keys"), (self.defer, "deferred compression"),
+    def not_packed(self) -> str | None:
+        """Why the decode kernel cannot read this layer's storage (None when it can): runs of 2/4-bit
+        KIVI codes and 16-bit windows, its own (uniform or ragged) and its parents'."""
+        if not isinstance(self.quant, KIVI):
+            return "no KIVI quantizer"
+        qs = [q for q in (self.qk, self.ragged.qk if self.ragged is not None else None) if q is not None]
+        checks = ((any(q.bits not in (2, 4) for q in qs) or self.quant.bits not in (2, 4), "codes of other than 2 or 4 bits"),
+                  (self.basis is not None or self.kc is not None, "low-rank keys"),
+                  (self.defer, "deferred compression"),
                   (self.pre_rope, "pre-RoPE keys"),  # the kernel reads post-RoPE keys ...
-                  (self.qk is not None and self.qk.out_idx is not None, "outliers"))  # ... and no sparse outliers
-        return next((why for bad, why in checks if bad), None)
+                  (any(q.out_idx is not None for q in qs) or self.quant.outliers, "outliers"),  # ... nor sparse ones
+                  (not self.is_initialized, "nothing stored"))
+        why = next((why for bad, why in checks if bad), None)
+        if why is None and self.parent is not None:
+            why = self.parent.not_packed()
+            return f"a parent with {why}" if why else None
+        return why
+
+    def runs(self, rows: int) -> list[PackedRun]:
+        """What a decode step reads, oldest first, as the kernel takes it (see :meth:`not_packed`):
+        the parent's runs (read by every row), the ragged context, the quantized tokens and window."""
+        out = self.parent.runs(rows) if self.parent is not None else []
+        if self.ragged is not None:
+            out.append(self.ragged.run(rows, self.quant))
+        k, v = self.keys, self.values
+        if k.shape[0] != rows:  # a parent's window, shared by the rows of its fork
+            k, v = k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)
+        if self.qk is not None:
+            qk, qv = self.qk, self.qv
+            t = [qk.codes, qk.scale, qk.zero, qv.codes, qv.scale, qv.zero]
+            if t[0].shape[0] != rows:
+                t = [x.expand(rows, *x.shape[1:]) for x in t]
+            out.append(PackedRun(*t, k, v, qk.num_tokens, k.shape[-2], qk.bits, qk.group))
+        elif k.shape[-2] or not out:
+            out.append(PackedRun.window_only(k, v, k.shape[-2], self.quant.bits, self.quant.group))
+        return out
 
     def fast_decode(self, key_states: torch.Tensor) -> bool:
-        """Whether this step can attend over the packed bytes directly (one new token, one plain
-        quantized segment and a window, on CUDA)."""
-        return (self.kernels and key_states.is_cuda and key_states.shape[-2] == 1 and self.qk is not None
-                and self.qk.bits in (2, 4) and self.not_one_segment() is None)
+        """Whether this step can attend over the packed bytes directly (one new token, storage the
+        kernel reads, on CUDA)."""
+        return self.kernels and key_states.is_cuda and key_states.shape[-2] == 1 and self.not_packed() is None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if self.static is not None:  # device work only: the step may be recorded as a CUDA graph
@@ -274,7 +299,7 @@ class CompressedLayer(CacheLayerMixin):
             self.keys = torch.cat([self.keys, key_states.to(self.dtype)], dim=-2)
             self.values = torch.cat([self.values, value_states.to(self.dtype)], dim=-2)
             self.seen += 1
-            self._spill()
+            self._spill(appended=True)
             self.pending_mask = None
             self.packed = _Packed(self)
             return key_states, value_states  # not read: the attention function takes self.packed
@@ -296,7 +321,7 @@ class CompressedLayer(CacheLayerMixin):
         self.keys = torch.cat([self.keys, key_states.to(self.dtype)], dim=-2)
         self.values = torch.cat([self.values, value_states.to(self.dtype)], dim=-2)
         self.seen += key_states.shape[-2]
-        self._spill()
+        self._spill(appended=True)
         return keys, values
 
     def reserve(self, tokens: int) -> None:
@@ -351,11 +376,17 @@ class CompressedLayer(CacheLayerMixin):
         self.pending_mask = None
         return True
 
-    def _spill(self) -> None:
-        """Quantize the oldest window tokens, in whole key groups, once the window exceeds ``residual``."""
+    def _spill(self, appended: bool = False) -> None:
+        """Quantize the oldest window tokens, in whole key groups, once the window exceeds ``residual``.
+        ``appended``: right after new tokens, the newest is never among them (with key groups longer
+        than the residual, a full window would otherwise spill whole): a static step, which cannot
+        quantize the token it is computing, spills exactly the same tokens."""
         if self.quant is None or self.defer:
             return
-        f = self.quant.spilled(self.keys.shape[-2])
+        n = self.keys.shape[-2]
+        f = self.quant.spilled(n)
+        if appended:
+            f = min(f, (n - 1) // self.quant.group * self.quant.group)
         if f == 0:
             return
         if self.lowrank is not None and self.basis is None:  # no compress() (plain generate): fit it to the window

@@ -1,23 +1,39 @@
-"""Ragged storage: a layer whose KV heads keep different numbers of tokens (adaptive or global
-eviction), stored back to back without padding."""
+"""Ragged storage: a layer whose KV heads (and rows) keep different numbers of tokens (adaptive or
+global eviction, contexts batched together), stored back to back without padding."""
 
 from __future__ import annotations
 
 import torch
 
+from memfit.kernels.decode_attention import PackedRun
 from memfit.kv.quant import KIVI, QTensor, dequantize, quantize_keys, quantize_values
 
 
+def _starts(lens: torch.Tensor) -> torch.Tensor:
+    """Where each run of ``lens`` starts when they are stored back to back (int64)."""
+    return torch.cumsum(lens.long(), 0) - lens.long()
+
+
 class Ragged:
-    """Per-head token counts that differ (adaptive eviction), stored without padding: every head's
-    tokens back to back, as one flat [1, 1, T, D] sequence. With a quantizer each head's oldest
-    tokens are quantized in whole key groups (so no group spans two heads) and the rest kept in
-    16-bit, as the uniform window would be. Batch size 1."""
+    """Per-head token counts that differ (adaptive eviction), stored without padding: every row and
+    head's tokens back to back (row-major), as one flat [1, 1, T, D] sequence. With a quantizer each
+    head's oldest tokens are quantized in whole key groups (so no group spans two heads) and the rest
+    kept in 16-bit, as the uniform window would be. ``rows``: the batch size (contexts compressed
+    one by one and stacked for decoding together)."""
 
     def __init__(self, lens: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk: QTensor | None = None,
-                 qv: QTensor | None = None):
-        self.lens = lens  # int32 [2, H]: tokens per head, of which quantized
-        self.k, self.v, self.qk, self.qv = k, v, qk, qv
+                 qv: QTensor | None = None, rows: int = 1):
+        self.lens = lens  # int32 [2, rows * H]: tokens per row and head, of which quantized
+        self.k, self.v, self.qk, self.qv, self.rows = k, v, qk, qv, rows
+        total, nq = lens[0].tolist(), lens[1].tolist()  # one read of the small table: sizes are host numbers
+        self.max_len, self.max_q = max(total), max(nq)
+        self.max_w = max(n - q for n, q in zip(total, nq))
+        self._host = (total, nq)
+        self._run: PackedRun | None = None
+
+    @property
+    def heads(self) -> int:
+        return self.lens.shape[1] // self.rows
 
     @classmethod
     def build(cls, keys: torch.Tensor, values: torch.Tensor, idx: list[torch.Tensor], quant: KIVI | None) -> "Ragged":
@@ -34,9 +50,21 @@ class Ragged:
         lens_t = torch.tensor([lens, nq], dtype=torch.int32, device=keys.device)
         return cls(lens_t, flat([k[q:] for k, q in zip(ks, nq)]), flat([v[q:] for v, q in zip(vs, nq)]), qk, qv)
 
-    @property
-    def max_len(self) -> int:
-        return int(self.lens[0].max())
+    @classmethod
+    def stack(cls, parts: "list[Ragged]") -> "Ragged":
+        """The rows of ``parts`` as one batch (their heads and quantization must agree)."""
+        if len({p.heads for p in parts}) != 1:
+            raise ValueError("cannot stack ragged layers with different numbers of KV heads")
+        quantized = [p.qk is not None for p in parts]
+        qk = qv = None
+        if any(quantized):
+            if not all(quantized):  # a part whose heads all fit in their windows: nothing to concatenate
+                raise ValueError("cannot stack ragged layers of which only some hold quantized tokens")
+            qk, qv = parts[0].qk, parts[0].qv
+            for p in parts[1:]:
+                qk, qv = qk.cat(p.qk), qv.cat(p.qv)
+        return cls(torch.cat([p.lens for p in parts], 1), torch.cat([p.k for p in parts], 2),
+                   torch.cat([p.v for p in parts], 2), qk, qv, rows=sum(p.rows for p in parts))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"r_lens": self.lens, "r_k": self.k, "r_v": self.v}
@@ -46,26 +74,54 @@ class Ragged:
         return out
 
     @classmethod
-    def from_tensors(cls, t: dict[str, torch.Tensor], q: dict | None) -> "Ragged":
+    def from_tensors(cls, t: dict[str, torch.Tensor], q: dict | None, rows: int = 1) -> "Ragged":
         qk = qv = None
         if "r_k_codes" in t:
             qk = QTensor.from_tensors(t, "r_k_", q["bits"], "token", q["kgroup"])
             qv = QTensor.from_tensors(t, "r_v_", q["bits"], "channel", q["vgroup"])
-        return cls(t["r_lens"], t["r_k"], t["r_v"], qk, qv)
+        return cls(t["r_lens"], t["r_k"], t["r_v"], qk, qv, rows)
+
+    def run(self, rows: int, quant: KIVI | None) -> PackedRun:
+        """This storage as the decode kernel reads it (flat, from per-row-and-head offsets); a
+        single-row ragged layer read by ``rows`` rows (a fork's parent) gives each row its heads."""
+        if self._run is None:
+            h = self.heads
+            total, nq = self.lens[0], self.lens[1]
+            qoff, woff = _starts(nq).reshape(self.rows, h), _starts(total - nq).reshape(self.rows, h)
+            qlen, wlen = nq.reshape(self.rows, h), (total - nq).reshape(self.rows, h)
+            bits, group = (self.qk.bits, self.qk.group) if self.qk is not None else (
+                (quant.bits, quant.group) if quant is not None else (4, 64))
+            if self.qk is None:
+                r = PackedRun.window_only(self.k, self.v, wlen, bits, group, qoff=qoff, woff=woff, nw=self.max_w)
+            else:
+                r = PackedRun(self.qk.codes, self.qk.scale, self.qk.zero, self.qv.codes, self.qv.scale, self.qv.zero,
+                              self.k, self.v, qlen, wlen, bits, group, qoff=qoff, woff=woff, nq=self.max_q,
+                              nw=self.max_w, total_q=sum(self._host[1]))
+            self._run = r
+        r = self._run
+        if rows == self.rows:
+            return r
+        if self.rows != 1:
+            raise ValueError(f"ragged storage of {self.rows} rows read by {rows}")
+        wide = {n: getattr(r, n).expand(rows, -1).contiguous() for n in ("qoff", "woff", "qlen", "wlen")
+                if isinstance(getattr(r, n), torch.Tensor)}
+        if r.total_q is not None:
+            wide["total_q"] = r.total_q * rows
+        return PackedRun(**{**r.__dict__, **wide})
 
     def dense(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Padded [1, H, max_len, D] keys and values and the [1, H, max_len] mask of real entries."""
-        lens, nq = self.lens[0].tolist(), self.lens[1].tolist()
+        """Padded [rows, H, max_len, D] keys and values and the [rows, H, max_len] mask of real entries."""
+        lens, nq = self._host
         qk = dequantize(self.qk, dtype)[0, 0].split(nq) if self.qk is not None else [None] * len(lens)
         qv = dequantize(self.qv, dtype)[0, 0].split(nq) if self.qv is not None else [None] * len(lens)
         wk = self.k[0, 0].split([n - q for n, q in zip(lens, nq)])
         wv = self.v[0, 0].split([n - q for n, q in zip(lens, nq)])
-        m, d = max(lens), self.k.shape[-1]
-        k = self.k.new_zeros(1, len(lens), m, d, dtype=dtype)
-        v = self.v.new_zeros(1, len(lens), m, self.v.shape[-1], dtype=dtype)
-        mask = torch.zeros(1, len(lens), m, dtype=torch.bool, device=self.k.device)
-        for h, n in enumerate(lens):
-            k[0, h, :n] = torch.cat([t for t in (qk[h], wk[h]) if t is not None])
-            v[0, h, :n] = torch.cat([t for t in (qv[h], wv[h]) if t is not None])
-            mask[0, h, :n] = True
-        return k, v, mask
+        m, d, h = self.max_len, self.k.shape[-1], self.heads
+        k = self.k.new_zeros(self.rows * h, m, d, dtype=dtype)
+        v = self.v.new_zeros(self.rows * h, m, self.v.shape[-1], dtype=dtype)
+        mask = torch.zeros(self.rows * h, m, dtype=torch.bool, device=self.k.device)
+        for i, n in enumerate(lens):
+            k[i, :n] = torch.cat([t for t in (qk[i], wk[i]) if t is not None])
+            v[i, :n] = torch.cat([t for t in (qv[i], wv[i]) if t is not None])
+            mask[i, :n] = True
+        return (k.reshape(self.rows, h, m, d), v.reshape(self.rows, h, m, -1), mask.reshape(self.rows, h, m))

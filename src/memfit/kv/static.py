@@ -10,8 +10,10 @@ spills (whole key groups, exactly as :meth:`memfit.kv.cache.CompressedLayer.upda
 run between steps, in place. :class:`GraphDecoder` drives the steps: it captures the model's
 forward once and replays it (on CUDA), or runs it eagerly (elsewhere), with the same bookkeeping.
 
-``cache.to_static(max_new_tokens)`` converts a cache (plain KIVI, 2 or 4 bits, no evictions in
-flight); ``cache.to_dynamic()`` converts it back, e.g. to store it.
+``cache.to_static(max_new_tokens)`` converts a cache whose storage the decode kernel reads (KIVI at
+2 or 4 bits; evicted, ragged and forked caches too: what eviction kept, and a fork's parent, are
+read-only runs before the layer's own buffers); ``cache.to_dynamic()`` converts it back, e.g. to
+store it.
 """
 
 from __future__ import annotations
@@ -21,21 +23,22 @@ import math
 import torch
 
 from memfit.hfcompat import with_cache
-from memfit.kernels.decode_attention import decode_attention
+from memfit.kernels.decode_attention import PackedRun, decode_attention_runs
 from memfit.kv.quant import KIVI, QTensor, quantize_keys, quantize_values
 
 
 class StaticKIVI:
     """One layer's KIVI storage in fixed buffers: room for ``capacity`` quantized tokens and a
-    window of ``residual + 1`` tokens; ``nq`` / ``w`` (host) and ``qlen`` / ``wlen`` (device, [B, H])
+    window of ``residual + group`` tokens (more than the window ever holds: it spills whole key groups
+    once past ``residual``, and none while it holds less than one group); ``nq`` / ``w`` (host) and ``qlen`` / ``wlen`` (device, [B, H])
     say how much of each is filled."""
 
     def __init__(self, quant: KIVI, qk: QTensor | None, qv: QTensor | None, keys: torch.Tensor,
-                 values: torch.Tensor, capacity: int):
+                 values: torch.Tensor, capacity: int, prefix: list[PackedRun] = ()):
         b, h, w, d = keys.shape
         g, r = quant.group, quant.residual
-        if w > r + 1:
-            raise ValueError(f"static decode: the window holds {w} tokens, more than residual + 1 = {r + 1}")
+        if w >= r + g:
+            raise ValueError(f"static decode: the window holds {w} tokens, residual + group = {r + g} or more")
         self.quant, self.bits = quant, quant.bits
         self.nq = qk.num_tokens if qk is not None else 0
         cap = math.ceil(max(capacity, self.nq) / g) * g
@@ -48,13 +51,19 @@ class StaticKIVI:
         self.qv = QTensor(torch.zeros_like(codes), vs, torch.zeros_like(vs), self.bits, "channel", vgroup)
         if qk is not None:
             self._write(qk, qv, 0)
-        self.keys = keys.new_zeros(b, h, r + 1, d)
-        self.values = values.new_zeros(b, h, r + 1, values.shape[-1])
+        self.keys = keys.new_zeros(b, h, r + g, d)
+        self.values = values.new_zeros(b, h, r + g, values.shape[-1])
         self.keys[:, :, :w], self.values[:, :, :w] = keys, values
         self.w = w
         self.qlen = torch.full((b, h), self.nq, dtype=torch.int32, device=dev)
         self.wlen = torch.full((b, h), w, dtype=torch.int32, device=dev)
         self.wpos = torch.full((1,), w, dtype=torch.long, device=dev)  # where the next token goes
+        # what a step reads: the fixed runs before this layer's own tokens (a ragged context, a
+        # parent), then its buffers, whose lengths the device holds
+        k, v = self.qk, self.qv
+        own = PackedRun(k.codes, k.scale, k.zero, v.codes, v.scale, v.zero, self.keys, self.values, self.qlen,
+                        self.wlen, self.bits, g)
+        self.runs = [*prefix, own]
 
     @property
     def capacity(self) -> int:
@@ -74,8 +83,9 @@ class StaticKIVI:
 
     def before_step(self) -> None:
         """Spill the oldest window tokens that the next token pushes out (what the dynamic cache
-        does right after appending it: the new token itself is never among them)."""
-        f = self.quant.spilled(self.w + 1)
+        does right after appending it, ``CompressedLayer._spill(appended=True)``: the new token is
+        never among them)."""
+        f = min(self.quant.spilled(self.w + 1), self.w // self.quant.group * self.quant.group)
         if f == 0:
             return
         kq = quantize_keys(self.keys[:, :, :f], self.bits, self.quant.group)
@@ -100,10 +110,7 @@ class StaticKIVI:
         self.w += 1
 
     def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
-        k, v = self.qk, self.qv
-        out = decode_attention(query[:, :, 0], k.codes, k.scale, k.zero, v.codes, v.scale, v.zero, self.keys,
-                               self.values, self.qlen, self.wlen, self.bits, scale=scaling, out_dtype=query.dtype)
-        return out.unsqueeze(1)
+        return decode_attention_runs(query[:, :, 0], self.runs, scale=scaling, out_dtype=query.dtype).unsqueeze(1)
 
     def dynamic(self) -> tuple[QTensor | None, QTensor | None, torch.Tensor, torch.Tensor]:
         """(qk, qv, window keys, window values) as the dynamic layer holds them (copies)."""

@@ -1,0 +1,180 @@
+"""Evicted, ragged, forked and stacked caches decode over their packed runs (the decode kernel's
+path; on CPU its torch reference) exactly as over the dequantized tensors; static decode takes
+them too. The kernels themselves are checked against the reference in tests/kernels."""
+
+import pytest
+import torch
+
+import memfit.kv.layer as layer_mod
+from memfit.hfcompat import with_cache
+from memfit.kv.cache import CompressedCache
+from memfit.kv.layer import CompressedLayer
+from memfit.kv.quant import KIVI
+from memfit.kv.static import GraphDecoder
+
+RAGGED = "knorm(keep=0.5,heads=adaptive)+kivi(bits=4,group=16,residual=16)"
+POLICIES = [RAGGED, "knorm(keep=0.4,heads=global)+kivi(bits=2,group=16,residual=16)",
+            "snapkv(keep=0.5)+kivi(bits=4,group=16,residual=16)", "kivi(bits=2,group=16,residual=16)"]
+
+
+def packed_everywhere(monkeypatch) -> list:
+    """The CUDA decode path (attend over the packed runs) on any device; returns a list that
+    counts the packed attention calls."""
+    calls = []
+    real = layer_mod.decode_attention_runs
+    monkeypatch.setattr(CompressedLayer, "fast_decode", lambda self, ks: (
+        self.kernels and ks.shape[-2] == 1 and self.not_packed() is None))
+    monkeypatch.setattr(layer_mod, "decode_attention_runs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def _close(got, want):
+    """Equal until the fork's window first spills (step 16). From then on the packed path has
+    quantized the spilled tokens before the step attends (as the kernel path always has), the dense
+    one after: that step differs by the quantization error, so the rest is compared layer by layer
+    (:func:`_runs_hold_what_the_layer_stores`)."""
+    torch.testing.assert_close(got[:15], want[:15], rtol=1e-4, atol=1e-5)
+
+
+def _runs_hold_what_the_layer_stores(cache, rows):
+    """Attention over a layer's packed runs equals attention over its dequantized storage."""
+    from memfit.kernels.decode_attention import decode_attention_runs_reference
+
+    for layer in cache.layers:
+        k, v, mask = layer.materialize_masked(rows)
+        k, v = k.expand(rows, -1, -1, -1).double(), v.expand(rows, -1, -1, -1).double()
+        q = torch.randn(rows, 4, k.shape[-1], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        logits = torch.einsum("bhgd,bhnd->bhgn", q.reshape(rows, k.shape[1], -1, k.shape[-1]), k) / k.shape[-1] ** 0.5
+        if mask is not None:
+            logits = logits.masked_fill(~mask.expand(rows, -1, -1).unsqueeze(2), float("-inf"))
+        want = torch.einsum("bhgn,bhnd->bhgd", logits.softmax(-1), v).reshape(rows, 4, -1)
+        got = decode_attention_runs_reference(q, layer.runs(rows))
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def _decode(model, cache, feed):
+    with torch.no_grad():
+        return torch.stack([model(feed[:, i : i + 1], **with_cache(model, cache)).logits[:, -1]
+                            for i in range(feed.shape[1])])
+
+
+def _context(lm, policy, seed=0, n=200):
+    ids = torch.randint(0, 250, (1, n), generator=torch.Generator().manual_seed(seed))
+    return lm.prefill_ids(ids, policy).cache
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_forks_of_evicted_caches_decode_over_packed_runs_like_dense_attention(tiny_lm, policy, monkeypatch):
+    cache = _context(tiny_lm, policy)
+    assert all(layer.not_packed() is None for layer in cache.layers)
+    feed = torch.randint(0, 250, (3, 40), generator=torch.Generator().manual_seed(1))  # past a window spill
+    dense = _decode(tiny_lm.model, cache.fork(3), feed)
+    calls = packed_everywhere(monkeypatch)
+    got = _decode(tiny_lm.model, cache.fork(3).use_kernels(), feed)
+    assert len(calls) == 40 * len(cache.layers)  # every step of every layer read the packed runs
+    _close(got, dense)
+    fork = cache.fork(3).use_kernels()
+    _decode(tiny_lm.model, fork, feed)
+    assert fork.layers[0].qk is not None  # the fork's own window spilled: its codes are a run too
+    _runs_hold_what_the_layer_stores(fork, 3)
+
+
+def test_what_the_kernel_cannot_read_says_why(tiny_lm):
+    for policy, why in (("kivi(bits=4,outliers=0.02)", "outliers"), ("kivi(bits=8)", "2 or 4 bits"),
+                        ("knorm(keep=0.5)", "no KIVI quantizer")):
+        layer = _context(tiny_lm, policy, n=80).layers[0]
+        assert why in layer.not_packed()
+        fork = CompressedLayer(KIVI(bits=4), parent=layer)  # itself readable: the parent is what is not
+        fork.lazy_initialization(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16))
+        assert fork.not_packed().startswith("a parent with")
+
+
+def test_static_decode_of_a_ragged_fork_equals_the_dynamic_cache(tiny_lm, monkeypatch):
+    packed_everywhere(monkeypatch)
+    # key groups longer than the residual: the window holds up to 31 tokens before it spills
+    cache = _context(tiny_lm, "knorm(keep=0.5,heads=adaptive)+kivi(bits=4,group=32,residual=8)")
+    feed = torch.randint(0, 250, (2, 40), generator=torch.Generator().manual_seed(2))
+    want = _decode(tiny_lm.model, cache.fork(2).use_kernels(), feed)  # the dynamic cache's packed path
+    fork = cache.fork(2).use_kernels()
+    # converted when its window holds more than residual + 1 tokens
+    first = _decode(tiny_lm.model, fork, feed[:, :20])
+    assert fork.layers[0].keys.shape[-2] == 20
+    dec = GraphDecoder(tiny_lm.model, fork.to_static(max_new_tokens=40))
+    got = torch.cat([first, torch.stack([dec.step(feed[:, i : i + 1]).clone() for i in range(20, 40)])])
+    assert fork.static_layers[0].nq > 0  # the fork's own window spilled while decoding
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # back to a dynamic cache: it decodes on like a fork that decoded the same tokens dynamically
+    fork.to_dynamic()
+    more = torch.randint(0, 250, (2, 3), generator=torch.Generator().manual_seed(3))
+    other = cache.fork(2).use_kernels()
+    _decode(tiny_lm.model, other, feed)
+    torch.testing.assert_close(_decode(tiny_lm.model, fork, more), _decode(tiny_lm.model, other, more),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_stacked_contexts_decode_together_like_each_alone(tiny_lm, monkeypatch):
+    calls = packed_everywhere(monkeypatch)
+    caches = [_context(tiny_lm, RAGGED, seed=s) for s in (4, 5, 6)]
+    lens = [layer.ragged.lens[0].tolist() for layer in (c.layers[0] for c in caches)]
+    assert len({tuple(x) for x in lens}) > 1  # the rows keep different counts per head
+    feed = torch.randint(0, 250, (3, 20), generator=torch.Generator().manual_seed(7))
+    alone = torch.cat([_decode(tiny_lm.model, c.fork(1).use_kernels(), feed[i : i + 1]) for i, c in enumerate(caches)], dim=1)
+    stacked = CompressedCache.stack(caches).use_kernels()
+    assert stacked.nbytes == sum(c.nbytes for c in caches)
+    calls.clear()
+    together = _decode(tiny_lm.model, stacked, feed)
+    assert len(calls) == 20 * len(stacked.layers)
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
+    _runs_hold_what_the_layer_stores(stacked, 3)
+    tensors, state = stacked.to_state()  # a stacked cache stores and loads like any other
+    back = CompressedCache.from_state(tensors, state)
+    assert back.nbytes == stacked.nbytes and back.layers[0].ragged.rows == 3
+    with pytest.raises(ValueError, match="tokens against"):
+        CompressedCache.stack([caches[0], _context(tiny_lm, RAGGED, n=150)])
+    with pytest.raises(ValueError, match="different policies"):
+        CompressedCache.stack([caches[0], _context(tiny_lm, "kivi(bits=2,group=16,residual=16)")])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_ragged_forked_and_stacked_caches_decode_through_the_kernels_on_cuda(monkeypatch):
+    """The real kernels (CUDA, bf16, head_dim 64) against the reference on the same caches: a fork
+    of a ragged context, stacked contexts, and the stacked cache replayed as CUDA graphs."""
+    from conftest import byte_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from memfit.api import LM
+    from memfit.kernels import decode_attention as kernels
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=64, max_position_embeddings=8192)
+    cfg._attn_implementation = "memfit"
+    lm = LM(LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval(), byte_tokenizer(), name="tiny-cuda")
+    policy = "knorm(keep=0.5,heads=adaptive)+kivi(bits=4,group=32,residual=32)"
+    caches = [lm.prefill_ids(torch.randint(0, 250, (1, 1500), device="cuda"), policy).cache for _ in range(3)]
+    feed = torch.randint(0, 250, (3, 40), device="cuda")
+    calls = []
+    real = layer_mod.decode_attention_runs
+
+    def runs(on_kernel):
+        fn = real if on_kernel else (lambda q, r, scale=None, out_dtype=None, **k:
+                                     kernels.decode_attention_runs_reference(q, r, scale).to(out_dtype))
+        monkeypatch.setattr(layer_mod, "decode_attention_runs", lambda *a, **k: calls.append(1) or fn(*a, **k))
+
+    out = {}
+    for on_kernel in (True, False):
+        runs(on_kernel)
+        out[on_kernel] = (_decode(lm.model, caches[0].fork(3).use_kernels(), feed),
+                          _decode(lm.model, CompressedCache.stack(caches).use_kernels(), feed))
+    assert len(calls) == 2 * 2 * 40 * 2
+    for got, want in zip(out[True], out[False]):
+        err = (got - want).abs().max().item()
+        print(f"logits max abs difference kernel vs reference {err:.3e}")
+        assert err < 0.05 * want.abs().max().item()
+    runs(True)
+    stacked = CompressedCache.stack(caches).use_kernels()
+    first = _decode(lm.model, stacked, feed[:, :1])
+    dec = GraphDecoder(lm.model, stacked.to_static(max_new_tokens=48))  # replayed as a CUDA graph
+    graphed = torch.cat([first, torch.stack([dec.step(feed[:, i : i + 1]).clone() for i in range(1, 40)])])
+    assert (graphed - out[True][1]).abs().max() < 0.05 * out[True][1].abs().max()
