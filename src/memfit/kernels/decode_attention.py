@@ -411,11 +411,11 @@ def _gluon_fits(q: torch.Tensor, r: PackedRun) -> bool:
     word = 8 if r.bits == 2 else 4
     rows_aligned = r.offsets or (all(st * 2 % word == 0 for st in ks.stride()[:2])
                                  and all(st % 4 == 0 for st in vc.stride()[:2]))
-    return (gluon_decode.supports(d, r.bits, r.kgroup, nvg, q.shape[1] // r.heads())
+    # a run of window tokens only takes the Triton kernel (Gluon does not compile empty code tensors)
+    return (r.max_q > 0 and gluon_decode.supports(d, r.bits, r.kgroup, nvg, q.shape[1] // r.heads())
             and all(t.data_ptr() % 16 == 0 for t in (kc, ks, kz, vc, vs, vz)) and rows_aligned
-            and (r.max_q == 0 or (kc.stride(2) == dp and vc.stride(2) == dp and ks.stride(2) == d
-                                  and vs.stride(2) == nvg and kz.stride() == ks.stride() and vz.stride() == vs.stride()
-                                  and vc.stride() == kc.stride()))
+            and kc.stride(2) == dp and vc.stride(2) == dp and ks.stride(2) == d and vs.stride(2) == nvg
+            and kz.stride() == ks.stride() and vz.stride() == vs.stride() and vc.stride() == kc.stride()
             and kw.stride(2) == d and vw.stride() == kw.stride())
 
 
