@@ -146,6 +146,11 @@ class LM:
         return self.context_from_entry(Entry.from_bytes(path.read_bytes()))
 
     @property
+    def _uses_kernels(self) -> bool:
+        """Whether decode steps may read packed KV with the kernels (memfit's attention runs them)."""
+        return getattr(self.model.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
@@ -309,6 +314,8 @@ class LM:
             cache = base.derive(p, obs)
             if fit is not None:
                 p, cache = spend_slack(lambda q: base.derive(q, obs), p, cache, fit)
+            if self.device.type == "cuda" and self._uses_kernels:  # not in the first answer
+                cache.warm_kernels(self.model.config.get_text_config().num_attention_heads)
             scored = score_s if "reconstruction" in p.observes() else 0.0
             ctx = Context(cache, input_ids, p, forward_s + scored + time.perf_counter() - t1, lm=self)
             if scored:
@@ -432,7 +439,7 @@ class LM:
         pos = past + (attn[:, past:].cumsum(-1) - 1).clamp_min(0)
         gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
         # decode steps read the packed context directly (CUDA) when no row is padded
-        cache = ctx.cache.fork(b).use_kernels(getattr(self.model.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION)
+        cache = ctx.cache.fork(b).use_kernels(self._uses_kernels)
         next_pos = past + lengths
         step_ids = input_ids
         stops = torch.tensor(sorted(self.stop_ids), dtype=torch.long, device=dev)

@@ -178,3 +178,15 @@ def test_ragged_forked_and_stacked_caches_decode_through_the_kernels_on_cuda(mon
     dec = GraphDecoder(lm.model, stacked.to_static(max_new_tokens=48))  # replayed as a CUDA graph
     graphed = torch.cat([first, torch.stack([dec.step(feed[:, i : i + 1]).clone() for i in range(1, 40)])])
     assert (graphed - out[True][1]).abs().max() < 0.05 * out[True][1].abs().max()
+
+
+def test_the_warm_up_runs_are_what_a_fork_reads(tiny_lm):
+    """``warm_kernels`` (CUDA) compiles the kernels for these runs: here their reference attends."""
+    from memfit.kernels.decode_attention import decode_attention_runs_reference
+
+    for policy in (RAGGED, "kivi(bits=2,group=16,residual=16)"):
+        steps = _context(tiny_lm, policy).warm_runs(4)
+        assert len(steps) == 2
+        for q, runs in steps:
+            assert torch.isfinite(decode_attention_runs_reference(q, runs)).all()
+    assert _context(tiny_lm, "knorm(keep=0.5)").warm_runs(4) == []  # no quantizer: nothing the kernel reads

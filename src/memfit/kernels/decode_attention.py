@@ -518,7 +518,7 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
                            num_stages=num_stages or (3 if r.bits == 4 else 2))
         s0 += nslices
     out = torch.empty(b, hq, d, device=q.device, dtype=out_dtype)
-    sp = triton.next_power_of_2(nsplit)
+    sp = max(64, triton.next_power_of_2(nsplit))  # one variant for any count up to 64 (no compile as a fork grows)
     db = max(8, min(d, 8192 // sp))  # channels a merge program: its [splits, channels] block stays small
     _merge_kernel[(b, hq, d // db)](acc, m, lsum, out, h, nsplit, G=g, D=d, SP=sp, DB=db)
     return out
