@@ -315,7 +315,11 @@ class LM:
             if fit is not None:
                 p, cache = spend_slack(lambda q: base.derive(q, obs), p, cache, fit)
             if self.device.type == "cuda" and self._uses_kernels:  # not in the first answer
-                cache.warm_kernels(self.model.config.get_text_config().num_attention_heads)
+                try:
+                    cache.warm_kernels(self.model.config.get_text_config().num_attention_heads)
+                except Exception as e:  # an optimization: the first decode step meets (and reports) it again
+                    log.warning("decode kernels not warmed up (%s: %s); the first answer compiles them",
+                                type(e).__name__, e)
             scored = score_s if "reconstruction" in p.observes() else 0.0
             ctx = Context(cache, input_ids, p, forward_s + scored + time.perf_counter() - t1, lm=self)
             if scored:
