@@ -129,8 +129,9 @@ def test_stacked_contexts_decode_together_like_each_alone(tiny_lm, monkeypatch):
     tensors, state = stacked.to_state()  # a stacked cache stores and loads like any other
     back = CompressedCache.from_state(tensors, state)
     assert back.nbytes == stacked.nbytes and back.layers[0].ragged.rows == 3
-    with pytest.raises(ValueError, match="tokens against"):
-        CompressedCache.stack([caches[0], _context(tiny_lm, RAGGED, n=150)])
+    plain = "kivi(bits=2,group=16,residual=16)"
+    with pytest.raises(ValueError, match="tokens against 200 in uniform storage"):
+        CompressedCache.stack([_context(tiny_lm, plain), _context(tiny_lm, plain, n=150)])
     with pytest.raises(ValueError, match="different policies"):
         CompressedCache.stack([caches[0], _context(tiny_lm, "kivi(bits=2,group=16,residual=16)")])
 
@@ -190,3 +191,35 @@ def test_the_warm_up_runs_are_what_a_fork_reads(tiny_lm):
         for q, runs in steps:
             assert torch.isfinite(decode_attention_runs_reference(q, runs)).all()
     assert _context(tiny_lm, "knorm(keep=0.5)").warm_runs(4) == []  # no quantizer: nothing the kernel reads
+
+
+def _decode_at(model, cache, feed):
+    """Decode steps with each row's own positions (contexts of different lengths)."""
+    out = []
+    with torch.no_grad():
+        for i in range(feed.shape[1]):
+            pos = cache.positions().unsqueeze(-1)
+            out.append(model(feed[:, i : i + 1], position_ids=pos, **with_cache(model, cache)).logits[:, -1])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_contexts_of_different_lengths_decode_together_at_their_own_positions(tiny_lm, monkeypatch, packed):
+    if packed:
+        packed_everywhere(monkeypatch)
+    caches = [_context(tiny_lm, RAGGED, seed=s, n=n) for s, n in ((4, 150), (5, 200), (6, 260))]
+    feed = torch.randint(0, 250, (3, 24), generator=torch.Generator().manual_seed(8))
+    alone = torch.cat([_decode(tiny_lm.model, c.fork(1).use_kernels(packed), feed[i : i + 1])
+                       for i, c in enumerate(caches)], dim=1)
+    stacked = CompressedCache.stack(caches).use_kernels(packed)
+    assert stacked.positions().tolist() == [150, 200, 260] and stacked.get_seq_length() == 260
+    assert stacked.full_nbytes == sum(c.full_nbytes for c in caches)
+    torch.testing.assert_close(_decode_at(tiny_lm.model, stacked, feed), alone, rtol=1e-4, atol=1e-5)
+    assert stacked.positions().tolist() == [174, 224, 284]
+    if packed:  # the same batch replayed step by step in fixed buffers
+        again = CompressedCache.stack(caches).use_kernels()
+        dec = GraphDecoder(tiny_lm.model, again.to_static(max_new_tokens=32))
+        got = torch.stack([dec.step(feed[:, i : i + 1]).clone() for i in range(feed.shape[1])])
+        torch.testing.assert_close(got, alone, rtol=1e-4, atol=1e-5)
+        tensors, state = stacked.to_state()
+        assert CompressedCache.from_state(tensors, state).positions().tolist() == [174, 224, 284]

@@ -158,9 +158,11 @@ class CompressedCache(Cache):
     def stack(cls, caches: "list[CompressedCache]") -> "CompressedCache":
         """Contexts compressed one by one, as one batch to decode together (a server batching
         requests): each layer's rows side by side; evicted (ragged) contexts keep their own lengths
-        per row and head, read through offsets without padding. The contexts must have the same
-        policy and logical length, and the same numbers of quantized and window tokens beyond what
-        eviction kept (true right after prefill); no forks, outliers or low rank."""
+        per row and head, read through offsets without padding. Contexts of different lengths keep
+        their own positions (:meth:`positions`: decode with ``position_ids`` from it, as
+        ``GraphDecoder`` does). The contexts must have the same policy, and the same numbers of
+        quantized and window tokens beyond what eviction kept (true right after prefill, and for
+        evicted contexts with the same 16-bit tail); no forks, outliers, pre-RoPE keys or low rank."""
         if not caches:
             raise ValueError("stack() needs at least one cache")
         first = caches[0]
@@ -176,7 +178,8 @@ class CompressedCache(Cache):
                 (la.defer or not la.is_initialized, "nothing compressed"),
                 (la.basis is not None or la.kc is not None, "low-rank keys"),
                 (any(q is not None and q.out_idx is not None for q in (la.qk, la.ragged and la.ragged.qk)), "outliers"),
-                (la.seen != p0.seen, f"{la.seen} tokens against {p0.seen}"),
+                (la.seen != p0.seen and la.ragged is None, f"{la.seen} tokens against {p0.seen} in uniform storage"),
+                (la.pre_rope, "pre-RoPE keys"),
                 ((la.ragged is None) != (p0.ragged is None), "ragged and uniform storage"),
                 (la.keys.shape[2:] != p0.keys.shape[2:] or (la.qk is None) != (p0.qk is None)
                  or (la.qk is not None and la.qk.num_tokens != p0.qk.num_tokens), "different uniform lengths"),
@@ -187,7 +190,9 @@ class CompressedCache(Cache):
             layer.lazy_initialization(p0.keys, p0.values)
             layer.keys = torch.cat([la.keys for la in parts])
             layer.values = torch.cat([la.values for la in parts])
-            layer.seen, layer.kernels = p0.seen, p0.kernels
+            layer.seen, layer.kernels = max(la.seen for la in parts), p0.kernels
+            lag = [layer.seen - la.seen for la in parts for _ in range(la.keys.shape[0])]
+            layer.row_lag = lag if any(lag) else None
             if p0.qk is not None:
                 layer.qk, layer.qv = (QTensor(*(torch.cat([getattr(q, n) for q in qs]) for n in ("codes", "scale", "zero")),
                                               qs[0].bits, qs[0].axis, qs[0].group)
@@ -295,7 +300,7 @@ class CompressedCache(Cache):
             tensors.update({f"l{i}.{n}": t.contiguous() for n, t in layer.tensors().items()})
             q, qv = (layer.qk, layer.qv) if layer.qk is not None else (
                 (layer.ragged.qk, layer.ragged.qv) if layer.ragged is not None else (None, None))
-            layers.append({"seen": layer.seen, "dtype": str(layer.dtype).removeprefix("torch.") if layer.is_initialized else None,
+            layers.append({"seen": layer.seen, **({"row_lag": layer.row_lag} if layer.row_lag else {}), "dtype": str(layer.dtype).removeprefix("torch.") if layer.is_initialized else None,
                            "q": None if q is None else {"bits": q.bits, "kgroup": q.group, "vgroup": qv.group}})
         if self.rope is not None and getattr(self.policy.quant, "pre_rope", False):
             # what puts RoPE back on the stored keys (and takes it off those a restored cache reads later)
@@ -313,6 +318,7 @@ class CompressedCache(Cache):
         cache = cls(state["policy"] if policy is None else policy, len(state["layers"]), rope=rope)
         for i, (layer, info) in enumerate(zip(cache.layers, state["layers"])):
             layer.seen = int(info["seen"])
+            layer.row_lag = info.get("row_lag")
             if info["dtype"] is None:
                 continue
             t = {n.split(".", 1)[1]: v.to(device) for n, v in tensors.items() if n.startswith(f"l{i}.")}
@@ -358,6 +364,16 @@ class CompressedCache(Cache):
         return self
 
     # -- figures -----------------------------------------------------------------------------------
+    def positions(self) -> torch.Tensor:
+        """[B] position of each row's next token (its logical length): rows of a stacked cache whose
+        contexts differ in length differ; ``get_seq_length`` is the longest."""
+        layer = self.layers[0]
+        dev = layer.keys.device if layer.is_initialized else None
+        pos = torch.full((layer.keys.shape[0] if layer.is_initialized else 1,), layer.seen, dtype=torch.long, device=dev)
+        if layer.row_lag is not None:
+            pos -= torch.tensor(layer.row_lag, dtype=torch.long, device=dev)
+        return pos
+
     @property
     def num_tokens(self) -> int:
         """Logical tokens seen (evicted ones included)."""
@@ -376,5 +392,5 @@ class CompressedCache(Cache):
             if layer.is_initialized:
                 b, h, _, d = layer.keys.shape
                 own = layer.seen - (layer.parent.seen if layer.parent is not None else 0)
-                total += 2 * b * h * own * d * FULL_BYTES_PER_ELEMENT
+                total += 2 * h * (b * own - sum(layer.row_lag or [])) * d * FULL_BYTES_PER_ELEMENT
         return total

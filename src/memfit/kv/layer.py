@@ -85,6 +85,7 @@ class CompressedLayer(CacheLayerMixin):
         self._parent_kv: tuple | None = None  # parent dequantized once per fork: (keys, values, mask)
         self._view: tuple | None = None  # a fork's attention buffer: the parent, then its own tokens
         self.seen = parent.get_seq_length() if parent is not None else 0  # logical tokens, evicted ones included
+        self.row_lag: list[int] | None = None  # per row, tokens fewer than ``seen`` (stacked contexts)
         self.static: StaticKIVI | None = None  # fixed buffers for graph-captured decoding (to_static)
         self._room: tuple | None = None  # reserve(): window buffers with room to append in place
 

@@ -151,7 +151,7 @@ class GraphDecoder:
             layer.before_step()
         seen = self.cache.get_seq_length()
         self.ids.copy_(tokens.reshape(self.ids.shape))
-        self.pos.fill_(seen)
+        self.pos.copy_(self.cache.positions().reshape(self.pos.shape))  # per row: stacked contexts may differ
         self.cache_pos.fill_(seen)
         if not self.graph or not self._warm:
             logits = self._forward()
