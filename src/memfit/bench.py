@@ -321,14 +321,48 @@ def _cuda_ms(fn, reps: int = 100, graph: bool = False) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=reps, return_mode="median"))
 
 
+@torch.no_grad()
+def policy_cache(spec: str, batch: int, kv_heads: int, q_heads: int, tokens: int, head_dim: int,
+                 device: "torch.device | str" = "cpu", dtype: torch.dtype = torch.bfloat16, layers: int = 1,
+                 seed: int = 0):
+    """A CompressedCache of ``layers`` layers holding random KV for ``batch`` x ``tokens``, compressed
+    under ``spec`` as a prefill would: what a real cache of that policy stores (layout, bytes),
+    without a model. Random observations stand in for what a model shows: heavy-tailed scores for
+    KVzip's repeat pass and H2O's sums, random window queries for SnapKV. Evicting policies compress
+    each row alone and stack the rows (ragged rows and heads), as ``bench decode`` does."""
+    from memfit.kv.cache import CompressedCache
+    from memfit.kv.evict import Observation
+    from memfit.kv.policy import parse_policy
+
+    pol = parse_policy(spec)
+    g = torch.Generator(device=device).manual_seed(seed)
+    per_row = bool(pol.evictions)
+    parts = []
+    for _ in range(batch if per_row else 1):
+        rb = 1 if per_row else batch
+        cache = CompressedCache(pol, layers, defer=True, dtype=dtype)
+        obs = {}
+        for i, layer in enumerate(cache.layers):
+            k, v = (torch.randn(rb, kv_heads, tokens, head_dim, device=device, dtype=dtype, generator=g) for _ in range(2))
+            layer.update(k, v)
+            scores = lambda: torch.rand(rb, kv_heads, tokens, device=device, generator=g) ** 8  # noqa: E731
+            obs[i] = Observation(torch.randn(rb, q_heads, 32, head_dim, device=device, dtype=dtype, generator=g),
+                                 scores(), scores())
+        cache.compress(obs)
+        parts.append(cache)
+    return CompressedCache.stack(parts) if per_row else parts[0]
+
+
 def bench_attention(shapes: list[tuple[int, int]], q_heads: int = 32, kv_heads: int = 8, head_dim: int = 128,
-                    bits: tuple[int, ...] = (4, 2), window: int = 128) -> list[dict]:
+                    bits: tuple[int, ...] = (4, 2), window: int = 128, policies: tuple[str, ...] = ()) -> list[dict]:
     """One decode step of attention: bf16 SDPA over a 16-bit cache vs memfit's kernel over the
     packed KIVI cache of the same tokens (plus a ``window`` of 16-bit recent tokens), and over
     ragged storage (KVzip's: every row and head its own length, read from offsets) of about the
     same bytes. Both are timed as CUDA graphs: kernel time without the host's launch overhead,
     which on a slow host exceeds a 0.1 ms kernel (the eager launch cost is measured end to end by
-    ``bench_decode``). ``*_hbm_fraction``: bytes read / time / HBM peak (the roofline)."""
+    ``bench_decode``). ``*_hbm_fraction``: bytes read / time / HBM peak (the roofline).
+    ``policies``: also one step over a layer stored under each policy spec (see :func:`policy_cache`),
+    as ``rows[i]["policies"][spec]``."""
     import torch.nn.functional as F
 
     from memfit.kernels.decode_attention import (
@@ -381,6 +415,19 @@ def bench_attention(shapes: list[tuple[int, int]], q_heads: int = 32, kv_heads: 
             if peak:
                 row[f"kivi{nb}_hbm_fraction"] = packed / (ms * 1e-3) / peak
                 row[f"ragged{nb}_hbm_fraction"] = rbytes / (rms * 1e-3) / peak
+        row["policies"] = {}
+        for spec in policies:
+            layer = policy_cache(spec, b, kv_heads, q_heads, n, head_dim, dev).layers[0]
+            why = layer.not_packed()
+            if why:
+                row["policies"][spec] = {"error": f"the kernel does not read it: {why}"}
+                continue
+            runs, qq = layer.runs(b), q[:, :, 0]
+            pms = _cuda_ms(lambda: decode_attention_runs(qq, runs), graph=True)  # noqa: B023
+            err = (decode_attention_runs(qq, runs) - decode_attention_runs_reference(qq, runs)).abs().max().item()
+            row["policies"][spec] = {"ms": pms, "bytes": layer.nbytes, "speedup": sdpa / pms, "max_abs_err": err,
+                                     "ratio": row["kv_bf16_bytes"] / layer.nbytes,
+                                     **({"hbm_fraction": layer.nbytes / (pms * 1e-3) / peak} if peak else {})}
         # quantize-and-pack of this whole cache (what prefill's end does per layer), kernel vs torch,
         # beside the causal SDPA of the same tokens (a lower bound of one layer's prefill)
         kq, vq = k[:, :, : n - window], v[:, :, : n - window]

@@ -514,6 +514,8 @@ def bench_store(
 @bench_app.command("attention")
 def bench_attention_cmd(
     shapes: list[str] = typer.Option(["1x131072", "8x32768", "1x32768", "1x8192"], "--shape", help="BATCHxTOKENS."),
+    policies: list[str] = typer.Option([], "--policy", "-p", help="Also time a layer stored under this policy "
+                                       "spec (random KV; evictions scored at random); repeat."),
     out: Path = typer.Option(Path("results/bench_attention.json"), "--out", "-o"),
 ) -> None:
     """GPU: one decode step of attention, bf16 SDPA vs the packed 4/2-bit kernel (Llama-3.1-8B heads)."""
@@ -521,8 +523,10 @@ def bench_attention_cmd(
 
     from memfit.bench import bench_attention
 
+    for spec in policies:
+        _policy(spec)  # a bad spec fails before the GPU work
     _need_cuda("bench attention")
-    rows = bench_attention([tuple(int(x) for x in s.lower().split("x")) for s in shapes])
+    rows = bench_attention([tuple(int(x) for x in s.lower().split("x")) for s in shapes], policies=tuple(policies))
     _write_json(out, {"device": torch.cuda.get_device_name(), "rows": rows})
     typer.echo(f"{'batch':>5} {'tokens':>7} {'sdpa ms':>8} {'4-bit ms':>8} {'x':>5} {'2-bit ms':>8} {'x':>5} {'err4':>8} "
                f"{'err2':>8} {'triton 4/2-bit ms':>18}")
@@ -537,6 +541,11 @@ def bench_attention_cmd(
                    f"{r['ragged2_vs_plain_per_byte']:.2f}x plain"
                    + (f"; HBM peak fraction sdpa {r['sdpa_bf16_hbm_fraction']:.0%}, 4-bit {r['kivi4_hbm_fraction']:.0%}, "
                       f"2-bit {r['kivi2_hbm_fraction']:.0%}" if "kivi4_hbm_fraction" in r else ""))
+    for r in rows:
+        for spec, p in r["policies"].items():
+            typer.echo(f"{r['batch']}x{r['tokens']} {spec}: " + (p["error"] if "error" in p else
+                       f"{p['ms']:.4f} ms ({p['speedup']:.2f}x SDPA) at {p['ratio']:.1f}x fewer bytes"
+                       + (f", {p['hbm_fraction']:.0%} of HBM peak" if "hbm_fraction" in p else "")))
     for r in rows:
         pre = f", causal SDPA prefill of the same tokens {r['prefill_attention_ms']:.2f} ms" if "prefill_attention_ms" in r else ""
         typer.echo(f"{r['batch']}x{r['tokens']}: 4-bit quantize-and-pack of one layer's K+V {r['pack4_ms']:.3f} ms "

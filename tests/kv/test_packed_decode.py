@@ -223,3 +223,24 @@ def test_contexts_of_different_lengths_decode_together_at_their_own_positions(ti
         torch.testing.assert_close(got, alone, rtol=1e-4, atol=1e-5)
         tensors, state = stacked.to_state()
         assert CompressedCache.from_state(tensors, state).positions().tolist() == [174, 224, 284]
+
+
+@pytest.mark.parametrize("spec", ["kvzip(keep=0.42)+kivi(bits=4,residual=32)", "snapkv(keep=0.3)+kivi(bits=2)",
+                                  "kivi(bits=4)"])
+def test_a_policy_cache_without_a_model_stores_what_the_policy_keeps(spec):
+    """``memfit bench attention -p`` times a layer built this way: random KV, compressed as a prefill
+    would (evicting policies row by row, then stacked)."""
+    from memfit.bench import policy_cache
+    from memfit.kernels.decode_attention import decode_attention_runs_reference
+
+    cache = policy_cache(spec, batch=2, kv_heads=2, q_heads=4, tokens=512, head_dim=64)
+    layer = cache.layers[0]
+    assert layer.not_packed() is None and cache.positions().tolist() == [512, 512]
+    assert layer.nbytes < 0.5 * cache.full_nbytes  # quantized (and evicted where asked)
+    if "kvzip" in spec:  # KVzip's heads are ragged: every row and head keeps its own count
+        lens = layer.ragged.lens[0].tolist()
+        assert len(set(lens)) > 1 and abs(sum(lens) - 2 * 2 * 0.42 * 512) <= 4
+    else:
+        assert layer.stored_tokens() == (round(0.3 * 512) if "snapkv" in spec else 512)
+    q = torch.randn(2, 4, 64, dtype=torch.bfloat16)
+    assert torch.isfinite(decode_attention_runs_reference(q, layer.runs(2))).all()
