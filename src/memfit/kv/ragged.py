@@ -30,6 +30,7 @@ class Ragged:
         self.max_w = max(n - q for n, q in zip(total, nq))
         self._host = (total, nq)
         self._run: PackedRun | None = None
+        self._wide: dict[int, PackedRun] = {}  # the run as read by a fork of so many rows
 
     @property
     def heads(self) -> int:
@@ -103,11 +104,13 @@ class Ragged:
             return r
         if self.rows != 1:
             raise ValueError(f"ragged storage of {self.rows} rows read by {rows}")
-        wide = {n: getattr(r, n).expand(rows, -1).contiguous() for n in ("qoff", "woff", "qlen", "wlen")
-                if isinstance(getattr(r, n), torch.Tensor)}
-        if r.total_q is not None:
-            wide["total_q"] = r.total_q * rows
-        return PackedRun(**{**r.__dict__, **wide})
+        if rows not in self._wide:  # built once: a fork's every decode step reads it
+            wide = {n: getattr(r, n).expand(rows, -1).contiguous() for n in ("qoff", "woff", "qlen", "wlen")
+                    if isinstance(getattr(r, n), torch.Tensor)}
+            if r.total_q is not None:
+                wide["total_q"] = r.total_q * rows
+            self._wide[rows] = PackedRun(**{**r.__dict__, **wide})
+        return self._wide[rows]
 
     def dense(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Padded [rows, H, max_len, D] keys and values and the [rows, H, max_len] mask of real entries."""
