@@ -696,10 +696,14 @@ def serve(
     port: int = typer.Option(8000),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MEMFIT_API_KEY", help="Require Bearer KEY."),
     max_queue: int = typer.Option(16, help="Requests waiting or running before 429."),
-    max_tokens: int = typer.Option(1024, help="Largest max_tokens accepted."),
+    max_tokens: int = typer.Option(1024, help="Largest max_tokens accepted (and the default where a request sets none)."),
     max_context_tokens: Optional[int] = typer.Option(None, help="Longest prompt/context (default: the model's)."),
     max_body_mb: float = typer.Option(4.0, help="Largest request body, MiB."),
     reuse_prompts: bool = typer.Option(True, help="Store long plain prompts and reuse their prefixes."),
+    served_model_name: Optional[str] = typer.Option(None, help="The model id clients send and /v1/models lists "
+                                                    "(default: the model's name); other ids get 404."),
+    request_timeout: float = typer.Option(300.0, help="Seconds of generation after which an answer is cut short "
+                                          "(finish_reason 'length'), freeing the model for the others."),
 ) -> None:
     """OpenAI-compatible HTTP server (chat/completions, streaming) with stored compressed contexts."""
     import uvicorn
@@ -718,7 +722,8 @@ def serve(
     limit = max_context_tokens or getattr(lm.model.config, "max_position_embeddings", 8192)
     cfg = ServeConfig(policy=policy, api_key=api_key, max_body_bytes=int(max_body_mb * 2**20),
                       max_context_tokens=limit, max_tokens=max_tokens, max_queue=max_queue,
-                      model_name=Path(model).name if Path(model).exists() else model, reuse_prompts=reuse_prompts)
+                      model_name=served_model_name or (Path(model).name if Path(model).exists() else model),
+                      reuse_prompts=reuse_prompts, request_timeout=request_timeout)
     uvicorn.run(create_app(lm, st, cfg), host=host, port=port, log_level="warning")
 
 

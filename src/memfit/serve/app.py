@@ -13,7 +13,7 @@ import re
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -44,8 +44,9 @@ class ServeConfig:
     max_context_tokens: int = 8192
     max_tokens: int = 1024
     max_queue: int = 16
-    model_name: str = "smollm2"
+    model_name: str = "smollm2"  # what /v1/models lists; a request naming another model gets 404
     reuse_prompts: bool = True  # store long plain prompts and reuse their prefixes
+    request_timeout: float = 300.0  # seconds of generation before an answer is cut (finish_reason "length")
 
 
 def _check_id(context_id: str) -> None:
@@ -314,7 +315,21 @@ def create_app(lm: LM, store: ContextStore, config: ServeConfig | None = None) -
         """memfit: the context store's hits, misses and bytes per tier."""
         return await srv.on_worker(srv.store.stats)
 
+    async def _pieces(it: Iterator[str], deadline: float) -> AsyncIterator[str]:
+        """The answer's pieces, the model taken for one step at a time: concurrent requests take
+        turns (asyncio's lock serves waiters first come, first served), so a long answer cannot hold
+        the model while shorter ones wait. Past ``deadline`` the answer stops, as if at max_tokens."""
+        while time.monotonic() < deadline:
+            async with srv.lock:
+                piece = await srv.on_worker(next, it, None)
+            if piece is None:
+                return
+            yield piece
+
     async def _answer(kind: str, req: _Sampling, inputs: Callable[[], tuple[Context, list[int]]], wrap):
+        if req.model is not None and req.model != config.model_name:
+            raise APIError(404, f"The model '{req.model}' does not exist: this server serves '{config.model_name}'",
+                           param="model", code="model_not_found")
         max_new = srv._max_tokens(getattr(req, "max_completion_tokens", None) or req.max_tokens)
         stop = req.stops()
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
@@ -324,15 +339,17 @@ def create_app(lm: LM, store: ContextStore, config: ServeConfig | None = None) -
         srv.take_slot()
         if not req.stream:
             try:
-                def work():
-                    ctx, suffix = inputs()
-                    info: dict = {}
-                    text = "".join(srv.lm.stream(ctx, suffix, max_new, info=info, **kwargs))
-                    return text, info, ctx.num_tokens + len(suffix)
-                text, info, prompt_tokens = await srv.run(work)
+                ctx, suffix = await srv.run(inputs)
+                info: dict = {}
+                it = srv.lm.stream(ctx, suffix, max_new, info=info, **kwargs)
+                try:
+                    text = "".join([p async for p in _pieces(it, time.monotonic() + config.request_timeout)])
+                finally:
+                    srv.worker.submit(it.close)  # cut short: the model thread closes it
             finally:
                 srv.free_slot()
-            return wrap.full(rid, created, text, info["finish_reason"], _usage(prompt_tokens, info["completion_tokens"]))
+            return wrap.full(rid, created, text, info["finish_reason"],
+                             _usage(ctx.num_tokens + len(suffix), info["completion_tokens"]))
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         try:  # read the prompt before answering 200, so that its errors get their own status
@@ -351,11 +368,7 @@ def create_app(lm: LM, store: ContextStore, config: ServeConfig | None = None) -
             it = srv.lm.stream(ctx, suffix, max_new, info=info, **kwargs)
             try:
                 yield _sse(wrap.chunk(rid, created, None, None, first=True))
-                while True:
-                    async with srv.lock:
-                        piece = await srv.on_worker(next, it, None)
-                    if piece is None:
-                        break
+                async for piece in _pieces(it, time.monotonic() + config.request_timeout):
                     yield _sse(wrap.chunk(rid, created, piece, None))
                 yield _sse(wrap.chunk(rid, created, None, info["finish_reason"]))
                 if include_usage:
