@@ -685,6 +685,33 @@ def bench_serve_cmd(
     typer.echo(f"stored context vs re-sent: p50 TTFT {res['ttft_speedup']:.1f}x lower; wrote {out}")
 
 
+@bench_app.command("chaos")
+def bench_chaos_cmd(
+    model: str = typer.Option("smollm2", "--model", "-m"),
+    minutes: float = typer.Option(2.0, help="How long the clients run (after the replicas are up)."),
+    replicas: int = typer.Option(3),
+    clients: int = typer.Option(8),
+    fault_every: float = typer.Option(20.0, help="Seconds between injected faults."),
+    faults: list[str] = typer.Option(["kill_replica", "redis_restart", "redis_wipe", "dropped_stream"], "--fault",
+                                     help="Fault kinds, injected in turn; repeat."),
+    policy: str = typer.Option("kivi(bits=4)", "--policy", "-p"),
+    out: Path = typer.Option(Path("results/chaos"), help="Folder for history.jsonl, chaos.json and the logs."),
+) -> None:
+    """Replicas sharing a real redis-server, concurrent clients checking every answer against the
+    library, faults injected meanwhile; the history is checked (0 violations: the run passed)."""
+    from memfit.serve.chaos import run_chaos
+
+    _policy(policy)
+    try:
+        res = run_chaos(model, out, minutes * 60, replicas, clients, fault_every, tuple(faults), policy)
+    except (ValueError, RuntimeError) as e:
+        _fail(str(e))
+    typer.echo(json.dumps({k: res[k] for k in ("operations", "faults", "by_op", "violations")}, indent=1))
+    typer.echo(f"{sum(res['violations'].values())} violations; wrote {out / 'chaos.json'}")
+    if res["violations"]:
+        raise typer.Exit(1)
+
+
 @app.command()
 def serve(
     model: str = typer.Option("smollm2", "--model", "-m"),

@@ -64,3 +64,28 @@ def test_an_answer_past_the_time_limit_is_cut_and_frees_the_model(tiny_model_dir
     assert cut.status_code == 200 and cut.json()["choices"][0]["finish_reason"] == "length"
     assert 0 < cut.json()["usage"]["completion_tokens"] < 400
     assert nxt.status_code == 200 and app.state.server.waiting == 0
+
+
+def test_with_a_store_tier_down_contexts_get_503_not_404(tiny_model_dir, tmp_path):
+    """A miss while a tier cannot be reached does not prove a context is gone, and a delete or a
+    create would not reach every replica: 503 store_unavailable (the client retries), never a 404
+    for a context that exists or an acknowledged delete that did not happen everywhere."""
+    import pytest
+
+    lm = memfit.load_model(str(tiny_model_dir))
+    store = open_store([f"file://{tmp_path}", "redis://127.0.0.1:1/0"])  # nothing listens on port 1
+    app = create_app(lm, store, ServeConfig(policy="none"))
+    cid = "0" * 32
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://memfit") as client:
+            return [await client.post("/v1/contexts", json={"text": "some text"}),
+                    await client.get(f"/v1/contexts/{cid}"), await client.delete(f"/v1/contexts/{cid}"),
+                    await client.post("/v1/chat/completions", json={
+                        "messages": [{"role": "user", "content": "q"}], "context_id": cid, "max_tokens": 2})]
+
+    with pytest.warns(RuntimeWarning, match="unavailable"):
+        answers = asyncio.run(run())
+    for r in answers:
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "store_unavailable" and "redis" in r.json()["error"]["message"]

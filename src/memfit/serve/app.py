@@ -199,6 +199,7 @@ class Server:
         except (CorruptEntry, EntryMismatch) as e:
             raise APIError(404, f"context {context_id} is unusable: {e}", param="context_id") from None
         if entry is None:
+            self.check_tiers("context_id")  # a tier that cannot answer: the context may still be stored there
             raise APIError(404, f"no stored context {context_id}", param="context_id", code="context_not_found")
         try:
             return self.lm.context_from_entry(entry)
@@ -246,6 +247,14 @@ class Server:
             return self.lm.prefill_stored(head, self.prompt_policy, self.store), ids[-1:]
         return self.lm.prefill_ids(head, self.prompt_policy), ids[-1:]
 
+    def check_tiers(self, param: str | None = None) -> None:
+        """503 while a store tier is unreachable: what a request would read or change there (a
+        context another replica stored, a delete every replica must see) cannot be answered for."""
+        down = self.store.unavailable()
+        if down:
+            raise APIError(503, f"store tier unavailable: {', '.join(down)}; retry later", "server_error",
+                           param=param, code="store_unavailable")
+
     def create_context(self, req: ContextRequest) -> dict:
         try:
             policy = parse_policy(req.policy or self.policy)
@@ -253,6 +262,7 @@ class Server:
             raise APIError(400, str(e), param="policy") from None
         ids = self.lm.encode_context(req.text)
         self._check_length(ids.shape[1], "context")
+        self.check_tiers()  # stored where other replicas cannot see it, it would be lost to them
         ctx = self.lm.prefill_stored(ids, policy, self.store)
         return self.describe(ctx.key, ctx.num_tokens, ctx.nbytes, policy.spec, ctx.meta.get("store"))
 
@@ -405,7 +415,9 @@ def create_app(lm: LM, store: ContextStore, config: ServeConfig | None = None) -
     async def delete_context(context_id: str):
         _check_id(context_id)
         srv.recent.pop(context_id, None)
-        if not await srv.on_worker(srv.store.delete, context_id):
+        deleted = await srv.on_worker(srv.store.delete, context_id)
+        await srv.on_worker(srv.check_tiers)  # not acknowledged unless every tier saw it
+        if not deleted:
             raise APIError(404, f"no stored context {context_id}", code="context_not_found")
         return {"id": context_id, "object": "context", "deleted": True}
 

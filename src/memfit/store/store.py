@@ -93,6 +93,11 @@ class ContextStore:
                 return key
         return None
 
+    def unavailable(self) -> list[str]:
+        """Names of the tiers that cannot be reached now (a Redis server down): a miss then does not
+        prove an entry is gone, and a delete would not reach every copy."""
+        return [t.name for t in self.tiers if not getattr(t, "available", True)]
+
     def contains(self, key: str) -> bool:
         return any(t.contains(key) for t in self.tiers)
 
