@@ -145,6 +145,20 @@ def test_redis_down_mid_run_the_store_goes_on(lm, tmp_path, redis_server):
     assert store.stats()["tiers"][1]["entries"] == 0
 
 
+def test_a_redis_server_that_lost_its_data_is_told_from_one_that_kept_it(lm, redis_server):
+    """Each tier remembers the data's epoch: after a restart that kept the data a miss is a miss;
+    after one that lost it (here FLUSHALL) every tier that looks notices, and the store reports when."""
+    import redis
+
+    a, b = open_store([redis_server.url]), open_store([redis_server.url])  # two replicas
+    ctx = lm.prefill(TEXT, POLICIES[1], store=a)
+    assert b.get_entry(ctx.key) is not None and b.get_entry("f" * 32) is None  # a plain miss
+    assert a.lost_since() is None and b.lost_since() is None
+    redis.Redis(port=redis_server.port).flushall()
+    assert a.get_entry(ctx.key) is None and b.get_entry(ctx.key) is None
+    assert a.lost_since() is not None and b.lost_since() is not None
+
+
 def test_redis_down_at_start_warns_and_misses(lm, tmp_path):
     store = open_store([f"file://{tmp_path}", "redis://127.0.0.1:1/0"])
     with pytest.warns(RuntimeWarning, match="unavailable"):

@@ -200,6 +200,11 @@ class Server:
             raise APIError(404, f"context {context_id} is unusable: {e}", param="context_id") from None
         if entry is None:
             self.check_tiers("context_id")  # a tier that cannot answer: the context may still be stored there
+            lost = self.store.lost_since()
+            if lost is not None:  # reported, not passed off as a context that never existed
+                raise APIError(404, f"no stored context {context_id}: a store tier lost its data (noticed at "
+                               f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(lost))} UTC) and it may have "
+                               "been there", param="context_id", code="context_lost")
             raise APIError(404, f"no stored context {context_id}", param="context_id", code="context_not_found")
         try:
             return self.lm.context_from_entry(entry)

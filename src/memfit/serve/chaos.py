@@ -141,6 +141,13 @@ def expected_answers(model: str, policy: str) -> dict[tuple[int, int], str]:
     return out
 
 
+def _code(r: httpx.Response) -> str | None:
+    """The error code of a non-200 answer (OpenAI's error JSON), if any."""
+    if not r.headers.get("content-type", "").startswith("application/json"):
+        return None
+    return (r.json().get("error") or {}).get("code")
+
+
 def _client(n: int, urls: list[str], ids: dict[int, str], expected: dict, history, lock: threading.Lock,
             stop: threading.Event, seed: int) -> None:
     rnd = random.Random(seed + n)
@@ -183,8 +190,7 @@ def _client(n: int, urls: list[str], ids: dict[int, str], expected: dict, histor
                          if isinstance(bad, bytes) else http.post(url + "/v1/chat/completions", json=bad))
                 fields["status"] = r.status_code
                 if r.status_code != 200:
-                    fields["code"] = (r.json().get("error") or {}).get("code") if r.headers.get(
-                        "content-type", "").startswith("application/json") else None
+                    fields["code"] = _code(r)
             except httpx.HTTPError as e:  # a killed replica: no answer
                 fields.update(status=None, error=type(e).__name__)
             with lock:
@@ -259,22 +265,27 @@ def run_chaos(model: str, out_dir: Path, seconds: float = 60.0, replicas: int = 
             stop.set()
             for t in threads:
                 t.join(180)
-            # the audit: every context ever made, asked once more on every replica
+            # the audit: every context ever made, asked once more on every replica (retried, as a
+            # client would, while a tier is still coming back: 503)
             for i, cid in sorted(ids.items()):
                 for r_i, url in enumerate(urls):
-                    t0 = time.time()
-                    try:
-                        r = httpx.post(url + "/v1/chat/completions", timeout=120, json={
-                            "model": "m", "messages": [{"role": "user", "content": QUESTIONS[0]}],
-                            "context_id": cid, **GEN})
-                        fields = {"status": r.status_code}
-                        if r.status_code == 200:
-                            fields["answer"] = r.json()["choices"][0]["message"]["content"]
-                    except httpx.HTTPError as e:
-                        fields = {"status": None, "error": type(e).__name__}
-                    with lock:
-                        record(history, "ask", t0, context_id=cid, expected=expected[i, 0], replica=r_i, audit=True,
-                               **fields)
+                    for _ in range(20):
+                        t0 = time.time()
+                        try:
+                            r = httpx.post(url + "/v1/chat/completions", timeout=120, json={
+                                "model": "m", "messages": [{"role": "user", "content": QUESTIONS[0]}],
+                                "context_id": cid, **GEN})
+                            fields = {"status": r.status_code, "code": _code(r) if r.status_code != 200 else None}
+                            if r.status_code == 200:
+                                fields["answer"] = r.json()["choices"][0]["message"]["content"]
+                        except httpx.HTTPError as e:
+                            fields = {"status": None, "error": type(e).__name__}
+                        with lock:
+                            record(history, "ask", t0, context_id=cid, expected=expected[i, 0], replica=r_i,
+                                   audit=True, **fields)
+                        if fields["status"] != 503:
+                            break
+                        time.sleep(1)
             with lock:
                 for i, rep in enumerate(reps):
                     record(history, "sample", time.time(), status=None, replica=i, **rep.sample())

@@ -14,7 +14,8 @@ What :func:`check` calls a violation:
 - ``server_error``: a 5xx other than the documented ones (:data:`DOCUMENTED_5XX`);
 - ``wrong_answer``: a 200 whose answer differs from the expected one;
 - ``lost_context``: a 404 for a context whose creation was acknowledged before the request began,
-  with no delete of it begun and no reported tier loss covering it before the request ended;
+  with no delete of it begun and no reported tier loss covering it before the request ended (a 404
+  with code ``context_lost`` is such a report);
 - ``answered_after_delete``: a 200 for a context whose deletion was acknowledged before the request
   began (and not created again since);
 - ``unbounded_memory`` / ``unbounded_fds``: a replica's last sample exceeds its first by more than
@@ -98,8 +99,9 @@ def check(ops: Iterable[dict], growth: float = 2.0) -> list[Violation]:
                 # service reported covering this context, explains the 404
                 deleted = any(o["op"] == "delete" and o["start"] < op["end"] and o["end"] > made["start"]
                               for _, o in seq)
-                lost = any(o["start"] < op["end"] and (cid in o["context_ids"] if o.get("context_ids")
-                                                       else made["start"] < o["end"]) for o in losses)
+                lost = op.get("code") == "context_lost" or any(
+                    o["start"] < op["end"] and (cid in o["context_ids"] if o.get("context_ids") else made["start"] < o["end"])
+                    for o in losses)
                 if not (deleted or lost):
                     out.append(Violation("lost_context", i, f"{cid}: 404 after its creation was acknowledged "
                                          "(no delete, no reported tier loss)"))

@@ -2,12 +2,19 @@
 
 If the server is down or times out, the tier says so once (a warning) and answers as empty until
 it is reachable again, so a store goes on with its other tiers.
+
+A Redis server restarted without its data (no persistence, a failover to an empty replica) would
+otherwise look like a run of misses. The tier keeps an *epoch* key. The first tier to connect sets
+it, and every tier remembers the epoch it saw. On a miss, an epoch that vanished or changed means
+the data was lost; ``lost_since`` then records when this tier first noticed, so that the server can
+report the loss instead of answering as if the context never existed.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 import warnings
 
 from memfit.store.disk import check_key
@@ -27,6 +34,8 @@ class RedisTier:
         self.p, self.retry_after = prefix, retry_after
         self._down_since: float | None = None
         self._warned = False
+        self._epoch: bytes | None = None  # the data's epoch this tier saw (see the module docstring)
+        self.lost_since: float | None = None  # wall time a loss of the server's data was first seen
 
     # -- availability ------------------------------------------------------------------------------
     def _call(self, fn, default):
@@ -55,9 +64,22 @@ class RedisTier:
     def _k(self, key: str) -> str:
         return f"{self.p}ctx:{check_key(key)}"
 
+    def _check_epoch(self) -> None:
+        """Adopt the server's epoch, or notice that it changed (the server lost its data)."""
+        new = uuid.uuid4().hex.encode()
+        now = self._call(lambda: self.client.set(f"{self.p}epoch", new, nx=True, get=True), None)
+        now = new if now is None and self._down_since is None else now  # set just now: it was missing
+        if now is None:
+            return  # unreachable: nothing learnt
+        if self._epoch is not None and now != self._epoch and self.lost_since is None:
+            self.lost_since = time.time()
+            log.warning("Redis tier %s lost its data (its epoch changed): contexts stored there are gone", self.url)
+        self._epoch = now
+
     def get(self, key: str) -> Entry | None:
         blob = self._call(lambda: self.client.get(self._k(key)), None)
         if blob is None:
+            self._check_epoch()
             return None
         entry = Entry.from_bytes(blob, expected_key=key)  # raises CorruptEntry
         self._call(lambda: self.client.zadd(f"{self.p}lru", {key: time.time()}), None)
@@ -76,6 +98,8 @@ class RedisTier:
 
         if not self._call(write, False):
             return [entry]  # not stored here: hand it on rather than lose it
+        if self._epoch is None:
+            self._check_epoch()
         return self._evict(keep=entry.key)
 
     def _evict(self, keep: str) -> list[Entry]:

@@ -98,6 +98,11 @@ class ContextStore:
         prove an entry is gone, and a delete would not reach every copy."""
         return [t.name for t in self.tiers if not getattr(t, "available", True)]
 
+    def lost_since(self) -> float | None:
+        """When a tier first noticed that it lost its stored data (a Redis server restarted empty), or None."""
+        times = [t.lost_since for t in self.tiers if getattr(t, "lost_since", None) is not None]
+        return min(times) if times else None
+
     def contains(self, key: str) -> bool:
         return any(t.contains(key) for t in self.tiers)
 
