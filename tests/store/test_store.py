@@ -157,6 +157,8 @@ def test_a_redis_server_that_lost_its_data_is_told_from_one_that_kept_it(lm, red
     redis.Redis(port=redis_server.port).flushall()
     assert a.get_entry(ctx.key) is None and b.get_entry(ctx.key) is None
     assert a.lost_since() is not None and b.lost_since() is not None
+    late = open_store([redis_server.url])  # a replica restarted after the loss learns of it too
+    assert late.get_entry(ctx.key) is None and late.lost_since() == a.lost_since()
 
 
 def test_redis_down_at_start_warns_and_misses(lm, tmp_path):

@@ -58,21 +58,30 @@ class RedisTier:
 
     @property
     def available(self) -> bool:
-        return self._call(lambda: self.client.ping(), False)
+        up = self._call(lambda: self.client.ping(), False)
+        if up and self._epoch is None:
+            self._check_epoch()
+        return up
 
     # -- entries -------------------------------------------------------------------------------------
     def _k(self, key: str) -> str:
         return f"{self.p}ctx:{check_key(key)}"
 
     def _check_epoch(self) -> None:
-        """Adopt the server's epoch, or notice that it changed (the server lost its data)."""
+        """Adopt the server's epoch, or notice that it changed (the server lost its data). A loss is
+        also written to the server (``lost_since``), so that a tier that connects later (a replica
+        restarted after the loss) reports it too."""
         new = uuid.uuid4().hex.encode()
         now = self._call(lambda: self.client.set(f"{self.p}epoch", new, nx=True, get=True), None)
         now = new if now is None and self._down_since is None else now  # set just now: it was missing
         if now is None:
             return  # unreachable: nothing learnt
-        if self._epoch is not None and now != self._epoch and self.lost_since is None:
+        if self._epoch is None and self.lost_since is None:  # first contact: a loss others noticed
+            seen = self._call(lambda: self.client.get(f"{self.p}lost_since"), None)
+            self.lost_since = float(seen) if seen else None
+        elif self._epoch is not None and now != self._epoch and self.lost_since is None:
             self.lost_since = time.time()
+            self._call(lambda: self.client.set(f"{self.p}lost_since", repr(self.lost_since), nx=True), None)
             log.warning("Redis tier %s lost its data (its epoch changed): contexts stored there are gone", self.url)
         self._epoch = now
 
@@ -81,6 +90,8 @@ class RedisTier:
         if blob is None:
             self._check_epoch()
             return None
+        if self._epoch is None:
+            self._check_epoch()
         entry = Entry.from_bytes(blob, expected_key=key)  # raises CorruptEntry
         self._call(lambda: self.client.zadd(f"{self.p}lru", {key: time.time()}), None)
         return entry
