@@ -6,8 +6,6 @@ import importlib.util
 import os
 import shutil
 import socket
-import subprocess
-import time
 
 import pytest
 import torch
@@ -16,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 
 import memfit.kv.attention  # noqa: F401  registers the "memfit" attention implementation
 from memfit.api import LM
+from memfit.serve.chaos import Redis
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
@@ -95,44 +94,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class RedisServer:
-    """A real redis-server on a free loopback port, in its own temp folder."""
-
-    def __init__(self, tmp):
-        self.port, self.tmp, self.proc = _free_port(), tmp, None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.tmp)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import redis
-
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if redis.Redis(port=self.port, socket_connect_timeout=0.2).ping():
-                    return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(5)
-
-
 @pytest.fixture
 def redis_server(tmp_path):
     if shutil.which("redis-server") is None:
         if os.environ.get("MEMFIT_REQUIRE_REDIS"):
             pytest.fail("redis-server is not installed (apt-get install -y redis-server)")
         pytest.skip("redis-server is not installed")
-    server = RedisServer(tmp_path)
+    server = Redis(tmp_path)  # the chaos run's: a real redis-server on a free loopback port
     server.start()
     yield server
     server.stop()

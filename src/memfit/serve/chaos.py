@@ -84,7 +84,7 @@ class Redis:
                 time.sleep(0.05)
         raise RuntimeError("redis-server did not start")
 
-    def stop(self, keep_data: bool) -> None:
+    def stop(self, keep_data: bool = False) -> None:
         import redis
 
         try:
