@@ -146,7 +146,8 @@ class Server:
         # pool per worker thread would leave several teams spinning on the same cores.
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memfit-model")
         self.created = int(time.time())
-        self.recent: OrderedDict[str, Context] = OrderedDict()  # restored contexts, dequantized, newest last
+        # restored contexts, dequantized, newest last; read and changed on the model thread only
+        self.recent: OrderedDict[str, Context] = OrderedDict()
 
     # queue: one slot per request, waiting or running; the model lock lets one run at a time
     def take_slot(self) -> None:
@@ -192,6 +193,12 @@ class Server:
         while len(self.recent) > RECENT_CONTEXTS:
             self.recent.popitem(last=False)
         return ctx
+
+    def delete_stored(self, context_id: str) -> bool:
+        """Forget a context, here and in the store. On the model thread, like every use of ``recent``
+        (a delete on the event loop raced a restore of the same context: a 500 in the chaos run)."""
+        self.recent.pop(context_id, None)
+        return self.store.delete(context_id)
 
     def _restore(self, context_id: str) -> Context:
         try:
@@ -419,8 +426,7 @@ def create_app(lm: LM, store: ContextStore, config: ServeConfig | None = None) -
     @app.delete("/v1/contexts/{context_id}")
     async def delete_context(context_id: str):
         _check_id(context_id)
-        srv.recent.pop(context_id, None)
-        deleted = await srv.on_worker(srv.store.delete, context_id)
+        deleted = await srv.on_worker(srv.delete_stored, context_id)
         await srv.on_worker(srv.check_tiers)  # not acknowledged unless every tier saw it
         if not deleted:
             raise APIError(404, f"no stored context {context_id}", code="context_not_found")
