@@ -16,8 +16,8 @@ def test_replicas_survive_kills_redis_restarts_and_losses_and_dropped_streams_wi
         if os.environ.get("MEMFIT_REQUIRE_REDIS"):
             pytest.fail("redis-server is not installed (apt-get install -y redis-server)")
         pytest.skip("redis-server is not installed")
-    result = run_chaos(str(tiny_model_dir), tmp_path, seconds=36, replicas=2, clients=3, fault_every=3,
-                       faults=("kill_replica", "redis_restart", "redis_wipe", "dropped_stream"))
+    result = run_chaos(str(tiny_model_dir), tmp_path, seconds=30, replicas=2, clients=3, fault_every=3,
+                       faults=("kill_replica", "redis_restart", "redis_wipe", "dropped_stream"), min_faults=4)
     assert result["violations"] == {}, result["first_violations"]
     assert result["faults"] >= 4
     by_op = result["by_op"]

@@ -199,11 +199,11 @@ def _client(n: int, urls: list[str], ids: dict[int, str], expected: dict, histor
 
 def run_chaos(model: str, out_dir: Path, seconds: float = 60.0, replicas: int = 2, clients: int = 4,
               fault_every: float = 10.0, faults: tuple[str, ...] = FAULTS, policy: str = "kivi(bits=4)",
-              seed: int = 0) -> dict:
+              seed: int = 0, min_faults: int = 0) -> dict:
     """Run replicas, Redis and clients for ``seconds`` while injecting one of ``faults`` every
-    ``fault_every`` seconds; then ask every context once more, check the history, and return the
-    summary (``violations`` empty: the run passed). Writes ``history.jsonl`` and the replicas' logs
-    to ``out_dir``."""
+    ``fault_every`` seconds (and on until ``min_faults`` were injected); then ask every context once
+    more, check the history, and return the summary (``violations`` empty: the run passed). Writes
+    ``history.jsonl`` and the replicas' logs to ``out_dir``."""
     unknown = set(faults) - set(FAULTS)
     if unknown:
         raise ValueError(f"unknown faults {sorted(unknown)}; choose from {FAULTS}")
@@ -234,9 +234,9 @@ def run_chaos(model: str, out_dir: Path, seconds: float = 60.0, replicas: int = 
             for t in threads:
                 t.start()
             k = 0
-            while time.time() - started < seconds:
-                time.sleep(min(fault_every, max(0.0, seconds - (time.time() - started))))
-                if time.time() - started >= seconds:
+            while k < min_faults or time.time() - started < seconds:  # (a slow machine runs longer)
+                time.sleep(fault_every)
+                if k >= min_faults and time.time() - started >= seconds:
                     break
                 kind = faults[k % len(faults)]
                 k += 1
