@@ -22,7 +22,7 @@ from memfit.kv.plan import KVShape, plan_budget, spend_slack
 from memfit.kv.policy import Policy, parse_policy
 from memfit.kv.rope import RoPE
 from memfit.models import ChatFormat, default_device, default_dtype, fingerprint, load_hf, native_dtype, resolve_model
-from memfit.store import ContextStore, Entry, KeySpace, open_store
+from memfit.store import ContextStore, Entry, KeySpace, StoreUnavailable, open_store
 from memfit.store.disk import atomic_write
 from memfit.textlines import first_lines, lines_done
 
@@ -235,8 +235,22 @@ class LM:
 
     @torch.no_grad()
     def prefill_stored(self, input_ids: torch.Tensor, policy: Policy, store: ContextStore, *,
-                       chunk_size: int = 4096) -> Context:
+                       chunk_size: int = 4096, must_store: bool = True) -> Context:
+        """The context of ``input_ids``: read from ``store`` if there (or a stored prefix extended),
+        else prefilled, and stored. A store that cannot take it raises ``StoreUnavailable``, or with
+        ``must_store=False`` is logged and the context returned all the same."""
         t0 = time.perf_counter()
+
+        def put(ctx: Context) -> Context:
+            try:
+                store.put(ctx)
+            except StoreUnavailable as e:
+                if must_store:
+                    raise
+                log.warning("context not stored: %s", e)
+                ctx.meta["store"] = "not_stored"
+            return ctx
+
         chain = self.keyspace(policy).chain(input_ids[0].tolist())
         entry = store.get_entry(chain[-1][1])
         if entry is not None:
@@ -254,14 +268,11 @@ class LM:
                 except ValueError:  # e.g. a key group larger than the chunk: read it all instead
                     break
                 cache = self._extend(prefix, input_ids[:, n:], chunk_size)
-                ctx = Context(cache, input_ids, policy, time.perf_counter() - t0, {"store": "prefix", "reused": n},
-                              lm=self)
-                store.put(ctx)
-                return ctx
+                return put(Context(cache, input_ids, policy, time.perf_counter() - t0,
+                                   {"store": "prefix", "reused": n}, lm=self))
         ctx = self.prefill_ids(input_ids, policy, chunk_size=chunk_size)
         ctx.meta["store"] = "miss"
-        store.put(ctx)
-        return ctx
+        return put(ctx)
 
     def _extend(self, cache: CompressedCache, rest: torch.Tensor, chunk_size: int) -> CompressedCache:
         for layer in cache.layers:

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from memfit.api import LM, Context
 from memfit.kv.policy import Policy, PolicyError, parse_policy
-from memfit.store import ContextStore
+from memfit.store import ContextStore, StoreUnavailable
 from memfit.store.entry import CorruptEntry, EntryMismatch
 
 _CONTEXT_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -201,6 +201,8 @@ class Server:
         return self.store.delete(context_id)
 
     def _restore(self, context_id: str) -> Context:
+        # a copy in a private tier is only known to be current while the shared tier can say so
+        self.check_tiers("context_id")
         try:
             entry = self.store.get_entry(context_id)
         except (CorruptEntry, EntryMismatch) as e:
@@ -256,7 +258,8 @@ class Server:
             ids = [bos, *ids]
         head = torch.tensor([ids[:-1]], device=self.lm.device)
         if self.config.reuse_prompts and len(ids) - 1 >= REUSE_MIN_TOKENS:
-            return self.lm.prefill_stored(head, self.prompt_policy, self.store), ids[-1:]
+            # storing a prompt only speeds up the next one: a store that cannot take it does not fail the chat
+            return self.lm.prefill_stored(head, self.prompt_policy, self.store, must_store=False), ids[-1:]
         return self.lm.prefill_ids(head, self.prompt_policy), ids[-1:]
 
     def check_tiers(self, param: str | None = None) -> None:
@@ -318,6 +321,11 @@ def create_app(lm: LM, store: ContextStore, config: ServeConfig | None = None) -
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store_down(request: Request, exc: StoreUnavailable):
+        # not done, so not acknowledged: the client may retry once a tier can take it
+        return _error(503, f"{exc}; retry later", "server_error", code="store_unavailable")
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):

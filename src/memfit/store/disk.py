@@ -2,19 +2,30 @@
 
 Writes go to a temporary file in the same folder, are fsynced and renamed into place, so a writer
 killed at any moment leaves the old entry or the new one, never a partial one; several processes
-can share the folder. LRU order is the files' modification time (touched on every read).
+can share the folder (``shared=True`` says they do: see :class:`~memfit.store.ContextStore`). LRU
+order is the files' modification time (touched on every read, where the disk allows).
+
+A process killed mid-write leaves a temporary file behind; :meth:`DiskTier.recover` (run by
+``memfit serve`` at start) removes those and drops entries that fail their checksum.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 
 from memfit.store.entry import Entry
 
+log = logging.getLogger(__name__)
 _KEY = re.compile(r"^[0-9a-f]{32}$")
+_TEMP = ".tmp-*.part"
+# Fault injection for `memfit bench chaos` (slow disk reads): while the file this variable names
+# exists, every read of a disk tier first sleeps for the seconds written in it.
+READ_DELAY_ENV = "MEMFIT_FAULT_READ_DELAY_FILE"
 
 
 def check_key(key: str) -> str:
@@ -38,17 +49,57 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def _injected_delay() -> None:
+    path = os.environ.get(READ_DELAY_ENV)
+    if path:
+        try:
+            time.sleep(float(Path(path).read_text() or 0))
+        except (FileNotFoundError, ValueError):
+            pass
+
+
 class DiskTier:
-    def __init__(self, root: "str | Path", max_bytes: int | None = None):
-        self.name, self.max_bytes = "file", max_bytes
+    def __init__(self, root: "str | Path", max_bytes: int | None = None, shared: bool = False):
+        self.name, self.max_bytes, self.shared = "file", max_bytes, shared
         self.root = Path(root)
         (self.root / "prefix").mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
         return self.root / f"{check_key(key)}.safetensors"
 
+    def recover(self, partial_age: float = 60.0, repair: bool = True) -> dict:
+        """Read the tier back after a restart: remove temporary files a killed writer left (older
+        than ``partial_age`` seconds, so that a live writer sharing the folder keeps its own) and
+        drop entries that fail their checksum. Returns the counts; ``repair=False`` only counts."""
+        partial = corrupt = 0
+        now = time.time()
+        for p in self.root.glob(_TEMP):
+            try:
+                if now - p.stat().st_mtime >= partial_age:
+                    partial += 1
+                    if repair:
+                        p.unlink()
+            except OSError:  # gone already, or a read-only disk: it is never read as an entry
+                pass
+        files = self._files()
+        for p in files:
+            try:
+                Entry.from_bytes(p.read_bytes(), expected_key=p.stem)
+            except FileNotFoundError:
+                continue
+            except Exception as e:  # noqa: BLE001 - any unreadable entry is dropped, not served
+                corrupt += 1
+                if repair:
+                    log.warning("disk tier %s: dropping %s: %s", self.root, p.name, e)
+                    try:
+                        p.unlink()
+                    except OSError:
+                        pass
+        return {"entries": len(files) - corrupt if repair else len(files), "corrupt": corrupt, "partial": partial}
+
     def get(self, key: str) -> Entry | None:
         path = self._path(key)
+        _injected_delay()
         try:
             blob = path.read_bytes()
         except FileNotFoundError:
@@ -56,7 +107,7 @@ class DiskTier:
         entry = Entry.from_bytes(blob, expected_key=key)  # raises CorruptEntry
         try:
             os.utime(path)
-        except FileNotFoundError:
+        except OSError:  # gone, or a read-only disk: only the LRU order is stale
             pass
         return entry
 
@@ -93,7 +144,13 @@ class DiskTier:
         return out
 
     def used_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self._files() if p.exists())
+        total = 0
+        for p in self._files():
+            try:
+                total += p.stat().st_size
+            except FileNotFoundError:  # deleted meanwhile (another process)
+                pass
+        return total
 
     def delete(self, key: str) -> bool:
         try:

@@ -29,6 +29,7 @@ class RedisTier:
         import redis
 
         self.name, self.max_bytes, self.url = "redis", max_bytes, url
+        self.shared = True  # every process that connects sees the same entries
         self.client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         self._errors = (redis.ConnectionError, redis.TimeoutError, OSError)
         self.p, self.retry_after = prefix, retry_after
