@@ -14,7 +14,6 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 
 import memfit.kv.attention  # noqa: F401  registers the "memfit" attention implementation
 from memfit.api import LM
-from memfit.serve.chaos import Redis
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
@@ -100,6 +99,8 @@ def redis_server(tmp_path):
         if os.environ.get("MEMFIT_REQUIRE_REDIS"):
             pytest.fail("redis-server is not installed (apt-get install -y redis-server)")
         pytest.skip("redis-server is not installed")
+    from memfit.serve.chaos import Redis  # (the server extra: not on every machine that runs the GPU tests)
+
     server = Redis(tmp_path)  # the chaos run's: a real redis-server on a free loopback port
     server.start()
     yield server

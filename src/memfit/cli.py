@@ -692,8 +692,12 @@ def bench_chaos_cmd(
     replicas: int = typer.Option(3),
     clients: int = typer.Option(8),
     fault_every: float = typer.Option(20.0, help="Seconds between injected faults."),
-    faults: list[str] = typer.Option(["kill_replica", "redis_restart", "redis_wipe", "dropped_stream"], "--fault",
-                                     help="Fault kinds, injected in turn; repeat."),
+    hold: Optional[float] = typer.Option(None, help="Seconds each fault lasts before it is undone (default: half "
+                                         "of --fault-every)."),
+    faults: list[str] = typer.Option(["kill_replica", "redis_restart", "redis_wipe", "dropped_stream", "disk_full",
+                                      "disk_read_only", "disk_slow"], "--fault",
+                                     help="Fault kinds, injected in turn; repeat. disk_full and disk_read_only "
+                                     "mount a tmpfs per disk tier (root)."),
     policy: str = typer.Option("kivi(bits=4)", "--policy", "-p"),
     out: Path = typer.Option(Path("results/chaos"), help="Folder for history.jsonl, chaos.json and the logs."),
 ) -> None:
@@ -703,10 +707,11 @@ def bench_chaos_cmd(
 
     _policy(policy)
     try:
-        res = run_chaos(model, out, minutes * 60, replicas, clients, fault_every, tuple(faults), policy)
+        res = run_chaos(model, out, minutes * 60, replicas, clients, fault_every, tuple(faults), policy, hold=hold)
     except (ValueError, RuntimeError) as e:
         _fail(str(e))
-    typer.echo(json.dumps({k: res[k] for k in ("operations", "faults", "by_op", "violations")}, indent=1))
+    typer.echo(json.dumps({k: res[k] for k in ("operations", "faults", "by_op", "violations", "chat_latency")},
+                          indent=1))
     typer.echo(f"{sum(res['violations'].values())} violations; wrote {out / 'chaos.json'}")
     if res["violations"]:
         raise typer.Exit(1)
@@ -743,6 +748,9 @@ def serve(
         st = open_store(list(store))
     except ValueError as e:
         _fail(str(e))
+    for tier in st.tiers:  # a restart reads its disk tiers back: a killed writer's leftovers go, entries are checked
+        if hasattr(tier, "recover"):
+            typer.echo(f"store {tier.name} tier {tier.root}: {tier.recover()}", err=True)
     lm = _load(model)
     typer.echo(f"warming up ({policy})...", err=True)  # the kernels compile now, not in the first request
     typer.echo(f"warm in {lm.warmup(policy):.1f} s; serving on http://{host}:{port}", err=True)

@@ -50,6 +50,7 @@ def test_a_clean_history_has_no_violations():
     (op("ask", 8, 9, context_id=A, answer="42", expected="42"), "answered_after_delete"),
     (op("sample", 21, 21, status=None, replica=0, rss=1000, fds=12), "unbounded_memory"),
     (op("sample", 21, 21, status=None, replica=0, rss=100, fds=100), "unbounded_fds"),
+    (op("scan", 22, 22, status=None, replica=1, entries=3, corrupt=1, partial=0), "corrupt_entry"),
 ])
 def test_each_planted_violation_is_flagged(planted, kind):
     ops = CLEAN + [planted]
@@ -82,3 +83,16 @@ def test_the_history_file_round_trips_and_a_torn_last_line_is_skipped(tmp_path):
         read(path)
     with pytest.raises(ValueError, match="has no 'end'"):
         check([{"op": "ask", "start": 0}])
+
+
+def test_chat_latency_is_split_before_during_and_after_fault_windows():
+    ops = [op("chat", 0, 1), op("chat", 1, 3),                     # before the first fault
+           op("fault", 10, 20, None, fault="disk_full"),          # a window 10..20 (+5 s settling)
+           op("chat", 12, 30), op("chat", 24, 25),                # during (overlapping, settling)
+           op("chat", 26, 27), op("chat", 26, 27, 503),           # between; a 503 is not an answered chat
+           op("fault", 40, 41, None, fault="kill_replica"),
+           op("chat", 50, 50.5)]                                  # after
+    lat = summary(ops, [])["chat_latency"]
+    assert {k: v["n"] for k, v in lat.items()} == {"before": 2, "during": 2, "between": 1, "after": 1}
+    assert lat["before"]["p99_s"] == 2 and lat["during"]["p99_s"] == 18 and lat["after"]["p50_s"] == 0.5
+    assert summary([op("chat", 0, 1)], [])["chat_latency"]["during"] == {"n": 0, "p50_s": None, "p99_s": None}

@@ -5,9 +5,16 @@ that :mod:`memfit.serve.history` checks (``memfit bench chaos``).
 Clients create contexts (a few fixed texts: a context id is a hash of the text and policy, so the
 same text made again is the same context), ask questions on them and check each answer against what
 the in-process library answers, delete some, send plain chats, and send hostile requests (unknown
-model, no max_tokens, broken JSON). Faults, in turn: kill -9 of a replica (restarted), Redis
-shut down and restarted with its data, Redis restarted with its data gone, a client that drops a
-streamed answer.
+model, no max_tokens, broken JSON, a 2 MB body). Faults, in turn: kill -9 of a replica (restarted),
+Redis shut down and restarted with its data, Redis restarted with its data gone, a client that
+drops a streamed answer, and on one replica's disk tier (its own small tmpfs mount): the
+filesystem full, remounted read-only, reads slowed (an injected delay). Each fault lasts a while
+(``hold``) and is then undone; the history records its window, so that the latency of plain chats
+is reported before, during and after faults.
+
+Each replica's store is ``file://tierK`` (private, a cache) in front of the shared Redis: a
+context is acknowledged once Redis holds it; a copy on a replica's disk is served only while Redis
+still holds the key (see :class:`memfit.store.ContextStore`).
 """
 
 from __future__ import annotations
@@ -27,12 +34,17 @@ from pathlib import Path
 import httpx
 
 from memfit.serve.history import check, read, record, summary
+from memfit.store.disk import READ_DELAY_ENV, DiskTier
+from memfit.store.faults import can_mount, fill, small_fs
 
 TEXTS = [f"Ledger {i}. " + " ".join(f"Crate {j} of ledger {i} holds {(i * 7 + j * 3) % 11} lamps." for j in range(12))
          for i in range(6)]
 QUESTIONS = ["How many lamps does crate 3 hold?", "Which ledger is this?", "What does crate 7 hold?"]
 GEN = {"max_tokens": 8, "temperature": 0}
-FAULTS = ("kill_replica", "redis_restart", "redis_wipe", "dropped_stream")
+FAULTS = ("kill_replica", "redis_restart", "redis_wipe", "dropped_stream", "disk_full", "disk_read_only",
+          "disk_slow")
+DISK_FAULTS = ("disk_full", "disk_read_only", "disk_slow")
+MOUNTED = ("disk_full", "disk_read_only")  # need a filesystem of their own (root may mount a tmpfs)
 
 
 def _free_port() -> int:
@@ -102,6 +114,7 @@ class Replica:
     model: str
     args: list[str]
     log: Path
+    env: dict = field(default_factory=dict)
     port: int = field(default_factory=_free_port)
     proc: subprocess.Popen | None = None
 
@@ -113,7 +126,7 @@ class Replica:
         with open(self.log, "a") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "memfit", "serve", "--model", self.model, "--port",
                                           str(self.port), "--served-model-name", "m", *self.args],
-                                         stdout=log, stderr=subprocess.STDOUT)
+                                         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
         _wait(self.url + "/health", self.proc)
 
     def kill(self) -> None:
@@ -185,7 +198,7 @@ def _client(n: int, urls: list[str], ids: dict[int, str], expected: dict, histor
                     bad = rnd.choice([{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},
                                       {"messages": [{"role": "user", "content": "hi"}], "max_tokens": None,
                                        "min_tokens": 4, "max_completion_tokens": 10**9},
-                                      b'{"messages": ['])
+                                      b'{"messages": [', {"messages": [{"role": "user", "content": "x" * 2_100_000}]}])
                     r = (http.post(url + "/v1/chat/completions", content=bad, headers={"content-type": "application/json"})
                          if isinstance(bad, bytes) else http.post(url + "/v1/chat/completions", json=bad))
                 fields["status"] = r.status_code
@@ -199,30 +212,38 @@ def _client(n: int, urls: list[str], ids: dict[int, str], expected: dict, histor
 
 def run_chaos(model: str, out_dir: Path, seconds: float = 60.0, replicas: int = 2, clients: int = 4,
               fault_every: float = 10.0, faults: tuple[str, ...] = FAULTS, policy: str = "kivi(bits=4)",
-              seed: int = 0, min_faults: int = 0) -> dict:
+              seed: int = 0, min_faults: int = 0, hold: float | None = None) -> dict:
     """Run replicas, Redis and clients for ``seconds`` while injecting one of ``faults`` every
-    ``fault_every`` seconds (and on until ``min_faults`` were injected); then ask every context once
-    more, check the history, and return the summary (``violations`` empty: the run passed). Writes
-    ``history.jsonl`` and the replicas' logs to ``out_dir``."""
+    ``fault_every`` seconds (and on until ``min_faults`` were injected), each held for ``hold``
+    seconds (default: half the interval) and then undone; then a quiet spell, ask every context
+    once more, check the history, and return the summary (``violations`` empty: the run passed).
+    Writes ``history.jsonl``, ``chaos.json`` and the replicas' logs to ``out_dir``."""
     unknown = set(faults) - set(FAULTS)
     if unknown:
         raise ValueError(f"unknown faults {sorted(unknown)}; choose from {FAULTS}")
+    hold = fault_every / 2 if hold is None else hold
     out_dir.mkdir(parents=True, exist_ok=True)
+    tiers = [out_dir / f"tier{k}" for k in range(replicas)]
+    if set(faults) & set(MOUNTED) and not can_mount(out_dir / "mount-check"):
+        raise RuntimeError(f"faults {sorted(set(faults) & set(MOUNTED))} need a tmpfs mount per disk tier: "
+                           "run as root (or leave them out)")
+    mounted = [t for t in tiers if set(faults) & set(MOUNTED) and small_fs(t)]
     hist_path = out_dir / "history.jsonl"
     hist_path.unlink(missing_ok=True)
     expected = expected_answers(model, policy)
     redis = Redis(out_dir / "redis")
     redis.start()
-    # the shared tier first: a context is stored there when its creation is acknowledged, and a
-    # delete removes it for every replica (a private tier in front would hold new contexts and
-    # deleted ones where the other replicas cannot see them); each replica's disk tier takes what
-    # overflows Redis
-    reps = [Replica(model, ["--policy", policy, "--store", redis.url, "--store", f"file://{out_dir / f'tier{k}'}",
-                            "--max-queue", "64", "--request-timeout", "60"], out_dir / f"replica{k}.log")
+    delay_files = [out_dir / f"slow{k}" for k in range(replicas)]
+    # each replica's disk tier is a private cache in front of the shared Redis: a context is
+    # acknowledged once Redis holds it, and a disk copy is served only while Redis still holds it
+    reps = [Replica(model, ["--policy", policy, "--store", f"file://{tiers[k]}", "--store", redis.url,
+                            "--max-queue", "64", "--request-timeout", "60"], out_dir / f"replica{k}.log",
+                    env={READ_DELAY_ENV: str(delay_files[k])})
             for k in range(replicas)]
     lock, stop = threading.Lock(), threading.Event()
     ids: dict[int, str] = {}
     rnd = random.Random(seed)
+    started = time.time()
     with open(hist_path, "a", encoding="utf-8") as history:
         try:
             for rep in reps:
@@ -235,57 +256,25 @@ def run_chaos(model: str, out_dir: Path, seconds: float = 60.0, replicas: int = 
                 t.start()
             k = 0
             while k < min_faults or time.time() - started < seconds:  # (a slow machine runs longer)
-                time.sleep(fault_every)
+                time.sleep(max(0.0, fault_every - hold))
                 if k >= min_faults and time.time() - started >= seconds:
                     break
                 kind = faults[k % len(faults)]
                 k += 1
-                t0 = time.time()
                 target = rnd.randrange(len(reps))
                 with lock:
                     for i, rep in enumerate(reps):
                         if rep.proc.poll() is None:
-                            record(history, "sample", t0, status=None, replica=i, **rep.sample())
-                if kind == "kill_replica":
-                    reps[target].kill()
-                    reps[target].start()
-                elif kind in ("redis_restart", "redis_wipe"):
-                    redis.stop(keep_data=kind == "redis_restart")
-                    redis.start()
-                else:  # a client that reads one streamed piece and goes away
-                    try:
-                        with httpx.stream("POST", urls[target] + "/v1/chat/completions", timeout=60, json={
-                                "model": "m", "messages": [{"role": "user", "content": "tell me"}], "max_tokens": 64,
-                                "stream": True}) as r:
-                            next(r.iter_lines(), None)
-                    except httpx.HTTPError:
-                        pass
+                            record(history, "sample", time.time(), status=None, replica=i, **rep.sample())
+                t0 = time.time()
+                _inject(kind, reps[target], redis, tiers[target], delay_files[target], hold)
                 with lock:
                     record(history, "fault", t0, status=None, fault=kind, replica=target)
+            time.sleep(min(fault_every, 30))  # a quiet spell: latency after the faults
             stop.set()
             for t in threads:
                 t.join(180)
-            # the audit: every context ever made, asked once more on every replica (retried, as a
-            # client would, while a tier is still coming back: 503)
-            for i, cid in sorted(ids.items()):
-                for r_i, url in enumerate(urls):
-                    for _ in range(20):
-                        t0 = time.time()
-                        try:
-                            r = httpx.post(url + "/v1/chat/completions", timeout=120, json={
-                                "model": "m", "messages": [{"role": "user", "content": QUESTIONS[0]}],
-                                "context_id": cid, **GEN})
-                            fields = {"status": r.status_code, "code": _code(r) if r.status_code != 200 else None}
-                            if r.status_code == 200:
-                                fields["answer"] = r.json()["choices"][0]["message"]["content"]
-                        except httpx.HTTPError as e:
-                            fields = {"status": None, "error": type(e).__name__}
-                        with lock:
-                            record(history, "ask", t0, context_id=cid, expected=expected[i, 0], replica=r_i,
-                                   audit=True, **fields)
-                        if fields["status"] != 503:
-                            break
-                        time.sleep(1)
+            _audit(urls, ids, expected, history, lock)
             with lock:
                 for i, rep in enumerate(reps):
                     record(history, "sample", time.time(), status=None, replica=i, **rep.sample())
@@ -294,10 +283,78 @@ def run_chaos(model: str, out_dir: Path, seconds: float = 60.0, replicas: int = 
             for rep in reps:
                 rep.kill()
             redis.stop(keep_data=False)
+            with lock:  # what the disks hold once every writer is gone: no entry may be corrupt
+                for i, tier in enumerate(tiers):
+                    record(history, "scan", time.time(), status=None, replica=i, **_scan(tier))
+            for t in mounted:
+                subprocess.run(["umount", "-l", str(t)], check=False)
     ops = read(hist_path)
     violations = check(ops)
     result = summary(ops, violations)
     result.update(seconds=seconds, replicas=replicas, clients=clients, faults=sum(op["op"] == "fault" for op in ops),
-                  fault_kinds=list(faults), wall_s=time.time() - started)
+                  fault_kinds=list(faults), fault_every=fault_every, hold=hold, wall_s=time.time() - started)
     (out_dir / "chaos.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def _inject(kind: str, rep: Replica, redis: Redis, tier: Path, delay_file: Path, hold: float) -> None:
+    """Inject one fault, hold it for ``hold`` seconds, undo it (a kill and a Redis restart are undone
+    by starting again)."""
+    if kind == "kill_replica":
+        rep.kill()
+        time.sleep(min(hold, 2))
+        rep.start()
+    elif kind in ("redis_restart", "redis_wipe"):
+        redis.stop(keep_data=kind == "redis_restart")
+        time.sleep(min(hold, 2))
+        redis.start()
+    elif kind == "dropped_stream":  # a client that reads one streamed piece and goes away
+        try:
+            with httpx.stream("POST", rep.url + "/v1/chat/completions", timeout=60, json={
+                    "model": "m", "messages": [{"role": "user", "content": "tell me"}], "max_tokens": 64,
+                    "stream": True}) as r:
+                next(r.iter_lines(), None)
+        except httpx.HTTPError:
+            pass
+    elif kind == "disk_full":
+        fill(tier)
+        time.sleep(hold)
+        (tier / ".ballast").unlink(missing_ok=True)
+    elif kind == "disk_read_only":
+        subprocess.run(["mount", "-o", "remount,ro", str(tier)], check=True)
+        time.sleep(hold)
+        subprocess.run(["mount", "-o", "remount,rw", str(tier)], check=True)
+    else:  # disk_slow
+        delay_file.write_text("0.5")
+        time.sleep(hold)
+        delay_file.unlink(missing_ok=True)
+
+
+def _audit(urls: list[str], ids: dict[int, str], expected: dict, history, lock: threading.Lock) -> None:
+    """Every context ever made, asked once more on every replica (retried, as a client would, while
+    a tier is still coming back: 503)."""
+    for i, cid in sorted(ids.items()):
+        for r_i, url in enumerate(urls):
+            for _ in range(20):
+                t0 = time.time()
+                try:
+                    r = httpx.post(url + "/v1/chat/completions", timeout=120, json={
+                        "model": "m", "messages": [{"role": "user", "content": QUESTIONS[0]}],
+                        "context_id": cid, **GEN})
+                    fields = {"status": r.status_code, "code": _code(r) if r.status_code != 200 else None}
+                    if r.status_code == 200:
+                        fields["answer"] = r.json()["choices"][0]["message"]["content"]
+                except httpx.HTTPError as e:
+                    fields = {"status": None, "error": type(e).__name__}
+                with lock:
+                    record(history, "ask", t0, context_id=cid, expected=expected[i, 0], replica=r_i, audit=True,
+                           **fields)
+                if fields["status"] != 503:
+                    break
+                time.sleep(1)
+
+
+def _scan(tier: Path) -> dict:
+    """Entries and leftovers in a disk tier, changing nothing: ``corrupt`` entries fail their
+    checksum; ``partial`` are temporary files (only a writer killed mid-write may leave one)."""
+    return DiskTier(tier).recover(partial_age=0, repair=False) if tier.is_dir() else {}

@@ -19,7 +19,12 @@ What :func:`check` calls a violation:
 - ``answered_after_delete``: a 200 for a context whose deletion was acknowledged before the request
   began (and not created again since);
 - ``unbounded_memory`` / ``unbounded_fds``: a replica's last sample exceeds its first by more than
-  the given factor.
+  the given factor;
+- ``corrupt_entry``: a ``scan`` of a disk tier (taken once its writers are gone) found an entry that
+  fails its checksum: a write was left half done.
+
+A ``fault`` operation spans the fault's window (injected at ``start``, undone at ``end``):
+:func:`summary` reports the latency of plain chats before, during and after faults.
 """
 
 from __future__ import annotations
@@ -117,6 +122,10 @@ def check(ops: Iterable[dict], growth: float = 2.0) -> list[Violation]:
                     out.append(Violation("answered_after_delete", i, f"{cid}: answered after its deletion was "
                                          "acknowledged"))
 
+    for i, op in enumerate(ops):
+        if op["op"] == "scan" and op.get("corrupt"):
+            out.append(Violation("corrupt_entry", i, f"disk tier of replica {op.get('replica')}: {op['corrupt']} "
+                                 "entries fail their checksum"))
     samples: dict[str, list[tuple[int, dict]]] = {}
     for i, op in enumerate(ops):
         if op["op"] == "sample":
@@ -129,8 +138,34 @@ def check(ops: Iterable[dict], growth: float = 2.0) -> list[Violation]:
     return sorted(out, key=lambda v: v.index)
 
 
+def chat_latency(ops: list[dict], settle: float = 5.0) -> dict:
+    """Latency (seconds) of answered plain chats by phase: ``before`` the first fault, ``during`` a
+    fault's window (or within ``settle`` seconds after it: a Redis tier retries after 5 s), ``between``
+    faults, ``after`` the last one; each with its count, p50 and p99."""
+    windows = sorted((op["start"], op["end"] + settle) for op in ops if op["op"] == "fault")
+    phases: dict[str, list[float]] = {"before": [], "during": [], "between": [], "after": []}
+    for op in ops:
+        if op["op"] != "chat" or op.get("status") != 200:
+            continue
+        if not windows or op["end"] < windows[0][0]:
+            phase = "before"
+        elif op["start"] > windows[-1][1]:
+            phase = "after"
+        elif any(a < op["end"] and op["start"] < b for a, b in windows):
+            phase = "during"
+        else:
+            phase = "between"
+        phases[phase].append(op["end"] - op["start"])
+
+    def pct(xs: list[float], q: float) -> float | None:
+        return round(sorted(xs)[min(len(xs) - 1, int(q * len(xs)))], 3) if xs else None
+
+    return {k: {"n": len(v), "p50_s": pct(v, 0.5), "p99_s": pct(v, 0.99)} for k, v in phases.items()}
+
+
 def summary(ops: list[dict], violations: list[Violation]) -> dict:
-    """Counts for a run's JSON: operations by kind and status, faults, violations by kind."""
+    """Counts for a run's JSON: operations by kind and status, faults, violations by kind, and the
+    latency of plain chats around faults."""
     counts: dict[str, dict[str, int]] = {}
     for op in ops:
         per = counts.setdefault(op["op"], {})
@@ -139,5 +174,5 @@ def summary(ops: list[dict], violations: list[Violation]) -> dict:
     kinds: dict[str, int] = {}
     for v in violations:
         kinds[v.kind] = kinds.get(v.kind, 0) + 1
-    return {"operations": len(ops), "by_op": counts, "violations": kinds,
+    return {"operations": len(ops), "by_op": counts, "violations": kinds, "chat_latency": chat_latency(ops),
             "first_violations": [v.__dict__ for v in violations[:20]]}
