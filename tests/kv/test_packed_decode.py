@@ -79,6 +79,30 @@ def test_forks_of_evicted_caches_decode_over_packed_runs_like_dense_attention(ti
     _runs_hold_what_the_layer_stores(fork, 3)
 
 
+@pytest.mark.parametrize("policy", POLICIES[:2])
+def test_a_masked_step_reads_the_ragged_parent_for_every_row_with_its_padding_hidden(tiny_lm, policy, monkeypatch):
+    """A one-token step with an attention mask (questions batched with padding) leaves the kernel
+    and dequantizes: a fork of 3 rows reads its one-row ragged parent, the padding masked (on the
+    H200 this step failed: the parent was not expanded to the fork's rows)."""
+    cache = _context(tiny_lm, policy)
+    feed = torch.randint(0, 250, (3, 12), generator=torch.Generator().manual_seed(1))
+
+    n = cache.get_seq_length()
+    mask = torch.ones(3, n + 12, dtype=torch.long)
+    mask[0, n : n + 2] = 0  # row 0: its question padded (the first two new tokens hidden)
+
+    def masked(fork):
+        with torch.no_grad():
+            return torch.stack([tiny_lm.model(feed[:, i : i + 1], attention_mask=mask[:, : n + i + 1],
+                                              **with_cache(tiny_lm.model, fork)).logits[:, -1] for i in range(12)])
+
+    dense = masked(cache.fork(3))
+    calls = packed_everywhere(monkeypatch)
+    got = masked(cache.fork(3).use_kernels())
+    assert calls == []  # every step dequantized (a mask): none went to the kernel
+    torch.testing.assert_close(got, dense, rtol=1e-4, atol=1e-5)
+
+
 def test_what_the_kernel_cannot_read_says_why(tiny_lm):
     for policy, why in (("kivi(bits=4,outliers=0.02)", "outliers"), ("kivi(bits=8)", "2 or 4 bits"),
                         ("knorm(keep=0.5)", "no KIVI quantizer")):
@@ -186,8 +210,9 @@ def test_the_warm_up_runs_are_what_a_fork_reads(tiny_lm):
     from memfit.kernels.decode_attention import decode_attention_runs_reference
 
     for policy in (RAGGED, "kivi(bits=2,group=16,residual=16)"):
-        steps = _context(tiny_lm, policy).warm_runs(4)
-        assert len(steps) == 2
+        cache = _context(tiny_lm, policy)
+        steps = cache.warm_runs(4)
+        assert len(steps) == 2 * len(cache.layers)  # every layer: evicted ones differ in length
         for q, runs in steps:
             assert torch.isfinite(decode_attention_runs_reference(q, runs)).all()
     assert _context(tiny_lm, "knorm(keep=0.5)").warm_runs(4) == []  # no quantizer: nothing the kernel reads

@@ -386,20 +386,32 @@ if triton is not None:
     def _merge_kernel(ACC, M, L, OUT, H, NSPLIT, G: tl.constexpr, D: tl.constexpr, SP: tl.constexpr,
                       DB: tl.constexpr):
         """out = sum_s exp(m_s - max) acc_s / sum_s exp(m_s - max) l_s over the slices s, for one
-        query head and DB of its channels a program (many programs, one pass over the partials)."""
+        query head and DB of its channels a program (many programs, one pass over the partials),
+        SP slices at a time with a running max: one variant for any number of slices."""
         b = tl.program_id(0)
         hq = tl.program_id(1)
         h = hq // G
         g = hq % G
-        os_ = tl.arange(0, SP)
-        sm = os_ < NSPLIT
-        row = ((b * H + h) * NSPLIT + os_) * G + g
-        m = tl.load(M + row, mask=sm, other=float("-inf"))
-        w = tl.where(m > float("-inf"), tl.exp(m - tl.max(m, 0)), 0.0)
-        denom = tl.sum(w * tl.load(L + row, mask=sm, other=0.0), 0)
         od = tl.program_id(2) * DB + tl.arange(0, DB)
-        acc = tl.load(ACC + row[:, None] * D + od[None, :], mask=sm[:, None], other=0.0)
-        tl.store(OUT + (b * H * G + hq) * D + od, tl.sum(acc * w[:, None], 0) / denom)
+        m_run = float("-inf")
+        denom = 0.0
+        out = tl.zeros([DB], dtype=tl.float32)
+        for s0 in range(0, NSPLIT, SP):
+            os_ = s0 + tl.arange(0, SP)
+            sm = os_ < NSPLIT
+            row = ((b * H + h) * NSPLIT + os_) * G + g
+            m = tl.load(M + row, mask=sm, other=float("-inf"))
+            m_new = tl.maximum(m_run, tl.max(m, 0))
+            alpha = tl.where(m_run > float("-inf"), tl.exp(m_run - m_new), 0.0)
+            w = tl.where(m > float("-inf"), tl.exp(m - m_new), 0.0)
+            denom = denom * alpha + tl.sum(w * tl.load(L + row, mask=sm, other=0.0), 0)
+            acc = tl.load(ACC + row[:, None] * D + od[None, :], mask=sm[:, None], other=0.0)
+            out = out * alpha + tl.sum(acc * w[:, None], 0)
+            m_run = m_new
+        tl.store(OUT + (b * H * G + hq) * D + od, out / denom)
+
+
+MERGE_SP, MERGE_DB = 64, 16
 
 
 def _gluon_fits(q: torch.Tensor, r: PackedRun) -> bool:
@@ -499,8 +511,11 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
         plans.append((use_gluon, sl, nqs, nqs + max(nwin, 0)))
     nsplit = sum(p[3] for p in plans)
     rows = b * h * nsplit * g
-    work = torch.empty(rows * (d + 2), device=q.device, dtype=torch.float32)  # one allocation: acc, max, sum
-    acc, m, lsum = work[: rows * d], work[rows * d : rows * (d + 1)], work[rows * (d + 1) :]
+    # one allocation: acc, max, sum, each starting 16-byte aligned (Triton specializes pointers on
+    # it: a part that moved with the row count would compile another variant in a first request)
+    r4 = rows + -rows % 4
+    work = torch.empty(r4 * (d + 2), device=q.device, dtype=torch.float32)
+    acc, m, lsum = work[: rows * d], work[r4 * d : r4 * d + rows], work[r4 * (d + 1) : r4 * (d + 1) + rows]
     s0 = 0
     for r, (use_gluon, sl, nqs, nslices) in zip(runs, plans):
         if not nslices:
@@ -518,9 +533,10 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
                            num_stages=num_stages or (3 if r.bits == 4 else 2))
         s0 += nslices
     out = torch.empty(b, hq, d, device=q.device, dtype=out_dtype)
-    sp = max(64, triton.next_power_of_2(nsplit))  # one variant for any count up to 64 (no compile as a fork grows)
-    db = max(8, min(d, 8192 // sp))  # channels a merge program: its [splits, channels] block stays small
-    _merge_kernel[(b, hq, d // db)](acc, m, lsum, out, h, nsplit, G=g, D=d, SP=sp, DB=db)
+    # MERGE_SP slices at a time whatever their number (no compile as a fork grows or from layer to
+    # layer), MERGE_DB channels a program: many small programs over the partials
+    db = min(d, MERGE_DB)
+    _merge_kernel[(b, hq, d // db)](acc, m, lsum, out, h, nsplit, G=g, D=d, SP=MERGE_SP, DB=db)
     return out
 
 

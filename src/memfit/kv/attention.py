@@ -271,7 +271,7 @@ def push_head_mask(layer_idx: int, mask: torch.Tensor) -> None:
 def push_packed(layer_idx: int, packed) -> None:
     """Hand the layer's packed KV to its next attention call instead of dequantized tensors:
     ``packed.attend(query, scaling)`` -> [B, 1, Hq, D] for one decode step, ``packed.materialize()``
-    -> (keys, values) for anything else."""
+    -> (keys, values, mask of real entries or None) for anything else."""
     _state().packed[layer_idx] = packed
 
 
@@ -325,8 +325,10 @@ def memfit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
         if query.shape[2] == 1 and attention_mask is None and _observer is None and not state.requests:
             return packed.attend(query, scaling), None  # the packed-KV kernel: nothing dequantized
-        key, value = packed.materialize()
+        key, value, packed_mask = packed.materialize()
     head_mask = state.masks.pop(module.layer_idx, None)
+    if packed is not None and packed_mask is not None:  # ragged heads: their padding stays unseen
+        head_mask = packed_mask
     if attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
         attention_mask = _fit_mask(attention_mask, key.shape[-2])
     if head_mask is not None:

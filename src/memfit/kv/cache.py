@@ -207,32 +207,33 @@ class CompressedCache(Cache):
         rather than in a first request (CUDA layers the kernel reads only; see :meth:`warm_runs`)."""
         from memfit.kernels.decode_attention import decode_attention_runs
 
-        layer = next((la for la in self.layers if la.is_initialized), None)
-        if layer is None or not layer.keys.is_cuda:
-            return self
         for q, runs in self.warm_runs(query_heads):
-            decode_attention_runs(q, runs, out_dtype=q.dtype)
+            if q.is_cuda:
+                decode_attention_runs(q, runs, out_dtype=q.dtype)
         return self
 
     def warm_runs(self, query_heads: int) -> list:
-        """(query, runs) of the decode steps a fork of this cache meets: what a layer stores plus
-        the fork's first tokens, then plus tokens its window has spilled (none where the kernel
-        cannot read the layers)."""
+        """(query, runs) of the decode steps a fork of this cache meets, for every layer (evicted
+        layers differ in length, so in how a step is split): what a layer stores plus the fork's
+        first tokens, then plus tokens its window has spilled (none where the kernel cannot read
+        the layer)."""
         from memfit.kernels.decode_attention import PackedRun
 
-        layer = next((la for la in self.layers if la.is_initialized), None)
-        if layer is None or layer.not_packed() is not None:
-            return []
-        k, qt = layer.keys, layer.quant
-        h, d, dev = k.shape[1], k.shape[-1], k.device
-        q = torch.zeros(1, query_heads, d, dtype=k.dtype, device=dev)
-        codes = torch.zeros(1, h, qt.group, d * qt.bits // 8, dtype=torch.uint8, device=dev)
-        ks = torch.ones(1, h, 1, d, dtype=torch.float16, device=dev)
-        vs = torch.ones(1, h, qt.group, d // qt.value_group(d), dtype=torch.float16, device=dev)
-        window = torch.zeros(1, h, 1, d, dtype=k.dtype, device=dev)
-        spilled = PackedRun(codes, ks, ks, codes, vs, vs, window, window, qt.group, 1, qt.bits, qt.group)
-        fresh = PackedRun.window_only(window, window, 1, qt.bits, qt.group)
-        return [(q, [*layer.runs(1), fresh]), (q, [*layer.runs(1), spilled])]
+        out = []
+        for layer in self.layers:
+            if not layer.is_initialized or layer.not_packed() is not None:
+                continue
+            k, qt = layer.keys, layer.quant
+            h, d, dev = k.shape[1], k.shape[-1], k.device
+            q = torch.zeros(1, query_heads, d, dtype=k.dtype, device=dev)
+            codes = torch.zeros(1, h, qt.group, d * qt.bits // 8, dtype=torch.uint8, device=dev)
+            ks = torch.ones(1, h, 1, d, dtype=torch.float16, device=dev)
+            vs = torch.ones(1, h, qt.group, d // qt.value_group(d), dtype=torch.float16, device=dev)
+            window = torch.zeros(1, h, 1, d, dtype=k.dtype, device=dev)
+            spilled = PackedRun(codes, ks, ks, codes, vs, vs, window, window, qt.group, 1, qt.bits, qt.group)
+            fresh = PackedRun.window_only(window, window, 1, qt.bits, qt.group)
+            out += [(q, [*layer.runs(1), fresh]), (q, [*layer.runs(1), spilled])]
+        return out
 
     def keep_dense(self) -> "CompressedCache":
         """Keep a dequantized copy of every layer for the forks to read (a server answering many

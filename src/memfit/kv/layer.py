@@ -25,16 +25,18 @@ def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 class _Packed:
     """A layer's packed KV for one decode step (see ``attention.push_packed``)."""
 
-    def __init__(self, layer: "CompressedLayer"):
-        self.layer = layer
+    def __init__(self, layer: "CompressedLayer", batch_size: int):
+        self.layer, self.batch_size = layer, batch_size
 
     def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         out = decode_attention_runs(query[:, :, 0], self.layer.runs(query.shape[0]), scale=scaling,
                                     out_dtype=query.dtype)
         return out.unsqueeze(1)
 
-    def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.layer.materialize()
+    def materialize(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Keys, values and the mask of real entries (ragged heads are padded), for every row of
+        the step (a fork's rows read its one parent)."""
+        return self.layer.materialize_masked(self.batch_size)
 
 
 class _StaticPacked:
@@ -302,7 +304,7 @@ class CompressedLayer(CacheLayerMixin):
             self.seen += 1
             self._spill(appended=True)
             self.pending_mask = None
-            self.packed = _Packed(self)
+            self.packed = _Packed(self, key_states.shape[0])
             return key_states, value_states  # not read: the attention function takes self.packed
         if self._room is not None and self._append_in_place(key_states, value_states):
             return self.keys, self.values
