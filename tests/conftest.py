@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import socket
 
 import pytest
 import torch
@@ -85,12 +84,6 @@ def tiny_model_dir(tmp_path_factory):
     tiny_llama(torch.float32).save_pretrained(d)
     byte_tokenizer().save_pretrained(d)
     return d
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

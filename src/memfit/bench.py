@@ -154,21 +154,15 @@ def bench_store(lm: LM, lengths: list[int], policies: list[Policy], store_dir: P
 
 
 # -- memfit serve --------------------------------------------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start_server(model: str, *args: str):
     import subprocess
     import sys
 
     import httpx
 
-    port = _free_port()
+    from memfit.serve.chaos import free_port
+
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "memfit", "serve", "--model", model, "--port", str(port), *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

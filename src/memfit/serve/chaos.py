@@ -47,7 +47,7 @@ DISK_FAULTS = ("disk_full", "disk_read_only", "disk_slow")
 MOUNTED = ("disk_full", "disk_read_only")  # need a filesystem of their own (root may mount a tmpfs)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as sock:
@@ -72,7 +72,7 @@ class Redis:
     """A real redis-server on a free loopback port, persisting to its own folder (an RDB on shutdown)."""
 
     def __init__(self, folder: Path):
-        self.folder, self.port, self.proc = folder, _free_port(), None
+        self.folder, self.port, self.proc = folder, free_port(), None
         folder.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -115,7 +115,7 @@ class Replica:
     args: list[str]
     log: Path
     env: dict = field(default_factory=dict)
-    port: int = field(default_factory=_free_port)
+    port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
 
     @property
