@@ -411,7 +411,7 @@ if triton is not None:
         tl.store(OUT + (b * H * G + hq) * D + od, out / denom)
 
 
-MERGE_SP, MERGE_DB = 64, 16
+MERGE_SP, MERGE_DB = 128, 16  # measured on the H200: within 2% of the best of 7 settings at 1x128K, 8x32K, 1x8K
 
 
 def _gluon_fits(q: torch.Tensor, r: PackedRun) -> bool:
