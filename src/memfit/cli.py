@@ -87,7 +87,13 @@ def ask(
         pol = ctx.policy
         typer.echo(f"[budget {budget}: planner picked {pol.spec}]", err=True)
     else:
-        ctx = lm.prefill(text, pol, store=st)
+        from memfit.store import StoreUnavailable
+
+        try:
+            ctx = lm.prefill(text, pol, store=st)
+        except StoreUnavailable as e:  # the store only saves a later prefill: answer all the same
+            typer.echo(f"[warning: {e}; answering without storing]", err=True)
+            ctx = lm.prefill(text, pol)
     t0 = time.perf_counter()
     answer = lm.ask(ctx, question, max_new_tokens=max_new_tokens, answer_prefix=answer_prefix)
     typer.echo(answer)
@@ -133,7 +139,12 @@ def store_put(
     text = _read_context(context)
     st = _open_store(store)
     lm = _load(model)
-    ctx = lm.prefill(text, pol, store=st)
+    from memfit.store import StoreUnavailable
+
+    try:
+        ctx = lm.prefill(text, pol, store=st)
+    except StoreUnavailable as e:
+        _fail(str(e))
     typer.echo(ctx.key)
     typer.echo(f"[{ctx.meta.get('store')}: {ctx.num_tokens} tokens, {_mib(ctx.nbytes)} ({ctx.compression:.2f}x), "
                f"{ctx.prefill_seconds:.2f}s]", err=True)
@@ -158,10 +169,12 @@ def store_ls(store: list[str] = typer.Option(..., "--store", "-s")) -> None:
 @store_app.command("rm")
 def store_rm(key: str = typer.Argument(...), store: list[str] = typer.Option(..., "--store", "-s")) -> None:
     """Delete a stored context from every tier."""
+    from memfit.store import StoreUnavailable
+
     st = _open_store(store)
     try:
         removed = st.delete(key)
-    except ValueError as e:
+    except (ValueError, StoreUnavailable) as e:
         _fail(str(e))
     if not removed:
         _fail(f"no stored context {key}")

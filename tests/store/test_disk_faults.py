@@ -43,7 +43,7 @@ def test_a_full_disk_refuses_the_write_leaves_nothing_half_written_and_keeps_ser
     store = open_store(f"file://{disk}")
     kept = lm.prefill(TEXT, POLICY, store=store)
     fill(disk)
-    with pytest.raises(StoreUnavailable, match="could not be stored"):
+    with pytest.raises(StoreUnavailable, match="could not be stored.*file: .*No space left on device"):
         lm.prefill(TEXT + " more", POLICY, store=store)
     assert list(disk.glob(".tmp-*")) == [] and len(store.keys()) == 1  # no partial file, no new entry
     assert store.stats()["write_errors"] == 1
@@ -145,3 +145,20 @@ def test_the_server_answers_503_for_a_context_no_tier_can_take_and_keeps_chattin
         ask = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Code?"}],
                                                         "context_id": made.json()["id"], "max_tokens": 4})
         assert ask.status_code == 200, ask.text
+
+
+def test_the_cli_says_when_a_context_could_not_be_stored_and_ask_answers_anyway(tiny_model_dir, disk, tmp_path):
+    from typer.testing import CliRunner
+
+    from memfit.cli import app
+
+    runner = CliRunner()
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text(TEXT)
+    fill(disk)
+    args = ["-c", str(ctx), "-p", "kivi(bits=4)", "-s", f"file://{disk}", "-m", str(tiny_model_dir)]
+    r = runner.invoke(app, ["store", "put", *args])
+    assert r.exit_code == 2 and "could not be stored" in r.output and "No space left" in r.output, r.output
+    r = runner.invoke(app, ["ask", "-q", "Code?", "--max-new-tokens", "4", *args])
+    assert r.exit_code == 0 and "answering without storing" in r.output, r.output
+    assert list(disk.glob("*.safetensors")) == [] and list(disk.glob(".tmp-*")) == []

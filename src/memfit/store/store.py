@@ -66,16 +66,22 @@ class ContextStore:
     def _is_cache(self, index: int) -> bool:
         return self.authority is not None and index < self.authority
 
-    def _put_from(self, index: int, entry: Entry) -> bool:
-        """Put ``entry`` into tier ``index``, its overflow into the next ones; whether it was stored."""
+    def _put_from(self, index: int, entry: Entry, why: list[str] | None = None) -> bool:
+        """Put ``entry`` into tier ``index``, its overflow into the next ones; whether it was stored
+        (``why``: gets what each tier that did not take it said)."""
         pending = [entry]
         for tier in self.tiers[index:]:
             nxt = []
             for e in pending:
                 try:
-                    nxt.extend(tier.put(e))
+                    back = tier.put(e)
+                    if why is not None and any(b is entry for b in back):
+                        why.append(f"{tier.name}: unavailable")
+                    nxt.extend(back)
                 except OSError as err:  # a full or read-only disk: hand it on rather than lose it
                     self._io_error(tier, "write", e.key, err)
+                    if why is not None and e is entry:
+                        why.append(f"{tier.name}: {err}")
                     nxt.append(e)
             pending = nxt
             if not pending:
@@ -107,10 +113,9 @@ class ContextStore:
         shared tier is down, the private tiers in front of it hold the only copy: this process goes
         on with it, other processes do not see it, and it is dropped as stale once the shared tier
         is back (``memfit serve`` refuses to create contexts meanwhile: 503)."""
-        start = self.authority or 0
-        if not self._put_from(start, entry) and not (self._shared_down() and self._put_from(0, entry)):
-            raise StoreUnavailable(f"context {entry.key} could not be stored: no tier took it "
-                                   f"({', '.join(t.name for t in self.tiers[start:])}; see the log)")
+        start, why = self.authority or 0, []
+        if not self._put_from(start, entry, why) and not (self._shared_down() and self._put_from(0, entry, why)):
+            raise StoreUnavailable(f"context {entry.key} could not be stored: no tier took it ({'; '.join(why)})")
         for tier in self.tiers[start:]:
             for a in aliases:
                 try:
