@@ -134,6 +134,7 @@ def test_the_server_answers_503_for_a_context_no_tier_can_take_and_keeps_chattin
         fill(disk)
         r = client.post("/v1/contexts", json={"text": TEXT})
         assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable", r.text
+        assert r.headers["retry-after"] == "5"
         assert "could not be stored" in r.json()["error"]["message"]
         chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": TEXT}],
                                                          "max_tokens": 4})

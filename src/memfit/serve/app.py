@@ -65,9 +65,15 @@ class APIError(Exception):
         return _error(self.status, self.message, self.type, self.param, self.code)
 
 
+RETRY_AFTER_S = 5  # a store tier that was down is tried again after this long (RedisTier's retry_after)
+
+
 def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
            code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status)
+    # a 503 says when to come back, so that clients wait instead of retrying at once
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status,
+                        headers=headers)
 
 
 # -- request bodies: unknown fields are refused (422), as are values out of range ------------------------
