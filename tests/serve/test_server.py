@@ -16,7 +16,7 @@ import openai
 import pytest
 
 import memfit
-from tests.conftest import _free_port
+from memfit.serve.chaos import free_port
 
 POLICY = "kivi(bits=4,group=16,residual=16)"
 CONTEXT = "The harbour master of Vell is Ada Quist. The ferry leaves at nine. " * 8
@@ -29,7 +29,7 @@ def model_dir(tiny_model_dir):
 
 class Served:
     def __init__(self, model_dir, *args: str):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile("w+")  # not a pipe: nobody reads it while the server runs
         self.proc = subprocess.Popen([sys.executable, "-m", "memfit", "serve", "--model", str(model_dir), "--port",
