@@ -219,19 +219,22 @@ class CompressedCache(Cache):
         the layer)."""
         from memfit.kernels.decode_attention import PackedRun
 
-        out = []
+        out, made = [], {}  # the fork's made-up runs, built once per shape (layers mostly share one)
         for layer in self.layers:
             if not layer.is_initialized or layer.not_packed() is not None:
                 continue
             k, qt = layer.keys, layer.quant
             h, d, dev = k.shape[1], k.shape[-1], k.device
-            q = torch.zeros(1, query_heads, d, dtype=k.dtype, device=dev)
-            codes = torch.zeros(1, h, qt.group, d * qt.bits // 8, dtype=torch.uint8, device=dev)
-            ks = torch.ones(1, h, 1, d, dtype=torch.float16, device=dev)
-            vs = torch.ones(1, h, qt.group, d // qt.value_group(d), dtype=torch.float16, device=dev)
-            window = torch.zeros(1, h, 1, d, dtype=k.dtype, device=dev)
-            spilled = PackedRun(codes, ks, ks, codes, vs, vs, window, window, qt.group, 1, qt.bits, qt.group)
-            fresh = PackedRun.window_only(window, window, 1, qt.bits, qt.group)
+            shape = (h, d, k.dtype, dev, qt.bits, qt.group)
+            if shape not in made:
+                q = torch.zeros(1, query_heads, d, dtype=k.dtype, device=dev)
+                codes = torch.zeros(1, h, qt.group, d * qt.bits // 8, dtype=torch.uint8, device=dev)
+                ks = torch.ones(1, h, 1, d, dtype=torch.float16, device=dev)
+                vs = torch.ones(1, h, qt.group, d // qt.value_group(d), dtype=torch.float16, device=dev)
+                window = torch.zeros(1, h, 1, d, dtype=k.dtype, device=dev)
+                made[shape] = (q, PackedRun.window_only(window, window, 1, qt.bits, qt.group),
+                               PackedRun(codes, ks, ks, codes, vs, vs, window, window, qt.group, 1, qt.bits, qt.group))
+            q, fresh, spilled = made[shape]
             out += [(q, [*layer.runs(1), fresh]), (q, [*layer.runs(1), spilled])]
         return out
 
