@@ -24,6 +24,23 @@ def test_rope_matches_the_model_and_inverts():
     torch.testing.assert_close(scaled.unrotate(scaled.rotate(k, pos), pos), k.float(), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("scaling", [1.0, 1.3])
+def test_shifted_keys_equal_keys_computed_at_the_new_positions(scaling):
+    """A document's keys computed at positions 0.. and moved by RoPE's composition equal the keys
+    the model computes at the new positions (what reusing a stored document elsewhere needs)."""
+    model = tiny_llama(torch.float64)
+    rope = RoPE(RoPE.from_model(model).inv_freq, scaling=scaling)
+    k = torch.randn(1, 2, 40, model.config.head_dim, dtype=torch.float64)
+    at0 = rope.rotate(k, torch.arange(40))
+    for delta in (0, 7, 1000, -3):
+        want = rope.rotate(k, torch.arange(40) + delta)
+        torch.testing.assert_close(rope.shift(at0, delta), want, rtol=0, atol=1e-4)
+    spread = torch.arange(40) * 3  # one delta per token
+    torch.testing.assert_close(rope.shift(at0, spread), rope.rotate(k, torch.arange(40) + spread), rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="one per token"):
+        rope.shift(at0, torch.zeros(3))
+
+
 def test_pre_rope_cache_stores_keys_before_rope_and_reads_them_back_rotated():
     model = tiny_llama(torch.float64)
     ids = torch.randint(0, 250, (1, 70), generator=torch.Generator().manual_seed(1))

@@ -48,6 +48,19 @@ class RoPE:
         k = k.float()
         return (k * cos - _rotate_half(k) * sin) / (self.scaling**2)
 
+    def shift(self, k: torch.Tensor, delta: "int | torch.Tensor") -> torch.Tensor:
+        """Post-RoPE keys ``k`` [B, H, N, D] moved by ``delta`` positions (an int, or one per token
+        [N]; float32 out): rotations compose, R(p + d) = R(d) R(p), so a stored document's keys can
+        be placed at new positions without recomputing them (the scaling is in ``k`` already: only
+        the rotation is applied)."""
+        n = k.shape[-2]
+        d = torch.full((n,), delta) if isinstance(delta, int) else torch.as_tensor(delta)
+        if d.shape != (n,):
+            raise ValueError(f"delta must be an int or one per token ({n}), got shape {tuple(d.shape)}")
+        cos, sin = self._cos_sin(d, k.device)
+        k = k.float()
+        return (k * cos + _rotate_half(k) * sin) / self.scaling
+
     def check(self, head_dim: int) -> None:
         if 2 * self.inv_freq.numel() != head_dim:
             raise ValueError(f"RoPE over {2 * self.inv_freq.numel()} channels cannot rotate keys of head_dim {head_dim} "
