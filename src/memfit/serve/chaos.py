@@ -43,7 +43,6 @@ QUESTIONS = ["How many lamps does crate 3 hold?", "Which ledger is this?", "What
 GEN = {"max_tokens": 8, "temperature": 0}
 FAULTS = ("kill_replica", "redis_restart", "redis_wipe", "dropped_stream", "disk_full", "disk_read_only",
           "disk_slow")
-DISK_FAULTS = ("disk_full", "disk_read_only", "disk_slow")
 MOUNTED = ("disk_full", "disk_read_only")  # need a filesystem of their own (root may mount a tmpfs)
 
 
@@ -161,6 +160,27 @@ def _code(r: httpx.Response) -> str | None:
     return (r.json().get("error") or {}).get("code")
 
 
+def _ask(http: httpx.Client, url: str, context_id: str, question: str) -> httpx.Response:
+    """One question on a stored context."""
+    return http.post(url + "/v1/chat/completions", json={
+        "model": "m", "messages": [{"role": "user", "content": question}], "context_id": context_id, **GEN})
+
+
+def _outcome(r: httpx.Response, answer: bool = False) -> dict:
+    """The history fields of a response: its status, and its error code or (``answer``) the reply."""
+    if r.status_code != 200:
+        return {"status": r.status_code, "code": _code(r)}
+    return {"status": 200, **({"answer": r.json()["choices"][0]["message"]["content"]} if answer else {})}
+
+
+def _sample(reps: list["Replica"], history, lock: threading.Lock) -> None:
+    """Memory and open files of every running replica, into the history."""
+    with lock:
+        for i, rep in enumerate(reps):
+            if rep.proc.poll() is None:
+                record(history, "sample", time.time(), status=None, replica=i, **rep.sample())
+
+
 def _client(n: int, urls: list[str], ids: dict[int, str], expected: dict, history, lock: threading.Lock,
             stop: threading.Event, seed: int) -> None:
     rnd = random.Random(seed + n)
@@ -185,12 +205,8 @@ def _client(n: int, urls: list[str], ids: dict[int, str], expected: dict, histor
                         r = http.delete(f"{url}/v1/contexts/{ids[i]}")
                     else:
                         j = rnd.randrange(len(QUESTIONS))
-                        r = http.post(url + "/v1/chat/completions", json={
-                            "model": "m", "messages": [{"role": "user", "content": QUESTIONS[j]}],
-                            "context_id": ids[i], **GEN})
                         fields["expected"] = expected[i, j]
-                        if r.status_code == 200:
-                            fields["answer"] = r.json()["choices"][0]["message"]["content"]
+                        r = _ask(http, url, ids[i], QUESTIONS[j])
                 elif kind == "chat":
                     r = http.post(url + "/v1/chat/completions", json={
                         "model": "m", "messages": [{"role": "user", "content": f"Say hello {n}"}], **GEN})
@@ -201,9 +217,7 @@ def _client(n: int, urls: list[str], ids: dict[int, str], expected: dict, histor
                                       b'{"messages": [', {"messages": [{"role": "user", "content": "x" * 2_100_000}]}])
                     r = (http.post(url + "/v1/chat/completions", content=bad, headers={"content-type": "application/json"})
                          if isinstance(bad, bytes) else http.post(url + "/v1/chat/completions", json=bad))
-                fields["status"] = r.status_code
-                if r.status_code != 200:
-                    fields["code"] = _code(r)
+                fields.update(_outcome(r, answer=kind == "ask"))
             except httpx.HTTPError as e:  # a killed replica: no answer
                 fields.update(status=None, error=type(e).__name__)
             with lock:
@@ -224,10 +238,10 @@ def run_chaos(model: str, out_dir: Path, seconds: float = 60.0, replicas: int = 
     hold = fault_every / 2 if hold is None else hold
     out_dir.mkdir(parents=True, exist_ok=True)
     tiers = [out_dir / f"tier{k}" for k in range(replicas)]
-    if set(faults) & set(MOUNTED) and not can_mount(out_dir / "mount-check"):
-        raise RuntimeError(f"faults {sorted(set(faults) & set(MOUNTED))} need a tmpfs mount per disk tier: "
-                           "run as root (or leave them out)")
-    mounted = [t for t in tiers if set(faults) & set(MOUNTED) and small_fs(t)]
+    needs_mount = sorted(set(faults) & set(MOUNTED))
+    if needs_mount and not can_mount(out_dir / "mount-check"):
+        raise RuntimeError(f"faults {needs_mount} need a tmpfs mount per disk tier: run as root (or leave them out)")
+    mounted = [t for t in tiers if needs_mount and small_fs(t)]
     hist_path = out_dir / "history.jsonl"
     hist_path.unlink(missing_ok=True)
     expected = expected_answers(model, policy)
@@ -262,10 +276,7 @@ def run_chaos(model: str, out_dir: Path, seconds: float = 60.0, replicas: int = 
                 kind = faults[k % len(faults)]
                 k += 1
                 target = rnd.randrange(len(reps))
-                with lock:
-                    for i, rep in enumerate(reps):
-                        if rep.proc.poll() is None:
-                            record(history, "sample", time.time(), status=None, replica=i, **rep.sample())
+                _sample(reps, history, lock)
                 t0 = time.time()
                 _inject(kind, reps[target], redis, tiers[target], delay_files[target], hold)
                 with lock:
@@ -275,9 +286,7 @@ def run_chaos(model: str, out_dir: Path, seconds: float = 60.0, replicas: int = 
             for t in threads:
                 t.join(180)
             _audit(urls, ids, expected, history, lock)
-            with lock:
-                for i, rep in enumerate(reps):
-                    record(history, "sample", time.time(), status=None, replica=i, **rep.sample())
+            _sample(reps, history, lock)
         finally:
             stop.set()
             for rep in reps:
@@ -333,25 +342,21 @@ def _inject(kind: str, rep: Replica, redis: Redis, tier: Path, delay_file: Path,
 def _audit(urls: list[str], ids: dict[int, str], expected: dict, history, lock: threading.Lock) -> None:
     """Every context ever made, asked once more on every replica (retried, as a client would, while
     a tier is still coming back: 503)."""
-    for i, cid in sorted(ids.items()):
-        for r_i, url in enumerate(urls):
-            for _ in range(20):
-                t0 = time.time()
-                try:
-                    r = httpx.post(url + "/v1/chat/completions", timeout=120, json={
-                        "model": "m", "messages": [{"role": "user", "content": QUESTIONS[0]}],
-                        "context_id": cid, **GEN})
-                    fields = {"status": r.status_code, "code": _code(r) if r.status_code != 200 else None}
-                    if r.status_code == 200:
-                        fields["answer"] = r.json()["choices"][0]["message"]["content"]
-                except httpx.HTTPError as e:
-                    fields = {"status": None, "error": type(e).__name__}
-                with lock:
-                    record(history, "ask", t0, context_id=cid, expected=expected[i, 0], replica=r_i, audit=True,
-                           **fields)
-                if fields["status"] != 503:
-                    break
-                time.sleep(1)
+    with httpx.Client(timeout=120) as http:
+        for i, cid in sorted(ids.items()):
+            for r_i, url in enumerate(urls):
+                for _ in range(20):
+                    t0 = time.time()
+                    try:
+                        fields = _outcome(_ask(http, url, cid, QUESTIONS[0]), answer=True)
+                    except httpx.HTTPError as e:
+                        fields = {"status": None, "error": type(e).__name__}
+                    with lock:
+                        record(history, "ask", t0, context_id=cid, expected=expected[i, 0], replica=r_i, audit=True,
+                               **fields)
+                    if fields["status"] != 503:
+                        break
+                    time.sleep(1)
 
 
 def _scan(tier: Path) -> dict:

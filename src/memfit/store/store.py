@@ -96,6 +96,14 @@ class ContextStore:
         self.counts[f"{what}_errors"] += 1
         log.warning("store: %s of %s failed in the %s tier: %s", what, key, tier.name, err)
 
+    def _drop(self, index: int, key: str) -> None:
+        """Delete ``key`` from tier ``index``; a disk that cannot (read-only) is logged: what is left
+        there is never served (a corrupt entry fails its checksum again, a stale copy its check)."""
+        try:
+            self.tiers[index].delete(key)
+        except OSError as err:
+            self._io_error(self.tiers[index], "delete", key, err)
+
     def _cache_copy(self, tier, entry: Entry, aliases: list[str] = ()) -> None:
         """A copy in a cache tier: what it evicts is dropped (the shared tier holds it), an I/O error skipped."""
         try:
@@ -134,10 +142,7 @@ class ContextStore:
         if any(t.contains(key) for t in self.tiers[self.authority:]):
             return True
         self.counts["stale"] += 1
-        try:
-            self.tiers[index].delete(key)
-        except OSError as err:  # read-only: the stale copy stays, but it is never served
-            self._io_error(self.tiers[index], "delete", key, err)
+        self._drop(index, key)
         return False
 
     def get_entry(self, key: str) -> Entry | None:
@@ -148,10 +153,7 @@ class ContextStore:
                 warnings.warn(f"store: dropping corrupt entry {key} from the {tier.name} tier: {e}", RuntimeWarning,
                               stacklevel=2)
                 self.counts["corrupt"] += 1
-                try:
-                    tier.delete(key)
-                except OSError as err:
-                    self._io_error(tier, "delete", key, err)
+                self._drop(i, key)
                 continue
             except OSError as err:  # an unreadable disk: the next tier may hold it
                 self._io_error(tier, "read", key, err)
