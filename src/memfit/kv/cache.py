@@ -124,6 +124,17 @@ class CompressedCache(Cache):
         for layer, bits in zip(self.layers, q.assign(errors)):
             layer.quant = q.kivi(bits)
 
+    @classmethod
+    def from_dense(cls, keys: list[torch.Tensor], values: list[torch.Tensor], *, rope: RoPE | None = None,
+                   dtype: torch.dtype | None = None) -> "CompressedCache":
+        """An uncompressed (deferred) cache holding ``keys``/``values`` [B, H, N, D] per layer, stored
+        in ``dtype``: :meth:`derive` then compresses it with any policy."""
+        out = cls("none", len(keys), defer=True, rope=rope, dtype=dtype)
+        for layer, k, v in zip(out.layers, keys, values):
+            layer.lazy_initialization(k, v)
+            layer.keys, layer.values, layer.seen = k.to(layer.dtype), v.to(layer.dtype), k.shape[-2]
+        return out
+
     def derive(self, policy: "str | Policy", obs: dict[int, Observation] | None = None) -> "CompressedCache":
         """Compress a copy of this uncompressed (deferred) cache with ``policy``: one prefill, many
         policies. Tensors are shared until compression replaces them; this cache is unchanged."""

@@ -1,0 +1,91 @@
+"""Documents reused anywhere: position-independent entries and selective recompute (memfit.reuse)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama, tiny_qwen
+
+import memfit.reuse
+from memfit.api import LM
+from memfit.store import open_store
+
+PARTS = ["Be brief.", "The red box holds seven keys and a map.", "A cat sat on the mat all day long.",
+         "Numbers: 3 1 4 1 5 9 2 6."]
+
+
+def _max_err(a, b, layers=None) -> float:
+    pairs = list(zip(a.cache.layers, b.cache.layers))
+    pairs = pairs if layers is None else [pairs[i] for i in layers]
+    return max(max((x.materialize()[0] - y.materialize()[0]).abs().max().item(),
+                   (x.materialize()[1] - y.materialize()[1]).abs().max().item()) for x, y in pairs)
+
+
+@pytest.fixture(params=["llama", "qwen"])
+def lm(request, tokenizer) -> LM:
+    model = tiny_llama(torch.float64, layers=3) if request.param == "llama" else tiny_qwen(torch.float64)
+    return LM(model, tokenizer, name=f"tiny-{request.param}")
+
+
+def test_recompute_all_is_a_full_prefill(lm, monkeypatch):
+    monkeypatch.setattr(memfit.reuse, "BLOCK", 7)  # several blocks per layer call
+    ids, spans = lm.encode_parts(PARTS)
+    assert len(spans) == 3 and spans[0][0] > 0 and spans[-1][1] == ids.shape[1]
+    full = lm.prefill_ids(ids, "none")
+    ctx = lm.prefill_parts(PARTS, "none", recompute=1.0)
+    assert torch.equal(ctx.token_ids, ids)
+    assert _max_err(ctx, full) < 1e-9
+    assert ctx.meta["reuse"]["recomputed"] == ctx.meta["reuse"]["reused_tokens"] == sum(b - a for a, b in spans)
+    assert lm.ask(ctx, "Which box?", max_new_tokens=8) == lm.ask(full, "Which box?", max_new_tokens=8)
+
+
+def test_naive_concatenation_moves_keys_exactly(lm, tmp_path):
+    """Stored documents placed elsewhere: layer 0's KV depends only on each token and its position,
+    so after the RoPE move it equals a full prefill's; deeper layers differ (the documents never
+    saw each other), and recomputing more tokens brings them closer."""
+    store = open_store(f"file://{tmp_path}")
+    for doc in PARTS[1:]:
+        lm.prefill(doc, "none", store=store, reuse="anywhere")
+    parts = [PARTS[0], PARTS[3], PARTS[1], PARTS[2]]  # another order, another system prompt
+    full = lm.prefill_ids(lm.encode_parts(parts)[0], "none")
+    naive = lm.prefill_parts(parts, "none", store=store, recompute=0.0)
+    assert naive.meta["reuse"]["documents"] == ["hit"] * 3
+    assert _max_err(naive, full, layers=[0]) < 1e-5  # the move computes in float32
+    errs = [_max_err(lm.prefill_parts(parts, "none", store=store, recompute=f), full) for f in (0.0, 0.5, 1.0)]
+    assert errs[0] > errs[1] >= errs[2] and errs[2] < 1e-9  # (a 2-layer model is exact once layer 1 is)
+
+
+def test_document_entries_are_their_own_key_space(tiny_lm, tmp_path):
+    store = open_store(f"file://{tmp_path}")
+    plain = tiny_lm.prefill(PARTS[1], "none", store=store)
+    anywhere = tiny_lm.prefill(PARTS[1], "none", store=store, reuse="anywhere")
+    assert len(store.keys()) == 2  # a prefix entry and a document entry, never read for one another
+    assert anywhere.meta["reuse"]["documents"] == ["miss"] and anywhere.meta["reuse"]["recomputed"] == 0
+    assert _max_err(plain, anywhere) < 1e-9  # behind the default opening, a document is its own prefill
+    again = tiny_lm.prefill(PARTS[1], "none", store=store, reuse="anywhere")
+    assert again.meta["reuse"]["documents"] == ["hit"] and len(store.keys()) == 2
+
+
+def test_quantized_and_kvzip_policies_compose(tiny_lm, tmp_path):
+    store = open_store(f"file://{tmp_path}")
+    q = tiny_lm.prefill_parts(PARTS, "kivi(bits=4,residual=8)", store=store, recompute=0.5)
+    assert q.nbytes < tiny_lm.prefill_parts(PARTS, "none", store=store, recompute=0.5).nbytes
+    z = tiny_lm.prefill_parts(PARTS, "kvzip(keep=0.5)+kivi(bits=4,residual=8)", store=store, recompute=0.5)
+    assert z.meta["reuse"]["documents"] == ["hit"] * 3  # documents store the quantizer alone: shared by both
+    assert z.nbytes < q.nbytes
+    assert isinstance(tiny_lm.ask(z, "Which box?", max_new_tokens=4), str)
+
+
+def test_bad_input_is_named(tiny_lm, tmp_path):
+    with pytest.raises(ValueError, match="recompute"):
+        tiny_lm.prefill_parts(PARTS, recompute=1.5)
+    with pytest.raises(ValueError, match="at least one document"):
+        tiny_lm.prefill_parts(["system only"])
+    with pytest.raises(TypeError, match="document"):
+        tiny_lm.prefill_parts([None, ""])
+    with pytest.raises(ValueError, match="queries"):
+        tiny_lm.prefill_parts(PARTS, "snapkv(keep=0.5)")
+    with pytest.raises(ValueError, match="reuse must be"):
+        tiny_lm.prefill(PARTS[1], reuse="elsewhere")
+    with pytest.raises(ValueError, match="give a store"):
+        tiny_lm.prefill(PARTS[1], reuse="anywhere")
