@@ -26,11 +26,11 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
-def _load(model: str, dtype: Optional[str] = None, weight_bits: Optional[int] = None):
+def _load(model: str, dtype: Optional[str] = None, weight_bits: Optional[int] = None, kv_dtype: Optional[str] = None):
     import memfit
 
     try:
-        return memfit.load_model(model, dtype=dtype, weight_bits=weight_bits)
+        return memfit.load_model(model, dtype=dtype, weight_bits=weight_bits, kv_dtype=kv_dtype)
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
 
@@ -284,6 +284,11 @@ def eval_(
     every_order: bool = typer.Option(False, "--every-order", help="Ask a sample's questions in every rotation, so "
                                      "that each is asked once at every position (paired per-position accuracy; "
                                      "costs one pass per question)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype (bfloat16, float16, float32; default: "
+                                        "the device's native one)."),
+    kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype", help="What caches store unquantized entries in "
+                                           "(e.g. --dtype float32 --kv-dtype bfloat16 on a GPU computes as a CPU "
+                                           "without bfloat16 arithmetic does)."),
 ) -> None:
     """Accuracy of each policy on the built-in long-context tasks (one prefill per sample, shared),
     and with --perplexity the perplexity of each model and policy."""
@@ -305,7 +310,7 @@ def eval_(
     if own_answers and not follow_up:
         _fail("--own-answers goes with --follow-up")
     mode = ("own" if own_answers else "gold") if follow_up else None
-    lm = _load(model)
+    lm = _load(model, dtype, kv_dtype=kv_dtype)
     t0 = time.perf_counter()
     records = run_eval(lm, names, pols, lengths, samples, seed, out, max_new_tokens, follow_up=mode,
                        every_order=every_order)
@@ -462,6 +467,50 @@ def bench_kvzip_cmd(
     for r in rows:
         typer.echo(f"{r['tokens']:>7} {r['repeat_passes']:>6} {r['prefill_s']:>9.{nd}f} {r['score_s']:>8.{nd}f} "
                    f"{r['score_vs_prefill']:>13.2f}" + (f" {r['score_unfused_s']:>9.3f}" if unfused else ""))
+    typer.echo(f"wrote {out}")
+
+
+@bench_app.command("reuse")
+def bench_reuse_cmd(
+    model: str = typer.Option("smollm2", "--model", "-m"),
+    samples: int = typer.Option(40, "--samples", "-s", help="Documents-QA samples."),
+    agent_samples: int = typer.Option(10, "--agent-samples", help="Agent samples (3 agents each); 0 skips them."),
+    fractions: list[float] = typer.Option([0.0, 0.05, 0.15], "--recompute", "-r",
+                                          help="Recompute fractions to compare (0 = naive concatenation); repeat."),
+    policy: str = typer.Option("none", "--policy", "-p"),
+    doc_tokens: int = typer.Option(1024, help="Tokens a document."),
+    store: Optional[Path] = typer.Option(None, help="Folder for the document store (default: a temporary one)."),
+    out: Path = typer.Option(Path("results/bench_reuse.json"), "--out", "-o", help="JSON output."),
+) -> None:
+    """Stored documents reused anywhere: TTFT and accuracy of a full prefill, naive concatenation
+    and selective recompute, for documents QA (4 stored documents in random orders behind new
+    system prompts) and agents (one text behind 3 agents' own prefixes)."""
+    import tempfile
+
+    from memfit.eval.reuse import bench_agents, bench_documents
+    from memfit.store import open_store
+
+    if samples < 1 or agent_samples < 0 or not fractions or any(not 0 <= f <= 1 for f in fractions):
+        _fail("--samples must be >= 1, --agent-samples >= 0, and every --recompute in [0, 1]")
+    spec = _policy(policy).spec
+    lm = _load(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        st = open_store(f"file://{store or tmp}")
+        result = {"model": model, "device": str(lm.device), "dtype": str(lm.model.dtype), "policy": spec,
+                  "documents": bench_documents(lm, st, samples, fractions=tuple(fractions), policy=spec,
+                                               doc_tokens=doc_tokens)}
+        if agent_samples:
+            result["agents"] = bench_agents(lm, st, agent_samples, fractions=tuple(fractions), policy=spec)
+    _write_json(out, result)
+    tables = [("documents QA", result["documents"]["summary"])]
+    if agent_samples:
+        tables += [("agents 2 and 3", result["agents"]["summary"]["agents_2_on"]),
+                   ("agent 1 (stores the text)", result["agents"]["summary"]["agent_1"])]
+    for title, summary in tables:
+        typer.echo(f"\n{title}\n{'variant':<16} {'n':>4} {'accuracy':>9} {'TTFT s':>8} {'speedup':>8} {'recomputed':>10}")
+        for name, s in summary.items():
+            typer.echo(f"{name:<16} {s['n']:>4} {s['accuracy']:>8.1f}% {s['ttft_s']:>8.3f} "
+                       f"{s.get('ttft_speedup', 1):>7.2f}x {s['recomputed_tokens']:>10.0f}")
     typer.echo(f"wrote {out}")
 
 

@@ -1,0 +1,155 @@
+"""Reuse beyond prefixes, measured (``memfit bench reuse``): stored documents combined in random
+orders behind new system prompts (RAG), and agents reading one text behind their own prefixes.
+
+Every variant answers the same questions from the same token ids; only how the context's KV is
+made differs: a full prefill, naive concatenation of the stored documents' KV (moved to their
+positions, nothing recomputed), or selective recompute of a fraction of the tokens. TTFT is the
+context's time (prefill, or assembly from the store) plus the question's prefill and first token.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from memfit.api import LM
+from memfit.eval.filler import TokenCounter, fill_to_length, filler_sentences
+from memfit.eval.tasks.base import Question
+from memfit.eval.tasks.qa import _CITIES, _FIRST, _LAST, _PRODUCTS
+from memfit.store import ContextStore
+
+_ROLES = ["a research assistant", "a support agent for a trade registry", "a careful archivist",
+          "a business journalist", "a librarian", "a patent clerk", "an auditor", "a museum guide",
+          "a history teacher", "a market analyst"]
+_STYLES = ["Answer in one short sentence.", "Quote names exactly as written.", "Be brief and factual.",
+           "Use the documents only.", "Do not speculate.", "Answer plainly."]
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    product: str
+    founder: str
+    city: str
+    year: str
+
+
+def document_pool(seed: int, count: int, tokens: int, counter: TokenCounter) -> list[Document]:
+    """``count`` company profiles of about ``tokens`` tokens, each with its one fact (who founded
+    the company that makes X, where, when) at a random depth among filler sentences."""
+    rng = random.Random(f"reuse-docs:{seed}")
+    out = []
+    for p in rng.sample(_PRODUCTS, count):
+        founder = f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"
+        city, year = rng.choice(_CITIES), str(rng.randint(1850, 1990))
+        fact = f"The company that makes {p} was founded by {founder} in {city} in {year}."
+        text, _ = fill_to_length(rng, counter, tokens, [fact])
+        out.append(Document(text, p, founder, city, year))
+    return out
+
+
+def question_about(doc: Document, kind: int) -> Question:
+    text, answer = [(f"Who founded the company that makes {doc.product}?", doc.founder),
+                    (f"Who founded the company that makes {doc.product}, and in which city?", doc.city),
+                    (f"Who founded the company that makes {doc.product}, and in which year?", doc.year)][kind % 3]
+    return Question(text, (answer,), f"The company that makes {doc.product} was founded by")
+
+
+def system_prompt(rng: random.Random, filler: int = 0) -> str:
+    """A new system prompt: a role, two instructions, and ``filler`` sentences of background."""
+    extra = " ".join(filler_sentences(rng, filler))
+    return " ".join(x for x in (f"You are {rng.choice(_ROLES)}.", *rng.sample(_STYLES, 2), extra) if x)
+
+
+def _answer(lm: LM, ctx, q: Question, max_new_tokens: int) -> tuple[float, float]:
+    """(seconds to the first answer token, score of the whole answer)."""
+    t0 = time.perf_counter()
+    lm.ask(ctx, q.text, max_new_tokens=1, answer_prefix=q.answer_prefix)
+    first = time.perf_counter() - t0
+    reply = lm.ask(ctx, q.text, max_new_tokens=max_new_tokens, answer_prefix=q.answer_prefix, lines=q.lines)
+    return first, q.score(reply)
+
+
+def _variants(lm: LM, parts: list[str], policy: str, store: ContextStore, fractions: list[float]):
+    """(name, context) for a full prefill and each recompute fraction (0.0: naive concatenation)."""
+    ids, _ = lm.encode_parts(parts)
+    t0 = time.perf_counter()
+    full = lm.prefill_ids(ids, policy)
+    full.prefill_seconds = time.perf_counter() - t0
+    yield "full", full
+    for f in fractions:
+        yield ("naive" if f == 0 else f"recompute={f:g}"), lm.prefill_parts(parts, policy, store=store, recompute=f)
+
+
+def _summarize(records: list[dict]) -> dict:
+    out = {}
+    for name in dict.fromkeys(r["variant"] for r in records):
+        rs = [r for r in records if r["variant"] == name]
+        out[name] = {"n": len(rs), "accuracy": 100 * statistics.mean(r["score"] for r in rs),
+                     "ttft_s": statistics.mean(r["ttft_s"] for r in rs),
+                     "context_s": statistics.mean(r["context_s"] for r in rs),
+                     "recomputed_tokens": statistics.mean(r.get("recomputed", 0) for r in rs)}
+    full = out.get("full")
+    for s in out.values():
+        if full:
+            s["ttft_speedup"] = full["ttft_s"] / s["ttft_s"]
+            s["accuracy_delta"] = s["accuracy"] - full["accuracy"]
+    return out
+
+
+def bench_documents(lm: LM, store: ContextStore, samples: int = 40, docs: int = 4, pool: int = 8,
+                    doc_tokens: int = 1024, fractions: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.3),
+                    policy: str = "none", seed: int = 0, max_new_tokens: int = 16) -> dict:
+    """RAG: each sample puts ``docs`` documents drawn from a pool of ``pool`` stored ones, in a
+    random order, behind a new system prompt, and asks about one of them."""
+    counter = lambda t: len(lm._encode(t))  # noqa: E731
+    documents = document_pool(seed, pool, doc_tokens, counter)
+    for d in tqdm(documents, desc="storing documents", leave=False):  # stored before any sample: reused
+        lm.prefill(d.text, policy, store=store, reuse="anywhere")
+    rng = random.Random(f"reuse-samples:{seed}")
+    records = []
+    for s in tqdm(range(samples), desc="documents QA"):
+        chosen = rng.sample(documents, docs)
+        q = question_about(rng.choice(chosen), s)
+        parts = [system_prompt(rng), *(d.text for d in chosen)]
+        for name, ctx in _variants(lm, parts, policy, store, list(fractions)):
+            first, score = _answer(lm, ctx, q, max_new_tokens)
+            records.append({"sample": s, "variant": name, "tokens": ctx.num_tokens, "score": score,
+                            "context_s": ctx.prefill_seconds, "ttft_s": ctx.prefill_seconds + first,
+                            "recomputed": ctx.meta.get("reuse", {}).get("recomputed", ctx.num_tokens)})
+    return {"summary": _summarize(records), "records": records}
+
+
+def bench_agents(lm: LM, store: ContextStore, samples: int = 10, agents: int = 3, text_tokens: int = 2048,
+                 prefix_tokens: int = 200, fractions: tuple[float, ...] = (0.0, 0.15), policy: str = "none",
+                 seed: int = 0, max_new_tokens: int = 16) -> dict:
+    """Agents: ``agents`` agents read the same text (``text_tokens``, several facts) behind their
+    own ``prefix_tokens``-token system prompts, each asking about one fact. The first agent's
+    request stores the text; the others reuse it. Summaries are per agent position."""
+    counter = lambda t: len(lm._encode(t))  # noqa: E731
+    rng = random.Random(f"reuse-agents:{seed}")
+    records = []
+    per_sentence = counter(" ".join(filler_sentences(random.Random(1), 20))) / 20
+    for s in tqdm(range(samples), desc="agents"):
+        facts = document_pool(seed * 1000 + s, 4, text_tokens // 4, counter)
+        text = "\n\n".join(d.text for d in facts)
+        for a in range(agents):
+            system = system_prompt(rng, filler=max(0, int(prefix_tokens / per_sentence) - 2))
+            q = question_about(rng.choice(facts), s + a)
+            if a == 0:  # the first agent's request computes the text and stores it
+                variants = [("full", None), ("stores", lm.prefill_parts([system, text], policy, store=store))]
+                variants[0] = next(_variants(lm, [system, text], policy, store, []))
+            else:
+                variants = _variants(lm, [system, text], policy, store, list(fractions))
+            for name, ctx in variants:
+                first, score = _answer(lm, ctx, q, max_new_tokens)
+                records.append({"sample": s, "agent": a + 1, "variant": name, "tokens": ctx.num_tokens,
+                                "score": score, "context_s": ctx.prefill_seconds, "ttft_s": ctx.prefill_seconds + first,
+                                "recomputed": ctx.meta.get("reuse", {}).get("recomputed", ctx.num_tokens)})
+    later = [r for r in records if r["agent"] > 1]
+    first_agent = [r for r in records if r["agent"] == 1]
+    return {"summary": {"agents_2_on": _summarize(later), "agent_1": _summarize(first_agent)}, "records": records}
