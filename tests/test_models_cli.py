@@ -31,6 +31,12 @@ def test_load_hf_folder_and_fingerprint(model_dir, tmp_path):
     tiny_llama(torch.float32, seed=1).save_pretrained(other)
     byte_tokenizer().save_pretrained(other)
     assert memfit.load_model(str(other), dtype="float32").fingerprint != fp
+    # float32 compute with bfloat16 caches (what a CPU without bfloat16 arithmetic runs), asked for
+    lm16 = memfit.load_model(str(model_dir), dtype="float32", kv_dtype="bfloat16")
+    assert lm.kv_dtype is None and lm16.kv_dtype == torch.bfloat16
+    assert lm16.prefill("Some context here.").cache.layers[0].keys.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        memfit.load_model(str(model_dir), kv_dtype="int3")
 
 
 def test_missing_models_say_what_to_do(tmp_path, monkeypatch):
