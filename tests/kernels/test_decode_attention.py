@@ -239,3 +239,20 @@ def test_kernels_read_ragged_runs_forks_and_several_runs_like_the_reference(bits
             err = (decode_attention_runs(q, runs, impl=impl) - ref).abs().max().item()
             print(f"bits={bits} {shape} runs={len(runs)} {impl}: max abs error {err:.2e}")
             assert err < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits", [2, 4])
+def test_ragged_runs_in_short_slices_with_empty_runs_and_known_totals(bits):
+    """Ragged runs cut into many short slices (most past a short run's end), runs with no quantized
+    token, and the launch sized by a known total: each gives the reference's output."""
+    from memfit.kernels.decode_attention import PackedRun, decode_attention_runs, decode_attention_runs_reference
+
+    q, run, _ = _ragged_case(b=5, hq=16, h=4, d=128, bits=bits, device="cuda", max_groups=12)
+    counted = PackedRun(**{**run.__dict__, "total_q": int(run.qlen.sum())})
+    ref = decode_attention_runs_reference(q, [run])
+    for r in (run, counted):
+        for split_len in (None, 64, 128):
+            err = (decode_attention_runs(q, [r], split_len=split_len) - ref).abs().max().item()
+            assert err < 1e-2, (split_len, r.total_q, err)
