@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -23,7 +23,7 @@ from memfit.kv.policy import Policy, parse_policy
 from memfit.kv.quant import KIVI
 from memfit.kv.rope import RoPE
 from memfit.models import ChatFormat, default_device, default_dtype, fingerprint, load_hf, native_dtype, resolve_model
-from memfit.store import ContextStore, Entry, KeySpace, StoreUnavailable, open_store
+from memfit.store import ContextStore, Entry, EntryMismatch, KeySpace, StoreUnavailable, open_store
 from memfit.reuse import DEFAULT_RECOMPUTE, compute_rows, recompute_rows
 from memfit.store.disk import atomic_write
 from memfit.textlines import first_lines, lines_done
@@ -43,6 +43,7 @@ class Context:
     prefill_seconds: float = 0.0
     meta: dict = field(default_factory=dict)
     lm: "LM | None" = field(default=None, repr=False)
+    tenant: str = ""  # who it belongs to (memfit serve --api-keys); part of its key
 
     @property
     def num_tokens(self) -> int:
@@ -68,7 +69,7 @@ class Context:
     def _space(self) -> KeySpace:
         if self.lm is None:
             raise RuntimeError("this context has no model attached")
-        return self.lm.keyspace(self.policy)
+        return self.lm.keyspace(self.policy, self.tenant)
 
     def to_entry(self) -> tuple[Entry, list[str]]:
         """The stored form, and the prefix hashes under which it can be found (no-eviction policies)."""
@@ -78,7 +79,8 @@ class Context:
         tensors["token_ids"] = self.token_ids[0].to(torch.int32).cpu()
         chain = space.chain(self.token_ids[0].tolist())
         manifest = {"format": space.format, "fingerprint": space.fingerprint, "tokenizer": space.tokenizer,
-                    "policy": space.policy, "num_tokens": self.num_tokens, "cache": state}
+                    "policy": space.policy, "num_tokens": self.num_tokens, "cache": state,
+                    **({"tenant": self.tenant} if self.tenant else {})}
         aliases = [] if self.policy.evictions else [h for _, h in chain[:-1]]
         return Entry(chain[-1][1], tensors, manifest), aliases
 
@@ -129,19 +131,22 @@ class LM:
         text = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
         return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
-    def keyspace(self, policy: Policy) -> KeySpace:
-        return KeySpace(self.fingerprint, self.tokenizer_fingerprint, policy.spec)
+    def keyspace(self, policy: Policy, tenant: str = "") -> KeySpace:
+        return KeySpace(self.fingerprint, self.tokenizer_fingerprint, policy.spec, tenant=tenant)
 
-    def context_from_entry(self, entry: Entry, policy: Policy | None = None) -> Context:
+    def context_from_entry(self, entry: Entry, policy: Policy | None = None, tenant: str | None = None) -> Context:
         """Rebuild a stored context for this model; refuses one made for another model, tokenizer,
-        format or (if given) policy, with EntryMismatch."""
+        format, (if given) policy or tenant, with EntryMismatch."""
         state = entry.manifest["cache"]
         stored = parse_policy(state["policy"])  # what the entry says it holds: read once, here
+        owner = entry.manifest.get("tenant", "")
+        if tenant is not None and owner != tenant:
+            raise EntryMismatch(f"stored context {entry.key} belongs to another tenant")
         entry.check(self.keyspace(stored if policy is None else policy))
         cache = CompressedCache.from_state({n: t for n, t in entry.tensors.items() if n != "token_ids"}, state,
                                            stored, device=self.device)
         ids = entry.tensors["token_ids"].to(torch.long).to(self.device).unsqueeze(0)
-        return Context(cache, ids, stored, meta={"store": "hit"}, lm=self)
+        return Context(cache, ids, stored, meta={"store": "hit"}, lm=self, tenant=owner)
 
     def load_context(self, path: "str | Path") -> Context:
         path = Path(path)
@@ -247,13 +252,20 @@ class LM:
 
     @torch.no_grad()
     def prefill_stored(self, input_ids: torch.Tensor, policy: Policy, store: ContextStore, *,
-                       chunk_size: int = 4096, must_store: bool = True) -> Context:
+                       chunk_size: int = 4096, must_store: bool = True, tenant: str = "",
+                       admit: "Callable[[Context], bool] | None" = None) -> Context:
         """The context of ``input_ids``: read from ``store`` if there (or a stored prefix extended),
         else prefilled, and stored. A store that cannot take it raises ``StoreUnavailable``, or with
-        ``must_store=False`` is logged and the context returned all the same."""
+        ``must_store=False`` is logged and the context returned all the same. ``tenant``: whose
+        entries are read and written (another tenant's are never found). ``admit(ctx)`` runs before
+        a new context is stored: False skips storing it, an exception refuses the request (e.g. a quota)."""
         t0 = time.perf_counter()
 
         def put(ctx: Context) -> Context:
+            ctx.tenant = tenant
+            if admit is not None and not admit(ctx):
+                ctx.meta["store"] = "not_stored"
+                return ctx
             try:
                 store.put(ctx)
             except StoreUnavailable as e:
@@ -263,10 +275,10 @@ class LM:
                 ctx.meta["store"] = "not_stored"
             return ctx
 
-        chain = self.keyspace(policy).chain(input_ids[0].tolist())
+        chain = self.keyspace(policy, tenant).chain(input_ids[0].tolist())
         entry = store.get_entry(chain[-1][1])
         if entry is not None:
-            ctx = self.context_from_entry(entry, policy)
+            ctx = self.context_from_entry(entry, policy, tenant)
             ctx.prefill_seconds = time.perf_counter() - t0
             return ctx
         if not policy.evictions:  # a cache without eviction can be cut at a chunk boundary and extended
@@ -276,7 +288,7 @@ class LM:
                 if found is None:
                     continue
                 try:
-                    prefix = self.context_from_entry(found, policy).cache.truncate_(n)  # a fresh copy: ours to cut
+                    prefix = self.context_from_entry(found, policy, tenant).cache.truncate_(n)  # a fresh copy: ours to cut
                 except ValueError:  # e.g. a key group larger than the chunk: read it all instead
                     break
                 cache = self._extend(prefix, input_ids[:, n:], chunk_size)
@@ -367,23 +379,25 @@ class LM:
                                                                       chunk))
 
     # -- documents reused anywhere (see memfit.reuse) ------------------------------------------------
-    def encode_parts(self, parts: "list[str | None]") -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    def encode_parts(self, parts: "list[str | list[int] | None]") -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """[1, N] token ids of ``parts`` as :meth:`prefill_parts` reads them, and each document's
         (start, end): ``parts[0]`` is the system prompt (None: the chat template's default), the
-        others documents, one after another in the user turn, a blank line between two."""
+        others documents (text, or its token ids), one after another in the user turn, a blank
+        line between two."""
         if len(parts) < 2:
             raise ValueError("parts needs a system prompt (or None) followed by at least one document")
         system, docs = parts[0], parts[1:]
         if system is not None and not isinstance(system, str):
             raise TypeError(f"parts[0] (the system prompt) must be a str or None, got {type(system).__name__}")
-        if not all(isinstance(d, str) and d for d in docs):
-            raise TypeError("every document (parts[1:]) must be a non-empty str")
+        if not all(d and (isinstance(d, str) or (isinstance(d, list) and all(isinstance(t, int) for t in d)))
+                   for d in docs):
+            raise TypeError("every document (parts[1:]) must be a non-empty str or list of token ids")
         ids = self._encode(self.chat.system_prefix(system), special=not self.chat.before_context)
         sep = self._encode("\n\n")
         spans = []
         for i, d in enumerate(docs):
             ids += sep if i else []
-            doc = self._encode(d)
+            doc = self._encode(d) if isinstance(d, str) else list(d)
             spans.append((len(ids), len(ids) + len(doc)))
             ids += doc
         return torch.tensor([ids], device=self.device), spans
@@ -394,23 +408,26 @@ class LM:
         return ([torch.zeros(shape, dtype=dt, device=self.device) for _ in range(self.num_layers)],
                 [torch.zeros(shape, dtype=dt, device=self.device) for _ in range(self.num_layers)])
 
-    def document_kv(self, doc_ids: list[int], policy: Policy, store: ContextStore | None
-                    ) -> tuple[CompressedCache, int, str]:
+    def document_kv(self, doc_ids: list[int], policy: Policy, store: ContextStore | None, *, tenant: str = "",
+                    admit: "Callable[[int], bool] | None" = None) -> tuple[CompressedCache, int, str, str]:
         """A document's KV as computed right after the chat template's default opening: the cache
         (its quantizer applied, never an eviction: what is evicted depends on where the document
-        is used), the position of its first token, and "hit" or "miss". Read from ``store``, or
-        computed and stored there."""
+        is used), the position of its first token, "hit" or "miss", and its store key. Read from
+        ``store`` (``tenant``'s entries only), or computed and stored there unless ``admit(nbytes)``
+        says no."""
         q = policy.quant
         stored = Policy(quant=q) if isinstance(q, KIVI) and not q.pre_rope else Policy()
-        space = KeySpace(self.fingerprint, self.tokenizer_fingerprint, ANYWHERE + stored.spec)
+        space = KeySpace(self.fingerprint, self.tokenizer_fingerprint, ANYWHERE + stored.spec, tenant=tenant)
         head = self._encode(self.chat.before_context, special=not self.chat.before_context)
         key = space.key(head + doc_ids)
         entry = store.get_entry(key) if store is not None else None
         if entry is not None:
             entry.check(space)
+            if entry.manifest.get("tenant", "") != tenant:
+                raise EntryMismatch(f"stored document {key} belongs to another tenant")
             tensors = {n: t for n, t in entry.tensors.items() if n != "token_ids"}
             return (CompressedCache.from_state(tensors, entry.manifest["cache"], stored, device=self.device),
-                    int(entry.manifest["start"]), "hit")
+                    int(entry.manifest["start"]), "hit", key)
         ids = torch.tensor([head + doc_ids], device=self.device)
         keys, values = self._dense_kv(ids.shape[1])
         compute_rows(self.model, ids, keys, values, torch.arange(ids.shape[1], device=self.device))
@@ -422,23 +439,26 @@ class LM:
             tensors = {n: t.detach().cpu() for n, t in tensors.items()}
             tensors["token_ids"] = torch.tensor(doc_ids, dtype=torch.int32)
             manifest = {"format": space.format, "fingerprint": space.fingerprint, "tokenizer": space.tokenizer,
-                        "policy": space.policy, "num_tokens": len(doc_ids), "start": c, "cache": state}
+                        "policy": space.policy, "num_tokens": len(doc_ids), "start": c, "cache": state,
+                        **({"tenant": tenant} if tenant else {})}
             try:
-                store.put_entry(Entry(key, tensors, manifest))
+                if admit is None or admit(cache.nbytes):
+                    store.put_entry(Entry(key, tensors, manifest))
             except StoreUnavailable as e:  # the document is still used; only its reuse is lost
                 log.warning("document not stored: %s", e)
-        return cache, c, "miss"
+        return cache, c, "miss", key
 
     @torch.no_grad()
-    def prefill_parts(self, parts: "list[str | None]", policy: "str | Policy | None" = None, *,
+    def prefill_parts(self, parts: "list[str | list[int] | None]", policy: "str | Policy | None" = None, *,
                       store: "ContextStore | str | list[str] | None" = None,
-                      recompute: float | None = None) -> Context:
+                      recompute: float | None = None, tenant: str = "") -> Context:
         """A context made of a system prompt and documents (``parts``, see :meth:`encode_parts`),
         each document's KV reused from ``store`` wherever it sits (or computed and stored there):
         keys are moved to their new positions, then ``recompute`` (default
         ``memfit.reuse.DEFAULT_RECOMPUTE``) of the reused tokens, those whose KV deviates most from
         a full prefill's, are recomputed; 1.0 recomputes all (a full prefill), 0.0 none (naive
-        concatenation). ``policy`` then compresses the assembled context as ``prefill`` would."""
+        concatenation). ``policy`` then compresses the assembled context as ``prefill`` would.
+        ``ctx.meta["reuse"]`` says which documents were found and their store keys."""
         t0 = time.perf_counter()
         policy = parse_policy(policy)
         if policy.observes() - {"reconstruction"}:
@@ -455,9 +475,10 @@ class LM:
         keys, values = self._dense_kv(n)
         compute_rows(self.model, ids, keys, values, torch.arange(start, device=self.device))  # the system prompt
         fresh = torch.ones(n, dtype=torch.bool, device=self.device)
-        found, exact = [], len(spans) == 1
+        found, stored_as, exact = [], [], len(spans) == 1
         for a, b in spans:
-            cache, at, how = self.document_kv(ids[0, a:b].tolist(), policy, store)
+            cache, at, how, key = self.document_kv(ids[0, a:b].tolist(), policy, store, tenant=tenant)
+            stored_as.append(key)
             for i, layer in enumerate(cache.layers):
                 k, v = layer.materialize()
                 keys[i][:, :, a:b] = self.rope.shift(k, a - at) if a != at else k
@@ -473,9 +494,9 @@ class LM:
             for i, a in self.reconstruction_scores(ids, base, chunk, skip=start).items():
                 obs[i].reconstruction = a
         cache = self._warm(base.derive(policy, obs))
-        meta = {"reuse": {"documents": found, "reused_tokens": int((~fresh).sum()),
+        meta = {"reuse": {"documents": found, "keys": stored_as, "reused_tokens": int((~fresh).sum()),
                           "recomputed": done.recomputed if done else 0, "fraction": recompute}}
-        return Context(cache, ids, policy, time.perf_counter() - t0, meta, lm=self)
+        return Context(cache, ids, policy, time.perf_counter() - t0, meta, lm=self, tenant=tenant)
 
     # -- ask ---------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from memfit.store.entry import Entry
+from memfit.store.entry import Entry, manifest_from_header
 
 log = logging.getLogger(__name__)
 _KEY = re.compile(r"^[0-9a-f]{32}$")
@@ -110,6 +110,13 @@ class DiskTier:
         except OSError:  # gone, or a read-only disk: only the LRU order is stale
             pass
         return entry
+
+    def manifest(self, key: str) -> dict | None:
+        try:
+            with open(self._path(key), "rb") as f:
+                return manifest_from_header(lambda start, n: (f.seek(start), f.read(n))[1])
+        except FileNotFoundError:
+            return None
 
     def put(self, entry: Entry) -> list[Entry]:
         atomic_write(self._path(entry.key), entry.to_bytes())

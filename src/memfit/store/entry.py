@@ -23,6 +23,17 @@ class EntryMismatch(ValueError):
     """A stored entry made for another model, tokenizer, policy or format version."""
 
 
+def manifest_from_header(read) -> dict | None:
+    """An entry's manifest from the safetensors header alone (``read(start, length) -> bytes``), for
+    listing and accounting without reading the tensors (nor checking them: never to serve from);
+    None if the bytes are not an entry's."""
+    try:
+        n = int.from_bytes(read(0, 8), "little")
+        return json.loads(json.loads(read(8, n))["__metadata__"]["memfit"])
+    except Exception:  # noqa: BLE001 - unreadable: the caller treats it as absent
+        return None
+
+
 @dataclass(frozen=True)
 class KeySpace:
     """Everything besides the tokens that a stored KV cache depends on."""
@@ -31,10 +42,11 @@ class KeySpace:
     tokenizer: str
     policy: str  # canonical spec
     format: int = FORMAT_VERSION
+    tenant: str = ""  # who stored it (memfit serve --api-keys): each tenant's keys are its own
 
     def base(self) -> bytes:
-        return hashlib.blake2b(json.dumps([self.fingerprint, self.tokenizer, self.policy, self.format]).encode(),
-                               digest_size=16).digest()
+        parts = [self.fingerprint, self.tokenizer, self.policy, self.format] + ([self.tenant] if self.tenant else [])
+        return hashlib.blake2b(json.dumps(parts).encode(), digest_size=16).digest()
 
     def chain(self, token_ids: list[int]) -> list[tuple[int, str]]:
         """(tokens covered, hash) at every chunk boundary and at the end: each hash covers all before it."""
@@ -72,7 +84,7 @@ class Entry:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def to_bytes(self) -> bytes:
-        manifest = dict(self.manifest, key=self.key)
+        manifest = dict(self.manifest, key=self.key, nbytes=self.nbytes)
         manifest["checksum"] = _checksum(self.tensors, manifest)
         return st_save(self.tensors, metadata={"memfit": json.dumps(manifest)})
 

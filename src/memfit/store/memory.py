@@ -22,6 +22,10 @@ class MemoryTier:
                 self._entries.move_to_end(key)
             return entry
 
+    def manifest(self, key: str) -> dict | None:
+        entry = self._entries.get(key)
+        return None if entry is None else dict(entry.manifest, nbytes=entry.nbytes)
+
     def put(self, entry: Entry) -> list[Entry]:
         """Store; return the least recently used entries pushed out to stay within capacity."""
         entry = Entry(entry.key, {n: t.to(self.device) for n, t in entry.tensors.items()}, entry.manifest)

@@ -18,7 +18,7 @@ import uuid
 import warnings
 
 from memfit.store.disk import check_key
-from memfit.store.entry import Entry
+from memfit.store.entry import Entry, manifest_from_header
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,10 @@ class RedisTier:
         entry = Entry.from_bytes(blob, expected_key=key)  # raises CorruptEntry
         self._call(lambda: self.client.zadd(f"{self.p}lru", {key: time.time()}), None)
         return entry
+
+    def manifest(self, key: str) -> dict | None:
+        k = self._k(key)
+        return manifest_from_header(lambda start, n: self._call(lambda: self.client.getrange(k, start, start + n - 1), b""))
 
     def put(self, entry: Entry) -> list[Entry]:
         blob = entry.to_bytes()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
@@ -211,6 +212,28 @@ class ContextStore:
 
     def keys(self) -> list[str]:
         return sorted({k for t in self.tiers for k in t.keys()})
+
+    def manifest(self, key: str) -> dict | None:
+        """``key``'s manifest where it is stored (with a shared tier: there or behind it), from the
+        header only; None if it is not stored."""
+        for tier in self.tiers[self.authority or 0:]:
+            m = tier.manifest(key)
+            if m is not None:
+                return m
+        return None
+
+    def manifests(self) -> Iterator[tuple[str, dict]]:
+        """(key, manifest) of every stored entry (with a shared tier: those it and the tiers behind
+        it hold, not cache copies), read from headers only: for listing and accounting."""
+        seen = set()
+        for tier in self.tiers[self.authority or 0:]:
+            for key in tier.keys():
+                if key in seen:
+                    continue
+                m = tier.manifest(key)
+                if m is not None:
+                    seen.add(key)
+                    yield key, m
 
     def stats(self) -> dict:
         return {**{k: self.counts[k] for k in ("hits", "misses", "corrupt", "dropped", "stale", "read_errors",
