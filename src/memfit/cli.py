@@ -789,6 +789,9 @@ def serve(
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(8000),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MEMFIT_API_KEY", help="Require Bearer KEY."),
+    api_keys: Optional[Path] = typer.Option(None, "--api-keys", help="JSON file of API keys, each a tenant's (with an "
+                                            "optional byte quota) or an admin's; tenants never see each other's "
+                                            "contexts (see docs/server.md)."),
     max_queue: int = typer.Option(16, help="Requests waiting or running before 429."),
     max_tokens: int = typer.Option(1024, help="Largest max_tokens accepted (and the default where a request sets none)."),
     max_context_tokens: Optional[int] = typer.Option(None, help="Longest prompt/context (default: the model's)."),
@@ -805,7 +808,15 @@ def serve(
     from memfit.serve import ServeConfig, create_app
     from memfit.store import open_store
 
+    from memfit.serve.tenants import load_api_keys
+
     _policy(policy)
+    if api_key and api_keys:
+        _fail("give --api-key (one key, one user) or --api-keys FILE (tenants), not both")
+    try:
+        keys = load_api_keys(api_keys) if api_keys else None
+    except ValueError as e:
+        _fail(str(e))
     try:
         st = open_store(list(store))
     except ValueError as e:
@@ -817,7 +828,7 @@ def serve(
     typer.echo(f"warming up ({policy})...", err=True)  # the kernels compile now, not in the first request
     typer.echo(f"warm in {lm.warmup(policy):.1f} s; serving on http://{host}:{port}", err=True)
     limit = max_context_tokens or getattr(lm.model.config, "max_position_embeddings", 8192)
-    cfg = ServeConfig(policy=policy, api_key=api_key, max_body_bytes=int(max_body_mb * 2**20),
+    cfg = ServeConfig(policy=policy, api_key=api_key, api_keys=keys, max_body_bytes=int(max_body_mb * 2**20),
                       max_context_tokens=limit, max_tokens=max_tokens, max_queue=max_queue,
                       model_name=served_model_name or (Path(model).name if Path(model).exists() else model),
                       reuse_prompts=reuse_prompts, request_timeout=request_timeout)

@@ -122,6 +122,37 @@ def test_stored_context_answers_like_the_library(server, local):
         gone.create(model="m", messages=[{"role": "user", "content": q}], extra_body={"context_id": info["id"]})
 
 
+def test_stored_documents_combined_in_a_chat_answer_like_the_library(server, local, tmp_path):
+    """Documents stored with reuse "anywhere", placed by a chat's context_ids (in its own order,
+    behind its own system message): the answer is the library's prefill_parts' answer."""
+    docs = ["The harbour master of Vell is Ada Quist. " * 6, "The ferry to Orn leaves at nine from pier two. " * 6]
+    made = [httpx.post(server.url + "/v1/contexts", json={"text": d, "reuse": "anywhere"}, timeout=60) for d in docs]
+    assert all(r.status_code == 200 for r in made), [r.text for r in made]
+    ids = [r.json()["id"] for r in made]
+    assert all(r.json()["reuse"] == "anywhere" and r.json()["policy"].startswith("kivi(bits=4,group=16") for r in made)
+    assert httpx.get(f"{server.url}/v1/contexts/{ids[0]}").json()["reuse"] == "anywhere"
+    listed = {c["id"]: c for c in httpx.get(server.url + "/v1/contexts").json()["data"]}
+    assert listed[ids[1]]["reuse"] == "anywhere"
+    system, q = "Answer in a few words.", "When does the ferry leave?"
+    r = server.client().chat.completions.create(
+        model="m", temperature=0, max_tokens=8, messages=[{"role": "system", "content": system},
+                                                          {"role": "user", "content": q}],
+        extra_body={"context_ids": ids[::-1], "recompute": 0.25})
+    ctx = local.prefill_parts([system, docs[1], docs[0]], POLICY, store=f"file://{tmp_path}", recompute=0.25)
+    assert r.choices[0].message.content == local.ask(ctx, q, max_new_tokens=8)
+    bad = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": q}],
+                                                                "context_ids": [ids[0]], "context_id": ids[1]})
+    assert bad.status_code == 400 and "not both" in bad.json()["error"]["message"]
+    doc_as_context = httpx.post(server.url + "/v1/chat/completions",
+                                json={"messages": [{"role": "user", "content": q}], "context_id": ids[0]})
+    assert doc_as_context.status_code == 400 and "context_ids" in doc_as_context.json()["error"]["message"]
+    missing = httpx.post(server.url + "/v1/chat/completions",
+                         json={"messages": [{"role": "user", "content": q}], "context_ids": ["0" * 32]})
+    assert missing.status_code == 404
+    for cid in ids:
+        assert httpx.delete(f"{server.url}/v1/contexts/{cid}").status_code == 200
+
+
 def test_plain_chats_reuse_a_stored_prefix(server):
     long = CONTEXT * 2  # over one 256-token prefix chunk, under the test server's 1500-token limit
     a = _chat(server.client(), long + "\n\nFirst question?").choices[0].message.content

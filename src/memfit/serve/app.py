@@ -26,20 +26,23 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from memfit.api import LM, Context
+from memfit.api import ANYWHERE, LM, Context
 from memfit.kv.policy import Policy, PolicyError, parse_policy
 from memfit.store import ContextStore, StoreUnavailable
+from memfit.serve.tenants import OPEN, Identity
 from memfit.store.entry import CorruptEntry, EntryMismatch
 
 _CONTEXT_ID = re.compile(r"^[0-9a-f]{32}$")
 REUSE_MIN_TOKENS = 256  # plain prompts shorter than one prefix chunk are not worth storing
 RECENT_CONTEXTS = 4  # restored contexts kept ready (dequantized) for follow-up questions
+MAX_DOCUMENTS = 16  # stored documents one chat may combine
 
 
 @dataclass
 class ServeConfig:
     policy: str = "kivi(bits=4)"
     api_key: str | None = None
+    api_keys: dict[str, Identity] | None = None  # --api-keys FILE: key -> tenant (see memfit.serve.tenants)
     max_body_bytes: int = 4 << 20
     max_context_tokens: int = 8192
     max_tokens: int = 1024
@@ -125,6 +128,10 @@ class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     context_id: str | None = None  # memfit: answer from a stored compressed context
+    # memfit: stored documents (POST /v1/contexts with "reuse": "anywhere"), in this order behind the
+    # request's system message, and the fraction of their tokens recomputed (memfit.reuse)
+    context_ids: list[str] | None = Field(None, min_length=1, max_length=MAX_DOCUMENTS)
+    recompute: float | None = Field(None, ge=0.0, le=1.0)
 
 
 class CompletionRequest(_Sampling):
@@ -135,6 +142,8 @@ class CompletionRequest(_Sampling):
 class ContextRequest(_Strict):
     text: str = Field(min_length=1)
     policy: str | None = None
+    # "anywhere": a document that chats can place anywhere (context_ids), not only as their prefix
+    reuse: Literal["prefix", "anywhere"] = "prefix"
 
 
 # -- the server ------------------------------------------------------------------------------------
@@ -186,33 +195,78 @@ class Server:
             raise APIError(400, f"{what} has {tokens} tokens; this server accepts at most "
                            f"{self.config.max_context_tokens}", param="messages", code="context_length_exceeded")
 
-    def stored_context(self, context_id: str) -> Context:
+    def stored_context(self, context_id: str, who: Identity = OPEN) -> Context:
         _check_id(context_id)
         ctx = self.recent.get(context_id)
         if ctx is not None and self.store.contains(context_id):  # still stored (another replica may delete it)
+            if not who.owns(ctx.tenant):
+                raise _not_found(context_id)
             self.recent.move_to_end(context_id)
             return ctx
         self.recent.pop(context_id, None)
-        ctx = self._restore(context_id)
+        ctx = self._restore(context_id, who)
         ctx.cache.keep_dense()
         self.recent[context_id] = ctx
         while len(self.recent) > RECENT_CONTEXTS:
             self.recent.popitem(last=False)
         return ctx
 
-    def delete_stored(self, context_id: str) -> bool:
+    def delete_stored(self, context_id: str, who: Identity = OPEN) -> bool:
         """Forget a context, here and in the store. On the model thread, like every use of ``recent``
-        (a delete on the event loop raced a restore of the same context: a 500 in the chaos run)."""
+        (a delete on the event loop raced a restore of the same context: a 500 in the chaos run).
+        Another tenant's context is not touched (False, as for one never stored)."""
+        if not who.admin:
+            self.check_tiers("context_id")  # whose it is is known only where it is stored
+            manifest = self.store.manifest(context_id)
+            if manifest is None or manifest.get("tenant", "") != who.tenant:
+                return False
         self.recent.pop(context_id, None)
         return self.store.delete(context_id)
 
-    def _restore(self, context_id: str) -> Context:
+    def list_contexts(self, who: Identity) -> dict:
+        """The caller's stored contexts (an admin: every tenant's), from the entries' headers."""
+        data = []
+        for key, m in self.store.manifests():
+            owner = m.get("tenant", "")
+            if not who.owns(owner) or "cache" not in m:
+                continue
+            data.append({**self._describe_manifest(key, m), **({"tenant": owner} if who.admin else {})})
+        return {"object": "list", "data": data}
+
+    def _describe_manifest(self, key: str, m: dict) -> dict:
+        policy = str(m.get("policy", ""))
+        out = self.describe(key, int(m.get("num_tokens", 0)), int(m.get("nbytes", 0)), policy.removeprefix(ANYWHERE))
+        return {**out, "reuse": "anywhere"} if policy.startswith(ANYWHERE) else out
+
+    def usage(self, tenant: str) -> int:
+        """Bytes of ``tenant``'s stored entries (contexts and cached prompts) in the shared store."""
+        return sum(int(m.get("nbytes", 0)) for _, m in self.store.manifests() if m.get("tenant", "") == tenant)
+
+    def _admit(self, who: Identity, nbytes: int, refuse: bool = True) -> bool:
+        """Whether ``nbytes`` more fit in the tenant's quota; over it, a 403 (``refuse``) or False."""
+        if who.quota_bytes is None:
+            return True
+        used = self.usage(who.tenant)
+        if used + nbytes <= who.quota_bytes:
+            return True
+        if not refuse:
+            return False
+        raise APIError(403, f"tenant quota exceeded: {used} of {who.quota_bytes} bytes stored, and this context "
+                       f"needs {nbytes} more; delete contexts (DELETE /v1/contexts/ID) to make room",
+                       "insufficient_quota", code="quota_exceeded")
+
+    def _restore(self, context_id: str, who: Identity = OPEN) -> Context:
         # a copy in a private tier is only known to be current while the shared tier can say so
         self.check_tiers("context_id")
         try:
             entry = self.store.get_entry(context_id)
         except (CorruptEntry, EntryMismatch) as e:
             raise APIError(404, f"context {context_id} is unusable: {e}", param="context_id") from None
+        if entry is not None and not who.owns(entry.manifest.get("tenant", "")):
+            raise _not_found(context_id)  # as if it never existed: no hint that another tenant has it
+        if entry is not None and str(entry.manifest.get("policy", "")).startswith(ANYWHERE):
+            raise APIError(400, f"{context_id} is a document stored for context_ids (reuse anywhere), not a context: "
+                           "send it in context_ids", param="context_id")
         if entry is None:
             self.check_tiers("context_id")  # a tier that cannot answer: the context may still be stored there
             lost = self.store.lost_since()
@@ -220,19 +274,24 @@ class Server:
                 raise APIError(404, f"no stored context {context_id}: a store tier lost its data (noticed at "
                                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(lost))} UTC) and it may have "
                                "been there", param="context_id", code="context_lost")
-            raise APIError(404, f"no stored context {context_id}", param="context_id", code="context_not_found")
+            raise _not_found(context_id)
         try:
             return self.lm.context_from_entry(entry)
         except EntryMismatch as e:
             raise APIError(409, f"context {context_id} was made for another model: {e}", param="context_id") from None
 
-    def chat_inputs(self, req: ChatRequest) -> tuple[Context, list[int]]:
+    def chat_inputs(self, req: ChatRequest, who: Identity = OPEN) -> tuple[Context, list[int]]:
         """The context to read from and the tokens that follow it (model work: call on the worker)."""
+        if req.context_ids is not None:
+            if req.context_id is not None:
+                raise APIError(400, "give context_id (one stored context) or context_ids (stored documents), not both",
+                               param="context_ids")
+            return self._documents_context(req, who)
         if req.context_id is not None:
             if len(req.messages) != 1 or req.messages[0].role != "user":
                 raise APIError(400, "with context_id, send exactly one user message: the question about the stored "
                                "context", param="messages")
-            ctx = self.stored_context(req.context_id)
+            ctx = self.stored_context(req.context_id, who)
             suffix = self.lm.encode_question(req.messages[0].text())
             self._check_length(ctx.num_tokens + len(suffix), "context + question")
             return ctx, suffix
@@ -242,20 +301,21 @@ class Server:
         except Exception as e:  # templates raise on odd role orders
             raise APIError(400, f"messages cannot be formatted for this model: {e}", param="messages") from None
         ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-        return self._prompt_context(list(ids))
+        return self._prompt_context(list(ids), who)
 
-    def completion_inputs(self, req: CompletionRequest) -> tuple[Context, list[int]]:
+    def completion_inputs(self, req: CompletionRequest, who: Identity = OPEN) -> tuple[Context, list[int]]:
         prompt = req.prompt if isinstance(req.prompt, str) else "".join(req.prompt) if len(req.prompt) == 1 else None
         if prompt is None:
             raise APIError(400, "prompt: send one string (batches of prompts are not supported)", param="prompt")
         ids = self.lm.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         if not ids:
             raise APIError(400, "prompt is empty", param="prompt")
-        return self._prompt_context(ids)
+        return self._prompt_context(ids, who)
 
-    def _prompt_context(self, ids: list[int]) -> tuple[Context, list[int]]:
+    def _prompt_context(self, ids: list[int], who: Identity = OPEN) -> tuple[Context, list[int]]:
         """Everything but the last token is the context: long ones are looked up in the store (a
-        stored prefix is reused, the rest read) and stored for the next request."""
+        stored prefix is reused, the rest read) and stored for the next request, under the caller's
+        tenant (another tenant's prompts are never reused), unless that would exceed its quota."""
         self._check_length(len(ids), "prompt")
         if len(ids) < 2:
             bos = self.lm.tokenizer.bos_token_id
@@ -265,7 +325,8 @@ class Server:
         head = torch.tensor([ids[:-1]], device=self.lm.device)
         if self.config.reuse_prompts and len(ids) - 1 >= REUSE_MIN_TOKENS:
             # storing a prompt only speeds up the next one: a store that cannot take it does not fail the chat
-            return self.lm.prefill_stored(head, self.prompt_policy, self.store, must_store=False), ids[-1:]
+            return self.lm.prefill_stored(head, self.prompt_policy, self.store, must_store=False, tenant=who.tenant,
+                                          admit=lambda c: self._admit(who, c.nbytes, refuse=False)), ids[-1:]
         return self.lm.prefill_ids(head, self.prompt_policy), ids[-1:]
 
     def check_tiers(self, param: str | None = None) -> None:
@@ -276,16 +337,59 @@ class Server:
             raise APIError(503, f"store tier unavailable: {', '.join(down)}; retry later", "server_error",
                            param=param, code="store_unavailable")
 
-    def create_context(self, req: ContextRequest) -> dict:
+    def create_context(self, req: ContextRequest, who: Identity = OPEN) -> dict:
         try:
             policy = parse_policy(req.policy or self.policy)
         except PolicyError as e:
             raise APIError(400, str(e), param="policy") from None
+        if req.reuse == "anywhere":
+            return self._create_document(req.text, policy, who)
         ids = self.lm.encode_context(req.text)
         self._check_length(ids.shape[1], "context")
         self.check_tiers()  # stored where other replicas cannot see it, it would be lost to them
-        ctx = self.lm.prefill_stored(ids, policy, self.store)
+        ctx = self.lm.prefill_stored(ids, policy, self.store, tenant=who.tenant,
+                                     admit=lambda c: self._admit(who, c.nbytes))
         return self.describe(ctx.key, ctx.num_tokens, ctx.nbytes, policy.spec, ctx.meta.get("store"))
+
+    def _create_document(self, text: str, policy: Policy, who: Identity) -> dict:
+        """A document stored for chats to place anywhere (its quantizer applied, see LM.document_kv)."""
+        ids = self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        self._check_length(len(ids), "document")
+        self.check_tiers()
+        cache, _, how, key = self.lm.document_kv(ids, policy, self.store, tenant=who.tenant,
+                                                 admit=lambda n: self._admit(who, n))
+        stored = cache.policy.spec  # the quantizer alone: documents are never evicted
+        return {**self.describe(key, len(ids), cache.nbytes, stored, how), "reuse": "anywhere"}
+
+    def _documents_context(self, req: "ChatRequest", who: Identity) -> tuple[Context, list[int]]:
+        """The stored documents ``req.context_ids`` behind the request's system message, assembled
+        with selective recompute, and the question (its one user message) after them."""
+        msgs = req.messages
+        system = msgs[0].text() if msgs[0].role in ("system", "developer") else None
+        rest = msgs[1:] if system is not None else msgs
+        if len(rest) != 1 or rest[0].role != "user":
+            raise APIError(400, "with context_ids, send an optional system message and one user message: the question "
+                           "about the documents", param="messages")
+        self.check_tiers("context_ids")
+        docs, specs = [], set()
+        for cid in req.context_ids:
+            _check_id(cid)
+            m = self.store.manifest(cid)
+            if m is None or not who.owns(m.get("tenant", "")) or not str(m.get("policy", "")).startswith(ANYWHERE):
+                raise _not_found(cid)
+            entry = self.store.get_entry(cid)
+            if entry is None:
+                raise _not_found(cid)
+            docs.append(entry.tensors["token_ids"].tolist())
+            specs.add((m["policy"].removeprefix(ANYWHERE), m.get("tenant", "")))
+        if len(specs) != 1:
+            raise APIError(400, "context_ids: the documents were stored under different policies or tenants; "
+                           "store them under one", param="context_ids")
+        (spec, tenant), = specs
+        suffix = self.lm.encode_question(rest[0].text())
+        self._check_length(sum(map(len, docs)) + len(suffix), "documents + question")
+        ctx = self.lm.prefill_parts([system, *docs], spec, store=self.store, recompute=req.recompute, tenant=tenant)
+        return ctx, suffix
 
     def describe(self, key: str, tokens: int, nbytes: int, policy: str, status: str | None = None) -> dict:
         full = tokens * self.lm.kv_bytes_per_token
@@ -295,9 +399,25 @@ class Server:
             out["store"] = status
         return out
 
-    def context_info(self, context_id: str) -> dict:
-        ctx = self.stored_context(context_id)
+    def context_info(self, context_id: str, who: Identity = OPEN) -> dict:
+        _check_id(context_id)
+        self.check_tiers("context_id")
+        m = self.store.manifest(context_id)
+        if m is not None and str(m.get("policy", "")).startswith(ANYWHERE):
+            if not who.owns(m.get("tenant", "")):
+                raise _not_found(context_id)
+            return self._describe_manifest(context_id, m)
+        ctx = self.stored_context(context_id, who)
         return self.describe(context_id, ctx.num_tokens, ctx.nbytes, ctx.policy.spec)
+
+
+def _not_found(context_id: str) -> APIError:
+    """The one answer for an id that was never stored, was deleted, or is another tenant's."""
+    return APIError(404, f"no stored context {context_id}", param="context_id", code="context_not_found")
+
+
+def _who(request: Request) -> Identity:
+    return request.scope.get("state", {}).get("memfit_identity", OPEN)
 
 
 def _usage(prompt: int, completion: int) -> dict:
@@ -309,7 +429,7 @@ def create_app(lm: LM, store: ContextStore, config: ServeConfig | None = None) -
     srv = Server(lm, store, config)
     app = FastAPI(title="memfit", version="0.1")
     app.state.server = srv
-    app.add_middleware(_Guard, api_key=config.api_key, max_body=config.max_body_bytes)
+    app.add_middleware(_Guard, api_key=config.api_key, api_keys=config.api_keys, max_body=config.max_body_bytes)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -418,32 +538,39 @@ def create_app(lm: LM, store: ContextStore, config: ServeConfig | None = None) -
         return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(release))
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
-        return await _answer("chat", req, lambda: srv.chat_inputs(req), _ChatShape(config.model_name))
+    async def chat(req: ChatRequest, request: Request):
+        who = _who(request)
+        return await _answer("chat", req, lambda: srv.chat_inputs(req, who), _ChatShape(config.model_name))
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        return await _answer("text", req, lambda: srv.completion_inputs(req), _TextShape(config.model_name))
+    async def completions(req: CompletionRequest, request: Request):
+        who = _who(request)
+        return await _answer("text", req, lambda: srv.completion_inputs(req, who), _TextShape(config.model_name))
 
     @app.post("/v1/contexts")
-    async def create_context(req: ContextRequest):
+    async def create_context(req: ContextRequest, request: Request):
         srv.take_slot()
         try:
-            return await srv.run(srv.create_context, req)
+            return await srv.run(srv.create_context, req, _who(request))
         finally:
             srv.free_slot()
 
+    @app.get("/v1/contexts")
+    async def list_contexts(request: Request):
+        """memfit: the caller's stored contexts (an admin key: every tenant's)."""
+        return await srv.on_worker(srv.list_contexts, _who(request))
+
     @app.get("/v1/contexts/{context_id}")
-    async def get_context(context_id: str):
-        return await srv.on_worker(srv.context_info, context_id)
+    async def get_context(context_id: str, request: Request):
+        return await srv.on_worker(srv.context_info, context_id, _who(request))
 
     @app.delete("/v1/contexts/{context_id}")
-    async def delete_context(context_id: str):
+    async def delete_context(context_id: str, request: Request):
         _check_id(context_id)
-        deleted = await srv.on_worker(srv.delete_stored, context_id)
+        deleted = await srv.on_worker(srv.delete_stored, context_id, _who(request))
         await srv.on_worker(srv.check_tiers)  # not acknowledged unless every tier saw it
         if not deleted:
-            raise APIError(404, f"no stored context {context_id}", code="context_not_found")
+            raise _not_found(context_id)
         return {"id": context_id, "object": "context", "deleted": True}
 
     return app
@@ -453,16 +580,27 @@ class _Guard:
     """API key and body size, checked before the app sees a request. Plain ASGI (not Starlette's
     BaseHTTPMiddleware), so that streamed responses and client disconnects pass through untouched."""
 
-    def __init__(self, app, api_key: str | None, max_body: int):
-        self.app, self.api_key, self.max_body = app, api_key, max_body
+    def __init__(self, app, api_key: str | None, max_body: int, api_keys: dict[str, Identity] | None = None):
+        self.app, self.api_key, self.api_keys, self.max_body = app, api_key, api_keys, max_body
+
+    def _identity(self, authorization: str | None) -> Identity | None:
+        """Who the Authorization header says sent the request; None: refused."""
+        if self.api_keys is not None:
+            key = authorization[7:] if authorization and authorization.startswith("Bearer ") else None
+            return self.api_keys.get(key) if key is not None else None
+        if self.api_key is not None and authorization != f"Bearer {self.api_key}":
+            return None
+        return OPEN
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
+        who = self._identity(headers.get("authorization"))
+        if who is None:
             return await _error(401, "missing or wrong API key (send Authorization: Bearer KEY)", "authentication_error",
                                 code="invalid_api_key")(scope, receive, send)
+        scope.setdefault("state", {})["memfit_identity"] = who
         too_big = _error(413, f"request body larger than {self.max_body} bytes", code="body_too_large")
         length = headers.get("content-length")
         if length is not None:
