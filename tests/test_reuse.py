@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_qwen
+from conftest import byte_tokenizer, tiny_llama, tiny_qwen
 
 import memfit.reuse
 from memfit.api import LM
@@ -74,6 +74,27 @@ def test_quantized_and_kvzip_policies_compose(tiny_lm, tmp_path):
     assert z.meta["reuse"]["documents"] == ["hit"] * 3  # documents store the quantizer alone: shared by both
     assert z.nbytes < q.nbytes
     assert isinstance(tiny_lm.ask(z, "Which box?", max_new_tokens=4), str)
+
+
+def test_anchors_rebuild_a_document_seen_behind_the_same_prefix(tmp_path):
+    """KVCOMM anchors: the offsets a document showed behind a prefix (here recomputed in full) are
+    applied, instead of a recompute, the next time it comes behind that prefix; behind another
+    prefix no anchor is close and its tokens are recomputed (and a new anchor kept)."""
+    from memfit.reuse import AnchorPool
+
+    lm = LM(tiny_llama(torch.float64, layers=4), byte_tokenizer(), name="tiny-4")
+    store, pool = open_store(f"file://{tmp_path}"), AnchorPool()
+    parts, other = ["Be brief and exact.", PARTS[1] * 3], ["You answer questions.", PARTS[1] * 3]
+    full = lm.prefill_ids(lm.encode_parts(parts)[0], "none")
+    first = lm.prefill_parts(parts, "none", store=store, recompute=1.0, anchors=pool)
+    assert first.meta["reuse"]["anchored"] == [False] and _max_err(first, full) < 1e-9
+    again = lm.prefill_parts(parts, "none", store=store, recompute=0.05, anchors=pool)
+    assert again.meta["reuse"]["anchored"] == [True] and again.meta["reuse"]["recomputed"] == 0
+    plain = lm.prefill_parts(parts, "none", store=store, recompute=0.05)
+    assert _max_err(again, full) < 1e-3 < _max_err(plain, full)  # offsets kept in float16
+    elsewhere = lm.prefill_parts(other, "none", store=store, recompute=0.05, anchors=pool)
+    assert elsewhere.meta["reuse"]["anchored"] == [False] and elsewhere.meta["reuse"]["recomputed"] > 0
+    assert len(pool._anchors[first.meta["reuse"]["keys"][0]]) == 2
 
 
 def test_bad_input_is_named(tiny_lm, tmp_path):

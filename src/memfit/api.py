@@ -24,7 +24,7 @@ from memfit.kv.quant import KIVI
 from memfit.kv.rope import RoPE
 from memfit.models import ChatFormat, default_device, default_dtype, fingerprint, load_hf, native_dtype, resolve_model
 from memfit.store import ContextStore, Entry, EntryMismatch, KeySpace, StoreUnavailable, open_store
-from memfit.reuse import DEFAULT_RECOMPUTE, compute_rows, recompute_rows
+from memfit.reuse import DEFAULT_RECOMPUTE, Anchor, AnchorPool, compute_rows, probe_vector, recompute_rows
 from memfit.store.disk import atomic_write
 from memfit.textlines import first_lines, lines_done
 
@@ -113,6 +113,11 @@ class LM:
         ids = {tokenizer.eos_token_id, *([cfg.eos_token_id] if isinstance(cfg.eos_token_id, int) else cfg.eos_token_id or [])}
         im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
         self.stop_ids = {i for i in (*ids, im_end) if i is not None}
+
+    @cached_property
+    def anchors(self) -> AnchorPool:
+        """This model's KVCOMM anchors (``prefill_parts(..., anchors=True)``): in memory, per process."""
+        return AnchorPool()
 
     @cached_property
     def rope(self) -> RoPE | None:
@@ -451,14 +456,17 @@ class LM:
     @torch.no_grad()
     def prefill_parts(self, parts: "list[str | list[int] | None]", policy: "str | Policy | None" = None, *,
                       store: "ContextStore | str | list[str] | None" = None,
-                      recompute: float | None = None, tenant: str = "") -> Context:
+                      recompute: float | None = None, tenant: str = "",
+                      anchors: "AnchorPool | bool | None" = None) -> Context:
         """A context made of a system prompt and documents (``parts``, see :meth:`encode_parts`),
         each document's KV reused from ``store`` wherever it sits (or computed and stored there):
         keys are moved to their new positions, then ``recompute`` (default
         ``memfit.reuse.DEFAULT_RECOMPUTE``) of the reused tokens, those whose KV deviates most from
         a full prefill's, are recomputed; 1.0 recomputes all (a full prefill), 0.0 none (naive
         concatenation). ``policy`` then compresses the assembled context as ``prefill`` would.
-        ``ctx.meta["reuse"]`` says which documents were found and their store keys."""
+        ``anchors`` (True: this model's pool, or an :class:`AnchorPool`): a document seen behind a
+        similar prefix before takes the offsets it showed there instead of a recompute (KVCOMM).
+        ``ctx.meta["reuse"]`` says which documents were found, their store keys and which were anchored."""
         t0 = time.perf_counter()
         policy = parse_policy(policy)
         if policy.observes() - {"reconstruction"}:
@@ -475,10 +483,11 @@ class LM:
         keys, values = self._dense_kv(n)
         compute_rows(self.model, ids, keys, values, torch.arange(start, device=self.device))  # the system prompt
         fresh = torch.ones(n, dtype=torch.bool, device=self.device)
-        found, stored_as, exact = [], [], len(spans) == 1
+        found, stored_as, starts, exact = [], [], [], len(spans) == 1
         for a, b in spans:
             cache, at, how, key = self.document_kv(ids[0, a:b].tolist(), policy, store, tenant=tenant)
             stored_as.append(key)
+            starts.append(at)
             for i, layer in enumerate(cache.layers):
                 k, v = layer.materialize()
                 keys[i][:, :, a:b] = self.rope.shift(k, a - at) if a != at else k
@@ -486,7 +495,39 @@ class LM:
             fresh[a:b] = False
             found.append(how)
             exact = exact and a == at and parts[0] is None  # where it was computed, behind the same tokens
-        done = recompute_rows(self.model, ids, keys, values, start, fresh, recompute) if not exact else None
+        pool = (self.anchors if anchors is True else anchors) or None
+        placed = [(key, a, b, at) for key, (a, b), at in zip(stored_as, spans, starts)]
+        anchored = [False] * len(placed)
+        learn: dict[int, tuple] = {}
+
+        def correct(old_k: torch.Tensor, old_v: torch.Tensor) -> torch.Tensor:
+            """Anchors for each document (their offsets on layers from 2), from its exact layer-1 offset."""
+            done = torch.zeros(n - start, dtype=torch.bool, device=self.device)
+            for j, (key, a, b, at) in enumerate(placed):
+                back = (lambda k: self.rope.shift(k, at - a)) if a != at else (lambda k: k)  # noqa: B023
+                probe = probe_vector(back(keys[1][:, :, a:b].float() - old_k[:, :, a - start : b - start]),
+                                     values[1][:, :, a:b].float() - old_v[:, :, a - start : b - start])
+                found = pool.match(key, probe)
+                if not found:
+                    learn[j] = (probe, [k[:, :, a:b].clone() for k in keys[2:]], [v[:, :, a:b].clone() for v in values[2:]])
+                    continue
+                dk, dv = pool.offsets(found)
+                for i in range(2, self.num_layers):
+                    keys[i][:, :, a:b] += (self.rope.shift(dk[i - 2], a - at) if a != at else dk[i - 2]).to(keys[i].dtype)
+                    values[i][:, :, a:b] += dv[i - 2].to(values[i].dtype)
+                done[a - start : b - start] = pool.skip_recompute
+                anchored[j] = True
+            return done
+
+        done = None
+        if not exact:
+            done = recompute_rows(self.model, ids, keys, values, start, fresh, recompute,
+                                  correct if pool is not None and self.num_layers > 2 else None)
+        for j, (probe, old_k, old_v) in learn.items():  # what the recompute found becomes an anchor
+            key, a, b, at = placed[j]
+            back = (lambda k: self.rope.shift(k, at - a)) if a != at else (lambda k: k.float())  # noqa: B023
+            pool.add(key, Anchor(probe.half(), [back(k[:, :, a:b].float() - o.float()).half() for k, o in zip(keys[2:], old_k)],
+                                 [(v[:, :, a:b].float() - o.float()).half() for v, o in zip(values[2:], old_v)]))
         base = CompressedCache.from_dense(keys, values, rope=self.rope, dtype=self.kv_dtype)
         obs = {i: Observation() for i in range(self.num_layers)}
         if "reconstruction" in policy.observes():
@@ -494,7 +535,7 @@ class LM:
             for i, a in self.reconstruction_scores(ids, base, chunk, skip=start).items():
                 obs[i].reconstruction = a
         cache = self._warm(base.derive(policy, obs))
-        meta = {"reuse": {"documents": found, "keys": stored_as, "reused_tokens": int((~fresh).sum()),
+        meta = {"reuse": {"documents": found, "keys": stored_as, "anchored": anchored, "reused_tokens": int((~fresh).sum()),
                           "recomputed": done.recomputed if done else 0, "fraction": recompute}}
         return Context(cache, ids, policy, time.perf_counter() - t0, meta, lm=self, tenant=tenant)
 

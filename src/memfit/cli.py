@@ -473,7 +473,7 @@ def bench_kvzip_cmd(
 @bench_app.command("reuse")
 def bench_reuse_cmd(
     model: str = typer.Option("smollm2", "--model", "-m"),
-    samples: int = typer.Option(40, "--samples", "-s", help="Documents-QA samples."),
+    samples: int = typer.Option(40, "--samples", "-s", help="Documents-QA samples; 0 skips them."),
     agent_samples: int = typer.Option(10, "--agent-samples", help="Agent samples (3 agents each); 0 skips them."),
     fractions: list[float] = typer.Option([0.0, 0.05, 0.15], "--recompute", "-r",
                                           help="Recompute fractions to compare (0 = naive concatenation); repeat."),
@@ -490,27 +490,31 @@ def bench_reuse_cmd(
     from memfit.eval.reuse import bench_agents, bench_documents
     from memfit.store import open_store
 
-    if samples < 1 or agent_samples < 0 or not fractions or any(not 0 <= f <= 1 for f in fractions):
-        _fail("--samples must be >= 1, --agent-samples >= 0, and every --recompute in [0, 1]")
+    if samples < 0 or agent_samples < 0 or samples + agent_samples == 0 or not fractions \
+            or any(not 0 <= f <= 1 for f in fractions):
+        _fail("--samples and --agent-samples must be >= 0 (not both 0), and every --recompute in [0, 1]")
     spec = _policy(policy).spec
     lm = _load(model)
     with tempfile.TemporaryDirectory() as tmp:
         st = open_store(f"file://{store or tmp}")
-        result = {"model": model, "device": str(lm.device), "dtype": str(lm.model.dtype), "policy": spec,
-                  "documents": bench_documents(lm, st, samples, fractions=tuple(fractions), policy=spec,
-                                               doc_tokens=doc_tokens)}
+        result = {"model": model, "device": str(lm.device), "dtype": str(lm.model.dtype), "policy": spec}
+        if samples:
+            result["documents"] = bench_documents(lm, st, samples, fractions=tuple(fractions), policy=spec,
+                                                  doc_tokens=doc_tokens)
         if agent_samples:
             result["agents"] = bench_agents(lm, st, agent_samples, fractions=tuple(fractions), policy=spec)
     _write_json(out, result)
-    tables = [("documents QA", result["documents"]["summary"])]
+    tables = [("documents QA", result["documents"]["summary"])] if samples else []
     if agent_samples:
         tables += [("agents 2 and 3", result["agents"]["summary"]["agents_2_on"]),
                    ("agent 1 (stores the text)", result["agents"]["summary"]["agent_1"])]
     for title, summary in tables:
-        typer.echo(f"\n{title}\n{'variant':<16} {'n':>4} {'accuracy':>9} {'TTFT s':>8} {'speedup':>8} {'recomputed':>10}")
+        typer.echo(f"\n{title}\n{'variant':<16} {'n':>4} {'accuracy':>9} {'TTFT s':>8} {'speedup':>8} {'recomputed':>10}"
+                   f" {'KV error':>9}")
         for name, s in summary.items():
+            err = f"{s['kv_error']:>9.4f}" if "kv_error" in s else ""
             typer.echo(f"{name:<16} {s['n']:>4} {s['accuracy']:>8.1f}% {s['ttft_s']:>8.3f} "
-                       f"{s.get('ttft_speedup', 1):>7.2f}x {s['recomputed_tokens']:>10.0f}")
+                       f"{s.get('ttft_speedup', 1):>7.2f}x {s['recomputed_tokens']:>10.0f} {err}")
     typer.echo(f"wrote {out}")
 
 

@@ -24,7 +24,9 @@ Mistral, Qwen2/3, SmolLM).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -114,12 +116,16 @@ def compute_rows(model: torch.nn.Module, input_ids: torch.Tensor, keys: list[tor
 
 @torch.no_grad()
 def recompute_rows(model: torch.nn.Module, input_ids: torch.Tensor, keys: list[torch.Tensor],
-                   values: list[torch.Tensor], start: int, fresh: torch.Tensor, fraction: float) -> Blended:
+                   values: list[torch.Tensor], start: int, fresh: torch.Tensor, fraction: float,
+                   correct: "Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None" = None) -> Blended:
     """Repair an assembled KV in place. ``input_ids`` [1, N]; ``keys``/``values`` per layer
     [1, H, N, D] in the compute dtype: rows before ``start`` are exact, the others hold reused KV
     (already moved to their positions) except where ``fresh`` [N] is set (no KV yet: always
     computed). ``fraction`` of the reused rows after ``start``, those whose layer-1 KV deviates most
-    once layer 0 has run over them, are recomputed through every layer."""
+    once layer 0 has run over them, are recomputed through every layer. ``correct(old_k1, old_v1)``
+    (layer 1's reused KV of every row from ``start``, its exact KV now in ``keys[1]``/``values[1]``)
+    may correct the deeper layers' reused KV and returns the rows [N - start] it has corrected,
+    which are then not recomputed (anchors, see :class:`AnchorPool`)."""
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"recompute must be a fraction in [0, 1], got {fraction}")
     embed, rotary, layers = decoder_parts(model)
@@ -133,7 +139,7 @@ def recompute_rows(model: torch.nn.Module, input_ids: torch.Tensor, keys: list[t
         return Blended(0, int((~fresh[rows]).sum()))
     cache = _Rows(keys, values)
     arg = cache_arg_name(type(layers[0]))
-    h = _run(layers[0], embed(input_ids[:, rows]), rows, rotary, cache, arg)  # exact: layer 0's KV is
+    h = _run(layers[0], embed(input_ids[:, rows]), rows, rotary, cache, arg)  # exact, as its KV is
     old_k, old_v = keys[1][:, :, rows].float(), values[1][:, :, rows].float()
     cache.stop_at = 1  # layer 1's exact KV for every row (its attention and MLP are not needed for the rest)
     _run(layers[1], h, rows, rotary, cache, arg)
@@ -144,8 +150,12 @@ def recompute_rows(model: torch.nn.Module, input_ids: torch.Tensor, keys: list[t
     dev_v = (new_v - old_v).pow(2).sum((0, 1, 3)) / new_v.pow(2).sum((0, 1, 3)).mean().clamp_min(1e-12)
     score = dev_k + dev_v
     is_fresh = fresh[rows]
-    score[is_fresh] = float("inf")
     reused = int((~is_fresh).sum())
+    if correct is not None:
+        done = correct(old_k, old_v) & ~is_fresh
+        score[done] = float("-inf")
+        reused -= int(done.sum())
+    score[is_fresh] = float("inf")
     k = min(rows.numel(), int(is_fresh.sum()) + math.ceil(fraction * reused))
     pick = score.topk(k).indices.sort().values if k < rows.numel() else torch.arange(rows.numel(), device=dev)
     if k:
@@ -153,3 +163,70 @@ def recompute_rows(model: torch.nn.Module, input_ids: torch.Tensor, keys: list[t
         for layer in layers[1:]:  # layer 1 again: its KV is rewritten with the same values
             h = _run(layer, h, rows, rotary, cache, arg)
     return Blended(k - int(is_fresh.sum()), reused)
+
+
+@dataclass
+class Anchor:
+    """What a document's KV turned out to be behind one prefix (KVCOMM): the offsets from its
+    stored KV, keys taken back to the stored positions. ``probe``: the layer-1 offset, flattened and
+    of unit length, which a new prefix's layer-1 offset is compared with."""
+
+    probe: torch.Tensor
+    keys: list[torch.Tensor]  # per layer from 2: [1, H, n, D]
+    values: list[torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.probe, *self.keys, *self.values))
+
+
+@dataclass
+class AnchorPool:
+    """KVCOMM-style anchors: per stored document, the KV offsets seen behind earlier prefixes. A new
+    prefix whose layer-1 offset (exact, from the probe every assembly runs) is close to anchors'
+    (cosine >= ``threshold``) gets their offsets, weighted by similarity, on its deeper layers and
+    no recompute; otherwise its tokens are recomputed as usual and what that gave becomes a new
+    anchor. At most ``per_document`` anchors a document and ``max_bytes`` in all (least recently
+    used first out); offsets are kept in float16."""
+
+    # close means nearly the same prefix: behind different system prompts SmolLM2's layer-1 offsets
+    # still agree to 0.95-0.98, but its deeper offsets do not carry over (anchored KV then deviates
+    # from a full prefill's as much as naive concatenation's)
+    threshold: float = 0.995
+    per_document: int = 4
+    max_bytes: int = 256 << 20
+    sharpness: float = 20.0  # softmax(similarity * sharpness) weights matching anchors
+    skip_recompute: bool = True  # anchored tokens are not recomputed (False: recomputed on top)
+    _anchors: "OrderedDict[str, list[Anchor]]" = field(default_factory=OrderedDict)
+
+    def match(self, key: str, probe: torch.Tensor) -> list[tuple[float, Anchor]]:
+        found = [(float(a.probe.float() @ probe), a) for a in self._anchors.get(key, [])]
+        found = [(s, a) for s, a in found if s >= self.threshold]
+        if found:
+            self._anchors.move_to_end(key)
+        return found
+
+    def add(self, key: str, anchor: Anchor) -> None:
+        mine = self._anchors.setdefault(key, [])
+        mine.append(anchor)
+        del mine[: -self.per_document]
+        self._anchors.move_to_end(key)
+        while self.nbytes > self.max_bytes and len(self._anchors) > 1:
+            self._anchors.popitem(last=False)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for anchors in self._anchors.values() for a in anchors)
+
+    def offsets(self, found: list[tuple[float, Anchor]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The matching anchors' offsets, weighted: per layer from 2, keys and values (float32)."""
+        w = (torch.tensor([s for s, _ in found]) * self.sharpness).softmax(0).tolist()
+        n = len(found[0][1].keys)
+        return ([sum(wi * a.keys[i].float() for wi, (_, a) in zip(w, found)) for i in range(n)],
+                [sum(wi * a.values[i].float() for wi, (_, a) in zip(w, found)) for i in range(n)])
+
+
+def probe_vector(dk: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
+    """A document's layer-1 KV offset [1, H, n, D] each (keys at the stored positions) as one unit vector."""
+    x = torch.cat([dk.flatten(), dv.flatten()]).float()
+    return x / x.norm().clamp_min(1e-12)

@@ -20,6 +20,7 @@ from memfit.api import LM
 from memfit.eval.filler import TokenCounter, fill_to_length, filler_sentences
 from memfit.eval.tasks.base import Question
 from memfit.eval.tasks.qa import _CITIES, _FIRST, _LAST, _PRODUCTS
+from memfit.reuse import AnchorPool
 from memfit.store import ContextStore
 
 _ROLES = ["a research assistant", "a support agent for a trade registry", "a careful archivist",
@@ -74,8 +75,10 @@ def _answer(lm: LM, ctx, q: Question, max_new_tokens: int) -> tuple[float, float
     return first, q.score(reply)
 
 
-def _variants(lm: LM, parts: list[str], policy: str, store: ContextStore, fractions: list[float]):
-    """(name, context) for a full prefill and each recompute fraction (0.0: naive concatenation)."""
+def _variants(lm: LM, parts: list[str], policy: str, store: ContextStore, fractions: list[float],
+              anchors: AnchorPool | None = None):
+    """(name, context) for a full prefill and each recompute fraction (0.0: naive concatenation),
+    and with ``anchors`` KVCOMM's anchors over the last fraction."""
     ids, _ = lm.encode_parts(parts)
     t0 = time.perf_counter()
     full = lm.prefill_ids(ids, policy)
@@ -83,6 +86,19 @@ def _variants(lm: LM, parts: list[str], policy: str, store: ContextStore, fracti
     yield "full", full
     for f in fractions:
         yield ("naive" if f == 0 else f"recompute={f:g}"), lm.prefill_parts(parts, policy, store=store, recompute=f)
+    if anchors is not None:
+        yield "anchors", lm.prefill_parts(parts, policy, store=store, recompute=fractions[-1], anchors=anchors)
+
+
+def kv_error(ctx, full) -> float:
+    """Relative error of a context's KV against a full prefill's, over the layers past the first two
+    (the first two are exact after any assembly)."""
+    num = den = 0.0
+    for mine, ref in list(zip(ctx.cache.layers, full.cache.layers))[2:]:
+        for a, b in zip(mine.materialize(), ref.materialize()):
+            num += (a.float() - b.float()).pow(2).sum().item()
+            den += b.float().pow(2).sum().item()
+    return (num / max(den, 1e-30)) ** 0.5
 
 
 def _summarize(records: list[dict]) -> dict:
@@ -92,7 +108,10 @@ def _summarize(records: list[dict]) -> dict:
         out[name] = {"n": len(rs), "accuracy": 100 * statistics.mean(r["score"] for r in rs),
                      "ttft_s": statistics.mean(r["ttft_s"] for r in rs),
                      "context_s": statistics.mean(r["context_s"] for r in rs),
-                     "recomputed_tokens": statistics.mean(r.get("recomputed", 0) for r in rs)}
+                     "recomputed_tokens": statistics.mean(r.get("recomputed", 0) for r in rs),
+                     **({"kv_error": statistics.mean(r["kv_error"] for r in rs)} if all("kv_error" in r for r in rs)
+                        else {}),
+                     **({"anchored": sum(r["anchored"] for r in rs)} if all("anchored" in r for r in rs) else {})}
     full = out.get("full")
     for s in out.values():
         if full:
@@ -129,7 +148,8 @@ def bench_agents(lm: LM, store: ContextStore, samples: int = 10, agents: int = 3
                  seed: int = 0, max_new_tokens: int = 16) -> dict:
     """Agents: ``agents`` agents read the same text (``text_tokens``, several facts) behind their
     own ``prefix_tokens``-token system prompts, each asking about one fact. The first agent's
-    request stores the text; the others reuse it. Summaries are per agent position."""
+    request stores the text (recomputing it in full, which gives the anchors an exact offset); the
+    others reuse it. Summaries are per agent position; ``kv_error``: see :func:`kv_error`."""
     counter = lambda t: len(lm._encode(t))  # noqa: E731
     rng = random.Random(f"reuse-agents:{seed}")
     records = []
@@ -137,19 +157,25 @@ def bench_agents(lm: LM, store: ContextStore, samples: int = 10, agents: int = 3
     for s in tqdm(range(samples), desc="agents"):
         facts = document_pool(seed * 1000 + s, 4, text_tokens // 4, counter)
         text = "\n\n".join(d.text for d in facts)
+        pool = AnchorPool()
         for a in range(agents):
             system = system_prompt(rng, filler=max(0, int(prefix_tokens / per_sentence) - 2))
             q = question_about(rng.choice(facts), s + a)
             if a == 0:  # the first agent's request computes the text and stores it
-                variants = [("full", None), ("stores", lm.prefill_parts([system, text], policy, store=store))]
-                variants[0] = next(_variants(lm, [system, text], policy, store, []))
+                variants = [next(_variants(lm, [system, text], policy, store, [])),
+                            ("stores", lm.prefill_parts([system, text], policy, store=store, recompute=1.0,
+                                                        anchors=pool))]
             else:
-                variants = _variants(lm, [system, text], policy, store, list(fractions))
+                variants = _variants(lm, [system, text], policy, store, list(fractions), pool)
+            full = None
             for name, ctx in variants:
+                full = ctx if name == "full" else full
                 first, score = _answer(lm, ctx, q, max_new_tokens)
+                reuse = ctx.meta.get("reuse", {})
                 records.append({"sample": s, "agent": a + 1, "variant": name, "tokens": ctx.num_tokens,
                                 "score": score, "context_s": ctx.prefill_seconds, "ttft_s": ctx.prefill_seconds + first,
-                                "recomputed": ctx.meta.get("reuse", {}).get("recomputed", ctx.num_tokens)})
+                                "recomputed": reuse.get("recomputed", ctx.num_tokens), "kv_error": kv_error(ctx, full),
+                                "anchored": int(any(reuse.get("anchored", [])))})
     later = [r for r in records if r["agent"] > 1]
     first_agent = [r for r in records if r["agent"] == 1]
     return {"summary": {"agents_2_on": _summarize(later), "agent_1": _summarize(first_agent)}, "records": records}

@@ -1,0 +1,30 @@
+"""memfit bench reuse on a tiny model: every variant answers the same questions from the same tokens,
+and a full recompute reads as a full prefill."""
+
+from __future__ import annotations
+
+import torch
+from conftest import tiny_llama
+
+from memfit.api import LM
+from memfit.eval.reuse import bench_agents, bench_documents
+from memfit.store import open_store
+
+
+def test_documents_and_agents_benches_compare_variants_on_the_same_tokens(tokenizer, tmp_path):
+    tiny_lm = LM(tiny_llama(torch.float64, layers=4), tokenizer, name="tiny-4")  # layers past the two exact ones
+    store = open_store(f"file://{tmp_path}")
+    docs = bench_documents(tiny_lm, store, samples=2, docs=2, pool=3, doc_tokens=96, fractions=(0.0, 1.0),
+                           max_new_tokens=4)
+    assert set(docs["summary"]) == {"full", "naive", "recompute=1"}
+    by_sample = {}
+    for r in docs["records"]:
+        by_sample.setdefault(r["sample"], set()).add(r["tokens"])
+    assert all(len(t) == 1 for t in by_sample.values())  # one token sequence per sample
+    assert docs["summary"]["naive"]["recomputed_tokens"] == 0
+    agents = bench_agents(tiny_lm, store, samples=1, agents=3, text_tokens=256, prefix_tokens=40,
+                          fractions=(0.0, 1.0), max_new_tokens=4)
+    later = agents["summary"]["agents_2_on"]
+    assert set(later) == {"full", "naive", "recompute=1", "anchors"} and later["full"]["n"] == 2
+    assert later["recompute=1"]["kv_error"] < 1e-9 < later["naive"]["kv_error"]
+    assert set(agents["summary"]["agent_1"]) == {"full", "stores"}
