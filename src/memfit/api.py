@@ -31,6 +31,7 @@ from memfit.textlines import first_lines, lines_done
 log = logging.getLogger("memfit")
 
 ANYWHERE = "anywhere:"  # what document entries' key space adds to their policy (never a prefix entry)
+DOC_INDEX_TOKENS = 32  # documents are found in a plain prompt by their first tokens (then checked whole)
 
 
 @dataclass
@@ -446,12 +447,37 @@ class LM:
             manifest = {"format": space.format, "fingerprint": space.fingerprint, "tokenizer": space.tokenizer,
                         "policy": space.policy, "num_tokens": len(doc_ids), "start": c, "cache": state,
                         **({"tenant": tenant} if tenant else {})}
+            index = [self.document_alias(doc_ids, tenant)] if len(doc_ids) >= DOC_INDEX_TOKENS else []
             try:
                 if admit is None or admit(cache.nbytes):
-                    store.put_entry(Entry(key, tensors, manifest))
+                    store.put_entry(Entry(key, tensors, manifest), index)
             except StoreUnavailable as e:  # the document is still used; only its reuse is lost
                 log.warning("document not stored: %s", e)
         return cache, c, "miss", key
+
+    def document_alias(self, doc_ids: list[int], tenant: str = "") -> str:
+        """Where the store indexes a document by its first tokens (see :meth:`find_documents`)."""
+        return KeySpace(self.fingerprint, self.tokenizer_fingerprint, "document-start", tenant=tenant).key(
+            doc_ids[:DOC_INDEX_TOKENS])
+
+    def find_documents(self, ids: list[int], store: ContextStore, tenant: str = "") -> list[tuple[int, int, str]]:
+        """Stored documents (``reuse="anywhere"``, at least DOC_INDEX_TOKENS tokens, ``tenant``'s)
+        that occur in ``ids``, as (start, end, key): looked up where a line or a chat turn starts,
+        by their first tokens, then checked token for token."""
+        text = {t: self.tokenizer.decode([t]) for t in set(ids)}
+        special = set(self.tokenizer.all_special_ids)
+        found, p = [], 1
+        while p <= len(ids) - DOC_INDEX_TOKENS:
+            if text[ids[p - 1]].endswith("\n") or ids[p - 1] in special:
+                key = store.resolve_alias(self.document_alias(ids[p:], tenant))
+                entry = store.get_entry(key) if key else None
+                doc = entry.tensors["token_ids"].tolist() if entry is not None and "token_ids" in entry.tensors else None
+                if doc and ids[p : p + len(doc)] == doc and entry.manifest.get("tenant", "") == tenant:
+                    found.append((p, p + len(doc), key))
+                    p += len(doc)
+                    continue
+            p += 1
+        return found
 
     @torch.no_grad()
     def prefill_parts(self, parts: "list[str | list[int] | None]", policy: "str | Policy | None" = None, *,
@@ -467,7 +493,23 @@ class LM:
         ``anchors`` (True: this model's pool, or an :class:`AnchorPool`): a document seen behind a
         similar prefix before takes the offsets it showed there instead of a recompute (KVCOMM).
         ``ctx.meta["reuse"]`` says which documents were found, their store keys and which were anchored."""
+        ids, spans = self.encode_parts(parts)
+        return self.prefill_assembled(ids, spans, policy, store=store, recompute=recompute, tenant=tenant,
+                                      anchors=anchors)
+
+    @torch.no_grad()
+    def prefill_assembled(self, ids: torch.Tensor, spans: list[tuple[int, int]], policy: "str | Policy | None" = None,
+                          *, store: "ContextStore | str | list[str] | None" = None, recompute: float | None = None,
+                          tenant: str = "", anchors: "AnchorPool | bool | None" = None) -> Context:
+        """:meth:`prefill_parts` for any token ids [1, N] in which ``spans`` (ascending, disjoint
+        (start, end)) are documents: what precedes the first is computed, each document's KV reused
+        (or computed and stored), and every other token (separators, text between and after the
+        documents) computed among the recomputed ones."""
         t0 = time.perf_counter()
+        if not spans or any(not 0 <= a < b <= ids.shape[1] for a, b in spans) or \
+                any(b > a2 for (_, b), (a2, _) in zip(spans, spans[1:])):
+            raise ValueError(f"spans must be ascending, disjoint, non-empty (start, end) within the {ids.shape[1]} "
+                             f"tokens, got {spans}")
         policy = parse_policy(policy)
         if policy.observes() - {"reconstruction"}:
             raise ValueError(f"{policy.spec}: prefill_parts does not record the prefill's queries or attention, "
@@ -478,8 +520,8 @@ class LM:
         if self.rope is None:
             raise NotImplementedError("moving stored keys to new positions needs a model with rotary embeddings")
         store = open_store(store) if store is not None else None
-        ids, spans = self.encode_parts(parts)
         n, start = ids.shape[1], spans[0][0]
+        head = self._encode(self.chat.before_context, special=not self.chat.before_context)
         keys, values = self._dense_kv(n)
         compute_rows(self.model, ids, keys, values, torch.arange(start, device=self.device))  # the system prompt
         fresh = torch.ones(n, dtype=torch.bool, device=self.device)
@@ -494,7 +536,8 @@ class LM:
                 values[i][:, :, a:b] = v
             fresh[a:b] = False
             found.append(how)
-            exact = exact and a == at and parts[0] is None  # where it was computed, behind the same tokens
+            # where it was computed, behind the same tokens, with nothing after it: its stored KV is exact
+            exact = exact and a == at and b == n and ids[0, :a].tolist() == head
         pool = (self.anchors if anchors is True else anchors) or None
         placed = [(key, a, b, at) for key, (a, b), at in zip(stored_as, spans, starts)]
         anchored = [False] * len(placed)

@@ -14,6 +14,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 
 import memfit
 from memfit.serve.chaos import free_port
@@ -151,6 +152,28 @@ def test_stored_documents_combined_in_a_chat_answer_like_the_library(server, loc
     assert missing.status_code == 404
     for cid in ids:
         assert httpx.delete(f"{server.url}/v1/contexts/{cid}").status_code == 200
+
+
+def test_plain_prompts_reuse_the_stored_documents_they_contain(server, local, tmp_path):
+    """A plain chat whose message holds a stored document (reuse "anywhere") after other text: the
+    server finds it by its first tokens and answers as the library assembling the same tokens."""
+    doc = "Ledger of the port of Vell. The harbour master is Ada Quist. Ships dock at pier four. " * 3
+    made = httpx.post(server.url + "/v1/contexts", json={"text": doc, "reuse": "anywhere"}, timeout=60)
+    assert made.status_code == 200, made.text
+    content = "Read this page from the archive:\n" + doc + "\n\nWho is the harbour master?"
+    before = httpx.get(server.url + "/v1/store").json()["documents_recognised"]
+    answer = _chat(server.client(), content).choices[0].message.content
+    assert httpx.get(server.url + "/v1/store").json()["documents_recognised"] == before + 1
+    store = memfit.open_store(f"file://{tmp_path}")
+    local.prefill(doc, POLICY, store=store, reuse="anywhere")
+    ids = local.tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                              tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    found = local.find_documents(ids[:-1], store)
+    assert len(found) == 1 and found[0][2] == made.json()["id"]
+    ctx = local.prefill_assembled(torch.tensor([ids[:-1]]), [found[0][:2]], POLICY, store=store)
+    assert answer == local.generate(ctx, [ids[-1:]], max_new_tokens=12)[0]
+    httpx.delete(f"{server.url}/v1/contexts/{made.json()['id']}")
 
 
 def test_plain_chats_reuse_a_stored_prefix(server):

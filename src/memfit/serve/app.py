@@ -163,6 +163,7 @@ class Server:
         self.created = int(time.time())
         # restored contexts, dequantized, newest last; read and changed on the model thread only
         self.recent: OrderedDict[str, Context] = OrderedDict()
+        self.documents_recognised = 0  # stored documents found in plain prompts and reused
 
     # queue: one slot per request, waiting or running; the model lock lets one run at a time
     def take_slot(self) -> None:
@@ -323,11 +324,27 @@ class Server:
                 raise APIError(400, "prompt needs at least two tokens", param="prompt")
             ids = [bos, *ids]
         head = torch.tensor([ids[:-1]], device=self.lm.device)
+        if self.config.reuse_prompts:
+            found = self._documents_in(ids[:-1], who)
+            if found:
+                spans, spec = found
+                ctx = self.lm.prefill_assembled(head, spans, spec, store=self.store, tenant=who.tenant)
+                self.documents_recognised += len(spans)
+                return ctx, ids[-1:]
         if self.config.reuse_prompts and len(ids) - 1 >= REUSE_MIN_TOKENS:
             # storing a prompt only speeds up the next one: a store that cannot take it does not fail the chat
             return self.lm.prefill_stored(head, self.prompt_policy, self.store, must_store=False, tenant=who.tenant,
                                           admit=lambda c: self._admit(who, c.nbytes, refuse=False)), ids[-1:]
         return self.lm.prefill_ids(head, self.prompt_policy), ids[-1:]
+
+    def _documents_in(self, ids: list[int], who: Identity) -> tuple[list[tuple[int, int]], str] | None:
+        """Stored documents found in a plain prompt (see LM.find_documents), those stored under the
+        first one's policy, and that policy; None if there are none."""
+        found = self.lm.find_documents(ids, self.store, who.tenant)
+        specs = [str((self.store.manifest(key) or {}).get("policy", "")) for _, _, key in found]
+        if not found or not specs[0].startswith(ANYWHERE):
+            return None
+        return [(a, b) for (a, b, _), spec in zip(found, specs) if spec == specs[0]], specs[0].removeprefix(ANYWHERE)
 
     def check_tiers(self, param: str | None = None) -> None:
         """503 while a store tier is unreachable: what a request would read or change there (a
@@ -468,8 +485,9 @@ def create_app(lm: LM, store: ContextStore, config: ServeConfig | None = None) -
 
     @app.get("/v1/store")
     async def store_stats():
-        """memfit: the context store's hits, misses and bytes per tier."""
-        return await srv.on_worker(srv.store.stats)
+        """memfit: the context store's hits, misses and bytes per tier, and the stored documents
+        found in plain prompts."""
+        return {**await srv.on_worker(srv.store.stats), "documents_recognised": srv.documents_recognised}
 
     async def _pieces(it: Iterator[str], deadline: float) -> AsyncIterator[str]:
         """The answer's pieces, the model taken for one step at a time: concurrent requests take
