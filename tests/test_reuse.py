@@ -97,6 +97,19 @@ def test_anchors_rebuild_a_document_seen_behind_the_same_prefix(tmp_path):
     assert len(pool._anchors[first.meta["reuse"]["keys"][0]]) == 2
 
 
+def test_pre_rope_documents_rotate_on_read(tiny_lm, tmp_path):
+    """A pre-RoPE policy stores a document's keys at positions 0.. (true pre-RoPE keys to quantize)
+    and rotates them to wherever the document is placed: layer 0, exact up to 8-bit codes."""
+    store = open_store(f"file://{tmp_path}")
+    spec = "kivi(bits=8,group=16,residual=8,pre_rope=true)"
+    parts = [PARTS[0], PARTS[3], PARTS[1]]
+    full = tiny_lm.prefill_ids(tiny_lm.encode_parts(parts)[0], "none")
+    naive = tiny_lm.prefill_parts(parts, spec, store=store, recompute=0.0)
+    assert 0 < _max_err(naive, full, layers=[0]) < 0.05
+    entry = store.get_entry(naive.meta["reuse"]["keys"][0])
+    assert entry.manifest["start"] == 0 and "rope.inv_freq" in entry.tensors
+
+
 def test_bad_input_is_named(tiny_lm, tmp_path):
     with pytest.raises(ValueError, match="recompute"):
         tiny_lm.prefill_parts(PARTS, recompute=1.5)

@@ -422,7 +422,7 @@ class LM:
         ``store`` (``tenant``'s entries only), or computed and stored there unless ``admit(nbytes)``
         says no."""
         q = policy.quant
-        stored = Policy(quant=q) if isinstance(q, KIVI) and not q.pre_rope else Policy()
+        stored = Policy(quant=q) if isinstance(q, KIVI) else Policy()
         space = KeySpace(self.fingerprint, self.tokenizer_fingerprint, ANYWHERE + stored.spec, tenant=tenant)
         head = self._encode(self.chat.before_context, special=not self.chat.before_context)
         key = space.key(head + doc_ids)
@@ -438,14 +438,20 @@ class LM:
         keys, values = self._dense_kv(ids.shape[1])
         compute_rows(self.model, ids, keys, values, torch.arange(ids.shape[1], device=self.device))
         c = len(head)
-        cache = CompressedCache.from_dense([k[:, :, c:] for k in keys], [v[:, :, c:] for v in values], rope=self.rope,
+        doc_keys = [k[:, :, c:] for k in keys]
+        at = c
+        if stored.quant is not None and stored.quant.pre_rope:
+            # a pre-RoPE cache takes RoPE off at positions 0.. (its tokens are its layer's first): moved
+            # there, the keys it quantizes are the true pre-RoPE ones, and it rotates them back on read
+            doc_keys, at = [self.rope.shift(k, -c).to(k.dtype) for k in doc_keys], 0
+        cache = CompressedCache.from_dense(doc_keys, [v[:, :, c:] for v in values], rope=self.rope,
                                            dtype=self.kv_dtype).derive(stored)
         if store is not None:
             tensors, state = cache.to_state()
             tensors = {n: t.detach().cpu() for n, t in tensors.items()}
             tensors["token_ids"] = torch.tensor(doc_ids, dtype=torch.int32)
             manifest = {"format": space.format, "fingerprint": space.fingerprint, "tokenizer": space.tokenizer,
-                        "policy": space.policy, "num_tokens": len(doc_ids), "start": c, "cache": state,
+                        "policy": space.policy, "num_tokens": len(doc_ids), "start": at, "cache": state,
                         **({"tenant": tenant} if tenant else {})}
             index = [self.document_alias(doc_ids, tenant)] if len(doc_ids) >= DOC_INDEX_TOKENS else []
             try:
@@ -453,7 +459,7 @@ class LM:
                     store.put_entry(Entry(key, tensors, manifest), index)
             except StoreUnavailable as e:  # the document is still used; only its reuse is lost
                 log.warning("document not stored: %s", e)
-        return cache, c, "miss", key
+        return cache, at, "miss", key
 
     def document_alias(self, doc_ids: list[int], tenant: str = "") -> str:
         """Where the store indexes a document by its first tokens (see :meth:`find_documents`)."""
@@ -537,7 +543,7 @@ class LM:
             fresh[a:b] = False
             found.append(how)
             # where it was computed, behind the same tokens, with nothing after it: its stored KV is exact
-            exact = exact and a == at and b == n and ids[0, :a].tolist() == head
+            exact = exact and a == len(head) and b == n and ids[0, :a].tolist() == head
         pool = (self.anchors if anchors is True else anchors) or None
         placed = [(key, a, b, at) for key, (a, b), at in zip(stored_as, spans, starts)]
         anchored = [False] * len(placed)
