@@ -123,3 +123,16 @@ def test_bad_input_is_named(tiny_lm, tmp_path):
         tiny_lm.prefill(PARTS[1], reuse="elsewhere")
     with pytest.raises(ValueError, match="give a store"):
         tiny_lm.prefill(PARTS[1], reuse="anywhere")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_assembly_on_cuda_matches_a_full_prefill(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(memfit.reuse, "BLOCK", 7)
+    lm = LM(tiny_llama(torch.float32, layers=3).cuda(), tokenizer, name="tiny-cuda")
+    ids, _ = lm.encode_parts(PARTS)
+    full = lm.prefill_ids(ids, "none")
+    ctx = lm.prefill_parts(PARTS, "none", store=f"file://{tmp_path}", recompute=1.0)
+    assert _max_err(ctx, full) < 1e-4
+    naive = lm.prefill_parts(PARTS, "kivi(bits=4,residual=8)", store=f"file://{tmp_path}", recompute=0.0)
+    assert isinstance(lm.ask(naive, "Which box?", max_new_tokens=4), str)
