@@ -479,6 +479,10 @@ def bench_reuse_cmd(
                                           help="Recompute fractions to compare (0 = naive concatenation); repeat."),
     policy: str = typer.Option("none", "--policy", "-p"),
     doc_tokens: int = typer.Option(1024, help="Tokens a document."),
+    tasks: Optional[list[str]] = typer.Option(None, "--task", "-t", help="Also memfit eval's tasks, each context cut "
+                                              "into 4 stored documents ('default': the eval's default tasks)."),
+    task_samples: int = typer.Option(10, help="Samples a task for --task."),
+    task_length: int = typer.Option(4096, help="Context tokens for --task."),
     store: Optional[Path] = typer.Option(None, help="Folder for the document store (default: a temporary one)."),
     out: Path = typer.Option(Path("results/bench_reuse.json"), "--out", "-o", help="JSON output."),
 ) -> None:
@@ -487,12 +491,18 @@ def bench_reuse_cmd(
     system prompts) and agents (one text behind 3 agents' own prefixes)."""
     import tempfile
 
-    from memfit.eval.reuse import bench_agents, bench_documents
+    from memfit.eval.reuse import bench_agents, bench_documents, bench_split_tasks
     from memfit.store import open_store
 
-    if samples < 0 or agent_samples < 0 or samples + agent_samples == 0 or not fractions \
-            or any(not 0 <= f <= 1 for f in fractions):
-        _fail("--samples and --agent-samples must be >= 0 (not both 0), and every --recompute in [0, 1]")
+    from memfit.eval.tasks import DEFAULT_TASKS, TASKS
+
+    tasks = DEFAULT_TASKS if tasks == ["default"] else (tasks or [])
+    if any(t not in TASKS for t in tasks):
+        _fail(f"unknown task(s) {', '.join(t for t in tasks if t not in TASKS)}; valid: {', '.join(TASKS)}")
+    if samples < 0 or agent_samples < 0 or samples + agent_samples + len(tasks) == 0 or not fractions \
+            or any(not 0 <= f <= 1 for f in fractions) or task_samples < 1:
+        _fail("--samples and --agent-samples must be >= 0 (or give --task), --task-samples >= 1, and every "
+              "--recompute in [0, 1]")
     spec = _policy(policy).spec
     lm = _load(model)
     with tempfile.TemporaryDirectory() as tmp:
@@ -503,11 +513,17 @@ def bench_reuse_cmd(
                                                   doc_tokens=doc_tokens)
         if agent_samples:
             result["agents"] = bench_agents(lm, st, agent_samples, fractions=tuple(fractions), policy=spec)
+        if tasks:
+            result["tasks"] = bench_split_tasks(lm, st, tasks, task_length, task_samples, fractions=tuple(fractions),
+                                                policy=spec)
     _write_json(out, result)
     tables = [("documents QA", result["documents"]["summary"])] if samples else []
     if agent_samples:
         tables += [("agents 2 and 3", result["agents"]["summary"]["agents_2_on"]),
                    ("agent 1 (stores the text)", result["agents"]["summary"]["agent_1"])]
+    if tasks:
+        tables += [("eval tasks cut into documents", result["tasks"]["summary"])]
+        tables += [(f"  {t}", s) for t, s in result["tasks"]["per_task"].items()]
     for title, summary in tables:
         typer.echo(f"\n{title}\n{'variant':<16} {'n':>4} {'accuracy':>9} {'TTFT s':>8} {'speedup':>8} {'recomputed':>10}"
                    f" {'KV error':>9}")

@@ -28,3 +28,15 @@ def test_documents_and_agents_benches_compare_variants_on_the_same_tokens(tokeni
     assert set(later) == {"full", "naive", "recompute=1", "anchors"} and later["full"]["n"] == 2
     assert later["recompute=1"]["kv_error"] < 1e-9 < later["naive"]["kv_error"]
     assert set(agents["summary"]["agent_1"]) == {"full", "stores"}
+
+
+def test_split_text_cuts_at_sentence_ends_into_about_equal_pieces():
+    from memfit.eval.reuse import split_text
+
+    text = " ".join(f"Sentence number {i} is here." for i in range(40))
+    pieces = split_text(text, 4, lambda t: len(t.split()))
+    assert len(pieces) == 4 and " ".join(pieces) == text
+    assert all(p.endswith(".") for p in pieces)
+    sizes = [len(p.split()) for p in pieces]
+    assert max(sizes) - min(sizes) <= 10
+    assert split_text("One sentence only.", 4, len) == ["One sentence only."]
