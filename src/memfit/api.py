@@ -24,7 +24,7 @@ from memfit.kv.quant import KIVI
 from memfit.kv.rope import RoPE
 from memfit.models import ChatFormat, default_device, default_dtype, fingerprint, load_hf, native_dtype, resolve_model
 from memfit.store import ContextStore, Entry, EntryMismatch, KeySpace, StoreUnavailable, open_store
-from memfit.reuse import DEFAULT_RECOMPUTE, Anchor, AnchorPool, compute_rows, probe_vector, recompute_rows
+from memfit.reuse import DEFAULT_RECOMPUTE, Anchoring, AnchorPool, compute_rows, recompute_rows
 from memfit.store.disk import atomic_write
 from memfit.textlines import first_lines, lines_done
 
@@ -545,38 +545,13 @@ class LM:
             # where it was computed, behind the same tokens, with nothing after it: its stored KV is exact
             exact = exact and a == len(head) and b == n and ids[0, :a].tolist() == head
         pool = (self.anchors if anchors is True else anchors) or None
-        placed = [(key, a, b, at) for key, (a, b), at in zip(stored_as, spans, starts)]
-        anchored = [False] * len(placed)
-        learn: dict[int, tuple] = {}
-
-        def correct(old_k: torch.Tensor, old_v: torch.Tensor) -> torch.Tensor:
-            """Anchors for each document (their offsets on layers from 2), from its exact layer-1 offset."""
-            done = torch.zeros(n - start, dtype=torch.bool, device=self.device)
-            for j, (key, a, b, at) in enumerate(placed):
-                back = (lambda k: self.rope.shift(k, at - a)) if a != at else (lambda k: k)  # noqa: B023
-                probe = probe_vector(back(keys[1][:, :, a:b].float() - old_k[:, :, a - start : b - start]),
-                                     values[1][:, :, a:b].float() - old_v[:, :, a - start : b - start])
-                found = pool.match(key, probe)
-                if not found:
-                    learn[j] = (probe, [k[:, :, a:b].clone() for k in keys[2:]], [v[:, :, a:b].clone() for v in values[2:]])
-                    continue
-                dk, dv = pool.offsets(found)
-                for i in range(2, self.num_layers):
-                    keys[i][:, :, a:b] += (self.rope.shift(dk[i - 2], a - at) if a != at else dk[i - 2]).to(keys[i].dtype)
-                    values[i][:, :, a:b] += dv[i - 2].to(values[i].dtype)
-                done[a - start : b - start] = pool.skip_recompute
-                anchored[j] = True
-            return done
-
+        anchoring = Anchoring(pool, self.rope, keys, values, list(zip(stored_as, spans, starts)), start) \
+            if pool is not None and self.num_layers > 2 else None
         done = None
         if not exact:
-            done = recompute_rows(self.model, ids, keys, values, start, fresh, recompute,
-                                  correct if pool is not None and self.num_layers > 2 else None)
-        for j, (probe, old_k, old_v) in learn.items():  # what the recompute found becomes an anchor
-            key, a, b, at = placed[j]
-            back = (lambda k: self.rope.shift(k, at - a)) if a != at else (lambda k: k.float())  # noqa: B023
-            pool.add(key, Anchor(probe.half(), [back(k[:, :, a:b].float() - o.float()).half() for k, o in zip(keys[2:], old_k)],
-                                 [(v[:, :, a:b].float() - o.float()).half() for v, o in zip(values[2:], old_v)]))
+            done = recompute_rows(self.model, ids, keys, values, start, fresh, recompute, anchoring)
+        if anchoring is not None:
+            anchoring.learn()  # what the recompute found becomes each unanchored document's anchor
         base = CompressedCache.from_dense(keys, values, rope=self.rope, dtype=self.kv_dtype)
         obs = {i: Observation() for i in range(self.num_layers)}
         if "reconstruction" in policy.observes():
@@ -584,6 +559,7 @@ class LM:
             for i, a in self.reconstruction_scores(ids, base, chunk, skip=start).items():
                 obs[i].reconstruction = a
         cache = self._warm(base.derive(policy, obs))
+        anchored = anchoring.anchored if anchoring is not None else [False] * len(spans)
         meta = {"reuse": {"documents": found, "keys": stored_as, "anchored": anchored, "reused_tokens": int((~fresh).sum()),
                           "recomputed": done.recomputed if done else 0, "fraction": recompute}}
         return Context(cache, ids, policy, time.perf_counter() - t0, meta, lm=self, tenant=tenant)

@@ -230,3 +230,49 @@ def probe_vector(dk: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
     """A document's layer-1 KV offset [1, H, n, D] each (keys at the stored positions) as one unit vector."""
     x = torch.cat([dk.flatten(), dv.flatten()]).float()
     return x / x.norm().clamp_min(1e-12)
+
+
+class Anchoring:
+    """An :class:`AnchorPool` at work in one assembly: called by :func:`recompute_rows` with layer 1's
+    reused KV (its exact KV already in ``keys[1]``/``values[1]``), it applies the close anchors'
+    offsets to each document's deeper layers and returns the rows it corrected; :meth:`learn` then
+    keeps what the recompute gave the other documents as their anchors. ``placed``: per document
+    (store key, (start, end) where it sits, the position it was stored at); ``rope`` moves keys."""
+
+    def __init__(self, pool: AnchorPool, rope, keys: list[torch.Tensor], values: list[torch.Tensor],
+                 placed: list[tuple[str, tuple[int, int], int]], start: int):
+        self.pool, self.rope, self.keys, self.values, self.start = pool, rope, keys, values, start
+        self.placed = placed
+        self.anchored = [False] * len(placed)
+        self._learn: dict[int, tuple] = {}
+
+    def _move(self, k: torch.Tensor, delta: int) -> torch.Tensor:
+        return self.rope.shift(k, delta) if delta else k.float()
+
+    def __call__(self, old_k: torch.Tensor, old_v: torch.Tensor) -> torch.Tensor:
+        keys, values, s0 = self.keys, self.values, self.start
+        done = torch.zeros(keys[0].shape[-2] - s0, dtype=torch.bool, device=keys[0].device)
+        for j, (key, (a, b), at) in enumerate(self.placed):
+            probe = probe_vector(self._move(keys[1][:, :, a:b].float() - old_k[:, :, a - s0 : b - s0], at - a),
+                                 values[1][:, :, a:b].float() - old_v[:, :, a - s0 : b - s0])
+            close = self.pool.match(key, probe)
+            if not close:
+                self._learn[j] = (probe, [k[:, :, a:b].clone() for k in keys[2:]],
+                                  [v[:, :, a:b].clone() for v in values[2:]])
+                continue
+            dk, dv = self.pool.offsets(close)
+            for i in range(2, len(keys)):
+                keys[i][:, :, a:b] += self._move(dk[i - 2], a - at).to(keys[i].dtype)
+                values[i][:, :, a:b] += dv[i - 2].to(values[i].dtype)
+            done[a - s0 : b - s0] = self.pool.skip_recompute
+            self.anchored[j] = True
+        return done
+
+    def learn(self) -> None:
+        for j, (probe, old_k, old_v) in self._learn.items():
+            key, (a, b), at = self.placed[j]
+            self.pool.add(key, Anchor(
+                probe.half(),
+                [self._move(k[:, :, a:b].float() - o.float(), at - a).half() for k, o in zip(self.keys[2:], old_k)],
+                [(v[:, :, a:b].float() - o.float()).half() for v, o in zip(self.values[2:], old_v)]))
+        self._learn.clear()
