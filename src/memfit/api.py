@@ -415,18 +415,19 @@ class LM:
                 [torch.zeros(shape, dtype=dt, device=self.device) for _ in range(self.num_layers)])
 
     def document_kv(self, doc_ids: list[int], policy: Policy, store: ContextStore | None, *, tenant: str = "",
-                    admit: "Callable[[int], bool] | None" = None) -> tuple[CompressedCache, int, str, str]:
+                    admit: "Callable[[int], bool] | None" = None, known: "dict[str, Entry] | None" = None,
+                    ) -> tuple[CompressedCache, int, str, str]:
         """A document's KV as computed right after the chat template's default opening: the cache
         (its quantizer applied, never an eviction: what is evicted depends on where the document
         is used), the position of its first token, "hit" or "miss", and its store key. Read from
         ``store`` (``tenant``'s entries only), or computed and stored there unless ``admit(nbytes)``
-        says no."""
+        says no. ``known``: entries the caller has already read, by key (not read again)."""
         q = policy.quant
         stored = Policy(quant=q) if isinstance(q, KIVI) else Policy()
         space = KeySpace(self.fingerprint, self.tokenizer_fingerprint, ANYWHERE + stored.spec, tenant=tenant)
         head = self._encode(self.chat.before_context, special=not self.chat.before_context)
         key = space.key(head + doc_ids)
-        entry = store.get_entry(key) if store is not None else None
+        entry = (known or {}).get(key) or (store.get_entry(key) if store is not None else None)
         if entry is not None:
             entry.check(space)
             if entry.manifest.get("tenant", "") != tenant:
@@ -489,7 +490,7 @@ class LM:
     def prefill_parts(self, parts: "list[str | list[int] | None]", policy: "str | Policy | None" = None, *,
                       store: "ContextStore | str | list[str] | None" = None,
                       recompute: float | None = None, tenant: str = "",
-                      anchors: "AnchorPool | bool | None" = None) -> Context:
+                      anchors: "AnchorPool | bool | None" = None, known: "dict[str, Entry] | None" = None) -> Context:
         """A context made of a system prompt and documents (``parts``, see :meth:`encode_parts`),
         each document's KV reused from ``store`` wherever it sits (or computed and stored there):
         keys are moved to their new positions, then ``recompute`` (default
@@ -501,16 +502,18 @@ class LM:
         ``ctx.meta["reuse"]`` says which documents were found, their store keys and which were anchored."""
         ids, spans = self.encode_parts(parts)
         return self.prefill_assembled(ids, spans, policy, store=store, recompute=recompute, tenant=tenant,
-                                      anchors=anchors)
+                                      anchors=anchors, known=known)
 
     @torch.no_grad()
     def prefill_assembled(self, ids: torch.Tensor, spans: list[tuple[int, int]], policy: "str | Policy | None" = None,
                           *, store: "ContextStore | str | list[str] | None" = None, recompute: float | None = None,
-                          tenant: str = "", anchors: "AnchorPool | bool | None" = None) -> Context:
+                          tenant: str = "", anchors: "AnchorPool | bool | None" = None,
+                          known: "dict[str, Entry] | None" = None) -> Context:
         """:meth:`prefill_parts` for any token ids [1, N] in which ``spans`` (ascending, disjoint
         (start, end)) are documents: what precedes the first is computed, each document's KV reused
         (or computed and stored), and every other token (separators, text between and after the
-        documents) computed among the recomputed ones."""
+        documents) computed among the recomputed ones. ``known``: document entries already read, by
+        key (see :meth:`document_kv`)."""
         t0 = time.perf_counter()
         if not spans or any(not 0 <= a < b <= ids.shape[1] for a, b in spans) or \
                 any(b > a2 for (_, b), (a2, _) in zip(spans, spans[1:])):
@@ -533,7 +536,7 @@ class LM:
         fresh = torch.ones(n, dtype=torch.bool, device=self.device)
         found, stored_as, starts, exact = [], [], [], len(spans) == 1
         for a, b in spans:
-            cache, at, how, key = self.document_kv(ids[0, a:b].tolist(), policy, store, tenant=tenant)
+            cache, at, how, key = self.document_kv(ids[0, a:b].tolist(), policy, store, tenant=tenant, known=known)
             stored_as.append(key)
             starts.append(at)
             for i, layer in enumerate(cache.layers):

@@ -388,7 +388,7 @@ class Server:
             raise APIError(400, "with context_ids, send an optional system message and one user message: the question "
                            "about the documents", param="messages")
         self.check_tiers("context_ids")
-        docs, specs = [], set()
+        docs, specs, entries = [], set(), {}
         for cid in req.context_ids:
             _check_id(cid)
             m = self.store.manifest(cid)
@@ -398,6 +398,7 @@ class Server:
             if entry is None:
                 raise _not_found(cid)
             docs.append(entry.tensors["token_ids"].tolist())
+            entries[cid] = entry  # read once: prefill_parts takes it instead of reading it again
             specs.add((m["policy"].removeprefix(ANYWHERE), m.get("tenant", "")))
         if len(specs) != 1:
             raise APIError(400, "context_ids: the documents were stored under different policies or tenants; "
@@ -405,7 +406,8 @@ class Server:
         (spec, tenant), = specs
         suffix = self.lm.encode_question(rest[0].text())
         self._check_length(sum(map(len, docs)) + len(suffix), "documents + question")
-        ctx = self.lm.prefill_parts([system, *docs], spec, store=self.store, recompute=req.recompute, tenant=tenant)
+        ctx = self.lm.prefill_parts([system, *docs], spec, store=self.store, recompute=req.recompute, tenant=tenant,
+                                    known=entries)
         return ctx, suffix
 
     def describe(self, key: str, tokens: int, nbytes: int, policy: str, status: str | None = None) -> dict:
