@@ -22,6 +22,7 @@ from memfit.kv.plan import KVShape, plan_budget, spend_slack
 from memfit.kv.policy import Policy, parse_policy
 from memfit.kv.quant import KIVI
 from memfit.kv.rope import RoPE
+from memfit.kv.tiered import TierConfig, TieredCache
 from memfit.models import ChatFormat, default_device, default_dtype, fingerprint, load_hf, native_dtype, resolve_model
 from memfit.store import ContextStore, Entry, EntryMismatch, KeySpace, StoreUnavailable, open_store
 from memfit.reuse import DEFAULT_RECOMPUTE, Anchoring, AnchorPool, compute_rows, recompute_rows
@@ -310,6 +311,18 @@ class LM:
         self._forward(rest, cache, chunk_size)
         cache.compress()
         return cache
+
+    def offload(self, ctx: Context, tiers: TierConfig | None = None, **kwargs) -> Context:
+        """``ctx`` with its KV offloaded to device / host / disk tiers (:mod:`memfit.kv.tiered`):
+        ``lm.offload(ctx, device=0.1)`` keeps 10% of the 16-bit KV's bytes on the device and decodes
+        by attending each step over the pages its query bounds highest. ``kwargs``: :class:`TierConfig`
+        fields. The context's policy must keep every token (``none`` or a quantizer)."""
+        if tiers is not None and kwargs:
+            raise TypeError("give either a TierConfig or its fields as keywords, not both")
+        cfg = tiers or TierConfig(**kwargs)
+        cache = TieredCache.from_cache(ctx.cache, cfg, self.device)
+        return Context(cache, ctx.token_ids, ctx.policy, ctx.prefill_seconds, {**ctx.meta, "tiers": cfg}, lm=self,
+                       tenant=ctx.tenant)
 
     @torch.no_grad()
     def prefill_ids(self, input_ids: torch.Tensor, policy: "str | Policy" = "none", *, chunk_size: int = 4096) -> Context:
