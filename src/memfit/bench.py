@@ -801,3 +801,73 @@ def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: int = 4, group_
     out["speedup"] = out["bf16_ms"] / out["quant_ms"]
     out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
+
+
+@torch.no_grad()
+def bench_tiered_speed(shapes: list[tuple[int, int]], budgets: tuple[float, ...] = (0.25, 0.1), steps: int = 8,
+                       layers: int = 32, chunk: int = 2048, page: int = 32, fetch_all: bool = True) -> list[dict]:
+    """Decode step time of a random-weight Llama-3.1-8B-shaped model over ``batch`` x ``context``
+    (each of ``shapes``) with the 16-bit KV (a) all on the GPU (transformers' DynamicCache; and its
+    StaticCache replayed as a CUDA graph), (b) offloaded to pinned host memory and copied whole
+    every step (``fetch="all"``), (c) offloaded with memfit's page selection at each device budget
+    (a fraction of the KV's bytes). Random weights give queries with little step-to-step
+    locality (each step's pages differ more than a trained model's): ``fetched_per_step`` says how
+    many pages a step copied."""
+    from transformers import DynamicCache
+
+    import memfit.kv.attention  # noqa: F401  registers the memfit attention implementation
+    from memfit.kv.tiered import TierConfig, TieredCache
+
+    dev = torch.device("cuda")
+    model = _random_llama8b(layers)
+    cfg = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    peak = hbm_peak(dev)
+    rows = []
+    for batch, context in shapes:
+        torch.cuda.empty_cache()
+        ids = torch.randint(0, cfg.vocab_size, (batch, context), device=dev)
+        cache = DynamicCache(config=cfg)
+        for s in range(0, context, chunk):
+            model(ids[:, s : s + chunk], **with_cache(model, cache), use_cache=True, logits_to_keep=1)
+        kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+        tok = torch.randint(0, cfg.vocab_size, (batch, 1), device=dev)
+        base = {"batch": batch, "context": context, "layers": layers, "kv_bytes": kv, "weights_bytes": weights}
+        ms, _ = _steps_ms(lambda t: model(t, **with_cache(model, cache), use_cache=True).logits[:, -1:].argmax(-1),
+                          tok, steps)
+        rows.append({**base, "variant": "gpu", "step_ms": ms, "device_bytes": kv,
+                     **({"roofline_ms": (weights + kv) / peak * 1e3} if peak else {})})
+        keys = [layer.keys[:, :, :context].cpu() for layer in cache.layers]
+        values = [layer.values[:, :, :context].cpu() for layer in cache.layers]
+        del cache
+        torch.cuda.empty_cache()
+        try:
+            rows.append({**base, "variant": "gpu_graph",
+                         "step_ms": _decode_step_ms(model, batch, context, reps=steps, chunk=chunk, full=True)[0],
+                         "device_bytes": kv})
+        except torch.OutOfMemoryError:
+            pass
+        torch.cuda.empty_cache()
+        variants = ([("fetch_all", TierConfig(device=budgets[-1], page=page, fetch="all"))] if fetch_all else []) + \
+            [(f"tiered@{b:g}", TierConfig(device=b, page=page)) for b in budgets]
+        for name, tc in variants:
+            tiered = TieredCache.offload(keys, values, tc, dev)
+            n = steps if name != "fetch_all" else max(2, steps // 4)
+            ms, _ = _steps_ms(lambda t, c=tiered: model(t, **with_cache(model, c), use_cache=True)
+                              .logits[:, -1:].argmax(-1), tok, n, warmup=2)
+            lay = tiered.layers[0]
+            rows.append({**base, "variant": name, "step_ms": ms, "device_bytes": tiered.device_bytes,
+                         "host_bytes": tiered.host_bytes, "pages": lay.n_pages, "slots": lay.slots,
+                         "fetched_per_step": tiered.fetched_pages / max(1, tiered.steps)})
+            tiered.close()
+            del tiered
+            torch.cuda.empty_cache()
+    for r in rows:
+        ref = next(x for x in rows if x["variant"] == "gpu" and x["batch"] == r["batch"] and x["context"] == r["context"])
+        r["vs_gpu"] = ref["step_ms"] / r["step_ms"]
+        fa = next((x for x in rows if x["variant"] == "fetch_all" and x["batch"] == r["batch"]
+                   and x["context"] == r["context"]), None)
+        if fa:
+            r["vs_fetch_all"] = fa["step_ms"] / r["step_ms"]
+        r["tokens_per_s"] = r["batch"] / r["step_ms"] * 1e3
+    return rows

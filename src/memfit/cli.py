@@ -534,6 +534,61 @@ def bench_reuse_cmd(
     typer.echo(f"wrote {out}")
 
 
+@bench_app.command("tiered")
+def bench_tiered_cmd(
+    model: str = typer.Option("smollm2", "--model", "-m"),
+    tasks: Optional[list[str]] = typer.Option(None, "--task", "-t", help="Tasks for accuracy (default: the eval's)."),
+    samples: int = typer.Option(10, "--samples", "-s", help="Samples a task for accuracy; 0 skips accuracy."),
+    length: int = typer.Option(4096, help="Context tokens for accuracy."),
+    budgets: list[float] = typer.Option([0.25, 0.1], "--device", "-d",
+                                        help="Device budgets, fractions of the 16-bit KV; repeat."),
+    page: int = typer.Option(32, help="Tokens a page."),
+    speed: Optional[list[str]] = typer.Option(None, "--speed", help="BATCHxCONTEXT shapes to time on the GPU with a "
+                                              "random-weight Llama-3.1-8B shape, e.g. 1x131072, 8x32768; repeat."),
+    steps: int = typer.Option(8, help="Decode steps timed (speed)."),
+    layers: int = typer.Option(32, help="Layers of the 8B shape (speed)."),
+    out: Path = typer.Option(Path("results/bench_tiered.json"), "--out", "-o", help="JSON output."),
+) -> None:
+    """Decoding from KV offloaded to device / host / disk tiers: accuracy on memfit eval's tasks at
+    each device budget against full attention (any device), and with --speed decode step time on
+    the GPU for all-on-GPU, fetch-everything offload and memfit's page selection."""
+    from memfit.eval.tasks import DEFAULT_TASKS, TASKS
+
+    tasks = tasks or DEFAULT_TASKS
+    if any(t not in TASKS for t in tasks):
+        _fail(f"unknown task(s) {', '.join(t for t in tasks if t not in TASKS)}; valid: {', '.join(TASKS)}")
+    if samples < 0 or not budgets or any(not 0 < b <= 1 for b in budgets) or page < 1:
+        _fail("--samples must be >= 0, every --device a fraction in (0, 1], --page >= 1")
+    shapes = []
+    for sh in speed or []:
+        b, _, n = sh.lower().partition("x")
+        if not (b.isdigit() and n.isdigit()) or int(b) < 1 or int(n) < 1:
+            _fail(f"bad --speed shape {sh!r}: use BATCHxCONTEXT, e.g. 8x32768")
+        shapes.append((int(b), int(n)))
+    if shapes:
+        _need_cuda("--speed")
+    result: dict = {"budgets": budgets, "page": page}
+    if samples:
+        from memfit.eval.tiered import bench_tiered_accuracy
+
+        lm = _load(model)
+        result.update(model=model, device=str(lm.device))
+        result["accuracy"] = bench_tiered_accuracy(lm, tasks, length, samples, tuple(budgets), page)
+        for name, s in result["accuracy"]["summary"].items():
+            frac = f" device {s['device_fraction']:.1%} of the KV" if "device_fraction" in s else ""
+            typer.echo(f"{name:<14} n={s['n']:<4} accuracy {s['accuracy']:5.1f}% ({s['delta']:+.1f}){frac}")
+    if shapes:
+        from memfit.bench import bench_tiered_speed
+
+        result["speed"] = bench_tiered_speed(shapes, tuple(budgets), steps, layers, page=page)
+        for r in result["speed"]:
+            typer.echo(f"{r['batch']}x{r['context']:<7} {r['variant']:<12} {r['step_ms']:9.2f} ms  "
+                       f"{r['vs_gpu']:.2f}x gpu  {r.get('vs_fetch_all', float('nan')):.2f}x fetch-all  "
+                       f"device {r['device_bytes'] / 2**30:.2f} GiB")
+    _write_json(out, result)
+    typer.echo(f"wrote {out}")
+
+
 @bench_app.command("weights")
 def bench_weights_cmd(
     model: str = typer.Option("smollm2", "--model", "-m"),

@@ -323,8 +323,13 @@ def memfit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     packed = state.packed.pop(module.layer_idx, None)
     if packed is not None:
         scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
-        if query.shape[2] == 1 and attention_mask is None and _observer is None and not state.requests:
-            return packed.attend(query, scaling), None  # the packed-KV kernel: nothing dequantized
+        if query.shape[2] == 1 and _observer is None and not state.requests:
+            if attention_mask is None:
+                return packed.attend(query, scaling), None  # the packed-KV kernel: nothing dequantized
+            if getattr(packed, "masked", False):  # a tiered step reads the mask of the new tokens itself
+                mask = _fit_mask(attention_mask, packed.layer.get_mask_sizes(1)[0]) \
+                    if attention_mask.dtype == torch.bool else attention_mask
+                return packed.attend(query, scaling, mask), None
         key, value, packed_mask = packed.materialize()
     head_mask = state.masks.pop(module.layer_idx, None)
     if packed is not None and packed_mask is not None:  # ragged heads: their padding stays unseen

@@ -59,6 +59,8 @@ class TierConfig:
     device: float = 0.1
     page: int = 32
     window: int = 64
+    sink: int = 1  # first pages always chosen (attention sinks)
+    dense: int = 2  # first layers keep every page on the device (their attention is too spread to select: Quest)
     host_bytes: int | None = None
     disk_dir: str | None = None
     fetch: str = "select"
@@ -157,8 +159,7 @@ class TieredLayer(CacheLayerMixin):
         self.pool_v = torch.zeros(b, h, s, p, values.shape[-1], dtype=self.dtype, device=device)
         self.slot_page = torch.full((b, h, s), -1, dtype=torch.long, device=device)
         self.where = torch.full((b, h, n), -1, dtype=torch.long, device=device)  # page -> slot, -1: not in the pool
-        self.fetched = 0  # pages copied to the device so far (statistics)
-        self.steps = 0
+        self.stats = {"steps": 0, "fetched": 0}  # decode steps, pages copied to the device; shared with forks
         self.owner = True  # forks share the tiers and leave them open
 
     # -- sizes ------------------------------------------------------------------------------------
@@ -252,7 +253,9 @@ class TieredLayer(CacheLayerMixin):
         """Bring the pages ``query`` bounds highest into the pool (those already there stay)."""
         b, h, s = self.slot_page.shape
         n = self.n_pages
-        want = self.bound(query).topk(s, dim=-1).indices  # [B, H, S]
+        bound = self.bound(query)
+        bound[..., : self.cfg.sink] = float("inf")  # the first tokens take much of every head's attention
+        want = bound.topk(s, dim=-1).indices  # [B, H, S]
         hit = self.where.gather(-1, want) >= 0
         chosen = torch.zeros(b, h, n, dtype=torch.bool, device=self.device).scatter_(-1, want, True)
         keep = (self.slot_page >= 0) & chosen.gather(-1, self.slot_page.clamp(min=0))
@@ -277,18 +280,21 @@ class TieredLayer(CacheLayerMixin):
         where[(flat_rows * n + old)[gone]] = -1
         where[flat_rows * n + pages] = slots
         self.slot_page.view(-1)[slot_flat] = pages
-        self.fetched += pages.numel()
+        self.stats["fetched"] += pages.numel()
 
     # -- attention --------------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.compute_dtype = key_states.dtype
         self.keys = torch.cat([self.keys, key_states.to(self.dtype)], dim=-2)
         self.values = torch.cat([self.values, value_states.to(self.dtype)], dim=-2)
         self.seen += key_states.shape[-2]
         return key_states, value_states  # not read: the attention call takes this layer's step
 
-    def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
-        """One decode step: [B, Hq, 1, D] query -> [B, 1, Hq, D] output."""
-        self.steps += 1
+    def attend(self, query: torch.Tensor, scaling: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One decode step: [B, Hq, 1, D] query -> [B, 1, Hq, D] output. ``mask`` [B, 1, 1, keys]
+        (bool or additive) covers the stored tokens in order: the pages (the context: visible) then
+        the window, whose part is kept (rows left-padded after the context mask their padding)."""
+        self.stats["steps"] += 1
         if self.cfg.fetch == "all" or self.slots == 0:
             k, v = self.all_pages()
         else:
@@ -297,7 +303,11 @@ class TieredLayer(CacheLayerMixin):
             k, v = self.pool_k.view(b, h, s * p, d), self.pool_v.view(b, h, s * p, -1)
         k = torch.cat([k, self.keys], dim=-2).to(query.dtype)
         v = torch.cat([v, self.values], dim=-2).to(query.dtype)
-        out = F.scaled_dot_product_attention(query, k, v, scale=scaling, enable_gqa=True)
+        if mask is not None:
+            w = self.keys.shape[-2]
+            tail = mask[..., -w:] if mask.dtype == torch.bool else mask[..., -w:] == 0
+            mask = torch.cat([tail.new_ones(*tail.shape[:-1], k.shape[-2] - w), tail], dim=-1)
+        out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
         return out.transpose(1, 2)
 
     def fork(self, batch_size: int) -> "TieredLayer":
@@ -313,14 +323,14 @@ class TieredLayer(CacheLayerMixin):
         new.pool_v = self.pool_v.new_zeros(batch_size, h, s, p, self.pool_v.shape[-1])
         new.slot_page = torch.full((batch_size, h, s), -1, dtype=torch.long, device=self.device)
         new.where = torch.full((batch_size, h, self.n_pages), -1, dtype=torch.long, device=self.device)
-        new.fetched = new.steps = 0
         new.owner = False
         return new
 
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor, None]:
         """Every token, in order (calls with several new tokens attend exactly over all of them)."""
         k, v = self.all_pages()
-        return torch.cat([k, self.keys], dim=-2), torch.cat([v, self.values], dim=-2), None
+        dt = getattr(self, "compute_dtype", self.dtype)  # attention reads the compute dtype
+        return torch.cat([k, self.keys], dim=-2).to(dt), torch.cat([v, self.values], dim=-2).to(dt), None
 
     def close(self) -> None:
         if self.disk is not None and self.owner:
@@ -330,11 +340,13 @@ class TieredLayer(CacheLayerMixin):
 class _Step:
     """What the attention call of one layer reads (``attention.push_packed``)."""
 
+    masked = True  # attend() takes the step's mask (rows padded after the context)
+
     def __init__(self, layer: TieredLayer):
         self.layer = layer
 
-    def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
-        return self.layer.attend(query, scaling)
+    def attend(self, query: torch.Tensor, scaling: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.layer.attend(query, scaling, mask)
 
     def materialize(self):
         return self.layer.materialize()
@@ -374,9 +386,15 @@ class TieredCache(Cache):
         budget = cfg.device * full if cfg.device <= 1 else cfg.device
         # per layer and (row, head): the window (+ one page of room), the summaries, then slots
         n = max(0, (t - cfg.window) // cfg.page)
-        per_layer = budget / len(keys) / (b * h)
-        fixed = (t - n * cfg.page + cfg.page) * 2 * d * esize + n * (2 * d * esize + 16)
-        slots = max(1, int((per_layer - fixed) // (cfg.page * 2 * d * esize + 16)))
+        slot_bytes = cfg.page * 2 * d * esize + 16
+        fixed = (t - n * cfg.page + cfg.page) * 2 * d * esize + n * (2 * d * esize + 16)  # per layer, row, head
+        dense = min(cfg.dense, len(keys))
+        per_layer = (budget / (b * h) - dense * (fixed + n * slot_bytes)) / max(1, len(keys) - dense)
+        slots = int((per_layer - fixed) // slot_bytes) if dense < len(keys) else n
+        if n and slots < 1:
+            raise ValueError(f"a device budget of {budget / 2**20:.2f} MiB does not hold the window, the page "
+                             f"summaries and one page ({fixed * len(keys) * b * h / 2**20:.2f} MiB and more): "
+                             "raise device, or lower window or page")
         page_bytes = 2 * cfg.page * d * esize
         host_pages = n if cfg.host_bytes is None else int(cfg.host_bytes // (len(keys) * b * h * page_bytes))
         tmp = None
@@ -389,7 +407,7 @@ class TieredCache(Cache):
                 disk_dir = Path(cfg.disk_dir)
                 disk_dir.mkdir(parents=True, exist_ok=True)
         pool = ThreadPoolExecutor(cfg.workers) if host_pages < n and cfg.workers > 1 else None
-        layers = [TieredLayer(k, v, cfg, slots, host_pages, device,
+        layers = [TieredLayer(k, v, cfg, n if i < dense else slots, host_pages, device,
                               disk_dir / f"layer{i:03d}.kv" if disk_dir is not None else None, pool)
                   for i, (k, v) in enumerate(zip(keys, values))]
         return cls(layers, cfg, tmp, pool)
@@ -448,7 +466,12 @@ class TieredCache(Cache):
 
     @property
     def fetched_pages(self) -> int:
-        return sum(layer.fetched for layer in self.layers)
+        return sum(layer.stats["fetched"] for layer in self.layers)
+
+    @property
+    def steps(self) -> int:
+        """Decode steps that attended over selected pages (this cache's and its forks')."""
+        return self.layers[0].stats["steps"]
 
     def close(self) -> None:
         """Close the disk tier's files and remove a temporary directory."""
