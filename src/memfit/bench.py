@@ -833,7 +833,7 @@ def bench_tiered_speed(shapes: list[tuple[int, int]], budgets: tuple[float, ...]
         kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
         tok = torch.randint(0, cfg.vocab_size, (batch, 1), device=dev)
         base = {"batch": batch, "context": context, "layers": layers, "kv_bytes": kv, "weights_bytes": weights}
-        ms, _ = _steps_ms(lambda t: model(t, **with_cache(model, cache), use_cache=True).logits[:, -1:].argmax(-1),
+        ms, _ = _steps_ms(lambda t, c=cache: model(t, **with_cache(model, c), use_cache=True).logits[:, -1:].argmax(-1),
                           tok, steps)
         rows.append({**base, "variant": "gpu", "step_ms": ms, "device_bytes": kv,
                      **({"roofline_ms": (weights + kv) / peak * 1e3} if peak else {})})

@@ -66,14 +66,14 @@ def test_every_page_selected_is_full_attention(model, prefilled):
 
 
 def test_fetch_all_baseline_is_full_attention(model, prefilled):
-    cache = _offload(prefilled, TierConfig(device=0.2, fetch="all"))
+    cache = _offload(prefilled, TierConfig(device=0.2, fetch="all", dense=0))
     assert _close(_decode(model, cache), _reference(model, prefilled)) < 1e-9
     assert cache.steps == 5
     cache.close()
 
 
 def test_small_budget_attends_to_chosen_pages_only(model, prefilled):
-    cfg = TierConfig(device=0.3, page=16, window=32)
+    cfg = TierConfig(device=0.3, page=16, window=32, dense=0)
     cache = _offload(prefilled, cfg)
     layer = cache.layers[0]
     assert 0 < layer.slots < layer.n_pages
@@ -84,6 +84,18 @@ def test_small_budget_attends_to_chosen_pages_only(model, prefilled):
     assert bool((layer.slot_page >= 0).all())
     assert bool((layer.where >= 0).sum(-1).eq(layer.slots).all())
     cache.close()
+
+
+def test_dense_first_layers_and_budget(prefilled):
+    keys, _ = prefilled
+    full = sum(2 * k.numel() * k.element_size() for k in keys)
+    cache = _offload(prefilled, TierConfig(device=0.6, page=16, window=32, dense=1))
+    first, rest = cache.layers[0], cache.layers[1]
+    assert first.slots == first.n_pages and 0 < rest.slots < rest.n_pages  # the first layer keeps every page
+    assert cache.device_bytes <= 0.6 * full
+    cache.close()
+    with pytest.raises(ValueError, match="does not hold the window"):
+        _offload(prefilled, TierConfig(device=0.05, page=16, window=32))
 
 
 def test_bound_never_underestimates():
@@ -105,8 +117,8 @@ def test_bound_never_underestimates():
 def test_disk_tier_context_4x_host_budget(model, prefilled, tmp_path):
     keys, _ = prefilled
     full = sum(2 * k.numel() * k.element_size() for k in keys)
-    host = _offload(prefilled, TierConfig(device=0.5, page=16, window=32))
-    disk = _offload(prefilled, TierConfig(device=0.5, page=16, window=32, host_bytes=full // 4,
+    host = _offload(prefilled, TierConfig(device=0.5, page=16, window=32, dense=0))
+    disk = _offload(prefilled, TierConfig(device=0.5, page=16, window=32, dense=0, host_bytes=full // 4,
                                           disk_dir=str(tmp_path)))
     assert 0 < disk.layers[0].host_pages < disk.layers[0].n_pages
     assert disk.host_bytes <= full // 4 and disk.disk_bytes > 3 * disk.host_bytes
@@ -146,7 +158,7 @@ def test_ask_on_an_offloaded_context(tokenizer):
     questions = ["what?", "who is it?"]  # different lengths: rows are left-padded, decode steps masked
     assert lm.ask(full, questions, max_new_tokens=8) == lm.ask(ctx, questions, max_new_tokens=8)
     assert full.cache.steps > 0  # generated tokens went through selection (the padded rows' masks too)
-    small = lm.offload(ctx, device=0.3, page=16, window=32)
+    small = lm.offload(ctx, device=0.3, page=16, window=32, dense=0)
     assert small.cache.full_nbytes == ctx.full_nbytes
     esize = small.cache.layers[0].keys.element_size()  # the budget is a fraction of the KV as stored
     assert small.cache.device_bytes <= 0.3 * ctx.full_nbytes * esize / 2

@@ -391,7 +391,9 @@ class TieredCache(Cache):
         dense = min(cfg.dense, len(keys))
         per_layer = (budget / (b * h) - dense * (fixed + n * slot_bytes)) / max(1, len(keys) - dense)
         slots = int((per_layer - fixed) // slot_bytes) if dense < len(keys) else n
-        if n and slots < 1:
+        if cfg.fetch == "all":  # the baseline keeps no pool: each step copies a whole layer in
+            slots, dense = 0, 0
+        elif n and slots < 1:
             raise ValueError(f"a device budget of {budget / 2**20:.2f} MiB does not hold the window, the page "
                              f"summaries and one page ({fixed * len(keys) * b * h / 2**20:.2f} MiB and more): "
                              "raise device, or lower window or page")
