@@ -143,9 +143,10 @@ class TieredLayer(CacheLayerMixin):
         # homes: pages [0, host_pages) on the host, the others on disk (index - host_pages)
         self.host_pages = min(host_pages, n)
         pin = device.type == "cuda"
-        hk, hv = paged_k[:, :, : self.host_pages].cpu(), paged_v[:, :, : self.host_pages].cpu()
-        self.host_k = hk.pin_memory() if pin else hk.clone()
-        self.host_v = hv.pin_memory() if pin else hv.clone()
+        hk = paged_k[:, :, : self.host_pages].cpu().contiguous()  # flat page indexing reads it as [B*H*N, P, D]
+        hv = paged_v[:, :, : self.host_pages].cpu().contiguous()
+        self.host_k = hk.pin_memory() if pin else hk.clone(memory_format=torch.contiguous_format)
+        self.host_v = hv.pin_memory() if pin else hv.clone(memory_format=torch.contiguous_format)
         self.disk = None
         if self.host_pages < n:
             if disk is None:
