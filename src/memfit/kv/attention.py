@@ -327,9 +327,7 @@ def memfit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
             if attention_mask is None:
                 return packed.attend(query, scaling), None  # the packed-KV kernel: nothing dequantized
             if getattr(packed, "masked", False):  # a tiered step reads the mask of the new tokens itself
-                mask = _fit_mask(attention_mask, packed.layer.get_mask_sizes(1)[0]) \
-                    if attention_mask.dtype == torch.bool else attention_mask
-                return packed.attend(query, scaling, mask), None
+                return packed.attend(query, scaling, _as_bool(attention_mask)), None
         key, value, packed_mask = packed.materialize()
     head_mask = state.masks.pop(module.layer_idx, None)
     if packed is not None and packed_mask is not None:  # ragged heads: their padding stays unseen

@@ -84,7 +84,6 @@ class _DiskPages:
     def __init__(self, path: Path, k: torch.Tensor, v: torch.Tensor):
         self.path = path
         self.shape = k.shape  # [B, H, N, P, D]
-        self.dtype = k.dtype
         pages = torch.stack([k, v], dim=3).contiguous()  # [B, H, N, 2, P, D]
         with open(path, "wb") as f:
             f.write(pages.view(torch.uint8).numpy().tobytes())
@@ -116,7 +115,7 @@ class _DiskPages:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * 2 * torch.tensor([], dtype=self.dtype).element_size()
+        return math.prod(self.shape[:3]) * self.page_bytes
 
 
 class TieredLayer(CacheLayerMixin):
@@ -142,11 +141,8 @@ class TieredLayer(CacheLayerMixin):
         self.kmax = paged_k.amax(3).to(device)
         # homes: pages [0, host_pages) on the host, the others on disk (index - host_pages)
         self.host_pages = min(host_pages, n)
-        pin = device.type == "cuda"
-        hk = paged_k[:, :, : self.host_pages].cpu().contiguous()  # flat page indexing reads it as [B*H*N, P, D]
-        hv = paged_v[:, :, : self.host_pages].cpu().contiguous()
-        self.host_k = hk.pin_memory() if pin else hk.clone(memory_format=torch.contiguous_format)
-        self.host_v = hv.pin_memory() if pin else hv.clone(memory_format=torch.contiguous_format)
+        self.host_k = self._host_copy(paged_k[:, :, : self.host_pages])
+        self.host_v = self._host_copy(paged_v[:, :, : self.host_pages])
         self.disk = None
         if self.host_pages < n:
             if disk is None:
@@ -155,13 +151,17 @@ class TieredLayer(CacheLayerMixin):
         self.pool = pool
         self.keys = keys[:, :, n * p :].to(device).clone()  # the window: context tail, then new tokens
         self.values = values[:, :, n * p :].to(device).clone()
-        s = self.slots
-        self.pool_k = torch.zeros(b, h, s, p, d, dtype=self.dtype, device=device)
-        self.pool_v = torch.zeros(b, h, s, p, values.shape[-1], dtype=self.dtype, device=device)
-        self.slot_page = torch.full((b, h, s), -1, dtype=torch.long, device=device)
-        self.where = torch.full((b, h, n), -1, dtype=torch.long, device=device)  # page -> slot, -1: not in the pool
+        self._empty_pool(b)
         self.stats = {"steps": 0, "fetched": 0}  # decode steps, pages copied to the device; shared with forks
         self.owner = True  # forks share the tiers and leave them open
+
+    def _empty_pool(self, rows: int) -> None:
+        """A pool of ``self.slots`` pages per (row, KV head), none filled yet."""
+        h, p = self.kmin.shape[1], self.cfg.page
+        self.pool_k = torch.zeros(rows, h, self.slots, p, self.keys.shape[-1], dtype=self.dtype, device=self.device)
+        self.pool_v = torch.zeros(rows, h, self.slots, p, self.values.shape[-1], dtype=self.dtype, device=self.device)
+        self.slot_page = torch.full((rows, h, self.slots), -1, dtype=torch.long, device=self.device)
+        self.where = torch.full((rows, h, self.n_pages), -1, dtype=torch.long, device=self.device)  # page -> slot, -1: not in the pool
 
     # -- sizes ------------------------------------------------------------------------------------
     def get_seq_length(self) -> int:
@@ -201,9 +201,8 @@ class TieredLayer(CacheLayerMixin):
         src = self._stored_row(flat // n)  # (row, head) of the storage
         host_flat = src * self.host_pages + page
         m = flat.numel()
-        pin = self.device.type == "cuda"
-        k = torch.empty(m, p, d, dtype=self.dtype, pin_memory=pin)
-        v = torch.empty(m, p, self.pool_v.shape[-1], dtype=self.dtype, pin_memory=pin)
+        k = torch.empty(m, p, d, dtype=self.dtype, pin_memory=self.pinned)
+        v = torch.empty(m, p, self.pool_v.shape[-1], dtype=self.dtype, pin_memory=self.pinned)
         if bool(on_host.any()):
             idx = on_host.nonzero().squeeze(1)
             hf = host_flat[idx]
@@ -214,13 +213,23 @@ class TieredLayer(CacheLayerMixin):
             nd = n - self.host_pages
             disk_flat = (src[idx] * nd + page[idx] - self.host_pages).tolist()
             kv = torch.empty(len(disk_flat), 2, p, d, dtype=self.dtype)
-            chunks = _chunks(len(disk_flat), self.cfg.workers if self.pool is not None else 1)
-            if self.pool is not None and len(chunks) > 1:
-                list(self.pool.map(lambda c: self.disk.read(disk_flat[c[0]:c[1]], kv[c[0]:c[1]]), chunks))
-            else:
+            if self.pool is None:
                 self.disk.read(disk_flat, kv)
+            else:
+                list(self.pool.map(lambda c: self.disk.read(disk_flat[c[0]:c[1]], kv[c[0]:c[1]]),
+                                   _chunks(len(disk_flat), self.cfg.workers)))
             k[idx], v[idx] = kv[:, 0], kv[:, 1]
         return k, v
+
+    @property
+    def pinned(self) -> bool:
+        """Host pages and staging buffers are pinned where the device is a GPU (asynchronous copies)."""
+        return self.device.type == "cuda"
+
+    def _host_copy(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` copied once into contiguous host memory (flat page indexing reads it as [B*H*N, P, D]),
+        pinned where the device is a GPU."""
+        return torch.empty(x.shape, dtype=x.dtype, pin_memory=self.pinned).copy_(x)
 
     def _stored_row(self, rows: torch.Tensor) -> torch.Tensor:
         """Decode (row, head) pairs, flat, -> the storage's (a fork of one row into several reads it)."""
@@ -293,8 +302,8 @@ class TieredLayer(CacheLayerMixin):
 
     def attend(self, query: torch.Tensor, scaling: float, mask: torch.Tensor | None = None) -> torch.Tensor:
         """One decode step: [B, Hq, 1, D] query -> [B, 1, Hq, D] output. ``mask`` [B, 1, 1, keys]
-        (bool or additive) covers the stored tokens in order: the pages (the context: visible) then
-        the window, whose part is kept (rows left-padded after the context mask their padding)."""
+        (bool, True = visible) ends with the window's part, which is kept (rows left-padded after the
+        context mask their padding); the pages (the context) are all visible."""
         self.stats["steps"] += 1
         if self.cfg.fetch == "all" or self.slots == 0:
             k, v = self.all_pages()
@@ -306,7 +315,7 @@ class TieredLayer(CacheLayerMixin):
         v = torch.cat([v, self.values], dim=-2).to(query.dtype)
         if mask is not None:
             w = self.keys.shape[-2]
-            tail = mask[..., -w:] if mask.dtype == torch.bool else mask[..., -w:] == 0
+            tail = mask[..., -w:]
             mask = torch.cat([tail.new_ones(*tail.shape[:-1], k.shape[-2] - w), tail], dim=-1)
         out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
         return out.transpose(1, 2)
@@ -314,16 +323,12 @@ class TieredLayer(CacheLayerMixin):
     def fork(self, batch_size: int) -> "TieredLayer":
         """A layer that reads the same pages (shared, read only) for ``batch_size`` rows, with its own
         window and pool (empty: its first step fetches what it selects)."""
-        sb, h, s, p, d = self.pool_k.shape
-        if sb != batch_size and self.kmin.shape[0] != 1:
+        if self.keys.shape[0] != batch_size and self.kmin.shape[0] != 1:
             raise ValueError(f"cannot fork a tiered cache of batch size {self.kmin.shape[0]} into {batch_size} rows")
         new = copy.copy(self)
         new.keys = self.keys.expand(batch_size, -1, -1, -1).clone()
         new.values = self.values.expand(batch_size, -1, -1, -1).clone()
-        new.pool_k = self.pool_k.new_zeros(batch_size, h, s, p, d)
-        new.pool_v = self.pool_v.new_zeros(batch_size, h, s, p, self.pool_v.shape[-1])
-        new.slot_page = torch.full((batch_size, h, s), -1, dtype=torch.long, device=self.device)
-        new.where = torch.full((batch_size, h, self.n_pages), -1, dtype=torch.long, device=self.device)
+        new._empty_pool(batch_size)
         new.owner = False
         return new
 
