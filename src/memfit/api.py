@@ -480,24 +480,34 @@ class LM:
         return KeySpace(self.fingerprint, self.tokenizer_fingerprint, "document-start", tenant=tenant).key(
             doc_ids[:DOC_INDEX_TOKENS])
 
-    def find_documents(self, ids: list[int], store: ContextStore, tenant: str = "") -> list[tuple[int, int, str]]:
+    def find_documents(self, ids: list[int], store: ContextStore, tenant: str = "",
+                       known: "dict[str, Entry] | None" = None) -> list[tuple[int, int, str]]:
         """Stored documents (``reuse="anywhere"``, at least DOC_INDEX_TOKENS tokens, ``tenant``'s)
         that occur in ``ids``, as (start, end, key): looked up where a line or a chat turn starts,
-        by their first tokens, then checked token for token."""
-        text = {t: self.tokenizer.decode([t]) for t in set(ids)}
+        by their first tokens, then checked token for token. ``known``: filled with the entries of
+        the documents found, by key (pass it on to :meth:`prefill_assembled`: not read again)."""
         special = set(self.tokenizer.all_special_ids)
         found, p = [], 1
         while p <= len(ids) - DOC_INDEX_TOKENS:
-            if text[ids[p - 1]].endswith("\n") or ids[p - 1] in special:
+            if ids[p - 1] in special or self._ends_line(ids[p - 1]):
                 key = store.resolve_alias(self.document_alias(ids[p:], tenant))
                 entry = store.get_entry(key) if key else None
                 doc = entry.tensors["token_ids"].tolist() if entry is not None and "token_ids" in entry.tensors else None
                 if doc and ids[p : p + len(doc)] == doc and entry.manifest.get("tenant", "") == tenant:
                     found.append((p, p + len(doc), key))
+                    if known is not None:
+                        known[key] = entry
                     p += len(doc)
                     continue
             p += 1
         return found
+
+    def _ends_line(self, token: int) -> bool:
+        """Whether ``token``'s text ends a line (decoded once per token id, not once per prompt)."""
+        ends = self.__dict__.setdefault("_line_ends", {})
+        if token not in ends:
+            ends[token] = self.tokenizer.decode([token]).endswith("\n")
+        return ends[token]
 
     @torch.no_grad()
     def prefill_parts(self, parts: "list[str | list[int] | None]", policy: "str | Policy | None" = None, *,

@@ -30,7 +30,7 @@ from memfit.api import ANYWHERE, LM, Context
 from memfit.kv.policy import Policy, PolicyError, parse_policy
 from memfit.store import ContextStore, StoreUnavailable
 from memfit.serve.tenants import OPEN, Identity
-from memfit.store.entry import CorruptEntry, EntryMismatch
+from memfit.store.entry import CorruptEntry, Entry, EntryMismatch
 
 _CONTEXT_ID = re.compile(r"^[0-9a-f]{32}$")
 REUSE_MIN_TOKENS = 256  # plain prompts shorter than one prefix chunk are not worth storing
@@ -327,8 +327,8 @@ class Server:
         if self.config.reuse_prompts:
             found = self._documents_in(ids[:-1], who)
             if found:
-                spans, spec = found
-                ctx = self.lm.prefill_assembled(head, spans, spec, store=self.store, tenant=who.tenant)
+                spans, spec, entries = found
+                ctx = self.lm.prefill_assembled(head, spans, spec, store=self.store, tenant=who.tenant, known=entries)
                 self.documents_recognised += len(spans)
                 return ctx, ids[-1:]
         if self.config.reuse_prompts and len(ids) - 1 >= REUSE_MIN_TOKENS:
@@ -337,14 +337,16 @@ class Server:
                                           admit=lambda c: self._admit(who, c.nbytes, refuse=False)), ids[-1:]
         return self.lm.prefill_ids(head, self.prompt_policy), ids[-1:]
 
-    def _documents_in(self, ids: list[int], who: Identity) -> tuple[list[tuple[int, int]], str] | None:
+    def _documents_in(self, ids: list[int], who: Identity) -> "tuple[list[tuple[int, int]], str, dict[str, Entry]] | None":
         """Stored documents found in a plain prompt (see LM.find_documents), those stored under the
-        first one's policy, and that policy; None if there are none."""
-        found = self.lm.find_documents(ids, self.store, who.tenant)
-        specs = [str((self.store.manifest(key) or {}).get("policy", "")) for _, _, key in found]
+        first one's policy, that policy, and their entries (read once, by key); None if there are none."""
+        entries: dict[str, Entry] = {}
+        found = self.lm.find_documents(ids, self.store, who.tenant, known=entries)
+        specs = [str(entries[key].manifest.get("policy", "")) for _, _, key in found]
         if not found or not specs[0].startswith(ANYWHERE):
             return None
-        return [(a, b) for (a, b, _), spec in zip(found, specs) if spec == specs[0]], specs[0].removeprefix(ANYWHERE)
+        return ([(a, b) for (a, b, _), spec in zip(found, specs) if spec == specs[0]], specs[0].removeprefix(ANYWHERE),
+                entries)
 
     def check_tiers(self, param: str | None = None) -> None:
         """503 while a store tier is unreachable: what a request would read or change there (a
