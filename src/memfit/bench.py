@@ -803,20 +803,72 @@ def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: int = 4, group_
     return out
 
 
-@torch.no_grad()
-def bench_tiered_speed(shapes: list[tuple[int, int]], budgets: tuple[float, ...] = (0.25, 0.1), steps: int = 8,
-                       layers: int = 32, chunk: int = 2048, page: int = 32, fetch_all: bool = True) -> list[dict]:
-    """Decode step time of a random-weight Llama-3.1-8B-shaped model over ``batch`` x ``context``
-    (each of ``shapes``) with the 16-bit KV (a) all on the GPU (transformers' DynamicCache; and its
-    StaticCache replayed as a CUDA graph), (b) offloaded to pinned host memory and copied whole
-    every step (``fetch="all"``), (c) offloaded with memfit's page selection at each device budget
-    (a fraction of the KV's bytes). Random weights give queries with little step-to-step
-    locality (each step's pages differ more than a trained model's): ``fetched_per_step`` says how
-    many pages a step copied."""
+def _prefilled_dynamic(model, batch: int, context: int, chunk: int):
+    """A DynamicCache of ``batch`` x ``context`` random tokens (prefilled ``chunk`` tokens a forward)."""
     from transformers import DynamicCache
 
+    cfg = model.config
+    ids = torch.randint(0, cfg.vocab_size, (batch, context), device="cuda")
+    cache = DynamicCache(config=cfg)
+    for s in range(0, context, chunk):
+        model(ids[:, s : s + chunk], **with_cache(model, cache), use_cache=True, logits_to_keep=1)
+    return cache
+
+
+def _release_host() -> None:
+    """Give back the pinned host blocks torch caches (each offloaded cache pins its own)."""
+    torch.cuda.empty_cache()
+    if hasattr(torch._C, "_host_emptyCache"):
+        torch._C._host_emptyCache()
+
+
+def _time_tiered(model, keys, values, tc, tok, steps: int) -> dict:
+    """Offload ``keys`` / ``values`` (per-layer sequences, on the GPU) under ``tc`` and time greedy steps."""
+    from memfit.kv.tiered import TieredCache
+
+    t0 = time.perf_counter()
+    tiered = TieredCache.offload(keys, values, tc, torch.device("cuda"))
+    torch.cuda.synchronize()
+    offload_s = time.perf_counter() - t0
+    ms, _ = _steps_ms(lambda t, c=tiered: model(t, **with_cache(model, c), use_cache=True).logits[:, -1:].argmax(-1),
+                      tok, steps, warmup=2)
+    lay = tiered.layers[-1]
+    row = {"step_ms": ms, "device_bytes": tiered.device_bytes, "host_bytes": tiered.host_bytes,
+           "bits": tc.bits or 16, "pages": lay.n_pages, "slots": lay.slots, "offload_s": offload_s,
+           "fetched_per_step": tiered.fetched_pages / max(1, tiered.steps)}
+    tiered.close()
+    del tiered
+    _release_host()
+    return row
+
+
+def _compare(rows: list[dict]) -> list[dict]:
+    for r in rows:
+        same = [x for x in rows if x["batch"] == r["batch"] and x["context"] == r["context"]]
+        ref = next((x for x in same if x["variant"] == "gpu"), None)
+        if ref:
+            r["vs_gpu"] = ref["step_ms"] / r["step_ms"]
+        fa = next((x for x in same if x["variant"] == "fetch_all"), None)
+        if fa:
+            r["vs_fetch_all"] = fa["step_ms"] / r["step_ms"]
+        r["tokens_per_s"] = r["batch"] / r["step_ms"] * 1e3
+    return rows
+
+
+@torch.no_grad()
+def bench_tiered_speed(shapes: list[tuple[int, int]], budgets: tuple[float, ...] = (0.25, 0.1), steps: int = 8,
+                       layers: int = 32, chunk: int = 2048, page: int = 32, bits: int | None = 4,
+                       fetch_all: bool = True) -> list[dict]:
+    """Decode step time of a random-weight Llama-3.1-8B-shaped model over ``batch`` x ``context``
+    (each of ``shapes``) with the KV (a) all on the GPU in 16 bits (transformers' DynamicCache; and
+    its StaticCache replayed as a CUDA graph), (b) offloaded to pinned host memory in 16 bits and
+    copied whole every step (``fetch_all``: what offloading without selection does), and the same
+    with pages at ``bits`` (``fetch_all_<bits>bit``), (c) offloaded with memfit's page selection,
+    pages at ``bits``, at each device budget (a fraction of the 16-bit KV's bytes). Random weights
+    give queries with little locality from step to step (each step's pages differ more than a
+    trained model's): ``fetched_per_step`` says how many pages a step copied."""
     import memfit.kv.attention  # noqa: F401  registers the memfit attention implementation
-    from memfit.kv.tiered import TierConfig, TieredCache
+    from memfit.kv.tiered import TierConfig
 
     dev = torch.device("cuda")
     model = _random_llama8b(layers)
@@ -825,11 +877,8 @@ def bench_tiered_speed(shapes: list[tuple[int, int]], budgets: tuple[float, ...]
     peak = hbm_peak(dev)
     rows = []
     for batch, context in shapes:
-        torch.cuda.empty_cache()
-        ids = torch.randint(0, cfg.vocab_size, (batch, context), device=dev)
-        cache = DynamicCache(config=cfg)
-        for s in range(0, context, chunk):
-            model(ids[:, s : s + chunk], **with_cache(model, cache), use_cache=True, logits_to_keep=1)
+        _release_host()
+        cache = _prefilled_dynamic(model, batch, context, chunk)
         kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
         tok = torch.randint(0, cfg.vocab_size, (batch, 1), device=dev)
         base = {"batch": batch, "context": context, "layers": layers, "kv_bytes": kv, "weights_bytes": weights}
@@ -837,8 +886,8 @@ def bench_tiered_speed(shapes: list[tuple[int, int]], budgets: tuple[float, ...]
                           tok, steps)
         rows.append({**base, "variant": "gpu", "step_ms": ms, "device_bytes": kv,
                      **({"roofline_ms": (weights + kv) / peak * 1e3} if peak else {})})
-        keys = [layer.keys[:, :, :context].cpu() for layer in cache.layers]
-        values = [layer.values[:, :, :context].cpu() for layer in cache.layers]
+        keys = [layer.keys[:, :, :context].clone() for layer in cache.layers]  # stay on the GPU: pages are packed there
+        values = [layer.values[:, :, :context].clone() for layer in cache.layers]
         del cache
         torch.cuda.empty_cache()
         try:
@@ -848,26 +897,71 @@ def bench_tiered_speed(shapes: list[tuple[int, int]], budgets: tuple[float, ...]
         except torch.OutOfMemoryError:
             pass
         torch.cuda.empty_cache()
-        variants = ([("fetch_all", TierConfig(device=budgets[-1], page=page, fetch="all"))] if fetch_all else []) + \
-            [(f"tiered@{b:g}", TierConfig(device=b, page=page)) for b in budgets]
+        variants = [(f"tiered@{b:g}", TierConfig(device=b, page=page, bits=bits)) for b in budgets]
+        if fetch_all:
+            variants = [("fetch_all", TierConfig(device=budgets[-1], page=page, fetch="all", bits=None))] + \
+                ([(f"fetch_all_{bits}bit", TierConfig(device=budgets[-1], page=page, fetch="all", bits=bits))]
+                 if bits else []) + variants
         for name, tc in variants:
-            tiered = TieredCache.offload(keys, values, tc, dev)
-            n = steps if name != "fetch_all" else max(2, steps // 4)
-            ms, _ = _steps_ms(lambda t, c=tiered: model(t, **with_cache(model, c), use_cache=True)
-                              .logits[:, -1:].argmax(-1), tok, n, warmup=2)
-            lay = tiered.layers[0]
-            rows.append({**base, "variant": name, "step_ms": ms, "device_bytes": tiered.device_bytes,
-                         "host_bytes": tiered.host_bytes, "pages": lay.n_pages, "slots": lay.slots,
-                         "fetched_per_step": tiered.fetched_pages / max(1, tiered.steps)})
-            tiered.close()
-            del tiered
-            torch.cuda.empty_cache()
+            n = steps if not name.startswith("fetch_all") else max(2, steps // 4)
+            rows.append({**base, "variant": name, **_time_tiered(model, keys, values, tc, tok, n)})
+        del keys, values
+    return _compare(rows)
+
+
+class _Tiled:
+    """Per-layer KV of ``rows`` rows built from a prefilled batch repeated (one layer at a time on the
+    GPU): many requests' worth of KV without holding all of it at once."""
+
+    def __init__(self, tensors: list[torch.Tensor], times: int):
+        self.tensors, self.times = tensors, times
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.tensors[i].repeat(self.times, 1, 1, 1)
+
+
+@torch.no_grad()
+def bench_tiered_throughput(requests: int = 32, context: int = 32768, device_gib: float = 16.0, bits: int | None = 4,
+                            steps: int = 6, layers: int = 32, chunk: int = 2048, page: int = 32) -> list[dict]:
+    """Decode throughput at a fixed device budget for KV (``device_gib``): the largest batch whose
+    16-bit KV fits in it on the GPU alone (eager, and as a CUDA graph), against ``requests``
+    concurrent ``context``-token requests offloaded to pinned host memory (pages at ``bits``) and
+    decoded with page selection in that budget. The requests' KV is a prefilled batch of the
+    baseline's size repeated (every request's pages stored and fetched on their own)."""
+    import memfit.kv.attention  # noqa: F401
+    from memfit.kv.tiered import TierConfig
+
+    model = _random_llama8b(layers)
+    cfg = model.config
+    per_request = layers * 2 * cfg.num_key_value_heads * context * (cfg.hidden_size // cfg.num_attention_heads) * 2
+    budget = int(device_gib * 2**30)
+    fit = budget // per_request
+    if fit < 1 or requests % fit:
+        raise ValueError(f"{device_gib} GiB holds {fit} requests of {context} tokens; requests ({requests}) must be "
+                         "a multiple of it (and it at least 1)")
+    _release_host()
+    cache = _prefilled_dynamic(model, fit, context, chunk)
+    tok = torch.randint(0, cfg.vocab_size, (fit, 1), device="cuda")
+    base = {"context": context, "layers": layers, "device_budget_bytes": budget, "request_kv_bytes": per_request}
+    ms, _ = _steps_ms(lambda t, c=cache: model(t, **with_cache(model, c), use_cache=True).logits[:, -1:].argmax(-1),
+                      tok, steps)
+    rows = [{**base, "batch": fit, "variant": "gpu", "step_ms": ms, "device_bytes": fit * per_request}]
+    keys = [layer.keys[:, :, :context].clone() for layer in cache.layers]
+    values = [layer.values[:, :, :context].clone() for layer in cache.layers]
+    del cache
+    torch.cuda.empty_cache()
+    rows.append({**base, "batch": fit, "variant": "gpu_graph", "device_bytes": fit * per_request,
+                 "step_ms": _decode_step_ms(model, fit, context, reps=steps, chunk=chunk, full=True)[0]})
+    torch.cuda.empty_cache()
+    times = requests // fit
+    tok = torch.randint(0, cfg.vocab_size, (requests, 1), device="cuda")
+    tc = TierConfig(device=budget, page=page, bits=bits)
+    rows.append({**base, "batch": requests, "variant": f"tiered@{device_gib:g}GiB",
+                 **_time_tiered(model, _Tiled(keys, times), _Tiled(values, times), tc, tok, steps)})
     for r in rows:
-        ref = next(x for x in rows if x["variant"] == "gpu" and x["batch"] == r["batch"] and x["context"] == r["context"])
-        r["vs_gpu"] = ref["step_ms"] / r["step_ms"]
-        fa = next((x for x in rows if x["variant"] == "fetch_all" and x["batch"] == r["batch"]
-                   and x["context"] == r["context"]), None)
-        if fa:
-            r["vs_fetch_all"] = fa["step_ms"] / r["step_ms"]
         r["tokens_per_s"] = r["batch"] / r["step_ms"] * 1e3
+        r["vs_gpu_tokens_per_s"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
     return rows

@@ -9,7 +9,7 @@ from transformers import DynamicCache
 from conftest import byte_tokenizer, tiny_llama
 from memfit.api import LM
 from memfit.hfcompat import with_cache
-from memfit.kv.tiered import TierConfig, TieredCache, TieredLayer, TierReadError
+from memfit.kv.tiered import TierConfig, TieredCache, TieredLayer, TierReadError, _Codec
 
 CONTEXT = 700
 
@@ -55,7 +55,7 @@ def _close(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def test_every_page_selected_is_full_attention(model, prefilled):
-    cache = _offload(prefilled, TierConfig(device=1e12))  # room for every page: selection picks them all
+    cache = _offload(prefilled, TierConfig(bits=None, device=1e12))  # room for every page: selection picks them all
     layer = cache.layers[0]
     assert layer.slots == layer.n_pages > 0
     out = _decode(model, cache)
@@ -66,14 +66,14 @@ def test_every_page_selected_is_full_attention(model, prefilled):
 
 
 def test_fetch_all_baseline_is_full_attention(model, prefilled):
-    cache = _offload(prefilled, TierConfig(device=0.2, fetch="all", dense=0))
+    cache = _offload(prefilled, TierConfig(bits=None, device=0.2, fetch="all", dense=0))
     assert _close(_decode(model, cache), _reference(model, prefilled)) < 1e-9
     assert cache.steps == 5
     cache.close()
 
 
 def test_small_budget_attends_to_chosen_pages_only(model, prefilled):
-    cfg = TierConfig(device=0.3, page=16, window=32, dense=0)
+    cfg = TierConfig(bits=None, device=0.3, page=16, window=32, dense=0)
     cache = _offload(prefilled, cfg)
     layer = cache.layers[0]
     assert 0 < layer.slots < layer.n_pages
@@ -89,13 +89,13 @@ def test_small_budget_attends_to_chosen_pages_only(model, prefilled):
 def test_dense_first_layers_and_budget(prefilled):
     keys, _ = prefilled
     full = sum(2 * k.numel() * k.element_size() for k in keys)
-    cache = _offload(prefilled, TierConfig(device=0.6, page=16, window=32, dense=1))
+    cache = _offload(prefilled, TierConfig(bits=None, device=0.6, page=16, window=32, dense=1))
     first, rest = cache.layers[0], cache.layers[1]
     assert first.slots == first.n_pages and 0 < rest.slots < rest.n_pages  # the first layer keeps every page
     assert cache.device_bytes <= 0.6 * full
     cache.close()
     with pytest.raises(ValueError, match="does not hold the window"):
-        _offload(prefilled, TierConfig(device=0.05, page=16, window=32))
+        _offload(prefilled, TierConfig(bits=None, device=0.05, page=16, window=32))
 
 
 def test_bound_never_underestimates():
@@ -103,7 +103,7 @@ def test_bound_never_underestimates():
     b, h, g, n, p, d = 2, 3, 4, 9, 8, 16
     keys = torch.randn(b, h, n * p + 5, d, generator=gen, dtype=torch.float64) * 3
     values = torch.randn(b, h, n * p + 5, d, generator=gen, dtype=torch.float64)
-    layer = TieredLayer(keys, values, TierConfig(page=p, window=0), 2, n, torch.device("cpu"), None, None)
+    layer = TieredLayer(keys, values, TierConfig(bits=None, page=p, window=0), 2, n, torch.device("cpu"), None, None)
     for _ in range(20):
         q = torch.randn(b, h * g, 1, d, generator=gen, dtype=torch.float64) * 2
         bound = layer.bound(q)  # [B, H, N]
@@ -117,8 +117,8 @@ def test_bound_never_underestimates():
 def test_disk_tier_context_4x_host_budget(model, prefilled, tmp_path):
     keys, _ = prefilled
     full = sum(2 * k.numel() * k.element_size() for k in keys)
-    host = _offload(prefilled, TierConfig(device=0.5, page=16, window=32, dense=0))
-    disk = _offload(prefilled, TierConfig(device=0.5, page=16, window=32, dense=0, host_bytes=full // 4,
+    host = _offload(prefilled, TierConfig(bits=None, device=0.5, page=16, window=32, dense=0))
+    disk = _offload(prefilled, TierConfig(bits=None, device=0.5, page=16, window=32, dense=0, host_bytes=full // 4,
                                           disk_dir=str(tmp_path)))
     assert 0 < disk.layers[0].host_pages < disk.layers[0].n_pages
     assert disk.host_bytes <= full // 4 and disk.disk_bytes > 3 * disk.host_bytes
@@ -130,7 +130,7 @@ def test_disk_tier_context_4x_host_budget(model, prefilled, tmp_path):
 
 @pytest.mark.parametrize("fault", ["missing", "short"])
 def test_disk_fault_is_a_clear_error(model, prefilled, tmp_path, fault):
-    cache = _offload(prefilled, TierConfig(device=1e12, page=16, window=32, host_bytes=0, disk_dir=str(tmp_path)))
+    cache = _offload(prefilled, TierConfig(bits=None, device=1e12, page=16, window=32, host_bytes=0, disk_dir=str(tmp_path)))
     path = cache.layers[0].disk.path
     if fault == "missing":
         os.remove(path)
@@ -144,7 +144,7 @@ def test_disk_fault_is_a_clear_error(model, prefilled, tmp_path, fault):
 def test_bad_input_is_named(prefilled):
     keys, values = prefilled
     with pytest.raises(ValueError, match="device budget"):
-        TierConfig(device=0)
+        TierConfig(bits=None, device=0)
     with pytest.raises(ValueError, match="fetch"):
         TierConfig(fetch="some")
     with pytest.raises(ValueError, match="layer 1"):
@@ -154,7 +154,7 @@ def test_bad_input_is_named(prefilled):
 def test_ask_on_an_offloaded_context(tokenizer):
     lm = LM(tiny_llama(torch.float64), byte_tokenizer(), name="t")
     ctx = lm.prefill("The quick brown fox jumps over the lazy dog. " * 30)
-    full = lm.offload(ctx, device=1e12)
+    full = lm.offload(ctx, device=1e12, bits=None)
     questions = ["what?", "who is it?"]  # different lengths: rows are left-padded, decode steps masked
     assert lm.ask(full, questions, max_new_tokens=8) == lm.ask(ctx, questions, max_new_tokens=8)
     assert full.cache.steps > 0  # generated tokens went through selection (the padded rows' masks too)
@@ -165,3 +165,87 @@ def test_ask_on_an_offloaded_context(tokenizer):
     assert isinstance(lm.ask(small, "what?", max_new_tokens=4), str)
     with pytest.raises(TypeError, match="TierConfig"):
         lm.offload(ctx, TierConfig(), device=0.5)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_compressed_pages_round_trip(bits):
+    gen = torch.Generator().manual_seed(3)
+    p, d = 16, 32
+    k = torch.randn(2, 3, 5, p, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(2, 3, 5, p, d, generator=gen, dtype=torch.float64)
+    codec = _Codec(bits, p, d, d, torch.float64, vgroup=16)
+    kmin, kmax = k.amin(3), k.amax(3)
+    rec = codec.encode(k, v, kmin, kmax)
+    assert rec.dtype == torch.uint8 and rec.shape == (2, 3, 5, codec.record_bytes)
+    assert codec.record_bytes == 2 * p * d * bits // 8 + 2 * 2 * p * (d // 16)  # codes + value scale/zero
+    k2, v2 = codec.decode(codec.split(rec), *codec.key_range(kmin, kmax))
+    kstep = (kmax - kmin).unsqueeze(3) / (2**bits - 1) * (1 + 1e-3)  # the range is rounded to float16
+    assert bool(((k2 - k).abs() <= kstep / 2 + 2e-3).all())  # each key within half a step of its channel's range
+    vg = v.reshape(2, 3, 5, p, 2, 16)
+    vstep = (vg.amax(-1, keepdim=True) - vg.amin(-1, keepdim=True)) / (2**bits - 1)
+    assert bool(((v2.reshape(vg.shape) - vg).abs() <= vstep / 2 + 1e-3).all())  # float16 scale and zero
+    plain = _Codec(None, p, d, d, torch.float64, vgroup=16)
+    assert all(torch.equal(a, b) for a, b in zip(plain.decode(plain.split(plain.encode(k, v, kmin, kmax))), (k, v)))
+
+
+def test_compressed_pages_attend_exactly_over_their_dequantized_kv(model, prefilled, tmp_path):
+    cfg = TierConfig(bits=4, device=1e12, page=16, window=32)
+    cache = _offload(prefilled, cfg)
+    # the reference: the same KV with every page replaced by what its record decodes to
+    keys, values = [], []
+    for lay, k, v in zip(cache.layers, *prefilled):
+        n, p = lay.n_pages, cfg.page
+        dk, dv = lay.codec.decode(lay.codec.split(lay.host_rec), *lay.codec.key_range(lay.kmin, lay.kmax))
+        keys.append(torch.cat([dk.reshape(2, k.shape[1], n * p, -1), k[:, :, n * p :]], dim=2))
+        values.append(torch.cat([dv.reshape(2, v.shape[1], n * p, -1), v[:, :, n * p :]], dim=2))
+        assert (dk.reshape(keys[-1][:, :, : n * p].shape) - k[:, :, : n * p]).abs().max() > 0  # really quantized
+    out = _decode(model, cache)
+    assert _close(out, _reference(model, (keys, values))) < 1e-9
+    # the same records from disk
+    disk = _offload(prefilled, TierConfig(bits=4, device=1e12, page=16, window=32, host_bytes=0, disk_dir=str(tmp_path)))
+    assert _close(_decode(model, disk), out) == 0.0
+    cache.close()
+    disk.close()
+
+
+def test_compressed_pages_hold_more_in_the_same_budget(prefilled):
+    plain = _offload(prefilled, TierConfig(bits=None, device=0.3, page=16, window=32, dense=0))
+    packed = _offload(prefilled, TierConfig(bits=4, device=0.3, page=16, window=32, dense=0))
+    assert packed.layers[1].slots >= 2.5 * plain.layers[1].slots
+    assert packed.device_bytes <= 0.3 * sum(2 * k.numel() * k.element_size() for k in prefilled[0])
+    assert 3 * packed.host_bytes < plain.host_bytes
+    with pytest.raises(ValueError, match="bits"):
+        TierConfig(bits=3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (pinned pages read by the device)")
+@pytest.mark.parametrize("bits", [None, 4])
+def test_gpu_gathers_pinned_pages_itself(prefilled, bits):
+    keys, values = prefilled
+    cfg = TierConfig(bits=bits, device=0.3, page=16, window=32, dense=0)
+    cpu = TieredCache.offload(keys, values, cfg)
+    gpu = TieredCache.offload(keys, values, cfg, "cuda")
+    lay = gpu.layers[1]
+    assert lay.host_view is not None and lay.host_view.device.type == "cuda"
+    flat = torch.tensor([0, 5, lay.n_pages + 3, 2 * lay.n_pages - 1])
+    assert torch.equal(lay.read_pages(flat.cuda()).cpu(), cpu.layers[1].read_pages(flat))
+    q = torch.randn(2, 4 * keys[0].shape[1], 1, keys[0].shape[-1], dtype=torch.float64)
+    for a, b in zip(cpu.layers, gpu.layers):
+        assert (a.attend(q, 0.1).cpu() - b.attend(q.cuda(), 0.1).cpu()).abs().max() < 1e-9
+        assert torch.equal(a.slot_page.sort(-1).values, b.slot_page.cpu().sort(-1).values)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the packed-KV kernel)")
+def test_gpu_kernel_attends_over_the_packed_pool():
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    keys = torch.randn(2, 2, 1100, 64, generator=gen, device="cuda").bfloat16()
+    values = torch.randn(2, 2, 1100, 64, generator=gen, device="cuda").bfloat16()
+    cache = TieredCache.offload([keys], [values], TierConfig(bits=4, device=0.4, page=32, window=64, dense=0))
+    lay = cache.layers[0]
+    q = torch.randn(2, 6, 1, 64, generator=gen, device="cuda").bfloat16()
+    assert lay._kernel_reads_pool(q)
+    packed = lay.attend(q, 0.125)  # the kernel over the pool's codes
+    sdpa = lay.attend(q, 0.125, torch.ones(2, 1, 1, lay.keys.shape[2], dtype=torch.bool, device="cuda"))  # dequantized
+    assert lay.stats["fetched"] == 2 * 2 * lay.slots  # the second step chose the same pages
+    assert (packed.float() - sdpa.float()).abs().max() < 2e-2
+    cache.close()

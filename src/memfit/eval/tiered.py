@@ -14,9 +14,10 @@ from memfit.kv.tiered import TierConfig
 
 def bench_tiered_accuracy(lm: LM, tasks: list[str], length: int = 4096, samples: int = 10,
                           budgets: tuple[float, ...] = (0.25, 0.1), page: int = 32, window: int = 64,
-                          seed: int = 0, max_new_tokens: int = 24) -> dict:
+                          seed: int = 0, max_new_tokens: int = 24, bits: int | None = 4) -> dict:
     """Each sample prefilled once (no compression); its questions answered from the full cache,
-    then from the cache offloaded with each device budget (a fraction of the 16-bit KV): the
+    then from the cache offloaded with each device budget (a fraction of the 16-bit KV; pages
+    stored at ``bits``, None: 16): the
     question reads every page (exact), each generated token attends over the selected pages.
     ``fetched_per_step``: pages (per row and KV head, over all layers) copied to the device a
     step: how much the pages chosen change from one step to the next."""
@@ -24,7 +25,7 @@ def bench_tiered_accuracy(lm: LM, tasks: list[str], length: int = 4096, samples:
     for sample in tqdm(make_samples(lm, tasks, [length], samples, seed), desc="tiered accuracy", unit="sample"):
         ctx = lm.prefill(sample.context)
         asks = [(q, None) for q in sample.questions]
-        variants = [("full", ctx, None)] + [(f"device={b:g}", None, TierConfig(device=b, page=page, window=window))
+        variants = [("full", ctx, None)] + [(f"device={b:g}", None, TierConfig(device=b, page=page, window=window, bits=bits))
                                             for b in budgets]
         for name, c, tc in variants:
             if tc is not None:

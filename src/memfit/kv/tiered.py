@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from memfit.kernels import packing
+from memfit.kv import quant
 from memfit.kv.attention import push_packed
 
 
@@ -53,8 +55,11 @@ class TierConfig:
     ``device``: the fast tier's budget, as a fraction of the 16-bit KV (<= 1) or in bytes (> 1):
     it holds the page summaries, the window and the pool of pages attended each step.
     ``host_bytes``: host memory for pages (None: every page on the host); the rest go to files
-    under ``disk_dir`` (None: a temporary directory). ``fetch``: "select" (memfit) or "all" (copy
-    every page each step: the baseline). ``workers``: threads reading disk pages."""
+    under ``disk_dir`` (None: a temporary directory). ``bits``: pages stored (on every tier) and
+    moved at 2/4/8 bits (keys per channel over the page, values per token over ``vgroup`` channels:
+    KIVI's layout), or None for 16 bits: 4 bits put about 3.7x more pages in the same budget and
+    move 3.7x fewer bytes a fetch. ``fetch``: "select" (memfit) or "all" (copy every page each
+    step: the baseline). ``workers``: threads reading disk pages."""
 
     device: float = 0.1
     page: int = 32
@@ -63,6 +68,8 @@ class TierConfig:
     dense: int = 2  # first layers keep every page on the device (their attention is too spread to select: Quest)
     host_bytes: int | None = None
     disk_dir: str | None = None
+    bits: int | None = 4
+    vgroup: int = 64
     fetch: str = "select"
     workers: int = 4
 
@@ -73,21 +80,88 @@ class TierConfig:
             raise ValueError(f"device budget must be > 0 (a fraction of the KV, or bytes), got {self.device}")
         if self.fetch not in ("select", "all"):
             raise ValueError(f"fetch must be 'select' or 'all', got {self.fetch!r}")
+        if self.bits is not None:
+            packing.check_bits(self.bits)
+        if self.vgroup < 1:
+            raise ValueError(f"vgroup must be >= 1, got {self.vgroup}")
         if self.host_bytes is not None and self.host_bytes < 0:
             raise ValueError(f"host_bytes must be >= 0, got {self.host_bytes}")
 
 
-class _DiskPages:
-    """One layer's pages on disk: a file of [B, H, N, 2 (K, V), P, D] 16-bit elements, read page by
-    page with ``pread`` (a missing or truncated file raises, it never maps to garbage)."""
+class _Codec:
+    """A page of ``page`` tokens of one (row, KV head) as one record of bytes: what every tier stores
+    and every transfer moves. A record is its fields' bytes end to end; the device pool keeps each
+    field as its own tensor (what attention, or the packed-KV kernel, reads).
 
-    def __init__(self, path: Path, k: torch.Tensor, v: torch.Tensor):
+    16-bit (``bits=None``): fields ``k``, ``v``, as stored. ``bits`` 2/4/8 (memfit's KIVI layout):
+    key codes ``kc`` per channel over the page's tokens, whose range is the page's summary (zero =
+    kmin, scale = (kmax - kmin) / (2**bits - 1), rounded to float16: the summary the device holds
+    anyway, so the record carries no key scales), and value codes ``vc`` per token over groups of
+    ``vgroup`` channels, with each group's float16 scale ``vs`` and zero ``vz``."""
+
+    def __init__(self, bits: int | None, page: int, dk: int, dv: int, dtype: torch.dtype, vgroup: int):
+        self.bits, self.page, self.dk, self.dv, self.dtype = bits, page, dk, dv, dtype
+        if bits is None:
+            self.fields = {"k": ((page, dk), dtype), "v": ((page, dv), dtype)}
+        else:
+            packing.check_bits(bits)
+            if dk * bits % 8 or dv * bits % 8:
+                raise ValueError(f"head dims {dk}/{dv} cannot be packed at {bits} bits")
+            g = dv // math.gcd(dv, vgroup)  # value groups a token (vgroup rounded to a divisor of the head dim)
+            self.fields = {"kc": ((page, dk * bits // 8), torch.uint8), "vc": ((page, dv * bits // 8), torch.uint8),
+                           "vs": ((page, g), torch.float16), "vz": ((page, g), torch.float16)}
+        self.sizes = [math.prod(shape) * torch.empty(0, dtype=dt).element_size() for shape, dt in self.fields.values()]
+        self.record_bytes = sum(self.sizes)
+
+    def split(self, rec: torch.Tensor) -> dict[str, torch.Tensor]:
+        """[..., R] uint8 records -> each field [..., *shape] (copies where a field is not aligned)."""
+        lead = rec.shape[:-1]
+        return {name: part.contiguous().view(dt).reshape(*lead, *shape)
+                for (name, (shape, dt)), part in zip(self.fields.items(), rec.split(self.sizes, dim=-1))}
+
+    def key_range(self, kmin: torch.Tensor, kmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero and scale of pages' key codes from their summaries [..., D], float16 (as the packed-KV
+        kernel reads them; encoding rounds them the same way, so codes and range agree)."""
+        lo = kmin.float().clamp(-65504, 65504).to(torch.float16)
+        hi = kmax.float().clamp(-65504, 65504)
+        return lo, ((hi - lo.float()) * (1.0 / ((1 << self.bits) - 1))).clamp_min(1e-6).to(torch.float16)
+
+    def encode(self, k: torch.Tensor, v: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+        """[..., P, D] keys and values (the summaries [..., D]) -> [..., record_bytes] uint8."""
+        lead = k.shape[:-2]
+        if self.bits is None:
+            parts = [k, v]
+        else:
+            qmax = (1 << self.bits) - 1
+            zero, scale = (t.float().unsqueeze(-2) for t in self.key_range(kmin, kmax))
+            kc = torch.round((k.float() - zero) / scale).clamp_(0, qmax).to(torch.uint8)
+            g = self.fields["vs"][0][1]
+            vc, vs, vz = quant._minmax_quantize(v.float().reshape(*lead, self.page, g, self.dv // g), self.bits, -1)
+            parts = [packing.pack(kc, self.bits), packing.pack(vc.reshape(*lead, self.page, self.dv), self.bits), vs, vz]
+        return torch.cat([t.contiguous().view(torch.uint8).reshape(*lead, -1) for t in parts], dim=-1)
+
+    def decode(self, f: dict[str, torch.Tensor], kz: torch.Tensor | None = None,
+               ks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fields (:meth:`split`, or the pool's) -> [..., P, D] keys and values; ``kz`` / ``ks``
+        [..., D]: the pages' key range (:meth:`key_range`)."""
+        if self.bits is None:
+            return f["k"], f["v"]
+        k = packing.unpack(f["kc"], self.bits).float() * ks.float().unsqueeze(-2) + kz.float().unsqueeze(-2)
+        codes = packing.unpack(f["vc"], self.bits).float()
+        g = f["vs"].shape[-1]
+        v = codes.unflatten(-1, (g, self.dv // g)) * f["vs"].float().unsqueeze(-1) + f["vz"].float().unsqueeze(-1)
+        return k.to(self.dtype), v.flatten(-2).to(self.dtype)
+
+
+class _DiskPages:
+    """One layer's pages on disk: a file of [B, H, N] page records, read record by record with
+    ``pread`` (a missing or truncated file raises, it never maps to garbage)."""
+
+    def __init__(self, path: Path, records: torch.Tensor):
         self.path = path
-        self.shape = k.shape  # [B, H, N, P, D]
-        pages = torch.stack([k, v], dim=3).contiguous()  # [B, H, N, 2, P, D]
+        self.count, self.page_bytes = records[..., 0].numel(), records.shape[-1]
         with open(path, "wb") as f:
-            f.write(pages.view(torch.uint8).numpy().tobytes())
-        self.page_bytes = 2 * k.shape[-2] * k.shape[-1] * k.element_size()
+            f.write(records.contiguous().numpy().tobytes())
         self.fd: int | None = None
 
     def _open(self) -> int:
@@ -99,9 +173,9 @@ class _DiskPages:
         return self.fd
 
     def read(self, flat: list[int], out: torch.Tensor) -> None:
-        """Pages with flat indices ``flat`` (into [B * H * N]) into ``out`` [len, 2, P, D]."""
+        """Records with flat indices ``flat`` (into [B * H * N]) into ``out`` [len, record bytes]."""
         fd = self._open()
-        buf = out.view(torch.uint8).view(len(flat), -1).numpy()
+        buf = out.numpy()
         for i, p in enumerate(flat):
             got = os.preadv(fd, [memoryview(buf[i])], p * self.page_bytes)
             if got != self.page_bytes:
@@ -115,7 +189,21 @@ class _DiskPages:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape[:3]) * self.page_bytes
+        return self.count * self.page_bytes
+
+
+def _device_view(host: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """A CUDA tensor over pinned host memory (unified addressing: kernels read it across the bus,
+    so a page gather is one device-side ``index_select``, with no host work, copy or wait); None
+    where the device is not a GPU or the memory is not pinned."""
+    if device.type != "cuda" or host.numel() == 0 or not host.is_pinned():
+        return None
+
+    class _Host:
+        __cuda_array_interface__ = {"shape": tuple(host.shape), "typestr": "|u1", "version": 3,
+                                    "data": (host.data_ptr(), False), "strides": None}
+
+    return torch.as_tensor(_Host(), device=device)  # the caller keeps ``host`` alive
 
 
 class TieredLayer(CacheLayerMixin):
@@ -132,23 +220,26 @@ class TieredLayer(CacheLayerMixin):
         n = max(0, (t - cfg.window) // p)  # full pages; the rest of the context stays in the window
         self.cfg, self.n_pages, self.slots = cfg, n, min(slots, n)
         self.device, self.dtype = device, keys.dtype
+        self.codec = _Codec(cfg.bits, p, d, values.shape[-1], keys.dtype, cfg.vgroup)
         self.seen = t
         self.is_initialized = True
         paged_k = keys[:, :, : n * p].reshape(b, h, n, p, d)
         paged_v = values[:, :, : n * p].reshape(b, h, n, p, values.shape[-1])
-        # each page's key summary, on the device: what selection reads every step
-        self.kmin = paged_k.amin(3).to(device)
-        self.kmax = paged_k.amax(3).to(device)
+        # each page's key summary, on the device: what selection reads every step (and the keys' range)
+        kmin, kmax = paged_k.amin(3), paged_k.amax(3)
+        records = self.codec.encode(paged_k, paged_v, kmin, kmax)  # [B, H, N, R], where the keys are
+        self.kmin, self.kmax = kmin.to(device), kmax.to(device)
         # homes: pages [0, host_pages) on the host, the others on disk (index - host_pages)
         self.host_pages = min(host_pages, n)
-        self.host_k = self._host_copy(paged_k[:, :, : self.host_pages])
-        self.host_v = self._host_copy(paged_v[:, :, : self.host_pages])
+        self.host_rec = self._host_copy(records[:, :, : self.host_pages])
+        self.host_view = _device_view(self.host_rec, device) if self.host_pages == n else None
         self.disk = None
         if self.host_pages < n:
             if disk is None:
                 raise ValueError("pages past host_bytes need a disk directory")
-            self.disk = _DiskPages(disk, paged_k[:, :, self.host_pages :].cpu(), paged_v[:, :, self.host_pages :].cpu())
-        self.pool = pool
+            self.disk = _DiskPages(disk, records[:, :, self.host_pages :].cpu())
+        del records
+        self.readers = pool
         self.keys = keys[:, :, n * p :].to(device).clone()  # the window: context tail, then new tokens
         self.values = values[:, :, n * p :].to(device).clone()
         self._empty_pool(b)
@@ -156,10 +247,14 @@ class TieredLayer(CacheLayerMixin):
         self.owner = True  # forks share the tiers and leave them open
 
     def _empty_pool(self, rows: int) -> None:
-        """A pool of ``self.slots`` pages per (row, KV head), none filled yet."""
-        h, p = self.kmin.shape[1], self.cfg.page
-        self.pool_k = torch.zeros(rows, h, self.slots, p, self.keys.shape[-1], dtype=self.dtype, device=self.device)
-        self.pool_v = torch.zeros(rows, h, self.slots, p, self.values.shape[-1], dtype=self.dtype, device=self.device)
+        """A pool of ``self.slots`` pages per (row, KV head), none filled yet: each field of the page
+        records as its own [B, H, S, ...] tensor, and for packed pages their keys' range."""
+        h, s, d = self.kmin.shape[1], self.slots, self.kmin.shape[-1]
+        self.pooled = {name: torch.zeros(rows, h, s, *shape, dtype=dt, device=self.device)
+                       for name, (shape, dt) in self.codec.fields.items()}
+        if self.codec.bits:
+            self.pooled.update(kz=torch.zeros(rows, h, s, d, dtype=torch.float16, device=self.device),
+                               ks=torch.zeros(rows, h, s, d, dtype=torch.float16, device=self.device))
         self.slot_page = torch.full((rows, h, self.slots), -1, dtype=torch.long, device=self.device)
         self.where = torch.full((rows, h, self.n_pages), -1, dtype=torch.long, device=self.device)  # page -> slot, -1: not in the pool
 
@@ -181,45 +276,40 @@ class TieredLayer(CacheLayerMixin):
         pass
 
     def device_bytes(self) -> int:
-        ts = (self.kmin, self.kmax, self.keys, self.values, self.pool_k, self.pool_v, self.slot_page, self.where)
+        ts = (self.kmin, self.kmax, self.keys, self.values, self.slot_page, self.where, *self.pooled.values())
         return sum(t.numel() * t.element_size() for t in ts)
 
     def host_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.host_k, self.host_v))
+        return self.host_rec.numel()
 
     def disk_bytes(self) -> int:
         return self.disk.nbytes if self.disk is not None else 0
 
     # -- pages ------------------------------------------------------------------------------------
-    def read_pages(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pages by flat index into [B * H * N] (CPU, long) from their homes: ([M, P, D] keys, values)
-        on the host (pinned on a CUDA machine, for an asynchronous copy)."""
-        b, h, _, p, d = self.pool_k.shape
-        n = self.n_pages
-        page = flat % n
+    def read_pages(self, stored: torch.Tensor) -> torch.Tensor:
+        """Page records by flat index into the storage's [B * H * N] (long), from their homes, on the
+        device: [M, R]. Pinned host pages on a GPU are gathered by the GPU itself (no wait)."""
+        n, r = self.n_pages, self.codec.record_bytes
+        if self.host_view is not None:
+            return self.host_view.view(-1, r).index_select(0, stored.to(self.device))
+        stored = stored.cpu()
+        src, page = stored // n, stored % n
         on_host = page < self.host_pages
-        src = self._stored_row(flat // n)  # (row, head) of the storage
-        host_flat = src * self.host_pages + page
-        m = flat.numel()
-        k = torch.empty(m, p, d, dtype=self.dtype, pin_memory=self.pinned)
-        v = torch.empty(m, p, self.pool_v.shape[-1], dtype=self.dtype, pin_memory=self.pinned)
+        out = torch.empty(stored.numel(), r, dtype=torch.uint8, pin_memory=self.pinned)
         if bool(on_host.any()):
             idx = on_host.nonzero().squeeze(1)
-            hf = host_flat[idx]
-            k[idx] = self.host_k.view(-1, p, d).index_select(0, hf)
-            v[idx] = self.host_v.view(-1, p, v.shape[-1]).index_select(0, hf)
+            out[idx] = self.host_rec.view(-1, r).index_select(0, src[idx] * self.host_pages + page[idx])
         if not bool(on_host.all()):
             idx = (~on_host).nonzero().squeeze(1)
-            nd = n - self.host_pages
-            disk_flat = (src[idx] * nd + page[idx] - self.host_pages).tolist()
-            kv = torch.empty(len(disk_flat), 2, p, d, dtype=self.dtype)
-            if self.pool is None:
-                self.disk.read(disk_flat, kv)
+            disk_flat = (src[idx] * (n - self.host_pages) + page[idx] - self.host_pages).tolist()
+            got = torch.empty(len(disk_flat), r, dtype=torch.uint8)
+            if self.readers is None:
+                self.disk.read(disk_flat, got)
             else:
-                list(self.pool.map(lambda c: self.disk.read(disk_flat[c[0]:c[1]], kv[c[0]:c[1]]),
-                                   _chunks(len(disk_flat), self.cfg.workers)))
-            k[idx], v[idx] = kv[:, 0], kv[:, 1]
-        return k, v
+                list(self.readers.map(lambda c: self.disk.read(disk_flat[c[0]:c[1]], got[c[0]:c[1]]),
+                                      _chunks(len(disk_flat), self.cfg.workers)))
+            out[idx] = got
+        return out.to(self.device, non_blocking=True)
 
     @property
     def pinned(self) -> bool:
@@ -227,28 +317,28 @@ class TieredLayer(CacheLayerMixin):
         return self.device.type == "cuda"
 
     def _host_copy(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` copied once into contiguous host memory (flat page indexing reads it as [B*H*N, P, D]),
+        """``x`` copied once into contiguous host memory (flat page indexing reads it as [B*H*N, R]),
         pinned where the device is a GPU."""
         return torch.empty(x.shape, dtype=x.dtype, pin_memory=self.pinned).copy_(x)
 
     def _stored_row(self, rows: torch.Tensor) -> torch.Tensor:
         """Decode (row, head) pairs, flat, -> the storage's (a fork of one row into several reads it)."""
         h, sb = self.kmin.shape[1], self.kmin.shape[0]
-        return rows if sb == self.pool_k.shape[0] else rows % h
+        return rows if sb == self.slot_page.shape[0] else rows % h
 
     def all_pages(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every page, on the device: [B, H, N * P, D] keys and values."""
-        b, h, _, p, d = self.pool_k.shape
-        sb, n = self.kmin.shape[0], self.n_pages
+        b, h = self.slot_page.shape[:2]
+        sb, n, p = self.kmin.shape[0], self.n_pages, self.cfg.page
         if n == 0:
             return self.keys[:, :, :0], self.values[:, :, :0]
-        if self.host_pages == n:  # the baseline's copy: one contiguous transfer per tensor
-            k = self.host_k.to(self.device, non_blocking=True)
-            v = self.host_v.to(self.device, non_blocking=True)
+        if self.host_pages == n:  # the baseline's copy: one contiguous transfer
+            rec = self.host_rec.to(self.device, non_blocking=True)
         else:
-            k, v = self.read_pages(torch.arange(sb * h * n))
-            k, v = k.to(self.device, non_blocking=True), v.to(self.device, non_blocking=True)
-        return k.reshape(sb, h, n * p, d).expand(b, -1, -1, -1), v.reshape(sb, h, n * p, -1).expand(b, -1, -1, -1)
+            rec = self.read_pages(torch.arange(sb * h * n)).view(sb, h, n, -1)
+        k, v = self.codec.decode(self.codec.split(rec), *(self.codec.key_range(self.kmin, self.kmax)
+                                                          if self.codec.bits else ()))
+        return (k.reshape(sb, h, n * p, -1).expand(b, -1, -1, -1), v.reshape(sb, h, n * p, -1).expand(b, -1, -1, -1))
 
     def bound(self, query: torch.Tensor) -> torch.Tensor:
         """[B, H, N]: an upper bound of the score q·k (unscaled) of any key of each page, the max over
@@ -278,12 +368,15 @@ class TieredLayer(CacheLayerMixin):
         rows = torch.arange(b * h, device=self.device).view(b, h, 1).expand(b, h, s)
         sel = is_new.nonzero(as_tuple=True)
         flat_rows, pages, slots = rows[sel], miss_pages[sel], free_slots[sel]
-        if pages.numel() == 0:
-            return
-        kpg, vpg = self.read_pages((flat_rows * n + pages).cpu())
         slot_flat = flat_rows * s + slots
-        self.pool_k.view(-1, *self.pool_k.shape[3:])[slot_flat] = kpg.to(self.device, non_blocking=True)
-        self.pool_v.view(-1, *self.pool_v.shape[3:])[slot_flat] = vpg.to(self.device, non_blocking=True)
+        stored = self._stored_row(flat_rows) * n + pages  # the same pages' index in the storage
+        for name, part in self.codec.split(self.read_pages(stored)).items():
+            self.pooled[name].view(-1, *part.shape[1:])[slot_flat] = part
+        if self.codec.bits:
+            d = self.kmin.shape[-1]
+            kz, ks = self.codec.key_range(self.kmin.reshape(-1, d)[stored], self.kmax.reshape(-1, d)[stored])
+            self.pooled["kz"].view(-1, d)[slot_flat] = kz
+            self.pooled["ks"].view(-1, d)[slot_flat] = ks
         old = self.slot_page.view(-1)[slot_flat]
         where = self.where.view(-1)
         gone = old >= 0
@@ -309,8 +402,12 @@ class TieredLayer(CacheLayerMixin):
             k, v = self.all_pages()
         else:
             self.select(query)
-            b, h, s, p, d = self.pool_k.shape
-            k, v = self.pool_k.view(b, h, s * p, d), self.pool_v.view(b, h, s * p, -1)
+            if mask is None and self._kernel_reads_pool(query):
+                return self._attend_packed(query, scaling)
+            b, h, s = self.slot_page.shape
+            f = self.pooled
+            k, v = self.codec.decode(f, f.get("kz"), f.get("ks"))
+            k, v = k.view(b, h, s * self.cfg.page, -1), v.view(b, h, s * self.cfg.page, -1)
         k = torch.cat([k, self.keys], dim=-2).to(query.dtype)
         v = torch.cat([v, self.values], dim=-2).to(query.dtype)
         if mask is not None:
@@ -319,6 +416,28 @@ class TieredLayer(CacheLayerMixin):
             mask = torch.cat([tail.new_ones(*tail.shape[:-1], k.shape[-2] - w), tail], dim=-1)
         out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
         return out.transpose(1, 2)
+
+    def _kernel_reads_pool(self, query: torch.Tensor) -> bool:
+        """Whether memfit's packed-KV decode kernel attends over the pool as it is (2/4-bit pages on a
+        GPU, one query token, the page as its key group): nothing is dequantized to memory."""
+        if not (query.is_cuda and self.codec.bits in (2, 4) and query.shape[2] == 1):
+            return False
+        from memfit.kernels.decode_attention import kernel_supports
+        f = self.pooled
+        b, h, s = self.slot_page.shape
+        return kernel_supports(query[:, :, 0], f["kc"].view(b, h, s * self.cfg.page, -1), f["ks"], f["vs"][:, :, 0],
+                               self.codec.bits)
+
+    def _attend_packed(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        from memfit.kernels.decode_attention import PackedRun, decode_attention_runs
+        f = self.pooled
+        b, h, s = self.slot_page.shape
+        t = s * self.cfg.page
+        run = PackedRun(f["kc"].view(b, h, t, -1), f["ks"], f["kz"], f["vc"].view(b, h, t, -1),
+                        f["vs"].view(b, h, t, -1), f["vz"].view(b, h, t, -1), self.keys, self.values,
+                        t, self.keys.shape[2], self.codec.bits, self.cfg.page)
+        out = decode_attention_runs(query[:, :, 0], [run], scaling, out_dtype=query.dtype)  # [B, Hq, D]
+        return out.unsqueeze(1)
 
     def fork(self, batch_size: int) -> "TieredLayer":
         """A layer that reads the same pages (shared, read only) for ``batch_size`` rows, with its own
@@ -390,10 +509,11 @@ class TieredCache(Cache):
         esize = keys[0].element_size()
         full = sum(2 * k.numel() * esize for k in keys)  # 16-bit K and V, every layer
         budget = cfg.device * full if cfg.device <= 1 else cfg.device
-        # per layer and (row, head): the window (+ one page of room), the summaries, then slots
+        # per layer and (row, head): the window (+ one page of room), the summaries and page->slot map, then slots
         n = max(0, (t - cfg.window) // cfg.page)
-        slot_bytes = cfg.page * 2 * d * esize + 16
-        fixed = (t - n * cfg.page + cfg.page) * 2 * d * esize + n * (2 * d * esize + 16)  # per layer, row, head
+        record = _Codec(cfg.bits, cfg.page, d, values[0].shape[-1], keys[0].dtype, cfg.vgroup).record_bytes
+        slot_bytes = record + 8
+        fixed = (t - n * cfg.page + cfg.page) * 2 * d * esize + n * (2 * d * esize + 8)
         dense = min(cfg.dense, len(keys))
         per_layer = (budget / (b * h) - dense * (fixed + n * slot_bytes)) / max(1, len(keys) - dense)
         slots = int((per_layer - fixed) // slot_bytes) if dense < len(keys) else n
@@ -401,10 +521,10 @@ class TieredCache(Cache):
             slots, dense = 0, 0
         elif n and slots < 1:
             raise ValueError(f"a device budget of {budget / 2**20:.2f} MiB does not hold the window, the page "
-                             f"summaries and one page ({fixed * len(keys) * b * h / 2**20:.2f} MiB and more): "
-                             "raise device, or lower window or page")
-        page_bytes = 2 * cfg.page * d * esize
-        host_pages = n if cfg.host_bytes is None else int(cfg.host_bytes // (len(keys) * b * h * page_bytes))
+                             f"summaries and one page ({fixed * len(keys) * b * h / 2**20:.2f} MiB and more), and "
+                             f"every page of the first {dense} layers ({dense * n * slot_bytes * b * h / 2**20:.2f}"
+                             " MiB): raise device, or lower window, page or dense")
+        host_pages = n if cfg.host_bytes is None else int(cfg.host_bytes // (len(keys) * b * h * record))
         tmp = None
         disk_dir = None
         if host_pages < n:
