@@ -209,11 +209,15 @@ def test_compressed_pages_attend_exactly_over_their_dequantized_kv(model, prefil
 
 
 def test_compressed_pages_hold_more_in_the_same_budget(prefilled):
-    plain = _offload(prefilled, TierConfig(bits=None, device=0.3, page=16, window=32, dense=0))
-    packed = _offload(prefilled, TierConfig(bits=4, device=0.3, page=16, window=32, dense=0))
-    assert packed.layers[1].slots >= 2.5 * plain.layers[1].slots
-    assert packed.device_bytes <= 0.3 * sum(2 * k.numel() * k.element_size() for k in prefilled[0])
+    kv = tuple([t.bfloat16() for t in ts] for ts in prefilled)  # the budget is a fraction of the 16-bit KV
+    full = sum(2 * k.numel() * k.element_size() for k in kv[0])
+    plain = _offload(kv, TierConfig(bits=None, device=0.3, page=16, window=32, dense=0))
+    packed = _offload(kv, TierConfig(bits=4, device=0.3, page=16, window=32, dense=0))
+    assert packed.layers[-1].slots >= 2.5 * plain.layers[-1].slots
     assert 3 * packed.host_bytes < plain.host_bytes
+    for dense in (0, 1):  # every byte on the device counted, within the budget and near it
+        packed = _offload(kv, TierConfig(bits=4, device=0.3, page=16, window=32, dense=dense))
+        assert 0.25 * full < packed.device_bytes <= 0.3 * full
     with pytest.raises(ValueError, match="bits"):
         TierConfig(bits=3)
 

@@ -112,6 +112,8 @@ class _Codec:
                            "vs": ((page, g), torch.float16), "vz": ((page, g), torch.float16)}
         self.sizes = [math.prod(shape) * torch.empty(0, dtype=dt).element_size() for shape, dt in self.fields.values()]
         self.record_bytes = sum(self.sizes)
+        # a pool slot: the record, the page it holds (int64) and, packed, its keys' float16 zero and scale
+        self.slot_bytes = self.record_bytes + 8 + (4 * dk if bits else 0)
 
     def split(self, rec: torch.Tensor) -> dict[str, torch.Tensor]:
         """[..., R] uint8 records -> each field [..., *shape] (copies where a field is not aligned)."""
@@ -511,8 +513,8 @@ class TieredCache(Cache):
         budget = cfg.device * full if cfg.device <= 1 else cfg.device
         # per layer and (row, head): the window (+ one page of room), the summaries and page->slot map, then slots
         n = max(0, (t - cfg.window) // cfg.page)
-        record = _Codec(cfg.bits, cfg.page, d, values[0].shape[-1], keys[0].dtype, cfg.vgroup).record_bytes
-        slot_bytes = record + 8
+        codec = _Codec(cfg.bits, cfg.page, d, values[0].shape[-1], keys[0].dtype, cfg.vgroup)
+        record, slot_bytes = codec.record_bytes, codec.slot_bytes
         fixed = (t - n * cfg.page + cfg.page) * 2 * d * esize + n * (2 * d * esize + 8)
         dense = min(cfg.dense, len(keys))
         per_layer = (budget / (b * h) - dense * (fixed + n * slot_bytes)) / max(1, len(keys) - dense)
