@@ -822,16 +822,22 @@ def _release_host() -> None:
         torch._C._host_emptyCache()
 
 
-def _time_tiered(model, keys, values, tc, tok, steps: int) -> dict:
-    """Offload ``keys`` / ``values`` (per-layer sequences, on the GPU) under ``tc`` and time greedy steps."""
+def _time_tiered(model, keys, values, tc, tok, steps: int, graph: bool = False) -> dict:
+    """Offload ``keys`` / ``values`` (per-layer sequences, on the GPU) under ``tc`` and time greedy
+    steps: eager, or (``graph``) the static cache's step replayed as a CUDA graph."""
+    from memfit.kv.static import GraphDecoder
     from memfit.kv.tiered import TieredCache
 
     t0 = time.perf_counter()
     tiered = TieredCache.offload(keys, values, tc, torch.device("cuda"))
     torch.cuda.synchronize()
     offload_s = time.perf_counter() - t0
-    ms, _ = _steps_ms(lambda t, c=tiered: model(t, **with_cache(model, c), use_cache=True).logits[:, -1:].argmax(-1),
-                      tok, steps, warmup=2)
+    if graph:
+        dec = GraphDecoder(model, tiered.to_static(steps + 8))
+        ms, _ = _steps_ms(lambda t: dec.step(t).argmax(-1, keepdim=True), tok, steps, warmup=3)
+    else:
+        ms, _ = _steps_ms(lambda t, c=tiered: model(t, **with_cache(model, c), use_cache=True).logits[:, -1:].argmax(-1),
+                          tok, steps, warmup=2)
     lay = tiered.layers[-1]
     row = {"step_ms": ms, "device_bytes": tiered.device_bytes, "host_bytes": tiered.host_bytes,
            "bits": tc.bits or 16, "pages": lay.n_pages, "slots": lay.slots, "offload_s": offload_s,
@@ -864,7 +870,8 @@ def bench_tiered_speed(shapes: list[tuple[int, int]], budgets: tuple[float, ...]
     its StaticCache replayed as a CUDA graph), (b) offloaded to pinned host memory in 16 bits and
     copied whole every step (``fetch_all``: what offloading without selection does), and the same
     with pages at ``bits`` (``fetch_all_<bits>bit``), (c) offloaded with memfit's page selection,
-    pages at ``bits``, at each device budget (a fraction of the 16-bit KV's bytes). Random weights
+    pages at ``bits``, at each device budget (a fraction of the 16-bit KV's bytes), eager and
+    (``tiered_graph``, 2/4-bit pages) as a replayed CUDA graph like ``gpu_graph``. Random weights
     give queries with little locality from step to step (each step's pages differ more than a
     trained model's): ``fetched_per_step`` says how many pages a step copied."""
     import memfit.kv.attention  # noqa: F401  registers the memfit attention implementation
@@ -898,13 +905,16 @@ def bench_tiered_speed(shapes: list[tuple[int, int]], budgets: tuple[float, ...]
             pass
         torch.cuda.empty_cache()
         variants = [(f"tiered@{b:g}", TierConfig(device=b, page=page, bits=bits)) for b in budgets]
+        if bits in (2, 4):  # the static step, replayed as a CUDA graph (as gpu_graph is)
+            variants += [(f"tiered_graph@{b:g}", TierConfig(device=b, page=page, bits=bits)) for b in budgets]
         if fetch_all:
             variants = [("fetch_all", TierConfig(device=budgets[-1], page=page, fetch="all", bits=None))] + \
                 ([(f"fetch_all_{bits}bit", TierConfig(device=budgets[-1], page=page, fetch="all", bits=bits))]
                  if bits else []) + variants
         for name, tc in variants:
             n = steps if not name.startswith("fetch_all") else max(2, steps // 4)
-            rows.append({**base, "variant": name, **_time_tiered(model, keys, values, tc, tok, n)})
+            rows.append({**base, "variant": name, **_time_tiered(model, keys, values, tc, tok, n,
+                                                                 graph=name.startswith("tiered_graph"))})
         del keys, values
     return _compare(rows)
 
@@ -959,8 +969,9 @@ def bench_tiered_throughput(requests: int = 32, context: int = 32768, device_gib
     times = requests // fit
     tok = torch.randint(0, cfg.vocab_size, (requests, 1), device="cuda")
     tc = TierConfig(device=budget, page=page, bits=bits)
-    rows.append({**base, "batch": requests, "variant": f"tiered@{device_gib:g}GiB",
-                 **_time_tiered(model, _Tiled(keys, times), _Tiled(values, times), tc, tok, steps)})
+    for graph in (False, True) if bits in (2, 4) else (False,):
+        rows.append({**base, "batch": requests, "variant": f"tiered{'_graph' if graph else ''}@{device_gib:g}GiB",
+                     **_time_tiered(model, _Tiled(keys, times), _Tiled(values, times), tc, tok, steps, graph)})
     for r in rows:
         r["tokens_per_s"] = r["batch"] / r["step_ms"] * 1e3
         r["vs_gpu_tokens_per_s"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]

@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from memfit.kernels import packing
+from memfit.kernels import packing, page_copy
+from memfit.kernels.decode_attention import PackedRun, decode_attention_runs, kernel_supports
 from memfit.kv import quant
 from memfit.kv.attention import push_packed
 
@@ -245,7 +246,9 @@ class TieredLayer(CacheLayerMixin):
         self.keys = keys[:, :, n * p :].to(device).clone()  # the window: context tail, then new tokens
         self.values = values[:, :, n * p :].to(device).clone()
         self._empty_pool(b)
-        self.stats = {"steps": 0, "fetched": 0}  # decode steps, pages copied to the device; shared with forks
+        # decode steps, and pages copied to the device (counted on the device: no sync); shared with forks
+        self.stats = {"steps": 0, "fetched": torch.zeros((), dtype=torch.long, device=device)}
+        self.static = False
         self.owner = True  # forks share the tiers and leave them open
 
     def _empty_pool(self, rows: int) -> None:
@@ -257,8 +260,12 @@ class TieredLayer(CacheLayerMixin):
         if self.codec.bits:
             self.pooled.update(kz=torch.zeros(rows, h, s, d, dtype=torch.float16, device=self.device),
                                ks=torch.zeros(rows, h, s, d, dtype=torch.float16, device=self.device))
-        self.slot_page = torch.full((rows, h, self.slots), -1, dtype=torch.long, device=self.device)
-        self.where = torch.full((rows, h, self.n_pages), -1, dtype=torch.long, device=self.device)  # page -> slot, -1: not in the pool
+        # slot -> page and page -> slot (-1: none), each with one spare column that the entries a
+        # step does not change write to (fixed shapes: no host sync to count them)
+        self._slot_table = torch.full((rows, h, self.slots + 1), -1, dtype=torch.long, device=self.device)
+        self._where_table = torch.full((rows, h, self.n_pages + 1), -1, dtype=torch.long, device=self.device)
+        self.slot_page = self._slot_table[..., : self.slots]
+        self.where = self._where_table[..., : self.n_pages]
 
     # -- sizes ------------------------------------------------------------------------------------
     def get_seq_length(self) -> int:
@@ -278,7 +285,7 @@ class TieredLayer(CacheLayerMixin):
         pass
 
     def device_bytes(self) -> int:
-        ts = (self.kmin, self.kmax, self.keys, self.values, self.slot_page, self.where, *self.pooled.values())
+        ts = (self.kmin, self.kmax, self.keys, self.values, self._slot_table, self._where_table, *self.pooled.values())
         return sum(t.numel() * t.element_size() for t in ts)
 
     def host_bytes(self) -> int:
@@ -352,7 +359,8 @@ class TieredLayer(CacheLayerMixin):
         return s.amax(2)
 
     def select(self, query: torch.Tensor) -> None:
-        """Bring the pages ``query`` bounds highest into the pool (those already there stay)."""
+        """Bring the pages ``query`` bounds highest into the pool (those already there stay). Fixed
+        shapes throughout: on a GPU whose pages are all in host memory, no host sync."""
         b, h, s = self.slot_page.shape
         n = self.n_pages
         bound = self.bound(query)
@@ -365,30 +373,49 @@ class TieredLayer(CacheLayerMixin):
         # (as many free slots as misses: S distinct pages are wanted and S slots exist)
         miss_pages = want.gather(-1, hit.to(torch.int8).argsort(dim=-1, stable=True))
         free_slots = keep.to(torch.int8).argsort(dim=-1, stable=True)
-        nmiss = (~hit).sum(-1, keepdim=True)
-        is_new = torch.arange(s, device=self.device) < nmiss  # [B, H, S]
-        rows = torch.arange(b * h, device=self.device).view(b, h, 1).expand(b, h, s)
-        sel = is_new.nonzero(as_tuple=True)
-        flat_rows, pages, slots = rows[sel], miss_pages[sel], free_slots[sel]
-        slot_flat = flat_rows * s + slots
-        stored = self._stored_row(flat_rows) * n + pages  # the same pages' index in the storage
-        for name, part in self.codec.split(self.read_pages(stored)).items():
-            self.pooled[name].view(-1, *part.shape[1:])[slot_flat] = part
-        if self.codec.bits:
+        new = torch.arange(s, device=self.device) < (~hit).sum(-1, keepdim=True)  # [B, H, S]
+        rows = torch.arange(b * h, device=self.device).view(b, h, 1)
+        self._fetch((self._stored_row(rows) * n + miss_pages).view(-1), (rows * s + free_slots).view(-1), new.view(-1))
+        old = self.slot_page.gather(-1, free_slots)
+        self._where_table.scatter_(-1, torch.where(new & (old >= 0), old, n), -1)
+        self._where_table.scatter_(-1, torch.where(new, miss_pages, n), free_slots)
+        self._slot_table.scatter_(-1, torch.where(new, free_slots, s), miss_pages)
+        if self.codec.bits:  # the pool's key ranges, from the summaries of the pages now in it
             d = self.kmin.shape[-1]
-            kz, ks = self.codec.key_range(self.kmin.reshape(-1, d)[stored], self.kmax.reshape(-1, d)[stored])
-            self.pooled["kz"].view(-1, d)[slot_flat] = kz
-            self.pooled["ks"].view(-1, d)[slot_flat] = ks
-        old = self.slot_page.view(-1)[slot_flat]
-        where = self.where.view(-1)
-        gone = old >= 0
-        where[(flat_rows * n + old)[gone]] = -1
-        where[flat_rows * n + pages] = slots
-        self.slot_page.view(-1)[slot_flat] = pages
-        self.stats["fetched"] += pages.numel()
+            idx = self.slot_page.unsqueeze(-1).expand(-1, -1, -1, d)
+            kz, ks = self.codec.key_range(self.kmin.expand(b, -1, -1, -1).gather(2, idx),
+                                          self.kmax.expand(b, -1, -1, -1).gather(2, idx))
+            self.pooled["kz"].copy_(kz)
+            self.pooled["ks"].copy_(ks)
+        self.stats["fetched"].add_(new.sum())
+
+    def _fetch(self, stored: torch.Tensor, slot: torch.Tensor, take: torch.Tensor) -> None:
+        """Records ``stored`` (storage indices) into pool slots ``slot`` (flat), where ``take``."""
+        if self.host_view is not None:  # the GPU copies from pinned memory itself
+            src, off = self.host_view.view(-1, self.codec.record_bytes), 0
+            for name, size in zip(self.codec.fields, self.codec.sizes):
+                page_copy.copy_field(src, stored, slot, take, self._pool_bytes(name), off)
+                off += size
+            return
+        e = take.nonzero().squeeze(1)
+        for name, part in self.codec.split(self.read_pages(stored[e])).items():
+            self.pooled[name].view(-1, *part.shape[1:])[slot[e]] = part
+
+    def _pool_bytes(self, name: str) -> torch.Tensor:
+        """A pool field as [B * H * S, bytes a page] uint8."""
+        t = self.pooled[name]
+        return t.view(torch.uint8).view(math.prod(t.shape[:3]), -1)
 
     # -- attention --------------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.static:  # in place, lengths on the device: the step may be recorded as a CUDA graph
+            if key_states.shape[-2] != 1:
+                raise ValueError("a static tiered cache decodes one token a step (convert back with to_dynamic())")
+            self.keys.index_copy_(2, self.wpos, key_states.to(self.dtype))
+            self.values.index_copy_(2, self.wpos, value_states.to(self.dtype))
+            self.wpos += 1
+            self.wlen += 1
+            return key_states, value_states
         self.compute_dtype = key_states.dtype
         self.keys = torch.cat([self.keys, key_states.to(self.dtype)], dim=-2)
         self.values = torch.cat([self.values, value_states.to(self.dtype)], dim=-2)
@@ -399,6 +426,9 @@ class TieredLayer(CacheLayerMixin):
         """One decode step: [B, Hq, 1, D] query -> [B, 1, Hq, D] output. ``mask`` [B, 1, 1, keys]
         (bool, True = visible) ends with the window's part, which is kept (rows left-padded after the
         context mask their padding); the pages (the context) are all visible."""
+        if self.static:
+            self.select(query)
+            return self._attend_packed(query, scaling)
         self.stats["steps"] += 1
         if self.cfg.fetch == "all" or self.slots == 0:
             k, v = self.all_pages()
@@ -424,26 +454,60 @@ class TieredLayer(CacheLayerMixin):
         GPU, one query token, the page as its key group): nothing is dequantized to memory."""
         if not (query.is_cuda and self.codec.bits in (2, 4) and query.shape[2] == 1):
             return False
-        from memfit.kernels.decode_attention import kernel_supports
         f = self.pooled
         b, h, s = self.slot_page.shape
         return kernel_supports(query[:, :, 0], f["kc"].view(b, h, s * self.cfg.page, -1), f["ks"], f["vs"][:, :, 0],
                                self.codec.bits)
 
     def _attend_packed(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
-        from memfit.kernels.decode_attention import PackedRun, decode_attention_runs
+        """The packed-KV kernel (its torch reference off a GPU) over the pool, then the window."""
         f = self.pooled
         b, h, s = self.slot_page.shape
         t = s * self.cfg.page
+        wlen = self.wlen if self.static else self.keys.shape[2]  # a static window's length is on the device
         run = PackedRun(f["kc"].view(b, h, t, -1), f["ks"], f["kz"], f["vc"].view(b, h, t, -1),
                         f["vs"].view(b, h, t, -1), f["vz"].view(b, h, t, -1), self.keys, self.values,
-                        t, self.keys.shape[2], self.codec.bits, self.cfg.page)
+                        t, wlen, self.codec.bits, self.cfg.page)
         out = decode_attention_runs(query[:, :, 0], [run], scaling, out_dtype=query.dtype)  # [B, Hq, D]
         return out.unsqueeze(1)
+
+    # -- static decode (memfit.kv.static.GraphDecoder) ----------------------------------------------
+    def to_static(self, max_new_tokens: int) -> None:
+        """The window into a buffer with room for ``max_new_tokens`` more, its length on the device:
+        a step is then device work only (selection, the page copies, the kernel), which a CUDA
+        graph can record."""
+        why = ("pages of 16 or 8 bits (the kernel reads 2 or 4)" if self.codec.bits not in (2, 4)
+               else "fetch='all'" if self.cfg.fetch == "all" or not self.slots
+               else "pages on disk (the device reads only host memory)" if self.device.type == "cuda"
+               and self.host_view is None else None)
+        if why:
+            raise ValueError(f"static decode of a tiered cache: this one has {why}")
+        b, h, w, _ = self.keys.shape
+        grow = (0, 0, 0, max_new_tokens)
+        self.keys, self.values = F.pad(self.keys, grow), F.pad(self.values, grow)
+        self.w = w
+        self.wlen = torch.full((b, h), w, dtype=torch.int32, device=self.device)
+        self.wpos = torch.full((1,), w, dtype=torch.long, device=self.device)
+        self.static = True
+
+    def to_dynamic(self) -> None:
+        self.keys, self.values = self.keys[:, :, : self.w].clone(), self.values[:, :, : self.w].clone()
+        self.static = False
+
+    def before_step(self) -> None:
+        if self.w >= self.keys.shape[2]:
+            raise RuntimeError(f"static decode: the window's room ({self.keys.shape[2]} tokens) is used up "
+                               "(to_static's max_new_tokens)")
+
+    def after_step(self) -> None:
+        self.w += 1
+        self.seen += 1
 
     def fork(self, batch_size: int) -> "TieredLayer":
         """A layer that reads the same pages (shared, read only) for ``batch_size`` rows, with its own
         window and pool (empty: its first step fetches what it selects)."""
+        if self.static:
+            raise ValueError("fork a tiered cache before to_static(), not after")
         if self.keys.shape[0] != batch_size and self.kmin.shape[0] != 1:
             raise ValueError(f"cannot fork a tiered cache of batch size {self.kmin.shape[0]} into {batch_size} rows")
         new = copy.copy(self)
@@ -455,6 +519,9 @@ class TieredLayer(CacheLayerMixin):
 
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor, None]:
         """Every token, in order (calls with several new tokens attend exactly over all of them)."""
+        if self.static:
+            raise ValueError("a static tiered cache attends one new token with no attention mask and no observer "
+                             "(convert back with to_dynamic() for anything else)")
         k, v = self.all_pages()
         dt = getattr(self, "compute_dtype", self.dtype)  # attention reads the compute dtype
         return torch.cat([k, self.keys], dim=-2).to(dt), torch.cat([v, self.values], dim=-2).to(dt), None
@@ -565,6 +632,34 @@ class TieredCache(Cache):
     def use_kernels(self, on: bool = True) -> "TieredCache":  # LM.generate's call: SDPA on every device
         return self
 
+    # -- static decode (memfit.kv.static.GraphDecoder) ------------------------------------------------
+    def to_static(self, max_new_tokens: int) -> "TieredCache":
+        """Fixed buffers for ``max_new_tokens`` decode steps, so that ``GraphDecoder`` can replay a
+        step as a CUDA graph: pages at 2/4 bits, all in host memory on a GPU."""
+        for layer in self.layers:
+            layer.to_static(max_new_tokens)
+        return self
+
+    def to_dynamic(self) -> "TieredCache":
+        for layer in self.layers:
+            layer.to_dynamic()
+        return self
+
+    @property
+    def static_layers(self) -> list[TieredLayer] | None:
+        return list(self.layers) if self.layers and self.layers[0].static else None
+
+    def after_static_step(self) -> None:
+        """Host bookkeeping of a step that ran on the device (maybe as a replayed graph)."""
+        for layer in self.layers:
+            layer.after_step()
+        self.layers[0].stats["steps"] += 1
+
+    def positions(self) -> torch.Tensor:
+        """[B] position of each row's next token."""
+        layer = self.layers[0]
+        return torch.full((layer.keys.shape[0],), layer.seen, dtype=torch.long, device=layer.device)
+
     # -- figures ------------------------------------------------------------------------------------
     @property
     def num_tokens(self) -> int:
@@ -596,7 +691,7 @@ class TieredCache(Cache):
 
     @property
     def fetched_pages(self) -> int:
-        return sum(layer.stats["fetched"] for layer in self.layers)
+        return int(sum(layer.stats["fetched"] for layer in self.layers))
 
     @property
     def steps(self) -> int:
