@@ -302,3 +302,30 @@ def test_gpu_graph_replay_equals_eager_static_steps():
     (eager, fe), (replayed, fr) = out
     assert fe == fr > 0
     assert max((a - b).abs().max().item() for a, b in zip(eager, replayed)) < 1e-2
+
+
+@pytest.mark.parametrize("adapt", [True, False])
+def test_question_shares_pool_slots_out_by_attention(model, prefilled, adapt):
+    cfg = TierConfig(bits=4, device=0.2, page=16, window=32, dense=0, adapt=adapt)
+    keys, values = prefilled
+    # layer 0's attention made sharp: its best pages hold more of its attention than any page of the
+    # near-uniform others, so the slots go there first (what maximizes the mass attended over)
+    sharp = [keys[0] * 300, *keys[1:]]
+    cache = _offload(([k.bfloat16() for k in sharp], [v.bfloat16() for v in values]), cfg)
+    before = [la.slots for la in cache.layers]
+    budget = cache.device_bytes
+    torch.manual_seed(5)
+    question = torch.randint(0, 256, (2, 12))
+    pos = torch.arange(CONTEXT, CONTEXT + 12).expand(2, -1)
+    model(question, position_ids=pos, **with_cache(model, cache), use_cache=True)  # exact: reads every page
+    assert all(la.gains is not None and la.gains.shape == (la.n_pages,) for la in cache.layers)
+    g = cache.layers[0].gains
+    assert bool((g[:-1] >= g[1:]).all()) and 0 < g.sum() <= 1 + 1e-9  # sorted page masses, a share of the mass
+    model(question[:, :1], position_ids=pos[:, -1:] + 1, **with_cache(model, cache), use_cache=True)
+    after = [la.slots for la in cache.layers]
+    assert sum(after) == sum(before) and all(s >= 1 for s in after)
+    assert (after != before) == adapt
+    if adapt:
+        assert after[0] > max(after[1:])
+    assert cache.device_bytes == budget + 3 * 13 * 2 * (2 * 2 * 16) * 2  # the same pool bytes; 13 new window tokens
+    cache.close()

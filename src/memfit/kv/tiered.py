@@ -73,6 +73,8 @@ class TierConfig:
     vgroup: int = 64
     fetch: str = "select"
     workers: int = 4
+    adapt: bool = True  # share the layers' pool slots out by a question's attention (probe: its last rows)
+    probe: int = 16
 
     def __post_init__(self):
         if self.page < 1 or self.window < 0:
@@ -249,6 +251,8 @@ class TieredLayer(CacheLayerMixin):
         # decode steps, and pages copied to the device (counted on the device: no sync); shared with forks
         self.stats = {"steps": 0, "fetched": torch.zeros((), dtype=torch.long, device=device)}
         self.static = False
+        self.probe: tuple[torch.Tensor, float] | None = None  # the last multi-token call's query rows
+        self.gains: torch.Tensor | None = None
         self.owner = True  # forks share the tiers and leave them open
 
     def _empty_pool(self, rows: int) -> None:
@@ -515,6 +519,7 @@ class TieredLayer(CacheLayerMixin):
         new.values = self.values.expand(batch_size, -1, -1, -1).clone()
         new._empty_pool(batch_size)
         new.owner = False
+        new.probe = new.gains = None
         return new
 
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor, None]:
@@ -524,7 +529,36 @@ class TieredLayer(CacheLayerMixin):
                              "(convert back with to_dynamic() for anything else)")
         k, v = self.all_pages()
         dt = getattr(self, "compute_dtype", self.dtype)  # attention reads the compute dtype
-        return torch.cat([k, self.keys], dim=-2).to(dt), torch.cat([v, self.values], dim=-2).to(dt), None
+        k, v = torch.cat([k, self.keys], dim=-2).to(dt), torch.cat([v, self.values], dim=-2).to(dt)
+        if self.probe is not None:
+            self._measure_gains(k, *self.probe)
+            self.probe = None
+        return k, v, None
+
+    def _measure_gains(self, keys: torch.Tensor, query: torch.Tensor, scaling: float) -> None:
+        """``gains`` [N]: the attention mass of a head's k-th best page, for k = 1..N, from the last
+        query rows of a multi-token call (the question, which attends over every page exactly),
+        averaged over rows and KV heads: what one more pool slot would add in this layer."""
+        b, hq, nq, d = query.shape
+        n, p = self.n_pages, self.cfg.page
+        if n == 0:
+            return
+        h = keys.shape[1]
+        nk = keys.shape[2]
+        q = query.reshape(b, h, (hq // h) * nq, d).float()
+        logits = (q @ keys.float().transpose(-1, -2)) * scaling  # [B, H, group rows, keys]
+        # causal among the call's own rows: row i sees every page and the keys up to its own position
+        pos = torch.arange(nk, device=keys.device)
+        last = nk - nq + torch.arange(nq, device=keys.device)
+        visible = (pos <= last.unsqueeze(-1)).repeat(hq // h, 1)  # [group rows, keys]
+        prob = logits.masked_fill(~visible, float("-inf")).softmax(-1)
+        mass = prob[..., : n * p].reshape(b, h, -1, n, p).sum(-1).mean(2)  # [B, H, N]
+        self.gains = mass.sort(-1, descending=True).values.mean((0, 1)).detach()
+
+    def resize(self, slots: int) -> None:
+        """A pool of ``slots`` pages per (row, KV head) (empty)."""
+        self.slots = max(1, min(slots, self.n_pages))
+        self._empty_pool(self.slot_page.shape[0])
 
     def close(self) -> None:
         if self.disk is not None and self.owner:
@@ -541,6 +575,9 @@ class _Step:
 
     def attend(self, query: torch.Tensor, scaling: float, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.layer.attend(query, scaling, mask)
+
+    def observe_queries(self, query: torch.Tensor, scaling: float) -> None:
+        self.layer.probe = (query[:, :, -self.layer.cfg.probe :], scaling)
 
     def materialize(self):
         return self.layer.materialize()
@@ -620,9 +657,32 @@ class TieredCache(Cache):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         layer = self.layers[layer_idx]
+        if layer_idx == 0 and key_states.shape[-2] == 1 and any(la.gains is not None for la in self.layers):
+            self._plan_slots()
         out = layer.update(key_states, value_states)
         push_packed(layer_idx, _Step(layer))
         return out
+
+    def _plan_slots(self) -> None:
+        """Share the selecting layers' pool slots out by what each would capture (``adapt``): the
+        slots go to the pages with the highest attention mass over all these layers, as the last
+        multi-token call (a question) measured it, so layers whose attention is spread get more
+        pages and sharp ones fewer, for the same device bytes. The pools start empty (they are,
+        before the first decode step after that call)."""
+        sel = [la for la in self.layers if la.gains is not None and la.slots < la.n_pages and not la.static]
+        gains = [la.gains for la in sel]
+        for la in self.layers:
+            la.gains = None
+        if not self.cfg.adapt or len(sel) < 2 or len({g.numel() for g in gains}) != 1:
+            return
+        total = sum(la.slots for la in sel)
+        g = torch.stack(gains)  # [L, N], each row descending
+        g[:, 0] = float("inf")  # every layer keeps a page (its sink)
+        top = g.flatten().topk(min(total, g.numel())).indices
+        counts = torch.bincount(top // g.shape[1], minlength=len(sel)).tolist()
+        for la, c in zip(sel, counts):
+            if c != la.slots:
+                la.resize(c)
 
     def fork(self, batch_size: int = 1) -> "TieredCache":
         """A cache over the same pages for ``batch_size`` rows (what ``LM.ask`` decodes in); this one
