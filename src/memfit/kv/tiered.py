@@ -396,10 +396,8 @@ class TieredLayer(CacheLayerMixin):
     def _fetch(self, stored: torch.Tensor, slot: torch.Tensor, take: torch.Tensor) -> None:
         """Records ``stored`` (storage indices) into pool slots ``slot`` (flat), where ``take``."""
         if self.host_view is not None:  # the GPU copies from pinned memory itself
-            src, off = self.host_view.view(-1, self.codec.record_bytes), 0
-            for name, size in zip(self.codec.fields, self.codec.sizes):
-                page_copy.copy_field(src, stored, slot, take, self._pool_bytes(name), off)
-                off += size
+            page_copy.copy_records(self.host_view.view(-1, self.codec.record_bytes), stored, slot, take,
+                                   [self._pool_bytes(name) for name in self.codec.fields])
             return
         e = take.nonzero().squeeze(1)
         for name, part in self.codec.split(self.read_pages(stored[e])).items():
@@ -664,11 +662,13 @@ class TieredCache(Cache):
         return out
 
     def _plan_slots(self) -> None:
-        """Share the selecting layers' pool slots out by what each would capture (``adapt``): the
-        slots go to the pages with the highest attention mass over all these layers, as the last
-        multi-token call (a question) measured it, so layers whose attention is spread get more
-        pages and sharp ones fewer, for the same device bytes. The pools start empty (they are,
-        before the first decode step after that call)."""
+        """Share the selecting layers' pool slots out by what each would miss (``adapt``): the
+        smallest largest-miss over layers, where a layer's miss with k slots is the attention mass
+        of its pages past its k best, as the last multi-token call (a question) measured it. Layers
+        that spread their attention get more pages, sharp ones fewer, for the same device bytes
+        (giving slots where they capture the most mass instead starves the spread layers: tried,
+        it lost most of the accuracy). The pools start empty (they are, before the first decode
+        step after that call)."""
         sel = [la for la in self.layers if la.gains is not None and la.slots < la.n_pages and not la.static]
         gains = [la.gains for la in sel]
         for la in self.layers:
@@ -676,11 +676,27 @@ class TieredCache(Cache):
         if not self.cfg.adapt or len(sel) < 2 or len({g.numel() for g in gains}) != 1:
             return
         total = sum(la.slots for la in sel)
-        g = torch.stack(gains)  # [L, N], each row descending
-        g[:, 0] = float("inf")  # every layer keeps a page (its sink)
-        top = g.flatten().topk(min(total, g.numel())).indices
-        counts = torch.bincount(top // g.shape[1], minlength=len(sel)).tolist()
-        for la, c in zip(sel, counts):
+        g = torch.stack(gains).double()  # [L, N], each row descending
+        miss = g.flip(-1).cumsum(-1).flip(-1)  # [L, N]: mass past the first k pages, k = 0..N-1
+        n = g.shape[1]
+
+        def need(eps: float) -> torch.Tensor:  # slots each layer needs to miss at most eps
+            return (miss > eps).sum(-1).clamp(min=1, max=n)
+
+        lo, hi = 0.0, float(miss[:, 0].max())
+        for _ in range(50):  # the smallest eps whose needs fit the slots
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if int(need(mid).sum()) <= total else (mid, hi)
+        counts = need(hi)
+        left = total - int(counts.sum())
+        while left > 0:  # what is left goes to the layers that miss the most
+            room = counts < n
+            if not bool(room.any()):
+                break
+            worst = torch.where(room, miss.gather(1, counts.clamp(max=n - 1).unsqueeze(1)).squeeze(1), -1.0)
+            counts[int(worst.argmax())] += 1
+            left -= 1
+        for la, c in zip(sel, counts.tolist()):
             if c != la.slots:
                 la.resize(c)
 
