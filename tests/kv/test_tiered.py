@@ -304,28 +304,41 @@ def test_gpu_graph_replay_equals_eager_static_steps():
     assert max((a - b).abs().max().item() for a, b in zip(eager, replayed)) < 1e-2
 
 
-@pytest.mark.parametrize("adapt", [True, False])
-def test_question_shares_pool_slots_out_by_attention(model, prefilled, adapt):
-    cfg = TierConfig(bits=4, device=0.2, page=16, window=32, dense=0, adapt=adapt)
+@pytest.mark.parametrize("pin", [0, 3])
+def test_question_pins_the_pages_it_attends_most(model, prefilled, pin, monkeypatch):
+    seen = {}
+    orig = TieredLayer._pin_pages
+
+    def spy(self, keys, query, scaling):
+        seen[id(self)] = (keys, query, scaling)
+        orig(self, keys, query, scaling)
+
+    monkeypatch.setattr(TieredLayer, "_pin_pages", spy)
+    cfg = TierConfig(bits=4, device=0.2, page=16, window=32, dense=0, pin=pin, probe=4)
     keys, values = prefilled
-    # layer 0's attention made sharp: its best pages hold more of its attention than any page of the
-    # near-uniform others, so the slots go there first (what maximizes the mass attended over)
-    sharp = [keys[0] * 300, *keys[1:]]
-    cache = _offload(([k.bfloat16() for k in sharp], [v.bfloat16() for v in values]), cfg)
-    before = [la.slots for la in cache.layers]
-    budget = cache.device_bytes
+    cache = _offload(([k.bfloat16() for k in keys], [v.bfloat16() for v in values]), cfg)
     torch.manual_seed(5)
     question = torch.randint(0, 256, (2, 12))
     pos = torch.arange(CONTEXT, CONTEXT + 12).expand(2, -1)
     model(question, position_ids=pos, **with_cache(model, cache), use_cache=True)  # exact: reads every page
-    assert all(la.gains is not None and la.gains.shape == (la.n_pages,) for la in cache.layers)
-    g = cache.layers[0].gains
-    assert bool((g[:-1] >= g[1:]).all()) and 0 < g.sum() <= 1 + 1e-9  # sorted page masses, a share of the mass
+    layer = cache.layers[1]
+    if not pin:
+        assert layer.pins is None
+        return
+    assert layer.pins.shape == (2, 2, 3)
+    k, q, scaling = seen[id(layer)]  # every key, and the question's last 4 query rows
+    assert q.shape[2] == 4
+    nk, n = k.shape[2], layer.n_pages
+    mass = torch.zeros(2, 2, n, dtype=torch.float64)
+    for r in range(2):
+        for hq in range(4):
+            for i in range(4):  # query row i is token nk - 4 + i: it sees the keys up to itself
+                p = torch.softmax(q[r, hq, i].double() @ k[r, hq // 2, : nk - 3 + i].double().T * scaling, -1)
+                mass[r, hq // 2] += p[: n * 16].reshape(n, 16).sum(-1)
+    assert torch.equal(layer.pins.sort(-1).values, mass.topk(3, dim=-1).indices.sort(-1).values)
     model(question[:, :1], position_ids=pos[:, -1:] + 1, **with_cache(model, cache), use_cache=True)
-    after = [la.slots for la in cache.layers]
-    assert sum(after) == sum(before) and all(s >= 1 for s in after)
-    assert (after != before) == adapt
-    if adapt:
-        assert after[0] < min(after[1:])
-    assert cache.device_bytes == budget + 3 * 13 * 2 * (2 * 2 * 16) * 2  # the same pool bytes; 13 new window tokens
+    for r in range(2):  # kept while answering, whatever the step's bound says
+        for h in range(2):
+            assert bool(torch.isin(layer.pins[r, h], layer.slot_page[r, h]).all())
     cache.close()
+

@@ -73,8 +73,8 @@ class TierConfig:
     vgroup: int = 64
     fetch: str = "select"
     workers: int = 4
-    adapt: bool = True  # share the layers' pool slots out by a question's attention (probe: its last rows)
-    probe: int = 16
+    pin: int = 8  # pages a question attends most (per row and KV head) kept while answering
+    probe: int = 16  # the question's last rows that say which
 
     def __post_init__(self):
         if self.page < 1 or self.window < 0:
@@ -252,7 +252,7 @@ class TieredLayer(CacheLayerMixin):
         self.stats = {"steps": 0, "fetched": torch.zeros((), dtype=torch.long, device=device)}
         self.static = False
         self.probe: tuple[torch.Tensor, float] | None = None  # the last multi-token call's query rows
-        self.gains: torch.Tensor | None = None
+        self.pins: torch.Tensor | None = None  # [B, H, pin] pages it attended most
         self.owner = True  # forks share the tiers and leave them open
 
     def _empty_pool(self, rows: int) -> None:
@@ -369,6 +369,8 @@ class TieredLayer(CacheLayerMixin):
         n = self.n_pages
         bound = self.bound(query)
         bound[..., : self.cfg.sink] = float("inf")  # the first tokens take much of every head's attention
+        if self.pins is not None and self.pins.shape[0] == b:
+            bound.scatter_(-1, self.pins, float("inf"))
         want = bound.topk(s, dim=-1).indices  # [B, H, S]
         hit = self.where.gather(-1, want) >= 0
         chosen = torch.zeros(b, h, n, dtype=torch.bool, device=self.device).scatter_(-1, want, True)
@@ -517,7 +519,7 @@ class TieredLayer(CacheLayerMixin):
         new.values = self.values.expand(batch_size, -1, -1, -1).clone()
         new._empty_pool(batch_size)
         new.owner = False
-        new.probe = new.gains = None
+        new.probe = new.pins = None
         return new
 
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor, None]:
@@ -529,20 +531,20 @@ class TieredLayer(CacheLayerMixin):
         dt = getattr(self, "compute_dtype", self.dtype)  # attention reads the compute dtype
         k, v = torch.cat([k, self.keys], dim=-2).to(dt), torch.cat([v, self.values], dim=-2).to(dt)
         if self.probe is not None:
-            self._measure_gains(k, *self.probe)
+            self._pin_pages(k, *self.probe)
             self.probe = None
         return k, v, None
 
-    def _measure_gains(self, keys: torch.Tensor, query: torch.Tensor, scaling: float) -> None:
-        """``gains`` [N]: the attention mass of a head's k-th best page, for k = 1..N, from the last
-        query rows of a multi-token call (the question, which attends over every page exactly),
-        averaged over rows and KV heads: what one more pool slot would add in this layer."""
+    def _pin_pages(self, keys: torch.Tensor, query: torch.Tensor, scaling: float) -> None:
+        """``pins`` [B, H, pin]: the pages the last query rows of a multi-token call (a question,
+        which attends over every page exactly) give the most attention, per row and KV head (the
+        mass of the group's heads and rows); selection keeps them while the answer is decoded."""
         b, hq, nq, d = query.shape
         n, p = self.n_pages, self.cfg.page
-        if n == 0:
+        k = min(self.cfg.pin, self.slots)
+        if n == 0 or k == 0:
             return
-        h = keys.shape[1]
-        nk = keys.shape[2]
+        h, nk = keys.shape[1], keys.shape[2]
         q = query.reshape(b, h, (hq // h) * nq, d).float()
         logits = (q @ keys.float().transpose(-1, -2)) * scaling  # [B, H, group rows, keys]
         # causal among the call's own rows: row i sees every page and the keys up to its own position
@@ -550,13 +552,8 @@ class TieredLayer(CacheLayerMixin):
         last = nk - nq + torch.arange(nq, device=keys.device)
         visible = (pos <= last.unsqueeze(-1)).repeat(hq // h, 1)  # [group rows, keys]
         prob = logits.masked_fill(~visible, float("-inf")).softmax(-1)
-        mass = prob[..., : n * p].reshape(b, h, -1, n, p).sum(-1).mean(2)  # [B, H, N]
-        self.gains = mass.sort(-1, descending=True).values.mean((0, 1)).detach()
-
-    def resize(self, slots: int) -> None:
-        """A pool of ``slots`` pages per (row, KV head) (empty)."""
-        self.slots = max(1, min(slots, self.n_pages))
-        self._empty_pool(self.slot_page.shape[0])
+        mass = prob[..., : n * p].reshape(b, h, -1, n, p).sum((2, 4))  # [B, H, N]
+        self.pins = mass.topk(k, dim=-1).indices.detach()
 
     def close(self) -> None:
         if self.disk is not None and self.owner:
@@ -655,50 +652,9 @@ class TieredCache(Cache):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         layer = self.layers[layer_idx]
-        if layer_idx == 0 and key_states.shape[-2] == 1 and any(la.gains is not None for la in self.layers):
-            self._plan_slots()
         out = layer.update(key_states, value_states)
         push_packed(layer_idx, _Step(layer))
         return out
-
-    def _plan_slots(self) -> None:
-        """Share the selecting layers' pool slots out by what each would miss (``adapt``): the
-        smallest largest-miss over layers, where a layer's miss with k slots is the attention mass
-        of its pages past its k best, as the last multi-token call (a question) measured it. Layers
-        that spread their attention get more pages, sharp ones fewer, for the same device bytes
-        (giving slots where they capture the most mass instead starves the spread layers: tried,
-        it lost most of the accuracy). The pools start empty (they are, before the first decode
-        step after that call)."""
-        sel = [la for la in self.layers if la.gains is not None and la.slots < la.n_pages and not la.static]
-        gains = [la.gains for la in sel]
-        for la in self.layers:
-            la.gains = None
-        if not self.cfg.adapt or len(sel) < 2 or len({g.numel() for g in gains}) != 1:
-            return
-        total = sum(la.slots for la in sel)
-        g = torch.stack(gains).double()  # [L, N], each row descending
-        miss = g.flip(-1).cumsum(-1).flip(-1)  # [L, N]: mass past the first k pages, k = 0..N-1
-        n = g.shape[1]
-
-        def need(eps: float) -> torch.Tensor:  # slots each layer needs to miss at most eps
-            return (miss > eps).sum(-1).clamp(min=1, max=n)
-
-        lo, hi = 0.0, float(miss[:, 0].max())
-        for _ in range(50):  # the smallest eps whose needs fit the slots
-            mid = (lo + hi) / 2
-            lo, hi = (lo, mid) if int(need(mid).sum()) <= total else (mid, hi)
-        counts = need(hi)
-        left = total - int(counts.sum())
-        while left > 0:  # what is left goes to the layers that miss the most
-            room = counts < n
-            if not bool(room.any()):
-                break
-            worst = torch.where(room, miss.gather(1, counts.clamp(max=n - 1).unsqueeze(1)).squeeze(1), -1.0)
-            counts[int(worst.argmax())] += 1
-            left -= 1
-        for la, c in zip(sel, counts.tolist()):
-            if c != la.slots:
-                la.resize(c)
 
     def fork(self, batch_size: int = 1) -> "TieredCache":
         """A cache over the same pages for ``batch_size`` rows (what ``LM.ask`` decodes in); this one
