@@ -1,18 +1,21 @@
 """Decoding over a KV cache that does not fit on the fast tier: pages across device, host and disk.
 
-A prefilled context's KV is cut into pages of ``page`` tokens per (row, KV head). Every page lives
-in host memory (pinned, on a CUDA machine) or, past ``host_bytes``, in a file on local disk; the
-device keeps only a small summary of each page (the per-channel min and max of its keys), a pool
-of ``slots`` pages per (row, KV head) sized by the device budget, and a window of the most recent
-tokens. At each decode step and layer:
+A prefilled context's KV is cut into pages of ``page`` tokens per (row, KV head), stored and moved
+at ``bits`` (4 by default: memfit's KIVI layout, see :class:`_Codec`). Every page lives in host
+memory (pinned, on a CUDA machine) or, past ``host_bytes``, in a file on local disk; the device
+keeps a small summary of each page (the per-channel min and max of its keys), a pool of ``slots``
+pages per (row, KV head) sized by the device budget, and a window of the most recent tokens. At
+each decode step and layer:
 
 1. **select**: each page's summary bounds the best score any of its keys can get from the step's
    query (Quest: sum over channels of max(q * kmin, q * kmax), taken over the query heads of the
-   GQA group, so a group shares its pages); the ``slots`` pages with the highest bound are chosen;
-2. **fetch**: chosen pages already in the pool stay (consecutive steps choose mostly the same
-   pages); the others replace the pool's unchosen ones, read from host memory or disk (disk reads
-   in a thread pool);
-3. **attend**: exactly over the pool and the window (SDPA). Nothing else is read.
+   GQA group, so a group shares its pages); the ``slots`` pages with the highest bound are chosen,
+   with the sink page and the pages the last question attended most (``pin``);
+2. **fetch**: chosen pages already in the pool stay (consecutive steps choose many of the same
+   pages); the others replace the pool's unchosen ones. On a GPU the device reads pinned host
+   memory itself (``kernels.page_copy``: fixed shapes, no host sync); disk pages are read in a
+   thread pool;
+3. **attend**: exactly over the pool and the window (the packed-KV kernel on a GPU, else SDPA).
 
 With ``slots`` equal to the number of pages every page is chosen and attention is full attention.
 ``fetch="all"`` is the baseline offloading systems improve on: each step copies every page of the
@@ -21,8 +24,9 @@ layer to the device and attends over all of them.
 The cache plugs into ``model(..., past_key_values=cache)`` / ``model.generate`` of a model loaded
 with memfit's attention function (``memfit.load_model``): decode steps hand the layer to the
 attention call (``attention.push_packed``), which passes the step's query in. Calls with more than
-one new token (a question after the context) read every page (exact attention).
-Tokens that arrive after offloading (questions, generated tokens) stay in the device window.
+one new token (a question after the context) read every page (exact attention). Tokens that
+arrive after offloading (questions, generated tokens) stay in the device window. ``to_static``
+makes a step device work only, for ``memfit.kv.static.GraphDecoder`` to replay as a CUDA graph.
 """
 
 from __future__ import annotations
