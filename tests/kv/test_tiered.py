@@ -147,6 +147,8 @@ def test_bad_input_is_named(prefilled):
         TierConfig(bits=None, device=0)
     with pytest.raises(ValueError, match="fetch"):
         TierConfig(fetch="some")
+    with pytest.raises(ValueError, match="pin"):
+        TierConfig(pin=-1)
     with pytest.raises(ValueError, match="layer 1"):
         TieredCache.offload(keys, [values[0], values[1][:, :, :10], values[2]])
 

@@ -91,6 +91,8 @@ class TierConfig:
             packing.check_bits(self.bits)
         if self.vgroup < 1:
             raise ValueError(f"vgroup must be >= 1, got {self.vgroup}")
+        if self.pin < 0 or self.probe < 1:
+            raise ValueError(f"pin must be >= 0 and probe >= 1, got pin={self.pin}, probe={self.probe}")
         if self.host_bytes is not None and self.host_bytes < 0:
             raise ValueError(f"host_bytes must be >= 0, got {self.host_bytes}")
 
