@@ -17,8 +17,8 @@ def bench_tiered_accuracy(lm: LM, tasks: list[str], length: int = 4096, samples:
                           seed: int = 0, max_new_tokens: int = 24, bits: int | None = 4) -> dict:
     """Each sample prefilled once (no compression); its questions answered from the full cache,
     then from the cache offloaded with each device budget (a fraction of the 16-bit KV; pages
-    stored at ``bits``, None: 16): the
-    question reads every page (exact), each generated token attends over the selected pages.
+    stored at ``bits``, None: 16): the question reads every page (exact), each generated token
+    attends over the selected pages.
     ``fetched_per_step``: pages (per row and KV head, over all layers) copied to the device a
     step: how much the pages chosen change from one step to the next."""
     records = []

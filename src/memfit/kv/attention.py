@@ -328,7 +328,7 @@ def memfit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                 return packed.attend(query, scaling), None  # the packed-KV kernel: nothing dequantized
             if getattr(packed, "masked", False):  # a tiered step reads the mask of the new tokens itself
                 return packed.attend(query, scaling, _as_bool(attention_mask)), None
-        if hasattr(packed, "observe_queries"):  # a tiered step sizes its page pools from the question's attention
+        if hasattr(packed, "observe_queries"):  # a tiered step pins the pages the question attends most
             packed.observe_queries(query, scaling)
         key, value, packed_mask = packed.materialize()
     head_mask = state.masks.pop(module.layer_idx, None)

@@ -205,7 +205,7 @@ class _DiskPages:
 
 def _device_view(host: torch.Tensor, device: torch.device) -> torch.Tensor | None:
     """A CUDA tensor over pinned host memory (unified addressing: kernels read it across the bus,
-    so a page gather is one device-side ``index_select``, with no host work, copy or wait); None
+    so fetching pages is one device-side copy kernel, with no host work, staging copy or wait); None
     where the device is not a GPU or the memory is not pinned."""
     if device.type != "cuda" or host.numel() == 0 or not host.is_pinned():
         return None
@@ -306,11 +306,10 @@ class TieredLayer(CacheLayerMixin):
 
     # -- pages ------------------------------------------------------------------------------------
     def read_pages(self, stored: torch.Tensor) -> torch.Tensor:
-        """Page records by flat index into the storage's [B * H * N] (long), from their homes, on the
-        device: [M, R]. Pinned host pages on a GPU are gathered by the GPU itself (no wait)."""
+        """Page records by flat index into the storage's [B * H * N] (long), from their homes (host
+        memory, disk), on the device: [M, R]. Where the GPU reads every page itself (``host_view``),
+        selection copies them with ``page_copy`` and the baseline copies whole layers instead."""
         n, r = self.n_pages, self.codec.record_bytes
-        if self.host_view is not None:
-            return self.host_view.view(-1, r).index_select(0, stored.to(self.device))
         stored = stored.cpu()
         src, page = stored // n, stored % n
         on_host = page < self.host_pages
