@@ -54,7 +54,7 @@ def test_cpu_falls_back_to_the_reference():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("shape", [dict(b=1, hq=32, h=8, n=4096, w=100, d=128), dict(b=3, hq=9, h=3, n=1024, w=7, d=64),
                                    dict(b=2, hq=8, h=8, n=512, w=128, d=128, kgroup=32),
                                    dict(b=2, hq=32, h=8, n=960, w=60, d=128, vgroup=128),
@@ -217,7 +217,7 @@ def test_runs_read_from_offsets_equal_attention_over_each_heads_tokens():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("shape", [dict(b=1, hq=32, h=8, d=128, max_groups=40), dict(b=3, hq=9, h=3, d=64),
                                    dict(b=4, hq=32, h=8, d=128, kgroup=32, max_groups=20)])
 def test_kernels_read_ragged_runs_forks_and_several_runs_like_the_reference(bits, shape):

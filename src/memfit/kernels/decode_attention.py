@@ -215,6 +215,7 @@ if triton is not None:
     _MAGIC_4_0, _MAGIC_4_4 = tl.constexpr(_magic_asm(0, 4)), tl.constexpr(_magic_asm(4, 4))
     _MAGIC_2_0, _MAGIC_2_2 = tl.constexpr(_magic_asm(0, 2)), tl.constexpr(_magic_asm(2, 2))
     _MAGIC_2_4, _MAGIC_2_6 = tl.constexpr(_magic_asm(4, 2)), tl.constexpr(_magic_asm(6, 2))
+    _MAGIC_8_0 = tl.constexpr(_magic_asm(0, 8))  # a byte a code: 1024 + code is still exact in float16
 
     @triton.jit
     def _magic(codes, scale, zero, ASM: tl.constexpr):
@@ -242,7 +243,9 @@ if triton is not None:
         float-to-float conversions run 16 a clock per SM and bound the other modes).
         DQ == 1: float16 arithmetic, bf16 operands; DQ == 0: float32 arithmetic, bf16 operands."""
         if DQ == 2:  # the PTX is a constant per (bits, shift)
-            if BITS == 4:
+            if BITS == 8:
+                out = _magic(codes, scale, zero, _MAGIC_8_0)
+            elif BITS == 4:
                 if SHIFT == 0:
                     out = _magic(codes, scale, zero, _MAGIC_4_0)
                 else:
@@ -314,12 +317,14 @@ if triton is not None:
             c0 = (oi * PB)[None, :]  # the channels that packed position j holds: c0 + j
             c1, c2, c3 = c0 + 1, c0 + 2, c0 + 3
             q0 = _q_operand(qrow + c0, gm, scale, DQ)
-            q1 = _q_operand(qrow + c1, gm, scale, DQ)
+            if PB >= 2:
+                q1 = _q_operand(qrow + c1, gm, scale, DQ)
             if PB == 4:
                 q2 = _q_operand(qrow + c2, gm, scale, DQ)
                 q3 = _q_operand(qrow + c3, gm, scale, DQ)
             a0 = tl.zeros((GP, DP), tl.float32)
-            a1 = tl.zeros((GP, DP), tl.float32)
+            if PB >= 2:
+                a1 = tl.zeros((GP, DP), tl.float32)
             if PB == 4:
                 a2 = tl.zeros((GP, DP), tl.float32)
                 a3 = tl.zeros((GP, DP), tl.float32)
@@ -334,8 +339,10 @@ if triton is not None:
                 kp = KS + b * sksb + h * sksh + ((qo + n0) // BLOCK) * sksg
                 zp = KZ + b * sksb + h * sksh + ((qo + n0) // BLOCK) * sksg
                 k0 = _dq(kb, tl.load(kp + c0), tl.load(zp + c0), DQ, 0, BITS)
-                k1 = _dq(kb, tl.load(kp + c1), tl.load(zp + c1), DQ, BITS, BITS)
-                qk = tl.dot(q0, tl.trans(k0)) + tl.dot(q1, tl.trans(k1))
+                qk = tl.dot(q0, tl.trans(k0))
+                if PB >= 2:
+                    k1 = _dq(kb, tl.load(kp + c1), tl.load(zp + c1), DQ, BITS, BITS)
+                    qk += tl.dot(q1, tl.trans(k1))
                 if PB == 4:
                     k2 = _dq(kb, tl.load(kp + c2), tl.load(zp + c2), DQ, 4, BITS)
                     k3 = _dq(kb, tl.load(kp + c3), tl.load(zp + c3), DQ, 6, BITS)
@@ -352,13 +359,15 @@ if triton is not None:
                     vsc = tl.where(first, vsc, tl.load(vsp + 1, mask=nm, other=0.0)[:, None])
                     vzc = tl.where(first, vzc, tl.load(vzp + 1, mask=nm, other=0.0)[:, None])
                 a0 = a0 * alpha[:, None] + tl.dot(pb, _dq(vb, vsc, vzc, DQ, 0, BITS))
-                a1 = a1 * alpha[:, None] + tl.dot(pb, _dq(vb, vsc, vzc, DQ, BITS, BITS))
+                if PB >= 2:
+                    a1 = a1 * alpha[:, None] + tl.dot(pb, _dq(vb, vsc, vzc, DQ, BITS, BITS))
                 if PB == 4:
                     a2 = a2 * alpha[:, None] + tl.dot(pb, _dq(vb, vsc, vzc, DQ, 4, BITS))
                     a3 = a3 * alpha[:, None] + tl.dot(pb, _dq(vb, vsc, vzc, DQ, 6, BITS))
             base = ACC + row * G * D + og[:, None] * D
             tl.store(base + c0, a0, mask=gm[:, None])
-            tl.store(base + c1, a1, mask=gm[:, None])
+            if PB >= 2:
+                tl.store(base + c1, a1, mask=gm[:, None])
             if PB == 4:
                 tl.store(base + c2, a2, mask=gm[:, None])
                 tl.store(base + c3, a3, mask=gm[:, None])
@@ -433,13 +442,14 @@ def _gluon_fits(q: torch.Tensor, r: PackedRun) -> bool:
 
 def _kernel_takes(q: torch.Tensor, r: PackedRun) -> bool:
     d = q.shape[-1]
-    return (triton is not None and q.is_cuda and r.bits in (2, 4) and r.kgroup in (32, 64, 128) and d in (64, 128)
+    return (triton is not None and q.is_cuda and r.bits in (2, 4, 8) and r.kgroup in (32, 64, 128) and d in (64, 128)
             and r.vs.shape[-1] in (1, 2))
 
 
 def kernel_supports(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, bits: int) -> bool:
     """Whether :func:`decode_attention` runs a kernel for these inputs (else the reference): CUDA,
-    2/4-bit codes, key groups of 32/64/128 tokens, head_dim 64/128, one or two value groups."""
+    2/4/8-bit codes (8: the Triton kernel only), key groups of 32/64/128 tokens, head_dim 64/128,
+    one or two value groups."""
     n = kc.shape[2]
     kgroup = n // ks.shape[2] if ks.shape[2] else 64
     return _kernel_takes(q, PackedRun(kc, ks, ks, kc, vs, vs, kc, kc, 0, 0, bits, kgroup))
@@ -466,7 +476,7 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
                           num_stages: int | None = None, dequant: str = "magic",
                           out_dtype: torch.dtype = torch.float32, impl: str = "auto") -> torch.Tensor:
     """Attention of one query token a row over every run (see :class:`PackedRun`): a kernel on CUDA
-    for 2/4-bit codes with the key group as the tile (32, 64 or 128 tokens), the reference
+    for 2/4/8-bit codes with the key group as the tile (32, 64 or 128 tokens), the reference
     elsewhere. Each run's slices go to one buffer of partial results, merged once. The output is
     ``out_dtype``; ints for ``qlen`` / ``wlen`` spare a decode step building tensors.
     ``impl``: "auto" (the Gluon kernel where it takes a run, see ``gluon_decode.supports``; on an
