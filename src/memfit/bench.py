@@ -840,12 +840,21 @@ def _time_tiered(model, keys, values, tc, tok, steps: int, graph: bool = False) 
                           tok, steps, warmup=2)
     lay = tiered.layers[-1]
     row = {"step_ms": ms, "device_bytes": tiered.device_bytes, "host_bytes": tiered.host_bytes,
-           "bits": tc.bits or 16, "pages": lay.n_pages, "slots": lay.slots, "offload_s": offload_s,
+           "bits": tc.bits or 16, "fetch_cap": tc.fetch_cap, "pages": lay.n_pages, "slots": lay.slots, "offload_s": offload_s,
            "fetched_per_step": tiered.fetched_pages / max(1, tiered.steps)}
     tiered.close()
     del tiered
     _release_host()
     return row
+
+
+def _cap_name(cap: float | None) -> str:
+    return "" if cap is None else f"/cap{cap:g}"
+
+
+def _cap_arg(cap: float | None) -> dict:
+    """TierConfig's fetch_cap where one is given (None: its default)."""
+    return {} if cap is None else {"fetch_cap": cap}
 
 
 def _compare(rows: list[dict]) -> list[dict]:
@@ -854,6 +863,9 @@ def _compare(rows: list[dict]) -> list[dict]:
         ref = next((x for x in same if x["variant"] == "gpu"), None)
         if ref:
             r["vs_gpu"] = ref["step_ms"] / r["step_ms"]
+        graph = next((x for x in same if x["variant"] == "gpu_graph"), None)
+        if graph:
+            r["vs_gpu_graph"] = graph["step_ms"] / r["step_ms"]
         fa = next((x for x in same if x["variant"] == "fetch_all"), None)
         if fa:
             r["vs_fetch_all"] = fa["step_ms"] / r["step_ms"]
@@ -863,17 +875,18 @@ def _compare(rows: list[dict]) -> list[dict]:
 
 @torch.no_grad()
 def bench_tiered_speed(shapes: list[tuple[int, int]], budgets: tuple[float, ...] = (0.25, 0.1), steps: int = 8,
-                       layers: int = 32, chunk: int = 2048, page: int = 32, bits: int | None = 4,
-                       fetch_all: bool = True) -> list[dict]:
+                       layers: int = 32, chunk: int = 2048, page: int = 32, bits: int | None = 8,
+                       fetch_all: bool = True, fetch_caps: tuple[float, ...] | None = None) -> list[dict]:
     """Decode step time of a random-weight Llama-3.1-8B-shaped model over ``batch`` x ``context``
     (each of ``shapes``) with the KV (a) all on the GPU in 16 bits (transformers' DynamicCache; and
     its StaticCache replayed as a CUDA graph), (b) offloaded to pinned host memory in 16 bits and
     copied whole every step (``fetch_all``: what offloading without selection does), and the same
     with pages at ``bits`` (``fetch_all_<bits>bit``), (c) offloaded with memfit's page selection,
     pages at ``bits``, at each device budget (a fraction of the 16-bit KV's bytes), eager and
-    (``tiered_graph``, 2/4-bit pages) as a replayed CUDA graph like ``gpu_graph``. Random weights
+    (``tiered_graph``, 2/4/8-bit pages) as a replayed CUDA graph like ``gpu_graph``. Random weights
     give queries with little locality from step to step (each step's pages differ more than a
-    trained model's): ``fetched_per_step`` says how many pages a step copied."""
+    trained model's): ``fetched_per_step`` says how many pages a step copied. Each of
+    ``fetch_caps`` (TierConfig.fetch_cap; None: its default) is a variant of each budget (``/cap<c>``)."""
     import memfit.kv.attention  # noqa: F401  registers the memfit attention implementation
     from memfit.kv.tiered import TierConfig
 
@@ -904,9 +917,11 @@ def bench_tiered_speed(shapes: list[tuple[int, int]], budgets: tuple[float, ...]
         except torch.OutOfMemoryError:
             pass
         torch.cuda.empty_cache()
-        variants = [(f"tiered@{b:g}", TierConfig(device=b, page=page, bits=bits)) for b in budgets]
-        if bits in (2, 4):  # the static step, replayed as a CUDA graph (as gpu_graph is)
-            variants += [(f"tiered_graph@{b:g}", TierConfig(device=b, page=page, bits=bits)) for b in budgets]
+        tiered = [(f"@{b:g}{_cap_name(c)}", TierConfig(device=b, page=page, bits=bits, **_cap_arg(c)))
+                  for b in budgets for c in fetch_caps or (None,)]
+        variants = [(f"tiered{n}", tc) for n, tc in tiered]
+        if bits in (2, 4, 8):  # the static step, replayed as a CUDA graph (as gpu_graph is)
+            variants += [(f"tiered_graph{n}", tc) for n, tc in tiered]
         if fetch_all:
             variants = [("fetch_all", TierConfig(device=budgets[-1], page=page, fetch="all", bits=None))] + \
                 ([(f"fetch_all_{bits}bit", TierConfig(device=budgets[-1], page=page, fetch="all", bits=bits))]
@@ -934,8 +949,9 @@ class _Tiled:
 
 
 @torch.no_grad()
-def bench_tiered_throughput(requests: int = 32, context: int = 32768, device_gib: float = 16.0, bits: int | None = 4,
-                            steps: int = 6, layers: int = 32, chunk: int = 2048, page: int = 32) -> list[dict]:
+def bench_tiered_throughput(requests: int = 32, context: int = 32768, device_gib: float = 16.0, bits: int | None = 8,
+                            steps: int = 6, layers: int = 32, chunk: int = 2048, page: int = 32,
+                            fetch_caps: tuple[float, ...] | None = None) -> list[dict]:
     """Decode throughput at a fixed device budget for KV (``device_gib``): the largest batch whose
     16-bit KV fits in it on the GPU alone (eager, and as a CUDA graph), against ``requests``
     concurrent ``context``-token requests offloaded to pinned host memory (pages at ``bits``) and
@@ -968,11 +984,15 @@ def bench_tiered_throughput(requests: int = 32, context: int = 32768, device_gib
     torch.cuda.empty_cache()
     times = requests // fit
     tok = torch.randint(0, cfg.vocab_size, (requests, 1), device="cuda")
-    tc = TierConfig(device=budget, page=page, bits=bits)
-    for graph in (False, True) if bits in (2, 4) else (False,):
-        rows.append({**base, "batch": requests, "variant": f"tiered{'_graph' if graph else ''}@{device_gib:g}GiB",
-                     **_time_tiered(model, _Tiled(keys, times), _Tiled(values, times), tc, tok, steps, graph)})
+    for cap in fetch_caps or (None,):
+        tc = TierConfig(device=budget, page=page, bits=bits, **_cap_arg(cap))
+        for graph in (False, True) if bits in (2, 4, 8) else (False,):
+            name = f"tiered{'_graph' if graph else ''}@{device_gib:g}GiB{_cap_name(cap)}"
+            rows.append({**base, "batch": requests, "variant": name,
+                         **_time_tiered(model, _Tiled(keys, times), _Tiled(values, times), tc, tok, steps, graph)})
     for r in rows:
         r["tokens_per_s"] = r["batch"] / r["step_ms"] * 1e3
+    for r in rows:
         r["vs_gpu_tokens_per_s"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
+        r["vs_gpu_graph_tokens_per_s"] = r["tokens_per_s"] / rows[1]["tokens_per_s"]
     return rows

@@ -543,7 +543,10 @@ def bench_tiered_cmd(
     budgets: list[float] = typer.Option([0.25, 0.1], "--device", "-d",
                                         help="Device budgets, fractions of the 16-bit KV; repeat."),
     page: int = typer.Option(32, help="Tokens a page."),
-    bits: int = typer.Option(4, help="Bits a stored page element (2, 4, 8; 16: pages as stored)."),
+    bits: int = typer.Option(8, help="Bits a stored page element (2, 4, 8; 16: pages as stored)."),
+    fetch_caps: Optional[list[float]] = typer.Option(None, "--fetch-cap", help="At most this fraction of the pool "
+                                                     "fetched a step (0 < c <= 1, 1: no limit); repeat for "
+                                                     "variants. Default: TierConfig's."),
     speed: Optional[list[str]] = typer.Option(None, "--speed", help="BATCHxCONTEXT shapes to time on the GPU with a "
                                               "random-weight Llama-3.1-8B shape, e.g. 1x131072, 8x32768; repeat."),
     throughput: Optional[str] = typer.Option(None, help="REQUESTSxCONTEXT: decode throughput of that many "
@@ -567,6 +570,9 @@ def bench_tiered_cmd(
     if bits not in (2, 4, 8, 16):
         _fail(f"--bits must be 2, 4, 8 or 16, got {bits}")
     pbits = None if bits == 16 else bits
+    if any(not 0 < c <= 1 for c in fetch_caps or []):
+        _fail(f"every --fetch-cap must be a fraction in (0, 1], got {fetch_caps}")
+    caps = tuple(fetch_caps) if fetch_caps else None
     shapes = []
     for sh in speed or []:
         b, _, n = sh.lower().partition("x")
@@ -580,35 +586,41 @@ def bench_tiered_cmd(
         if not (treq.isdigit() and tctx.isdigit()) or int(treq) < 1 or int(tctx) < 1 or fit_gib <= 0:
             _fail(f"bad --throughput {throughput!r} (use REQUESTSxCONTEXT, e.g. 32x32768) or --fit-gib {fit_gib}")
         _need_cuda("--throughput")
-    result: dict = {"budgets": budgets, "page": page, "bits": bits}
+    result: dict = {"budgets": budgets, "page": page, "bits": bits, "fetch_caps": list(caps or [])}
     if samples:
         from memfit.eval.tiered import bench_tiered_accuracy
 
         lm = _load(model)
         result.update(model=model, device=str(lm.device))
-        result["accuracy"] = bench_tiered_accuracy(lm, tasks, length, samples, tuple(budgets), page, bits=pbits)
+        result["accuracy"] = bench_tiered_accuracy(lm, tasks, length, samples, tuple(budgets), page, bits=pbits,
+                                                         fetch_caps=caps)
         for name, s in result["accuracy"]["summary"].items():
             frac = f" device {s['device_fraction']:.1%} of the KV" if "device_fraction" in s else ""
             typer.echo(f"{name:<14} n={s['n']:<4} accuracy {s['accuracy']:5.1f}% ({s['delta']:+.1f}){frac}")
+        for name, why in result["accuracy"]["refused"].items():
+            typer.echo(f"{name:<14} refused: {why}")
     if shapes:
         from memfit.bench import bench_tiered_speed
 
-        result["speed"] = bench_tiered_speed(shapes, tuple(budgets), steps, layers, page=page, bits=pbits)
+        result["speed"] = bench_tiered_speed(shapes, tuple(budgets), steps, layers, page=page, bits=pbits,
+                                             fetch_caps=caps)
         for r in result["speed"]:
-            typer.echo(f"{r['batch']}x{r['context']:<7} {r['variant']:<12} {r['step_ms']:9.2f} ms  "
-                       f"{r.get('vs_gpu', float('nan')):.2f}x gpu  {r.get('vs_fetch_all', float('nan')):.2f}x fetch-all  "
+            typer.echo(f"{r['batch']}x{r['context']:<7} {r['variant']:<22} {r['step_ms']:9.2f} ms  "
+                       f"{r.get('vs_gpu', float('nan')):.2f}x gpu  {r.get('vs_gpu_graph', float('nan')):.2f}x gpu graph  "
+                       f"{r.get('vs_fetch_all', float('nan')):.2f}x fetch-all  "
                        f"device {r['device_bytes'] / 2**30:.2f} GiB")
     if throughput:
         from memfit.bench import bench_tiered_throughput
 
         try:
             result["throughput"] = bench_tiered_throughput(int(treq), int(tctx), fit_gib, pbits, steps, layers,
-                                                           page=page)
+                                                           page=page, fetch_caps=caps)
         except ValueError as e:
             _fail(str(e))
         for x in result["throughput"]:
-            typer.echo(f"{x['batch']}x{x['context']:<7} {x['variant']:<16} {x['step_ms']:9.2f} ms  "
-                       f"{x['tokens_per_s']:8.1f} tokens/s ({x['vs_gpu_tokens_per_s']:.2f}x)  "
+            typer.echo(f"{x['batch']}x{x['context']:<7} {x['variant']:<26} {x['step_ms']:9.2f} ms  "
+                       f"{x['tokens_per_s']:8.1f} tokens/s ({x['vs_gpu_tokens_per_s']:.2f}x gpu, "
+                       f"{x['vs_gpu_graph_tokens_per_s']:.2f}x gpu graph)  "
                        f"device {x['device_bytes'] / 2**30:.2f} GiB")
     _write_json(out, result)
     typer.echo(f"wrote {out}")

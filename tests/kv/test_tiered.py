@@ -96,6 +96,8 @@ def test_dense_first_layers_and_budget(prefilled):
     cache.close()
     with pytest.raises(ValueError, match="does not hold the window"):
         _offload(prefilled, TierConfig(bits=None, device=0.05, page=16, window=32))
+    with pytest.raises(ValueError, match="does not hold the window"):  # every layer dense: all their pages
+        _offload(prefilled, TierConfig(bits=None, device=0.6, page=16, window=32, dense=3))
 
 
 def test_bound_never_underestimates():
@@ -114,14 +116,15 @@ def test_bound_never_underestimates():
         assert bool((bound <= best.abs().amax() * 10).all())  # and it is a bound, not infinity
 
 
-def test_disk_tier_context_4x_host_budget(model, prefilled, tmp_path):
-    keys, _ = prefilled
-    full = sum(2 * k.numel() * k.element_size() for k in keys)
-    host = _offload(prefilled, TierConfig(bits=None, device=0.5, page=16, window=32, dense=0))
-    disk = _offload(prefilled, TierConfig(bits=None, device=0.5, page=16, window=32, dense=0, host_bytes=full // 4,
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_disk_tier_context_4x_host_budget(model, prefilled, tmp_path, bits):
+    cfg = TierConfig(bits=bits, device=0.5, page=16, window=32, dense=0)
+    host = _offload(prefilled, cfg)
+    stored = host.host_bytes  # every page's record
+    disk = _offload(prefilled, TierConfig(bits=bits, device=0.5, page=16, window=32, dense=0, host_bytes=stored // 4,
                                           disk_dir=str(tmp_path)))
     assert 0 < disk.layers[0].host_pages < disk.layers[0].n_pages
-    assert disk.host_bytes <= full // 4 and disk.disk_bytes > 3 * disk.host_bytes
+    assert disk.host_bytes <= stored // 4 and disk.disk_bytes > 3 * disk.host_bytes  # the context: > 4x the host budget
     assert _close(_decode(model, disk), _decode(model, host)) == 0.0  # the same pages, read from disk
     assert any(tmp_path.iterdir())
     disk.close()
@@ -234,6 +237,8 @@ def test_gpu_gathers_pinned_pages_itself(prefilled, bits):
     lay = gpu.layers[1]
     assert lay.host_view is not None and lay.host_view.device.type == "cuda"
     assert torch.equal(lay.host_view.cpu(), cpu.layers[1].host_rec)  # the device reads the host's page bytes
+    # pinned at exactly the pages' bytes (torch's pinned allocator would round up to a power of two)
+    assert lay.host_rec.is_pinned() and lay._pinned.buf.numel() == lay.host_rec.numel() == gpu.host_bytes // len(gpu.layers)
     q = torch.randn(2, 4 * keys[0].shape[1], 1, keys[0].shape[-1], dtype=torch.float64)
     for a, b in zip(cpu.layers, gpu.layers):
         assert (a.attend(q, 0.1).cpu() - b.attend(q.cuda(), 0.1).cpu()).abs().max() < 1e-9
@@ -241,11 +246,12 @@ def test_gpu_gathers_pinned_pages_itself(prefilled, bits):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the packed-KV kernel)")
-def test_gpu_kernel_attends_over_the_packed_pool():
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gpu_kernel_attends_over_the_packed_pool(bits):
     gen = torch.Generator(device="cuda").manual_seed(4)
     keys = torch.randn(2, 2, 1100, 64, generator=gen, device="cuda").bfloat16()
     values = torch.randn(2, 2, 1100, 64, generator=gen, device="cuda").bfloat16()
-    cache = TieredCache.offload([keys], [values], TierConfig(bits=4, device=0.4, page=32, window=64, dense=0))
+    cache = TieredCache.offload([keys], [values], TierConfig(bits=bits, device=0.4, page=32, window=64, dense=0))
     lay = cache.layers[0]
     q = torch.randn(2, 6, 1, 64, generator=gen, device="cuda").bfloat16()
     assert lay._kernel_reads_pool(q)
@@ -256,10 +262,11 @@ def test_gpu_kernel_attends_over_the_packed_pool():
     cache.close()
 
 
-def test_static_decode_equals_dynamic(model, prefilled):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_static_decode_equals_dynamic(model, prefilled, bits):
     from memfit.kv.static import GraphDecoder
 
-    cfg = TierConfig(bits=4, device=0.4, page=16, window=32, dense=1)
+    cfg = TierConfig(bits=bits, device=0.4, page=16, window=32, dense=1)
     dyn = _offload(prefilled, cfg)
     want = _decode(model, dyn)
     static = _offload(prefilled, cfg).to_static(8)
@@ -272,12 +279,13 @@ def test_static_decode_equals_dynamic(model, prefilled):
     assert static.get_seq_length() == CONTEXT + 5
     static.to_dynamic()
     assert static.layers[0].keys.shape[2] == dyn.layers[0].keys.shape[2]
-    with pytest.raises(ValueError, match="16 or 8 bits"):
+    with pytest.raises(ValueError, match="16-bit pages"):
         _offload(prefilled, TierConfig(bits=None, device=1e12, page=16, window=32)).to_static(4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (CUDA graphs)")
-def test_gpu_graph_replay_equals_eager_static_steps():
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gpu_graph_replay_equals_eager_static_steps(bits):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from memfit.kv.static import GraphDecoder
@@ -292,7 +300,7 @@ def test_gpu_graph_replay_equals_eager_static_steps():
     with torch.no_grad():
         model(ids, **with_cache(model, ref), use_cache=True)
     keys, values = [lay.keys for lay in ref.layers], [lay.values for lay in ref.layers]
-    tc = TierConfig(bits=4, device=0.3, page=32, window=64, dense=1)
+    tc = TierConfig(bits=bits, device=0.3, page=32, window=64, dense=1)
     nxt = torch.randint(0, 259, (2, 6), device="cuda")
     out = []
     for graph in (False, True):
@@ -343,3 +351,42 @@ def test_question_pins_the_pages_it_attends_most(model, prefilled, pin, monkeypa
             assert bool(torch.isin(layer.pins[r, h], layer.slot_page[r, h]).all())
     cache.close()
 
+
+
+def test_fetch_cap_replaces_the_lowest_pages_with_the_highest_misses():
+    gen = torch.Generator().manual_seed(3)
+    b, h, g, n, p, d, slots = 2, 2, 2, 24, 8, 16, 8
+    keys = torch.randn(b, h, n * p, d, generator=gen, dtype=torch.float64)
+    values = torch.randn(b, h, n * p, d, generator=gen, dtype=torch.float64)
+    cfg = TierConfig(bits=None, page=p, window=0, sink=0, pin=0, fetch_cap=0.25)  # 2 of 8 slots a step
+    layer = TieredLayer(keys, values, cfg, slots, n, torch.device("cpu"), None, None)
+    q0 = torch.randn(b, h * g, 1, d, generator=gen, dtype=torch.float64)
+    layer.select(q0)  # an empty pool fills whole, whatever the cap
+    first = layer.bound(q0).topk(slots, dim=-1).indices
+    assert torch.equal(layer.slot_page.sort(-1).values, first.sort(-1).values)
+    fetched = int(layer.stats["fetched"])
+    assert fetched == b * h * slots
+    for _ in range(5):
+        before = layer.slot_page.clone()
+        q = torch.randn(b, h * g, 1, d, generator=gen, dtype=torch.float64)
+        bound = layer.bound(q)
+        want = bound.topk(slots, dim=-1).indices
+        layer.select(q)
+        assert int(layer.stats["fetched"]) - fetched == int((before != layer.slot_page).sum())
+        fetched = int(layer.stats["fetched"])
+        for r in range(b):
+            for hh in range(h):
+                old, now, w = set(before[r, hh].tolist()), set(layer.slot_page[r, hh].tolist()), want[r, hh].tolist()
+                misses = [x for x in w if x not in old]  # highest bound first
+                came, left = now - old, old - now
+                assert came == set(misses[:2])  # at most the cap, the best misses
+                unchosen = sorted((x for x in old if x not in w), key=lambda x: bound[r, hh, x].item())
+                assert left == set(unchosen[: len(came)])  # evicted: the unchosen pages of lowest bound
+        assert bool((layer.where >= 0).sum(-1).eq(slots).all())  # the page -> slot map stays consistent
+        for r in range(b):
+            for hh in range(h):
+                for s_, pg in enumerate(layer.slot_page[r, hh].tolist()):
+                    assert layer.where[r, hh, pg] == s_
+                    assert torch.equal(layer.pooled["k"][r, hh, s_], keys[r, hh, pg * p : (pg + 1) * p])
+    with pytest.raises(ValueError, match="fetch_cap"):
+        TierConfig(fetch_cap=0)

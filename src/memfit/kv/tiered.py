@@ -62,9 +62,12 @@ class TierConfig:
     ``host_bytes``: host memory for pages (None: every page on the host); the rest go to files
     under ``disk_dir`` (None: a temporary directory). ``bits``: pages stored (on every tier) and
     moved at 2/4/8 bits (keys per channel over the page, values per token over ``vgroup`` channels:
-    KIVI's layout), or None for 16 bits: 4 bits put about 3.7x more pages in the same budget and
-    move 3.7x fewer bytes a fetch. ``fetch``: "select" (memfit) or "all" (copy every page each
-    step: the baseline). ``workers``: threads reading disk pages."""
+    KIVI's layout), or None for 16 bits: 8 bits put about 1.9x more pages in the same budget than
+    16 and move 1.9x fewer bytes a fetch (4 bits: 3.7x, less accurate). ``fetch``: "select"
+    (memfit) or "all" (copy every page each step: the baseline). ``fetch_cap``: at most this
+    fraction of the pool is replaced a step, the misses of highest bound first (1: no limit), which
+    bounds a step's transfer when consecutive steps choose different pages. ``workers``: threads
+    reading disk pages."""
 
     device: float = 0.1
     page: int = 32
@@ -73,12 +76,13 @@ class TierConfig:
     dense: int = 2  # first layers keep every page on the device (their attention is too spread to select: Quest)
     host_bytes: int | None = None
     disk_dir: str | None = None
-    bits: int | None = 4
+    bits: int | None = 8
     vgroup: int = 64
     fetch: str = "select"
     workers: int = 4
     pin: int = 8  # pages a question attends most (per row and KV head) kept while answering
     probe: int = 16  # the question's last rows that say which
+    fetch_cap: float = 0.05
 
     def __post_init__(self):
         if self.page < 1 or self.window < 0:
@@ -95,6 +99,8 @@ class TierConfig:
             raise ValueError(f"pin must be >= 0 and probe >= 1, got pin={self.pin}, probe={self.probe}")
         if self.host_bytes is not None and self.host_bytes < 0:
             raise ValueError(f"host_bytes must be >= 0, got {self.host_bytes}")
+        if not 0 < self.fetch_cap <= 1:
+            raise ValueError(f"fetch_cap must be a fraction of the pool in (0, 1], got {self.fetch_cap}")
 
 
 class _Codec:
@@ -217,6 +223,28 @@ def _device_view(host: torch.Tensor, device: torch.device) -> torch.Tensor | Non
     return torch.as_tensor(_Host(), device=device)  # the caller keeps ``host`` alive
 
 
+class _PinnedHost:
+    """``nbytes`` of host memory pinned at exactly that size (cudaHostRegister). torch's pinned
+    allocator rounds each block up to a power of two, which for a layer's pages (a few GiB) can
+    nearly double the host memory they take. Unpinned when this object goes, so whoever reads
+    ``buf`` keeps this object too."""
+
+    def __init__(self, nbytes: int):
+        self.buf = torch.empty(nbytes, dtype=torch.uint8)
+        self.ptr = self.buf.data_ptr()
+        err = torch.cuda.cudart().cudaHostRegister(self.ptr, nbytes, 1 | 2) if nbytes else 0  # portable, mapped
+        if int(err) != 0:
+            raise RuntimeError(f"pinning {nbytes / 2**30:.2f} GiB of host memory for offloaded pages failed "
+                               f"(cudaHostRegister error {int(err)}): lower host_bytes to put pages on disk")
+        self.registered = bool(nbytes)
+
+    def __del__(self):
+        if getattr(self, "registered", False):
+            torch.cuda.synchronize()  # no copy or kernel may still be reading it
+            torch.cuda.cudart().cudaHostUnregister(self.ptr)
+            self.registered = False
+
+
 class TieredLayer(CacheLayerMixin):
     """One layer of a :class:`TieredCache` (see the module doc)."""
 
@@ -337,7 +365,10 @@ class TieredLayer(CacheLayerMixin):
     def _host_copy(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` copied once into contiguous host memory (flat page indexing reads it as [B*H*N, R]),
         pinned where the device is a GPU."""
-        return torch.empty(x.shape, dtype=x.dtype, pin_memory=self.pinned).copy_(x)
+        if not self.pinned:
+            return torch.empty(x.shape, dtype=x.dtype).copy_(x)
+        self._pinned = _PinnedHost(x.numel() * x.element_size())
+        return self._pinned.buf.view(x.dtype).view(x.shape).copy_(x)
 
     def _stored_row(self, rows: torch.Tensor) -> torch.Tensor:
         """Decode (row, head) pairs, flat, -> the storage's (a fork of one row into several reads it)."""
@@ -376,15 +407,22 @@ class TieredLayer(CacheLayerMixin):
         bound[..., : self.cfg.sink] = float("inf")  # the first tokens take much of every head's attention
         if self.pins is not None and self.pins.shape[0] == b:
             bound.scatter_(-1, self.pins, float("inf"))
-        want = bound.topk(s, dim=-1).indices  # [B, H, S]
+        want = bound.topk(s, dim=-1).indices  # [B, H, S], highest bound first
         hit = self.where.gather(-1, want) >= 0
         chosen = torch.zeros(b, h, n, dtype=torch.bool, device=self.device).scatter_(-1, want, True)
-        keep = (self.slot_page >= 0) & chosen.gather(-1, self.slot_page.clamp(min=0))
-        # misses first / free slots first: the j-th miss of a (row, head) goes into its j-th free slot
-        # (as many free slots as misses: S distinct pages are wanted and S slots exist)
+        filled = self.slot_page >= 0
+        keep = filled & chosen.gather(-1, self.slot_page.clamp(min=0))
+        # misses first (highest bound first) / free slots first (empty, then the unchosen pages of lowest
+        # bound): the j-th miss of a (row, head) goes into its j-th free slot (as many free slots as
+        # misses: S distinct pages are wanted and S slots exist)
         miss_pages = want.gather(-1, hit.to(torch.int8).argsort(dim=-1, stable=True))
-        free_slots = keep.to(torch.int8).argsort(dim=-1, stable=True)
-        new = torch.arange(s, device=self.device) < (~hit).sum(-1, keepdim=True)  # [B, H, S]
+        held = bound.gather(-1, self.slot_page.clamp(min=0))
+        order = torch.where(keep, float("inf"), torch.where(filled, held, float("-inf")))
+        free_slots = order.argsort(dim=-1, stable=True)
+        fetch = (~hit).sum(-1, keepdim=True)
+        if self.cfg.fetch_cap < 1:  # pages fetched a step: the cap, or what fills an empty pool
+            fetch = fetch.clamp(max=(~filled).sum(-1, keepdim=True).clamp(min=math.ceil(self.cfg.fetch_cap * s)))
+        new = torch.arange(s, device=self.device) < fetch  # [B, H, S]
         rows = torch.arange(b * h, device=self.device).view(b, h, 1)
         self._fetch((self._stored_row(rows) * n + miss_pages).view(-1), (rows * s + free_slots).view(-1), new.view(-1))
         old = self.slot_page.gather(-1, free_slots)
@@ -459,9 +497,9 @@ class TieredLayer(CacheLayerMixin):
         return out.transpose(1, 2)
 
     def _kernel_reads_pool(self, query: torch.Tensor) -> bool:
-        """Whether memfit's packed-KV decode kernel attends over the pool as it is (2/4-bit pages on a
+        """Whether memfit's packed-KV decode kernel attends over the pool as it is (2/4/8-bit pages on a
         GPU, one query token, the page as its key group): nothing is dequantized to memory."""
-        if not (query.is_cuda and self.codec.bits in (2, 4) and query.shape[2] == 1):
+        if not (query.is_cuda and self.codec.bits in (2, 4, 8) and query.shape[2] == 1):
             return False
         f = self.pooled
         b, h, s = self.slot_page.shape
@@ -485,7 +523,7 @@ class TieredLayer(CacheLayerMixin):
         """The window into a buffer with room for ``max_new_tokens`` more, its length on the device:
         a step is then device work only (selection, the page copies, the kernel), which a CUDA
         graph can record."""
-        why = ("pages of 16 or 8 bits (the kernel reads 2 or 4)" if self.codec.bits not in (2, 4)
+        why = ("16-bit pages (the kernel reads 2, 4 or 8 bits)" if self.codec.bits not in (2, 4, 8)
                else "fetch='all'" if self.cfg.fetch == "all" or not self.slots
                else "pages on disk (the device reads only host memory)" if self.device.type == "cuda"
                and self.host_view is None else None)
@@ -623,6 +661,8 @@ class TieredCache(Cache):
         dense = min(cfg.dense, len(keys))
         per_layer = (budget / (b * h) - dense * (fixed + n * slot_bytes)) / max(1, len(keys) - dense)
         slots = int((per_layer - fixed) // slot_bytes) if dense < len(keys) else n
+        if dense == len(keys) and budget < len(keys) * b * h * (fixed + n * slot_bytes):
+            slots = 0  # every layer is dense and their pages do not fit
         if cfg.fetch == "all":  # the baseline keeps no pool: each step copies a whole layer in
             slots, dense = 0, 0
         elif n and slots < 1:
@@ -672,7 +712,7 @@ class TieredCache(Cache):
     # -- static decode (memfit.kv.static.GraphDecoder) ------------------------------------------------
     def to_static(self, max_new_tokens: int) -> "TieredCache":
         """Fixed buffers for ``max_new_tokens`` decode steps, so that ``GraphDecoder`` can replay a
-        step as a CUDA graph: pages at 2/4 bits, all in host memory on a GPU."""
+        step as a CUDA graph: pages at 2/4/8 bits, all in host memory on a GPU."""
         for layer in self.layers:
             layer.to_static(max_new_tokens)
         return self
