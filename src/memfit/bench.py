@@ -652,7 +652,8 @@ def bench_decode(batch: int = 8, context: int = 32768, policies: tuple[str, ...]
 
 def parse_weight_config(spec: str):
     """``"hqq:4"``, ``"rtn:3:g128"``, ``"hqq:4:g32:m8"`` (scale and zero in 8 bits), ``"guided:3"``,
-    ``"guided:4:uniform"``, ``"anyprec:8"`` -> WeightQuant."""
+    ``"guided:4:uniform"``, ``"anyprec:8"``, ``"hqq:3:q2"`` (QDEC on 2% of the input channels, its
+    residual at 8 bits; ``:q2:r4`` at 4) -> WeightQuant."""
     from memfit.weights import WeightQuant
 
     parts = spec.split(":")
@@ -662,10 +663,13 @@ def parse_weight_config(spec: str):
     for extra in parts[2:]:
         if extra in ("uniform", "codebook"):
             kw["grid"] = extra
-        elif extra[:1] in ("g", "m") and extra[1:].isdigit():
-            kw["group_size" if extra[0] == "g" else "meta_bits"] = int(extra[1:])
+        elif extra[:1] in ("g", "m", "r") and extra[1:].isdigit():
+            kw[{"g": "group_size", "m": "meta_bits", "r": "qdec_bits"}[extra[0]]] = int(extra[1:])
+        elif extra[:1] == "q" and extra[1:].replace(".", "", 1).isdigit():
+            kw["qdec_channels"] = float(extra[1:]) / 100
         else:
-            raise ValueError(f"bad weight config {spec!r}: {extra!r} is not gGROUP, mMETA_BITS, uniform or codebook")
+            raise ValueError(f"bad weight config {spec!r}: {extra!r} is not gGROUP, mMETA_BITS, qPERCENT, rBITS, "
+                             "uniform or codebook")
     return WeightQuant(**kw)
 
 
@@ -702,12 +706,15 @@ def bench_weights(lm: LM, configs: list, text: str, read_bits: tuple[int, ...] =
             name = (f"{cfg.method}:{cfg.bits}" + (f":g{cfg.group_size}" if cfg.uses_groups and cfg.group_size != 64 else "")
                     + (":uniform" if cfg.method == "guided" and cfg.grid == "uniform" else "")
                     + (f":m{cfg.meta_bits}" if cfg.meta_bits else "")
+                    + (f":q{cfg.qdec_channels * 100:g}" + (f":r{cfg.qdec_bits}" if cfg.qdec_bits != 8 else "")
+                       if cfg.qdec_channels else "")
                     + (f"@{bits}" if cfg.method == "anyprec" else ""))
             rows.append({"config": name, "method": cfg.method, "bits": bits, "stored_bits": cfg.bits,
                          "group_size": cfg.group_size if cfg.uses_groups else None, "meta_bits": cfg.meta_bits,
                          "perplexity": ppl, "ppl_vs_ref": ppl / ref_ppl - 1,
                          "linear_bytes": report.nbytes, "linear_fraction": report.nbytes / report.orig_nbytes,
                          "model_bytes": wb["total"], "model_fraction": wb["total"] / ref_bytes["total"],
+                         "qdec_channels": cfg.qdec_channels, "host_bytes": wb["host"],
                          "skipped": sorted(report.skipped), "quantize_s": took, "ppl_seconds": time.perf_counter() - t1})
     lm.model = reference
     return rows

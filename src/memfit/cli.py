@@ -369,6 +369,10 @@ def quantize(
     grid: str = typer.Option("codebook", help="guided: codebook (non-uniform per output channel) or uniform (per group)."),
     meta_bits: int = typer.Option(0, "--meta-bits", help="Uniform grids: bits of each group's scale and of its zero "
                                   "(0: float16). 8 pays for --group-size 32 at about g64's bytes."),
+    qdec_channels: float = typer.Option(0.0, "--qdec-channels", help="QDEC: also keep each layer's residual in host "
+                                        "memory and add it on this fraction of each token's input channels, the "
+                                        "largest (e.g. 0.02; 0: off)."),
+    qdec_bits: int = typer.Option(8, "--qdec-bits", help="QDEC: bits of the residual (4, 8; 16 / 32: float)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write (safetensors + config + tokenizer)."),
 ) -> None:
     """Quantize a model's weights and save them; `memfit.load_model(OUT)` and `--model OUT` load them."""
@@ -376,7 +380,8 @@ def quantize(
 
     try:
         cfg = WeightQuant(bits=bits, group_size=group_size, method=method, skip=tuple(skip), seed_bits=seed_bits,
-                          calib_seqs=calib_seqs, calib_len=calib_len, grid=grid, meta_bits=meta_bits)
+                          calib_seqs=calib_seqs, calib_len=calib_len, grid=grid, meta_bits=meta_bits,
+                          qdec_channels=qdec_channels, qdec_bits=qdec_bits)
     except ValueError as e:
         _fail(str(e))
     if out.exists() and any(out.iterdir()) and not (out / "memfit_quant.json").is_file():
@@ -389,7 +394,8 @@ def quantize(
     after = weight_bytes(lm.model)["total"]
     typer.echo(f"{len(report.layers)} layers quantized ({method}, {bits}-bit) in {time.perf_counter() - t0:.0f} s: "
                f"{_mib(report.orig_nbytes)} -> {_mib(report.nbytes)} ({report.nbytes / report.orig_nbytes:.3f}x); "
-               f"whole model {_mib(before)} -> {_mib(after)}; kept: {', '.join(sorted(report.skipped)) or 'none'}")
+               f"whole model {_mib(before)} -> {_mib(after)}; kept: {', '.join(sorted(report.skipped)) or 'none'}"
+               + (f"; QDEC residuals in host memory: {_mib(report.host_nbytes)}" if report.host_nbytes else ""))
     typer.echo(f"-> {out}")
 
 

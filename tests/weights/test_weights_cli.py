@@ -57,5 +57,22 @@ def test_parse_weight_config():
     assert parse_weight_config("anyprec:8").method == "anyprec"
     assert parse_weight_config("guided:4:uniform").grid == "uniform"
     assert parse_weight_config("hqq:4:g32:m8").meta_bits == 8
+    cfg = parse_weight_config("hqq:3:q2:r4")
+    assert (cfg.qdec_channels, cfg.qdec_bits) == (0.02, 4) and parse_weight_config("hqq:3:q0.5").qdec_channels == 0.005
     with pytest.raises(ValueError, match="mMETA_BITS"):
         parse_weight_config("hqq:4:x8")
+    with pytest.raises(ValueError, match="qdec_channels"):
+        parse_weight_config("hqq:3:q150")
+
+
+def test_cli_quantize_with_qdec(tiny_model_dir, tmp_path):
+    out = tmp_path / "q3"
+    r = runner.invoke(app, ["quantize", "-m", str(tiny_model_dir), "--bits", "3", "--method", "rtn", "-g", "32",
+                            "--qdec-channels", "0.05", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "QDEC residuals in host memory" in r.output
+    manifest = json.loads((out / "memfit_quant.json").read_text())
+    assert manifest["format"] == 3 and manifest["config"]["qdec_channels"] == 0.05
+    r = runner.invoke(app, ["quantize", "-m", str(tiny_model_dir), "--qdec-channels", "0.02", "--qdec-bits", "3",
+                            "--out", str(tmp_path / "bad")])
+    assert r.exit_code == 2 and "qdec_bits" in r.output

@@ -14,8 +14,8 @@ from memfit.weights.quantize import QuantReport, WeightQuant, _set_module, set_r
 
 MANIFEST = "memfit_quant.json"
 WEIGHTS = "model.safetensors"
-FORMAT = 2  # 2 added quantized scale and zero (meta_bits); a folder without them is still written as 1
-READS = (1, 2)
+FORMAT = 3  # 2 added quantized scale and zero (meta_bits), 3 QDEC residuals; a folder without them is written as 1
+READS = (1, 2, 3)
 
 
 def save_quantized(model: nn.Module, tokenizer, out_dir: "str | Path", report: QuantReport) -> Path:
@@ -37,7 +37,8 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: "str | Path", report: Q
     tmp = out / (WEIGHTS + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "memfit-quant"})
     tmp.replace(out / WEIGHTS)
-    fmt = FORMAT if any(v.get("meta_bits") for v in report.layers.values()) else 1  # older memfit reads these
+    layers = report.layers.values()  # the oldest format that holds the folder: older memfit reads it
+    fmt = FORMAT if any(v.get("qdec_k") for v in layers) else 2 if any(v.get("meta_bits") for v in layers) else 1
     manifest = {"format": fmt, "config": report.config.to_dict(), "layers": report.layers,
                 "skipped": report.skipped, "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -74,7 +75,8 @@ def load_quantized(folder: "str | Path", device: torch.device, dtype: torch.dtyp
             raise ValueError(f"{folder}: quantized layer {name} is not a Linear layer of this architecture")
         _set_module(model, name, QuantLinear(lin.in_features, lin.out_features, info["bits"], info["group_size"],
                                              info["kind"], bias=lin.bias is not None, dtype=dtype,
-                                             meta_bits=info.get("meta_bits", 0)))
+                                             meta_bits=info.get("meta_bits", 0), qdec_k=info.get("qdec_k", 0),
+                                             qdec_bits=info.get("qdec_bits", 8)))
     try:
         tensors = load_file(str(folder / WEIGHTS))
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files

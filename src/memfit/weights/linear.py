@@ -25,6 +25,7 @@ from torch import nn
 
 from memfit.kernels import plane_gemv
 from memfit.kernels.packing import pack_planes, unpack_planes
+from memfit.weights import qdec
 from memfit.weights.anyprec import bin_centres
 from memfit.weights.grid import META_BITS, MetaCodes
 
@@ -34,7 +35,8 @@ TINYGEMM_GROUPS = (32, 64, 128, 256)
 
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, kind: str = "uniform",
-                 bias: bool = False, device=None, dtype: torch.dtype = torch.bfloat16, meta_bits: int = 0):
+                 bias: bool = False, device=None, dtype: torch.dtype = torch.bfloat16, meta_bits: int = 0,
+                 qdec_k: int = 0, qdec_bits: int = 8):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown grid kind {kind!r}; use one of {KINDS}")
@@ -61,6 +63,14 @@ class QuantLinear(nn.Module):
             self.register_buffer("codebook", torch.zeros(out_features, 1 << bits, dtype=torch.float16, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         self._int4: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (packed, scales_and_zeros, read_bits)
+        # QDEC (memfit.weights.qdec): the residual W - Q, in host memory, added on each token's k channels
+        self.qdec_k, self.qdec_bits = qdec_k, qdec_bits
+        if qdec_k:
+            qdec.check(qdec_bits, qdec_k / in_features)
+            dt = {16: torch.float16, 32: torch.float32}.get(qdec_bits, torch.uint8)
+            shape = (in_features, out_features) if dt != torch.uint8 else (in_features, out_features * qdec_bits // 8)
+            self.register_buffer("qdec_codes", torch.zeros(shape, dtype=dt))
+            self.register_buffer("qdec_scale", torch.zeros(0 if dt != torch.uint8 else in_features, dtype=torch.float16))
 
     # -- building -------------------------------------------------------------------------------
     @classmethod
@@ -86,6 +96,24 @@ class QuantLinear(nn.Module):
         if linear.bias is not None:
             q.bias.data.copy_(linear.bias.data)
         return q
+
+    def attach_residual(self, weight: torch.Tensor, k: int, bits: int = 8) -> None:
+        """QDEC: keep ``weight - self.dequantize()`` (in host memory, at ``bits``) and add it, at each
+        call, over each input row's ``k`` largest channels."""
+        if not 1 <= k <= self.in_features:
+            raise ValueError(f"qdec: k must be in 1..{self.in_features} input channels, got {k}")
+        qdec.check(bits, k / self.in_features)
+        codes, scale = qdec.encode(weight.float() - self.dequantize(torch.float32), bits)
+        self.qdec_k, self.qdec_bits = k, bits
+        self.register_buffer("qdec_codes", codes.cpu())
+        self.register_buffer("qdec_scale", scale.cpu())
+        if self.planes.is_cuda:
+            self._pin_residual()
+
+    def _pin_residual(self) -> None:
+        for name in ("qdec_codes", "qdec_scale"):
+            if not self._buffers[name].is_pinned():
+                self._buffers[name] = self._buffers[name].pin_memory()
 
     def set_read_bits(self, n: int) -> None:
         """Read the top ``n`` bit planes only (any-precision); needs nothing re-quantized."""
@@ -178,7 +206,12 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         self._drop_int4()  # moving or casting: the copy stays behind, the planes go along
-        return super()._apply(fn, recurse)
+        held = {n: self._buffers.pop(n) for n in ("qdec_codes", "qdec_scale") if n in self._buffers}
+        out = super()._apply(fn, recurse)
+        self._buffers.update(held)  # QDEC's residual stays in host memory, as stored, wherever the layer goes
+        if held and self.planes.is_cuda:
+            self._pin_residual()
+        return out
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -193,28 +226,40 @@ class QuantLinear(nn.Module):
             packed, sz = self._int4_weights()
             y = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, self.in_features), packed, self.group_size, sz)
             y = y.reshape(*x.shape[:-1], self.out_features)
-            return y + self.bias if self.bias is not None else y
-        if self._gemv_ok(x):
+            y = y + self.bias if self.bias is not None else y
+        elif self._gemv_ok(x):
             if self.meta_bits:
                 grid = {"meta": (self.scale_codes, self.offset_codes, self.meta_ranges)}
             else:
                 grid = {"scale": self.scale, "zero": self.zero}
             y = plane_gemv.plane_gemv(x, self._planes(), self.group_size, self.read_bits, **grid)
-            return y + self.bias if self.bias is not None else y
-        return F.linear(x, self.dequantize(x.dtype), self.bias)
+            y = y + self.bias if self.bias is not None else y
+        else:
+            y = F.linear(x, self.dequantize(x.dtype), self.bias)
+        if self.qdec_k:
+            y = y + qdec.correction(x, self.qdec_codes, self.qdec_scale, self.qdec_bits, self.qdec_k)
+        return y
 
     # -- accounting -----------------------------------------------------------------------------
     @property
     def nbytes(self) -> int:
-        """Bytes stored (what ``save_quantized`` writes): the bit planes, the grid and the bias."""
+        """Bytes of the layer as it runs on its device (what ``save_quantized`` writes, but QDEC's
+        residual, which stays in host memory: :attr:`qdec_nbytes`): bit planes, grid and bias."""
         planes = self.bits * self.out_features * -(-self.in_features // 8)
-        return planes + self._held() - self.planes.nbytes
+        return planes + self._held() - self.planes.nbytes - self.qdec_nbytes
+
+    @property
+    def qdec_nbytes(self) -> int:
+        """Bytes of QDEC's residual (host memory)."""
+        return sum(self._buffers[n].nbytes for n in ("qdec_codes", "qdec_scale") if n in self._buffers)
 
     @property
     def resident_nbytes(self) -> int:
-        """Bytes this layer holds in memory now: its buffers and bias, and the tinygemm copy (the codes
-        again, with a bfloat16 scale and zero) where it exists; a 4-bit layer's planes are then gone."""
-        return self._held() + (self._int4[0].nbytes + self._int4[1].nbytes if self._int4 is not None else 0)
+        """Bytes this layer holds on its device now: its buffers and bias, and the tinygemm copy (the
+        codes again, with a bfloat16 scale and zero) where it exists; a 4-bit layer's planes are then
+        gone. QDEC's residual, in host memory, is not counted."""
+        held = self._held() - self.qdec_nbytes
+        return held + (self._int4[0].nbytes + self._int4[1].nbytes if self._int4 is not None else 0)
 
     def _held(self) -> int:
         return sum(t.nbytes for t in self.buffers()) + (self.bias.nbytes if self.bias is not None else 0)
@@ -222,4 +267,4 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"read_bits={self.read_bits}, kind={self.kind}, group_size={self.group_size}, meta_bits={self.meta_bits}, "
-                f"bias={self.bias is not None}")
+                f"bias={self.bias is not None}" + (f", qdec_k={self.qdec_k}, qdec_bits={self.qdec_bits}" if self.qdec_k else ""))

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from memfit.weights import guided
+from memfit.weights import guided, qdec
 from memfit.weights.anyprec import anyprec
 from memfit.weights.grid import META_BITS, hqq, rtn, with_meta
 from memfit.weights.linear import QuantLinear
@@ -34,6 +34,9 @@ class WeightQuant:
     ``meta_bits``: 0 stores each group's scale and zero in float16; 2..8 stores them in that many bits
     each (``grid.MetaCodes``), which pays for smaller groups: 4-bit g32 with ``meta_bits=8`` takes
     4.6 bits a weight on SmolLM2, against 4.5 for g64 with float16 scale and zero.
+    ``qdec_channels`` > 0 (QDEC, :mod:`memfit.weights.qdec`): each layer also keeps its residual
+    ``W - Q`` in host memory at ``qdec_bits`` (4, 8; 16 / 32: float16 / float32) and adds it, token by token, on
+    that fraction of the input channels where the token's activation is largest.
     """
 
     bits: int = 4
@@ -47,6 +50,8 @@ class WeightQuant:
     iters: int = 3  # guided: codebook / assignment alternations
     grid: str = "codebook"  # guided: "codebook" (non-uniform, per output channel) or "uniform" (per group)
     meta_bits: int = 0  # uniform grids: bits of each group's scale and of its zero (0: float16)
+    qdec_channels: float = 0.0  # QDEC: fraction of input channels corrected a token (0: off)
+    qdec_bits: int = 8
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -61,6 +66,8 @@ class WeightQuant:
         if self.meta_bits and not (self.uses_groups and self.meta_bits in META_BITS):
             raise ValueError(f"meta_bits must be 0 (float16) or 2..8, and needs a uniform grid; got {self.meta_bits} "
                              f"with method={self.method!r}, grid={self.grid!r}")
+        if self.qdec_channels:
+            qdec.check(self.qdec_bits, self.qdec_channels)
         object.__setattr__(self, "skip", tuple(self.skip))
 
     @property
@@ -84,6 +91,11 @@ class QuantReport:
     @property
     def orig_nbytes(self) -> int:
         return sum(v["orig_nbytes"] for v in self.layers.values())
+
+    @property
+    def host_nbytes(self) -> int:
+        """QDEC's residuals, held in host memory (not in :attr:`nbytes`)."""
+        return sum(v.get("qdec_nbytes", 0) for v in self.layers.values())
 
 
 def _targets(model: nn.Module, config: WeightQuant) -> tuple[list[str], dict[str, str]]:
@@ -146,10 +158,14 @@ def quantize_(model: nn.Module, config: WeightQuant, *, calibration: torch.Tenso
                     uc, meta = with_meta(w, uc, config.meta_bits)
             q = QuantLinear.from_codes(lin, uc.codes, uc.bits, scale=uc.scale.half(), zero=uc.zero.half(),
                                        group_size=uc.group_size, meta=meta)
+        if config.qdec_channels:
+            q.attach_residual(w, qdec.channels_for(config.qdec_channels, q.in_features), config.qdec_bits)
         _set_module(model, name, q)
         report.layers[name] = {"bits": q.bits, "kind": q.kind, "group_size": q.group_size, "meta_bits": q.meta_bits,
                                "nbytes": q.nbytes,
-                               "orig_nbytes": lin.weight.nbytes + (lin.bias.nbytes if lin.bias is not None else 0)}
+                               "orig_nbytes": lin.weight.nbytes + (lin.bias.nbytes if lin.bias is not None else 0),
+                               **({"qdec_k": q.qdec_k, "qdec_bits": q.qdec_bits, "qdec_nbytes": q.qdec_nbytes}
+                                  if q.qdec_k else {})}
     return report
 
 
@@ -190,8 +206,10 @@ def set_read_bits(model: nn.Module, bits: int) -> None:
 
 
 def weight_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes of the model's weights as stored: quantized layers, other parameters (tied ones once), total."""
+    """Bytes of the model's weights on its device: quantized layers, other parameters (tied ones
+    once), total; and QDEC's residuals in host memory (``host``, not in the total)."""
     q = sum(m.nbytes for m in model.modules() if isinstance(m, QuantLinear))
+    host = sum(m.qdec_nbytes for m in model.modules() if isinstance(m, QuantLinear))
     seen, other = set(), 0
     for m in model.modules():
         if isinstance(m, QuantLinear):
@@ -200,4 +218,4 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
             if id(p) not in seen:
                 seen.add(id(p))
                 other += p.nbytes
-    return {"quantized": q, "other": other, "total": q + other}
+    return {"quantized": q, "other": other, "total": q + other, "host": host}

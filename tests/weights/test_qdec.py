@@ -1,0 +1,99 @@
+"""QDEC: a quantized layer corrected on each token's largest input channels by its residual in host memory."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_llama
+from torch import nn
+
+import memfit
+from memfit.weights import QuantLinear, WeightQuant, quantize_, save_quantized, weight_bytes
+from memfit.weights import qdec
+from memfit.weights.grid import rtn
+
+
+def _layer(out=48, inp=128, bits=3, seed=0) -> tuple[nn.Linear, QuantLinear]:
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(inp, out, bias=True)
+    lin.weight.data = torch.randn(out, inp, generator=g) * 0.05
+    lin.bias.data = torch.randn(out, generator=g) * 0.01
+    uc = rtn(lin.weight.data, bits, 32)
+    return lin, QuantLinear.from_codes(lin, uc.codes, bits, scale=uc.scale.half(), zero=uc.zero.half(), group_size=32)
+
+
+def _x(rows=5, inp=128, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, rows, inp, generator=g)
+    x[..., 7] *= 30  # an outlier channel, as LLM activations have
+    return x
+
+
+def test_every_channel_selected_restores_the_unquantized_layer():
+    lin, q = _layer()
+    x = _x()
+    q.attach_residual(lin.weight.data, k=128, bits=32)
+    torch.testing.assert_close(q(x), lin(x), rtol=2e-6, atol=2e-6)  # float32 sums in another order only
+    q.attach_residual(lin.weight.data, k=128, bits=16)  # the residual rounded to float16
+    assert 0 < (q(x) - lin(x)).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_correction_is_the_residual_on_each_rows_top_channels(bits):
+    lin, q = _layer()
+    x = _x()
+    plain = q(x)
+    q.attach_residual(lin.weight.data, k=6, bits=bits)
+    residual = qdec.decode_rows(q.qdec_codes, q.qdec_scale, bits).T  # [out, in], as stored
+    err = (residual - (lin.weight.data - q.dequantize(torch.float32))).abs().max()
+    assert 0 < err <= (lin.weight.data - q.dequantize(torch.float32)).abs().max() / ((1 << (bits - 1)) - 1)
+    want = plain.clone()
+    for b in range(2):
+        for t in range(5):  # each row its own 6 largest |x| channels
+            top = x[b, t].abs().topk(6).indices
+            want[b, t] += residual[:, top] @ x[b, t, top]
+    torch.testing.assert_close(q(x), want, rtol=1e-5, atol=1e-5)
+    # the outlier channel's share of the error is what the few channels buy back
+    exact = (lin(x) - plain).norm()
+    assert (lin(x) - q(x)).norm() < 0.9 * exact
+
+
+def test_residual_stays_in_host_memory_and_out_of_the_layer_bytes():
+    lin, q = _layer()
+    before = q.nbytes
+    q.attach_residual(lin.weight.data, k=3, bits=8)
+    assert q.nbytes == before and q.resident_nbytes == before  # the device's bytes do not change
+    assert q.qdec_nbytes == 128 * 48 + 2 * 128  # a byte a weight and a float16 scale a channel
+    q.to(torch.float64)  # moving or casting the layer leaves the residual as stored
+    assert q.qdec_codes.dtype == torch.uint8 and q.qdec_scale.dtype == torch.float16
+
+
+def test_quantize_with_qdec_reports_host_bytes_and_saves_and_loads(tmp_path, tiny_model_dir):
+    lm = memfit.load_model(str(tiny_model_dir), "cpu", dtype="float32")
+    plain = tiny_llama(torch.float32)
+    plain.load_state_dict(lm.model.state_dict())
+    cfg = WeightQuant(bits=3, group_size=32, method="rtn", qdec_channels=0.05, qdec_bits=8)
+    report = quantize_(lm.model, cfg, progress=False)
+    quantize_(plain, WeightQuant(bits=3, group_size=32, method="rtn"), progress=False)
+    layer = next(m for m in lm.model.modules() if isinstance(m, QuantLinear))
+    assert layer.qdec_k == round(0.05 * layer.in_features) and report.host_nbytes > 0
+    wb = weight_bytes(lm.model)
+    assert wb["quantized"] == report.nbytes == weight_bytes(plain)["quantized"] and wb["host"] == report.host_nbytes
+    out = save_quantized(lm.model, lm.tokenizer, tmp_path / "q", report)
+    assert json.loads((out / "memfit_quant.json").read_text())["format"] == 3
+    back = memfit.load_model(str(out), "cpu")
+    ids = torch.randint(0, 256, (1, 20))
+    with torch.no_grad():
+        got, want, without = back.model(ids).logits, lm.model(ids).logits, plain(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.equal(got, without)
+
+
+def test_bad_qdec_configs_are_named():
+    with pytest.raises(ValueError, match="qdec_bits"):
+        WeightQuant(qdec_channels=0.02, qdec_bits=3)
+    with pytest.raises(ValueError, match="qdec_channels"):
+        WeightQuant(qdec_channels=1.5)
+    lin, q = _layer()
+    with pytest.raises(ValueError, match="k must be in 1..128"):
+        q.attach_residual(lin.weight.data, k=129)
