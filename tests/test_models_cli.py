@@ -191,10 +191,12 @@ def test_cache_argument_follows_the_models_forward():
 def test_bench_tiered_accuracy_with_fetch_caps(model_dir, tmp_path):
     out = tmp_path / "tiered.json"
     r = runner.invoke(app, ["bench", "tiered", "-m", str(model_dir), "-t", "niah_single", "-s", "1", "--length", "600",
-                            "-d", "0.9", "--page", "16", "--fetch-cap", "0.1", "--fetch-cap", "1", "--out", str(out)])
+                            "-d", "0.9", "--page", "16", "--fetch-cap", "0.1", "--fetch-cap", "1", "--seed", "3",
+                            "--out", str(out)])
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
-    assert res["fetch_caps"] == [0.1, 1.0]
+    assert res["fetch_caps"] == [0.1, 1.0] and res["seed"] == 3
+    assert {r["seed"] for r in res["accuracy"]["records"]} == {3}
     assert list(res["accuracy"]["summary"]) == ["full", "device=0.9,cap=0.1", "device=0.9,cap=1"]
     assert [(r["fetch_cap"], r["bits"]) for r in res["accuracy"]["records"][1:]] == [(0.1, 8), (1.0, 8)]
     r = runner.invoke(app, ["bench", "tiered", "-m", str(model_dir), "-t", "niah_single", "-s", "1", "--length", "600",

@@ -546,6 +546,7 @@ def bench_tiered_cmd(
     tasks: Optional[list[str]] = typer.Option(None, "--task", "-t", help="Tasks for accuracy (default: the eval's)."),
     samples: int = typer.Option(10, "--samples", "-s", help="Samples a task for accuracy; 0 skips accuracy."),
     length: int = typer.Option(4096, help="Context tokens for accuracy."),
+    seed: int = typer.Option(0, help="First sample seed of each task (accuracy)."),
     budgets: list[float] = typer.Option([0.25, 0.1], "--device", "-d",
                                         help="Device budgets, fractions of the 16-bit KV; repeat."),
     page: int = typer.Option(32, help="Tokens a page."),
@@ -592,14 +593,14 @@ def bench_tiered_cmd(
         if not (treq.isdigit() and tctx.isdigit()) or int(treq) < 1 or int(tctx) < 1 or fit_gib <= 0:
             _fail(f"bad --throughput {throughput!r} (use REQUESTSxCONTEXT, e.g. 32x32768) or --fit-gib {fit_gib}")
         _need_cuda("--throughput")
-    result: dict = {"budgets": budgets, "page": page, "bits": bits, "fetch_caps": list(caps or [])}
+    result: dict = {"budgets": budgets, "page": page, "bits": bits, "fetch_caps": list(caps or []), "seed": seed}
     if samples:
         from memfit.eval.tiered import bench_tiered_accuracy
 
         lm = _load(model)
         result.update(model=model, device=str(lm.device))
-        result["accuracy"] = bench_tiered_accuracy(lm, tasks, length, samples, tuple(budgets), page, bits=pbits,
-                                                         fetch_caps=caps)
+        result["accuracy"] = bench_tiered_accuracy(lm, tasks, length, samples, tuple(budgets), page, seed=seed,
+                                                   bits=pbits, fetch_caps=caps)
         for name, s in result["accuracy"]["summary"].items():
             frac = f" device {s['device_fraction']:.1%} of the KV" if "device_fraction" in s else ""
             typer.echo(f"{name:<14} n={s['n']:<4} accuracy {s['accuracy']:5.1f}% ({s['delta']:+.1f}){frac}")

@@ -238,7 +238,8 @@ def test_gpu_gathers_pinned_pages_itself(prefilled, bits):
     assert lay.host_view is not None and lay.host_view.device.type == "cuda"
     assert torch.equal(lay.host_view.cpu(), cpu.layers[1].host_rec)  # the device reads the host's page bytes
     # pinned at exactly the pages' bytes (torch's pinned allocator would round up to a power of two)
-    assert lay.host_rec.is_pinned() and lay._pinned.buf.numel() == lay.host_rec.numel() == gpu.host_bytes // len(gpu.layers)
+    assert lay.host_rec.is_pinned()
+    assert lay._pinned.buf.numel() == lay.host_rec.numel() == gpu.host_bytes // len(gpu.layers)
     q = torch.randn(2, 4 * keys[0].shape[1], 1, keys[0].shape[-1], dtype=torch.float64)
     for a, b in zip(cpu.layers, gpu.layers):
         assert (a.attend(q, 0.1).cpu() - b.attend(q.cuda(), 0.1).cpu()).abs().max() < 1e-9

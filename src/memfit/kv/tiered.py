@@ -1,7 +1,7 @@
 """Decoding over a KV cache that does not fit on the fast tier: pages across device, host and disk.
 
 A prefilled context's KV is cut into pages of ``page`` tokens per (row, KV head), stored and moved
-at ``bits`` (4 by default: memfit's KIVI layout, see :class:`_Codec`). Every page lives in host
+at ``bits`` (8 by default: memfit's KIVI layout, see :class:`_Codec`). Every page lives in host
 memory (pinned, on a CUDA machine) or, past ``host_bytes``, in a file on local disk; the device
 keeps a small summary of each page (the per-channel min and max of its keys), a pool of ``slots``
 pages per (row, KV head) sized by the device budget, and a window of the most recent tokens. At
@@ -12,9 +12,10 @@ each decode step and layer:
    GQA group, so a group shares its pages); the ``slots`` pages with the highest bound are chosen,
    with the sink page and the pages the last question attended most (``pin``);
 2. **fetch**: chosen pages already in the pool stay (consecutive steps choose many of the same
-   pages); the others replace the pool's unchosen ones. On a GPU the device reads pinned host
-   memory itself (``kernels.page_copy``: fixed shapes, no host sync); disk pages are read in a
-   thread pool;
+   pages); the others replace the pool's unchosen ones of lowest bound, highest bound first and
+   at most ``fetch_cap`` of the pool a step (a step's transfer stays bounded when the choice moves
+   a lot, as with random weights). On a GPU the device reads pinned host memory itself
+   (``kernels.page_copy``: fixed shapes, no host sync); disk pages are read in a thread pool;
 3. **attend**: exactly over the pool and the window (the packed-KV kernel on a GPU, else SDPA).
 
 With ``slots`` equal to the number of pages every page is chosen and attention is full attention.
