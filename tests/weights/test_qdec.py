@@ -97,3 +97,15 @@ def test_bad_qdec_configs_are_named():
     lin, q = _layer()
     with pytest.raises(ValueError, match="k must be in 1..128"):
         q.attach_residual(lin.weight.data, k=129)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_layer_reads_its_residual_from_pinned_host_memory():
+    lin, q = _layer()
+    q.attach_residual(lin.weight.data, k=6, bits=8)
+    x = _x()
+    want = q(x)
+    q.cuda()
+    assert q.planes.is_cuda and not q.qdec_codes.is_cuda and q.qdec_codes.is_pinned()
+    torch.testing.assert_close(q(x.cuda()).cpu(), want, rtol=1e-3, atol=1e-3)
