@@ -847,7 +847,8 @@ def _time_tiered(model, keys, values, tc, tok, steps: int, graph: bool = False) 
                           tok, steps, warmup=2)
     lay = tiered.layers[-1]
     row = {"step_ms": ms, "device_bytes": tiered.device_bytes, "host_bytes": tiered.host_bytes,
-           "bits": tc.bits or 16, "fetch_cap": tc.fetch_cap, "pages": lay.n_pages, "slots": lay.slots, "offload_s": offload_s,
+           "bits": tc.bits or 16, "fetch_cap": tc.fetch_cap, "pages": lay.n_pages, "slots": lay.slots,
+           "offload_s": offload_s,
            "fetched_per_step": tiered.fetched_pages / max(1, tiered.steps)}
     tiered.close()
     del tiered

@@ -241,9 +241,12 @@ class _PinnedHost:
 
     def __del__(self):
         if getattr(self, "registered", False):
-            torch.cuda.synchronize()  # no copy or kernel may still be reading it
-            torch.cuda.cudart().cudaHostUnregister(self.ptr)
             self.registered = False
+            try:
+                torch.cuda.synchronize()  # no copy or kernel may still be reading it
+                torch.cuda.cudart().cudaHostUnregister(self.ptr)
+            except Exception:  # interpreter shutdown: CUDA may be gone already, and the process with it
+                pass
 
 
 class TieredLayer(CacheLayerMixin):
