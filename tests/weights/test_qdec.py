@@ -39,9 +39,10 @@ def test_every_channel_selected_restores_the_unquantized_layer():
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_correction_is_the_residual_on_each_rows_top_channels(bits):
+@pytest.mark.parametrize("rows", [5, 40])  # 2 x 5 x 6 channels: each row's own; 2 x 40 x 6 > 128: their union
+def test_correction_is_the_residual_on_each_rows_top_channels(bits, rows):
     lin, q = _layer()
-    x = _x()
+    x = _x(rows)
     plain = q(x)
     q.attach_residual(lin.weight.data, k=6, bits=bits)
     residual = qdec.decode_rows(q.qdec_codes, q.qdec_scale, bits).T  # [out, in], as stored
@@ -49,7 +50,7 @@ def test_correction_is_the_residual_on_each_rows_top_channels(bits):
     assert 0 < err <= (lin.weight.data - q.dequantize(torch.float32)).abs().max() / ((1 << (bits - 1)) - 1)
     want = plain.clone()
     for b in range(2):
-        for t in range(5):  # each row its own 6 largest |x| channels
+        for t in range(rows):  # each row its own 6 largest |x| channels
             top = x[b, t].abs().topk(6).indices
             want[b, t] += residual[:, top] @ x[b, t, top]
     torch.testing.assert_close(q(x), want, rtol=1e-5, atol=1e-5)
@@ -101,11 +102,16 @@ def test_bad_qdec_configs_are_named():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_layer_reads_its_residual_from_pinned_host_memory():
+@pytest.mark.parametrize("bits", [8, 32])
+def test_gpu_layer_reads_its_residual_from_pinned_host_memory(bits):
     lin, q = _layer()
-    q.attach_residual(lin.weight.data, k=6, bits=8)
-    x = _x()
-    want = q(x)
-    q.cuda()
-    assert q.planes.is_cuda and not q.qdec_codes.is_cuda and q.qdec_codes.is_pinned()
-    torch.testing.assert_close(q(x.cuda()).cpu(), want, rtol=1e-3, atol=1e-3)
+    q.attach_residual(lin.weight.data, k=6, bits=bits)
+    for rows in (1, 40):  # a decode step (read through the device's view, fixed shapes) and a prefill
+        x = _x(rows)
+        q.cpu()
+        want = q(x)
+        q.cuda()
+        assert q.planes.is_cuda and not q.qdec_codes.is_cuda and q.qdec_codes.is_pinned()
+        assert q._qdec_views is not None and q._qdec_views[0].is_cuda
+        assert q._qdec_pinned[0].buf.numel() == q.qdec_codes.numel() * q.qdec_codes.element_size()  # exact size
+        torch.testing.assert_close(q(x.cuda()).cpu(), want, rtol=1e-3, atol=1e-3)

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from memfit.kernels import packing, page_copy
+from memfit.kernels.hostmem import device_view, pinned_copy
 from memfit.kernels.decode_attention import PackedRun, decode_attention_runs, kernel_supports
 from memfit.kv import quant
 from memfit.kv.attention import push_packed
@@ -210,45 +211,6 @@ class _DiskPages:
         return self.count * self.page_bytes
 
 
-def _device_view(host: torch.Tensor, device: torch.device) -> torch.Tensor | None:
-    """A CUDA tensor over pinned host memory (unified addressing: kernels read it across the bus,
-    so fetching pages is one device-side copy kernel, with no host work, staging copy or wait); None
-    where the device is not a GPU or the memory is not pinned."""
-    if device.type != "cuda" or host.numel() == 0 or not host.is_pinned():
-        return None
-
-    class _Host:
-        __cuda_array_interface__ = {"shape": tuple(host.shape), "typestr": "|u1", "version": 3,
-                                    "data": (host.data_ptr(), False), "strides": None}
-
-    return torch.as_tensor(_Host(), device=device)  # the caller keeps ``host`` alive
-
-
-class _PinnedHost:
-    """``nbytes`` of host memory pinned at exactly that size (cudaHostRegister). torch's pinned
-    allocator rounds each block up to a power of two, which for a layer's pages (a few GiB) can
-    nearly double the host memory they take. Unpinned when this object goes, so whoever reads
-    ``buf`` keeps this object too."""
-
-    def __init__(self, nbytes: int):
-        self.buf = torch.empty(nbytes, dtype=torch.uint8)
-        self.ptr = self.buf.data_ptr()
-        err = torch.cuda.cudart().cudaHostRegister(self.ptr, nbytes, 1 | 2) if nbytes else 0  # portable, mapped
-        if int(err) != 0:
-            raise RuntimeError(f"pinning {nbytes / 2**30:.2f} GiB of host memory for offloaded pages failed "
-                               f"(cudaHostRegister error {int(err)}): lower host_bytes to put pages on disk")
-        self.registered = bool(nbytes)
-
-    def __del__(self):
-        if getattr(self, "registered", False):
-            self.registered = False
-            try:
-                torch.cuda.synchronize()  # no copy or kernel may still be reading it
-                torch.cuda.cudart().cudaHostUnregister(self.ptr)
-            except Exception:  # interpreter shutdown: CUDA may be gone already, and the process with it
-                pass
-
-
 class TieredLayer(CacheLayerMixin):
     """One layer of a :class:`TieredCache` (see the module doc)."""
 
@@ -275,7 +237,7 @@ class TieredLayer(CacheLayerMixin):
         # homes: pages [0, host_pages) on the host, the others on disk (index - host_pages)
         self.host_pages = min(host_pages, n)
         self.host_rec = self._host_copy(records[:, :, : self.host_pages])
-        self.host_view = _device_view(self.host_rec, device) if self.host_pages == n else None
+        self.host_view = device_view(self.host_rec, device) if self.host_pages == n else None
         self.disk = None
         if self.host_pages < n:
             if disk is None:
@@ -371,8 +333,8 @@ class TieredLayer(CacheLayerMixin):
         pinned where the device is a GPU."""
         if not self.pinned:
             return torch.empty(x.shape, dtype=x.dtype).copy_(x)
-        self._pinned = _PinnedHost(x.numel() * x.element_size())
-        return self._pinned.buf.view(x.dtype).view(x.shape).copy_(x)
+        copy, self._pinned = pinned_copy(x, "offloaded KV pages (lower host_bytes to put pages on disk)")
+        return copy
 
     def _stored_row(self, rows: torch.Tensor) -> torch.Tensor:
         """Decode (row, head) pairs, flat, -> the storage's (a fork of one row into several reads it)."""

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memfit.kernels import plane_gemv
+from memfit.kernels.hostmem import device_view, pinned_copy
 from memfit.kernels.packing import pack_planes, unpack_planes
 from memfit.weights import qdec
 from memfit.weights.anyprec import bin_centres
@@ -65,6 +66,8 @@ class QuantLinear(nn.Module):
         self._int4: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (packed, scales_and_zeros, read_bits)
         # QDEC (memfit.weights.qdec): the residual W - Q, in host memory, added on each token's k channels
         self.qdec_k, self.qdec_bits = qdec_k, qdec_bits
+        self._qdec_views: tuple[torch.Tensor, torch.Tensor] | None = None  # CUDA views of the pinned residual
+        self._qdec_pinned: list = []  # the pinned memory's owners
         if qdec_k:
             qdec.check(qdec_bits, qdec_k / in_features)
             dt = {16: torch.float16, 32: torch.float32}.get(qdec_bits, torch.uint8)
@@ -111,9 +114,14 @@ class QuantLinear(nn.Module):
             self._pin_residual()
 
     def _pin_residual(self) -> None:
+        """Pin the residual (exact size) and give the layer's GPU a view of it."""
         for name in ("qdec_codes", "qdec_scale"):
             if not self._buffers[name].is_pinned():
-                self._buffers[name] = self._buffers[name].pin_memory()
+                self._buffers[name], owner = pinned_copy(self._buffers[name], "a QDEC residual")
+                self._qdec_pinned.append(owner)
+        views = [device_view(self._buffers[n], self.planes.device) for n in ("qdec_codes", "qdec_scale")]
+        scale = views[1] if views[1] is not None else self._buffers["qdec_scale"].to(self.planes.device)  # empty: float
+        self._qdec_views = (views[0], scale) if views[0] is not None else None
 
     def set_read_bits(self, n: int) -> None:
         """Read the top ``n`` bit planes only (any-precision); needs nothing re-quantized."""
@@ -211,6 +219,8 @@ class QuantLinear(nn.Module):
         self._buffers.update(held)  # QDEC's residual stays in host memory, as stored, wherever the layer goes
         if held and self.planes.is_cuda:
             self._pin_residual()
+        elif held:
+            self._qdec_views = None
         return out
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -237,7 +247,8 @@ class QuantLinear(nn.Module):
         else:
             y = F.linear(x, self.dequantize(x.dtype), self.bias)
         if self.qdec_k:
-            y = y + qdec.correction(x, self.qdec_codes, self.qdec_scale, self.qdec_bits, self.qdec_k)
+            y = y + qdec.correction(x, self.qdec_codes, self.qdec_scale, self.qdec_bits, self.qdec_k,
+                                    self._qdec_views)
         return y
 
     # -- accounting -----------------------------------------------------------------------------

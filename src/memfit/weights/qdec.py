@@ -7,7 +7,9 @@ activations have outlier channels). QDEC keeps ``R`` in host memory, quantized p
 (``bits`` 8 or 4, symmetric, one float16 scale a channel; 16 / 32: float16 / float32 as it is: 32
 restores the unquantized layer when every channel is chosen), and at each call
 adds ``R[:, c] x[c]`` over each row's ``k`` largest ``|x[c]|``. The device holds the quantized
-layer only; a call reads the union of its rows' channels, ``k`` columns of ``R`` a row at decode.
+layer only. A call with few rows (decode) reads each row's ``k`` channels, with fixed shapes: on a
+GPU through a CUDA view of the pinned residual, so no step waits on the host. A call with many
+rows (prefill) reads the union of its rows' channels once.
 
 Rows are stored channel-major (``[in, out]``) so that a channel's residual is one contiguous row:
 fetching ``k`` channels is ``k`` contiguous reads.
@@ -57,16 +59,27 @@ def decode_rows(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Te
     return (unpack(codes, bits).float() - top) * scale.float()[:, None]
 
 
-def correction(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+def _rows(codes: torch.Tensor, scale: torch.Tensor, index: torch.Tensor, bits: int, device) -> torch.Tensor:
+    index = index.to(codes.device)
+    rows = decode_rows(codes.index_select(0, index), scale.index_select(0, index) if scale.numel() else scale, bits)
+    return rows.to(device, non_blocking=True)
+
+
+def correction(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits: int, k: int,
+               views: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``R x`` over each row's ``k`` largest ``|x[c]|`` ([..., in] -> [..., out], x's dtype).
     ``codes`` / ``scale`` may sit in host memory while ``x`` is on a GPU: only the channels the
-    rows chose are read and moved."""
+    rows chose are read and moved. ``views``: CUDA views of them (pinned), read by the device."""
     xf = x.reshape(-1, x.shape[-1])
+    t = xf.shape[0]
     idx = xf.abs().topk(k, dim=-1).indices  # [T, k]
-    chans, pos = torch.unique(idx, return_inverse=True)  # the channels any row chose
-    src = chans.to(codes.device)
-    rows = decode_rows(codes.index_select(0, src), scale.index_select(0, src) if scale.numel() else scale, bits)
-    rows = rows.to(x.device, non_blocking=True)
-    sel = torch.zeros(xf.shape[0], chans.numel(), dtype=torch.float32, device=x.device)
-    sel.scatter_(1, pos.view(xf.shape[0], k), xf.gather(1, idx).float())
-    return (sel @ rows).to(x.dtype).reshape(*x.shape[:-1], -1)
+    codes, scale = views if views is not None else (codes, scale)
+    if t * k <= codes.shape[0]:  # few rows: each row's own channels, fixed shapes
+        rows = _rows(codes, scale, idx.reshape(-1), bits, x.device)  # [T * k, out]
+        out = (rows * xf.gather(1, idx).float().reshape(-1, 1)).view(t, k, -1).sum(1)
+    else:  # many rows: the channels any row chose, once
+        chans, pos = torch.unique(idx, return_inverse=True)
+        sel = torch.zeros(t, chans.numel(), dtype=torch.float32, device=x.device)
+        sel.scatter_(1, pos.view(t, k), xf.gather(1, idx).float())
+        out = sel @ _rows(codes, scale, chans, bits, x.device)
+    return out.to(x.dtype).reshape(*x.shape[:-1], -1)
