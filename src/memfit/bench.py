@@ -856,13 +856,11 @@ def _time_tiered(model, keys, values, tc, tok, steps: int, graph: bool = False) 
     return row
 
 
-def _cap_name(cap: float | None) -> str:
-    return "" if cap is None else f"/cap{cap:g}"
+def _fetch_caps(fetch_caps: tuple[float, ...] | None) -> list[tuple[str, float]]:
+    """(name suffix, cap) of each variant: the caps given (``/cap<c>``), else TierConfig's default."""
+    from memfit.kv.tiered import TierConfig
 
-
-def _cap_arg(cap: float | None) -> dict:
-    """TierConfig's fetch_cap where one is given (None: its default)."""
-    return {} if cap is None else {"fetch_cap": cap}
+    return [(f"/cap{c:g}", c) for c in fetch_caps] if fetch_caps else [("", TierConfig.fetch_cap)]
 
 
 def _compare(rows: list[dict]) -> list[dict]:
@@ -925,10 +923,10 @@ def bench_tiered_speed(shapes: list[tuple[int, int]], budgets: tuple[float, ...]
         except torch.OutOfMemoryError:
             pass
         torch.cuda.empty_cache()
-        tiered = [(f"@{b:g}{_cap_name(c)}", TierConfig(device=b, page=page, bits=bits, **_cap_arg(c)))
-                  for b in budgets for c in fetch_caps or (None,)]
+        tiered = [(f"@{b:g}{suffix}", TierConfig(device=b, page=page, bits=bits, fetch_cap=c))
+                  for b in budgets for suffix, c in _fetch_caps(fetch_caps)]
         variants = [(f"tiered{n}", tc) for n, tc in tiered]
-        if bits in (2, 4, 8):  # the static step, replayed as a CUDA graph (as gpu_graph is)
+        if bits:  # packed pages: the static step, replayed as a CUDA graph (as gpu_graph is)
             variants += [(f"tiered_graph{n}", tc) for n, tc in tiered]
         if fetch_all:
             variants = [("fetch_all", TierConfig(device=budgets[-1], page=page, fetch="all", bits=None))] + \
@@ -992,10 +990,10 @@ def bench_tiered_throughput(requests: int = 32, context: int = 32768, device_gib
     torch.cuda.empty_cache()
     times = requests // fit
     tok = torch.randint(0, cfg.vocab_size, (requests, 1), device="cuda")
-    for cap in fetch_caps or (None,):
-        tc = TierConfig(device=budget, page=page, bits=bits, **_cap_arg(cap))
-        for graph in (False, True) if bits in (2, 4, 8) else (False,):
-            name = f"tiered{'_graph' if graph else ''}@{device_gib:g}GiB{_cap_name(cap)}"
+    for suffix, cap in _fetch_caps(fetch_caps):
+        tc = TierConfig(device=budget, page=page, bits=bits, fetch_cap=cap)
+        for graph in (False, True) if bits else (False,):
+            name = f"tiered{'_graph' if graph else ''}@{device_gib:g}GiB{suffix}"
             rows.append({**base, "batch": requests, "variant": name,
                          **_time_tiered(model, _Tiled(keys, times), _Tiled(values, times), tc, tok, steps, graph)})
     for r in rows:

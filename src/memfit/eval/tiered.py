@@ -30,9 +30,9 @@ def bench_tiered_accuracy(lm: LM, tasks: list[str], length: int = 4096, samples:
         ctx = lm.prefill(sample.context)
         asks = [(q, None) for q in sample.questions]
         variants = [("full", ctx, None)] + [
-            (f"device={b:g}" + (f",cap={cap:g}" if cap is not None else ""), None,
-             TierConfig(device=b, page=page, window=window, bits=bits, **({} if cap is None else {"fetch_cap": cap})))
-            for b in budgets for cap in fetch_caps or (None,)]
+            (f"device={b:g}" + (f",cap={cap:g}" if fetch_caps else ""), None,
+             TierConfig(device=b, page=page, window=window, bits=bits, fetch_cap=cap))
+            for b in budgets for cap in fetch_caps or (TierConfig.fetch_cap,)]
         for name, c, tc in variants:
             if name in refused:
                 continue

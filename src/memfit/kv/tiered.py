@@ -465,7 +465,7 @@ class TieredLayer(CacheLayerMixin):
     def _kernel_reads_pool(self, query: torch.Tensor) -> bool:
         """Whether memfit's packed-KV decode kernel attends over the pool as it is (2/4/8-bit pages on a
         GPU, one query token, the page as its key group): nothing is dequantized to memory."""
-        if not (query.is_cuda and self.codec.bits in (2, 4, 8) and query.shape[2] == 1):
+        if not (query.is_cuda and self.codec.bits and query.shape[2] == 1):
             return False
         f = self.pooled
         b, h, s = self.slot_page.shape
@@ -489,7 +489,7 @@ class TieredLayer(CacheLayerMixin):
         """The window into a buffer with room for ``max_new_tokens`` more, its length on the device:
         a step is then device work only (selection, the page copies, the kernel), which a CUDA
         graph can record."""
-        why = ("16-bit pages (the kernel reads 2, 4 or 8 bits)" if self.codec.bits not in (2, 4, 8)
+        why = ("16-bit pages (the kernel reads packed ones)" if not self.codec.bits
                else "fetch='all'" if self.cfg.fetch == "all" or not self.slots
                else "pages on disk (the device reads only host memory)" if self.device.type == "cuda"
                and self.host_view is None else None)
@@ -626,9 +626,8 @@ class TieredCache(Cache):
         fixed = (t - n * cfg.page + cfg.page) * 2 * d * esize + n * (2 * d * esize + 8)
         dense = min(cfg.dense, len(keys))
         per_layer = (budget / (b * h) - dense * (fixed + n * slot_bytes)) / max(1, len(keys) - dense)
-        slots = int((per_layer - fixed) // slot_bytes) if dense < len(keys) else n
-        if dense == len(keys) and budget < len(keys) * b * h * (fixed + n * slot_bytes):
-            slots = 0  # every layer is dense and their pages do not fit
+        # every layer dense: all pages or nothing (per_layer is then what the dense layers leave over)
+        slots = int((per_layer - fixed) // slot_bytes) if dense < len(keys) else n if per_layer >= 0 else 0
         if cfg.fetch == "all":  # the baseline keeps no pool: each step copies a whole layer in
             slots, dense = 0, 0
         elif n and slots < 1:
