@@ -31,6 +31,7 @@ from memfit.weights.anyprec import bin_centres
 from memfit.weights.grid import META_BITS, MetaCodes
 
 KINDS = ("uniform", "codebook")
+QDEC_BUFFERS = ("qdec_codes", "qdec_scale")  # QDEC's residual: kept in host memory wherever the layer goes
 TINYGEMM_GROUPS = (32, 64, 128, 256)
 
 
@@ -70,10 +71,8 @@ class QuantLinear(nn.Module):
         self._qdec_pinned: list = []  # the pinned memory's owners
         if qdec_k:
             qdec.check(qdec_bits, qdec_k / in_features)
-            dt = {16: torch.float16, 32: torch.float32}.get(qdec_bits, torch.uint8)
-            shape = (in_features, out_features) if dt != torch.uint8 else (in_features, out_features * qdec_bits // 8)
-            self.register_buffer("qdec_codes", torch.zeros(shape, dtype=dt))
-            self.register_buffer("qdec_scale", torch.zeros(0 if dt != torch.uint8 else in_features, dtype=torch.float16))
+            for name, t in zip(QDEC_BUFFERS, qdec.empty(in_features, out_features, qdec_bits)):
+                self.register_buffer(name, t)
 
     # -- building -------------------------------------------------------------------------------
     @classmethod
@@ -108,18 +107,18 @@ class QuantLinear(nn.Module):
         qdec.check(bits, k / self.in_features)
         codes, scale = qdec.encode(weight.float() - self.dequantize(torch.float32), bits)
         self.qdec_k, self.qdec_bits = k, bits
-        self.register_buffer("qdec_codes", codes.cpu())
-        self.register_buffer("qdec_scale", scale.cpu())
+        for name, t in zip(QDEC_BUFFERS, (codes, scale)):
+            self.register_buffer(name, t.cpu())
         if self.planes.is_cuda:
             self._pin_residual()
 
     def _pin_residual(self) -> None:
         """Pin the residual (exact size) and give the layer's GPU a view of it."""
-        for name in ("qdec_codes", "qdec_scale"):
+        for name in QDEC_BUFFERS:
             if not self._buffers[name].is_pinned():
                 self._buffers[name], owner = pinned_copy(self._buffers[name], "a QDEC residual")
                 self._qdec_pinned.append(owner)
-        views = [device_view(self._buffers[n], self.planes.device) for n in ("qdec_codes", "qdec_scale")]
+        views = [device_view(self._buffers[n], self.planes.device) for n in QDEC_BUFFERS]
         scale = views[1] if views[1] is not None else self._buffers["qdec_scale"].to(self.planes.device)  # empty: float
         self._qdec_views = (views[0], scale) if views[0] is not None else None
 
@@ -214,7 +213,7 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         self._drop_int4()  # moving or casting: the copy stays behind, the planes go along
-        held = {n: self._buffers.pop(n) for n in ("qdec_codes", "qdec_scale") if n in self._buffers}
+        held = {n: self._buffers.pop(n) for n in QDEC_BUFFERS if n in self._buffers}
         out = super()._apply(fn, recurse)
         self._buffers.update(held)  # QDEC's residual stays in host memory, as stored, wherever the layer goes
         if held and self.planes.is_cuda:
@@ -262,7 +261,7 @@ class QuantLinear(nn.Module):
     @property
     def qdec_nbytes(self) -> int:
         """Bytes of QDEC's residual (host memory)."""
-        return sum(self._buffers[n].nbytes for n in ("qdec_codes", "qdec_scale") if n in self._buffers)
+        return sum(self._buffers[n].nbytes for n in QDEC_BUFFERS if n in self._buffers)
 
     @property
     def resident_nbytes(self) -> int:

@@ -37,6 +37,14 @@ def channels_for(fraction: float, in_features: int) -> int:
     return max(1, round(fraction * in_features))
 
 
+def empty(in_features: int, out_features: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed (codes, scale) of the shapes and dtypes :func:`encode` stores (what loading fills)."""
+    if bits in _FLOAT:
+        return torch.zeros(in_features, out_features, dtype=_FLOAT[bits]), torch.empty(0, dtype=torch.float16)
+    return (torch.zeros(in_features, out_features * bits // 8, dtype=torch.uint8),
+            torch.zeros(in_features, dtype=torch.float16))
+
+
 def encode(residual: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``residual`` [out, in] (float) -> (codes, scale): codes [in, out * bits / 8] uint8 (16 / 32
     bits: float16 / float32 [in, out]), scale float16 [in] (16 / 32 bits: empty)."""
