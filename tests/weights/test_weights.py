@@ -331,6 +331,7 @@ def test_tinygemm_int4_path_matches_the_dequantized_reference(stored_bits, meta_
     q = QuantLinear.from_codes(lin, uc.codes, stored_bits, scale=uc.scale.half(), zero=uc.zero.half(), group_size=64,
                                meta=meta)
     q.set_read_bits(4)
+    q.set_prefer("tinygemm")
     planes, stored = q.planes.clone(), q.nbytes
     assert q.kernel == "tinygemm-int4" and q.resident_nbytes == stored
     x = torch.randn(3, 1024, device="cuda", dtype=torch.bfloat16)
@@ -339,7 +340,7 @@ def test_tinygemm_int4_path_matches_the_dequantized_reference(stored_bits, meta_
     assert err < 2e-2 * ref.abs().max().item(), err  # bf16 activations and scales inside the kernel
     assert q.nbytes == stored
     if stored_bits == 4:  # the copy is the only copy of the codes: planes dropped, read back exactly
-        assert q.planes.numel() == 0 and q.resident_nbytes < stored + q._int4[0].nbytes
+        assert q.planes.numel() == 0 and q.resident_nbytes < stored + q._fast[1].nbytes
         assert torch.equal(q.state_dict()["planes"], planes) and torch.equal(q.codes(), uc.codes)
     else:  # any-precision keeps every plane for the other widths
         assert torch.equal(q.planes, planes) and q.resident_nbytes > stored
@@ -351,7 +352,7 @@ def test_tinygemm_int4_path_matches_the_dequantized_reference(stored_bits, meta_
     q(x)
     deq = q.dequantize(torch.float32).cpu()
     q.cpu()  # the planes move along, the copy stays behind
-    assert torch.equal(q.planes, planes.cpu()) and q._int4 is None
+    assert torch.equal(q.planes, planes.cpu()) and q._fast is None
     torch.testing.assert_close(q.dequantize(torch.float32), deq)  # CPU and GPU exp2 may differ in the last bit
 
 

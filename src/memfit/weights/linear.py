@@ -8,13 +8,16 @@ stored at 8 bits can be read at any ``read_bits`` <= 8 (any-precision): the top 
 index of an ``n``-bit bin, dequantized at the bin's centre.
 
 On CPU (and for layouts no kernel takes) the forward dequantizes the weight and calls ``F.linear``.
-On CUDA a uniform grid read at 4 bits with a group size torch's tinygemm kernel takes (the int4 kernel
-torchao uses) runs ``torch._weight_int4pack_mm`` instead; other uniform grids run a Triton GEMV that
-reads the bit planes (``kernels.plane_gemv``) for up to 16 rows (decode), and dequantize for more
-(prefill, where the matmul's cost hides the dequantization); ``kernel`` says which one a layer uses. The
-kernel's packed copy is made on first use; for a layer stored at 4 bits it holds every code, so the
-bit planes are then dropped from the GPU and read back from it exactly when needed (saving, moving,
-another read width): the codes sit in GPU memory once. An any-precision layer keeps its planes.
+On CUDA, for up to 16 rows (decode), a uniform grid read at 4 bits with a group size torch's tinygemm
+kernel takes runs ``torch._weight_int4pack_mm`` (the int4 kernel torchao uses); other uniform grids run
+a Triton GEMV that reads the bit planes (``kernels.plane_gemv``); more rows (prefill, where the
+matmul's cost hides the dequantization) dequantize. ``set_prefer("tiles")`` runs instead, at any
+width read whole, a Triton GEMV over a copy of the codes in a layout made for bandwidth
+(``kernels.tile_gemv``: whole codes in parts of 8/4/2/1 bits, each program's block contiguous); it is
+opt-in until its last version has run on a GPU. ``kernel`` says which path a layer uses. The kernel's
+copy is made on first use; where it holds every code the bit planes are then dropped from the GPU and
+rebuilt from it exactly when needed (saving, moving, another read width): the codes sit in GPU
+memory once.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memfit.kernels import plane_gemv
+from memfit.kernels import plane_gemv, tile_gemv
 from memfit.kernels.hostmem import device_view, pinned_copy
 from memfit.kernels.packing import pack_planes, unpack_planes
 from memfit.weights import qdec
@@ -32,13 +35,15 @@ from memfit.weights.grid import META_BITS, MetaCodes
 
 KINDS = ("uniform", "codebook")
 QDEC_BUFFERS = ("qdec_codes", "qdec_scale")  # QDEC's residual: kept in host memory wherever the layer goes
+LOWRANK_BUFFERS = ("lr_l", "lr_l_scale", "lr_r", "lr_r_scale")  # twin's 8-bit factors L [out, r], R [r, in]
 TINYGEMM_GROUPS = (32, 64, 128, 256)
+PREFER = ("tiles", "tinygemm")  # decode kernels a layer may be told to prefer (None: tinygemm, else the planes)
 
 
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, kind: str = "uniform",
                  bias: bool = False, device=None, dtype: torch.dtype = torch.bfloat16, meta_bits: int = 0,
-                 qdec_k: int = 0, qdec_bits: int = 8):
+                 qdec_k: int = 0, qdec_bits: int = 8, rank: int = 0):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown grid kind {kind!r}; use one of {KINDS}")
@@ -64,7 +69,9 @@ class QuantLinear(nn.Module):
         else:
             self.register_buffer("codebook", torch.zeros(out_features, 1 << bits, dtype=torch.float16, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
-        self._int4: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (packed, scales_and_zeros, read_bits)
+        # the kernel's copy of the codes: ("tinygemm", packed, scales_and_zeros) or ("tiles", parts, scale, offset)
+        self._fast: tuple | None = None
+        self.prefer: str | None = None
         # QDEC (memfit.weights.qdec): the residual W - Q, in host memory, added on each token's k channels
         self.qdec_k, self.qdec_bits = qdec_k, qdec_bits
         self._qdec_views: tuple[torch.Tensor, torch.Tensor] | None = None  # CUDA views of the pinned residual
@@ -73,6 +80,12 @@ class QuantLinear(nn.Module):
             qdec.check(qdec_bits, qdec_k / in_features)
             for name, t in zip(QDEC_BUFFERS, qdec.empty(in_features, out_features, qdec_bits)):
                 self.register_buffer(name, t)
+        self.rank = 0
+        if rank:  # twin (memfit.weights.twin): W = L R + the grid's weight
+            self.attach_lowrank(torch.zeros(out_features, rank, dtype=torch.int8, device=device),
+                                torch.zeros(out_features, dtype=torch.float16, device=device),
+                                torch.zeros(rank, in_features, dtype=torch.int8, device=device),
+                                torch.zeros(rank, dtype=torch.float16, device=device))
 
     # -- building -------------------------------------------------------------------------------
     @classmethod
@@ -98,6 +111,27 @@ class QuantLinear(nn.Module):
         if linear.bias is not None:
             q.bias.data.copy_(linear.bias.data)
         return q
+
+    def attach_lowrank(self, l_codes: torch.Tensor, l_scale: torch.Tensor, r_codes: torch.Tensor,
+                       r_scale: torch.Tensor) -> None:
+        """Twin: add ``L R`` to the weight, ``L`` = int8 ``l_codes`` [out, r] times the float16 row scales
+        ``l_scale`` [out], ``R`` likewise [r, in]."""
+        r = l_codes.shape[1] if l_codes.dim() == 2 else -1
+        if (l_codes.shape != (self.out_features, r) or r_codes.shape != (r, self.in_features) or r < 1
+                or l_codes.dtype != torch.int8 or r_codes.dtype != torch.int8
+                or l_scale.shape != (self.out_features,) or r_scale.shape != (r,)):
+            raise ValueError(f"low-rank factors must be int8 [{self.out_features}, r] and [r, {self.in_features}] with "
+                             f"float16 row scales; got {tuple(l_codes.shape)} / {tuple(r_codes.shape)}")
+        dev = self.planes.device
+        for name, t in zip(LOWRANK_BUFFERS, (l_codes, l_scale.half(), r_codes, r_scale.half())):
+            self.register_buffer(name, t.to(dev))
+        self.rank = r
+
+    def _lowrank(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x R^T) L^T``: the low-rank part of the output."""
+        lw = self.lr_l.to(x.dtype) * self.lr_l_scale.to(x.dtype)[:, None]
+        rw = self.lr_r.to(x.dtype) * self.lr_r_scale.to(x.dtype)[:, None]
+        return F.linear(F.linear(x, rw), lw)
 
     def attach_residual(self, weight: torch.Tensor, k: int, bits: int = 8) -> None:
         """QDEC: keep ``weight - self.dequantize()`` (in host memory, at ``bits``) and add it, at each
@@ -128,11 +162,20 @@ class QuantLinear(nn.Module):
             raise ValueError(f"this layer stores {self.bits} bit planes: read_bits must be in 1..{self.bits}, got {n}")
         if self.kind == "codebook" and n != self.bits:
             raise ValueError("a codebook grid is read at its own bits only; any-precision needs a uniform grid")
-        self._drop_int4()
+        self._drop_fast()
         self.read_bits = n
+
+    def set_prefer(self, kernel: str | None) -> None:
+        """Run ``kernel`` (one of :data:`PREFER`) where it takes this layer; None: the default."""
+        if kernel is not None and kernel not in PREFER:
+            raise ValueError(f"unknown kernel {kernel!r}; use one of {PREFER} or None")
+        self._drop_fast()
+        self.prefer = kernel
 
     # -- reading --------------------------------------------------------------------------------
     def codes(self) -> torch.Tensor:
+        if not self.planes.numel() and self._fast is not None and self._fast[0] == "tiles":
+            return tile_gemv.unpack_tiles(self._fast[1], self.bits, self.out_features)  # read_bits == bits here
         return unpack_planes(self._planes(), self.in_features, self.read_bits)
 
     def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,6 +185,7 @@ class QuantLinear(nn.Module):
         return self.scale.float(), self.zero.float()
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The layer's weight [out, in]: the grid's (or codebook's), plus ``L R`` for a twin layer."""
         q = self.codes()
         if self.kind == "codebook":
             w = torch.gather(self.codebook.float(), 1, q.long())
@@ -150,51 +194,78 @@ class QuantLinear(nn.Module):
             c = bin_centres(q, self.bits, self.read_bits).reshape(self.out_features, -1, self.group_size)
             scale, zero = self.grid()
             w = ((c - zero[..., None]) * scale[..., None]).reshape(self.out_features, -1)
+        if self.rank:
+            w = w + (self.lr_l.float() * self.lr_l_scale.float()[:, None]) @ (self.lr_r.float() * self.lr_r_scale.float()[:, None])
         return w.to(dtype or self.dtype)
 
     @property
     def kernel(self) -> str:
         if self._tinygemm_ok():
             return "tinygemm-int4"
+        if self._tiles_ok():
+            return "triton-tiles"
         return "triton-gemv" if self._gemv_ok() else "dequantize"
+
+    def _decode_input(self, x: torch.Tensor | None) -> torch.Tensor:
+        return x if x is not None else self.planes.new_empty(1, self.in_features, dtype=torch.bfloat16)
 
     def _gemv_ok(self, x: torch.Tensor | None = None) -> bool:
         if self.kind != "uniform" or not self.planes.is_cuda:
             return False
-        x = x if x is not None else self.planes.new_empty(1, self.in_features, dtype=torch.bfloat16)
-        return plane_gemv.supports(x, self.planes, self.group_size)
+        return plane_gemv.supports(self._decode_input(x), self.planes, self.group_size)
+
+    def _tiles_ok(self, x: torch.Tensor | None = None) -> bool:
+        if self.kind != "uniform" or not self.planes.is_cuda or self.read_bits != self.bits or self.prefer != "tiles":
+            return False
+        return (tile_gemv.fits(self.bits, self.group_size)
+                and tile_gemv.supports(self._decode_input(x), self.group_size, self.in_features))
 
     def _tinygemm_ok(self) -> bool:
-        return (self.planes.is_cuda and self.kind == "uniform" and self.read_bits == 4
+        return (self.prefer != "tiles" and self.planes.is_cuda and self.kind == "uniform" and self.read_bits == 4
                 and self.group_size in TINYGEMM_GROUPS and self.in_features % 128 == 0 and self.out_features % 8 == 0
                 and hasattr(torch.ops.aten, "_weight_int4pack_mm"))
 
-    def _int4_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._int4 is None or self._int4[2] != self.read_bits:
-            q = self.codes().to(torch.int32)
+    def _fast_copy(self, kind: str) -> tuple:
+        """The kernel's copy of the codes (made on first use). It holds every code, so the planes are
+        then dropped: the codes sit on the GPU once."""
+        if self._fast is not None and self._fast[0] == kind:
+            return self._fast
+        self._drop_fast()
+        q = self.codes()
+        scale, zero = self.grid()
+        if kind == "tinygemm":
             # tinygemm dequantizes (q - 8) * s + z with z in the float domain; ours is the bin centre
             # ((q + 0.5) m - 0.5 - zero) * scale, i.e. s = m * scale and z = 8 s + (0.5 m - 0.5 - zero) * scale
             m = 1 << (self.bits - 4)
-            scale, zero = self.grid()
             s = m * scale
             z = 8 * s + ((0.5 * m - 0.5) - zero) * scale
+            q = q.to(torch.int32)
             packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
             sz = torch.stack([s, z], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
-            self._int4 = (packed, sz, self.read_bits)
-            if self.bits == 4:  # the packed copy holds every code: keep the codes on the GPU once
-                self.planes = self.planes.new_empty(0)
-        return self._int4[0], self._int4[1]
+            self._fast = ("tinygemm", packed, sz)
+        else:
+            parts = tile_gemv.pack_tiles(q, self.bits, self.group_size)
+            npad = parts[0].shape[0] * parts[0].shape[2]
+            pad = (0, 0, 0, npad - self.out_features)
+            # w = code * scale + offset, the grid as the kernel reads it: float16 [groups, outputs]
+            self._fast = ("tiles", parts, F.pad(scale, pad).T.contiguous().half(),
+                          F.pad(-zero * scale, pad).T.contiguous().half())
+        if self.read_bits == self.bits:
+            self.planes = self.planes.new_empty(0)
+        return self._fast
 
-    # -- the tinygemm copy as the only copy of a 4-bit layer's codes ------------------------------
+    # -- the kernel's copy as the only copy of the codes -------------------------------------------
     def _planes(self) -> torch.Tensor:
-        if self.planes.numel() or self._int4 is None:
+        if self.planes.numel() or self._fast is None:
             return self.planes
+        if self._fast[0] == "tiles":
+            return pack_planes(tile_gemv.unpack_tiles(self._fast[1], self.bits, self.out_features), self.bits)
         return pack_planes(self._int4_codes(), self.bits)
 
     def _int4_codes(self, chunk: int = 2048) -> torch.Tensor:
         """The codes back from the tinygemm copy, exactly: with scale 1 and zero 8 the kernel reads
         code q as (q - 8) * 1 + 8 = q, so multiplying rows of the identity returns them (uint8 [out, in])."""
-        packed, dev = self._int4[0], self._int4[0].device
+        packed, dev = self._fast[1], self._fast[1].device
         sz = torch.tensor([1.0, 8.0], device=dev, dtype=torch.bfloat16).expand(
             self.in_features // self.group_size, self.out_features, 2).contiguous()
         cols = []
@@ -205,14 +276,14 @@ class QuantLinear(nn.Module):
             cols.append(torch.ops.aten._weight_int4pack_mm(rows, packed, self.group_size, sz).T)
         return torch.cat(cols, 1).round().to(torch.uint8)
 
-    def _drop_int4(self) -> None:
-        """Forget the tinygemm copy, putting the planes back first if it was their only copy."""
-        if self._int4 is not None and not self.planes.numel():
+    def _drop_fast(self) -> None:
+        """Forget the kernel's copy, putting the planes back first if it was their only copy."""
+        if self._fast is not None and not self.planes.numel():
             self.planes = self._planes()
-        self._int4 = None
+        self._fast = None
 
     def _apply(self, fn, recurse: bool = True):
-        self._drop_int4()  # moving or casting: the copy stays behind, the planes go along
+        self._drop_fast()  # moving or casting: the copy stays behind, the planes go along
         held = {n: self._buffers.pop(n) for n in QDEC_BUFFERS if n in self._buffers}
         out = super()._apply(fn, recurse)
         self._buffers.update(held)  # QDEC's residual stays in host memory, as stored, wherever the layer goes
@@ -227,15 +298,21 @@ class QuantLinear(nn.Module):
         destination[prefix + "planes"] = self._planes()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        self._drop_int4()  # new codes make the copy stale
+        self._drop_fast()  # new codes make the copy stale
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._tinygemm_ok() and x.dtype == torch.bfloat16:
-            packed, sz = self._int4_weights()
+            _, packed, sz = self._fast_copy("tinygemm")
             y = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, self.in_features), packed, self.group_size, sz)
             y = y.reshape(*x.shape[:-1], self.out_features)
             y = y + self.bias if self.bias is not None else y
+            y = y + self._lowrank(x) if self.rank else y
+        elif self._tiles_ok(x):
+            _, parts, scale, offset = self._fast_copy("tiles")
+            y = tile_gemv.tile_gemv(x, parts, self.bits, self.out_features, scale, offset)
+            y = y + self.bias if self.bias is not None else y
+            y = y + self._lowrank(x) if self.rank else y
         elif self._gemv_ok(x):
             if self.meta_bits:
                 grid = {"meta": (self.scale_codes, self.offset_codes, self.meta_ranges)}
@@ -243,6 +320,7 @@ class QuantLinear(nn.Module):
                 grid = {"scale": self.scale, "zero": self.zero}
             y = plane_gemv.plane_gemv(x, self._planes(), self.group_size, self.read_bits, **grid)
             y = y + self.bias if self.bias is not None else y
+            y = y + self._lowrank(x) if self.rank else y
         else:
             y = F.linear(x, self.dequantize(x.dtype), self.bias)
         if self.qdec_k:
@@ -269,7 +347,9 @@ class QuantLinear(nn.Module):
         codes again, with a bfloat16 scale and zero) where it exists; a 4-bit layer's planes are then
         gone. QDEC's residual, in host memory, is not counted."""
         held = self._held() - self.qdec_nbytes
-        return held + (self._int4[0].nbytes + self._int4[1].nbytes if self._int4 is not None else 0)
+        if self._fast is None:
+            return held
+        return held + sum(t.nbytes for x in self._fast[1:] for t in (x if isinstance(x, list) else [x]))
 
     def _held(self) -> int:
         return sum(t.nbytes for t in self.buffers()) + (self.bias.nbytes if self.bias is not None else 0)
@@ -277,4 +357,4 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"read_bits={self.read_bits}, kind={self.kind}, group_size={self.group_size}, meta_bits={self.meta_bits}, "
-                f"bias={self.bias is not None}" + (f", qdec_k={self.qdec_k}, qdec_bits={self.qdec_bits}" if self.qdec_k else ""))
+                f"bias={self.bias is not None}" + (f", rank={self.rank}" if self.rank else "") + (f", qdec_k={self.qdec_k}, qdec_bits={self.qdec_bits}" if self.qdec_k else ""))

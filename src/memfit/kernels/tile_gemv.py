@@ -1,0 +1,273 @@
+"""GEMV over weights in a layout made for bandwidth (Triton): ``y = x @ W.T`` for decode-sized ``x``.
+
+The bit-plane layout (``plane_gemv``) lets a layer be read at any precision, but decoding one bit
+plane at a time costs a bit test and a multiply-add per weight and plane: at 3 bits it ran at ~8%
+of HBM bandwidth. This layout stores each code whole, in the fewest parts of width 8, 4, 2 or 1
+(3 = 2 + 1, 5 = 4 + 1, 6 = 4 + 2, 7 = 4 + 2 + 1), and orders the bytes so that what one program
+reads in one step is one contiguous block:
+
+- a part of width ``w`` packs ``8 / w`` codes a byte; for group ``g`` of ``G`` input channels, the
+  ``R = G w / 8`` bytes of a row hold, at bits ``i w .. i w + w - 1`` (slot ``i``), the codes of
+  channels ``g G + i R .. g G + i R + R - 1``: the piece of ``x`` a slot meets is one contiguous load.
+  Within each 4-byte word the bytes hold channels ``r, r + 2, r + 1, r + 3`` (so ``G w`` is a multiple
+  of 32), for the unpacking below;
+- a part is stored ``[N / BN, K / G, BN, R]``: the ``BN`` output rows of a program, one group at a
+  time, are ``BN R`` contiguous bytes, and the groups a program reads in a step are consecutive.
+
+With ``w = code * scale + offset`` per group, a row's output is ``sum_g scale_g sum_k code_k x_k +
+offset_g sum_k x_k``: the kernel sums ``code * x`` per group and applies the grid once per group, in
+float32; each part's codes count ``2**shift`` times. The sums of ``code * x`` are float16 arithmetic
+on four codes a word: the word shifted by ``s`` and by ``s + 8``, masked into the mantissa of 1024.0
+(two codes a register, in channel order thanks to the byte order above), and one FMA a pair takes off
+the 1024 and scales by ``2**-w``, exactly: about 1.5 instructions a code, then a float16 FMA with
+``x``. Codes as ``code / 2**w`` < 1 keep every product as small as ``x``; conversions to float32 run
+at 1/8 of the FMA rate on an H100, so only each row's per-slot sum is converted. ``x`` is read in
+float16, saturated at +-65504, and a row's float16 sum over one slot (``R`` channels) must stay under
+65504 (activations that large are not met in practice). Each group's sum of ``x`` (float32) is
+computed next to the conversion (both fuse with the op before under torch.compile).
+
+``tile_gemv_reference`` computes the same thing in torch (dequantize the tiles, ``F.linear``): the
+tests compare the kernel with it, and with the layer's own dequantized matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU-only installs
+    triton = None
+
+MAX_ROWS = 16  # more rows than this (prefill) go through a dequantized matmul instead
+BLOCK_N = 32  # output rows a program covers; fixed when a layer's tiles are packed
+# widths of each code's parts, high bits first, and the bit each part starts at
+PARTS = {1: ((1, 0),), 2: ((2, 0),), 3: ((2, 1), (1, 0)), 4: ((4, 0),), 5: ((4, 1), (1, 0)), 6: ((4, 2), (2, 0)),
+         7: ((4, 3), (2, 1), (1, 0)), 8: ((8, 0),)}
+
+
+def fits(bits: int, group_size: int) -> bool:
+    """Whether a layer's groups fill whole 4-byte words in every part (``group_size * w / 8`` a multiple of 4)."""
+    return bits in PARTS and all(group_size * w % 32 == 0 for w, _ in PARTS[bits])
+
+
+def supports(x: torch.Tensor, group_size: int, k: int) -> bool:
+    """Whether the kernel takes ``x`` for a layer of ``k`` input channels in groups of ``group_size``:
+    16-bit activations only (its float16 arithmetic is within their precision; a float32 model keeps
+    float32 sums through the bit-plane GEMV)."""
+    return (triton is not None and x.is_cuda and group_size % 8 == 0 and k % group_size == 0
+            and x.numel() // k <= MAX_ROWS and x.dtype in (torch.float16, torch.bfloat16))
+
+
+def _WORD_ORDER(r: int) -> list[int]:
+    """Within each 4-byte word, bytes hold channels r, r + 2, r + 1, r + 3 (what the kernel's unpacking
+    wants; the permutation is its own inverse)."""
+    return [j - j % 4 + (0, 2, 1, 3)[j % 4] for j in range(r)]
+
+
+def pack_tiles(codes: torch.Tensor, bits: int, group_size: int, block_n: int = BLOCK_N) -> list[torch.Tensor]:
+    """uint8 codes [N, K] at ``bits`` -> one uint8 tensor [ceil(N / BN), K / G, BN, G w / 8] per part
+    (rows past N are zero)."""
+    if bits not in PARTS:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    n, k = codes.shape
+    if not fits(bits, group_size) or k % group_size:
+        raise ValueError(f"group_size must divide the {k} input channels and give each {bits}-bit part whole "
+                         f"4-byte words (a multiple of {32 // min(w for w, _ in PARTS[bits])}), got {group_size}")
+    nb = -(-n // block_n)
+    c = torch.zeros(nb * block_n, k, dtype=torch.uint8, device=codes.device)
+    c[:n] = codes
+    out = []
+    for w, shift in PARTS[bits]:
+        per, r = 8 // w, group_size * w // 8
+        part = ((c >> shift) & ((1 << w) - 1)).reshape(nb, block_n, k // group_size, per, r)
+        byte = torch.zeros(nb, block_n, k // group_size, r, dtype=torch.uint8, device=codes.device)
+        for i in range(per):
+            byte |= part[:, :, :, i] << (i * w)
+        out.append(byte[..., _WORD_ORDER(r)].permute(0, 2, 1, 3).contiguous())
+    return out
+
+
+def unpack_tiles(tiles: list[torch.Tensor], bits: int, n: int) -> torch.Tensor:
+    """The inverse of :func:`pack_tiles`: uint8 codes [n, K]."""
+    codes = None
+    for (w, shift), t in zip(PARTS[bits], tiles):
+        nb, ng, bn, r = t.shape
+        per = 8 // w
+        t = t[..., _WORD_ORDER(r)]  # the order is its own inverse
+        slots = torch.stack([(t >> (i * w)) & ((1 << w) - 1) for i in range(per)], 3)  # [nb, ng, bn, per, r]
+        c = slots.permute(0, 2, 1, 3, 4).reshape(nb * bn, ng * per * r)
+        codes = c << shift if codes is None else codes | (c << shift)
+    return codes[:n]
+
+
+def tile_gemv_reference(x: torch.Tensor, tiles: list[torch.Tensor], bits: int, n: int, scale: torch.Tensor,
+                        offset: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T`` with ``W = code * scale + offset`` per group (float16 ``scale`` / ``offset`` [K / G, N]), in float32."""
+    codes = unpack_tiles(tiles, bits, n).float()
+    g = codes.shape[1] // scale.shape[0]
+    w = codes * scale.float().T.repeat_interleave(g, 1)[:n] + offset.float().T.repeat_interleave(g, 1)[:n]
+    return x.float() @ w.T
+
+
+if triton is not None:
+
+    # four codes -> (code >> shift & mask) / 2**w as four float16, from a word whose bytes hold the
+    # codes of channels r, r + 2, r + 1, r + 3 (``pack_tiles`` stores them so): masking the word shifted by
+    # s and by s + 8 into the mantissa of 1024.0 gives the pairs (r, r + 1) and (r + 2, r + 3) in order,
+    # and one FMA per pair takes off the 1024 and scales by 2**-w, exactly (about 1.5 instructions a code).
+    # $2: the word, $3 / $7: shifts s and s + 8, $11: the mask, $15: 2**-w, $19: -1024 * 2**-w (pairs)
+    _DQ_ASM = tl.constexpr("""{ .reg .b32 t0, t1;
+        shr.b32 t0, $2, $3; shr.b32 t1, $2, $7;
+        lop3.b32 t0, t0, $11, 0x64006400, 0xEA; lop3.b32 t1, t1, $11, 0x64006400, 0xEA;
+        fma.rn.f16x2 $0, t0, $15, $19; fma.rn.f16x2 $1, t1, $15, $19; }""")
+
+    _DQ_REGS = tl.constexpr("=r,=r," + ",".join(["r"] * 21))
+
+    @triton.jit
+    def _codes(b, SHIFT: tl.constexpr, W: tl.constexpr, ASM: tl.constexpr):
+        """Slot ``SHIFT / W`` of the bytes ``b`` as float16 ``code / 2**W`` (in [0, 1): a product with
+        any float16 ``x`` stays finite)."""
+        if ASM:
+            # 2**-W and -2**(10 - W) = -1024 * 2**-W as float16 pairs (the second as a negative int32)
+            return tl.inline_asm_elementwise(
+                asm=_DQ_ASM, constraints=_DQ_REGS,
+                args=[b, tl.full(b.shape, SHIFT, tl.int32), tl.full(b.shape, SHIFT + 8, tl.int32),
+                      tl.full(b.shape, ((1 << W) - 1) * 0x10001, tl.int32),
+                      tl.full(b.shape, ((15 - W) << 10) * 0x10001, tl.int32),
+                      tl.full(b.shape, (0x8000 | ((25 - W) << 10)) * 0x10001 - (1 << 32), tl.int32)],
+                dtype=tl.float16, is_pure=True, pack=4)
+        return ((b >> SHIFT) & ((1 << W) - 1)).to(tl.float16) * (1.0 / (1 << W))
+
+    @triton.jit
+    def _part_dot(X, P, row, g0, pid_n, NG: tl.constexpr, W: tl.constexpr, GROUP: tl.constexpr,
+                  BN: tl.constexpr, NGT: tl.constexpr, ASM: tl.constexpr):
+        """One part's ``sum_k (code_k / 2**W) x_k`` over groups ``g0 .. g0 + NGT - 1`` for the program's
+        BN rows: float32 [NGT BN], tile row ``j BN + n`` = output row ``n`` over group ``g0 + j``. The
+        groups' blocks are consecutive in memory, so the tile [NGT BN, R] is one contiguous read, and a
+        2-D tile keeps ``x`` and the codes in one register layout."""
+        R: tl.constexpr = GROUP * W // 8
+        r = tl.arange(0, R)
+        t = tl.arange(0, NGT * BN)
+        if ASM:
+            rb = r
+        else:  # plain Triton reads each code's own byte: undo the order within each word
+            q = r % 4
+            rb = r - q + tl.where(q == 1, 2, tl.where(q == 2, 1, q))
+        b = tl.load(P + ((pid_n * NG + g0) * BN + t)[:, None] * R + rb[None, :], eviction_policy="evict_first")
+        xrow = X + row * (NG * GROUP) + (g0 + t // BN) * GROUP  # each tile row's group of x
+        acc = tl.zeros((NGT * BN,), tl.float32)
+        for i in tl.static_range(8 // W):  # slot i: channels g G + i R .. g G + i R + R - 1
+            xs = tl.load(xrow[:, None] + i * R + r[None, :])  # float16, the same for the BN rows of a group
+            acc += tl.sum(_codes(b, i * W, W, ASM) * xs, 1).to(tl.float32)
+        return acc
+
+    @triton.jit(do_not_specialize=["BNR"])
+    def _tile_gemv_kernel(X, XS, P0, P1, P2, S, O, Y, WS, CNT, N, NPAD, BNR, NG: tl.constexpr, PER: tl.constexpr,
+                          SPLIT: tl.constexpr, W0: tl.constexpr, OFF0: tl.constexpr, W1: tl.constexpr,
+                          OFF1: tl.constexpr, W2: tl.constexpr, OFF2: tl.constexpr, GROUP: tl.constexpr,
+                          BN: tl.constexpr, NGT: tl.constexpr, ASM: tl.constexpr):
+        """Program (output block, split of K, row): groups ``split PER .. split PER + PER - 1``,
+        ``NGT`` a step. With ``SPLIT`` > 1 the programs of a block add their sums into ``WS`` (float32,
+        zero between calls) and count themselves in ``CNT``; the last one writes the output and puts
+        both back to zero, so one launch does the whole product. ``BNR`` is BN, passed as an
+        unspecialised int: the grid's offsets then look scattered to the compiler, which loads them
+        straight into the codes' register layout instead of loading them vectorised and moving them
+        there through shared memory each step."""
+        pid_n, split, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        t = tl.arange(0, NGT * BN)
+        n = pid_n * BN + t % BNR
+        acc = tl.zeros((NGT * BN,), tl.float32)
+        for j in range(0, PER, NGT):
+            g0 = split * PER + j
+            gi = g0 + t // BNR
+            # code = sum of parts << OFF; each part's sum is of code / 2**W: w = code * scale + offset
+            cx = _part_dot(X, P0, row, g0, pid_n, NG, W0, GROUP, BN, NGT, ASM) * (1 << (OFF0 + W0))
+            if W1 > 0:
+                cx += _part_dot(X, P1, row, g0, pid_n, NG, W1, GROUP, BN, NGT, ASM) * (1 << (OFF1 + W1))
+            if W2 > 0:
+                cx += _part_dot(X, P2, row, g0, pid_n, NG, W2, GROUP, BN, NGT, ASM) * (1 << (OFF2 + W2))
+            scale = tl.load(S + gi * NPAD + n).to(tl.float32)  # [NGT BN]
+            offset = tl.load(O + gi * NPAD + n).to(tl.float32)
+            acc += scale * cx + offset * tl.load(XS + row * NG + gi)  # XS: each group's sum of x
+        y = tl.sum(tl.reshape(acc, (NGT, BN)), 0)
+        out = pid_n * BN + tl.arange(0, BN)
+        keep = out < N
+        if SPLIT == 1:
+            tl.store(Y + row * N + out, y.to(Y.dtype.element_ty), mask=keep)
+        else:
+            tl.atomic_add(WS + row * N + out, y, mask=keep, sem="release")
+            tl.debug_barrier()  # every thread's share is in before the count says so
+            done = tl.atomic_add(CNT + row * tl.num_programs(0) + pid_n, 1, sem="acq_rel")
+            if done == SPLIT - 1:  # the last of the block: the sums are complete
+                zero = tl.zeros((BN,), tl.float32)
+                total = tl.atomic_add(WS + row * N + out, zero, mask=keep)  # read where the sums were made (L2)
+                tl.store(Y + row * N + out, total.to(Y.dtype.element_ty), mask=keep)
+                tl.store(WS + row * N + out, zero, mask=keep)
+                tl.store(CNT + row * tl.num_programs(0) + pid_n, 0)
+
+
+_WORKSPACE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device, n: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K sums and counters for outputs of size ``n`` (zero between calls: the kernel leaves them
+    so), one pair per device and size, shared by the layers of that size (one stream at a time)."""
+    key = (device, n, blocks)
+    if key not in _WORKSPACE:
+        _WORKSPACE[key] = (torch.zeros(MAX_ROWS, n, device=device, dtype=torch.float32),
+                           torch.zeros(MAX_ROWS, blocks, device=device, dtype=torch.int32))
+    return _WORKSPACE[key]
+
+
+def splits(steps: int, blocks: int, rows: int, device: torch.device, per_sm: int = 8) -> int:
+    """Programs a block of outputs is split over along K: a divisor of ``steps`` (the K steps),
+    enough for about ``per_sm`` programs an SM."""
+    want = -(-per_sm * torch.cuda.get_device_properties(device).multi_processor_count // (blocks * rows))
+    return max(d for d in range(1, steps + 1) if steps % d == 0 and d <= max(1, want))
+
+
+def groups_a_step(groups: int, most: int = 8) -> int:
+    """The largest power of two <= ``most`` that divides ``groups``: groups a program reads a step."""
+    t = most
+    while groups % t:
+        t //= 2
+    return t
+
+
+def tile_gemv(x: torch.Tensor, tiles: list[torch.Tensor], bits: int, n: int, scale: torch.Tensor,
+              offset: torch.Tensor, asm: bool = True, warps: int = 4, groups: int = 8, per_sm: int = 8,
+              split: int | None = None) -> torch.Tensor:
+    """``x`` [..., K] (at most ``MAX_ROWS`` rows) times ``W`` (``tiles`` from :func:`pack_tiles`, ``n``
+    output rows; ``W = code * scale + offset``, float16 [K / G, ceil(N / BN) BN]). ``asm``: the PTX
+    dequantization (False: plain Triton, which the interpreter runs). ``warps``, ``groups``, ``per_sm``:
+    a program's warps, the most groups it reads a step, programs an SM (K is split to reach it); or
+    ``split``, a divisor of the steps (for tuning). Returns [..., n] in ``x``'s dtype."""
+    k = x.shape[-1]
+    nb, ng, bn, _ = tiles[0].shape
+    group = k // ng
+    if not supports(x, group, k) or len(tiles) != len(PARTS[bits]):
+        raise ValueError(f"tile_gemv takes CUDA inputs with at most {MAX_ROWS} rows and the tiles of a {bits}-bit layer")
+    if scale.shape != (ng, nb * bn) or offset.shape != scale.shape:
+        raise ValueError(f"scale and offset must be [{ng}, {nb * bn}], got {tuple(scale.shape)} / {tuple(offset.shape)}")
+    # float16, saturated (65280: the largest bfloat16 that float16 holds), once here rather than in every
+    # program; under torch.compile this fuses with the op before
+    xs = x.reshape(-1, k)
+    xsum = xs.float().reshape(-1, ng, group).sum(-1)  # each group's sum of x, for the offsets
+    if x.dtype == torch.bfloat16:
+        xs = xs.clamp(-65280.0, 65280.0).to(torch.float16)
+    m = xs.shape[0]
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    parts = list(PARTS[bits]) + [(0, 0)] * (3 - len(PARTS[bits]))
+    ptrs = list(tiles) + [tiles[0]] * (3 - len(tiles))
+    ngt = groups_a_step(ng, groups)
+    split = split or splits(ng // ngt, nb, m, x.device, per_sm)
+    if (ng // ngt) % split:
+        raise ValueError(f"split must divide the {ng // ngt} steps of {ngt} groups, got {split}")
+    ws, cnt = _workspace(x.device, n, nb) if split > 1 else (y, y)
+    _tile_gemv_kernel[(nb, split, m)](
+        xs.contiguous(), xsum, *ptrs, scale, offset, y, ws, cnt, n, nb * bn, bn, NG=ng, PER=ng // split, SPLIT=split,
+        W0=parts[0][0], OFF0=parts[0][1], W1=parts[1][0], OFF1=parts[1][1], W2=parts[2][0], OFF2=parts[2][1],
+        GROUP=group, BN=bn, NGT=ngt, ASM=asm, num_warps=warps)
+    return y.reshape(*x.shape[:-1], n)

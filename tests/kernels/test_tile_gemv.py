@@ -1,0 +1,122 @@
+import pytest
+import torch
+from torch import nn
+
+from memfit.kernels import tile_gemv
+from memfit.weights import QuantLinear
+from memfit.weights.grid import hqq, with_meta
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("group", [32, 64])
+def test_tiles_hold_every_code_exactly(bits, group):
+    torch.manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (70, 4 * group), dtype=torch.uint8)  # 70 rows: a partial block
+    tiles = tile_gemv.pack_tiles(codes, bits, group, block_n=32)
+    assert tile_gemv.groups_a_step(4) == 4 and tile_gemv.groups_a_step(18) == 2 and tile_gemv.groups_a_step(9) == 1
+    assert [t.shape[-1] for t in tiles] == [group * w // 8 for w, _ in tile_gemv.PARTS[bits]]
+    assert sum(t.numel() for t in tiles) == 96 * 4 * group * bits // 8  # 3 blocks of 32 rows, bits per code
+    assert torch.equal(tile_gemv.unpack_tiles(tiles, bits, 70), codes)
+
+
+def test_tile_layout_puts_a_programs_group_in_one_block():
+    """Block b, group g is tiles[b, g]: row r's bytes hold, in slot i, channels g G + i R + j, each
+    4-byte word in the order j, j + 2, j + 1, j + 3."""
+    codes = torch.zeros(8, 64, dtype=torch.uint8)
+    codes[5, 32 + 2 * 8 + 5] = 3  # group 1 of 32 channels, 2-bit: R = 8 bytes, slot 2, channel 5 of the slot
+    (t,) = tile_gemv.pack_tiles(codes, 2, 32, block_n=4)
+    assert t.shape == (2, 2, 4, 8)
+    assert t.nonzero().tolist() == [[1, 1, 1, 6]] and t[1, 1, 1, 6] == 3 << 4  # channel 5: 2nd word, byte 2
+
+
+def test_reference_equals_the_layers_dequantized_matmul():
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 100)
+    uc = hqq(lin.weight.data, 3, 32)
+    q = QuantLinear.from_codes(lin, uc.codes, 3, scale=uc.scale.half(), zero=uc.zero.half(), group_size=32)
+    scale, zero = q.grid()
+    tiles = tile_gemv.pack_tiles(q.codes(), 3, 32)
+    pad = tiles[0].shape[0] * tiles[0].shape[2] - 100
+    s = nn.functional.pad(scale, (0, 0, 0, pad)).T.half()
+    o = nn.functional.pad(-zero * scale, (0, 0, 0, pad)).T.half()
+    x = torch.randn(4, 256)
+    ref = x @ q.dequantize(torch.float32).T
+    torch.testing.assert_close(tile_gemv.tile_gemv_reference(x, tiles, 3, 100, s, o), ref, rtol=0, atol=2e-3)
+
+
+def test_bad_tiles_are_named():
+    with pytest.raises(ValueError, match="bits"):
+        tile_gemv.pack_tiles(torch.zeros(4, 64, dtype=torch.uint8), 9, 64)
+    with pytest.raises(ValueError, match="group_size"):
+        tile_gemv.pack_tiles(torch.zeros(4, 96, dtype=torch.uint8), 3, 64)
+    with pytest.raises(ValueError, match="multiple of 32"):  # 3 = 2 + 1 bits: a 1-bit part needs 32 channels a group
+        tile_gemv.pack_tiles(torch.zeros(4, 64, dtype=torch.uint8), 3, 16)
+    assert not tile_gemv.fits(3, 16) and tile_gemv.fits(4, 16) and tile_gemv.fits(3, 32)
+
+
+def test_kernel_preference_is_checked():
+    q = QuantLinear(64, 8, 4, 32)
+    with pytest.raises(ValueError, match="unknown kernel"):
+        q.set_prefer("marlin")
+
+
+def _layer(out, inp, bits, group, meta_bits=0):
+    torch.manual_seed(bits * 7 + group)
+    lin = nn.Linear(inp, out, bias=True, device="cuda", dtype=torch.bfloat16)
+    w = lin.weight.data.float()
+    w[3] *= 30  # an outlier row: a wide grid next to narrow ones
+    uc = hqq(w, bits, group)
+    meta = None
+    if meta_bits:
+        uc, meta = with_meta(w, uc, meta_bits)
+    q = QuantLinear.from_codes(lin, uc.codes, bits, scale=uc.scale.half(), zero=uc.zero.half(),
+                               group_size=group, meta=meta)
+    q.set_prefer("tiles")
+    return q
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("bits,group,meta_bits,inp", [
+    (1, 64, 0, 512), (2, 64, 0, 512), (3, 32, 0, 576), (3, 64, 8, 1024), (4, 64, 0, 512), (4, 128, 8, 512),
+    (4, 16, 0, 512), (5, 128, 0, 512), (6, 64, 0, 512), (7, 32, 0, 256), (8, 64, 8, 512)])
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_tile_kernel_matches_the_dequantized_matmul(bits, group, meta_bits, inp, rows):
+    q = _layer(200, inp, bits, group, meta_bits)  # 200 rows: a partial block of outputs
+    planes, codes = q.planes.clone(), q.codes()
+    x = torch.randn(rows, inp, device="cuda", dtype=torch.bfloat16)
+    ref = nn.functional.linear(x.float(), q.dequantize(torch.float32), q.bias.float())
+    assert q.kernel == "triton-tiles"
+    y = q(x)
+    assert y.dtype == x.dtype and y.shape == (rows, 200)
+    err = (y.float() - ref).abs().max().item()
+    assert err < 1e-2 * ref.abs().max().item(), err  # float16 weights and products; bf16 output
+    # the tiles are the only copy of the codes on the GPU; the planes come back exactly from them
+    ws, cnt = tile_gemv._workspace(x.device, 200, 7)  # left at zero for the next call
+    assert not ws.any() and not cnt.any()
+    assert q.planes.numel() == 0 and torch.equal(q.codes(), codes) and torch.equal(q.state_dict()["planes"], planes)
+    for groups, split in ((1, 1), (2, 2), (1, 4)):  # groups read a step, programs along K: the same sums
+        _, parts, s, o = q._fast
+        y2 = tile_gemv.tile_gemv(x, parts, bits, 200, s, o, groups=groups, split=split) + q.bias
+        assert (y2.float() - ref).abs().max().item() < 1e-2 * ref.abs().max().item()
+    big = torch.randn(40, inp, device="cuda", dtype=torch.bfloat16)  # prefill: dequantized from the tiles
+    torch.testing.assert_close(q(big).float(), nn.functional.linear(big.float(), q.dequantize(torch.float32), q.bias.float()),
+                               rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    q.cpu()  # the planes move along, the tiles stay behind
+    assert q._fast is None and torch.equal(q.planes, planes.cpu())
+
+
+@pytest.mark.gpu
+@cuda
+def test_tile_kernel_equals_its_plain_triton_form():
+    """The PTX dequantization equals the plain Triton one (which the interpreter can run)."""
+    q = _layer(256, 512, 3, 64)
+    x = torch.randn(2, 512, device="cuda", dtype=torch.bfloat16)
+    q(x)
+    _, parts, s, o = q._fast
+    a = tile_gemv.tile_gemv(x, parts, 3, 256, s, o, asm=True).float()
+    b = tile_gemv.tile_gemv(x, parts, 3, 256, s, o, asm=False).float()
+    torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+    assert q.kernel == "triton-tiles" and not q._tiles_ok(x.float())  # float32 activations: float32 sums (planes)
