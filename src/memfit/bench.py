@@ -653,7 +653,8 @@ def bench_decode(batch: int = 8, context: int = 32768, policies: tuple[str, ...]
 def parse_weight_config(spec: str):
     """``"hqq:4"``, ``"rtn:3:g128"``, ``"hqq:4:g32:m8"`` (scale and zero in 8 bits), ``"guided:3"``,
     ``"guided:4:uniform"``, ``"anyprec:8"``, ``"hqq:3:q2"`` (QDEC on 2% of the input channels, its
-    residual at 8 bits; ``:q2:r4`` at 4) -> WeightQuant."""
+    residual at 8 bits; ``:q2:r4`` at 4), ``"twin:3:g32:m8:l0.4"`` (low-rank factors on 0.4 bits a
+    weight) -> WeightQuant."""
     from memfit.weights import WeightQuant
 
     parts = spec.split(":")
@@ -667,9 +668,11 @@ def parse_weight_config(spec: str):
             kw[{"g": "group_size", "m": "meta_bits", "r": "qdec_bits"}[extra[0]]] = int(extra[1:])
         elif extra[:1] == "q" and extra[1:].replace(".", "", 1).isdigit():
             kw["qdec_channels"] = float(extra[1:]) / 100
+        elif extra[:1] == "l" and extra[1:].replace(".", "", 1).isdigit():
+            kw["rank_bits"] = float(extra[1:])
         else:
             raise ValueError(f"bad weight config {spec!r}: {extra!r} is not gGROUP, mMETA_BITS, qPERCENT, rBITS, "
-                             "uniform or codebook")
+                             "lRANK_BITS, uniform or codebook")
     return WeightQuant(**kw)
 
 
@@ -708,6 +711,7 @@ def bench_weights(lm: LM, configs: list, text: str, read_bits: tuple[int, ...] =
                     + (f":m{cfg.meta_bits}" if cfg.meta_bits else "")
                     + (f":q{cfg.qdec_channels * 100:g}" + (f":r{cfg.qdec_bits}" if cfg.qdec_bits != 8 else "")
                        if cfg.qdec_channels else "")
+                    + (f":l{cfg.rank_bits:g}" if cfg.method == "twin" else "")
                     + (f"@{bits}" if cfg.method == "anyprec" else ""))
             rows.append({"config": name, "method": cfg.method, "bits": bits, "stored_bits": cfg.bits,
                          "group_size": cfg.group_size if cfg.uses_groups else None, "meta_bits": cfg.meta_bits,
@@ -752,7 +756,8 @@ def _decode_step_ms(model, batch: int, prompt: int, reps: int = 50, compile: boo
                 n.fill_(prompt)
             return model(tok, cache_position=pos, use_cache=True, **flag).logits
 
-        if compile:  # the eager prefill above already built every layer's kernel-side weights
+        if compile:  # one eager step first: quantized layers build their decode kernel's copy of the codes
+            step()
             step = torch.compile(step, dynamic=False)
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
@@ -773,39 +778,72 @@ def _decode_step_ms(model, batch: int, prompt: int, reps: int = 50, compile: boo
         return _cuda_ms(fn, reps), mode
 
 
-def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: int = 4, group_size: int = 64,
+def _step_read_bytes(model) -> int:
+    """Bytes of weights one decode step reads: every Linear as its kernel holds it (a quantized layer's
+    kernel copy and grid, or its planes), norms; not the embedding table, of which a step reads a row."""
+    from memfit.weights import QuantLinear
+
+    total = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            total += m.resident_nbytes
+        elif isinstance(m, (torch.nn.Linear,)) or "Norm" in type(m).__name__:
+            total += sum(p.nbytes for p in m.parameters(recurse=False))
+    return total
+
+
+def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...] = (4,), group_size: int = 64,
                         method: str = "hqq", layers: int = 32, compile: bool = False,
-                        lm_head: bool = False, meta_bits: int = 0) -> dict:
+                        lm_head: bool = False, meta_bits: int = 0, kernel: str | None = None,
+                        peak_tbs: float = 4.8) -> dict:
     """Decode step time of a random-weight Llama-3.1-8B-shaped model with bf16 weights, then with
-    ``bits``-bit weights (memfit's QuantLinear; on CUDA a 4-bit uniform grid runs torch's tinygemm
-    int4 kernel, other widths memfit's Triton bit-plane GEMV), on the same model and shapes. ``lm_head``: quantize the output layer too (as
-    torchao's int4 weight-only and gpt-fast do: every Linear); by default it stays bf16, as
-    ``WeightQuant``'s skip-list keeps it. ``meta_bits``: scale and zero stored in that many bits (tinygemm
-    reads a bfloat16 copy made on first use; the GEMV decodes them itself)."""
+    weights at each of ``bits`` (memfit's QuantLinear: on CUDA torch's tinygemm int4 kernel at 4 bits
+    and the bit-plane GEMV at other widths, or with ``kernel="tiles"`` the tile-layout GEMV at every
+    width), on the same model and shapes; each step with
+    its roofline (the weights it reads at ``peak_tbs`` TB/s). ``lm_head``: quantize the output layer too
+    (as torchao's int4 weight-only and gpt-fast do: every Linear); by default it stays bf16, as
+    ``WeightQuant``'s skip-list keeps it. ``meta_bits``: scale and zero stored in that many bits (the
+    kernels read a float16 copy made on first use)."""
     from memfit.weights import QuantLinear, WeightQuant, quantize_, weight_bytes
 
+    peak = peak_tbs * 1e12
     model = _random_llama8b(layers, "sdpa")
-    out = {"batch": batch, "prompt": prompt, "layers": layers, "bits": bits, "group_size": group_size, "method": method,
-           "meta_bits": meta_bits, "lm_head_quantized": lm_head, "device": torch.cuda.get_device_name()}
+    out = {"batch": batch, "prompt": prompt, "layers": layers, "group_size": group_size, "method": method,
+           "meta_bits": meta_bits, "lm_head_quantized": lm_head, "kernel": kernel or "default",
+           "device": torch.cuda.get_device_name(), "peak_tbs": peak_tbs, "widths": []}
     out["bf16_ms"], out["bf16_mode"] = _decode_step_ms(model, batch, prompt, compile=compile)
     out["bf16_weight_bytes"] = weight_bytes(model)["total"]
-    t0 = time.perf_counter()
-    skip = () if lm_head else WeightQuant.skip
-    quantize_(model, WeightQuant(bits=bits, group_size=group_size, method=method, skip=skip, meta_bits=meta_bits),
-              progress=False)
-    torch.cuda.synchronize()
-    out["quantize_s"] = time.perf_counter() - t0
-    kernels = [m.kernel for m in model.modules() if isinstance(m, QuantLinear)]
-    out["kernels"] = {k: kernels.count(k) for k in set(kernels)}
-    torch.cuda.empty_cache()
-    if compile:
-        torch._dynamo.reset()
-    out["quant_ms"], out["quant_mode"] = _decode_step_ms(model, batch, prompt, compile=compile)
-    out["quant_weight_bytes"] = weight_bytes(model)["total"]
-    # what the GPU holds: the stored planes and grid plus each layer's tinygemm copy (codes again, bf16 scale and zero)
-    out["quant_resident_bytes"] = out["quant_weight_bytes"] + sum(
-        m.resident_nbytes - m.nbytes for m in model.modules() if isinstance(m, QuantLinear))
-    out["speedup"] = out["bf16_ms"] / out["quant_ms"]
+    out["bf16_read_bytes"] = _step_read_bytes(model)
+    out["bf16_roofline_ms"] = out["bf16_read_bytes"] / peak * 1e3
+    for b in bits:
+        if out["widths"]:  # a fresh bf16 model (the same seed: the same weights) for each width
+            del model
+            torch.cuda.empty_cache()
+            model = _random_llama8b(layers, "sdpa")
+        row = {"bits": b}
+        t0 = time.perf_counter()
+        skip = () if lm_head else WeightQuant.skip
+        quantize_(model, WeightQuant(bits=b, group_size=group_size, method=method, skip=skip, meta_bits=meta_bits),
+                  progress=False)
+        torch.cuda.synchronize()
+        row["quantize_s"] = time.perf_counter() - t0
+        layers_q = [m for m in model.modules() if isinstance(m, QuantLinear)]
+        for m in layers_q:
+            m.set_prefer(kernel)
+        torch.cuda.empty_cache()
+        if compile:
+            torch._dynamo.reset()
+        row["quant_ms"], row["quant_mode"] = _decode_step_ms(model, batch, prompt, compile=compile)
+        kernels = [m.kernel for m in layers_q]
+        row["kernels"] = {k: kernels.count(k) for k in set(kernels)}
+        row["quant_weight_bytes"] = weight_bytes(model)["total"]
+        # what the GPU holds: the stored weights plus each layer's kernel copy where the planes were kept
+        row["quant_resident_bytes"] = row["quant_weight_bytes"] + sum(m.resident_nbytes - m.nbytes for m in layers_q)
+        row["read_bytes"] = _step_read_bytes(model)
+        row["roofline_ms"] = row["read_bytes"] / peak * 1e3
+        row["of_roofline"] = row["roofline_ms"] / row["quant_ms"]
+        row["speedup"] = out["bf16_ms"] / row["quant_ms"]
+        out["widths"].append(row)
     out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
 

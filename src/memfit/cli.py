@@ -360,7 +360,7 @@ def _perplexities(lm, path: Optional[Path], policies: list[str]) -> dict[str, fl
 def quantize(
     model: str = typer.Option("smollm2", "--model", "-m"),
     bits: int = typer.Option(4, "--bits", "-b", help="2..8; for anyprec the widest (8), readable down to --seed-bits."),
-    method: str = typer.Option("hqq", "--method", help="rtn, hqq, guided or anyprec."),
+    method: str = typer.Option("hqq", "--method", help="rtn, hqq, guided, anyprec or twin (low-rank + residual)."),
     group_size: int = typer.Option(64, "--group-size", "-g"),
     seed_bits: int = typer.Option(3, "--seed-bits", help="anyprec: the smallest width."),
     skip: list[str] = typer.Option(["lm_head"], "--skip", help="Glob of layer names kept as they are; repeat."),
@@ -373,6 +373,7 @@ def quantize(
                                         "memory and add it on this fraction of each token's input channels, the "
                                         "largest (e.g. 0.02; 0: off)."),
     qdec_bits: int = typer.Option(8, "--qdec-bits", help="QDEC: bits of the residual (4, 8; 16 / 32: float)."),
+    rank_bits: float = typer.Option(0.4, "--rank-bits", help="twin: bits a weight spent on the 8-bit low-rank factors."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write (safetensors + config + tokenizer)."),
 ) -> None:
     """Quantize a model's weights and save them; `memfit.load_model(OUT)` and `--model OUT` load them."""
@@ -381,7 +382,7 @@ def quantize(
     try:
         cfg = WeightQuant(bits=bits, group_size=group_size, method=method, skip=tuple(skip), seed_bits=seed_bits,
                           calib_seqs=calib_seqs, calib_len=calib_len, grid=grid, meta_bits=meta_bits,
-                          qdec_channels=qdec_channels, qdec_bits=qdec_bits)
+                          qdec_channels=qdec_channels, qdec_bits=qdec_bits, rank_bits=rank_bits)
     except ValueError as e:
         _fail(str(e))
     if out.exists() and any(out.iterdir()) and not (out / "memfit_quant.json").is_file():
@@ -737,9 +738,11 @@ def bench_attention_cmd(
 @bench_app.command("weight-decode")
 def bench_weight_decode_cmd(
     batch: int = typer.Option(1),
-    bits: int = typer.Option(4),
+    bits: list[int] = typer.Option([4], "--bits", "-b", help="Weight width; repeat to time several on one bf16 baseline."),
     group_size: int = typer.Option(64, "--group-size", "-g"),
     method: str = typer.Option("hqq"),
+    kernel: str = typer.Option(None, "--kernel", help="'tiles': memfit's tile-layout GEMV at every width; default: "
+                               "torch's tinygemm at 4 bits, the bit-plane GEMV at others."),
     layers: int = LAYERS_OPTION,
     compile: bool = typer.Option(False, "--compile", help="torch.compile the step before capturing it."),
     lm_head: bool = typer.Option(False, "--lm-head", help="Quantize the output layer too (torchao's int4 "
@@ -751,12 +754,16 @@ def bench_weight_decode_cmd(
     from memfit.bench import bench_weight_decode
 
     _need_cuda("bench weight-decode")
-    r = bench_weight_decode(batch, bits=bits, group_size=group_size, method=method, layers=layers, compile=compile,
-                            lm_head=lm_head, meta_bits=meta_bits)
+    if kernel not in (None, "tinygemm", "tiles"):
+        raise typer.BadParameter(f"unknown kernel {kernel!r}; use 'tinygemm' or 'tiles'", param_hint="--kernel")
+    r = bench_weight_decode(batch, bits=tuple(bits), group_size=group_size, method=method, layers=layers,
+                            compile=compile, lm_head=lm_head, meta_bits=meta_bits, kernel=kernel)
     _write_json(out, r)
-    typer.echo(f"bf16 {r['bf16_ms']:.3f} ms ({r['bf16_mode']}) vs {bits}-bit {r['quant_ms']:.3f} ms ({r['quant_mode']}, "
-               f"{r['kernels']}): {r['speedup']:.2f}x; weights {r['bf16_weight_bytes'] / 2**30:.2f} -> "
-               f"{r['quant_weight_bytes'] / 2**30:.2f} GiB stored, {r['quant_resident_bytes'] / 2**30:.2f} GiB resident")
+    typer.echo(f"bf16 {r['bf16_ms']:.3f} ms ({r['bf16_mode']}), roofline {r['bf16_roofline_ms']:.3f} ms")
+    for w in r["widths"]:
+        typer.echo(f"{w['bits']}-bit {w['quant_ms']:.3f} ms ({w['quant_mode']}, {w['kernels']}): {w['speedup']:.2f}x bf16; "
+                   f"roofline {w['roofline_ms']:.3f} ms ({w['of_roofline']:.0%}); weights {r['bf16_weight_bytes'] / 2**30:.2f}"
+                   f" -> {w['quant_weight_bytes'] / 2**30:.2f} GiB stored, {w['quant_resident_bytes'] / 2**30:.2f} GiB resident")
     typer.echo(f"wrote {out}")
 
 

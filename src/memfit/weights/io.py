@@ -14,8 +14,8 @@ from memfit.weights.quantize import QuantReport, WeightQuant, _set_module, set_r
 
 MANIFEST = "memfit_quant.json"
 WEIGHTS = "model.safetensors"
-FORMAT = 3  # 2 added quantized scale and zero (meta_bits), 3 QDEC residuals; a folder without them is written as 1
-READS = (1, 2, 3)
+FORMAT = 4  # 2 added quantized scale and zero (meta_bits), 3 QDEC residuals, 4 twin's low-rank factors;
+READS = (1, 2, 3, 4)  # a folder is written in the oldest format that holds it
 
 
 def save_quantized(model: nn.Module, tokenizer, out_dir: "str | Path", report: QuantReport) -> Path:
@@ -38,7 +38,8 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: "str | Path", report: Q
     save_file(tensors, str(tmp), metadata={"format": "memfit-quant"})
     tmp.replace(out / WEIGHTS)
     layers = report.layers.values()  # the oldest format that holds the folder: older memfit reads it
-    fmt = FORMAT if any(v.get("qdec_k") for v in layers) else 2 if any(v.get("meta_bits") for v in layers) else 1
+    fmt = (4 if any(v.get("rank") for v in layers) else 3 if any(v.get("qdec_k") for v in layers)
+           else 2 if any(v.get("meta_bits") for v in layers) else 1)
     manifest = {"format": fmt, "config": report.config.to_dict(), "layers": report.layers,
                 "skipped": report.skipped, "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -76,7 +77,7 @@ def load_quantized(folder: "str | Path", device: torch.device, dtype: torch.dtyp
         _set_module(model, name, QuantLinear(lin.in_features, lin.out_features, info["bits"], info["group_size"],
                                              info["kind"], bias=lin.bias is not None, dtype=dtype,
                                              meta_bits=info.get("meta_bits", 0), qdec_k=info.get("qdec_k", 0),
-                                             qdec_bits=info.get("qdec_bits", 8)))
+                                             qdec_bits=info.get("qdec_bits", 8), rank=info.get("rank", 0)))
     try:
         tensors = load_file(str(folder / WEIGHTS))
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files

@@ -11,14 +11,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from memfit.weights import guided, qdec
+from memfit.weights import guided, qdec, twin
 from memfit.weights.anyprec import anyprec
 from memfit.weights.grid import META_BITS, hqq, rtn, with_meta
 from memfit.weights.linear import QuantLinear
 
 log = logging.getLogger(__name__)
 
-METHODS = ("rtn", "hqq", "guided", "anyprec")
+METHODS = ("rtn", "hqq", "guided", "anyprec", "twin")
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,11 @@ class WeightQuant:
     searched clipping of each group's range, then HQQ's half-quadratic refinement of scale and zero),
     ``guided`` (loss-guided, needs calibration text: with ``grid="codebook"`` a non-uniform codebook
     per output channel, ``group_size`` unused; with ``grid="uniform"`` HQQ's group grids with
-    GPTQ-style error feedback) or ``anyprec`` (``bits`` planes, 8 by default, readable at any width
-    down to ``seed_bits``). ``skip``: glob patterns of module names kept as they are.
+    GPTQ-style error feedback), ``anyprec`` (``bits`` planes, 8 by default, readable at any width
+    down to ``seed_bits``) or ``twin`` (:mod:`memfit.weights.twin`: 8-bit low-rank factors fitted
+    with the HQQ grid of the rest, alternately, weighted by the input channels' rms on calibration
+    text; the factors take ``rank_bits`` bits a weight, counted in the layer's bytes). ``skip``: glob
+    patterns of module names kept as they are.
     ``meta_bits``: 0 stores each group's scale and zero in float16; 2..8 stores them in that many bits
     each (``grid.MetaCodes``), which pays for smaller groups: 4-bit g32 with ``meta_bits=8`` takes
     4.6 bits a weight on SmolLM2, against 4.5 for g64 with float16 scale and zero.
@@ -44,7 +47,7 @@ class WeightQuant:
     method: str = "hqq"
     skip: tuple[str, ...] = ("lm_head",)
     seed_bits: int = 3  # anyprec: the smallest width, whose grid is searched for all widths at once
-    calib_seqs: int = 16  # guided: calibration sequences written by the model ...
+    calib_seqs: int = 16  # guided, twin: calibration sequences written by the model ...
     calib_len: int = 256  # ... of this many tokens
     guide_groups: int = 4  # guided: groups of output channels sharing a weighted Hessian
     iters: int = 3  # guided: codebook / assignment alternations
@@ -52,6 +55,8 @@ class WeightQuant:
     meta_bits: int = 0  # uniform grids: bits of each group's scale and of its zero (0: float16)
     qdec_channels: float = 0.0  # QDEC: fraction of input channels corrected a token (0: off)
     qdec_bits: int = 8
+    rank_bits: float = 0.4  # twin: bits a weight spent on the low-rank factors
+    twin_iters: int = 4  # twin: low-rank / grid alternations
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -68,6 +73,8 @@ class WeightQuant:
                              f"with method={self.method!r}, grid={self.grid!r}")
         if self.qdec_channels:
             qdec.check(self.qdec_bits, self.qdec_channels)
+        if self.method == "twin" and not (0 < self.rank_bits <= 8 and self.twin_iters >= 1):
+            raise ValueError(f"twin: rank_bits must be in (0, 8] and twin_iters >= 1, got {self.rank_bits}, {self.twin_iters}")
         object.__setattr__(self, "skip", tuple(self.skip))
 
     @property
@@ -135,9 +142,11 @@ def quantize_(model: nn.Module, config: WeightQuant, *, calibration: torch.Tenso
     odd = {n: why for n, why in skipped.items() if why != "skip-list"}
     if odd:
         log.warning("not quantizing %d layer(s) the grid cannot take, e.g. %s: %s", len(odd), *next(iter(odd.items())))
-    hessians = {}
+    hessians, rms = {}, {}
     if config.method == "guided":
         hessians = _guided_hessians(model, names, config, calibration, progress)
+    elif config.method == "twin":
+        rms = _activation_rms(model, names, config, calibration)
     for name in tqdm(names, desc=f"quantizing ({config.method}, {config.bits}-bit)", disable=not progress, leave=False):
         lin: nn.Linear = mods[name]
         w = lin.weight.data.float()
@@ -149,6 +158,13 @@ def quantize_(model: nn.Module, config: WeightQuant, *, calibration: torch.Tenso
             if config.method == "guided":
                 uc, meta = guided.gptq_uniform(w, guided.damp(hessians.pop(name).to(w.device)), config.bits,
                                                config.group_size, config.meta_bits)
+            elif config.method == "twin":
+                rank = twin.rank_for(lin.out_features, lin.in_features, config.rank_bits)
+                if rank == 0:
+                    raise ValueError(f"twin: {config.rank_bits} bits a weight do not buy rank 1 for {name} "
+                                     f"({lin.out_features}x{lin.in_features}); raise rank_bits")
+                uc, meta, factors = twin.fit(w, rms.pop(name).to(w.device), config.bits, config.group_size, rank,
+                                             config.meta_bits, config.twin_iters)
             else:
                 if config.method == "anyprec":
                     uc = anyprec(w, config.group_size, config.bits, config.seed_bits)
@@ -158,11 +174,13 @@ def quantize_(model: nn.Module, config: WeightQuant, *, calibration: torch.Tenso
                     uc, meta = with_meta(w, uc, config.meta_bits)
             q = QuantLinear.from_codes(lin, uc.codes, uc.bits, scale=uc.scale.half(), zero=uc.zero.half(),
                                        group_size=uc.group_size, meta=meta)
+            if config.method == "twin":
+                q.attach_lowrank(*factors)
         if config.qdec_channels:
             q.attach_residual(w, qdec.channels_for(config.qdec_channels, q.in_features), config.qdec_bits)
         _set_module(model, name, q)
         report.layers[name] = {"bits": q.bits, "kind": q.kind, "group_size": q.group_size, "meta_bits": q.meta_bits,
-                               "nbytes": q.nbytes,
+                               "nbytes": q.nbytes, **({"rank": q.rank} if q.rank else {}),
                                "orig_nbytes": lin.weight.nbytes + (lin.bias.nbytes if lin.bias is not None else 0),
                                **({"qdec_k": q.qdec_k, "qdec_bits": q.qdec_bits, "qdec_nbytes": q.qdec_nbytes}
                                   if q.qdec_k else {})}
@@ -194,6 +212,15 @@ def _guided_hessians(model, names, config, calibration, progress) -> dict[str, t
         with bar:
             return guided.collect_hessians(model, calibration.to(next(model.parameters()).device), names,
                                            config.guide_groups, progress=bar)
+
+
+@torch.no_grad()
+def _activation_rms(model, names, config, calibration) -> dict[str, torch.Tensor]:
+    dev = next(model.parameters()).device
+    if calibration is None:
+        log.info("writing %d x %d calibration tokens with the model itself", config.calib_seqs, config.calib_len)
+        calibration = guided.calibration_ids(model, config.calib_seqs, config.calib_len)
+    return twin.activation_rms(model, calibration.to(dev), names)
 
 
 def set_read_bits(model: nn.Module, bits: int) -> None:

@@ -1,0 +1,112 @@
+"""Twin: low-rank 8-bit factors fitted with the grid of the rest, weighted by the activations."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_llama
+from torch import nn
+
+import memfit
+from memfit.bench import parse_weight_config
+from memfit.weights import QuantLinear, WeightQuant, quantize_, save_quantized
+from memfit.weights import twin
+from memfit.weights.grid import hqq
+
+
+def _planted(out=96, inp=256, seed=0):
+    """A weight with a few strong directions (outlier structure) on top of noise, and activations
+    with a few loud channels, as LLM layers have."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g) * 0.02
+    w += (torch.randn(out, 3, generator=g) * 0.3) @ torch.randn(3, inp, generator=g) * 0.2
+    w[:, 5] *= 20  # an outlier input channel
+    x = torch.randn(512, inp, generator=g)
+    x[:, [5, 17, 40]] *= 8
+    return w, x
+
+
+def _output_error(w, wq, x):
+    return ((x @ (w - wq).T) ** 2).mean().item()
+
+
+def test_at_equal_bytes_twin_beats_plain_quantization_on_planted_outliers():
+    w, x = _planted()
+    rms = (x * x).mean(0).sqrt()
+    rank = twin.rank_for(*w.shape, 1.0)  # one bit a weight for the factors ...
+    uc, meta, f = twin.fit(w, rms, 3, 32, rank)
+    wq = uc.dequantize() + twin.dequant_rows(*f[:2]) @ twin.dequant_rows(*f[2:])
+    plain = hqq(w, 4, 32).dequantize()  # ... against one more bit a weight for the grid
+    assert 8 * rank * sum(w.shape) + 16 * (w.shape[0] + rank) <= w.numel()  # within the same bytes
+    assert _output_error(w, wq, x) < 0.8 * _output_error(w, plain, x)
+    # the activation weighting is what earns it: the same rank fitted without it does worse
+    uc2, _, f2 = twin.fit(w, torch.ones_like(rms), 3, 32, rank)
+    wq2 = uc2.dequantize() + twin.dequant_rows(*f2[:2]) @ twin.dequant_rows(*f2[2:])
+    assert _output_error(w, wq, x) < _output_error(w, wq2, x)
+
+
+def test_rank_fits_the_budget():
+    for out, inp, bits in ((576, 576, 0.4), (1536, 576, 0.4), (192, 576, 0.25), (64, 64, 8.0)):
+        r = twin.rank_for(out, inp, bits)
+        assert 8 * r * (out + inp) + 16 * (out + r) <= bits * out * inp
+        assert 8 * (r + 1) * (out + inp) + 16 * (out + r + 1) > bits * out * inp or r == min(out, inp)
+    assert twin.rank_for(64, 64, 0.01) == 0
+
+
+def test_bad_twin_configs_are_named():
+    w, x = _planted()
+    with pytest.raises(ValueError, match="rank must be in 1..96"):
+        twin.fit(w, torch.ones(256), 3, 32, 0)
+    with pytest.raises(ValueError, match="act_rms"):
+        twin.fit(w, torch.ones(10), 3, 32, 4)
+    with pytest.raises(ValueError, match="rank_bits"):
+        WeightQuant(method="twin", rank_bits=0)
+    q = QuantLinear(256, 96, 3, 32)
+    with pytest.raises(ValueError, match="low-rank factors"):
+        q.attach_lowrank(torch.zeros(96, 4, dtype=torch.int8), torch.zeros(96), torch.zeros(5, 256, dtype=torch.int8),
+                         torch.zeros(5))
+    with pytest.raises(ValueError, match="do not buy rank 1"):
+        quantize_(tiny_llama(), WeightQuant(method="twin", bits=3, group_size=32, rank_bits=0.001, calib_seqs=2,
+                                             calib_len=16), progress=False)
+
+
+def test_twin_layer_computes_grid_plus_low_rank_and_counts_its_bytes():
+    w, x = _planted()
+    lin = nn.Linear(256, 96, bias=True)
+    lin.weight.data = w
+    uc, meta, f = twin.fit(w, (x * x).mean(0).sqrt(), 3, 32, 8)
+    q = QuantLinear.from_codes(lin, uc.codes, 3, scale=uc.scale.half(), zero=uc.zero.half(), group_size=32)
+    before = q.nbytes
+    q.attach_lowrank(*f)
+    assert q.rank == 8 and q.nbytes == before + 8 * (96 + 256) + 2 * (96 + 8)
+    lr = twin.dequant_rows(*f[:2]) @ twin.dequant_rows(*f[2:])
+    torch.testing.assert_close(q.dequantize(torch.float32), uc.dequantize() + lr, rtol=0, atol=2e-3)  # float16 grid
+    plain = QuantLinear.from_codes(lin, uc.codes, 3, scale=uc.scale.half(), zero=uc.zero.half(), group_size=32)
+    torch.testing.assert_close(q(x), plain(x) + x @ lr.T, rtol=1e-4, atol=1e-4)
+
+
+def test_twin_quantizes_saves_and_loads(tmp_path, tiny_model_dir):
+    lm = memfit.load_model(str(tiny_model_dir), "cpu", dtype="float32")
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        ref = lm.model(ids).logits
+    cfg = WeightQuant(method="twin", bits=3, group_size=32, meta_bits=8, rank_bits=1.0, calib_seqs=2, calib_len=16)
+    report = quantize_(lm.model, cfg, progress=False)
+    ranks = [v["rank"] for v in report.layers.values()]
+    assert ranks and all(r >= 1 for r in ranks)
+    layers = [m for m in lm.model.modules() if isinstance(m, QuantLinear)]
+    assert report.nbytes == sum(m.nbytes for m in layers) and all(m.rank for m in layers)
+    with torch.no_grad():
+        out = lm.model(ids).logits
+    assert 0 < (out - ref).abs().mean() < ref.abs().mean()  # near the model, not equal to it
+    saved = save_quantized(lm.model, lm.tokenizer, tmp_path / "q", report)
+    manifest = json.loads((saved / "memfit_quant.json").read_text())
+    assert manifest["format"] == 4 and manifest["config"]["method"] == "twin"
+    back = memfit.load_model(str(saved), "cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(back.model(ids).logits, out, rtol=0, atol=0)
+
+
+def test_twin_spec_parses():
+    cfg = parse_weight_config("twin:3:g32:m8:l0.5")
+    assert (cfg.method, cfg.bits, cfg.group_size, cfg.meta_bits, cfg.rank_bits) == ("twin", 3, 32, 8, 0.5)
