@@ -44,6 +44,43 @@ def tiny_llama(dtype=torch.float32, seed: int = 0, layers: int = 2) -> LlamaForC
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
+def quant_layer(out: int, inp: int, bits: int, group: int, meta_bits: int = 0, stored: int | None = None,
+                device: str = "cuda"):
+    """A bf16 Linear with an outlier row (a wide grid next to narrow ones), quantized with HQQ, or
+    any-precision stored at ``stored`` > ``bits`` bits; with ``meta_bits``, its grid in that many bits."""
+    from torch import nn
+
+    from memfit.weights import QuantLinear
+    from memfit.weights.anyprec import anyprec
+    from memfit.weights.grid import hqq, with_meta
+
+    torch.manual_seed(bits * 7 + group)
+    lin = nn.Linear(inp, out, bias=True, device=device, dtype=torch.bfloat16)
+    w = lin.weight.data.float()
+    w[3] *= 30
+    uc = anyprec(w, group, bits=stored, seed_bits=bits) if stored and stored > bits else hqq(w, bits, group)
+    meta = None
+    if meta_bits:
+        uc, meta = with_meta(w, uc, meta_bits)
+    return QuantLinear.from_codes(lin, uc.codes, uc.bits, scale=uc.scale.half(), zero=uc.zero.half(),
+                                  group_size=group, meta=meta)
+
+
+def decode_matches_dequantized(q, rows: int, kernel: str):
+    """Run ``q`` on ``rows`` random bf16 rows through ``kernel``; it must match the layer's own
+    dequantized matmul in float32 to 1% of the largest output. Returns (x, reference, output)."""
+    from torch import nn
+
+    x = torch.randn(rows, q.in_features, device=q.planes.device, dtype=torch.bfloat16)
+    ref = nn.functional.linear(x.float(), q.dequantize(torch.float32), q.bias.float())
+    assert q.kernel == kernel
+    y = q(x)
+    assert y.dtype == x.dtype and y.shape == (rows, q.out_features)
+    err = (y.float() - ref).abs().max().item()
+    assert err < 1e-2 * ref.abs().max().item(), err  # 16-bit weights or products; bf16 output
+    return x, ref, y
+
+
 def tiny_qwen(dtype=torch.float32, seed: int = 0) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
     cfg = Qwen2Config(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -1,25 +1,10 @@
 import pytest
 import torch
+from conftest import decode_matches_dequantized, quant_layer
 from torch import nn
 
-from memfit.weights import QuantLinear
-from memfit.weights.anyprec import anyprec
-from memfit.weights.grid import hqq, with_meta
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-
-
-def _layer(out, inp, bits, group, meta_bits, stored):
-    torch.manual_seed(bits * 7 + group)
-    lin = nn.Linear(inp, out, bias=True, device="cuda", dtype=torch.bfloat16)
-    w = lin.weight.data.float()
-    w[3] *= 30  # an outlier row: a wide grid next to narrow ones
-    uc = anyprec(w, group, bits=stored, seed_bits=bits) if stored > bits else hqq(w, bits, group)
-    meta = None
-    if meta_bits:
-        uc, meta = with_meta(w, uc, meta_bits)
-    return QuantLinear.from_codes(lin, uc.codes, uc.bits, scale=uc.scale.half(), zero=uc.zero.half(),
-                                  group_size=group, meta=meta)
 
 
 @pytest.mark.parametrize("bits,read,group,meta_bits,inp", [
@@ -27,19 +12,13 @@ def _layer(out, inp, bits, group, meta_bits, stored):
     (8, 3, 64, 0, 576), (8, 6, 16, 0, 512), (4, 2, 256, 6, 512)])  # 576 = 2.25 steps of 256 channels
 @pytest.mark.parametrize("rows", [1, 5, 16])
 def test_plane_gemv_matches_the_dequantized_matmul(bits, read, group, meta_bits, inp, rows):
-    q = _layer(200, inp, min(bits, read), group, meta_bits, bits)  # 200 rows: a partial block of outputs
+    q = quant_layer(200, inp, min(bits, read), group, meta_bits, bits)  # 200 rows: a partial block of outputs
     q.set_read_bits(read)
-    x = torch.randn(rows, inp, device="cuda", dtype=torch.bfloat16)
-    ref = nn.functional.linear(x.float(), q.dequantize(torch.float32), q.bias.float())
-    assert q.kernel == "triton-gemv"
-    y = q(x)
-    assert y.dtype == x.dtype and y.shape == (rows, 200)
-    err = (y.float() - ref).abs().max().item()
-    assert err < 1e-2 * ref.abs().max().item(), err  # float32 sums; bf16 output
+    decode_matches_dequantized(q, rows, "triton-gemv")
 
 
 def test_more_rows_than_a_gemv_go_through_the_dequantized_matmul():
-    q = _layer(64, 256, 3, 32, 0, 3)
+    q = quant_layer(64, 256, 3, 32, 0, 3)
     x = torch.randn(2, 40, 256, device="cuda", dtype=torch.bfloat16)
     ref = nn.functional.linear(x.float(), q.dequantize(torch.float32), q.bias.float())
     for y, r in ((q(x), ref), (q(x[:, :1]), ref[:, :1])):  # 80 rows: dequantized; 2 rows: the GEMV

@@ -2,9 +2,11 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import decode_matches_dequantized, quant_layer
+
 from memfit.kernels import tile_gemv
 from memfit.weights import QuantLinear
-from memfit.weights.grid import hqq, with_meta
+from memfit.weights.grid import hqq
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -63,16 +65,7 @@ def test_kernel_preference_is_checked():
 
 
 def _layer(out, inp, bits, group, meta_bits=0):
-    torch.manual_seed(bits * 7 + group)
-    lin = nn.Linear(inp, out, bias=True, device="cuda", dtype=torch.bfloat16)
-    w = lin.weight.data.float()
-    w[3] *= 30  # an outlier row: a wide grid next to narrow ones
-    uc = hqq(w, bits, group)
-    meta = None
-    if meta_bits:
-        uc, meta = with_meta(w, uc, meta_bits)
-    q = QuantLinear.from_codes(lin, uc.codes, bits, scale=uc.scale.half(), zero=uc.zero.half(),
-                               group_size=group, meta=meta)
+    q = quant_layer(out, inp, bits, group, meta_bits)
     q.set_prefer("tiles")
     return q
 
@@ -86,13 +79,7 @@ def _layer(out, inp, bits, group, meta_bits=0):
 def test_tile_kernel_matches_the_dequantized_matmul(bits, group, meta_bits, inp, rows):
     q = _layer(200, inp, bits, group, meta_bits)  # 200 rows: a partial block of outputs
     planes, codes = q.planes.clone(), q.codes()
-    x = torch.randn(rows, inp, device="cuda", dtype=torch.bfloat16)
-    ref = nn.functional.linear(x.float(), q.dequantize(torch.float32), q.bias.float())
-    assert q.kernel == "triton-tiles"
-    y = q(x)
-    assert y.dtype == x.dtype and y.shape == (rows, 200)
-    err = (y.float() - ref).abs().max().item()
-    assert err < 1e-2 * ref.abs().max().item(), err  # float16 weights and products; bf16 output
+    x, ref, _ = decode_matches_dequantized(q, rows, "triton-tiles")  # float16 products, float32 sums
     # the tiles are the only copy of the codes on the GPU; the planes come back exactly from them
     ws, cnt = tile_gemv._workspace(x.device, 200, 7)  # left at zero for the next call
     assert not ws.any() and not cnt.any()
