@@ -787,7 +787,7 @@ def _step_read_bytes(model) -> int:
     for m in model.modules():
         if isinstance(m, QuantLinear):
             total += m.resident_nbytes
-        elif isinstance(m, (torch.nn.Linear,)) or "Norm" in type(m).__name__:
+        elif isinstance(m, torch.nn.Linear) or "Norm" in type(m).__name__:
             total += sum(p.nbytes for p in m.parameters(recurse=False))
     return total
 

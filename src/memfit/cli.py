@@ -754,8 +754,10 @@ def bench_weight_decode_cmd(
     from memfit.bench import bench_weight_decode
 
     _need_cuda("bench weight-decode")
-    if kernel not in (None, "tinygemm", "tiles"):
-        raise typer.BadParameter(f"unknown kernel {kernel!r}; use 'tinygemm' or 'tiles'", param_hint="--kernel")
+    from memfit.weights.linear import PREFER
+
+    if kernel is not None and kernel not in PREFER:  # checked before an 8B model is built
+        raise typer.BadParameter(f"unknown kernel {kernel!r}; use one of {PREFER}", param_hint="--kernel")
     r = bench_weight_decode(batch, bits=tuple(bits), group_size=group_size, method=method, layers=layers,
                             compile=compile, lm_head=lm_head, meta_bits=meta_bits, kernel=kernel)
     _write_json(out, r)

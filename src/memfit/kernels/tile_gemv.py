@@ -60,7 +60,7 @@ def supports(x: torch.Tensor, group_size: int, k: int) -> bool:
             and x.numel() // k <= MAX_ROWS and x.dtype in (torch.float16, torch.bfloat16))
 
 
-def _WORD_ORDER(r: int) -> list[int]:
+def _word_order(r: int) -> list[int]:
     """Within each 4-byte word, bytes hold channels r, r + 2, r + 1, r + 3 (what the kernel's unpacking
     wants; the permutation is its own inverse)."""
     return [j - j % 4 + (0, 2, 1, 3)[j % 4] for j in range(r)]
@@ -85,7 +85,7 @@ def pack_tiles(codes: torch.Tensor, bits: int, group_size: int, block_n: int = B
         byte = torch.zeros(nb, block_n, k // group_size, r, dtype=torch.uint8, device=codes.device)
         for i in range(per):
             byte |= part[:, :, :, i] << (i * w)
-        out.append(byte[..., _WORD_ORDER(r)].permute(0, 2, 1, 3).contiguous())
+        out.append(byte[..., _word_order(r)].permute(0, 2, 1, 3).contiguous())
     return out
 
 
@@ -95,7 +95,7 @@ def unpack_tiles(tiles: list[torch.Tensor], bits: int, n: int) -> torch.Tensor:
     for (w, shift), t in zip(PARTS[bits], tiles):
         nb, ng, bn, r = t.shape
         per = 8 // w
-        t = t[..., _WORD_ORDER(r)]  # the order is its own inverse
+        t = t[..., _word_order(r)]  # the order is its own inverse
         slots = torch.stack([(t >> (i * w)) & ((1 << w) - 1) for i in range(per)], 3)  # [nb, ng, bn, per, r]
         c = slots.permute(0, 2, 1, 3, 4).reshape(nb * bn, ng * per * r)
         codes = c << shift if codes is None else codes | (c << shift)

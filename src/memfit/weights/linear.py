@@ -29,7 +29,7 @@ from torch import nn
 from memfit.kernels import plane_gemv, tile_gemv
 from memfit.kernels.hostmem import device_view, pinned_copy
 from memfit.kernels.packing import pack_planes, unpack_planes
-from memfit.weights import qdec
+from memfit.weights import qdec, twin
 from memfit.weights.anyprec import bin_centres
 from memfit.weights.grid import META_BITS, MetaCodes
 
@@ -127,11 +127,9 @@ class QuantLinear(nn.Module):
             self.register_buffer(name, t.to(dev))
         self.rank = r
 
-    def _lowrank(self, x: torch.Tensor) -> torch.Tensor:
-        """``(x R^T) L^T``: the low-rank part of the output."""
-        lw = self.lr_l.to(x.dtype) * self.lr_l_scale.to(x.dtype)[:, None]
-        rw = self.lr_r.to(x.dtype) * self.lr_r_scale.to(x.dtype)[:, None]
-        return F.linear(F.linear(x, rw), lw)
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Twin's ``L`` [out, r] and ``R`` [r, in], float32."""
+        return twin.dequant_rows(self.lr_l, self.lr_l_scale), twin.dequant_rows(self.lr_r, self.lr_r_scale)
 
     def attach_residual(self, weight: torch.Tensor, k: int, bits: int = 8) -> None:
         """QDEC: keep ``weight - self.dequantize()`` (in host memory, at ``bits``) and add it, at each
@@ -195,7 +193,8 @@ class QuantLinear(nn.Module):
             scale, zero = self.grid()
             w = ((c - zero[..., None]) * scale[..., None]).reshape(self.out_features, -1)
         if self.rank:
-            w = w + (self.lr_l.float() * self.lr_l_scale.float()[:, None]) @ (self.lr_r.float() * self.lr_r_scale.float()[:, None])
+            lw, rw = self._factors()
+            w = w + lw @ rw
         return w.to(dtype or self.dtype)
 
     @property
@@ -301,28 +300,33 @@ class QuantLinear(nn.Module):
         self._drop_fast()  # new codes make the copy stale
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _kernel_product(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``x`` times the grid's weight through a decode kernel that reads the codes, or None where
+        none takes this call."""
         if self._tinygemm_ok() and x.dtype == torch.bfloat16:
             _, packed, sz = self._fast_copy("tinygemm")
             y = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, self.in_features), packed, self.group_size, sz)
-            y = y.reshape(*x.shape[:-1], self.out_features)
-            y = y + self.bias if self.bias is not None else y
-            y = y + self._lowrank(x) if self.rank else y
-        elif self._tiles_ok(x):
+            return y.reshape(*x.shape[:-1], self.out_features)
+        if self._tiles_ok(x):
             _, parts, scale, offset = self._fast_copy("tiles")
-            y = tile_gemv.tile_gemv(x, parts, self.bits, self.out_features, scale, offset)
-            y = y + self.bias if self.bias is not None else y
-            y = y + self._lowrank(x) if self.rank else y
-        elif self._gemv_ok(x):
+            return tile_gemv.tile_gemv(x, parts, self.bits, self.out_features, scale, offset)
+        if self._gemv_ok(x):
             if self.meta_bits:
                 grid = {"meta": (self.scale_codes, self.offset_codes, self.meta_ranges)}
             else:
                 grid = {"scale": self.scale, "zero": self.zero}
-            y = plane_gemv.plane_gemv(x, self._planes(), self.group_size, self.read_bits, **grid)
-            y = y + self.bias if self.bias is not None else y
-            y = y + self._lowrank(x) if self.rank else y
-        else:
+            return plane_gemv.plane_gemv(x, self._planes(), self.group_size, self.read_bits, **grid)
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._kernel_product(x)
+        if y is None:  # the dequantized weight holds the grid's and twin's low-rank part
             y = F.linear(x, self.dequantize(x.dtype), self.bias)
+        else:  # a kernel read the codes: the bias and twin's (x R^T) L^T come after
+            y = y + self.bias if self.bias is not None else y
+            if self.rank:
+                lw, rw = self._factors()
+                y = y + F.linear(F.linear(x, rw.to(x.dtype)), lw.to(x.dtype))
         if self.qdec_k:
             y = y + qdec.correction(x, self.qdec_codes, self.qdec_scale, self.qdec_bits, self.qdec_k,
                                     self._qdec_views)
@@ -343,9 +347,9 @@ class QuantLinear(nn.Module):
 
     @property
     def resident_nbytes(self) -> int:
-        """Bytes this layer holds on its device now: its buffers and bias, and the tinygemm copy (the
-        codes again, with a bfloat16 scale and zero) where it exists; a 4-bit layer's planes are then
-        gone. QDEC's residual, in host memory, is not counted."""
+        """Bytes this layer holds on its device now: its buffers and bias, and the decode kernel's copy
+        of the codes with its grid (tinygemm's or the tiles') where it exists, the planes then gone
+        unless the layer is read below its stored width. QDEC's residual, in host memory, is not counted."""
         held = self._held() - self.qdec_nbytes
         if self._fast is None:
             return held

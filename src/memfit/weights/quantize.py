@@ -205,22 +205,25 @@ def float32_tensors(model: torch.nn.Module):
 
 def _guided_hessians(model, names, config, calibration, progress) -> dict[str, torch.Tensor]:
     with float32_tensors(model):  # gradients in float32
-        if calibration is None:
-            log.info("writing %d x %d calibration tokens with the model itself", config.calib_seqs, config.calib_len)
-            calibration = guided.calibration_ids(model, config.calib_seqs, config.calib_len)
+        calibration = _calibration(model, config, calibration)
         bar = tqdm(total=calibration.shape[0], desc="guided: loss gradients", disable=not progress, leave=False)
         with bar:
             return guided.collect_hessians(model, calibration.to(next(model.parameters()).device), names,
                                            config.guide_groups, progress=bar)
 
 
+def _calibration(model, config, calibration: torch.Tensor | None) -> torch.Tensor:
+    """The caller's calibration ids, or text the model writes itself."""
+    if calibration is not None:
+        return calibration
+    log.info("writing %d x %d calibration tokens with the model itself", config.calib_seqs, config.calib_len)
+    return guided.calibration_ids(model, config.calib_seqs, config.calib_len)
+
+
 @torch.no_grad()
 def _activation_rms(model, names, config, calibration) -> dict[str, torch.Tensor]:
-    dev = next(model.parameters()).device
-    if calibration is None:
-        log.info("writing %d x %d calibration tokens with the model itself", config.calib_seqs, config.calib_len)
-        calibration = guided.calibration_ids(model, config.calib_seqs, config.calib_len)
-    return twin.activation_rms(model, calibration.to(dev), names)
+    ids = _calibration(model, config, calibration)
+    return twin.activation_rms(model, ids.to(next(model.parameters()).device), names)
 
 
 def set_read_bits(model: nn.Module, bits: int) -> None:

@@ -54,23 +54,14 @@ def fit(w: torch.Tensor, act_rms: torch.Tensor, bits: int, group_size: int, rank
     d = act_rms.float().clamp_min(1e-6)
     d = d / d.mean()  # only the relative weights matter; keeps the factors' scales tame
 
-    def quantize(t: torch.Tensor):
+    def quantize(t: torch.Tensor) -> tuple[UniformCodes, MetaCodes | None]:
         uc = hqq(t, bits, group_size)
-        meta = None
-        if meta_bits:
-            uc, meta = with_meta(t, uc, meta_bits)
-        return uc, meta
-
-    def deq(uc: UniformCodes, meta: MetaCodes | None) -> torch.Tensor:
-        if meta is None:
-            return uc.dequantize()
-        s, z = meta.grid()
-        return UniformCodes(uc.codes, s, z, uc.bits, uc.group_size).dequantize()
+        return with_meta(t, uc, meta_bits) if meta_bits else (uc, None)
 
     lr = torch.zeros_like(w)
     for _ in range(iters):
-        uc, meta = quantize(w - lr)
-        u, s, vh = torch.linalg.svd((w - deq(uc, meta)) * d, full_matrices=False)
+        uc = quantize(w - lr)[0]  # with meta_bits, uc holds the grid as stored
+        u, s, vh = torch.linalg.svd((w - uc.dequantize()) * d, full_matrices=False)
         factors = (*int8_rows(u[:, :rank] * s[:rank].sqrt()), *int8_rows(s[:rank, None].sqrt() * vh[:rank] / d))
         lr = dequant_rows(*factors[:2]) @ dequant_rows(*factors[2:])
     uc, meta = quantize(w - lr)
