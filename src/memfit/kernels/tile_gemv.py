@@ -14,17 +14,23 @@ reads in one step is one contiguous block:
 - a part is stored ``[N / BN, K / G, BN, R]``: the ``BN`` output rows of a program, one group at a
   time, are ``BN R`` contiguous bytes, and the groups a program reads in a step are consecutive.
 
-With ``w = code * scale + offset`` per group, a row's output is ``sum_g scale_g sum_k code_k x_k +
-offset_g sum_k x_k``: the kernel sums ``code * x`` per group and applies the grid once per group, in
-float32; each part's codes count ``2**shift`` times. The sums of ``code * x`` are float16 arithmetic
-on four codes a word: the word shifted by ``s`` and by ``s + 8``, masked into the mantissa of 1024.0
-(two codes a register, in channel order thanks to the byte order above), and one FMA a pair takes off
-the 1024 and scales by ``2**-w``, exactly: about 1.5 instructions a code, then a float16 FMA with
-``x``. Codes as ``code / 2**w`` < 1 keep every product as small as ``x``; conversions to float32 run
-at 1/8 of the FMA rate on an H100, so only each row's per-slot sum is converted. ``x`` is read in
-float16, saturated at +-65504, and a row's float16 sum over one slot (``R`` channels) must stay under
-65504 (activations that large are not met in practice). Each group's sum of ``x`` (float32) is
-computed next to the conversion (both fuse with the op before under torch.compile).
+With ``w = code * scale + offset`` per group, a row's output is ``sum_g scale_g sum_k (code_k - c) x_k +
+(offset_g + c scale_g) sum_k x_k`` for any constant ``c``: the kernel sums ``(code - c) * x`` per group,
+with ``c`` the middle of the code range, and applies the grid once per group, in float32; each part's
+codes count ``2**shift`` times. Centred codes keep the codes' mean out of the float16 sums, whose
+rounding would otherwise count against the small difference left once the offsets are added (on the
+H200 this halved the error of a 4-bit 4096 x 4096 layer with an outlier row, to 0.5% of the largest
+output). The sums of ``(code - c) * x`` are float16 arithmetic on four codes a word: the word shifted by
+``s`` and by ``s + 8``, masked into the mantissa of 1024.0 (two codes a register, in channel order
+thanks to the byte order above), and one FMA a pair takes off ``1024 + c`` and scales by ``2**-w``,
+exactly: about 1.5 instructions a code, then a float16 FMA with ``x``. The PTX takes a thread's four
+consecutive bytes as one word, which Triton lays out so only when a tile holds at least four bytes a
+thread; smaller tiles use plain Triton shifts (measured on the H200: the PTX on tiles of one or two bytes
+a thread gave wrong sums). Conversions to float32 run at 1/8 of the FMA rate on an H100, so only each
+row's per-slot sum is converted. ``x`` is read in float16, saturated at +-65504, and a row's float16
+sum over one slot (``R`` channels) must stay under 65504 (activations that large are not met in
+practice). Each group's sum of ``x`` (float32) is computed next to the conversion (both fuse with the
+op before under torch.compile).
 
 ``tile_gemv_reference`` computes the same thing in torch (dequantize the tiles, ``F.linear``): the
 tests compare the kernel with it, and with the layer's own dequantized matmul.
@@ -118,39 +124,45 @@ if triton is not None:
     # s and by s + 8 into the mantissa of 1024.0 gives the pairs (r, r + 1) and (r + 2, r + 3) in order,
     # and one FMA per pair takes off the 1024 and scales by 2**-w, exactly (about 1.5 instructions a code).
     # $2: the word, $3 / $7: shifts s and s + 8, $11: the mask, $15: 2**-w, $19: -1024 * 2**-w (pairs)
-    _DQ_ASM = tl.constexpr("""{ .reg .b32 t0, t1;
-        shr.b32 t0, $2, $3; shr.b32 t1, $2, $7;
-        lop3.b32 t0, t0, $11, 0x64006400, 0xEA; lop3.b32 t1, t1, $11, 0x64006400, 0xEA;
-        fma.rn.f16x2 $0, t0, $15, $19; fma.rn.f16x2 $1, t1, $15, $19; }""")
+    # one line: torch.compile copies the kernel's globals into generated source, where a string with
+    # line breaks does not survive
+    _DQ_ASM = tl.constexpr("{ .reg .b32 t0, t1; shr.b32 t0, $2, $3; shr.b32 t1, $2, $7; "
+                           "lop3.b32 t0, t0, $11, 0x64006400, 0xEA; lop3.b32 t1, t1, $11, 0x64006400, 0xEA; "
+                           "fma.rn.f16x2 $0, t0, $15, $19; fma.rn.f16x2 $1, t1, $15, $19; }")
 
     _DQ_REGS = tl.constexpr("=r,=r," + ",".join(["r"] * 21))
 
     @triton.jit
     def _codes(b, SHIFT: tl.constexpr, W: tl.constexpr, ASM: tl.constexpr):
-        """Slot ``SHIFT / W`` of the bytes ``b`` as float16 ``code / 2**W`` (in [0, 1): a product with
-        any float16 ``x`` stays finite)."""
+        """Slot ``SHIFT / W`` of the bytes ``b`` as float16 ``(code - 2**(W-1)) / 2**W``, centred in
+        [-1/2, 1/2): a product with any float16 ``x`` stays finite, and a group's sum does not carry
+        the codes' mean (its rounding would count against the small difference left once the
+        offsets are added)."""
         if ASM:
-            # 2**-W and -2**(10 - W) = -1024 * 2**-W as float16 pairs (the second as a negative int32)
+            # 2**-W and -(1024 + 2**(W-1)) * 2**-W as float16 pairs (the second as a negative int32)
             return tl.inline_asm_elementwise(
                 asm=_DQ_ASM, constraints=_DQ_REGS,
                 args=[b, tl.full(b.shape, SHIFT, tl.int32), tl.full(b.shape, SHIFT + 8, tl.int32),
                       tl.full(b.shape, ((1 << W) - 1) * 0x10001, tl.int32),
                       tl.full(b.shape, ((15 - W) << 10) * 0x10001, tl.int32),
-                      tl.full(b.shape, (0x8000 | ((25 - W) << 10)) * 0x10001 - (1 << 32), tl.int32)],
+                      tl.full(b.shape, (0x8000 | ((25 - W) << 10) | (1 << (W - 1))) * 0x10001 - (1 << 32), tl.int32)],
                 dtype=tl.float16, is_pure=True, pack=4)
-        return ((b >> SHIFT) & ((1 << W) - 1)).to(tl.float16) * (1.0 / (1 << W))
+        return ((b >> SHIFT) & ((1 << W) - 1)).to(tl.float16) * (1.0 / (1 << W)) - 0.5
 
     @triton.jit
     def _part_dot(X, P, row, g0, pid_n, NG: tl.constexpr, W: tl.constexpr, GROUP: tl.constexpr,
-                  BN: tl.constexpr, NGT: tl.constexpr, ASM: tl.constexpr):
-        """One part's ``sum_k (code_k / 2**W) x_k`` over groups ``g0 .. g0 + NGT - 1`` for the program's
+                  BN: tl.constexpr, NGT: tl.constexpr, ASM: tl.constexpr, WARPS: tl.constexpr):
+        """One part's ``sum_k ((code_k - 2**(W-1)) / 2**W) x_k`` over groups ``g0 .. g0 + NGT - 1`` for the program's
         BN rows: float32 [NGT BN], tile row ``j BN + n`` = output row ``n`` over group ``g0 + j``. The
         groups' blocks are consecutive in memory, so the tile [NGT BN, R] is one contiguous read, and a
         2-D tile keeps ``x`` and the codes in one register layout."""
         R: tl.constexpr = GROUP * W // 8
+        # the PTX takes a thread's 4 consecutive bytes as one word: only a tile of at least 4 bytes a
+        # thread is laid out so (smaller ones get 1 or 2 bytes a thread along a row, measured)
+        FAST: tl.constexpr = ASM and NGT * BN * R >= 128 * WARPS
         r = tl.arange(0, R)
         t = tl.arange(0, NGT * BN)
-        if ASM:
+        if FAST:
             rb = r
         else:  # plain Triton reads each code's own byte: undo the order within each word
             q = r % 4
@@ -160,14 +172,15 @@ if triton is not None:
         acc = tl.zeros((NGT * BN,), tl.float32)
         for i in tl.static_range(8 // W):  # slot i: channels g G + i R .. g G + i R + R - 1
             xs = tl.load(xrow[:, None] + i * R + r[None, :])  # float16, the same for the BN rows of a group
-            acc += tl.sum(_codes(b, i * W, W, ASM) * xs, 1).to(tl.float32)
+            acc += tl.sum(_codes(b, i * W, W, FAST) * xs, 1).to(tl.float32)
         return acc
 
     @triton.jit(do_not_specialize=["BNR"])
     def _tile_gemv_kernel(X, XS, P0, P1, P2, S, O, Y, WS, CNT, N, NPAD, BNR, NG: tl.constexpr, PER: tl.constexpr,
                           SPLIT: tl.constexpr, W0: tl.constexpr, OFF0: tl.constexpr, W1: tl.constexpr,
                           OFF1: tl.constexpr, W2: tl.constexpr, OFF2: tl.constexpr, GROUP: tl.constexpr,
-                          BN: tl.constexpr, NGT: tl.constexpr, ASM: tl.constexpr):
+                          BN: tl.constexpr, NGT: tl.constexpr, ASM: tl.constexpr, WARPS: tl.constexpr,
+                          CENTRE: tl.constexpr):
         """Program (output block, split of K, row): groups ``split PER .. split PER + PER - 1``,
         ``NGT`` a step. With ``SPLIT`` > 1 the programs of a block add their sums into ``WS`` (float32,
         zero between calls) and count themselves in ``CNT``; the last one writes the output and puts
@@ -182,15 +195,16 @@ if triton is not None:
         for j in range(0, PER, NGT):
             g0 = split * PER + j
             gi = g0 + t // BNR
-            # code = sum of parts << OFF; each part's sum is of code / 2**W: w = code * scale + offset
-            cx = _part_dot(X, P0, row, g0, pid_n, NG, W0, GROUP, BN, NGT, ASM) * (1 << (OFF0 + W0))
+            # code = sum of parts << OFF; each part's sum is of (part - 2**(W-1)) / 2**W, so cx is the sum
+            # of (code - CENTRE) x: w = (code - CENTRE) * scale + (offset + CENTRE * scale)
+            cx = _part_dot(X, P0, row, g0, pid_n, NG, W0, GROUP, BN, NGT, ASM, WARPS) * (1 << (OFF0 + W0))
             if W1 > 0:
-                cx += _part_dot(X, P1, row, g0, pid_n, NG, W1, GROUP, BN, NGT, ASM) * (1 << (OFF1 + W1))
+                cx += _part_dot(X, P1, row, g0, pid_n, NG, W1, GROUP, BN, NGT, ASM, WARPS) * (1 << (OFF1 + W1))
             if W2 > 0:
-                cx += _part_dot(X, P2, row, g0, pid_n, NG, W2, GROUP, BN, NGT, ASM) * (1 << (OFF2 + W2))
+                cx += _part_dot(X, P2, row, g0, pid_n, NG, W2, GROUP, BN, NGT, ASM, WARPS) * (1 << (OFF2 + W2))
             scale = tl.load(S + gi * NPAD + n).to(tl.float32)  # [NGT BN]
             offset = tl.load(O + gi * NPAD + n).to(tl.float32)
-            acc += scale * cx + offset * tl.load(XS + row * NG + gi)  # XS: each group's sum of x
+            acc += scale * cx + (offset + CENTRE * scale) * tl.load(XS + row * NG + gi)  # XS: each group's sum of x
         y = tl.sum(tl.reshape(acc, (NGT, BN)), 0)
         out = pid_n * BN + tl.arange(0, BN)
         keep = out < N
@@ -269,5 +283,6 @@ def tile_gemv(x: torch.Tensor, tiles: list[torch.Tensor], bits: int, n: int, sca
     _tile_gemv_kernel[(nb, split, m)](
         xs.contiguous(), xsum, *ptrs, scale, offset, y, ws, cnt, n, nb * bn, bn, NG=ng, PER=ng // split, SPLIT=split,
         W0=parts[0][0], OFF0=parts[0][1], W1=parts[1][0], OFF1=parts[1][1], W2=parts[2][0], OFF2=parts[2][1],
-        GROUP=group, BN=bn, NGT=ngt, ASM=asm, num_warps=warps)
+        GROUP=group, BN=bn, NGT=ngt, ASM=asm, WARPS=warps,
+        CENTRE=sum(1 << (w - 1 + off) for w, off in PARTS[bits]), num_warps=warps)
     return y.reshape(*x.shape[:-1], n)
