@@ -20,7 +20,7 @@ from memfit.kv.evict import KVzip, Observation
 from memfit.kv.evict.kvzip import REPEAT_PROMPT, reconstruction_scores, repeat_inputs
 from memfit.kv.plan import KVShape, plan_budget, spend_slack
 from memfit.kv.policy import Policy, parse_policy
-from memfit.kv.quant import KIVI
+from memfit.kv.quant import LayerBits
 from memfit.kv.rope import RoPE
 from memfit.kv.tiered import TierConfig, TieredCache
 from memfit.models import ChatFormat, default_device, default_dtype, fingerprint, load_hf, native_dtype, resolve_model
@@ -436,7 +436,7 @@ class LM:
         ``store`` (``tenant``'s entries only), or computed and stored there unless ``admit(nbytes)``
         says no. ``known``: entries the caller has already read, by key (not read again)."""
         q = policy.quant
-        stored = Policy(quant=q) if isinstance(q, KIVI) else Policy()
+        stored = Policy(quant=q) if q is not None and not isinstance(q, LayerBits) else Policy()
         space = KeySpace(self.fingerprint, self.tokenizer_fingerprint, ANYWHERE + stored.spec, tenant=tenant)
         head = self._encode(self.chat.before_context, special=not self.chat.before_context)
         key = space.key(head + doc_ids)
@@ -454,7 +454,7 @@ class LM:
         c = len(head)
         doc_keys = [k[:, :, c:] for k in keys]
         at = c
-        if stored.quant is not None and stored.quant.pre_rope:
+        if getattr(stored.quant, "pre_rope", False):
             # a pre-RoPE cache takes RoPE off at positions 0.. (its tokens are its layer's first): moved
             # there, the keys it quantizes are the true pre-RoPE ones, and it rotates them back on read
             doc_keys, at = [self.rope.shift(k, -c).to(k.dtype) for k in doc_keys], 0

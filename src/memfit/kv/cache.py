@@ -19,12 +19,16 @@ from memfit.kv.attention import ATTN_IMPLEMENTATION, pop_scores, push_head_mask,
 from memfit.kv.evict import Observation, select_global
 from memfit.kv.layer import CompressedLayer
 from memfit.kv.policy import Policy, parse_policy
-from memfit.kv.quant import LayerBits, QTensor, attention_error
+from memfit.kv.quant import KIVI, LayerBits, QTensor, attention_error, load_pair, pair_info
 from memfit.kv.ragged import Ragged
 from memfit.kv.rope import RoPE
 from memfit.kv.static import StaticKIVI
 
 FULL_BYTES_PER_ELEMENT = 2  # the reference: an uncompressed 16-bit cache
+
+
+# a layer's own tensors under the "k_" prefix; any other "k_" name is its quantizer's
+_LAYER_OWN = ("k_window", "k_basis", "k_coef")
 
 
 class CompressedCache(Cache):
@@ -186,9 +190,12 @@ class CompressedCache(Cache):
             p0 = parts[0]
             bad = next((why for la in parts for bad, why in (
                 (la.parent is not None or la.static is not None, "a fork or a static cache"),
+                (any(q is not None and not isinstance(q, QTensor) for q in (la.qk, la.ragged and la.ragged.qk)),
+                 "a quantizer other than KIVI"),
                 (la.defer or not la.is_initialized, "nothing compressed"),
                 (la.basis is not None or la.kc is not None, "low-rank keys"),
-                (any(q is not None and q.out_idx is not None for q in (la.qk, la.ragged and la.ragged.qk)), "outliers"),
+                (any(isinstance(q, QTensor) and q.out_idx is not None for q in (la.qk, la.ragged and la.ragged.qk)),
+                 "outliers"),
                 (la.seen != p0.seen and la.ragged is None, f"{la.seen} tokens against {p0.seen} in uniform storage"),
                 (la.pre_rope, "pre-RoPE keys"),
                 ((la.ragged is None) != (p0.ragged is None), "ragged and uniform storage"),
@@ -266,7 +273,7 @@ class CompressedCache(Cache):
         not outliers, low rank, pre-RoPE keys, or a decode budget."""
         for i, layer in enumerate(self.layers):
             # beyond what the kernel reads now, what the policy would add while decoding
-            why = ("no KIVI quantizer" if layer.quant is None else "low-rank keys" if layer.lowrank is not None
+            why = ("no KIVI quantizer" if not isinstance(layer.quant, KIVI) else "low-rank keys" if layer.lowrank is not None
                    else "outliers" if layer.quant.outliers else "a decode budget" if layer.decode is not None
                    else layer.not_packed())
             if why:
@@ -316,7 +323,7 @@ class CompressedCache(Cache):
             q, qv = (layer.qk, layer.qv) if layer.qk is not None else (
                 (layer.ragged.qk, layer.ragged.qv) if layer.ragged is not None else (None, None))
             layers.append({"seen": layer.seen, **({"row_lag": layer.row_lag} if layer.row_lag else {}), "dtype": str(layer.dtype).removeprefix("torch.") if layer.is_initialized else None,
-                           "q": None if q is None else {"bits": q.bits, "kgroup": q.group, "vgroup": qv.group}})
+                           "q": None if q is None else pair_info(q, qv)})
         if self.rope is not None and getattr(self.policy.quant, "pre_rope", False):
             # what puts RoPE back on the stored keys (and takes it off those a restored cache reads later)
             tensors["rope.inv_freq"] = self.rope.inv_freq
@@ -345,10 +352,8 @@ class CompressedCache(Cache):
                 layer.quant = cache.policy.quant.kivi(info["q"]["bits"])
             layer.basis = t.get("k_basis")
             layer.kc, layer.vc = t.get("k_coef"), t.get("v_coef")
-            if "k_codes" in t:
-                q = info["q"]
-                layer.qk = QTensor.from_tensors(t, "k_", q["bits"], "token", q["kgroup"])
-                layer.qv = QTensor.from_tensors(t, "v_", q["bits"], "channel", q["vgroup"])
+            if info["q"] is not None and any(n.startswith("k_") and n not in _LAYER_OWN for n in t):  # quantized tokens
+                layer.qk, layer.qv = load_pair(t, "k_", "v_", info["q"])
         return cache
 
     def truncate_(self, num_tokens: int) -> "CompressedCache":

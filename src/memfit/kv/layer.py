@@ -12,7 +12,7 @@ from memfit.kv.decode import DecodeBudget
 from memfit.kv.evict import Observation, select_topk
 from memfit.kv.lowrank import LowRank, project, reconstruct
 from memfit.kv.policy import Policy
-from memfit.kv.quant import KIVI, QTensor, dequantize, quantize_keys, quantize_values
+from memfit.kv.quant import KIVI, QTensor
 from memfit.kv.ragged import Ragged
 from memfit.kv.rope import RoPE
 from memfit.kv.static import StaticKIVI
@@ -194,7 +194,7 @@ class CompressedLayer(CacheLayerMixin):
         if self.kc is not None:
             parts.append((reconstruct(self.kc, self.basis, self.keys.shape[1]), self.vc, None))
         if self.qk is not None:
-            parts.append((self._quantized_keys(), dequantize(self.qv, self.dtype), None))
+            parts.append((self._quantized_keys(), self.qv.dequantize(self.dtype), None))
         if self.is_initialized:
             parts.append((self.keys, self.values, None))
         return parts
@@ -242,9 +242,9 @@ class CompressedLayer(CacheLayerMixin):
 
     def _quantized_keys(self) -> torch.Tensor:
         if self.pre_rope:  # the quantized tokens are the layer's first ones: positions 0..n-1
-            k = dequantize(self.qk, torch.float32)
+            k = self.qk.dequantize(torch.float32)
             return self.rope.rotate(k, self._positions(0, k.shape[-2])).to(self.dtype)
-        k = dequantize(self.qk, self.dtype)
+        k = self.qk.dequantize(self.dtype)
         return k if self.basis is None else reconstruct(k, self.basis, self.keys.shape[1])
 
     def not_packed(self) -> str | None:
@@ -397,9 +397,7 @@ class CompressedLayer(CacheLayerMixin):
         k = self.keys[:, :, :f] if self.basis is None else project(self.keys[:, :, :f], self.basis)
         if self.pre_rope:  # the window's first token sits at position seen - window
             k = self._rope_off(k, self.seen - self.keys.shape[-2])
-        kq = quantize_keys(k, self.quant.bits, self.quant.group, outliers=self.quant.outliers)
-        vq = quantize_values(self.values[:, :, :f], self.quant.bits, self.quant.value_group(self.keys.shape[-1]),
-                             outliers=self.quant.outliers)
+        kq, vq = self.quant.quantize_keys(k), self.quant.quantize_values(self.values[:, :, :f])
         self.qk = kq if self.qk is None else self.qk.cat(kq)
         self.qv = vq if self.qv is None else self.qv.cat(vq)
         # clone: a slice would keep the whole old window alive
@@ -483,7 +481,7 @@ class CompressedLayer(CacheLayerMixin):
         k, v = self.keys, self.values
         if self.qk is not None:
             k = torch.cat([self._quantized_keys(), k], dim=-2)
-            v = torch.cat([dequantize(self.qv, self.dtype), v], dim=-2)
+            v = torch.cat([self.qv.dequantize(self.dtype), v], dim=-2)
         acc = self._acc if self._acc is not None else k.new_zeros(k.shape[0], k.shape[1], 0, dtype=torch.float32)
         acc = torch.cat([acc.expand(k.shape[0], k.shape[1], -1),
                          acc.new_zeros(k.shape[0], k.shape[1], n - acc.shape[-1])], dim=-1)

@@ -46,12 +46,6 @@ class KVShape:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 2
 
 
-def _quantized_token_bytes(q: KIVI, d: int) -> float:
-    """Keys and values of one quantized token of one head: codes, plus its share of scales/zeros and
-    of the sparse outliers (6 bytes each)."""
-    return 2 * d * q.bits / 8 + 4 * d / q.group + 4 * d / q.value_group(d) + 2 * d * q.outliers * 6
-
-
 def _ragged_bytes(tokens: int, heads: int, q: KIVI | None, d: int, e: int) -> float:
     """Upper bound for ``heads`` ragged heads holding ``tokens`` in all: a ragged head quantizes
     whole key groups of its own tokens, so its 16-bit window is at most max(residual, group - 1)
@@ -59,7 +53,7 @@ def _ragged_bytes(tokens: int, heads: int, q: KIVI | None, d: int, e: int) -> fl
     heads can hold between them."""
     if q is None:
         return 2 * e * d * tokens
-    c = _quantized_token_bytes(q, d)
+    c = q.token_bytes(d)
     window = min(tokens, heads * max(q.residual, q.group - 1))
     return c * (tokens - window) + 2 * e * d * window
 
@@ -97,7 +91,9 @@ def policy_nbytes(policy: Policy, num_tokens: int, shape: KVShape) -> int:
             total += _ragged_bytes(h * n, h, p.quant, d, e)
         else:
             total += h * (2 * e * d * n if p.quant is None else
-                          _quantized_token_bytes(p.quant, d) * p.quant.spilled(n) + 2 * e * d * (n - p.quant.spilled(n)))
+                          p.quant.token_bytes(d) * p.quant.spilled(n) + 2 * e * d * (n - p.quant.spilled(n)))
+        if p.quant is not None:
+            total += p.quant.fixed_bytes(h, d)  # per layer, whatever it keeps (GEAR's bases)
         if ragged:
             total += 2 * h * 4  # the int32 table of per-head lengths
     if pooled:

@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from memfit.kv.decode import DecodeBudget
 from memfit.kv.evict import H2O, TOVA, Eviction, Knorm, KVzip, PyramidKV, SnapKV, StreamingLLM
 from memfit.kv.lowrank import LowRank
+from memfit.kv.gear import GEAR
+from memfit.kv.qjl import QJL
 from memfit.kv.quant import KIVI, LayerBits
 
 EVICTIONS: dict[str, type[Eviction]] = {"snapkv": SnapKV, "streaming": StreamingLLM, "kvzip": KVzip, "h2o": H2O,
                                         "tova": TOVA, "knorm": Knorm, "pyramidkv": PyramidKV}
-QUANTIZERS: dict[str, type] = {"kivi": KIVI, "kvtuner": LayerBits}
+QUANTIZERS: dict[str, type] = {"kivi": KIVI, "kvtuner": LayerBits, "gear": GEAR, "qjl": QJL}
 METHODS: dict[str, type] = {**EVICTIONS, "lowrank": LowRank, **QUANTIZERS, "decode": DecodeBudget}
 
 
@@ -29,7 +31,7 @@ class PolicyError(ValueError):
 @dataclass(frozen=True)
 class Policy:
     evictions: tuple[Eviction, ...] = ()
-    quant: KIVI | LayerBits | None = None
+    quant: KIVI | LayerBits | GEAR | QJL | None = None
     decode: DecodeBudget | None = None
     lowrank: LowRank | None = None
 
@@ -162,6 +164,8 @@ def parse_policy(spec: "str | Policy | None") -> Policy:
         else:
             if quant is not None:
                 raise PolicyError(f"in {spec!r}: only one quantizer per policy")
+            if lowrank is not None and not isinstance(method, KIVI):
+                raise PolicyError(f"in {spec!r}: lowrank's key coefficients are quantized with kivi only")
             quant = method
     if getattr(quant, "pre_rope", False) and (evictions or lowrank or decode):
         # the cache puts RoPE back at each stored token's position, which it knows only while it

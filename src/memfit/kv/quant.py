@@ -1,4 +1,14 @@
-"""KIVI-style asymmetric KV quantization, with bit-packing and a pure-torch dequantize reference.
+"""KIVI-style asymmetric KV quantization, with bit-packing and a pure-torch dequantize reference,
+and the protocol every KV quantizer follows.
+
+A quantizer is a frozen config dataclass (``KIVI``, ``LayerBits``, ``GEAR``, ``QJL``) with
+``quantize_keys(k)`` / ``quantize_values(v)`` ([B, H, N, D] -> a stored run of tokens), ``spilled(n)``
+(window tokens that go to the quantized part), ``value_group(d)``, ``group`` and ``residual`` (the
+16-bit window), and ``token_bytes(d)`` / ``fixed_bytes(heads, d)`` (the planner's bound). What it
+stores (:class:`QTensor` here, one class per other method) has ``num_tokens``, ``shape``, ``nbytes``,
+``tensors()``, ``meta()`` (JSON: ``kind`` plus what :func:`load_quantized` needs), ``cat``, ``prefix``
+and ``dequantize(dtype)``. The decode kernel reads KIVI's codes only; other layouts attend through
+their dequantized keys and values.
 
 Layout (shared with the GPU kernels):
 - keys are quantized per channel, in groups of ``group`` consecutive tokens:
@@ -65,6 +75,16 @@ class QTensor:
         """Inverse of :meth:`tensors`, the names prefixed with ``prefix``."""
         return cls(t[prefix + "codes"], t[prefix + "scale"], t[prefix + "zero"], bits, axis, group,
                    t.get(prefix + "out_idx"), t.get(prefix + "out_val"))
+
+    def meta(self) -> dict:
+        return {"kind": "kivi", "bits": self.bits, "axis": self.axis, "group": self.group}
+
+    @classmethod
+    def from_meta(cls, t: dict[str, torch.Tensor], prefix: str, meta: dict) -> "QTensor":
+        return cls.from_tensors(t, prefix, meta["bits"], meta["axis"], meta["group"])
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize(self, dtype)
 
     def _outliers_at(self, n: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The outliers re-indexed for a tensor of ``n`` tokens in which this one starts at token
@@ -217,6 +237,41 @@ def dequantize(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     return out.to(dtype or torch.float32)
 
 
+# what a quantizer stores, by ``meta()["kind"]``: each method's module adds its class on import
+STORED: dict[str, type] = {"kivi": QTensor}
+
+
+def load_quantized(t: dict[str, torch.Tensor], prefix: str, meta: dict):
+    """A stored run of tokens back from its tensors (names prefixed with ``prefix``) and ``meta()``."""
+    kind = meta.get("kind", "kivi")
+    if kind not in STORED:
+        raise ValueError(f"unknown quantized storage {kind!r} (known: {', '.join(sorted(STORED))}); "
+                         "was it saved by a newer memfit?")
+    return STORED[kind].from_meta(t, prefix, meta)
+
+
+def pair_info(qk, qv) -> dict:
+    """JSON describing a layer's quantized keys and values. KIVI pairs keep the original fields
+    (``bits``, ``kgroup``, ``vgroup``), which stored caches and the kernels' callers read."""
+    if isinstance(qk, QTensor) and isinstance(qv, QTensor):
+        return {"bits": qk.bits, "kgroup": qk.group, "vgroup": qv.group}
+    return {"k": qk.meta(), "v": qv.meta()}
+
+
+def load_pair(t: dict[str, torch.Tensor], kprefix: str, vprefix: str, info: dict) -> tuple:
+    """Inverse of :func:`pair_info` with the tensors of ``tensors()`` under ``kprefix`` / ``vprefix``."""
+    if "k" in info:
+        return load_quantized(t, kprefix, info["k"]), load_quantized(t, vprefix, info["v"])
+    return (QTensor.from_tensors(t, kprefix, info["bits"], "token", info["kgroup"]),
+            QTensor.from_tensors(t, vprefix, info["bits"], "channel", info["vgroup"]))
+
+
+def kivi_token_bytes(bits: float, d: int, kgroup: int, vgroup: int, outliers: float = 0.0) -> float:
+    """Keys and values of one quantized token of one head under KIVI: codes, plus its share of the
+    float16 scales/zeros and of the sparse outliers (6 bytes each)."""
+    return 2 * d * bits / 8 + 4 * d / kgroup + 4 * d / vgroup + 2 * d * outliers * 6
+
+
 @dataclass(frozen=True)
 class KIVI:
     """KIVI quantization: ``bits``-bit keys per channel and values per token, in groups of ``group``,
@@ -253,6 +308,18 @@ class KIVI:
         if head_dim % g:
             raise ValueError(f"kivi: head_dim {head_dim} is not a multiple of the value group {g}")
         return g
+
+    def quantize_keys(self, k: torch.Tensor) -> QTensor:
+        return quantize_keys(k, self.bits, self.group, outliers=self.outliers)
+
+    def quantize_values(self, v: torch.Tensor) -> QTensor:
+        return quantize_values(v, self.bits, self.value_group(v.shape[-1]), outliers=self.outliers)
+
+    def token_bytes(self, d: int) -> float:
+        return kivi_token_bytes(self.bits, d, self.group, self.value_group(d), self.outliers)
+
+    def fixed_bytes(self, heads: int, d: int) -> float:
+        return 0.0
 
 
 @dataclass(frozen=True)
@@ -292,6 +359,19 @@ class LayerBits:
 
     def value_group(self, head_dim: int) -> int:
         return self.uniform().value_group(head_dim)
+
+    # before the per-layer bits are assigned (or without a prefill that measures): the uniform width
+    def quantize_keys(self, k: torch.Tensor) -> QTensor:
+        return self.uniform().quantize_keys(k)
+
+    def quantize_values(self, v: torch.Tensor) -> QTensor:
+        return self.uniform().quantize_values(v)
+
+    def token_bytes(self, d: int) -> float:  # the mean width over layers
+        return kivi_token_bytes(self.bits, d, self.group, self.value_group(d), self.outliers)
+
+    def fixed_bytes(self, heads: int, d: int) -> float:
+        return 0.0
 
     def assign(self, errors: list[dict[int, float]]) -> list[int]:
         """Per-layer bits from each layer's error at each choice: greedy by error drop per bit."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from memfit.kernels.decode_attention import PackedRun
-from memfit.kv.quant import KIVI, QTensor, dequantize, quantize_keys, quantize_values
+from memfit.kv.quant import KIVI, QTensor, load_pair
 
 
 def _starts(lens: torch.Tensor) -> torch.Tensor:
@@ -45,9 +45,8 @@ class Ragged:
         flat = lambda parts: torch.cat(parts).unsqueeze(0).unsqueeze(0)  # noqa: E731
         qk = qv = None
         if sum(nq):
-            qk = quantize_keys(flat([k[:q] for k, q in zip(ks, nq)]), quant.bits, quant.group, outliers=quant.outliers)
-            qv = quantize_values(flat([v[:q] for v, q in zip(vs, nq)]), quant.bits, quant.value_group(keys.shape[-1]),
-                                 outliers=quant.outliers)
+            qk = quant.quantize_keys(flat([k[:q] for k, q in zip(ks, nq)]))
+            qv = quant.quantize_values(flat([v[:q] for v, q in zip(vs, nq)]))
         lens_t = torch.tensor([lens, nq], dtype=torch.int32, device=keys.device)
         return cls(lens_t, flat([k[q:] for k, q in zip(ks, nq)]), flat([v[q:] for v, q in zip(vs, nq)]), qk, qv)
 
@@ -77,9 +76,8 @@ class Ragged:
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], q: dict | None, rows: int = 1) -> "Ragged":
         qk = qv = None
-        if "r_k_codes" in t:
-            qk = QTensor.from_tensors(t, "r_k_", q["bits"], "token", q["kgroup"])
-            qv = QTensor.from_tensors(t, "r_v_", q["bits"], "channel", q["vgroup"])
+        if q is not None and any(n.startswith("r_k_") for n in t):
+            qk, qv = load_pair(t, "r_k_", "r_v_", q)
         return cls(t["r_lens"], t["r_k"], t["r_v"], qk, qv, rows)
 
     def run(self, rows: int, quant: KIVI | None) -> PackedRun:
@@ -115,8 +113,8 @@ class Ragged:
     def dense(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Padded [rows, H, max_len, D] keys and values and the [rows, H, max_len] mask of real entries."""
         lens, nq = self._host
-        qk = dequantize(self.qk, dtype)[0, 0].split(nq) if self.qk is not None else [None] * len(lens)
-        qv = dequantize(self.qv, dtype)[0, 0].split(nq) if self.qv is not None else [None] * len(lens)
+        qk = self.qk.dequantize(dtype)[0, 0].split(nq) if self.qk is not None else [None] * len(lens)
+        qv = self.qv.dequantize(dtype)[0, 0].split(nq) if self.qv is not None else [None] * len(lens)
         wk = self.k[0, 0].split([n - q for n, q in zip(lens, nq)])
         wv = self.v[0, 0].split([n - q for n, q in zip(lens, nq)])
         m, d, h = self.max_len, self.k.shape[-1], self.heads
