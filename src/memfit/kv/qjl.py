@@ -148,7 +148,8 @@ class QJL:
     bits: int = 4
     group: int = 64
     residual: int = 128
-    outliers: int = 4
+    # 8 of 64 channels: SmolLM2's perplexity 60.2 with 4, 32.1 with 8 (sketch 128; 502 with none)
+    outliers: int = 8
     seed: int = 0
 
     def __post_init__(self) -> None:
