@@ -327,6 +327,38 @@ def eval_(
     typer.echo(f"\n{len(records)} records in {summary['seconds']:.0f} s -> {out / 'results.jsonl'}, {out / 'summary.json'}")
 
 
+@app.command()
+def calibrate(
+    tasks: Optional[list[str]] = typer.Option(None, "--task", "-t", help="Repeat; default: the default eval tasks."),
+    length: int = typer.Option(1024, "--length", "-n", help="Context length in tokens."),
+    samples: int = typer.Option(6, "--samples", "-s", help="Samples a task."),
+    seed: int = typer.Option(0),
+    model: str = typer.Option("smollm2", "--model", "-m"),
+    out: Path = typer.Option(Path("results/calibration.json"), "--out", "-o", help="Where the table goes (the "
+                             "planner reads src/memfit/kv/calibration.json, or --table of memfit plan)."),
+) -> None:
+    """Measure the planner's families (a quantizer, or an eviction at several keeps then a quantizer)
+    against an uncompressed cache, and write the table the budget planner chooses by."""
+    from memfit.eval.calibrate import calibrate as run
+    from memfit.eval.tasks import DEFAULT_TASKS, TASKS
+
+    names = tasks or DEFAULT_TASKS
+    unknown = [t for t in names if t not in TASKS]
+    if unknown:
+        _fail(f"unknown task(s) {', '.join(unknown)}; valid tasks: {', '.join(TASKS)}")
+    if samples < 1 or length < 64:
+        _fail("--samples must be >= 1 and --length >= 64")
+    lm = _load(model)
+    try:
+        table = run(lm, names, length, samples, seed, out_dir=out.with_suffix(""))
+    except ValueError as e:
+        _fail(str(e))
+    _write_json(out, table.to_dict())
+    for f in table.families:
+        typer.echo(f"{f.template:<56} " + "  ".join(f"{c:.2f}x {100 * r:.0f}%" for c, r in f.points))
+    typer.echo(f"-> {out}")
+
+
 def _compare_perplexity(models: list[str], weight_bits: Optional[list[int]], policies: list[str],
                         path: Optional[Path], out: Path) -> None:
     from memfit.weights import weight_bytes

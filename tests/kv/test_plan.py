@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from memfit.kv.plan import KVShape, budget_bytes, plan, policy_nbytes
+from memfit.kv.plan import Calibration, KVShape, budget_bytes, load_calibration, plan, plan_ladder, policy_nbytes
 from memfit.kv.policy import parse_policy
 from memfit.models import count_parameters
 from tests.conftest import tiny_llama
@@ -53,21 +53,56 @@ def test_planner_choice_fits_its_budget(tiny_lm, budget):
         assert ctx.nbytes >= 0.85 * limit
 
 
-def test_planner_prefers_quantization_then_keeps_as_much_as_fits():
+def test_ladder_prefers_quantization_then_keeps_as_much_as_fits():
     shape = KVShape(32, 8, 128)
     n = 131072
     full = n * shape.full_bytes_per_token
-    assert plan(full, n, shape)[0].is_none
-    assert plan(full // 3, n, shape)[0].spec.startswith("kivi(bits=4")
-    p, b = plan(full // 10, n, shape)
+    assert plan_ladder(full, n, shape)[0].is_none
+    assert plan_ladder(full // 3, n, shape)[0].spec.startswith("kivi(bits=4")
+    p, b = plan_ladder(full // 10, n, shape)
     keep = p.evictions[0].keep
     assert p.spec.startswith("kvzip(keep=") and b <= full // 10
     assert policy_nbytes(parse_policy(p.spec.replace(f"keep={keep}", f"keep={keep + 0.002:.3f}")), n, shape) > full // 10
     with pytest.raises(ValueError, match="too small"):
-        plan(1000, n, shape)
+        plan_ladder(1000, n, shape)
     assert budget_bytes("1GiB", n, shape) == 2**30 and budget_bytes(16, n, shape) == full // 16
     with pytest.raises(ValueError, match="compression factor"):
         budget_bytes(0.5, n, shape)
+
+
+TABLE = Calibration.from_dict({"families": [
+    {"template": "kivi(bits=4,residual=32)", "points": [[3.5, 0.96]]},
+    {"template": "kvzip(keep={keep})+kivi(bits=4,residual=32)", "points": [[4.5, 0.95], [8.0, 0.9], [16.0, 0.8]]},
+    {"template": "kvzip(keep={keep})", "points": [[2.0, 0.99], [4.0, 0.9]]}]})
+
+
+def test_calibrated_planner_takes_the_most_accurate_family_that_fits():
+    shape = KVShape(32, 8, 128)
+    n = 131072
+    full = n * shape.full_bytes_per_token
+    assert plan(full, n, shape, table=TABLE)[0].is_none
+    # 2x: 16-bit eviction at keep ~0.5 (99%) beats 4-bit quantization (96%), which leaves half the budget unused
+    p, b = plan(full // 2, n, shape, table=TABLE)
+    assert p.spec.startswith("kvzip(keep=0.49") and b <= full // 2
+    assert plan(full // 3, n, shape, table=TABLE)[0].spec.startswith("kivi(bits=4")  # 96% vs kvzip's ~93%
+    p, b = plan(full // 10, n, shape, table=TABLE)  # only the eviction + 4-bit family reaches 10x
+    assert p.spec.startswith("kvzip(keep=") and "kivi(bits=4,group=64,residual=32" in p.spec and b <= full // 10
+    assert TABLE.families[1].accuracy(8.0) == 0.9 and abs(TABLE.families[1].accuracy(11.3137) - 0.85) < 1e-3
+    assert TABLE.families[1].accuracy(2.0) == 0.95 and abs(TABLE.families[1].accuracy(32.0) - 0.7) < 1e-9  # extended
+    with pytest.raises(ValueError, match="too small"):
+        plan(1000, n, shape, table=TABLE)
+    assert plan(full // 3, n, shape, table=None) == plan_ladder(full // 3, n, shape)
+
+
+def test_calibration_tables_are_checked(tmp_path):
+    bad = tmp_path / "t.json"
+    bad.write_text('{"families": []}')
+    with pytest.raises(ValueError, match="not a memfit calibration table"):
+        load_calibration(bad)
+    assert load_calibration(tmp_path / "missing.json") is None
+    good = tmp_path / "g.json"
+    good.write_text(__import__("json").dumps(TABLE.to_dict()))
+    assert load_calibration(good) == TABLE
 
 
 def test_parameter_count_from_config_alone():

@@ -1,6 +1,14 @@
 """Budget planner: the byte cost of a policy, computed before any prefill, and the policy that fits
 a byte budget best.
 
+"Best" is measured: a calibration table (``calibration.json`` beside this file, written by ``memfit
+calibrate``) holds, for a few families of policies (a quantizer, or an eviction whose ``keep`` is free
+followed by a quantizer, each with its 16-bit window), the accuracy they kept relative to an
+uncompressed cache at several compressions. For a budget, every family is fitted to it (the largest
+``keep`` that fits) and the planner takes the one whose measured accuracy, interpolated at the
+compression it reaches, is highest. Without a table it falls back to a fixed ladder (none, 8-bit,
+4-bit, then eviction in 4-bit).
+
 The bytes are counted the way ``CompressedCache.nbytes`` counts them (codes, scales, zero points,
 the 16-bit window, the per-head length table of ragged layers). For uniform heads the count is
 exact; for adaptive and global (ragged) heads it is an upper bound, because each head rounds its own window.
@@ -9,12 +17,14 @@ exact; for adaptive and global (ragged) heads it is an upper bound, because each
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from memfit.kv.policy import EVICTIONS, Policy
+from memfit.kv.policy import EVICTIONS, Policy, parse_policy
 from memfit.kv.quant import KIVI
 
 if TYPE_CHECKING:
@@ -108,14 +118,11 @@ def _evicted(evict: str, keep: float, bits: int) -> Policy:
     return Policy((EVICTIONS[evict](keep=keep),), KIVI(bits=bits))
 
 
-def plan(budget_bytes: int, num_tokens: int, shape: KVShape, evict: str = "kvzip") -> tuple[Policy, int]:
-    """The policy that fits ``budget_bytes`` best, and its byte count: no compression if it fits, then
+def plan_ladder(budget_bytes: int, num_tokens: int, shape: KVShape, evict: str = "kvzip") -> tuple[Policy, int]:
+    """The fixed-ladder plan (no calibration table): no compression if it fits, then
     8- and 4-bit KIVI, then ``evict`` keeping as many tokens as fit, in 4-bit (2-bit only when even
     4-bit at ``MIN_KEEP`` does not fit). Raises ValueError when nothing fits."""
-    if budget_bytes <= 0 or num_tokens <= 0:
-        raise ValueError(f"budget and tokens must be positive, got {budget_bytes} bytes for {num_tokens} tokens")
-    if evict not in EVICTIONS:
-        raise ValueError(f"unknown eviction {evict!r}; valid: {', '.join(sorted(EVICTIONS))}")
+    _check_plan_args(budget_bytes, num_tokens, evict)
     for policy in LADDER:
         b = policy_nbytes(policy, num_tokens, shape)
         if b <= budget_bytes:
@@ -124,15 +131,124 @@ def plan(budget_bytes: int, num_tokens: int, shape: KVShape, evict: str = "kvzip
         fits = lambda keep: policy_nbytes(_evicted(evict, keep, bits), num_tokens, shape) <= budget_bytes  # noqa: E731
         if not fits(MIN_KEEP):
             continue
-        lo, hi = MIN_KEEP, 1.0  # the largest keep that fits, to 0.1% of the context
-        while hi - lo > 1e-3:
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-        policy = _evicted(evict, math.floor(lo * 1000) / 1000, bits)
+        policy = _evicted(evict, _largest_keep(fits), bits)
         return policy, policy_nbytes(policy, num_tokens, shape)
-    smallest = policy_nbytes(_evicted(evict, MIN_KEEP, 2), num_tokens, shape)
+    _too_small(budget_bytes, num_tokens, policy_nbytes(_evicted(evict, MIN_KEEP, 2), num_tokens, shape))
+
+
+def _check_plan_args(budget_bytes: int, num_tokens: int, evict: str) -> None:
+    if budget_bytes <= 0 or num_tokens <= 0:
+        raise ValueError(f"budget and tokens must be positive, got {budget_bytes} bytes for {num_tokens} tokens")
+    if evict not in EVICTIONS:
+        raise ValueError(f"unknown eviction {evict!r}; valid: {', '.join(sorted(EVICTIONS))}")
+
+
+def _too_small(budget_bytes: int, num_tokens: int, smallest: int) -> None:
     raise ValueError(f"a KV budget of {budget_bytes} bytes is too small for {num_tokens} tokens: the smallest "
                      f"planned policy needs {smallest} bytes")
+
+
+def _largest_keep(fits: Callable[[float], bool]) -> float:
+    """The largest keep in [MIN_KEEP, 1] with ``fits(keep)``, to 0.1% of the context (``fits(MIN_KEEP)``
+    must hold)."""
+    lo, hi = MIN_KEEP, 1.0
+    while hi - lo > 1e-3:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return math.floor(lo * 1000) / 1000
+
+
+@dataclass(frozen=True)
+class Family:
+    """Policies of one shape: ``template`` with ``{keep}`` where an eviction's keep is free (or none),
+    and the (compression, relative accuracy) points measured for it."""
+
+    template: str
+    points: tuple[tuple[float, float], ...]
+
+    @property
+    def free(self) -> bool:
+        return "{keep}" in self.template
+
+    def policy(self, keep: float | None = None, evict: str = "kvzip") -> Policy:
+        spec = self.template.format(keep=keep) if self.free else self.template
+        return parse_policy(spec.replace("kvzip(", f"{evict}(") if evict != "kvzip" else spec)
+
+    def accuracy(self, compression: float) -> float:
+        """Measured relative accuracy at ``compression``: linear in log-compression between points;
+        below the least compressed point, that point's; past the most compressed, the last segment
+        extended (never below 0)."""
+        pts = sorted(self.points)
+        x = math.log(compression)
+        xs = [math.log(c) for c, _ in pts]
+        if len(pts) == 1 or x <= xs[0]:
+            return pts[0][1]
+        i = next((i for i in range(1, len(pts)) if x <= xs[i]), len(pts) - 1)
+        t = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+        return max(0.0, pts[i - 1][1] + t * (pts[i][1] - pts[i - 1][1]))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A calibration table (see the module docstring): the families and where they were measured."""
+
+    families: tuple[Family, ...]
+    source: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Calibration":
+        fams = tuple(Family(f["template"], tuple((float(c), float(r)) for c, r in f["points"])) for f in d["families"])
+        if not fams or any(not f.points for f in fams):
+            raise ValueError("a calibration table needs families, each with at least one measured point")
+        return cls(fams, {k: v for k, v in d.items() if k != "families"})
+
+    def to_dict(self) -> dict:
+        return {**self.source, "families": [{"template": f.template, "points": [list(p) for p in f.points]}
+                                            for f in self.families]}
+
+
+CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
+
+
+def load_calibration(path: "Path | str | None" = None) -> Calibration | None:
+    """The table at ``path`` (default: the one shipped with memfit; None if there is none)."""
+    path = Path(path) if path is not None else CALIBRATION_FILE
+    if not path.exists():
+        return None
+    try:
+        return Calibration.from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a memfit calibration table ({e})") from None
+
+
+def plan(budget_bytes: int, num_tokens: int, shape: KVShape, evict: str = "kvzip",
+         table: "Calibration | None | bool" = True) -> tuple[Policy, int]:
+    """The policy that fits ``budget_bytes`` best, and its byte count: the family of ``table``
+    (True: the shipped one; None or no table: :func:`plan_ladder`) with the highest measured accuracy
+    at the compression it reaches within the budget. No compression when it fits. Raises
+    ValueError when nothing fits."""
+    table = load_calibration() if table is True else table
+    if table is None or table is False:
+        return plan_ladder(budget_bytes, num_tokens, shape, evict)
+    _check_plan_args(budget_bytes, num_tokens, evict)
+    if policy_nbytes(Policy(), num_tokens, shape) <= budget_bytes:
+        return Policy(), policy_nbytes(Policy(), num_tokens, shape)
+    full = num_tokens * shape.full_bytes_per_token
+    best, smallest = None, None
+    for fam in table.families:
+        nbytes = lambda keep: policy_nbytes(fam.policy(keep, evict), num_tokens, shape)  # noqa: B023, E731
+        least = nbytes(MIN_KEEP if fam.free else None)
+        smallest = least if smallest is None else min(smallest, least)
+        if least > budget_bytes:
+            continue
+        policy = fam.policy(_largest_keep(lambda k: nbytes(k) <= budget_bytes), evict) if fam.free else fam.policy()  # noqa: B023
+        b = policy_nbytes(policy, num_tokens, shape)
+        score = (fam.accuracy(full / b), b)  # ties: the one that uses more of the budget
+        if best is None or score > best[0]:
+            best = (score, policy, b)
+    if best is None:
+        _too_small(budget_bytes, num_tokens, smallest)
+    return best[1], best[2]
 
 
 def plan_budget(budget: "str | float", num_tokens: int, shape: KVShape, evict: str = "kvzip") -> tuple[Policy, dict]:
