@@ -5,7 +5,6 @@ from conftest import tiny_llama
 from memfit.hfcompat import with_cache
 from memfit.kv.cache import CompressedCache
 from memfit.kv.gear import GEAR, GearTensor
-from memfit.kv.policy import PolicyError, parse_policy
 from memfit.kv.quant import KIVI, load_quantized
 
 
@@ -69,13 +68,7 @@ def test_gear_cache_decodes_and_saves_and_restores():
         CompressedCache.stack([cache, back])
 
 
-def test_gear_bad_configs_are_named():
-    with pytest.raises(PolicyError, match="gear: rank"):
-        parse_policy("gear(rank=0)")
-    with pytest.raises(PolicyError, match="gear: bits"):
-        parse_policy("gear(bits=3)")
-    with pytest.raises(PolicyError, match="kivi only"):
-        parse_policy("lowrank(rank=16)+gear(bits=2)")
+def test_gear_bad_inputs_are_named():  # bad specs: tests/kv/test_policy.py
     with pytest.raises(ValueError, match="below head_dim 32"):
         GEAR(rank=32).quantize_keys(torch.randn(1, 1, 64, 32))
     with pytest.raises(ValueError, match="unknown quantized storage 'mystery'"):

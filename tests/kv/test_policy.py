@@ -49,6 +49,12 @@ def test_canonical_spec_roundtrips():
     ("none+kivi", "cannot be combined"),
     ("kivi(bits=2", "cannot parse"),
     ("kivi(2)", "expected name=value"),
+    ("gear(rank=0)", "gear: rank must be >= 1"),
+    ("gear(bits=3)", "gear: bits must be one of"),
+    ("lowrank(rank=16)+gear(bits=2)", "lowrank's key coefficients are quantized with kivi only"),
+    ("qjl(sketch=12)", "qjl: sketch (sign bits per key) must be a positive multiple of 8"),
+    ("qjl(bits=3)", "qjl: bits must be one of"),
+    ("qjl(outliers=300)", "qjl: outliers"),
 ])
 def test_parse_errors_name_the_problem(spec, message):
     with pytest.raises(PolicyError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from memfit.kv.cache import CompressedCache
-from memfit.kv.policy import PolicyError, parse_policy
 from memfit.kv.qjl import QJL, QJLTensor, sketch_matrix
 from memfit.kv.quant import QTensor, load_quantized
 
@@ -69,10 +68,6 @@ def test_qjl_cache_decodes_evicted_and_restores(tiny_lm):
             assert torch.equal(x, y)
 
 
-def test_qjl_bad_configs_are_named():
-    with pytest.raises(PolicyError, match="qjl: sketch"):
-        parse_policy("qjl(sketch=12)")
-    with pytest.raises(PolicyError, match="qjl: bits"):
-        parse_policy("qjl(bits=3)")
+def test_qjl_bad_inputs_are_named():  # bad specs: tests/kv/test_policy.py
     with pytest.raises(ValueError, match="below head_dim 16"):
         QJL(outliers=16).quantize_keys(torch.randn(1, 1, 8, 16))
