@@ -176,16 +176,28 @@ class Family:
 
     def accuracy(self, compression: float) -> float:
         """Measured relative accuracy at ``compression``: linear in log-compression between points;
-        below the least compressed point, that point's; past the most compressed, the last segment
-        extended (never below 0)."""
+        below the least compressed point, that point's. Past the most compressed one nothing was
+        measured: the last segment extended, but never more than that point's accuracy scaled down in
+        proportion to the extra compression (a flat last segment would promise it forever)."""
         pts = sorted(self.points)
         x = math.log(compression)
         xs = [math.log(c) for c, _ in pts]
         if len(pts) == 1 or x <= xs[0]:
-            return pts[0][1]
+            return pts[0][1] if len(pts) > 1 or x <= xs[0] else pts[0][1] * pts[0][0] / compression
         i = next((i for i in range(1, len(pts)) if x <= xs[i]), len(pts) - 1)
         t = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
-        return max(0.0, pts[i - 1][1] + t * (pts[i][1] - pts[i - 1][1]))
+        est = pts[i - 1][1] + t * (pts[i][1] - pts[i - 1][1])
+        if x > xs[-1]:
+            est = min(est, pts[-1][1] * pts[-1][0] / compression)
+        return max(0.0, est)
+
+    def limit(self) -> str | None:
+        """What the family becomes at keep=1 (its eviction keeps everything): the rest of the
+        template, "none" without it; None for a family without a free keep."""
+        if not self.free:
+            return None
+        rest = [t for t in self.template.split("+") if "{keep}" not in t]
+        return "+".join(rest) or "none"
 
 
 @dataclass(frozen=True)
@@ -194,6 +206,17 @@ class Calibration:
 
     families: tuple[Family, ...]
     source: dict = field(default_factory=dict)
+
+    def anchored(self) -> "Calibration":
+        """Each free family with the point it tends to at keep=1 added: the measured points of its
+        rest (a family of its own), or an uncompressed cache's (1x, 100%) when nothing is left."""
+        fixed = {f.template: f.points for f in self.families if not f.free}
+        fams = []
+        for f in self.families:
+            lim = f.limit()
+            extra = ((1.0, 1.0),) if lim == "none" else fixed.get(lim, ()) if lim else ()
+            fams.append(Family(f.template, tuple(sorted(set(f.points) | set(extra)))))
+        return Calibration(tuple(fams), self.source)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Calibration":
@@ -231,6 +254,7 @@ def plan(budget_bytes: int, num_tokens: int, shape: KVShape, evict: str = "kvzip
     if table is None or table is False:
         return plan_ladder(budget_bytes, num_tokens, shape, evict)
     _check_plan_args(budget_bytes, num_tokens, evict)
+    table = table.anchored()
     if policy_nbytes(Policy(), num_tokens, shape) <= budget_bytes:
         return Policy(), policy_nbytes(Policy(), num_tokens, shape)
     full = num_tokens * shape.full_bytes_per_token
@@ -241,7 +265,12 @@ def plan(budget_bytes: int, num_tokens: int, shape: KVShape, evict: str = "kvzip
         smallest = least if smallest is None else min(smallest, least)
         if least > budget_bytes:
             continue
-        policy = fam.policy(_largest_keep(lambda k: nbytes(k) <= budget_bytes), evict) if fam.free else fam.policy()  # noqa: B023
+        if not fam.free:
+            policy = fam.policy()
+        elif nbytes(1.0) <= budget_bytes:  # the rest fits alone: no eviction (nor its scoring pass)
+            policy = parse_policy(fam.limit())
+        else:
+            policy = fam.policy(_largest_keep(lambda k: nbytes(k) <= budget_bytes), evict)  # noqa: B023
         b = policy_nbytes(policy, num_tokens, shape)
         score = (fam.accuracy(full / b), b)  # ties: the one that uses more of the budget
         if best is None or score > best[0]:
