@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from memfit.kv.quant import KIVI, STORED, QTensor, kivi_token_bytes
+from memfit.kv.quant import KIVI, STORED, QTensor, Stored, kivi_token_bytes
 from memfit.lazy import lazy_module
 
 torch = lazy_module("torch")
@@ -33,7 +33,7 @@ def _error_basis(e: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 @dataclass
-class GearTensor:
+class GearTensor(Stored):
     """KIVI codes (``q``) plus the low-rank part of their error: ``a`` [B, H, N, rank] and ``basis``
     [B, H, rank, D], float16."""
 
@@ -63,10 +63,6 @@ class GearTensor:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {**self.q.tensors(), "lr_a": self.a, "lr_basis": self.basis}
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def meta(self) -> dict:
         return {"kind": "gear", "q": self.q.meta()}

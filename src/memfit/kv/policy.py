@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from memfit.kv.decode import DecodeBudget
 from memfit.kv.evict import H2O, TOVA, Eviction, Knorm, KVzip, PyramidKV, SnapKV, StreamingLLM
-from memfit.kv.lowrank import LowRank
 from memfit.kv.gear import GEAR
+from memfit.kv.lowrank import LowRank
 from memfit.kv.qjl import QJL
 from memfit.kv.quant import KIVI, LayerBits
 

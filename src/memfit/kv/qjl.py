@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from memfit.kv.quant import KIVI, STORED
+from memfit.kv.quant import KIVI, STORED, Stored
 from memfit.lazy import lazy_module
 
 torch = lazy_module("torch")
@@ -55,7 +55,7 @@ def _unpack_signs(packed: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class QJLTensor:
+class QJLTensor(Stored):
     """Keys as packed signs [B, H, N, sketch / 8] (uint8) and norms [B, H, N, 1] (float16) of what is
     left once each token's ``c`` largest channels are taken out: their indices [B, H, N, c] (uint8)
     and float16 values (None when ``c`` is 0)."""
@@ -98,10 +98,6 @@ class QJLTensor:
         if self.out_idx is not None:
             out.update(out_idx=self.out_idx, out_val=self.out_val)
         return out
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def meta(self) -> dict:
         return {"kind": "qjl", "head_dim": self.head_dim, "seed": self.seed}

@@ -35,8 +35,19 @@ packing = lazy_module("memfit.kernels.packing")
 _FP16_MAX = 65504.0
 
 
+class Stored:
+    """What every quantizer's storage shares: its bytes are those of its ``tensors()``."""
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
 @dataclass
-class QTensor:
+class QTensor(Stored):
     """Packed codes with their per-group scale and zero point (see module docstring for the layout)."""
 
     codes: torch.Tensor  # uint8, [B, H, N, D * bits // 8]
@@ -59,10 +70,6 @@ class QTensor:
         """[B, H, N, D] of the tensor these codes stand for."""
         b, h, n, w = self.codes.shape
         return b, h, n, w * 8 // self.bits
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"codes": self.codes, "scale": self.scale, "zero": self.zero}
