@@ -17,6 +17,7 @@ exact; for adaptive and global (ragged) heads it is an upper bound, because each
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -182,14 +183,15 @@ class Family:
         pts = sorted(self.points)
         x = math.log(compression)
         xs = [math.log(c) for c, _ in pts]
-        if len(pts) == 1 or x <= xs[0]:
-            return pts[0][1] if len(pts) > 1 or x <= xs[0] else pts[0][1] * pts[0][0] / compression
+        if x <= xs[0]:
+            return pts[0][1]
+        decayed = pts[-1][1] * pts[-1][0] / compression  # past the last point at most this
+        if len(pts) == 1:
+            return decayed
         i = next((i for i in range(1, len(pts)) if x <= xs[i]), len(pts) - 1)
         t = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
         est = pts[i - 1][1] + t * (pts[i][1] - pts[i - 1][1])
-        if x > xs[-1]:
-            est = min(est, pts[-1][1] * pts[-1][0] / compression)
-        return max(0.0, est)
+        return max(0.0, min(est, decayed) if x > xs[-1] else est)
 
     def limit(self) -> str | None:
         """What the family becomes at keep=1 (its eviction keeps everything): the rest of the
@@ -234,8 +236,18 @@ CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
 
 
 def load_calibration(path: "Path | str | None" = None) -> Calibration | None:
-    """The table at ``path`` (default: the one shipped with memfit; None if there is none)."""
-    path = Path(path) if path is not None else CALIBRATION_FILE
+    """The table at ``path`` (default: the one shipped with memfit, read once; None if there is none)."""
+    if path is None:
+        return _shipped_calibration()
+    return _read_calibration(Path(path))
+
+
+@functools.cache
+def _shipped_calibration() -> Calibration | None:
+    return _read_calibration(CALIBRATION_FILE)  # every budgeted prefill plans: read the file once
+
+
+def _read_calibration(path: Path) -> Calibration | None:
     if not path.exists():
         return None
     try:
@@ -255,8 +267,9 @@ def plan(budget_bytes: int, num_tokens: int, shape: KVShape, evict: str = "kvzip
         return plan_ladder(budget_bytes, num_tokens, shape, evict)
     _check_plan_args(budget_bytes, num_tokens, evict)
     table = table.anchored()
-    if policy_nbytes(Policy(), num_tokens, shape) <= budget_bytes:
-        return Policy(), policy_nbytes(Policy(), num_tokens, shape)
+    uncompressed = policy_nbytes(Policy(), num_tokens, shape)
+    if uncompressed <= budget_bytes:
+        return Policy(), uncompressed
     full = num_tokens * shape.full_bytes_per_token
     best, smallest = None, None
     for fam in table.families:
