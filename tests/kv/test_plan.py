@@ -15,7 +15,8 @@ TEXT = "The lighthouse keeper counted ships. " * 40  # about 1.5K byte tokens
                                     "pyramidkv(keep=0.3,window=8)+kivi(bits=8,group=16,residual=16)",
                                     "lowrank(rank=16)", "snapkv(keep=0.5,window=8)+lowrank(rank=8)+kivi(bits=4,group=16,residual=16)",
                                     "gear(bits=2,group=16,residual=16,rank=2,outliers=0)",
-                                    "snapkv(keep=0.3,window=8)+qjl(sketch=32,bits=4,group=16,residual=16)"])
+                                    "snapkv(keep=0.3,window=8)+qjl(sketch=32,bits=4,group=16,residual=16)",
+                                    "snapkv(keep=0.3,window=8)+hadamard(bits=2,group=16,residual=16)"])
 def test_byte_count_is_exact_for_uniform_heads(tiny_lm, policy):
     ctx = tiny_lm.prefill(TEXT, policy)
     shape = KVShape(tiny_lm.num_layers, tiny_lm.num_kv_heads, tiny_lm.head_dim, 8)  # float64 model
@@ -30,13 +31,16 @@ def test_byte_count_is_exact_for_uniform_heads(tiny_lm, policy):
                                     "knorm(keep=0.3,heads=global)+kivi(bits=4,group=16,residual=16,outliers=0.02)",
                                     "kivi(bits=2,group=16,residual=16,outliers=0.02)",
                                     "knorm(keep=0.3,heads=global)+gear(bits=2,group=16,residual=16,rank=2)",
-                                    "knorm(keep=0.3,heads=adaptive)+qjl(sketch=32,group=16,residual=16)"])
+                                    "knorm(keep=0.3,heads=adaptive)+qjl(sketch=32,group=16,residual=16)",
+                                    "knorm(keep=0.3,heads=global)+hadamard(bits=2,group=16,residual=16)"])
 def test_byte_count_bounds_adaptive_heads(tiny_lm, policy):
     ctx = tiny_lm.prefill(TEXT, policy)
     shape = KVShape(tiny_lm.num_layers, tiny_lm.num_kv_heads, tiny_lm.head_dim, 8)  # float64 model
     est = policy_nbytes(parse_policy(policy), ctx.num_tokens, shape)
     # a bound: each head's 16-bit window is counted at its largest, at most one key group too many
     slack = shape.num_layers * shape.num_kv_heads * 16 * 2 * 8 * shape.head_dim if "(bits" in policy or "qjl" in policy else 0
+    if "hadamard" in policy:  # every head's sinks counted, where a ragged layer keeps the first head's
+        slack += shape.num_layers * (shape.num_kv_heads - 1) * 4 * 2 * 2 * shape.head_dim
     assert ctx.nbytes <= est <= ctx.nbytes + slack
 
 

@@ -37,7 +37,7 @@ def test_canonical_spec_roundtrips():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("foo", "unknown method 'foo'; valid methods: none, decode, gear, h2o, kivi, knorm, kvtuner, kvzip, lowrank, pyramidkv, qjl, snapkv, streaming, tova"),
+    ("foo", "unknown method 'foo'; valid methods: none, decode, gear, h2o, hadamard, kivi, knorm, kvtuner, kvzip, lowrank, pyramidkv, qjl, snapkv, streaming, tova"),
     ("kivi(bitz=2)", "unknown argument 'bitz'; valid arguments: bits, group, residual, outliers"),
     ("kivi(outliers=0.6)", "kivi: outliers is the fraction of elements kept in 16-bit"),
     ("kivi(bits=3)", "bits must be one of"),
@@ -55,6 +55,9 @@ def test_canonical_spec_roundtrips():
     ("qjl(sketch=12)", "qjl: sketch (sign bits per key) must be a positive multiple of 8"),
     ("qjl(bits=3)", "qjl: bits must be one of"),
     ("qjl(outliers=300)", "qjl: outliers"),
+    ("hadamard(clip=0)", "hadamard: clip is the fraction of each group's range kept"),
+    ("hadamard(sinks=-1)", "hadamard: sinks must be >= 0"),
+    ("hadamard(bits=3)", "hadamard: bits must be one of"),
 ])
 def test_parse_errors_name_the_problem(spec, message):
     with pytest.raises(PolicyError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -17,10 +17,12 @@ from memfit.kv.gear import GEAR
 from memfit.kv.lowrank import LowRank
 from memfit.kv.qjl import QJL
 from memfit.kv.quant import KIVI, LayerBits
+from memfit.kv.rotate import Hadamard
 
 EVICTIONS: dict[str, type[Eviction]] = {"snapkv": SnapKV, "streaming": StreamingLLM, "kvzip": KVzip, "h2o": H2O,
                                         "tova": TOVA, "knorm": Knorm, "pyramidkv": PyramidKV}
-QUANTIZERS: dict[str, type] = {"kivi": KIVI, "kvtuner": LayerBits, "gear": GEAR, "qjl": QJL}
+QUANTIZERS: dict[str, type] = {"kivi": KIVI, "kvtuner": LayerBits, "gear": GEAR, "qjl": QJL,
+                               "hadamard": Hadamard}
 METHODS: dict[str, type] = {**EVICTIONS, "lowrank": LowRank, **QUANTIZERS, "decode": DecodeBudget}
 
 
@@ -31,7 +33,7 @@ class PolicyError(ValueError):
 @dataclass(frozen=True)
 class Policy:
     evictions: tuple[Eviction, ...] = ()
-    quant: KIVI | LayerBits | GEAR | QJL | None = None
+    quant: KIVI | LayerBits | GEAR | QJL | Hadamard | None = None
     decode: DecodeBudget | None = None
     lowrank: LowRank | None = None
 

@@ -1,7 +1,7 @@
 """KIVI-style asymmetric KV quantization, with bit-packing and a pure-torch dequantize reference,
 and the protocol every KV quantizer follows.
 
-A quantizer is a frozen config dataclass (``KIVI``, ``LayerBits``, ``GEAR``, ``QJL``) with
+A quantizer is a frozen config dataclass (``KIVI``, ``LayerBits``, ``GEAR``, ``QJL``, ``Hadamard``) with
 ``quantize_keys(k)`` / ``quantize_values(v)`` ([B, H, N, D] -> a stored run of tokens), ``spilled(n)``
 (window tokens that go to the quantized part), ``value_group(d)``, ``group`` and ``residual`` (the
 16-bit window), and ``token_bytes(d)`` / ``fixed_bytes(heads, d)`` (the planner's bound). What it

@@ -1,0 +1,91 @@
+import math
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from memfit.hfcompat import with_cache
+from memfit.kv.cache import CompressedCache
+from memfit.kv.quant import KIVI, load_quantized
+from memfit.kv.rotate import Hadamard, RotatedTensor, clip_towards_mean, hadamard
+
+
+@pytest.mark.parametrize("d", [1, 2, 64, 96, 128])
+def test_hadamard_is_orthonormal_with_entries_of_one_size(d):
+    h = hadamard(d)
+    torch.testing.assert_close(h @ h.T, torch.eye(d), atol=1e-6, rtol=0)
+    block = d & -d  # 96 = 3 blocks of 32
+    nonzero = h[h != 0].abs()
+    torch.testing.assert_close(nonzero, torch.full_like(nonzero, 1 / math.sqrt(block)))
+
+
+def test_clip_shrinks_each_range_towards_its_mean():
+    x = torch.tensor([[0.0, 1.0, 2.0, 9.0]])
+    y = clip_towards_mean(x, 0.5, -1)  # mean 3: range [0, 9] -> [1.5, 6]
+    assert torch.equal(y, torch.tensor([[1.5, 1.5, 2.0, 6.0]]))
+    assert clip_towards_mean(x, 1.0, -1) is x
+
+
+def _kv_like(n=256, d=32, seed=0):
+    """Keys as real models have them: a few channels with large offsets, and a first token (the
+    attention sink) far from the rest."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 2, n, d, generator=g)
+    x[..., :2] += 8.0
+    x[:, :, 0] *= 6
+    return x
+
+
+def _attention(q, k, v):
+    return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(k.shape[-1]), -1) @ v
+
+
+def test_rotation_sinks_and_clipping_each_lower_the_attention_error_of_2_bit_kv():
+    k, v = _kv_like(), _kv_like(seed=1)
+    q = torch.randn(1, 2, 8, 32, generator=torch.Generator().manual_seed(2))
+    ref = _attention(q, k, v)
+
+    def err(cfg):
+        out = _attention(q, cfg.quantize_keys(k).dequantize(), cfg.quantize_values(v).dequantize())
+        return float((out - ref).norm() / ref.norm())
+
+    plain = err(KIVI(bits=2, group=32))
+    rotated = err(Hadamard(bits=2, group=32, sinks=0, clip=1.0))
+    sinks = err(Hadamard(bits=2, group=32, sinks=1, clip=1.0))
+    clipped = err(Hadamard(bits=2, group=32, sinks=1, clip=0.8))
+    assert rotated < plain and sinks < rotated and clipped < sinks
+
+
+def test_rotated_tensor_keeps_its_sinks_exactly_and_round_trips():
+    x = _kv_like(n=128)
+    cfg = Hadamard(bits=4, group=32, sinks=3)
+    a, b = cfg.quantize_keys(x[:, :, :96]), cfg.quantize_keys(x[:, :, 96:])
+    both = a.cat(b)
+    assert both.num_tokens == 128 and both.sink is a.sink  # the later run's first tokens are not sinks
+    assert torch.equal(both.dequantize()[:, :, :3], x[:, :, :3].half().float())
+    torch.testing.assert_close(both.dequantize()[:, :, :96], a.dequantize())
+    torch.testing.assert_close(both.dequantize()[:, :, 96:], b.q.dequantize() @ hadamard(32).T)
+    assert both.nbytes == a.q.nbytes + b.q.nbytes + 2 * 2 * 3 * 32  # one sink: [1, 2, 3, 32] float16
+    assert torch.equal(both.prefix(64).dequantize(), both.dequantize()[:, :, :64])
+    assert cfg.quantize_values(x).prefix(2).sink.shape[-2] == 2  # (values: keys cut only at groups)
+    t = {"k_" + n: v for n, v in both.tensors().items()}
+    back = load_quantized(t, "k_", both.meta())
+    assert isinstance(back, RotatedTensor) and torch.equal(back.dequantize(), both.dequantize())
+
+
+def test_hadamard_cache_decodes_and_saves_and_restores():
+    model = tiny_llama()
+    ids = torch.randint(0, 250, (1, 120), generator=torch.Generator().manual_seed(1))
+    cache = CompressedCache("hadamard(bits=2,group=16,residual=16)", 2)
+    with torch.no_grad():
+        model(ids[:, :100], **with_cache(model, cache))
+        for t in range(100, 120):  # the window spills while decoding: later runs join the first
+            model(ids[:, t : t + 1], **with_cache(model, cache))
+    layer = cache.layers[0]
+    assert isinstance(layer.qk, RotatedTensor) and layer.qk.num_tokens + layer.keys.shape[-2] == 120
+    assert layer.qk.sink.shape[-2] == 4
+    back = CompressedCache.from_state(*cache.to_state())
+    for la, lb in zip(cache.layers, back.layers):
+        for x, y in zip(la.materialize(), lb.materialize()):
+            assert torch.equal(x, y)
+    assert back.nbytes == cache.nbytes
