@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from memfit.kv.quant import KIVI, STORED, QTensor, Stored, kivi_token_bytes
+from memfit.kv.quant import KIVI, STORED, OnCodes, QTensor, kivi_token_bytes
 from memfit.lazy import lazy_module
 
 torch = lazy_module("torch")
@@ -33,7 +33,7 @@ def _error_basis(e: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 @dataclass
-class GearTensor(Stored):
+class GearTensor(OnCodes):
     """KIVI codes (``q``) plus the low-rank part of their error: ``a`` [B, H, N, rank] and ``basis``
     [B, H, rank, D], float16."""
 
@@ -48,14 +48,6 @@ class GearTensor(Stored):
         if basis is None:
             basis = _error_basis(e, rank).to(torch.float16)
         return cls(q, (e @ basis.float().transpose(-1, -2)).to(torch.float16), basis)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.q.num_tokens
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return self.q.shape
 
     @property
     def rank(self) -> int:

@@ -142,6 +142,21 @@ class QTensor(Stored):
                        self.bits, self.axis, self.group, idx, val)
 
 
+class OnCodes(Stored):
+    """Storage that adds something to KIVI codes ``q`` (GEAR's error correction, the rotated
+    quantizer's sinks): its tokens and shape are the codes'."""
+
+    q: QTensor
+
+    @property
+    def num_tokens(self) -> int:
+        return self.q.num_tokens
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return self.q.shape
+
+
 def _minmax_quantize(x: torch.Tensor, bits: int, reduce_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric quantization of ``x`` with one (scale, zero) per slice along ``reduce_dim``."""
     x = x.float()

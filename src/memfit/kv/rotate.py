@@ -32,7 +32,7 @@ import functools
 import math
 from dataclasses import dataclass
 
-from memfit.kv.quant import KIVI, STORED, QTensor, Stored, kivi_token_bytes, quantize_keys, quantize_values
+from memfit.kv.quant import KIVI, STORED, OnCodes, QTensor, kivi_token_bytes, quantize_keys, quantize_values
 from memfit.lazy import lazy_module
 
 torch = lazy_module("torch")
@@ -70,20 +70,12 @@ def clip_towards_mean(x: torch.Tensor, clip: float, dim: int) -> torch.Tensor:
 
 
 @dataclass
-class RotatedTensor(Stored):
+class RotatedTensor(OnCodes):
     """KIVI codes of the rotated tensor (``q``), and ``sink`` [B, H, s, D]: its first ``s`` tokens
     exactly (16-bit, unrotated), or None."""
 
     q: QTensor
     sink: torch.Tensor | None = None
-
-    @property
-    def num_tokens(self) -> int:
-        return self.q.num_tokens
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return self.q.shape
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {**self.q.tensors(), **({"sink": self.sink} if self.sink is not None else {})}
