@@ -74,6 +74,19 @@ def test_rotated_tensor_keeps_its_sinks_exactly_and_round_trips():
     assert isinstance(back, RotatedTensor) and torch.equal(back.dequantize(), both.dequantize())
 
 
+def test_a_ragged_run_keeps_each_heads_first_tokens():
+    x = _kv_like(n=128)[:, :1]  # one head's worth of rows: two heads of 64 and 64 tokens back to back
+    cfg = Hadamard(bits=2, group=32, sinks=3)
+    r = cfg.quantize_keys(x, starts=[0, 64])
+    assert r.sink_at == (0, 1, 2, 64, 65, 66)
+    out = r.dequantize()
+    assert torch.equal(out[:, :, [0, 1, 2, 64, 65, 66]], x[:, :, [0, 1, 2, 64, 65, 66]].half().float())
+    assert not torch.equal(out[:, :, 3], x[:, :, 3].half().float())  # the rest is quantized
+    assert r.prefix(64).sink_at == (0, 1, 2) and r.nbytes == r.q.nbytes + 6 * 32 * 2
+    back = load_quantized({"v_" + n: t for n, t in r.tensors().items()}, "v_", r.meta())
+    assert back.sink_at == r.sink_at and torch.equal(back.dequantize(), out)
+
+
 def test_hadamard_cache_decodes_and_saves_and_restores():
     model = tiny_llama()
     ids = torch.randint(0, 250, (1, 120), generator=torch.Generator().manual_seed(1))

@@ -3,6 +3,8 @@ global eviction, contexts batched together), stored back to back without padding
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from memfit.kernels.decode_attention import PackedRun
@@ -45,8 +47,10 @@ class Ragged:
         flat = lambda parts: torch.cat(parts).unsqueeze(0).unsqueeze(0)  # noqa: E731
         qk = qv = None
         if sum(nq):
-            qk = quant.quantize_keys(flat([k[:q] for k, q in zip(ks, nq)]))
-            qv = quant.quantize_values(flat([v[:q] for v, q in zip(vs, nq)]))
+            # a quantizer that keeps a run's first tokens apart (sinks) keeps each head's
+            runs = {"starts": [s for s, q in zip(itertools.accumulate([0, *nq]), nq) if q]} if getattr(quant, "sinks", 0) else {}
+            qk = quant.quantize_keys(flat([k[:q] for k, q in zip(ks, nq)]), **runs)
+            qv = quant.quantize_values(flat([v[:q] for v, q in zip(vs, nq)]), **runs)
         lens_t = torch.tensor([lens, nq], dtype=torch.int32, device=keys.device)
         return cls(lens_t, flat([k[q:] for k, q in zip(ks, nq)]), flat([v[q:] for v, q in zip(vs, nq)]), qk, qv)
 

@@ -71,35 +71,45 @@ def clip_towards_mean(x: torch.Tensor, clip: float, dim: int) -> torch.Tensor:
 
 @dataclass
 class RotatedTensor(OnCodes):
-    """KIVI codes of the rotated tensor (``q``), and ``sink`` [B, H, s, D]: its first ``s`` tokens
-    exactly (16-bit, unrotated), or None."""
+    """KIVI codes of the rotated tensor (``q``), and ``sink`` [B, H, S, D]: some of its tokens exactly
+    (16-bit, unrotated), at rows ``sink_at`` of the run (None: its first S), or None. A ragged layer
+    stores its heads back to back as one run; each head's first tokens are then sinks of their own."""
 
     q: QTensor
     sink: torch.Tensor | None = None
+    sink_at: tuple[int, ...] | None = None
+
+    def _rows(self) -> list[int]:
+        return list(self.sink_at) if self.sink_at is not None else list(range(self.sink.shape[-2]))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {**self.q.tensors(), **({"sink": self.sink} if self.sink is not None else {})}
 
     def meta(self) -> dict:
-        return {"kind": "hadamard", "q": self.q.meta()}
+        return {"kind": "hadamard", "q": self.q.meta(), **({"sink_at": list(self.sink_at)} if self.sink_at else {})}
 
     @classmethod
     def from_meta(cls, t: dict[str, torch.Tensor], prefix: str, meta: dict) -> "RotatedTensor":
-        return cls(QTensor.from_meta(t, prefix, meta["q"]), t.get(prefix + "sink"))
+        at = meta.get("sink_at")
+        return cls(QTensor.from_meta(t, prefix, meta["q"]), t.get(prefix + "sink"), tuple(at) if at else None)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         out = self.q.dequantize(torch.float32) @ hadamard(self.shape[-1], self.q.codes.device).T
         if self.sink is not None:
-            out[:, :, : self.sink.shape[-2]] = self.sink.float()
+            out[:, :, self._rows()] = self.sink.float()
         return out.to(dtype or torch.float32)
 
     def cat(self, other: "RotatedTensor") -> "RotatedTensor":
-        """``other``'s tokens after these; its own sink (tokens that are not the layer's first) is dropped."""
-        return RotatedTensor(self.q.cat(other.q), self.sink)
+        """``other``'s tokens after these (a window spilled while decoding): its own sinks, tokens that
+        are not the layer's first, are dropped."""
+        return RotatedTensor(self.q.cat(other.q), self.sink, self.sink_at)
 
     def prefix(self, n: int) -> "RotatedTensor":
-        sink = None if self.sink is None else self.sink[:, :, :n].clone()
-        return RotatedTensor(self.q.prefix(n), sink)
+        if self.sink is None:
+            return RotatedTensor(self.q.prefix(n))
+        keep = [i for i, r in enumerate(self._rows()) if r < n]
+        at = tuple(self._rows()[i] for i in keep) if self.sink_at is not None else None
+        return RotatedTensor(self.q.prefix(n), self.sink[:, :, keep].clone(), at)
 
 
 STORED["hadamard"] = RotatedTensor
@@ -140,27 +150,35 @@ class Hadamard:
     def value_group(self, head_dim: int) -> int:
         return self.kivi.value_group(head_dim)
 
-    def _sink(self, x: torch.Tensor) -> torch.Tensor | None:
-        # every run keeps its first tokens; RotatedTensor.cat drops them from all but the layer's first
-        return x[:, :, : self.sinks].to(torch.float16).clone() if self.sinks else None
+    def _sink(self, x: torch.Tensor, starts: "list[int] | None") -> tuple[torch.Tensor | None, tuple[int, ...] | None]:
+        """The sinks of a run (a decode spill's are dropped again by ``RotatedTensor.cat``): its first
+        tokens, or with ``starts`` (where each head begins in a ragged layer's run) each head's first."""
+        if not self.sinks:
+            return None, None
+        if starts is None:
+            return x[:, :, : self.sinks].to(torch.float16).clone(), None
+        ends = [*starts[1:], x.shape[-2]]
+        rows = tuple(r for s, e in zip(starts, ends) for r in range(s, min(s + self.sinks, e)))
+        return x[:, :, list(rows)].to(torch.float16), rows
 
-    def quantize_keys(self, k: torch.Tensor) -> RotatedTensor:
+    def quantize_keys(self, k: torch.Tensor, starts: "list[int] | None" = None) -> RotatedTensor:
+        """``starts``: where each head's tokens begin when ``k`` is a ragged layer's heads back to back."""
         b, h, n, d = k.shape
         if n % self.group:
             raise ValueError(f"key quantization needs a multiple of group={self.group} tokens, got {n}")
         x = (k.float() @ hadamard(d, k.device)).reshape(b, h, n // self.group, self.group, d)
         x = clip_towards_mean(x, self.clip_fraction, 3).reshape(b, h, n, d)
-        return RotatedTensor(quantize_keys(x, self.bits, self.group), self._sink(k))
+        return RotatedTensor(quantize_keys(x, self.bits, self.group), *self._sink(k, starts))
 
-    def quantize_values(self, v: torch.Tensor) -> RotatedTensor:
+    def quantize_values(self, v: torch.Tensor, starts: "list[int] | None" = None) -> RotatedTensor:
         b, h, n, d = v.shape
         g = self.value_group(d)
         x = (v.float() @ hadamard(d, v.device)).reshape(b, h, n, d // g, g)
         x = clip_towards_mean(x, self.clip_fraction, 4).reshape(b, h, n, d)
-        return RotatedTensor(quantize_values(x, self.bits, g), self._sink(v))
+        return RotatedTensor(quantize_values(x, self.bits, g), *self._sink(v, starts))
 
     def token_bytes(self, d: int) -> float:
         return kivi_token_bytes(self.bits, d, self.group, self.value_group(d))
 
     def fixed_bytes(self, heads: int, d: int) -> float:
-        return 2 * heads * self.sinks * d * 2  # the sinks' keys and values, float16
+        return 2 * heads * self.sinks * d * 2  # each head's sinks, keys and values, float16
