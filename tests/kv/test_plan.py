@@ -16,7 +16,8 @@ TEXT = "The lighthouse keeper counted ships. " * 40  # about 1.5K byte tokens
                                     "lowrank(rank=16)", "snapkv(keep=0.5,window=8)+lowrank(rank=8)+kivi(bits=4,group=16,residual=16)",
                                     "gear(bits=2,group=16,residual=16,rank=2,outliers=0)",
                                     "snapkv(keep=0.3,window=8)+qjl(sketch=32,bits=4,group=16,residual=16)",
-                                    "snapkv(keep=0.3,window=8)+hadamard(bits=2,group=16,residual=16)"])
+                                    "snapkv(keep=0.3,window=8)+hadamard(bits=2,group=16,residual=16)",
+                                    "hadamard(bits=4,group=16,residual=16,value_bits=2)"])
 def test_byte_count_is_exact_for_uniform_heads(tiny_lm, policy):
     ctx = tiny_lm.prefill(TEXT, policy)
     shape = KVShape(tiny_lm.num_layers, tiny_lm.num_kv_heads, tiny_lm.head_dim, 8)  # float64 model

@@ -58,6 +58,7 @@ def test_canonical_spec_roundtrips():
     ("hadamard(clip=0)", "hadamard: clip is the fraction of each group's range kept"),
     ("hadamard(sinks=-1)", "hadamard: sinks must be >= 0"),
     ("hadamard(bits=3)", "hadamard: bits must be one of"),
+    ("hadamard(value_bits=3)", "hadamard: value_bits must be one of"),
 ])
 def test_parse_errors_name_the_problem(spec, message):
     with pytest.raises(PolicyError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -53,7 +53,7 @@ def test_rotation_sinks_and_clipping_each_lower_the_attention_error_of_2_bit_kv(
     rotated = err(Hadamard(bits=2, group=32, sinks=0, clip=1.0))
     sinks = err(Hadamard(bits=2, group=32, sinks=1, clip=1.0))
     clipped = err(Hadamard(bits=2, group=32, sinks=1))  # 2 bits: clipped to 0.8 by default
-    assert Hadamard(bits=2).clip_fraction == 0.8 and Hadamard(bits=4).clip_fraction == 1.0
+    assert Hadamard().clip_fraction(2) == 0.8 and Hadamard().clip_fraction(4) == 1.0
     assert rotated < plain and sinks < rotated and clipped < sinks
 
 

@@ -10,7 +10,8 @@ things set it badly on real KV, and each has a fix that costs (almost) no bytes:
    per token, as KIVI does (on SmolLM2 per-token keys after the rotation are far worse).
 2. **Attention sinks.** The first tokens draw much of every query's attention and carry keys far
    from the rest; their quantization error moves every softmax. The first ``sinks`` tokens of a
-   layer are kept exactly in 16-bit beside their codes (OSCAR keeps them in BF16 too).
+   layer (of each head, in a ragged layer) are kept exactly in 16-bit beside their codes (OSCAR
+   keeps them in BF16 too).
 3. **The tails.** The min-max range of a group is set by its extreme elements; 4 levels spread over
    it leave the bulk with one or two. Each group's range is shrunk towards its mean to ``clip`` of
    itself (the elements beyond are clipped), which trades a large error on a few elements for a
@@ -23,14 +24,14 @@ Perplexity of SmolLM2 on the shipped essay (2,048 tokens, the second half scored
 clip 0.8 27.50 (Hadamard + clip without sinks 32.79; sinks + clip without Hadamard 28.82).
 On the 5 default tasks at 1K tokens (20 samples, accuracy relative to 16-bit's 89.7%) 2-bit rises from
 KIVI's 16% to 58%: the retrieval tasks still need more than four levels. At 4 bits it keeps 96%
-(``kivi(bits=4)`` 93%).
+(``kivi(bits=4)`` 93%). ``value_bits`` gives values a width of their own.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from memfit.kv.quant import KIVI, STORED, OnCodes, QTensor, kivi_token_bytes, quantize_keys, quantize_values
 from memfit.lazy import lazy_module
@@ -125,12 +126,18 @@ class Hadamard:
     residual: int = 128
     sinks: int = 4
     clip: float | None = None  # None: 0.8 at 2 bits, 1.0 (no clipping) above
+    value_bits: int | None = field(default=None, metadata={"spec": "if-set"})  # None: ``bits``
 
     def __post_init__(self) -> None:
         try:
             self.kivi  # noqa: B018 - KIVI's checks on bits, group and residual
         except ValueError as e:
             raise ValueError(str(e).replace("kivi:", "hadamard:")) from None
+        if self.value_bits is not None:
+            try:
+                KIVI(self.value_bits)
+            except ValueError as e:
+                raise ValueError(f"hadamard: value_{e}") from None
         if self.sinks < 0:
             raise ValueError(f"hadamard: sinks must be >= 0, got {self.sinks}")
         if self.clip is not None and not 0.0 < self.clip <= 1.0:
@@ -141,8 +148,11 @@ class Hadamard:
         return KIVI(self.bits, self.group, self.residual)
 
     @property
-    def clip_fraction(self) -> float:
-        return self.clip if self.clip is not None else (0.8 if self.bits <= 2 else 1.0)
+    def vbits(self) -> int:
+        return self.value_bits if self.value_bits is not None else self.bits
+
+    def clip_fraction(self, bits: int) -> float:
+        return self.clip if self.clip is not None else (0.8 if bits <= 2 else 1.0)
 
     def spilled(self, n: int) -> int:
         return self.kivi.spilled(n)
@@ -167,18 +177,18 @@ class Hadamard:
         if n % self.group:
             raise ValueError(f"key quantization needs a multiple of group={self.group} tokens, got {n}")
         x = (k.float() @ hadamard(d, k.device)).reshape(b, h, n // self.group, self.group, d)
-        x = clip_towards_mean(x, self.clip_fraction, 3).reshape(b, h, n, d)
+        x = clip_towards_mean(x, self.clip_fraction(self.bits), 3).reshape(b, h, n, d)
         return RotatedTensor(quantize_keys(x, self.bits, self.group), *self._sink(k, starts))
 
     def quantize_values(self, v: torch.Tensor, starts: "list[int] | None" = None) -> RotatedTensor:
         b, h, n, d = v.shape
         g = self.value_group(d)
         x = (v.float() @ hadamard(d, v.device)).reshape(b, h, n, d // g, g)
-        x = clip_towards_mean(x, self.clip_fraction, 4).reshape(b, h, n, d)
-        return RotatedTensor(quantize_values(x, self.bits, g), *self._sink(v, starts))
+        x = clip_towards_mean(x, self.clip_fraction(self.vbits), 4).reshape(b, h, n, d)
+        return RotatedTensor(quantize_values(x, self.vbits, g), *self._sink(v, starts))
 
     def token_bytes(self, d: int) -> float:
-        return kivi_token_bytes(self.bits, d, self.group, self.value_group(d))
+        return kivi_token_bytes((self.bits + self.vbits) / 2, d, self.group, self.value_group(d))
 
     def fixed_bytes(self, heads: int, d: int) -> float:
         return 2 * heads * self.sinks * d * 2  # each head's sinks, keys and values, float16
