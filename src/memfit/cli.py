@@ -242,10 +242,11 @@ def demo(
             _fail(str(e))
     typer.echo(f"\n{records[0]['tokens']} context tokens, {records[0]['questions']} questions, model {model}; "
                f"one prefill ({records[0]['shared_prefill_s']:.1f} s, KVzip scoring included) compressed per row")
-    typer.echo(f"{'row':<11} {'policy':<44} {'KV MiB':>7} {'compr.':>7} {'correct':>8} {'answer s':>9}")
+    w = max(44, *(len(r["short_policy"]) for r in records))  # whole specs: a cut one would not parse back
+    typer.echo(f"{'row':<11} {'policy':<{w}} {'KV MiB':>7} {'compr.':>7} {'correct':>8} {'answer s':>9}")
     for r in records:
         label = r["row"] if r["row"].startswith("budget=") else ""
-        typer.echo(f"{label:<11} {r['short_policy'][:44]:<44} {r['kv_bytes'] / 2**20:>7.2f} {r['compression']:>6.2f}x "
+        typer.echo(f"{label:<11} {r['short_policy']:<{w}} {r['kv_bytes'] / 2**20:>7.2f} {r['compression']:>6.2f}x "
                    f"{r['correct']:>4}/{r['questions']:<3} {r['answer_s']:>9.1f}")
     typer.echo("\nexpected: " + " | ".join(records[0]["expected"]))
     for r in records:
