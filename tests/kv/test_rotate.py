@@ -69,6 +69,8 @@ def test_rotated_tensor_keeps_its_sinks_exactly_and_round_trips():
     assert both.nbytes == a.q.nbytes + b.q.nbytes + 2 * 2 * 3 * 32  # one sink: [1, 2, 3, 32] float16
     assert torch.equal(both.prefix(64).dequantize(), both.dequantize()[:, :, :64])
     assert cfg.quantize_values(x).prefix(2).sink.shape[-2] == 2  # (values: keys cut only at groups)
+    big = cfg.quantize_values(torch.full((1, 1, 8, 32), 1e6))  # past float16: its sinks saturate, not inf
+    assert torch.isfinite(big.sink).all() and torch.isfinite(big.dequantize()).all()
     t = {"k_" + n: v for n, v in both.tensors().items()}
     back = load_quantized(t, "k_", both.meta())
     assert isinstance(back, RotatedTensor) and torch.equal(back.dequantize(), both.dequantize())

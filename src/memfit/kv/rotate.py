@@ -33,7 +33,7 @@ import functools
 import math
 from dataclasses import dataclass, field
 
-from memfit.kv.quant import KIVI, STORED, OnCodes, QTensor, kivi_token_bytes, quantize_keys, quantize_values
+from memfit.kv.quant import _FP16_MAX, KIVI, STORED, OnCodes, QTensor, kivi_token_bytes, quantize_keys, quantize_values
 from memfit.lazy import lazy_module
 
 torch = lazy_module("torch")
@@ -165,11 +165,12 @@ class Hadamard:
         tokens, or with ``starts`` (where each head begins in a ragged layer's run) each head's first."""
         if not self.sinks:
             return None, None
-        if starts is None:
-            return x[:, :, : self.sinks].to(torch.float16).clone(), None
-        ends = [*starts[1:], x.shape[-2]]
-        rows = tuple(r for s, e in zip(starts, ends) for r in range(s, min(s + self.sinks, e)))
-        return x[:, :, list(rows)].to(torch.float16), rows
+        rows = None
+        if starts is not None:
+            ends = [*starts[1:], x.shape[-2]]
+            rows = tuple(r for s, e in zip(starts, ends) for r in range(s, min(s + self.sinks, e)))
+        sink = x[:, :, : self.sinks] if rows is None else x[:, :, list(rows)]
+        return sink.float().clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16), rows  # float16 holds no more
 
     def quantize_keys(self, k: torch.Tensor, starts: "list[int] | None" = None) -> RotatedTensor:
         """``starts``: where each head's tokens begin when ``k`` is a ragged layer's heads back to back."""
