@@ -47,7 +47,9 @@ def hadamard_block(d: int) -> int:
 
 
 @functools.cache
-def _hadamard_cpu(d: int) -> torch.Tensor:
+def _hadamard(d: int, device: str) -> torch.Tensor:
+    if device != "cpu":  # built once per device: the torch path reads it at every attention step
+        return _hadamard(d, "cpu").to(device)
     n = hadamard_block(d)
     h = torch.ones(1, 1)
     while h.shape[0] < n:  # Sylvester: [[H, H], [H, -H]]
@@ -57,7 +59,7 @@ def _hadamard_cpu(d: int) -> torch.Tensor:
 
 def hadamard(d: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The orthonormal (block-)Hadamard matrix [d, d] (float32) that rotates a head of width ``d``."""
-    return _hadamard_cpu(d).to(device)
+    return _hadamard(d, str(device))
 
 
 def clip_towards_mean(x: torch.Tensor, clip: float, dim: int) -> torch.Tensor:
