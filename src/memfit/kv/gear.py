@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from memfit.kv.quant import KIVI, STORED, OnCodes, QTensor, kivi_token_bytes
+from memfit.kv.quant import KIVI, STORED, OnCodes, OnKIVI, QTensor, kivi_token_bytes
 from memfit.lazy import lazy_module
 
 torch = lazy_module("torch")
@@ -83,7 +83,7 @@ STORED["gear"] = GearTensor
 
 
 @dataclass(frozen=True)
-class GEAR:
+class GEAR(OnKIVI):
     """GEAR: ``bits``-bit KIVI codes, the ``outliers`` fraction of elements kept exactly, and a
     rank-``rank`` float16 approximation of the remaining error per head (see the module docstring)."""
 
@@ -95,22 +95,13 @@ class GEAR:
     pre_rope: bool = field(default=False, metadata={"spec": "if-set"})
 
     def __post_init__(self) -> None:
-        try:
-            self.kivi  # noqa: B018 - the same checks as KIVI's on bits, group, residual and outliers
-        except ValueError as e:
-            raise ValueError(str(e).replace("kivi:", "gear:")) from None
+        self._check_kivi("gear")  # KIVI's checks on bits, group, residual and outliers
         if self.rank < 1:
             raise ValueError(f"gear: rank must be >= 1, got {self.rank}")
 
     @property
     def kivi(self) -> KIVI:
         return KIVI(self.bits, self.group, self.residual, self.outliers, self.pre_rope)
-
-    def spilled(self, n: int) -> int:
-        return self.kivi.spilled(n)
-
-    def value_group(self, head_dim: int) -> int:
-        return self.kivi.value_group(head_dim)
 
     def _fit(self, x: torch.Tensor, q: QTensor) -> GearTensor:
         if self.rank >= x.shape[-1]:

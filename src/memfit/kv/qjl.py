@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from memfit.kv.quant import KIVI, STORED, Stored
+from memfit.kv.quant import STORED, OnKIVI, Stored
 from memfit.lazy import lazy_module
 
 torch = lazy_module("torch")
@@ -136,7 +136,7 @@ STORED["qjl"] = QJLTensor
 
 
 @dataclass(frozen=True)
-class QJL:
+class QJL(OnKIVI):
     """QJL keys (``sketch`` sign bits and a float16 norm per token and head, each token's ``outliers``
     largest channels kept exactly) and ``bits``-bit per-token values; see the module docstring."""
 
@@ -151,22 +151,9 @@ class QJL:
     def __post_init__(self) -> None:
         if self.sketch < 8 or self.sketch % 8:
             raise ValueError(f"qjl: sketch (sign bits per key) must be a positive multiple of 8, got {self.sketch}")
-        try:
-            self.values  # noqa: B018 - KIVI's checks on bits, group and residual
-        except ValueError as e:
-            raise ValueError(str(e).replace("kivi:", "qjl:")) from None
+        self._check_kivi("qjl")
         if not 0 <= self.outliers < 256:
             raise ValueError(f"qjl: outliers (channels per token kept exactly) must be in [0, 256), got {self.outliers}")
-
-    @property
-    def values(self) -> KIVI:
-        return KIVI(self.bits, self.group, self.residual)
-
-    def spilled(self, n: int) -> int:
-        return self.values.spilled(n)
-
-    def value_group(self, head_dim: int) -> int:
-        return self.values.value_group(head_dim)
 
     def quantize_keys(self, k: torch.Tensor) -> QJLTensor:
         if self.outliers >= k.shape[-1]:
@@ -174,7 +161,7 @@ class QJL:
         return QJLTensor.encode(k, self.sketch, self.seed, self.outliers)
 
     def quantize_values(self, v: torch.Tensor):
-        return self.values.quantize_values(v)
+        return self.kivi.quantize_values(v)  # values are KIVI's
 
     def token_bytes(self, d: int) -> float:
         values = d * self.bits / 8 + 4 * d / self.value_group(d)  # codes, float16 scale and zero a group

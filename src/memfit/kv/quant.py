@@ -344,6 +344,29 @@ class KIVI:
         return 0.0
 
 
+class OnKIVI:
+    """The config side of a quantizer built on KIVI's 16-bit window and groups (GEAR, QJL, the
+    rotated quantizer): ``kivi`` is its KIVI (by default from ``bits``, ``group`` and ``residual``),
+    which spills the window and groups values as KIVI does."""
+
+    @property
+    def kivi(self) -> KIVI:
+        return KIVI(self.bits, self.group, self.residual)
+
+    def _check_kivi(self, name: str) -> None:
+        """KIVI's checks on the arguments, its errors under this quantizer's ``name``."""
+        try:
+            self.kivi  # noqa: B018
+        except ValueError as e:
+            raise ValueError(str(e).replace("kivi:", f"{name}:")) from None
+
+    def spilled(self, n: int) -> int:
+        return self.kivi.spilled(n)
+
+    def value_group(self, head_dim: int) -> int:
+        return self.kivi.value_group(head_dim)
+
+
 @dataclass(frozen=True)
 class LayerBits:
     """KIVI with bits chosen per layer (KVTuner-style) under a target average ``bits``.

@@ -33,7 +33,7 @@ import functools
 import math
 from dataclasses import dataclass, field
 
-from memfit.kv.quant import _FP16_MAX, KIVI, STORED, OnCodes, QTensor, kivi_token_bytes, quantize_keys, quantize_values
+from memfit.kv.quant import _FP16_MAX, KIVI, STORED, OnCodes, OnKIVI, QTensor, kivi_token_bytes, quantize_keys, quantize_values
 from memfit.lazy import lazy_module
 
 torch = lazy_module("torch")
@@ -119,7 +119,7 @@ STORED["hadamard"] = RotatedTensor
 
 
 @dataclass(frozen=True)
-class Hadamard:
+class Hadamard(OnKIVI):
     """``bits``-bit KIVI after a Hadamard rotation, the first ``sinks`` tokens kept in 16-bit and each
     group's range clipped to ``clip`` of itself (None: by ``bits``; see the module docstring)."""
 
@@ -131,10 +131,7 @@ class Hadamard:
     value_bits: int | None = field(default=None, metadata={"spec": "if-set"})  # None: ``bits``
 
     def __post_init__(self) -> None:
-        try:
-            self.kivi  # noqa: B018 - KIVI's checks on bits, group and residual
-        except ValueError as e:
-            raise ValueError(str(e).replace("kivi:", "hadamard:")) from None
+        self._check_kivi("hadamard")
         if self.value_bits is not None:
             try:
                 KIVI(self.value_bits)
@@ -146,21 +143,11 @@ class Hadamard:
             raise ValueError(f"hadamard: clip is the fraction of each group's range kept, in (0, 1], got {self.clip}")
 
     @property
-    def kivi(self) -> KIVI:
-        return KIVI(self.bits, self.group, self.residual)
-
-    @property
     def vbits(self) -> int:
         return self.value_bits if self.value_bits is not None else self.bits
 
     def clip_fraction(self, bits: int) -> float:
         return self.clip if self.clip is not None else (0.8 if bits <= 2 else 1.0)
-
-    def spilled(self, n: int) -> int:
-        return self.kivi.spilled(n)
-
-    def value_group(self, head_dim: int) -> int:
-        return self.kivi.value_group(head_dim)
 
     def _sink(self, x: torch.Tensor, starts: "list[int] | None") -> tuple[torch.Tensor | None, tuple[int, ...] | None]:
         """The sinks of a run (a decode spill's are dropped again by ``RotatedTensor.cat``): its first
