@@ -574,14 +574,17 @@ def _evicted_batch(model, ids: torch.Tensor, spec: str, chunk: int):
 
 @torch.no_grad()
 def bench_decode(batch: int = 8, context: int = 32768, policies: tuple[str, ...] = ("none", "kivi(bits=4)"),
-                 steps: int = 32, chunk: int = 2048, layers: int = 32, graph: bool = True) -> list[dict]:
+                 steps: int = 32, chunk: int = 2048, layers: int = 32, graph: bool = True,
+                 compile: bool = False) -> list[dict]:
     """Decode step time and peak GPU memory of a random-weight Llama-3.1-8B-shaped model after a
     ``batch`` x ``context`` prefill, with transformers' DynamicCache ("none") and CompressedCache
     under any policy (evicting ones prefill, score and compress each row alone, then decode the
     rows together: see :func:`_evicted_batch`);
     ``graph``: each cache is also timed in static form, each step a replayed CUDA graph
     (``graph_step_ms``: no per-step host work, which on a slow host sets the eager step time):
-    "none" as transformers' 16-bit StaticCache, a compressed cache through ``to_static``.
+    "none" as transformers' 16-bit StaticCache, a compressed cache through ``to_static``;
+    ``compile``: each is also timed torch.compile'd, then captured (``compiled_step_ms``: inductor
+    fuses the small kernels between the matmuls, on both sides).
     ``roofline_ms``: weights and KV bytes read once at the GPU's HBM peak (a step's lower bound)."""
     from transformers import DynamicCache
 
@@ -628,12 +631,23 @@ def bench_decode(batch: int = 8, context: int = 32768, policies: tuple[str, ...]
             torch.cuda.reset_peak_memory_stats()
             row["graph_step_ms"] = _decode_step_ms(model, batch, context, reps=steps, chunk=chunk, full=True)[0]
             row["graph_peak_bytes"] = torch.cuda.max_memory_allocated()
+            if compile:
+                row["compiled_step_ms"], row["compiled_mode"] = _decode_step_ms(
+                    model, batch, context, reps=steps, chunk=chunk, full=True, compile=True)
         elif graph:  # the same cache in fixed buffers, each step one replayed CUDA graph
-            dec = GraphDecoder(model, cache.to_static(max_new_tokens=steps + 3))
+            static = cache.to_static(max_new_tokens=2 * steps + 8)
+            dec = GraphDecoder(model, static)
             # the warm-up steps: an eager step (compiles), the capture, one replay
             row["graph_step_ms"], tok = _steps_ms(lambda t, d=dec: d.step(t).argmax(-1, keepdim=True), tok, steps)
             row["graph_peak_bytes"] = torch.cuda.max_memory_allocated()
             del dec
+            if compile:  # the same static cache, decoding on: the steps torch.compile'd, then captured
+                dec = GraphDecoder(model, static, compile=True)
+                row["compiled_step_ms"], tok = _steps_ms(lambda t, d=dec: d.step(t).argmax(-1, keepdim=True), tok,
+                                                         steps)
+                row["compiled_mode"] = "torch.compile + cuda-graph"
+                del dec
+            del static
         rows.append(row)
         del cache
     base = rows[0]
@@ -643,9 +657,14 @@ def bench_decode(batch: int = 8, context: int = 32768, policies: tuple[str, ...]
             r["graph_speedup"] = base["decode_step_ms"] / r["graph_step_ms"]
             if "graph_step_ms" in base:  # graph against graph: no host overhead on either side
                 r["graph_speedup_vs_static"] = base["graph_step_ms"] / r["graph_step_ms"]
+        if "compiled_step_ms" in r and "compiled_step_ms" in base:
+            r["compiled_speedup_vs_static"] = base["graph_step_ms"] / r["compiled_step_ms"]
+            r["compiled_speedup_vs_compiled"] = base["compiled_step_ms"] / r["compiled_step_ms"]
         r["peak_saving_bytes"] = base["decode_peak_bytes"] - r["decode_peak_bytes"]
         if "roofline_ms" in r:
             r["step_vs_roofline"] = r.get("graph_step_ms", r["decode_step_ms"]) / r["roofline_ms"]
+            if "compiled_step_ms" in r:
+                r["compiled_vs_roofline"] = r["compiled_step_ms"] / r["roofline_ms"]
         r["kv_saving_bytes"] = base["kv_bytes"] - r["kv_bytes"]
     return rows
 

@@ -811,6 +811,8 @@ def bench_decode_cmd(
     layers: int = LAYERS_OPTION,
     graph: bool = typer.Option(True, "--graph/--no-graph",
                                help="Also time each cache as CUDA graphs ('none' as a 16-bit StaticCache)."),
+    compile: bool = typer.Option(False, "--compile", help="Also time each graph torch.compile'd before capture "
+                                 "(both sides)."),
     out: Path = typer.Option(Path("results/bench_decode.json"), "--out", "-o"),
 ) -> None:
     """GPU: decode step time and peak memory, random-weight Llama-3.1-8B shape, DynamicCache vs memfit."""
@@ -819,12 +821,17 @@ def bench_decode_cmd(
     from memfit.bench import bench_decode
 
     _need_cuda("bench decode")
-    rows = bench_decode(batch, context, tuple(policies), steps, layers=layers, graph=graph)
+    rows = bench_decode(batch, context, tuple(policies), steps, layers=layers, graph=graph, compile=compile)
     _write_json(out, {"device": torch.cuda.get_device_name(), "rows": rows})
     for r in rows:
         graph = (f"  CUDA graph {r['graph_step_ms']:8.2f} ms ({r['graph_speedup']:.2f}x"
                  + (f", {r['graph_speedup_vs_static']:.2f}x graph to graph)" if "graph_speedup_vs_static" in r else ")")
                  if "graph_step_ms" in r else "")
+        if "compiled_step_ms" in r:
+            graph += f"  compiled {r['compiled_step_ms']:8.2f} ms"
+            if "compiled_speedup_vs_static" in r:
+                graph += (f" ({r['compiled_speedup_vs_static']:.2f}x the 16-bit graph, "
+                          f"{r['compiled_speedup_vs_compiled']:.2f}x compiled)")
         roof = f"  roofline {r['roofline_ms']:.2f} ms ({r['step_vs_roofline']:.2f}x)" if "roofline_ms" in r else ""
         typer.echo(f"{r['policy']:<20} step {r['decode_step_ms']:8.2f} ms ({r['speedup']:.2f}x){graph}{roof}  KV "
                    f"{r['kv_bytes'] / 2**30:6.2f} GiB  decode peak {r['decode_peak_bytes'] / 2**30:6.2f} GiB  "

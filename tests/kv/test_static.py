@@ -107,3 +107,31 @@ def test_a_static_step_over_a_full_static_cache_runs_unmasked_and_equals_the_dyn
             got = model(ids[:, 40:], **with_cache(model, cache), cache_position=torch.tensor([40]),
                         memfit_static_step=slots == 41).logits
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_a_compiled_static_step_equals_the_uncompiled_one(device):
+    """``GraphDecoder(compile=True)``: the step torch.compile'd (the append and the packed-KV
+    attention left out of the trace) gives the same logits across a window spill, and the cache
+    ends as the uncompiled one does; on the GPU the compiled step is also captured as a graph."""
+    import torch._dynamo
+
+    model = tiny_llama(layers=2).to(device)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 256, (2, 75), generator=g).to(device)
+    feed = torch.randint(0, 256, (2, 20), generator=g).to(device)
+    out = []
+    for compile in (False, True):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        cache = _prefilled(model, ids).to_static(max_new_tokens=24)
+        dec = GraphDecoder(model, cache, compile=compile)
+        out.append((torch.stack([dec.step(feed[:, i : i + 1]).clone() for i in range(feed.shape[1])]), cache))
+    (plain, c0), (compiled, c1) = out
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the second run was compiled
+    assert c1.static_layers[0].nq > 64  # the window spilled while decoding
+    torch.testing.assert_close(compiled, plain, rtol=1e-4, atol=1e-4)
+    for a, b in zip(c0.static_layers, c1.static_layers):
+        assert (a.nq, a.w) == (b.nq, b.w)
+        torch.testing.assert_close(a.keys, b.keys, rtol=1e-4, atol=1e-4)

@@ -312,8 +312,24 @@ def _with_head_mask(mask: torch.Tensor | None, head_mask: torch.Tensor, query: t
     return _fit_mask(mask, nk) & hm
 
 
+@torch.compiler.disable
+def _static_attention(module: torch.nn.Module, query: torch.Tensor, scaling: float | None) -> torch.Tensor | None:
+    """A static step over a static cache's packed KV (the kernel), outside a compiled step's trace;
+    None when the layer's cache handed nothing over (a 16-bit cache: SDPA, traced)."""
+    packed = _state().packed.pop(module.layer_idx, None)
+    if packed is None:
+        return None
+    if _observer is not None or _state().requests:
+        raise ValueError("a static step attends without observers or score requests")
+    return packed.attend(query, scaling or getattr(module, "scaling", query.shape[-1] ** -0.5))
+
+
 def memfit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                              value: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs):
+    if kwargs.get("memfit_static_step", False) and query.shape[2] == 1:
+        out = _static_attention(module, query, kwargs.get("scaling"))
+        if out is not None:
+            return out, None
     state = _state()
     if kwargs.get("memfit_static_step", False) and query.shape[2] == 1:
         # a static step (GraphDecoder's) has no padding and no empty slot: the mask transformers

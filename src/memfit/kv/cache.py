@@ -76,6 +76,8 @@ class CompressedCache(Cache):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         layer = self.layers[layer_idx]
+        if layer.static is not None:
+            return _static_update(layer, layer_idx, key_states, value_states)
         budgeted = layer.decode is not None and not layer.defer
         if budgeted:
             scores = pop_scores(layer_idx)
@@ -414,3 +416,13 @@ class CompressedCache(Cache):
                 own = layer.seen - (layer.parent.seen if layer.parent is not None else 0)
                 total += 2 * h * (b * own - sum(layer.row_lag or [])) * d * FULL_BYTES_PER_ELEMENT
         return total
+
+
+@torch.compiler.disable
+def _static_update(layer, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
+    """A static step's append (device work only), outside a compiled step's trace: it hands the
+    layer's packed KV to the attention function through Python-side state."""
+    keys, values = layer.update(key_states, value_states)
+    push_packed(layer_idx, layer.packed)
+    layer.packed = None
+    return keys, values

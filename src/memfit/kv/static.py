@@ -125,9 +125,14 @@ class GraphDecoder:
     """One-token decode steps of ``model`` over ``cache`` (converted with ``to_static``): on CUDA
     the forward is captured once as a CUDA graph and replayed, after a first eager step (which
     compiles the kernels); elsewhere, or with ``graph=False``, it runs eagerly. ``step(tokens)``
-    ([B, 1] ids) returns the logits [B, vocab] (a buffer the next step overwrites)."""
+    ([B, 1] ids) returns the logits [B, vocab] (a buffer the next step overwrites).
 
-    def __init__(self, model: torch.nn.Module, cache, graph: bool | None = None):
+    ``compile``: the step is torch.compile'd before it is captured (as gpt-fast does): inductor fuses
+    the small kernels between the matmuls (norms, RoPE, casts, residual adds, SiLU; on the H200 about
+    1,450 of them and 2.6 ms of an 8B step at 8 x 32K), while the cache's append and the packed-KV
+    attention stay outside the trace (``torch.compiler.disable``: they read Python-side state)."""
+
+    def __init__(self, model: torch.nn.Module, cache, graph: bool | None = None, compile: bool = False):
         if getattr(cache, "static_layers", None) is None:
             raise ValueError("GraphDecoder needs a cache converted with cache.to_static(max_new_tokens)")
         self.model, self.cache = model, cache
@@ -140,10 +145,17 @@ class GraphDecoder:
         self._graph: torch.cuda.CUDAGraph | None = None
         self._logits: torch.Tensor | None = None
         self._warm = False  # the first step runs eagerly: it compiles the kernels
+        self._kw = with_cache(model, cache)  # looked up here, outside what torch.compile traces
+        self._run = self._forward
+        if compile:
+            # every layer's resume points are compiled once per layer (guards on its index)
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit,
+                                                        4 * len(cache.static_layers))
+            self._run = torch.compile(self._forward, dynamic=False)
 
     def _forward(self) -> torch.Tensor:
         return self.model(input_ids=self.ids, position_ids=self.pos, cache_position=self.cache_pos,
-                          **with_cache(self.model, self.cache), use_cache=True, memfit_static_step=True).logits[:, -1]
+                          **self._kw, use_cache=True, memfit_static_step=True).logits[:, -1]
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -154,13 +166,13 @@ class GraphDecoder:
         self.pos.copy_(self.cache.positions().reshape(self.pos.shape))  # per row: stacked contexts may differ
         self.cache_pos.fill_(seen)
         if not self.graph or not self._warm:
-            logits = self._forward()
+            logits = self._run()
             self._warm = True
         else:
             if self._graph is None:
                 self._graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(self._graph):
-                    self._logits = self._forward()
+                    self._logits = self._run()
             self._graph.replay()
             logits = self._logits
         self.cache.after_static_step()
