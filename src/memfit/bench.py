@@ -776,7 +776,10 @@ def _decode_step_ms(model, batch: int, prompt: int, reps: int = 50, compile: boo
             return model(tok, cache_position=pos, use_cache=True, **flag).logits
 
         if compile:  # one eager step first: quantized layers build their decode kernel's copy of the codes
+            from memfit.kv.static import allow_recompiles
+
             step()
+            allow_recompiles(4 * model.config.num_hidden_layers)
             step = torch.compile(step, dynamic=False)
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())

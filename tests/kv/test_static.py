@@ -111,6 +111,7 @@ def test_a_static_step_over_a_full_static_cache_runs_unmasked_and_equals_the_dyn
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA")])])
+@pytest.mark.filterwarnings("ignore:TensorFloat32 tensor cores")  # inductor's hint for a float32 model on CUDA
 def test_a_compiled_static_step_equals_the_uncompiled_one(device):
     """``GraphDecoder(compile=True)``: the step torch.compile'd (the append and the packed-KV
     attention left out of the trace) gives the same logits across a window spill, and the cache

@@ -121,6 +121,15 @@ class StaticKIVI:
         return qk, qv, self.keys[:, :, : self.w].clone(), self.values[:, :, : self.w].clone()
 
 
+def allow_recompiles(n: int) -> None:
+    """Let torch.compile compile a function ``n`` times before it falls back to eager: the resume
+    points of a decoder layer's forward are compiled once per layer (dynamo guards on its index),
+    and the default limit (8) would leave the layers past the eighth uncompiled."""
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed between torch releases
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), n))
+
+
 class GraphDecoder:
     """One-token decode steps of ``model`` over ``cache`` (converted with ``to_static``): on CUDA
     the forward is captured once as a CUDA graph and replayed, after a first eager step (which
@@ -144,18 +153,20 @@ class GraphDecoder:
         self.cache_pos = torch.zeros(1, dtype=torch.long, device=dev)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._logits: torch.Tensor | None = None
-        self._warm = False  # the first step runs eagerly: it compiles the kernels
+        self._warm = 0  # steps run eagerly so far: the first compiles the kernels
         self._kw = with_cache(model, cache)  # looked up here, outside what torch.compile traces
         self._run = self._forward
+        # every slot is filled and visible: a 4D mask is taken as given, so transformers builds none
+        # (memfit's attention drops it in a static step)
+        self.mask = torch.ones(b, 1, 1, 1, dtype=torch.bool, device=dev)
         if compile:
-            # every layer's resume points are compiled once per layer (guards on its index)
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit,
-                                                        4 * len(cache.static_layers))
+            allow_recompiles(4 * len(cache.static_layers))
             self._run = torch.compile(self._forward, dynamic=False)
+        self._eager_steps = 2 if compile else 1  # before capture: compile, then run what was compiled
 
     def _forward(self) -> torch.Tensor:
         return self.model(input_ids=self.ids, position_ids=self.pos, cache_position=self.cache_pos,
-                          **self._kw, use_cache=True, memfit_static_step=True).logits[:, -1]
+                          attention_mask=self.mask, **self._kw, use_cache=True, memfit_static_step=True).logits[:, -1]
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -165,9 +176,9 @@ class GraphDecoder:
         self.ids.copy_(tokens.reshape(self.ids.shape))
         self.pos.copy_(self.cache.positions().reshape(self.pos.shape))  # per row: stacked contexts may differ
         self.cache_pos.fill_(seen)
-        if not self.graph or not self._warm:
+        if not self.graph or self._warm < self._eager_steps:
             logits = self._run()
-            self._warm = True
+            self._warm += 1
         else:
             if self._graph is None:
                 self._graph = torch.cuda.CUDAGraph()
