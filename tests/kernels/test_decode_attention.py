@@ -244,6 +244,29 @@ def test_kernels_read_ragged_runs_forks_and_several_runs_like_the_reference(bits
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("bits", [2, 4])
+def test_kernels_read_rotated_runs_like_the_reference(bits):
+    """Runs stored in a rotated basis (the Hadamard quantizer's): the kernels attend with the query
+    rotated and rotate their slices' outputs back; the reference rotates the tokens back."""
+    from memfit.kernels.decode_attention import PackedRun, decode_attention_runs, decode_attention_runs_reference
+    from memfit.kv.rotate import hadamard
+
+    q, ragged, _ = _ragged_case(b=2, hq=32, h=8, d=128, bits=bits, max_groups=20, device="cuda")
+    rot = hadamard(128, "cuda")
+    args, _ = _case(b=2, hq=32, h=8, n=512, w=20, d=128, bits=bits, device="cuda", seed=3)
+    uniform = PackedRun(*args[1:11], bits, 64, rotation=rot)
+    window = PackedRun.window_only(args[7], args[8], 5, bits, 64)
+    turned = PackedRun(**{**ragged.__dict__, "rotation": rot})
+    for runs in ([uniform], [turned, window], [uniform, ragged, turned]):
+        ref = decode_attention_runs_reference(q, runs)
+        for impl in ("auto", "triton"):
+            err = (decode_attention_runs(q, runs, impl=impl) - ref).abs().max().item()
+            print(f"bits={bits} rotated runs={len(runs)} {impl}: max abs error {err:.2e}")
+            assert err < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits", [2, 4])
 def test_ragged_runs_in_short_slices_with_empty_runs_and_known_totals(bits):
     """Ragged runs cut into many short slices (most past a short run's end), runs with no quantized
     token, and the launch sized by a known total: each gives the reference's output."""

@@ -14,7 +14,10 @@ from memfit.kv.static import GraphDecoder
 
 RAGGED = "knorm(keep=0.5,heads=adaptive)+kivi(bits=4,group=16,residual=16)"
 POLICIES = [RAGGED, "knorm(keep=0.4,heads=global)+kivi(bits=2,group=16,residual=16)",
-            "snapkv(keep=0.5)+kivi(bits=4,group=16,residual=16)", "kivi(bits=2,group=16,residual=16)"]
+            "snapkv(keep=0.5)+kivi(bits=4,group=16,residual=16)", "kivi(bits=2,group=16,residual=16)",
+            # rotated codes: the query rotated, each head's sinks read in 16-bit
+            "knorm(keep=0.5,heads=adaptive)+hadamard(bits=4,group=16,residual=16)",
+            "hadamard(bits=2,group=16,residual=16)"]
 
 
 def packed_everywhere(monkeypatch) -> list:
@@ -105,7 +108,8 @@ def test_a_masked_step_reads_the_ragged_parent_for_every_row_with_its_padding_hi
 
 def test_what_the_kernel_cannot_read_says_why(tiny_lm):
     for policy, why in (("kivi(bits=4,outliers=0.02)", "outliers"), ("kivi(bits=8)", "2 or 4 bits"),
-                        ("knorm(keep=0.5)", "no KIVI quantizer")):
+                        ("knorm(keep=0.5)", "no KIVI quantizer"),
+                        ("hadamard(bits=4,value_bits=2)", "different widths")):
         layer = _context(tiny_lm, policy, n=80).layers[0]
         assert why in layer.not_packed()
         fork = CompressedLayer(KIVI(bits=4), parent=layer)  # itself readable: the parent is what is not
@@ -136,9 +140,11 @@ def test_static_decode_of_a_ragged_fork_equals_the_dynamic_cache(tiny_lm, monkey
                                rtol=1e-4, atol=1e-4)
 
 
-def test_stacked_contexts_decode_together_like_each_alone(tiny_lm, monkeypatch):
+@pytest.mark.parametrize("policy", [RAGGED, POLICIES[-2]])
+def test_stacked_contexts_decode_together_like_each_alone(tiny_lm, monkeypatch, policy):
+    """Also rotated codes: every context's heads keep their own sinks."""
     calls = packed_everywhere(monkeypatch)
-    caches = [_context(tiny_lm, RAGGED, seed=s) for s in (4, 5, 6)]
+    caches = [_context(tiny_lm, policy, seed=s) for s in (4, 5, 6)]
     lens = [layer.ragged.lens[0].tolist() for layer in (c.layers[0] for c in caches)]
     assert len({tuple(x) for x in lens}) > 1  # the rows keep different counts per head
     feed = torch.randint(0, 250, (3, 20), generator=torch.Generator().manual_seed(7))
@@ -158,6 +164,17 @@ def test_stacked_contexts_decode_together_like_each_alone(tiny_lm, monkeypatch):
         CompressedCache.stack([_context(tiny_lm, plain), _context(tiny_lm, plain, n=150)])
     with pytest.raises(ValueError, match="different policies"):
         CompressedCache.stack([caches[0], _context(tiny_lm, "kivi(bits=2,group=16,residual=16)")])
+
+
+def test_rotated_contexts_of_one_length_stack_with_their_sinks(tiny_lm):
+    """Uniform rotated storage stacks row by row, each row its own sinks (a stacked batch then
+    spills its windows as one, so its decoding is not compared with each context alone)."""
+    caches = [_context(tiny_lm, POLICIES[-1], seed=s) for s in (4, 5)]
+    stacked = CompressedCache.stack(caches)
+    assert stacked.nbytes == sum(c.nbytes for c in caches)
+    for i, c in enumerate(caches):
+        torch.testing.assert_close(stacked.layers[0].qk.dequantize()[i : i + 1], c.layers[0].qk.dequantize())
+    _runs_hold_what_the_layer_stores(stacked, 2)
 
 
 @pytest.mark.gpu

@@ -105,3 +105,8 @@ def test_hadamard_cache_decodes_and_saves_and_restores():
         for x, y in zip(la.materialize(), lb.materialize()):
             assert torch.equal(x, y)
     assert back.nbytes == cache.nbytes
+    fork = cache.fork()  # a fork's own first codes are not its layer's first tokens: no sinks there
+    with torch.no_grad():
+        for t in range(20):
+            model(ids[:, t : t + 1], **with_cache(model, fork))
+    assert fork.layers[0].qk is not None and fork.layers[0].qk.sink is None

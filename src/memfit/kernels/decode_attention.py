@@ -6,7 +6,9 @@ Layout (memfit's KIVI, see ``memfit.kv.quant``), per row ``b`` and KV head ``h``
 - values: codes ``vc`` [B, H, N, D*bits/8] uint8, per-token ``vs``/``vz`` [B, H, N, D/vgroup] fp16;
 - a 16-bit window ``kw``/``vw`` [B, H, W, D] of the most recent tokens;
 - ``qlen``/``wlen`` [B, H] int32: how many quantized / window tokens are real in each row and
-  head (rows of a batch and heads of a ragged cache may hold fewer than N / W).
+  head (rows of a batch and heads of a ragged cache may hold fewer than N / W);
+- optionally a rotation ``R`` (``PackedRun.rotation``): the run holds K R and V R (the Hadamard
+  quantizer's codes); it is attended with q R and its slices' sum is multiplied by R^T in the merge.
 
 ``decode_attention_reference`` is the pure-torch definition (any device). ``decode_attention``
 runs a kernel on CUDA: by default the Gluon one (``memfit.kernels.gluon_decode``, one warp a
@@ -48,7 +50,10 @@ class PackedRun:
     different lengths, a parent read by many rows. Quantized runs start at multiples of ``kgroup``.
     ``nq`` / ``nw``: the longest quantized / window run of a row and head (default: N / W), which
     sizes the launch; lengths past them are clamped to them. ``total_q``: the quantized tokens of
-    all rows and heads, which sizes the slices (so that uneven runs still fill the GPU)."""
+    all rows and heads, which sizes the slices (so that uneven runs still fill the GPU).
+    ``rotation``: an orthonormal [D, D] matrix ``R`` (float32) the run's keys and values were
+    multiplied by before they were stored (QuaRot's Hadamard): the run is attended with the query
+    times ``R`` (``q R . k R = q . k``) and its share of the output multiplied back by ``R^T``."""
 
     kc: torch.Tensor
     ks: torch.Tensor
@@ -67,6 +72,7 @@ class PackedRun:
     nq: int | None = None
     nw: int | None = None
     total_q: int | None = None  # quantized tokens over every row and head (default: rows x heads x nq)
+    rotation: torch.Tensor | None = None
 
     @classmethod
     def window_only(cls, kw: torch.Tensor, vw: torch.Tensor, wlen: torch.Tensor | int, bits: int = 4,
@@ -117,6 +123,8 @@ def _check_run(q: torch.Tensor, r: PackedRun) -> int:
         for name, t in (("qoff", r.qoff), ("woff", r.woff)):
             if t.shape != (b, h) or t.dtype != torch.int64:
                 raise ValueError(f"{name} must be an int64 [B, H] = [{b}, {h}] tensor, got {t.dtype} {tuple(t.shape)}")
+    if r.rotation is not None and r.rotation.shape != (d, d):
+        raise ValueError(f"rotation must be [D, D] = [{d}, {d}], got {tuple(r.rotation.shape)}")
     for name, t in (("qlen", r.qlen), ("wlen", r.wlen)):
         if isinstance(t, torch.Tensor) and t.shape != (b, h):
             raise ValueError(f"{name} must be an int or a [B, H] = [{b}, {h}] tensor, got {tuple(t.shape)}")
@@ -163,6 +171,9 @@ def _dense_run(r: PackedRun, b: int, h: int, device: torch.device):
         keys.append(r.kw.float().reshape(-1, d)[pos])
         values.append(r.vw.float().reshape(-1, d)[pos])
         valid.append(ok)
+    if r.rotation is not None:  # back from the rotated basis the run was stored in
+        rt = r.rotation.float().T
+        keys, values = [k @ rt for k in keys], [v @ rt for v in values]
     return keys, values, valid
 
 
@@ -420,6 +431,42 @@ if triton is not None:
         tl.store(OUT + (b * H * G + hq) * D + od, out / denom)
 
 
+    @triton.jit(do_not_specialize=["NSPLIT", "NROT"])
+    def _merge_rotated_kernel(ACC, M, L, OUT, ROT, H, NSPLIT, NROT, G: tl.constexpr, D: tl.constexpr,
+                              SP: tl.constexpr, JB: tl.constexpr):
+        """``_merge_kernel`` when slices 0..NROT-1 were attended in a rotated basis (runs stored
+        rotated): their weighted sum ``t`` is kept apart and rotated back once, out = (plain + ROT t)
+        / denominator, one query head a program (ROT [D, D] read JB rows at a time)."""
+        b = tl.program_id(0)
+        hq = tl.program_id(1)
+        h = hq // G
+        g = hq % G
+        od = tl.arange(0, D)
+        m_run = float("-inf")
+        denom = 0.0
+        plain = tl.zeros([D], dtype=tl.float32)
+        turned = tl.zeros([D], dtype=tl.float32)
+        for s0 in range(0, NSPLIT, SP):
+            os_ = s0 + tl.arange(0, SP)
+            sm = os_ < NSPLIT
+            row = ((b * H + h) * NSPLIT + os_) * G + g
+            m = tl.load(M + row, mask=sm, other=float("-inf"))
+            m_new = tl.maximum(m_run, tl.max(m, 0))
+            alpha = tl.where(m_run > float("-inf"), tl.exp(m_run - m_new), 0.0)
+            w = tl.where(m > float("-inf"), tl.exp(m - m_new), 0.0)
+            denom = denom * alpha + tl.sum(w * tl.load(L + row, mask=sm, other=0.0), 0)
+            acc = tl.load(ACC + row[:, None] * D + od[None, :], mask=sm[:, None], other=0.0)
+            rot = os_ < NROT
+            plain = plain * alpha + tl.sum(acc * tl.where(rot, 0.0, w)[:, None], 0)
+            turned = turned * alpha + tl.sum(acc * tl.where(rot, w, 0.0)[:, None], 0)
+            m_run = m_new
+        for j0 in range(0, D, JB):  # out[j] = plain[j] + sum_i ROT[j, i] turned[i], JB rows of ROT at a time
+            oj = j0 + tl.arange(0, JB)
+            r = tl.load(ROT + oj[:, None] * D + od[None, :])
+            pj = tl.sum(tl.where(oj[:, None] == od[None, :], plain[None, :], 0.0), 1)
+            tl.store(OUT + (b * H * G + hq) * D + oj, (pj + tl.sum(r * turned[None, :], 1)) / denom)
+
+
 MERGE_SP, MERGE_DB = 128, 16  # measured on the H200: within 2% of the best of 7 settings at 1x128K, 8x32K, 1x8K
 
 
@@ -494,6 +541,9 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
     heads = {_check_run(q, r) for r in runs}
     if len(heads) != 1:
         raise ValueError(f"runs of different KV head counts: {sorted(heads)}")
+    rotations = {id(r.rotation): r.rotation for r in runs if r.rotation is not None}
+    if len(rotations) > 1:
+        raise ValueError("runs stored in different rotated bases: one rotation a call")
     if not all(_kernel_takes(q, r) for r in runs):
         return decode_attention_runs_reference(q, runs, scale).to(out_dtype)
     for r in runs:
@@ -504,6 +554,8 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
     h = heads.pop()
     g = hq // h
     scale = d ** -0.5 if scale is None else scale
+    # rotated runs' slices first (the merge is the same in any order): the merge rotates slices 0..n-1 back
+    runs = sorted(runs, key=lambda r: r.rotation is None)
     plans = []
     for r in runs:
         use_gluon = impl != "triton" and _gluon_fits(q, r)
@@ -526,10 +578,15 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
     r4 = rows + -rows % 4
     work = torch.empty(r4 * (d + 2), device=q.device, dtype=torch.float32)
     acc, m, lsum = work[: rows * d], work[r4 * d : r4 * d + rows], work[r4 * (d + 1) : r4 * (d + 1) + rows]
-    s0 = 0
+    s0, nrot, query = 0, 0, q
+    rot = next(iter(rotations.values())).to(q.device, torch.float32).contiguous() if rotations else None
+    turned = query.float() @ rot if rot is not None else None  # the query in the rotated basis (float32)
     for r, (use_gluon, sl, nqs, nslices) in zip(runs, plans):
         if not nslices:
             continue
+        q = query
+        if r.rotation is not None:  # its slices' outputs are rotated back by the merge
+            q, nrot = turned, s0 + nslices
         per_head = r.offsets or isinstance(r.qlen, torch.Tensor) or isinstance(r.wlen, torch.Tensor)
         qlen, wlen = _length_tensors(r.qlen, r.wlen, b, h, q.device) if per_head else (r.qlen, r.wlen)
         if use_gluon:
@@ -542,7 +599,11 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
                            split_len=sl, scale=scale, per_head=per_head, dequant=dequant, num_warps=num_warps,
                            num_stages=num_stages or (3 if r.bits == 4 else 2))
         s0 += nslices
+    q = query
     out = torch.empty(b, hq, d, device=q.device, dtype=out_dtype)
+    if nrot:  # the partial sums are linear in the values: the rotated ones' sum is rotated back once
+        _merge_rotated_kernel[(b, hq)](acc, m, lsum, out, rot, h, nsplit, nrot, G=g, D=d, SP=16, JB=16)
+        return out
     # MERGE_SP slices at a time whatever their number (no compile as a fork grows or from layer to
     # layer), MERGE_DB channels a program: many small programs over the partials
     db = min(d, MERGE_DB)

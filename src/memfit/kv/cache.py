@@ -22,6 +22,7 @@ from memfit.kv.policy import Policy, parse_policy
 from memfit.kv.quant import KIVI, LayerBits, QTensor, attention_error, load_pair, pair_info
 from memfit.kv.ragged import Ragged
 from memfit.kv.rope import RoPE
+from memfit.kv.rotate import RotatedTensor
 from memfit.kv.static import StaticKIVI
 
 FULL_BYTES_PER_ELEMENT = 2  # the reference: an uncompressed 16-bit cache
@@ -192,8 +193,8 @@ class CompressedCache(Cache):
             p0 = parts[0]
             bad = next((why for la in parts for bad, why in (
                 (la.parent is not None or la.static is not None, "a fork or a static cache"),
-                (any(q is not None and not isinstance(q, QTensor) for q in (la.qk, la.ragged and la.ragged.qk)),
-                 "a quantizer other than KIVI"),
+                (any(q is not None and not isinstance(q, (QTensor, RotatedTensor))
+                     for q in (la.qk, la.ragged and la.ragged.qk)), "a quantizer other than KIVI or Hadamard"),
                 (la.defer or not la.is_initialized, "nothing compressed"),
                 (la.basis is not None or la.kc is not None, "low-rank keys"),
                 (any(isinstance(q, QTensor) and q.out_idx is not None for q in (la.qk, la.ragged and la.ragged.qk)),
@@ -213,7 +214,9 @@ class CompressedCache(Cache):
             layer.seen, layer.kernels = max(la.seen for la in parts), p0.kernels
             lag = [layer.seen - la.seen for la in parts for _ in range(la.keys.shape[0])]
             layer.row_lag = lag if any(lag) else None
-            if p0.qk is not None:
+            if isinstance(p0.qk, RotatedTensor):
+                layer.qk, layer.qv = (RotatedTensor.batch([getattr(la, n) for la in parts]) for n in ("qk", "qv"))
+            elif p0.qk is not None:
                 layer.qk, layer.qv = (QTensor(*(torch.cat([getattr(q, n) for q in qs]) for n in ("codes", "scale", "zero")),
                                               qs[0].bits, qs[0].axis, qs[0].group)
                                       for qs in ([la.qk for la in parts], [la.qv for la in parts]))
@@ -285,7 +288,7 @@ class CompressedCache(Cache):
             rows = layer.keys.shape[0]
             prefix = layer.parent.runs(rows) if layer.parent is not None else []
             if layer.ragged is not None:
-                prefix.append(layer.ragged.run(rows, layer.quant))
+                prefix.extend(layer.ragged.runs(rows, layer.quant))
             layer.static = StaticKIVI(layer.quant, layer.qk, layer.qv, layer.keys, layer.values,
                                       capacity=layer.own_tokens() + max_new_tokens, prefix=prefix)
             layer.qk = layer.qv = None

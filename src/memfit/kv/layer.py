@@ -13,7 +13,9 @@ from memfit.kv.evict import Observation, select_topk
 from memfit.kv.lowrank import LowRank, project, reconstruct
 from memfit.kv.policy import Policy
 from memfit.kv.quant import KIVI, QTensor
+from memfit.kv import rotate
 from memfit.kv.ragged import Ragged
+from memfit.kv.rotate import Hadamard, RotatedTensor
 from memfit.kv.rope import RoPE
 from memfit.kv.static import StaticKIVI
 
@@ -89,6 +91,7 @@ class CompressedLayer(CacheLayerMixin):
         self.seen = parent.get_seq_length() if parent is not None else 0  # logical tokens, evicted ones included
         self.row_lag: list[int] | None = None  # per row, tokens fewer than ``seen`` (stacked contexts)
         self.static: StaticKIVI | None = None  # fixed buffers for graph-captured decoding (to_static)
+        self._rotated_run = None  # (codes, rows, run): rotated codes as the kernel reads them, until a spill
         self._room: tuple | None = None  # reserve(): window buffers with room to append in place
 
     # -- sizes -----------------------------------------------------------------------------------
@@ -250,14 +253,18 @@ class CompressedLayer(CacheLayerMixin):
     def not_packed(self) -> str | None:
         """Why the decode kernel cannot read this layer's storage (None when it can): runs of 2/4-bit
         KIVI codes and 16-bit windows, its own (uniform or ragged) and its parents'."""
-        if not isinstance(self.quant, KIVI):
+        rotated = isinstance(self.quant, Hadamard)
+        if not isinstance(self.quant, KIVI) and not rotated:
             return "no KIVI quantizer"
-        qs = [q for q in (self.qk, self.ragged.qk if self.ragged is not None else None) if q is not None]
+        if rotated and self.quant.vbits != self.quant.bits:
+            return "keys and values of different widths"
+        qs = [q.q if isinstance(q, RotatedTensor) else q
+              for q in (self.qk, self.ragged.qk if self.ragged is not None else None) if q is not None]
         checks = ((any(q.bits not in (2, 4) for q in qs) or self.quant.bits not in (2, 4), "codes of other than 2 or 4 bits"),
                   (self.basis is not None or self.kc is not None, "low-rank keys"),
                   (self.defer, "deferred compression"),
                   (self.pre_rope, "pre-RoPE keys"),  # the kernel reads post-RoPE keys ...
-                  (any(q.out_idx is not None for q in qs) or self.quant.outliers, "outliers"),  # ... nor sparse ones
+                  (any(q.out_idx is not None for q in qs) or getattr(self.quant, "outliers", 0), "outliers"),  # ... nor sparse ones
                   (not self.is_initialized, "nothing stored"))
         why = next((why for bad, why in checks if bad), None)
         if why is None and self.parent is not None:
@@ -270,11 +277,18 @@ class CompressedLayer(CacheLayerMixin):
         the parent's runs (read by every row), the ragged context, the quantized tokens and window."""
         out = self.parent.runs(rows) if self.parent is not None else []
         if self.ragged is not None:
-            out.append(self.ragged.run(rows, self.quant))
+            out.extend(self.ragged.runs(rows, self.quant))
         k, v = self.keys, self.values
         if k.shape[0] != rows:  # a parent's window, shared by the rows of its fork
             k, v = k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)
-        if self.qk is not None:
+        if isinstance(self.qk, RotatedTensor):  # the rotated codes, then the (unrotated) window
+            cached = self._rotated_run
+            if cached is None or cached[0] is not self.qk or cached[1] != rows:  # new codes after a spill
+                self._rotated_run = cached = (self.qk, rows, rotate.packed_run(self.qk, self.qv, rows, self.dtype))
+            out.append(cached[2])
+            if k.shape[-2]:
+                out.append(PackedRun.window_only(k, v, k.shape[-2], self.quant.bits, self.quant.group))
+        elif self.qk is not None:
             qk, qv = self.qk, self.qv
             t = [qk.codes, qk.scale, qk.zero, qv.codes, qv.scale, qv.zero]
             if t[0].shape[0] != rows:
@@ -397,7 +411,11 @@ class CompressedLayer(CacheLayerMixin):
         k = self.keys[:, :, :f] if self.basis is None else project(self.keys[:, :, :f], self.basis)
         if self.pre_rope:  # the window's first token sits at position seen - window
             k = self._rope_off(k, self.seen - self.keys.shape[-2])
-        kq, vq = self.quant.quantize_keys(k), self.quant.quantize_values(self.values[:, :, :f])
+        # a quantizer with sinks keeps them for the layer's first tokens only (not a fork's, nor
+        # those after a ragged context)
+        first = {"first": self.qk is None and self.parent is None and self.ragged is None} \
+            if getattr(self.quant, "sinks", 0) else {}
+        kq, vq = self.quant.quantize_keys(k, **first), self.quant.quantize_values(self.values[:, :, :f], **first)
         self.qk = kq if self.qk is None else self.qk.cat(kq)
         self.qv = vq if self.qv is None else self.qv.cat(vq)
         # clone: a slice would keep the whole old window alive

@@ -8,12 +8,23 @@ import itertools
 import torch
 
 from memfit.kernels.decode_attention import PackedRun
+from memfit.kv import rotate
 from memfit.kv.quant import KIVI, QTensor, load_pair
+from memfit.kv.rotate import RotatedTensor
 
 
 def _starts(lens: torch.Tensor) -> torch.Tensor:
     """Where each run of ``lens`` starts when they are stored back to back (int64)."""
     return torch.cumsum(lens.long(), 0) - lens.long()
+
+
+def _widened(r: PackedRun, rows: int) -> PackedRun:
+    """A one-row flat run read by ``rows`` rows: the same storage, each row its heads."""
+    wide = {n: getattr(r, n).expand(rows, -1).contiguous() for n in ("qoff", "woff", "qlen", "wlen")
+            if isinstance(getattr(r, n), torch.Tensor)}
+    if r.total_q is not None:
+        wide["total_q"] = r.total_q * rows
+    return PackedRun(**{**r.__dict__, **wide})
 
 
 class Ragged:
@@ -31,8 +42,8 @@ class Ragged:
         self.max_len, self.max_q = max(total), max(nq)
         self.max_w = max(n - q for n, q in zip(total, nq))
         self._host = (total, nq)
-        self._run: PackedRun | None = None
-        self._wide: dict[int, PackedRun] = {}  # the run as read by a fork of so many rows
+        self._runs: list[PackedRun] | None = None
+        self._wide: dict[int, list[PackedRun]] = {}  # the runs as read by a fork of so many rows
 
     @property
     def heads(self) -> int:
@@ -65,8 +76,9 @@ class Ragged:
             if not all(quantized):  # a part whose heads all fit in their windows: nothing to concatenate
                 raise ValueError("cannot stack ragged layers of which only some hold quantized tokens")
             qk, qv = parts[0].qk, parts[0].qv
-            for p in parts[1:]:
-                qk, qv = qk.cat(p.qk), qv.cat(p.qv)
+            for p in parts[1:]:  # rotated codes keep every context's sinks
+                join = "join" if isinstance(qk, RotatedTensor) else "cat"
+                qk, qv = getattr(qk, join)(p.qk), getattr(qv, join)(p.qv)
         return cls(torch.cat([p.lens for p in parts], 1), torch.cat([p.k for p in parts], 2),
                    torch.cat([p.v for p in parts], 2), qk, qv, rows=sum(p.rows for p in parts))
 
@@ -84,34 +96,33 @@ class Ragged:
             qk, qv = load_pair(t, "r_k_", "r_v_", q)
         return cls(t["r_lens"], t["r_k"], t["r_v"], qk, qv, rows)
 
-    def run(self, rows: int, quant: KIVI | None) -> PackedRun:
+    def runs(self, rows: int, quant: KIVI | None) -> list[PackedRun]:
         """This storage as the decode kernel reads it (flat, from per-row-and-head offsets); a
-        single-row ragged layer read by ``rows`` rows (a fork's parent) gives each row its heads."""
-        if self._run is None:
+        single-row ragged layer read by ``rows`` rows (a fork's parent) gives each row its heads.
+        Rotated codes (``RotatedTensor``) are one run and the 16-bit tails another (unrotated)."""
+        if self._runs is None:
             h = self.heads
             total, nq = self.lens[0], self.lens[1]
             qoff, woff = _starts(nq).reshape(self.rows, h), _starts(total - nq).reshape(self.rows, h)
             qlen, wlen = nq.reshape(self.rows, h), (total - nq).reshape(self.rows, h)
-            bits, group = (self.qk.bits, self.qk.group) if self.qk is not None else (
-                (quant.bits, quant.group) if quant is not None else (4, 64))
+            bits, group = (quant.bits, quant.group) if quant is not None else (4, 64)
             if self.qk is None:
-                r = PackedRun.window_only(self.k, self.v, wlen, bits, group, qoff=qoff, woff=woff, nw=self.max_w)
+                runs = [PackedRun.window_only(self.k, self.v, wlen, bits, group, qoff=qoff, woff=woff, nw=self.max_w)]
+            elif isinstance(self.qk, RotatedTensor):
+                runs = [rotate.packed_run(self.qk, self.qv, self.rows, self.k.dtype,
+                                          ragged={"nq": self._host[1], "rows": self.rows}),
+                        PackedRun.window_only(self.k, self.v, wlen, bits, group, qoff=qoff, woff=woff, nw=self.max_w)]
             else:
-                r = PackedRun(self.qk.codes, self.qk.scale, self.qk.zero, self.qv.codes, self.qv.scale, self.qv.zero,
-                              self.k, self.v, qlen, wlen, bits, group, qoff=qoff, woff=woff, nq=self.max_q,
-                              nw=self.max_w, total_q=sum(self._host[1]))
-            self._run = r
-        r = self._run
+                runs = [PackedRun(self.qk.codes, self.qk.scale, self.qk.zero, self.qv.codes, self.qv.scale,
+                                  self.qv.zero, self.k, self.v, qlen, wlen, self.qk.bits, self.qk.group, qoff=qoff,
+                                  woff=woff, nq=self.max_q, nw=self.max_w, total_q=sum(self._host[1]))]
+            self._runs = runs
         if rows == self.rows:
-            return r
+            return self._runs
         if self.rows != 1:
             raise ValueError(f"ragged storage of {self.rows} rows read by {rows}")
-        if rows not in self._wide:  # built once: a fork's every decode step reads it
-            wide = {n: getattr(r, n).expand(rows, -1).contiguous() for n in ("qoff", "woff", "qlen", "wlen")
-                    if isinstance(getattr(r, n), torch.Tensor)}
-            if r.total_q is not None:
-                wide["total_q"] = r.total_q * rows
-            self._wide[rows] = PackedRun(**{**r.__dict__, **wide})
+        if rows not in self._wide:  # built once: a fork's every decode step reads them
+            self._wide[rows] = [_widened(r, rows) for r in self._runs]
         return self._wide[rows]
 
     def dense(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -25,11 +25,15 @@ clip 0.8 27.50 (Hadamard + clip without sinks 32.79; sinks + clip without Hadama
 On the 5 default tasks at 1K tokens (20 samples, accuracy relative to 16-bit's 89.7%) 2-bit rises from
 KIVI's 16% to 58%: the retrieval tasks still need more than four levels. At 4 bits it keeps 96%
 (``kivi(bits=4)`` 93%). ``value_bits`` gives values a width of their own.
+
+On CUDA the decode kernel reads the codes as KIVI's (:func:`packed_run`): it attends with the query
+times ``H`` and rotates its output back, so nothing is dequantized (keys and values at one width).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -102,10 +106,42 @@ class RotatedTensor(OnCodes):
             out[:, :, self._rows()] = self.sink.float()
         return out.to(dtype or torch.float32)
 
+    def rotated_rows(self, rows: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """Tokens ``rows`` [B, H, len(rows), D] in the rotated basis, as the codes give them, the sinks
+        among them exact (rotated too): what the decode kernel reads in 16-bit for them."""
+        d, g = self.shape[-1], self.q.group
+        n = min(self.num_tokens, -(-(max(rows) + 1) // g) * g)  # the key groups that hold them
+        x = self.q.prefix(n).dequantize(torch.float32)
+        if self.sink is not None:
+            at = [(i, r) for i, r in enumerate(self._rows()) if r < n]
+            x[:, :, [r for _, r in at]] = self.sink[:, :, [i for i, _ in at]].float() @ hadamard(d, x.device)
+        return x[:, :, rows].to(dtype)
+
     def cat(self, other: "RotatedTensor") -> "RotatedTensor":
         """``other``'s tokens after these (a window spilled while decoding): its own sinks, tokens that
         are not the layer's first, are dropped."""
         return RotatedTensor(self.q.cat(other.q), self.sink, self.sink_at)
+
+    def join(self, other: "RotatedTensor") -> "RotatedTensor":
+        """``other``'s tokens after these, each keeping its sinks (ragged contexts stacked into one
+        batch: every head's first tokens stay its sinks)."""
+        if (self.sink is None) != (other.sink is None):
+            raise ValueError("cannot join rotated runs with and without sinks")
+        if self.sink is None:
+            return RotatedTensor(self.q.cat(other.q))
+        at = (*self._rows(), *(r + self.num_tokens for r in other._rows()))
+        return RotatedTensor(self.q.cat(other.q), torch.cat([self.sink, other.sink], 2), at)
+
+    @staticmethod
+    def batch(parts: "list[RotatedTensor]") -> "RotatedTensor":
+        """Rows of the same length and sinks (uniform storage) as one batch."""
+        if len({p.sink_at for p in parts}) != 1 or len({p.sink is None for p in parts}) != 1:
+            raise ValueError("cannot batch rotated runs whose sinks differ")
+        q = [p.q for p in parts]
+        codes = QTensor(*(torch.cat([getattr(x, n) for x in q]) for n in ("codes", "scale", "zero")), q[0].bits,
+                        q[0].axis, q[0].group)
+        sink = torch.cat([p.sink for p in parts]) if parts[0].sink is not None else None
+        return RotatedTensor(codes, sink, parts[0].sink_at)
 
     def prefix(self, n: int) -> "RotatedTensor":
         if self.sink is None:
@@ -149,10 +185,13 @@ class Hadamard(OnKIVI):
     def clip_fraction(self, bits: int) -> float:
         return self.clip if self.clip is not None else (0.8 if bits <= 2 else 1.0)
 
-    def _sink(self, x: torch.Tensor, starts: "list[int] | None") -> tuple[torch.Tensor | None, tuple[int, ...] | None]:
+    def _sink(self, x: torch.Tensor, starts: "list[int] | None",
+              first: bool) -> tuple[torch.Tensor | None, tuple[int, ...] | None]:
         """The sinks of a run (a decode spill's are dropped again by ``RotatedTensor.cat``): its first
-        tokens, or with ``starts`` (where each head begins in a ragged layer's run) each head's first."""
-        if not self.sinks:
+        tokens, or with ``starts`` (where each head begins in a ragged layer's run) each head's first;
+        none when the run is not the first of its layer (``first=False``: a fork's, or what follows
+        a ragged context)."""
+        if not self.sinks or not first:
             return None, None
         rows = None
         if starts is not None:
@@ -161,24 +200,58 @@ class Hadamard(OnKIVI):
         sink = x[:, :, : self.sinks] if rows is None else x[:, :, list(rows)]
         return sink.float().clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16), rows  # float16 holds no more
 
-    def quantize_keys(self, k: torch.Tensor, starts: "list[int] | None" = None) -> RotatedTensor:
-        """``starts``: where each head's tokens begin when ``k`` is a ragged layer's heads back to back."""
+    def quantize_keys(self, k: torch.Tensor, starts: "list[int] | None" = None, first: bool = True) -> RotatedTensor:
+        """``starts``: where each head's tokens begin when ``k`` is a ragged layer's heads back to back;
+        ``first``: whether these are the layer's first tokens (only those have sinks)."""
         b, h, n, d = k.shape
         if n % self.group:
             raise ValueError(f"key quantization needs a multiple of group={self.group} tokens, got {n}")
         x = (k.float() @ hadamard(d, k.device)).reshape(b, h, n // self.group, self.group, d)
         x = clip_towards_mean(x, self.clip_fraction(self.bits), 3).reshape(b, h, n, d)
-        return RotatedTensor(quantize_keys(x, self.bits, self.group), *self._sink(k, starts))
+        return RotatedTensor(quantize_keys(x, self.bits, self.group), *self._sink(k, starts, first))
 
-    def quantize_values(self, v: torch.Tensor, starts: "list[int] | None" = None) -> RotatedTensor:
+    def quantize_values(self, v: torch.Tensor, starts: "list[int] | None" = None, first: bool = True) -> RotatedTensor:
         b, h, n, d = v.shape
         g = self.value_group(d)
         x = (v.float() @ hadamard(d, v.device)).reshape(b, h, n, d // g, g)
         x = clip_towards_mean(x, self.clip_fraction(self.vbits), 4).reshape(b, h, n, d)
-        return RotatedTensor(quantize_values(x, self.vbits, g), *self._sink(v, starts))
+        return RotatedTensor(quantize_values(x, self.vbits, g), *self._sink(v, starts, first))
 
     def token_bytes(self, d: int) -> float:
         return kivi_token_bytes((self.bits + self.vbits) / 2, d, self.group, self.value_group(d))
 
     def fixed_bytes(self, heads: int, d: int) -> float:
         return 2 * heads * self.sinks * d * 2  # each head's sinks, keys and values, float16
+
+
+def packed_run(qk: RotatedTensor, qv: RotatedTensor, rows: int, dtype: torch.dtype, ragged: "dict | None" = None):
+    """Rotated codes as a run the decode kernel reads (:class:`PackedRun` with ``rotation``): the
+    query is rotated instead of every key. Each head's first key group, which holds its sinks, is
+    read in 16-bit (the codes' values, the sinks exact; rotated), so that no sink is read twice, and
+    the codes from its second group on (runs start at whole key groups). ``ragged``: the flat
+    layout's per-head ``nq`` (host list) and ``rows`` (its batch), else the uniform [B, H, N] one."""
+    from memfit.kernels.decode_attention import PackedRun
+
+    g, bits = qk.q.group, qk.q.bits
+    rot = hadamard(qk.shape[-1], qk.q.codes.device)
+    if ragged is None:
+        b, h, n, _ = qk.shape
+        head = [qk.rotated_rows(list(range(g)), dtype), qv.rotated_rows(list(range(g)), dtype)]
+        t = [qk.q.codes[:, :, g:], qk.q.scale[:, :, 1:], qk.q.zero[:, :, 1:],
+             qv.q.codes[:, :, g:], qv.q.scale[:, :, g:], qv.q.zero[:, :, g:], *head]
+        if b != rows:  # a parent's codes, read by every row of its fork
+            t = [x.expand(rows, *x.shape[1:]) for x in t]
+        return PackedRun(*t, n - g, g, bits, g, rotation=rot)
+    nq, nrows = ragged["nq"], ragged["rows"]
+    starts = [0, *itertools.accumulate(nq)][:-1]
+    live = [q > 0 for q in nq]
+    head_rows = [s + i for s, q in zip(starts, live) if q for i in range(g)]
+    head = [x.rotated_rows(head_rows, dtype) for x in (qk, qv)]
+    dev = qk.q.codes.device
+    at = lambda xs: torch.tensor(xs, dtype=torch.int64, device=dev).reshape(nrows, -1)  # noqa: E731
+    hstart = [0, *itertools.accumulate(g * q for q in live)][:-1]
+    return PackedRun(qk.q.codes, qk.q.scale, qk.q.zero, qv.q.codes, qv.q.scale, qv.q.zero, *head,
+                     at([q - g * a for q, a in zip(nq, live)]).int(), at([g * a for a in live]).int(), bits, g,
+                     qoff=at([s + g * a for s, a in zip(starts, live)]), woff=at(hstart),
+                     nq=max(q - g * a for q, a in zip(nq, live)), nw=g if any(live) else 0,
+                     total_q=sum(nq) - g * sum(live), rotation=rot)
