@@ -117,10 +117,11 @@ def test_what_the_kernel_cannot_read_says_why(tiny_lm):
         assert fork.not_packed().startswith("a parent with")
 
 
-def test_static_decode_of_a_ragged_fork_equals_the_dynamic_cache(tiny_lm, monkeypatch):
+@pytest.mark.parametrize("quant", ["kivi(bits=4,group=32,residual=8)", "hadamard(bits=4,group=32,residual=8)"])
+def test_static_decode_of_a_ragged_fork_equals_the_dynamic_cache(tiny_lm, monkeypatch, quant):
     packed_everywhere(monkeypatch)
     # key groups longer than the residual: the window holds up to 31 tokens before it spills
-    cache = _context(tiny_lm, "knorm(keep=0.5,heads=adaptive)+kivi(bits=4,group=32,residual=8)")
+    cache = _context(tiny_lm, f"knorm(keep=0.5,heads=adaptive)+{quant}")
     feed = torch.randint(0, 250, (2, 40), generator=torch.Generator().manual_seed(2))
     want = _decode(tiny_lm.model, cache.fork(2).use_kernels(), feed)  # the dynamic cache's packed path
     fork = cache.fork(2).use_kernels()

@@ -22,7 +22,7 @@ from memfit.kv.policy import Policy, parse_policy
 from memfit.kv.quant import KIVI, LayerBits, QTensor, attention_error, load_pair, pair_info
 from memfit.kv.ragged import Ragged
 from memfit.kv.rope import RoPE
-from memfit.kv.rotate import RotatedTensor
+from memfit.kv.rotate import Hadamard, RotatedTensor
 from memfit.kv.static import StaticKIVI
 
 FULL_BYTES_PER_ELEMENT = 2  # the reference: an uncompressed 16-bit cache
@@ -274,23 +274,25 @@ class CompressedCache(Cache):
     def to_static(self, max_new_tokens: int) -> "CompressedCache":
         """Move every layer's KIVI storage into buffers with room for ``max_new_tokens`` more tokens,
         so that decode steps can be replayed as a CUDA graph (:class:`memfit.kv.static.GraphDecoder`).
-        Caches the decode kernel reads (KIVI at 2/4 bits, evicted or ragged, forks of such caches);
-        not outliers, low rank, pre-RoPE keys, or a decode budget."""
+        Caches the decode kernel reads (KIVI or Hadamard at 2/4 bits, evicted or ragged, forks of such
+        caches); not outliers, low rank, pre-RoPE keys, or a decode budget."""
         for i, layer in enumerate(self.layers):
             # beyond what the kernel reads now, what the policy would add while decoding
-            why = ("no KIVI quantizer" if not isinstance(layer.quant, KIVI) else "low-rank keys" if layer.lowrank is not None
-                   else "outliers" if layer.quant.outliers else "a decode budget" if layer.decode is not None
+            why = ("no KIVI quantizer" if not isinstance(layer.quant, (KIVI, Hadamard))
+                   else "low-rank keys" if layer.lowrank is not None
+                   else "outliers" if getattr(layer.quant, "outliers", 0) else "a decode budget" if layer.decode is not None
                    else layer.not_packed())
             if why:
                 raise ValueError(f"to_static: layer {i} has {why}; static decode takes caches the decode "
-                                 "kernel reads (kivi at 2/4 bits, evicted or not)")
+                                 "kernel reads (kivi or hadamard at 2/4 bits, evicted or not)")
         for layer in self.layers:
             rows = layer.keys.shape[0]
             prefix = layer.parent.runs(rows) if layer.parent is not None else []
             if layer.ragged is not None:
                 prefix.extend(layer.ragged.runs(rows, layer.quant))
             layer.static = StaticKIVI(layer.quant, layer.qk, layer.qv, layer.keys, layer.values,
-                                      capacity=layer.own_tokens() + max_new_tokens, prefix=prefix)
+                                      capacity=layer.own_tokens() + max_new_tokens, prefix=prefix,
+                                      first=layer.parent is None and layer.ragged is None)
             layer.qk = layer.qv = None
             layer.keys, layer.values = layer.keys[:, :, :0], layer.values[:, :, :0]
         return self

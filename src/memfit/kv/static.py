@@ -25,6 +25,7 @@ import torch
 from memfit.hfcompat import with_cache
 from memfit.kernels.decode_attention import PackedRun, decode_attention_runs
 from memfit.kv.quant import KIVI, QTensor, quantize_keys, quantize_values
+from memfit.kv.rotate import Hadamard, RotatedTensor, hadamard
 
 
 class StaticKIVI:
@@ -33,13 +34,24 @@ class StaticKIVI:
     once past ``residual``, and none while it holds less than one group); ``nq`` / ``w`` (host) and ``qlen`` / ``wlen`` (device, [B, H])
     say how much of each is filled."""
 
-    def __init__(self, quant: KIVI, qk: QTensor | None, qv: QTensor | None, keys: torch.Tensor,
-                 values: torch.Tensor, capacity: int, prefix: list[PackedRun] = ()):
+    def __init__(self, quant: KIVI | Hadamard, qk: QTensor | RotatedTensor | None, qv: QTensor | RotatedTensor | None,
+                 keys: torch.Tensor, values: torch.Tensor, capacity: int, prefix: list[PackedRun] = (),
+                 first: bool = True):
         b, h, w, d = keys.shape
         g, r = quant.group, quant.residual
         if w >= r + g:
             raise ValueError(f"static decode: the window holds {w} tokens, residual + group = {r + g} or more")
         self.quant, self.bits = quant, quant.bits
+        # rotated codes (the Hadamard quantizer): read as KIVI's with the query rotated; the first key
+        # group, with the sinks, as 16-bit tokens (see rotate.packed_run); ``first``: whether this
+        # layer's first codes are its first tokens (then they keep sinks; not a fork's or after a
+        # ragged context)
+        self.rotated, self.first = isinstance(quant, Hadamard), first
+        self.sinks: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        if isinstance(qk, RotatedTensor):
+            if qk.sink_at is not None:
+                raise ValueError("static decode: rotated codes with per-head sinks (a ragged run) are read-only runs")
+            self.sinks = (qk.sink, qv.sink)
         self.nq = qk.num_tokens if qk is not None else 0
         cap = math.ceil(max(capacity, self.nq) / g) * g
         dev, vgroup = keys.device, quant.value_group(d)
@@ -51,6 +63,13 @@ class StaticKIVI:
         self.qv = QTensor(torch.zeros_like(codes), vs, torch.zeros_like(vs), self.bits, "channel", vgroup)
         if qk is not None:
             self._write(qk, qv, 0)
+        if self.rotated:  # the first key group in 16-bit (rotated), and how many tokens of it are real
+            self.head = [keys.new_zeros(b, h, g, d), values.new_zeros(b, h, g, values.shape[-1])]
+            self.hlen = torch.zeros(b, h, dtype=torch.int32, device=dev)
+            self.rqlen = torch.zeros(b, h, dtype=torch.int32, device=dev)  # codes read: from the second group
+            if qk is not None:
+                self._set_head(qk, qv)
+                self.rqlen.fill_(self.nq - g)
         self.keys = keys.new_zeros(b, h, r + g, d)
         self.values = values.new_zeros(b, h, r + g, values.shape[-1])
         self.keys[:, :, :w], self.values[:, :, :w] = keys, values
@@ -61,15 +80,29 @@ class StaticKIVI:
         # what a step reads: the fixed runs before this layer's own tokens (a ragged context, a
         # parent), then its buffers, whose lengths the device holds
         k, v = self.qk, self.qv
-        own = PackedRun(k.codes, k.scale, k.zero, v.codes, v.scale, v.zero, self.keys, self.values, self.qlen,
-                        self.wlen, self.bits, g)
-        self.runs = [*prefix, own]
+        if self.rotated:
+            own = [PackedRun(k.codes[:, :, g:], k.scale[:, :, 1:], k.zero[:, :, 1:], v.codes[:, :, g:],
+                             v.scale[:, :, g:], v.zero[:, :, g:], *self.head, self.rqlen, self.hlen, self.bits, g,
+                             rotation=hadamard(d, dev)),
+                   PackedRun.window_only(self.keys, self.values, self.wlen, self.bits, g)]
+        else:
+            own = [PackedRun(k.codes, k.scale, k.zero, v.codes, v.scale, v.zero, self.keys, self.values, self.qlen,
+                             self.wlen, self.bits, g)]
+        self.runs = [*prefix, *own]
 
     @property
     def capacity(self) -> int:
         return self.qk.num_tokens
 
-    def _write(self, qk: QTensor, qv: QTensor, at: int) -> None:
+    def _set_head(self, qk: RotatedTensor, qv: RotatedTensor) -> None:
+        g = self.quant.group
+        for buf, x in zip(self.head, (qk, qv)):
+            buf.copy_(x.rotated_rows(list(range(g)), buf.dtype))
+        self.hlen.fill_(g)
+
+    def _write(self, qk: QTensor | RotatedTensor, qv: QTensor | RotatedTensor, at: int) -> None:
+        if isinstance(qk, RotatedTensor):
+            qk, qv = qk.q, qv.q
         n, g = qk.num_tokens, self.quant.group
         if at + n > self.capacity:
             raise RuntimeError(f"static decode: {at + n} quantized tokens exceed the capacity of {self.capacity} "
@@ -88,14 +121,24 @@ class StaticKIVI:
         f = min(self.quant.spilled(self.w + 1), self.w // self.quant.group * self.quant.group)
         if f == 0:
             return
-        kq = quantize_keys(self.keys[:, :, :f], self.bits, self.quant.group)
-        vq = quantize_values(self.values[:, :, :f], self.bits, self.quant.value_group(self.keys.shape[-1]))
+        if self.rotated:  # as the dynamic layer spills: sinks for the layer's first tokens only
+            first = self.first and self.nq == 0
+            kq = self.quant.quantize_keys(self.keys[:, :, :f], first=first)
+            vq = self.quant.quantize_values(self.values[:, :, :f], first=first)
+            if self.nq == 0:
+                self.sinks = (kq.sink, vq.sink)
+                self._set_head(kq, vq)
+        else:
+            kq = quantize_keys(self.keys[:, :, :f], self.bits, self.quant.group)
+            vq = quantize_values(self.values[:, :, :f], self.bits, self.quant.value_group(self.keys.shape[-1]))
         self._write(kq, vq, self.nq)
         rest = self.w - f
         self.keys[:, :, :rest] = self.keys[:, :, f : self.w].clone()
         self.values[:, :, :rest] = self.values[:, :, f : self.w].clone()
         self.nq, self.w = self.nq + f, rest
         self.qlen.fill_(self.nq)
+        if self.rotated:
+            self.rqlen.fill_(self.nq - self.quant.group)
         self.wlen.fill_(self.w)
         self.wpos.fill_(self.w)
 
@@ -118,6 +161,8 @@ class StaticKIVI:
             qk = qv = None
         else:
             qk, qv = self.qk.prefix(self.nq), self.qv.prefix(self.nq)
+            if self.rotated:
+                qk, qv = (RotatedTensor(x, None if s is None else s.clone()) for x, s in zip((qk, qv), self.sinks))
         return qk, qv, self.keys[:, :, : self.w].clone(), self.values[:, :, : self.w].clone()
 
 
