@@ -402,6 +402,20 @@ if triton is not None:
         tl.store(M + row * G + og, m_i, mask=gm)
         tl.store(L + row * G + og, l_i, mask=gm)
 
+    @triton.jit
+    def _merge_block(M, L, b, h, g, s0, H, NSPLIT, G: tl.constexpr, SP: tl.constexpr, m_run, denom):
+        """Slices s0 .. s0+SP-1 of a query head's running merge: their rows and mask, their weights
+        (scaled to the new running max), the factor that rescales what came before, the new max and
+        denominator."""
+        os_ = s0 + tl.arange(0, SP)
+        sm = os_ < NSPLIT
+        row = ((b * H + h) * NSPLIT + os_) * G + g
+        m = tl.load(M + row, mask=sm, other=float("-inf"))
+        m_new = tl.maximum(m_run, tl.max(m, 0))
+        alpha = tl.where(m_run > float("-inf"), tl.exp(m_run - m_new), 0.0)
+        w = tl.where(m > float("-inf"), tl.exp(m - m_new), 0.0)
+        return row, sm, w, alpha, m_new, denom * alpha + tl.sum(w * tl.load(L + row, mask=sm, other=0.0), 0)
+
     @triton.jit(do_not_specialize=["NSPLIT"])
     def _merge_kernel(ACC, M, L, OUT, H, NSPLIT, G: tl.constexpr, D: tl.constexpr, SP: tl.constexpr,
                       DB: tl.constexpr):
@@ -417,17 +431,9 @@ if triton is not None:
         denom = 0.0
         out = tl.zeros([DB], dtype=tl.float32)
         for s0 in range(0, NSPLIT, SP):
-            os_ = s0 + tl.arange(0, SP)
-            sm = os_ < NSPLIT
-            row = ((b * H + h) * NSPLIT + os_) * G + g
-            m = tl.load(M + row, mask=sm, other=float("-inf"))
-            m_new = tl.maximum(m_run, tl.max(m, 0))
-            alpha = tl.where(m_run > float("-inf"), tl.exp(m_run - m_new), 0.0)
-            w = tl.where(m > float("-inf"), tl.exp(m - m_new), 0.0)
-            denom = denom * alpha + tl.sum(w * tl.load(L + row, mask=sm, other=0.0), 0)
+            row, sm, w, alpha, m_run, denom = _merge_block(M, L, b, h, g, s0, H, NSPLIT, G, SP, m_run, denom)
             acc = tl.load(ACC + row[:, None] * D + od[None, :], mask=sm[:, None], other=0.0)
             out = out * alpha + tl.sum(acc * w[:, None], 0)
-            m_run = m_new
         tl.store(OUT + (b * H * G + hq) * D + od, out / denom)
 
 
@@ -447,19 +453,11 @@ if triton is not None:
         plain = tl.zeros([D], dtype=tl.float32)
         turned = tl.zeros([D], dtype=tl.float32)
         for s0 in range(0, NSPLIT, SP):
-            os_ = s0 + tl.arange(0, SP)
-            sm = os_ < NSPLIT
-            row = ((b * H + h) * NSPLIT + os_) * G + g
-            m = tl.load(M + row, mask=sm, other=float("-inf"))
-            m_new = tl.maximum(m_run, tl.max(m, 0))
-            alpha = tl.where(m_run > float("-inf"), tl.exp(m_run - m_new), 0.0)
-            w = tl.where(m > float("-inf"), tl.exp(m - m_new), 0.0)
-            denom = denom * alpha + tl.sum(w * tl.load(L + row, mask=sm, other=0.0), 0)
+            row, sm, w, alpha, m_run, denom = _merge_block(M, L, b, h, g, s0, H, NSPLIT, G, SP, m_run, denom)
             acc = tl.load(ACC + row[:, None] * D + od[None, :], mask=sm[:, None], other=0.0)
-            rot = os_ < NROT
+            rot = s0 + tl.arange(0, SP) < NROT
             plain = plain * alpha + tl.sum(acc * tl.where(rot, 0.0, w)[:, None], 0)
             turned = turned * alpha + tl.sum(acc * tl.where(rot, w, 0.0)[:, None], 0)
-            m_run = m_new
         for j0 in range(0, D, JB):  # out[j] = plain[j] + sum_i ROT[j, i] turned[i], JB rows of ROT at a time
             oj = j0 + tl.arange(0, JB)
             r = tl.load(ROT + oj[:, None] * D + od[None, :])
