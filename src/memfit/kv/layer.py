@@ -8,15 +8,15 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from memfit.kernels.decode_attention import PackedRun, decode_attention_runs
+from memfit.kv import rotate
 from memfit.kv.decode import DecodeBudget
 from memfit.kv.evict import Observation, select_topk
 from memfit.kv.lowrank import LowRank, project, reconstruct
 from memfit.kv.policy import Policy
 from memfit.kv.quant import KIVI, QTensor
-from memfit.kv import rotate
 from memfit.kv.ragged import Ragged
-from memfit.kv.rotate import Hadamard, RotatedTensor
 from memfit.kv.rope import RoPE
+from memfit.kv.rotate import Hadamard, RotatedTensor
 from memfit.kv.static import StaticKIVI
 
 
@@ -130,6 +130,8 @@ class CompressedLayer(CacheLayerMixin):
         out: dict[str, torch.Tensor] = dict(self.ragged.tensors()) if self.ragged is not None else {}
         if st is not None:
             out["k_window"], out["v_window"] = st.keys, st.values
+            if st.rotated and st.sinks[0] is not None:  # a rotated layer's exact first tokens
+                out["k_sink"], out["v_sink"] = st.sinks
         elif self.is_initialized:
             out["k_window"], out["v_window"] = self.keys, self.values
         if self.basis is not None and (self.parent is None or self.basis is not self.parent.basis):
