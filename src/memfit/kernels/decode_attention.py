@@ -576,28 +576,27 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
     r4 = rows + -rows % 4
     work = torch.empty(r4 * (d + 2), device=q.device, dtype=torch.float32)
     acc, m, lsum = work[: rows * d], work[r4 * d : r4 * d + rows], work[r4 * (d + 1) : r4 * (d + 1) + rows]
-    s0, nrot, query = 0, 0, q
+    s0, nrot = 0, 0
     rot = next(iter(rotations.values())).to(q.device, torch.float32).contiguous() if rotations else None
-    turned = query.float() @ rot if rot is not None else None  # the query in the rotated basis (float32)
+    turned = q.float() @ rot if rot is not None else None  # the query in the rotated basis (float32)
     for r, (use_gluon, sl, nqs, nslices) in zip(runs, plans):
         if not nslices:
             continue
-        q = query
+        qr = q
         if r.rotation is not None:  # its slices' outputs are rotated back by the merge
-            q, nrot = turned, s0 + nslices
+            qr, nrot = turned, s0 + nslices
         per_head = r.offsets or isinstance(r.qlen, torch.Tensor) or isinstance(r.wlen, torch.Tensor)
         qlen, wlen = _length_tensors(r.qlen, r.wlen, b, h, q.device) if per_head else (r.qlen, r.wlen)
         if use_gluon:
-            gluon_decode.launch(q, r.kc, r.ks, r.kz, r.vc, r.vs, r.vz, r.kw, r.vw, qlen, wlen, r.qoff, r.woff, acc,
+            gluon_decode.launch(qr, r.kc, r.ks, r.kz, r.vc, r.vs, r.vz, r.kw, r.vw, qlen, wlen, r.qoff, r.woff, acc,
                                 m, lsum, h=h, bits=r.bits, kgroup=r.kgroup, nq=r.max_q, nw=r.max_w, s0=s0,
                                 nslices=nslices, nsplit=nsplit, nqs=nqs, split_len=sl, scale=scale,
                                 per_head=per_head)
         else:
-            _launch_triton(q, r, qlen, wlen, acc, m, lsum, h=h, s0=s0, nslices=nslices, nsplit=nsplit, nqs=nqs,
+            _launch_triton(qr, r, qlen, wlen, acc, m, lsum, h=h, s0=s0, nslices=nslices, nsplit=nsplit, nqs=nqs,
                            split_len=sl, scale=scale, per_head=per_head, dequant=dequant, num_warps=num_warps,
                            num_stages=num_stages or (3 if r.bits == 4 else 2))
         s0 += nslices
-    q = query
     out = torch.empty(b, hq, d, device=q.device, dtype=out_dtype)
     if nrot:  # the partial sums are linear in the values: the rotated ones' sum is rotated back once
         _merge_rotated_kernel[(b, hq)](acc, m, lsum, out, rot, h, nsplit, nrot, G=g, D=d, SP=16, JB=16)

@@ -217,9 +217,7 @@ class CompressedCache(Cache):
             if isinstance(p0.qk, RotatedTensor):
                 layer.qk, layer.qv = (RotatedTensor.batch([getattr(la, n) for la in parts]) for n in ("qk", "qv"))
             elif p0.qk is not None:
-                layer.qk, layer.qv = (QTensor(*(torch.cat([getattr(q, n) for q in qs]) for n in ("codes", "scale", "zero")),
-                                              qs[0].bits, qs[0].axis, qs[0].group)
-                                      for qs in ([la.qk for la in parts], [la.qv for la in parts]))
+                layer.qk, layer.qv = (QTensor.batch([getattr(la, n) for la in parts]) for n in ("qk", "qv"))
             if p0.ragged is not None:
                 layer.ragged = Ragged.stack([la.ragged for la in parts])
             layers.append(layer)

@@ -111,6 +111,13 @@ class QTensor(Stored):
         idx = torch.cat([p[0] for p in parts])
         return idx.to(_index_dtype(numel)), torch.cat([p[1] for p in parts])
 
+    @staticmethod
+    def batch(parts: "list[QTensor]") -> "QTensor":
+        """Rows of the same length and format (no outliers) as one batch."""
+        p0 = parts[0]
+        return QTensor(*(torch.cat([getattr(q, n) for q in parts]) for n in ("codes", "scale", "zero")), p0.bits,
+                       p0.axis, p0.group)
+
     def cat(self, other: "QTensor") -> "QTensor":
         if (other.bits, other.axis, other.group) != (self.bits, self.axis, self.group):
             raise ValueError("cannot concatenate quantized tensors of different formats")

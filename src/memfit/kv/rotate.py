@@ -137,11 +137,8 @@ class RotatedTensor(OnCodes):
         """Rows of the same length and sinks (uniform storage) as one batch."""
         if len({p.sink_at for p in parts}) != 1 or len({p.sink is None for p in parts}) != 1:
             raise ValueError("cannot batch rotated runs whose sinks differ")
-        q = [p.q for p in parts]
-        codes = QTensor(*(torch.cat([getattr(x, n) for x in q]) for n in ("codes", "scale", "zero")), q[0].bits,
-                        q[0].axis, q[0].group)
         sink = torch.cat([p.sink for p in parts]) if parts[0].sink is not None else None
-        return RotatedTensor(codes, sink, parts[0].sink_at)
+        return RotatedTensor(QTensor.batch([p.q for p in parts]), sink, parts[0].sink_at)
 
     def prefix(self, n: int) -> "RotatedTensor":
         if self.sink is None:
@@ -224,6 +221,20 @@ class Hadamard(OnKIVI):
         return 2 * heads * self.sinks * d * 2  # each head's sinks, keys and values, float16
 
 
+def first_group(qk: RotatedTensor, qv: RotatedTensor, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Keys and values [B, H, group, D] of the first key group as the kernel reads them in 16-bit
+    (rotated; the sinks exact)."""
+    rows = list(range(qk.q.group))
+    return [qk.rotated_rows(rows, dtype), qv.rotated_rows(rows, dtype)]
+
+
+def past_first_group(k: QTensor, v: QTensor) -> list[torch.Tensor]:
+    """Key and value codes, scales and zeros from the second key group on (views)."""
+    g = k.group
+    return [k.codes[:, :, g:], k.scale[:, :, 1:], k.zero[:, :, 1:], v.codes[:, :, g:], v.scale[:, :, g:],
+            v.zero[:, :, g:]]
+
+
 def packed_run(qk: RotatedTensor, qv: RotatedTensor, rows: int, dtype: torch.dtype, ragged: "dict | None" = None):
     """Rotated codes as a run the decode kernel reads (:class:`PackedRun` with ``rotation``): the
     query is rotated instead of every key. Each head's first key group, which holds its sinks, is
@@ -236,9 +247,7 @@ def packed_run(qk: RotatedTensor, qv: RotatedTensor, rows: int, dtype: torch.dty
     rot = hadamard(qk.shape[-1], qk.q.codes.device)
     if ragged is None:
         b, h, n, _ = qk.shape
-        head = [qk.rotated_rows(list(range(g)), dtype), qv.rotated_rows(list(range(g)), dtype)]
-        t = [qk.q.codes[:, :, g:], qk.q.scale[:, :, 1:], qk.q.zero[:, :, 1:],
-             qv.q.codes[:, :, g:], qv.q.scale[:, :, g:], qv.q.zero[:, :, g:], *head]
+        t = [*past_first_group(qk.q, qv.q), *first_group(qk, qv, dtype)]
         if b != rows:  # a parent's codes, read by every row of its fork
             t = [x.expand(rows, *x.shape[1:]) for x in t]
         return PackedRun(*t, n - g, g, bits, g, rotation=rot)

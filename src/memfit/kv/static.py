@@ -25,7 +25,7 @@ import torch
 from memfit.hfcompat import with_cache
 from memfit.kernels.decode_attention import PackedRun, decode_attention_runs
 from memfit.kv.quant import KIVI, QTensor, quantize_keys, quantize_values
-from memfit.kv.rotate import Hadamard, RotatedTensor, hadamard
+from memfit.kv.rotate import Hadamard, RotatedTensor, first_group, hadamard, past_first_group
 
 
 class StaticKIVI:
@@ -81,8 +81,7 @@ class StaticKIVI:
         # parent), then its buffers, whose lengths the device holds
         k, v = self.qk, self.qv
         if self.rotated:
-            own = [PackedRun(k.codes[:, :, g:], k.scale[:, :, 1:], k.zero[:, :, 1:], v.codes[:, :, g:],
-                             v.scale[:, :, g:], v.zero[:, :, g:], *self.head, self.rqlen, self.hlen, self.bits, g,
+            own = [PackedRun(*past_first_group(k, v), *self.head, self.rqlen, self.hlen, self.bits, g,
                              rotation=hadamard(d, dev)),
                    PackedRun.window_only(self.keys, self.values, self.wlen, self.bits, g)]
         else:
@@ -95,10 +94,9 @@ class StaticKIVI:
         return self.qk.num_tokens
 
     def _set_head(self, qk: RotatedTensor, qv: RotatedTensor) -> None:
-        g = self.quant.group
-        for buf, x in zip(self.head, (qk, qv)):
-            buf.copy_(x.rotated_rows(list(range(g)), buf.dtype))
-        self.hlen.fill_(g)
+        for buf, x in zip(self.head, first_group(qk, qv, self.head[0].dtype)):
+            buf.copy_(x)
+        self.hlen.fill_(self.quant.group)
 
     def _write(self, qk: QTensor | RotatedTensor, qv: QTensor | RotatedTensor, at: int) -> None:
         if isinstance(qk, RotatedTensor):
