@@ -12,6 +12,13 @@ from memfit.kernels.decode_attention import decode_attention, decode_attention_r
 from memfit.kv.quant import dequantize, quantize_keys, quantize_values
 
 
+@pytest.fixture(params=[True, False], ids=["tokens-as-M", "queries-as-M"])
+def layout(request, monkeypatch):
+    """Both Gluon kernels: the token-major one (where it takes the shape) and the query-major one."""
+    monkeypatch.setattr(gluon_decode, "TOKENS_AS_M", request.param)
+    return request.param
+
+
 def _case(b=2, hq=8, h=2, n=256, w=24, d=64, bits=4, kgroup=64, vgroup=64, device="cpu", seed=0):
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(b, h, n, d, generator=g) * 2
@@ -58,8 +65,9 @@ def test_cpu_falls_back_to_the_reference():
 @pytest.mark.parametrize("shape", [dict(b=1, hq=32, h=8, n=4096, w=100, d=128), dict(b=3, hq=9, h=3, n=1024, w=7, d=64),
                                    dict(b=2, hq=8, h=8, n=512, w=128, d=128, kgroup=32),
                                    dict(b=2, hq=32, h=8, n=960, w=60, d=128, vgroup=128),
-                                   dict(b=1, hq=7, h=1, n=288, w=1, d=64, kgroup=32, vgroup=32)])
-def test_kernels_match_the_reference(bits, shape):
+                                   dict(b=1, hq=7, h=1, n=288, w=1, d=64, kgroup=32, vgroup=32),
+                                   dict(b=2, hq=24, h=2, n=640, w=33, d=128)])
+def test_kernels_match_the_reference(bits, shape, layout):
     args, _ = _case(bits=bits, device="cuda", **shape)
     assert kernel_supports(args[0], args[1], args[2], args[5], bits)  # a kernel runs, not the fallback
     ref = decode_attention_reference(*args, bits=bits)
@@ -220,7 +228,7 @@ def test_runs_read_from_offsets_equal_attention_over_each_heads_tokens():
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("shape", [dict(b=1, hq=32, h=8, d=128, max_groups=40), dict(b=3, hq=9, h=3, d=64),
                                    dict(b=4, hq=32, h=8, d=128, kgroup=32, max_groups=20)])
-def test_kernels_read_ragged_runs_forks_and_several_runs_like_the_reference(bits, shape):
+def test_kernels_read_ragged_runs_forks_and_several_runs_like_the_reference(bits, shape, layout):
     from memfit.kernels.decode_attention import PackedRun, decode_attention_runs, decode_attention_runs_reference
 
     q, ragged, _ = _ragged_case(bits=bits, device="cuda", **shape)
@@ -244,7 +252,7 @@ def test_kernels_read_ragged_runs_forks_and_several_runs_like_the_reference(bits
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("bits", [2, 4])
-def test_kernels_read_rotated_runs_like_the_reference(bits):
+def test_kernels_read_rotated_runs_like_the_reference(bits, layout):
     """Runs stored in a rotated basis (the Hadamard quantizer's): the kernels attend with the query
     rotated and rotate their slices' outputs back; the reference rotates the tokens back."""
     from memfit.kernels.decode_attention import PackedRun, decode_attention_runs, decode_attention_runs_reference
@@ -267,7 +275,7 @@ def test_kernels_read_rotated_runs_like_the_reference(bits):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("bits", [2, 4])
-def test_ragged_runs_in_short_slices_with_empty_runs_and_known_totals(bits):
+def test_ragged_runs_in_short_slices_with_empty_runs_and_known_totals(bits, layout):
     """Ragged runs cut into many short slices (most past a short run's end), runs with no quantized
     token, and the launch sized by a known total: each gives the reference's output."""
     from memfit.kernels.decode_attention import PackedRun, decode_attention_runs, decode_attention_runs_reference

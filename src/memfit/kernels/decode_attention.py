@@ -465,6 +465,9 @@ if triton is not None:
             tl.store(OUT + (b * H * G + hq) * D + oj, (pj + tl.sum(r * turned[None, :], 1)) / denom)
 
 
+# one wave of 8 one-warp programs an SM (or fewer where fewer fit): on the H200, 8 x 32K 4-bit,
+# 0.0985 ms against 0.1135 ms for slices that ran into a second wave, and 0.135 ms with the 9 that fit
+GLUON_PROGRAMS_PER_SM = 8
 MERGE_SP, MERGE_DB = 128, 16  # measured on the H200: within 2% of the best of 7 settings at 1x128K, 8x32K, 1x8K
 
 
@@ -559,16 +562,27 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
         use_gluon = impl != "triton" and _gluon_fits(q, r)
         if impl == "gluon" and not use_gluon:
             raise ValueError("the Gluon kernel does not take these inputs (see gluon_decode.supports)")
-        pps = programs_per_sm or (8 if use_gluon else 4)  # the Gluon kernel's programs are one warp each
+        per_head = r.offsets or isinstance(r.qlen, torch.Tensor) or isinstance(r.wlen, torch.Tensor)
+        lens = _length_tensors(r.qlen, r.wlen, b, h, q.device) if per_head else (r.qlen, r.wlen)
         n, kg = r.max_q, r.kgroup
         total = r.total_q if r.total_q is not None else n * b * h
-        # enough slices with tokens to fill the GPU (uneven runs: sized by the tokens, not the
-        # longest run; slices past a short run's end return at once), whole key groups each
-        sl = split_len or max(kg, math.ceil(total / (pps * _sms(q.device)) / kg) * kg)
+        if use_gluon:  # one wave of as many programs (one warp each) as the SMs hold
+            pps = programs_per_sm or min(GLUON_PROGRAMS_PER_SM, gluon_decode.programs_per_sm(
+                q, r.kc, r.ks, r.kz, r.vc, r.vs, r.vz, r.kw, r.vw, *lens, r.qoff, r.woff, h=h, bits=r.bits,
+                kgroup=kg, per_head=per_head))
+            slots = pps * _sms(q.device)
+            if r.offsets or r.total_q is not None:  # uneven runs: total / sl slices, and a part slice a row and head
+                sl = math.ceil(total / max(slots - b * h, slots // 2))
+            else:  # as many slices a row and head as fit
+                sl = math.ceil(n / max(1, slots // (b * h)))
+        else:  # enough slices to fill the GPU
+            sl = math.ceil(total / ((programs_per_sm or 4) * _sms(q.device)))
+        # whole key groups a slice; slices past a short run's end return at once
+        sl = split_len or max(kg, math.ceil(sl / kg) * kg)
         nqs = math.ceil(n / sl)  # slices of the quantized tokens
         # + the window: one slice (Triton kernel), or one a WINDOW_TILE tokens (Gluon: run beside the rest)
         nwin = math.ceil(r.max_w / gluon_decode.WINDOW_TILE) if use_gluon else 1
-        plans.append((use_gluon, sl, nqs, nqs + max(nwin, 0)))
+        plans.append((use_gluon, sl, nqs, nqs + max(nwin, 0), per_head, lens))
     nsplit = sum(p[3] for p in plans)
     rows = b * h * nsplit * g
     # one allocation: acc, max, sum, each starting 16-byte aligned (Triton specializes pointers on
@@ -579,14 +593,12 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
     s0, nrot = 0, 0
     rot = next(iter(rotations.values())).to(q.device, torch.float32).contiguous() if rotations else None
     turned = q.float() @ rot if rot is not None else None  # the query in the rotated basis (float32)
-    for r, (use_gluon, sl, nqs, nslices) in zip(runs, plans):
+    for r, (use_gluon, sl, nqs, nslices, per_head, (qlen, wlen)) in zip(runs, plans):
         if not nslices:
             continue
         qr = q
         if r.rotation is not None:  # its slices' outputs are rotated back by the merge
             qr, nrot = turned, s0 + nslices
-        per_head = r.offsets or isinstance(r.qlen, torch.Tensor) or isinstance(r.wlen, torch.Tensor)
-        qlen, wlen = _length_tensors(r.qlen, r.wlen, b, h, q.device) if per_head else (r.qlen, r.wlen)
         if use_gluon:
             gluon_decode.launch(qr, r.kc, r.ks, r.kz, r.vc, r.vs, r.vz, r.kw, r.vw, qlen, wlen, r.qoff, r.woff, acc,
                                 m, lsum, h=h, bits=r.bits, kgroup=r.kgroup, nq=r.max_q, nw=r.max_w, s0=s0,

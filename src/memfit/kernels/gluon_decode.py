@@ -19,6 +19,9 @@ grid is folded into the small operands instead of applied to every code:
   costs an instruction a pair or, left in, makes the MMA's float32 sums 1024x larger than the
   result and as much less exact.
 
+``_split_t_kernel`` (the default where its shapes fit) swaps the MMAs' roles: tokens as M, the
+query heads of a GQA group as N, so that a group of 4-8 heads pads an MMA to 8 columns, not 16 rows.
+
 The 16-bit window is attended by extra programs of the same launch (WINDOW_TILE tokens each), and
 ``decode_attention._merge_kernel`` merges the slices. Shapes it takes (``supports``): head_dim 64 or
 128, 2 or 4 bits, key groups of 32 or 64 tokens, up to 16 query heads a KV head, value groups of at
@@ -28,6 +31,8 @@ least 8 code words.
 from __future__ import annotations
 
 import os
+
+import torch
 
 try:
     import triton
@@ -409,6 +414,224 @@ if gluon is not None:
                 new_accs = new_accs + (mma_v2(pa, vals[i], accs[g * NO + i]),)
         return m_new, l_i, new_accs, new_pz
 
+    @gluon.jit(do_not_specialize=["QLEN", "WLEN", "NSPLIT", "S0", "NQS", "NQ", "NW"])
+    def _split_t_kernel(Q, KC, KS, KZ, VC, VS, VZ, KW, VWIN, QLEN, WLEN, QOFF, WOFF, ACC, M, L,
+                        sqb, sqh, skcb, skch, sksb, sksh, svcb, svch, svsb, svsh, swb, swh,
+                        H, NSPLIT, S0, NQS, SPLIT_LEN, NQ, NW, scale,
+                        G: gl.constexpr, D: gl.constexpr, BITS: gl.constexpr, NVG: gl.constexpr,
+                        T: gl.constexpr, VW: gl.constexpr, PER_HEAD: gl.constexpr, STAGES: gl.constexpr,
+                        WTILE: gl.constexpr, OFFSETS: gl.constexpr, GN: gl.constexpr):
+        """``_split_kernel`` with the tokens as the MMAs' M and the query heads as their N (8 or 16):
+        scores^T [T, GN] = codes [T, D] . (q * ks)^T, out^T [D, GN] = value codes^T [D, T] .
+        (p * vs)^T. A GQA group has 4-8 query heads: as M (16 rows) three quarters of every MMA and
+        of the softmax were padding, here half or none, and the accumulators take a quarter of
+        the registers (out^T [D, 8] against [16, D]), so more programs fit on an SM. Operands are
+        built 16 channels / tokens at a time. The probabilities cross to the B operand's layout
+        through a small buffer of shared memory (the price of the swap)."""
+        b = gl.program_id(0)
+        h = gl.program_id(1)
+        s = gl.program_id(2)
+        if OFFSETS:
+            qo = gl.load(QOFF + b * H + h).to(gl.int32) // T * T
+        else:
+            qo = 0
+        if s >= NQS:
+            if OFFSETS:
+                wo = gl.load(WOFF + b * H + h).to(gl.int32)
+            else:
+                wo = 0
+            _window(Q, KW, VWIN, WLEN, ACC, M, L, b, h, S0 + s, sqb, sqh, swb, swh, wo, H, NSPLIT,
+                    (s - NQS) * WTILE, NW, scale, G, D, WTILE, PER_HEAD)
+            return
+        PB: gl.constexpr = 8 // BITS
+        DP: gl.constexpr = D // PB
+        WG: gl.constexpr = D * BITS // VW // NVG
+        WT: gl.constexpr = WG * NVG
+        NO: gl.constexpr = VW // BITS
+        NC: gl.constexpr = DP // 16  # 16-channel chunks of a code position
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
+        lb4: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4)
+        cols: gl.constexpr = gl.SliceLayout(0, mma)
+        flat1: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+
+        if PER_HEAD:
+            qlen = gl.minimum(gl.load(QLEN + b * H + h), NQ)
+        else:
+            qlen = gl.minimum(QLEN, NQ)
+        start = s * SPLIT_LEN
+        end = gl.minimum(start + SPLIT_LEN, qlen)
+
+        # the query as B operands in registers, a [16, GN] chunk per code position m and 16
+        # channels: q / f (f = 2**(BITS*m), which the codes carry) for the codes, q for the zeros
+        k_b = gl.arange(0, 16, layout=gl.SliceLayout(1, lb4))
+        n_b = gl.arange(0, GN, layout=gl.SliceLayout(0, lb4))
+        qptr = Q + b * sqb + (h * G + n_b)[None, :] * sqh
+        qm = (n_b < G)[None, :]
+        qf = ()
+        qz = ()
+        for m in gl.static_range(PB):
+            for c in gl.static_range(NC):
+                x = gl.load(qptr + ((c * 16 + k_b) * PB + m)[:, None], mask=qm, other=0.0).to(gl.float32)
+                x = x * (scale * 1.4426950408889634)
+                x = gl.minimum(gl.maximum(x, -65504.0), 65504.0)
+                qf = qf + ((x * (1.0 / (1 << (BITS * m)))).to(gl.float16),)
+                qz = qz + (x.to(gl.float16),)
+
+        if PB == 2:
+            sw_t: gl.constexpr = gl.int32
+        else:
+            sw_t: gl.constexpr = gl.int64
+        if VW == 32:
+            vw_t: gl.constexpr = gl.int32
+        else:
+            vw_t: gl.constexpr = gl.int16
+        kbuf = gl.allocate_shared_memory(gl.uint8, [STAGES, T, DP], gl.SwizzledSharedLayout(
+            vec=16, per_phase=max(1, 128 // DP), max_phase=max(1, DP // 16), order=[1, 0]))
+        VCH: gl.constexpr = WT * (VW // 8) // 16
+        vbuf = gl.allocate_shared_memory(vw_t, [STAGES, T, WT], gl.SwizzledSharedLayout(
+            vec=16 // (VW // 8), per_phase=max(2, 128 // (16 * VCH)), max_phase=max(1, VCH), order=[1, 0]))
+        ksbuf = gl.allocate_shared_memory(sw_t, [STAGES, DP], flat1)
+        kzbuf = gl.allocate_shared_memory(sw_t, [STAGES, DP], flat1)
+        if NVG == 1:
+            vz_t: gl.constexpr = gl.float16
+        else:
+            vz_t: gl.constexpr = gl.int32
+        vsbuf = gl.allocate_shared_memory(vz_t, [STAGES, T], flat1)
+        vzbuf = gl.allocate_shared_memory(vz_t, [STAGES, T], flat1)
+        # the probabilities times the value scales, token-major: stored from the accumulator's
+        # layout, read back as the B operand
+        pbuf = gl.allocate_shared_memory(gl.float16, [T, GN],
+                                         gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0, 1]))
+        ck: gl.constexpr = gl.BlockedLayout([1, 16], [32 // (DP // 16), DP // 16], [1, 1], [1, 0])
+        VPT: gl.constexpr = 16 // (VW // 8)
+        cv: gl.constexpr = gl.BlockedLayout([1, VPT], [32 // (WT // VPT), WT // VPT], [1, 1], [1, 0])
+        SPT: gl.constexpr = 16 // (2 * PB)
+        cs: gl.constexpr = gl.BlockedLayout([SPT], [32], [1], [0])
+        cz: gl.constexpr = gl.BlockedLayout([8 // NVG], [32], [1], [0])
+        rk = gl.arange(0, T, layout=gl.SliceLayout(1, ck))
+        ik = gl.arange(0, DP, layout=gl.SliceLayout(0, ck))
+        rv = gl.arange(0, T, layout=gl.SliceLayout(1, cv))
+        iv = gl.arange(0, WT, layout=gl.SliceLayout(0, cv))
+        i_s = gl.arange(0, DP, layout=cs)
+        i_z = gl.arange(0, T, layout=cz)
+        kc_ptr = KC + b * skcb + h * skch + qo * DP + rk[:, None] * DP + ik[None, :]
+        vc_ptr = (VC + b * svcb + h * svch).to(gl.pointer_type(vw_t), bitcast=True) + qo * WT + rv[:, None] * WT + iv[None, :]
+        ks_ptr = (KS + b * sksb + h * sksh).to(gl.pointer_type(sw_t), bitcast=True) + (qo // T) * DP + i_s
+        kz_ptr = (KZ + b * sksb + h * sksh).to(gl.pointer_type(sw_t), bitcast=True) + (qo // T) * DP + i_s
+        vs_ptr = (VS + b * svsb + h * svsh).to(gl.pointer_type(vz_t), bitcast=True) + qo + i_z
+        vz_ptr = (VZ + b * svsb + h * svsh).to(gl.pointer_type(vz_t), bitcast=True) + qo + i_z
+        for i in gl.static_range(STAGES - 1):
+            _issue(start + i * T, end, i, kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf, kc_ptr, vc_ptr, ks_ptr, kz_ptr,
+                   vs_ptr, vz_ptr, rk, rv, DP, WT, T)
+
+        m_i = gl.full([GN], float("-inf"), gl.float32, layout=cols)
+        l_i = gl.zeros([GN], gl.float32, layout=cols)
+        zero_acc = gl.zeros([WG, GN], gl.float32, layout=mma)
+        accs = ()
+        pz = ()
+        for i in gl.static_range(NVG * NO):
+            accs = accs + (zero_acc,)
+        for g in gl.static_range(NVG):
+            pz = pz + (gl.zeros([GN], gl.float32, layout=cols),)
+
+        for n0 in range(start, end, T):
+            it = (n0 - start) // T
+            async_copy.wait_group(STAGES - 2)
+            gl.thread_barrier()
+            _issue(n0 + (STAGES - 1) * T, end, (it + STAGES - 1) % STAGES, kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf,
+                   kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, rk, rv, DP, WT, T)
+            st = it % STAGES
+            if n0 + T <= end:
+                m_i, l_i, accs, pz = _tile_t(n0, end, qf, qz, m_i, l_i, accs, pz, kbuf.index(st), vbuf.index(st),
+                                             ksbuf.index(st), kzbuf.index(st), vsbuf.index(st), vzbuf.index(st),
+                                             pbuf, BITS, NVG, T, VW, GN, False)
+            else:
+                m_i, l_i, accs, pz = _tile_t(n0, end, qf, qz, m_i, l_i, accs, pz, kbuf.index(st), vbuf.index(st),
+                                             ksbuf.index(st), kzbuf.index(st), vsbuf.index(st), vzbuf.index(st),
+                                             pbuf, BITS, NVG, T, VW, GN, True)
+        async_copy.wait_group(0)
+
+        # out[c] = acc * 2**24 / f + sum(p * vz), channel c = word * NO + i
+        w_o = gl.arange(0, WG, layout=gl.SliceLayout(1, mma))
+        g_o = gl.arange(0, GN, layout=cols)
+        row = (b * H + h) * NSPLIT + S0 + s
+        base = ACC + row * G * D + g_o[None, :] * D
+        om = (g_o < G)[None, :]
+        for g in gl.static_range(NVG):
+            for i in gl.static_range(NO):
+                out = accs[g * NO + i] * (16777216.0 / (1 << (BITS * (i % PB)))) + pz[g][None, :]
+                gl.store(base + ((g * WG + w_o) * NO + i)[:, None], out, mask=om)
+        gm = g_o < G
+        gl.store(M + row * G + g_o, m_i * 0.6931471805599453, mask=gm)
+        gl.store(L + row * G + g_o, l_i, mask=gm)
+
+    @gluon.jit
+    def _tile_t(n0, end, qf, qz, m_i, l_i, accs, pz, kb, vb, ksb, kzb, vsb, vzb, pbuf, BITS: gl.constexpr,
+                NVG: gl.constexpr, T: gl.constexpr, VW: gl.constexpr, GN: gl.constexpr, MASKED: gl.constexpr):
+        """``_tile`` for ``_split_t_kernel``: one tile of T tokens, scores and outputs transposed."""
+        PB: gl.constexpr = 8 // BITS
+        NO: gl.constexpr = VW // BITS
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
+        la4: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
+        lb4: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4)
+        la2: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        lb2: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+        rows: gl.constexpr = gl.SliceLayout(1, mma)
+        DP: gl.constexpr = kb.shape[1]
+        NC: gl.constexpr = DP // 16
+        WG: gl.constexpr = vb.shape[1] // NVG
+        # keys: scores^T = code . (q * ks)^T + q . kz, 16 channels of each code position at a time
+        like = gl.zeros([16, 16], gl.float16, layout=la4)
+        qk = gl.zeros([T, GN], gl.float32, layout=mma)
+        off = gl.zeros([16, GN], gl.float32, layout=mma)
+        for c in gl.static_range(NC):
+            kv = _keys(kb.slice(c * 16, 16, dim=1).load(la4), BITS)
+            ks = _halves(ksb.slice(c * 16, 16).load(gl.SliceLayout(1, lb4)), PB)
+            kz = _halves(kzb.slice(c * 16, 16).load(gl.SliceLayout(0, la4)), PB)
+            for m in gl.static_range(PB):
+                qk = mma_v2(kv[m], qf[m * NC + c] * ks[m][:, None], qk)
+                off = mma_v2(gl.broadcast(kz[m][None, :], like)[0], qz[m * NC + c], off)
+        qk = qk * 16777216.0 + gl.max(off, axis=0)[None, :]
+        if MASKED:
+            valid = (n0 + gl.arange(0, T, layout=rows)) < end
+            qk = gl.where(valid[:, None], qk, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(qk, axis=0))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(qk - m_new[None, :])
+        l_i = l_i * alpha + gl.sum(p, axis=0)
+        if gl.max(m_new - m_i, axis=0) > 0.0:
+            scaled = ()
+            for i in gl.static_range(len(accs)):
+                scaled = scaled + (accs[i] * alpha[None, :],)
+            accs = scaled
+        # values: out^T = code^T . (p * vs)^T + sum(p * vz), 16 tokens at a time
+        vss = _halves(vsb.load(rows), NVG)
+        vzs = _halves(vzb.load(rows), NVG)
+        new_pz = ()
+        for g in gl.static_range(NVG):
+            vsg = vss[g].to(gl.float32)
+            vzg = vzs[g].to(gl.float32)
+            if MASKED:
+                vsg = gl.where(valid, vsg, 0.0)
+                vzg = gl.where(valid, vzg, 0.0)
+            new_pz = new_pz + (pz[g] * alpha + gl.sum(p * vzg[:, None], axis=0),)
+            if g > 0:  # the previous group's reads of the buffer are done
+                gl.thread_barrier()
+            pbuf.store((p * vsg[:, None]).to(gl.float16))
+            gl.thread_barrier()
+            for c in gl.static_range(T // 16):
+                pb = pbuf.slice(c * 16, 16, dim=0).load(lb2)
+                vals = _values(vb.slice(c * 16, 16, dim=0).slice(g * WG, WG, dim=1).permute([1, 0]).load(la2),
+                               BITS, VW)
+                upd = ()
+                for j in gl.static_range(len(accs)):
+                    if j // NO == g:
+                        upd = upd + (mma_v2(vals[j % NO], pb, accs[j]),)
+                    else:
+                        upd = upd + (accs[j],)
+                accs = upd
+        return m_new, l_i, accs, new_pz
+
     @gluon.jit
     def _bcast(vec, like):
         """A [K] vector as the [K, 8] B operand whose every column is it."""
@@ -424,6 +647,21 @@ def _word_bits(d: int, bits: int, nvg: int) -> int:
     return 32 if d * bits // 32 // max(nvg, 1) >= 8 else 16
 
 
+TOKENS_AS_M = True  # use _split_t_kernel where it takes the shapes (False: the query-major kernel, for comparison)
+
+
+def _token_major(d: int, bits: int, nvg: int, group: int) -> bool:
+    """Whether ``_split_t_kernel`` takes these shapes: a value group's code words fill an MMA's
+    16 rows, at most 16 query heads a KV head."""
+    return TOKENS_AS_M and group <= 16 and d * bits // _word_bits_t(d, bits, nvg) // max(nvg, 1) >= 16
+
+
+def _word_bits_t(d: int, bits: int, nvg: int) -> int:
+    """The token-major kernel reads value codes in 32-bit words where a value group then still
+    has 16 (its MMA's M), else in 16-bit ones."""
+    return 32 if d * bits // 32 // max(nvg, 1) >= 16 else 16
+
+
 def supports(d: int, bits: int, kgroup: int, nvg: int, group: int) -> bool:
     """Whether the Gluon kernel takes these shapes (else the Triton kernel does): head_dim 64/128,
     2/4 bits, key groups of 32/64 tokens, at most 16 query heads a KV head, value groups of at
@@ -433,19 +671,60 @@ def supports(d: int, bits: int, kgroup: int, nvg: int, group: int) -> bool:
             and words >= 8)
 
 
+def _prepared(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, acc, m, lsum, *, h: int, bits: int,
+              kgroup: int, nq: int, nw: int, s0: int, nsplit: int, nqs: int, split_len: int, scale: float,
+              per_head: bool, stages: int, window_tile: int):
+    """The kernel that takes these inputs, its arguments and its compile-time ones."""
+    b, hq, d = q.shape
+    offsets = qoff is not None
+    # flat storage: every row and head reads from its offsets
+    st = (lambda t: (0, 0)) if offsets else (lambda t: (t.stride(0), t.stride(1)))  # noqa: E731
+    g, nvg = hq // h, vs.shape[-1]
+    args = (q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff if offsets else m, woff if offsets else m,
+            acc, m, lsum, q.stride(0), q.stride(1), *st(kc), *st(ks), *st(vc), *st(vs), *st(kw),
+            h, nsplit, s0, nqs, split_len, nq, nw, scale)
+    common = dict(G=g, D=d, BITS=bits, NVG=nvg, T=kgroup, PER_HEAD=per_head, STAGES=stages, WTILE=window_tile,
+                  OFFSETS=offsets, num_warps=1)
+    if _token_major(d, bits, nvg, g):
+        return _split_t_kernel, args, dict(VW=_word_bits_t(d, bits, nvg), GN=8 if g <= 8 else 16, **common)
+    return _split_kernel, args, dict(VW=_word_bits(d, bits, nvg), **common)
+
+
+_CAPACITY: dict = {}
+
+
+def programs_per_sm(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, *, h: int, bits: int, kgroup: int,
+                    per_head: bool, stages: int = 2, window_tile: int = WINDOW_TILE) -> int:
+    """How many of the kernel's programs (one warp each) an SM holds at once, from the registers
+    and shared memory of the variant these inputs compile to (compiled here if it was not yet):
+    the launch sizes its slices to one wave of them, since a few programs past a full wave run
+    alone afterwards and take as long again."""
+    kernel, args, kw_ = _prepared(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, q, q, q, h=h,
+                                  bits=bits, kgroup=kgroup, nq=kgroup, nw=0, s0=0, nsplit=1, nqs=1,
+                                  split_len=kgroup, scale=1.0, per_head=per_head, stages=stages,
+                                  window_tile=window_tile)
+    key = (kernel.fn.__name__, q.device, tuple(sorted(kw_.items())), qoff is not None, tuple(t.dtype for t in args[:9]))
+    if key not in _CAPACITY:
+        work = torch.empty(64, device=q.device, dtype=torch.float32)  # the partials' dtype and alignment
+        args = args[:13] + (work, work, work) + args[16:]
+        compiled = kernel.warmup(*args, grid=(1,), **kw_)
+        compiled._init_handles()  # loads it: its register count is known from then on
+        props = torch.cuda.get_device_properties(q.device)
+        regs = -(-max(compiled.n_regs, 1) * 32 // 256) * 256  # a warp's registers, allocated 256 at a time
+        by_regs = getattr(props, "regs_per_multiprocessor", 65536) // regs
+        by_smem = props.shared_memory_per_multiprocessor // (compiled.metadata.shared + 1024)  # 1 KiB reserved a block
+        _CAPACITY[key] = max(1, min(32, by_regs, by_smem))
+    return _CAPACITY[key]
+
+
 def launch(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, acc, m, lsum, *, h: int, bits: int,
            kgroup: int, nq: int, nw: int, s0: int, nslices: int, nsplit: int, nqs: int, split_len: int, scale: float,
            per_head: bool, stages: int = 2, window_tile: int = WINDOW_TILE) -> None:
     """Fill slices ``s0 .. s0 + nslices`` of the ``nsplit`` in ``acc`` / ``m`` / ``lsum``: ``nqs``
     of the quantized tokens (at most ``nq`` a row and head), then the 16-bit window's (at most
     ``nw``), ``window_tile`` tokens each. ``qoff`` / ``woff``: [B, H] starts in flat storage, or None."""
-    b, hq, d = q.shape
-    offsets = qoff is not None
-    # flat storage: every row and head reads from its offsets
-    st = (lambda t: (0, 0)) if offsets else (lambda t: (t.stride(0), t.stride(1)))  # noqa: E731
-    _split_kernel[(b, h, nslices)](
-        q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff if offsets else m, woff if offsets else m,
-        acc, m, lsum, q.stride(0), q.stride(1), *st(kc), *st(ks), *st(vc), *st(vs), *st(kw),
-        h, nsplit, s0, nqs, split_len, nq, nw, scale,
-        G=hq // h, D=d, BITS=bits, NVG=vs.shape[-1], T=kgroup, VW=_word_bits(d, bits, vs.shape[-1]),
-        PER_HEAD=per_head, STAGES=stages, WTILE=window_tile, OFFSETS=offsets, num_warps=1)
+    kernel, args, kw_ = _prepared(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, acc, m, lsum, h=h,
+                                  bits=bits, kgroup=kgroup, nq=nq, nw=nw, s0=s0, nsplit=nsplit, nqs=nqs,
+                                  split_len=split_len, scale=scale, per_head=per_head, stages=stages,
+                                  window_tile=window_tile)
+    kernel[(q.shape[0], h, nslices)](*args, **kw_)
