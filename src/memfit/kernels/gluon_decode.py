@@ -19,8 +19,8 @@ grid is folded into the small operands instead of applied to every code:
   costs an instruction a pair or, left in, makes the MMA's float32 sums 1024x larger than the
   result and as much less exact.
 
-``_split_t_kernel`` (the default where its shapes fit) swaps the MMAs' roles: tokens as M, the
-query heads of a GQA group as N, so that a group of 4-8 heads pads an MMA to 8 columns, not 16 rows.
+``_split_kernel`` with ``TM`` (the default where its shapes fit) swaps the MMAs' roles: tokens as
+M, the query heads of a GQA group as N, so that a group of 4-8 heads pads an MMA to 8 columns, not 16 rows.
 
 The 16-bit window is attended by extra programs of the same launch (WINDOW_TILE tokens each), and
 ``decode_attention._merge_kernel`` merges the slices. Shapes it takes (``supports``): head_dim 64 or
@@ -92,6 +92,14 @@ def _value_asm(bits: int, word: int) -> str:
 
 if gluon is not None:
 
+    # the layouts of one warp's m16n8k16 MMAs: the accumulator, and the A / B operands with 4 or 2
+    # consecutive K elements a thread (4: code bytes spread in place; 2: float16 pairs)
+    MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
+    LA4 = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA.value, k_width=4))
+    LB4 = gl.constexpr(gl.DotOperandLayout(operand_index=1, parent=MMA.value, k_width=4))
+    LA2 = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA.value, k_width=2))
+    LB2 = gl.constexpr(gl.DotOperandLayout(operand_index=1, parent=MMA.value, k_width=2))
+
     _key_ptx = gluon.constexpr_function(_key_asm)  # the PTX strings, built when a kernel compiles
     _value_ptx = gluon.constexpr_function(_value_asm)
 
@@ -145,14 +153,16 @@ if gluon is not None:
                       H, NSPLIT, S0, NQS, SPLIT_LEN, NQ, NW, scale,
                       G: gl.constexpr, D: gl.constexpr, BITS: gl.constexpr, NVG: gl.constexpr,
                       T: gl.constexpr, VW: gl.constexpr, PER_HEAD: gl.constexpr, STAGES: gl.constexpr,
-                      WTILE: gl.constexpr, OFFSETS: gl.constexpr):
+                      WTILE: gl.constexpr, OFFSETS: gl.constexpr, TM: gl.constexpr = False, GN: gl.constexpr = 8):
         """One program: one row, one KV head, one slice of the quantized tokens, one warp; tiles of
         T tokens, one key group each (one row of key scales a tile).
         Writes the slice's unnormalized output (float32 [G, D]), running max (natural log) and sum,
         as slice S0 + s of NSPLIT. ``OFFSETS``: each row and head's tokens start at QOFF / WOFF
         [B, H] in flat storage (ragged heads and batches; row and head strides are then 0).
         Tiles stream through a ring of ``STAGES`` shared-memory buffers filled by asynchronous
-        copies (cp.async), issued ``STAGES - 1`` tiles ahead: no registers wait on memory."""
+        copies (cp.async), issued ``STAGES - 1`` tiles ahead: no registers wait on memory.
+        ``TM``: the tokens are the MMAs' M and the query heads their N (``GN`` columns: 8 or 16),
+        see ``_tile_t``; else the query heads are M (16 rows), see ``_tile``."""
         b = gl.program_id(0)
         h = gl.program_id(1)
         s = gl.program_id(2)
@@ -175,11 +185,9 @@ if gluon is not None:
         WG: gl.constexpr = D * BITS // VW // NVG  # code words a token and value group
         WT: gl.constexpr = WG * NVG  # code words a token
         NO: gl.constexpr = VW // BITS  # codes a word
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
-        la4: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
-        rows: gl.constexpr = gl.SliceLayout(1, mma)
-        cols: gl.constexpr = gl.SliceLayout(0, mma)
-        flat1: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+        rows: gl.constexpr = gl.SliceLayout(1, MMA)
+        cols: gl.constexpr = gl.SliceLayout(0, MMA)
+        NC: gl.constexpr = DP // 16  # 16-channel chunks of a code position
 
         if PER_HEAD:
             qlen = gl.minimum(gl.load(QLEN + b * H + h), NQ)
@@ -188,25 +196,127 @@ if gluon is not None:
         start = s * SPLIT_LEN
         end = gl.minimum(start + SPLIT_LEN, qlen)
 
-        # the query, scaled (log2 units: softmax in exp2), split by code position m: q / f (f =
-        # 2**(BITS*m), which the codes carry) multiplies the codes, q the zero points; kept in
-        # shared memory, read per tile
-        r_a = gl.arange(0, 16, layout=gl.SliceLayout(1, la4))
-        j_a = gl.arange(0, DP, layout=gl.SliceLayout(0, la4))
-        qptr = Q + b * sqb + (h * G + r_a)[:, None] * sqh + j_a[None, :] * PB
-        qm = (r_a < G)[:, None]
-        # swizzled (rows XOR 8-byte chunks): the A operand reads 8 rows at the same columns at once
-        q_smem = gl.allocate_shared_memory(gl.float16, [2 * PB - 1, 16, DP],
-                                           gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0]))
-        for m in gl.static_range(PB):
-            x = gl.load(qptr + m, mask=qm, other=0.0).to(gl.float32) * (scale * 1.4426950408889634)
-            x = gl.minimum(gl.maximum(x, -65504.0), 65504.0)
-            if m == 0:
-                q_smem.index(0).store(x.to(gl.float16))
-            else:
-                q_smem.index(m).store((x * (1.0 / (1 << (BITS * m)))).to(gl.float16))
-                q_smem.index(PB + m - 1).store(x.to(gl.float16))
+        if TM:
+            # the query as B operands in registers, a [16, GN] chunk per code position m and 16
+            # channels: q / f (f = 2**(BITS*m), which the codes carry) for the codes, q for the zeros
+            k_b = gl.arange(0, 16, layout=gl.SliceLayout(1, LB4))
+            n_b = gl.arange(0, GN, layout=gl.SliceLayout(0, LB4))
+            qptr = Q + b * sqb + (h * G + n_b)[None, :] * sqh
+            qm = (n_b < G)[None, :]
+            qf = ()
+            qz = ()
+            for m in gl.static_range(PB):
+                for c in gl.static_range(NC):
+                    x = gl.load(qptr + ((c * 16 + k_b) * PB + m)[:, None], mask=qm, other=0.0).to(gl.float32)
+                    x = x * (scale * 1.4426950408889634)
+                    x = gl.minimum(gl.maximum(x, -65504.0), 65504.0)
+                    qf = qf + ((x * (1.0 / (1 << (BITS * m)))).to(gl.float16),)
+                    qz = qz + (x.to(gl.float16),)
+            q_state = (qf, qz)
+        else:
+            # the query, scaled (log2 units: softmax in exp2), split by code position m: q / f (f =
+            # 2**(BITS*m), which the codes carry) multiplies the codes, q the zero points; kept in
+            # shared memory, read per tile
+            r_a = gl.arange(0, 16, layout=gl.SliceLayout(1, LA4))
+            j_a = gl.arange(0, DP, layout=gl.SliceLayout(0, LA4))
+            qptr = Q + b * sqb + (h * G + r_a)[:, None] * sqh + j_a[None, :] * PB
+            qm = (r_a < G)[:, None]
+            # swizzled (rows XOR 8-byte chunks): the A operand reads 8 rows at the same columns at once
+            q_smem = gl.allocate_shared_memory(gl.float16, [2 * PB - 1, 16, DP],
+                                               gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0]))
+            for m in gl.static_range(PB):
+                x = gl.load(qptr + m, mask=qm, other=0.0).to(gl.float32) * (scale * 1.4426950408889634)
+                x = gl.minimum(gl.maximum(x, -65504.0), 65504.0)
+                if m == 0:
+                    q_smem.index(0).store(x.to(gl.float16))
+                else:
+                    q_smem.index(m).store((x * (1.0 / (1 << (BITS * m)))).to(gl.float16))
+                    q_smem.index(PB + m - 1).store(x.to(gl.float16))
+            q_state = q_smem
 
+        kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, rk, rv = _ring(
+            KC, KS, KZ, VC, VS, VZ, b, h, qo, start, end, skcb, skch, sksb, sksh, svcb, svch, svsb, svsh,
+            DP, WT, T, PB, NVG, VW, STAGES)
+
+        # a query head's running max, sum and zero points' sums lie along the MMA's N (TM) or M
+        if TM:
+            vl: gl.constexpr = cols
+            wl: gl.constexpr = rows
+            QN: gl.constexpr = GN
+            zero_acc = gl.zeros([WG, GN], gl.float32, layout=MMA)
+            # the probabilities times the value scales, token-major: stored from the accumulator's
+            # layout, read back as the B operand
+            pbuf = gl.allocate_shared_memory(gl.float16, [T, GN],
+                                             gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0, 1]))
+        else:
+            vl: gl.constexpr = rows
+            wl: gl.constexpr = cols
+            QN: gl.constexpr = 16
+            zero_acc = gl.zeros([16, WG], gl.float32, layout=MMA)
+            pbuf = None
+        m_i = gl.full([QN], float("-inf"), gl.float32, layout=vl)
+        l_i = gl.zeros([QN], gl.float32, layout=vl)
+        accs = ()
+        pz = ()  # per value group: sum of p * vz (the zero points' part)
+        for i in gl.static_range(NVG * NO):
+            accs = accs + (zero_acc,)
+        for g in gl.static_range(NVG):
+            pz = pz + (gl.zeros([QN], gl.float32, layout=vl),)
+
+        for n0 in range(start, end, T):
+            it = (n0 - start) // T
+            async_copy.wait_group(STAGES - 2)  # this tile's copies have landed ...
+            gl.thread_barrier()  # ... every lane's, and the stage refilled next was read by all
+            _issue(n0 + (STAGES - 1) * T, end, (it + STAGES - 1) % STAGES, kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf,
+                   kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, rk, rv, DP, WT, T)
+            st = it % STAGES
+            if n0 + T <= end:
+                m_i, l_i, accs, pz = _tile_any(n0, end, q_state, m_i, l_i, accs, pz, kbuf.index(st), vbuf.index(st),
+                                               ksbuf.index(st), kzbuf.index(st), vsbuf.index(st), vzbuf.index(st),
+                                               pbuf, BITS, NVG, T, VW, TM, GN, False)
+            else:  # the slice's last tile, partial
+                m_i, l_i, accs, pz = _tile_any(n0, end, q_state, m_i, l_i, accs, pz, kbuf.index(st), vbuf.index(st),
+                                               ksbuf.index(st), kzbuf.index(st), vsbuf.index(st), vzbuf.index(st),
+                                               pbuf, BITS, NVG, T, VW, TM, GN, True)
+        async_copy.wait_group(0)
+
+        # out[c] = acc * 2**24 / f + sum(p * vz), channel c = word * NO + i
+        qh = gl.arange(0, QN, layout=vl)
+        wc = gl.arange(0, WG, layout=wl)
+        row = (b * H + h) * NSPLIT + S0 + s
+        base = ACC + row * G * D + _along(qh, TM) * D
+        om = _along(qh < G, TM)
+        for g in gl.static_range(NVG):
+            for i in gl.static_range(NO):
+                out = accs[g * NO + i] * (16777216.0 / (1 << (BITS * (i % PB)))) + _along(pz[g], TM)
+                gl.store(base + _across((g * WG + wc) * NO + i, TM), out, mask=om)
+        gm = qh < G
+        gl.store(M + row * G + qh, m_i * 0.6931471805599453, mask=gm)  # log2 -> natural units
+        gl.store(L + row * G + qh, l_i, mask=gm)
+
+    @gluon.jit
+    def _along(v, TM: gl.constexpr):
+        """A per-query-head vector as a row (TM: the query heads are the MMA's N) or a column."""
+        if TM:
+            return v[None, :]
+        else:
+            return v[:, None]
+
+    @gluon.jit
+    def _across(v, TM: gl.constexpr):
+        """A per-channel vector the other way: a column (TM) or a row."""
+        if TM:
+            return v[:, None]
+        else:
+            return v[None, :]
+
+    @gluon.jit
+    def _ring(KC, KS, KZ, VC, VS, VZ, b, h, qo, start, end, skcb, skch, sksb, sksh, svcb, svch, svsb, svsh,
+              DP: gl.constexpr, WT: gl.constexpr, T: gl.constexpr, PB: gl.constexpr, NVG: gl.constexpr,
+              VW: gl.constexpr, STAGES: gl.constexpr):
+        """The ring of shared memory both kernels stream tiles through, the pointers its copies read
+        from, and the first ``STAGES - 1`` tiles' copies issued."""
+        flat1: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
         # the ring: key codes, value code words, the key group's scale / zero rows (PB float16 a
         # word: the channels of one code byte), the tokens' value scales / zero points
         if PB == 2:
@@ -254,65 +364,22 @@ if gluon is not None:
         for i in gl.static_range(STAGES - 1):
             _issue(start + i * T, end, i, kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf, kc_ptr, vc_ptr, ks_ptr, kz_ptr,
                    vs_ptr, vz_ptr, rk, rv, DP, WT, T)
-
-        m_i = gl.full([16], float("-inf"), gl.float32, layout=rows)
-        l_i = gl.zeros([16], gl.float32, layout=rows)
-        zero_acc = gl.zeros([16, WG], gl.float32, layout=mma)
-        accs = ()
-        pz = ()  # per value group: sum of p * vz (the zero points' part)
-        for i in gl.static_range(NVG * NO):
-            accs = accs + (zero_acc,)
-        for g in gl.static_range(NVG):
-            pz = pz + (gl.zeros([16], gl.float32, layout=rows),)
-
-        for n0 in range(start, end, T):
-            it = (n0 - start) // T
-            async_copy.wait_group(STAGES - 2)  # this tile's copies have landed ...
-            gl.thread_barrier()  # ... every lane's, and the stage refilled next was read by all
-            _issue(n0 + (STAGES - 1) * T, end, (it + STAGES - 1) % STAGES, kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf,
-                   kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, rk, rv, DP, WT, T)
-            st = it % STAGES
-            if n0 + T <= end:
-                m_i, l_i, accs, pz = _tile(n0, end, q_smem, m_i, l_i, accs, pz, kbuf.index(st), vbuf.index(st),
-                                           ksbuf.index(st), kzbuf.index(st), vsbuf.index(st), vzbuf.index(st),
-                                           BITS, NVG, T, VW, False)
-            else:  # the slice's last tile, partial
-                m_i, l_i, accs, pz = _tile(n0, end, q_smem, m_i, l_i, accs, pz, kbuf.index(st), vbuf.index(st),
-                                           ksbuf.index(st), kzbuf.index(st), vsbuf.index(st), vzbuf.index(st),
-                                           BITS, NVG, T, VW, True)
-        async_copy.wait_group(0)
-
-        # out[c] = acc * 2**24 / f + sum(p * vz), channel c = word * NO + i
-        r_o = gl.arange(0, 16, layout=rows)
-        w_o = gl.arange(0, WG, layout=cols)
-        row = (b * H + h) * NSPLIT + S0 + s
-        base = ACC + row * G * D + r_o[:, None] * D
-        om = (r_o < G)[:, None]
-        for g in gl.static_range(NVG):
-            for i in gl.static_range(NO):
-                out = accs[g * NO + i] * (16777216.0 / (1 << (BITS * (i % PB)))) + pz[g][:, None]
-                gl.store(base + ((g * WG + w_o) * NO + i)[None, :], out, mask=om)
-        gm = r_o < G
-        gl.store(M + row * G + r_o, m_i * 0.6931471805599453, mask=gm)  # log2 -> natural units
-        gl.store(L + row * G + r_o, l_i, mask=gm)
+        return kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, rk, rv
 
     @gluon.jit
     def _window(Q, KW, VWIN, WLEN, ACC, M, L, b, h, s, sqb, sqh, swb, swh, wo, H, NSPLIT, w0, NW, scale,
                 G: gl.constexpr, D: gl.constexpr, WT: gl.constexpr, PER_HEAD: gl.constexpr):
         """Attention over WT tokens of the 16-bit window from w0 (bf16 MMAs; the row and head's
         window starts at token ``wo``), as slice ``s``."""
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
-        la: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-        lb: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
-        rows: gl.constexpr = gl.SliceLayout(1, mma)
-        cols: gl.constexpr = gl.SliceLayout(0, mma)
+        rows: gl.constexpr = gl.SliceLayout(1, MMA)
+        cols: gl.constexpr = gl.SliceLayout(0, MMA)
         ld: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [1, 1], [1, 0])
         if PER_HEAD:
             wlen = gl.minimum(gl.load(WLEN + b * H + h), NW)
         else:
             wlen = gl.minimum(WLEN, NW)
-        r = gl.arange(0, 16, layout=gl.SliceLayout(1, la))
-        c = gl.arange(0, D, layout=gl.SliceLayout(0, la))
+        r = gl.arange(0, 16, layout=gl.SliceLayout(1, LA2))
+        c = gl.arange(0, D, layout=gl.SliceLayout(0, LA2))
         q = gl.load(Q + b * sqb + (h * G + r)[:, None] * sqh + c[None, :], mask=(r < G)[:, None], other=0.0)
         q = (q.to(gl.float32) * (scale * 1.4426950408889634)).to(gl.bfloat16)
         t = gl.arange(0, WT, layout=gl.SliceLayout(1, ld))
@@ -321,14 +388,14 @@ if gluon is not None:
         off = b * swb + h * swh + (wo + w0 + t)[:, None] * D + cd[None, :]
         k = gl.load(KW + off, mask=tm, other=0.0).to(gl.bfloat16)
         v = gl.load(VWIN + off, mask=tm, other=0.0).to(gl.bfloat16)
-        qk = mma_v2(q, gl.convert_layout(gl.permute(k, [1, 0]), lb), gl.zeros([16, WT], gl.float32, layout=mma))
+        qk = mma_v2(q, gl.convert_layout(gl.permute(k, [1, 0]), LB2), gl.zeros([16, WT], gl.float32, layout=MMA))
         valid = (w0 + gl.arange(0, WT, layout=cols)) < wlen
         qk = gl.where(valid[None, :], qk, float("-inf"))
         m = gl.max(qk, axis=1)
         p = gl.where(valid[None, :], gl.exp2(qk - m[:, None]), 0.0)
         l = gl.sum(p, axis=1)
-        acc = mma_v2(gl.convert_layout(p.to(gl.bfloat16), la), gl.convert_layout(v, lb),
-                     gl.zeros([16, D], gl.float32, layout=mma))
+        acc = mma_v2(gl.convert_layout(p.to(gl.bfloat16), LA2), gl.convert_layout(v, LB2),
+                     gl.zeros([16, D], gl.float32, layout=MMA))
         r_o = gl.arange(0, 16, layout=rows)
         row = (b * H + h) * NSPLIT + s
         gm = r_o < G
@@ -360,26 +427,21 @@ if gluon is not None:
         updated."""
         PB: gl.constexpr = 8 // BITS
         NO: gl.constexpr = VW // BITS
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
-        la4: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
-        lb4: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4)
-        la2: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-        lb2: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
-        cols: gl.constexpr = gl.SliceLayout(0, mma)
+        cols: gl.constexpr = gl.SliceLayout(0, MMA)
         DP: gl.constexpr = kb.shape[1]
         WG: gl.constexpr = vb.shape[1] // NVG
         # keys: q . k = (q * ks) . code + q . kz, per channel of this key group
-        ks = _halves(ksb.load(gl.SliceLayout(0, la4)), PB)
-        kz = _halves(kzb.load(gl.SliceLayout(1, lb4)), PB)
-        kv = _keys(kb.permute([1, 0]).load(lb4), BITS)
-        like = gl.zeros([DP, 8], gl.float16, layout=lb4)
-        qk = gl.zeros([16, T], gl.float32, layout=mma)
-        off = gl.zeros([16, 8], gl.float32, layout=mma)
+        ks = _halves(ksb.load(gl.SliceLayout(0, LA4)), PB)
+        kz = _halves(kzb.load(gl.SliceLayout(1, LB4)), PB)
+        kv = _keys(kb.permute([1, 0]).load(LB4), BITS)
+        like = gl.zeros([DP, 8], gl.float16, layout=LB4)
+        qk = gl.zeros([16, T], gl.float32, layout=MMA)
+        off = gl.zeros([16, 8], gl.float32, layout=MMA)
         for m in gl.static_range(PB):
-            qs = q_smem.index(m).load(la4)  # q / f
+            qs = q_smem.index(m).load(LA4)  # q / f
             qk = mma_v2(qs * ks[m][None, :], kv[m], qk)  # (q / f * ks) . (code * f * 2**-24)
             if m > 0:
-                qs = q_smem.index(PB + m - 1).load(la4)  # q
+                qs = q_smem.index(PB + m - 1).load(LA4)  # q
             off = mma_v2(qs, _bcast(kz[m], like), off)  # q . kz
         qk = qk * 16777216.0 + gl.max(off, axis=1)[:, None]  # the codes' 2**-24 back
         if MASKED:
@@ -408,186 +470,46 @@ if gluon is not None:
                 vzg = gl.where(valid, vzg, 0.0)
             pv = (p * vsg[None, :]).to(gl.float16)
             new_pz = new_pz + (pz[g] * alpha + gl.sum(p * vzg[None, :], axis=1),)
-            pa = gl.convert_layout(pv, la2)
-            vals = _values(vb.slice(g * WG, WG, dim=1).load(lb2), BITS, VW)
+            pa = gl.convert_layout(pv, LA2)
+            vals = _values(vb.slice(g * WG, WG, dim=1).load(LB2), BITS, VW)
             for i in gl.static_range(NO):
                 new_accs = new_accs + (mma_v2(pa, vals[i], accs[g * NO + i]),)
         return m_new, l_i, new_accs, new_pz
 
-    @gluon.jit(do_not_specialize=["QLEN", "WLEN", "NSPLIT", "S0", "NQS", "NQ", "NW"])
-    def _split_t_kernel(Q, KC, KS, KZ, VC, VS, VZ, KW, VWIN, QLEN, WLEN, QOFF, WOFF, ACC, M, L,
-                        sqb, sqh, skcb, skch, sksb, sksh, svcb, svch, svsb, svsh, swb, swh,
-                        H, NSPLIT, S0, NQS, SPLIT_LEN, NQ, NW, scale,
-                        G: gl.constexpr, D: gl.constexpr, BITS: gl.constexpr, NVG: gl.constexpr,
-                        T: gl.constexpr, VW: gl.constexpr, PER_HEAD: gl.constexpr, STAGES: gl.constexpr,
-                        WTILE: gl.constexpr, OFFSETS: gl.constexpr, GN: gl.constexpr):
-        """``_split_kernel`` with the tokens as the MMAs' M and the query heads as their N (8 or 16):
-        scores^T [T, GN] = codes [T, D] . (q * ks)^T, out^T [D, GN] = value codes^T [D, T] .
-        (p * vs)^T. A GQA group has 4-8 query heads: as M (16 rows) three quarters of every MMA and
-        of the softmax were padding, here half or none, and the accumulators take a quarter of
-        the registers (out^T [D, 8] against [16, D]), so more programs fit on an SM. Operands are
-        built 16 channels / tokens at a time. The probabilities cross to the B operand's layout
-        through a small buffer of shared memory (the price of the swap)."""
-        b = gl.program_id(0)
-        h = gl.program_id(1)
-        s = gl.program_id(2)
-        if OFFSETS:
-            qo = gl.load(QOFF + b * H + h).to(gl.int32) // T * T
+    @gluon.jit
+    def _tile_any(n0, end, q_state, m_i, l_i, accs, pz, kb, vb, ksb, kzb, vsb, vzb, pbuf, BITS: gl.constexpr,
+                  NVG: gl.constexpr, T: gl.constexpr, VW: gl.constexpr, TM: gl.constexpr, GN: gl.constexpr,
+                  MASKED: gl.constexpr):
+        """One tile, by ``_tile_t`` (``TM``; ``q_state`` = the query's B-operand chunks) or ``_tile``."""
+        if TM:
+            return _tile_t(n0, end, q_state[0], q_state[1], m_i, l_i, accs, pz, kb, vb, ksb, kzb, vsb, vzb, pbuf,
+                           BITS, NVG, T, VW, GN, MASKED)
         else:
-            qo = 0
-        if s >= NQS:
-            if OFFSETS:
-                wo = gl.load(WOFF + b * H + h).to(gl.int32)
-            else:
-                wo = 0
-            _window(Q, KW, VWIN, WLEN, ACC, M, L, b, h, S0 + s, sqb, sqh, swb, swh, wo, H, NSPLIT,
-                    (s - NQS) * WTILE, NW, scale, G, D, WTILE, PER_HEAD)
-            return
-        PB: gl.constexpr = 8 // BITS
-        DP: gl.constexpr = D // PB
-        WG: gl.constexpr = D * BITS // VW // NVG
-        WT: gl.constexpr = WG * NVG
-        NO: gl.constexpr = VW // BITS
-        NC: gl.constexpr = DP // 16  # 16-channel chunks of a code position
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
-        lb4: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4)
-        cols: gl.constexpr = gl.SliceLayout(0, mma)
-        flat1: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
-
-        if PER_HEAD:
-            qlen = gl.minimum(gl.load(QLEN + b * H + h), NQ)
-        else:
-            qlen = gl.minimum(QLEN, NQ)
-        start = s * SPLIT_LEN
-        end = gl.minimum(start + SPLIT_LEN, qlen)
-
-        # the query as B operands in registers, a [16, GN] chunk per code position m and 16
-        # channels: q / f (f = 2**(BITS*m), which the codes carry) for the codes, q for the zeros
-        k_b = gl.arange(0, 16, layout=gl.SliceLayout(1, lb4))
-        n_b = gl.arange(0, GN, layout=gl.SliceLayout(0, lb4))
-        qptr = Q + b * sqb + (h * G + n_b)[None, :] * sqh
-        qm = (n_b < G)[None, :]
-        qf = ()
-        qz = ()
-        for m in gl.static_range(PB):
-            for c in gl.static_range(NC):
-                x = gl.load(qptr + ((c * 16 + k_b) * PB + m)[:, None], mask=qm, other=0.0).to(gl.float32)
-                x = x * (scale * 1.4426950408889634)
-                x = gl.minimum(gl.maximum(x, -65504.0), 65504.0)
-                qf = qf + ((x * (1.0 / (1 << (BITS * m)))).to(gl.float16),)
-                qz = qz + (x.to(gl.float16),)
-
-        if PB == 2:
-            sw_t: gl.constexpr = gl.int32
-        else:
-            sw_t: gl.constexpr = gl.int64
-        if VW == 32:
-            vw_t: gl.constexpr = gl.int32
-        else:
-            vw_t: gl.constexpr = gl.int16
-        kbuf = gl.allocate_shared_memory(gl.uint8, [STAGES, T, DP], gl.SwizzledSharedLayout(
-            vec=16, per_phase=max(1, 128 // DP), max_phase=max(1, DP // 16), order=[1, 0]))
-        VCH: gl.constexpr = WT * (VW // 8) // 16
-        vbuf = gl.allocate_shared_memory(vw_t, [STAGES, T, WT], gl.SwizzledSharedLayout(
-            vec=16 // (VW // 8), per_phase=max(2, 128 // (16 * VCH)), max_phase=max(1, VCH), order=[1, 0]))
-        ksbuf = gl.allocate_shared_memory(sw_t, [STAGES, DP], flat1)
-        kzbuf = gl.allocate_shared_memory(sw_t, [STAGES, DP], flat1)
-        if NVG == 1:
-            vz_t: gl.constexpr = gl.float16
-        else:
-            vz_t: gl.constexpr = gl.int32
-        vsbuf = gl.allocate_shared_memory(vz_t, [STAGES, T], flat1)
-        vzbuf = gl.allocate_shared_memory(vz_t, [STAGES, T], flat1)
-        # the probabilities times the value scales, token-major: stored from the accumulator's
-        # layout, read back as the B operand
-        pbuf = gl.allocate_shared_memory(gl.float16, [T, GN],
-                                         gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0, 1]))
-        ck: gl.constexpr = gl.BlockedLayout([1, 16], [32 // (DP // 16), DP // 16], [1, 1], [1, 0])
-        VPT: gl.constexpr = 16 // (VW // 8)
-        cv: gl.constexpr = gl.BlockedLayout([1, VPT], [32 // (WT // VPT), WT // VPT], [1, 1], [1, 0])
-        SPT: gl.constexpr = 16 // (2 * PB)
-        cs: gl.constexpr = gl.BlockedLayout([SPT], [32], [1], [0])
-        cz: gl.constexpr = gl.BlockedLayout([8 // NVG], [32], [1], [0])
-        rk = gl.arange(0, T, layout=gl.SliceLayout(1, ck))
-        ik = gl.arange(0, DP, layout=gl.SliceLayout(0, ck))
-        rv = gl.arange(0, T, layout=gl.SliceLayout(1, cv))
-        iv = gl.arange(0, WT, layout=gl.SliceLayout(0, cv))
-        i_s = gl.arange(0, DP, layout=cs)
-        i_z = gl.arange(0, T, layout=cz)
-        kc_ptr = KC + b * skcb + h * skch + qo * DP + rk[:, None] * DP + ik[None, :]
-        vc_ptr = (VC + b * svcb + h * svch).to(gl.pointer_type(vw_t), bitcast=True) + qo * WT + rv[:, None] * WT + iv[None, :]
-        ks_ptr = (KS + b * sksb + h * sksh).to(gl.pointer_type(sw_t), bitcast=True) + (qo // T) * DP + i_s
-        kz_ptr = (KZ + b * sksb + h * sksh).to(gl.pointer_type(sw_t), bitcast=True) + (qo // T) * DP + i_s
-        vs_ptr = (VS + b * svsb + h * svsh).to(gl.pointer_type(vz_t), bitcast=True) + qo + i_z
-        vz_ptr = (VZ + b * svsb + h * svsh).to(gl.pointer_type(vz_t), bitcast=True) + qo + i_z
-        for i in gl.static_range(STAGES - 1):
-            _issue(start + i * T, end, i, kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf, kc_ptr, vc_ptr, ks_ptr, kz_ptr,
-                   vs_ptr, vz_ptr, rk, rv, DP, WT, T)
-
-        m_i = gl.full([GN], float("-inf"), gl.float32, layout=cols)
-        l_i = gl.zeros([GN], gl.float32, layout=cols)
-        zero_acc = gl.zeros([WG, GN], gl.float32, layout=mma)
-        accs = ()
-        pz = ()
-        for i in gl.static_range(NVG * NO):
-            accs = accs + (zero_acc,)
-        for g in gl.static_range(NVG):
-            pz = pz + (gl.zeros([GN], gl.float32, layout=cols),)
-
-        for n0 in range(start, end, T):
-            it = (n0 - start) // T
-            async_copy.wait_group(STAGES - 2)
-            gl.thread_barrier()
-            _issue(n0 + (STAGES - 1) * T, end, (it + STAGES - 1) % STAGES, kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf,
-                   kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, rk, rv, DP, WT, T)
-            st = it % STAGES
-            if n0 + T <= end:
-                m_i, l_i, accs, pz = _tile_t(n0, end, qf, qz, m_i, l_i, accs, pz, kbuf.index(st), vbuf.index(st),
-                                             ksbuf.index(st), kzbuf.index(st), vsbuf.index(st), vzbuf.index(st),
-                                             pbuf, BITS, NVG, T, VW, GN, False)
-            else:
-                m_i, l_i, accs, pz = _tile_t(n0, end, qf, qz, m_i, l_i, accs, pz, kbuf.index(st), vbuf.index(st),
-                                             ksbuf.index(st), kzbuf.index(st), vsbuf.index(st), vzbuf.index(st),
-                                             pbuf, BITS, NVG, T, VW, GN, True)
-        async_copy.wait_group(0)
-
-        # out[c] = acc * 2**24 / f + sum(p * vz), channel c = word * NO + i
-        w_o = gl.arange(0, WG, layout=gl.SliceLayout(1, mma))
-        g_o = gl.arange(0, GN, layout=cols)
-        row = (b * H + h) * NSPLIT + S0 + s
-        base = ACC + row * G * D + g_o[None, :] * D
-        om = (g_o < G)[None, :]
-        for g in gl.static_range(NVG):
-            for i in gl.static_range(NO):
-                out = accs[g * NO + i] * (16777216.0 / (1 << (BITS * (i % PB)))) + pz[g][None, :]
-                gl.store(base + ((g * WG + w_o) * NO + i)[:, None], out, mask=om)
-        gm = g_o < G
-        gl.store(M + row * G + g_o, m_i * 0.6931471805599453, mask=gm)
-        gl.store(L + row * G + g_o, l_i, mask=gm)
+            return _tile(n0, end, q_state, m_i, l_i, accs, pz, kb, vb, ksb, kzb, vsb, vzb, BITS, NVG, T, VW, MASKED)
 
     @gluon.jit
     def _tile_t(n0, end, qf, qz, m_i, l_i, accs, pz, kb, vb, ksb, kzb, vsb, vzb, pbuf, BITS: gl.constexpr,
                 NVG: gl.constexpr, T: gl.constexpr, VW: gl.constexpr, GN: gl.constexpr, MASKED: gl.constexpr):
-        """``_tile`` for ``_split_t_kernel``: one tile of T tokens, scores and outputs transposed."""
+        """``_tile`` with ``TM``: one tile of T tokens, scores and outputs transposed: scores^T [T, GN]
+        = codes [T, D] . (q * ks)^T, out^T [D, GN] = value codes^T [D, T] . (p * vs)^T. A GQA group
+        has 4-8 query heads: as M (16 rows) three quarters of every MMA and of the softmax were
+        padding, here half or none, and the accumulators take a quarter of the registers (out^T
+        [D, 8] against [16, D]). Operands are built 16 channels / tokens at a time; the
+        probabilities reach the B operand's layout through ``pbuf`` (the price of the swap)."""
         PB: gl.constexpr = 8 // BITS
         NO: gl.constexpr = VW // BITS
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
-        la4: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
-        lb4: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4)
-        la2: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-        lb2: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
-        rows: gl.constexpr = gl.SliceLayout(1, mma)
+        rows: gl.constexpr = gl.SliceLayout(1, MMA)
         DP: gl.constexpr = kb.shape[1]
         NC: gl.constexpr = DP // 16
         WG: gl.constexpr = vb.shape[1] // NVG
         # keys: scores^T = code . (q * ks)^T + q . kz, 16 channels of each code position at a time
-        like = gl.zeros([16, 16], gl.float16, layout=la4)
-        qk = gl.zeros([T, GN], gl.float32, layout=mma)
-        off = gl.zeros([16, GN], gl.float32, layout=mma)
+        like = gl.zeros([16, 16], gl.float16, layout=LA4)
+        qk = gl.zeros([T, GN], gl.float32, layout=MMA)
+        off = gl.zeros([16, GN], gl.float32, layout=MMA)
         for c in gl.static_range(NC):
-            kv = _keys(kb.slice(c * 16, 16, dim=1).load(la4), BITS)
-            ks = _halves(ksb.slice(c * 16, 16).load(gl.SliceLayout(1, lb4)), PB)
-            kz = _halves(kzb.slice(c * 16, 16).load(gl.SliceLayout(0, la4)), PB)
+            kv = _keys(kb.slice(c * 16, 16, dim=1).load(LA4), BITS)
+            ks = _halves(ksb.slice(c * 16, 16).load(gl.SliceLayout(1, LB4)), PB)
+            kz = _halves(kzb.slice(c * 16, 16).load(gl.SliceLayout(0, LA4)), PB)
             for m in gl.static_range(PB):
                 qk = mma_v2(kv[m], qf[m * NC + c] * ks[m][:, None], qk)
                 off = mma_v2(gl.broadcast(kz[m][None, :], like)[0], qz[m * NC + c], off)
@@ -620,8 +542,8 @@ if gluon is not None:
             pbuf.store((p * vsg[:, None]).to(gl.float16))
             gl.thread_barrier()
             for c in gl.static_range(T // 16):
-                pb = pbuf.slice(c * 16, 16, dim=0).load(lb2)
-                vals = _values(vb.slice(c * 16, 16, dim=0).slice(g * WG, WG, dim=1).permute([1, 0]).load(la2),
+                pb = pbuf.slice(c * 16, 16, dim=0).load(LB2)
+                vals = _values(vb.slice(c * 16, 16, dim=0).slice(g * WG, WG, dim=1).permute([1, 0]).load(LA2),
                                BITS, VW)
                 upd = ()
                 for j in gl.static_range(len(accs)):
@@ -647,11 +569,11 @@ def _word_bits(d: int, bits: int, nvg: int) -> int:
     return 32 if d * bits // 32 // max(nvg, 1) >= 8 else 16
 
 
-TOKENS_AS_M = True  # use _split_t_kernel where it takes the shapes (False: the query-major kernel, for comparison)
+TOKENS_AS_M = True  # _split_kernel with TM (tokens as M) where it takes the shapes (False: the query-major kernel, for comparison)
 
 
 def _token_major(d: int, bits: int, nvg: int, group: int) -> bool:
-    """Whether ``_split_t_kernel`` takes these shapes: a value group's code words fill an MMA's
+    """Whether ``_split_kernel`` takes these shapes with ``TM``: a value group's code words fill an MMA's
     16 rows, at most 16 query heads a KV head."""
     return TOKENS_AS_M and group <= 16 and d * bits // _word_bits_t(d, bits, nvg) // max(nvg, 1) >= 16
 
@@ -686,7 +608,7 @@ def _prepared(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, acc, m,
     common = dict(G=g, D=d, BITS=bits, NVG=nvg, T=kgroup, PER_HEAD=per_head, STAGES=stages, WTILE=window_tile,
                   OFFSETS=offsets, num_warps=1)
     if _token_major(d, bits, nvg, g):
-        return _split_t_kernel, args, dict(VW=_word_bits_t(d, bits, nvg), GN=8 if g <= 8 else 16, **common)
+        return _split_kernel, args, dict(VW=_word_bits_t(d, bits, nvg), TM=True, GN=8 if g <= 8 else 16, **common)
     return _split_kernel, args, dict(VW=_word_bits(d, bits, nvg), **common)
 
 
