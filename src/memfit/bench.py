@@ -673,7 +673,7 @@ def parse_weight_config(spec: str):
     """``"hqq:4"``, ``"rtn:3:g128"``, ``"hqq:4:g32:m8"`` (scale and zero in 8 bits), ``"guided:3"``,
     ``"guided:4:uniform"``, ``"anyprec:8"``, ``"hqq:3:q2"`` (QDEC on 2% of the input channels, its
     residual at 8 bits; ``:q2:r4`` at 4), ``"twin:3:g32:m8:l0.4"`` (low-rank factors on 0.4 bits a
-    weight) -> WeightQuant."""
+    weight, a rank per layer; ``:even`` the same rank fraction everywhere) -> WeightQuant."""
     from memfit.weights import WeightQuant
 
     parts = spec.split(":")
@@ -683,6 +683,8 @@ def parse_weight_config(spec: str):
     for extra in parts[2:]:
         if extra in ("uniform", "codebook"):
             kw["grid"] = extra
+        elif extra == "even":
+            kw["twin_ranks"] = "uniform"
         elif extra[:1] in ("g", "m", "r") and extra[1:].isdigit():
             kw[{"g": "group_size", "m": "meta_bits", "r": "qdec_bits"}[extra[0]]] = int(extra[1:])
         elif extra[:1] == "q" and extra[1:].replace(".", "", 1).isdigit():
@@ -691,7 +693,7 @@ def parse_weight_config(spec: str):
             kw["rank_bits"] = float(extra[1:])
         else:
             raise ValueError(f"bad weight config {spec!r}: {extra!r} is not gGROUP, mMETA_BITS, qPERCENT, rBITS, "
-                             "lRANK_BITS, uniform or codebook")
+                             "lRANK_BITS, uniform, codebook or even")
     return WeightQuant(**kw)
 
 
@@ -730,7 +732,8 @@ def bench_weights(lm: LM, configs: list, text: str, read_bits: tuple[int, ...] =
                     + (f":m{cfg.meta_bits}" if cfg.meta_bits else "")
                     + (f":q{cfg.qdec_channels * 100:g}" + (f":r{cfg.qdec_bits}" if cfg.qdec_bits != 8 else "")
                        if cfg.qdec_channels else "")
-                    + (f":l{cfg.rank_bits:g}" if cfg.method == "twin" else "")
+                    + (f":l{cfg.rank_bits:g}" + (":even" if cfg.twin_ranks == "uniform" else "")
+                       if cfg.method == "twin" else "")
                     + (f"@{bits}" if cfg.method == "anyprec" else ""))
             rows.append({"config": name, "method": cfg.method, "bits": bits, "stored_bits": cfg.bits,
                          "group_size": cfg.group_size if cfg.uses_groups else None, "meta_bits": cfg.meta_bits,

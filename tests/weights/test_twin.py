@@ -110,3 +110,36 @@ def test_twin_quantizes_saves_and_loads(tmp_path, tiny_model_dir):
 def test_twin_spec_parses():
     cfg = parse_weight_config("twin:3:g32:m8:l0.5")
     assert (cfg.method, cfg.bits, cfg.group_size, cfg.meta_bits, cfg.rank_bits) == ("twin", 3, 32, 8, 0.5)
+    assert parse_weight_config("twin:3:g32:m8:l0.4:even").twin_ranks == "uniform"
+    assert parse_weight_config("twin:3:g32:m8:l0.4").twin_ranks == "greedy"
+    with pytest.raises(ValueError, match="twin_ranks"):
+        WeightQuant(method="twin", twin_ranks="random")
+
+
+def test_ranks_go_where_they_save_the_most_loss_within_the_budget():
+    # "flat" gains nothing from rank; "steep" gains a lot: the budget of both moves to "steep"
+    options = {"flat": [(1, 10, 5.0), (2, 20, 5.0), (4, 40, 4.9)],
+               "steep": [(1, 10, 100.0), (2, 20, 40.0), (4, 40, 10.0), (6, 60, 8.0)]}
+    ranks = twin.allocate_ranks(options, budget=60)
+    assert ranks == {"flat": 1, "steep": 4}  # 10 + 40 bits; rank 6 (60) would overrun
+    spent = sum(b for n, opts in options.items() for r, b, _ in opts if r == ranks[n])
+    assert spent <= 60
+    # a fallback that scores better in total is kept
+    assert twin.allocate_ranks(options, budget=60, fallback={"flat": 1, "steep": 4}) == {"flat": 1, "steep": 4}
+    worse = {"flat": [(1, 10, 5.0), (2, 20, 1.0)], "steep": [(1, 10, 1.0), (2, 20, 0.0)]}
+    # greedy: flat saves 0.4 per bit, steep 0.1: flat gets the upgrade (total 2.0)
+    assert twin.allocate_ranks(worse, budget=30) == {"flat": 2, "steep": 1}
+    assert twin.allocate_ranks(worse, budget=30, fallback={"flat": 1, "steep": 2}) == {"flat": 2, "steep": 1}
+
+
+def test_greedy_ranks_spend_no_more_than_uniform_ones(tiny_model_dir):
+    lm = memfit.load_model(str(tiny_model_dir), "cpu", dtype="float32")
+    reports = {}
+    for ranks in ("uniform", "greedy"):
+        model = memfit.load_model(str(tiny_model_dir), "cpu", dtype="float32").model
+        cfg = WeightQuant(method="twin", bits=3, group_size=32, meta_bits=8, rank_bits=1.0, calib_seqs=2, calib_len=16,
+                          twin_ranks=ranks)
+        reports[ranks] = quantize_(model, cfg, progress=False)
+    assert reports["greedy"].nbytes <= reports["uniform"].nbytes
+    tried = {n: twin.candidate_ranks(*lm.model.get_submodule(n).weight.shape, 1.0) for n in reports["greedy"].layers}
+    assert all(v["rank"] in tried[n] for n, v in reports["greedy"].layers.items())

@@ -32,7 +32,8 @@ class WeightQuant:
     GPTQ-style error feedback), ``anyprec`` (``bits`` planes, 8 by default, readable at any width
     down to ``seed_bits``) or ``twin`` (:mod:`memfit.weights.twin`: 8-bit low-rank factors fitted
     with the HQQ grid of the rest, alternately, weighted by the input channels' rms on calibration
-    text; the factors take ``rank_bits`` bits a weight, counted in the layer's bytes). ``skip``: glob
+    text; the factors take ``rank_bits`` bits a weight over the model, counted in the layers' bytes,
+    each layer's rank chosen by the loss it saves with ``twin_ranks="greedy"``). ``skip``: glob
     patterns of module names kept as they are.
     ``meta_bits``: 0 stores each group's scale and zero in float16; 2..8 stores them in that many bits
     each (``grid.MetaCodes``), which pays for smaller groups: 4-bit g32 with ``meta_bits=8`` takes
@@ -57,6 +58,7 @@ class WeightQuant:
     qdec_bits: int = 8
     rank_bits: float = 0.4  # twin: bits a weight spent on the low-rank factors
     twin_iters: int = 4  # twin: low-rank / grid alternations
+    twin_ranks: str = "greedy"  # twin: "greedy" (a rank per layer under the same bytes) or "uniform"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -75,6 +77,8 @@ class WeightQuant:
             qdec.check(self.qdec_bits, self.qdec_channels)
         if self.method == "twin" and not (0 < self.rank_bits <= 8 and self.twin_iters >= 1):
             raise ValueError(f"twin: rank_bits must be in (0, 8] and twin_iters >= 1, got {self.rank_bits}, {self.twin_iters}")
+        if self.twin_ranks not in ("greedy", "uniform"):
+            raise ValueError(f"twin_ranks must be 'greedy' or 'uniform', got {self.twin_ranks!r}")
         object.__setattr__(self, "skip", tuple(self.skip))
 
     @property
@@ -146,7 +150,16 @@ def quantize_(model: nn.Module, config: WeightQuant, *, calibration: torch.Tenso
     if config.method == "guided":
         hessians = _guided_hessians(model, names, config, calibration, progress)
     elif config.method == "twin":
+        calibration = _calibration(model, config, calibration)
         rms = _activation_rms(model, names, config, calibration)
+        ranks = {n: twin.rank_for(mods[n].out_features, mods[n].in_features, config.rank_bits) for n in names}
+        bad = [n for n, r in ranks.items() if r == 0]
+        if bad:
+            lin = mods[bad[0]]
+            raise ValueError(f"twin: {config.rank_bits} bits a weight do not buy rank 1 for {bad[0]} "
+                             f"({lin.out_features}x{lin.in_features}); raise rank_bits")
+        if config.twin_ranks == "greedy":
+            ranks = _twin_ranks(model, names, config, calibration, rms, ranks, progress)
     for name in tqdm(names, desc=f"quantizing ({config.method}, {config.bits}-bit)", disable=not progress, leave=False):
         lin: nn.Linear = mods[name]
         w = lin.weight.data.float()
@@ -159,12 +172,8 @@ def quantize_(model: nn.Module, config: WeightQuant, *, calibration: torch.Tenso
                 uc, meta = guided.gptq_uniform(w, guided.damp(hessians.pop(name).to(w.device)), config.bits,
                                                config.group_size, config.meta_bits)
             elif config.method == "twin":
-                rank = twin.rank_for(lin.out_features, lin.in_features, config.rank_bits)
-                if rank == 0:
-                    raise ValueError(f"twin: {config.rank_bits} bits a weight do not buy rank 1 for {name} "
-                                     f"({lin.out_features}x{lin.in_features}); raise rank_bits")
-                uc, meta, factors = twin.fit(w, rms.pop(name).to(w.device), config.bits, config.group_size, rank,
-                                             config.meta_bits, config.twin_iters)
+                uc, meta, factors = twin.fit(w, rms.pop(name).to(w.device), config.bits, config.group_size,
+                                             ranks[name], config.meta_bits, config.twin_iters)
             else:
                 if config.method == "anyprec":
                     uc = anyprec(w, config.group_size, config.bits, config.seed_bits)
@@ -218,6 +227,26 @@ def _calibration(model, config, calibration: torch.Tensor | None) -> torch.Tenso
         return calibration
     log.info("writing %d x %d calibration tokens with the model itself", config.calib_seqs, config.calib_len)
     return guided.calibration_ids(model, config.calib_seqs, config.calib_len)
+
+
+def _twin_ranks(model, names, config, ids, rms, uniform, progress) -> dict[str, int]:
+    """A rank per layer (twin), within the bits the ``uniform`` ranks take: the ranks
+    ``twin.candidate_ranks`` tries, each scored by the loss's second-order growth
+    (``twin.rank_losses``, from the loss gradients on the calibration text), then
+    ``twin.allocate_ranks``."""
+    mods = dict(model.named_modules())
+    with float32_tensors(model):  # gradients in float32
+        hessians = guided.collect_hessians(model, ids.to(next(model.parameters()).device), names, groups=1)
+    options, budget = {}, 0
+    for name in tqdm(names, desc="twin: ranks tried", disable=not progress, leave=False):
+        lin = mods[name]
+        w, h = lin.weight.data.float(), hessians.pop(name)[0].to(lin.weight.device)
+        budget += twin.factor_bits(lin.out_features, lin.in_features, uniform[name])
+        ranks = twin.candidate_ranks(lin.out_features, lin.in_features, config.rank_bits)
+        losses = twin.rank_losses(w, rms[name].to(w.device), h, config.bits, config.group_size, ranks, config.meta_bits)
+        options[name] = [(r, twin.factor_bits(lin.out_features, lin.in_features, r), loss)
+                         for r, loss in zip(ranks, losses)]
+    return twin.allocate_ranks(options, budget, fallback=uniform)
 
 
 @torch.no_grad()

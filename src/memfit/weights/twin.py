@@ -27,9 +27,58 @@ def rank_for(out_features: int, in_features: int, rank_bits: float) -> int:
     """The largest rank whose 8-bit factors and float16 row scales fit ``rank_bits`` bits a weight."""
     budget = rank_bits * out_features * in_features
     r = int(budget // (8 * (out_features + in_features) + 16))
-    while r > 0 and 8 * r * (out_features + in_features) + 16 * (out_features + r) > budget:
+    while r > 0 and factor_bits(out_features, in_features, r) > budget:
         r -= 1
     return max(0, min(r, out_features, in_features))
+
+
+RANK_STEPS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # ranks tried a layer, in multiples of its uniform rank
+
+
+def factor_bits(out_features: int, in_features: int, rank: int) -> int:
+    """Bits of rank-``rank`` 8-bit factors and their float16 row scales."""
+    return 8 * rank * (out_features + in_features) + 16 * (out_features + rank)
+
+
+def candidate_ranks(out_features: int, in_features: int, rank_bits: float) -> list[int]:
+    """The ranks tried for a layer: RANK_STEPS times the rank ``rank_bits`` buys it, at least 1."""
+    r0 = rank_for(out_features, in_features, rank_bits)
+    return sorted({min(max(1, round(f * r0)), out_features, in_features) for f in RANK_STEPS})
+
+
+def loss_proxy(err: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``sum_j err_j^T H err_j``: the second-order growth of the loss from the weight error ``err``
+    [out, in], ``H`` [in, in] the inputs' second moment weighted by the squared loss gradient of
+    the outputs (GuidedQuant's objective with one group): comparable across layers."""
+    return float(((err @ hessian) * err).sum())
+
+
+def allocate_ranks(options: dict[str, list[tuple[int, int, float]]], budget: float,
+                   fallback: dict[str, int] | None = None) -> dict[str, int]:
+    """``options[name]``: (rank, bits, loss proxy) for each rank tried, by rank -> each layer's rank,
+    with the summed loss as low as greedy upgrades (most loss saved per bit first) make it and the
+    bits within ``budget``. Every layer starts at its smallest rank. ``fallback`` (ranks within the
+    budget, e.g. the uniform ones) is returned instead when the greedy choice scores worse in total."""
+    choice = {n: 0 for n in options}
+    spent = sum(opts[0][1] for opts in options.values())
+    while True:
+        best, rate = None, 0.0
+        for n, opts in options.items():
+            i = choice[n]
+            for j in range(i + 1, len(opts)):  # any larger rank: a curve need not be convex
+                extra = opts[j][1] - opts[i][1]
+                if extra > 0 and spent + extra <= budget and (opts[i][2] - opts[j][2]) / extra > rate:
+                    best, rate = (n, j, extra), (opts[i][2] - opts[j][2]) / extra
+        if best is None:
+            break
+        n, j, extra = best
+        choice[n], spent = j, spent + extra
+    ranks = {n: options[n][choice[n]][0] for n in options}
+    if fallback is not None:
+        score = {n: {r: loss for r, _, loss in opts} for n, opts in options.items()}
+        if sum(score[n][fallback[n]] for n in options) < sum(score[n][ranks[n]] for n in options):
+            return dict(fallback)
+    return ranks
 
 
 def int8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,22 +99,45 @@ def fit(w: torch.Tensor, act_rms: torch.Tensor, bits: int, group_size: int, rank
         raise ValueError(f"twin: rank must be in 1..{min(w.shape)} for a {tuple(w.shape)} weight, got {rank}")
     if act_rms.shape != (w.shape[1],):
         raise ValueError(f"twin: act_rms must be [{w.shape[1]}], got {tuple(act_rms.shape)}")
-    w = w.float()
-    d = act_rms.float().clamp_min(1e-6)
-    d = d / d.mean()  # only the relative weights matter; keeps the factors' scales tame
-
-    def quantize(t: torch.Tensor) -> tuple[UniformCodes, MetaCodes | None]:
-        uc = hqq(t, bits, group_size)
-        return with_meta(t, uc, meta_bits) if meta_bits else (uc, None)
-
+    w, d = w.float(), _channel_weights(act_rms)
     lr = torch.zeros_like(w)
     for _ in range(iters):
-        uc = quantize(w - lr)[0]  # with meta_bits, uc holds the grid as stored
+        uc = _grid(w - lr, bits, group_size, meta_bits)[0]  # with meta_bits, uc holds the grid as stored
         u, s, vh = torch.linalg.svd((w - uc.dequantize()) * d, full_matrices=False)
-        factors = (*int8_rows(u[:, :rank] * s[:rank].sqrt()), *int8_rows(s[:rank, None].sqrt() * vh[:rank] / d))
+        factors = _factors(u, s, vh, d, rank)
         lr = dequant_rows(*factors[:2]) @ dequant_rows(*factors[2:])
-    uc, meta = quantize(w - lr)
+    uc, meta = _grid(w - lr, bits, group_size, meta_bits)
     return uc, meta, factors
+
+
+def _channel_weights(act_rms: torch.Tensor) -> torch.Tensor:
+    d = act_rms.float().clamp_min(1e-6)
+    return d / d.mean()  # only the relative weights matter; keeps the factors' scales tame
+
+
+def _grid(t: torch.Tensor, bits: int, group_size: int, meta_bits: int) -> tuple[UniformCodes, MetaCodes | None]:
+    uc = hqq(t, bits, group_size)
+    return with_meta(t, uc, meta_bits) if meta_bits else (uc, None)
+
+
+def _factors(u, s, vh, d, rank: int) -> tuple[torch.Tensor, ...]:
+    """8-bit L, R of the rank-``rank`` truncation of an SVD taken in the ``d``-weighted norm."""
+    return (*int8_rows(u[:, :rank] * s[:rank].sqrt()), *int8_rows(s[:rank, None].sqrt() * vh[:rank] / d))
+
+
+def rank_losses(w: torch.Tensor, act_rms: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int,
+                ranks: list[int], meta_bits: int = 0) -> list[float]:
+    """``loss_proxy`` of each rank in ``ranks`` after ``fit``'s first step (the grid of ``w``, then
+    the rank-r factors of its error, every rank from one SVD): a quarter of one fit's work for all
+    ranks, to rank them; the later alternations refine every rank about alike."""
+    w, d = w.float(), _channel_weights(act_rms)
+    err = w - _grid(w, bits, group_size, meta_bits)[0].dequantize()
+    u, s, vh = torch.linalg.svd(err * d, full_matrices=False)
+    out = []
+    for r in ranks:
+        f = _factors(u, s, vh, d, r)
+        out.append(loss_proxy(err - dequant_rows(*f[:2]) @ dequant_rows(*f[2:]), hessian))
+    return out
 
 
 @torch.no_grad()
