@@ -141,5 +141,6 @@ def test_greedy_ranks_spend_no_more_than_uniform_ones(tiny_model_dir):
                           twin_ranks=ranks)
         reports[ranks] = quantize_(model, cfg, progress=False)
     assert reports["greedy"].nbytes <= reports["uniform"].nbytes
-    tried = {n: twin.candidate_ranks(*lm.model.get_submodule(n).weight.shape, 1.0) for n in reports["greedy"].layers}
+    shapes = {n: lm.model.get_submodule(n).weight.shape for n in reports["greedy"].layers}
+    tried = {n: twin.candidate_ranks(*shape, twin.rank_for(*shape, 1.0)) for n, shape in shapes.items()}
     assert all(v["rank"] in tried[n] for n, v in reports["greedy"].layers.items())

@@ -242,7 +242,7 @@ def _twin_ranks(model, names, config, ids, rms, uniform, progress) -> dict[str, 
         lin = mods[name]
         w, h = lin.weight.data.float(), hessians.pop(name)[0].to(lin.weight.device)
         budget += twin.factor_bits(lin.out_features, lin.in_features, uniform[name])
-        ranks = twin.candidate_ranks(lin.out_features, lin.in_features, config.rank_bits)
+        ranks = twin.candidate_ranks(lin.out_features, lin.in_features, uniform[name])
         losses = twin.rank_losses(w, rms[name].to(w.device), h, config.bits, config.group_size, ranks, config.meta_bits)
         options[name] = [(r, twin.factor_bits(lin.out_features, lin.in_features, r), loss)
                          for r, loss in zip(ranks, losses)]

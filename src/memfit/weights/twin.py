@@ -40,10 +40,9 @@ def factor_bits(out_features: int, in_features: int, rank: int) -> int:
     return 8 * rank * (out_features + in_features) + 16 * (out_features + rank)
 
 
-def candidate_ranks(out_features: int, in_features: int, rank_bits: float) -> list[int]:
-    """The ranks tried for a layer: RANK_STEPS times the rank ``rank_bits`` buys it, at least 1."""
-    r0 = rank_for(out_features, in_features, rank_bits)
-    return sorted({min(max(1, round(f * r0)), out_features, in_features) for f in RANK_STEPS})
+def candidate_ranks(out_features: int, in_features: int, uniform: int) -> list[int]:
+    """The ranks tried for a layer: RANK_STEPS times its ``uniform`` rank (``rank_for``), at least 1."""
+    return sorted({min(max(1, round(f * uniform)), out_features, in_features) for f in RANK_STEPS})
 
 
 def loss_proxy(err: torch.Tensor, hessian: torch.Tensor) -> float:
