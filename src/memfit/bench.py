@@ -673,7 +673,8 @@ def parse_weight_config(spec: str):
     """``"hqq:4"``, ``"rtn:3:g128"``, ``"hqq:4:g32:m8"`` (scale and zero in 8 bits), ``"guided:3"``,
     ``"guided:4:uniform"``, ``"anyprec:8"``, ``"hqq:3:q2"`` (QDEC on 2% of the input channels, its
     residual at 8 bits; ``:q2:r4`` at 4), ``"twin:3:g32:m8:l0.4"`` (low-rank factors on 0.4 bits a
-    weight, a rank per layer; ``:even`` the same rank fraction everywhere) -> WeightQuant."""
+    weight, a rank per layer; ``:even`` the same rank fraction everywhere; ``:t0`` without the
+    distillation steps that tune the factors, 16 by default) -> WeightQuant."""
     from memfit.weights import WeightQuant
 
     parts = spec.split(":")
@@ -685,22 +686,24 @@ def parse_weight_config(spec: str):
             kw["grid"] = extra
         elif extra == "even":
             kw["twin_ranks"] = "uniform"
-        elif extra[:1] in ("g", "m", "r") and extra[1:].isdigit():
-            kw[{"g": "group_size", "m": "meta_bits", "r": "qdec_bits"}[extra[0]]] = int(extra[1:])
+        elif extra[:1] in ("g", "m", "r", "t") and extra[1:].isdigit():
+            kw[{"g": "group_size", "m": "meta_bits", "r": "qdec_bits", "t": "twin_tune"}[extra[0]]] = int(extra[1:])
         elif extra[:1] == "q" and extra[1:].replace(".", "", 1).isdigit():
             kw["qdec_channels"] = float(extra[1:]) / 100
         elif extra[:1] == "l" and extra[1:].replace(".", "", 1).isdigit():
             kw["rank_bits"] = float(extra[1:])
         else:
             raise ValueError(f"bad weight config {spec!r}: {extra!r} is not gGROUP, mMETA_BITS, qPERCENT, rBITS, "
-                             "lRANK_BITS, uniform, codebook or even")
+                             "lRANK_BITS, tTUNE_STEPS, uniform, codebook or even")
     return WeightQuant(**kw)
 
 
 def bench_weights(lm: LM, configs: list, text: str, read_bits: tuple[int, ...] = (3, 4, 5, 6, 7, 8)) -> list[dict]:
-    """Perplexity and bytes of the model with each weight quantization, against the model as loaded
-    (its 16-bit weights). Every config quantizes a fresh copy of the loaded weights. An any-precision
-    config is measured at every width in ``read_bits`` it stores, from the one quantized model."""
+    """Perplexity and bytes of the model with each weight quantization, against the model as loaded.
+    ``linear_fraction`` is of the Linear layers' bytes at 16 bits a weight, whatever dtype the model
+    loaded in (float32 where the CPU lacks fast bfloat16); ``model_fraction`` of the model as loaded.
+    Every config quantizes a fresh copy of the loaded weights. An any-precision config is measured at
+    every width in ``read_bits`` it stores, from the one quantized model."""
     import copy
 
     from memfit.eval.perplexity import perplexity
@@ -708,11 +711,14 @@ def bench_weights(lm: LM, configs: list, text: str, read_bits: tuple[int, ...] =
 
     reference = copy.deepcopy(lm.model)
     ref_bytes = weight_bytes(reference)
+    dtype = next(reference.parameters()).dtype
+    to16 = 2 / dtype.itemsize  # the loaded bytes -> the same weights' at 16 bits
     linear_bytes = sum(m.weight.nbytes for n, m in reference.named_modules()
                        if isinstance(m, torch.nn.Linear) and n != "lm_head")
     t0 = time.perf_counter()
-    rows = [{"config": "16-bit", "method": "none", "bits": 16, "perplexity": perplexity(lm, text),
-             "linear_bytes": linear_bytes, "linear_fraction": 1.0, "model_bytes": ref_bytes["total"],
+    rows = [{"config": str(dtype).removeprefix("torch."), "method": "none", "bits": dtype.itemsize * 8,
+             "perplexity": perplexity(lm, text),
+             "linear_bytes": linear_bytes, "linear_fraction": 1 / to16, "model_bytes": ref_bytes["total"],
              "quantize_s": 0.0, "ppl_seconds": time.perf_counter() - t0}]
     ref_ppl = rows[0]["perplexity"]
     for cfg in tqdm(configs, desc="weight configs", leave=False):
@@ -733,12 +739,13 @@ def bench_weights(lm: LM, configs: list, text: str, read_bits: tuple[int, ...] =
                     + (f":q{cfg.qdec_channels * 100:g}" + (f":r{cfg.qdec_bits}" if cfg.qdec_bits != 8 else "")
                        if cfg.qdec_channels else "")
                     + (f":l{cfg.rank_bits:g}" + (":even" if cfg.twin_ranks == "uniform" else "")
+                       + (f":t{cfg.twin_tune}" if cfg.twin_tune != type(cfg)().twin_tune else "")
                        if cfg.method == "twin" else "")
                     + (f"@{bits}" if cfg.method == "anyprec" else ""))
             rows.append({"config": name, "method": cfg.method, "bits": bits, "stored_bits": cfg.bits,
                          "group_size": cfg.group_size if cfg.uses_groups else None, "meta_bits": cfg.meta_bits,
                          "perplexity": ppl, "ppl_vs_ref": ppl / ref_ppl - 1,
-                         "linear_bytes": report.nbytes, "linear_fraction": report.nbytes / report.orig_nbytes,
+                         "linear_bytes": report.nbytes, "linear_fraction": report.nbytes / (report.orig_nbytes * to16),
                          "model_bytes": wb["total"], "model_fraction": wb["total"] / ref_bytes["total"],
                          "qdec_channels": cfg.qdec_channels, "host_bytes": wb["host"],
                          "skipped": sorted(report.skipped), "quantize_s": took, "ppl_seconds": time.perf_counter() - t1})

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from memfit.bench import parse_weight_config
@@ -76,3 +77,18 @@ def test_cli_quantize_with_qdec(tiny_model_dir, tmp_path):
     r = runner.invoke(app, ["quantize", "-m", str(tiny_model_dir), "--qdec-channels", "0.02", "--qdec-bits", "3",
                             "--out", str(tmp_path / "bad")])
     assert r.exit_code == 2 and "qdec_bits" in r.output
+
+
+def test_bench_weights_fractions_are_of_16_bit_bytes_whatever_the_loaded_dtype(tiny_model_dir):
+    import memfit
+    from memfit.bench import bench_weights
+
+    for dtype in ("float32", "bfloat16"):
+        lm = memfit.load_model(str(tiny_model_dir), "cpu", dtype=dtype)
+        ref, row = bench_weights(lm, [parse_weight_config("rtn:4:g32")], "lighthouses " * 200)
+        weights = sum(m.weight.numel() for n, m in lm.model.named_modules()
+                      if isinstance(m, torch.nn.Linear) and n != "lm_head")
+        assert ref["config"] == dtype and ref["linear_fraction"] == {"float32": 2.0, "bfloat16": 1.0}[dtype]
+        # 4 bits a weight plus a float16 scale and zero a group of 32: 5 / 16 of the 16-bit bytes
+        assert row["linear_fraction"] == pytest.approx(5 / 16, rel=0.02)
+        assert row["linear_bytes"] == pytest.approx(weights * 5 / 8, rel=0.02)
