@@ -409,6 +409,8 @@ def quantize(
     rank_bits: float = typer.Option(0.4, "--rank-bits", help="twin: bits a weight spent on the 8-bit low-rank factors."),
     twin_ranks: str = typer.Option("greedy", "--twin-ranks", help="twin: greedy (a rank per layer, by the loss's "
                                    "growth, in the same bytes) or uniform."),
+    twin_tune: int = typer.Option(16, "--twin-tune", help="twin: distillation steps that tune all the factors "
+                                  "together towards the unquantized model (0: off)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write (safetensors + config + tokenizer)."),
 ) -> None:
     """Quantize a model's weights and save them; `memfit.load_model(OUT)` and `--model OUT` load them."""
@@ -418,7 +420,7 @@ def quantize(
         cfg = WeightQuant(bits=bits, group_size=group_size, method=method, skip=tuple(skip), seed_bits=seed_bits,
                           calib_seqs=calib_seqs, calib_len=calib_len, grid=grid, meta_bits=meta_bits,
                           qdec_channels=qdec_channels, qdec_bits=qdec_bits, rank_bits=rank_bits,
-                          twin_ranks=twin_ranks)
+                          twin_ranks=twin_ranks, twin_tune=twin_tune)
     except ValueError as e:
         _fail(str(e))
     if out.exists() and any(out.iterdir()) and not (out / "memfit_quant.json").is_file():

@@ -144,3 +144,53 @@ def test_greedy_ranks_spend_no_more_than_uniform_ones(tiny_model_dir):
     shapes = {n: lm.model.get_submodule(n).weight.shape for n in reports["greedy"].layers}
     tried = {n: twin.candidate_ranks(*shape, twin.rank_for(*shape, 1.0)) for n, shape in shapes.items()}
     assert all(v["rank"] in tried[n] for n, v in reports["greedy"].layers.items())
+
+
+def _kl(model, ids, teacher):
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits.float(), -1)
+    return (teacher.float().exp() * (teacher.float() - logp)).sum(-1).mean().item()
+
+
+def test_tuning_brings_the_quantized_model_closer_to_the_original_in_the_same_bytes():
+    import copy
+
+    base = tiny_llama()
+    ids = torch.randint(0, base.config.vocab_size, (8, 24), generator=torch.Generator().manual_seed(0))
+    teacher = twin.teacher_logprobs(base, ids)
+    assert teacher.shape == (8, 24, base.config.vocab_size) and teacher.dtype == torch.bfloat16
+    cfg = dict(method="twin", bits=2, group_size=32, rank_bits=1.0)
+    plain, tuned = copy.deepcopy(base), copy.deepcopy(base)
+    r0 = quantize_(plain, WeightQuant(**cfg, twin_tune=0), calibration=ids, progress=False)
+    r1 = quantize_(tuned, WeightQuant(**cfg, twin_tune=24), calibration=ids, progress=False)
+    assert r0.tune_loss is None and r1.tune_loss[1] < r1.tune_loss[0]
+    # the same grids, ranks and bytes; only the factors moved
+    assert r1.nbytes == r0.nbytes and [v["rank"] for v in r1.layers.values()] == [v["rank"] for v in r0.layers.values()]
+    a, b = (dict((n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)) for model in (plain, tuned))
+    assert all(torch.equal(a[n].codes(), b[n].codes()) for n in a)
+    assert any(not torch.equal(a[n].lr_l, b[n].lr_l) for n in a)
+    assert all(b[n].lr_l.dtype == torch.int8 and b[n].lr_r.dtype == torch.int8 for n in b)
+    assert all(p.requires_grad for p in tuned.parameters())  # the model's own flags given back
+    assert _kl(tuned, ids, teacher) < 0.9 * _kl(plain, ids, teacher)
+
+
+def test_qdec_residual_is_taken_after_tuning():
+    """With every channel corrected by an exact residual, a tuned twin layer equals the original:
+    the residual must be taken from the tuned factors, not the ones before."""
+    base = tiny_llama()
+    ref = {n: m.weight.data.float().clone() for n, m in base.named_modules() if isinstance(m, nn.Linear)}
+    ids = torch.randint(0, base.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(1))
+    quantize_(base, WeightQuant(method="twin", bits=3, group_size=32, rank_bits=1.0, twin_tune=4, qdec_channels=1.0,
+                                qdec_bits=32), calibration=ids, progress=False)
+    x = torch.randn(3, base.config.hidden_size)
+    layer = base.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(layer(x), x @ ref["model.layers.0.self_attn.q_proj"].T, rtol=1e-4, atol=1e-5)
+
+
+def test_twin_tune_configs():
+    assert WeightQuant(method="twin").twin_tune == 16
+    assert parse_weight_config("twin:3:g32:m8:l0.4:t0").twin_tune == 0
+    with pytest.raises(ValueError, match="twin_tune"):
+        WeightQuant(method="twin", twin_tune=-1)
+    with pytest.raises(ValueError, match="do not match"):
+        twin.tune(nn.Linear(2, 2), [], torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 4, 5), steps=1)

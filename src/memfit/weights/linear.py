@@ -182,8 +182,9 @@ class QuantLinear(nn.Module):
             return MetaCodes(self.scale_codes, self.offset_codes, self.meta_ranges, self.meta_bits).grid()
         return self.scale.float(), self.zero.float()
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The layer's weight [out, in]: the grid's (or codebook's), plus ``L R`` for a twin layer."""
+    def dequantize(self, dtype: torch.dtype | None = None, lowrank: bool = True) -> torch.Tensor:
+        """The layer's weight [out, in]: the grid's (or codebook's), plus ``L R`` for a twin layer
+        (unless ``lowrank`` is False)."""
         q = self.codes()
         if self.kind == "codebook":
             w = torch.gather(self.codebook.float(), 1, q.long())
@@ -192,7 +193,7 @@ class QuantLinear(nn.Module):
             c = bin_centres(q, self.bits, self.read_bits).reshape(self.out_features, -1, self.group_size)
             scale, zero = self.grid()
             w = ((c - zero[..., None]) * scale[..., None]).reshape(self.out_features, -1)
-        if self.rank:
+        if self.rank and lowrank:
             lw, rw = self._factors()
             w = w + lw @ rw
         return w.to(dtype or self.dtype)

@@ -33,7 +33,8 @@ class WeightQuant:
     down to ``seed_bits``) or ``twin`` (:mod:`memfit.weights.twin`: 8-bit low-rank factors fitted
     with the HQQ grid of the rest, alternately, weighted by the input channels' rms on calibration
     text; the factors take ``rank_bits`` bits a weight over the model, counted in the layers' bytes,
-    each layer's rank chosen by the loss it saves with ``twin_ranks="greedy"``). ``skip``: glob
+    each layer's rank chosen by the loss it saves with ``twin_ranks="greedy"``, then all factors
+    tuned together by ``twin_tune`` steps of distillation from the unquantized model). ``skip``: glob
     patterns of module names kept as they are.
     ``meta_bits``: 0 stores each group's scale and zero in float16; 2..8 stores them in that many bits
     each (``grid.MetaCodes``), which pays for smaller groups: 4-bit g32 with ``meta_bits=8`` takes
@@ -59,6 +60,7 @@ class WeightQuant:
     rank_bits: float = 0.4  # twin: bits a weight spent on the low-rank factors
     twin_iters: int = 4  # twin: low-rank / grid alternations
     twin_ranks: str = "greedy"  # twin: "greedy" (a rank per layer under the same bytes) or "uniform"
+    twin_tune: int = 16  # twin: distillation steps (4 calibration sequences each) tuning all factors; 0: off
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -77,6 +79,8 @@ class WeightQuant:
             qdec.check(self.qdec_bits, self.qdec_channels)
         if self.method == "twin" and not (0 < self.rank_bits <= 8 and self.twin_iters >= 1):
             raise ValueError(f"twin: rank_bits must be in (0, 8] and twin_iters >= 1, got {self.rank_bits}, {self.twin_iters}")
+        if self.twin_tune < 0:
+            raise ValueError(f"twin_tune must be >= 0 (distillation steps; 0: off), got {self.twin_tune}")
         if self.twin_ranks not in ("greedy", "uniform"):
             raise ValueError(f"twin_ranks must be 'greedy' or 'uniform', got {self.twin_ranks!r}")
         object.__setattr__(self, "skip", tuple(self.skip))
@@ -94,6 +98,7 @@ class QuantReport:
     config: WeightQuant
     layers: dict[str, dict] = field(default_factory=dict)  # name -> {bits, kind, group_size, nbytes, orig_nbytes}
     skipped: dict[str, str] = field(default_factory=dict)  # name -> why
+    tune_loss: tuple[float, float] | None = None  # twin_tune: the distillation loss at the first and last step
 
     @property
     def nbytes(self) -> int:
@@ -160,6 +165,9 @@ def quantize_(model: nn.Module, config: WeightQuant, *, calibration: torch.Tenso
                              f"({lin.out_features}x{lin.in_features}); raise rank_bits")
         if config.twin_ranks == "greedy":
             ranks = _twin_ranks(model, names, config, calibration, rms, ranks, progress)
+        if config.twin_tune:  # the target, from the model before any layer changes
+            teacher = twin.teacher_logprobs(model, calibration)
+    held = {}  # twin with tuning: QDEC's residuals wait for the tuned factors (the originals held till then)
     for name in tqdm(names, desc=f"quantizing ({config.method}, {config.bits}-bit)", disable=not progress, leave=False):
         lin: nn.Linear = mods[name]
         w = lin.weight.data.float()
@@ -185,15 +193,45 @@ def quantize_(model: nn.Module, config: WeightQuant, *, calibration: torch.Tenso
                                        group_size=uc.group_size, meta=meta)
             if config.method == "twin":
                 q.attach_lowrank(*factors)
-        if config.qdec_channels:
+        if config.qdec_channels and config.method == "twin" and config.twin_tune:
+            held[name] = lin
+        elif config.qdec_channels:
             q.attach_residual(w, qdec.channels_for(config.qdec_channels, q.in_features), config.qdec_bits)
         _set_module(model, name, q)
-        report.layers[name] = {"bits": q.bits, "kind": q.kind, "group_size": q.group_size, "meta_bits": q.meta_bits,
-                               "nbytes": q.nbytes, **({"rank": q.rank} if q.rank else {}),
-                               "orig_nbytes": lin.weight.nbytes + (lin.bias.nbytes if lin.bias is not None else 0),
-                               **({"qdec_k": q.qdec_k, "qdec_bits": q.qdec_bits, "qdec_nbytes": q.qdec_nbytes}
-                                  if q.qdec_k else {})}
+        report.layers[name] = _layer_report(q, lin)
+    if config.method == "twin" and config.twin_tune:
+        _twin_tune(model, names, config, calibration, teacher, held, report, progress)
     return report
+
+
+def _layer_report(q: QuantLinear, lin: nn.Linear) -> dict:
+    return {"bits": q.bits, "kind": q.kind, "group_size": q.group_size, "meta_bits": q.meta_bits,
+            "nbytes": q.nbytes, **({"rank": q.rank} if q.rank else {}),
+            "orig_nbytes": lin.weight.nbytes + (lin.bias.nbytes if lin.bias is not None else 0),
+            **({"qdec_k": q.qdec_k, "qdec_bits": q.qdec_bits, "qdec_nbytes": q.qdec_nbytes} if q.qdec_k else {})}
+
+
+def _twin_tune(model, names, config, ids, teacher, held, report, progress) -> None:
+    """Twin's factors, all layers together, tuned by distillation (``twin.tune``), then stored in 8 bits
+    again; QDEC's residuals are taken from them afterwards."""
+    mods = dict(model.named_modules())
+    with float32_tensors(model):  # gradients in float32
+        layers = {n: twin.Tunable(mods[n]) for n in names if mods[n].rank}
+        for n, t in layers.items():
+            _set_module(model, n, t)
+        try:
+            losses = twin.tune(model, list(layers.values()), ids, teacher, config.twin_tune, progress=progress)
+        finally:  # the layers go back (as they were, if tuning failed)
+            for n, t in layers.items():
+                _set_module(model, n, t.layer)
+        for t in layers.values():
+            t.store()
+    report.tune_loss = (losses[0], losses[-1]) if losses else None
+    for n, lin in held.items():
+        q = mods[n]
+        q.attach_residual(lin.weight.data.float(), qdec.channels_for(config.qdec_channels, q.in_features),
+                          config.qdec_bits)
+        report.layers[n] = _layer_report(q, lin)
 
 
 @contextmanager

@@ -13,12 +13,21 @@ the error spreads it over every channel alike. On SmolLM2 at 3 bits (g32, 8-bit 
 HQQ alone gives perplexity 75.7 against 26.5 unquantized; see ``docs/weights.md`` for the table.
 
 The layer computes ``x Q^T + (x R^T) L^T``; its bytes count both parts.
+
+Then (``tune``) the factors of all layers together are tuned by distillation, the grids kept: a few
+Adam steps on calibration text that bring the quantized model's next-token distribution back to
+the unquantized one's (KL divergence), which accounts for how the layers' errors compound and
+interact, as the per-layer fit cannot; the factors are stored in 8 bits afterwards as before.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from memfit.weights.grid import MetaCodes, UniformCodes, hqq, with_meta
 
@@ -159,3 +168,74 @@ def activation_rms(model: nn.Module, ids: torch.Tensor, names: list[str], batch_
         for h in handles:
             h.remove()
     return {n: (s / ids.numel()).sqrt().cpu() for n, s in sums.items()}
+
+
+@torch.no_grad()
+def teacher_logprobs(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
+    """The model's next-token log-probabilities on ``ids`` [n, length], bfloat16 on the CPU
+    [n, length, vocab]: the target ``tune`` distils, taken before any layer is quantized."""
+    dev = next(model.parameters()).device
+    return torch.cat([F.log_softmax(model(ids[b : b + batch_size].to(dev)).logits.float(), -1).bfloat16().cpu()
+                      for b in range(0, ids.shape[0], batch_size)])
+
+
+class Tunable(nn.Module):
+    """A twin layer (``memfit.weights.linear.QuantLinear`` with factors) while ``tune`` runs: its grid
+    frozen as a float32 weight, ``L`` and ``R`` float32 parameters."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+        self.register_buffer("grid", layer.dequantize(torch.float32, lowrank=False), persistent=False)
+        lw, rw = layer._factors()
+        self.l, self.r = nn.Parameter(lw.clone()), nn.Parameter(rw.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.grid.to(x.dtype), self.layer.bias) + F.linear(F.linear(x, self.r.to(x.dtype)),
+                                                                             self.l.to(x.dtype))
+
+    def store(self) -> nn.Module:
+        """The layer with its tuned factors in 8 bits."""
+        with torch.no_grad():
+            self.layer.attach_lowrank(*int8_rows(self.l.float()), *int8_rows(self.r.float()))
+        return self.layer
+
+
+def tune(model: nn.Module, layers: list[Tunable], ids: torch.Tensor, teacher: torch.Tensor, steps: int,
+         lr: float = 3e-3, batch_size: int = 4, progress: bool = True) -> list[float]:
+    """``steps`` Adam steps on the factors of ``layers`` (already in ``model``, float32), each on
+    ``batch_size`` sequences of ``ids`` in turn, minimising the KL divergence from ``teacher``
+    (``teacher_logprobs``) to the model's next-token distribution. Each factor's step size is
+    ``lr`` times its mean magnitude (factors differ in scale by orders of magnitude from layer to
+    layer), annealed to 0 on a cosine. Returns the loss of each step."""
+    if teacher.shape[:2] != ids.shape:
+        raise ValueError(f"twin: teacher log-probs {tuple(teacher.shape)} do not match the ids {tuple(ids.shape)}")
+    if steps < 1 or not layers:
+        return []
+    params = [p for t in layers for p in (t.l, t.r)]
+    tuned = {id(p) for p in params}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in tuned]
+    for p in frozen:  # no gradients for the rest of the model
+        p.requires_grad_(False)
+    opt = torch.optim.Adam([{"params": [p], "lr": lr * p.detach().abs().mean().item()} for p in params])
+    base = [g["lr"] for g in opt.param_groups]
+    dev, was_training, losses = params[0].device, model.training, []
+    model.eval()  # no dropout: the teacher's distribution came from the model in eval mode
+    try:
+        with torch.enable_grad():
+            for step in tqdm(range(steps), desc="twin: tuning the factors", disable=not progress, leave=False):
+                b = step * batch_size % ids.shape[0]
+                logp = F.log_softmax(model(ids[b : b + batch_size].to(dev)).logits.float(), -1)
+                target = teacher[b : b + batch_size].to(dev).float()
+                loss = (target.exp() * (target - logp)).sum(-1).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                for g, lr0 in zip(opt.param_groups, base):
+                    g["lr"] = lr0 * 0.5 * (1 + math.cos(math.pi * step / steps))
+                opt.step()
+                losses.append(loss.item())
+    finally:
+        model.train(was_training)
+        for p in frozen:
+            p.requires_grad_(True)
+    return losses
