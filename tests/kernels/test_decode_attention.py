@@ -19,11 +19,11 @@ def layout(request, monkeypatch):
     return request.param
 
 
-def _case(b=2, hq=8, h=2, n=256, w=24, d=64, bits=4, kgroup=64, vgroup=64, device="cpu", seed=0):
+def _case(b=2, hq=8, h=2, n=256, w=24, d=64, bits=4, kgroup=64, vgroup=64, device="cpu", seed=0, vbits=None):
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(b, h, n, d, generator=g) * 2
     v = torch.randn(b, h, n, d, generator=g)
-    qk, qv = quantize_keys(k, bits, kgroup), quantize_values(v, bits, vgroup)
+    qk, qv = quantize_keys(k, bits, kgroup), quantize_values(v, vbits or bits, vgroup)
     kw = torch.randn(b, h, w, d, generator=g).to(torch.bfloat16)
     vw = torch.randn(b, h, w, d, generator=g).to(torch.bfloat16)
     q = torch.randn(b, hq, d, generator=g).to(torch.bfloat16)
@@ -34,11 +34,15 @@ def _case(b=2, hq=8, h=2, n=256, w=24, d=64, bits=4, kgroup=64, vgroup=64, devic
     return [a.to(device) for a in args], (qk, qv)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
-def test_reference_equals_dequantize_then_attend(bits):
-    args, (qk, qv) = _case(bits=bits)
+@pytest.mark.parametrize("bits,vbits", [(2, None), (4, None), (8, None), (4, 2), (2, 4)])
+def test_reference_equals_dequantize_then_attend(bits, vbits):
+    from memfit.kernels.decode_attention import PackedRun, decode_attention_runs_reference
+
+    args, (qk, qv) = _case(bits=bits, vbits=vbits)
     q, *_, kw, vw, qlen, wlen = args
-    out = decode_attention_reference(*args, bits=bits)
+    out = decode_attention_runs_reference(q, [PackedRun(*args[1:], bits, 64, vbits=vbits)])
+    if vbits is None:
+        assert torch.equal(out, decode_attention_reference(*args, bits=bits))
     keys = torch.cat([dequantize(qk, torch.float64), kw.double()], dim=2)
     values = torch.cat([dequantize(qv, torch.float64), vw.double()], dim=2)
     b, hq, d = q.shape
@@ -247,6 +251,30 @@ def test_kernels_read_ragged_runs_forks_and_several_runs_like_the_reference(bits
             err = (decode_attention_runs(q, runs, impl=impl) - ref).abs().max().item()
             print(f"bits={bits} {shape} runs={len(runs)} {impl}: max abs error {err:.2e}")
             assert err < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits,vbits", [(4, 2), (2, 4)])
+@pytest.mark.parametrize("shape", [dict(b=2, hq=32, h=8, n=1024, w=40, d=128, vgroup=128),
+                                   dict(b=2, hq=32, h=8, n=512, w=9, d=128), dict(b=3, hq=9, h=3, n=768, w=7, d=64)])
+def test_the_gluon_kernel_reads_values_narrower_or_wider_than_keys(bits, vbits, shape, layout):
+    """Keys and values of two widths in one run (``hadamard(bits=4, value_bits=2)``): the Gluon
+    kernel reads them; the Triton kernel, which reads one width, refuses by name."""
+    from memfit.kernels.decode_attention import PackedRun, decode_attention_runs, decode_attention_runs_reference
+    from memfit.kv.rotate import hadamard
+
+    args, _ = _case(bits=bits, vbits=vbits, device="cuda", **shape)
+    q = args[0]
+    for rot in (None, hadamard(shape["d"], "cuda")):
+        run = PackedRun(*args[1:], bits, 64, rotation=rot, vbits=vbits)
+        ref = decode_attention_runs_reference(q, [run])
+        for split in (None, 256):
+            err = (decode_attention_runs(q, [run], split_len=split) - ref).abs().max().item()
+            print(f"keys {bits} / values {vbits} bits {shape} rotated={rot is not None}: max abs error {err:.2e}")
+            assert err < 1e-2
+        with pytest.raises(ValueError, match="one width"):
+            decode_attention_runs(q, [run], impl="triton")
 
 
 @pytest.mark.gpu

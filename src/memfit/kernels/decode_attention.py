@@ -53,7 +53,9 @@ class PackedRun:
     all rows and heads, which sizes the slices (so that uneven runs still fill the GPU).
     ``rotation``: an orthonormal [D, D] matrix ``R`` (float32) the run's keys and values were
     multiplied by before they were stored (QuaRot's Hadamard): the run is attended with the query
-    times ``R`` (``q R . k R = q . k``) and its share of the output multiplied back by ``R^T``."""
+    times ``R`` (``q R . k R = q . k``) and its share of the output multiplied back by ``R^T``.
+    ``vbits``: the value codes' width where it differs from the keys' ``bits`` (``vc`` is then
+    [.., D*vbits/8]; the Gluon kernel reads such runs, the Triton one does not)."""
 
     kc: torch.Tensor
     ks: torch.Tensor
@@ -73,6 +75,11 @@ class PackedRun:
     nw: int | None = None
     total_q: int | None = None  # quantized tokens over every row and head (default: rows x heads x nq)
     rotation: torch.Tensor | None = None
+    vbits: int | None = None
+
+    @property
+    def value_bits(self) -> int:
+        return self.vbits or self.bits
 
     @classmethod
     def window_only(cls, kw: torch.Tensor, vw: torch.Tensor, wlen: torch.Tensor | int, bits: int = 4,
@@ -111,8 +118,9 @@ def _check_run(q: torch.Tensor, r: PackedRun) -> int:
         raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({h})")
     if r.kc.dtype != torch.uint8 or r.vc.dtype != torch.uint8:
         raise TypeError("key and value codes must be uint8")
-    if r.kc.shape[-1] * 8 // r.bits != d or r.vc.shape[-1] * 8 // r.bits != d:
-        raise ValueError(f"codes of width {r.kc.shape[-1]} do not hold head_dim {d} at {r.bits} bits")
+    if r.kc.shape[-1] * 8 // r.bits != d or r.vc.shape[-1] * 8 // r.value_bits != d:
+        raise ValueError(f"codes of width {r.kc.shape[-1]} / {r.vc.shape[-1]} do not hold head_dim {d} at "
+                         f"{r.bits} / {r.value_bits} bits (keys / values)")
     rows = (1, 1) if r.offsets else (b, h)
     if r.kw.shape[:2] != rows or r.kw.shape[-1] != d or r.vw.shape != r.kw.shape:
         raise ValueError(f"window must be [B={rows[0]}, H={rows[1]}, W, D={d}], got {tuple(r.kw.shape)} and "
@@ -160,7 +168,7 @@ def _dense_run(r: PackedRun, b: int, h: int, device: torch.device):
         k = unpack(r.kc, r.bits).float().reshape(-1, d)[pos] * r.ks.float().reshape(-1, d)[pos // g] \
             + r.kz.float().reshape(-1, d)[pos // g]
         nvg = r.vs.shape[-1]
-        codes = unpack(r.vc, r.bits).float().reshape(-1, nvg, d // nvg)[pos]
+        codes = unpack(r.vc, r.value_bits).float().reshape(-1, nvg, d // nvg)[pos]
         v = codes * r.vs.float().reshape(-1, nvg)[pos].unsqueeze(-1) + r.vz.float().reshape(-1, nvg)[pos].unsqueeze(-1)
         keys.append(k)
         values.append(v.reshape(b, h, -1, d))
@@ -476,20 +484,22 @@ def _gluon_fits(q: torch.Tensor, r: PackedRun) -> bool:
     constants there) and its words aligned (the key scales a code byte needs are read as one word,
     value codes as 16- or 32-bit words; runs read from offsets start at whole key groups)."""
     kc, ks, kz, vc, vs, vz, kw, vw = r.kc, r.ks, r.kz, r.vc, r.vs, r.vz, r.kw, r.vw
-    d, dp, nvg = kc.shape[-1] * 8 // r.bits, kc.shape[-1], vs.shape[-1]
+    d, dp, vp, nvg = kc.shape[-1] * 8 // r.bits, kc.shape[-1], vc.shape[-1], vs.shape[-1]
     word = 8 if r.bits == 2 else 4
     rows_aligned = r.offsets or (all(st * 2 % word == 0 for st in ks.stride()[:2])
                                  and all(st % 4 == 0 for st in vc.stride()[:2]))
     # a run of window tokens only takes the Triton kernel (Gluon does not compile empty code tensors)
-    return (r.max_q > 0 and gluon_decode.supports(d, r.bits, r.kgroup, nvg, q.shape[1] // r.heads())
+    return (r.max_q > 0 and gluon_decode.supports(d, r.bits, r.kgroup, nvg, q.shape[1] // r.heads(), r.vbits)
             and all(t.data_ptr() % 16 == 0 for t in (kc, ks, kz, vc, vs, vz)) and rows_aligned
-            and kc.stride(2) == dp and vc.stride(2) == dp and ks.stride(2) == d and vs.stride(2) == nvg
-            and kz.stride() == ks.stride() and vz.stride() == vs.stride() and vc.stride() == kc.stride()
+            and kc.stride(2) == dp and vc.stride(2) == vp and ks.stride(2) == d and vs.stride(2) == nvg
+            and kz.stride() == ks.stride() and vz.stride() == vs.stride()
             and kw.stride(2) == d and vw.stride() == kw.stride())
 
 
 def _kernel_takes(q: torch.Tensor, r: PackedRun) -> bool:
     d = q.shape[-1]
+    if r.value_bits != r.bits:  # two widths: the Gluon kernel only
+        return triton is not None and q.is_cuda and _gluon_fits(q, r)
     return (triton is not None and q.is_cuda and r.bits in (2, 4, 8) and r.kgroup in (32, 64, 128) and d in (64, 128)
             and r.vs.shape[-1] in (1, 2))
 
@@ -562,6 +572,9 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
         use_gluon = impl != "triton" and _gluon_fits(q, r)
         if impl == "gluon" and not use_gluon:
             raise ValueError("the Gluon kernel does not take these inputs (see gluon_decode.supports)")
+        if r.value_bits != r.bits and not use_gluon:
+            raise ValueError("the Triton kernel reads keys and values of one width: impl='triton' cannot take "
+                             f"{r.bits}-bit keys with {r.value_bits}-bit values")
         per_head = r.offsets or isinstance(r.qlen, torch.Tensor) or isinstance(r.wlen, torch.Tensor)
         lens = _length_tensors(r.qlen, r.wlen, b, h, q.device) if per_head else (r.qlen, r.wlen)
         n, kg = r.max_q, r.kgroup
@@ -569,7 +582,7 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
         if use_gluon:  # one wave of as many programs (one warp each) as the SMs hold
             pps = programs_per_sm or min(GLUON_PROGRAMS_PER_SM, gluon_decode.programs_per_sm(
                 q, r.kc, r.ks, r.kz, r.vc, r.vs, r.vz, r.kw, r.vw, *lens, r.qoff, r.woff, h=h, bits=r.bits,
-                kgroup=kg, per_head=per_head))
+                kgroup=kg, per_head=per_head, vbits=r.vbits))
             slots = pps * _sms(q.device)
             if r.offsets or r.total_q is not None:  # uneven runs: total / sl slices, and a part slice a row and head
                 sl = math.ceil(total / max(slots - b * h, slots // 2))
@@ -603,7 +616,7 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
             gluon_decode.launch(qr, r.kc, r.ks, r.kz, r.vc, r.vs, r.vz, r.kw, r.vw, qlen, wlen, r.qoff, r.woff, acc,
                                 m, lsum, h=h, bits=r.bits, kgroup=r.kgroup, nq=r.max_q, nw=r.max_w, s0=s0,
                                 nslices=nslices, nsplit=nsplit, nqs=nqs, split_len=sl, scale=scale,
-                                per_head=per_head)
+                                per_head=per_head, vbits=r.vbits)
         else:
             _launch_triton(qr, r, qlen, wlen, acc, m, lsum, h=h, s0=s0, nslices=nslices, nsplit=nsplit, nqs=nqs,
                            split_len=sl, scale=scale, per_head=per_head, dequant=dequant, num_warps=num_warps,

@@ -153,7 +153,8 @@ if gluon is not None:
                       H, NSPLIT, S0, NQS, SPLIT_LEN, NQ, NW, scale,
                       G: gl.constexpr, D: gl.constexpr, BITS: gl.constexpr, NVG: gl.constexpr,
                       T: gl.constexpr, VW: gl.constexpr, PER_HEAD: gl.constexpr, STAGES: gl.constexpr,
-                      WTILE: gl.constexpr, OFFSETS: gl.constexpr, TM: gl.constexpr = False, GN: gl.constexpr = 8):
+                      WTILE: gl.constexpr, OFFSETS: gl.constexpr, VBITS: gl.constexpr, TM: gl.constexpr = False,
+                      GN: gl.constexpr = 8):
         """One program: one row, one KV head, one slice of the quantized tokens, one warp; tiles of
         T tokens, one key group each (one row of key scales a tile).
         Writes the slice's unnormalized output (float32 [G, D]), running max (natural log) and sum,
@@ -162,7 +163,8 @@ if gluon is not None:
         Tiles stream through a ring of ``STAGES`` shared-memory buffers filled by asynchronous
         copies (cp.async), issued ``STAGES - 1`` tiles ahead: no registers wait on memory.
         ``TM``: the tokens are the MMAs' M and the query heads their N (``GN`` columns: 8 or 16),
-        see ``_tile_t``; else the query heads are M (16 rows), see ``_tile``."""
+        see ``_tile_t``; else the query heads are M (16 rows), see ``_tile``. ``VBITS``: the value
+        codes' width (``BITS`` is the keys')."""
         b = gl.program_id(0)
         h = gl.program_id(1)
         s = gl.program_id(2)
@@ -180,11 +182,12 @@ if gluon is not None:
             _window(Q, KW, VWIN, WLEN, ACC, M, L, b, h, S0 + s, sqb, sqh, swb, swh, wo, H, NSPLIT,
                     (s - NQS) * WTILE, NW, scale, G, D, WTILE, PER_HEAD)
             return
-        PB: gl.constexpr = 8 // BITS  # codes a byte
-        DP: gl.constexpr = D // PB  # code bytes a token
-        WG: gl.constexpr = D * BITS // VW // NVG  # code words a token and value group
-        WT: gl.constexpr = WG * NVG  # code words a token
-        NO: gl.constexpr = VW // BITS  # codes a word
+        PB: gl.constexpr = 8 // BITS  # key codes a byte
+        DP: gl.constexpr = D // PB  # key code bytes a token
+        VB: gl.constexpr = VBITS
+        WG: gl.constexpr = D * VB // VW // NVG  # value code words a token and value group
+        WT: gl.constexpr = WG * NVG  # value code words a token
+        NO: gl.constexpr = VW // VB  # value codes a word
         rows: gl.constexpr = gl.SliceLayout(1, MMA)
         cols: gl.constexpr = gl.SliceLayout(0, MMA)
         NC: gl.constexpr = DP // 16  # 16-channel chunks of a code position
@@ -273,11 +276,11 @@ if gluon is not None:
             if n0 + T <= end:
                 m_i, l_i, accs, pz = _tile_any(n0, end, q_state, m_i, l_i, accs, pz, kbuf.index(st), vbuf.index(st),
                                                ksbuf.index(st), kzbuf.index(st), vsbuf.index(st), vzbuf.index(st),
-                                               pbuf, BITS, NVG, T, VW, TM, GN, False)
+                                               pbuf, BITS, VB, NVG, T, VW, TM, GN, False)
             else:  # the slice's last tile, partial
                 m_i, l_i, accs, pz = _tile_any(n0, end, q_state, m_i, l_i, accs, pz, kbuf.index(st), vbuf.index(st),
                                                ksbuf.index(st), kzbuf.index(st), vsbuf.index(st), vzbuf.index(st),
-                                               pbuf, BITS, NVG, T, VW, TM, GN, True)
+                                               pbuf, BITS, VB, NVG, T, VW, TM, GN, True)
         async_copy.wait_group(0)
 
         # out[c] = acc * 2**24 / f + sum(p * vz), channel c = word * NO + i
@@ -288,7 +291,7 @@ if gluon is not None:
         om = _along(qh < G, TM)
         for g in gl.static_range(NVG):
             for i in gl.static_range(NO):
-                out = accs[g * NO + i] * (16777216.0 / (1 << (BITS * (i % PB)))) + _along(pz[g], TM)
+                out = accs[g * NO + i] * (16777216.0 / (1 << (VB * (i % (8 // VB))))) + _along(pz[g], TM)
                 gl.store(base + _across((g * WG + wc) * NO + i, TM), out, mask=om)
         gm = qh < G
         gl.store(M + row * G + qh, m_i * 0.6931471805599453, mask=gm)  # log2 -> natural units
@@ -421,12 +424,12 @@ if gluon is not None:
 
     @gluon.jit
     def _tile(n0, end, q_smem, m_i, l_i, accs, pz, kb, vb, ksb, kzb, vsb, vzb, BITS: gl.constexpr,
-              NVG: gl.constexpr, T: gl.constexpr, VW: gl.constexpr, MASKED: gl.constexpr):
+              VB: gl.constexpr, NVG: gl.constexpr, T: gl.constexpr, VW: gl.constexpr, MASKED: gl.constexpr):
         """One tile of T tokens from n0 (``MASKED``: tokens from ``end`` on are not real), read from
         one ring stage: the running max / sum, the value accumulators and the zero points' sums,
         updated."""
         PB: gl.constexpr = 8 // BITS
-        NO: gl.constexpr = VW // BITS
+        NO: gl.constexpr = VW // VB
         cols: gl.constexpr = gl.SliceLayout(0, MMA)
         DP: gl.constexpr = kb.shape[1]
         WG: gl.constexpr = vb.shape[1] // NVG
@@ -471,25 +474,27 @@ if gluon is not None:
             pv = (p * vsg[None, :]).to(gl.float16)
             new_pz = new_pz + (pz[g] * alpha + gl.sum(p * vzg[None, :], axis=1),)
             pa = gl.convert_layout(pv, LA2)
-            vals = _values(vb.slice(g * WG, WG, dim=1).load(LB2), BITS, VW)
+            vals = _values(vb.slice(g * WG, WG, dim=1).load(LB2), VB, VW)
             for i in gl.static_range(NO):
                 new_accs = new_accs + (mma_v2(pa, vals[i], accs[g * NO + i]),)
         return m_new, l_i, new_accs, new_pz
 
     @gluon.jit
     def _tile_any(n0, end, q_state, m_i, l_i, accs, pz, kb, vb, ksb, kzb, vsb, vzb, pbuf, BITS: gl.constexpr,
-                  NVG: gl.constexpr, T: gl.constexpr, VW: gl.constexpr, TM: gl.constexpr, GN: gl.constexpr,
-                  MASKED: gl.constexpr):
+                  VB: gl.constexpr, NVG: gl.constexpr, T: gl.constexpr, VW: gl.constexpr, TM: gl.constexpr,
+                  GN: gl.constexpr, MASKED: gl.constexpr):
         """One tile, by ``_tile_t`` (``TM``; ``q_state`` = the query's B-operand chunks) or ``_tile``."""
         if TM:
             return _tile_t(n0, end, q_state[0], q_state[1], m_i, l_i, accs, pz, kb, vb, ksb, kzb, vsb, vzb, pbuf,
-                           BITS, NVG, T, VW, GN, MASKED)
+                           BITS, VB, NVG, T, VW, GN, MASKED)
         else:
-            return _tile(n0, end, q_state, m_i, l_i, accs, pz, kb, vb, ksb, kzb, vsb, vzb, BITS, NVG, T, VW, MASKED)
+            return _tile(n0, end, q_state, m_i, l_i, accs, pz, kb, vb, ksb, kzb, vsb, vzb, BITS, VB, NVG, T, VW,
+                         MASKED)
 
     @gluon.jit
     def _tile_t(n0, end, qf, qz, m_i, l_i, accs, pz, kb, vb, ksb, kzb, vsb, vzb, pbuf, BITS: gl.constexpr,
-                NVG: gl.constexpr, T: gl.constexpr, VW: gl.constexpr, GN: gl.constexpr, MASKED: gl.constexpr):
+                VB: gl.constexpr, NVG: gl.constexpr, T: gl.constexpr, VW: gl.constexpr, GN: gl.constexpr,
+                MASKED: gl.constexpr):
         """``_tile`` with ``TM``: one tile of T tokens, scores and outputs transposed: scores^T [T, GN]
         = codes [T, D] . (q * ks)^T, out^T [D, GN] = value codes^T [D, T] . (p * vs)^T. A GQA group
         has 4-8 query heads: as M (16 rows) three quarters of every MMA and of the softmax were
@@ -497,7 +502,7 @@ if gluon is not None:
         [D, 8] against [16, D]). Operands are built 16 channels / tokens at a time; the
         probabilities reach the B operand's layout through ``pbuf`` (the price of the swap)."""
         PB: gl.constexpr = 8 // BITS
-        NO: gl.constexpr = VW // BITS
+        NO: gl.constexpr = VW // VB
         rows: gl.constexpr = gl.SliceLayout(1, MMA)
         DP: gl.constexpr = kb.shape[1]
         NC: gl.constexpr = DP // 16
@@ -544,7 +549,7 @@ if gluon is not None:
             for c in gl.static_range(T // 16):
                 pb = pbuf.slice(c * 16, 16, dim=0).load(LB2)
                 vals = _values(vb.slice(c * 16, 16, dim=0).slice(g * WG, WG, dim=1).permute([1, 0]).load(LA2),
-                               BITS, VW)
+                               VB, VW)
                 upd = ()
                 for j in gl.static_range(len(accs)):
                     if j // NO == g:
@@ -584,18 +589,19 @@ def _word_bits_t(d: int, bits: int, nvg: int) -> int:
     return 32 if d * bits // 32 // max(nvg, 1) >= 16 else 16
 
 
-def supports(d: int, bits: int, kgroup: int, nvg: int, group: int) -> bool:
+def supports(d: int, bits: int, kgroup: int, nvg: int, group: int, vbits: int | None = None) -> bool:
     """Whether the Gluon kernel takes these shapes (else the Triton kernel does): head_dim 64/128,
-    2/4 bits, key groups of 32/64 tokens, at most 16 query heads a KV head, value groups of at
-    least 8 code words."""
-    words = d * bits // _word_bits(d, bits, nvg) // max(nvg, 1)
-    return (enabled() and d in (64, 128) and bits in (2, 4) and kgroup in (32, 64) and group <= 16
-            and words >= 8)
+    2/4-bit keys and values (``vbits``: the values' width where it differs), key groups of 32/64
+    tokens, at most 16 query heads a KV head, value groups of at least 8 code words."""
+    vb = vbits or bits
+    words = d * vb // _word_bits(d, vb, nvg) // max(nvg, 1)
+    return (enabled() and d in (64, 128) and bits in (2, 4) and vb in (2, 4) and kgroup in (32, 64)
+            and group <= 16 and words >= 8)
 
 
 def _prepared(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, acc, m, lsum, *, h: int, bits: int,
               kgroup: int, nq: int, nw: int, s0: int, nsplit: int, nqs: int, split_len: int, scale: float,
-              per_head: bool, stages: int, window_tile: int):
+              per_head: bool, stages: int, window_tile: int, vbits: int | None = None):
     """The kernel that takes these inputs, its arguments and its compile-time ones."""
     b, hq, d = q.shape
     offsets = qoff is not None
@@ -605,31 +611,32 @@ def _prepared(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, acc, m,
     args = (q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff if offsets else m, woff if offsets else m,
             acc, m, lsum, q.stride(0), q.stride(1), *st(kc), *st(ks), *st(vc), *st(vs), *st(kw),
             h, nsplit, s0, nqs, split_len, nq, nw, scale)
+    vb = vbits or bits
     common = dict(G=g, D=d, BITS=bits, NVG=nvg, T=kgroup, PER_HEAD=per_head, STAGES=stages, WTILE=window_tile,
-                  OFFSETS=offsets, num_warps=1)
-    if _token_major(d, bits, nvg, g):
-        return _split_kernel, args, dict(VW=_word_bits_t(d, bits, nvg), TM=True, GN=8 if g <= 8 else 16, **common)
-    return _split_kernel, args, dict(VW=_word_bits(d, bits, nvg), **common)
+                  OFFSETS=offsets, VBITS=vb, num_warps=1)
+    if _token_major(d, vb, nvg, g):  # the value words decide it
+        return _split_kernel, args, dict(VW=_word_bits_t(d, vb, nvg), TM=True, GN=8 if g <= 8 else 16, **common)
+    return _split_kernel, args, dict(VW=_word_bits(d, vb, nvg), **common)
 
 
 _CAPACITY: dict = {}
 
 
 def programs_per_sm(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, *, h: int, bits: int, kgroup: int,
-                    per_head: bool, stages: int = 2, window_tile: int = WINDOW_TILE) -> int:
+                    per_head: bool, stages: int = 2, window_tile: int = WINDOW_TILE, vbits: int | None = None) -> int:
     """How many of the kernel's programs (one warp each) an SM holds at once, from the registers
     and shared memory of the variant these inputs compile to (compiled here if it was not yet):
     the launch sizes its slices to one wave of them, since a few programs past a full wave run
     alone afterwards and take as long again."""
     # keyed by what picks the compiled variant, so that a decode step (which asks every layer) does
     # not build the kernel's arguments twice: _prepared runs once a variant, on the first ask
-    key = (q.device, q.shape[1] // h, q.shape[2], bits, vs.shape[-1], kgroup, per_head, stages, window_tile,
-           qoff is not None, tuple(t.dtype for t in (q, kc, ks, kz, vc, vs, vz, kw, vw)))
+    key = (q.device, q.shape[1] // h, q.shape[2], bits, vbits or bits, vs.shape[-1], kgroup, per_head, stages,
+           window_tile, qoff is not None, tuple(t.dtype for t in (q, kc, ks, kz, vc, vs, vz, kw, vw)))
     if key not in _CAPACITY:
         kernel, args, kw_ = _prepared(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, q, q, q, h=h,
                                       bits=bits, kgroup=kgroup, nq=kgroup, nw=0, s0=0, nsplit=1, nqs=1,
                                       split_len=kgroup, scale=1.0, per_head=per_head, stages=stages,
-                                      window_tile=window_tile)
+                                      window_tile=window_tile, vbits=vbits)
         work = torch.empty(64, device=q.device, dtype=torch.float32)  # the partials' dtype and alignment
         args = args[:13] + (work, work, work) + args[16:]
         compiled = kernel.warmup(*args, grid=(1,), **kw_)
@@ -644,12 +651,12 @@ def programs_per_sm(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, *
 
 def launch(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, acc, m, lsum, *, h: int, bits: int,
            kgroup: int, nq: int, nw: int, s0: int, nslices: int, nsplit: int, nqs: int, split_len: int, scale: float,
-           per_head: bool, stages: int = 2, window_tile: int = WINDOW_TILE) -> None:
+           per_head: bool, stages: int = 2, window_tile: int = WINDOW_TILE, vbits: int | None = None) -> None:
     """Fill slices ``s0 .. s0 + nslices`` of the ``nsplit`` in ``acc`` / ``m`` / ``lsum``: ``nqs``
     of the quantized tokens (at most ``nq`` a row and head), then the 16-bit window's (at most
     ``nw``), ``window_tile`` tokens each. ``qoff`` / ``woff``: [B, H] starts in flat storage, or None."""
     kernel, args, kw_ = _prepared(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, acc, m, lsum, h=h,
                                   bits=bits, kgroup=kgroup, nq=nq, nw=nw, s0=s0, nsplit=nsplit, nqs=nqs,
                                   split_len=split_len, scale=scale, per_head=per_head, stages=stages,
-                                  window_tile=window_tile)
+                                  window_tile=window_tile, vbits=vbits)
     kernel[(q.shape[0], h, nslices)](*args, **kw_)

@@ -42,6 +42,7 @@ class StaticKIVI:
         if w >= r + g:
             raise ValueError(f"static decode: the window holds {w} tokens, residual + group = {r + g} or more")
         self.quant, self.bits = quant, quant.bits
+        self.vbits = getattr(quant, "vbits", quant.bits)  # the Hadamard quantizer's values may be narrower
         # rotated codes (the Hadamard quantizer): read as KIVI's with the query rotated; the first key
         # group, with the sinks, as 16-bit tokens (see rotate.packed_run); ``first``: whether this
         # layer's first codes are its first tokens (then they keep sinks; not a fork's or after a
@@ -60,7 +61,8 @@ class StaticKIVI:
         vs = torch.ones(b, h, cap, d // vgroup, dtype=torch.float16, device=dev)
         # the quantized part over the whole capacity (its first nq tokens are filled)
         self.qk = QTensor(codes, ks, torch.zeros_like(ks), self.bits, "token", g)
-        self.qv = QTensor(torch.zeros_like(codes), vs, torch.zeros_like(vs), self.bits, "channel", vgroup)
+        vcodes = torch.zeros(b, h, cap, d * self.vbits // 8, dtype=torch.uint8, device=dev)
+        self.qv = QTensor(vcodes, vs, torch.zeros_like(vs), self.vbits, "channel", vgroup)
         if qk is not None:
             self._write(qk, qv, 0)
         if self.rotated:  # the first key group in 16-bit (rotated), and how many tokens of it are real
@@ -82,7 +84,7 @@ class StaticKIVI:
         k, v = self.qk, self.qv
         if self.rotated:
             own = [PackedRun(*past_first_group(k, v), *self.head, self.rqlen, self.hlen, self.bits, g,
-                             rotation=hadamard(d, dev)),
+                             rotation=hadamard(d, dev), vbits=self.vbits if self.vbits != self.bits else None),
                    PackedRun.window_only(self.keys, self.values, self.wlen, self.bits, g)]
         else:
             own = [PackedRun(k.codes, k.scale, k.zero, v.codes, v.scale, v.zero, self.keys, self.values, self.qlen,
