@@ -477,6 +477,7 @@ if triton is not None:
 # 0.0985 ms against 0.1135 ms for slices that ran into a second wave, and 0.135 ms with the 9 that fit
 GLUON_PROGRAMS_PER_SM = 8
 MERGE_SP, MERGE_DB = 128, 16  # measured on the H200: within 2% of the best of 7 settings at 1x128K, 8x32K, 1x8K
+MERGE_ROT = (64, 32, 4)  # the rotated merge: slices a step, rotation rows a step, warps (H200 sweep: see docs/gpu.md)
 
 
 def _gluon_fits(q: torch.Tensor, r: PackedRun) -> bool:
@@ -624,7 +625,8 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
         s0 += nslices
     out = torch.empty(b, hq, d, device=q.device, dtype=out_dtype)
     if nrot:  # the partial sums are linear in the values: the rotated ones' sum is rotated back once
-        _merge_rotated_kernel[(b, hq)](acc, m, lsum, out, rot, h, nsplit, nrot, G=g, D=d, SP=16, JB=16)
+        sp, jb, warps = MERGE_ROT
+        _merge_rotated_kernel[(b, hq)](acc, m, lsum, out, rot, h, nsplit, nrot, G=g, D=d, SP=sp, JB=jb, num_warps=warps)
         return out
     # MERGE_SP slices at a time whatever their number (no compile as a fork grows or from layer to
     # layer), MERGE_DB channels a program: many small programs over the partials
