@@ -739,7 +739,7 @@ def bench_weights(lm: LM, configs: list, text: str, read_bits: tuple[int, ...] =
                     + (f":q{cfg.qdec_channels * 100:g}" + (f":r{cfg.qdec_bits}" if cfg.qdec_bits != 8 else "")
                        if cfg.qdec_channels else "")
                     + (f":l{cfg.rank_bits:g}" + (":even" if cfg.twin_ranks == "uniform" else "")
-                       + (f":t{cfg.twin_tune}" if cfg.twin_tune != type(cfg)().twin_tune else "")
+                       + (f":t{cfg.twin_tune}" if cfg.twin_tune != type(cfg).twin_tune else "")
                        if cfg.method == "twin" else "")
                     + (f"@{bits}" if cfg.method == "anyprec" else ""))
             rows.append({"config": name, "method": cfg.method, "bits": bits, "stored_bits": cfg.bits,

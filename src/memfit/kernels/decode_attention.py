@@ -54,8 +54,8 @@ class PackedRun:
     ``rotation``: an orthonormal [D, D] matrix ``R`` (float32) the run's keys and values were
     multiplied by before they were stored (QuaRot's Hadamard): the run is attended with the query
     times ``R`` (``q R . k R = q . k``) and its share of the output multiplied back by ``R^T``.
-    ``vbits``: the value codes' width where it differs from the keys' ``bits`` (``vc`` is then
-    [.., D*vbits/8]; the Gluon kernel reads such runs, the Triton one does not)."""
+    ``vbits``: the value codes' width (None: the keys' ``bits``); ``vc`` is [.., D*vbits/8]. Runs of
+    two widths are read by the Gluon kernel, not the Triton one."""
 
     kc: torch.Tensor
     ks: torch.Tensor

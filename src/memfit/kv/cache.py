@@ -246,18 +246,17 @@ class CompressedCache(Cache):
                 continue
             k, qt = layer.keys, layer.quant
             h, d, dev = k.shape[1], k.shape[-1], k.device
-            vb = getattr(qt, "vbits", qt.bits)
-            shape = (h, d, k.dtype, dev, qt.bits, vb, qt.group)
+            shape = (h, d, k.dtype, dev, qt.bits, qt.vbits, qt.group)
             if shape not in made:
                 q = torch.zeros(1, query_heads, d, dtype=k.dtype, device=dev)
                 codes = torch.zeros(1, h, qt.group, d * qt.bits // 8, dtype=torch.uint8, device=dev)
-                vcodes = torch.zeros(1, h, qt.group, d * vb // 8, dtype=torch.uint8, device=dev)
+                vcodes = torch.zeros(1, h, qt.group, d * qt.vbits // 8, dtype=torch.uint8, device=dev)
                 ks = torch.ones(1, h, 1, d, dtype=torch.float16, device=dev)
                 vs = torch.ones(1, h, qt.group, d // qt.value_group(d), dtype=torch.float16, device=dev)
                 window = torch.zeros(1, h, 1, d, dtype=k.dtype, device=dev)
                 made[shape] = (q, PackedRun.window_only(window, window, 1, qt.bits, qt.group),
                                PackedRun(codes, ks, ks, vcodes, vs, vs, window, window, qt.group, 1, qt.bits, qt.group,
-                                         vbits=vb if vb != qt.bits else None))
+                                         vbits=qt.vbits))
             q, fresh, spilled = made[shape]
             out += [(q, [*layer.runs(1), fresh]), (q, [*layer.runs(1), spilled])]
         return out

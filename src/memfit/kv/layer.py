@@ -261,7 +261,7 @@ class CompressedLayer(CacheLayerMixin):
         qs = [q.q if isinstance(q, RotatedTensor) else q
               for q in (self.qk, self.ragged.qk if self.ragged is not None else None) if q is not None]
         checks = ((any(q.bits not in (2, 4) for q in qs) or self.quant.bits not in (2, 4)
-                   or getattr(self.quant, "vbits", 2) not in (2, 4), "codes of other than 2 or 4 bits"),
+                   or self.quant.vbits not in (2, 4), "codes of other than 2 or 4 bits"),
                   (self.basis is not None or self.kc is not None, "low-rank keys"),
                   (self.defer, "deferred compression"),
                   (self.pre_rope, "pre-RoPE keys"),  # the kernel reads post-RoPE keys ...

@@ -332,6 +332,11 @@ class KIVI:
             return 0
         return min(math.ceil((n - self.residual) / self.group) * self.group, (n // self.group) * self.group)
 
+    @property
+    def vbits(self) -> int:
+        """The values' width: KIVI's are its keys' (``Hadamard.vbits`` may differ)."""
+        return self.bits
+
     def value_group(self, head_dim: int) -> int:
         g = min(self.group, head_dim)
         if head_dim % g:

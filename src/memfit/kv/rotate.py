@@ -250,7 +250,7 @@ def packed_run(qk: RotatedTensor, qv: RotatedTensor, rows: int, dtype: torch.dty
         t = [*past_first_group(qk.q, qv.q), *first_group(qk, qv, dtype)]
         if b != rows:  # a parent's codes, read by every row of its fork
             t = [x.expand(rows, *x.shape[1:]) for x in t]
-        return PackedRun(*t, n - g, g, bits, g, rotation=rot, vbits=_vbits(qk, qv))
+        return PackedRun(*t, n - g, g, bits, g, rotation=rot, vbits=qv.q.bits)
     nq, nrows = ragged["nq"], ragged["rows"]
     starts = [0, *itertools.accumulate(nq)][:-1]
     live = [q > 0 for q in nq]
@@ -263,9 +263,4 @@ def packed_run(qk: RotatedTensor, qv: RotatedTensor, rows: int, dtype: torch.dty
                      at([q - g * a for q, a in zip(nq, live)]).int(), at([g * a for a in live]).int(), bits, g,
                      qoff=at([s + g * a for s, a in zip(starts, live)]), woff=at(hstart),
                      nq=max(q - g * a for q, a in zip(nq, live)), nw=g if any(live) else 0,
-                     total_q=sum(nq) - g * sum(live), rotation=rot, vbits=_vbits(qk, qv))
-
-
-def _vbits(qk: RotatedTensor, qv: RotatedTensor) -> int | None:
-    """The values' width for a run, where it differs from the keys' (``value_bits``)."""
-    return qv.q.bits if qv.q.bits != qk.q.bits else None
+                     total_q=sum(nq) - g * sum(live), rotation=rot, vbits=qv.q.bits)

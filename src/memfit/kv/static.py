@@ -42,7 +42,7 @@ class StaticKIVI:
         if w >= r + g:
             raise ValueError(f"static decode: the window holds {w} tokens, residual + group = {r + g} or more")
         self.quant, self.bits = quant, quant.bits
-        self.vbits = getattr(quant, "vbits", quant.bits)  # the Hadamard quantizer's values may be narrower
+        self.vbits = quant.vbits  # the Hadamard quantizer's values may be narrower
         # rotated codes (the Hadamard quantizer): read as KIVI's with the query rotated; the first key
         # group, with the sinks, as 16-bit tokens (see rotate.packed_run); ``first``: whether this
         # layer's first codes are its first tokens (then they keep sinks; not a fork's or after a
@@ -84,7 +84,7 @@ class StaticKIVI:
         k, v = self.qk, self.qv
         if self.rotated:
             own = [PackedRun(*past_first_group(k, v), *self.head, self.rqlen, self.hlen, self.bits, g,
-                             rotation=hadamard(d, dev), vbits=self.vbits if self.vbits != self.bits else None),
+                             rotation=hadamard(d, dev), vbits=self.vbits),
                    PackedRun.window_only(self.keys, self.values, self.wlen, self.bits, g)]
         else:
             own = [PackedRun(k.codes, k.scale, k.zero, v.codes, v.scale, v.zero, self.keys, self.values, self.qlen,

@@ -156,7 +156,7 @@ def quantize_(model: nn.Module, config: WeightQuant, *, calibration: torch.Tenso
         hessians = _guided_hessians(model, names, config, calibration, progress)
     elif config.method == "twin":
         calibration = _calibration(model, config, calibration)
-        rms = _activation_rms(model, names, config, calibration)
+        rms = twin.activation_rms(model, calibration.to(next(model.parameters()).device), names)
         ranks = {n: twin.rank_for(mods[n].out_features, mods[n].in_features, config.rank_bits) for n in names}
         bad = [n for n, r in ranks.items() if r == 0]
         if bad:
@@ -216,7 +216,7 @@ def _twin_tune(model, names, config, ids, teacher, held, report, progress) -> No
     again; QDEC's residuals are taken from them afterwards."""
     mods = dict(model.named_modules())
     with float32_tensors(model):  # gradients in float32
-        layers = {n: twin.Tunable(mods[n]) for n in names if mods[n].rank}
+        layers = {n: twin.Tunable(mods[n]) for n in names}  # every twin layer has factors
         for n, t in layers.items():
             _set_module(model, n, t)
         try:
@@ -285,12 +285,6 @@ def _twin_ranks(model, names, config, ids, rms, uniform, progress) -> dict[str, 
         options[name] = [(r, twin.factor_bits(lin.out_features, lin.in_features, r), loss)
                          for r, loss in zip(ranks, losses)]
     return twin.allocate_ranks(options, budget, fallback=uniform)
-
-
-@torch.no_grad()
-def _activation_rms(model, names, config, calibration) -> dict[str, torch.Tensor]:
-    ids = _calibration(model, config, calibration)
-    return twin.activation_rms(model, ids.to(next(model.parameters()).device), names)
 
 
 def set_read_bits(model: nn.Module, bits: int) -> None:

@@ -99,6 +99,11 @@ def dequant_rows(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return codes.float() * scale.float()[:, None]
 
 
+def lowrank(factors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """``L R`` [out, in], float32, from (L codes, L scales, R codes, R scales)."""
+    return dequant_rows(*factors[:2]) @ dequant_rows(*factors[2:])
+
+
 def fit(w: torch.Tensor, act_rms: torch.Tensor, bits: int, group_size: int, rank: int, meta_bits: int = 0,
         iters: int = 4) -> tuple[UniformCodes, MetaCodes | None, tuple[torch.Tensor, ...]]:
     """``w`` [out, in] -> (the residual's codes, its meta grid or None, (L codes, L scales, R codes,
@@ -113,7 +118,7 @@ def fit(w: torch.Tensor, act_rms: torch.Tensor, bits: int, group_size: int, rank
         uc = _grid(w - lr, bits, group_size, meta_bits)[0]  # with meta_bits, uc holds the grid as stored
         u, s, vh = torch.linalg.svd((w - uc.dequantize()) * d, full_matrices=False)
         factors = _factors(u, s, vh, d, rank)
-        lr = dequant_rows(*factors[:2]) @ dequant_rows(*factors[2:])
+        lr = lowrank(factors)
     uc, meta = _grid(w - lr, bits, group_size, meta_bits)
     return uc, meta, factors
 
@@ -141,11 +146,7 @@ def rank_losses(w: torch.Tensor, act_rms: torch.Tensor, hessian: torch.Tensor, b
     w, d = w.float(), _channel_weights(act_rms)
     err = w - _grid(w, bits, group_size, meta_bits)[0].dequantize()
     u, s, vh = torch.linalg.svd(err * d, full_matrices=False)
-    out = []
-    for r in ranks:
-        f = _factors(u, s, vh, d, r)
-        out.append(loss_proxy(err - dequant_rows(*f[:2]) @ dequant_rows(*f[2:]), hessian))
-    return out
+    return [loss_proxy(err - lowrank(_factors(u, s, vh, d, r)), hessian) for r in ranks]
 
 
 @torch.no_grad()
@@ -174,9 +175,13 @@ def activation_rms(model: nn.Module, ids: torch.Tensor, names: list[str], batch_
 def teacher_logprobs(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
     """The model's next-token log-probabilities on ``ids`` [n, length], bfloat16 on the CPU
     [n, length, vocab]: the target ``tune`` distils, taken before any layer is quantized."""
-    dev = next(model.parameters()).device
-    return torch.cat([F.log_softmax(model(ids[b : b + batch_size].to(dev)).logits.float(), -1).bfloat16().cpu()
+    return torch.cat([_logprobs(model, ids[b : b + batch_size]).bfloat16().cpu()
                       for b in range(0, ids.shape[0], batch_size)])
+
+
+def _logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities [n, length, vocab], float32, on the model's device."""
+    return F.log_softmax(model(ids.to(next(model.parameters()).device)).logits.float(), -1)
 
 
 class Tunable(nn.Module):
@@ -225,7 +230,7 @@ def tune(model: nn.Module, layers: list[Tunable], ids: torch.Tensor, teacher: to
         with torch.enable_grad():
             for step in tqdm(range(steps), desc="twin: tuning the factors", disable=not progress, leave=False):
                 b = step * batch_size % ids.shape[0]
-                logp = F.log_softmax(model(ids[b : b + batch_size].to(dev)).logits.float(), -1)
+                logp = _logprobs(model, ids[b : b + batch_size])
                 target = teacher[b : b + batch_size].to(dev).float()
                 loss = (target.exp() * (target - logp)).sum(-1).mean()
                 opt.zero_grad(set_to_none=True)
