@@ -830,7 +830,7 @@ def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...]
                         peak_tbs: float = 4.8) -> dict:
     """Decode step time of a random-weight Llama-3.1-8B-shaped model with bf16 weights, then with
     weights at each of ``bits`` (memfit's QuantLinear: on CUDA torch's tinygemm int4 kernel at 4 bits
-    and the bit-plane GEMV at other widths, or with ``kernel="tiles"`` the tile-layout GEMV at every
+    and the tile-layout GEMV at other widths; ``kernel="tiles"`` or ``"planes"``: that GEMV at every
     width), on the same model and shapes; each step with
     its roofline (the weights it reads at ``peak_tbs`` TB/s). ``lm_head``: quantize the output layer too
     (as torchao's int4 weight-only and gpt-fast do: every Linear); by default it stays bf16, as

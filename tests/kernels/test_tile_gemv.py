@@ -18,19 +18,28 @@ def test_tiles_hold_every_code_exactly(bits, group):
     codes = torch.randint(0, 1 << bits, (70, 4 * group), dtype=torch.uint8)  # 70 rows: a partial block
     tiles = tile_gemv.pack_tiles(codes, bits, group, block_n=32)
     assert tile_gemv.groups_a_step(4) == 4 and tile_gemv.groups_a_step(18) == 2 and tile_gemv.groups_a_step(9) == 1
-    assert [t.shape[-1] for t in tiles] == [group * w // 8 for w, _ in tile_gemv.PARTS[bits]]
+    u = tile_gemv.unit(bits, group)  # a tile row: the group, or 16 bytes of the widest part if less
+    assert u == min(group, 128 // tile_gemv.PARTS[bits][0][0])
+    assert [t.shape[-1] for t in tiles] == [u * w // 8 for w, _ in tile_gemv.PARTS[bits]]
+    assert tiles[0].shape[1] == 4 * group // u
     assert sum(t.numel() for t in tiles) == 96 * 4 * group * bits // 8  # 3 blocks of 32 rows, bits per code
     assert torch.equal(tile_gemv.unpack_tiles(tiles, bits, 70), codes)
 
 
 def test_tile_layout_puts_a_programs_group_in_one_block():
-    """Block b, group g is tiles[b, g]: row r's bytes hold, in slot i, channels g G + i R + j, each
+    """Block b, unit g is tiles[b, g]: row r's bytes hold, in slot i, channels g U + i R + j, each
     4-byte word in the order j, j + 2, j + 1, j + 3."""
     codes = torch.zeros(8, 64, dtype=torch.uint8)
     codes[5, 32 + 2 * 8 + 5] = 3  # group 1 of 32 channels, 2-bit: R = 8 bytes, slot 2, channel 5 of the slot
     (t,) = tile_gemv.pack_tiles(codes, 2, 32, block_n=4)
     assert t.shape == (2, 2, 4, 8)
     assert t.nonzero().tolist() == [[1, 1, 1, 6]] and t[1, 1, 1, 6] == 3 << 4  # channel 5: 2nd word, byte 2
+    # 4-bit in groups of 64: units of 32 channels (16 bytes a row, one thread's load)
+    codes = torch.zeros(8, 128, dtype=torch.uint8)
+    codes[5, 64 + 32 + 16 + 5] = 9  # group 1, its 2nd unit (unit 3), slot 1, channel 5 of the slot
+    (t,) = tile_gemv.pack_tiles(codes, 4, 64, block_n=4)
+    assert t.shape == (2, 4, 4, 16)
+    assert t.nonzero().tolist() == [[1, 3, 1, 6]] and t[1, 3, 1, 6] == 9 << 4
 
 
 def test_reference_equals_the_layers_dequantized_matmul():
@@ -110,3 +119,20 @@ def test_tile_kernel_equals_its_plain_triton_form():
     b = tile_gemv.tile_gemv(x, parts, 3, 256, s, o, asm=False).float()
     torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
     assert q.kernel == "triton-tiles" and not q._tiles_ok(x.float())  # float32 activations: float32 sums (planes)
+
+
+@pytest.mark.gpu
+@cuda
+def test_decode_kernel_routing_by_default():
+    """Read whole: tinygemm at 4 bits, the tiles at other widths; read below the stored width, or asked
+    for, the bit planes."""
+    assert quant_layer(64, 256, 4, 64).kernel == "tinygemm-int4"
+    for bits in (2, 3, 5, 8):
+        assert quant_layer(64, 256, bits, 64).kernel == "triton-tiles"
+    q = quant_layer(64, 256, 3, 64, 0, 8)
+    q.set_read_bits(3)
+    assert q.kernel == "triton-gemv"
+    q = quant_layer(64, 256, 3, 64)
+    q.set_prefer("planes")
+    assert q.kernel == "triton-gemv"
+    assert quant_layer(64, 256, 4, 64).kernel == "tinygemm-int4" and _layer(64, 256, 4, 64).kernel == "triton-tiles"

@@ -6,30 +6,33 @@ of HBM bandwidth. This layout stores each code whole, in the fewest parts of wid
 (3 = 2 + 1, 5 = 4 + 1, 6 = 4 + 2, 7 = 4 + 2 + 1), and orders the bytes so that what one program
 reads in one step is one contiguous block:
 
-- a part of width ``w`` packs ``8 / w`` codes a byte; for group ``g`` of ``G`` input channels, the
-  ``R = G w / 8`` bytes of a row hold, at bits ``i w .. i w + w - 1`` (slot ``i``), the codes of
-  channels ``g G + i R .. g G + i R + R - 1``: the piece of ``x`` a slot meets is one contiguous load.
-  Within each 4-byte word the bytes hold channels ``r, r + 2, r + 1, r + 3`` (so ``G w`` is a multiple
-  of 32), for the unpacking below;
-- a part is stored ``[N / BN, K / G, BN, R]``: the ``BN`` output rows of a program, one group at a
-  time, are ``BN R`` contiguous bytes, and the groups a program reads in a step are consecutive.
+- a tile row covers a *unit* of ``U`` input channels: the grid's group, or less where the widest part's
+  row would pass 16 bytes (4-bit codes in groups of 64: units of 32), so that one thread loads a row's
+  codes in one 128-bit read and sums them alone (no shuffles, no barriers in the loop);
+- a part of width ``w`` packs ``8 / w`` codes a byte; for unit ``g``, the ``R = U w / 8`` bytes of a row
+  hold, at bits ``i w .. i w + w - 1`` (slot ``i``), the codes of channels ``g U + i R .. g U + i R + R - 1``:
+  the piece of ``x`` a slot meets is one contiguous load. Within each 4-byte word the bytes hold
+  channels ``r, r + 2, r + 1, r + 3`` (so ``U w`` is a multiple of 32), for the unpacking below;
+- a part is stored ``[N / BN, K / U, BN, R]``: the ``BN`` output rows of a program, one unit at a
+  time, are ``BN R`` contiguous bytes, and the units a program reads in a step are consecutive.
 
 With ``w = code * scale + offset`` per group, a row's output is ``sum_g scale_g sum_k (code_k - c) x_k +
-(offset_g + c scale_g) sum_k x_k`` for any constant ``c``: the kernel sums ``(code - c) * x`` per group,
-with ``c`` the middle of the code range, and applies the grid once per group, in float32; each part's
+(offset_g + c scale_g) sum_k x_k`` for any constant ``c``: the kernel sums ``(code - c) * x`` per unit,
+with ``c`` the middle of the code range, and applies the grid once per unit and row, in float32; each part's
 codes count ``2**shift`` times. Centred codes keep the codes' mean out of the float16 sums, whose
 rounding would otherwise count against the small difference left once the offsets are added (on the
 H200 this halved the error of a 4-bit 4096 x 4096 layer with an outlier row, to 0.5% of the largest
 output). The sums of ``(code - c) * x`` are float16 arithmetic on four codes a word: the word shifted by
 ``s`` and by ``s + 8``, masked into the mantissa of 1024.0 (two codes a register, in channel order
 thanks to the byte order above), and one FMA a pair takes off ``1024 + c`` and scales by ``2**-w``,
-exactly: about 1.5 instructions a code, then a float16 FMA with ``x``. The PTX takes a thread's four
+exactly: about 1.5 instructions a code, then a float16 FMA with ``x`` (even and odd channels summed as
+two chains, which compile to one f16x2 FMA a pair; a single chain compiled to three instructions a pair). The PTX takes a thread's four
 consecutive bytes as one word, which Triton lays out so only when a tile holds at least four bytes a
 thread; smaller tiles use plain Triton shifts (measured on the H200: the PTX on tiles of one or two bytes
 a thread gave wrong sums). Conversions to float32 run at 1/8 of the FMA rate on an H100, so only each
 row's per-slot sum is converted. ``x`` is read in float16, saturated at +-65504, and a row's float16
 sum over one slot (``R`` channels) must stay under 65504 (activations that large are not met in
-practice). Each group's sum of ``x`` (float32) is computed next to the conversion (both fuse with the
+practice). Each unit's sum of ``x`` (float32) is computed next to the conversion (both fuse with the
 op before under torch.compile).
 
 ``tile_gemv_reference`` computes the same thing in torch (dequantize the tiles, ``F.linear``): the
@@ -53,9 +56,15 @@ PARTS = {1: ((1, 0),), 2: ((2, 0),), 3: ((2, 1), (1, 0)), 4: ((4, 0),), 5: ((4, 
          7: ((4, 3), (2, 1), (1, 0)), 8: ((8, 0),)}
 
 
+def unit(bits: int, group_size: int) -> int:
+    """Input channels a tile row covers: the group, or less so that the widest part's row is at most
+    16 bytes (one 128-bit load: then one thread holds a row's codes and sums them alone)."""
+    return min(group_size, 128 // PARTS[bits][0][0])
+
+
 def fits(bits: int, group_size: int) -> bool:
-    """Whether a layer's groups fill whole 4-byte words in every part (``group_size * w / 8`` a multiple of 4)."""
-    return bits in PARTS and all(group_size * w % 32 == 0 for w, _ in PARTS[bits])
+    """Whether a layer's rows fill whole 4-byte words in every part (``unit * w / 8`` a multiple of 4)."""
+    return bits in PARTS and group_size % 8 == 0 and all(unit(bits, group_size) * w % 32 == 0 for w, _ in PARTS[bits])
 
 
 def supports(x: torch.Tensor, group_size: int, k: int) -> bool:
@@ -73,22 +82,22 @@ def _word_order(r: int) -> list[int]:
 
 
 def pack_tiles(codes: torch.Tensor, bits: int, group_size: int, block_n: int = BLOCK_N) -> list[torch.Tensor]:
-    """uint8 codes [N, K] at ``bits`` -> one uint8 tensor [ceil(N / BN), K / G, BN, G w / 8] per part
-    (rows past N are zero)."""
+    """uint8 codes [N, K] at ``bits`` -> one uint8 tensor [ceil(N / BN), K / U, BN, U w / 8] per part, ``U`` =
+    :func:`unit` (rows past N are zero)."""
     if bits not in PARTS:
         raise ValueError(f"bits must be in 1..8, got {bits}")
     n, k = codes.shape
     if not fits(bits, group_size) or k % group_size:
         raise ValueError(f"group_size must divide the {k} input channels and give each {bits}-bit part whole "
                          f"4-byte words (a multiple of {32 // min(w for w, _ in PARTS[bits])}), got {group_size}")
-    nb = -(-n // block_n)
+    nb, u = -(-n // block_n), unit(bits, group_size)
     c = torch.zeros(nb * block_n, k, dtype=torch.uint8, device=codes.device)
     c[:n] = codes
     out = []
     for w, shift in PARTS[bits]:
-        per, r = 8 // w, group_size * w // 8
-        part = ((c >> shift) & ((1 << w) - 1)).reshape(nb, block_n, k // group_size, per, r)
-        byte = torch.zeros(nb, block_n, k // group_size, r, dtype=torch.uint8, device=codes.device)
+        per, r = 8 // w, u * w // 8
+        part = ((c >> shift) & ((1 << w) - 1)).reshape(nb, block_n, k // u, per, r)
+        byte = torch.zeros(nb, block_n, k // u, r, dtype=torch.uint8, device=codes.device)
         for i in range(per):
             byte |= part[:, :, :, i] << (i * w)
         out.append(byte[..., _word_order(r)].permute(0, 2, 1, 3).contiguous())
@@ -150,12 +159,11 @@ if triton is not None:
         return ((b >> SHIFT) & ((1 << W) - 1)).to(tl.float16) * (1.0 / (1 << W)) - 0.5
 
     @triton.jit
-    def _part_dot(X, P, row, g0, pid_n, NG: tl.constexpr, W: tl.constexpr, GROUP: tl.constexpr,
-                  BN: tl.constexpr, NGT: tl.constexpr, ASM: tl.constexpr, WARPS: tl.constexpr):
-        """One part's ``sum_k ((code_k - 2**(W-1)) / 2**W) x_k`` over groups ``g0 .. g0 + NGT - 1`` for the program's
-        BN rows: float32 [NGT BN], tile row ``j BN + n`` = output row ``n`` over group ``g0 + j``. The
-        groups' blocks are consecutive in memory, so the tile [NGT BN, R] is one contiguous read, and a
-        2-D tile keeps ``x`` and the codes in one register layout."""
+    def _load_part(P, g0, pid_n, NG: tl.constexpr, W: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr,
+                   NGT: tl.constexpr, ASM: tl.constexpr, WARPS: tl.constexpr):
+        """One part's bytes for units ``g0 .. g0 + NGT - 1`` of the program's BN rows: uint8 [NGT BN, R],
+        tile row ``j BN + n`` = output row ``n`` over unit ``g0 + j``. The units' blocks are consecutive in
+        memory, so the tile is one contiguous read, and a row's R <= 16 bytes are one thread's load."""
         R: tl.constexpr = GROUP * W // 8
         # the PTX takes a thread's 4 consecutive bytes as one word: only a tile of at least 4 bytes a
         # thread is laid out so (smaller ones get 1 or 2 bytes a thread along a row, measured)
@@ -167,12 +175,25 @@ if triton is not None:
         else:  # plain Triton reads each code's own byte: undo the order within each word
             q = r % 4
             rb = r - q + tl.where(q == 1, 2, tl.where(q == 2, 1, q))
-        b = tl.load(P + ((pid_n * NG + g0) * BN + t)[:, None] * R + rb[None, :], eviction_policy="evict_first")
-        xrow = X + row * (NG * GROUP) + (g0 + t // BN) * GROUP  # each tile row's group of x
+        return tl.load(P + ((pid_n * NG + g0) * BN + t)[:, None] * R + rb[None, :], eviction_policy="evict_first")
+
+    @triton.jit
+    def _part_dot(X, b, row, g0, NG: tl.constexpr, W: tl.constexpr, GROUP: tl.constexpr,
+                  BN: tl.constexpr, NGT: tl.constexpr, ASM: tl.constexpr, WARPS: tl.constexpr):
+        """One part's ``sum_k ((code_k - 2**(W-1)) / 2**W) x_k`` over the units of the bytes ``b`` (from
+        :func:`_load_part`) for the program's BN rows: float32 [NGT BN]. A 2-D tile keeps ``x`` and the
+        codes in one register layout."""
+        R: tl.constexpr = GROUP * W // 8
+        FAST: tl.constexpr = ASM and NGT * BN * R >= 128 * WARPS
+        r = tl.arange(0, R)
+        t = tl.arange(0, NGT * BN)
+        xrow = X + row * (NG * GROUP) + (g0 + t // BN) * GROUP  # each tile row's unit of x
         acc = tl.zeros((NGT * BN,), tl.float32)
         for i in tl.static_range(8 // W):  # slot i: channels g G + i R .. g G + i R + R - 1
-            xs = tl.load(xrow[:, None] + i * R + r[None, :])  # float16, the same for the BN rows of a group
-            acc += tl.sum(_codes(b, i * W, W, FAST) * xs, 1).to(tl.float32)
+            xs = tl.load(xrow[:, None] + i * R + r[None, :])  # float16, the same for the BN rows of a unit
+            # summed as two interleaved chains (even and odd channels), which pair up into f16x2 FMAs
+            prod = tl.reshape(_codes(b, i * W, W, FAST) * xs, (NGT * BN, R // 2, 2))
+            acc += tl.sum(tl.sum(prod, 1), 1).to(tl.float32)
         return acc
 
     @triton.jit(do_not_specialize=["BNR"])
@@ -180,9 +201,9 @@ if triton is not None:
                           SPLIT: tl.constexpr, W0: tl.constexpr, OFF0: tl.constexpr, W1: tl.constexpr,
                           OFF1: tl.constexpr, W2: tl.constexpr, OFF2: tl.constexpr, GROUP: tl.constexpr,
                           BN: tl.constexpr, NGT: tl.constexpr, ASM: tl.constexpr, WARPS: tl.constexpr,
-                          CENTRE: tl.constexpr):
-        """Program (output block, split of K, row): groups ``split PER .. split PER + PER - 1``,
-        ``NGT`` a step. With ``SPLIT`` > 1 the programs of a block add their sums into ``WS`` (float32,
+                          CENTRE: tl.constexpr, UPG: tl.constexpr):
+        """Program (output block, split of K, row): units ``split PER .. split PER + PER - 1`` (``GROUP``
+        channels each, ``UPG`` a group of the grid), ``NGT`` a step. With ``SPLIT`` > 1 the programs of a block add their sums into ``WS`` (float32,
         zero between calls) and count themselves in ``CNT``; the last one writes the output and puts
         both back to zero, so one launch does the whole product. ``BNR`` is BN, passed as an
         unspecialised int: the grid's offsets then look scattered to the compiler, which loads them
@@ -195,16 +216,21 @@ if triton is not None:
         for j in range(0, PER, NGT):
             g0 = split * PER + j
             gi = g0 + t // BNR
+            b0 = _load_part(P0, g0, pid_n, NG, W0, GROUP, BN, NGT, ASM, WARPS)
+            if W1 > 0:
+                b1 = _load_part(P1, g0, pid_n, NG, W1, GROUP, BN, NGT, ASM, WARPS)
+            if W2 > 0:
+                b2 = _load_part(P2, g0, pid_n, NG, W2, GROUP, BN, NGT, ASM, WARPS)
             # code = sum of parts << OFF; each part's sum is of (part - 2**(W-1)) / 2**W, so cx is the sum
             # of (code - CENTRE) x: w = (code - CENTRE) * scale + (offset + CENTRE * scale)
-            cx = _part_dot(X, P0, row, g0, pid_n, NG, W0, GROUP, BN, NGT, ASM, WARPS) * (1 << (OFF0 + W0))
+            cx = _part_dot(X, b0, row, g0, NG, W0, GROUP, BN, NGT, ASM, WARPS) * (1 << (OFF0 + W0))
             if W1 > 0:
-                cx += _part_dot(X, P1, row, g0, pid_n, NG, W1, GROUP, BN, NGT, ASM, WARPS) * (1 << (OFF1 + W1))
+                cx += _part_dot(X, b1, row, g0, NG, W1, GROUP, BN, NGT, ASM, WARPS) * (1 << (OFF1 + W1))
             if W2 > 0:
-                cx += _part_dot(X, P2, row, g0, pid_n, NG, W2, GROUP, BN, NGT, ASM, WARPS) * (1 << (OFF2 + W2))
-            scale = tl.load(S + gi * NPAD + n).to(tl.float32)  # [NGT BN]
-            offset = tl.load(O + gi * NPAD + n).to(tl.float32)
-            acc += scale * cx + (offset + CENTRE * scale) * tl.load(XS + row * NG + gi)  # XS: each group's sum of x
+                cx += _part_dot(X, b2, row, g0, NG, W2, GROUP, BN, NGT, ASM, WARPS) * (1 << (OFF2 + W2))
+            scale = tl.load(S + (gi // UPG) * NPAD + n).to(tl.float32)  # [NGT BN]
+            offset = tl.load(O + (gi // UPG) * NPAD + n).to(tl.float32)
+            acc += scale * cx + (offset + CENTRE * scale) * tl.load(XS + row * NG + gi)  # XS: each unit's sum of x
         y = tl.sum(tl.reshape(acc, (NGT, BN)), 0)
         out = pid_n * BN + tl.arange(0, BN)
         keep = out < N
@@ -251,24 +277,25 @@ def groups_a_step(groups: int, most: int = 8) -> int:
 
 
 def tile_gemv(x: torch.Tensor, tiles: list[torch.Tensor], bits: int, n: int, scale: torch.Tensor,
-              offset: torch.Tensor, asm: bool = True, warps: int = 4, groups: int = 8, per_sm: int = 8,
+              offset: torch.Tensor, asm: bool = True, warps: int = 4, groups: int = 4, per_sm: int = 8,
               split: int | None = None) -> torch.Tensor:
     """``x`` [..., K] (at most ``MAX_ROWS`` rows) times ``W`` (``tiles`` from :func:`pack_tiles`, ``n``
     output rows; ``W = code * scale + offset``, float16 [K / G, ceil(N / BN) BN]). ``asm``: the PTX
     dequantization (False: plain Triton, which the interpreter runs). ``warps``, ``groups``, ``per_sm``:
-    a program's warps, the most groups it reads a step, programs an SM (K is split to reach it); or
-    ``split``, a divisor of the steps (for tuning). Returns [..., n] in ``x``'s dtype."""
+    a program's warps, the most units it reads a step, programs an SM (K is split to reach it); or
+    ``split``, a divisor of the steps (for tuning). The defaults were the fastest or within 4% of it of 18
+    choices on the H200 for each of Llama-3.1-8B's shapes at 2, 3 and 4 bits. Returns [..., n] in ``x``'s dtype."""
     k = x.shape[-1]
-    nb, ng, bn, _ = tiles[0].shape
-    group = k // ng
-    if not supports(x, group, k) or len(tiles) != len(PARTS[bits]):
+    nb, ng, bn, _ = tiles[0].shape  # ng: units of `group` channels, a tile row each
+    group, grid = k // ng, k // scale.shape[0]
+    if not supports(x, grid, k) or len(tiles) != len(PARTS[bits]) or grid % group:
         raise ValueError(f"tile_gemv takes CUDA inputs with at most {MAX_ROWS} rows and the tiles of a {bits}-bit layer")
-    if scale.shape != (ng, nb * bn) or offset.shape != scale.shape:
-        raise ValueError(f"scale and offset must be [{ng}, {nb * bn}], got {tuple(scale.shape)} / {tuple(offset.shape)}")
+    if scale.shape != (k // grid, nb * bn) or offset.shape != scale.shape:
+        raise ValueError(f"scale and offset must be [{k // grid}, {nb * bn}], got {tuple(scale.shape)} / {tuple(offset.shape)}")
     # float16, saturated (65280: the largest bfloat16 that float16 holds), once here rather than in every
     # program; under torch.compile this fuses with the op before
     xs = x.reshape(-1, k)
-    xsum = xs.float().reshape(-1, ng, group).sum(-1)  # each group's sum of x, for the offsets
+    xsum = xs.float().reshape(-1, ng, group).sum(-1)  # each unit's sum of x, for the offsets
     if x.dtype == torch.bfloat16:
         xs = xs.clamp(-65280.0, 65280.0).to(torch.float16)
     m = xs.shape[0]
@@ -284,5 +311,5 @@ def tile_gemv(x: torch.Tensor, tiles: list[torch.Tensor], bits: int, n: int, sca
         xs.contiguous(), xsum, *ptrs, scale, offset, y, ws, cnt, n, nb * bn, bn, NG=ng, PER=ng // split, SPLIT=split,
         W0=parts[0][0], OFF0=parts[0][1], W1=parts[1][0], OFF1=parts[1][1], W2=parts[2][0], OFF2=parts[2][1],
         GROUP=group, BN=bn, NGT=ngt, ASM=asm, WARPS=warps,
-        CENTRE=sum(1 << (w - 1 + off) for w, off in PARTS[bits]), num_warps=warps)
+        CENTRE=sum(1 << (w - 1 + off) for w, off in PARTS[bits]), UPG=grid // group, num_warps=warps)
     return y.reshape(*x.shape[:-1], n)

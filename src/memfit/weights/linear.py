@@ -9,12 +9,13 @@ index of an ``n``-bit bin, dequantized at the bin's centre.
 
 On CPU (and for layouts no kernel takes) the forward dequantizes the weight and calls ``F.linear``.
 On CUDA, for up to 16 rows (decode), a uniform grid read at 4 bits with a group size torch's tinygemm
-kernel takes runs ``torch._weight_int4pack_mm`` (the int4 kernel torchao uses); other uniform grids run
-a Triton GEMV that reads the bit planes (``kernels.plane_gemv``); more rows (prefill, where the
-matmul's cost hides the dequantization) dequantize. ``set_prefer("tiles")`` runs instead, at any
-width read whole, a Triton GEMV over a copy of the codes in a layout made for bandwidth
-(``kernels.tile_gemv``: whole codes in parts of 8/4/2/1 bits, each program's block contiguous); it is
-opt-in until its last version has run on a GPU. ``kernel`` says which path a layer uses. The kernel's
+kernel takes runs ``torch._weight_int4pack_mm`` (the int4 kernel torchao uses); other uniform grids read
+at their stored width run a Triton GEMV over a copy of the codes in a layout made for bandwidth
+(``kernels.tile_gemv``: whole codes in parts of 8/4/2/1 bits, each program's block contiguous; 16-bit
+activations); any-precision reads below the stored width, and float32 activations, run a Triton GEMV
+that reads the bit planes (``kernels.plane_gemv``); more rows (prefill, where the matmul's cost hides
+the dequantization) dequantize. ``set_prefer("tiles" | "tinygemm" | "planes")`` asks for one of them
+where it takes the layer. ``kernel`` says which path a layer uses. The kernel's
 copy is made on first use; where it holds every code the bit planes are then dropped from the GPU and
 rebuilt from it exactly when needed (saving, moving, another read width): the codes sit in GPU
 memory once.
@@ -37,7 +38,7 @@ KINDS = ("uniform", "codebook")
 QDEC_BUFFERS = ("qdec_codes", "qdec_scale")  # QDEC's residual: kept in host memory wherever the layer goes
 LOWRANK_BUFFERS = ("lr_l", "lr_l_scale", "lr_r", "lr_r_scale")  # twin's 8-bit factors L [out, r], R [r, in]
 TINYGEMM_GROUPS = (32, 64, 128, 256)
-PREFER = ("tiles", "tinygemm")  # decode kernels a layer may be told to prefer (None: tinygemm, else the planes)
+PREFER = ("tiles", "tinygemm", "planes")  # decode kernels a layer may be told to prefer (None: tinygemm, else tiles, else planes)
 
 
 class QuantLinear(nn.Module):
@@ -215,13 +216,15 @@ class QuantLinear(nn.Module):
         return plane_gemv.supports(self._decode_input(x), self.planes, self.group_size)
 
     def _tiles_ok(self, x: torch.Tensor | None = None) -> bool:
-        if self.kind != "uniform" or not self.planes.is_cuda or self.read_bits != self.bits or self.prefer != "tiles":
+        if self.kind != "uniform" or not self.planes.is_cuda or self.read_bits != self.bits:
+            return False
+        if self.prefer not in (None, "tiles") or (self.prefer is None and self._tinygemm_ok()):
             return False
         return (tile_gemv.fits(self.bits, self.group_size)
                 and tile_gemv.supports(self._decode_input(x), self.group_size, self.in_features))
 
     def _tinygemm_ok(self) -> bool:
-        return (self.prefer != "tiles" and self.planes.is_cuda and self.kind == "uniform" and self.read_bits == 4
+        return (self.prefer in (None, "tinygemm") and self.planes.is_cuda and self.kind == "uniform" and self.read_bits == 4
                 and self.group_size in TINYGEMM_GROUPS and self.in_features % 128 == 0 and self.out_features % 8 == 0
                 and hasattr(torch.ops.aten, "_weight_int4pack_mm"))
 
