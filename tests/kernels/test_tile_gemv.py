@@ -136,3 +136,39 @@ def test_decode_kernel_routing_by_default():
     q.set_prefer("planes")
     assert q.kernel == "triton-gemv"
     assert quant_layer(64, 256, 4, 64).kernel == "tinygemm-int4" and _layer(64, 256, 4, 64).kernel == "triton-tiles"
+
+
+def test_int8_input_reference_rounds_only_the_products_input():
+    """``a8``: the codes meet ``x`` rounded to int8 in blocks of 32 channels (within half a step of
+    each block's scale), the offsets meet ``x`` itself."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 256) * torch.linspace(0.1, 10, 256)
+    xq, xsc = tile_gemv.quantize_input(x)
+    assert xq.dtype == torch.int8 and xsc.shape == (3, 8) and xq.abs().max() <= 127
+    back = (xq.float().reshape(3, 8, 32) * xsc[..., None]).reshape(3, 256)
+    assert ((back - x).abs().reshape(3, 8, 32) <= xsc[..., None] / 2 + 1e-6).all()
+    codes = torch.randint(0, 8, (40, 256), dtype=torch.uint8)
+    tiles = tile_gemv.pack_tiles(codes, 3, 64)
+    s = torch.rand(4, 64).half() * 0.02 + 0.01
+    o = torch.randn(4, 64).half() * 0.05
+    got = tile_gemv.tile_gemv_a8_reference(x, tiles, 3, 40, s, o)
+    w_codes = codes.float() * s.float().T.repeat_interleave(64, 1)[:40]
+    want = back @ w_codes.T + x @ o.float().T.repeat_interleave(64, 1)[:40].T
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    exact = tile_gemv.tile_gemv_reference(x, tiles, 3, 40, s, o)
+    assert (got - exact).abs().max() < 0.02 * exact.abs().max()
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("bits,group", [(2, 64), (3, 64), (4, 64), (4, 32), (5, 128), (8, 64)])
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_int8_input_kernel_matches_its_reference(bits, group, rows):
+    q = _layer(200, 512, bits, group)
+    x = torch.randn(rows, 512, device="cuda", dtype=torch.bfloat16)
+    q(x)  # builds the tiles
+    _, parts, s, o = q._fast
+    ref = tile_gemv.tile_gemv_a8_reference(x, parts, bits, 200, s, o)
+    for groups, split in ((4, None), (1, 1), (2, 2)):
+        y = tile_gemv.tile_gemv(x, parts, bits, 200, s, o, groups=groups, split=split, a8=True).float()
+        assert (y - ref).abs().max().item() < 1e-2 * ref.abs().max().item()
