@@ -779,8 +779,9 @@ def bench_weight_decode_cmd(
     bits: list[int] = typer.Option([4], "--bits", "-b", help="Weight width; repeat to time several on one bf16 baseline."),
     group_size: int = typer.Option(64, "--group-size", "-g"),
     method: str = typer.Option("hqq"),
-    kernel: str = typer.Option(None, "--kernel", help="'tiles': memfit's tile-layout GEMV at every width, 'planes': "
-                               "the bit-plane GEMV; default: torch's tinygemm at 4 bits, the tiles at others."),
+    kernel: str = typer.Option(None, "--kernel", help="'tiles' (or 'tiles-a8', int8 input): memfit's tile-layout "
+                               "GEMV at every width, 'planes': the bit-plane GEMV; default: torch's tinygemm at 4 "
+                               "bits, the tiles at others."),
     layers: int = LAYERS_OPTION,
     compile: bool = typer.Option(False, "--compile", help="torch.compile the step before capturing it."),
     lm_head: bool = typer.Option(False, "--lm-head", help="Quantize the output layer too (torchao's int4 "

@@ -71,6 +71,9 @@ def test_kernel_preference_is_checked():
     q = QuantLinear(64, 8, 4, 32)
     with pytest.raises(ValueError, match="unknown kernel"):
         q.set_prefer("marlin")
+    for name in ("tiles", "tinygemm", "planes", "tiles-a8", None):
+        q.set_prefer(name)
+        assert q.prefer == name and q.kernel == "dequantize"  # on the CPU every layer dequantizes
 
 
 def _layer(out, inp, bits, group, meta_bits=0):
@@ -172,3 +175,7 @@ def test_int8_input_kernel_matches_its_reference(bits, group, rows):
     for groups, split in ((4, None), (1, 1), (2, 2)):
         y = tile_gemv.tile_gemv(x, parts, bits, 200, s, o, groups=groups, split=split, a8=True).float()
         assert (y - ref).abs().max().item() < 1e-2 * ref.abs().max().item()
+    q.set_prefer("tiles-a8")  # the layer's own path
+    assert q.kernel == "triton-tiles-a8"
+    y = q(x).float() - q.bias.float()
+    assert (y - ref).abs().max().item() < 1e-2 * ref.abs().max().item()

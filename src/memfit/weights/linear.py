@@ -15,7 +15,7 @@ at their stored width run a Triton GEMV over a copy of the codes in a layout mad
 activations); any-precision reads below the stored width, and float32 activations, run a Triton GEMV
 that reads the bit planes (``kernels.plane_gemv``); more rows (prefill, where the matmul's cost hides
 the dequantization) dequantize. ``set_prefer("tiles" | "tinygemm" | "planes")`` asks for one of them
-where it takes the layer. ``kernel`` says which path a layer uses. The kernel's
+where it takes the layer; ``"tiles-a8"``: the tiles with the input rounded to int8 (opt-in). ``kernel`` says which path a layer uses. The kernel's
 copy is made on first use; where it holds every code the bit planes are then dropped from the GPU and
 rebuilt from it exactly when needed (saving, moving, another read width): the codes sit in GPU
 memory once.
@@ -38,7 +38,9 @@ KINDS = ("uniform", "codebook")
 QDEC_BUFFERS = ("qdec_codes", "qdec_scale")  # QDEC's residual: kept in host memory wherever the layer goes
 LOWRANK_BUFFERS = ("lr_l", "lr_l_scale", "lr_r", "lr_r_scale")  # twin's 8-bit factors L [out, r], R [r, in]
 TINYGEMM_GROUPS = (32, 64, 128, 256)
-PREFER = ("tiles", "tinygemm", "planes")  # decode kernels a layer may be told to prefer (None: tinygemm, else tiles, else planes)
+# decode kernels a layer may be told to prefer (None: tinygemm, else tiles, else planes); "tiles-a8": the
+# tiles with the input rounded to int8 (``tile_gemv(..., a8=True)``), opt-in until it has run on a GPU
+PREFER = ("tiles", "tinygemm", "planes", "tiles-a8")
 
 
 class QuantLinear(nn.Module):
@@ -204,7 +206,7 @@ class QuantLinear(nn.Module):
         if self._tinygemm_ok():
             return "tinygemm-int4"
         if self._tiles_ok():
-            return "triton-tiles"
+            return "triton-tiles-a8" if self.prefer == "tiles-a8" else "triton-tiles"
         return "triton-gemv" if self._gemv_ok() else "dequantize"
 
     def _decode_input(self, x: torch.Tensor | None) -> torch.Tensor:
@@ -218,10 +220,11 @@ class QuantLinear(nn.Module):
     def _tiles_ok(self, x: torch.Tensor | None = None) -> bool:
         if self.kind != "uniform" or not self.planes.is_cuda or self.read_bits != self.bits:
             return False
-        if self.prefer not in (None, "tiles") or (self.prefer is None and self._tinygemm_ok()):
+        if self.prefer not in (None, "tiles", "tiles-a8") or (self.prefer is None and self._tinygemm_ok()):
             return False
         return (tile_gemv.fits(self.bits, self.group_size)
-                and tile_gemv.supports(self._decode_input(x), self.group_size, self.in_features))
+                and tile_gemv.supports(self._decode_input(x), self.group_size, self.in_features)
+                and (self.prefer != "tiles-a8" or self.in_features % tile_gemv.A8_BLOCK == 0))
 
     def _tinygemm_ok(self) -> bool:
         return (self.prefer in (None, "tinygemm") and self.planes.is_cuda and self.kind == "uniform" and self.read_bits == 4
@@ -313,7 +316,7 @@ class QuantLinear(nn.Module):
             return y.reshape(*x.shape[:-1], self.out_features)
         if self._tiles_ok(x):
             _, parts, scale, offset = self._fast_copy("tiles")
-            return tile_gemv.tile_gemv(x, parts, self.bits, self.out_features, scale, offset)
+            return tile_gemv.tile_gemv(x, parts, self.bits, self.out_features, scale, offset, a8=self.prefer == "tiles-a8")
         if self._gemv_ok(x):
             if self.meta_bits:
                 grid = {"meta": (self.scale_codes, self.offset_codes, self.meta_ranges)}
