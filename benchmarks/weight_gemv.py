@@ -4,8 +4,8 @@ bit-plane GEMV (any-precision reads) and torch's tinygemm int4. Each time is per
 a CUDA graph of 50 calls (median of 20 replays), with the bytes it reads at HBM peak beside it
 (``roofline_ms``, ``of_peak``; ``f16_input_ms``: the kernel alone, on a float16 ``x``, which under
 torch.compile is what it meets: the conversion fuses with the op before; ``a8_ms``: the tiles with ``x``
-rounded to int8 and dp4a products, the rounding in separate torch kernels here). ``--sweep`` also times the tile kernel's block, groups-a-step and warps
-choices, to tune its defaults. Writes JSON.
+rounded to int8 and dp4a products, the rounding in separate torch kernels here). ``--sweep`` also times
+the tile kernel's block, groups-a-step and warps choices, to tune its defaults. Writes JSON.
 
     PYTHONPATH=src python benchmarks/weight_gemv.py --out results/weight_gemv.json
 """
@@ -100,7 +100,8 @@ def main() -> None:
                 row[f"{bits}bit_ms"] = _ms(q, x)
                 row[f"{bits}bit_f16_input_ms"] = _ms(q, x.half())  # the kernel alone: no conversion of x
                 _, parts, s, o = q._fast  # the int8-input variant on the same tiles (x rounded in torch first)
-                row[f"{bits}bit_a8_ms"] = _ms(lambda: tile_gemv.tile_gemv(x, parts, bits, n, s, o, a8=True))  # noqa: B023
+                row[f"{bits}bit_a8_ms"] = _ms(
+                    lambda: tile_gemv.tile_gemv(x, parts, bits, n, s, o, a8=True))  # noqa: B023
                 nbytes = q.resident_nbytes  # the tiles and their float16 grid: what the kernel reads
                 row[f"{bits}bit_bytes"] = nbytes
                 row[f"{bits}bit_roofline_ms"] = nbytes / peak * 1e3

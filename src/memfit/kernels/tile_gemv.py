@@ -26,10 +26,10 @@ output). The sums of ``(code - c) * x`` are float16 arithmetic on four codes a w
 ``s`` and by ``s + 8``, masked into the mantissa of 1024.0 (two codes a register, in channel order
 thanks to the byte order above), and one FMA a pair takes off ``1024 + c`` and scales by ``2**-w``,
 exactly: about 1.5 instructions a code, then a float16 FMA with ``x`` (even and odd channels summed as
-two chains, which compile to one f16x2 FMA a pair; a single chain compiled to three instructions a pair). The PTX takes a thread's four
-consecutive bytes as one word, which Triton lays out so only when a tile holds at least four bytes a
-thread; smaller tiles use plain Triton shifts (measured on the H200: the PTX on tiles of one or two bytes
-a thread gave wrong sums). Conversions to float32 run at 1/8 of the FMA rate on an H100, so only each
+two chains, which compile to one f16x2 FMA a pair; a single chain compiled to three instructions a
+pair). The PTX takes a thread's four consecutive bytes as one word, which Triton lays out so only when
+a tile holds at least four bytes a thread; smaller tiles use plain Triton shifts (measured on the H200:
+the PTX on tiles of one or two bytes a thread gave wrong sums). Conversions to float32 run at 1/8 of the FMA rate on an H100, so only each
 row's per-slot sum is converted. ``x`` is read in float16, saturated at +-65504, and a row's float16
 sum over one slot (``R`` channels) must stay under 65504 (activations that large are not met in
 practice). Each unit's sum of ``x`` (float32) is computed next to the conversion (both fuse with the
@@ -375,16 +375,17 @@ def tile_gemv(x: torch.Tensor, tiles: list[torch.Tensor], bits: int, n: int, sca
     a program's warps, the most units it reads a step, programs an SM (K is split to reach it); or
     ``split``, a divisor of the steps (for tuning). The defaults were the fastest or within 4% of it of 18
     choices on the H200 for each of Llama-3.1-8B's shapes at 2, 3 and 4 bits. ``a8``: ``x`` rounded to
-    int8 in blocks of 32 channels and the codes' products summed exactly by dp4a, about 0.6 instructions
-    a 4-bit code against 3.4 (SmolLM2's perplexity moves +0.11% at 4 bits g32, +0.40% at 3 bits); not run
-    on a GPU yet. Returns [..., n] in ``x``'s dtype."""
+    int8 in blocks of 32 channels and the codes' products summed exactly by dp4a: the loop compiles to
+    about 1.8 instructions a 4-bit code against 3.4 (SmolLM2's perplexity moves +0.11% at 4 bits g32,
+    +0.40% at 3 bits); not run on a GPU yet. Returns [..., n] in ``x``'s dtype."""
     k = x.shape[-1]
     nb, ng, bn, _ = tiles[0].shape  # ng: units of `group` channels, a tile row each
     group, grid = k // ng, k // scale.shape[0]
     if not supports(x, grid, k) or len(tiles) != len(PARTS[bits]) or grid % group or (a8 and k % A8_BLOCK):
         raise ValueError(f"tile_gemv takes CUDA inputs with at most {MAX_ROWS} rows and the tiles of a {bits}-bit layer")
     if scale.shape != (k // grid, nb * bn) or offset.shape != scale.shape:
-        raise ValueError(f"scale and offset must be [{k // grid}, {nb * bn}], got {tuple(scale.shape)} / {tuple(offset.shape)}")
+        raise ValueError(f"scale and offset must be [{k // grid}, {nb * bn}], got {tuple(scale.shape)} / "
+                         f"{tuple(offset.shape)}")
     xs = x.reshape(-1, k)
     xsum = xs.float().reshape(-1, ng, group).sum(-1)  # each unit's sum of x, for the offsets
     m = xs.shape[0]
@@ -394,7 +395,7 @@ def tile_gemv(x: torch.Tensor, tiles: list[torch.Tensor], bits: int, n: int, sca
     ngt = groups_a_step(ng, groups)
     split = split or splits(ng // ngt, nb, m, x.device, per_sm)
     if (ng // ngt) % split:
-        raise ValueError(f"split must divide the {ng // ngt} steps of {ngt} groups, got {split}")
+        raise ValueError(f"split must divide the {ng // ngt} steps of {ngt} units, got {split}")
     ws, cnt = _workspace(x.device, n, nb) if split > 1 else (y, y)
     if a8:  # under torch.compile the rounding and the word order fuse with the op before
         xq, xsc = quantize_input(xs)

@@ -15,10 +15,10 @@ at their stored width run a Triton GEMV over a copy of the codes in a layout mad
 activations); any-precision reads below the stored width, and float32 activations, run a Triton GEMV
 that reads the bit planes (``kernels.plane_gemv``); more rows (prefill, where the matmul's cost hides
 the dequantization) dequantize. ``set_prefer("tiles" | "tinygemm" | "planes")`` asks for one of them
-where it takes the layer; ``"tiles-a8"``: the tiles with the input rounded to int8 (opt-in). ``kernel`` says which path a layer uses. The kernel's
-copy is made on first use; where it holds every code the bit planes are then dropped from the GPU and
-rebuilt from it exactly when needed (saving, moving, another read width): the codes sit in GPU
-memory once.
+where it takes the layer; ``"tiles-a8"``: the tiles with the input rounded to int8 (opt-in). ``kernel``
+says which path a layer uses. The kernel's copy is made on first use; where it holds every code the
+bit planes are then dropped from the GPU and rebuilt from it exactly when needed (saving, moving,
+another read width): the codes sit in GPU memory once.
 """
 
 from __future__ import annotations
@@ -227,7 +227,8 @@ class QuantLinear(nn.Module):
                 and (self.prefer != "tiles-a8" or self.in_features % tile_gemv.A8_BLOCK == 0))
 
     def _tinygemm_ok(self) -> bool:
-        return (self.prefer in (None, "tinygemm") and self.planes.is_cuda and self.kind == "uniform" and self.read_bits == 4
+        return (self.prefer in (None, "tinygemm") and self.planes.is_cuda and self.kind == "uniform"
+                and self.read_bits == 4
                 and self.group_size in TINYGEMM_GROUPS and self.in_features % 128 == 0 and self.out_features % 8 == 0
                 and hasattr(torch.ops.aten, "_weight_int4pack_mm"))
 
@@ -316,7 +317,8 @@ class QuantLinear(nn.Module):
             return y.reshape(*x.shape[:-1], self.out_features)
         if self._tiles_ok(x):
             _, parts, scale, offset = self._fast_copy("tiles")
-            return tile_gemv.tile_gemv(x, parts, self.bits, self.out_features, scale, offset, a8=self.prefer == "tiles-a8")
+            return tile_gemv.tile_gemv(x, parts, self.bits, self.out_features, scale, offset,
+                                       a8=self.prefer == "tiles-a8")
         if self._gemv_ok(x):
             if self.meta_bits:
                 grid = {"meta": (self.scale_codes, self.offset_codes, self.meta_ranges)}
