@@ -15,15 +15,13 @@ from pathlib import Path
 import memfit
 from memfit.bench import parse_weight_config
 from memfit.eval.perplexity import SHIPPED_TEXT, perplexity
-from memfit.kernels.tile_gemv import A8_BLOCK, quantize_input
+from memfit.kernels.tile_gemv import dequantize_input, quantize_input
 from memfit.weights import QuantLinear, quantize_
 
 
 def _round_input(module, args):
     (x,) = args
-    xq, xsc = quantize_input(x.reshape(-1, x.shape[-1]))
-    back = (xq.float().reshape(*xsc.shape, A8_BLOCK) * xsc[..., None]).reshape(x.shape)
-    return back.to(x.dtype)
+    return dequantize_input(*quantize_input(x.reshape(-1, x.shape[-1]))).reshape(x.shape).to(x.dtype)
 
 
 def main() -> None:

@@ -583,7 +583,7 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
         if use_gluon:  # one wave of as many programs (one warp each) as the SMs hold
             pps = programs_per_sm or min(GLUON_PROGRAMS_PER_SM, gluon_decode.programs_per_sm(
                 q, r.kc, r.ks, r.kz, r.vc, r.vs, r.vz, r.kw, r.vw, *lens, r.qoff, r.woff, h=h, bits=r.bits,
-                kgroup=kg, per_head=per_head, vbits=r.vbits))
+                kgroup=kg, per_head=per_head, vbits=r.value_bits))
             slots = pps * _sms(q.device)
             if r.offsets or r.total_q is not None:  # uneven runs: total / sl slices, and a part slice a row and head
                 sl = math.ceil(total / max(slots - b * h, slots // 2))
@@ -617,7 +617,7 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
             gluon_decode.launch(qr, r.kc, r.ks, r.kz, r.vc, r.vs, r.vz, r.kw, r.vw, qlen, wlen, r.qoff, r.woff, acc,
                                 m, lsum, h=h, bits=r.bits, kgroup=r.kgroup, nq=r.max_q, nw=r.max_w, s0=s0,
                                 nslices=nslices, nsplit=nsplit, nqs=nqs, split_len=sl, scale=scale,
-                                per_head=per_head, vbits=r.vbits)
+                                per_head=per_head, vbits=r.value_bits)
         else:
             _launch_triton(qr, r, qlen, wlen, acc, m, lsum, h=h, s0=s0, nslices=nslices, nsplit=nsplit, nqs=nqs,
                            split_len=sl, scale=scale, per_head=per_head, dequant=dequant, num_warps=num_warps,

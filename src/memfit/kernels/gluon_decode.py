@@ -601,7 +601,7 @@ def supports(d: int, bits: int, kgroup: int, nvg: int, group: int, vbits: int | 
 
 def _prepared(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, acc, m, lsum, *, h: int, bits: int,
               kgroup: int, nq: int, nw: int, s0: int, nsplit: int, nqs: int, split_len: int, scale: float,
-              per_head: bool, stages: int, window_tile: int, vbits: int | None = None):
+              per_head: bool, stages: int, window_tile: int, vbits: int):
     """The kernel that takes these inputs, its arguments and its compile-time ones."""
     b, hq, d = q.shape
     offsets = qoff is not None
@@ -611,27 +611,26 @@ def _prepared(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, acc, m,
     args = (q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff if offsets else m, woff if offsets else m,
             acc, m, lsum, q.stride(0), q.stride(1), *st(kc), *st(ks), *st(vc), *st(vs), *st(kw),
             h, nsplit, s0, nqs, split_len, nq, nw, scale)
-    vb = vbits or bits
     common = dict(G=g, D=d, BITS=bits, NVG=nvg, T=kgroup, PER_HEAD=per_head, STAGES=stages, WTILE=window_tile,
-                  OFFSETS=offsets, VBITS=vb, num_warps=1)
-    if _token_major(d, vb, nvg, g):  # the value words decide it
-        return _split_kernel, args, dict(VW=_word_bits_t(d, vb, nvg), TM=True, GN=8 if g <= 8 else 16, **common)
-    return _split_kernel, args, dict(VW=_word_bits(d, vb, nvg), **common)
+                  OFFSETS=offsets, VBITS=vbits, num_warps=1)
+    if _token_major(d, vbits, nvg, g):  # the value words decide it
+        return _split_kernel, args, dict(VW=_word_bits_t(d, vbits, nvg), TM=True, GN=8 if g <= 8 else 16, **common)
+    return _split_kernel, args, dict(VW=_word_bits(d, vbits, nvg), **common)
 
 
 _CAPACITY: dict = {}
 
 
 def programs_per_sm(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, *, h: int, bits: int, kgroup: int,
-                    per_head: bool, stages: int = 2, window_tile: int = WINDOW_TILE, vbits: int | None = None) -> int:
+                    per_head: bool, vbits: int, stages: int = 2, window_tile: int = WINDOW_TILE) -> int:
     """How many of the kernel's programs (one warp each) an SM holds at once, from the registers
     and shared memory of the variant these inputs compile to (compiled here if it was not yet):
     the launch sizes its slices to one wave of them, since a few programs past a full wave run
     alone afterwards and take as long again."""
     # keyed by what picks the compiled variant, so that a decode step (which asks every layer) does
     # not build the kernel's arguments twice: _prepared runs once a variant, on the first ask
-    key = (q.device, q.shape[1] // h, q.shape[2], bits, vbits or bits, vs.shape[-1], kgroup, per_head, stages,
-           window_tile, qoff is not None, tuple(t.dtype for t in (q, kc, ks, kz, vc, vs, vz, kw, vw)))
+    key = (q.device, q.shape[1] // h, q.shape[2], bits, vbits, vs.shape[-1], kgroup, per_head, stages, window_tile,
+           qoff is not None, tuple(t.dtype for t in (q, kc, ks, kz, vc, vs, vz, kw, vw)))
     if key not in _CAPACITY:
         kernel, args, kw_ = _prepared(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, q, q, q, h=h,
                                       bits=bits, kgroup=kgroup, nq=kgroup, nw=0, s0=0, nsplit=1, nqs=1,
@@ -651,7 +650,7 @@ def programs_per_sm(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, *
 
 def launch(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, acc, m, lsum, *, h: int, bits: int,
            kgroup: int, nq: int, nw: int, s0: int, nslices: int, nsplit: int, nqs: int, split_len: int, scale: float,
-           per_head: bool, stages: int = 2, window_tile: int = WINDOW_TILE, vbits: int | None = None) -> None:
+           per_head: bool, vbits: int, stages: int = 2, window_tile: int = WINDOW_TILE) -> None:
     """Fill slices ``s0 .. s0 + nslices`` of the ``nsplit`` in ``acc`` / ``m`` / ``lsum``: ``nqs``
     of the quantized tokens (at most ``nq`` a row and head), then the 16-bit window's (at most
     ``nw``), ``window_tile`` tokens each. ``qoff`` / ``woff``: [B, H] starts in flat storage, or None."""

@@ -159,11 +159,13 @@ if triton is not None:
         return ((b >> SHIFT) & ((1 << W) - 1)).to(tl.float16) * (1.0 / (1 << W)) - 0.5
 
     @triton.jit
-    def _load_part(P, g0, pid_n, NG: tl.constexpr, W: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr,
-                   NGT: tl.constexpr, ASM: tl.constexpr, WARPS: tl.constexpr):
-        """One part's bytes for units ``g0 .. g0 + NGT - 1`` of the program's BN rows: uint8 [NGT BN, R],
-        tile row ``j BN + n`` = output row ``n`` over unit ``g0 + j``. The units' blocks are consecutive in
-        memory, so the tile is one contiguous read, and a row's R <= 16 bytes are one thread's load."""
+    def _part_dot(X, P, row, g0, pid_n, NG: tl.constexpr, W: tl.constexpr, GROUP: tl.constexpr,
+                  BN: tl.constexpr, NGT: tl.constexpr, ASM: tl.constexpr, WARPS: tl.constexpr):
+        """One part's ``sum_k ((code_k - 2**(W-1)) / 2**W) x_k`` over units ``g0 .. g0 + NGT - 1`` for the
+        program's BN rows: float32 [NGT BN], tile row ``j BN + n`` = output row ``n`` over unit ``g0 + j``.
+        The units' blocks are consecutive in memory, so the tile [NGT BN, R] is one contiguous read, and
+        a row's R <= 16 bytes are one thread's load; a 2-D tile keeps ``x`` and the codes in one
+        register layout."""
         R: tl.constexpr = GROUP * W // 8
         # the PTX takes a thread's 4 consecutive bytes as one word: only a tile of at least 4 bytes a
         # thread is laid out so (smaller ones get 1 or 2 bytes a thread along a row, measured)
@@ -175,18 +177,7 @@ if triton is not None:
         else:  # plain Triton reads each code's own byte: undo the order within each word
             q = r % 4
             rb = r - q + tl.where(q == 1, 2, tl.where(q == 2, 1, q))
-        return tl.load(P + ((pid_n * NG + g0) * BN + t)[:, None] * R + rb[None, :], eviction_policy="evict_first")
-
-    @triton.jit
-    def _part_dot(X, b, row, g0, NG: tl.constexpr, W: tl.constexpr, GROUP: tl.constexpr,
-                  BN: tl.constexpr, NGT: tl.constexpr, ASM: tl.constexpr, WARPS: tl.constexpr):
-        """One part's ``sum_k ((code_k - 2**(W-1)) / 2**W) x_k`` over the units of the bytes ``b`` (from
-        :func:`_load_part`) for the program's BN rows: float32 [NGT BN]. A 2-D tile keeps ``x`` and the
-        codes in one register layout."""
-        R: tl.constexpr = GROUP * W // 8
-        FAST: tl.constexpr = ASM and NGT * BN * R >= 128 * WARPS
-        r = tl.arange(0, R)
-        t = tl.arange(0, NGT * BN)
+        b = tl.load(P + ((pid_n * NG + g0) * BN + t)[:, None] * R + rb[None, :], eviction_policy="evict_first")
         xrow = X + row * (NG * GROUP) + (g0 + t // BN) * GROUP  # each tile row's unit of x
         acc = tl.zeros((NGT * BN,), tl.float32)
         for i in tl.static_range(8 // W):  # slot i: channels g G + i R .. g G + i R + R - 1
@@ -244,18 +235,13 @@ if triton is not None:
                 if W2 > 0:
                     cx += _part_dot_a8(P2, XW2, XSC, row, g0, pid_n, NG, W2, GROUP, BN, NGT, ASM) * (1 << OFF2)
             else:
-                b0 = _load_part(P0, g0, pid_n, NG, W0, GROUP, BN, NGT, ASM, WARPS)
-                if W1 > 0:
-                    b1 = _load_part(P1, g0, pid_n, NG, W1, GROUP, BN, NGT, ASM, WARPS)
-                if W2 > 0:
-                    b2 = _load_part(P2, g0, pid_n, NG, W2, GROUP, BN, NGT, ASM, WARPS)
                 # code = sum of parts << OFF; each part's sum is of (part - 2**(W-1)) / 2**W, so cx is the sum
                 # of (code - CENTRE) x: w = (code - CENTRE) * scale + (offset + CENTRE * scale)
-                cx = _part_dot(X, b0, row, g0, NG, W0, GROUP, BN, NGT, ASM, WARPS) * (1 << (OFF0 + W0))
+                cx = _part_dot(X, P0, row, g0, pid_n, NG, W0, GROUP, BN, NGT, ASM, WARPS) * (1 << (OFF0 + W0))
                 if W1 > 0:
-                    cx += _part_dot(X, b1, row, g0, NG, W1, GROUP, BN, NGT, ASM, WARPS) * (1 << (OFF1 + W1))
+                    cx += _part_dot(X, P1, row, g0, pid_n, NG, W1, GROUP, BN, NGT, ASM, WARPS) * (1 << (OFF1 + W1))
                 if W2 > 0:
-                    cx += _part_dot(X, b2, row, g0, NG, W2, GROUP, BN, NGT, ASM, WARPS) * (1 << (OFF2 + W2))
+                    cx += _part_dot(X, P2, row, g0, pid_n, NG, W2, GROUP, BN, NGT, ASM, WARPS) * (1 << (OFF2 + W2))
             scale = tl.load(S + (gi // UPG) * NPAD + n).to(tl.float32)  # [NGT BN]
             offset = tl.load(O + (gi // UPG) * NPAD + n).to(tl.float32)
             if CENTRE > 0:
@@ -322,7 +308,7 @@ def splits(steps: int, blocks: int, rows: int, device: torch.device, per_sm: int
 
 
 def groups_a_step(groups: int, most: int = 8) -> int:
-    """The largest power of two <= ``most`` that divides ``groups``: groups a program reads a step."""
+    """The largest power of two <= ``most`` that divides ``groups``: units a program reads a step."""
     t = most
     while groups % t:
         t //= 2
@@ -341,6 +327,11 @@ def quantize_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (xb / s[..., None]).round().clamp(-127, 127).to(torch.int8).reshape(m, k), s
 
 
+def dequantize_input(xq: torch.Tensor, xsc: torch.Tensor) -> torch.Tensor:
+    """The float32 values :func:`quantize_input`'s codes and scales stand for: [m, K]."""
+    return (xq.float().reshape(*xsc.shape, A8_BLOCK) * xsc[..., None]).reshape(xq.shape)
+
+
 def _input_words(xq: torch.Tensor, tiles: list[torch.Tensor], bits: int) -> list[torch.Tensor]:
     """The int8 input in each part's byte order: int32 [m, K / U, 8 / w, R / 4], word ``j`` of slot
     ``i`` of unit ``u`` holding the four channels whose codes word ``j`` of a row holds."""
@@ -357,8 +348,7 @@ def tile_gemv_a8_reference(x: torch.Tensor, tiles: list[torch.Tensor], bits: int
     """What ``tile_gemv(..., a8=True)`` computes, in torch (float32): the codes' products with ``x``
     rounded to int8 blocks, the offsets' with ``x`` itself."""
     x2 = x.reshape(-1, x.shape[-1]).float()
-    xq, xsc = quantize_input(x2)
-    xr = (xq.float().reshape(*xsc.shape, A8_BLOCK) * xsc[..., None]).reshape(x2.shape)
+    xr = dequantize_input(*quantize_input(x2))
     codes = unpack_tiles(tiles, bits, n).float()
     g = codes.shape[1] // scale.shape[0]
     y = (xr @ (codes * scale.float().T.repeat_interleave(g, 1)[:n]).T
