@@ -179,3 +179,25 @@ def test_int8_input_kernel_matches_its_reference(bits, group, rows):
     assert q.kernel == "triton-tiles-a8"
     y = q(x).float() - q.bias.float()
     assert (y - ref).abs().max().item() < 1e-2 * ref.abs().max().item()
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("prefer", ["tiles", "tiles-a8"])
+def test_tile_kernel_replays_from_a_cuda_graph(prefer):
+    """Captured in a CUDA graph (what a compiled decode step does) and replayed on new input, the layer
+    gives what it gives eagerly: nothing in the call copies from host memory or keeps a stale input."""
+    q = _layer(200, 512, 3, 64)
+    q.set_prefer(prefer)
+    x = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        q(x)  # builds the tiles and compiles outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = q(x)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(y, q(x), rtol=0, atol=0)

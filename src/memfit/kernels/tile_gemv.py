@@ -339,7 +339,10 @@ def _input_words(xq: torch.Tensor, tiles: list[torch.Tensor], bits: int) -> list
     out = []
     for (w, _), t in zip(PARTS[bits], tiles):
         ng, r = t.shape[1], t.shape[3]
-        out.append(xq.reshape(m, ng, 8 // w, r)[..., _word_order(r)].contiguous().view(torch.int32))
+        # _word_order(r) as a view: [.., 2, 2] transposed is the order (0, 2, 1, 3) of each four bytes; no index
+        # tensor, so the call can be captured in a CUDA graph
+        words = xq.reshape(m, ng, 8 // w, r // 4, 2, 2).transpose(-1, -2)
+        out.append(words.reshape(m, ng, 8 // w, r).contiguous().view(torch.int32))
     return out
 
 
