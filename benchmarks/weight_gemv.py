@@ -1,11 +1,14 @@
 """One decode-sized matmul through memfit's weight kernels against bf16 cuBLAS, on Llama-3.1-8B's
 Linear shapes: the tile-layout GEMV (``kernels/tile_gemv.py``, ``set_prefer("tiles")``) at each width, the
 bit-plane GEMV (any-precision reads) and torch's tinygemm int4. Each time is per call, replayed from
-a CUDA graph of 50 calls (median of 20 replays), with the bytes it reads at HBM peak beside it
+a CUDA graph of 48 calls (median of 20 replays), with the bytes it reads at HBM peak beside it
 (``roofline_ms``, ``of_peak``; ``f16_input_ms``: the kernel alone, on a float16 ``x``, which under
 torch.compile is what it meets: the conversion fuses with the op before; ``a8_ms``: the tiles with ``x``
-rounded to int8 and dp4a products, the rounding in separate torch kernels here). ``--sweep`` also times
-the tile kernel's block, groups-a-step and warps choices, to tune its defaults. Writes JSON.
+rounded to int8 and dp4a products, the rounding in separate torch kernels here). The calls cycle
+through copies of the layer that together exceed the L2 cache four times, so that each reads its
+weights from HBM as a decode step does (``--warm``: one copy, read from L2 where it fits, as earlier
+versions of this benchmark timed). ``--sweep`` also times the tile kernel's block, groups-a-step,
+warps and programs-an-SM choices, to tune its defaults. Writes JSON.
 
     PYTHONPATH=src python benchmarks/weight_gemv.py --out results/weight_gemv.json
 """
@@ -28,18 +31,21 @@ from memfit.weights.grid import hqq
 SHAPES = {"q_o": (4096, 4096), "k_v": (1024, 4096), "gate_up": (14336, 4096), "down": (4096, 14336)}
 
 
-def _ms(fn, *args, reps: int = 50) -> float:
-    """Per call, replayed from a CUDA graph of ``reps`` calls: the kernels' time, not Python's launches."""
+def _ms(fns, reps: int = 48) -> float:
+    """Per call, replayed from a CUDA graph of ``reps`` calls cycling through ``fns`` (one zero-argument
+    callable per copy of the weights): the kernels' time, not Python's launches."""
+    fns = fns if isinstance(fns, (list, tuple)) else [fns]
+    reps = max(reps, len(fns))  # every copy read once a replay at least
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        for _ in range(3):
-            fn(*args)
+        for fn in fns:
+            fn()
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn(*args)
+        for i in range(reps):
+            fns[i % len(fns)]()
     ts = []
     for _ in range(20):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -51,24 +57,36 @@ def _ms(fn, *args, reps: int = 50) -> float:
     return sorted(ts)[len(ts) // 2]
 
 
-def _sweep(q: QuantLinear, x: torch.Tensor, n: int) -> list[dict]:
-    """The five fastest (block of outputs, groups a step, warps) choices of the tile kernel."""
+def copies(nbytes: int, warm: bool) -> int:
+    """Copies of a layer of ``nbytes`` that together exceed the L2 cache four times (1 if ``warm``)."""
+    if warm:
+        return 1
+    return max(2, -(-4 * torch.cuda.get_device_properties(0).L2_cache_size // nbytes))
+
+
+def _sweep(qs: list[QuantLinear], x: torch.Tensor, n: int) -> list[dict]:
+    """The five fastest (groups a step, warps, programs an SM) choices of the tile kernel, over the
+    copies ``qs`` of one layer."""
+    q = qs[0]
     codes, (scale, zero) = q.codes(), q.grid()
     out = []
-    for bn in (16, 32):
+    for bn in (tile_gemv.BLOCK_N,):  # the block the layers are packed with
         parts = tile_gemv.pack_tiles(codes, q.bits, q.group_size, block_n=bn)
         pad = (0, 0, 0, parts[0].shape[0] * bn - n)
         s = nn.functional.pad(scale, pad).T.contiguous().half()
         o = nn.functional.pad(-zero * scale, pad).T.contiguous().half()
-        for groups, warps, per_sm in itertools.product((4, 8), (2, 4), (4, 8, 16)):
+        layers = [(parts, s, o)] + [([p.clone() for p in parts], s.clone(), o.clone()) for _ in qs[1:]]
+        for groups, warps, per_sm in itertools.product((4, 8, 16, 32), (4, 8), (8, 16, 32)):
             choice = {"block_n": bn, "groups": groups, "warps": warps, "per_sm": per_sm}
             try:
-                ms = _ms(lambda: tile_gemv.tile_gemv(x, parts, q.bits, n, s, o, groups=groups, warps=warps,  # noqa: B023
-                                                     per_sm=per_sm))  # noqa: B023
+                ms = _ms([lambda p=p, s=s, o=o: tile_gemv.tile_gemv(x, p, q.bits, n, s, o, groups=groups,  # noqa: B023
+                                                                     warps=warps, per_sm=per_sm)  # noqa: B023
+                          for p, s, o in layers])
             except Exception as e:  # noqa: BLE001 - a choice that does not compile is left out, and said so
                 out.append({**choice, "error": type(e).__name__})
                 continue
             out.append({**choice, "ms": ms})
+        del layers
     return sorted([r for r in out if "ms" in r], key=lambda r: r["ms"])[:5]
 
 
@@ -78,51 +96,67 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--rows", type=int, default=1)
     ap.add_argument("--peak-tbs", type=float, default=4.8, help="HBM peak, TB/s (H200: 4.8)")
-    ap.add_argument("--sweep", action="store_true", help="also time the tile kernel's block / split / warps choices")
+    ap.add_argument("--warm", action="store_true", help="time one copy of each layer (read from L2 where it fits)")
+    ap.add_argument("--sweep", action="store_true", help="also time the tile kernel's launch choices")
+    ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     ap.add_argument("--out", type=Path, default=Path("results/weight_gemv.json"))
     args = ap.parse_args()
     peak = args.peak_tbs * 1e12
     rows = []
     with torch.no_grad():
-        for name, (n, k) in SHAPES.items():
+        for name in args.shapes:
+            n, k = SHAPES[name]
             lin = nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
             x = torch.randn(args.rows, k, device="cuda", dtype=torch.bfloat16)
             bf16_bytes = n * k * 2
-            row = {"shape": name, "out": n, "in": k, "bf16_ms": _ms(lin, x),
-                   "bf16_roofline_ms": bf16_bytes / peak * 1e3}
+            lins = [lin] + [nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+                            for _ in range(copies(bf16_bytes, args.warm) - 1)]
+            row = {"shape": name, "out": n, "in": k, "bf16_copies": len(lins),
+                   "bf16_ms": _ms([lambda m=m: m(x) for m in lins]), "bf16_roofline_ms": bf16_bytes / peak * 1e3}
             row["bf16_of_peak"] = row["bf16_roofline_ms"] / row["bf16_ms"]
+            del lins
             for bits in args.bits:
                 uc = hqq(lin.weight.data.float(), bits, args.group_size)
-                q = QuantLinear.from_codes(lin, uc.codes, bits, scale=uc.scale.half(), zero=uc.zero.half(),
-                                           group_size=args.group_size)
+
+                def layer() -> QuantLinear:
+                    return QuantLinear.from_codes(lin, uc.codes, bits, scale=uc.scale.half(),  # noqa: B023
+                                                  zero=uc.zero.half(), group_size=args.group_size)  # noqa: B023
+                q = layer()
                 q.set_prefer("tiles")
+                q(x)  # the tiles: the bytes the kernel reads
+                nbytes = q.resident_nbytes  # the tiles and their float16 grid
+                qs = [q] + [layer() for _ in range(copies(nbytes, args.warm) - 1)]
+                for c in qs[1:]:
+                    c.set_prefer("tiles")
+                    c(x)
                 row[f"{bits}bit_kernel"] = q.kernel
-                row[f"{bits}bit_ms"] = _ms(q, x)
-                row[f"{bits}bit_f16_input_ms"] = _ms(q, x.half())  # the kernel alone: no conversion of x
-                _, parts, s, o = q._fast  # the int8-input variant on the same tiles (x rounded in torch first)
-                row[f"{bits}bit_a8_ms"] = _ms(
-                    lambda: tile_gemv.tile_gemv(x, parts, bits, n, s, o, a8=True))  # noqa: B023
-                nbytes = q.resident_nbytes  # the tiles and their float16 grid: what the kernel reads
+                row[f"{bits}bit_copies"] = len(qs)
+                row[f"{bits}bit_ms"] = _ms([lambda c=c: c(x) for c in qs])
+                row[f"{bits}bit_f16_input_ms"] = _ms([lambda c=c: c(x.half()) for c in qs])  # no conversion of x
+                # the int8-input variant on the same tiles (x rounded in torch first)
+                row[f"{bits}bit_a8_ms"] = _ms([lambda f=c._fast: tile_gemv.tile_gemv(x, f[1], bits, n, f[2], f[3],  # noqa: B023
+                                                                                       a8=True) for c in qs])
                 row[f"{bits}bit_bytes"] = nbytes
                 row[f"{bits}bit_roofline_ms"] = nbytes / peak * 1e3
                 row[f"{bits}bit_of_peak"] = row[f"{bits}bit_roofline_ms"] / row[f"{bits}bit_ms"]
                 row[f"{bits}bit_vs_bf16"] = row["bf16_ms"] / row[f"{bits}bit_ms"]
                 if args.sweep:
-                    row[f"{bits}bit_sweep"] = _sweep(q, x, n)
-                q._drop_fast()
+                    row[f"{bits}bit_sweep"] = _sweep(qs, x, n)
+                for c in qs:
+                    c._drop_fast()
                 if bits in (2, 3, 4):  # the bit-plane GEMV, on the same codes
-                    p = QuantLinear.from_codes(lin, uc.codes, bits, scale=uc.scale.half(), zero=uc.zero.half(),
-                                               group_size=args.group_size)
-                    row[f"{bits}bit_planes_ms"] = _ms(lambda p=p: plane_gemv.plane_gemv(
-                        x, p.planes, p.group_size, bits, scale=p.scale, zero=p.zero))
+                    row[f"{bits}bit_planes_ms"] = _ms([lambda c=c: plane_gemv.plane_gemv(
+                        x, c.planes, c.group_size, bits, scale=c.scale, zero=c.zero) for c in qs])
                 if bits == 4:
-                    q.set_prefer("tinygemm")
-                    row["4bit_tinygemm_ms"] = _ms(q, x)
-                del q
+                    for c in qs:
+                        c.set_prefer("tinygemm")
+                    row["4bit_tinygemm_ms"] = _ms([lambda c=c: c(x) for c in qs])
+                del q, qs
+                torch.cuda.empty_cache()
             rows.append(row)
             print(json.dumps({kk: (round(v, 4) if isinstance(v, float) else v) for kk, v in row.items()}), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": args.rows,
+    args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": args.rows, "warm": args.warm,
                                     "group_size": args.group_size, "peak_tbs": args.peak_tbs, "shapes": rows}, indent=1))
 
 
