@@ -366,8 +366,8 @@ def tile_gemv(x: torch.Tensor, tiles: list[torch.Tensor], bits: int, n: int, sca
     output rows; ``W = code * scale + offset``, float16 [K / G, ceil(N / BN) BN]). ``asm``: the PTX
     dequantization (False: plain Triton, which the interpreter runs). ``warps``, ``groups``, ``per_sm``:
     a program's warps, the most units it reads a step, programs an SM (K is split to reach it); or
-    ``split``, a divisor of the steps (for tuning). The defaults were the fastest or within 4% of it of 18
-    choices on the H200 for each of Llama-3.1-8B's shapes at 2, 3 and 4 bits. ``a8``: ``x`` rounded to
+    ``split``, a divisor of the steps (for tuning). The defaults are within 10% of the fastest of the
+    choices timed on the H200 at Llama-3.1-8B's shapes (``benchmarks/weight_gemv.py --sweep``). ``a8``: ``x`` rounded to
     int8 in blocks of 32 channels and the codes' products summed exactly by dp4a: the loop compiles to
     about 1.8 instructions a 4-bit code against 3.4 (SmolLM2's perplexity moves +0.11% at 4 bits g32,
     +0.40% at 3 bits). Returns [..., n] in ``x``'s dtype."""
