@@ -9,17 +9,16 @@ greedily from the same compressed cache, and writes records in memfit's eval sch
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import re
 import sys
 import tempfile
 import time
 import traceback
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerFast, pipeline
+
+from peer_common import score, textlines
 
 import kvpress  # noqa: F401  registers the "kv-press-text-generation" pipeline
 from kvpress import (
@@ -41,21 +40,6 @@ PRESSES = {
     "pyramidkv": PyramidKVPress,
     "kvzip": KVzipPress,
 }
-
-
-def _normalize(text: str) -> str:
-    return re.sub(r"\s+", " ", text.lower()).strip()
-
-
-def _score(reply: str, answers: list[str]) -> float:
-    norm = _normalize(reply)
-    return sum(_normalize(a) in norm for a in answers) / len(answers)
-
-
-_spec = importlib.util.spec_from_file_location(
-    "memfit_textlines", Path(__file__).resolve().parents[1] / "src" / "memfit" / "textlines.py")
-textlines = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(textlines)  # memfit's own reply cutting, without importing memfit (other venv)
 
 
 @torch.no_grad()
@@ -143,7 +127,8 @@ def main() -> int:
                         traceback.print_exc(file=sys.stderr)
                         break
                     replies = [textlines.first_lines(r, n) for r, n in zip(replies, s["lines"])]  # as memfit's ask
-                    scores = [_score(r, a) for r, a in zip(replies, s["answers"])]
+                    prefixes = s.get("answer_prefixes") or [""] * len(replies)
+                    scores = [score(a, p, r) for a, p, r in zip(s["answers"], prefixes, replies)]
                     n = context_ids.shape[1]
                     rec = {
                         "task": s["task"], "length": s["length"], "seed": s["seed"], "policy": label,

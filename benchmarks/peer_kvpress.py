@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import memfit
-from memfit.eval.runner import make_samples
+from memfit.eval.runner import export_samples, make_samples
 from memfit.eval.tasks import DEFAULT_TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,13 +49,7 @@ def main() -> int:
 
     lm = memfit.load_model(args.model)
     samples = make_samples(lm, args.tasks.split(","), args.length or [2048], args.samples, args.seed)
-    payload = {"model": lm.name, "samples": [{
-        "task": s.task, "length": s.length, "seed": s.seed,
-        "context_ids": lm.encode_context(s.context)[0].tolist(),  # exactly what memfit's prefill and ask read
-        "question_ids": [lm.encode_question(q.text, q.answer_prefix) for q in s.questions],
-        "answers": [list(q.answers) for q in s.questions],
-        "lines": [q.lines for q in s.questions],
-    } for s in samples]}
+    payload = export_samples(lm, samples)
     args.out.mkdir(parents=True, exist_ok=True)
     sample_file = args.out / "kvpress_samples.json"
     sample_file.write_text(json.dumps(payload))

@@ -168,3 +168,33 @@ def test_cli_eval_and_plot(tmp_path):
     assert r.exit_code == 2 and "unknown task(s) bogus" in r.stderr
     r = runner.invoke(app, ["plot", str(tmp_path / "missing")])
     assert r.exit_code == 2
+
+
+def _rec(source: str, policy: str, correct: float, **extra) -> dict:
+    return {"task": "t", "length": 100, "seed": 0, "policy": policy, "source": source, "correct": correct,
+            "scores": [correct], "compression": 1.0, "bytes_per_token": 1.0, **extra}
+
+
+def test_a_peer_is_relative_to_its_own_baseline():
+    """llama.cpp's q4_0 compares with llama.cpp's f16 (marked "baseline"), memfit's policies with
+    memfit's none; a peer without a baseline (kvpress) with memfit's none."""
+    recs = [_rec("memfit", "none", 0.8), _rec("memfit", "kivi(bits=4)", 0.6),
+            _rec("llama.cpp", "llama.cpp:kv(f16)", 0.5, baseline=True), _rec("llama.cpp", "llama.cpp:kv(q4_0)", 0.4),
+            _rec("kvpress", "kvpress:tova(ratio=0.5)", 0.2)]
+    rel = {r["policy"]: r["relative"] for r in summarize(recs)}
+    assert rel["kivi(bits=4)"] == pytest.approx(0.75)
+    assert rel["llama.cpp:kv(f16)"] == pytest.approx(1.0)
+    assert rel["llama.cpp:kv(q4_0)"] == pytest.approx(0.8)
+    assert rel["kvpress:tova(ratio=0.5)"] == pytest.approx(0.25)
+
+
+def test_exported_samples_are_the_ids_memfit_reads(tiny_lm):
+    from memfit.eval.runner import export_samples
+
+    sample = make_samples(tiny_lm, ["niah_multiquery"], [300], 1, 0)[0]
+    data = json.loads(json.dumps(export_samples(tiny_lm, [sample])))  # what the peer's worker reads
+    got = data["samples"][0]
+    assert got["context_ids"] == tiny_lm.encode_context(sample.context)[0].tolist()
+    assert got["question_ids"] == [tiny_lm.encode_question(q.text, q.answer_prefix) for q in sample.questions]
+    assert got["answers"] == [list(q.answers) for q in sample.questions]
+    assert set(data["stop_ids"]) == set(tiny_lm.stop_ids)

@@ -40,6 +40,19 @@ def make_samples(lm: LM, tasks: list[str], lengths: list[int], samples: int, see
     return [get_task(t)(seed + i, n, count) for t in tasks for n in lengths for i in range(samples)]
 
 
+def export_samples(lm: LM, samples: list[Sample]) -> dict:
+    """The samples as token ids, exactly what memfit's prefill and ask read (its own chat formatting),
+    for a peer toolkit run in another process: byte-identical prompts on both sides."""
+    return {"model": lm.name, "stop_ids": sorted(lm.stop_ids), "samples": [{
+        "task": s.task, "length": s.length, "seed": s.seed,
+        "context_ids": lm.encode_context(s.context)[0].tolist(),
+        "question_ids": [lm.encode_question(q.text, q.answer_prefix) for q in s.questions],
+        "answer_prefixes": [q.answer_prefix for q in s.questions],
+        "answers": [list(q.answers) for q in s.questions],
+        "lines": [q.lines for q in s.questions],
+    } for s in samples]}
+
+
 def _orders(sample: Sample, every_order: bool) -> list[list[int]]:
     """The question orders a sample is asked in: one rotation chosen by its seed, or every rotation."""
     n = len(sample.questions)
@@ -200,21 +213,25 @@ def _per_position(rs: list[dict]) -> tuple[dict[int, float], bool, int, dict | N
 
 
 def summarize(records: list[dict]) -> list[dict]:
-    """Per (source, policy): accuracy, mean compression, accuracy relative to "none", per-task accuracy."""
+    """Per (source, policy): accuracy, mean compression, accuracy relative to "none", per-task accuracy.
+    A peer toolkit's records are relative to its own 16-bit cache where one of its policies is marked
+    ``"baseline": true`` (llama.cpp's f16 KV), else to memfit's "none"."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         label = r["policy"] + MODE_LABELS.get(r.get("mode"), "")
         groups[(r.get("source", "memfit"), label)].append(r)
-    base = {k[1]: sum(x["correct"] for x in rs) / len(rs) for k, rs in groups.items()
-            if k[1] in ("none", *("none" + m for m in MODE_LABELS.values()))}
+    mean = lambda rs: sum(x["correct"] for x in rs) / len(rs)  # noqa: E731
+    base = {k[1]: mean(rs) for k, rs in groups.items()
+            if k[0] == "memfit" and k[1] in ("none", *("none" + m for m in MODE_LABELS.values()))}
+    own_base = {k[0]: mean(rs) for k, rs in groups.items() if k[0] != "memfit" and rs[0].get("baseline")}
     rows = []
     for (source, pol), rs in groups.items():
-        acc = sum(x["correct"] for x in rs) / len(rs)
+        acc = mean(rs)
         per_task: dict[str, list[float]] = defaultdict(list)
         for x in rs:
             per_task[f"{x['task']}@{x['length']}"].append(x["correct"])
         positions, balanced, n_multi, paired = _per_position(rs)
-        none_acc = base.get("none" + _mode_label(pol))
+        none_acc = own_base[source] if source in own_base else base.get("none" + _mode_label(pol))
         rows.append({
             "source": source, "policy": pol, "family": rs[0].get("family", pol), "samples": len(rs),
             "accuracy": acc, "relative": acc / none_acc if none_acc else None,
