@@ -15,9 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import memfit
-from memfit.eval.runner import export_samples, make_samples
-from memfit.eval.tasks import DEFAULT_TASKS
+from memfit.models import resolve_model
+from peer_common import add_sample_args, write_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv-kvpress"
@@ -37,23 +36,13 @@ def ensure_venv(venv: Path) -> Path:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS))  # as `memfit eval`, so both sides see the same samples
-    ap.add_argument("--length", type=int, action="append", default=None)
-    ap.add_argument("--samples", type=int, default=5)
-    ap.add_argument("--seed", type=int, default=0)
+    add_sample_args(ap)
     ap.add_argument("--presses", default="streaming_llm,snapkv,expected_attention,knorm,tova,pyramidkv,kvzip")
     ap.add_argument("--ratios", default="0.75,0.875")
-    ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--out", type=Path, default=Path("results/eval"))
     args = ap.parse_args()
 
-    lm = memfit.load_model(args.model)
-    samples = make_samples(lm, args.tasks.split(","), args.length or [2048], args.samples, args.seed)
-    payload = export_samples(lm, samples)
-    args.out.mkdir(parents=True, exist_ok=True)
-    sample_file = args.out / "kvpress_samples.json"
-    sample_file.write_text(json.dumps(payload))
-    source = memfit.models.resolve_model(args.model)
+    sample_file = write_samples(args, "kvpress_samples.json")
+    source = resolve_model(args.model)
     py = ensure_venv(VENV)
     cmd = [str(py), str(ROOT / "benchmarks" / "kvpress_worker.py"), "--samples", str(sample_file),
            "--model-dir", str(source.folder), "--presses", args.presses, "--ratios", args.ratios,

@@ -21,10 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import memfit
-from memfit.eval.runner import export_samples, make_samples
-from memfit.eval.tasks import DEFAULT_TASKS
 from memfit.models import resolve_model
+from peer_common import add_sample_args, write_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv-llamacpp"
@@ -62,24 +60,15 @@ def ensure_venv(venv: Path) -> Path:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS))  # as `memfit eval`, so both sides see the same samples
-    ap.add_argument("--length", type=int, action="append", default=None)
-    ap.add_argument("--samples", type=int, default=5)
-    ap.add_argument("--seed", type=int, default=0)
+    add_sample_args(ap)
     ap.add_argument("--types", default="f16,q8_0,q4_0", help="llama.cpp KV-cache types, K and V alike")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--out", type=Path, default=Path("results/eval"))
     args = ap.parse_args()
 
     source = resolve_model(args.model)
     if not source.gguf_file:
         raise SystemExit(f"llama.cpp reads GGUF files; {args.model!r} resolves to a folder without one ({source.folder})")
-    lm = memfit.load_model(args.model)
-    samples = make_samples(lm, args.tasks.split(","), args.length or [2048], args.samples, args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
-    sample_file = args.out / "llamacpp_samples.json"
-    sample_file.write_text(json.dumps(export_samples(lm, samples)))
+    sample_file = write_samples(args, "llamacpp_samples.json")
     py = ensure_venv(VENV)
     cmd = [str(py), str(ROOT / "benchmarks" / "llamacpp_worker.py"), "--samples", str(sample_file),
            "--gguf", str(Path(source.folder) / source.gguf_file), "--types", args.types,
