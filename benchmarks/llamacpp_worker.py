@@ -59,7 +59,8 @@ def main() -> int:
 
     data = json.load(open(args.samples))
     samples = data["samples"]
-    n_ctx = max(len(s["context_ids"]) + max(len(q) for q in s["question_ids"]) for s in samples) + args.max_new_tokens + 8
+    longest = max(len(s["context_ids"]) + max(len(q) for q in s["question_ids"]) for s in samples)
+    n_ctx = longest + args.max_new_tokens + 8
     skipped = {}
     with open(args.out, "a") as out:
         for name in args.types.split(","):

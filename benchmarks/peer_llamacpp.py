@@ -67,7 +67,8 @@ def main() -> int:
 
     source = resolve_model(args.model)
     if not source.gguf_file:
-        raise SystemExit(f"llama.cpp reads GGUF files; {args.model!r} resolves to a folder without one ({source.folder})")
+        raise SystemExit(f"llama.cpp reads GGUF files; {args.model!r} resolves to a folder without one "
+                         f"({source.folder})")
     sample_file = write_samples(args, "llamacpp_samples.json")
     py = ensure_venv(VENV)
     cmd = [str(py), str(ROOT / "benchmarks" / "llamacpp_worker.py"), "--samples", str(sample_file),

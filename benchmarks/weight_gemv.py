@@ -134,8 +134,9 @@ def main() -> None:
                 row[f"{bits}bit_ms"] = _ms([lambda c=c: c(x) for c in qs])
                 row[f"{bits}bit_f16_input_ms"] = _ms([lambda c=c: c(x.half()) for c in qs])  # no conversion of x
                 # the int8-input variant on the same tiles (x rounded in torch first)
-                row[f"{bits}bit_a8_ms"] = _ms([lambda f=c._fast: tile_gemv.tile_gemv(x, f[1], bits, n, f[2], f[3],  # noqa: B023
-                                                                                       a8=True) for c in qs])
+                row[f"{bits}bit_a8_ms"] = _ms([
+                    lambda f=c._fast: tile_gemv.tile_gemv(x, f[1], bits, n, f[2], f[3], a8=True)  # noqa: B023
+                    for c in qs])
                 row[f"{bits}bit_bytes"] = nbytes
                 row[f"{bits}bit_roofline_ms"] = nbytes / peak * 1e3
                 row[f"{bits}bit_of_peak"] = row[f"{bits}bit_roofline_ms"] / row[f"{bits}bit_ms"]
@@ -157,7 +158,8 @@ def main() -> None:
             print(json.dumps({kk: (round(v, 4) if isinstance(v, float) else v) for kk, v in row.items()}), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": args.rows, "warm": args.warm,
-                                    "group_size": args.group_size, "peak_tbs": args.peak_tbs, "shapes": rows}, indent=1))
+                                    "group_size": args.group_size, "peak_tbs": args.peak_tbs, "shapes": rows},
+                                   indent=1))
 
 
 if __name__ == "__main__":

@@ -367,8 +367,8 @@ def tile_gemv(x: torch.Tensor, tiles: list[torch.Tensor], bits: int, n: int, sca
     dequantization (False: plain Triton, which the interpreter runs). ``warps``, ``groups``, ``per_sm``:
     a program's warps, the most units it reads a step, programs an SM (K is split to reach it); or
     ``split``, a divisor of the steps (for tuning). The defaults are within 10% of the fastest of the
-    choices timed on the H200 at Llama-3.1-8B's shapes (``benchmarks/weight_gemv.py --sweep``). ``a8``: ``x`` rounded to
-    int8 in blocks of 32 channels and the codes' products summed exactly by dp4a: the loop compiles to
+    choices timed on the H200 at Llama-3.1-8B's shapes (``benchmarks/weight_gemv.py --sweep``).
+    ``a8``: ``x`` rounded to int8 in blocks of 32 channels and the codes' products summed exactly by dp4a: the loop compiles to
     about 1.8 instructions a 4-bit code against 3.4 (SmolLM2's perplexity moves +0.11% at 4 bits g32,
     +0.40% at 3 bits). Returns [..., n] in ``x``'s dtype."""
     k = x.shape[-1]
