@@ -66,27 +66,20 @@ def copies(nbytes: int, warm: bool) -> int:
 
 def _sweep(qs: list[QuantLinear], x: torch.Tensor, n: int) -> list[dict]:
     """The five fastest (groups a step, warps, programs an SM) choices of the tile kernel, over the
-    copies ``qs`` of one layer."""
-    q = qs[0]
-    codes, (scale, zero) = q.codes(), q.grid()
+    copies ``qs`` of one layer (their tile copies made)."""
+    bits = qs[0].bits
+    layers = [q._fast[1:] for q in qs]  # each copy's tiles and grid, as its own calls read them
     out = []
-    for bn in (tile_gemv.BLOCK_N,):  # the block the layers are packed with
-        parts = tile_gemv.pack_tiles(codes, q.bits, q.group_size, block_n=bn)
-        pad = (0, 0, 0, parts[0].shape[0] * bn - n)
-        s = nn.functional.pad(scale, pad).T.contiguous().half()
-        o = nn.functional.pad(-zero * scale, pad).T.contiguous().half()
-        layers = [(parts, s, o)] + [([p.clone() for p in parts], s.clone(), o.clone()) for _ in qs[1:]]
-        for groups, warps, per_sm in itertools.product((4, 8, 16, 32), (4, 8), (8, 16, 32)):
-            choice = {"block_n": bn, "groups": groups, "warps": warps, "per_sm": per_sm}
-            try:
-                ms = _ms([lambda p=p, s=s, o=o: tile_gemv.tile_gemv(x, p, q.bits, n, s, o, groups=groups,  # noqa: B023
-                                                                     warps=warps, per_sm=per_sm)  # noqa: B023
-                          for p, s, o in layers])
-            except Exception as e:  # noqa: BLE001 - a choice that does not compile is left out, and said so
-                out.append({**choice, "error": type(e).__name__})
-                continue
-            out.append({**choice, "ms": ms})
-        del layers
+    for groups, warps, per_sm in itertools.product((4, 8, 16, 32), (4, 8), (8, 16, 32)):
+        choice = {"block_n": tile_gemv.BLOCK_N, "groups": groups, "warps": warps, "per_sm": per_sm}
+        try:
+            ms = _ms([lambda p=p, s=s, o=o: tile_gemv.tile_gemv(x, p, bits, n, s, o, groups=groups,  # noqa: B023
+                                                                 warps=warps, per_sm=per_sm)  # noqa: B023
+                      for p, s, o in layers])
+        except Exception as e:  # noqa: BLE001 - a choice that does not compile is left out, and said so
+            out.append({**choice, "error": type(e).__name__})
+            continue
+        out.append({**choice, "ms": ms})
     return sorted([r for r in out if "ms" in r], key=lambda r: r["ms"])[:5]
 
 
@@ -119,16 +112,15 @@ def main() -> None:
                 uc = hqq(lin.weight.data.float(), bits, args.group_size)
 
                 def layer() -> QuantLinear:
-                    return QuantLinear.from_codes(lin, uc.codes, bits, scale=uc.scale.half(),  # noqa: B023
-                                                  zero=uc.zero.half(), group_size=args.group_size)  # noqa: B023
-                q = layer()
-                q.set_prefer("tiles")
-                q(x)  # the tiles: the bytes the kernel reads
-                nbytes = q.resident_nbytes  # the tiles and their float16 grid
-                qs = [q] + [layer() for _ in range(copies(nbytes, args.warm) - 1)]
-                for c in qs[1:]:
+                    """A copy of the layer through the tiles, their copy made by a first call."""
+                    c = QuantLinear.from_codes(lin, uc.codes, bits, scale=uc.scale.half(),  # noqa: B023
+                                               zero=uc.zero.half(), group_size=args.group_size)  # noqa: B023
                     c.set_prefer("tiles")
-                    c(x)
+                    c(x)  # noqa: B023
+                    return c
+                q = layer()
+                nbytes = q.resident_nbytes  # the tiles and their float16 grid: the bytes the kernel reads
+                qs = [q] + [layer() for _ in range(copies(nbytes, args.warm) - 1)]
                 row[f"{bits}bit_kernel"] = q.kernel
                 row[f"{bits}bit_copies"] = len(qs)
                 row[f"{bits}bit_ms"] = _ms([lambda c=c: c(x) for c in qs])

@@ -29,10 +29,10 @@ exactly: about 1.5 instructions a code, then a float16 FMA with ``x`` (even and 
 two chains, which compile to one f16x2 FMA a pair; a single chain compiled to three instructions a
 pair). The PTX takes a thread's four consecutive bytes as one word, which Triton lays out so only when
 a tile holds at least four bytes a thread; smaller tiles use plain Triton shifts (measured on the H200:
-the PTX on tiles of one or two bytes a thread gave wrong sums). Conversions to float32 run at 1/8 of the FMA rate on an H100, so only each
-row's per-slot sum is converted. ``x`` is read in float16, saturated at +-65504, and a row's float16
-sum over one slot (``R`` channels) must stay under 65504 (activations that large are not met in
-practice). Each unit's sum of ``x`` (float32) is computed next to the conversion (both fuse with the
+the PTX on tiles of one or two bytes a thread gave wrong sums). Conversions to float32 run at 1/8 of
+the FMA rate on an H100, so only each row's per-slot sum is converted. ``x`` is read in float16,
+saturated at +-65504, and a row's float16 sum over one slot (``R`` channels) must stay under 65504
+(activations that large are not met in practice). Each unit's sum of ``x`` (float32) is computed next to the conversion (both fuse with the
 op before under torch.compile).
 
 ``tile_gemv_reference`` computes the same thing in torch (dequantize the tiles, ``F.linear``): the
@@ -368,9 +368,9 @@ def tile_gemv(x: torch.Tensor, tiles: list[torch.Tensor], bits: int, n: int, sca
     a program's warps, the most units it reads a step, programs an SM (K is split to reach it); or
     ``split``, a divisor of the steps (for tuning). The defaults are within 10% of the fastest of the
     choices timed on the H200 at Llama-3.1-8B's shapes (``benchmarks/weight_gemv.py --sweep``).
-    ``a8``: ``x`` rounded to int8 in blocks of 32 channels and the codes' products summed exactly by dp4a: the loop compiles to
-    about 1.8 instructions a 4-bit code against 3.4 (SmolLM2's perplexity moves +0.11% at 4 bits g32,
-    +0.40% at 3 bits). Returns [..., n] in ``x``'s dtype."""
+    ``a8``: ``x`` rounded to int8 in blocks of 32 channels and the codes' products summed exactly by
+    dp4a: the loop compiles to about 1.8 instructions a 4-bit code against 3.4 (SmolLM2's perplexity
+    moves +0.11% at 4 bits g32, +0.40% at 3 bits). Returns [..., n] in ``x``'s dtype."""
     k = x.shape[-1]
     nb, ng, bn, _ = tiles[0].shape  # ng: units of `group` channels, a tile row each
     group, grid = k // ng, k // scale.shape[0]
