@@ -780,8 +780,8 @@ def bench_weight_decode_cmd(
     group_size: int = typer.Option(64, "--group-size", "-g"),
     method: str = typer.Option("hqq"),
     kernel: str = typer.Option(None, "--kernel", help="'tiles' (or 'tiles-a8', int8 input): memfit's tile-layout "
-                               "GEMV at every width, 'planes': the bit-plane GEMV; default: torch's tinygemm at 4 "
-                               "bits, the tiles at others."),
+                               "GEMV at every width (the default), 'tinygemm': torch's int4 kernel at 4 bits, "
+                               "'planes': the bit-plane GEMV."),
     layers: int = LAYERS_OPTION,
     compile: bool = typer.Option(False, "--compile", help="torch.compile the step before capturing it."),
     lm_head: bool = typer.Option(False, "--lm-head", help="Quantize the output layer too (torchao's int4 "

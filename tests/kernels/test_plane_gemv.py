@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_plane_gemv_matches_the_dequantized_matmul(bits, read, group, meta_bits, inp, rows):
     q = quant_layer(200, inp, min(bits, read), group, meta_bits, bits)  # 200 rows: a partial block of outputs
     q.set_read_bits(read)
-    q.set_prefer("planes")  # read whole, a layer's default is the tile GEMV (or tinygemm at 4 bits)
+    q.set_prefer("planes")  # read whole, a layer's default is the tile GEMV
     decode_matches_dequantized(q, rows, "triton-gemv")
 
 

@@ -98,10 +98,11 @@ def test_tile_kernel_matches_the_dequantized_matmul(bits, group, meta_bits, inp,
     assert q.planes.numel() == 0 and torch.equal(q.codes(), codes) and torch.equal(q.state_dict()["planes"], planes)
     _, parts, s, o = q._fast
     ng = inp // group
-    for groups, split in ((1, 1), (2, 1), (1, 2), (2, 3), (8, 2)):  # groups a step, programs along K: the same sums
+    # units a step, programs along K, warps: the same sums
+    for groups, split, warps in ((1, 1, 4), (2, 1, 4), (1, 2, 8), (2, 3, 4), (8, 2, 8), (8, 1, 4)):
         if (ng // tile_gemv.groups_a_step(ng, groups)) % split:
             continue
-        y2 = tile_gemv.tile_gemv(x, parts, bits, 200, s, o, groups=groups, split=split) + q.bias
+        y2 = tile_gemv.tile_gemv(x, parts, bits, 200, s, o, groups=groups, split=split, warps=warps) + q.bias
         assert (y2.float() - ref).abs().max().item() < 1e-2 * ref.abs().max().item()
     big = torch.randn(40, inp, device="cuda", dtype=torch.bfloat16)  # prefill: dequantized from the tiles
     torch.testing.assert_close(q(big).float(), nn.functional.linear(big.float(), q.dequantize(torch.float32), q.bias.float()),
@@ -127,18 +128,19 @@ def test_tile_kernel_equals_its_plain_triton_form():
 @pytest.mark.gpu
 @cuda
 def test_decode_kernel_routing_by_default():
-    """Read whole: tinygemm at 4 bits, the tiles at other widths; read below the stored width, or asked
-    for, the bit planes."""
-    assert quant_layer(64, 256, 4, 64).kernel == "tinygemm-int4"
-    for bits in (2, 3, 5, 8):
+    """Read whole: the tiles at every width (tinygemm at 4 bits when asked for); read below the stored
+    width, or asked for, the bit planes."""
+    for bits in (2, 3, 4, 5, 8):
         assert quant_layer(64, 256, bits, 64).kernel == "triton-tiles"
+    q = quant_layer(64, 256, 4, 64)
+    q.set_prefer("tinygemm")
+    assert q.kernel == "tinygemm-int4"
     q = quant_layer(64, 256, 3, 64, 0, 8)
     q.set_read_bits(3)
     assert q.kernel == "triton-gemv"
     q = quant_layer(64, 256, 3, 64)
     q.set_prefer("planes")
     assert q.kernel == "triton-gemv"
-    assert quant_layer(64, 256, 4, 64).kernel == "tinygemm-int4" and _layer(64, 256, 4, 64).kernel == "triton-tiles"
 
 
 def test_int8_input_reference_rounds_only_the_products_input():

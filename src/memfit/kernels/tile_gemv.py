@@ -359,19 +359,25 @@ def tile_gemv_a8_reference(x: torch.Tensor, tiles: list[torch.Tensor], bits: int
     return y.reshape(*x.shape[:-1], n)
 
 
+# (warps, units a step) by code width, from a compiled Llama-3.1-8B decode step on the H200 (batch 1, CUDA
+# graph; ``benchmarks/weight_gemv.py`` times single calls): 4-bit 3.97 -> 3.43 ms with (8, 8); 2-bit 3.32 ms
+# with (4, 4), 3.48 with (8, 8). Other widths: (4, 4), not timed in a step.
+LAUNCH = {4: (8, 8)}
+
+
 def tile_gemv(x: torch.Tensor, tiles: list[torch.Tensor], bits: int, n: int, scale: torch.Tensor,
-              offset: torch.Tensor, asm: bool = True, warps: int = 4, groups: int = 4, per_sm: int = 8,
-              split: int | None = None, a8: bool = False) -> torch.Tensor:
+              offset: torch.Tensor, asm: bool = True, warps: int | None = None, groups: int | None = None,
+              per_sm: int = 8, split: int | None = None, a8: bool = False) -> torch.Tensor:
     """``x`` [..., K] (at most ``MAX_ROWS`` rows) times ``W`` (``tiles`` from :func:`pack_tiles`, ``n``
     output rows; ``W = code * scale + offset``, float16 [K / G, ceil(N / BN) BN]). ``asm``: the PTX
     dequantization (False: plain Triton, which the interpreter runs). ``warps``, ``groups``, ``per_sm``:
-    a program's warps, the most units it reads a step, programs an SM (K is split to reach it); or
-    ``split``, a divisor of the steps (for tuning). The defaults are within 10% of the fastest of the
-    choices timed on the H200 at Llama-3.1-8B's shapes (``benchmarks/weight_gemv.py --sweep``).
+    a program's warps, the most units it reads a step (None: :data:`LAUNCH`'s for the width), programs an
+    SM (K is split to reach it); or ``split``, a divisor of the steps (for tuning).
     ``a8``: ``x`` rounded to int8 in blocks of 32 channels and the codes' products summed exactly by
     dp4a: the loop compiles to about 1.8 instructions a 4-bit code against 3.4 (SmolLM2's perplexity
     moves +0.11% at 4 bits g32, +0.40% at 3 bits). Returns [..., n] in ``x``'s dtype."""
     k = x.shape[-1]
+    warps, groups = warps or LAUNCH.get(bits, (4, 4))[0], groups or LAUNCH.get(bits, (4, 4))[1]
     nb, ng, bn, _ = tiles[0].shape  # ng: units of `group` channels, a tile row each
     group, grid = k // ng, k // scale.shape[0]
     if not supports(x, grid, k) or len(tiles) != len(PARTS[bits]) or grid % group or (a8 and k % A8_BLOCK):
