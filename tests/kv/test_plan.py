@@ -17,7 +17,8 @@ TEXT = "The lighthouse keeper counted ships. " * 40  # about 1.5K byte tokens
                                     "gear(bits=2,group=16,residual=16,rank=2,outliers=0)",
                                     "snapkv(keep=0.3,window=8)+qjl(sketch=32,bits=4,group=16,residual=16)",
                                     "snapkv(keep=0.3,window=8)+hadamard(bits=2,group=16,residual=16)",
-                                    "hadamard(bits=4,group=16,residual=16,value_bits=2)"])
+                                    "hadamard(bits=4,group=16,residual=16,value_bits=2)",
+                                    "snapkv(keep=0.3,window=8)+million(bits=2,sub=4,group=16,residual=16,outliers=1)"])
 def test_byte_count_is_exact_for_uniform_heads(tiny_lm, policy):
     ctx = tiny_lm.prefill(TEXT, policy)
     shape = KVShape(tiny_lm.num_layers, tiny_lm.num_kv_heads, tiny_lm.head_dim, 8)  # float64 model
@@ -33,7 +34,8 @@ def test_byte_count_is_exact_for_uniform_heads(tiny_lm, policy):
                                     "kivi(bits=2,group=16,residual=16,outliers=0.02)",
                                     "knorm(keep=0.3,heads=global)+gear(bits=2,group=16,residual=16,rank=2)",
                                     "knorm(keep=0.3,heads=adaptive)+qjl(sketch=32,group=16,residual=16)",
-                                    "knorm(keep=0.3,heads=global)+hadamard(bits=2,group=16,residual=16)"])
+                                    "knorm(keep=0.3,heads=global)+hadamard(bits=2,group=16,residual=16)",
+                                    "knorm(keep=0.3,heads=adaptive)+million(bits=4,sub=2,group=16,residual=16)"])
 def test_byte_count_bounds_adaptive_heads(tiny_lm, policy):
     ctx = tiny_lm.prefill(TEXT, policy)
     shape = KVShape(tiny_lm.num_layers, tiny_lm.num_kv_heads, tiny_lm.head_dim, 8)  # float64 model

@@ -37,7 +37,7 @@ def test_canonical_spec_roundtrips():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("foo", "unknown method 'foo'; valid methods: none, decode, gear, h2o, hadamard, kivi, knorm, kvtuner, kvzip, lowrank, pyramidkv, qjl, snapkv, streaming, tova"),
+    ("foo", "unknown method 'foo'; valid methods: none, decode, gear, h2o, hadamard, kivi, knorm, kvtuner, kvzip, lowrank, million, pyramidkv, qjl, snapkv, streaming, tova"),
     ("kivi(bitz=2)", "unknown argument 'bitz'; valid arguments: bits, group, residual, outliers"),
     ("kivi(outliers=0.6)", "kivi: outliers is the fraction of elements kept in 16-bit"),
     ("kivi(bits=3)", "bits must be one of"),
@@ -59,6 +59,10 @@ def test_canonical_spec_roundtrips():
     ("hadamard(sinks=-1)", "hadamard: sinks must be >= 0"),
     ("hadamard(bits=3)", "hadamard: bits must be one of"),
     ("hadamard(value_bits=3)", "hadamard: value_bits must be one of"),
+    ("million(bits=3)", "million: bits \\* sub is the code width and must be one of"),
+    ("million(outliers=300)", "million: outliers"),
+    ("million(residual=-1)", "million: residual must be >= 0"),
+    ("million(iters=-1)", "million: iters must be >= 0"),
 ])
 def test_parse_errors_name_the_problem(spec, message):
     with pytest.raises(PolicyError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -416,9 +416,12 @@ class CompressedLayer(CacheLayerMixin):
         # those after a ragged context)
         first = {"first": self.qk is None and self.parent is None and self.ragged is None} \
             if getattr(self.quant, "sinks", 0) else {}
-        kq, vq = self.quant.quantize_keys(k, **first), self.quant.quantize_values(self.values[:, :, :f], **first)
-        self.qk = kq if self.qk is None else self.qk.cat(kq)
-        self.qv = vq if self.qv is None else self.qv.cat(vq)
+        if self.qk is not None and hasattr(self.qk, "extend"):  # encoded on what the layer already fitted
+            self.qk, self.qv = self.qk.extend(k), self.qv.extend(self.values[:, :, :f])
+        else:
+            kq, vq = self.quant.quantize_keys(k, **first), self.quant.quantize_values(self.values[:, :, :f], **first)
+            self.qk = kq if self.qk is None else self.qk.cat(kq)
+            self.qv = vq if self.qv is None else self.qv.cat(vq)
         # clone: a slice would keep the whole old window alive
         self.keys = self.keys[:, :, f:].clone()
         self.values = self.values[:, :, f:].clone()

@@ -15,6 +15,7 @@ from memfit.kv.decode import DecodeBudget
 from memfit.kv.evict import H2O, TOVA, Eviction, Knorm, KVzip, PyramidKV, SnapKV, StreamingLLM
 from memfit.kv.gear import GEAR
 from memfit.kv.lowrank import LowRank
+from memfit.kv.million import Million
 from memfit.kv.qjl import QJL
 from memfit.kv.quant import KIVI, LayerBits
 from memfit.kv.rotate import Hadamard
@@ -22,7 +23,7 @@ from memfit.kv.rotate import Hadamard
 EVICTIONS: dict[str, type[Eviction]] = {"snapkv": SnapKV, "streaming": StreamingLLM, "kvzip": KVzip, "h2o": H2O,
                                         "tova": TOVA, "knorm": Knorm, "pyramidkv": PyramidKV}
 QUANTIZERS: dict[str, type] = {"kivi": KIVI, "kvtuner": LayerBits, "gear": GEAR, "qjl": QJL,
-                               "hadamard": Hadamard}
+                               "hadamard": Hadamard, "million": Million}
 METHODS: dict[str, type] = {**EVICTIONS, "lowrank": LowRank, **QUANTIZERS, "decode": DecodeBudget}
 
 
@@ -33,7 +34,7 @@ class PolicyError(ValueError):
 @dataclass(frozen=True)
 class Policy:
     evictions: tuple[Eviction, ...] = ()
-    quant: KIVI | LayerBits | GEAR | QJL | Hadamard | None = None
+    quant: KIVI | LayerBits | GEAR | QJL | Hadamard | Million | None = None
     decode: DecodeBudget | None = None
     lowrank: LowRank | None = None
 
