@@ -829,8 +829,9 @@ def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...]
                         lm_head: bool = False, meta_bits: int = 0, kernel: str | None = None,
                         peak_tbs: float = 4.8) -> dict:
     """Decode step time of a random-weight Llama-3.1-8B-shaped model with bf16 weights, then with
-    weights at each of ``bits`` (memfit's QuantLinear: on CUDA the tile-layout GEMV at every width; ``kernel="tinygemm"``: torch's
-    int4 kernel at 4 bits, ``"planes"``: the bit-plane GEMV), on the same model and shapes; each step with
+    weights at each of ``bits`` (memfit's QuantLinear: on CUDA the tile-layout GEMV at every width;
+    ``kernel="tinygemm"``: torch's int4 kernel at 4 bits, ``"planes"``: the bit-plane GEMV), on the same
+    model and shapes; each step with
     its roofline (the weights it reads at ``peak_tbs`` TB/s). ``lm_head``: quantize the output layer too
     (as torchao's int4 weight-only and gpt-fast do: every Linear); by default it stays bf16, as
     ``WeightQuant``'s skip-list keeps it. ``meta_bits``: scale and zero stored in that many bits (the
