@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memfit.kv.quant import KIVI, STORED, Stored
+from memfit.kv.quant import KIVI, STORED, Stored, token_outliers
 from memfit.kv.rotate import hadamard
 from memfit.lazy import lazy_module
 
@@ -137,13 +137,7 @@ class PQTensor(Stored):
                rotate: bool, outliers: int, iters: int, fit_tokens: int) -> "PQTensor":
         """``x`` [B, H, N, D] on ``codebook`` (None: fit one to ``x``)."""
         b, h, n, d = x.shape
-        x = x.float()
-        idx = val = None
-        if outliers:
-            idx = x.abs().topk(outliers, dim=-1).indices
-            val = x.gather(-1, idx)
-            x = x.scatter(-1, idx, 0.0)
-            idx, val = idx.to(torch.uint8), val.clamp(-65504, 65504).to(torch.float16)
+        x, idx, val = token_outliers(x, outliers)
         if rotate:
             x = x @ hadamard(d, x.device)
         s = d // sub

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from memfit.kv.quant import STORED, OnKIVI, Stored
+from memfit.kv.quant import STORED, OnKIVI, Stored, token_outliers
 from memfit.lazy import lazy_module
 
 torch = lazy_module("torch")
@@ -70,13 +70,7 @@ class QJLTensor(Stored):
     @classmethod
     def encode(cls, k: torch.Tensor, sketch: int, seed: int, outliers: int = 0) -> "QJLTensor":
         s = sketch_matrix(sketch, k.shape[-1], seed, k.device)
-        k = k.float()
-        idx = val = None
-        if outliers:
-            idx = k.abs().topk(outliers, dim=-1).indices
-            val = k.gather(-1, idx)
-            k = k.scatter(-1, idx, 0.0)
-            idx, val = idx.to(torch.uint8), val.to(torch.float16)
+        k, idx, val = token_outliers(k, outliers)
         return cls(_pack_signs(k @ s.T >= 0), k.norm(dim=-1, keepdim=True).to(torch.float16), k.shape[-1], seed,
                    idx, val)
 

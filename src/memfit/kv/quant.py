@@ -180,6 +180,18 @@ def _minmax_quantize(x: torch.Tensor, bits: int, reduce_dim: int) -> tuple[torch
     return codes, scale, zero
 
 
+def token_outliers(x: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Each token's ``channels`` largest-magnitude channels taken out of ``x`` [..., D] (float32):
+    (``x`` with them zeroed, their uint8 indices [..., channels], their float16 values, saturated);
+    (``x``, None, None) for 0 channels. QJL's and MILLION's exact channels."""
+    x = x.float()
+    if not channels:
+        return x, None, None
+    idx = x.abs().topk(channels, dim=-1).indices
+    val = x.gather(-1, idx)
+    return x.scatter(-1, idx, 0.0), idx.to(torch.uint8), val.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
+
+
 def _index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 else torch.int64
 
