@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memfit.kv.quant import KIVI, STORED, Stored, token_outliers
+from memfit.kv.quant import KIVI, STORED, OnKIVI, Stored, token_outliers
 from memfit.kv.rotate import hadamard
 from memfit.lazy import lazy_module
 
@@ -174,29 +174,31 @@ class PQTensor(Stored):
         return PQTensor(torch.cat([self.codes, codes], -2), self.codebook, self.pairs, self.rotate,
                         cat(self.out_idx, idx), cat(self.out_val, val))
 
+    def _on_codebook(self, x: torch.Tensor, outliers: int) -> "PQTensor":
+        """``x`` [B, H, n, D] encoded on this codebook, in this format."""
+        sub = self.codebook.shape[3]
+        return PQTensor.encode(x, self.codebook, bits=self.width // sub, sub=sub, pairs=self.pairs,
+                               rotate=self.rotate, outliers=outliers, iters=0, fit_tokens=1)
+
     def extend(self, x: torch.Tensor) -> "PQTensor":
         """Tokens ``x`` [B, H, n, D] after these, encoded on this codebook (the window spilling while
         decoding: one codebook per layer, fitted on the context)."""
-        _, s, _, sub = self.codebook.shape
         if x.shape[-1] != self.head_dim:
             raise ValueError(f"cannot extend product-quantized tensors of head_dim {self.head_dim} with {x.shape[-1]}")
-        new = PQTensor.encode(x, self.codebook, bits=self.width // sub, sub=sub, pairs=self.pairs, rotate=self.rotate,
-                              outliers=self._outliers(), iters=0, fit_tokens=1)
+        new = self._on_codebook(x, self._outliers())
         return self._append(new.codes, new.out_idx, new.out_val)
 
     def cat(self, other: "PQTensor") -> "PQTensor":
         """``other``'s tokens after these (another context's run, when ragged layers are stacked): what
         its codes stand for, encoded again on this codebook, its exact channels kept as they are."""
-        if other.shape[-1] != self.shape[-1] or other._outliers() != self._outliers() or \
-                other.codebook.shape != self.codebook.shape or (other.pairs, other.rotate) != (self.pairs, self.rotate):
+        # the codebooks' shape fixes head_dim, sub-vectors and width
+        if other._outliers() != self._outliers() or other.codebook.shape != self.codebook.shape or \
+                (other.pairs, other.rotate) != (self.pairs, self.rotate):
             raise ValueError("cannot concatenate product-quantized tensors of different formats")
         x = other.dequantize(torch.float32)
         if other.out_idx is not None:
             x = x.scatter(-1, other.out_idx.long(), 0.0)
-        _, s, _, sub = self.codebook.shape
-        re = PQTensor.encode(x, self.codebook, bits=self.width // sub, sub=sub, pairs=self.pairs, rotate=self.rotate,
-                             outliers=0, iters=0, fit_tokens=1)
-        return self._append(re.codes, other.out_idx, other.out_val)
+        return self._append(self._on_codebook(x, 0).codes, other.out_idx, other.out_val)
 
     def prefix(self, n: int) -> "PQTensor":
         cut = lambda a: None if a is None else a[:, :, :n].clone()  # noqa: E731
@@ -207,7 +209,7 @@ STORED["million"] = PQTensor
 
 
 @dataclass(frozen=True)
-class Million:
+class Million(OnKIVI):
     """Product-quantized keys and values (MILLION): ``bits`` per element, sub-vectors of ``sub``
     channels (codebooks of ``2**(bits * sub)`` centroids, fitted on the context: ``iters`` k-means
     rounds on at most ``fit_tokens`` vectors), each token's ``outliers`` largest channels exact,
@@ -228,10 +230,7 @@ class Million:
         if self.bits < 1 or self.sub < 1 or w not in packing.SUPPORTED_BITS:
             raise ValueError(f"million: bits * sub is the code width and must be one of {packing.SUPPORTED_BITS} "
                              f"(bits {self.bits}, sub {self.sub})")
-        try:
-            KIVI(8, self.group, self.residual)
-        except ValueError as e:
-            raise ValueError(str(e).replace("kivi:", "million:")) from None
+        self._check_kivi("million")  # KIVI's checks on group and residual
         if not 0 <= self.outliers < 256:
             raise ValueError(f"million: outliers (channels per token kept exactly) must be in [0, 256), "
                              f"got {self.outliers}")
@@ -240,18 +239,9 @@ class Million:
 
     @property
     def kivi(self) -> KIVI:
-        """KIVI's window arithmetic (the 16-bit window, spilled in whole groups)."""
+        """KIVI's window arithmetic (the 16-bit window, spilled in whole groups); its width is unused
+        (KIVI has no 1-bit codes)."""
         return KIVI(8, self.group, self.residual)
-
-    @property
-    def vbits(self) -> int:
-        return self.bits
-
-    def spilled(self, n: int) -> int:
-        return self.kivi.spilled(n)
-
-    def value_group(self, head_dim: int) -> int:
-        return self.kivi.value_group(head_dim)
 
     def _encode(self, x: torch.Tensor, pairs: bool) -> PQTensor:
         d = x.shape[-1]
