@@ -32,8 +32,8 @@ a tile holds at least four bytes a thread; smaller tiles use plain Triton shifts
 the PTX on tiles of one or two bytes a thread gave wrong sums). Conversions to float32 run at 1/8 of
 the FMA rate on an H100, so only each row's per-slot sum is converted. ``x`` is read in float16,
 saturated at +-65504, and a row's float16 sum over one slot (``R`` channels) must stay under 65504
-(activations that large are not met in practice). Each unit's sum of ``x`` (float32) is computed next to the conversion (both fuse with the
-op before under torch.compile).
+(activations that large are not met in practice). Each unit's sum of ``x`` (float32) is computed next
+to the conversion (both fuse with the op before under torch.compile).
 
 ``tile_gemv_reference`` computes the same thing in torch (dequantize the tiles, ``F.linear``): the
 tests compare the kernel with it, and with the layer's own dequantized matmul.
@@ -377,7 +377,8 @@ def tile_gemv(x: torch.Tensor, tiles: list[torch.Tensor], bits: int, n: int, sca
     dp4a: the loop compiles to about 1.8 instructions a 4-bit code against 3.4 (SmolLM2's perplexity
     moves +0.11% at 4 bits g32, +0.40% at 3 bits). Returns [..., n] in ``x``'s dtype."""
     k = x.shape[-1]
-    warps, groups = warps or LAUNCH.get(bits, (4, 4))[0], groups or LAUNCH.get(bits, (4, 4))[1]
+    launch = LAUNCH.get(bits, (4, 4))
+    warps, groups = warps or launch[0], groups or launch[1]
     nb, ng, bn, _ = tiles[0].shape  # ng: units of `group` channels, a tile row each
     group, grid = k // ng, k // scale.shape[0]
     if not supports(x, grid, k) or len(tiles) != len(PARTS[bits]) or grid % group or (a8 and k % A8_BLOCK):
