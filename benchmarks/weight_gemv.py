@@ -27,8 +27,10 @@ from memfit.kernels import plane_gemv, tile_gemv
 from memfit.weights import QuantLinear
 from memfit.weights.grid import hqq
 
-# (out, in) of each Linear in a Llama-3.1-8B layer, as transformers runs them (q, k, v and gate, up apart)
-SHAPES = {"q_o": (4096, 4096), "k_v": (1024, 4096), "gate_up": (14336, 4096), "down": (4096, 14336)}
+# (out, in) of each Linear in a Llama-3.1-8B layer, as transformers runs them (q, k, v and gate, up apart),
+# and the stacks memfit runs on CUDA (``weights.fuse``: q/k/v and gate/up, one launch each)
+SHAPES = {"q_o": (4096, 4096), "k_v": (1024, 4096), "gate_up": (14336, 4096), "down": (4096, 14336),
+          "qkv": (6144, 4096), "gate_up_stack": (28672, 4096)}
 
 
 def _ms(fns, reps: int = 48) -> float:

@@ -827,7 +827,7 @@ def _step_read_bytes(model) -> int:
 def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...] = (4,), group_size: int = 64,
                         method: str = "hqq", layers: int = 32, compile: bool = False,
                         lm_head: bool = False, meta_bits: int = 0, kernel: str | None = None,
-                        peak_tbs: float = 4.8) -> dict:
+                        peak_tbs: float = 4.8, fuse: bool = True) -> dict:
     """Decode step time of a random-weight Llama-3.1-8B-shaped model with bf16 weights, then with
     weights at each of ``bits`` (memfit's QuantLinear: on CUDA the tile-layout GEMV at every width;
     ``kernel="tinygemm"``: torch's int4 kernel at 4 bits, ``"planes"``: the bit-plane GEMV), on the same
@@ -835,13 +835,15 @@ def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...]
     its roofline (the weights it reads at ``peak_tbs`` TB/s). ``lm_head``: quantize the output layer too
     (as torchao's int4 weight-only and gpt-fast do: every Linear); by default it stays bf16, as
     ``WeightQuant``'s skip-list keeps it. ``meta_bits``: scale and zero stored in that many bits (the
-    kernels read a float16 copy made on first use)."""
+    kernels read a float16 copy made on first use). ``fuse``: q/k/v and gate/up each run as one stacked
+    layer (``weights.fuse``), as loading a quantized folder on CUDA does."""
     from memfit.weights import QuantLinear, WeightQuant, quantize_, weight_bytes
+    from memfit.weights.fuse import fuse_projections
 
     peak = peak_tbs * 1e12
     model = _random_llama8b(layers, "sdpa")
     out = {"batch": batch, "prompt": prompt, "layers": layers, "group_size": group_size, "method": method,
-           "meta_bits": meta_bits, "lm_head_quantized": lm_head, "kernel": kernel or "default",
+           "meta_bits": meta_bits, "lm_head_quantized": lm_head, "kernel": kernel or "default", "fused": fuse,
            "device": torch.cuda.get_device_name(), "peak_tbs": peak_tbs, "widths": []}
     out["bf16_ms"], out["bf16_mode"] = _decode_step_ms(model, batch, prompt, compile=compile)
     out["bf16_weight_bytes"] = weight_bytes(model)["total"]
@@ -859,6 +861,8 @@ def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...]
                   progress=False)
         torch.cuda.synchronize()
         row["quantize_s"] = time.perf_counter() - t0
+        if fuse:
+            row["stacks"] = fuse_projections(model)
         layers_q = [m for m in model.modules() if isinstance(m, QuantLinear)]
         for m in layers_q:
             m.set_prefer(kernel)

@@ -115,11 +115,14 @@ def load_hf(source: ModelSource, device: torch.device, dtype: torch.dtype | None
     from transformers.utils import logging as hf_logging
 
     import memfit.kv.attention as attention  # registers the "memfit" attention implementation
+    from memfit.weights.fuse import fuse_projections
     from memfit.weights.io import is_quantized_folder, load_quantized
 
     if not source.gguf_file and is_quantized_folder(source.folder):
         tokenizer = AutoTokenizer.from_pretrained(source.folder, local_files_only=True)
         model, _ = load_quantized(source.folder, device, dtype, weight_bits, attention.ATTN_IMPLEMENTATION)
+        if device.type == "cuda":  # q/k/v and gate/up as one decode kernel launch each (same products)
+            fuse_projections(model)
         return model, tokenizer
     if weight_bits is not None:
         raise ValueError(f"weight_bits applies to a folder written by `memfit quantize`; {source.folder} is not one")

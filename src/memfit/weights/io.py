@@ -21,6 +21,11 @@ READS = (1, 2, 3, 4)  # a folder is written in the oldest format that holds it
 def save_quantized(model: nn.Module, tokenizer, out_dir: "str | Path", report: QuantReport) -> Path:
     """Write ``out_dir/{config.json, tokenizer files, model.safetensors, memfit_quant.json}``. Tied
     parameters are written once. The manifest is written last, so a folder without it is incomplete."""
+    from memfit.weights.fuse import is_fused
+
+    if is_fused(model):
+        raise ValueError("the model's projections are stacked for decoding: call "
+                         "memfit.weights.fuse.unfuse_projections(model) before saving it")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)

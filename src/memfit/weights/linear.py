@@ -115,6 +115,51 @@ class QuantLinear(nn.Module):
             q.bias.data.copy_(linear.bias.data)
         return q
 
+    # buffers indexed by output row, and the dimension that indexes them
+    ROW_BUFFERS = {"planes": 1, "scale": 0, "zero": 0, "scale_codes": 0, "offset_codes": 0, "meta_ranges": 0,
+                   "codebook": 0}
+
+    def _plain_config(self) -> tuple:
+        """What layers must share to be stacked into one (:meth:`stack`)."""
+        return (self.in_features, self.bits, self.read_bits, self.group_size, self.kind, self.meta_bits, self.dtype,
+                self.prefer, self.planes.device)
+
+    @classmethod
+    def stack(cls, layers: "list[QuantLinear]") -> "QuantLinear":
+        """One layer whose output rows are ``layers``' rows in order: the same codes and grids, so the same
+        products, from one kernel launch (projections sharing an input: ``weights.fuse``). The layers must
+        share their input size, widths, grid and dtype, and hold no QDEC residual or low-rank part."""
+        first = layers[0]
+        if any(m.qdec_k or m.rank for m in layers) or any(m._plain_config() != first._plain_config() for m in layers):
+            raise ValueError("only plain QuantLinear layers with the same input size, bits, grid, dtype and device stack")
+        out = cls(first.in_features, sum(m.out_features for m in layers), first.bits, first.group_size, first.kind,
+                  bias=any(m.bias is not None for m in layers), device=first.planes.device, dtype=first.dtype,
+                  meta_bits=first.meta_bits)
+        out.read_bits, out.prefer = first.read_bits, first.prefer
+        for name, dim in cls.ROW_BUFFERS.items():
+            if name in out._buffers:
+                out._buffers[name] = torch.cat([m._planes() if name == "planes" else m._buffers[name] for m in layers], dim)
+        if out.bias is not None:
+            out.bias.data.copy_(torch.cat([m.bias.data if m.bias is not None else out.bias.data.new_zeros(m.out_features)
+                                           for m in layers]))
+        return out
+
+    def rows(self, start: int, stop: int, bias: bool = True) -> "QuantLinear":
+        """A layer of output rows ``start .. stop - 1`` of this one (the inverse of :meth:`stack`)."""
+        if self.qdec_k or self.rank or not 0 <= start < stop <= self.out_features:
+            raise ValueError(f"rows {start}..{stop} of a {self.out_features}-row plain layer")
+        out = type(self)(self.in_features, stop - start, self.bits, self.group_size, self.kind,
+                         bias=bias and self.bias is not None, device=self.planes.device, dtype=self.dtype,
+                         meta_bits=self.meta_bits)
+        out.read_bits, out.prefer = self.read_bits, self.prefer
+        for name, dim in self.ROW_BUFFERS.items():
+            if name in out._buffers:
+                src = self._planes() if name == "planes" else self._buffers[name]
+                out._buffers[name] = src.narrow(dim, start, stop - start).clone()
+        if out.bias is not None:
+            out.bias.data.copy_(self.bias.data[start:stop])
+        return out
+
     def attach_lowrank(self, l_codes: torch.Tensor, l_scale: torch.Tensor, r_codes: torch.Tensor,
                        r_scale: torch.Tensor) -> None:
         """Twin: add ``L R`` to the weight, ``L`` = int8 ``l_codes`` [out, r] times the float16 row scales
