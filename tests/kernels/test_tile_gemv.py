@@ -5,7 +5,7 @@ from torch import nn
 from conftest import decode_matches_dequantized, quant_layer
 
 from memfit.kernels import tile_gemv
-from memfit.weights import QuantLinear
+from memfit.weights import QuantLinear, linear
 from memfit.weights.grid import hqq
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -127,11 +127,14 @@ def test_tile_kernel_equals_its_plain_triton_form():
 
 @pytest.mark.gpu
 @cuda
-def test_decode_kernel_routing_by_default():
-    """Read whole: the tiles at every width (tinygemm at 4 bits when asked for); read below the stored
-    width, or asked for, the bit planes."""
-    for bits in (2, 3, 4, 5, 8):
+def test_decode_kernel_routing_by_default(monkeypatch):
+    """Read whole: the tiles at every width but for 4-bit layers of up to TINYGEMM_MAX weights, which
+    run tinygemm (or when asked for); read below the stored width, or asked for, the bit planes."""
+    for bits in (2, 3, 5, 8):
         assert quant_layer(64, 256, bits, 64).kernel == "triton-tiles"
+    assert quant_layer(64, 256, 4, 64).kernel == "tinygemm-int4"
+    monkeypatch.setattr(linear, "TINYGEMM_MAX", 64 * 256 - 1)
+    assert quant_layer(64, 256, 4, 64).kernel == "triton-tiles"
     q = quant_layer(64, 256, 4, 64)
     q.set_prefer("tinygemm")
     assert q.kernel == "tinygemm-int4"
