@@ -10,9 +10,9 @@ index of an ``n``-bit bin, dequantized at the bin's centre.
 On CPU (and for layouts no kernel takes) the forward dequantizes the weight and calls ``F.linear``.
 On CUDA, for up to 16 rows (decode), uniform grids read at their stored width run a Triton GEMV over a
 copy of the codes in a layout made for bandwidth (``kernels.tile_gemv``: whole codes in parts of 8/4/2/1
-bits, each program's block contiguous; 16-bit activations); a 4-bit grid the tiles do not fit runs
-torch's tinygemm kernel ``torch._weight_int4pack_mm`` (the int4 kernel torchao uses) where it takes the
-group size; any-precision reads below the stored width, and float32 activations, run a Triton GEMV
+bits, each program's block contiguous; 16-bit activations); a 4-bit grid the tiles do not fit, or a
+4-bit layer of up to ``TINYGEMM_MAX`` weights, runs torch's tinygemm kernel ``torch._weight_int4pack_mm``
+(the int4 kernel torchao uses) where it takes the group size; any-precision reads below the stored width, and float32 activations, run a Triton GEMV
 that reads the bit planes (``kernels.plane_gemv``); more rows (prefill, where the matmul's cost hides
 the dequantization) dequantize. ``set_prefer("tiles" | "tinygemm" | "planes")`` asks for one of them
 where it takes the layer; ``"tiles-a8"``: the tiles with the input rounded to int8 (opt-in). ``kernel``
