@@ -57,6 +57,7 @@ def test_canonical_spec_roundtrips():
     ("qjl(outliers=300)", "qjl: outliers"),
     ("hadamard(clip=0)", "hadamard: clip is the fraction of each group's range kept"),
     ("hadamard(sinks=-1)", "hadamard: sinks must be >= 0"),
+    ("hadamard(meta_bits=4)", "hadamard: meta_bits must be 0 (float16 scale and zero) or 8"),
     ("hadamard(bits=3)", "hadamard: bits must be one of"),
     ("hadamard(value_bits=3)", "hadamard: value_bits must be one of"),
     ("million(bits=3)", "million: bits \\* sub is the code width and must be one of"),

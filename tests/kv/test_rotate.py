@@ -6,7 +6,7 @@ from conftest import tiny_llama
 
 from memfit.hfcompat import with_cache
 from memfit.kv.cache import CompressedCache
-from memfit.kv.quant import KIVI, load_quantized
+from memfit.kv.quant import KIVI, MetaQTensor, load_quantized
 from memfit.kv.rotate import Hadamard, RotatedTensor, clip_towards_mean, hadamard
 
 
@@ -110,3 +110,67 @@ def test_hadamard_cache_decodes_and_saves_and_restores():
         for t in range(20):
             model(ids[:, t : t + 1], **with_cache(model, fork))
     assert fork.layers[0].qk is not None and fork.layers[0].qk.sink is None
+
+
+def test_8_bit_grids_halve_the_grids_bytes_and_keep_each_group_on_its_codes():
+    x = _kv_like(n=128)
+    plain, meta = Hadamard(bits=2, group=32, sinks=0), Hadamard(bits=2, group=32, sinks=0, meta_bits=8)
+    for quantize in ("quantize_keys", "quantize_values"):
+        p, m = getattr(plain, quantize)(x), getattr(meta, quantize)(x)
+        assert isinstance(m.q, MetaQTensor) and m.q.scale_codes.dtype == torch.uint8
+        grid = lambda q: q.scale.nbytes + q.zero.nbytes  # noqa: E731
+        assert m.q.scale_codes.nbytes + m.q.zero_codes.nbytes == grid(p.q) // 2
+        err_p = (p.dequantize() - x).norm() / x.norm()
+        err_m = (m.dequantize() - x).norm() / x.norm()
+        assert err_m < 1.05 * err_p  # the grid rounded to 8 bits costs little
+        back = load_quantized({"k_" + n: t for n, t in m.tensors().items()}, "k_", m.meta())
+        assert torch.equal(back.dequantize(), m.dequantize()) and back.extends
+    # each group still spans its elements: the zero rounded down, the scale up
+    q = meta.quantize_keys(x).q
+    codes = torch.stack([(q.codes >> (2 * i)) & 3 for i in range(4)], -1).reshape(1, 2, 128, 32)
+    rot = (x.float() @ hadamard(32)).reshape(1, 2, 4, 32, 32)
+    rot = clip_towards_mean(rot, 0.8, 3)
+    z, s = q.zero.float().unsqueeze(3), q.scale.float().unsqueeze(3)
+    assert (rot >= z - 1e-3 * s).all() and (rot <= z + 3 * s + 1e-3 * s).all()
+    assert torch.equal(codes.reshape(rot.shape).float(), ((rot - z) / s).round().clamp(0, 3))
+
+
+def test_8_bit_grids_encode_a_later_run_on_the_first_runs_ranges():
+    x = _kv_like(n=128)
+    cfg = Hadamard(bits=2, group=32, sinks=2, meta_bits=8)
+    a = cfg.quantize_keys(x[:, :, :96])
+    both = a.extend(x[:, :, 96:])
+    assert both.num_tokens == 128 and both.q.ranges is a.q.ranges and both.sink is a.sink
+    assert both.nbytes == a.nbytes + 32 * 2 * 2 * 32 // 8 + 2 * 2 * 32  # codes and one group's grid codes
+    fresh = Hadamard(bits=2, group=32, sinks=0, meta_bits=8).quantize_keys(x[:, :, 96:])
+    err = lambda r: float((r.dequantize()[:, :, -32:] - x[:, :, 96:]).norm())  # noqa: E731
+    assert err(both) < 1.1 * err(fresh)  # the first run's ranges fit the later tokens
+    vals = cfg.quantize_values(x[:, :, :96]).extend(x[:, :, 96:])
+    assert vals.num_tokens == 128 and torch.isfinite(vals.dequantize()).all()
+    torch.testing.assert_close(both.prefix(64).dequantize(), both.dequantize()[:, :, :64])
+    with pytest.raises(ValueError, match="meta_bits"):
+        Hadamard(meta_bits=4)
+
+
+def test_8_bit_grid_cache_spills_and_forks_on_the_contexts_ranges_and_restores():
+    model = tiny_llama()
+    ids = torch.randint(0, 250, (1, 120), generator=torch.Generator().manual_seed(1))
+    cache = CompressedCache("hadamard(bits=2,group=16,residual=16,meta_bits=8)", 2)
+    with torch.no_grad():
+        model(ids[:, :100], **with_cache(model, cache))
+        ranges = cache.layers[0].qk.q.ranges
+        for t in range(100, 120):
+            model(ids[:, t : t + 1], **with_cache(model, cache))
+    layer = cache.layers[0]
+    assert layer.qk.q.ranges is ranges and layer.qk.num_tokens + layer.keys.shape[-2] == 120
+    back = CompressedCache.from_state(*cache.to_state())
+    for la, lb in zip(cache.layers, back.layers):
+        for x, y in zip(la.materialize(), lb.materialize()):
+            assert torch.equal(x, y)
+    assert back.nbytes == cache.nbytes
+    fork = cache.fork()
+    with torch.no_grad():
+        for t in range(40):
+            model(ids[:, t : t + 1], **with_cache(model, fork))
+    own = fork.layers[0].qk
+    assert own is not None and own.sink is None and own.q.ranges is ranges  # the parent's ranges, not 16 tokens'

@@ -416,8 +416,11 @@ class CompressedLayer(CacheLayerMixin):
         # those after a ragged context)
         first = {"first": self.qk is None and self.parent is None and self.ragged is None} \
             if getattr(self.quant, "sinks", 0) else {}
-        if self.qk is not None and hasattr(self.qk, "extend"):  # encoded on what the layer already fitted
+        base = self.parent.qk if self.parent is not None and self.qk is None else None
+        if self.qk is not None and getattr(self.qk, "extends", False):  # encoded on what the layer already fitted
             self.qk, self.qv = self.qk.extend(k), self.qv.extend(self.values[:, :, :f])
+        elif getattr(base, "extends", False) and hasattr(base, "like"):  # a fork's first spill: on its parent's
+            self.qk, self.qv = base.like(k), self.parent.qv.like(self.values[:, :, :f])
         else:
             kq, vq = self.quant.quantize_keys(k, **first), self.quant.quantize_values(self.values[:, :, :f], **first)
             self.qk = kq if self.qk is None else self.qk.cat(kq)

@@ -180,6 +180,8 @@ class PQTensor(Stored):
         return PQTensor.encode(x, self.codebook, bits=self.width // sub, sub=sub, pairs=self.pairs,
                                rotate=self.rotate, outliers=outliers, iters=0, fit_tokens=1)
 
+    extends = True  # the window's spills are encoded on this codebook (CompressedLayer._spill)
+
     def extend(self, x: torch.Tensor) -> "PQTensor":
         """Tokens ``x`` [B, H, n, D] after these, encoded on this codebook (the window spilling while
         decoding: one codebook per layer, fitted on the context)."""

@@ -7,8 +7,10 @@ A quantizer is a frozen config dataclass (``KIVI``, ``LayerBits``, ``GEAR``, ``Q
 16-bit window), and ``token_bytes(d)`` / ``fixed_bytes(heads, d)`` (the planner's bound). What it
 stores (:class:`QTensor` here, one class per other method) has ``num_tokens``, ``shape``, ``nbytes``,
 ``tensors()``, ``meta()`` (JSON: ``kind`` plus what :func:`load_quantized` needs), ``cat``, ``prefix``
-and ``dequantize(dtype)``. The decode kernel reads KIVI's codes only; other layouts attend through
-their dequantized keys and values.
+and ``dequantize(dtype)``; one whose ``extends`` is true also has ``extend(x)`` (the window's spills
+encoded on what the run fitted: MILLION's codebook, 8-bit grids' ranges) and may have ``like(x)`` (a
+fork's first spill, on its parent's). The decode kernel reads KIVI's codes only (8-bit grids as float16);
+other layouts attend through their dequantized keys and values.
 
 Layout (shared with the GPU kernels):
 - keys are quantized per channel, in groups of ``group`` consecutive tokens:
@@ -149,6 +151,157 @@ class QTensor(Stored):
                        self.bits, self.axis, self.group, idx, val)
 
 
+META_LEVELS = 255  # 8-bit codes for a group's scale and zero (``MetaQTensor``)
+
+
+def _half_up(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to float16, up where float16 cannot hold it (a step must not shrink when stored)."""
+    return (x * (1 + 2**-10)).clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)  # float16 rounds within 2**-11
+
+
+@dataclass
+class MetaQTensor(Stored):
+    """KIVI codes whose per-group scale and zero are 8-bit codes instead of float16 (as HQQ and QLoRA
+    store weights' grids): ``log2(scale)`` and the zero on 256 levels of ranges fitted once per run
+    of tokens and per key channel (keys) or per head (values), with headroom, so that the window's
+    later spills are encoded on the same ranges (:meth:`extend`). A group's zero is rounded down and
+    its scale up, and its codes are chosen for the grid as stored: a group still spans its range
+    (unless a later group falls outside the headroom, where it is clipped). ``ranges`` float16
+    [B, H, 1, R, 4]: log2-scale low and step, zero low and step; R = D (keys) or 1 (values). At 2
+    bits, head_dim 64, the grids cost 0.25 bits an element instead of 0.5."""
+
+    codes: torch.Tensor  # uint8 [B, H, N, D * bits // 8]
+    scale_codes: torch.Tensor  # uint8, the shape of QTensor.scale
+    zero_codes: torch.Tensor
+    ranges: torch.Tensor
+    bits: int
+    axis: str
+    group: int
+    out_idx = None  # no sparse outliers (read by the kernels' checks)
+
+    @classmethod
+    def encode(cls, x: torch.Tensor, bits: int, axis: str, group: int,
+               ranges: torch.Tensor | None = None) -> "MetaQTensor":
+        """``x`` [B, H, N, D] quantized as KIVI groups it (``axis`` "token": keys, per channel over
+        ``group`` tokens; "channel": values, per token over ``group`` channels), on ``ranges`` (None:
+        fitted to ``x``)."""
+        b, h, n, d = x.shape
+        x = x.float()
+        if axis == "token":
+            xg, dim = x.reshape(b, h, n // group, group, d), 3
+        else:
+            xg, dim = x.reshape(b, h, n, d // group, group), 4
+        lo = xg.amin(dim).clamp(-_FP16_MAX, _FP16_MAX)
+        hi = xg.amax(dim).clamp(-_FP16_MAX, _FP16_MAX)
+        qmax = (1 << bits) - 1
+        if ranges is None:
+            ranges = cls.fit_ranges(lo, hi, qmax, axis)
+        r = ranges.float()
+        zc = ((lo - r[..., 2]) / r[..., 3]).floor().clamp(0, META_LEVELS)
+        zero = (r[..., 2] + zc * r[..., 3]).to(torch.float16).float()
+        need = ((hi - zero) / qmax).clamp_min(1e-30).log2()
+        sc = ((need - r[..., 0]) / r[..., 1]).ceil().clamp(0, META_LEVELS)
+        scale = torch.exp2(r[..., 0] + sc * r[..., 1]).to(torch.float16).float()
+        codes = ((xg - zero.unsqueeze(dim)) / scale.unsqueeze(dim)).round().clamp(0, qmax).to(torch.uint8)
+        return cls(packing.pack(codes.reshape(b, h, n, d), bits), sc.to(torch.uint8), zc.to(torch.uint8), ranges,
+                   bits, axis, group)
+
+    @staticmethod
+    def fit_ranges(lo: torch.Tensor, hi: torch.Tensor, qmax: int, axis: str) -> torch.Tensor:
+        """Ranges for groups of minima ``lo`` and maxima ``hi``: over the run's groups of each key channel
+        (keys) or head (values), widened for later spills (scales by 2x each way, zeros by a quarter
+        of their span and a step of their groups)."""
+        dims = (2,) if axis == "token" else (2, 3)
+        ls = ((hi - lo) / qmax).clamp_min(1e-30).log2()
+        smax = ls.amax(dims, keepdim=True)
+        smin = torch.maximum(ls.amin(dims, keepdim=True), smax - 16)  # 2**-16 of the widest: a constant group
+        zmin, zmax = lo.amin(dims, keepdim=True), lo.amax(dims, keepdim=True)
+        pad = 0.25 * (zmax - zmin) + torch.exp2(smax)
+        slo, zlo = smin - 1, zmin - pad
+        sstep = _half_up((smax + 1 - slo) / META_LEVELS)
+        zstep = _half_up(((zmax + pad - zlo) / META_LEVELS).clamp_min(1e-6))
+        out = torch.stack([slo.to(torch.float16), sstep, zlo.to(torch.float16), zstep], -1)
+        return out.reshape(lo.shape[0], lo.shape[1], 1, -1, 4)  # [B, H, 1, R, 4]
+
+    def _grid(self, codes: torch.Tensor, k: int) -> torch.Tensor:
+        r = self.ranges.float()
+        return r[..., 2 * k] + codes.float() * r[..., 2 * k + 1]
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """The groups' scales as the codes were chosen for (float16, QTensor's shape)."""
+        return torch.exp2(self._grid(self.scale_codes, 0)).to(torch.float16)
+
+    @property
+    def zero(self) -> torch.Tensor:
+        return self._grid(self.zero_codes, 1).to(torch.float16)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.codes.shape[-2]
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        b, h, n, w = self.codes.shape
+        return b, h, n, w * 8 // self.bits
+
+    def plain(self) -> QTensor:
+        """The same codes with their grid in float16: what the decode kernel reads."""
+        return QTensor(self.codes, self.scale, self.zero, self.bits, self.axis, self.group)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize(self.plain(), dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"codes": self.codes, "scale_codes": self.scale_codes, "zero_codes": self.zero_codes,
+                "ranges": self.ranges}
+
+    def meta(self) -> dict:
+        return {"kind": "kivi-meta", "bits": self.bits, "axis": self.axis, "group": self.group}
+
+    @classmethod
+    def from_meta(cls, t: dict[str, torch.Tensor], prefix: str, meta: dict) -> "MetaQTensor":
+        return cls(t[prefix + "codes"], t[prefix + "scale_codes"], t[prefix + "zero_codes"], t[prefix + "ranges"],
+                   meta["bits"], meta["axis"], meta["group"])
+
+    def _with(self, codes, scale_codes, zero_codes) -> "MetaQTensor":
+        return MetaQTensor(codes, scale_codes, zero_codes, self.ranges, self.bits, self.axis, self.group)
+
+    def like(self, x: torch.Tensor) -> "MetaQTensor":
+        """Tokens ``x`` [B, H, n, D] as a run of their own, encoded on these ranges."""
+        return MetaQTensor.encode(x, self.bits, self.axis, self.group, self.ranges)
+
+    def append(self, other: "MetaQTensor") -> "MetaQTensor":
+        """``other``'s codes after these (``other`` encoded on these ranges: :meth:`like`)."""
+        return self._with(*(torch.cat([getattr(self, f), getattr(other, f)], dim=-2)
+                            for f in ("codes", "scale_codes", "zero_codes")))
+
+    def extend(self, x: torch.Tensor) -> "MetaQTensor":
+        """Tokens ``x`` [B, H, n, D] after these, encoded on these ranges."""
+        return self.append(self.like(x))
+
+    def cat(self, other: "MetaQTensor") -> "MetaQTensor":
+        """``other``'s tokens after these: what its codes stand for, encoded again on these ranges."""
+        if (other.bits, other.axis, other.group) != (self.bits, self.axis, self.group):
+            raise ValueError("cannot concatenate quantized tensors of different formats")
+        return self.extend(other.dequantize(torch.float32))
+
+    @staticmethod
+    def batch(parts: "list[MetaQTensor]") -> "MetaQTensor":
+        p0 = parts[0]
+        return MetaQTensor(*(torch.cat([getattr(q, f) for q in parts]) for f in
+                             ("codes", "scale_codes", "zero_codes", "ranges")), p0.bits, p0.axis, p0.group)
+
+    def prefix(self, n: int) -> "MetaQTensor":
+        groups = n
+        if self.axis == "token":
+            if n % self.group:
+                raise ValueError(f"cannot cut a key group of {self.group} tokens at token {n}")
+            groups = n // self.group
+        return self._with(self.codes[:, :, :n].clone(), self.scale_codes[:, :, :groups].clone(),
+                          self.zero_codes[:, :, :groups].clone())
+
+
 class OnCodes(Stored):
     """Storage that adds something to KIVI codes ``q`` (GEAR's error correction, the rotated
     quantizer's sinks): its tokens and shape are the codes'."""
@@ -279,7 +432,7 @@ def dequantize(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
 
 
 # what a quantizer stores, by ``meta()["kind"]``: each method's module adds its class on import
-STORED: dict[str, type] = {"kivi": QTensor}
+STORED: dict[str, type] = {"kivi": QTensor, "kivi-meta": MetaQTensor}
 
 
 def load_quantized(t: dict[str, torch.Tensor], prefix: str, meta: dict):
@@ -307,10 +460,11 @@ def load_pair(t: dict[str, torch.Tensor], kprefix: str, vprefix: str, info: dict
             QTensor.from_tensors(t, vprefix, info["bits"], "channel", info["vgroup"]))
 
 
-def kivi_token_bytes(bits: float, d: int, kgroup: int, vgroup: int, outliers: float = 0.0) -> float:
+def kivi_token_bytes(bits: float, d: int, kgroup: int, vgroup: int, outliers: float = 0.0, grid_bytes: int = 4) -> float:
     """Keys and values of one quantized token of one head under KIVI: codes, plus its share of the
-    float16 scales/zeros and of the sparse outliers (6 bytes each)."""
-    return 2 * d * bits / 8 + 4 * d / kgroup + 4 * d / vgroup + 2 * d * outliers * 6
+    groups' scales and zeros (``grid_bytes`` a group: float16 both, or 2 as 8-bit codes) and of the
+    sparse outliers (6 bytes each)."""
+    return 2 * d * bits / 8 + grid_bytes * d / kgroup + grid_bytes * d / vgroup + 2 * d * outliers * 6
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,9 @@ Perplexity of SmolLM2 on the shipped essay (2,048 tokens, the second half scored
 clip 0.8 27.50 (Hadamard + clip without sinks 32.79; sinks + clip without Hadamard 28.82).
 On the 5 default tasks at 1K tokens (20 samples, accuracy relative to 16-bit's 89.7%) 2-bit rises from
 KIVI's 16% to 58%: the retrieval tasks still need more than four levels. At 4 bits it keeps 96%
-(``kivi(bits=4)`` 93%). ``value_bits`` gives values a width of their own.
+(``kivi(bits=4)`` 93%). ``value_bits`` gives values a width of their own. ``meta_bits=8`` stores each
+group's scale and zero in 8 bits (``quant.MetaQTensor``), halving what the grids cost: on the full essay
+(2,980 tokens, half as context) 2-bit KV is then +1.0% at 2.46 bits an element, everything counted.
 
 On CUDA the decode kernel reads the codes as KIVI's (:func:`packed_run`): it attends with the query
 times ``H`` and rotates its output back, so nothing is dequantized (keys and values at one width).
@@ -37,7 +39,8 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-from memfit.kv.quant import _FP16_MAX, KIVI, STORED, OnCodes, OnKIVI, QTensor, kivi_token_bytes, quantize_keys, quantize_values
+from memfit.kv.quant import (_FP16_MAX, KIVI, STORED, MetaQTensor, OnCodes, OnKIVI, QTensor, kivi_token_bytes,
+                             load_quantized, quantize_keys, quantize_values)
 from memfit.lazy import lazy_module
 
 torch = lazy_module("torch")
@@ -82,9 +85,31 @@ class RotatedTensor(OnCodes):
     (16-bit, unrotated), at rows ``sink_at`` of the run (None: its first S), or None. A ragged layer
     stores its heads back to back as one run; each head's first tokens are then sinks of their own."""
 
-    q: QTensor
+    q: QTensor | MetaQTensor
     sink: torch.Tensor | None = None
     sink_at: tuple[int, ...] | None = None
+    clip: float | None = None  # with 8-bit grids: the clip fraction spills are encoded with (:meth:`extend`)
+
+    @property
+    def extends(self) -> bool:
+        """Whether the window's spills are encoded on this run's grid ranges (8-bit grids)."""
+        return isinstance(self.q, MetaQTensor) and self.clip is not None
+
+    def like(self, x: torch.Tensor) -> "RotatedTensor":
+        """Tokens ``x`` [B, H, n, D] (unrotated; not the layer's first: no sinks) as a run of their own,
+        rotated, clipped and encoded on this run's grid ranges (a fork's spills, on its parent's)."""
+        d, g = x.shape[-1], self.q.group
+        xr = x.float() @ hadamard(d, x.device)
+        if self.q.axis == "token":
+            b, h, n, _ = x.shape
+            xr = clip_towards_mean(xr.reshape(b, h, n // g, g, d), self.clip, 3).reshape(b, h, n, d)
+        else:
+            xr = clip_towards_mean(xr.unflatten(-1, (d // g, g)), self.clip, 4).flatten(-2)
+        return RotatedTensor(self.q.like(xr), clip=self.clip)
+
+    def extend(self, x: torch.Tensor) -> "RotatedTensor":
+        """Tokens ``x`` after these (the window spilling), encoded on this run's grid ranges."""
+        return RotatedTensor(self.q.append(self.like(x).q), self.sink, self.sink_at, self.clip)
 
     def _rows(self) -> list[int]:
         return list(self.sink_at) if self.sink_at is not None else list(range(self.sink.shape[-2]))
@@ -93,12 +118,14 @@ class RotatedTensor(OnCodes):
         return {**self.q.tensors(), **({"sink": self.sink} if self.sink is not None else {})}
 
     def meta(self) -> dict:
-        return {"kind": "hadamard", "q": self.q.meta(), **({"sink_at": list(self.sink_at)} if self.sink_at else {})}
+        return {"kind": "hadamard", "q": self.q.meta(), **({"sink_at": list(self.sink_at)} if self.sink_at else {}),
+                **({"clip": self.clip} if self.clip is not None else {})}
 
     @classmethod
     def from_meta(cls, t: dict[str, torch.Tensor], prefix: str, meta: dict) -> "RotatedTensor":
         at = meta.get("sink_at")
-        return cls(QTensor.from_meta(t, prefix, meta["q"]), t.get(prefix + "sink"), tuple(at) if at else None)
+        return cls(load_quantized(t, prefix, meta["q"]), t.get(prefix + "sink"), tuple(at) if at else None,
+                   meta.get("clip"))
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         out = self.q.dequantize(torch.float32) @ hadamard(self.shape[-1], self.q.codes.device).T
@@ -120,7 +147,7 @@ class RotatedTensor(OnCodes):
     def cat(self, other: "RotatedTensor") -> "RotatedTensor":
         """``other``'s tokens after these (a window spilled while decoding): its own sinks, tokens that
         are not the layer's first, are dropped."""
-        return RotatedTensor(self.q.cat(other.q), self.sink, self.sink_at)
+        return RotatedTensor(self.q.cat(other.q), self.sink, self.sink_at, self.clip)
 
     def join(self, other: "RotatedTensor") -> "RotatedTensor":
         """``other``'s tokens after these, each keeping its sinks (ragged contexts stacked into one
@@ -128,9 +155,9 @@ class RotatedTensor(OnCodes):
         if (self.sink is None) != (other.sink is None):
             raise ValueError("cannot join rotated runs with and without sinks")
         if self.sink is None:
-            return RotatedTensor(self.q.cat(other.q))
+            return RotatedTensor(self.q.cat(other.q), clip=self.clip)
         at = (*self._rows(), *(r + self.num_tokens for r in other._rows()))
-        return RotatedTensor(self.q.cat(other.q), torch.cat([self.sink, other.sink], 2), at)
+        return RotatedTensor(self.q.cat(other.q), torch.cat([self.sink, other.sink], 2), at, self.clip)
 
     @staticmethod
     def batch(parts: "list[RotatedTensor]") -> "RotatedTensor":
@@ -138,14 +165,14 @@ class RotatedTensor(OnCodes):
         if len({p.sink_at for p in parts}) != 1 or len({p.sink is None for p in parts}) != 1:
             raise ValueError("cannot batch rotated runs whose sinks differ")
         sink = torch.cat([p.sink for p in parts]) if parts[0].sink is not None else None
-        return RotatedTensor(QTensor.batch([p.q for p in parts]), sink, parts[0].sink_at)
+        return RotatedTensor(type(parts[0].q).batch([p.q for p in parts]), sink, parts[0].sink_at, parts[0].clip)
 
     def prefix(self, n: int) -> "RotatedTensor":
         if self.sink is None:
-            return RotatedTensor(self.q.prefix(n))
+            return RotatedTensor(self.q.prefix(n), clip=self.clip)
         keep = [i for i, r in enumerate(self._rows()) if r < n]
         at = tuple(self._rows()[i] for i in keep) if self.sink_at is not None else None
-        return RotatedTensor(self.q.prefix(n), self.sink[:, :, keep].clone(), at)
+        return RotatedTensor(self.q.prefix(n), self.sink[:, :, keep].clone(), at, self.clip)
 
 
 STORED["hadamard"] = RotatedTensor
@@ -162,6 +189,7 @@ class Hadamard(OnKIVI):
     sinks: int = 4
     clip: float | None = None  # None: 0.8 at 2 bits, 1.0 (no clipping) above
     value_bits: int | None = field(default=None, metadata={"spec": "if-set"})  # None: ``bits``
+    meta_bits: int = field(default=0, metadata={"spec": "if-set"})  # 8: each group's scale and zero in 8 bits
 
     def __post_init__(self) -> None:
         self._check_kivi("hadamard")
@@ -172,6 +200,8 @@ class Hadamard(OnKIVI):
                 raise ValueError(f"hadamard: value_{e}") from None
         if self.sinks < 0:
             raise ValueError(f"hadamard: sinks must be >= 0, got {self.sinks}")
+        if self.meta_bits not in (0, 8):
+            raise ValueError(f"hadamard: meta_bits must be 0 (float16 scale and zero) or 8, got {self.meta_bits}")
         if self.clip is not None and not 0.0 < self.clip <= 1.0:
             raise ValueError(f"hadamard: clip is the fraction of each group's range kept, in (0, 1], got {self.clip}")
 
@@ -205,6 +235,9 @@ class Hadamard(OnKIVI):
             raise ValueError(f"key quantization needs a multiple of group={self.group} tokens, got {n}")
         x = (k.float() @ hadamard(d, k.device)).reshape(b, h, n // self.group, self.group, d)
         x = clip_towards_mean(x, self.clip_fraction(self.bits), 3).reshape(b, h, n, d)
+        if self.meta_bits:
+            return RotatedTensor(MetaQTensor.encode(x, self.bits, "token", self.group), *self._sink(k, starts, first),
+                                 self.clip_fraction(self.bits))
         return RotatedTensor(quantize_keys(x, self.bits, self.group), *self._sink(k, starts, first))
 
     def quantize_values(self, v: torch.Tensor, starts: "list[int] | None" = None, first: bool = True) -> RotatedTensor:
@@ -212,13 +245,18 @@ class Hadamard(OnKIVI):
         g = self.value_group(d)
         x = (v.float() @ hadamard(d, v.device)).reshape(b, h, n, d // g, g)
         x = clip_towards_mean(x, self.clip_fraction(self.vbits), 4).reshape(b, h, n, d)
+        if self.meta_bits:
+            return RotatedTensor(MetaQTensor.encode(x, self.vbits, "channel", g), *self._sink(v, starts, first),
+                                 self.clip_fraction(self.vbits))
         return RotatedTensor(quantize_values(x, self.vbits, g), *self._sink(v, starts, first))
 
     def token_bytes(self, d: int) -> float:
-        return kivi_token_bytes((self.bits + self.vbits) / 2, d, self.group, self.value_group(d))
+        return kivi_token_bytes((self.bits + self.vbits) / 2, d, self.group, self.value_group(d),
+                                grid_bytes=2 if self.meta_bits else 4)
 
     def fixed_bytes(self, heads: int, d: int) -> float:
-        return 2 * heads * self.sinks * d * 2  # each head's sinks, keys and values, float16
+        ranges = heads * (d + 1) * 4 * 2 if self.meta_bits else 0  # a run's grid ranges: each key channel, each head
+        return 2 * heads * self.sinks * d * 2 + ranges  # each head's sinks, keys and values, float16
 
 
 def first_group(qk: RotatedTensor, qv: RotatedTensor, dtype: torch.dtype) -> list[torch.Tensor]:
