@@ -48,8 +48,31 @@ class Stored:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
 
+class PackedCodes(Stored):
+    """What KIVI-grid storage shares: ``codes`` [B, H, N, D * bits // 8] packed along the last dimension,
+    grouped by ``axis`` in groups of ``group``."""
+
+    @property
+    def num_tokens(self) -> int:
+        return self.codes.shape[-2]
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """[B, H, N, D] of the tensor these codes stand for."""
+        b, h, n, w = self.codes.shape
+        return b, h, n, w * 8 // self.bits
+
+    def _groups_at(self, n: int) -> int:
+        """Grid rows that the first ``n`` tokens hold (keys: whole groups only)."""
+        if self.axis != "token":
+            return n
+        if n % self.group:
+            raise ValueError(f"cannot cut a key group of {self.group} tokens at token {n}")
+        return n // self.group
+
+
 @dataclass
-class QTensor(Stored):
+class QTensor(PackedCodes):
     """Packed codes with their per-group scale and zero point (see module docstring for the layout)."""
 
     codes: torch.Tensor  # uint8, [B, H, N, D * bits // 8]
@@ -62,16 +85,6 @@ class QTensor(Stored):
     # tensor (int32, or int64 past 2**31 elements) and their float16 values; None: no outliers
     out_idx: torch.Tensor | None = None
     out_val: torch.Tensor | None = None
-
-    @property
-    def num_tokens(self) -> int:
-        return self.codes.shape[-2]
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        """[B, H, N, D] of the tensor these codes stand for."""
-        b, h, n, w = self.codes.shape
-        return b, h, n, w * 8 // self.bits
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"codes": self.codes, "scale": self.scale, "zero": self.zero}
@@ -140,11 +153,7 @@ class QTensor(Stored):
     def prefix(self, n: int) -> "QTensor":
         """The first ``n`` tokens, as a copy (a slice would keep the whole storage alive). For keys,
         ``n`` must not cut a token group."""
-        groups = n
-        if self.axis == "token":
-            if n % self.group:
-                raise ValueError(f"cannot cut a key group of {self.group} tokens at token {n}")
-            groups = n // self.group
+        groups = self._groups_at(n)
         b, h, _, d = self.shape
         idx, val = self._with_outliers([self._outliers_at(n)], b * h * n * d)
         return QTensor(self.codes[:, :, :n].clone(), self.scale[:, :, :groups].clone(), self.zero[:, :, :groups].clone(),
@@ -160,7 +169,7 @@ def _half_up(x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class MetaQTensor(Stored):
+class MetaQTensor(PackedCodes):
     """KIVI codes whose per-group scale and zero are 8-bit codes instead of float16 (as HQQ and QLoRA
     store weights' grids): ``log2(scale)`` and the zero on 256 levels of ranges fitted once per run
     of tokens and per key channel (keys) or per head (values), with headroom, so that the window's
@@ -236,15 +245,6 @@ class MetaQTensor(Stored):
     def zero(self) -> torch.Tensor:
         return self._grid(self.zero_codes, 1).to(torch.float16)
 
-    @property
-    def num_tokens(self) -> int:
-        return self.codes.shape[-2]
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        b, h, n, w = self.codes.shape
-        return b, h, n, w * 8 // self.bits
-
     def plain(self) -> QTensor:
         """The same codes with their grid in float16: what the decode kernel reads."""
         return QTensor(self.codes, self.scale, self.zero, self.bits, self.axis, self.group)
@@ -293,11 +293,7 @@ class MetaQTensor(Stored):
                              ("codes", "scale_codes", "zero_codes", "ranges")), p0.bits, p0.axis, p0.group)
 
     def prefix(self, n: int) -> "MetaQTensor":
-        groups = n
-        if self.axis == "token":
-            if n % self.group:
-                raise ValueError(f"cannot cut a key group of {self.group} tokens at token {n}")
-            groups = n // self.group
+        groups = self._groups_at(n)
         return self._with(self.codes[:, :, :n].clone(), self.scale_codes[:, :, :groups].clone(),
                           self.zero_codes[:, :, :groups].clone())
 
