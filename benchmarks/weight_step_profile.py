@@ -38,7 +38,8 @@ def main() -> None:
     cache = StaticCache(config=model.config, max_cache_len=n + 16)
     ids = torch.randint(0, model.config.vocab_size, (1, n), device="cuda")
     with torch.no_grad():
-        model(ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1, cache_position=torch.arange(n, device="cuda"))
+        model(ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1,
+              cache_position=torch.arange(n, device="cuda"))
         tok, pos, kw = ids[:, -1:].clone(), torch.tensor([n], device="cuda"), with_cache(model, cache)
         lengths = [la.cumulative_length for la in getattr(cache, "layers", [])
                    if torch.is_tensor(getattr(la, "cumulative_length", None))]

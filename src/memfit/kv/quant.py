@@ -456,7 +456,8 @@ def load_pair(t: dict[str, torch.Tensor], kprefix: str, vprefix: str, info: dict
             QTensor.from_tensors(t, vprefix, info["bits"], "channel", info["vgroup"]))
 
 
-def kivi_token_bytes(bits: float, d: int, kgroup: int, vgroup: int, outliers: float = 0.0, grid_bytes: int = 4) -> float:
+def kivi_token_bytes(bits: float, d: int, kgroup: int, vgroup: int, outliers: float = 0.0,
+                     grid_bytes: int = 4) -> float:
     """Keys and values of one quantized token of one head under KIVI: codes, plus its share of the
     groups' scales and zeros (``grid_bytes`` a group: float16 both, or 2 as 8-bit codes) and of the
     sparse outliers (6 bytes each)."""

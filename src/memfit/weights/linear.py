@@ -12,13 +12,14 @@ On CUDA, for up to 16 rows (decode), uniform grids read at their stored width ru
 copy of the codes in a layout made for bandwidth (``kernels.tile_gemv``: whole codes in parts of 8/4/2/1
 bits, each program's block contiguous; 16-bit activations); a 4-bit grid the tiles do not fit, or a
 4-bit layer of up to ``TINYGEMM_MAX`` weights, runs torch's tinygemm kernel ``torch._weight_int4pack_mm``
-(the int4 kernel torchao uses) where it takes the group size; any-precision reads below the stored width, and float32 activations, run a Triton GEMV
-that reads the bit planes (``kernels.plane_gemv``); more rows (prefill, where the matmul's cost hides
-the dequantization) dequantize. ``set_prefer("tiles" | "tinygemm" | "planes")`` asks for one of them
-where it takes the layer; ``"tiles-a8"``: the tiles with the input rounded to int8 (opt-in). ``kernel``
-says which path a layer uses. The kernel's copy is made on first use; where it holds every code the
-bit planes are then dropped from the GPU and rebuilt from it exactly when needed (saving, moving,
-another read width): the codes sit in GPU memory once.
+(the int4 kernel torchao uses) where it takes the group size; any-precision reads below the stored
+width, and float32 activations, run a Triton GEMV that reads the bit planes (``kernels.plane_gemv``);
+more rows (prefill, where the matmul's cost hides the dequantization) dequantize.
+``set_prefer("tiles" | "tinygemm" | "planes")`` asks for one of them where it takes the layer;
+``"tiles-a8"``: the tiles with the input rounded to int8 (opt-in). ``kernel`` says which path a layer
+uses. The kernel's copy is made on first use; where it holds every code the bit planes are then dropped
+from the GPU and rebuilt from it exactly when needed (saving, moving, another read width): the codes
+sit in GPU memory once.
 """
 
 from __future__ import annotations
@@ -132,17 +133,20 @@ class QuantLinear(nn.Module):
         share their input size, widths, grid and dtype, and hold no QDEC residual or low-rank part."""
         first = layers[0]
         if any(m.qdec_k or m.rank for m in layers) or any(m._plain_config() != first._plain_config() for m in layers):
-            raise ValueError("only plain QuantLinear layers with the same input size, bits, grid, dtype and device stack")
+            raise ValueError("only plain QuantLinear layers with the same input size, bits, grid, dtype and device "
+                             "stack")
         out = cls(first.in_features, sum(m.out_features for m in layers), first.bits, first.group_size, first.kind,
                   bias=any(m.bias is not None for m in layers), device=first.planes.device, dtype=first.dtype,
                   meta_bits=first.meta_bits)
         out.read_bits, out.prefer = first.read_bits, first.prefer
         for name, dim in cls.ROW_BUFFERS.items():
             if name in out._buffers:
-                out._buffers[name] = torch.cat([m._planes() if name == "planes" else m._buffers[name] for m in layers], dim)
+                parts = [m._planes() if name == "planes" else m._buffers[name] for m in layers]
+                out._buffers[name] = torch.cat(parts, dim)
         if out.bias is not None:
-            out.bias.data.copy_(torch.cat([m.bias.data if m.bias is not None else out.bias.data.new_zeros(m.out_features)
-                                           for m in layers]))
+            zeros = out.bias.data.new_zeros
+            biases = [m.bias.data if m.bias is not None else zeros(m.out_features) for m in layers]
+            out.bias.data.copy_(torch.cat(biases))
         return out
 
     def rows(self, start: int, stop: int, bias: bool = True) -> "QuantLinear":
