@@ -827,7 +827,7 @@ def _step_read_bytes(model) -> int:
 def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...] = (4,), group_size: int = 64,
                         method: str = "hqq", layers: int = 32, compile: bool = False,
                         lm_head: bool = False, meta_bits: int = 0, kernel: str | None = None,
-                        peak_tbs: float = 4.8, fuse: bool = True) -> dict:
+                        peak_tbs: float = 4.8, fuse: bool = True, attention: str = "memfit") -> dict:
     """Decode step time of a random-weight Llama-3.1-8B-shaped model with bf16 weights, then with
     weights at each of ``bits`` (memfit's QuantLinear: on CUDA the tile-layout GEMV at every width;
     ``kernel="tinygemm"``: torch's int4 kernel at 4 bits, ``"planes"``: the bit-plane GEMV), on the same
@@ -836,16 +836,23 @@ def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...]
     (as torchao's int4 weight-only and gpt-fast do: every Linear); by default it stays bf16, as
     ``WeightQuant``'s skip-list keeps it. ``meta_bits``: scale and zero stored in that many bits (the
     kernels read a float16 copy made on first use). ``fuse``: q/k/v and gate/up each run as one stacked
-    layer (``weights.fuse``), as loading a quantized folder on CUDA does."""
+    layer (``weights.fuse``), as loading a quantized folder on CUDA does. ``attention``: ``"memfit"``, the
+    step as memfit's static decode runs it (memfit's attention, the cache's last slot filled, unmasked
+    SDPA with its GQA kernel, as ``bench decode`` times its 16-bit graph), or ``"sdpa"``: transformers'
+    SDPA with the mask of a StaticCache not yet full (cuDNN's kernel and the mask's own kernels)."""
+    if attention not in ("memfit", "sdpa"):
+        raise ValueError(f"attention must be 'memfit' or 'sdpa', got {attention!r}")
+    attn, full = (None, True) if attention == "memfit" else ("sdpa", False)
     from memfit.weights import QuantLinear, WeightQuant, quantize_, weight_bytes
     from memfit.weights.fuse import fuse_projections
 
     peak = peak_tbs * 1e12
-    model = _random_llama8b(layers, "sdpa")
+    model = _random_llama8b(layers, attn)
     out = {"batch": batch, "prompt": prompt, "layers": layers, "group_size": group_size, "method": method,
            "meta_bits": meta_bits, "lm_head_quantized": lm_head, "kernel": kernel or "default", "fused": fuse,
+           "attention": attention,
            "device": torch.cuda.get_device_name(), "peak_tbs": peak_tbs, "widths": []}
-    out["bf16_ms"], out["bf16_mode"] = _decode_step_ms(model, batch, prompt, compile=compile)
+    out["bf16_ms"], out["bf16_mode"] = _decode_step_ms(model, batch, prompt, compile=compile, full=full)
     out["bf16_weight_bytes"] = weight_bytes(model)["total"]
     out["bf16_read_bytes"] = _step_read_bytes(model)
     out["bf16_roofline_ms"] = out["bf16_read_bytes"] / peak * 1e3
@@ -853,7 +860,7 @@ def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...]
         if out["widths"]:  # a fresh bf16 model (the same seed: the same weights) for each width
             del model
             torch.cuda.empty_cache()
-            model = _random_llama8b(layers, "sdpa")
+            model = _random_llama8b(layers, attn)
         row = {"bits": b}
         t0 = time.perf_counter()
         skip = () if lm_head else WeightQuant.skip
@@ -869,7 +876,7 @@ def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...]
         torch.cuda.empty_cache()
         if compile:
             torch._dynamo.reset()
-        row["quant_ms"], row["quant_mode"] = _decode_step_ms(model, batch, prompt, compile=compile)
+        row["quant_ms"], row["quant_mode"] = _decode_step_ms(model, batch, prompt, compile=compile, full=full)
         kernels = [m.kernel for m in layers_q]
         row["kernels"] = {k: kernels.count(k) for k in set(kernels)}
         row["quant_weight_bytes"] = weight_bytes(model)["total"]

@@ -789,6 +789,9 @@ def bench_weight_decode_cmd(
     meta_bits: int = typer.Option(0, "--meta-bits", help="Scale and zero stored in this many bits (0: float16)."),
     fuse: bool = typer.Option(True, "--fuse/--no-fuse", help="Run q/k/v and gate/up as one stacked layer each "
                               "(as a quantized folder loads on CUDA)."),
+    attention: str = typer.Option("memfit", "--attention", help="'memfit': the step as memfit's static decode runs "
+                                  "it (unmasked GQA SDPA, as bench decode's 16-bit graph); 'sdpa': transformers' "
+                                  "masked SDPA on a StaticCache not yet full."),
     out: Path = typer.Option(Path("results/bench_weight_decode.json"), "--out", "-o"),
 ) -> None:
     """GPU: decode step time, random-weight Llama-3.1-8B shape, bf16 weights vs quantized weights."""
@@ -799,8 +802,11 @@ def bench_weight_decode_cmd(
 
     if kernel is not None and kernel not in PREFER:  # checked before an 8B model is built
         raise typer.BadParameter(f"unknown kernel {kernel!r}; use one of {PREFER}", param_hint="--kernel")
+    if attention not in ("memfit", "sdpa"):
+        raise typer.BadParameter(f"unknown attention {attention!r}; use memfit or sdpa", param_hint="--attention")
     r = bench_weight_decode(batch, bits=tuple(bits), group_size=group_size, method=method, layers=layers,
-                            compile=compile, lm_head=lm_head, meta_bits=meta_bits, kernel=kernel, fuse=fuse)
+                            compile=compile, lm_head=lm_head, meta_bits=meta_bits, kernel=kernel, fuse=fuse,
+                            attention=attention)
     _write_json(out, r)
     typer.echo(f"bf16 {r['bf16_ms']:.3f} ms ({r['bf16_mode']}), roofline {r['bf16_roofline_ms']:.3f} ms")
     for w in r["widths"]:
