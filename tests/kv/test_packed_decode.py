@@ -13,11 +13,14 @@ from memfit.kv.quant import KIVI
 from memfit.kv.static import GraphDecoder
 
 RAGGED = "knorm(keep=0.5,heads=adaptive)+kivi(bits=4,group=16,residual=16)"
+RAGGED_ROTATED = "knorm(keep=0.5,heads=adaptive)+hadamard(bits=4,group=16,residual=16)"
+RAGGED_META = "knorm(keep=0.5,heads=adaptive)+hadamard(bits=2,group=16,residual=16,meta_bits=8)"
 POLICIES = [RAGGED, "knorm(keep=0.4,heads=global)+kivi(bits=2,group=16,residual=16)",
             "snapkv(keep=0.5)+kivi(bits=4,group=16,residual=16)", "kivi(bits=2,group=16,residual=16)",
+            # 8-bit group scales and zeros, read as float16
+            RAGGED_META,
             # rotated codes: the query rotated, each head's sinks read in 16-bit
-            "knorm(keep=0.5,heads=adaptive)+hadamard(bits=4,group=16,residual=16)",
-            "hadamard(bits=2,group=16,residual=16)"]
+            RAGGED_ROTATED, "hadamard(bits=2,group=16,residual=16)"]
 
 
 def packed_everywhere(monkeypatch) -> list:
@@ -143,7 +146,13 @@ def test_static_decode_of_a_ragged_fork_equals_the_dynamic_cache(tiny_lm, monkey
                                rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("policy", [RAGGED, POLICIES[-2]])
+def test_ragged_contexts_with_8_bit_grids_are_not_stacked_silently(tiny_lm):
+    caches = [_context(tiny_lm, RAGGED_META, seed=s) for s in (4, 5)]
+    with pytest.raises(ValueError, match="8-bit grids"):
+        CompressedCache.stack(caches)
+
+
+@pytest.mark.parametrize("policy", [RAGGED, RAGGED_ROTATED])
 def test_stacked_contexts_decode_together_like_each_alone(tiny_lm, monkeypatch, policy):
     """Also rotated codes: every context's heads keep their own sinks."""
     calls = packed_everywhere(monkeypatch)

@@ -40,7 +40,8 @@ def _packed_decode_everywhere(monkeypatch):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA")])])
 @pytest.mark.parametrize("policy", [POLICY, "hadamard(bits=4,group=16,residual=20)",
-                                    "hadamard(bits=4,value_bits=2,group=16,residual=20)"])
+                                    "hadamard(bits=4,value_bits=2,group=16,residual=20)",
+                                    "hadamard(bits=2,group=16,residual=20,meta_bits=8)"])
 def test_static_decode_equals_the_dynamic_cache(device, policy, monkeypatch):
     _packed_decode_everywhere(monkeypatch)
     model = tiny_llama(layers=2).to(device)

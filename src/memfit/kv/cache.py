@@ -292,7 +292,7 @@ class CompressedCache(Cache):
                 prefix.extend(layer.ragged.runs(rows, layer.quant))
             layer.static = StaticKIVI(layer.quant, layer.qk, layer.qv, layer.keys, layer.values,
                                       capacity=layer.own_tokens() + max_new_tokens, prefix=prefix,
-                                      first=layer.parent is None and layer.ragged is None)
+                                      first=layer.parent is None and layer.ragged is None, base=layer.grid_base())
             layer.qk = layer.qv = None
             layer.keys, layer.values = layer.keys[:, :, :0], layer.values[:, :, :0]
         return self

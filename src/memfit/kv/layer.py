@@ -416,11 +416,11 @@ class CompressedLayer(CacheLayerMixin):
         # those after a ragged context)
         first = {"first": self.qk is None and self.parent is None and self.ragged is None} \
             if getattr(self.quant, "sinks", 0) else {}
-        base = self.parent.qk if self.parent is not None and self.qk is None else None
-        if self.qk is not None and getattr(self.qk, "extends", False):  # encoded on what the layer already fitted
+        base = self.grid_base()
+        if base is not None and base[0] is self.qk:  # encoded on what the layer already fitted
             self.qk, self.qv = self.qk.extend(k), self.qv.extend(self.values[:, :, :f])
-        elif getattr(base, "extends", False) and hasattr(base, "like"):  # a fork's first spill: on its parent's
-            self.qk, self.qv = base.like(k), self.parent.qv.like(self.values[:, :, :f])
+        elif base is not None:  # a fork's first spill: on its parent's
+            self.qk, self.qv = base[0].like(k), base[1].like(self.values[:, :, :f])
         else:
             kq, vq = self.quant.quantize_keys(k, **first), self.quant.quantize_values(self.values[:, :, :f], **first)
             self.qk = kq if self.qk is None else self.qk.cat(kq)
@@ -428,6 +428,17 @@ class CompressedLayer(CacheLayerMixin):
         # clone: a slice would keep the whole old window alive
         self.keys = self.keys[:, :, f:].clone()
         self.values = self.values[:, :, f:].clone()
+
+    def grid_base(self) -> tuple | None:
+        """The stored keys and values whose fitted grid (MILLION's codebook, 8-bit grids' ranges) the
+        window's spills are encoded on: this layer's own, else, before a fork's first spill, its
+        parent's; None: each spill fits its own."""
+        if self.qk is not None:
+            return (self.qk, self.qv) if getattr(self.qk, "extends", False) else None
+        p = self.parent
+        if p is not None and getattr(p.qk, "extends", False) and hasattr(p.qk, "like"):
+            return p.qk, p.qv
+        return None
 
     def _rope_off(self, k: torch.Tensor, start: int) -> torch.Tensor:
         """``k`` (keys at positions start, start+1, ...) with RoPE taken off."""

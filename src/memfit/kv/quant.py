@@ -215,6 +215,16 @@ class MetaQTensor(PackedCodes):
         return cls(packing.pack(codes.reshape(b, h, n, d), bits), sc.to(torch.uint8), zc.to(torch.uint8), ranges,
                    bits, axis, group)
 
+    @classmethod
+    def from_grid(cls, q: QTensor, ranges: torch.Tensor) -> "MetaQTensor":
+        """``q``'s codes with its float16 grid given back as codes on ``ranges`` (a grid that was encoded
+        on them, as static decode holds it: each value is the nearest level, or one that rounds to the
+        same float16)."""
+        r = ranges.float()
+        sc = ((q.scale.float().log2() - r[..., 0]) / r[..., 1]).round().clamp(0, META_LEVELS)
+        zc = ((q.zero.float() - r[..., 2]) / r[..., 3]).round().clamp(0, META_LEVELS)
+        return cls(q.codes, sc.to(torch.uint8), zc.to(torch.uint8), ranges, q.bits, q.axis, q.group)
+
     @staticmethod
     def fit_ranges(lo: torch.Tensor, hi: torch.Tensor, qmax: int, axis: str) -> torch.Tensor:
         """Ranges for groups of minima ``lo`` and maxima ``hi``: over the run's groups of each key channel

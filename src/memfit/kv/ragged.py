@@ -9,7 +9,7 @@ import torch
 
 from memfit.kernels.decode_attention import PackedRun
 from memfit.kv import rotate
-from memfit.kv.quant import KIVI, QTensor, load_pair
+from memfit.kv.quant import KIVI, MetaQTensor, QTensor, load_pair
 from memfit.kv.rotate import RotatedTensor
 
 
@@ -75,6 +75,9 @@ class Ragged:
         if any(quantized):
             if not all(quantized):  # a part whose heads all fit in their windows: nothing to concatenate
                 raise ValueError("cannot stack ragged layers of which only some hold quantized tokens")
+            if any(isinstance(getattr(p.qk, "q", p.qk), MetaQTensor) for p in parts):
+                raise ValueError("cannot stack ragged layers with 8-bit grids (meta_bits=8): each context's codes "
+                                 "are on grid ranges of their own")
             qk, qv = parts[0].qk, parts[0].qv
             for p in parts[1:]:  # rotated codes keep every context's sinks
                 join = "join" if isinstance(qk, RotatedTensor) else "cat"

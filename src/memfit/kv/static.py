@@ -24,7 +24,7 @@ import torch
 
 from memfit.hfcompat import with_cache
 from memfit.kernels.decode_attention import PackedRun, decode_attention_runs
-from memfit.kv.quant import KIVI, QTensor, quantize_keys, quantize_values
+from memfit.kv.quant import KIVI, MetaQTensor, QTensor, quantize_keys, quantize_values
 from memfit.kv.rotate import Hadamard, RotatedTensor, first_group, hadamard, past_first_group
 
 
@@ -36,13 +36,16 @@ class StaticKIVI:
 
     def __init__(self, quant: KIVI | Hadamard, qk: QTensor | RotatedTensor | None, qv: QTensor | RotatedTensor | None,
                  keys: torch.Tensor, values: torch.Tensor, capacity: int, prefix: list[PackedRun] = (),
-                 first: bool = True):
+                 first: bool = True, base: tuple | None = None):
         b, h, w, d = keys.shape
         g, r = quant.group, quant.residual
         if w >= r + g:
             raise ValueError(f"static decode: the window holds {w} tokens, residual + group = {r + g} or more")
         self.quant, self.bits = quant, quant.bits
         self.vbits = quant.vbits  # the Hadamard quantizer's values may be narrower
+        # the stored run whose grid ranges later spills are encoded on, as the dynamic layer does
+        # (``CompressedLayer.grid_base``: 8-bit grids); None: each spill fits its own
+        self.base = base
         # rotated codes (the Hadamard quantizer): read as KIVI's with the query rotated; the first key
         # group, with the sinks, as 16-bit tokens (see rotate.packed_run); ``first``: whether this
         # layer's first codes are its first tokens (then they keep sinks; not a fork's or after a
@@ -123,8 +126,13 @@ class StaticKIVI:
             return
         if self.rotated:  # as the dynamic layer spills: sinks for the layer's first tokens only
             first = self.first and self.nq == 0
-            kq = self.quant.quantize_keys(self.keys[:, :, :f], first=first)
-            vq = self.quant.quantize_values(self.values[:, :, :f], first=first)
+            if self.base is not None and not first:
+                kq, vq = self.base[0].like(self.keys[:, :, :f]), self.base[1].like(self.values[:, :, :f])
+            else:
+                kq = self.quant.quantize_keys(self.keys[:, :, :f], first=first)
+                vq = self.quant.quantize_values(self.values[:, :, :f], first=first)
+                if getattr(kq, "extends", False):  # the layer's first run: later spills on its ranges
+                    self.base = (kq, vq)
             if self.nq == 0:
                 self.sinks = (kq.sink, vq.sink)
                 self._set_head(kq, vq)
@@ -161,8 +169,13 @@ class StaticKIVI:
             qk = qv = None
         else:
             qk, qv = self.qk.prefix(self.nq), self.qv.prefix(self.nq)
+            clip = None
+            if self.base is not None:  # 8-bit grids: their codes back on the ranges they were encoded on
+                qk, qv = (MetaQTensor.from_grid(x, b.q.ranges) for x, b in zip((qk, qv), self.base))
+                clip = self.base[0].clip
             if self.rotated:
-                qk, qv = (RotatedTensor(x, None if s is None else s.clone()) for x, s in zip((qk, qv), self.sinks))
+                qk, qv = (RotatedTensor(x, None if s is None else s.clone(), clip=clip)
+                          for x, s in zip((qk, qv), self.sinks))
         return qk, qv, self.keys[:, :, : self.w].clone(), self.values[:, :, : self.w].clone()
 
 
