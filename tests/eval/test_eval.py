@@ -8,7 +8,7 @@ from conftest import byte_tokenizer, tiny_llama
 from typer.testing import CliRunner
 
 from memfit.cli import app
-from memfit.eval.perplexity import SHIPPED_TEXT, perplexity
+from memfit.eval.perplexity import SHIPPED_TEXT, perplexity, perplexity_and_bits
 from memfit.eval.runner import evaluate_sample, load_records, make_samples, run_eval, summarize
 
 runner = CliRunner()
@@ -140,6 +140,10 @@ def test_perplexity_none_equals_a_plain_forward(tiny_lm):
     ref = math.exp(F.cross_entropy(logits[split:-1], ids[0, split + 1 :]).item())
     assert ppl == pytest.approx(ref, rel=1e-9)
     assert perplexity(tiny_lm, text, "kivi(bits=2,group=16,residual=16)", chunk=50) != pytest.approx(ref, rel=1e-6)
+    full = perplexity_and_bits(tiny_lm, text, "none", chunk=50)
+    assert full == (ppl, 8.0 * tiny_lm.model.dtype.itemsize)  # every element kept in the model's dtype
+    two = perplexity_and_bits(tiny_lm, text, "hadamard(bits=2,group=16,residual=16,meta_bits=8)", chunk=50)[1]
+    assert 2.0 < two < perplexity_and_bits(tiny_lm, text, "hadamard(bits=2,group=16,residual=16)", chunk=50)[1]
     with pytest.raises(ValueError, match="too short"):
         perplexity(tiny_lm, "ab", "none")
 

@@ -31,6 +31,7 @@ def test_cli_quantize_then_compare_perplexities(tiny_model_dir, tmp_path):
     assert [row["model"] for row in rows] == [str(tiny_model_dir), str(out)]
     assert rows[1]["weight_bytes"] < rows[0]["weight_bytes"]
     assert rows[0]["perplexity"] != rows[1]["perplexity"]
+    assert rows[0]["kv_bits_per_element"] == 16.0 and "KV 16.000 bits an element" in r.output  # 16-bit KV
     r = runner.invoke(app, ["eval", "--perplexity-only", "-m", str(ap), "--weight-bits", "3", "--weight-bits", "8",
                             "-p", "none", "--perplexity-text", str(text), "-o", str(res)])
     assert r.exit_code == 0, r.output

@@ -15,7 +15,6 @@ from memfit.kv.policy import Policy, parse_policy
 SHIPPED_TEXT = Path(__file__).parent / "data" / "lighthouses.txt"  # an original essay, written for memfit
 
 
-@torch.no_grad()
 def perplexity(lm: LM, text: str, policy: "str | Policy" = "none", *, context_fraction: float = 0.5,
                chunk: int = 64, max_tokens: int | None = None) -> float:
     """Perplexity of the second part of ``text`` given its first part compressed with ``policy``.
@@ -24,6 +23,16 @@ def perplexity(lm: LM, text: str, policy: "str | Policy" = "none", *, context_fr
     does (evictions included); the rest is fed in chunks of ``chunk`` tokens, so that a quantizer
     also compresses the continuation as it grows. Only the continuation (after its first token) is scored.
     """
+    return perplexity_and_bits(lm, text, policy, context_fraction=context_fraction, chunk=chunk,
+                               max_tokens=max_tokens)[0]
+
+
+@torch.no_grad()
+def perplexity_and_bits(lm: LM, text: str, policy: "str | Policy" = "none", *, context_fraction: float = 0.5,
+                        chunk: int = 64, max_tokens: int | None = None) -> tuple[float, float]:
+    """:func:`perplexity`, and the bits an element the cache holds at the end, everything counted: the
+    bytes of the compressed context and of the continuation's own storage (codes, grids, windows,
+    sinks, codebooks), times 8, over the keys' and values' elements of every token it has seen."""
     if not 0.0 < context_fraction < 1.0:
         raise ValueError("context_fraction must be in (0, 1)")
     ids = lm.tokenizer(text, add_special_tokens=True, return_tensors="pt")["input_ids"].to(lm.device)
@@ -48,4 +57,5 @@ def perplexity(lm: LM, text: str, policy: "str | Policy" = "none", *, context_fr
         logits = logits.float() if logits.element_size() < 4 else logits  # upcast 16-bit, keep float64
         nll += F.cross_entropy(logits[0], targets[0], reduction="sum").item()
         count += targets.shape[1]
-    return math.exp(nll / count)
+    elements = 2 * lm.num_layers * lm.num_kv_heads * lm.head_dim * (n - 1)  # keys and values of tokens 0 .. n-2
+    return math.exp(nll / count), 8 * (ctx.cache.nbytes + cache.nbytes) / elements
