@@ -320,7 +320,7 @@ def eval_(
                "follow_up": mode, "every_order": every_order,
                "seconds": time.perf_counter() - t0, "rows": rows}
     if with_perplexity:
-        summary["perplexity"] = _perplexities(lm, perplexity_text, pols)
+        summary["perplexity"] = {p: v for p, (v, _) in _perplexities(lm, perplexity_text, pols).items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     typer.echo(format_summary(rows))
     if "perplexity" in summary:
@@ -369,7 +369,7 @@ def _compare_perplexity(models: list[str], weight_bits: Optional[list[int]], pol
         for bits in weight_bits or [None]:
             lm = _load(name, weight_bits=bits)
             nbytes = weight_bytes(lm.model)["total"]
-            for p, (v, kv_bits) in _perplexities(lm, path, policies, bits=True).items():
+            for p, (v, kv_bits) in _perplexities(lm, path, policies).items():
                 rows.append({"model": name, "weight_bits": bits, "policy": p, "perplexity": v, "weight_bytes": nbytes,
                              "kv_bits_per_element": kv_bits})
                 typer.echo(f"{name}{f' @{bits}-bit' if bits else ''}  {p}: perplexity {v:.3f}, KV {kv_bits:.3f} bits "
@@ -378,16 +378,16 @@ def _compare_perplexity(models: list[str], weight_bits: Optional[list[int]], pol
     typer.echo(f"-> {out / 'perplexity.json'}")
 
 
-def _perplexities(lm, path: Optional[Path], policies: list[str], bits: bool = False) -> dict:
-    """Each policy's perplexity (with ``bits``: and its KV bits an element, everything counted)."""
-    from memfit.eval.perplexity import SHIPPED_TEXT, perplexity, perplexity_and_bits
+def _perplexities(lm, path: Optional[Path], policies: list[str]) -> dict[str, tuple[float, float]]:
+    """Each policy's perplexity and its KV bits an element, everything counted."""
+    from memfit.eval.perplexity import SHIPPED_TEXT, perplexity_and_bits
 
     path = path or SHIPPED_TEXT
     if not path.is_file():
         _fail(f"perplexity text {path} does not exist")
     text = path.read_text(encoding="utf-8")
     try:
-        return {p: perplexity_and_bits(lm, text, p) if bits else perplexity(lm, text, p) for p in policies}
+        return {p: perplexity_and_bits(lm, text, p) for p in policies}
     except ValueError as e:
         _fail(str(e))
 

@@ -69,6 +69,17 @@ def hadamard(d: int, device: torch.device | str = "cpu") -> torch.Tensor:
     return _hadamard(d, str(device))
 
 
+def rotated_clipped(x: torch.Tensor, axis: str, group: int, clip: float) -> torch.Tensor:
+    """``x`` [B, H, N, D] times the Hadamard matrix, each KIVI group's range then clipped to ``clip`` of
+    itself (``axis`` "token": keys, groups of ``group`` tokens per channel; "channel": values, groups of
+    ``group`` channels per token); float32 [B, H, N, D]."""
+    b, h, n, d = x.shape
+    xr = x.float() @ hadamard(d, x.device)
+    if axis == "token":
+        return clip_towards_mean(xr.reshape(b, h, n // group, group, d), clip, 3).reshape(b, h, n, d)
+    return clip_towards_mean(xr.reshape(b, h, n, d // group, group), clip, 4).reshape(b, h, n, d)
+
+
 def clip_towards_mean(x: torch.Tensor, clip: float, dim: int) -> torch.Tensor:
     """``x`` with each slice along ``dim`` clipped to its min-max range shrunk towards its mean by ``clip``."""
     if clip >= 1.0:
@@ -98,14 +109,7 @@ class RotatedTensor(OnCodes):
     def like(self, x: torch.Tensor) -> "RotatedTensor":
         """Tokens ``x`` [B, H, n, D] (unrotated; not the layer's first: no sinks) as a run of their own,
         rotated, clipped and encoded on this run's grid ranges (a fork's spills, on its parent's)."""
-        d, g = x.shape[-1], self.q.group
-        xr = x.float() @ hadamard(d, x.device)
-        if self.q.axis == "token":
-            b, h, n, _ = x.shape
-            xr = clip_towards_mean(xr.reshape(b, h, n // g, g, d), self.clip, 3).reshape(b, h, n, d)
-        else:
-            xr = clip_towards_mean(xr.unflatten(-1, (d // g, g)), self.clip, 4).flatten(-2)
-        return RotatedTensor(self.q.like(xr), clip=self.clip)
+        return RotatedTensor(self.q.like(rotated_clipped(x, self.q.axis, self.q.group, self.clip)), clip=self.clip)
 
     def extend(self, x: torch.Tensor) -> "RotatedTensor":
         """Tokens ``x`` after these (the window spilling), encoded on this run's grid ranges."""
@@ -230,21 +234,18 @@ class Hadamard(OnKIVI):
     def quantize_keys(self, k: torch.Tensor, starts: "list[int] | None" = None, first: bool = True) -> RotatedTensor:
         """``starts``: where each head's tokens begin when ``k`` is a ragged layer's heads back to back;
         ``first``: whether these are the layer's first tokens (only those have sinks)."""
-        b, h, n, d = k.shape
+        n = k.shape[-2]
         if n % self.group:
             raise ValueError(f"key quantization needs a multiple of group={self.group} tokens, got {n}")
-        x = (k.float() @ hadamard(d, k.device)).reshape(b, h, n // self.group, self.group, d)
-        x = clip_towards_mean(x, self.clip_fraction(self.bits), 3).reshape(b, h, n, d)
+        x = rotated_clipped(k, "token", self.group, self.clip_fraction(self.bits))
         if self.meta_bits:
             return RotatedTensor(MetaQTensor.encode(x, self.bits, "token", self.group), *self._sink(k, starts, first),
                                  self.clip_fraction(self.bits))
         return RotatedTensor(quantize_keys(x, self.bits, self.group), *self._sink(k, starts, first))
 
     def quantize_values(self, v: torch.Tensor, starts: "list[int] | None" = None, first: bool = True) -> RotatedTensor:
-        b, h, n, d = v.shape
-        g = self.value_group(d)
-        x = (v.float() @ hadamard(d, v.device)).reshape(b, h, n, d // g, g)
-        x = clip_towards_mean(x, self.clip_fraction(self.vbits), 4).reshape(b, h, n, d)
+        g = self.value_group(v.shape[-1])
+        x = rotated_clipped(v, "channel", g, self.clip_fraction(self.vbits))
         if self.meta_bits:
             return RotatedTensor(MetaQTensor.encode(x, self.vbits, "channel", g), *self._sink(v, starts, first),
                                  self.clip_fraction(self.vbits))
