@@ -83,7 +83,7 @@ class Context:
         manifest = {"format": space.format, "fingerprint": space.fingerprint, "tokenizer": space.tokenizer,
                     "policy": space.policy, "num_tokens": self.num_tokens, "cache": state,
                     **({"tenant": self.tenant} if self.tenant else {})}
-        aliases = [] if self.policy.evictions else [h for _, h in chain[:-1]]
+        aliases = [h for _, h in chain[:-1]] if self.policy.prefix_reusable else []
         return Entry(chain[-1][1], tensors, manifest), aliases
 
     def save(self, path: "str | Path") -> Path:
@@ -288,7 +288,7 @@ class LM:
             ctx = self.context_from_entry(entry, policy, tenant)
             ctx.prefill_seconds = time.perf_counter() - t0
             return ctx
-        if not policy.evictions:  # a cache without eviction can be cut at a chunk boundary and extended
+        if policy.prefix_reusable:  # e.g. a cache without eviction: cut at a chunk boundary and extended
             for n, h in reversed(chain[:-1]):
                 key = store.resolve_alias(h)
                 found = store.get_entry(key) if key else None
@@ -348,12 +348,12 @@ class LM:
         t0 = time.perf_counter()
         base = CompressedCache("none", self.num_layers, defer=True, rope=self.rope, dtype=self.kv_dtype)
         needs = set().union(*(p.observes() for p in pols))
-        with observe(max(p.queries_needed() for p in pols), "sum" if "attention_sum" in needs else None) as rec:
+        with observe(max(p.queries_needed() for p in pols), "sum" if "attention_sum" in needs else None,
+                     probe=max(p.probe() for p in pols)) as rec:
             self._forward(input_ids, base, chunk_size)
         obs = {i: Observation() for i in range(self.num_layers)}
         if rec is not None:
-            for i, o in obs.items():
-                o.queries, o.attention_sum = rec.queries.get(i), rec.attention.get(i)
+            rec.observations(self.num_layers, obs)
         forward_s = time.perf_counter() - t0
         score_s = 0.0
         if "reconstruction" in needs:

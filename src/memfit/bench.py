@@ -556,13 +556,10 @@ def _evicted_batch(model, ids: torch.Tensor, spec: str, chunk: int):
     rows = []
     for r in tqdm(range(ids.shape[0]), desc=f"prefill {spec[:40]}", unit="row"):
         base = CompressedCache("none", layers, defer=True)
-        with observe(pol.queries_needed(), "sum" if "attention_sum" in needs else None) as rec:
+        with observe(pol.queries_needed(), "sum" if "attention_sum" in needs else None, probe=pol.probe()) as rec:
             for s in range(0, ids.shape[1], chunk):
                 model(ids[r : r + 1, s : s + chunk], **with_cache(model, base), use_cache=True, logits_to_keep=1)
-        obs = {i: Observation() for i in range(layers)}
-        if rec is not None:
-            for i, o in obs.items():
-                o.queries, o.attention_sum = rec.queries.get(i), rec.attention.get(i)
+        obs = rec.observations(layers) if rec is not None else {i: Observation() for i in range(layers)}
         if "reconstruction" in needs:
             kz = next(e for e in pol.evictions if isinstance(e, KVzip))
             for i, a in reconstruction_scores(model, base, repeat_inputs(prompt, ids[r].tolist(), kz.chunk)).items():

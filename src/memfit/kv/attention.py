@@ -13,6 +13,7 @@ It runs SDPA and adds two things transformers' own functions cannot do:
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from memfit.kernels import max_attention as kernel
+from memfit.kv.evict.base import Observation
 
 ATTN_IMPLEMENTATION = "memfit"
 _ROWS = 128  # query rows per block when attention probabilities are reduced (bounds memory)
@@ -33,13 +35,17 @@ _TILE = (256, 1024)  # max_attention's blocks of query rows x keys (measured fas
 @dataclass
 class Observer:
     """What one forward pass records. ``window``: last queries kept per layer; ``reduce``: "sum" or
-    "max" of the attention probabilities each of the first ``num_keys`` keys receives."""
+    "max" of the attention probabilities each of the first ``num_keys`` keys receives; ``probe``: the
+    fraction of the other queries kept too, a random sample of each forward call's rows, with their
+    positions (ZipCache's probe)."""
 
     window: int = 0
     reduce: str | None = None
     num_keys: int | None = None
+    probe: float = 0.0
     queries: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, Hq, window, D]
     attention: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, H, keys]
+    probes: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # ([P], [B, Hq, P, D])
 
     _layout: tuple | None = field(default=None, repr=False)  # (mask, nq, nk) -> layout, see mask_layout
 
@@ -62,6 +68,8 @@ class Observer:
     def add(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
             scaling: float, lse: torch.Tensor | None = None) -> None:
         layer = module.layer_idx
+        if self.probe:
+            self._add_probe(layer, query, key.shape[2])
         if self.window:
             q = query[:, :, -self.window :].detach()
             prev = self.queries.get(layer)
@@ -82,6 +90,24 @@ class Observer:
                 n = min(prev.shape[-1], a.shape[-1])
                 head = torch.maximum(prev[..., :n], a[..., :n]) if self.reduce == "max" else prev[..., :n] + a[..., :n]
                 self.attention[layer] = torch.cat([head, a[..., n:], prev[..., a.shape[-1]:]], dim=-1)
+
+
+    def _add_probe(self, layer: int, query: torch.Tensor, nk: int) -> None:
+        """Keep a random ``probe`` fraction of this call's query rows (the last ``nq`` of ``nk``
+        positions), the same rows in every layer (seeded by the position)."""
+        nq = query.shape[2]
+        m = math.ceil(self.probe * nq)
+        rows = torch.randperm(nq, generator=torch.Generator().manual_seed(nk))[:m].sort().values.to(query.device)
+        pos, q = rows + (nk - nq), query[:, :, rows].detach()
+        prev = self.probes.get(layer)
+        self.probes[layer] = (pos, q) if prev is None else (torch.cat([prev[0], pos]), torch.cat([prev[1], q], dim=2))
+
+    def observations(self, num_layers: int, into: dict[int, Observation] | None = None) -> dict[int, Observation]:
+        """What was recorded, as one ``Observation`` per layer (filled into ``into``'s if given)."""
+        out = into if into is not None else {i: Observation() for i in range(num_layers)}
+        for i, o in out.items():
+            o.queries, o.attention_sum, o.probe = self.queries.get(i), self.attention.get(i), self.probes.get(i)
+        return out
 
 
 def _as_bool(mask: torch.Tensor) -> torch.Tensor:
@@ -232,15 +258,18 @@ _observer: Observer | None = None
 
 
 @contextlib.contextmanager
-def observe(window: int = 0, reduce: str | None = None, num_keys: int | None = None) -> Iterator[Observer | None]:
+def observe(window: int = 0, reduce: str | None = None, num_keys: int | None = None,
+            probe: float = 0.0) -> Iterator[Observer | None]:
     """Record, during the forward passes inside the block, what :class:`Observer` describes."""
     global _observer
-    if window <= 0 and reduce is None:
+    if window <= 0 and reduce is None and not probe:
         yield None
         return
     if reduce not in (None, "sum", "max"):
         raise ValueError(f"reduce must be 'sum' or 'max', got {reduce!r}")
-    prev, _observer = _observer, Observer(window, reduce, num_keys)
+    if not 0.0 <= probe <= 1.0:
+        raise ValueError(f"probe must be a fraction in [0, 1], got {probe}")
+    prev, _observer = _observer, Observer(window, reduce, num_keys, probe)
     try:
         yield _observer
     finally:

@@ -366,8 +366,9 @@ class CompressedCache(Cache):
     def truncate_(self, num_tokens: int) -> "CompressedCache":
         """Keep only the first ``num_tokens`` tokens, in place (prefix reuse of a cache without
         eviction). ``num_tokens`` must not cut a key group of the quantized part."""
-        if self.policy.evictions or self.policy.lowrank is not None:
-            raise ValueError("an evicted or low-rank cache is a function of its whole context: its prefix cannot be reused")
+        if not self.policy.prefix_reusable:
+            raise ValueError(f"a {self.policy.short_spec} cache is a function of its whole context (eviction, "
+                             "low rank, saliency): its prefix cannot be reused")
         for layer in self.layers:
             if not layer.is_initialized:
                 continue

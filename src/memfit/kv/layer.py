@@ -4,6 +4,8 @@ runs at the end of prefill and while decoding."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
@@ -78,6 +80,7 @@ class CompressedLayer(CacheLayerMixin):
         self.decode = decode
         self.kernels = False  # read packed KV with the decode kernel (CUDA, memfit attention): set by the cache
         self._acc: torch.Tensor | None = None  # decode budget: attention received by each own token
+        self._scores: torch.Tensor | None = None  # a quantizer's saliency of the window's tokens, until they spill
         self.parent = parent
         self.defer = defer  # keep every token in the window until compress() (evict, then quantize)
         self.qk: QTensor | None = None
@@ -416,6 +419,9 @@ class CompressedLayer(CacheLayerMixin):
         # those after a ragged context)
         first = {"first": self.qk is None and self.parent is None and self.ragged is None} \
             if getattr(self.quant, "sinks", 0) else {}
+        if self._scores is not None:  # the context's saliency, scored at compress(): its first spill only
+            first["scores"] = self._scores[..., :f]
+            self._scores = None
         base = self.grid_base()
         if base is not None and base[0] is self.qk:  # encoded on what the layer already fitted
             self.qk, self.qv = self.qk.extend(k), self.qv.extend(self.values[:, :, :f])
@@ -455,9 +461,7 @@ class CompressedLayer(CacheLayerMixin):
                 continue
             idx = ev.select(ev.score(k, v, obs), keep)
             k, v = _gather_tokens(k, idx), _gather_tokens(v, idx)
-            # what a later method reads must follow the kept tokens
-            obs = Observation(obs.queries, *(None if t is None else t.gather(-1, idx) for t in
-                                             (obs.attention_sum, obs.reconstruction)))
+            obs = obs.kept(idx)  # what a later method reads must follow the kept tokens
         return k, v, obs
 
     def last_scores(self, policy: Policy, obs: Observation | None, layer: int, num_layers: int) -> tuple[torch.Tensor, int]:
@@ -475,17 +479,24 @@ class CompressedLayer(CacheLayerMixin):
         eviction by the cache (``heads=global``)."""
         if self.is_initialized and self.qk is None and self.ragged is None:
             k, v = self.keys, self.values
+            obs = obs or Observation()
+            saliency = getattr(policy.quant, "saliency", None)  # a quantizer's own scores (ZipCache)
+            if saliency is not None:
+                obs = dataclasses.replace(obs, saliency=saliency(k, obs, self.seen - k.shape[-2]))
             if policy.evictions:
                 *first, last = policy.evictions
-                k, v, obs = self._evict_uniform(first, obs or Observation(), layer, num_layers)
+                k, v, obs = self._evict_uniform(first, obs, layer, num_layers)
                 keep = last.budget(k.shape[-2], last.layer_keep(layer, num_layers))
                 idx = picks if picks is not None else (
                     last.select(last.score(k, v, obs), keep) if keep < k.shape[-2] else None)
                 if isinstance(idx, list):  # ragged heads (the parser keeps them to the last eviction)
-                    self.ragged = Ragged.build(k, v, idx, policy.quant)
+                    self.ragged = Ragged.build(k, v, idx, policy.quant, obs.saliency)
                     k, v = k[:, :, :0], v[:, :, :0]
+                    obs = dataclasses.replace(obs, saliency=None)
                 elif idx is not None:
                     k, v = _gather_tokens(k, idx), _gather_tokens(v, idx)
+                    obs = obs.kept(idx)
+            self._scores = obs.saliency  # for the first spill, which quantizes the window's oldest tokens
             if policy.lowrank is not None and k.shape[-2]:
                 self.basis = policy.lowrank.basis(k)  # fitted to the kept context keys
                 if policy.quant is None:  # no quantizer to spill into: the context becomes coefficients now
@@ -552,5 +563,6 @@ class CompressedLayer(CacheLayerMixin):
         self.kc = self.vc = None
         self.basis = self.parent.basis if self.parent is not None else None
         self._acc = None
+        self._scores = None
         self._view = None
         self.seen = self.parent.get_seq_length() if self.parent is not None else 0

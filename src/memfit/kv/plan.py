@@ -69,6 +69,12 @@ def _ragged_bytes(tokens: int, heads: int, q: KIVI | None, d: int, e: int) -> fl
     return c * (tokens - window) + 2 * e * d * window
 
 
+def _run_bytes(q, n: int, d: int) -> float:
+    """One head's ``n`` quantized tokens: exactly, where the quantizer rounds per run (ZipCache's
+    salient count), else its bytes a token times ``n``."""
+    return q.run_bytes(n, d) if hasattr(q, "run_bytes") else q.token_bytes(d) * n
+
+
 def _lowrank_layer_bytes(n: int, p: Policy, shape: KVShape) -> float:
     """One layer with low-rank keys: the basis, the keys' coefficients (quantized or not), the values
     and the 16-bit window."""
@@ -102,7 +108,7 @@ def policy_nbytes(policy: Policy, num_tokens: int, shape: KVShape) -> int:
             total += _ragged_bytes(h * n, h, p.quant, d, e)
         else:
             total += h * (2 * e * d * n if p.quant is None else
-                          p.quant.token_bytes(d) * p.quant.spilled(n) + 2 * e * d * (n - p.quant.spilled(n)))
+                          _run_bytes(p.quant, p.quant.spilled(n), d) + 2 * e * d * (n - p.quant.spilled(n)))
         if p.quant is not None:
             total += p.quant.fixed_bytes(h, d)  # per layer, whatever it keeps (GEAR's bases)
         if ragged:

@@ -19,11 +19,12 @@ from memfit.kv.million import Million
 from memfit.kv.qjl import QJL
 from memfit.kv.quant import KIVI, LayerBits
 from memfit.kv.rotate import Hadamard
+from memfit.kv.zipcache import ZipCache
 
 EVICTIONS: dict[str, type[Eviction]] = {"snapkv": SnapKV, "streaming": StreamingLLM, "kvzip": KVzip, "h2o": H2O,
                                         "tova": TOVA, "knorm": Knorm, "pyramidkv": PyramidKV}
 QUANTIZERS: dict[str, type] = {"kivi": KIVI, "kvtuner": LayerBits, "gear": GEAR, "qjl": QJL,
-                               "hadamard": Hadamard, "million": Million}
+                               "hadamard": Hadamard, "million": Million, "zipcache": ZipCache}
 METHODS: dict[str, type] = {**EVICTIONS, "lowrank": LowRank, **QUANTIZERS, "decode": DecodeBudget}
 
 
@@ -34,7 +35,7 @@ class PolicyError(ValueError):
 @dataclass(frozen=True)
 class Policy:
     evictions: tuple[Eviction, ...] = ()
-    quant: KIVI | LayerBits | GEAR | QJL | Hadamard | Million | None = None
+    quant: KIVI | LayerBits | GEAR | QJL | Hadamard | Million | ZipCache | None = None
     decode: DecodeBudget | None = None
     lowrank: LowRank | None = None
 
@@ -44,7 +45,20 @@ class Policy:
 
     def queries_needed(self) -> int:
         own = self.quant.window if isinstance(self.quant, LayerBits) else 0  # queries its sensitivity reads
+        if isinstance(self.quant, ZipCache):
+            own = self.quant.recent  # the recent half of its probe
         return max([own, *(e.queries_needed() for e in self.evictions)])
+
+    def probe(self) -> float:
+        """The fraction of the prefill's other queries the quantizer's saliency reads (ZipCache)."""
+        return self.quant.probe if isinstance(self.quant, ZipCache) else 0.0
+
+    @property
+    def prefix_reusable(self) -> bool:
+        """Whether a stored context's first tokens are what a prefill of those tokens alone would give,
+        so that it can be cut and extended: not after eviction, low rank or ZipCache's saliency, which
+        are functions of the whole context."""
+        return not self.evictions and self.lowrank is None and not isinstance(self.quant, ZipCache)
 
     def observes(self) -> set[str]:
         """What the prefill must record for this policy's evictions (see ``Observation``)."""

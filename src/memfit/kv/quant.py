@@ -1,16 +1,18 @@
 """KIVI-style asymmetric KV quantization, with bit-packing and a pure-torch dequantize reference,
 and the protocol every KV quantizer follows.
 
-A quantizer is a frozen config dataclass (``KIVI``, ``LayerBits``, ``GEAR``, ``QJL``, ``Hadamard``) with
-``quantize_keys(k)`` / ``quantize_values(v)`` ([B, H, N, D] -> a stored run of tokens), ``spilled(n)``
-(window tokens that go to the quantized part), ``value_group(d)``, ``group`` and ``residual`` (the
-16-bit window), and ``token_bytes(d)`` / ``fixed_bytes(heads, d)`` (the planner's bound). What it
-stores (:class:`QTensor` here, one class per other method) has ``num_tokens``, ``shape``, ``nbytes``,
-``tensors()``, ``meta()`` (JSON: ``kind`` plus what :func:`load_quantized` needs), ``cat``, ``prefix``
-and ``dequantize(dtype)``; one whose ``extends`` is true also has ``extend(x)`` (the window's spills
-encoded on what the run fitted: MILLION's codebook, 8-bit grids' ranges) and may have ``like(x)`` (a
-fork's first spill, on its parent's). The decode kernel reads KIVI's codes only (8-bit grids as float16);
-other layouts attend through their dequantized keys and values.
+A quantizer is a frozen config dataclass (``KIVI``, ``LayerBits``, ``GEAR``, ``QJL``, ``Hadamard``,
+``Million``, ``ZipCache``) with ``quantize_keys(k)`` / ``quantize_values(v)`` ([B, H, N, D] -> a
+stored run of tokens), ``spilled(n)`` (window tokens that go to the quantized part),
+``value_group(d)``, ``group`` and ``residual`` (the 16-bit window), and ``token_bytes(d)`` /
+``fixed_bytes(heads, d)`` (the planner's bound; ``run_bytes(n, d)`` where a run's bytes are not
+``n`` times a token's, as ZipCache rounds its salient count). What it stores (:class:`QTensor` here, one class
+per other method) has ``num_tokens``, ``shape``, ``nbytes``, ``tensors()``, ``meta()`` (JSON:
+``kind`` plus what :func:`load_quantized` needs), ``cat``, ``prefix`` and ``dequantize(dtype)``; one
+whose ``extends`` is true also has ``extend(x)`` (the window's spills encoded on what the run
+fitted: MILLION's codebook, 8-bit grids' ranges) and may have ``like(x)`` (a fork's first spill, on
+its parent's). The decode kernel reads KIVI's codes only (8-bit grids as float16); other layouts
+attend through their dequantized keys and values.
 
 Layout (shared with the GPU kernels):
 - keys are quantized per channel, in groups of ``group`` consecutive tokens:

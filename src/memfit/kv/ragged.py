@@ -50,7 +50,10 @@ class Ragged:
         return self.lens.shape[1] // self.rows
 
     @classmethod
-    def build(cls, keys: torch.Tensor, values: torch.Tensor, idx: list[torch.Tensor], quant: KIVI | None) -> "Ragged":
+    def build(cls, keys: torch.Tensor, values: torch.Tensor, idx: list[torch.Tensor], quant: KIVI | None,
+              scores: torch.Tensor | None = None) -> "Ragged":
+        """Each head's tokens ``idx[h]`` of ``keys``/``values`` [1, H, N, D]; ``scores`` [1, H, N]: a
+        quantizer's saliency of the tokens (ZipCache), if it scored them."""
         ks = [keys[0, h, i] for h, i in enumerate(idx)]
         vs = [values[0, h, i] for h, i in enumerate(idx)]
         lens = [len(i) for i in idx]
@@ -60,6 +63,8 @@ class Ragged:
         if sum(nq):
             # a quantizer that keeps a run's first tokens apart (sinks) keeps each head's
             runs = {"starts": [s for s, q in zip(itertools.accumulate([0, *nq]), nq) if q]} if getattr(quant, "sinks", 0) else {}
+            if scores is not None:
+                runs["scores"] = flat([scores[0, h, i][:q] for h, (i, q) in enumerate(zip(idx, nq))])
             qk = quant.quantize_keys(flat([k[:q] for k, q in zip(ks, nq)]), **runs)
             qv = quant.quantize_values(flat([v[:q] for v, q in zip(vs, nq)]), **runs)
         lens_t = torch.tensor([lens, nq], dtype=torch.int32, device=keys.device)

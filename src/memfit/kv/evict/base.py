@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -18,11 +19,23 @@ class Observation:
 
     ``queries`` [B, Hq, W, D]: the context's last W query states (after RoPE); ``attention_sum``
     [B, H, N]: attention each key received from every context query (H2O); ``reconstruction``
-    [B, H, N]: the most attention each key received while the model repeated the context (KVzip)."""
+    [B, H, N]: the most attention each key received while the model repeated the context (KVzip);
+    ``probe``: (positions [P], query states [B, Hq, P, D]) of a random sample of the context's
+    queries (ZipCache); ``saliency`` [B, H, N]: a quantizer's per-token scores computed from them."""
 
     queries: torch.Tensor | None = None
     attention_sum: torch.Tensor | None = None
     reconstruction: torch.Tensor | None = None
+    probe: tuple[torch.Tensor, torch.Tensor] | None = None
+    saliency: torch.Tensor | None = None
+
+    #: the fields with one entry per context token, which follow the tokens an eviction keeps
+    PER_TOKEN: ClassVar[tuple[str, ...]] = ("attention_sum", "reconstruction", "saliency")
+
+    def kept(self, idx: torch.Tensor) -> "Observation":
+        """This observation for the tokens ``idx`` [B, H, k] of each head."""
+        return dataclasses.replace(self, **{n: getattr(self, n).gather(-1, idx) for n in self.PER_TOKEN
+                                            if getattr(self, n) is not None})
 
     def need(self, name: str, method: str) -> torch.Tensor:
         t = getattr(self, name)
