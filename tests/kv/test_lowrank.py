@@ -91,3 +91,51 @@ def test_lowrank_policy_errors(tiny_lm):
     with pytest.raises(ValueError, match="saves nothing"):
         tiny_lm.prefill(TEXT, "lowrank(rank=32)")  # 2 heads x 16 channels
     assert parse_policy("snapkv(keep=0.3)+lowrank(rank=16)+kivi(bits=2)").spec.index("lowrank") > 0
+
+
+def test_cross_layer_coefficients_store_keys_that_share_their_token_factor_exactly():
+    g = torch.Generator().manual_seed(3)
+    shared = torch.randn(1, 300, 8, generator=g, dtype=torch.float64)  # what adjacent layers' keys share
+    keys = [(shared @ torch.randn(1, 8, 32, generator=g, dtype=torch.float64)).reshape(1, 300, 2, 16).transpose(1, 2)
+            for _ in range(3)]
+    coef, blocks = LowRank(rank=8, layers=3).shared(keys)
+    assert coef.shape == (1, 1, 300, 8) and [b.shape for b in blocks] == [(1, 32, 8)] * 3
+    for k, basis in zip(keys, blocks):
+        torch.testing.assert_close(reconstruct(coef, basis, 2), k, atol=1e-9, rtol=0)
+
+
+def test_cross_layer_cache_counts_shared_coefficients_once_and_round_trips(tiny_lm):
+    full = tiny_lm.prefill(TEXT, "none")
+    ctx = tiny_lm.prefill(TEXT, "lowrank(rank=16,layers=2)")
+    a, b = ctx.cache.layers
+    assert b.kc is a.kc and b.coef_from == 0 and a.coef_from is None
+    assert "k_coef" in a.tensors() and "k_coef" not in b.tensors()
+    n = ctx.num_tokens
+    shared = n * 16 * a.kc.element_size()
+    assert ctx.nbytes == full.nbytes - sum(la.keys.numel() * la.keys.element_size() for la in full.cache.layers) \
+        + shared + sum(la.basis.numel() * la.basis.element_size() for la in (a, b))
+    # the error is the best rank-16 fit of the two layers' keys side by side: the spectrum left out
+    ks = [la.materialize()[0] for la in full.cache.layers]
+    flat = torch.cat([k.transpose(1, 2).reshape(n, -1) for k in ks], dim=-1)
+    left = torch.linalg.svdvals(flat)[16:].square().sum()
+    err = sum((la.materialize()[0] - k).square().sum() for la, k in zip((a, b), ks))
+    torch.testing.assert_close(err, left, rtol=1e-6, atol=1e-9)
+    back = CompressedCache.from_state(*ctx.cache.to_state())
+    assert back.nbytes == ctx.cache.nbytes and back.layers[1].kc is back.layers[0].kc
+    for la, lb in zip(ctx.cache.layers, back.layers):
+        assert torch.equal(la.materialize()[0], lb.materialize()[0])
+    assert tiny_lm.ask(ctx, "What did the keeper count?", max_new_tokens=4) is not None
+    tensors, state = ctx.cache.to_state()
+    state["layers"][1]["coef_from"] = 1
+    with pytest.raises(ValueError, match="reads the key coefficients of layer 1, which holds none"):
+        CompressedCache.from_state(tensors, state)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("snapkv(keep=0.5)+lowrank(rank=16,layers=2)", "needs every layer to keep the same tokens"),
+    ("lowrank(rank=16,layers=2)+kivi(bits=4)", "keeps its shared coefficients unquantized"),
+    ("lowrank(rank=16,layers=0)", "layers must be >= 1"),
+])
+def test_cross_layer_policy_errors(spec, message):
+    with pytest.raises(PolicyError, match=message):
+        parse_policy(spec)

@@ -13,7 +13,7 @@ TEXT = "The lighthouse keeper counted ships. " * 40  # about 1.5K byte tokens
                                     "kivi(bits=4,group=16,residual=16,pre_rope=true)",
                                     "snapkv(keep=0.3,window=8)+kivi(bits=4,group=16,residual=32)",
                                     "pyramidkv(keep=0.3,window=8)+kivi(bits=8,group=16,residual=16)",
-                                    "lowrank(rank=16)", "snapkv(keep=0.5,window=8)+lowrank(rank=8)+kivi(bits=4,group=16,residual=16)",
+                                    "lowrank(rank=16)", "lowrank(rank=16,layers=2)", "snapkv(keep=0.5,window=8)+lowrank(rank=8)+kivi(bits=4,group=16,residual=16)",
                                     "gear(bits=2,group=16,residual=16,rank=2,outliers=0)",
                                     "snapkv(keep=0.3,window=8)+qjl(sketch=32,bits=4,group=16,residual=16)",
                                     "snapkv(keep=0.3,window=8)+hadamard(bits=2,group=16,residual=16)",

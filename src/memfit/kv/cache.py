@@ -18,6 +18,7 @@ from transformers.cache_utils import Cache
 from memfit.kv.attention import ATTN_IMPLEMENTATION, pop_scores, push_head_mask, push_packed, request_scores
 from memfit.kv.evict import Observation, select_global
 from memfit.kv.layer import CompressedLayer
+from memfit.kv.lowrank import LowRank
 from memfit.kv.policy import Policy, parse_policy
 from memfit.kv.quant import KIVI, LayerBits, QTensor, attention_error, load_pair, pair_info
 from memfit.kv.ragged import Ragged
@@ -103,9 +104,25 @@ class CompressedCache(Cache):
         if isinstance(q, LayerBits):
             self._assign_layer_bits(q, obs)
         picks = self._global_picks(obs)
+        if self.policy.lowrank is not None and self.policy.lowrank.layers > 1:
+            self._share_coefficients(self.policy.lowrank)
         for i, layer in enumerate(self.layers):
             policy = dataclasses.replace(self.policy, quant=layer.quant) if isinstance(q, LayerBits) else self.policy
             layer.compress(policy, obs.get(i), i, len(self.layers), picks[i])
+
+    def _share_coefficients(self, lowrank: LowRank) -> None:
+        """xKV: each group of ``lowrank.layers`` adjacent layers gets one set of token coefficients for
+        its context keys (held by the group's first layer, read by the others) and a basis per layer."""
+        for g in range(0, len(self.layers), lowrank.layers):
+            group = [(i, la) for i, la in enumerate(self.layers[g : g + lowrank.layers], g)
+                     if la.is_initialized and la.defer and la.qk is None and la.kc is None and la.keys.shape[-2]]
+            if not group:
+                continue
+            coef, blocks = lowrank.shared([la.keys for _, la in group])
+            for (_, la), basis in zip(group, blocks):
+                la.basis, la.kc, la.vc, la.coef_from = basis, coef, la.values.contiguous(), group[0][0]
+                la.keys, la.values = la.keys[:, :, :0], la.values[:, :, :0]
+            group[0][1].coef_from = None  # the owner
 
     def _global_picks(self, obs: dict[int, Observation]) -> list:
         """Per layer, the tokens each head keeps when the last eviction selects across layers
@@ -329,7 +346,9 @@ class CompressedCache(Cache):
             tensors.update({f"l{i}.{n}": t.contiguous() for n, t in layer.tensors().items()})
             q, qv = (layer.qk, layer.qv) if layer.qk is not None else (
                 (layer.ragged.qk, layer.ragged.qv) if layer.ragged is not None else (None, None))
-            layers.append({"seen": layer.seen, **({"row_lag": layer.row_lag} if layer.row_lag else {}), "dtype": str(layer.dtype).removeprefix("torch.") if layer.is_initialized else None,
+            layers.append({"seen": layer.seen, **({"row_lag": layer.row_lag} if layer.row_lag else {}),
+                           **({"coef_from": layer.coef_from} if layer.coef_from is not None else {}),
+                           "dtype": str(layer.dtype).removeprefix("torch.") if layer.is_initialized else None,
                            "q": None if q is None else pair_info(q, qv)})
         if self.rope is not None and getattr(self.policy.quant, "pre_rope", False):
             # what puts RoPE back on the stored keys (and takes it off those a restored cache reads later)
@@ -361,6 +380,11 @@ class CompressedCache(Cache):
             layer.kc, layer.vc = t.get("k_coef"), t.get("v_coef")
             if info["q"] is not None and any(n.startswith("k_") and n not in _LAYER_OWN for n in t):  # quantized tokens
                 layer.qk, layer.qv = load_pair(t, "k_", "v_", info["q"])
+            if "coef_from" in info:  # xKV: the group's coefficients, held by its first layer
+                owner = int(info["coef_from"])
+                if not 0 <= owner < i or cache.layers[owner].kc is None:
+                    raise ValueError(f"layer {i} reads the key coefficients of layer {owner}, which holds none")
+                layer.kc, layer.coef_from = cache.layers[owner].kc, owner
         return cache
 
     def truncate_(self, num_tokens: int) -> "CompressedCache":

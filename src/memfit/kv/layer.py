@@ -77,6 +77,7 @@ class CompressedLayer(CacheLayerMixin):
         self.basis: torch.Tensor | None = parent.basis if parent is not None else None
         self.kc: torch.Tensor | None = None
         self.vc: torch.Tensor | None = None
+        self.coef_from: int | None = None  # xKV: the layer whose key coefficients ``kc`` are (not counted here)
         self.decode = decode
         self.kernels = False  # read packed KV with the decode kernel (CUDA, memfit attention): set by the cache
         self._acc: torch.Tensor | None = None  # decode budget: attention received by each own token
@@ -140,7 +141,9 @@ class CompressedLayer(CacheLayerMixin):
         if self.basis is not None and (self.parent is None or self.basis is not self.parent.basis):
             out["k_basis"] = self.basis
         if self.kc is not None:
-            out["k_coef"], out["v_coef"] = self.kc, self.vc
+            out["v_coef"] = self.vc
+            if self.coef_from is None:
+                out["k_coef"] = self.kc
         if qk is not None:
             out.update({f"k_{n}": t for n, t in qk.tensors().items()})
             out.update({f"v_{n}": t for n, t in qv.tensors().items()})
@@ -477,7 +480,7 @@ class CompressedLayer(CacheLayerMixin):
         quantize). ``obs``: what the prefill recorded for this layer; ``layer``/``num_layers`` set
         depth-dependent budgets; ``picks``: the kept tokens of each head chosen for the last
         eviction by the cache (``heads=global``)."""
-        if self.is_initialized and self.qk is None and self.ragged is None:
+        if self.is_initialized and self.qk is None and self.ragged is None and self.kc is None:
             k, v = self.keys, self.values
             obs = obs or Observation()
             saliency = getattr(policy.quant, "saliency", None)  # a quantizer's own scores (ZipCache)
@@ -561,6 +564,7 @@ class CompressedLayer(CacheLayerMixin):
         self.qk = self.qv = None
         self.ragged = None
         self.kc = self.vc = None
+        self.coef_from = None
         self.basis = self.parent.basis if self.parent is not None else None
         self._acc = None
         self._scores = None

@@ -4,11 +4,19 @@ context itself, storing ``rank`` coefficients per token instead of ``heads * hea
 Keys are far from full rank (their spectrum decays fast; ShadowKV, Palu, Loki build on this), and
 the basis is fitted per layer to the very context it will serve, so no calibration is needed. The
 coefficients can be quantized like keys (per channel, in groups of tokens): ``lowrank(rank=64)+kivi(bits=4)``.
+
+``layers=G`` is xKV's cross-layer SVD (Chang et al., 2025): the keys of ``G`` adjacent layers share
+their dominant directions, so the context's keys of a group of layers, side by side ([N, G*H*D]),
+get one decomposition ``X ~ A V^T``: the token coefficients ``A`` [N, rank] are stored once for the
+group and each layer keeps its block of ``V`` [H*D, rank] (layer ``l``'s keys are ``A V_l^T``). A
+rank-``r`` group then costs ``r`` values a token for ``G`` layers instead of ``r`` each. The
+coefficients are the whole context's, unquantized (no eviction, which keeps different tokens in
+each layer, and no quantizer: the spec parser refuses both); later tokens stay in the 16-bit window.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from memfit.lazy import lazy_module
 
@@ -20,10 +28,14 @@ class LowRank:
     """Keep the top ``rank`` directions of each layer's keys (concatenated over KV heads)."""
 
     rank: int = 64
+    # adjacent layers sharing one set of token coefficients (xKV); 1: a basis per layer
+    layers: int = field(default=1, metadata={"spec": "if-set"})
 
     def __post_init__(self) -> None:
         if self.rank < 8 or self.rank % 8:
             raise ValueError(f"lowrank: rank must be a positive multiple of 8, got {self.rank}")
+        if self.layers < 1:
+            raise ValueError(f"lowrank: layers must be >= 1, got {self.layers}")
 
     def check(self, heads: int, head_dim: int) -> None:
         if self.rank >= heads * head_dim:
@@ -39,6 +51,21 @@ class LowRank:
         # the eigenvectors of K^T K: one small [H*D, H*D] problem however long the context
         _, vecs = torch.linalg.eigh(flat.transpose(1, 2) @ flat)
         return vecs[..., -self.rank :].flip(-1).contiguous().to(keys.dtype)
+
+
+    def shared(self, keys: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """xKV: the keys [B, H, N, D] of adjacent layers -> token coefficients [B, 1, N, rank] shared by
+        them (the top directions of their keys side by side, ``X V``) and each layer's block of ``V``
+        [B, H*D, rank], so that layer ``l``'s keys are ``reconstruct(coef, blocks[l], H)``."""
+        b, h, n, d = keys[0].shape
+        if self.rank >= len(keys) * h * d:
+            raise ValueError(f"lowrank: rank {self.rank} saves nothing for {len(keys)} layers of {h} heads x {d} "
+                             "channels")
+        flat = torch.cat([_upcast(k.transpose(1, 2).reshape(b, n, h * d)) for k in keys], dim=-1)
+        _, vecs = torch.linalg.eigh(flat.transpose(1, 2) @ flat)
+        v = vecs[..., -self.rank :].flip(-1)
+        dt = keys[0].dtype
+        return (flat @ v).to(dt).unsqueeze(1), [blk.contiguous().to(dt) for blk in v.split(h * d, dim=1)]
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:

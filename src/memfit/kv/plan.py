@@ -75,13 +75,14 @@ def _run_bytes(q, n: int, d: int) -> float:
     return q.run_bytes(n, d) if hasattr(q, "run_bytes") else q.token_bytes(d) * n
 
 
-def _lowrank_layer_bytes(n: int, p: Policy, shape: KVShape) -> float:
-    """One layer with low-rank keys: the basis, the keys' coefficients (quantized or not), the values
-    and the 16-bit window."""
+def _lowrank_layer_bytes(n: int, p: Policy, shape: KVShape, layer: int = 0) -> float:
+    """One layer with low-rank keys: the basis, the keys' coefficients (quantized or not; with
+    ``layers=G``, held by the first layer of each group of G), the values and the 16-bit window."""
     h, d, e, r, q = shape.num_kv_heads, shape.head_dim, shape.dtype_bytes, p.lowrank.rank, p.quant
     basis = e * h * d * r
     if q is None:
-        return basis + e * r * n + h * e * d * n  # the whole context as coefficients + values
+        coef = e * r * n if layer % p.lowrank.layers == 0 else 0
+        return basis + coef + h * e * d * n  # the whole context as coefficients + values
     spilled = q.spilled(n)
     coef = spilled * (r * q.bits / 8 + 4 * r / q.group + r * q.outliers * 6)
     values = h * spilled * (d * q.bits / 8 + 4 * d / q.value_group(d) + d * q.outliers * 6)
@@ -101,7 +102,7 @@ def policy_nbytes(policy: Policy, num_tokens: int, shape: KVShape) -> int:
                 ragged = ev.heads if ev.ragged else None
                 n = k
         if p.lowrank is not None:
-            total += _lowrank_layer_bytes(n, p, shape)
+            total += _lowrank_layer_bytes(n, p, shape, layer)
         elif ragged == "global":
             pooled += h * n
         elif ragged == "adaptive":

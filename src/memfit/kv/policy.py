@@ -172,6 +172,9 @@ def parse_policy(spec: "str | Policy | None") -> Policy:
             if any(e.ragged for e in evictions):
                 raise PolicyError(f"in {spec!r}: lowrank needs heads=uniform evictions (one basis for the layer's heads)")
             lowrank = method
+            if method.layers > 1 and evictions:
+                raise PolicyError(f"in {spec!r}: lowrank with layers > 1 shares token coefficients across layers, "
+                                  "which needs every layer to keep the same tokens: no eviction before it")
         elif isinstance(method, Eviction):
             if quant is not None or lowrank is not None:
                 raise PolicyError(f"in {spec!r}: evictions must come before lowrank and quantization (evict, then compress)")
@@ -183,6 +186,8 @@ def parse_policy(spec: "str | Policy | None") -> Policy:
                 raise PolicyError(f"in {spec!r}: only one quantizer per policy")
             if lowrank is not None and not isinstance(method, KIVI):
                 raise PolicyError(f"in {spec!r}: lowrank's key coefficients are quantized with kivi only")
+            if lowrank is not None and lowrank.layers > 1:
+                raise PolicyError(f"in {spec!r}: lowrank with layers > 1 keeps its shared coefficients unquantized")
             quant = method
     if getattr(quant, "pre_rope", False) and (evictions or lowrank or decode):
         # the cache puts RoPE back at each stored token's position, which it knows only while it
