@@ -572,7 +572,7 @@ def _evicted_batch(model, ids: torch.Tensor, spec: str, chunk: int):
 @torch.no_grad()
 def bench_decode(batch: int = 8, context: int = 32768, policies: tuple[str, ...] = ("none", "kivi(bits=4)"),
                  steps: int = 32, chunk: int = 2048, layers: int = 32, graph: bool = True,
-                 compile: bool = False) -> list[dict]:
+                 compile: bool = False, fuse: bool = True) -> list[dict]:
     """Decode step time and peak GPU memory of a random-weight Llama-3.1-8B-shaped model after a
     ``batch`` x ``context`` prefill, with transformers' DynamicCache ("none") and CompressedCache
     under any policy (evicting ones prefill, score and compress each row alone, then decode the
@@ -581,7 +581,8 @@ def bench_decode(batch: int = 8, context: int = 32768, policies: tuple[str, ...]
     (``graph_step_ms``: no per-step host work, which on a slow host sets the eager step time):
     "none" as transformers' 16-bit StaticCache, a compressed cache through ``to_static``;
     ``compile``: each is also timed torch.compile'd, then captured (``compiled_step_ms``: inductor
-    fuses the small kernels between the matmuls, on both sides).
+    fuses the small kernels between the matmuls, on both sides); ``fuse``: the model's q/k/v and
+    gate/up projections stacked (``fuse_projections``), on every side.
     ``roofline_ms``: weights and KV bytes read once at the GPU's HBM peak (a step's lower bound)."""
     from transformers import DynamicCache
 
@@ -593,6 +594,10 @@ def bench_decode(batch: int = 8, context: int = 32768, policies: tuple[str, ...]
     dev = torch.device("cuda")
     peak = hbm_peak(dev)
     model = _random_llama8b(layers)
+    if fuse:
+        from memfit.weights.fuse import fuse_projections
+
+        fuse_projections(model)
     cfg = model.config
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     ids = torch.randint(0, cfg.vocab_size, (batch, context), device=dev)
@@ -617,7 +622,8 @@ def bench_decode(batch: int = 8, context: int = 32768, policies: tuple[str, ...]
         tok = torch.randint(0, cfg.vocab_size, (batch, 1), device=dev)
         step_ms, tok = _steps_ms(lambda t, c=cache: model(t, **with_cache(model, c), use_cache=True).logits[:, -1:].argmax(-1),
                                  tok, steps)
-        row = {"policy": spec, "batch": batch, "context": context, "layers": layers, "weights_bytes": weights,
+        row = {"policy": spec, "batch": batch, "context": context, "layers": layers, "fused": fuse,
+               "weights_bytes": weights,
                "kv_bytes": kv, "prefill_s": prefill_s, "decode_step_ms": step_ms,
                "decode_peak_bytes": torch.cuda.max_memory_allocated(), "prefill_peak_bytes": prefill_peak}
         if peak:

@@ -830,6 +830,8 @@ def bench_decode_cmd(
                                help="Also time each cache as CUDA graphs ('none' as a 16-bit StaticCache)."),
     compile: bool = typer.Option(False, "--compile", help="Also time each graph torch.compile'd before capture "
                                  "(both sides)."),
+    fuse: bool = typer.Option(True, "--fuse/--no-fuse", help="Stack the model's q/k/v and gate/up projections "
+                              "(one GEMM each, on every side, the 16-bit baseline included)."),
     out: Path = typer.Option(Path("results/bench_decode.json"), "--out", "-o"),
 ) -> None:
     """GPU: decode step time and peak memory, random-weight Llama-3.1-8B shape, DynamicCache vs memfit."""
@@ -838,7 +840,8 @@ def bench_decode_cmd(
     from memfit.bench import bench_decode
 
     _need_cuda("bench decode")
-    rows = bench_decode(batch, context, tuple(policies), steps, layers=layers, graph=graph, compile=compile)
+    rows = bench_decode(batch, context, tuple(policies), steps, layers=layers, graph=graph, compile=compile,
+                        fuse=fuse)
     _write_json(out, {"device": torch.cuda.get_device_name(), "rows": rows})
     for r in rows:
         graph = (f"  CUDA graph {r['graph_step_ms']:8.2f} ms ({r['graph_speedup']:.2f}x"

@@ -97,3 +97,22 @@ def test_fused_tile_kernels_compiled_give_the_separate_layers_logits(bits, monke
     torch._dynamo.reset()
     got = _logits(torch.compile(model, fullgraph=True), ids).float()
     assert (got - want).abs().max().item() <= 2e-2 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen])
+def test_16_bit_projections_stack_too_and_come_back_as_they_were(make):
+    from memfit.weights.fuse import StackedLinear
+
+    model, ref = make(torch.float32), make(torch.float32)
+    assert fuse_projections(model) == 4
+    attn = model.model.layers[0].self_attn
+    assert isinstance(attn.qkv_proj, StackedLinear) and isinstance(attn.k_proj, Part)
+    assert attn.qkv_proj.weight.shape == (attn.q_proj.out_features + 2 * attn.k_proj.out_features, 64)
+    n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n_params(model) == n_params(ref)  # held once
+    ids = torch.randint(0, 256, (2, 24))
+    torch.testing.assert_close(_logits(model, ids), _logits(ref, ids), rtol=1e-5, atol=1e-5)
+    assert unfuse_projections(model) == 4 and not is_fused(model)
+    assert model.state_dict().keys() == ref.state_dict().keys()  # Qwen's q/k/v biases back, Llama's none added
+    for (n, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), n
