@@ -23,6 +23,7 @@ import math
 import torch
 
 from memfit.hfcompat import with_cache
+from memfit.kernels import window_append
 from memfit.kernels.decode_attention import PackedRun, decode_attention_runs
 from memfit.kv.quant import KIVI, MetaQTensor, QTensor, quantize_keys, quantize_values
 from memfit.kv.rotate import Hadamard, RotatedTensor, first_group, hadamard, past_first_group
@@ -80,8 +81,7 @@ class StaticKIVI:
         self.keys[:, :, :w], self.values[:, :, :w] = keys, values
         self.w = w
         self.qlen = torch.full((b, h), self.nq, dtype=torch.int32, device=dev)
-        self.wlen = torch.full((b, h), w, dtype=torch.int32, device=dev)
-        self.wpos = torch.full((1,), w, dtype=torch.long, device=dev)  # where the next token goes
+        self.wlen = torch.full((b, h), w, dtype=torch.int32, device=dev)  # also where the next token goes
         # what a step reads: the fixed runs before this layer's own tokens (a ragged context, a
         # parent), then its buffers, whose lengths the device holds
         k, v = self.qk, self.qv
@@ -148,14 +148,11 @@ class StaticKIVI:
         if self.rotated:
             self.rqlen.fill_(self.nq - self.quant.group)
         self.wlen.fill_(self.w)
-        self.wpos.fill_(self.w)
 
     def append(self, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Device work only (recorded into a graph): the new token into the window, lengths + 1."""
-        self.keys.index_copy_(2, self.wpos, key.to(self.keys.dtype))
-        self.values.index_copy_(2, self.wpos, value.to(self.values.dtype))
-        self.wpos += 1
-        self.wlen += 1
+        """Device work only (recorded into a graph): the new token into the window, lengths + 1 (one
+        kernel on CUDA)."""
+        window_append.append(self.keys, self.values, key, value, self.wlen)
 
     def after_step(self) -> None:
         self.w += 1

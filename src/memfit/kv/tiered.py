@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from memfit.kernels import packing, page_copy
+from memfit.kernels import packing, page_copy, window_append
 from memfit.kernels.hostmem import device_view, pinned_copy
 from memfit.kernels.decode_attention import PackedRun, decode_attention_runs, kernel_supports
 from memfit.kv import quant
@@ -424,10 +424,7 @@ class TieredLayer(CacheLayerMixin):
         if self.static:  # in place, lengths on the device: the step may be recorded as a CUDA graph
             if key_states.shape[-2] != 1:
                 raise ValueError("a static tiered cache decodes one token a step (convert back with to_dynamic())")
-            self.keys.index_copy_(2, self.wpos, key_states.to(self.dtype))
-            self.values.index_copy_(2, self.wpos, value_states.to(self.dtype))
-            self.wpos += 1
-            self.wlen += 1
+            window_append.append(self.keys, self.values, key_states, value_states, self.wlen)  # wlen += 1
             return key_states, value_states
         self.compute_dtype = key_states.dtype
         self.keys = torch.cat([self.keys, key_states.to(self.dtype)], dim=-2)
@@ -499,8 +496,7 @@ class TieredLayer(CacheLayerMixin):
         grow = (0, 0, 0, max_new_tokens)
         self.keys, self.values = F.pad(self.keys, grow), F.pad(self.values, grow)
         self.w = w
-        self.wlen = torch.full((b, h), w, dtype=torch.int32, device=self.device)
-        self.wpos = torch.full((1,), w, dtype=torch.long, device=self.device)
+        self.wlen = torch.full((b, h), w, dtype=torch.int32, device=self.device)  # also the next token's slot
         self.static = True
 
     def to_dynamic(self) -> None:
