@@ -14,9 +14,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import memfit.kv.attention  # noqa: F401  registers the memfit attention implementation
-from memfit.bench import _random_llama8b
+from memfit.bench import _evicted_batch, _random_llama8b
 from memfit.hfcompat import with_cache
 from memfit.kv.cache import CompressedCache
+from memfit.kv.policy import parse_policy
 from memfit.kv.static import GraphDecoder
 from memfit.weights.fuse import fuse_projections
 
@@ -34,10 +35,13 @@ def main() -> None:
     if not args.no_fuse:
         fuse_projections(model)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.context), device="cuda")
-    cache = CompressedCache.for_model(model, args.policy)
-    with torch.no_grad():
-        for s in range(0, args.context, 2048):
-            model(ids[:, s : s + 2048], **with_cache(model, cache), use_cache=True, logits_to_keep=1)
+    if parse_policy(args.policy).evictions:  # each row prefilled, scored and compressed alone, as bench decode does
+        cache = _evicted_batch(model, ids, args.policy, 2048)
+    else:
+        cache = CompressedCache.for_model(model, args.policy)
+        with torch.no_grad():
+            for s in range(0, args.context, 2048):
+                model(ids[:, s : s + 2048], **with_cache(model, cache), use_cache=True, logits_to_keep=1)
     dec = GraphDecoder(model, cache.to_static(max_new_tokens=64), graph=False, compile=True)
     tok = ids[:, -1:].clone()
     for _ in range(4):  # compile, then run what was compiled
