@@ -91,7 +91,6 @@ class Observer:
                 head = torch.maximum(prev[..., :n], a[..., :n]) if self.reduce == "max" else prev[..., :n] + a[..., :n]
                 self.attention[layer] = torch.cat([head, a[..., n:], prev[..., a.shape[-1]:]], dim=-1)
 
-
     def _add_probe(self, layer: int, query: torch.Tensor, nk: int) -> None:
         """Keep a random ``probe`` fraction of this call's query rows (the last ``nq`` of ``nk``
         positions), the same rows in every layer (seeded by the position)."""

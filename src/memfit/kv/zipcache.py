@@ -224,9 +224,6 @@ class ZipCache(OnKIVI):
         if not 0.0 <= self.probe <= 1.0 or self.recent < 0:
             raise ValueError(f"zipcache: probe must be in [0, 1] and recent >= 0, got {self.probe}, {self.recent}")
 
-    def queries_needed(self) -> int:
-        return self.recent
-
     def saliency(self, keys: torch.Tensor, obs, start: int) -> torch.Tensor | None:
         """Normalized attention of ``keys`` [B, H, N, D] (at positions ``start``...) from the probe the
         prefill recorded in ``obs`` (an ``Observation``); None when it recorded none."""
