@@ -14,7 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import memfit.kv.attention  # noqa: F401  registers the memfit attention implementation
-from memfit.bench import _evicted_batch, _random_llama8b
+from memfit.bench import _evicted_batch, _random_llama8b, kernel_times
 from memfit.hfcompat import with_cache
 from memfit.kv.cache import CompressedCache
 from memfit.kv.policy import parse_policy
@@ -52,14 +52,9 @@ def main() -> None:
         for _ in range(steps):
             tok = dec.step(tok).argmax(-1, keepdim=True)
         torch.cuda.synchronize()
-    rows: dict[str, list] = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            r = rows.setdefault(e.name[:90], [0, 0.0])
-            r[0] += 1
-            r[1] += e.device_time
-    print(f"{args.policy}: kernel time {sum(v[1] for v in rows.values()) / steps / 1e3:.3f} ms a step")
-    for name, (count, t) in sorted(rows.items(), key=lambda kv: -kv[1][1])[: args.top]:
+    rows = kernel_times(prof)
+    print(f"{args.policy}: kernel time {sum(t for _, _, t in rows) / steps / 1e3:.3f} ms a step")
+    for name, count, t in rows[: args.top]:
         print(f"{t / steps / 1e3:8.3f} ms a step  x{count / steps:5.0f}  {name}")
 
 

@@ -14,7 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import StaticCache
 
-from memfit.bench import _random_llama8b
+from memfit.bench import _random_llama8b, kernel_times
 from memfit.hfcompat import with_cache
 from memfit.kv.static import allow_recompiles
 from memfit.weights import WeightQuant, quantize_
@@ -59,15 +59,10 @@ def main() -> None:
             for _ in range(10):
                 compiled()
             torch.cuda.synchronize()
-    rows: dict[str, list] = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            r = rows.setdefault(e.name[:90], [0, 0.0])
-            r[0] += 1
-            r[1] += e.device_time
+    rows = kernel_times(prof)
     per = 10 * args.layers
-    print(f"{args.bits}-bit: kernel time {sum(v[1] for v in rows.values()) / per:.1f} us a layer")
-    for name, (count, t) in sorted(rows.items(), key=lambda kv: -kv[1][1])[: args.top]:
+    print(f"{args.bits}-bit: kernel time {sum(t for _, _, t in rows) / per:.1f} us a layer")
+    for name, count, t in rows[: args.top]:
         print(f"{t / per:8.2f} us a layer  x{count / per:.2f}  {name}")
 
 

@@ -264,6 +264,18 @@ def bench_serve(model: str, policy: str, tokens: int = 4096, questions: int = 8,
 HBM_PEAK = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "L40S": 0.864e12}
 
 
+def kernel_times(prof) -> list[tuple[str, int, float]]:
+    """(kernel name, launches, device microseconds) summed over a ``torch.profiler`` run's CUDA
+    kernels, longest first (the benchmarks' step profiles)."""
+    rows: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            r = rows.setdefault(e.name[:90], [0, 0.0])
+            r[0] += 1
+            r[1] += e.device_time
+    return sorted(((n, c, t) for n, (c, t) in rows.items()), key=lambda r: -r[2])
+
+
 def hbm_peak(device: "torch.device | int | None" = None) -> float | None:
     """The GPU's HBM peak in bytes/s, from its name (None for a GPU not in ``HBM_PEAK``);
     ``MEMFIT_HBM_PEAK`` (bytes/s) overrides it."""
