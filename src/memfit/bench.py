@@ -851,7 +851,8 @@ def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...]
     (as torchao's int4 weight-only and gpt-fast do: every Linear); by default it stays bf16, as
     ``WeightQuant``'s skip-list keeps it. ``meta_bits``: scale and zero stored in that many bits (the
     kernels read a float16 copy made on first use). ``fuse``: q/k/v and gate/up each run as one stacked
-    layer (``weights.fuse``), as loading a quantized folder on CUDA does. ``attention``: ``"memfit"``, the
+    layer (``weights.fuse``), as loading a quantized folder on CUDA does; the bf16 step is then also timed
+    stacked (``bf16_fused_ms``, ``speedup_vs_fused_bf16``). ``attention``: ``"memfit"``, the
     step as memfit's static decode runs it (memfit's attention, the cache's last slot filled, unmasked
     SDPA with its GQA kernel, as ``bench decode`` times its 16-bit graph), or ``"sdpa"``: transformers'
     SDPA with the mask of a StaticCache not yet full (cuDNN's kernel and the mask's own kernels)."""
@@ -871,6 +872,14 @@ def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...]
     out["bf16_weight_bytes"] = weight_bytes(model)["total"]
     out["bf16_read_bytes"] = _step_read_bytes(model)
     out["bf16_roofline_ms"] = out["bf16_read_bytes"] / peak * 1e3
+    if fuse:  # the bf16 side with its projections stacked too: the fair baseline for the stacked widths
+        stacked = _random_llama8b(layers, attn)
+        fuse_projections(stacked)
+        out["bf16_fused_ms"] = _decode_step_ms(stacked, batch, prompt, compile=compile, full=full)[0]
+        del stacked
+        torch.cuda.empty_cache()
+        if compile:
+            torch._dynamo.reset()
     for b in bits:
         if out["widths"]:  # a fresh bf16 model (the same seed: the same weights) for each width
             del model
@@ -901,6 +910,8 @@ def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...]
         row["roofline_ms"] = row["read_bytes"] / peak * 1e3
         row["of_roofline"] = row["roofline_ms"] / row["quant_ms"]
         row["speedup"] = out["bf16_ms"] / row["quant_ms"]
+        if "bf16_fused_ms" in out:
+            row["speedup_vs_fused_bf16"] = out["bf16_fused_ms"] / row["quant_ms"]
         out["widths"].append(row)
     out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out

@@ -811,9 +811,11 @@ def bench_weight_decode_cmd(
                             compile=compile, lm_head=lm_head, meta_bits=meta_bits, kernel=kernel, fuse=fuse,
                             attention=attention)
     _write_json(out, r)
-    typer.echo(f"bf16 {r['bf16_ms']:.3f} ms ({r['bf16_mode']}), roofline {r['bf16_roofline_ms']:.3f} ms")
+    stacked = f", stacked {r['bf16_fused_ms']:.3f} ms" if "bf16_fused_ms" in r else ""
+    typer.echo(f"bf16 {r['bf16_ms']:.3f} ms{stacked} ({r['bf16_mode']}), roofline {r['bf16_roofline_ms']:.3f} ms")
     for w in r["widths"]:
-        typer.echo(f"{w['bits']}-bit {w['quant_ms']:.3f} ms ({w['quant_mode']}, {w['kernels']}): {w['speedup']:.2f}x bf16; "
+        vs = f" ({w['speedup_vs_fused_bf16']:.2f}x stacked bf16)" if "speedup_vs_fused_bf16" in w else ""
+        typer.echo(f"{w['bits']}-bit {w['quant_ms']:.3f} ms ({w['quant_mode']}, {w['kernels']}): {w['speedup']:.2f}x bf16{vs}; "
                    f"roofline {w['roofline_ms']:.3f} ms ({w['of_roofline']:.0%}); weights {r['bf16_weight_bytes'] / 2**30:.2f}"
                    f" -> {w['quant_weight_bytes'] / 2**30:.2f} GiB stored, {w['quant_resident_bytes'] / 2**30:.2f} GiB resident")
     typer.echo(f"wrote {out}")
