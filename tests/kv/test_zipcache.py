@@ -117,6 +117,20 @@ def test_prefill_scores_keys_and_values_alike_and_the_cache_decodes_and_restores
             assert torch.equal(x, y)
 
 
+def test_a_context_shorter_than_the_first_spill_decodes_on(tiny_lm):
+    # fewer than 64 scored context tokens stay in the window; the first spill, while decoding, takes a key group
+    # of 64 (context and new tokens): the new ones have no saliency, so the query-free rule picks
+    ctx = tiny_lm.prefill("Short text here.", "zipcache(bits=2,group=64,residual=128)")
+    layer = ctx.cache.layers[0]
+    assert layer.qk is None and layer._scores is not None and layer._scores.shape[-1] < 64
+    ids = torch.randint(0, 250, (1, 200), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for t in range(200):
+            tiny_lm.model(ids[:, t : t + 1], **with_cache(tiny_lm.model, ctx.cache))
+    assert isinstance(layer.qk, ZipTensor) and layer._scores is None
+    assert layer.qk.num_tokens + layer.keys.shape[-2] == ctx.cache.get_seq_length()
+
+
 def test_without_a_probe_the_cache_still_compresses():
     model = tiny_llama()
     ids = torch.randint(0, 250, (1, 120), generator=torch.Generator().manual_seed(1))

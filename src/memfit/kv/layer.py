@@ -422,8 +422,9 @@ class CompressedLayer(CacheLayerMixin):
         # those after a ragged context)
         first = {"first": self.qk is None and self.parent is None and self.ragged is None} \
             if getattr(self.quant, "sinks", 0) else {}
-        if self._scores is not None:  # the context's saliency, scored at compress(): its first spill only
-            first["scores"] = self._scores[..., :f]
+        if self._scores is not None:  # the context's saliency, scored at compress(): its first spill only,
+            if self._scores.shape[-1] >= f:  # where every spilled token is a scored context token
+                first["scores"] = self._scores[..., :f]
             self._scores = None
         base = self.grid_base()
         if base is not None and base[0] is self.qk:  # encoded on what the layer already fitted
