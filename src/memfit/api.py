@@ -351,9 +351,8 @@ class LM:
         with observe(max(p.queries_needed() for p in pols), "sum" if "attention_sum" in needs else None,
                      probe=max(p.probe() for p in pols)) as rec:
             self._forward(input_ids, base, chunk_size)
-        obs = {i: Observation() for i in range(self.num_layers)}
-        if rec is not None:
-            rec.observations(self.num_layers, obs)
+        obs = (rec.observations(self.num_layers) if rec is not None
+               else {i: Observation() for i in range(self.num_layers)})
         forward_s = time.perf_counter() - t0
         score_s = 0.0
         if "reconstruction" in needs:

@@ -101,12 +101,10 @@ class Observer:
         prev = self.probes.get(layer)
         self.probes[layer] = (pos, q) if prev is None else (torch.cat([prev[0], pos]), torch.cat([prev[1], q], dim=2))
 
-    def observations(self, num_layers: int, into: dict[int, Observation] | None = None) -> dict[int, Observation]:
-        """What was recorded, as one ``Observation`` per layer (filled into ``into``'s if given)."""
-        out = into if into is not None else {i: Observation() for i in range(num_layers)}
-        for i, o in out.items():
-            o.queries, o.attention_sum, o.probe = self.queries.get(i), self.attention.get(i), self.probes.get(i)
-        return out
+    def observations(self, num_layers: int) -> dict[int, Observation]:
+        """What was recorded, as one ``Observation`` per layer."""
+        return {i: Observation(self.queries.get(i), self.attention.get(i), probe=self.probes.get(i))
+                for i in range(num_layers)}
 
 
 def _as_bool(mask: torch.Tensor) -> torch.Tensor:

@@ -45,25 +45,19 @@ class LowRank:
     def basis(self, keys: torch.Tensor) -> torch.Tensor:
         """keys [B, H, N, D] -> orthonormal basis [B, H*D, rank] (the top right singular vectors of
         the [N, H*D] key matrix of each row), in the keys' dtype."""
-        b, h, n, d = keys.shape
-        self.check(h, d)
-        flat = _upcast(keys.transpose(1, 2).reshape(b, n, h * d))
-        # the eigenvectors of K^T K: one small [H*D, H*D] problem however long the context
-        _, vecs = torch.linalg.eigh(flat.transpose(1, 2) @ flat)
-        return vecs[..., -self.rank :].flip(-1).contiguous().to(keys.dtype)
-
+        self.check(keys.shape[1], keys.shape[3])
+        return _top_directions(_flat(keys), self.rank).contiguous().to(keys.dtype)
 
     def shared(self, keys: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """xKV: the keys [B, H, N, D] of adjacent layers -> token coefficients [B, 1, N, rank] shared by
         them (the top directions of their keys side by side, ``X V``) and each layer's block of ``V``
         [B, H*D, rank], so that layer ``l``'s keys are ``reconstruct(coef, blocks[l], H)``."""
-        b, h, n, d = keys[0].shape
+        h, d = keys[0].shape[1], keys[0].shape[3]
         if self.rank >= len(keys) * h * d:
             raise ValueError(f"lowrank: rank {self.rank} saves nothing for {len(keys)} layers of {h} heads x {d} "
                              "channels")
-        flat = torch.cat([_upcast(k.transpose(1, 2).reshape(b, n, h * d)) for k in keys], dim=-1)
-        _, vecs = torch.linalg.eigh(flat.transpose(1, 2) @ flat)
-        v = vecs[..., -self.rank :].flip(-1)
+        flat = torch.cat([_flat(k) for k in keys], dim=-1)
+        v = _top_directions(flat, self.rank)
         dt = keys[0].dtype
         return (flat @ v).to(dt).unsqueeze(1), [blk.contiguous().to(dt) for blk in v.split(h * d, dim=1)]
 
@@ -72,11 +66,22 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()  # 16-bit in, float32 math
 
 
+def _flat(keys: torch.Tensor) -> torch.Tensor:
+    """keys [B, H, N, D] -> [B, N, H*D] (each token's heads side by side), upcast."""
+    b, h, n, d = keys.shape
+    return _upcast(keys.transpose(1, 2).reshape(b, n, h * d))
+
+
+def _top_directions(flat: torch.Tensor, rank: int) -> torch.Tensor:
+    """The top ``rank`` right singular vectors of each row's ``flat`` [B, N, C] -> [B, C, rank], largest
+    first: the eigenvectors of ``flat^T flat``, one small [C, C] problem however long the context."""
+    _, vecs = torch.linalg.eigh(flat.transpose(1, 2) @ flat)
+    return vecs[..., -rank:].flip(-1)
+
+
 def project(keys: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """keys [B, H, N, D], basis [B, H*D, r] -> coefficients [B, 1, N, r]."""
-    b, h, n, d = keys.shape
-    flat = keys.transpose(1, 2).reshape(b, n, h * d)
-    return (_upcast(flat) @ _upcast(basis)).to(keys.dtype).unsqueeze(1)
+    return (_flat(keys) @ _upcast(basis)).to(keys.dtype).unsqueeze(1)
 
 
 def reconstruct(coef: torch.Tensor, basis: torch.Tensor, heads: int) -> torch.Tensor:

@@ -111,8 +111,9 @@ class ZipTensor(Stored):
 
     @classmethod
     def from_meta(cls, t: dict[str, torch.Tensor], prefix: str, meta: dict) -> "ZipTensor":
-        return cls(QTensor.from_meta(t, prefix + "lo_", meta["low"]),
-                   QTensor.from_meta(t, prefix + "hi_", meta["high"]), t[prefix + "salient_at"], t.get(prefix + "chan"), meta["salient"], meta.get("rotated", False))
+        low, high = (QTensor.from_meta(t, prefix + p, meta[k]) for p, k in (("lo_", "low"), ("hi_", "high")))
+        return cls(low, high, t[prefix + "salient_at"], t.get(prefix + "chan"), meta["salient"],
+                   meta.get("rotated", False))
 
     @classmethod
     def encode(cls, x: torch.Tensor, bits: int, high_bits: int, group: int, salient: float,
