@@ -476,6 +476,11 @@ if triton is not None:
 # one wave of 8 one-warp programs an SM (or fewer where fewer fit): on the H200, 8 x 32K 4-bit,
 # 0.0985 ms against 0.1135 ms for slices that ran into a second wave, and 0.135 ms with the 9 that fit
 GLUON_PROGRAMS_PER_SM = 8
+# runs of uneven lengths (ragged heads, batches of different contexts): slices short enough for
+# about this many waves, which the block scheduler balances as programs finish; one wave of long
+# slices left its tail to the longest runs (H200, 4-bit, lengths 1/4..7/4 of the mean: 8 x 32K
+# 0.153 -> 0.126 ms, 1 x 128K 0.082 -> 0.077 ms; a sweep of 1-8 waves in docs/gpu.md)
+RAGGED_WAVES = 3
 MERGE_SP, MERGE_DB = 128, 16  # measured on the H200: within 2% of the best of 7 settings at 1x128K, 8x32K, 1x8K
 MERGE_ROT = (64, 32, 4)  # the rotated merge: slices a step, rotation rows a step, warps (H200 sweep: see docs/gpu.md)
 
@@ -585,7 +590,9 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
                 q, r.kc, r.ks, r.kz, r.vc, r.vs, r.vz, r.kw, r.vw, *lens, r.qoff, r.woff, h=h, bits=r.bits,
                 kgroup=kg, per_head=per_head, vbits=r.value_bits))
             slots = pps * _sms(q.device)
-            if r.offsets or r.total_q is not None:  # uneven runs: total / sl slices, and a part slice a row and head
+            if n * b * h > 1.1 * total:  # uneven runs: several waves of short slices
+                sl = math.ceil(total / (RAGGED_WAVES * slots))
+            elif r.offsets or r.total_q is not None:  # total / sl slices, and a part slice a row and head
                 sl = math.ceil(total / max(slots - b * h, slots // 2))
             else:  # as many slices a row and head as fit
                 sl = math.ceil(n / max(1, slots // (b * h)))
