@@ -55,6 +55,75 @@ def test_reference_equals_dequantize_then_attend(bits, vbits):
             torch.testing.assert_close(out[i, j].double(), att @ values[i, kh, idx], rtol=1e-4, atol=1e-4)
 
 
+def _rope_case(bits, device="cpu", theta=10000.0, **shape):
+    """A run whose quantized keys are pre-RoPE (KVQuant), with the model-side RoPE that reads them."""
+    from memfit.kernels.decode_attention import PackedRun
+    from memfit.kv.rope import RoPE
+
+    args, codes = _case(bits=bits, device=device, **shape)
+    d = args[0].shape[-1]
+    rope = RoPE(1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d), scaling=1.25)
+    run = PackedRun(*args[1:], bits, shape.get("kgroup", 64), rope=rope.inv_freq.to(device), rope_scaling=rope.scaling)
+    return args, codes, run, rope
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pre_rope_runs_are_rotated_at_each_tokens_index(bits):
+    """Pre-RoPE codes read as a run: dequantized, rotated at positions 0.. (transformers' rotate_half
+    RoPE, with its attention scaling), then attended; the 16-bit tokens as they are."""
+    from memfit.kernels.decode_attention import decode_attention_runs_reference
+
+    args, (qk, qv), run, rope = _rope_case(bits)
+    q, *_, kw, vw, qlen, wlen = args
+    n = qk.num_tokens
+    keys = torch.cat([rope.rotate(dequantize(qk, torch.float32), torch.arange(n)).double(), kw.double()], dim=2)
+    values = torch.cat([dequantize(qv, torch.float64), vw.double()], dim=2)
+    out = decode_attention_runs_reference(q, [run])
+    b, hq, d = q.shape
+    h = keys.shape[1]
+    for i in range(b):
+        for j in range(hq):
+            kh = j // (hq // h)
+            idx = torch.cat([torch.arange(int(qlen[i, kh])), n + torch.arange(int(wlen[i, kh]))])
+            att = (q[i, j].double() @ keys[i, kh, idx].T / d ** 0.5).softmax(-1)
+            torch.testing.assert_close(out[i, j].double(), att @ values[i, kh, idx], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="rope must be a float32"):
+        decode_attention_runs_reference(q, [type(run)(**{**run.__dict__, "rope": run.rope[:3]})])
+
+
+def test_the_kernels_rope_table_is_built_once_per_inv_freq_tensor():
+    from memfit.kernels.decode_attention import _rope_table
+
+    inv = 1.0 / 10000 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64)
+    table = _rope_table(inv, 64)
+    assert _rope_table(inv, 64) is table and _rope_table(inv.clone(), 64) is not table
+    ang = torch.arange(64.0)[:, None] * inv[None, :]
+    assert torch.equal(table, torch.stack((ang.cos(), ang.sin())))
+    assert _rope_table(inv, 32).shape == (2, 32, 32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("shape", [dict(b=1, hq=32, h=8, n=4096, w=100, d=128), dict(b=3, hq=9, h=3, n=1024, w=7, d=64),
+                                   dict(b=2, hq=8, h=8, n=512, w=128, d=128, kgroup=32)])
+def test_the_kernel_rotates_pre_rope_keys_like_the_reference(bits, shape):
+    """Pre-RoPE runs take the Triton kernel (the rotation in registers, from the tile's first
+    position and a per-offset table); the Gluon kernel refuses them by name."""
+    from memfit.kernels.decode_attention import decode_attention_runs, decode_attention_runs_reference
+
+    args, _, run, _ = _rope_case(bits, device="cuda", theta=500000.0, **shape)
+    q = args[0]
+    ref = decode_attention_runs_reference(q, [run])
+    for split in (None, 256):
+        out = decode_attention_runs(q, [run], split_len=split if split and split % shape.get("kgroup", 64) == 0 else None)
+        err = (out - ref).abs().max().item()
+        print(f"bits={bits} {shape} split={split} pre-RoPE max abs error {err:.2e}")
+        assert err < 1e-2
+    with pytest.raises(ValueError, match="Gluon kernel does not take"):
+        decode_attention_runs(q, [run], impl="gluon")
+
+
 def test_cpu_falls_back_to_the_reference():
     args, _ = _case(bits=2)
     assert not kernel_supports(args[0], args[1], args[2], args[5], 2)

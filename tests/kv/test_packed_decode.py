@@ -17,6 +17,8 @@ RAGGED_ROTATED = "knorm(keep=0.5,heads=adaptive)+hadamard(bits=4,group=16,residu
 RAGGED_META = "knorm(keep=0.5,heads=adaptive)+hadamard(bits=2,group=16,residual=16,meta_bits=8)"
 POLICIES = [RAGGED, "knorm(keep=0.4,heads=global)+kivi(bits=2,group=16,residual=16)",
             "snapkv(keep=0.5)+kivi(bits=4,group=16,residual=16)", "kivi(bits=2,group=16,residual=16)",
+            # pre-RoPE codes (the parent's): rotated at each token's position where they are read
+            "kivi(bits=4,group=16,residual=16,pre_rope=true)",
             # 8-bit group scales and zeros, read as float16
             RAGGED_META,
             # rotated codes: the query rotated, each head's sinks read in 16-bit
@@ -189,36 +191,65 @@ def test_rotated_contexts_of_one_length_stack_with_their_sinks(tiny_lm):
     _runs_hold_what_the_layer_stores(stacked, 2)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_ragged_forked_and_stacked_caches_decode_through_the_kernels_on_cuda(monkeypatch):
-    """The real kernels (CUDA, bf16, head_dim 64) against the reference on the same caches: a fork
-    of a ragged context, stacked contexts, and the stacked cache replayed as CUDA graphs."""
+def _cuda_lm():
+    """A tiny random Llama on CUDA in bf16, head_dim 64, running memfit's attention."""
     from conftest import byte_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from memfit.api import LM
-    from memfit.kernels import decode_attention as kernels
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=64, max_position_embeddings=8192)
     cfg._attn_implementation = "memfit"
-    lm = LM(LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval(), byte_tokenizer(), name="tiny-cuda")
+    return LM(LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval(), byte_tokenizer(), name="tiny-cuda")
+
+
+def _attend_with(monkeypatch, on_kernel: bool, calls: list) -> None:
+    """Packed decode steps attend with the kernels, or with their torch reference; ``calls`` counts them."""
+    from memfit.kernels import decode_attention as kernels
+
+    real = layer_mod.decode_attention_runs
+    fn = real if on_kernel else (lambda q, r, scale=None, out_dtype=None, **k:
+                                 kernels.decode_attention_runs_reference(q, r, scale).to(out_dtype))
+    monkeypatch.setattr(layer_mod, "decode_attention_runs", lambda *a, **k: calls.append(1) or fn(*a, **k))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pre_rope_caches_decode_through_the_kernel_on_cuda(monkeypatch):
+    """A fork of a pre-RoPE cache reads its parent's codes through the Triton kernel (rotated there),
+    as the reference does; static decode still refuses a cache whose own keys are pre-RoPE."""
+    lm = _cuda_lm()
+    cache = lm.prefill_ids(torch.randint(0, 250, (1, 1500), device="cuda"),
+                           "kivi(bits=4,group=32,residual=32,pre_rope=true)").cache
+    assert all(layer.pre_rope and layer.not_packed() is None for layer in cache.layers)
+    feed = torch.randint(0, 250, (3, 40), device="cuda")
+    calls, out = [], {}
+    for on_kernel in (True, False):
+        _attend_with(monkeypatch, on_kernel, calls)
+        out[on_kernel] = _decode(lm.model, cache.fork(3).use_kernels(), feed)
+    assert len(calls) == 2 * 40 * 2
+    err = (out[True] - out[False]).abs().max().item()
+    print(f"logits max abs difference kernel vs reference {err:.3e}")
+    assert err < 0.05 * out[False].abs().max().item()
+    with pytest.raises(ValueError, match="pre-RoPE keys"):
+        cache.to_static(max_new_tokens=8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_ragged_forked_and_stacked_caches_decode_through_the_kernels_on_cuda(monkeypatch):
+    """The real kernels (CUDA, bf16, head_dim 64) against the reference on the same caches: a fork
+    of a ragged context, stacked contexts, and the stacked cache replayed as CUDA graphs."""
+    lm = _cuda_lm()
     policy = "knorm(keep=0.5,heads=adaptive)+kivi(bits=4,group=32,residual=32)"
     caches = [lm.prefill_ids(torch.randint(0, 250, (1, 1500), device="cuda"), policy).cache for _ in range(3)]
     feed = torch.randint(0, 250, (3, 40), device="cuda")
     calls = []
-    real = layer_mod.decode_attention_runs
-
-    def runs(on_kernel):
-        fn = real if on_kernel else (lambda q, r, scale=None, out_dtype=None, **k:
-                                     kernels.decode_attention_runs_reference(q, r, scale).to(out_dtype))
-        monkeypatch.setattr(layer_mod, "decode_attention_runs", lambda *a, **k: calls.append(1) or fn(*a, **k))
-
     out = {}
     for on_kernel in (True, False):
-        runs(on_kernel)
+        _attend_with(monkeypatch, on_kernel, calls)
         out[on_kernel] = (_decode(lm.model, caches[0].fork(3).use_kernels(), feed),
                           _decode(lm.model, CompressedCache.stack(caches).use_kernels(), feed))
     assert len(calls) == 2 * 2 * 40 * 2
@@ -226,7 +257,7 @@ def test_ragged_forked_and_stacked_caches_decode_through_the_kernels_on_cuda(mon
         err = (got - want).abs().max().item()
         print(f"logits max abs difference kernel vs reference {err:.3e}")
         assert err < 0.05 * want.abs().max().item()
-    runs(True)
+    _attend_with(monkeypatch, True, calls)
     stacked = CompressedCache.stack(caches).use_kernels()
     first = _decode(lm.model, stacked, feed[:, :1])
     dec = GraphDecoder(lm.model, stacked.to_static(max_new_tokens=48))  # replayed as a CUDA graph

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,7 @@ from memfit.kernels.packing import unpack
 try:  # Triton exists only where CUDA does; the reference needs nothing
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
 
@@ -55,7 +57,12 @@ class PackedRun:
     multiplied by before they were stored (QuaRot's Hadamard): the run is attended with the query
     times ``R`` (``q R . k R = q . k``) and its share of the output multiplied back by ``R^T``.
     ``vbits``: the value codes' width (None: the keys' ``bits``); ``vc`` is [.., D*vbits/8]. Runs of
-    two widths are read by the Gluon kernel, not the Triton one."""
+    two widths are read by the Gluon kernel, not the Triton one. ``rope``: the quantized keys were
+    stored before RoPE (KVQuant's pre-RoPE keys); ``rope`` is the model's ``inv_freq`` (float32
+    [D/2]) and each key is rotated (Llama's ``rotate_half``, times ``rope_scaling``) at its index in
+    its row and head's run: the layer's own first tokens, positions 0, 1, ... The 16-bit tokens are
+    post-RoPE. Read by the Triton kernel (the Gluon one folds the key scales into the query, which a
+    rotation per token does not allow)."""
 
     kc: torch.Tensor
     ks: torch.Tensor
@@ -76,6 +83,8 @@ class PackedRun:
     total_q: int | None = None  # quantized tokens over every row and head (default: rows x heads x nq)
     rotation: torch.Tensor | None = None
     vbits: int | None = None
+    rope: torch.Tensor | None = None
+    rope_scaling: float = 1.0
 
     @property
     def value_bits(self) -> int:
@@ -133,6 +142,9 @@ def _check_run(q: torch.Tensor, r: PackedRun) -> int:
                 raise ValueError(f"{name} must be an int64 [B, H] = [{b}, {h}] tensor, got {t.dtype} {tuple(t.shape)}")
     if r.rotation is not None and r.rotation.shape != (d, d):
         raise ValueError(f"rotation must be [D, D] = [{d}, {d}], got {tuple(r.rotation.shape)}")
+    if r.rope is not None and (r.rope.shape != (d // 2,) or r.rope.dtype != torch.float32 or r.rotation is not None):
+        raise ValueError(f"rope must be a float32 [D/2] = [{d // 2}] inv_freq tensor on an unrotated run, got "
+                         f"{r.rope.dtype} {tuple(r.rope.shape)}")
     for name, t in (("qlen", r.qlen), ("wlen", r.wlen)):
         if isinstance(t, torch.Tensor) and t.shape != (b, h):
             raise ValueError(f"{name} must be an int or a [B, H] = [{b}, {h}] tensor, got {tuple(t.shape)}")
@@ -167,6 +179,11 @@ def _dense_run(r: PackedRun, b: int, h: int, device: torch.device):
         g = r.kgroup
         k = unpack(r.kc, r.bits).float().reshape(-1, d)[pos] * r.ks.float().reshape(-1, d)[pos // g] \
             + r.kz.float().reshape(-1, d)[pos // g]
+        if r.rope is not None:  # stored before RoPE: rotated at each token's index in its run
+            ang = torch.arange(r.max_q, device=device, dtype=torch.float32)[:, None] * r.rope.to(device)[None, :]
+            cos, sin = (torch.cat((t, t), dim=-1) * r.rope_scaling for t in (ang.cos(), ang.sin()))
+            k1, k2 = k.chunk(2, dim=-1)
+            k = k * cos + torch.cat((-k2, k1), dim=-1) * sin
         nvg = r.vs.shape[-1]
         codes = unpack(r.vc, r.value_bits).float().reshape(-1, nvg, d // nvg)[pos]
         v = codes * r.vs.float().reshape(-1, nvg)[pos].unsqueeze(-1) + r.vz.float().reshape(-1, nvg)[pos].unsqueeze(-1)
@@ -295,18 +312,44 @@ if triton is not None:
             out = x.to(tl.bfloat16)
         return out
 
+    @triton.jit
+    def _rope_start(ROPE, ch, n0, BLOCK: tl.constexpr, D: tl.constexpr):
+        """For channels ``ch`` [1, DP]: cos and sin of n0 * f exactly (libdevice), and of BLOCK * f,
+        the step from one tile to the next (a precise cos and sin per tile and column cost more
+        than the tile's dequantization)."""
+        f = tl.load(ROPE + ch % (D // 2))
+        a = n0.to(tl.float32) * f
+        return libdevice.cos(a), libdevice.sin(a), libdevice.cos(BLOCK * f), libdevice.sin(BLOCK * f)
+
+    @triton.jit
+    def _rope(k, ksw, cb, sb, ch, sgn, ROPE_T, rope_scale, BLOCK: tl.constexpr, D: tl.constexpr):
+        """Pre-RoPE keys ``k`` [BLOCK, DP] (channels ``ch`` [1, DP]; ``ksw``: their rotate_half
+        partners, ``sgn`` its sign) rotated at positions n0 + i: ``cb``, ``sb`` = cos, sin(n0 * f),
+        those of i * f from the table, joined by the angle-addition formulas."""
+        t = tl.arange(0, BLOCK)[:, None] * (D // 2) + ch % (D // 2)
+        co, so = tl.load(ROPE_T + t), tl.load(ROPE_T + BLOCK * (D // 2) + t)
+        cos, sin = cb * co - sb * so, sb * co + cb * so
+        return ((k.to(tl.float32) * cos + sgn * ksw.to(tl.float32) * sin) * rope_scale).to(k.dtype)
+
+    @triton.jit
+    def _rope_next(cb, sb, cB, sB):
+        """cos and sin one tile on: (n0 + BLOCK) * f."""
+        return cb * cB - sb * sB, sb * cB + cb * sB
+
     # lengths change every decode step: specializing on them (divisible by 16 or not) would compile
     # new variants while a model decodes
     @triton.jit(do_not_specialize=["QLEN", "WLEN", "NSPLIT", "S0", "NQS", "NQ", "NW"])
-    def _split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KW, VW, QLEN, WLEN, QOFF, WOFF, ACC, M, L,
+    def _split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KW, VW, QLEN, WLEN, QOFF, WOFF, ACC, M, L, ROPE, ROPE_T,
                       sqb, sqh, skcb, skch, skcn, sksb, sksh, sksg, svcb, svch, svcn, svsb, svsh, svsn,
-                      swb, swh, swn, H, NSPLIT, S0, NQS, SPLIT_LEN, NQ, NW, scale,
+                      swb, swh, swn, H, NSPLIT, S0, NQS, SPLIT_LEN, NQ, NW, scale, rope_scale,
                       G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
                       VGROUP: tl.constexpr, NVG: tl.constexpr, BLOCK: tl.constexpr, WBLOCK: tl.constexpr,
-                      DQ: tl.constexpr, PER_HEAD: tl.constexpr, OFFSETS: tl.constexpr):
+                      DQ: tl.constexpr, PER_HEAD: tl.constexpr, OFFSETS: tl.constexpr, HAS_ROPE: tl.constexpr):
         """Slices 0..NQS-1 of the quantized tokens, then one slice of the 16-bit window, written as
         slices S0.. of NSPLIT. ``OFFSETS``: each row and head's tokens start at QOFF / WOFF [B, H]
-        in flat storage (ragged heads and batches; the row and head strides are then 0)."""
+        in flat storage (ragged heads and batches; the row and head strides are then 0).
+        ``HAS_ROPE``: the quantized keys are pre-RoPE, rotated here at their index in the run (``ROPE``:
+        inv_freq [D/2]; ``ROPE_T``: cos and sin of i * inv_freq for i < BLOCK, [2, BLOCK, D/2])."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         s = tl.program_id(2)
@@ -348,6 +391,16 @@ if triton is not None:
                 a2 = tl.zeros((GP, DP), tl.float32)
                 a3 = tl.zeros((GP, DP), tl.float32)
             first = (oi * PB < VGROUP)[None, :]  # the value channel group of each packed column
+            if HAS_ROPE:  # rotate_half pairs channel c with c +- D/2: column j with j +- DP/2, same position
+                osw = (oi + DP // 2) % DP
+                sgn = tl.where(oi < DP // 2, -1.0, 1.0)[None, :]
+                cs0 = (osw * PB)[None, :]
+                cb0, sb0, cB0, sB0 = _rope_start(ROPE, c0, start, BLOCK, D)
+                if PB >= 2:
+                    cb1, sb1, cB1, sB1 = _rope_start(ROPE, c1, start, BLOCK, D)
+                if PB == 4:
+                    cb2, sb2, cB2, sB2 = _rope_start(ROPE, c2, start, BLOCK, D)
+                    cb3, sb3, cB3, sB3 = _rope_start(ROPE, c3, start, BLOCK, D)
             for n0 in range(start, end, BLOCK):
                 on = n0 + tl.arange(0, BLOCK)
                 nm = on < end
@@ -358,14 +411,34 @@ if triton is not None:
                 kp = KS + b * sksb + h * sksh + ((qo + n0) // BLOCK) * sksg
                 zp = KZ + b * sksb + h * sksh + ((qo + n0) // BLOCK) * sksg
                 k0 = _dq(kb, tl.load(kp + c0), tl.load(zp + c0), DQ, 0, BITS)
+                if HAS_ROPE:  # the partner columns' codes (the same bytes, reordered; from L1)
+                    kbs = tl.load(KC + b * skcb + h * skch + (qo + on)[:, None] * skcn + osw[None, :],
+                                  mask=nm[:, None], other=0)
+                    k0s = _dq(kbs, tl.load(kp + cs0), tl.load(zp + cs0), DQ, 0, BITS)
+                    k0 = _rope(k0, k0s, cb0, sb0, c0, sgn, ROPE_T, rope_scale, BLOCK, D)
                 qk = tl.dot(q0, tl.trans(k0))
                 if PB >= 2:
                     k1 = _dq(kb, tl.load(kp + c1), tl.load(zp + c1), DQ, BITS, BITS)
+                    if HAS_ROPE:
+                        k1s = _dq(kbs, tl.load(kp + cs0 + 1), tl.load(zp + cs0 + 1), DQ, BITS, BITS)
+                        k1 = _rope(k1, k1s, cb1, sb1, c1, sgn, ROPE_T, rope_scale, BLOCK, D)
                     qk += tl.dot(q1, tl.trans(k1))
                 if PB == 4:
                     k2 = _dq(kb, tl.load(kp + c2), tl.load(zp + c2), DQ, 4, BITS)
                     k3 = _dq(kb, tl.load(kp + c3), tl.load(zp + c3), DQ, 6, BITS)
+                    if HAS_ROPE:
+                        k2s = _dq(kbs, tl.load(kp + cs0 + 2), tl.load(zp + cs0 + 2), DQ, 4, BITS)
+                        k3s = _dq(kbs, tl.load(kp + cs0 + 3), tl.load(zp + cs0 + 3), DQ, 6, BITS)
+                        k2 = _rope(k2, k2s, cb2, sb2, c2, sgn, ROPE_T, rope_scale, BLOCK, D)
+                        k3 = _rope(k3, k3s, cb3, sb3, c3, sgn, ROPE_T, rope_scale, BLOCK, D)
                     qk += tl.dot(q2, tl.trans(k2)) + tl.dot(q3, tl.trans(k3))
+                if HAS_ROPE:  # the next tile's first position
+                    cb0, sb0 = _rope_next(cb0, sb0, cB0, sB0)
+                    if PB >= 2:
+                        cb1, sb1 = _rope_next(cb1, sb1, cB1, sB1)
+                    if PB == 4:
+                        cb2, sb2 = _rope_next(cb2, sb2, cB2, sB2)
+                        cb3, sb3 = _rope_next(cb3, sb3, cB3, sB3)
                 p, alpha, m_i, l_i = _online_softmax(qk, nm, m_i, l_i)
                 pb = p.to(tl.float16) if DQ == 2 else p.to(tl.bfloat16)
                 vb = tl.load(VC + b * svcb + h * svch + (qo + on)[:, None] * svcn + oi[None, :], mask=nm[:, None],
@@ -495,7 +568,7 @@ def _gluon_fits(q: torch.Tensor, r: PackedRun) -> bool:
     rows_aligned = r.offsets or (all(st * 2 % word == 0 for st in ks.stride()[:2])
                                  and all(st % 4 == 0 for st in vc.stride()[:2]))
     # a run of window tokens only takes the Triton kernel (Gluon does not compile empty code tensors)
-    return (r.max_q > 0 and gluon_decode.supports(d, r.bits, r.kgroup, nvg, q.shape[1] // r.heads(), r.vbits)
+    return (r.max_q > 0 and r.rope is None and gluon_decode.supports(d, r.bits, r.kgroup, nvg, q.shape[1] // r.heads(), r.vbits)
             and all(t.data_ptr() % 16 == 0 for t in (kc, ks, kz, vc, vs, vz)) and rows_aligned
             and kc.stride(2) == dp and vc.stride(2) == vp and ks.stride(2) == d and vs.stride(2) == nvg
             and kz.stride() == ks.stride() and vz.stride() == vs.stride()
@@ -626,9 +699,12 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
                                 nslices=nslices, nsplit=nsplit, nqs=nqs, split_len=sl, scale=scale,
                                 per_head=per_head, vbits=r.value_bits)
         else:
+            # pre-RoPE runs: 8 warps, 2 stages (at 4 warps the rotation's operands spill: 540 bytes at 4 bits, sm_90)
+            rope = r.rope is not None
             _launch_triton(qr, r, qlen, wlen, acc, m, lsum, h=h, s0=s0, nslices=nslices, nsplit=nsplit, nqs=nqs,
-                           split_len=sl, scale=scale, per_head=per_head, dequant=dequant, num_warps=num_warps,
-                           num_stages=num_stages or (3 if r.bits == 4 else 2))
+                           split_len=sl, scale=scale, per_head=per_head, dequant=dequant,
+                           num_warps=max(num_warps, 8) if rope else num_warps,
+                           num_stages=num_stages or (3 if r.bits == 4 and not rope else 2))
         s0 += nslices
     out = torch.empty(b, hq, d, device=q.device, dtype=out_dtype)
     if nrot:  # the partial sums are linear in the values: the rotated ones' sum is rotated back once
@@ -642,6 +718,22 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
     return out
 
 
+_ROPE_TABLES: dict[int, tuple] = {}  # id(inv_freq) -> (a weak reference to it, {block: table})
+
+
+def _rope_table(inv_freq: torch.Tensor, block: int) -> torch.Tensor:
+    """cos and sin of i * inv_freq for the offsets i < block within a tile, float32 [2, block, D/2]:
+    built once per inv_freq tensor (a layer keeps its device copy), not at every decode step."""
+    hit = _ROPE_TABLES.get(id(inv_freq))
+    if hit is None or hit[0]() is not inv_freq:
+        hit = _ROPE_TABLES[id(inv_freq)] = (weakref.ref(inv_freq), {})
+        weakref.finalize(inv_freq, _ROPE_TABLES.pop, id(inv_freq), None)
+    if block not in hit[1]:
+        ang = torch.arange(block, device=inv_freq.device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        hit[1][block] = torch.stack((ang.cos(), ang.sin())).contiguous()
+    return hit[1][block]
+
+
 def _launch_triton(q, r: PackedRun, qlen, wlen, acc, m, lsum, *, h, s0, nslices, nsplit, nqs, split_len, scale,
                    per_head, dequant, num_warps, num_stages) -> None:
     """The Triton kernel's slices ``s0 .. s0 + nslices`` of run ``r`` (2-bit at 3 stages needs 140
@@ -649,10 +741,13 @@ def _launch_triton(q, r: PackedRun, qlen, wlen, acc, m, lsum, *, h, s0, nslices,
     b, hq, d = q.shape
     g, nvg = hq // h, r.vs.shape[-1]
     st = (lambda t: (0, 0, t.stride(2))) if r.offsets else (lambda t: t.stride()[:3])  # noqa: E731
+    rope = r.rope.to(q.device) if r.rope is not None else m
+    table = _rope_table(rope, r.kgroup) if r.rope is not None else m
     _split_kernel[(b, h, nslices)](
         q, r.kc, r.ks, r.kz, r.vc, r.vs, r.vz, r.kw, r.vw, qlen, wlen, r.qoff if r.offsets else m,
-        r.woff if r.offsets else m, acc, m, lsum, q.stride(0), q.stride(1), *st(r.kc), *st(r.ks), *st(r.vc),
-        *st(r.vs), *st(r.kw), h, nsplit, s0, nqs, split_len, r.max_q, r.max_w, scale,
+        r.woff if r.offsets else m, acc, m, lsum, rope, table, q.stride(0), q.stride(1), *st(r.kc), *st(r.ks),
+        *st(r.vc), *st(r.vs), *st(r.kw), h, nsplit, s0, nqs, split_len, r.max_q, r.max_w, scale, r.rope_scaling,
         G=g, GP=max(16, triton.next_power_of_2(g)), D=d, BITS=r.bits, VGROUP=d // nvg, NVG=nvg, BLOCK=r.kgroup,
-        WBLOCK=32, DQ=_DEQUANT[dequant], PER_HEAD=per_head, OFFSETS=r.offsets, num_warps=num_warps,
+        WBLOCK=32, DQ=_DEQUANT[dequant], PER_HEAD=per_head, OFFSETS=r.offsets, HAS_ROPE=r.rope is not None,
+        num_warps=num_warps,
         num_stages=num_stages)

@@ -298,6 +298,7 @@ class CompressedCache(Cache):
             why = ("no KIVI quantizer" if not isinstance(layer.quant, (KIVI, Hadamard))
                    else "low-rank keys" if layer.lowrank is not None
                    else "outliers" if getattr(layer.quant, "outliers", 0) else "a decode budget" if layer.decode is not None
+                   else "pre-RoPE keys" if layer.pre_rope  # a static spill would store them post-RoPE
                    else layer.not_packed())
             if why:
                 raise ValueError(f"to_static: layer {i} has {why}; static decode takes caches the decode "
