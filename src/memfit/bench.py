@@ -339,14 +339,18 @@ def policy_cache(spec: str, batch: int, kv_heads: int, q_heads: int, tokens: int
     from memfit.kv.cache import CompressedCache
     from memfit.kv.evict import Observation
     from memfit.kv.policy import parse_policy
+    from memfit.kv.rope import RoPE
 
     pol = parse_policy(spec)
     g = torch.Generator(device=device).manual_seed(seed)
     per_row = bool(pol.evictions)
+    # pre-RoPE keys need a RoPE to put back: Llama-3.1's base (500000) over head_dim
+    rope = RoPE(1.0 / 500000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)) \
+        if getattr(pol.quant, "pre_rope", False) else None
     parts = []
     for _ in range(batch if per_row else 1):
         rb = 1 if per_row else batch
-        cache = CompressedCache(pol, layers, defer=True, dtype=dtype)
+        cache = CompressedCache(pol, layers, defer=True, rope=rope, dtype=dtype)
         obs = {}
         for i, layer in enumerate(cache.layers):
             k, v = (torch.randn(rb, kv_heads, tokens, head_dim, device=device, dtype=dtype, generator=g) for _ in range(2))

@@ -311,7 +311,7 @@ def test_contexts_of_different_lengths_decode_together_at_their_own_positions(ti
 
 
 @pytest.mark.parametrize("spec", ["kvzip(keep=0.42)+kivi(bits=4,residual=32)", "snapkv(keep=0.3)+kivi(bits=2)",
-                                  "kivi(bits=4)"])
+                                  "kivi(bits=4)", "kivi(bits=4,pre_rope=true)"])
 def test_a_policy_cache_without_a_model_stores_what_the_policy_keeps(spec):
     """``memfit bench attention -p`` times a layer built this way: random KV, compressed as a prefill
     would (evicting policies row by row, then stacked)."""
@@ -329,3 +329,4 @@ def test_a_policy_cache_without_a_model_stores_what_the_policy_keeps(spec):
         assert layer.stored_tokens() == (round(0.3 * 512) if "snapkv" in spec else 512)
     q = torch.randn(2, 4, 64, dtype=torch.bfloat16)
     assert torch.isfinite(decode_attention_runs_reference(q, layer.runs(2))).all()
+    assert (layer.runs(2)[0].rope is not None) == ("pre_rope" in spec)  # a RoPE to put back: Llama-3.1's
