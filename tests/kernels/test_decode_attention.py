@@ -43,10 +43,16 @@ def test_reference_equals_dequantize_then_attend(bits, vbits):
     out = decode_attention_runs_reference(q, [PackedRun(*args[1:], bits, 64, vbits=vbits)])
     if vbits is None:
         assert torch.equal(out, decode_attention_reference(*args, bits=bits))
-    keys = torch.cat([dequantize(qk, torch.float64), kw.double()], dim=2)
-    values = torch.cat([dequantize(qv, torch.float64), vw.double()], dim=2)
+    _attends_like(out, q, dequantize(qk, torch.float64), dequantize(qv, torch.float64), kw, vw, qlen, wlen)
+
+
+def _attends_like(out, q, qkeys, qvalues, kw, vw, qlen, wlen):
+    """``out`` is each query head's softmax attention over its KV head's first ``qlen`` quantized
+    tokens (``qkeys``/``qvalues``, dequantized) and first ``wlen`` 16-bit ones (float64 sums)."""
+    keys = torch.cat([qkeys.double(), kw.double()], dim=2)
+    values = torch.cat([qvalues.double(), vw.double()], dim=2)
     b, hq, d = q.shape
-    h, n = keys.shape[1], qk.num_tokens
+    h, n = keys.shape[1], qkeys.shape[2]
     for i in range(b):
         for j in range(hq):
             kh = j // (hq // h)
@@ -75,18 +81,9 @@ def test_pre_rope_runs_are_rotated_at_each_tokens_index(bits):
 
     args, (qk, qv), run, rope = _rope_case(bits)
     q, *_, kw, vw, qlen, wlen = args
-    n = qk.num_tokens
-    keys = torch.cat([rope.rotate(dequantize(qk, torch.float32), torch.arange(n)).double(), kw.double()], dim=2)
-    values = torch.cat([dequantize(qv, torch.float64), vw.double()], dim=2)
+    rotated = rope.rotate(dequantize(qk, torch.float32), torch.arange(qk.num_tokens))
     out = decode_attention_runs_reference(q, [run])
-    b, hq, d = q.shape
-    h = keys.shape[1]
-    for i in range(b):
-        for j in range(hq):
-            kh = j // (hq // h)
-            idx = torch.cat([torch.arange(int(qlen[i, kh])), n + torch.arange(int(wlen[i, kh]))])
-            att = (q[i, j].double() @ keys[i, kh, idx].T / d ** 0.5).softmax(-1)
-            torch.testing.assert_close(out[i, j].double(), att @ values[i, kh, idx], rtol=1e-4, atol=1e-4)
+    _attends_like(out, q, rotated, dequantize(qv, torch.float64), kw, vw, qlen, wlen)
     with pytest.raises(ValueError, match="rope must be a float32"):
         decode_attention_runs_reference(q, [type(run)(**{**run.__dict__, "rope": run.rope[:3]})])
 
