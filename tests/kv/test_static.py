@@ -41,7 +41,9 @@ def _packed_decode_everywhere(monkeypatch):
     not torch.cuda.is_available(), reason="needs CUDA")])])
 @pytest.mark.parametrize("policy", [POLICY, "hadamard(bits=4,group=16,residual=20)",
                                     "hadamard(bits=4,value_bits=2,group=16,residual=20)",
-                                    "hadamard(bits=2,group=16,residual=20,meta_bits=8)"])
+                                    "hadamard(bits=2,group=16,residual=20,meta_bits=8)",
+                                    # spills take RoPE off at their positions; the kernel puts it back
+                                    "kivi(bits=4,group=16,residual=20,pre_rope=true)"])
 def test_static_decode_equals_the_dynamic_cache(device, policy, monkeypatch):
     _packed_decode_everywhere(monkeypatch)
     model = tiny_llama(layers=2).to(device)

@@ -291,14 +291,13 @@ class CompressedCache(Cache):
     def to_static(self, max_new_tokens: int) -> "CompressedCache":
         """Move every layer's KIVI storage into buffers with room for ``max_new_tokens`` more tokens,
         so that decode steps can be replayed as a CUDA graph (:class:`memfit.kv.static.GraphDecoder`).
-        Caches the decode kernel reads (KIVI or Hadamard at 2/4 bits, evicted or ragged, forks of such
-        caches); not outliers, low rank, pre-RoPE keys, or a decode budget."""
+        Caches the decode kernel reads (KIVI or Hadamard at 2/4 bits, pre-RoPE keys, evicted or ragged,
+        forks of such caches); not outliers, low rank, or a decode budget."""
         for i, layer in enumerate(self.layers):
             # beyond what the kernel reads now, what the policy would add while decoding
             why = ("no KIVI quantizer" if not isinstance(layer.quant, (KIVI, Hadamard))
                    else "low-rank keys" if layer.lowrank is not None
                    else "outliers" if getattr(layer.quant, "outliers", 0) else "a decode budget" if layer.decode is not None
-                   else "pre-RoPE keys" if layer.pre_rope  # a static spill would store them post-RoPE
                    else layer.not_packed())
             if why:
                 raise ValueError(f"to_static: layer {i} has {why}; static decode takes caches the decode "
@@ -310,7 +309,8 @@ class CompressedCache(Cache):
                 prefix.extend(layer.ragged.runs(rows, layer.quant))
             layer.static = StaticKIVI(layer.quant, layer.qk, layer.qv, layer.keys, layer.values,
                                       capacity=layer.own_tokens() + max_new_tokens, prefix=prefix,
-                                      first=layer.parent is None and layer.ragged is None, base=layer.grid_base())
+                                      first=layer.parent is None and layer.ragged is None, base=layer.grid_base(),
+                                      rope=layer.rope if layer.pre_rope else None)
             layer.qk = layer.qv = None
             layer.keys, layer.values = layer.keys[:, :, :0], layer.values[:, :, :0]
         return self

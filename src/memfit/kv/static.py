@@ -11,8 +11,8 @@ run between steps, in place. :class:`GraphDecoder` drives the steps: it captures
 forward once and replays it (on CUDA), or runs it eagerly (elsewhere), with the same bookkeeping.
 
 ``cache.to_static(max_new_tokens)`` converts a cache whose storage the decode kernel reads (KIVI at
-2 or 4 bits; evicted, ragged and forked caches too: what eviction kept, and a fork's parent, are
-read-only runs before the layer's own buffers); ``cache.to_dynamic()`` converts it back, e.g. to
+2 or 4 bits, pre-RoPE keys too; evicted, ragged and forked caches too: what eviction kept, and a
+fork's parent, are read-only runs before the layer's own buffers); ``cache.to_dynamic()`` converts it back, e.g. to
 store it.
 """
 
@@ -26,6 +26,7 @@ from memfit.hfcompat import with_cache
 from memfit.kernels import window_append
 from memfit.kernels.decode_attention import PackedRun, decode_attention_runs
 from memfit.kv.quant import KIVI, MetaQTensor, QTensor, quantize_keys, quantize_values
+from memfit.kv.rope import RoPE
 from memfit.kv.rotate import Hadamard, RotatedTensor, first_group, hadamard, past_first_group
 
 
@@ -37,7 +38,7 @@ class StaticKIVI:
 
     def __init__(self, quant: KIVI | Hadamard, qk: QTensor | RotatedTensor | None, qv: QTensor | RotatedTensor | None,
                  keys: torch.Tensor, values: torch.Tensor, capacity: int, prefix: list[PackedRun] = (),
-                 first: bool = True, base: tuple | None = None):
+                 first: bool = True, base: tuple | None = None, rope: RoPE | None = None):
         b, h, w, d = keys.shape
         g, r = quant.group, quant.residual
         if w >= r + g:
@@ -47,6 +48,9 @@ class StaticKIVI:
         # the stored run whose grid ranges later spills are encoded on, as the dynamic layer does
         # (``CompressedLayer.grid_base``: 8-bit grids); None: each spill fits its own
         self.base = base
+        # pre-RoPE codes (kivi(pre_rope=true)): spills take RoPE off at the tokens' positions (the
+        # layer's own, from 0: nq is the window's first), the kernel puts it back as it reads them
+        self.rope = rope
         # rotated codes (the Hadamard quantizer): read as KIVI's with the query rotated; the first key
         # group, with the sinks, as 16-bit tokens (see rotate.packed_run); ``first``: whether this
         # layer's first codes are its first tokens (then they keep sinks; not a fork's or after a
@@ -90,8 +94,9 @@ class StaticKIVI:
                              rotation=hadamard(d, dev), vbits=self.vbits),
                    PackedRun.window_only(self.keys, self.values, self.wlen, self.bits, g)]
         else:
+            at = {} if rope is None else {"rope": rope.inv_freq.to(dev), "rope_scaling": rope.scaling}
             own = [PackedRun(k.codes, k.scale, k.zero, v.codes, v.scale, v.zero, self.keys, self.values, self.qlen,
-                             self.wlen, self.bits, g)]
+                             self.wlen, self.bits, g, **at)]
         self.runs = [*prefix, *own]
 
     @property
@@ -137,7 +142,10 @@ class StaticKIVI:
                 self.sinks = (kq.sink, vq.sink)
                 self._set_head(kq, vq)
         else:
-            kq = quantize_keys(self.keys[:, :, :f], self.bits, self.quant.group)
+            k = self.keys[:, :, :f]
+            if self.rope is not None:
+                k = self.rope.unrotate(k, torch.arange(self.nq, self.nq + f, device=k.device))
+            kq = quantize_keys(k, self.bits, self.quant.group)
             vq = quantize_values(self.values[:, :, :f], self.bits, self.quant.value_group(self.keys.shape[-1]))
         self._write(kq, vq, self.nq)
         rest = self.w - f
