@@ -568,7 +568,9 @@ def _gluon_fits(q: torch.Tensor, r: PackedRun) -> bool:
     rows_aligned = r.offsets or (all(st * 2 % word == 0 for st in ks.stride()[:2])
                                  and all(st % 4 == 0 for st in vc.stride()[:2]))
     # a run of window tokens only takes the Triton kernel (Gluon does not compile empty code tensors)
-    return (r.max_q > 0 and r.rope is None and gluon_decode.supports(d, r.bits, r.kgroup, nvg, q.shape[1] // r.heads(), r.vbits)
+    # nor pre-RoPE codes: it folds the key scales into the query per tile, which a rotation per token does not allow
+    return (r.max_q > 0 and r.rope is None
+            and gluon_decode.supports(d, r.bits, r.kgroup, nvg, q.shape[1] // r.heads(), r.vbits)
             and all(t.data_ptr() % 16 == 0 for t in (kc, ks, kz, vc, vs, vz)) and rows_aligned
             and kc.stride(2) == dp and vc.stride(2) == vp and ks.stride(2) == d and vs.stride(2) == nvg
             and kz.stride() == ks.stride() and vz.stride() == vs.stride()
@@ -749,5 +751,4 @@ def _launch_triton(q, r: PackedRun, qlen, wlen, acc, m, lsum, *, h, s0, nslices,
         *st(r.vc), *st(r.vs), *st(r.kw), h, nsplit, s0, nqs, split_len, r.max_q, r.max_w, scale, r.rope_scaling,
         G=g, GP=max(16, triton.next_power_of_2(g)), D=d, BITS=r.bits, VGROUP=d // nvg, NVG=nvg, BLOCK=r.kgroup,
         WBLOCK=32, DQ=_DEQUANT[dequant], PER_HEAD=per_head, OFFSETS=r.offsets, HAS_ROPE=r.rope is not None,
-        num_warps=num_warps,
-        num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages)

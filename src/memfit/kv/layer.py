@@ -271,7 +271,8 @@ class CompressedLayer(CacheLayerMixin):
                    or self.quant.vbits not in (2, 4), "codes of other than 2 or 4 bits"),
                   (self.basis is not None or self.kc is not None, "low-rank keys"),
                   (self.defer, "deferred compression"),
-                  (any(q.out_idx is not None for q in qs) or getattr(self.quant, "outliers", 0), "outliers"),  # not sparse ones
+                  # the kernel reads no sparse outliers
+                  (any(q.out_idx is not None for q in qs) or getattr(self.quant, "outliers", 0), "outliers"),
                   (not self.is_initialized, "nothing stored"))
         why = next((why for bad, why in checks if bad), None)
         if why is None and self.parent is not None:

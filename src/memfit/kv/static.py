@@ -12,8 +12,8 @@ forward once and replays it (on CUDA), or runs it eagerly (elsewhere), with the 
 
 ``cache.to_static(max_new_tokens)`` converts a cache whose storage the decode kernel reads (KIVI at
 2 or 4 bits, pre-RoPE keys too; evicted, ragged and forked caches too: what eviction kept, and a
-fork's parent, are read-only runs before the layer's own buffers); ``cache.to_dynamic()`` converts it back, e.g. to
-store it.
+fork's parent, are read-only runs before the layer's own buffers); ``cache.to_dynamic()`` converts
+it back, e.g. to store it.
 """
 
 from __future__ import annotations
