@@ -345,8 +345,7 @@ def policy_cache(spec: str, batch: int, kv_heads: int, q_heads: int, tokens: int
     g = torch.Generator(device=device).manual_seed(seed)
     per_row = bool(pol.evictions)
     # pre-RoPE keys need a RoPE to put back: Llama-3.1's base (500000) over head_dim
-    rope = RoPE(1.0 / 500000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)) \
-        if getattr(pol.quant, "pre_rope", False) else None
+    rope = RoPE.default(head_dim, 500000.0) if getattr(pol.quant, "pre_rope", False) else None
     parts = []
     for _ in range(batch if per_row else 1):
         rb = 1 if per_row else batch

@@ -68,8 +68,8 @@ def _rope_case(bits, device="cpu", theta=10000.0, **shape):
 
     args, codes = _case(bits=bits, device=device, **shape)
     d = args[0].shape[-1]
-    rope = RoPE(1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d), scaling=1.25)
-    run = PackedRun(*args[1:], bits, shape.get("kgroup", 64), rope=rope.inv_freq.to(device), rope_scaling=rope.scaling)
+    rope = RoPE.default(d, theta, scaling=1.25)
+    run = PackedRun(*args[1:], bits, shape.get("kgroup", 64), **rope.kernel_args(device))
     return args, codes, run, rope
 
 

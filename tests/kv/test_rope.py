@@ -108,3 +108,18 @@ def test_pre_rope_cache_saved_before_its_first_spill_can_still_spill(tiny_lm):
     assert back.layers[0].qk is not None
     keys = ref.layers[0].keys  # the spilled keys went through RoPE off and on at their own positions
     assert (back.layers[0].materialize()[0] - keys).norm() < 0.1 * keys.norm()
+
+
+def test_the_kernel_gets_one_copy_of_inv_freq_per_device():
+    """A decode step's pre-RoPE run reads the same inv_freq tensor every step (no copy a step; the
+    kernel's offset table is built once per tensor); Llama's default RoPE is the model's."""
+    model = tiny_llama(torch.float32)
+    rope = RoPE.from_model(model)
+    torch.testing.assert_close(RoPE.default(model.config.head_dim).inv_freq, rope.inv_freq)  # base 10000
+    args = rope.kernel_args("cpu")
+    assert args["rope"] is rope.inv_freq_on(torch.device("cpu")) and args["rope_scaling"] == rope.scaling
+    cache = CompressedCache.for_model(model, "kivi(bits=4,group=16,residual=16,pre_rope=true)")
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, 64)), **with_cache(model, cache))
+    runs = [cache.layers[0].runs(1)[0] for _ in range(2)]
+    assert runs[0].rope is runs[1].rope and runs[0].rope_scaling == rope.scaling

@@ -725,7 +725,7 @@ _ROPE_TABLES: dict[int, tuple] = {}  # id(inv_freq) -> (a weak reference to it, 
 
 def _rope_table(inv_freq: torch.Tensor, block: int) -> torch.Tensor:
     """cos and sin of i * inv_freq for the offsets i < block within a tile, float32 [2, block, D/2]:
-    built once per inv_freq tensor (a layer keeps its device copy), not at every decode step."""
+    built once per inv_freq tensor (memfit.kv.rope.RoPE keeps one copy a device), not at every decode step."""
     hit = _ROPE_TABLES.get(id(inv_freq))
     if hit is None or hit[0]() is not inv_freq:
         hit = _ROPE_TABLES[id(inv_freq)] = (weakref.ref(inv_freq), {})

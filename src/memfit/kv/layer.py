@@ -71,7 +71,6 @@ class CompressedLayer(CacheLayerMixin):
         # compression figures are measured against, and what a bf16 model would store.
         self.store_dtype = dtype if dtype is not None else (parent.store_dtype if parent is not None else None)
         self.rope = rope  # the model's RoPE, for keys quantized before it (kivi(pre_rope=true))
-        self._rope_dev: torch.Tensor | None = None  # its inv_freq on the cache's device (decode kernel runs)
         self.lowrank = lowrank
         # low-rank keys: the layer's basis [B, H*D, r] (a fork reads its parent's), and without a
         # quantizer the context's key coefficients and values in the compute dtype
@@ -301,19 +300,11 @@ class CompressedLayer(CacheLayerMixin):
             t = [qk.codes, qk.scale, qk.zero, qv.codes, qv.scale, qv.zero]
             if t[0].shape[0] != rows:
                 t = [x.expand(rows, *x.shape[1:]) for x in t]
-            out.append(PackedRun(*t, k, v, qk.num_tokens, k.shape[-2], qk.bits, qk.group, **self._rope_run()))
+            rope = self.rope.kernel_args(self.device) if self.pre_rope else {}  # codes stored before RoPE
+            out.append(PackedRun(*t, k, v, qk.num_tokens, k.shape[-2], qk.bits, qk.group, **rope))
         elif k.shape[-2] or not out:
             out.append(PackedRun.window_only(k, v, k.shape[-2], self.quant.bits, self.quant.group))
         return out
-
-    def _rope_run(self) -> dict:
-        """For a run of pre-RoPE codes: the model's inv_freq (a device copy kept with the layer) and
-        scaling, which the kernel rotates each key with at its index (positions 0, 1, ...)."""
-        if not self.pre_rope:
-            return {}
-        if self._rope_dev is None or self._rope_dev.device != self.device:
-            self._rope_dev = self.rope.inv_freq.to(self.device)
-        return {"rope": self._rope_dev, "rope_scaling": self.rope.scaling}
 
     def fast_decode(self, key_states: torch.Tensor) -> bool:
         """Whether this step can attend over the packed bytes directly (one new token, storage the

@@ -7,7 +7,7 @@ it): ``k_rot = k * cos + rotate_half(k) * sin`` with ``cos, sin = cos/sin(positi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,6 +21,24 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class RoPE:
     inv_freq: torch.Tensor  # [head_dim / 2] float32
     scaling: float = 1.0  # transformers' attention_scaling (1 except for YaRN-like types)
+    # inv_freq's copy on each device it was asked for: one copy, not one a decode step (and one
+    # tensor, which the decode kernel builds its table of offsets for once)
+    _copies: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @classmethod
+    def default(cls, head_dim: int, base: float = 10000.0, scaling: float = 1.0) -> "RoPE":
+        """Llama's unscaled RoPE over ``head_dim`` channels: inv_freq = base ** (-2i / head_dim)."""
+        return cls(1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim), scaling)
+
+    def inv_freq_on(self, device: "torch.device | str") -> torch.Tensor:
+        device = torch.device(device)
+        if device not in self._copies:
+            self._copies[device] = self.inv_freq.to(device)
+        return self._copies[device]
+
+    def kernel_args(self, device: "torch.device | str") -> dict:
+        """What a ``PackedRun`` of codes stored before this RoPE needs for the decode kernel to put it back."""
+        return {"rope": self.inv_freq_on(device), "rope_scaling": self.scaling}
 
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> "RoPE | None":
@@ -32,7 +50,7 @@ class RoPE:
         return None
 
     def _cos_sin(self, positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.to(device=device, dtype=torch.float32)[:, None] * self.inv_freq.to(device)[None, :]
+        freqs = positions.to(device=device, dtype=torch.float32)[:, None] * self.inv_freq_on(device)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)  # [N, D]
         return emb.cos() * self.scaling, emb.sin() * self.scaling
 

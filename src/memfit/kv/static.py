@@ -94,9 +94,8 @@ class StaticKIVI:
                              rotation=hadamard(d, dev), vbits=self.vbits),
                    PackedRun.window_only(self.keys, self.values, self.wlen, self.bits, g)]
         else:
-            at = {} if rope is None else {"rope": rope.inv_freq.to(dev), "rope_scaling": rope.scaling}
             own = [PackedRun(k.codes, k.scale, k.zero, v.codes, v.scale, v.zero, self.keys, self.values, self.qlen,
-                             self.wlen, self.bits, g, **at)]
+                             self.wlen, self.bits, g, **(rope.kernel_args(dev) if rope is not None else {}))]
         self.runs = [*prefix, *own]
 
     @property
