@@ -16,7 +16,7 @@ import torch
 from memfit.hfcompat import with_cache
 from memfit.kv.attention import ATTN_IMPLEMENTATION, observe
 from memfit.kv.cache import CompressedCache
-from memfit.kv.evict import KVzip, Observation
+from memfit.kv.evict import Observation
 from memfit.kv.evict.kvzip import REPEAT_PROMPT, reconstruction_scores, repeat_inputs
 from memfit.kv.plan import KVShape, plan_budget, spend_slack
 from memfit.kv.policy import Policy, parse_policy
@@ -357,7 +357,7 @@ class LM:
         score_s = 0.0
         if "reconstruction" in needs:
             t1 = time.perf_counter()
-            chunk = min(e.chunk for p in pols for e in p.evictions if isinstance(e, KVzip))
+            chunk = min(p.kvzip_chunk for p in pols if "reconstruction" in p.observes())
             for i, a in self.reconstruction_scores(input_ids, base, chunk).items():
                 obs[i].reconstruction = a
             score_s = time.perf_counter() - t1
@@ -580,7 +580,7 @@ class LM:
         base = CompressedCache.from_dense(keys, values, rope=self.rope, dtype=self.kv_dtype)
         obs = {i: Observation() for i in range(self.num_layers)}
         if "reconstruction" in policy.observes():
-            chunk = min(e.chunk for e in policy.evictions if isinstance(e, KVzip))
+            chunk = policy.kvzip_chunk
             for i, a in self.reconstruction_scores(ids, base, chunk, skip=start).items():
                 obs[i].reconstruction = a
         cache = self._warm(base.derive(policy, obs))

@@ -61,7 +61,7 @@ def bench_kvzip(lm: LM, lengths: list[int], policy: Policy, repeats: int = 3) ->
     """KVzip's scoring (the repeat pass and its max attention) against a plain prefill of the same
     context: after a warm-up run, the median of ``repeats`` timed runs of each per length (a
     shared 2-core machine varies by 20% from run to run)."""
-    chunk = next(e.chunk for e in policy.evictions if e.observes == "reconstruction")
+    chunk = policy.kvzip_chunk
     lm.prefill_ids(context_ids(lm, 256), policy)  # warm-up: first calls allocate and pick kernels
     rows = []
     with tqdm(total=len(lengths) * repeats, desc="bench kvzip", unit="run") as bar:
@@ -560,7 +560,7 @@ def _evicted_batch(model, ids: torch.Tensor, spec: str, chunk: int):
     ``LM.prefill`` does, then the rows stacked for decoding together (ragged rows and heads)."""
     from memfit.kv.attention import observe
     from memfit.kv.cache import CompressedCache
-    from memfit.kv.evict import KVzip, Observation
+    from memfit.kv.evict import Observation
     from memfit.kv.evict.kvzip import reconstruction_scores, repeat_inputs
     from memfit.kv.policy import parse_policy
 
@@ -576,8 +576,7 @@ def _evicted_batch(model, ids: torch.Tensor, spec: str, chunk: int):
                 model(ids[r : r + 1, s : s + chunk], **with_cache(model, base), use_cache=True, logits_to_keep=1)
         obs = rec.observations(layers) if rec is not None else {i: Observation() for i in range(layers)}
         if "reconstruction" in needs:
-            kz = next(e for e in pol.evictions if isinstance(e, KVzip))
-            for i, a in reconstruction_scores(model, base, repeat_inputs(prompt, ids[r].tolist(), kz.chunk)).items():
+            for i, a in reconstruction_scores(model, base, repeat_inputs(prompt, ids[r].tolist(), pol.kvzip_chunk)).items():
                 obs[i].reconstruction = a
         rows.append(base.derive(pol, obs))
         del base, obs

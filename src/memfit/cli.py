@@ -504,7 +504,7 @@ def bench_kvzip_cmd(
     else:
         pol = _policy(policy)
         if "reconstruction" not in pol.observes():
-            _fail(f"policy {policy!r} has no kvzip eviction to score")
+            _fail(f"policy {policy!r} reads no KVzip scores (no kvzip eviction, no salient tokens)")
         lm = _load(model)
         rows = bench_kvzip(lm, lengths, pol, repeats)
         _write_json(out, {"model": model, "device": str(lm.device), "dtype": str(lm.model.dtype), "rows": rows})

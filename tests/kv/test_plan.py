@@ -19,6 +19,8 @@ TEXT = "The lighthouse keeper counted ships. " * 40  # about 1.5K byte tokens
                                     "snapkv(keep=0.3,window=8)+hadamard(bits=2,group=16,residual=16)",
                                     "hadamard(bits=4,group=16,residual=16,value_bits=2)",
                                     "snapkv(keep=0.3,window=8)+hadamard(bits=2,group=16,residual=16,meta_bits=8)",
+                                    "hadamard(bits=2,group=16,residual=16,salient=0.2)",
+                                    "hadamard(bits=2,group=16,residual=16,meta_bits=8,salient=0.3,high_bits=8)",
                                     "snapkv(keep=0.3,window=8)+million(bits=2,sub=4,group=16,residual=16,outliers=1)",
                                     "zipcache(bits=2,salient=0.15,group=16,residual=16)",
                                     "snapkv(keep=0.3,window=8)+zipcache(bits=2,high_bits=8,group=16,residual=16)",
@@ -41,7 +43,8 @@ def test_byte_count_is_exact_for_uniform_heads(tiny_lm, policy):
                                     "knorm(keep=0.3,heads=global)+hadamard(bits=2,group=16,residual=16)",
                                     "knorm(keep=0.3,heads=adaptive)+hadamard(bits=2,group=16,residual=16,meta_bits=8)",
                                     "knorm(keep=0.3,heads=adaptive)+million(bits=4,sub=2,group=16,residual=16)",
-                                    "knorm(keep=0.3,heads=global)+zipcache(bits=2,salient=0.2,group=16,residual=16)"])
+                                    "knorm(keep=0.3,heads=global)+zipcache(bits=2,salient=0.2,group=16,residual=16)",
+                                    "kvzip(keep=0.5,chunk=512)+hadamard(bits=2,group=16,residual=16,salient=0.3)"])
 def test_byte_count_bounds_adaptive_heads(tiny_lm, policy):
     ctx = tiny_lm.prefill(TEXT, policy)
     shape = KVShape(tiny_lm.num_layers, tiny_lm.num_kv_heads, tiny_lm.head_dim, 8)  # float64 model

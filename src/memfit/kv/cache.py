@@ -211,7 +211,7 @@ class CompressedCache(Cache):
             bad = next((why for la in parts for bad, why in (
                 (la.parent is not None or la.static is not None, "a fork or a static cache"),
                 (any(q is not None and not isinstance(q, (QTensor, RotatedTensor))
-                     for q in (la.qk, la.ragged and la.ragged.qk)), "a quantizer other than KIVI or Hadamard"),
+                     for q in (la.qk, la.ragged and la.ragged.qk)), "a quantizer other than KIVI or Hadamard, or tokens at two widths"),
                 (la.defer or not la.is_initialized, "nothing compressed"),
                 (la.basis is not None or la.kc is not None, "low-rank keys"),
                 (any(isinstance(q, QTensor) and q.out_idx is not None for q in (la.qk, la.ragged and la.ragged.qk)),

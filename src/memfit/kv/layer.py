@@ -264,6 +264,8 @@ class CompressedLayer(CacheLayerMixin):
         rotated = isinstance(self.quant, Hadamard)
         if not isinstance(self.quant, KIVI) and not rotated:
             return "no KIVI quantizer"
+        if getattr(self.quant, "salient", 0):
+            return "tokens at two widths (salient)"
         qs = [q.q if isinstance(q, RotatedTensor) else q
               for q in (self.qk, self.ragged.qk if self.ragged is not None else None) if q is not None]
         checks = ((any(q.bits not in (2, 4) for q in qs) or self.quant.bits not in (2, 4)

@@ -56,13 +56,20 @@ class Policy:
     @property
     def prefix_reusable(self) -> bool:
         """Whether a stored context's first tokens are what a prefill of those tokens alone would give,
-        so that it can be cut and extended: not after eviction, low rank or ZipCache's saliency, which
-        are functions of the whole context."""
-        return not self.evictions and self.lowrank is None and not isinstance(self.quant, ZipCache)
+        so that it can be cut and extended: not after eviction, low rank or a quantizer's salient
+        tokens (ZipCache, the rotated quantizer's ``salient``), which are functions of the whole context."""
+        return (not self.evictions and self.lowrank is None and not isinstance(self.quant, ZipCache)
+                and not getattr(self.quant, "salient", 0))
 
     def observes(self) -> set[str]:
-        """What the prefill must record for this policy's evictions (see ``Observation``)."""
-        return {e.observes for e in self.evictions if e.observes}
+        """What the prefill must record for this policy's evictions and quantizer (see ``Observation``)."""
+        own = getattr(self.quant, "observes", None)  # the rotated quantizer's salient tokens: KVzip's scores
+        return {e.observes for e in self.evictions if e.observes} | ({own} if own else set())
+
+    @property
+    def kvzip_chunk(self) -> int:
+        """The repeat pass's chunk for KVzip's scores: its evictions' smallest, else KVzip's default."""
+        return min((e.chunk for e in self.evictions if isinstance(e, KVzip)), default=KVzip.chunk)
 
     @property
     def methods(self) -> tuple:

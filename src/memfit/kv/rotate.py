@@ -194,6 +194,8 @@ class Hadamard(OnKIVI):
     clip: float | None = None  # None: 0.8 at 2 bits, 1.0 (no clipping) above
     value_bits: int | None = field(default=None, metadata={"spec": "if-set"})  # None: ``bits``
     meta_bits: int = field(default=0, metadata={"spec": "if-set"})  # 8: each group's scale and zero in 8 bits
+    salient: float = field(default=0.0, metadata={"spec": "if-set"})  # tokens at high_bits, by KVzip's scores
+    high_bits: int = field(default=4, metadata={"spec": "if-set"})
 
     def __post_init__(self) -> None:
         self._check_kivi("hadamard")
@@ -208,6 +210,24 @@ class Hadamard(OnKIVI):
             raise ValueError(f"hadamard: meta_bits must be 0 (float16 scale and zero) or 8, got {self.meta_bits}")
         if self.clip is not None and not 0.0 < self.clip <= 1.0:
             raise ValueError(f"hadamard: clip is the fraction of each group's range kept, in (0, 1], got {self.clip}")
+        if not 0.0 <= self.salient <= 1.0:
+            raise ValueError(f"hadamard: salient must be a fraction in [0, 1], got {self.salient}")
+        if self.salient:
+            try:
+                KIVI(self.high_bits)
+            except ValueError as e:
+                raise ValueError(f"hadamard: high_{e}") from None
+            if self.high_bits < max(self.bits, self.vbits):
+                raise ValueError(f"hadamard: high_bits ({self.high_bits}) must be at least bits and value_bits")
+
+    @property
+    def observes(self) -> str | None:
+        """What the prefill must record for this quantizer: KVzip's scores, which choose the salient tokens."""
+        return "reconstruction" if self.salient else None
+
+    def saliency(self, keys: torch.Tensor, obs, start: int) -> torch.Tensor | None:
+        """Each context token's score [B, H, N] for a width: KVzip's (see :mod:`memfit.kv.mixed`)."""
+        return obs.reconstruction if self.salient else None
 
     @property
     def vbits(self) -> int:
@@ -231,9 +251,13 @@ class Hadamard(OnKIVI):
         sink = x[:, :, : self.sinks] if rows is None else x[:, :, list(rows)]
         return sink.float().clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16), rows  # float16 holds no more
 
-    def quantize_keys(self, k: torch.Tensor, starts: "list[int] | None" = None, first: bool = True) -> RotatedTensor:
+    def quantize_keys(self, k: torch.Tensor, starts: "list[int] | None" = None, first: bool = True,
+                      scores: torch.Tensor | None = None) -> "RotatedTensor | mixed.MixedTensor":
         """``starts``: where each head's tokens begin when ``k`` is a ragged layer's heads back to back;
-        ``first``: whether these are the layer's first tokens (only those have sinks)."""
+        ``first``: whether these are the layer's first tokens (only those have sinks); ``scores``
+        [B, H, N]: with ``salient``, which tokens take ``high_bits``."""
+        if self.salient:
+            return mixed.encode(self, k, "keys", starts, first, scores)
         n = k.shape[-2]
         if n % self.group:
             raise ValueError(f"key quantization needs a multiple of group={self.group} tokens, got {n}")
@@ -243,7 +267,10 @@ class Hadamard(OnKIVI):
                                  self.clip_fraction(self.bits))
         return RotatedTensor(quantize_keys(x, self.bits, self.group), *self._sink(k, starts, first))
 
-    def quantize_values(self, v: torch.Tensor, starts: "list[int] | None" = None, first: bool = True) -> RotatedTensor:
+    def quantize_values(self, v: torch.Tensor, starts: "list[int] | None" = None, first: bool = True,
+                        scores: torch.Tensor | None = None) -> "RotatedTensor | mixed.MixedTensor":
+        if self.salient:
+            return mixed.encode(self, v, "values", starts, first, scores)
         g = self.value_group(v.shape[-1])
         x = rotated_clipped(v, "channel", g, self.clip_fraction(self.vbits))
         if self.meta_bits:
@@ -251,12 +278,30 @@ class Hadamard(OnKIVI):
                                  self.clip_fraction(self.vbits))
         return RotatedTensor(quantize_values(x, self.vbits, g), *self._sink(v, starts, first))
 
+    def _token_bytes(self, bits: float, d: int) -> float:
+        return kivi_token_bytes(bits, d, self.group, self.value_group(d), grid_bytes=2 if self.meta_bits else 4)
+
     def token_bytes(self, d: int) -> float:
-        return kivi_token_bytes((self.bits + self.vbits) / 2, d, self.group, self.value_group(d),
-                                grid_bytes=2 if self.meta_bits else 4)
+        """A token's bytes; with ``salient``, a bound (the salient count is rounded down), each salient
+        token's position counted for keys and values (int32 bounds int16)."""
+        low = self._token_bytes((self.bits + self.vbits) / 2, d)
+        if not self.salient:
+            return low
+        return (1 - self.salient) * low + self.salient * (self._token_bytes(self.high_bits, d) + 2 * 4)
+
+    def run_bytes(self, n: int, d: int) -> float:
+        """One head's run of ``n`` quantized tokens, exactly (the salient count rounds per run)."""
+        if not self.salient:
+            return n * self.token_bytes(d)
+        s = mixed.salient_count(self, n)
+        index = 2 * s * (2 if n <= 2**15 else 4)  # keys' and values' int16 positions (int32 past 32K)
+        return (n - s) * self._token_bytes((self.bits + self.vbits) / 2, d) + s * self._token_bytes(self.high_bits, d) \
+            + index
 
     def fixed_bytes(self, heads: int, d: int) -> float:
         ranges = heads * (d + 1) * 4 * 2 if self.meta_bits else 0  # a run's grid ranges: each key channel, each head
+        if self.salient:
+            ranges *= 2  # the salient tokens' run has grid ranges of its own
         return 2 * heads * self.sinks * d * 2 + ranges  # each head's sinks, keys and values, float16
 
 
@@ -303,3 +348,6 @@ def packed_run(qk: RotatedTensor, qv: RotatedTensor, rows: int, dtype: torch.dty
                      qoff=at([s + g * a for s, a in zip(starts, live)]), woff=at(hstart),
                      nq=max(q - g * a for q, a in zip(nq, live)), nw=g if any(live) else 0,
                      total_q=sum(nq) - g * sum(live), rotation=rot, vbits=qv.q.bits)
+
+
+from memfit.kv import mixed  # noqa: E402  (its storage, registered on import, builds on this module's)
