@@ -75,6 +75,13 @@ def test_prefill_with_kvzip_scores_decodes_restores_and_stays_within_the_planner
     layer = ctx.cache.layers[0]
     assert isinstance(layer.qk, MixedTensor) and layer.qk.high is not None
     assert torch.equal(layer.qk.index, layer.qv.index)  # one choice for keys and values
+    # the salient tokens are those KVzip's reconstruction scores rank highest (the sinks left out)
+    base = CompressedCache("none", lm.num_layers, defer=True, rope=lm.rope, dtype=lm.kv_dtype)
+    lm._forward(ctx.token_ids, base, 4096)
+    scores = lm.reconstruction_scores(ctx.token_ids, base, pol.kvzip_chunk)[0][..., : layer.qk.num_tokens].clone()
+    scores[..., :4] = float("-inf")
+    count = salient_count(pol.quant, layer.qk.num_tokens)
+    assert count > 0 and torch.equal(layer.qk.index.long(), scores.topk(count).indices.sort().values)
     n = ctx.num_tokens
     assert ctx.nbytes == policy_nbytes(pol, n, KVShape(lm.num_layers, lm.num_kv_heads, lm.head_dim, 8))  # float64
     assert layer.not_packed() == "tokens at two widths (salient)"
