@@ -4,7 +4,7 @@ from conftest import tiny_llama
 
 from memfit.api import LM
 from memfit.kv.cache import CompressedCache
-from memfit.kv.mixed import MixedTensor, salient_count
+from memfit.kv.mixed import MixedTensor, allocate, salient_count
 from memfit.kv.plan import KVShape, policy_nbytes
 from memfit.kv.policy import PolicyError, parse_policy
 from memfit.kv.quant import load_quantized
@@ -21,31 +21,43 @@ def test_salient_tokens_take_the_high_width_and_the_others_stay_as_the_low_width
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 2, 256, 32, generator=g)
     scores = torch.rand(1, 2, 256, generator=g)
+    scores[0, 0] *= 0.5  # head 1's scores are higher: it takes more of the layer's budget
     scores[..., :4] = 10.0  # sinks are exact already: never salient, whatever their scores
     quant = Hadamard(bits=2, group=32, residual=32, salient=0.25)
     low_only = Hadamard(bits=2, group=32, residual=32)
     for kind in ("keys", "values"):
         q = getattr(quant, f"quantize_{kind}")(x, scores=scores)
-        assert isinstance(q, MixedTensor) and q.high.q.bits == 4 and q.low.q.bits == 2
-        s = salient_count(quant, 256)
-        assert s == 64 and q.index.shape == (1, 2, 64) and q.high.num_tokens == 64 and q.num_tokens == 256
-        best = scores.clone()
-        best[..., :4] = float("-inf")
-        assert torch.equal(q.index.long(), best.topk(64).indices.sort().values)
+        assert isinstance(q, MixedTensor) and q.high.q.bits == 4 and q.low.q.bits == 2 and q.heads == 2
+        assert salient_count(quant, 256) == 64 and q.high.num_tokens == 128  # two heads' shares, pooled
+        assert q.shape == (1, 2, 256, 32) and q.num_tokens == 256
+        pos = q.index.long()[0, 0]
+        per_head = [int((pos // 256 == h).sum()) for h in range(2)]
+        assert sum(per_head) == 128 and per_head[1] > per_head[0] and all(c % 32 == 0 for c in per_head)
+        for h, c in enumerate(per_head):  # each head's share: its best scores, the sinks left out
+            best = scores[0, h].clone()
+            best[:4] = float("-inf")
+            assert torch.equal(pos[pos // 256 == h] - 256 * h, best.topk(c).indices.sort().values)
         y = q.dequantize()
-        idx = q.index.long().unsqueeze(-1).expand(-1, -1, -1, 32)
-        hi_err = _err(y.gather(2, idx), x.gather(2, idx))
-        plain = getattr(low_only, f"quantize_{kind}")(x).dequantize()
-        assert hi_err < 0.3 * _err(plain.gather(2, idx), x.gather(2, idx))  # 4 bits against 2
+        flat_y, flat_x = y.reshape(-1, 32), x.reshape(-1, 32)
+        plain = getattr(low_only, f"quantize_{kind}")(x).dequantize().reshape(-1, 32)
+        assert _err(flat_y[pos], flat_x[pos]) < 0.3 * _err(plain[pos], flat_x[pos])  # 4 bits against 2
         assert torch.equal(y[:, :, :4], x[:, :, :4].half().float())  # the sinks, exact
-        assert _err(y, x) < _err(plain, x)
+        assert _err(y, x) < _err(plain.reshape(x.shape), x)
         # stored and restored by kind
         t = {"p" + n: v for n, v in q.tensors().items()}
         back = load_quantized(t, "p", q.meta())
         assert torch.equal(back.dequantize(), y)
+        # the window's later spills follow each head's scored tokens, at the low width
+        more = torch.randn(1, 2, 32, 32, generator=g)
+        longer = q.cat(getattr(quant, f"quantize_{kind}")(more, first=False))
+        assert longer.num_tokens == 288 and torch.equal(longer.dequantize()[:, :, :256], y)
+        assert _err(longer.dequantize()[:, :, 256:], more) < 0.5
     # without scores every token keeps the low width (and the same bytes as the plain quantizer's codes)
     q = quant.quantize_keys(x)
     assert q.high is None and torch.equal(q.dequantize(), low_only.quantize_keys(x).dequantize())
+    # rows of a batch choose per head
+    q = quant.quantize_values(x.expand(2, -1, -1, -1), scores=scores.expand(2, -1, -1))
+    assert q.heads == 0 and q.index.shape == (2, 2, 64) and torch.equal(q.dequantize()[1], q.dequantize()[0])
 
 
 def test_a_ragged_run_chooses_per_head_and_keeps_each_heads_sinks():
@@ -78,12 +90,14 @@ def test_prefill_with_kvzip_scores_decodes_restores_and_stays_within_the_planner
     # the salient tokens are those KVzip's reconstruction scores rank highest (the sinks left out)
     base = CompressedCache("none", lm.num_layers, defer=True, rope=lm.rope, dtype=lm.kv_dtype)
     lm._forward(ctx.token_ids, base, 4096)
-    scores = lm.reconstruction_scores(ctx.token_ids, base, pol.kvzip_chunk)[0][..., : layer.qk.num_tokens].clone()
-    scores[..., :4] = float("-inf")
-    count = salient_count(pol.quant, layer.qk.num_tokens)
-    assert count > 0 and torch.equal(layer.qk.index.long(), scores.topk(count).indices.sort().values)
-    n = ctx.num_tokens
-    assert ctx.nbytes == policy_nbytes(pol, n, KVShape(lm.num_layers, lm.num_kv_heads, lm.head_dim, 8))  # float64
+    n = layer.qk.num_tokens
+    scores = lm.reconstruction_scores(ctx.token_ids, base, pol.kvzip_chunk)[0][0, :, :n]
+    counts = allocate(pol.quant, scores.flatten(), [0, n], True)
+    assert sum(counts) == 2 * salient_count(pol.quant, n) > 0
+    scores[:, :4] = float("-inf")
+    best = [scores[h].topk(c).indices.sort().values + h * n for h, c in enumerate(counts)]
+    assert torch.equal(layer.qk.index.long()[0, 0], torch.cat(best))
+    assert ctx.nbytes == policy_nbytes(pol, ctx.num_tokens, KVShape(lm.num_layers, lm.num_kv_heads, lm.head_dim, 8))  # float64
     assert layer.not_packed() == "tokens at two widths (salient)"
     answers = lm.ask(ctx, ["Code?", "Colour?"], max_new_tokens=24)  # forks spill while decoding
     assert len(answers) == 2

@@ -283,7 +283,7 @@ class Hadamard(OnKIVI):
 
     def token_bytes(self, d: int) -> float:
         """A token's bytes; with ``salient``, a bound (the salient count is rounded down), each salient
-        token's position counted for keys and values (int32 bounds int16)."""
+        token's int32 position counted for keys and values."""
         low = self._token_bytes((self.bits + self.vbits) / 2, d)
         if not self.salient:
             return low
@@ -294,14 +294,14 @@ class Hadamard(OnKIVI):
         if not self.salient:
             return n * self.token_bytes(d)
         s = mixed.salient_count(self, n)
-        index = 2 * s * (2 if n <= 2**15 else 4)  # keys' and values' int16 positions (int32 past 32K)
+        index = 2 * s * 4  # keys' and values' int32 positions
         return (n - s) * self._token_bytes((self.bits + self.vbits) / 2, d) + s * self._token_bytes(self.high_bits, d) \
             + index
 
     def fixed_bytes(self, heads: int, d: int) -> float:
         ranges = heads * (d + 1) * 4 * 2 if self.meta_bits else 0  # a run's grid ranges: each key channel, each head
-        if self.salient:
-            ranges *= 2  # the salient tokens' run has grid ranges of its own
+        if self.salient and ranges:  # a row's heads stored back to back: the low and the salient run
+            ranges = 2 * (d + 1) * 4 * 2  # have one set of grid ranges each
         return 2 * heads * self.sinks * d * 2 + ranges  # each head's sinks, keys and values, float16
 
 
