@@ -185,7 +185,9 @@ STORED["hadamard"] = RotatedTensor
 @dataclass(frozen=True)
 class Hadamard(OnKIVI):
     """``bits``-bit KIVI after a Hadamard rotation, the first ``sinks`` tokens kept in 16-bit and each
-    group's range clipped to ``clip`` of itself (None: by ``bits``; see the module docstring)."""
+    group's range clipped to ``clip`` of itself (None: by ``bits``; see the module docstring).
+    ``salient`` > 0: that fraction of a layer's tokens, chosen by KVzip's scores, at ``high_bits``
+    (:mod:`memfit.kv.mixed`)."""
 
     bits: int = 2
     group: int = 64
