@@ -141,3 +141,13 @@ def test_bad_configs_are_named(spec, message):
 def test_scores_of_the_wrong_shape_are_named():
     with pytest.raises(ValueError, match="salient scores must be"):
         Hadamard(group=32, salient=0.2).quantize_keys(torch.randn(1, 2, 64, 32), scores=torch.rand(1, 2, 60))
+
+
+def test_each_module_imports_first_in_a_fresh_process():
+    # rotate imports mixed, which builds on rotate: no import order may meet a half-built module
+    import subprocess
+    import sys
+
+    for mod in ("memfit.kv.zipcache", "memfit.kv.mixed", "memfit.kv.rotate"):
+        run = subprocess.run([sys.executable, "-c", f"import {mod}"], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr

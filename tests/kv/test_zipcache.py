@@ -61,6 +61,9 @@ def test_zip_tensor_extends_on_its_divisors_and_round_trips():
         a.cat(other)
     with pytest.raises(ValueError, match="prefix cannot be cut"):
         both.prefix(64)
+    # codes taken after the Hadamard rotation read back in the model's basis
+    rot = ZipCache(bits=2, salient=0.2, group=32, rotate=True).quantize_keys(x)
+    assert rot.rotated and ((rot.dequantize() - x).norm() / x.norm()).item() < 0.5
 
 
 def test_normalized_attention_equals_full_attention_column_means():

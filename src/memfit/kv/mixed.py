@@ -24,9 +24,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from memfit.kv.quant import STORED, Stored, load_quantized
+from memfit.kv.quant import STORED, Stored, in_run_order, load_quantized, other_positions
 from memfit.kv.rotate import Hadamard, RotatedTensor
-from memfit.kv.zipcache import _others
 from memfit.lazy import lazy_module
 
 torch = lazy_module("torch")
@@ -84,11 +83,7 @@ class MixedTensor(Stored):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         out = self.low.dequantize(torch.float32)
         if self.high is not None:
-            b, h, _, d = out.shape
-            n = self._scored
-            order = torch.cat([_others(self.index.long(), n), self.index.long()], dim=-1)  # how the tokens are stored
-            vals = torch.cat([out, self.high.dequantize(torch.float32)], dim=2)
-            out = vals.new_empty(b, h, n, d).scatter_(2, order.unsqueeze(-1).expand(-1, -1, -1, d), vals)
+            out = in_run_order(out, self.high.dequantize(torch.float32), self.index)
         if self.heads:
             out = out.reshape(1, self.heads, -1, out.shape[-1])
         if self.tail is not None:
@@ -193,7 +188,7 @@ def encode(quant: Hadamard, x: torch.Tensor, kind: str, starts: "list[int] | Non
         count = min(salient_count(quant, n), _groups_floor(n - (quant.sinks if first else 0), quant.group))
         idx = _pick(scores, count, quant.sinks if first else 0)
         take = lambda i: x.gather(2, i.unsqueeze(-1).expand(-1, -1, -1, d))  # noqa: E731
-        low = getattr(low_cfg, fn)(take(_others(idx, n)), first=first)
+        low = getattr(low_cfg, fn)(take(other_positions(idx, n)), first=first)
         return MixedTensor(low, getattr(high_cfg, fn)(take(idx), first=False), idx.int())
     heads = 0
     if starts is None:  # one row: its heads back to back
@@ -207,7 +202,7 @@ def encode(quant: Hadamard, x: torch.Tensor, kind: str, starts: "list[int] | Non
     picks = [_pick(scores[0, 0, a:e], c, sinks) + a for a, e, c in zip(starts, ends, counts) if c]
     idx = torch.cat(picks).view(1, 1, -1)
     low_starts = [a - sum(counts[:i]) for i, a in enumerate(starts)]
-    rest = _others(idx, n)
+    rest = other_positions(idx, n)
     low = getattr(low_cfg, fn)(x[:, :, rest[0, 0]], starts=low_starts, first=first)
     high = getattr(high_cfg, fn)(x[:, :, idx[0, 0]], first=False)
     return MixedTensor(low, high, idx.int(), heads)

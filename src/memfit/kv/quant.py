@@ -439,6 +439,24 @@ def dequantize(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     return out.to(dtype or torch.float32)
 
 
+def in_run_order(low: torch.Tensor, high: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """A run stored at two widths (ZipCache, the rotated quantizer's salient tokens) back in order:
+    [B, H, n, D] from the tokens at the low width ``low`` [B, H, n - s, D] (in order) and the salient
+    ones ``high`` [B, H, s, D] (in order) at positions ``index`` [B, H, s]."""
+    b, h, s, d = high.shape
+    n = low.shape[2] + s
+    order = torch.cat([other_positions(index.long(), n), index.long()], dim=-1)  # how the tokens are stored
+    vals = torch.cat([low, high], dim=2)
+    return vals.new_empty(b, h, n, d).scatter_(2, order.unsqueeze(-1).expand(-1, -1, -1, d), vals)
+
+
+def other_positions(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """The positions of ``range(n)`` not in ``idx`` [B, H, s], ascending: [B, H, n - s]."""
+    b, h, s = idx.shape
+    mask = torch.zeros(b, h, n, dtype=torch.bool, device=idx.device).scatter_(2, idx, True)
+    return torch.argsort(mask.to(torch.uint8), dim=-1, stable=True)[..., : n - s]
+
+
 # what a quantizer stores, by ``meta()["kind"]``: each method's module adds its class on import
 STORED: dict[str, type] = {"kivi": QTensor, "kivi-meta": MetaQTensor}
 

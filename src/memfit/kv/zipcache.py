@@ -31,7 +31,7 @@ import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from memfit.kv.quant import STORED, OnKIVI, QTensor, Stored, quantize_values
+from memfit.kv.quant import STORED, OnKIVI, QTensor, Stored, in_run_order, other_positions, quantize_values
 from memfit.kv.rotate import hadamard
 from memfit.lazy import lazy_module
 
@@ -138,23 +138,16 @@ class ZipTensor(Stored):
         elif scores.shape != (b, h, n):
             raise ValueError(f"zipcache: scores must be [B, H, N] = {[b, h, n]}, got {list(scores.shape)}")
         idx = scores.float().topk(s, dim=-1).indices.sort(dim=-1).values  # [B, H, s]
-        rest = _others(idx, n)
+        rest = other_positions(idx, n)
         high = quantize_values(xn.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, d)), high_bits, group)
         return cls(_take(low, rest), high, idx.to(_position_dtype(n)), chan, salient, rotated)
 
-    def _order(self) -> torch.Tensor:
-        """[B, H, N]: the run's positions, low tokens first, then high ones (how they are stored)."""
-        n = self.num_tokens
-        return torch.cat([_others(self.index.long(), n), self.index.long()], dim=-1)
-
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        b, h, n, d = self.shape
-        vals = torch.cat([self.low.dequantize(torch.float32), self.high.dequantize(torch.float32)], dim=2)
-        out = vals.new_empty(b, h, n, d).scatter_(2, self._order().unsqueeze(-1).expand(-1, -1, -1, d), vals)
+        out = in_run_order(self.low.dequantize(torch.float32), self.high.dequantize(torch.float32), self.index)
         if self.chan is not None:
             out = out * self.chan.float()
         if self.rotated:
-            out = out @ hadamard(d, out.device).T
+            out = out @ hadamard(out.shape[-1], out.device).T
         return out.to(dtype or torch.float32)
 
     def like(self, x: torch.Tensor) -> "ZipTensor":
@@ -183,13 +176,6 @@ class ZipTensor(Stored):
 
     def prefix(self, n: int) -> "ZipTensor":
         raise ValueError("a ZipCache run's salient tokens are chosen over the whole run: its prefix cannot be cut")
-
-
-def _others(idx: torch.Tensor, n: int) -> torch.Tensor:
-    """The positions of ``range(n)`` not in ``idx`` [B, H, s], ascending: [B, H, n - s]."""
-    b, h, s = idx.shape
-    mask = torch.zeros(b, h, n, dtype=torch.bool, device=idx.device).scatter_(2, idx, True)
-    return torch.argsort(mask.to(torch.uint8), dim=-1, stable=True)[..., : n - s]
 
 
 STORED["zip"] = ZipTensor
