@@ -283,22 +283,20 @@ class Hadamard(OnKIVI):
     def _token_bytes(self, bits: float, d: int) -> float:
         return kivi_token_bytes(bits, d, self.group, self.value_group(d), grid_bytes=2 if self.meta_bits else 4)
 
+    def _two_widths(self, low: float, high: float, d: int) -> float:
+        """``low`` tokens at ``bits`` / ``value_bits`` and ``high`` salient ones at ``high_bits``, each
+        salient token with its int32 position for keys and for values."""
+        return low * self._token_bytes((self.bits + self.vbits) / 2, d) \
+            + high * (self._token_bytes(self.high_bits, d) + 2 * 4)
+
     def token_bytes(self, d: int) -> float:
-        """A token's bytes; with ``salient``, a bound (the salient count is rounded down), each salient
-        token's int32 position counted for keys and values."""
-        low = self._token_bytes((self.bits + self.vbits) / 2, d)
-        if not self.salient:
-            return low
-        return (1 - self.salient) * low + self.salient * (self._token_bytes(self.high_bits, d) + 2 * 4)
+        """A token's bytes; with ``salient``, a bound (the salient count is rounded down)."""
+        return self._two_widths(1 - self.salient, self.salient, d)
 
     def run_bytes(self, n: int, d: int) -> float:
         """One head's run of ``n`` quantized tokens, exactly (the salient count rounds per run)."""
-        if not self.salient:
-            return n * self.token_bytes(d)
-        s = mixed.salient_count(self, n)
-        index = 2 * s * 4  # keys' and values' int32 positions
-        return (n - s) * self._token_bytes((self.bits + self.vbits) / 2, d) + s * self._token_bytes(self.high_bits, d) \
-            + index
+        s = mixed.salient_count(self, n) if self.salient else 0
+        return self._two_widths(n - s, s, d)
 
     def fixed_bytes(self, heads: int, d: int) -> float:
         ranges = heads * (d + 1) * 4 * 2 if self.meta_bits else 0  # a run's grid ranges: each key channel, each head
