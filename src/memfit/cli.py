@@ -573,12 +573,13 @@ def bench_reuse_cmd(
         tables += [("eval tasks cut into documents", result["tasks"]["summary"])]
         tables += [(f"  {t}", s) for t, s in result["tasks"]["per_task"].items()]
     for title, summary in tables:
-        typer.echo(f"\n{title}\n{'variant':<16} {'n':>4} {'accuracy':>9} {'TTFT s':>8} {'speedup':>8} {'recomputed':>10}"
-                   f" {'KV error':>9}")
+        typer.echo(f"\n{title}\n{'variant':<16} {'n':>4} {'accuracy':>9} {'TTFT s':>8} {'speedup':>8} "
+                   f"{'recomputed':>10} {'answer KL':>9} {'KV error':>9}")
         for name, s in summary.items():
             err = f"{s['kv_error']:>9.4f}" if "kv_error" in s else ""
             typer.echo(f"{name:<16} {s['n']:>4} {s['accuracy']:>8.1f}% {s['ttft_s']:>8.3f} "
-                       f"{s.get('ttft_speedup', 1):>7.2f}x {s['recomputed_tokens']:>10.0f} {err}")
+                       f"{s.get('ttft_speedup', 1):>7.2f}x {s['recomputed_tokens']:>10.0f} {s['answer_kl']:>9.4f} "
+                       f"{err}")
     typer.echo(f"wrote {out}")
 
 

@@ -5,6 +5,8 @@ Every variant answers the same questions from the same token ids; only how the c
 made differs: a full prefill, naive concatenation of the stored documents' KV (moved to their
 positions, nothing recomputed), or selective recompute of a fraction of the tokens. TTFT is the
 context's time (prefill, or assembly from the store) plus the question's prefill and first token.
+``answer_kl``: KL(full || variant) of the first answer token's distribution, a measure of how far
+reuse moved the answer that does not hang on a small model's few right answers.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import statistics
 import time
 from dataclasses import dataclass
 
+import torch
 from tqdm import tqdm
 
 from memfit.api import LM
 from memfit.eval.filler import TokenCounter, fill_to_length, filler_sentences
 from memfit.eval.tasks.base import Question
 from memfit.eval.tasks.qa import _CITIES, _FIRST, _LAST, _PRODUCTS
+from memfit.hfcompat import with_cache
 from memfit.reuse import AnchorPool
 from memfit.store import ContextStore
 
@@ -67,6 +71,21 @@ def system_prompt(rng: random.Random, filler: int = 0) -> str:
     return " ".join(x for x in (f"You are {rng.choice(_ROLES)}.", *rng.sample(_STYLES, 2), extra) if x)
 
 
+@torch.no_grad()
+def first_token_logprobs(lm: LM, ctx, q: Question) -> torch.Tensor:
+    """Log-probabilities [V] (float32) of the first answer token, ``q`` asked over ``ctx``."""
+    suffix = lm.encode_question(q.text, q.answer_prefix)
+    pos = torch.arange(ctx.num_tokens, ctx.num_tokens + len(suffix), device=lm.device).unsqueeze(0)
+    out = lm.model(torch.tensor([suffix], device=lm.device), position_ids=pos,
+                   **with_cache(lm.model, ctx.cache.fork(1)), use_cache=True, logits_to_keep=1)
+    return out.logits[0, -1].float().log_softmax(-1)
+
+
+def answer_kl(ref: torch.Tensor, lp: torch.Tensor) -> float:
+    """KL(ref || lp) of two log-probability vectors (a full prefill's first answer token, a variant's)."""
+    return max(0.0, float((ref.exp() * (ref - lp)).sum()))
+
+
 def _answer(lm: LM, ctx, q: Question, max_new_tokens: int) -> tuple[float, float]:
     """(seconds to the first answer token, score of the whole answer)."""
     t0 = time.perf_counter()
@@ -110,6 +129,7 @@ def _summarize(records: list[dict]) -> dict:
                      "ttft_s": statistics.mean(r["ttft_s"] for r in rs),
                      "context_s": statistics.mean(r["context_s"] for r in rs),
                      "recomputed_tokens": statistics.mean(r.get("recomputed", 0) for r in rs),
+                     "answer_kl": statistics.mean(r["answer_kl"] for r in rs),
                      **({"kv_error": statistics.mean(r["kv_error"] for r in rs)} if all("kv_error" in r for r in rs)
                         else {}),
                      **({"anchored": sum(r["anchored"] for r in rs)} if all("anchored" in r for r in rs) else {})}
@@ -136,9 +156,13 @@ def bench_documents(lm: LM, store: ContextStore, samples: int = 40, docs: int = 
         chosen = rng.sample(documents, docs)
         q = question_about(rng.choice(chosen), s)
         parts = [system_prompt(rng), *(d.text for d in chosen)]
+        ref = None
         for name, ctx in _variants(lm, parts, policy, store, list(fractions)):
             first, score = _answer(lm, ctx, q, max_new_tokens)
+            lp = first_token_logprobs(lm, ctx, q)
+            ref = lp if name == "full" else ref
             records.append({"sample": s, "variant": name, "tokens": ctx.num_tokens, "score": score,
+                            "answer_kl": answer_kl(ref, lp),
                             "context_s": ctx.prefill_seconds, "ttft_s": ctx.prefill_seconds + first,
                             "recomputed": ctx.meta.get("reuse", {}).get("recomputed", ctx.num_tokens)})
     return {"summary": _summarize(records), "records": records}
@@ -168,14 +192,17 @@ def bench_agents(lm: LM, store: ContextStore, samples: int = 10, agents: int = 3
                                                         anchors=pool))]
             else:
                 variants = _variants(lm, [system, text], policy, store, list(fractions), pool)
-            full = None
+            full = ref = None
             for name, ctx in variants:
                 full = ctx if name == "full" else full
                 first, score = _answer(lm, ctx, q, max_new_tokens)
+                lp = first_token_logprobs(lm, ctx, q)
+                ref = lp if name == "full" else ref
                 reuse = ctx.meta.get("reuse", {})
                 records.append({"sample": s, "agent": a + 1, "variant": name, "tokens": ctx.num_tokens,
                                 "score": score, "context_s": ctx.prefill_seconds, "ttft_s": ctx.prefill_seconds + first,
                                 "recomputed": reuse.get("recomputed", ctx.num_tokens), "kv_error": kv_error(ctx, full),
+                                "answer_kl": answer_kl(ref, lp),
                                 "anchored": int(any(reuse.get("anchored", [])))})
     later = [r for r in records if r["agent"] > 1]
     first_agent = [r for r in records if r["agent"] == 1]
@@ -216,10 +243,14 @@ def bench_split_tasks(lm: LM, store: ContextStore, tasks: list[str], length: int
         for piece in pieces:
             lm.prefill(piece, policy, store=store, reuse="anywhere")  # stored before the timed assembly
         parts_ = [system_prompt(rng), *pieces]
+        refs = None
         for name, ctx in _variants(lm, parts_, policy, store, list(fractions)):
             firsts, scores = zip(*(_answer(lm, ctx, q, max_new_tokens) for q in sample.questions))
+            lps = [first_token_logprobs(lm, ctx, q) for q in sample.questions]
+            refs = lps if name == "full" else refs
             records.append({"task": sample.task, "seed": sample.seed, "variant": name, "tokens": ctx.num_tokens,
                             "score": statistics.mean(scores), "context_s": ctx.prefill_seconds,
+                            "answer_kl": statistics.mean(answer_kl(r, lp) for r, lp in zip(refs, lps)),
                             "ttft_s": ctx.prefill_seconds + firsts[0],
                             "recomputed": ctx.meta.get("reuse", {}).get("recomputed", ctx.num_tokens)})
     per_task = {t: _summarize([r for r in records if r["task"] == t]) for t in dict.fromkeys(r["task"] for r in records)}
