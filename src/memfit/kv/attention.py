@@ -400,6 +400,15 @@ def memfit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         # chunks keep it (fewer shapes, and there cuDNN is the fastest kernel).
         with sdpa_kernel(_MASKED_BACKENDS):
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if (query.device.type == "cpu" and attention_mask is not None and query.shape[2] > 1
+            and key.shape[1] != query.shape[1] and not module.training
+            and not any(kwargs.get(k) is not None for k in ("softcap", "position_bias"))):
+        # transformers repeats K and V once per query head whenever a mask is given (CUDA's fused
+        # kernels need that); on a CPU SDPA reads them grouped under a mask too, 2.5x faster for a
+        # question's 34 rows over 4K keys (every ask, recomputed rows, later prefill chunks)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                               scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
