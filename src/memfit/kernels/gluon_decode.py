@@ -154,9 +154,9 @@ if gluon is not None:
                       G: gl.constexpr, D: gl.constexpr, BITS: gl.constexpr, NVG: gl.constexpr,
                       T: gl.constexpr, VW: gl.constexpr, PER_HEAD: gl.constexpr, STAGES: gl.constexpr,
                       WTILE: gl.constexpr, OFFSETS: gl.constexpr, VBITS: gl.constexpr, TM: gl.constexpr = False,
-                      GN: gl.constexpr = 8):
+                      GN: gl.constexpr = 8, KG: gl.constexpr = 64):
         """One program: one row, one KV head, one slice of the quantized tokens, one warp; tiles of
-        T tokens, one key group each (one row of key scales a tile).
+        T tokens within key groups of KG (one row of key scales a tile; T <= KG, KG % T == 0).
         Writes the slice's unnormalized output (float32 [G, D]), running max (natural log) and sum,
         as slice S0 + s of NSPLIT. ``OFFSETS``: each row and head's tokens start at QOFF / WOFF
         [B, H] in flat storage (ragged heads and batches; row and head strides are then 0).
@@ -169,9 +169,9 @@ if gluon is not None:
         h = gl.program_id(1)
         s = gl.program_id(2)
         if OFFSETS:  # 32-bit: a layer's flat storage holds fewer than 2**31 / 64 tokens
-            # runs start at whole key groups: // T * T says so to the compiler, whose 16-byte
+            # runs start at whole key groups: // KG * KG says so to the compiler, whose 16-byte
             # asynchronous copies need that alignment proven (the value scales are 2-byte words)
-            qo = gl.load(QOFF + b * H + h).to(gl.int32) // T * T
+            qo = gl.load(QOFF + b * H + h).to(gl.int32) // KG * KG
         else:
             qo = 0
         if s >= NQS:  # the 16-bit window's programs, WTILE tokens each
@@ -237,9 +237,9 @@ if gluon is not None:
                     q_smem.index(PB + m - 1).store(x.to(gl.float16))
             q_state = q_smem
 
-        kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, rk, rv = _ring(
+        kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf, kc_base, vc_base, ks_ptr, kz_ptr, vs_ptr, vz_ptr = _ring(
             KC, KS, KZ, VC, VS, VZ, b, h, qo, start, end, skcb, skch, sksb, sksh, svcb, svch, svsb, svsh,
-            DP, WT, T, PB, NVG, VW, STAGES)
+            DP, WT, T, PB, NVG, VW, STAGES, KG)
 
         # a query head's running max, sum and zero points' sums lie along the MMA's N (TM) or M
         if TM:
@@ -271,7 +271,7 @@ if gluon is not None:
             async_copy.wait_group(STAGES - 2)  # this tile's copies have landed ...
             gl.thread_barrier()  # ... every lane's, and the stage refilled next was read by all
             _issue(n0 + (STAGES - 1) * T, end, (it + STAGES - 1) % STAGES, kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf,
-                   kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, rk, rv, DP, WT, T)
+                   kc_base, vc_base, ks_ptr, kz_ptr, vs_ptr, vz_ptr, DP, WT, T, KG, VW)
             st = it % STAGES
             if n0 + T <= end:
                 m_i, l_i, accs, pz = _tile_any(n0, end, q_state, m_i, l_i, accs, pz, kbuf.index(st), vbuf.index(st),
@@ -316,7 +316,7 @@ if gluon is not None:
     @gluon.jit
     def _ring(KC, KS, KZ, VC, VS, VZ, b, h, qo, start, end, skcb, skch, sksb, sksh, svcb, svch, svsb, svsh,
               DP: gl.constexpr, WT: gl.constexpr, T: gl.constexpr, PB: gl.constexpr, NVG: gl.constexpr,
-              VW: gl.constexpr, STAGES: gl.constexpr):
+              VW: gl.constexpr, STAGES: gl.constexpr, KG: gl.constexpr):
         """The ring of shared memory both kernels stream tiles through, the pointers its copies read
         from, and the first ``STAGES - 1`` tiles' copies issued."""
         flat1: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
@@ -345,29 +345,22 @@ if gluon is not None:
             vz_t: gl.constexpr = gl.int32
         vsbuf = gl.allocate_shared_memory(vz_t, [STAGES, T], flat1)
         vzbuf = gl.allocate_shared_memory(vz_t, [STAGES, T], flat1)
-        # copy layouts: 16 bytes a thread
-        ck: gl.constexpr = gl.BlockedLayout([1, 16], [32 // (DP // 16), DP // 16], [1, 1], [1, 0])
-        VPT: gl.constexpr = 16 // (VW // 8)
-        cv: gl.constexpr = gl.BlockedLayout([1, VPT], [32 // (WT // VPT), WT // VPT], [1, 1], [1, 0])
+        # a row and head's code bytes are contiguous from these bases; ``_issue`` adds a tile's offsets
+        kc_base = KC + b * skcb + h * skch + qo * DP
+        vc_base = (VC + b * svcb + h * svch).to(gl.pointer_type(vw_t), bitcast=True) + qo * WT
         SPT: gl.constexpr = 16 // (2 * PB)
         cs: gl.constexpr = gl.BlockedLayout([SPT], [32], [1], [0])
         cz: gl.constexpr = gl.BlockedLayout([8 // NVG], [32], [1], [0])
-        rk = gl.arange(0, T, layout=gl.SliceLayout(1, ck))
-        ik = gl.arange(0, DP, layout=gl.SliceLayout(0, ck))
-        rv = gl.arange(0, T, layout=gl.SliceLayout(1, cv))
-        iv = gl.arange(0, WT, layout=gl.SliceLayout(0, cv))
         i_s = gl.arange(0, DP, layout=cs)
         i_z = gl.arange(0, T, layout=cz)
-        kc_ptr = KC + b * skcb + h * skch + qo * DP + rk[:, None] * DP + ik[None, :]
-        vc_ptr = (VC + b * svcb + h * svch).to(gl.pointer_type(vw_t), bitcast=True) + qo * WT + rv[:, None] * WT + iv[None, :]
-        ks_ptr = (KS + b * sksb + h * sksh).to(gl.pointer_type(sw_t), bitcast=True) + (qo // T) * DP + i_s
-        kz_ptr = (KZ + b * sksb + h * sksh).to(gl.pointer_type(sw_t), bitcast=True) + (qo // T) * DP + i_s
+        ks_ptr = (KS + b * sksb + h * sksh).to(gl.pointer_type(sw_t), bitcast=True) + (qo // KG) * DP + i_s
+        kz_ptr = (KZ + b * sksb + h * sksh).to(gl.pointer_type(sw_t), bitcast=True) + (qo // KG) * DP + i_s
         vs_ptr = (VS + b * svsb + h * svsh).to(gl.pointer_type(vz_t), bitcast=True) + qo + i_z
         vz_ptr = (VZ + b * svsb + h * svsh).to(gl.pointer_type(vz_t), bitcast=True) + qo + i_z
         for i in gl.static_range(STAGES - 1):
-            _issue(start + i * T, end, i, kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf, kc_ptr, vc_ptr, ks_ptr, kz_ptr,
-                   vs_ptr, vz_ptr, rk, rv, DP, WT, T)
-        return kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, rk, rv
+            _issue(start + i * T, end, i, kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf, kc_base, vc_base, ks_ptr, kz_ptr,
+                   vs_ptr, vz_ptr, DP, WT, T, KG, VW)
+        return kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf, kc_base, vc_base, ks_ptr, kz_ptr, vs_ptr, vz_ptr
 
     @gluon.jit
     def _window(Q, KW, VWIN, WLEN, ACC, M, L, b, h, s, sqb, sqh, swb, swh, wo, H, NSPLIT, w0, NW, scale,
@@ -407,17 +400,31 @@ if gluon is not None:
         gl.store(L + row * G + r_o, l, mask=gm)
 
     @gluon.jit
-    def _issue(n, end, st, kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf, kc_ptr, vc_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
-               rk, rv, DP: gl.constexpr, WT: gl.constexpr, T: gl.constexpr):
-        """Start copying the tile at token ``n`` (T tokens: one key group) into ring stage ``st``
+    def _issue(n, end, st, kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf, kc_base, vc_base, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
+               DP: gl.constexpr, WT: gl.constexpr, T: gl.constexpr, KG: gl.constexpr, VW: gl.constexpr):
+        """Start copying the tile at token ``n`` (T tokens of a key group of KG) into ring stage ``st``
         (tokens from ``end`` on are not copied: their bytes read as zeros), as one commit group."""
-        async_copy.async_copy_global_to_shared(kbuf.index(st), kc_ptr + n * DP, mask=((n + rk) < end)[:, None])
-        async_copy.async_copy_global_to_shared(vbuf.index(st), vc_ptr + n * WT, mask=((n + rv) < end)[:, None])
+        # copy layouts: 16 bytes a thread
+        ck: gl.constexpr = gl.BlockedLayout([1, 16], [32 // (DP // 16), DP // 16], [1, 1], [1, 0])
+        VPT: gl.constexpr = 16 // (VW // 8)
+        cv: gl.constexpr = gl.BlockedLayout([1, VPT], [32 // (WT // VPT), WT // VPT], [1, 1], [1, 0])
+        rk = gl.arange(0, T, layout=gl.SliceLayout(1, ck))
+        rv = gl.arange(0, T, layout=gl.SliceLayout(1, cv))
+        koff = rk[:, None] * DP + gl.arange(0, DP, layout=gl.SliceLayout(0, ck))[None, :]
+        voff = rv[:, None] * WT + gl.arange(0, WT, layout=gl.SliceLayout(0, cv))[None, :]
+        if n + T <= end:  # a whole tile: no mask a row
+            async_copy.async_copy_global_to_shared(kbuf.index(st), kc_base + n * DP + koff)
+            async_copy.async_copy_global_to_shared(vbuf.index(st), vc_base + n * WT + voff)
+        else:
+            async_copy.async_copy_global_to_shared(kbuf.index(st), kc_base + n * DP + koff,
+                                                   mask=((n + rk) < end)[:, None])
+            async_copy.async_copy_global_to_shared(vbuf.index(st), vc_base + n * WT + voff,
+                                                   mask=((n + rv) < end)[:, None])
         live = n < end
-        async_copy.async_copy_global_to_shared(ksbuf.index(st), ks_ptr + (n // T) * DP, mask=live)
-        async_copy.async_copy_global_to_shared(kzbuf.index(st), kz_ptr + (n // T) * DP, mask=live)
+        async_copy.async_copy_global_to_shared(ksbuf.index(st), ks_ptr + (n // KG) * DP, mask=live)
+        async_copy.async_copy_global_to_shared(kzbuf.index(st), kz_ptr + (n // KG) * DP, mask=live)
         # whole tiles of value scales (a mask per token would copy 2 bytes at a time): the buffers
-        # hold whole key groups, and what lies past ``end`` is zeroed where it is read
+        # hold whole tiles, and what lies past ``end`` is zeroed where it is read
         async_copy.async_copy_global_to_shared(vsbuf.index(st), vs_ptr + n, mask=live)
         async_copy.async_copy_global_to_shared(vzbuf.index(st), vz_ptr + n, mask=live)
         async_copy.commit_group()
@@ -566,6 +573,17 @@ if gluon is not None:
 
 
 WINDOW_TILE = 32  # tokens of the 16-bit window a program attends
+TILE_TOKENS = None  # tokens a tile for every shape (None: as ``tile_tokens`` chooses)
+
+
+def tile_tokens(kgroup: int, bits: int, vbits: int) -> int:
+    """Tokens a tile: 32 for 4-bit keys and values in key groups of 64 (half the shared memory a
+    program, so that 12 programs an SM run at once instead of 8: H200, 1 x 128K, 0.0538 -> 0.0505 ms),
+    else a whole key group (2-bit programs hold more registers, 9 an SM either way, and 32-token
+    tiles were slower there: 0.0466 -> 0.058 ms; 16-token tiles were slower at both widths)."""
+    if TILE_TOKENS is not None:
+        return min(kgroup, TILE_TOKENS)
+    return 32 if kgroup == 64 and bits == 4 and vbits == 4 else kgroup
 
 
 def _word_bits(d: int, bits: int, nvg: int) -> int:
@@ -611,7 +629,7 @@ def _prepared(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, acc, m,
     args = (q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff if offsets else m, woff if offsets else m,
             acc, m, lsum, q.stride(0), q.stride(1), *st(kc), *st(ks), *st(vc), *st(vs), *st(kw),
             h, nsplit, s0, nqs, split_len, nq, nw, scale)
-    common = dict(G=g, D=d, BITS=bits, NVG=nvg, T=kgroup, PER_HEAD=per_head, STAGES=stages, WTILE=window_tile,
+    common = dict(G=g, D=d, BITS=bits, NVG=nvg, T=tile_tokens(kgroup, bits, vbits), KG=kgroup, PER_HEAD=per_head, STAGES=stages, WTILE=window_tile,
                   OFFSETS=offsets, VBITS=vbits, num_warps=1)
     if _token_major(d, vbits, nvg, g):  # the value words decide it
         return _split_kernel, args, dict(VW=_word_bits_t(d, vbits, nvg), TM=True, GN=8 if g <= 8 else 16, **common)
@@ -629,8 +647,8 @@ def programs_per_sm(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, *
     alone afterwards and take as long again."""
     # keyed by what picks the compiled variant, so that a decode step (which asks every layer) does
     # not build the kernel's arguments twice: _prepared runs once a variant, on the first ask
-    key = (q.device, q.shape[1] // h, q.shape[2], bits, vbits, vs.shape[-1], kgroup, per_head, stages, window_tile,
-           qoff is not None, tuple(t.dtype for t in (q, kc, ks, kz, vc, vs, vz, kw, vw)))
+    key = (q.device, q.shape[1] // h, q.shape[2], bits, vbits, vs.shape[-1], kgroup, TILE_TOKENS, per_head, stages,
+           window_tile, qoff is not None, tuple(t.dtype for t in (q, kc, ks, kz, vc, vs, vz, kw, vw)))
     if key not in _CAPACITY:
         kernel, args, kw_ = _prepared(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, q, q, q, h=h,
                                       bits=bits, kgroup=kgroup, nq=kgroup, nw=0, s0=0, nsplit=1, nqs=1,
