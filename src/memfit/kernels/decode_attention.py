@@ -546,11 +546,13 @@ if triton is not None:
             tl.store(OUT + (b * H * G + hq) * D + oj, (pj + tl.sum(r * turned[None, :], 1)) / denom)
 
 
-# one wave of one-warp programs, this many an SM by the tokens of a tile (or fewer where fewer fit):
-# on the H200 a tenth program of 64-token tiles ran as a second wave (4-bit 8 x 32K 0.0985 ms with
-# 8, 0.124 with 10), while 12 of 32-token tiles (half the shared memory) ran in one: 0.0978 ms
-# (1 x 128K 0.0505 against 0.0538 ms with 64-token tiles)
-GLUON_PROGRAMS_PER_SM = {64: 8, 32: 12}
+# one wave of 8 one-warp programs an SM (or fewer where fewer fit): on the H200 a 9th or 10th
+# program of 64-token tiles ran as a second wave (4-bit 8 x 32K 0.0985 ms with 8, 0.124 with 10),
+# and so did a 9th of 2-bit 32-token tiles (1 x 128K 0.056 -> 0.080 ms); 4-bit codes in 32-token
+# tiles (half the shared memory) ran 12 in one wave: 8 x 32K 0.0978 ms, 1 x 128K 0.0505 (0.0538
+# with 64-token tiles)
+GLUON_PROGRAMS_PER_SM = 8
+GLUON_PROGRAMS_PER_SM_4BIT_32 = 12
 # runs of uneven lengths (ragged heads, batches of different contexts): slices short enough for
 # about this many waves, which the block scheduler balances as programs finish; one wave of long
 # slices left its tail to the longest runs (H200, 4-bit, lengths 1/4..7/4 of the mean: 8 x 32K
@@ -663,8 +665,9 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
         n, kg = r.max_q, r.kgroup
         total = r.total_q if r.total_q is not None else n * b * h
         if use_gluon:  # one wave of as many programs (one warp each) as the SMs hold
-            tile = gluon_decode.tile_tokens(kg, r.bits, r.value_bits)
-            pps = programs_per_sm or min(GLUON_PROGRAMS_PER_SM.get(tile, 8), gluon_decode.programs_per_sm(
+            small = r.bits == r.value_bits == 4 and gluon_decode.tile_tokens(kg, r.bits, r.value_bits) == 32
+            cap = GLUON_PROGRAMS_PER_SM_4BIT_32 if small else GLUON_PROGRAMS_PER_SM
+            pps = programs_per_sm or min(cap, gluon_decode.programs_per_sm(
                 q, r.kc, r.ks, r.kz, r.vc, r.vs, r.vz, r.kw, r.vw, *lens, r.qoff, r.woff, h=h, bits=r.bits,
                 kgroup=kg, per_head=per_head, vbits=r.value_bits))
             slots = pps * _sms(q.device)

@@ -629,8 +629,8 @@ def _prepared(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, acc, m,
     args = (q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff if offsets else m, woff if offsets else m,
             acc, m, lsum, q.stride(0), q.stride(1), *st(kc), *st(ks), *st(vc), *st(vs), *st(kw),
             h, nsplit, s0, nqs, split_len, nq, nw, scale)
-    common = dict(G=g, D=d, BITS=bits, NVG=nvg, T=tile_tokens(kgroup, bits, vbits), KG=kgroup, PER_HEAD=per_head, STAGES=stages, WTILE=window_tile,
-                  OFFSETS=offsets, VBITS=vbits, num_warps=1)
+    common = dict(G=g, D=d, BITS=bits, NVG=nvg, T=tile_tokens(kgroup, bits, vbits), KG=kgroup, PER_HEAD=per_head,
+                  STAGES=stages, WTILE=window_tile, OFFSETS=offsets, VBITS=vbits, num_warps=1)
     if _token_major(d, vbits, nvg, g):  # the value words decide it
         return _split_kernel, args, dict(VW=_word_bits_t(d, vbits, nvg), TM=True, GN=8 if g <= 8 else 16, **common)
     return _split_kernel, args, dict(VW=_word_bits(d, vbits, nvg), **common)
