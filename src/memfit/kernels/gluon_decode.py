@@ -153,8 +153,8 @@ if gluon is not None:
                       H, NSPLIT, S0, NQS, SPLIT_LEN, NQ, NW, scale,
                       G: gl.constexpr, D: gl.constexpr, BITS: gl.constexpr, NVG: gl.constexpr,
                       T: gl.constexpr, VW: gl.constexpr, PER_HEAD: gl.constexpr, STAGES: gl.constexpr,
-                      WTILE: gl.constexpr, OFFSETS: gl.constexpr, VBITS: gl.constexpr, TM: gl.constexpr = False,
-                      GN: gl.constexpr = 8, KG: gl.constexpr = 64):
+                      WTILE: gl.constexpr, OFFSETS: gl.constexpr, VBITS: gl.constexpr, KG: gl.constexpr,
+                      TM: gl.constexpr = False, GN: gl.constexpr = 8):
         """One program: one row, one KV head, one slice of the quantized tokens, one warp; tiles of
         T tokens within key groups of KG (one row of key scales a tile; T <= KG, KG % T == 0).
         Writes the slice's unnormalized output (float32 [G, D]), running max (natural log) and sum,
