@@ -27,8 +27,11 @@ def lm(request, tokenizer) -> LM:
     return LM(model, tokenizer, name=f"tiny-{request.param}")
 
 
-def test_recompute_all_is_a_full_prefill(lm, monkeypatch):
+@pytest.mark.parametrize("causal", [True, False])
+def test_recompute_all_is_a_full_prefill(lm, monkeypatch, causal):
     monkeypatch.setattr(memfit.reuse, "BLOCK", 7)  # several blocks per layer call
+    if not causal:  # rows 0..n-1 in masked blocks, not one call with the causal kernel
+        monkeypatch.setattr(memfit.reuse, "CAUSAL", 0)
     ids, spans = lm.encode_parts(PARTS)
     assert len(spans) == 3 and spans[0][0] > 0 and spans[-1][1] == ids.shape[1]
     full = lm.prefill_ids(ids, "none")
@@ -53,6 +56,32 @@ def test_naive_concatenation_moves_keys_exactly(lm, tmp_path):
     assert _max_err(naive, full, layers=[0]) < 1e-5  # the move computes in float32
     errs = [_max_err(lm.prefill_parts(parts, "none", store=store, recompute=f), full) for f in (0.0, 0.5, 1.0)]
     assert errs[0] > errs[1] >= errs[2] and errs[2] < 1e-9  # (a 2-layer model is exact once layer 1 is)
+
+
+def test_row_groups_cover_the_rows_and_read_only_the_keys_they_see(monkeypatch):
+    monkeypatch.setattr(memfit.reuse, "GROUP_ROWS", 3)
+    rows = torch.tensor([0, 1, 2, 3, 9, 10, 30, 31, 32, 40, 41, 63])
+    parts = memfit.reuse._parts(rows, torch.float32, n_rep=3)
+    assert [(a, b, seen) for a, b, seen, _ in parts] == [(0, 3, 3), (3, 6, 11), (6, 9, 33), (9, 12, 64)]
+    for a, b, seen, mask in parts:  # each query head's rows one after another, the same mask
+        assert mask.shape == (1, 1, 3 * (b - a), seen)
+        want = torch.arange(seen) <= rows[a:b, None]
+        for h in range(3):
+            assert torch.equal(mask[0, 0, h * (b - a) : (h + 1) * (b - a)] == 0, want)
+    assert memfit.reuse._parts(rows[:5], torch.float32, n_rep=3) is None  # too few rows to gain
+
+
+def test_attention_in_row_groups_equals_one_masked_call(lm, tmp_path, monkeypatch):
+    store = open_store(f"file://{tmp_path}")
+    for doc in PARTS[1:]:
+        lm.prefill(doc, "none", store=store, reuse="anywhere")
+    parts = [PARTS[0], PARTS[2], PARTS[3], PARTS[1]]
+    monkeypatch.setattr(memfit.reuse, "GROUP_ROWS", 4)
+    grouped = lm.prefill_parts(parts, "none", store=store, recompute=0.5)
+    monkeypatch.setattr(memfit.reuse, "GROUPS", 1)
+    one = lm.prefill_parts(parts, "none", store=store, recompute=0.5)
+    assert grouped.meta["reuse"]["recomputed"] > 8
+    assert _max_err(grouped, one) < 1e-9
 
 
 def test_document_entries_are_their_own_key_space(tiny_lm, tmp_path):

@@ -421,10 +421,12 @@ class LM:
         return torch.tensor([ids], device=self.device), spans
 
     def _dense_kv(self, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per layer, uninitialized K and V [1, H, n, D]: every row is written (a stored document's KV,
+        or a computed row's) before any attention reads it."""
         dt = next(self.model.parameters()).dtype
         shape = (1, self.num_kv_heads, n, self.head_dim)
-        return ([torch.zeros(shape, dtype=dt, device=self.device) for _ in range(self.num_layers)],
-                [torch.zeros(shape, dtype=dt, device=self.device) for _ in range(self.num_layers)])
+        return ([torch.empty(shape, dtype=dt, device=self.device) for _ in range(self.num_layers)],
+                [torch.empty(shape, dtype=dt, device=self.device) for _ in range(self.num_layers)])
 
     def document_kv(self, doc_ids: list[int], policy: Policy, store: ContextStore | None, *, tenant: str = "",
                     admit: "Callable[[int], bool] | None" = None, known: "dict[str, Entry] | None" = None,
@@ -554,27 +556,29 @@ class LM:
         n, start = ids.shape[1], spans[0][0]
         head = self._encode(self.chat.before_context, special=not self.chat.before_context)
         keys, values = self._dense_kv(n)
-        compute_rows(self.model, ids, keys, values, torch.arange(start, device=self.device))  # the system prompt
-        fresh = torch.ones(n, dtype=torch.bool, device=self.device)
+        fresh = torch.ones(n, dtype=torch.bool, device=self.device)  # the system prompt, separators: computed
         found, stored_as, starts, exact = [], [], [], len(spans) == 1
         for a, b in spans:
             cache, at, how, key = self.document_kv(ids[0, a:b].tolist(), policy, store, tenant=tenant, known=known)
             stored_as.append(key)
             starts.append(at)
+            move = self.rope.shift_matrix(a - at, self.device) if a != at else None
             for i, layer in enumerate(cache.layers):
                 k, v = layer.materialize()
-                keys[i][:, :, a:b] = self.rope.shift(k, a - at) if a != at else k
+                keys[i][:, :, a:b] = k.float() @ move if move is not None else k
                 values[i][:, :, a:b] = v
             fresh[a:b] = False
             found.append(how)
-            # where it was computed, behind the same tokens, with nothing after it: its stored KV is exact
-            exact = exact and a == len(head) and b == n and ids[0, :a].tolist() == head
+            # where it was computed, behind the same tokens: its stored KV is exact (what follows it is computed)
+            exact = exact and a == len(head) and ids[0, :a].tolist() == head
         pool = (self.anchors if anchors is True else anchors) or None
-        anchoring = Anchoring(pool, self.rope, keys, values, list(zip(stored_as, spans, starts)), start) \
+        anchoring = Anchoring(pool, self.rope, keys, values, list(zip(stored_as, spans, starts)), 0) \
             if pool is not None and self.num_layers > 2 else None
         done = None
-        if not exact:
-            done = recompute_rows(self.model, ids, keys, values, start, fresh, recompute, anchoring)
+        if exact:
+            compute_rows(self.model, ids, keys, values, fresh.nonzero()[:, 0])
+        else:  # the system prompt and separators run with the recomputed rows: one pass through the layers
+            done = recompute_rows(self.model, ids, keys, values, 0, fresh, recompute, anchoring)
         if anchoring is not None:
             anchoring.learn()  # what the recompute found becomes each unanchored document's anchor
         base = CompressedCache.from_dense(keys, values, rope=self.rope, dtype=self.kv_dtype)

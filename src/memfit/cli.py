@@ -531,14 +531,13 @@ def bench_reuse_cmd(
                                               "into 4 stored documents ('default': the eval's default tasks)."),
     task_samples: int = typer.Option(10, help="Samples a task for --task."),
     task_length: int = typer.Option(4096, help="Context tokens for --task."),
-    store: Optional[Path] = typer.Option(None, help="Folder for the document store (default: a temporary one)."),
+    store: str = typer.Option("mem://", help="Store URL the documents are read from: memory by default, as "
+                              "memfit serve keeps them; file://DIR times reads from disk."),
     out: Path = typer.Option(Path("results/bench_reuse.json"), "--out", "-o", help="JSON output."),
 ) -> None:
     """Stored documents reused anywhere: TTFT and accuracy of a full prefill, naive concatenation
     and selective recompute, for documents QA (4 stored documents in random orders behind new
     system prompts) and agents (one text behind 3 agents' own prefixes)."""
-    import tempfile
-
     from memfit.eval.reuse import bench_agents, bench_documents, bench_split_tasks
     from memfit.store import open_store
 
@@ -552,18 +551,21 @@ def bench_reuse_cmd(
         _fail("--samples and --agent-samples must be >= 0 (or give --task), --task-samples >= 1, and every "
               "--recompute in [0, 1]")
     spec = _policy(policy).spec
+    try:
+        st = open_store(store)
+    except ValueError as e:
+        _fail(f"--store: {e}")
     lm = _load(model)
-    with tempfile.TemporaryDirectory() as tmp:
-        st = open_store(f"file://{store or tmp}")
-        result = {"model": model, "device": str(lm.device), "dtype": str(lm.model.dtype), "policy": spec}
-        if samples:
-            result["documents"] = bench_documents(lm, st, samples, fractions=tuple(fractions), policy=spec,
-                                                  doc_tokens=doc_tokens)
-        if agent_samples:
-            result["agents"] = bench_agents(lm, st, agent_samples, fractions=tuple(fractions), policy=spec)
-        if tasks:
-            result["tasks"] = bench_split_tasks(lm, st, tasks, task_length, task_samples, fractions=tuple(fractions),
-                                                policy=spec)
+    result = {"model": model, "device": str(lm.device), "dtype": str(lm.model.dtype), "policy": spec,
+              "store": store}
+    if samples:
+        result["documents"] = bench_documents(lm, st, samples, fractions=tuple(fractions), policy=spec,
+                                              doc_tokens=doc_tokens)
+    if agent_samples:
+        result["agents"] = bench_agents(lm, st, agent_samples, fractions=tuple(fractions), policy=spec)
+    if tasks:
+        result["tasks"] = bench_split_tasks(lm, st, tasks, task_length, task_samples, fractions=tuple(fractions),
+                                            policy=spec)
     _write_json(out, result)
     tables = [("documents QA", result["documents"]["summary"])] if samples else []
     if agent_samples:

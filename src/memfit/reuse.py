@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 import torch
 
 from memfit.hfcompat import cache_arg_name
+from memfit.kv.attention import ATTN_IMPLEMENTATION
 
-DEFAULT_RECOMPUTE = 0.05  # fraction of reused tokens recomputed: >= 5x lower TTFT at 4K on a CPU (memfit bench reuse)
+DEFAULT_RECOMPUTE = 0.05  # fraction of reused tokens recomputed (measured: memfit bench reuse, docs/store.md)
 
 
 class _Stop(Exception):
@@ -78,25 +79,115 @@ class Blended:
     candidates: int
 
 
-BLOCK = 256  # rows per layer call: later blocks see more keys, earlier ones fewer (causal, in blocks)
+BLOCK = 1024  # scattered rows per layer call: each block attends over the keys up to its last row (causal, in blocks)
+MASK_ELEMENTS = 1 << 24  # a block's mask (rows x keys) at most: over long contexts blocks take fewer rows
+CACHED_MASKS = 64 << 20  # bytes of masks built once for every layer; beyond that each layer call builds its own
+CAUSAL = 8192  # rows 0..n-1 up to this many: one call with SDPA's causal kernel (no mask, nothing computed twice)
 
 
-def _run(layer, hidden, rows, rotary, cache, arg):
-    """One decoder layer on ``rows`` (ascending; their hidden states ``hidden`` [1, R, D]), in
-    blocks, each attending over the keys up to its last row only."""
+def unmasked_is_causal(model: torch.nn.Module) -> bool:
+    """Whether the model's attention reads a missing mask as causal (SDPA's and memfit's do; eager's
+    attends to everything)."""
+    return getattr(model.config, "_attn_implementation", None) in ("sdpa", ATTN_IMPLEMENTATION)
+
+
+def _query_heads_per_kv(model: torch.nn.Module) -> int:
+    c = model.config
+    heads = getattr(c, "num_attention_heads", 1)
+    return heads // (getattr(c, "num_key_value_heads", None) or heads)
+
+
+@dataclass
+class _Call:
+    """One decoder layer call of a pass: ``rows`` (hidden states ``[:, a:b]`` of the pass) and their
+    rotary embeddings, the same in every layer; unless ``causal`` (rows 0..n-1 under the model's
+    causal attention), the mask they attend under and, for memfit's attention, the same attention
+    in parts (see :func:`_parts`), built once if ``keep`` (small enough), else in every layer."""
+
+    a: int
+    b: int
+    rows: torch.Tensor
+    pos: torch.Tensor
+    rotary: tuple
+    causal: bool
+    n_rep: int
+    keep: bool
+    _built: tuple | None = None
+
+    def attention(self) -> tuple[torch.Tensor | None, list | None]:
+        if self.causal:
+            return None, None
+        if self._built is not None:
+            return self._built
+        dtype = self.rotary[0].dtype
+        built = (_additive_mask(self.rows, int(self.rows[-1]) + 1, dtype), _parts(self.rows, dtype, self.n_rep))
+        if self.keep:
+            self._built = built
+        return built
+
+
+def _additive_mask(rows: torch.Tensor, seen: int, dtype: torch.dtype) -> torch.Tensor:
+    """[1, 1, R, seen]: 0 where row r sees key j (j <= r), the dtype's minimum elsewhere (SDPA would
+    convert a boolean mask in every layer)."""
+    hidden_keys = torch.arange(seen, device=rows.device) > rows.unsqueeze(-1)
+    mask = torch.zeros(hidden_keys.shape, dtype=dtype, device=rows.device)
+    return mask.masked_fill_(hidden_keys, torch.finfo(dtype).min)[None, None]
+
+
+def _parts(rows: torch.Tensor, dtype: torch.dtype, n_rep: int) -> list | None:
+    """A masked block's attention as a few calls, each over a group of consecutive rows and only
+    the keys up to its last one, its query heads stacked as rows over their shared KV head (a CPU's
+    fused kernel rereads K and V once per block of query rows: stacked, groups keep blocks as large
+    as one call's), as (first row, end, keys read, mask [1, 1, n_rep * rows, keys]); None for a
+    block too small to gain. One masked call makes every row pay for every key: most of the work
+    where many rows see few keys (a new system prompt, the first documents)."""
+    g = min(GROUPS, rows.numel() // GROUP_ROWS)
+    if g < 2:
+        return None
+    step = -(-rows.numel() // g)
+    out = []
+    for a in range(0, rows.numel(), step):
+        r = rows[a : a + step]
+        seen = int(r[-1]) + 1
+        mask = _additive_mask(r, seen, dtype).expand(1, n_rep, r.numel(), seen)
+        out.append((a, a + r.numel(), seen, mask.reshape(1, 1, n_rep * r.numel(), seen)))
+    return out
+
+
+GROUPS, GROUP_ROWS = 4, 64  # measured on a 2-core CPU: 259 rows over 4K keys 5.9 -> 4.4 ms, 337 over 2.3K 4.2 -> 2.5 ms
+
+
+def _calls(rows: torch.Tensor, hidden: torch.Tensor, rotary, causal: bool, n_rep: int) -> list[_Call]:
+    """The layer calls of a pass over ``rows`` (ascending, distinct; ``hidden`` [1, R, D] theirs):
+    every row from 0 in one unmasked call when ``causal`` (the model reads that as causal) and they
+    are few enough, otherwise blocks of rows, each with its additive mask (row r sees the keys up
+    to r)."""
+    n, seen = rows.numel(), int(rows[-1]) + 1
+    one = causal and seen == n and n <= CAUSAL  # ascending and distinct, ending at n - 1: rows 0..n-1
+    step = n if one else min(BLOCK, max(64, MASK_ELEMENTS // seen))
+    spans = [(i, min(n, i + step)) for i in range(0, n, step)]
+    masks = sum((b - a) * (int(rows[b - 1]) + 1) for a, b in spans) * hidden.element_size() * (1 + n_rep)
+    out = []
+    for a, b in spans:
+        pos = rows[a:b].unsqueeze(0)
+        out.append(_Call(a, b, rows[a:b], pos, rotary(hidden[:, a:b], pos), one, n_rep, masks <= CACHED_MASKS))
+    return out
+
+
+def _run(layer, hidden, calls: list[_Call], cache, arg):
+    """One decoder layer on the rows of ``calls`` (their hidden states ``hidden`` [1, R, D]), each
+    call attending over the keys up to its last row only."""
     outs = []
-    for i in range(0, rows.numel(), BLOCK):
-        r, h = rows[i : i + BLOCK], hidden[:, i : i + BLOCK]
-        pos = r.unsqueeze(0)
-        mask = (torch.arange(int(r[-1]) + 1, device=r.device) <= r.unsqueeze(-1))[None, None]  # [1, 1, R, seen]
-        cache.rows = r
+    for c in calls:
+        cache.rows = c.rows
+        mask, parts = c.attention()
         try:
-            out = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=rotary(h, pos),
-                        use_cache=True, **{arg: cache})
+            out = layer(hidden[:, c.a : c.b], attention_mask=mask, position_ids=c.pos, position_embeddings=c.rotary,
+                        use_cache=True, **{arg: cache}, **({"memfit_attention_parts": parts} if parts else {}))
         except _Stop:
             continue
         outs.append(out[0] if isinstance(out, tuple) else out)
-    return torch.cat(outs, dim=1) if outs else None
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)) if outs else None
 
 
 @torch.no_grad()
@@ -106,12 +197,21 @@ def compute_rows(model: torch.nn.Module, input_ids: torch.Tensor, keys: list[tor
     through all layers, writing their KV into ``keys``/``values``."""
     embed, rotary, layers = decoder_parts(model)
     cache = _Rows(keys, values)
-    arg = cache_arg_name(type(layers[0]))
+    arg, causal = cache_arg_name(type(layers[0])), unmasked_is_causal(model)
     if rows.numel() == 0:
         return
     h = embed(input_ids[:, rows])
+    calls = _calls(rows, h, rotary, causal, _query_heads_per_kv(model))
     for layer in layers:
-        h = _run(layer, h, rows, rotary, cache, arg)
+        h = _run(layer, h, calls, cache, arg)
+
+
+def _deviation(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Squared deviation of each row of ``new`` [1, H, N, D] from ``old``, relative to ``new``'s mean
+    square (keys and values weigh the same though keys are larger)."""
+    new = new.float()
+    per_row = new.square().sum((0, 1, 3))
+    return (new - old.float()).square().sum((0, 1, 3)) / per_row.mean().clamp_min(1e-12)
 
 
 @torch.no_grad()
@@ -138,21 +238,20 @@ def recompute_rows(model: torch.nn.Module, input_ids: torch.Tensor, keys: list[t
         compute_rows(model, input_ids, keys, values, rows[fresh[rows]])
         return Blended(0, int((~fresh[rows]).sum()))
     cache = _Rows(keys, values)
-    arg = cache_arg_name(type(layers[0]))
-    h = _run(layers[0], embed(input_ids[:, rows]), rows, rotary, cache, arg)  # exact, as its KV is
-    old_k, old_v = keys[1][:, :, rows].float(), values[1][:, :, rows].float()
+    arg, causal = cache_arg_name(type(layers[0])), unmasked_is_causal(model)
+    h = embed(input_ids[:, rows])
+    calls = _calls(rows, h, rotary, causal, _query_heads_per_kv(model))
+    h = _run(layers[0], h, calls, cache, arg)  # exact, as its KV is
+    old_k, old_v = keys[1][:, :, start:].clone(), values[1][:, :, start:].clone()
     cache.stop_at = 1  # layer 1's exact KV for every row (its attention and MLP are not needed for the rest)
-    _run(layers[1], h, rows, rotary, cache, arg)
+    _run(layers[1], h, calls, cache, arg)
     cache.stop_at = None
-    new_k, new_v = keys[1][:, :, rows].float(), values[1][:, :, rows].float()
-    # squared deviation per row, each of K and V relative to its own mean square (keys are larger)
-    dev_k = (new_k - old_k).pow(2).sum((0, 1, 3)) / new_k.pow(2).sum((0, 1, 3)).mean().clamp_min(1e-12)
-    dev_v = (new_v - old_v).pow(2).sum((0, 1, 3)) / new_v.pow(2).sum((0, 1, 3)).mean().clamp_min(1e-12)
-    score = dev_k + dev_v
+    new_k, new_v = keys[1][:, :, start:], values[1][:, :, start:]
+    score = _deviation(new_k, old_k) + _deviation(new_v, old_v)
     is_fresh = fresh[rows]
     reused = int((~is_fresh).sum())
     if correct is not None:
-        done = correct(old_k, old_v) & ~is_fresh
+        done = correct(old_k.float(), old_v.float()) & ~is_fresh
         score[done] = float("-inf")
         reused -= int(done.sum())
     score[is_fresh] = float("inf")
@@ -160,8 +259,9 @@ def recompute_rows(model: torch.nn.Module, input_ids: torch.Tensor, keys: list[t
     pick = score.topk(k).indices.sort().values if k < rows.numel() else torch.arange(rows.numel(), device=dev)
     if k:
         rows, h = rows[pick], h[:, pick]
+        calls = _calls(rows, h, rotary, causal, _query_heads_per_kv(model))
         for layer in layers[1:]:  # layer 1 again: its KV is rewritten with the same values
-            h = _run(layer, h, rows, rotary, cache, arg)
+            h = _run(layer, h, calls, cache, arg)
     return Blended(k - int(is_fresh.sum()), reused)
 
 

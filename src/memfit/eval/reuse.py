@@ -3,8 +3,12 @@ orders behind new system prompts (RAG), and agents reading one text behind their
 
 Every variant answers the same questions from the same token ids; only how the context's KV is
 made differs: a full prefill, naive concatenation of the stored documents' KV (moved to their
-positions, nothing recomputed), or selective recompute of a fraction of the tokens. TTFT is the
-context's time (prefill, or assembly from the store) plus the question's prefill and first token.
+positions, nothing recomputed), or selective recompute of a fraction of the tokens. A request is
+timed as ``memfit serve`` runs a plain prompt: everything but its last token (system prompt,
+documents, question, the assistant's answer prefix) is the context, prefilled or assembled from the
+store in one pass (the question's rows computed with the recomputed ones), then the last token is
+fed; TTFT is both. Eval tasks cut into documents ask several questions over one context, each
+after it (TTFT: the context's time plus the first question's prefill and first token).
 ``answer_kl``: KL(full || variant) of the first answer token's distribution, a measure of how far
 reuse moved the answer that does not hang on a small model's few right answers.
 """
@@ -71,10 +75,28 @@ def system_prompt(rng: random.Random, filler: int = 0) -> str:
     return " ".join(x for x in (f"You are {rng.choice(_ROLES)}.", *rng.sample(_STYLES, 2), extra) if x)
 
 
-@torch.no_grad()
-def first_token_logprobs(lm: LM, ctx, q: Question) -> torch.Tensor:
-    """Log-probabilities [V] (float32) of the first answer token, ``q`` asked over ``ctx``."""
+@dataclass(frozen=True)
+class Prompt:
+    """A request's prompt as the server sees a plain one: ``head`` [1, N] (system prompt, documents
+    at ``spans``, the question and the assistant's answer prefix, all but the last token) is the
+    context; ``last`` is fed to take the first answer token (None: questions are asked after the
+    context, several over one)."""
+
+    head: torch.Tensor
+    spans: list[tuple[int, int]]
+    last: int | None = None
+
+
+def prompt(lm: LM, parts: list[str], q: Question) -> Prompt:
+    ids, spans = lm.encode_parts(parts)
     suffix = lm.encode_question(q.text, q.answer_prefix)
+    ids = torch.cat([ids, torch.tensor([suffix], device=ids.device)], dim=1)
+    return Prompt(ids[:, :-1], spans, int(ids[0, -1]))
+
+
+@torch.no_grad()
+def first_token_logprobs(lm: LM, ctx, suffix: list[int]) -> torch.Tensor:
+    """Log-probabilities [V] (float32) of the token after ``suffix`` fed over ``ctx``."""
     pos = torch.arange(ctx.num_tokens, ctx.num_tokens + len(suffix), device=lm.device).unsqueeze(0)
     out = lm.model(torch.tensor([suffix], device=lm.device), position_ids=pos,
                    **with_cache(lm.model, ctx.cache.fork(1)), use_cache=True, logits_to_keep=1)
@@ -87,7 +109,7 @@ def answer_kl(ref: torch.Tensor, lp: torch.Tensor) -> float:
 
 
 def _answer(lm: LM, ctx, q: Question, max_new_tokens: int) -> tuple[float, float]:
-    """(seconds to the first answer token, score of the whole answer)."""
+    """(seconds to the first answer token, score of the whole answer), ``q`` asked over ``ctx``."""
     t0 = time.perf_counter()
     lm.ask(ctx, q.text, max_new_tokens=1, answer_prefix=q.answer_prefix)
     first = time.perf_counter() - t0
@@ -95,19 +117,30 @@ def _answer(lm: LM, ctx, q: Question, max_new_tokens: int) -> tuple[float, float
     return first, q.score(reply)
 
 
-def _variants(lm: LM, parts: list[str], policy: str, store: ContextStore, fractions: list[float],
-              anchors: AnchorPool | None = None):
-    """(name, context) for a full prefill and each recompute fraction (0.0: naive concatenation),
-    and with ``anchors`` KVCOMM's anchors over the last fraction."""
-    ids, _ = lm.encode_parts(parts)
+def _answer_prompt(lm: LM, ctx, p: Prompt, q: Question, max_new_tokens: int) -> tuple[float, float]:
+    """(seconds to the first answer token, score of the whole answer) of a context that holds the
+    question (``p.head``): only ``p.last`` is fed."""
     t0 = time.perf_counter()
-    full = lm.prefill_ids(ids, policy)
+    lm.generate(ctx, [[p.last]], 1)
+    first = time.perf_counter() - t0
+    reply = (q.answer_prefix or "") + lm.generate(ctx, [[p.last]], max_new_tokens, lines=q.lines)[0]
+    return first, q.score(reply)
+
+
+def _variants(lm: LM, p: Prompt, policy: str, store: ContextStore, fractions: list[float],
+              anchors: AnchorPool | None = None):
+    """(name, context of ``p.head``) for a full prefill and each recompute fraction (0.0: naive
+    concatenation), and with ``anchors`` KVCOMM's anchors over the last fraction."""
+    t0 = time.perf_counter()
+    full = lm.prefill_ids(p.head, policy)
     full.prefill_seconds = time.perf_counter() - t0
     yield "full", full
     for f in fractions:
-        yield ("naive" if f == 0 else f"recompute={f:g}"), lm.prefill_parts(parts, policy, store=store, recompute=f)
+        yield ("naive" if f == 0 else f"recompute={f:g}"), lm.prefill_assembled(p.head, p.spans, policy, store=store,
+                                                                                 recompute=f)
     if anchors is not None:
-        yield "anchors", lm.prefill_parts(parts, policy, store=store, recompute=fractions[-1], anchors=anchors)
+        yield "anchors", lm.prefill_assembled(p.head, p.spans, policy, store=store, recompute=fractions[-1],
+                                              anchors=anchors)
 
 
 def kv_error(ctx, full) -> float:
@@ -155,13 +188,13 @@ def bench_documents(lm: LM, store: ContextStore, samples: int = 40, docs: int = 
     for s in tqdm(range(samples), desc="documents QA"):
         chosen = rng.sample(documents, docs)
         q = question_about(rng.choice(chosen), s)
-        parts = [system_prompt(rng), *(d.text for d in chosen)]
+        p = prompt(lm, [system_prompt(rng), *(d.text for d in chosen)], q)
         ref = None
-        for name, ctx in _variants(lm, parts, policy, store, list(fractions)):
-            first, score = _answer(lm, ctx, q, max_new_tokens)
-            lp = first_token_logprobs(lm, ctx, q)
+        for name, ctx in _variants(lm, p, policy, store, list(fractions)):
+            first, score = _answer_prompt(lm, ctx, p, q, max_new_tokens)
+            lp = first_token_logprobs(lm, ctx, [p.last])
             ref = lp if name == "full" else ref
-            records.append({"sample": s, "variant": name, "tokens": ctx.num_tokens, "score": score,
+            records.append({"sample": s, "variant": name, "tokens": ctx.num_tokens + 1, "score": score,
                             "answer_kl": answer_kl(ref, lp),
                             "context_s": ctx.prefill_seconds, "ttft_s": ctx.prefill_seconds + first,
                             "recomputed": ctx.meta.get("reuse", {}).get("recomputed", ctx.num_tokens)})
@@ -186,20 +219,21 @@ def bench_agents(lm: LM, store: ContextStore, samples: int = 10, agents: int = 3
         for a in range(agents):
             system = system_prompt(rng, filler=max(0, int(prefix_tokens / per_sentence) - 2))
             q = question_about(rng.choice(facts), s + a)
+            p = prompt(lm, [system, text], q)
             if a == 0:  # the first agent's request computes the text and stores it
-                variants = [next(_variants(lm, [system, text], policy, store, [])),
-                            ("stores", lm.prefill_parts([system, text], policy, store=store, recompute=1.0,
-                                                        anchors=pool))]
+                variants = [next(_variants(lm, p, policy, store, [])),
+                            ("stores", lm.prefill_assembled(p.head, p.spans, policy, store=store, recompute=1.0,
+                                                            anchors=pool))]
             else:
-                variants = _variants(lm, [system, text], policy, store, list(fractions), pool)
+                variants = _variants(lm, p, policy, store, list(fractions), pool)
             full = ref = None
             for name, ctx in variants:
                 full = ctx if name == "full" else full
-                first, score = _answer(lm, ctx, q, max_new_tokens)
-                lp = first_token_logprobs(lm, ctx, q)
+                first, score = _answer_prompt(lm, ctx, p, q, max_new_tokens)
+                lp = first_token_logprobs(lm, ctx, [p.last])
                 ref = lp if name == "full" else ref
                 reuse = ctx.meta.get("reuse", {})
-                records.append({"sample": s, "agent": a + 1, "variant": name, "tokens": ctx.num_tokens,
+                records.append({"sample": s, "agent": a + 1, "variant": name, "tokens": ctx.num_tokens + 1,
                                 "score": score, "context_s": ctx.prefill_seconds, "ttft_s": ctx.prefill_seconds + first,
                                 "recomputed": reuse.get("recomputed", ctx.num_tokens), "kv_error": kv_error(ctx, full),
                                 "answer_kl": answer_kl(ref, lp),
@@ -244,9 +278,10 @@ def bench_split_tasks(lm: LM, store: ContextStore, tasks: list[str], length: int
             lm.prefill(piece, policy, store=store, reuse="anywhere")  # stored before the timed assembly
         parts_ = [system_prompt(rng), *pieces]
         refs = None
-        for name, ctx in _variants(lm, parts_, policy, store, list(fractions)):
+        ids, spans = lm.encode_parts(parts_)  # several questions over one context: each asked after it
+        for name, ctx in _variants(lm, Prompt(ids, spans), policy, store, list(fractions)):
             firsts, scores = zip(*(_answer(lm, ctx, q, max_new_tokens) for q in sample.questions))
-            lps = [first_token_logprobs(lm, ctx, q) for q in sample.questions]
+            lps = [first_token_logprobs(lm, ctx, lm.encode_question(q.text, q.answer_prefix)) for q in sample.questions]
             refs = lps if name == "full" else refs
             records.append({"task": sample.task, "seed": sample.seed, "variant": name, "tokens": ctx.num_tokens,
                             "score": statistics.mean(scores), "context_s": ctx.prefill_seconds,

@@ -394,6 +394,17 @@ def memfit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if module.layer_idx in state.requests:
         state.requests.discard(module.layer_idx)
         state.scores[module.layer_idx] = reduce_attention(query, key, attention_mask, scaling, "sum")
+    parts = kwargs.get("memfit_attention_parts")
+    if parts and query.device.type == "cpu" and head_mask is None and _observer is None and not kwargs.get("softcap"):
+        # the same attention in groups of rows, each over the keys up to its last row, its query heads
+        # stacked over their KV head (see memfit.reuse._parts): (first row, end, keys, mask)
+        b, hq, _, d = query.shape
+        hk = key.shape[1]
+        if all(mask.shape[-2] == hq // hk * (e - a) for a, e, _, mask in parts):
+            outs = [torch.nn.functional.scaled_dot_product_attention(
+                query[:, :, a:e].reshape(b, hk, hq // hk * (e - a), d), key[:, :, :seen], value[:, :, :seen],
+                attn_mask=mask, scale=scaling).view(b, hq, e - a, d) for a, e, seen, mask in parts]
+            return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
     if query.is_cuda and attention_mask is not None and query.shape[2] <= _FEW_QUERIES:
         # SDPA would pick cuDNN for a masked call, which builds a kernel for every new shape: every
         # decode step is one (~10 s for the first answer on a KVzip cache on an H200). Prefill

@@ -72,12 +72,26 @@ class RoPE:
         be placed at new positions without recomputing them (the scaling is in ``k`` already: only
         the rotation is applied)."""
         n = k.shape[-2]
-        d = torch.full((n,), delta) if isinstance(delta, int) else torch.as_tensor(delta)
+        if isinstance(delta, int):  # one rotation for every token: a [D, D] matrix, one matmul
+            return k.float() @ self.shift_matrix(delta, k.device)
+        d = torch.as_tensor(delta)
         if d.shape != (n,):
             raise ValueError(f"delta must be an int or one per token ({n}), got shape {tuple(d.shape)}")
         cos, sin = self._cos_sin(d, k.device)
         k = k.float()
         return (k * cos + _rotate_half(k) * sin) / self.scaling
+
+    def shift_matrix(self, delta: int, device: "torch.device | str" = "cpu") -> torch.Tensor:
+        """M [D, D] (float32) with ``k.float() @ M`` = ``shift(k, delta)`` (built once, it moves every
+        layer's keys): k * cos + rotate_half(k) * sin, where rotate_half(k) = k @ P (P's columns pick
+        -k[j + D/2] for j < D/2, k[j - D/2] after)."""
+        cos, sin = (x[0] / self.scaling for x in self._cos_sin(torch.tensor([delta]), device))
+        h = cos.numel() // 2
+        m = torch.diag(cos)
+        i = torch.arange(h, device=device)
+        m[i + h, i] = -sin[:h]
+        m[i, i + h] = sin[h:]
+        return m
 
     def check(self, head_dim: int) -> None:
         if 2 * self.inv_freq.numel() != head_dim:
