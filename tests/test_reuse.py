@@ -93,6 +93,12 @@ def test_document_entries_are_their_own_key_space(tiny_lm, tmp_path):
     assert _max_err(plain, anywhere) < 1e-9  # behind the default opening, a document is its own prefill
     again = tiny_lm.prefill(PARTS[1], "none", store=store, reuse="anywhere")
     assert again.meta["reuse"]["documents"] == ["hit"] and len(store.keys()) == 2
+    # where it was stored, with a question after it: the question is computed, nothing recomputed
+    ids, spans = tiny_lm.encode_parts([None, PARTS[1]])
+    ids = torch.cat([ids, torch.tensor([tiny_lm.encode_question("Which box?")])], dim=1)
+    asked = tiny_lm.prefill_assembled(ids, spans, "none", store=store, recompute=0.5)
+    assert asked.meta["reuse"]["documents"] == ["hit"] and asked.meta["reuse"]["recomputed"] == 0
+    assert _max_err(asked, tiny_lm.prefill_ids(ids, "none")) < 1e-9
 
 
 def test_quantized_and_kvzip_policies_compose(tiny_lm, tmp_path):
