@@ -558,14 +558,17 @@ def bench_reuse_cmd(
     lm = _load(model)
     result = {"model": model, "device": str(lm.device), "dtype": str(lm.model.dtype), "policy": spec,
               "store": store}
-    if samples:
-        result["documents"] = bench_documents(lm, st, samples, fractions=tuple(fractions), policy=spec,
-                                              doc_tokens=doc_tokens)
-    if agent_samples:
-        result["agents"] = bench_agents(lm, st, agent_samples, fractions=tuple(fractions), policy=spec)
-    if tasks:
-        result["tasks"] = bench_split_tasks(lm, st, tasks, task_length, task_samples, fractions=tuple(fractions),
-                                            policy=spec)
+    try:
+        if samples:
+            result["documents"] = bench_documents(lm, st, samples, fractions=tuple(fractions), policy=spec,
+                                                  doc_tokens=doc_tokens)
+        if agent_samples:
+            result["agents"] = bench_agents(lm, st, agent_samples, fractions=tuple(fractions), policy=spec)
+        if tasks:
+            result["tasks"] = bench_split_tasks(lm, st, tasks, task_length, task_samples,
+                                                fractions=tuple(fractions), policy=spec)
+    except RuntimeError as e:  # the store lost the documents: timing it would be timing full prefills
+        _fail(f"--store {store}: {e}")
     _write_json(out, result)
     tables = [("documents QA", result["documents"]["summary"])] if samples else []
     if agent_samples:

@@ -3,6 +3,7 @@ and a full recompute reads as a full prefill."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tiny_llama
 
@@ -32,6 +33,13 @@ def test_documents_and_agents_benches_compare_variants_on_the_same_tokens(tokeni
     assert later["recompute=1"]["kv_error"] < 1e-9 < later["naive"]["kv_error"]
     assert later["recompute=1"]["answer_kl"] < 1e-9 < later["naive"]["answer_kl"]
     assert set(agents["summary"]["agent_1"]) == {"full", "stores"}
+
+
+def test_a_store_that_loses_the_documents_is_an_error_not_a_timing(tokenizer):
+    tiny_lm = LM(tiny_llama(torch.float64, layers=4), tokenizer, name="tiny-4")
+    small = open_store("mem://?max_bytes=1")  # keeps only the newest entry
+    with pytest.raises(RuntimeError, match="did not return"):
+        bench_documents(tiny_lm, small, samples=1, docs=2, pool=3, doc_tokens=96, fractions=(0.0,), max_new_tokens=2)
 
 
 def test_split_text_cuts_at_sentence_ends_into_about_equal_pieces():

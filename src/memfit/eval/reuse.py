@@ -136,11 +136,22 @@ def _variants(lm: LM, p: Prompt, policy: str, store: ContextStore, fractions: li
     full.prefill_seconds = time.perf_counter() - t0
     yield "full", full
     for f in fractions:
-        yield ("naive" if f == 0 else f"recompute={f:g}"), lm.prefill_assembled(p.head, p.spans, policy, store=store,
-                                                                                 recompute=f)
+        yield ("naive" if f == 0 else f"recompute={f:g}"), _reused(
+            lm.prefill_assembled(p.head, p.spans, policy, store=store, recompute=f), store)
     if anchors is not None:
-        yield "anchors", lm.prefill_assembled(p.head, p.spans, policy, store=store, recompute=fractions[-1],
-                                              anchors=anchors)
+        yield "anchors", _reused(lm.prefill_assembled(p.head, p.spans, policy, store=store, recompute=fractions[-1],
+                                                      anchors=anchors), store)
+
+
+def _reused(ctx, store: ContextStore):
+    """``ctx``, if every document was read from the store: a store that lost them (unreachable,
+    too small) would time full prefills as reuse."""
+    found = ctx.meta["reuse"]["documents"]
+    if "miss" in found:
+        raise RuntimeError(f"the store did not return {found.count('miss')} of {len(found)} stored documents "
+                           f"(tiers: {', '.join(t.name for t in store.tiers)}): unreachable, or too small to "
+                           "hold them; reuse would be timed as a full prefill")
+    return ctx
 
 
 def kv_error(ctx, full) -> float:
