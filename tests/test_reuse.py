@@ -171,3 +171,9 @@ def test_assembly_on_cuda_matches_a_full_prefill(tokenizer, tmp_path, monkeypatc
     assert _max_err(ctx, full) < 1e-4
     naive = lm.prefill_parts(PARTS, "kivi(bits=4,residual=8)", store=f"file://{tmp_path}", recompute=0.0)
     assert isinstance(lm.ask(naive, "Which box?", max_new_tokens=4), str)
+    monkeypatch.setattr(memfit.reuse, "CAUSAL", 0)  # rows 0..n-1 in masked blocks too
+    assert _max_err(lm.prefill_parts(PARTS, "none", store=f"file://{tmp_path}", recompute=1.0), full) < 1e-4
+    half = lm.prefill_parts(PARTS, "none", store=f"file://{tmp_path}", recompute=0.5)  # scattered rows, masked
+    monkeypatch.setattr(memfit.reuse, "BLOCK", 1024)  # the same rows in one block
+    one = lm.prefill_parts(PARTS, "none", store=f"file://{tmp_path}", recompute=0.5)
+    assert half.meta["reuse"]["recomputed"] == one.meta["reuse"]["recomputed"] > 0 and _max_err(half, one) < 1e-4

@@ -120,7 +120,8 @@ class _Call:
         if self._built is not None:
             return self._built
         dtype = self.rotary[0].dtype
-        built = (_additive_mask(self.rows, int(self.rows[-1]) + 1, dtype), _parts(self.rows, dtype, self.n_rep))
+        parts = _parts(self.rows, dtype, self.n_rep) if self.rows.device.type == "cpu" else None  # (CPU only)
+        built = (_additive_mask(self.rows, int(self.rows[-1]) + 1, dtype), parts)
         if self.keep:
             self._built = built
         return built
