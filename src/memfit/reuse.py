@@ -85,7 +85,7 @@ CACHED_MASKS = 64 << 20  # bytes of masks built once for every layer; beyond tha
 CAUSAL = 8192  # rows 0..n-1 up to this many: one call with SDPA's causal kernel (no mask, nothing computed twice)
 
 
-def unmasked_is_causal(model: torch.nn.Module) -> bool:
+def _unmasked_is_causal(model: torch.nn.Module) -> bool:
     """Whether the model's attention reads a missing mask as causal (SDPA's and memfit's do; eager's
     attends to everything)."""
     return getattr(model.config, "_attn_implementation", None) in ("sdpa", ATTN_IMPLEMENTATION)
@@ -198,7 +198,7 @@ def compute_rows(model: torch.nn.Module, input_ids: torch.Tensor, keys: list[tor
     through all layers, writing their KV into ``keys``/``values``."""
     embed, rotary, layers = decoder_parts(model)
     cache = _Rows(keys, values)
-    arg, causal = cache_arg_name(type(layers[0])), unmasked_is_causal(model)
+    arg, causal = cache_arg_name(type(layers[0])), _unmasked_is_causal(model)
     if rows.numel() == 0:
         return
     h = embed(input_ids[:, rows])
@@ -239,7 +239,7 @@ def recompute_rows(model: torch.nn.Module, input_ids: torch.Tensor, keys: list[t
         compute_rows(model, input_ids, keys, values, rows[fresh[rows]])
         return Blended(0, int((~fresh[rows]).sum()))
     cache = _Rows(keys, values)
-    arg, causal = cache_arg_name(type(layers[0])), unmasked_is_causal(model)
+    arg, causal = cache_arg_name(type(layers[0])), _unmasked_is_causal(model)
     h = embed(input_ids[:, rows])
     calls = _calls(rows, h, rotary, causal, _query_heads_per_kv(model))
     h = _run(layers[0], h, calls, cache, arg)  # exact, as its KV is
