@@ -202,9 +202,16 @@ def compute_rows(model: torch.nn.Module, input_ids: torch.Tensor, keys: list[tor
     if rows.numel() == 0:
         return
     h = embed(input_ids[:, rows])
-    calls = _calls(rows, h, rotary, causal, _query_heads_per_kv(model))
-    for layer in layers:
-        h = _run(layer, h, calls, cache, arg)
+    _through(layers, h, _calls(rows, h, rotary, causal, _query_heads_per_kv(model)), cache, arg)
+
+
+def _through(layers, hidden, calls: list[_Call], cache, arg) -> None:
+    """``layers`` in turn on the rows of ``calls``; only KV is kept, so the last layer stops once
+    its KV is written (its attention and MLP would feed nothing)."""
+    for i, layer in enumerate(layers):
+        cache.stop_at = layer.self_attn.layer_idx if i == len(layers) - 1 else None
+        hidden = _run(layer, hidden, calls, cache, arg)
+    cache.stop_at = None
 
 
 def _deviation(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
@@ -260,9 +267,8 @@ def recompute_rows(model: torch.nn.Module, input_ids: torch.Tensor, keys: list[t
     pick = score.topk(k).indices.sort().values if k < rows.numel() else torch.arange(rows.numel(), device=dev)
     if k:
         rows, h = rows[pick], h[:, pick]
-        calls = _calls(rows, h, rotary, causal, _query_heads_per_kv(model))
-        for layer in layers[1:]:  # layer 1 again: its KV is rewritten with the same values
-            h = _run(layer, h, calls, cache, arg)
+        # from layer 1 again: its KV is rewritten with the same values
+        _through(layers[1:], h, _calls(rows, h, rotary, causal, _query_heads_per_kv(model)), cache, arg)
     return Blended(k - int(is_fresh.sum()), reused)
 
 
