@@ -79,12 +79,11 @@ def system_prompt(rng: random.Random, filler: int = 0) -> str:
 class Prompt:
     """A request's prompt as the server sees a plain one: ``head`` [1, N] (system prompt, documents
     at ``spans``, the question and the assistant's answer prefix, all but the last token) is the
-    context; ``last`` is fed to take the first answer token (None: questions are asked after the
-    context, several over one)."""
+    context; ``last`` is fed to take the first answer token."""
 
     head: torch.Tensor
     spans: list[tuple[int, int]]
-    last: int | None = None
+    last: int
 
 
 def prompt(lm: LM, parts: list[str], q: Question) -> Prompt:
@@ -108,38 +107,30 @@ def answer_kl(ref: torch.Tensor, lp: torch.Tensor) -> float:
     return max(0.0, float((ref.exp() * (ref - lp)).sum()))
 
 
-def _answer(lm: LM, ctx, q: Question, max_new_tokens: int) -> tuple[float, float]:
-    """(seconds to the first answer token, score of the whole answer), ``q`` asked over ``ctx``."""
+def _answer(lm: LM, ctx, suffix: list[int], q: Question, max_new_tokens: int) -> tuple[float, float]:
+    """(seconds to the first answer token, score of the whole answer) with ``suffix`` fed over
+    ``ctx``: the question's tokens (as ``lm.ask`` feeds them), or a prompt's last token when the
+    context holds the question."""
     t0 = time.perf_counter()
-    lm.ask(ctx, q.text, max_new_tokens=1, answer_prefix=q.answer_prefix)
+    lm.generate(ctx, [suffix], 1)
     first = time.perf_counter() - t0
-    reply = lm.ask(ctx, q.text, max_new_tokens=max_new_tokens, answer_prefix=q.answer_prefix, lines=q.lines)
+    reply = (q.answer_prefix or "") + lm.generate(ctx, [suffix], max_new_tokens, lines=q.lines)[0]
     return first, q.score(reply)
 
 
-def _answer_prompt(lm: LM, ctx, p: Prompt, q: Question, max_new_tokens: int) -> tuple[float, float]:
-    """(seconds to the first answer token, score of the whole answer) of a context that holds the
-    question (``p.head``): only ``p.last`` is fed."""
+def _variants(lm: LM, ids: torch.Tensor, spans: list[tuple[int, int]], policy: str, store: ContextStore,
+              fractions: list[float], anchors: AnchorPool | None = None):
+    """(name, context of ``ids``, its documents at ``spans``) for a full prefill and each recompute
+    fraction (0.0: naive concatenation), and with ``anchors`` KVCOMM's anchors over the last fraction."""
     t0 = time.perf_counter()
-    lm.generate(ctx, [[p.last]], 1)
-    first = time.perf_counter() - t0
-    reply = (q.answer_prefix or "") + lm.generate(ctx, [[p.last]], max_new_tokens, lines=q.lines)[0]
-    return first, q.score(reply)
-
-
-def _variants(lm: LM, p: Prompt, policy: str, store: ContextStore, fractions: list[float],
-              anchors: AnchorPool | None = None):
-    """(name, context of ``p.head``) for a full prefill and each recompute fraction (0.0: naive
-    concatenation), and with ``anchors`` KVCOMM's anchors over the last fraction."""
-    t0 = time.perf_counter()
-    full = lm.prefill_ids(p.head, policy)
+    full = lm.prefill_ids(ids, policy)
     full.prefill_seconds = time.perf_counter() - t0
     yield "full", full
     for f in fractions:
         yield ("naive" if f == 0 else f"recompute={f:g}"), _reused(
-            lm.prefill_assembled(p.head, p.spans, policy, store=store, recompute=f), store)
+            lm.prefill_assembled(ids, spans, policy, store=store, recompute=f), store)
     if anchors is not None:
-        yield "anchors", _reused(lm.prefill_assembled(p.head, p.spans, policy, store=store, recompute=fractions[-1],
+        yield "anchors", _reused(lm.prefill_assembled(ids, spans, policy, store=store, recompute=fractions[-1],
                                                       anchors=anchors), store)
 
 
@@ -201,8 +192,8 @@ def bench_documents(lm: LM, store: ContextStore, samples: int = 40, docs: int = 
         q = question_about(rng.choice(chosen), s)
         p = prompt(lm, [system_prompt(rng), *(d.text for d in chosen)], q)
         ref = None
-        for name, ctx in _variants(lm, p, policy, store, list(fractions)):
-            first, score = _answer_prompt(lm, ctx, p, q, max_new_tokens)
+        for name, ctx in _variants(lm, p.head, p.spans, policy, store, list(fractions)):
+            first, score = _answer(lm, ctx, [p.last], q, max_new_tokens)
             lp = first_token_logprobs(lm, ctx, [p.last])
             ref = lp if name == "full" else ref
             records.append({"sample": s, "variant": name, "tokens": ctx.num_tokens + 1, "score": score,
@@ -232,15 +223,15 @@ def bench_agents(lm: LM, store: ContextStore, samples: int = 10, agents: int = 3
             q = question_about(rng.choice(facts), s + a)
             p = prompt(lm, [system, text], q)
             if a == 0:  # the first agent's request computes the text and stores it
-                variants = [next(_variants(lm, p, policy, store, [])),
+                variants = [next(_variants(lm, p.head, p.spans, policy, store, [])),
                             ("stores", lm.prefill_assembled(p.head, p.spans, policy, store=store, recompute=1.0,
                                                             anchors=pool))]
             else:
-                variants = _variants(lm, p, policy, store, list(fractions), pool)
+                variants = _variants(lm, p.head, p.spans, policy, store, list(fractions), pool)
             full = ref = None
             for name, ctx in variants:
                 full = ctx if name == "full" else full
-                first, score = _answer_prompt(lm, ctx, p, q, max_new_tokens)
+                first, score = _answer(lm, ctx, [p.last], q, max_new_tokens)
                 lp = first_token_logprobs(lm, ctx, [p.last])
                 ref = lp if name == "full" else ref
                 reuse = ctx.meta.get("reuse", {})
@@ -290,9 +281,10 @@ def bench_split_tasks(lm: LM, store: ContextStore, tasks: list[str], length: int
         parts_ = [system_prompt(rng), *pieces]
         refs = None
         ids, spans = lm.encode_parts(parts_)  # several questions over one context: each asked after it
-        for name, ctx in _variants(lm, Prompt(ids, spans), policy, store, list(fractions)):
-            firsts, scores = zip(*(_answer(lm, ctx, q, max_new_tokens) for q in sample.questions))
-            lps = [first_token_logprobs(lm, ctx, lm.encode_question(q.text, q.answer_prefix)) for q in sample.questions]
+        suffixes = [lm.encode_question(q.text, q.answer_prefix) for q in sample.questions]
+        for name, ctx in _variants(lm, ids, spans, policy, store, list(fractions)):
+            firsts, scores = zip(*(_answer(lm, ctx, x, q, max_new_tokens) for x, q in zip(suffixes, sample.questions)))
+            lps = [first_token_logprobs(lm, ctx, x) for x in suffixes]
             refs = lps if name == "full" else refs
             records.append({"task": sample.task, "seed": sample.seed, "variant": name, "tokens": ctx.num_tokens,
                             "score": statistics.mean(scores), "context_s": ctx.prefill_seconds,
