@@ -110,7 +110,7 @@ class _Call:
     pos: torch.Tensor
     rotary: tuple
     causal: bool
-    n_rep: int
+    n_rep: int  # query heads stacked over a KV head in the parts; 0: no parts (memfit's GPU attention reads none)
     keep: bool
     _built: tuple | None = None
 
@@ -120,7 +120,7 @@ class _Call:
         if self._built is not None:
             return self._built
         dtype = self.rotary[0].dtype
-        parts = _parts(self.rows, dtype, self.n_rep) if self.rows.device.type == "cpu" else None  # (CPU only)
+        parts = _parts(self.rows, dtype, self.n_rep) if self.n_rep else None
         built = (_additive_mask(self.rows, int(self.rows[-1]) + 1, dtype), parts)
         if self.keep:
             self._built = built
@@ -167,6 +167,7 @@ def _calls(rows: torch.Tensor, hidden: torch.Tensor, rotary, causal: bool, n_rep
     one = causal and seen == n and n <= CAUSAL  # ascending and distinct, ending at n - 1: rows 0..n-1
     step = n if one else min(BLOCK, max(64, MASK_ELEMENTS // seen))
     spans = [(i, min(n, i + step)) for i in range(0, n, step)]
+    n_rep = n_rep if rows.device.type == "cpu" else 0  # the parts are read by memfit's CPU attention only
     masks = sum((b - a) * (int(rows[b - 1]) + 1) for a, b in spans) * hidden.element_size() * (1 + n_rep)
     out = []
     for a, b in spans:
