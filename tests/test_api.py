@@ -53,6 +53,29 @@ def test_batched_questions_equal_one_by_one_and_leave_ctx_unchanged(tiny_lm, pol
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.parametrize("policy", ["none", "kivi(bits=4,group=16,residual=16)"])
+def test_a_whole_prompt_answers_from_its_prefill_logits(tiny_lm, tmp_path, policy):
+    """A prompt prefilled whole (as a server takes a plain prompt) answers from the logits its
+    prefill computed, as generate on the prompt does; a context read back holds none."""
+    msgs = [{"role": "user", "content": CONTEXT + "\n\nWhat is the code?"}]
+    ids = tiny_lm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt",
+                                                return_dict=True)["input_ids"]
+    ctx = tiny_lm.prefill_ids(ids, policy)
+    assert ctx.logits.shape == (1, tiny_lm.model.config.vocab_size) and ctx.logits.dtype == torch.float32
+    head = tiny_lm.prefill_ids(ids[:, :-1], policy)
+    assert tiny_lm.generate(ctx, [[]], 10) == tiny_lm.generate(head, [ids[0, -1:].tolist()], 10)
+    if policy == "none":
+        out = tiny_lm.model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=list(tiny_lm.stop_ids),
+                                     pad_token_id=tiny_lm.tokenizer.pad_token_id)
+        assert tiny_lm.generate(ctx, [[]], 10)[0] == tiny_lm.tokenizer.decode(out[0, ids.shape[1]:],
+                                                                               skip_special_tokens=True)
+    assert tiny_lm.generate(ctx, [[], []], 10) == tiny_lm.generate(ctx, [[]], 10) * 2
+    with pytest.raises(ValueError, match="at least one token"):
+        tiny_lm.generate(ctx, [[], [5]], 4)
+    with pytest.raises(ValueError, match="does not hold"):
+        tiny_lm.generate(memfit.load_context(ctx.save(tmp_path / "c.memfit"), tiny_lm), [[]], 4)
+
+
 def test_context_figures(tiny_lm):
     ctx = tiny_lm.prefill(CONTEXT * 3, "kivi(bits=2,group=16,residual=16)")
     n = ctx.num_tokens

@@ -8,6 +8,8 @@ from conftest import byte_tokenizer, tiny_llama, tiny_qwen
 
 import memfit.reuse
 from memfit.api import LM
+from memfit.hfcompat import with_cache
+from memfit.kv.cache import CompressedCache
 from memfit.store import open_store
 
 PARTS = ["Be brief.", "The red box holds seven keys and a map.", "A cat sat on the mat all day long.",
@@ -38,8 +40,11 @@ def test_recompute_all_is_a_full_prefill(lm, monkeypatch, causal):
     ctx = lm.prefill_parts(PARTS, "none", recompute=1.0)
     assert torch.equal(ctx.token_ids, ids)
     assert _max_err(ctx, full) < 1e-9
-    assert ctx.meta["reuse"]["recomputed"] == ctx.meta["reuse"]["reused_tokens"] == sum(b - a for a, b in spans)
+    # the prompt's last token (here a document's) is always computed: its logits start the answer
+    assert ctx.meta["reuse"]["recomputed"] == ctx.meta["reuse"]["reused_tokens"] == sum(b - a for a, b in spans) - 1
+    assert (ctx.logits - full.logits).abs().max() < 1e-9
     assert lm.ask(ctx, "Which box?", max_new_tokens=8) == lm.ask(full, "Which box?", max_new_tokens=8)
+    assert lm.generate(ctx, [[]], max_new_tokens=6) == lm.generate(full, [[]], max_new_tokens=6)
 
 
 def test_naive_concatenation_moves_keys_exactly(lm, tmp_path):
@@ -56,6 +61,22 @@ def test_naive_concatenation_moves_keys_exactly(lm, tmp_path):
     assert _max_err(naive, full, layers=[0]) < 1e-5  # the move computes in float32
     errs = [_max_err(lm.prefill_parts(parts, "none", store=store, recompute=f), full) for f in (0.0, 0.5, 1.0)]
     assert errs[0] > errs[1] >= errs[2] and errs[2] < 1e-9  # (a 2-layer model is exact once layer 1 is)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5])
+def test_assembled_logits_are_the_last_token_over_the_assembled_kv(lm, tmp_path, fraction):
+    """The logits an assembly returns are what feeding its last token over the rest of the
+    assembled KV gives: the last row reads every key before it, at its own position."""
+    store = open_store(f"file://{tmp_path}")
+    parts = [PARTS[0], PARTS[3], PARTS[1], PARTS[2]]
+    ids, spans = lm.encode_parts(parts)
+    ids = torch.cat([ids, torch.tensor([[7, 9, 11]])], dim=1)  # a question after the documents
+    ctx = lm.prefill_assembled(ids, spans, "none", store=store, recompute=fraction)
+    rest = CompressedCache.from_state(*ctx.cache.to_state()).truncate_(ids.shape[1] - 1)
+    pos = torch.tensor([[ids.shape[1] - 1]])
+    ref = lm.model(ids[:, -1:], position_ids=pos, **with_cache(lm.model, rest), use_cache=True).logits[:, -1]
+    assert ctx.logits.shape == (1, lm.model.config.vocab_size)
+    assert (ctx.logits - ref.float()).abs().max() < 1e-6  # (logits are kept in float32)
 
 
 def test_row_groups_cover_the_rows_and_read_only_the_keys_they_see(monkeypatch):
@@ -168,7 +189,8 @@ def test_assembly_on_cuda_matches_a_full_prefill(tokenizer, tmp_path, monkeypatc
     ids, _ = lm.encode_parts(PARTS)
     full = lm.prefill_ids(ids, "none")
     ctx = lm.prefill_parts(PARTS, "none", store=f"file://{tmp_path}", recompute=1.0)
-    assert _max_err(ctx, full) < 1e-4
+    assert _max_err(ctx, full) < 1e-4 and (ctx.logits - full.logits).abs().max() < 1e-4
+    assert lm.generate(ctx, [[]], 6) == lm.generate(full, [[]], 6)
     naive = lm.prefill_parts(PARTS, "kivi(bits=4,residual=8)", store=f"file://{tmp_path}", recompute=0.0)
     assert isinstance(lm.ask(naive, "Which box?", max_new_tokens=4), str)
     monkeypatch.setattr(memfit.reuse, "CAUSAL", 0)  # rows 0..n-1 in masked blocks too

@@ -25,7 +25,7 @@ from memfit.kv.rope import RoPE
 from memfit.kv.tiered import TierConfig, TieredCache
 from memfit.models import ChatFormat, default_device, default_dtype, fingerprint, load_hf, native_dtype, resolve_model
 from memfit.store import ContextStore, Entry, EntryMismatch, KeySpace, StoreUnavailable, open_store
-from memfit.reuse import DEFAULT_RECOMPUTE, Anchoring, AnchorPool, compute_rows, recompute_rows
+from memfit.reuse import DEFAULT_RECOMPUTE, Anchoring, AnchorPool, compute_rows, next_logits, recompute_rows
 from memfit.store.disk import atomic_write
 from memfit.textlines import first_lines, lines_done
 
@@ -46,6 +46,10 @@ class Context:
     meta: dict = field(default_factory=dict)
     lm: "LM | None" = field(default=None, repr=False)
     tenant: str = ""  # who it belongs to (memfit serve --api-keys); part of its key
+    # the model's next-token logits [B, V] (float32) after the last token, where the prefill computed
+    # them (not for a context read from a store or file): an answer can start from them with no
+    # token of its own (``generate(ctx, [[]])``), as a server answers a plain prompt
+    logits: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -251,11 +255,13 @@ class LM:
         turn = self.chat.follow_up_text if history else self.chat.question_text
         return self._encode(text + turn(question, answer_prefix))
 
-    def _forward(self, input_ids: torch.Tensor, cache: CompressedCache, chunk_size: int) -> None:
-        """Feed ``input_ids`` into ``cache`` in chunks, computing only the last position's logits."""
+    def _forward(self, input_ids: torch.Tensor, cache: CompressedCache, chunk_size: int) -> torch.Tensor:
+        """Feed ``input_ids`` into ``cache`` in chunks, computing only the last position's logits
+        (returned, [B, V] float32)."""
         for start in range(0, input_ids.shape[1], chunk_size):
-            self.model(input_ids[:, start : start + chunk_size], **with_cache(self.model, cache), use_cache=True,
-                       logits_to_keep=1)
+            out = self.model(input_ids[:, start : start + chunk_size], **with_cache(self.model, cache), use_cache=True,
+                             logits_to_keep=1)
+        return out.logits[:, -1].float()
 
     @torch.no_grad()
     def prefill_stored(self, input_ids: torch.Tensor, policy: Policy, store: ContextStore, *,
@@ -298,19 +304,20 @@ class LM:
                     prefix = self.context_from_entry(found, policy, tenant).cache.truncate_(n)  # a fresh copy: ours to cut
                 except ValueError:  # e.g. a key group larger than the chunk: read it all instead
                     break
-                cache = self._extend(prefix, input_ids[:, n:], chunk_size)
+                cache, logits = self._extend(prefix, input_ids[:, n:], chunk_size)
                 return put(Context(cache, input_ids, policy, time.perf_counter() - t0,
-                                   {"store": "prefix", "reused": n}, lm=self))
+                                   {"store": "prefix", "reused": n}, lm=self, logits=logits))
         ctx = self.prefill_ids(input_ids, policy, chunk_size=chunk_size)
         ctx.meta["store"] = "miss"
         return put(ctx)
 
-    def _extend(self, cache: CompressedCache, rest: torch.Tensor, chunk_size: int) -> CompressedCache:
+    def _extend(self, cache: CompressedCache, rest: torch.Tensor, chunk_size: int,
+                ) -> tuple[CompressedCache, torch.Tensor]:
         for layer in cache.layers:
             layer.defer = True  # read the rest in 16-bit, then quantize as prefill does
-        self._forward(rest, cache, chunk_size)
+        logits = self._forward(rest, cache, chunk_size)
         cache.compress()
-        return cache
+        return cache, logits
 
     def offload(self, ctx: Context, tiers: TierConfig | None = None, **kwargs) -> Context:
         """``ctx`` with its KV offloaded to device / host / disk tiers (:mod:`memfit.kv.tiered`):
@@ -322,7 +329,7 @@ class LM:
         cfg = tiers or TierConfig(**kwargs)
         cache = TieredCache.from_cache(ctx.cache, cfg, self.device)
         return Context(cache, ctx.token_ids, ctx.policy, ctx.prefill_seconds, {**ctx.meta, "tiers": cfg}, lm=self,
-                       tenant=ctx.tenant)
+                       tenant=ctx.tenant, logits=ctx.logits)
 
     @torch.no_grad()
     def prefill_ids(self, input_ids: torch.Tensor, policy: "str | Policy" = "none", *, chunk_size: int = 4096) -> Context:
@@ -350,7 +357,7 @@ class LM:
         needs = set().union(*(p.observes() for p in pols))
         with observe(max(p.queries_needed() for p in pols), "sum" if "attention_sum" in needs else None,
                      probe=max(p.probe() for p in pols)) as rec:
-            self._forward(input_ids, base, chunk_size)
+            logits = self._forward(input_ids, base, chunk_size)
         obs = (rec.observations(self.num_layers) if rec is not None
                else {i: Observation() for i in range(self.num_layers)})
         forward_s = time.perf_counter() - t0
@@ -369,7 +376,7 @@ class LM:
                 p, cache = spend_slack(lambda q: base.derive(q, obs), p, cache, fit)
             cache = self._warm(cache)
             scored = score_s if "reconstruction" in p.observes() else 0.0
-            ctx = Context(cache, input_ids, p, forward_s + scored + time.perf_counter() - t1, lm=self)
+            ctx = Context(cache, input_ids, p, forward_s + scored + time.perf_counter() - t1, lm=self, logits=logits)
             if scored:
                 ctx.meta["score_seconds"] = scored
             out.append(ctx)
@@ -571,14 +578,16 @@ class LM:
             found.append(how)
             # where it was computed, behind the same tokens: its stored KV is exact (what follows it is computed)
             exact = exact and a == len(head) and ids[0, :a].tolist() == head
+        fresh[-1] = True  # the last token is computed: its logits start the answer (Context.logits)
         pool = (self.anchors if anchors is True else anchors) or None
         anchoring = Anchoring(pool, self.rope, keys, values, list(zip(stored_as, spans, starts)), 0) \
             if pool is not None and self.num_layers > 2 else None
         done = None
         if exact:
-            compute_rows(self.model, ids, keys, values, fresh.nonzero()[:, 0])
+            hidden = compute_rows(self.model, ids, keys, values, fresh.nonzero()[:, 0], last=True)
         else:  # the system prompt and separators run with the recomputed rows: one pass through the layers
-            done = recompute_rows(self.model, ids, keys, values, 0, fresh, recompute, anchoring)
+            done = recompute_rows(self.model, ids, keys, values, 0, fresh, recompute, anchoring, last=True)
+            hidden = done.hidden
         if anchoring is not None:
             anchoring.learn()  # what the recompute found becomes each unanchored document's anchor
         base = CompressedCache.from_dense(keys, values, rope=self.rope, dtype=self.kv_dtype)
@@ -591,7 +600,8 @@ class LM:
         anchored = anchoring.anchored if anchoring is not None else [False] * len(spans)
         meta = {"reuse": {"documents": found, "keys": stored_as, "anchored": anchored, "reused_tokens": int((~fresh).sum()),
                           "recomputed": done.recomputed if done else 0, "fraction": recompute}}
-        return Context(cache, ids, policy, time.perf_counter() - t0, meta, lm=self, tenant=tenant)
+        return Context(cache, ids, policy, time.perf_counter() - t0, meta, lm=self, tenant=tenant,
+                       logits=next_logits(self.model, hidden))
 
     # -- ask ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -618,7 +628,8 @@ class LM:
     def generate(self, ctx: Context, suffixes: list[list[int]], max_new_tokens: int = 64, *,
                  temperature: float = 0.0, top_p: float = 1.0, stop: list[str] | None = None,
                  seed: int | None = None, lines: int | None = None) -> list[str]:
-        """Continue the context with each token list in ``suffixes`` (one row each) and decode."""
+        """Continue the context with each token list in ``suffixes`` (one row each) and decode. Empty
+        suffixes (all of them) start from the context's own next-token logits (``Context.logits``)."""
         if ctx.policy.decode is not None and len({len(x) for x in suffixes}) > 1:
             # decode-time eviction reorders what each row stores: left padding could not be masked
             return [self.generate(ctx, [x], max_new_tokens, temperature=temperature, top_p=top_p, stop=stop,
@@ -684,8 +695,17 @@ class LM:
         """One list of sampled token ids (one per row) per decoding step; the caller stops when done."""
         if max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
-        if not suffixes or any(len(s) == 0 for s in suffixes):
-            raise ValueError("every suffix needs at least one token")
+        if not suffixes:
+            raise ValueError("no suffix to continue the context with")
+        start = None  # the first step's logits, when no row brings tokens of its own
+        if all(len(s) == 0 for s in suffixes):
+            if ctx.logits is None:
+                raise ValueError("empty suffixes continue from the logits its prefill computed, which this context "
+                                 "does not hold (it was read from a store or file): pass at least one token")
+            start = ctx.logits.expand(len(suffixes), -1)
+        elif any(len(s) == 0 for s in suffixes):
+            raise ValueError("every suffix needs at least one token (or all of them none, to start from the "
+                             "context's own logits)")
         dev, b = self.device, len(suffixes)
         past = ctx.num_tokens
         width = max(len(s) for s in suffixes)
@@ -706,8 +726,11 @@ class LM:
         step_ids = input_ids
         stops = torch.tensor(sorted(self.stop_ids), dtype=torch.long, device=dev)
         for step in range(max_new_tokens):
-            logits = self.model(step_ids, attention_mask=attn, position_ids=pos, **with_cache(self.model, cache),
-                                use_cache=True, logits_to_keep=1).logits[:, -1].float()
+            if step == 0 and start is not None:
+                logits = start.clone()
+            else:
+                logits = self.model(step_ids, attention_mask=attn, position_ids=pos, **with_cache(self.model, cache),
+                                    use_cache=True, logits_to_keep=1).logits[:, -1].float()
             if step < min_new_tokens:
                 logits[:, stops] = float("-inf")
             tok = _sample(logits, temperature, top_p, gen)

@@ -13,7 +13,9 @@ reuse it behind another system prompt or after other documents:
    whole assembled KV); the others keep their reused KV from layer 2 on.
 
 Cost: about one layer of a full prefill for every reused token, plus ``recompute`` of the rest.
-With ``recompute=1.0`` every token is recomputed and the result is a full prefill's.
+With ``recompute=1.0`` every token is recomputed and the result is a full prefill's. The last token
+is always computed, through the whole of the last layer: its output gives the next-token logits, so
+that an answer starts without a pass of its own (as a server answers a plain prompt).
 
 The decoder layers are called one by one on the rows being computed; a stand-in cache writes
 their KV into the assembled tensors. This works for the models whose decoder layers follow
@@ -50,11 +52,13 @@ class _Rows:
         self.keys, self.values = keys, values
         self.rows: torch.Tensor | None = None
         self.stop_at: int | None = None
+        self.write = True  # False: the rows' KV is already there (a row run again for its output)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         k, v = self.keys[layer_idx], self.values[layer_idx]
-        k[:, :, self.rows] = key_states.to(k.dtype)
-        v[:, :, self.rows] = value_states.to(v.dtype)
+        if self.write:
+            k[:, :, self.rows] = key_states.to(k.dtype)
+            v[:, :, self.rows] = value_states.to(v.dtype)
         if layer_idx == self.stop_at:
             raise _Stop
         seen = int(self.rows[-1]) + 1
@@ -77,6 +81,7 @@ class Blended:
 
     recomputed: int
     candidates: int
+    hidden: torch.Tensor | None = None  # with ``last``: the sequence's last row's output of the last layer
 
 
 BLOCK = 1024  # scattered rows per layer call: each block attends over the keys up to its last row (causal, in blocks)
@@ -194,25 +199,54 @@ def _run(layer, hidden, calls: list[_Call], cache, arg):
 
 @torch.no_grad()
 def compute_rows(model: torch.nn.Module, input_ids: torch.Tensor, keys: list[torch.Tensor],
-                 values: list[torch.Tensor], rows: torch.Tensor) -> None:
+                 values: list[torch.Tensor], rows: torch.Tensor, last: bool = False) -> torch.Tensor | None:
     """Run ``rows`` (every row from some start on, or any set whose earlier rows' KV is exact)
-    through all layers, writing their KV into ``keys``/``values``."""
+    through all layers, writing their KV into ``keys``/``values``. ``last``: the sequence's last row
+    is among them; its output of the last layer [1, 1, D] is returned (see :func:`next_logits`)."""
     embed, rotary, layers = decoder_parts(model)
     cache = _Rows(keys, values)
     arg, causal = cache_arg_name(type(layers[0])), _unmasked_is_causal(model)
+    last = last and _last_row(rows, input_ids)
     if rows.numel() == 0:
-        return
+        return None
     h = embed(input_ids[:, rows])
-    _through(layers, h, _calls(rows, h, rotary, causal, _query_heads_per_kv(model)), cache, arg)
+    return _through(layers, h, _calls(rows, h, rotary, causal, _query_heads_per_kv(model)), cache, arg, last)
 
 
-def _through(layers, hidden, calls: list[_Call], cache, arg) -> None:
+def _last_row(rows: torch.Tensor, input_ids: torch.Tensor) -> bool:
+    if rows.numel() == 0 or int(rows[-1]) != input_ids.shape[1] - 1:
+        raise ValueError("the last row's output needs the sequence's last row among those computed")
+    return True
+
+
+def _through(layers, hidden, calls: list[_Call], cache, arg, last: bool = False) -> torch.Tensor | None:
     """``layers`` in turn on the rows of ``calls``; only KV is kept, so the last layer stops once
-    its KV is written (its attention and MLP would feed nothing)."""
+    its KV is written (its attention and MLP would feed nothing), except with ``last`` for the
+    final row, whose output [1, 1, D] is returned."""
     for i, layer in enumerate(layers):
         cache.stop_at = layer.self_attn.layer_idx if i == len(layers) - 1 else None
+        final = hidden[:, -1:]
         hidden = _run(layer, hidden, calls, cache, arg)
     cache.stop_at = None
+    if not last:
+        return None
+    c = calls[-1]  # the final row alone, over every key up to it (its KV, written above, is kept)
+    row = c.rows[-1:]
+    one = _Call(0, 1, row, row.unsqueeze(0), tuple(x[:, -1:] for x in c.rotary), False, 0, False)
+    cache.write = False
+    try:
+        return _run(layers[-1], final, [one], cache, arg)
+    finally:
+        cache.write = True
+
+
+def next_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The next-token logits [1, V] (float32) from a row's output of the last layer [1, 1, D]."""
+    norm = getattr(getattr(model, "model", None), "norm", None)
+    head = model.get_output_embeddings()
+    if norm is None or head is None:
+        raise NotImplementedError(f"{type(model).__name__} has no model.norm / output embeddings (Llama layout)")
+    return head(norm(hidden))[:, -1].float()
 
 
 def _deviation(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
@@ -226,7 +260,8 @@ def _deviation(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def recompute_rows(model: torch.nn.Module, input_ids: torch.Tensor, keys: list[torch.Tensor],
                    values: list[torch.Tensor], start: int, fresh: torch.Tensor, fraction: float,
-                   correct: "Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None" = None) -> Blended:
+                   correct: "Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None" = None,
+                   last: bool = False) -> Blended:
     """Repair an assembled KV in place. ``input_ids`` [1, N]; ``keys``/``values`` per layer
     [1, H, N, D] in the compute dtype: rows before ``start`` are exact, the others hold reused KV
     (already moved to their positions) except where ``fresh`` [N] is set (no KV yet: always
@@ -234,9 +269,12 @@ def recompute_rows(model: torch.nn.Module, input_ids: torch.Tensor, keys: list[t
     once layer 0 has run over them, are recomputed through every layer. ``correct(old_k1, old_v1)``
     (layer 1's reused KV of every row from ``start``, its exact KV now in ``keys[1]``/``values[1]``)
     may correct the deeper layers' reused KV and returns the rows [N - start] it has corrected,
-    which are then not recomputed (anchors, see :class:`AnchorPool`)."""
+    which are then not recomputed (anchors, see :class:`AnchorPool`). ``last``: the last row is
+    fresh; its output of the last layer is returned in ``Blended.hidden``."""
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"recompute must be a fraction in [0, 1], got {fraction}")
+    if last and not bool(fresh[-1]):
+        raise ValueError("the last row's output needs the last row fresh (computed whatever the fraction)")
     embed, rotary, layers = decoder_parts(model)
     n = input_ids.shape[1]
     dev = input_ids.device
@@ -244,8 +282,8 @@ def recompute_rows(model: torch.nn.Module, input_ids: torch.Tensor, keys: list[t
     if rows.numel() == 0:
         return Blended(0, 0)
     if fraction == 0.0 or len(layers) == 1:  # naive concatenation: only the rows without KV are computed
-        compute_rows(model, input_ids, keys, values, rows[fresh[rows]])
-        return Blended(0, int((~fresh[rows]).sum()))
+        hidden = compute_rows(model, input_ids, keys, values, rows[fresh[rows]], last)
+        return Blended(0, int((~fresh[rows]).sum()), hidden)
     cache = _Rows(keys, values)
     arg, causal = cache_arg_name(type(layers[0])), _unmasked_is_causal(model)
     h = embed(input_ids[:, rows])
@@ -266,11 +304,13 @@ def recompute_rows(model: torch.nn.Module, input_ids: torch.Tensor, keys: list[t
     score[is_fresh] = float("inf")
     k = min(rows.numel(), int(is_fresh.sum()) + math.ceil(fraction * reused))
     pick = score.topk(k).indices.sort().values if k < rows.numel() else torch.arange(rows.numel(), device=dev)
+    hidden = None
     if k:
         rows, h = rows[pick], h[:, pick]
         # from layer 1 again: its KV is rewritten with the same values
-        _through(layers[1:], h, _calls(rows, h, rotary, causal, _query_heads_per_kv(model)), cache, arg)
-    return Blended(k - int(is_fresh.sum()), reused)
+        hidden = _through(layers[1:], h, _calls(rows, h, rotary, causal, _query_heads_per_kv(model)), cache, arg,
+                          last)
+    return Blended(k - int(is_fresh.sum()), reused, hidden)
 
 
 @dataclass

@@ -171,8 +171,8 @@ def test_plain_prompts_reuse_the_stored_documents_they_contain(server, local, tm
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     found = local.find_documents(ids[:-1], store)
     assert len(found) == 1 and found[0][2] == made.json()["id"]
-    ctx = local.prefill_assembled(torch.tensor([ids[:-1]]), [found[0][:2]], POLICY, store=store)
-    assert answer == local.generate(ctx, [ids[-1:]], max_new_tokens=12)[0]
+    ctx = local.prefill_assembled(torch.tensor([ids]), [found[0][:2]], POLICY, store=store)
+    assert answer == local.generate(ctx, [[]], max_new_tokens=12)[0]  # the whole prompt assembled: its logits
     httpx.delete(f"{server.url}/v1/contexts/{made.json()['id']}")
 
 

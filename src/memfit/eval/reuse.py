@@ -4,11 +4,11 @@ orders behind new system prompts (RAG), and agents reading one text behind their
 Every variant answers the same questions from the same token ids; only how the context's KV is
 made differs: a full prefill, naive concatenation of the stored documents' KV (moved to their
 positions, nothing recomputed), or selective recompute of a fraction of the tokens. A request is
-timed as ``memfit serve`` runs a plain prompt: everything but its last token (system prompt,
-documents, question, the assistant's answer prefix) is the context, prefilled or assembled from the
-store in one pass (the question's rows computed with the recomputed ones), then the last token is
-fed; TTFT is both. Eval tasks cut into documents ask several questions over one context, each
-after it (TTFT: the context's time plus the first question's prefill and first token).
+timed as ``memfit serve`` runs a plain prompt: the whole prompt (system prompt, documents, question,
+the assistant's answer prefix) is prefilled or assembled from the store in one pass (the question's
+rows computed with the recomputed ones), whose last row's logits give the first answer token; TTFT
+is that pass and the token's sampling. Eval tasks cut into documents ask several questions over one
+context, each after it (TTFT: the context's time plus the first question's prefill and first token).
 ``answer_kl``: KL(full || variant) of the first answer token's distribution, a measure of how far
 reuse moved the answer that does not hang on a small model's few right answers.
 """
@@ -77,25 +77,26 @@ def system_prompt(rng: random.Random, filler: int = 0) -> str:
 
 @dataclass(frozen=True)
 class Prompt:
-    """A request's prompt as the server sees a plain one: ``head`` [1, N] (system prompt, documents
-    at ``spans``, the question and the assistant's answer prefix, all but the last token) is the
-    context; ``last`` is fed to take the first answer token."""
+    """A request's prompt as the server sees a plain one: ``ids`` [1, N] (system prompt, documents
+    at ``spans``, the question and the assistant's answer prefix) is the context, whose last
+    logits give the first answer token."""
 
-    head: torch.Tensor
+    ids: torch.Tensor
     spans: list[tuple[int, int]]
-    last: int
 
 
 def prompt(lm: LM, parts: list[str], q: Question) -> Prompt:
     ids, spans = lm.encode_parts(parts)
     suffix = lm.encode_question(q.text, q.answer_prefix)
-    ids = torch.cat([ids, torch.tensor([suffix], device=ids.device)], dim=1)
-    return Prompt(ids[:, :-1], spans, int(ids[0, -1]))
+    return Prompt(torch.cat([ids, torch.tensor([suffix], device=ids.device)], dim=1), spans)
 
 
 @torch.no_grad()
 def first_token_logprobs(lm: LM, ctx, suffix: list[int]) -> torch.Tensor:
-    """Log-probabilities [V] (float32) of the token after ``suffix`` fed over ``ctx``."""
+    """Log-probabilities [V] (float32) of the token after ``suffix`` fed over ``ctx`` (none: the
+    context's own last logits)."""
+    if not suffix:
+        return ctx.logits[0].log_softmax(-1)
     pos = torch.arange(ctx.num_tokens, ctx.num_tokens + len(suffix), device=lm.device).unsqueeze(0)
     out = lm.model(torch.tensor([suffix], device=lm.device), position_ids=pos,
                    **with_cache(lm.model, ctx.cache.fork(1)), use_cache=True, logits_to_keep=1)
@@ -109,8 +110,8 @@ def answer_kl(ref: torch.Tensor, lp: torch.Tensor) -> float:
 
 def _answer(lm: LM, ctx, suffix: list[int], q: Question, max_new_tokens: int) -> tuple[float, float]:
     """(seconds to the first answer token, score of the whole answer) with ``suffix`` fed over
-    ``ctx``: the question's tokens (as ``lm.ask`` feeds them), or a prompt's last token when the
-    context holds the question."""
+    ``ctx``: the question's tokens (as ``lm.ask`` feeds them), or none when the context is the
+    whole prompt (its last logits start the answer)."""
     t0 = time.perf_counter()
     lm.generate(ctx, [suffix], 1)
     first = time.perf_counter() - t0
@@ -192,11 +193,11 @@ def bench_documents(lm: LM, store: ContextStore, samples: int = 40, docs: int = 
         q = question_about(rng.choice(chosen), s)
         p = prompt(lm, [system_prompt(rng), *(d.text for d in chosen)], q)
         ref = None
-        for name, ctx in _variants(lm, p.head, p.spans, policy, store, list(fractions)):
-            first, score = _answer(lm, ctx, [p.last], q, max_new_tokens)
-            lp = first_token_logprobs(lm, ctx, [p.last])
+        for name, ctx in _variants(lm, p.ids, p.spans, policy, store, list(fractions)):
+            first, score = _answer(lm, ctx, [], q, max_new_tokens)
+            lp = first_token_logprobs(lm, ctx, [])
             ref = lp if name == "full" else ref
-            records.append({"sample": s, "variant": name, "tokens": ctx.num_tokens + 1, "score": score,
+            records.append({"sample": s, "variant": name, "tokens": ctx.num_tokens, "score": score,
                             "answer_kl": answer_kl(ref, lp),
                             "context_s": ctx.prefill_seconds, "ttft_s": ctx.prefill_seconds + first,
                             "recomputed": ctx.meta.get("reuse", {}).get("recomputed", ctx.num_tokens)})
@@ -223,19 +224,19 @@ def bench_agents(lm: LM, store: ContextStore, samples: int = 10, agents: int = 3
             q = question_about(rng.choice(facts), s + a)
             p = prompt(lm, [system, text], q)
             if a == 0:  # the first agent's request computes the text and stores it
-                variants = [next(_variants(lm, p.head, p.spans, policy, store, [])),
-                            ("stores", lm.prefill_assembled(p.head, p.spans, policy, store=store, recompute=1.0,
+                variants = [next(_variants(lm, p.ids, p.spans, policy, store, [])),
+                            ("stores", lm.prefill_assembled(p.ids, p.spans, policy, store=store, recompute=1.0,
                                                             anchors=pool))]
             else:
-                variants = _variants(lm, p.head, p.spans, policy, store, list(fractions), pool)
+                variants = _variants(lm, p.ids, p.spans, policy, store, list(fractions), pool)
             full = ref = None
             for name, ctx in variants:
                 full = ctx if name == "full" else full
-                first, score = _answer(lm, ctx, [p.last], q, max_new_tokens)
-                lp = first_token_logprobs(lm, ctx, [p.last])
+                first, score = _answer(lm, ctx, [], q, max_new_tokens)
+                lp = first_token_logprobs(lm, ctx, [])
                 ref = lp if name == "full" else ref
                 reuse = ctx.meta.get("reuse", {})
-                records.append({"sample": s, "agent": a + 1, "variant": name, "tokens": ctx.num_tokens + 1,
+                records.append({"sample": s, "agent": a + 1, "variant": name, "tokens": ctx.num_tokens,
                                 "score": score, "context_s": ctx.prefill_seconds, "ttft_s": ctx.prefill_seconds + first,
                                 "recomputed": reuse.get("recomputed", ctx.num_tokens), "kv_error": kv_error(ctx, full),
                                 "answer_kl": answer_kl(ref, lp),

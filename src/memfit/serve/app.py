@@ -314,28 +314,32 @@ class Server:
         return self._prompt_context(ids, who)
 
     def _prompt_context(self, ids: list[int], who: Identity = OPEN) -> tuple[Context, list[int]]:
-        """Everything but the last token is the context: long ones are looked up in the store (a
+        """The prompt's context and the tokens still to feed. A prompt holding stored documents is
+        assembled whole, and a short one prefilled whole: the pass's last logits start the answer
+        (nothing left to feed). A long one is looked up in the store without its last token (a
         stored prefix is reused, the rest read) and stored for the next request, under the caller's
-        tenant (another tenant's prompts are never reused), unless that would exceed its quota."""
+        tenant (another tenant's prompts are never reused), unless that would exceed its quota;
+        the last token is then fed (a stored context holds no logits)."""
         self._check_length(len(ids), "prompt")
         if len(ids) < 2:
             bos = self.lm.tokenizer.bos_token_id
             if bos is None:
                 raise APIError(400, "prompt needs at least two tokens", param="prompt")
             ids = [bos, *ids]
-        head = torch.tensor([ids[:-1]], device=self.lm.device)
+        whole = torch.tensor([ids], device=self.lm.device)
         if self.config.reuse_prompts:
             found = self._documents_in(ids[:-1], who)
             if found:
                 spans, spec, entries = found
-                ctx = self.lm.prefill_assembled(head, spans, spec, store=self.store, tenant=who.tenant, known=entries)
+                ctx = self.lm.prefill_assembled(whole, spans, spec, store=self.store, tenant=who.tenant, known=entries)
                 self.documents_recognised += len(spans)
-                return ctx, ids[-1:]
+                return ctx, []
         if self.config.reuse_prompts and len(ids) - 1 >= REUSE_MIN_TOKENS:
             # storing a prompt only speeds up the next one: a store that cannot take it does not fail the chat
-            return self.lm.prefill_stored(head, self.prompt_policy, self.store, must_store=False, tenant=who.tenant,
-                                          admit=lambda c: self._admit(who, c.nbytes, refuse=False)), ids[-1:]
-        return self.lm.prefill_ids(head, self.prompt_policy), ids[-1:]
+            return self.lm.prefill_stored(whole[:, :-1], self.prompt_policy, self.store, must_store=False,
+                                          tenant=who.tenant, admit=lambda c: self._admit(who, c.nbytes, refuse=False)
+                                          ), ids[-1:]
+        return self.lm.prefill_ids(whole, self.prompt_policy), []
 
     def _documents_in(self, ids: list[int], who: Identity) -> "tuple[list[tuple[int, int]], str, dict[str, Entry]] | None":
         """Stored documents found in a plain prompt (see LM.find_documents), those stored under the
