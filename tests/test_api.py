@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -72,8 +74,10 @@ def test_a_whole_prompt_answers_from_its_prefill_logits(tiny_lm, tmp_path, polic
     assert tiny_lm.generate(ctx, [[], []], 10) == tiny_lm.generate(ctx, [[]], 10) * 2
     with pytest.raises(ValueError, match="at least one token"):
         tiny_lm.generate(ctx, [[], [5]], 4)
+    back = memfit.load_context(ctx.save(tmp_path / "c.memfit"), tiny_lm)  # the logits are kept with the KV
+    assert torch.equal(back.logits, ctx.logits) and tiny_lm.generate(back, [[]], 10) == tiny_lm.generate(ctx, [[]], 10)
     with pytest.raises(ValueError, match="does not hold"):
-        tiny_lm.generate(memfit.load_context(ctx.save(tmp_path / "c.memfit"), tiny_lm), [[]], 4)
+        tiny_lm.generate(dataclasses.replace(back, logits=None), [[]], 4)
 
 
 def test_context_figures(tiny_lm):

@@ -30,6 +30,7 @@ from memfit.store.disk import atomic_write
 from memfit.textlines import first_lines, lines_done
 
 log = logging.getLogger("memfit")
+LOGITS = "next_logits"  # an entry's tensor: the context's Context.logits (absent from entries made before them)
 
 ANYWHERE = "anywhere:"  # what document entries' key space adds to their policy (never a prefix entry)
 DOC_INDEX_TOKENS = 32  # documents are found in a plain prompt by their first tokens (then checked whole)
@@ -46,9 +47,9 @@ class Context:
     meta: dict = field(default_factory=dict)
     lm: "LM | None" = field(default=None, repr=False)
     tenant: str = ""  # who it belongs to (memfit serve --api-keys); part of its key
-    # the model's next-token logits [B, V] (float32) after the last token, where the prefill computed
-    # them (not for a context read from a store or file): an answer can start from them with no
-    # token of its own (``generate(ctx, [[]])``), as a server answers a plain prompt
+    # the model's next-token logits [B, V] (float32) after the last token, where a prefill computed
+    # them (kept in stored entries and files too): an answer can start from them with no token of
+    # its own (``generate(ctx, [[]])``), as a server answers a plain prompt
     logits: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -83,6 +84,8 @@ class Context:
         tensors, state = self.cache.to_state()
         tensors = {n: t.detach().cpu() for n, t in tensors.items()}
         tensors["token_ids"] = self.token_ids[0].to(torch.int32).cpu()
+        if self.logits is not None:  # a repeated prompt answers from them without a pass of its own
+            tensors[LOGITS] = self.logits.detach().float().cpu()
         chain = space.chain(self.token_ids[0].tolist())
         manifest = {"format": space.format, "fingerprint": space.fingerprint, "tokenizer": space.tokenizer,
                     "policy": space.policy, "num_tokens": self.num_tokens, "cache": state,
@@ -154,10 +157,16 @@ class LM:
         if tenant is not None and owner != tenant:
             raise EntryMismatch(f"stored context {entry.key} belongs to another tenant")
         entry.check(self.keyspace(stored if policy is None else policy))
-        cache = CompressedCache.from_state({n: t for n, t in entry.tensors.items() if n != "token_ids"}, state,
-                                           stored, device=self.device)
+        cache = CompressedCache.from_state({n: t for n, t in entry.tensors.items() if n not in ("token_ids", LOGITS)},
+                                           state, stored, device=self.device)
         ids = entry.tensors["token_ids"].to(torch.long).to(self.device).unsqueeze(0)
-        return Context(cache, ids, stored, meta={"store": "hit"}, lm=self, tenant=owner)
+        logits = entry.tensors.get(LOGITS)
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        if logits is not None and (logits.ndim != 2 or logits.shape[-1] != vocab):
+            raise EntryMismatch(f"stored context {entry.key} holds logits of shape {tuple(logits.shape)}, not "
+                                f"[rows, {vocab}] for this model's vocabulary")
+        return Context(cache, ids, stored, meta={"store": "hit"}, lm=self, tenant=owner,
+                       logits=logits.to(self.device) if logits is not None else None)
 
     def load_context(self, path: "str | Path") -> Context:
         path = Path(path)
@@ -701,7 +710,7 @@ class LM:
         if all(len(s) == 0 for s in suffixes):
             if ctx.logits is None:
                 raise ValueError("empty suffixes continue from the logits its prefill computed, which this context "
-                                 "does not hold (it was read from a store or file): pass at least one token")
+                                 "does not hold (it was stored without them): pass at least one token")
             start = ctx.logits.expand(len(suffixes), -1)
         elif any(len(s) == 0 for s in suffixes):
             raise ValueError("every suffix needs at least one token (or all of them none, to start from the "

@@ -533,6 +533,8 @@ def bench_reuse_cmd(
     task_length: int = typer.Option(4096, help="Context tokens for --task."),
     store: str = typer.Option("mem://", help="Store URL the documents are read from: memory by default, as "
                               "memfit serve keeps them; file://DIR times reads from disk."),
+    repeats: int = typer.Option(3, help="Builds of each context (full prefill, assembly); the fastest is timed, "
+                                "on both sides: a shared machine's stalls removed."),
     out: Path = typer.Option(Path("results/bench_reuse.json"), "--out", "-o", help="JSON output."),
 ) -> None:
     """Stored documents reused anywhere: TTFT and accuracy of a full prefill, naive concatenation
@@ -547,9 +549,9 @@ def bench_reuse_cmd(
     if any(t not in TASKS for t in tasks):
         _fail(f"unknown task(s) {', '.join(t for t in tasks if t not in TASKS)}; valid: {', '.join(TASKS)}")
     if samples < 0 or agent_samples < 0 or samples + agent_samples + len(tasks) == 0 or not fractions \
-            or any(not 0 <= f <= 1 for f in fractions) or task_samples < 1:
-        _fail("--samples and --agent-samples must be >= 0 (or give --task), --task-samples >= 1, and every "
-              "--recompute in [0, 1]")
+            or any(not 0 <= f <= 1 for f in fractions) or task_samples < 1 or repeats < 1:
+        _fail("--samples and --agent-samples must be >= 0 (or give --task), --task-samples and --repeats >= 1, "
+              "and every --recompute in [0, 1]")
     spec = _policy(policy).spec
     try:
         st = open_store(store)
@@ -557,16 +559,17 @@ def bench_reuse_cmd(
         _fail(f"--store: {e}")
     lm = _load(model)
     result = {"model": model, "device": str(lm.device), "dtype": str(lm.model.dtype), "policy": spec,
-              "store": store}
+              "store": store, "repeats": repeats}
     try:
         if samples:
             result["documents"] = bench_documents(lm, st, samples, fractions=tuple(fractions), policy=spec,
-                                                  doc_tokens=doc_tokens)
+                                                  doc_tokens=doc_tokens, repeats=repeats)
         if agent_samples:
-            result["agents"] = bench_agents(lm, st, agent_samples, fractions=tuple(fractions), policy=spec)
+            result["agents"] = bench_agents(lm, st, agent_samples, fractions=tuple(fractions), policy=spec,
+                                            repeats=repeats)
         if tasks:
             result["tasks"] = bench_split_tasks(lm, st, tasks, task_length, task_samples,
-                                                fractions=tuple(fractions), policy=spec)
+                                                fractions=tuple(fractions), policy=spec, repeats=repeats)
     except RuntimeError as e:  # the store lost the documents: timing it would be timing full prefills
         _fail(f"--store {store}: {e}")
     _write_json(out, result)

@@ -16,7 +16,9 @@ def test_documents_and_agents_benches_compare_variants_on_the_same_tokens(tokeni
     tiny_lm = LM(tiny_llama(torch.float64, layers=4), tokenizer, name="tiny-4")  # layers past the two exact ones
     store = open_store(f"file://{tmp_path}")
     docs = bench_documents(tiny_lm, store, samples=2, docs=2, pool=3, doc_tokens=96, fractions=(0.0, 1.0),
-                           max_new_tokens=4)
+                           max_new_tokens=4, repeats=2)
+    # each context built twice, the fastest build timed
+    assert all(len(r["builds_s"]) == 2 and r["context_s"] == min(r["builds_s"]) for r in docs["records"])
     assert set(docs["summary"]) == {"full", "naive", "recompute=1"}
     by_sample = {}
     for r in docs["records"]:
@@ -27,7 +29,9 @@ def test_documents_and_agents_benches_compare_variants_on_the_same_tokens(tokeni
     assert docs["summary"]["full"]["answer_kl"] == 0.0
     assert docs["summary"]["recompute=1"]["answer_kl"] < 1e-9 < docs["summary"]["naive"]["answer_kl"]
     agents = bench_agents(tiny_lm, store, samples=1, agents=3, text_tokens=256, prefix_tokens=40,
-                          fractions=(0.0, 1.0), max_new_tokens=4)
+                          fractions=(0.0, 1.0), max_new_tokens=4, repeats=2)
+    # the anchored build once: its pool learns from every build
+    assert all((r["builds_s"] is None) == (r["variant"] in ("anchors", "stores")) for r in agents["records"])
     later = agents["summary"]["agents_2_on"]
     assert set(later) == {"full", "naive", "recompute=1", "anchors"} and later["full"]["n"] == 2
     assert later["recompute=1"]["kv_error"] < 1e-9 < later["naive"]["kv_error"]

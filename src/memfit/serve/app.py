@@ -314,12 +314,11 @@ class Server:
         return self._prompt_context(ids, who)
 
     def _prompt_context(self, ids: list[int], who: Identity = OPEN) -> tuple[Context, list[int]]:
-        """The prompt's context and the tokens still to feed. A prompt holding stored documents is
-        assembled whole, and a short one prefilled whole: the pass's last logits start the answer
-        (nothing left to feed). A long one is looked up in the store without its last token (a
-        stored prefix is reused, the rest read) and stored for the next request, under the caller's
-        tenant (another tenant's prompts are never reused), unless that would exceed its quota;
-        the last token is then fed (a stored context holds no logits)."""
+        """The prompt's context and the tokens still to feed: the whole prompt, whose last logits
+        start the answer (nothing left to feed). A prompt holding stored documents is assembled
+        from them; a long one is looked up in the store (a stored prefix is reused, the rest read)
+        and stored for the next request, under the caller's tenant (another tenant's prompts are
+        never reused), unless that would exceed its quota."""
         self._check_length(len(ids), "prompt")
         if len(ids) < 2:
             bos = self.lm.tokenizer.bos_token_id
@@ -336,9 +335,12 @@ class Server:
                 return ctx, []
         if self.config.reuse_prompts and len(ids) - 1 >= REUSE_MIN_TOKENS:
             # storing a prompt only speeds up the next one: a store that cannot take it does not fail the chat
-            return self.lm.prefill_stored(whole[:, :-1], self.prompt_policy, self.store, must_store=False,
-                                          tenant=who.tenant, admit=lambda c: self._admit(who, c.nbytes, refuse=False)
-                                          ), ids[-1:]
+            def stored(prompt: torch.Tensor) -> Context:
+                return self.lm.prefill_stored(prompt, self.prompt_policy, self.store, must_store=False,
+                                              tenant=who.tenant, admit=lambda c: self._admit(who, c.nbytes, refuse=False))
+            ctx = stored(whole)
+            # the same prompt stored without its logits (by an earlier version): its prefix, then the last token
+            return (ctx, []) if ctx.logits is not None else (stored(whole[:, :-1]), ids[-1:])
         return self.lm.prefill_ids(whole, self.prompt_policy), []
 
     def _documents_in(self, ids: list[int], who: Identity) -> "tuple[list[tuple[int, int]], str, dict[str, Entry]] | None":
