@@ -581,7 +581,7 @@ class LM:
             move = self.rope.shift_matrix(a - at, self.device) if a != at else None
             for i, layer in enumerate(cache.layers):
                 k, v = layer.materialize()
-                keys[i][:, :, a:b] = k.float() @ move if move is not None else k
+                keys[i][:, :, a:b] = self.rope.apply_shift(k, move) if move is not None else k
                 values[i][:, :, a:b] = v
             fresh[a:b] = False
             found.append(how)

@@ -39,6 +39,15 @@ def test_shifted_keys_equal_keys_computed_at_the_new_positions(scaling):
     torch.testing.assert_close(rope.shift(at0, spread), rope.rotate(k, torch.arange(40) + spread), rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="one per token"):
         rope.shift(at0, torch.zeros(3))
+    m = rope.shift_matrix(1000)
+    torch.testing.assert_close(rope.apply_shift(at0, m), rope.shift(at0, 1000), rtol=0, atol=1e-5)  # float32
+    # 16-bit keys move in their own dtype: within about a unit in the last place of the exact move
+    low = at0.bfloat16()
+    moved, exact = rope.apply_shift(low, m), rope.shift(low, 1000)
+    assert moved.dtype == torch.bfloat16
+    assert (moved.float() - exact).abs().max() < 2.0**-6 * exact.abs().max()
+    rounding = (exact.bfloat16().float() - exact).pow(2).mean().sqrt()
+    assert (moved.float() - exact).pow(2).mean().sqrt() < 1.5 * rounding
 
 
 def test_pre_rope_cache_stores_keys_before_rope_and_reads_them_back_rotated():

@@ -93,6 +93,15 @@ class RoPE:
         m[i, i + h] = sin[h:]
         return m
 
+    @staticmethod
+    def apply_shift(k: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """``k`` [..., D] moved by a :meth:`shift_matrix` ``m``: one GEMM in ``k``'s own dtype where
+        that is 16-bit (the matrix rounded to it: on bfloat16 keys the error grows from 0.5 to about
+        0.65 of a unit in the last place, rms; 2.6x faster on a CPU), else in float32."""
+        if k.dtype in (torch.bfloat16, torch.float16):
+            return k @ m.to(k.dtype)
+        return k.float() @ m
+
     def check(self, head_dim: int) -> None:
         if 2 * self.inv_freq.numel() != head_dim:
             raise ValueError(f"RoPE over {2 * self.inv_freq.numel()} channels cannot rotate keys of head_dim {head_dim} "
