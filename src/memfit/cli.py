@@ -535,6 +535,8 @@ def bench_reuse_cmd(
                               "memfit serve keeps them; file://DIR times reads from disk."),
     repeats: int = typer.Option(3, help="Builds of each context (full prefill, assembly); the fastest is timed, "
                                 "on both sides: a shared machine's stalls removed."),
+    seed: int = typer.Option(0, help="Draws the documents, orders, system prompts and questions (another seed: "
+                             "samples the default run never saw)."),
     out: Path = typer.Option(Path("results/bench_reuse.json"), "--out", "-o", help="JSON output."),
 ) -> None:
     """Stored documents reused anywhere: TTFT and accuracy of a full prefill, naive concatenation
@@ -559,17 +561,17 @@ def bench_reuse_cmd(
         _fail(f"--store: {e}")
     lm = _load(model)
     result = {"model": model, "device": str(lm.device), "dtype": str(lm.model.dtype), "policy": spec,
-              "store": store, "repeats": repeats}
+              "store": store, "repeats": repeats, "seed": seed}
     try:
         if samples:
             result["documents"] = bench_documents(lm, st, samples, fractions=tuple(fractions), policy=spec,
-                                                  doc_tokens=doc_tokens, repeats=repeats)
+                                                  doc_tokens=doc_tokens, repeats=repeats, seed=seed)
         if agent_samples:
             result["agents"] = bench_agents(lm, st, agent_samples, fractions=tuple(fractions), policy=spec,
-                                            repeats=repeats)
+                                            repeats=repeats, seed=seed)
         if tasks:
             result["tasks"] = bench_split_tasks(lm, st, tasks, task_length, task_samples,
-                                                fractions=tuple(fractions), policy=spec, repeats=repeats)
+                                                fractions=tuple(fractions), policy=spec, repeats=repeats, seed=seed)
     except RuntimeError as e:  # the store lost the documents: timing it would be timing full prefills
         _fail(f"--store {store}: {e}")
     _write_json(out, result)
