@@ -161,12 +161,13 @@ class LM:
                                            state, stored, device=self.device)
         ids = entry.tensors["token_ids"].to(torch.long).to(self.device).unsqueeze(0)
         logits = entry.tensors.get(LOGITS)
-        vocab = self.model.get_output_embeddings().weight.shape[0]
-        if logits is not None and (logits.ndim != 2 or logits.shape[-1] != vocab):
-            raise EntryMismatch(f"stored context {entry.key} holds logits of shape {tuple(logits.shape)}, not "
-                                f"[rows, {vocab}] for this model's vocabulary")
-        return Context(cache, ids, stored, meta={"store": "hit"}, lm=self, tenant=owner,
-                       logits=logits.to(self.device) if logits is not None else None)
+        if logits is not None:
+            vocab = self.model.get_output_embeddings().weight.shape[0]
+            if logits.ndim != 2 or logits.shape[-1] != vocab:
+                raise EntryMismatch(f"stored context {entry.key} holds logits of shape {tuple(logits.shape)}, not "
+                                    f"[rows, {vocab}] for this model's vocabulary")
+            logits = logits.to(self.device)
+        return Context(cache, ids, stored, meta={"store": "hit"}, lm=self, tenant=owner, logits=logits)
 
     def load_context(self, path: "str | Path") -> Context:
         path = Path(path)

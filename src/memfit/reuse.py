@@ -206,17 +206,12 @@ def compute_rows(model: torch.nn.Module, input_ids: torch.Tensor, keys: list[tor
     embed, rotary, layers = decoder_parts(model)
     cache = _Rows(keys, values)
     arg, causal = cache_arg_name(type(layers[0])), _unmasked_is_causal(model)
-    last = last and _last_row(rows, input_ids)
+    if last and (rows.numel() == 0 or int(rows[-1]) != input_ids.shape[1] - 1):
+        raise ValueError("the last row's output needs the sequence's last row among those computed")
     if rows.numel() == 0:
         return None
     h = embed(input_ids[:, rows])
     return _through(layers, h, _calls(rows, h, rotary, causal, _query_heads_per_kv(model)), cache, arg, last)
-
-
-def _last_row(rows: torch.Tensor, input_ids: torch.Tensor) -> bool:
-    if rows.numel() == 0 or int(rows[-1]) != input_ids.shape[1] - 1:
-        raise ValueError("the last row's output needs the sequence's last row among those computed")
-    return True
 
 
 def _through(layers, hidden, calls: list[_Call], cache, arg, last: bool = False) -> torch.Tensor | None:
