@@ -108,3 +108,19 @@ def test_million_bad_inputs_are_named():  # bad specs: tests/kv/test_policy.py
     with pytest.raises(ValueError, match="cannot concatenate product-quantized tensors"):
         Million(bits=2, sub=4).quantize_keys(torch.randn(1, 1, 64, 16)).cat(
             Million(bits=2, sub=2).quantize_keys(torch.randn(1, 1, 64, 16)))
+
+
+def test_faiss_search_finds_the_torch_paths_nearest_centroids(monkeypatch):
+    """The faiss encoder (CPU, 256 centroids) and the blocked torch search pick centroids at the same
+    distance from every point; only exact ties may differ."""
+    from memfit.kv import million
+
+    assert million._faiss() is not None  # a dependency: this test compares the two paths
+    g = torch.Generator().manual_seed(0)
+    x, cb = torch.randn(2, 5, 3000, 4, generator=g), torch.randn(2, 5, 256, 4, generator=g)
+    fast = million._assign(x, cb)
+    monkeypatch.setattr(million, "_faiss", lambda: None)
+    ref = million._assign(x, cb)
+    dist = lambda a: (x - cb.gather(2, a.unsqueeze(-1).expand(-1, -1, -1, 4))).pow(2).sum(-1)  # noqa: E731
+    assert fast.shape == ref.shape == (2, 5, 3000) and (fast == ref).float().mean() > 0.999
+    torch.testing.assert_close(dist(fast), dist(ref), atol=1e-5, rtol=0)
