@@ -1,6 +1,8 @@
 """The eviction methods added on top of SnapKV/StreamingLLM: scores against planted tokens and
 against transformers' eager attention, budgets, and adaptive (ragged) heads."""
 
+import math
+
 import pytest
 import torch
 
@@ -128,6 +130,29 @@ def test_fused_attention_and_max_from_lse_equal_the_reference(masked, split):
     torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
     want = reduce_attention(q, k, mask, 0.3, "max")[..., :n]
     torch.testing.assert_close(max_attention(q, k[:, :, :n], lse, 0.3), want, rtol=1e-5, atol=1e-7)
+
+
+def test_max_attention_in_bfloat16_is_within_its_rounding_of_float32():
+    """On CPU, bfloat16 queries and keys take the bfloat16 matmul with -log p read as int16 for the
+    max: probabilities within a few percent of the float32 path, the same keys ranked on top, and a
+    key that takes all of a query's attention (-log p rounded to about 0, maybe below) scores 1."""
+    from memfit.kv.attention import max_attention
+
+    g = torch.Generator().manual_seed(5)
+    b, hq, h, nq, nk, d = 1, 6, 2, 300, 700, 64
+    q, k = torch.randn(b, hq, nq, d, generator=g) * 2, torch.randn(b, h, nk, d, generator=g) * 2
+    k[:, 0, 3] = q[:, 0, 7] * 4  # query 7 of head 0 sees key 3 only
+    q, k = q.bfloat16(), k.bfloat16()
+    logits = (q.float().reshape(b, h, -1, d) @ k.float().transpose(-1, -2)) * d ** -0.5
+    lse = logits.logsumexp(-1).reshape(b, hq, nq) + torch.rand(b, hq, nq, generator=g)  # keys beyond these
+    want = max_attention(q.float(), k.float(), lse, d ** -0.5)
+    got = max_attention(q, k, lse, d ** -0.5)
+    assert got.dtype == torch.float32 and got.shape == (b, h, nk)
+    rel = (got - want).abs() / want
+    assert rel.max() < 0.04 and rel[want > math.exp(-4)].max() < 0.02
+    assert (got[0, 0, 3] - want[0, 0, 3]).abs() < 0.01 and want[0, 0, 3] > 0.3
+    top = lambda x: set(x[0, 1].topk(300).indices.tolist())  # noqa: E731
+    assert len(top(got) & top(want)) >= 295
 
 
 def test_kvzip_scores_are_the_same_without_the_fused_kernel(tiny_lm, monkeypatch):
