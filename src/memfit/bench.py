@@ -844,7 +844,8 @@ def _step_read_bytes(model) -> int:
 def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...] = (4,), group_size: int = 64,
                         method: str = "hqq", layers: int = 32, compile: bool = False,
                         lm_head: bool = False, meta_bits: int = 0, kernel: str | None = None,
-                        peak_tbs: float = 4.8, fuse: bool = True, attention: str = "memfit") -> dict:
+                        peak_tbs: float = 4.8, fuse: bool = True, attention: str = "memfit",
+                        qdec_channels: float = 0.0, qdec_bits: int = 8) -> dict:
     """Decode step time of a random-weight Llama-3.1-8B-shaped model with bf16 weights, then with
     weights at each of ``bits`` (memfit's QuantLinear: on CUDA the tile-layout GEMV at every width;
     ``kernel="tinygemm"``: torch's int4 kernel at 4 bits, ``"planes"``: the bit-plane GEMV), on the same
@@ -857,9 +858,16 @@ def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...]
     stacked (``bf16_fused_ms``, ``speedup_vs_fused_bf16``). ``attention``: ``"memfit"``, the
     step as memfit's static decode runs it (memfit's attention, the cache's last slot filled, unmasked
     SDPA with its GQA kernel, as ``bench decode`` times its 16-bit graph), or ``"sdpa"``: transformers'
-    SDPA with the mask of a StaticCache not yet full (cuDNN's kernel and the mask's own kernels)."""
+    SDPA with the mask of a StaticCache not yet full (cuDNN's kernel and the mask's own kernels).
+    ``qdec_channels``: each width also timed with QDEC's residual (``qdec_bits``, pinned host memory)
+    on that fraction of the input channels, its correction beside the layer's product on a side stream
+    (``qdec_ms``) and inline after it (``qdec_inline_ms``); QDEC layers do not stack, so ``fuse``
+    must be off (the plain width then runs unstacked too)."""
     if attention not in ("memfit", "sdpa"):
         raise ValueError(f"attention must be 'memfit' or 'sdpa', got {attention!r}")
+    if qdec_channels and fuse:
+        raise ValueError("QDEC layers do not stack: time them with fuse off (--no-fuse), against the plain "
+                         "width unstacked")
     attn, full = (None, True) if attention == "memfit" else ("sdpa", False)
     from memfit.weights import QuantLinear, WeightQuant, quantize_, weight_bytes
     from memfit.weights.fuse import fuse_projections
@@ -914,9 +922,47 @@ def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...]
         row["speedup"] = out["bf16_ms"] / row["quant_ms"]
         if "bf16_fused_ms" in out:
             row["speedup_vs_fused_bf16"] = out["bf16_fused_ms"] / row["quant_ms"]
+        if qdec_channels:
+            del model
+            model = None
+            row.update(_qdec_step(b, group_size, method, skip, meta_bits, kernel, qdec_channels, qdec_bits,
+                                  batch, prompt, compile, full, layers, attn))
+            row["qdec_added"] = row["qdec_ms"] / row["quant_ms"] - 1
+            row["qdec_inline_added"] = row["qdec_inline_ms"] / row["quant_ms"] - 1
         out["widths"].append(row)
     out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
+
+
+def _qdec_step(bits: int, group_size: int, method: str, skip, meta_bits: int, kernel, channels: float,
+               qbits: int, batch: int, prompt: int, compile: bool, full: bool, layers: int, attn) -> dict:
+    """The step of a fresh copy of the model (the same seed) at ``bits`` with QDEC on ``channels`` of
+    each layer's input channels, overlapped and inline; what each token fetches from host memory."""
+    from memfit.weights import QuantLinear, WeightQuant, quantize_, weight_bytes
+
+    torch.cuda.empty_cache()
+    model = _random_llama8b(layers, attn)
+    quantize_(model, WeightQuant(bits=bits, group_size=group_size, method=method, skip=skip, meta_bits=meta_bits,
+                                 qdec_channels=channels, qdec_bits=qbits), progress=False)
+    qs = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for m in qs:
+        m.set_prefer(kernel)
+    torch.cuda.empty_cache()
+    row = {"qdec_channels": channels, "qdec_bits": qbits, "qdec_host_bytes": weight_bytes(model)["host"],
+           # a decode token's fetch: k rows of out_features codes a layer, and their scales
+           "qdec_fetch_bytes": sum(m.qdec_k * (m.out_features * qbits // 8 + (2 if qbits < 16 else 0)) for m in qs)}
+    for key, overlap in (("qdec_ms", True), ("qdec_inline_ms", False)):
+        QuantLinear.qdec_overlap = overlap
+        try:
+            if compile:
+                torch._dynamo.reset()
+            row[key], row[key.replace("_ms", "_mode")] = _decode_step_ms(model, batch, prompt, compile=compile,
+                                                                         full=full)
+        finally:
+            QuantLinear.qdec_overlap = True
+    del model
+    torch.cuda.empty_cache()
+    return row
 
 
 def _prefilled_dynamic(model, batch: int, context: int, chunk: int):

@@ -806,6 +806,9 @@ def bench_weight_decode_cmd(
     attention: str = typer.Option("memfit", "--attention", help="'memfit': the step as memfit's static decode runs "
                                   "it (unmasked GQA SDPA, as bench decode's 16-bit graph); 'sdpa': transformers' "
                                   "masked SDPA on a StaticCache not yet full."),
+    qdec_channels: float = typer.Option(0.0, "--qdec-channels", help="Also time each width with QDEC on this "
+                                        "fraction of input channels (needs --no-fuse; QDEC layers do not stack)."),
+    qdec_bits: int = typer.Option(8, "--qdec-bits", help="QDEC: bits of the residual in host memory."),
     out: Path = typer.Option(Path("results/bench_weight_decode.json"), "--out", "-o"),
 ) -> None:
     """GPU: decode step time, random-weight Llama-3.1-8B shape, bf16 weights vs quantized weights."""
@@ -818,9 +821,11 @@ def bench_weight_decode_cmd(
         raise typer.BadParameter(f"unknown kernel {kernel!r}; use one of {PREFER}", param_hint="--kernel")
     if attention not in ("memfit", "sdpa"):
         raise typer.BadParameter(f"unknown attention {attention!r}; use memfit or sdpa", param_hint="--attention")
+    if qdec_channels and fuse:
+        raise typer.BadParameter("QDEC layers do not stack: add --no-fuse", param_hint="--qdec-channels")
     r = bench_weight_decode(batch, bits=tuple(bits), group_size=group_size, method=method, layers=layers,
                             compile=compile, lm_head=lm_head, meta_bits=meta_bits, kernel=kernel, fuse=fuse,
-                            attention=attention)
+                            attention=attention, qdec_channels=qdec_channels, qdec_bits=qdec_bits)
     _write_json(out, r)
     stacked = f", stacked {r['bf16_fused_ms']:.3f} ms" if "bf16_fused_ms" in r else ""
     typer.echo(f"bf16 {r['bf16_ms']:.3f} ms{stacked} ({r['bf16_mode']}), roofline {r['bf16_roofline_ms']:.3f} ms")
@@ -829,6 +834,11 @@ def bench_weight_decode_cmd(
         typer.echo(f"{w['bits']}-bit {w['quant_ms']:.3f} ms ({w['quant_mode']}, {w['kernels']}): {w['speedup']:.2f}x bf16{vs}; "
                    f"roofline {w['roofline_ms']:.3f} ms ({w['of_roofline']:.0%}); weights {r['bf16_weight_bytes'] / 2**30:.2f}"
                    f" -> {w['quant_weight_bytes'] / 2**30:.2f} GiB stored, {w['quant_resident_bytes'] / 2**30:.2f} GiB resident")
+        if "qdec_ms" in w:
+            typer.echo(f"  + QDEC {w['qdec_channels']:.1%} of channels, {w['qdec_bits']}-bit residual "
+                       f"({w['qdec_fetch_bytes'] / 2**20:.1f} MiB a token from host memory): {w['qdec_ms']:.3f} ms "
+                       f"overlapped ({w['qdec_added']:+.1%}), {w['qdec_inline_ms']:.3f} ms inline "
+                       f"({w['qdec_inline_added']:+.1%})")
     typer.echo(f"wrote {out}")
 
 

@@ -115,3 +115,55 @@ def test_gpu_layer_reads_its_residual_from_pinned_host_memory(bits):
         assert q._qdec_views is not None and q._qdec_views[0].is_cuda
         assert q._qdec_pinned[0].buf.numel() == q.qdec_codes.numel() * q.qdec_codes.element_size()  # exact size
         torch.testing.assert_close(q(x.cuda()).cpu(), want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_correction_on_a_side_stream_equals_inline_also_in_a_cuda_graph():
+    """The correction overlapped with the layer's product (a side stream, joined before the sum)
+    gives the inline result, eagerly and replayed from a CUDA graph with new inputs."""
+    lin, q = _layer(out=256, inp=512)
+    q.attach_residual(lin.weight.data, k=10, bits=8)
+    q.cuda()
+    x = _x(1, inp=512).cuda().bfloat16()
+    try:
+        QuantLinear.qdec_overlap = False
+        want = q(x)
+        QuantLinear.qdec_overlap = True
+        assert q._qdec_begin(x) is not None  # the side-stream path is taken
+        torch.testing.assert_close(q(x), want, rtol=1e-2, atol=1e-2)  # the kernel's atomic adds: any order
+        static = x.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            q(static)  # warm-up off the capture
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = q(static)
+        x2 = _x(1, inp=512, seed=9).cuda().bfloat16()
+        static.copy_(x2)
+        graph.replay()
+        QuantLinear.qdec_overlap = False
+        torch.testing.assert_close(out, q(x2), rtol=1e-2, atol=1e-2)
+    finally:
+        QuantLinear.qdec_overlap = True
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rows,k", [(1, 6), (2, 13), (3, 4)])
+def test_fused_gather_kernel_equals_the_torch_path(rows, k, monkeypatch):
+    """The one-launch correction (8-bit residual read from pinned host memory) against the unfused
+    torch path on the same device view."""
+    from memfit.kernels import qdec_gather
+
+    lin, q = _layer(out=3000, inp=256)  # outputs not a multiple of the kernel's block
+    q.attach_residual(lin.weight.data, k=k, bits=8)
+    q.cuda()
+    x = _x(rows, inp=256).cuda().bfloat16()[:1]
+    got = qdec.correction(x, q.qdec_codes, q.qdec_scale, 8, k, q._qdec_views)
+    assert qdec_gather.supported(x, q._qdec_views[0], 8)
+    monkeypatch.setattr(qdec_gather, "supported", lambda *a: False)
+    want = qdec.correction(x, q.qdec_codes, q.qdec_scale, 8, k, q._qdec_views)
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)

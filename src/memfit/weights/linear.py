@@ -36,6 +36,7 @@ from memfit.weights.anyprec import bin_centres
 from memfit.weights.grid import META_BITS, MetaCodes
 
 KINDS = ("uniform", "codebook")
+_SIDE_STREAMS: dict = {}  # device -> the CUDA stream QDEC's corrections run on beside the layers' products
 QDEC_BUFFERS = ("qdec_codes", "qdec_scale")  # QDEC's residual: kept in host memory wherever the layer goes
 LOWRANK_BUFFERS = ("lr_l", "lr_l_scale", "lr_r", "lr_r_scale")  # twin's 8-bit factors L [out, r], R [r, in]
 TINYGEMM_GROUPS = (32, 64, 128, 256)
@@ -382,7 +383,28 @@ class QuantLinear(nn.Module):
             return plane_gemv.plane_gemv(x, self._planes(), self.group_size, self.read_bits, **grid)
         return None
 
+    # QDEC on CUDA: the correction runs on a side stream while the layer's own product runs (host
+    # memory over PCIe beside HBM). Off: both on the caller's stream, one after the other.
+    qdec_overlap: bool = True
+
+    def _qdec_begin(self, x: torch.Tensor) -> tuple | None:
+        """Start QDEC's correction of ``x`` on the device's side stream (CUDA, residual pinned); None
+        where it runs inline. The side stream first waits for the caller's (``x`` is ready), and the
+        caller waits for it before the sum (:meth:`forward`); every later side-stream allocation is
+        queued after the caller's work, so the correction's memory is not reused under the sum."""
+        if not (self.qdec_k and self.qdec_overlap and x.is_cuda and self._qdec_views is not None):
+            return None
+        main = torch.cuda.current_stream(x.device)
+        side = _SIDE_STREAMS.get(x.device)
+        if side is None:
+            side = _SIDE_STREAMS[x.device] = torch.cuda.Stream(x.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            c = qdec.correction(x, self.qdec_codes, self.qdec_scale, self.qdec_bits, self.qdec_k, self._qdec_views)
+        return main, side, c
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        started = self._qdec_begin(x)
         y = self._kernel_product(x)
         if y is None:  # the dequantized weight holds the grid's and twin's low-rank part
             y = F.linear(x, self.dequantize(x.dtype), self.bias)
@@ -391,7 +413,11 @@ class QuantLinear(nn.Module):
             if self.rank:
                 lw, rw = self._factors()
                 y = y + F.linear(F.linear(x, rw.to(x.dtype)), lw.to(x.dtype))
-        if self.qdec_k:
+        if started is not None:
+            main, side, c = started
+            main.wait_stream(side)
+            y = y + c
+        elif self.qdec_k:
             y = y + qdec.correction(x, self.qdec_codes, self.qdec_scale, self.qdec_bits, self.qdec_k,
                                     self._qdec_views)
         return y

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from memfit.kernels import qdec_gather
 from memfit.kernels.packing import pack, unpack
 
 BITS = (4, 8, 16, 32)
@@ -82,6 +83,8 @@ def correction(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits: 
     t = xf.shape[0]
     idx = xf.abs().topk(k, dim=-1).indices  # [T, k]
     codes, scale = views if views is not None else (codes, scale)
+    if t * k <= codes.shape[0] and qdec_gather.supported(xf, codes, bits):  # decode on a GPU: one launch
+        return qdec_gather.correction(xf, idx, codes, scale).to(x.dtype).reshape(*x.shape[:-1], -1)
     if t * k <= codes.shape[0]:  # few rows: each row's own channels, fixed shapes
         rows = _rows(codes, scale, idx.reshape(-1), bits, x.device)  # [T * k, out]
         out = (rows * xf.gather(1, idx).float().reshape(-1, 1)).view(t, k, -1).sum(1)
