@@ -90,6 +90,20 @@ def test_quantize_with_qdec_reports_host_bytes_and_saves_and_loads(tmp_path, tin
     assert not torch.equal(got, without)
 
 
+def test_layers_called_with_one_tensor_share_its_top_k():
+    """q, k and v (gate and up) get the same input tensor: one top-k serves them, until that tensor
+    changes in place or another comes."""
+    x = _x(3)
+    a = qdec.chosen(x, 5)
+    assert qdec.chosen(x, 5) is a and qdec.chosen(x, 4) is not a
+    torch.testing.assert_close(a, x.reshape(-1, x.shape[-1]).abs().topk(5, dim=-1).indices)
+    b = qdec.chosen(x, 5)
+    x[..., 0] = 1e6  # in place: channel 0 now leads every row
+    c = qdec.chosen(x, 5)
+    assert c is not b and (c[:, 0] == 0).all()
+    assert qdec.chosen(x.clone(), 5) is not c
+
+
 def test_bad_qdec_configs_are_named():
     with pytest.raises(ValueError, match="qdec_bits"):
         WeightQuant(qdec_channels=0.02, qdec_bits=3)

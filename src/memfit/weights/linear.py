@@ -397,7 +397,8 @@ class QuantLinear(nn.Module):
         main = torch.cuda.current_stream(x.device)
         side = _SIDE_STREAMS.get(x.device)
         if side is None:
-            side = _SIDE_STREAMS[x.device] = torch.cuda.Stream(x.device)
+            # high priority: its short kernels start as soon as they can, beside the long GEMV
+            side = _SIDE_STREAMS[x.device] = torch.cuda.Stream(x.device, priority=-1)
         side.wait_stream(main)
         with torch.cuda.stream(side):
             c = qdec.correction(x, self.qdec_codes, self.qdec_scale, self.qdec_bits, self.qdec_k, self._qdec_views)

@@ -17,6 +17,8 @@ fetching ``k`` channels is ``k`` contiguous reads.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from memfit.kernels import qdec_gather
@@ -74,6 +76,27 @@ def _rows(codes: torch.Tensor, scale: torch.Tensor, index: torch.Tensor, bits: i
     return rows.to(device, non_blocking=True)
 
 
+_last: tuple | None = None  # (weakref to an input, its version, k, capturing, its chosen channels)
+
+
+def chosen(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Each row's ``k`` largest ``|x[c]|`` -> [T, k]. Layers called with the same tensor (q, k and v
+    of one attention; gate and up) share one top-k: the last input's is kept, and reused while that
+    very tensor, unchanged (its version), comes again, on the same side of a CUDA-graph capture (a
+    captured top-k holds nothing until replayed; one run outside would not be in the graph); not
+    under torch.compile, which traces this."""
+    global _last
+    if torch.compiler.is_compiling():
+        return x.reshape(-1, x.shape[-1]).abs().topk(k, dim=-1).indices
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    last = _last
+    if last is not None and last[0]() is x and last[1:4] == (x._version, k, capturing):
+        return last[4]
+    idx = x.reshape(-1, x.shape[-1]).abs().topk(k, dim=-1).indices
+    _last = (weakref.ref(x), x._version, k, capturing, idx)
+    return idx
+
+
 def correction(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits: int, k: int,
                views: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``R x`` over each row's ``k`` largest ``|x[c]|`` ([..., in] -> [..., out], x's dtype).
@@ -81,7 +104,7 @@ def correction(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits: 
     rows chose are read and moved. ``views``: CUDA views of them (pinned), read by the device."""
     xf = x.reshape(-1, x.shape[-1])
     t = xf.shape[0]
-    idx = xf.abs().topk(k, dim=-1).indices  # [T, k]
+    idx = chosen(x, k)  # [T, k]
     codes, scale = views if views is not None else (codes, scale)
     if t * k <= codes.shape[0] and qdec_gather.supported(xf, codes, bits):  # decode on a GPU: one launch
         return qdec_gather.correction(xf, idx, codes, scale).to(x.dtype).reshape(*x.shape[:-1], -1)
