@@ -821,8 +821,15 @@ def bench_weight_decode_cmd(
         raise typer.BadParameter(f"unknown kernel {kernel!r}; use one of {PREFER}", param_hint="--kernel")
     if attention not in ("memfit", "sdpa"):
         raise typer.BadParameter(f"unknown attention {attention!r}; use memfit or sdpa", param_hint="--attention")
-    if qdec_channels and fuse:
-        raise typer.BadParameter("QDEC layers do not stack: add --no-fuse", param_hint="--qdec-channels")
+    if qdec_channels:  # checked before an 8B model is built
+        from memfit.weights import qdec
+
+        if fuse:
+            raise typer.BadParameter("QDEC layers do not stack: add --no-fuse", param_hint="--qdec-channels")
+        try:
+            qdec.check(qdec_bits, qdec_channels)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--qdec-channels / --qdec-bits") from None
     r = bench_weight_decode(batch, bits=tuple(bits), group_size=group_size, method=method, layers=layers,
                             compile=compile, lm_head=lm_head, meta_bits=meta_bits, kernel=kernel, fuse=fuse,
                             attention=attention, qdec_channels=qdec_channels, qdec_bits=qdec_bits)

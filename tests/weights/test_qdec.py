@@ -181,3 +181,10 @@ def test_fused_gather_kernel_equals_the_torch_path(rows, k, monkeypatch):
     monkeypatch.setattr(qdec_gather, "supported", lambda *a: False)
     want = qdec.correction(x, q.qdec_codes, q.qdec_scale, 8, k, q._qdec_views)
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_bench_refuses_qdec_on_stacked_projections_before_building_a_model():
+    from memfit.bench import bench_weight_decode
+
+    with pytest.raises(ValueError, match="do not stack"):
+        bench_weight_decode(qdec_channels=0.01, fuse=True)
