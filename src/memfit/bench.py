@@ -923,8 +923,7 @@ def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...]
         if "bf16_fused_ms" in out:
             row["speedup_vs_fused_bf16"] = out["bf16_fused_ms"] / row["quant_ms"]
         if qdec_channels:
-            del model
-            model = None
+            model = None  # freed before the QDEC copy is built
             row.update(_qdec_step(b, group_size, method, skip, meta_bits, kernel, qdec_channels, qdec_bits,
                                   batch, prompt, compile, full, layers, attn))
             row["qdec_added"] = row["qdec_ms"] / row["quant_ms"] - 1

@@ -401,8 +401,11 @@ class QuantLinear(nn.Module):
             side = _SIDE_STREAMS[x.device] = torch.cuda.Stream(x.device, priority=-1)
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            c = qdec.correction(x, self.qdec_codes, self.qdec_scale, self.qdec_bits, self.qdec_k, self._qdec_views)
+            c = self._qdec_correction(x)
         return main, side, c
+
+    def _qdec_correction(self, x: torch.Tensor) -> torch.Tensor:
+        return qdec.correction(x, self.qdec_codes, self.qdec_scale, self.qdec_bits, self.qdec_k, self._qdec_views)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         started = self._qdec_begin(x)
@@ -419,8 +422,7 @@ class QuantLinear(nn.Module):
             main.wait_stream(side)
             y = y + c
         elif self.qdec_k:
-            y = y + qdec.correction(x, self.qdec_codes, self.qdec_scale, self.qdec_bits, self.qdec_k,
-                                    self._qdec_views)
+            y = y + self._qdec_correction(x)
         return y
 
     # -- accounting -----------------------------------------------------------------------------

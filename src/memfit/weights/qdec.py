@@ -76,7 +76,7 @@ def _rows(codes: torch.Tensor, scale: torch.Tensor, index: torch.Tensor, bits: i
     return rows.to(device, non_blocking=True)
 
 
-_last: tuple | None = None  # (weakref to an input, its version, k, capturing, its chosen channels)
+_last: tuple | None = None  # (weakref to an input, (its version, k, capturing), its chosen channels)
 
 
 def chosen(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -86,14 +86,15 @@ def chosen(x: torch.Tensor, k: int) -> torch.Tensor:
     captured top-k holds nothing until replayed; one run outside would not be in the graph); not
     under torch.compile, which traces this."""
     global _last
-    if torch.compiler.is_compiling():
-        return x.reshape(-1, x.shape[-1]).abs().topk(k, dim=-1).indices
-    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    last = _last
-    if last is not None and last[0]() is x and last[1:4] == (x._version, k, capturing):
-        return last[4]
+    key = None
+    if not torch.compiler.is_compiling():
+        key = (x._version, k, x.is_cuda and torch.cuda.is_current_stream_capturing())
+        last = _last
+        if last is not None and last[0]() is x and last[1] == key:
+            return last[2]
     idx = x.reshape(-1, x.shape[-1]).abs().topk(k, dim=-1).indices
-    _last = (weakref.ref(x), x._version, k, capturing, idx)
+    if key is not None:
+        _last = (weakref.ref(x), key, idx)
     return idx
 
 
@@ -106,9 +107,9 @@ def correction(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits: 
     t = xf.shape[0]
     idx = chosen(x, k)  # [T, k]
     codes, scale = views if views is not None else (codes, scale)
-    if t * k <= codes.shape[0] and qdec_gather.supported(xf, codes, bits):  # decode on a GPU: one launch
-        return qdec_gather.correction(xf, idx, codes, scale).to(x.dtype).reshape(*x.shape[:-1], -1)
     if t * k <= codes.shape[0]:  # few rows: each row's own channels, fixed shapes
+        if qdec_gather.supported(xf, codes, bits):  # on a GPU: one launch
+            return qdec_gather.correction(xf, idx, codes, scale).to(x.dtype).reshape(*x.shape[:-1], -1)
         rows = _rows(codes, scale, idx.reshape(-1), bits, x.device)  # [T * k, out]
         out = (rows * xf.gather(1, idx).float().reshape(-1, 1)).view(t, k, -1).sum(1)
     else:  # many rows: the channels any row chose, once
