@@ -8,7 +8,8 @@ rounded to int8 and dp4a products, the rounding in separate torch kernels here).
 through copies of the layer that together exceed the L2 cache four times, so that each reads its
 weights from HBM as a decode step does (``--warm``: one copy, read from L2 where it fits, as earlier
 versions of this benchmark timed). ``--sweep`` also times the tile kernel's block, groups-a-step,
-warps and programs-an-SM choices, to tune its defaults. Writes JSON.
+warps and programs-an-SM choices, to tune its defaults. ``--twin-rank-bits``: also the tiles with twin's
+low-rank factors added in the same launch (``{bits}bit_twin_ms``, ``{bits}bit_twin_vs_tiles``). Writes JSON.
 
     PYTHONPATH=src python benchmarks/weight_gemv.py --out results/weight_gemv.json
 """
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from memfit.kernels import plane_gemv, tile_gemv
-from memfit.weights import QuantLinear
+from memfit.weights import QuantLinear, linear, twin
 from memfit.weights.grid import hqq
 
 # (out, in) of each Linear in a Llama-3.1-8B layer, as transformers runs them (q, k, v and gate, up apart),
@@ -94,6 +95,8 @@ def main() -> None:
     ap.add_argument("--warm", action="store_true", help="time one copy of each layer (read from L2 where it fits)")
     ap.add_argument("--sweep", action="store_true", help="also time the tile kernel's launch choices")
     ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    ap.add_argument("--twin-rank-bits", type=float, default=0.0, help="also time the tiles with twin's 8-bit factors "
+                    "of the rank this many bits a weight buy, added in the same launch (random values)")
     ap.add_argument("--out", type=Path, default=Path("results/weight_gemv.json"))
     args = ap.parse_args()
     peak = args.peak_tbs * 1e12
@@ -137,6 +140,23 @@ def main() -> None:
                 row[f"{bits}bit_vs_bf16"] = row["bf16_ms"] / row[f"{bits}bit_ms"]
                 if args.sweep:
                     row[f"{bits}bit_sweep"] = _sweep(qs, x, n)
+                if args.twin_rank_bits:
+                    rank = twin.rank_for(n, k, args.twin_rank_bits)
+                    for c in qs:
+                        c.attach_lowrank(torch.randint(-127, 128, (n, rank), device="cuda", dtype=torch.int8),
+                                         torch.full((n,), 1e-3, device="cuda"),
+                                         torch.randint(-127, 128, (rank, k), device="cuda", dtype=torch.int8),
+                                         torch.full((rank,), 1e-3, device="cuda"))
+                    row["twin_rank"] = rank
+                    row[f"{bits}bit_twin_ms"] = _ms([lambda c=c: c(x) for c in qs])
+                    row[f"{bits}bit_twin_f16_input_ms"] = _ms([lambda c=c: c(x.half()) for c in qs])
+                    row[f"{bits}bit_twin_bytes"] = qs[0].resident_nbytes
+                    row[f"{bits}bit_twin_roofline_ms"] = row[f"{bits}bit_twin_bytes"] / peak * 1e3
+                    row[f"{bits}bit_twin_vs_tiles"] = row[f"{bits}bit_twin_ms"] / row[f"{bits}bit_ms"]
+                    for c in qs:  # the plain layers again for the kernels timed below
+                        for name in linear.LOWRANK_BUFFERS:
+                            del c._buffers[name]
+                        c.rank = 0
                 for c in qs:
                     c._drop_fast()
                 if bits in (2, 3, 4):  # the bit-plane GEMV, on the same codes

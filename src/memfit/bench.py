@@ -845,7 +845,7 @@ def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...]
                         method: str = "hqq", layers: int = 32, compile: bool = False,
                         lm_head: bool = False, meta_bits: int = 0, kernel: str | None = None,
                         peak_tbs: float = 4.8, fuse: bool = True, attention: str = "memfit",
-                        qdec_channels: float = 0.0, qdec_bits: int = 8) -> dict:
+                        qdec_channels: float = 0.0, qdec_bits: int = 8, twin_rank_bits: float = 0.0) -> dict:
     """Decode step time of a random-weight Llama-3.1-8B-shaped model with bf16 weights, then with
     weights at each of ``bits`` (memfit's QuantLinear: on CUDA the tile-layout GEMV at every width;
     ``kernel="tinygemm"``: torch's int4 kernel at 4 bits, ``"planes"``: the bit-plane GEMV), on the same
@@ -862,9 +862,17 @@ def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...]
     ``qdec_channels``: each width also timed with QDEC's residual (``qdec_bits``, pinned host memory)
     on that fraction of the input channels, its correction beside the layer's product on a side stream
     (``qdec_ms``) and inline after it (``qdec_inline_ms``); QDEC layers do not stack, so ``fuse``
-    must be off (the plain width then runs unstacked too)."""
+    must be off (the plain width then runs unstacked too). ``twin_rank_bits``: each width also timed with
+    twin's 8-bit low-rank factors on every quantized layer (``twin.rank_for``'s rank at that many bits a
+    weight; random values, as the weights are), added in the tile GEMV's launch (``twin_ms``,
+    ``twin_vs_plain``); fuse must be off (twin layers do not stack)."""
     if attention not in ("memfit", "sdpa"):
         raise ValueError(f"attention must be 'memfit' or 'sdpa', got {attention!r}")
+    if twin_rank_bits and fuse:
+        raise ValueError("twin layers do not stack: time them with fuse off (--no-fuse), against the plain width "
+                         "unstacked")
+    if twin_rank_bits and qdec_channels:
+        raise ValueError("time QDEC and twin's factors in separate runs")
     if qdec_channels and fuse:
         raise ValueError("QDEC layers do not stack: time them with fuse off (--no-fuse), against the plain "
                          "width unstacked")
@@ -928,9 +936,39 @@ def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...]
                                   batch, prompt, compile, full, layers, attn))
             row["qdec_added"] = row["qdec_ms"] / row["quant_ms"] - 1
             row["qdec_inline_added"] = row["qdec_inline_ms"] / row["quant_ms"] - 1
+        if twin_rank_bits:
+            layers_q = [m for m in model.modules() if isinstance(m, QuantLinear)]
+            _attach_random_factors(layers_q, twin_rank_bits)
+            row["twin_rank_bits"] = twin_rank_bits
+            row["twin_ranks"] = sorted({m.rank for m in layers_q})
+            torch.cuda.empty_cache()
+            if compile:
+                torch._dynamo.reset()
+            row["twin_ms"], row["twin_mode"] = _decode_step_ms(model, batch, prompt, compile=compile, full=full)
+            kernels = [m.kernel for m in layers_q]
+            row["twin_kernels"] = {k: kernels.count(k) for k in set(kernels)}
+            row["twin_weight_bytes"] = weight_bytes(model)["total"]
+            row["twin_read_bytes"] = _step_read_bytes(model)
+            row["twin_roofline_ms"] = row["twin_read_bytes"] / peak * 1e3
+            row["twin_of_roofline"] = row["twin_roofline_ms"] / row["twin_ms"]
+            row["twin_vs_plain"] = row["twin_ms"] / row["quant_ms"]
         out["widths"].append(row)
     out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
+
+
+def _attach_random_factors(layers: list, rank_bits: float) -> None:
+    """Twin's 8-bit factors, random, on each of ``layers`` at the rank ``rank_bits`` bits a weight buy (a
+    decode step's time does not depend on their values)."""
+    from memfit.weights import twin
+
+    for m in layers:
+        r = twin.rank_for(m.out_features, m.in_features, rank_bits)
+        dev = m.planes.device
+        m.attach_lowrank(torch.randint(-127, 128, (m.out_features, r), device=dev, dtype=torch.int8),
+                         torch.full((m.out_features,), 1e-3, device=dev),
+                         torch.randint(-127, 128, (r, m.in_features), device=dev, dtype=torch.int8),
+                         torch.full((r,), 1e-3, device=dev))
 
 
 def _qdec_step(bits: int, group_size: int, method: str, skip, meta_bits: int, kernel, channels: float,

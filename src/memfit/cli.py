@@ -809,6 +809,10 @@ def bench_weight_decode_cmd(
     qdec_channels: float = typer.Option(0.0, "--qdec-channels", help="Also time each width with QDEC on this "
                                         "fraction of input channels (needs --no-fuse; QDEC layers do not stack)."),
     qdec_bits: int = typer.Option(8, "--qdec-bits", help="QDEC: bits of the residual in host memory."),
+    twin_rank_bits: float = typer.Option(0.0, "--twin-rank-bits", help="Also time each width with twin's 8-bit "
+                                         "low-rank factors on every layer, of the rank that spends this many bits a "
+                                         "weight (random values: timing only; needs --no-fuse, twin layers do "
+                                         "not stack)."),
     out: Path = typer.Option(Path("results/bench_weight_decode.json"), "--out", "-o"),
 ) -> None:
     """GPU: decode step time, random-weight Llama-3.1-8B shape, bf16 weights vs quantized weights."""
@@ -830,9 +834,13 @@ def bench_weight_decode_cmd(
             qdec.check(qdec_bits, qdec_channels)
         except ValueError as e:
             raise typer.BadParameter(str(e), param_hint="--qdec-channels / --qdec-bits") from None
+    if twin_rank_bits and (fuse or not 0 < twin_rank_bits < 8):
+        raise typer.BadParameter("twin layers do not stack (add --no-fuse), and the factors' bits a weight must be "
+                                 f"in (0, 8); got {twin_rank_bits}", param_hint="--twin-rank-bits")
     r = bench_weight_decode(batch, bits=tuple(bits), group_size=group_size, method=method, layers=layers,
                             compile=compile, lm_head=lm_head, meta_bits=meta_bits, kernel=kernel, fuse=fuse,
-                            attention=attention, qdec_channels=qdec_channels, qdec_bits=qdec_bits)
+                            attention=attention, qdec_channels=qdec_channels, qdec_bits=qdec_bits,
+                            twin_rank_bits=twin_rank_bits)
     _write_json(out, r)
     stacked = f", stacked {r['bf16_fused_ms']:.3f} ms" if "bf16_fused_ms" in r else ""
     typer.echo(f"bf16 {r['bf16_ms']:.3f} ms{stacked} ({r['bf16_mode']}), roofline {r['bf16_roofline_ms']:.3f} ms")
@@ -846,6 +854,10 @@ def bench_weight_decode_cmd(
                        f"({w['qdec_fetch_bytes'] / 2**20:.1f} MiB a token from host memory): {w['qdec_ms']:.3f} ms "
                        f"overlapped ({w['qdec_added']:+.1%}), {w['qdec_inline_ms']:.3f} ms inline "
                        f"({w['qdec_inline_added']:+.1%})")
+        if "twin_ms" in w:
+            typer.echo(f"  + twin factors at {w['twin_rank_bits']} bits a weight (ranks {w['twin_ranks']}): "
+                       f"{w['twin_ms']:.3f} ms ({w['twin_vs_plain']:.3f}x the plain width; {w['twin_kernels']}), "
+                       f"roofline {w['twin_roofline_ms']:.3f} ms ({w['twin_of_roofline']:.0%})")
     typer.echo(f"wrote {out}")
 
 

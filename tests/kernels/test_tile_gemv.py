@@ -206,3 +206,79 @@ def test_tile_kernel_replays_from_a_cuda_graph(prefer):
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.testing.assert_close(y, q(x), rtol=0, atol=0)
+
+
+def _with_lowrank(q, rank, seed=0):
+    """``q`` with random 8-bit twin factors of ``rank`` attached; the float32 ``L R``."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    lc = torch.randint(-127, 128, (q.out_features, rank), generator=g, dtype=torch.int8)
+    rc = torch.randint(-127, 128, (rank, q.in_features), generator=g, dtype=torch.int8)
+    ls, rs = torch.rand(q.out_features, generator=g) * 2e-2, torch.rand(rank, generator=g) * 2e-2
+    q.attach_lowrank(lc, ls, rc, rs)
+    return (lc.float() * ls.half().float()[:, None]) @ (rc.float() * rs.half().float()[:, None])
+
+
+def test_lowrank_reference_adds_x_r_l():
+    """The torch reference of the fused twin product: the tiles' product plus (x R^T) L^T (CPU)."""
+    q = quant_layer(64, 128, 4, 32, device="cpu")
+    lr = _with_lowrank(q, 5)
+    parts = tile_gemv.pack_tiles(q.codes(), 4, 32)
+    scale, zero = q.grid()
+    pad = (0, 0, 0, parts[0].shape[0] * parts[0].shape[2] - 64)
+    s, o = nn.functional.pad(scale, pad).T.half(), nn.functional.pad(-zero * scale, pad).T.half()
+    x = torch.randn(3, 128)
+    lowrank = tuple(q._buffers[n] for n in linear.LOWRANK_BUFFERS)
+    torch.testing.assert_close(tile_gemv.tile_gemv_reference(x, parts, 4, 64, s, o, lowrank),
+                               tile_gemv.tile_gemv_reference(x, parts, 4, 64, s, o) + x @ lr.T)
+    with pytest.raises(ValueError, match="lowrank must be int8"):
+        tile_gemv._check_lowrank((lowrank[0].float(), *lowrank[1:]), 64, 128)
+    with pytest.raises(ValueError, match="lowrank must be int8"):
+        tile_gemv._check_lowrank(lowrank, 64, 256)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("bits,group,inp,rank", [(4, 64, 512, 70), (3, 32, 576, 1), (2, 64, 1024, 16),
+                                                 (4, 32, 4096, 130)])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_twin_layer_adds_its_low_rank_part_in_the_tile_launch(bits, group, inp, rank, rows):
+    """A twin layer on the tiles: grid product plus (x R^T) L^T from one launch, equal to the dequantized
+    matmul, at any split along K, with int8 input too; the workspaces and flags left at zero."""
+    q = _layer(200, inp, bits, group)
+    _with_lowrank(q, rank)
+    assert q.kernel == "triton-tiles"
+    x, ref, _ = decode_matches_dequantized(q, rows, "triton-tiles")
+    plain = nn.functional.linear(x.float(), q.dequantize(torch.float32, lowrank=False), q.bias.float())
+    assert (ref - plain).abs().max() > 0.05 * ref.abs().max()  # the low-rank part is not negligible
+    _, parts, s, o = q._fast
+    lowrank = tuple(q._buffers[n] for n in linear.LOWRANK_BUFFERS)
+    want = tile_gemv.tile_gemv_reference(x, parts, bits, 200, s, o, lowrank)
+    ng = inp // group
+    for split, a8 in ((1, False), (2, False), (4, False), (1, True), (2, True)):
+        if (ng // tile_gemv.groups_a_step(ng, 8)) % split:
+            continue
+        for _ in range(3):  # again: the flags and counts were put back
+            y = tile_gemv.tile_gemv(x, parts, bits, 200, s, o, split=split, a8=a8, lowrank=lowrank)
+            assert (y.float() - want).abs().max().item() < 1e-2 * want.abs().max().item(), (split, a8)
+    assert all(not ws.any() and not cnt.any() for ws, cnt in tile_gemv._WORKSPACE.values())
+    assert all(not w[2].any() and not w[3].any() for w in tile_gemv._LOWRANK_WORKSPACE.values())  # u's counts, flags
+
+
+@pytest.mark.gpu
+@cuda
+def test_twin_tile_kernel_replays_from_a_cuda_graph():
+    q = _layer(300, 1024, 4, 64)
+    _with_lowrank(q, 40)
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        q(x)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = q(x)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.testing.assert_close(y, q(x), rtol=0, atol=0)

@@ -35,6 +35,9 @@ saturated at +-65504, and a row's float16 sum over one slot (``R`` channels) mus
 (activations that large are not met in practice). Each unit's sum of ``x`` (float32) is computed next
 to the conversion (both fuse with the op before under torch.compile).
 
+Twin's low-rank part (``lowrank=``): ``y += (x R^T) L^T`` in the same launch, the dual-component product
+(see :func:`_lowrank_u`, :func:`_lowrank_term` and ``docs/weights.md``).
+
 ``tile_gemv_reference`` computes the same thing in torch (dequantize the tiles, ``F.linear``): the
 tests compare the kernel with it, and with the layer's own dequantized matmul.
 """
@@ -118,12 +121,17 @@ def unpack_tiles(tiles: list[torch.Tensor], bits: int, n: int) -> torch.Tensor:
 
 
 def tile_gemv_reference(x: torch.Tensor, tiles: list[torch.Tensor], bits: int, n: int, scale: torch.Tensor,
-                        offset: torch.Tensor) -> torch.Tensor:
-    """``x @ W.T`` with ``W = code * scale + offset`` per group (float16 ``scale`` / ``offset`` [K / G, N]), in float32."""
+                        offset: torch.Tensor, lowrank: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+    """``x @ W.T`` with ``W = code * scale + offset`` per group (float16 ``scale`` / ``offset`` [K / G, N]), in float32;
+    ``lowrank`` (as :func:`tile_gemv` takes it): plus ``(x R^T) L^T``."""
     codes = unpack_tiles(tiles, bits, n).float()
     g = codes.shape[1] // scale.shape[0]
     w = codes * scale.float().T.repeat_interleave(g, 1)[:n] + offset.float().T.repeat_interleave(g, 1)[:n]
-    return x.float() @ w.T
+    y = x.float() @ w.T
+    if lowrank is not None:
+        lc, ls, rc, rs = lowrank
+        y = y + (x.float() @ (rc.float() * rs.float()[:, None]).T) @ (lc.float() * ls.float()[:, None]).T
+    return y
 
 
 if triton is not None:
@@ -188,13 +196,41 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _finish(y, Y, WS, CNT, N, pid_n, row, BN: tl.constexpr, SPLIT: tl.constexpr):
+    def _lowrank_term(U, LC, LS, FLG, N, RK, row, blk, BN: tl.constexpr, RB: tl.constexpr):
+        """Twin's low-rank term of output block ``blk``: ``l_scale_n sum_j L_nj u_j`` (float32 [BN]; ``L`` int8
+        [N, RK] in ``LC``, float16 row scales in ``LS``), ``u`` = ``R x`` (float32 ``U`` [rows, RK]) once
+        :func:`_lowrank_u`'s programs say it is complete (``FLG[row, 0]``). They come first in the grid, so
+        they are running or done by now: the wait is short, and cannot hold them out. The last block to
+        get here (counted in ``FLG[row, 1]``) puts both flags back to zero. ``L`` is read ``RB`` columns a
+        step: small tiles keep the kernel's registers (so its occupancy) near those of the plain GEMV."""
+        ready = tl.atomic_add(FLG + row * 2, 0, sem="acquire")
+        while ready == 0:
+            ready = tl.atomic_add(FLG + row * 2, 0, sem="acquire")
+        out = blk * BN + tl.arange(0, BN)
+        keep = out < N
+        lr = tl.zeros((BN,), tl.float32)
+        for r0 in range(0, RK, RB):
+            j = r0 + tl.arange(0, RB)
+            u = tl.load(U + row * RK + j, mask=j < RK, other=0.0, cache_modifier=".cg")  # L2, not a stale L1
+            lc = tl.load(LC + out[:, None] * RK + j[None, :], mask=keep[:, None] & (j < RK)[None, :], other=0)
+            lr += tl.sum(lc.to(tl.float32) * u[None, :], 1)
+        if tl.atomic_add(FLG + row * 2 + 1, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+            tl.store(FLG + row * 2, 0)
+            tl.store(FLG + row * 2 + 1, 0)
+        return lr * tl.load(LS + out, mask=keep, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _finish(y, Y, WS, CNT, U, LC, LS, FLG, N, RK, pid_n, row, BN: tl.constexpr, SPLIT: tl.constexpr,
+                LR: tl.constexpr, RB: tl.constexpr):
         """Write a program's sums ``y`` [BN] for output block ``pid_n``: directly, or with ``SPLIT`` > 1
         added into ``WS`` (float32, zero between calls) and counted in ``CNT``; the last program of the
-        block writes the output and puts both back to zero, so one launch does the whole product."""
+        block writes the output (plus, with ``LR``, twin's low-rank term) and puts both back to zero, so
+        one launch does the whole product."""
         out = pid_n * BN + tl.arange(0, BN)
         keep = out < N
         if SPLIT == 1:
+            if LR:
+                y += _lowrank_term(U, LC, LS, FLG, N, RK, row, pid_n, BN, RB)
             tl.store(Y + row * N + out, y.to(Y.dtype.element_ty), mask=keep)
         else:
             tl.atomic_add(WS + row * N + out, y, mask=keep, sem="release")
@@ -203,16 +239,48 @@ if triton is not None:
             if done == SPLIT - 1:  # the last of the block: the sums are complete
                 zero = tl.zeros((BN,), tl.float32)
                 total = tl.atomic_add(WS + row * N + out, zero, mask=keep)  # read where the sums were made (L2)
+                if LR:
+                    total += _lowrank_term(U, LC, LS, FLG, N, RK, row, pid_n, BN, RB)
                 tl.store(Y + row * N + out, total.to(Y.dtype.element_ty), mask=keep)
                 tl.store(WS + row * N + out, zero, mask=keep)
                 tl.store(CNT + row * tl.num_programs(0) + pid_n, 0)
 
+    @triton.jit
+    def _lowrank_u(X, RC, RS, US, U, UCNT, FLG, K, RK, row, p, KSP: tl.constexpr, URB: tl.constexpr,
+                   UKC: tl.constexpr, SB: tl.constexpr):
+        """Twin's ``u = R x`` inside the GEMV's launch: program ``p`` of ``cdiv(RK, URB) * KS`` (``KS`` =
+        ``cdiv(K, UKC)``) sums ``URB`` rows of ``R`` over ``UKC`` channels into ``US`` [rows, KS, RK] (one
+        load each, so that ``u`` is ready well before the GEMV's blocks are); the last to finish (counted
+        in ``UCNT``) adds the shares into ``U`` and raises ``FLG[row, 0]`` (:func:`_lowrank_term` waits
+        for it)."""
+        ks_n = tl.cdiv(K, UKC)
+        ks, j = p % ks_n, p // ks_n * URB + tl.arange(0, URB)
+        kk = ks * UKC + tl.arange(0, UKC)
+        x = tl.load(X + row * K + kk, mask=kk < K, other=0.0).to(tl.float32)
+        rc = tl.load(RC + j[:, None] * K + kk[None, :], mask=(j < RK)[:, None] & (kk < K)[None, :], other=0)
+        rs = tl.load(RS + j, mask=j < RK, other=0.0).to(tl.float32)
+        tl.store(US + (row * ks_n + ks) * RK + j, tl.sum(rc.to(tl.float32) * x[None, :], 1) * rs, mask=j < RK)
+        tl.debug_barrier()  # every thread's share is in before the count says so
+        done = tl.atomic_add(UCNT + row, 1, sem="acq_rel")
+        if done == tl.cdiv(RK, URB) * ks_n - 1:
+            tl.store(UCNT + row, 0)
+            s = tl.arange(0, KSP)
+            for r0 in range(0, RK, SB):
+                jj = r0 + tl.arange(0, SB)
+                share = tl.load(US + (row * ks_n + s[:, None]) * RK + jj[None, :],
+                                mask=(s < ks_n)[:, None] & (jj < RK)[None, :], other=0.0, cache_modifier=".cg")
+                tl.store(U + row * RK + jj, tl.sum(share, 0), mask=jj < RK)
+            tl.debug_barrier()  # u is complete before the flag says so
+            tl.atomic_xchg(FLG + row * 2, 1, sem="release")
+
     @triton.jit(do_not_specialize=["BNR"])
-    def _tile_gemv_kernel(X, XS, XW0, XW1, XW2, XSC, P0, P1, P2, S, O, Y, WS, CNT, N, NPAD, BNR, NG: tl.constexpr,
-                          PER: tl.constexpr, SPLIT: tl.constexpr, W0: tl.constexpr, OFF0: tl.constexpr,
+    def _tile_gemv_kernel(X, XS, XW0, XW1, XW2, XSC, P0, P1, P2, S, O, Y, WS, CNT, LC, LS, RC, RS, US, U, UCNT, FLG,
+                          N, NPAD, BNR, RK, NG: tl.constexpr, PER: tl.constexpr, SPLIT: tl.constexpr, W0: tl.constexpr, OFF0: tl.constexpr,
                           W1: tl.constexpr, OFF1: tl.constexpr, W2: tl.constexpr, OFF2: tl.constexpr,
                           GROUP: tl.constexpr, BN: tl.constexpr, NGT: tl.constexpr, ASM: tl.constexpr,
-                          WARPS: tl.constexpr, CENTRE: tl.constexpr, UPG: tl.constexpr, A8: tl.constexpr):
+                          WARPS: tl.constexpr, CENTRE: tl.constexpr, UPG: tl.constexpr, A8: tl.constexpr,
+                          LR: tl.constexpr, LRC: tl.constexpr, KSP: tl.constexpr,
+                          RB: tl.constexpr, URB: tl.constexpr, UKC: tl.constexpr, SB: tl.constexpr):
         """Program (output block, split of K, row): units ``split PER .. split PER + PER - 1`` (``GROUP``
         channels each, ``UPG`` a group of the grid), ``NGT`` a step, its sums written by :func:`_finish`.
         ``A8``: ``x`` in int8 words (``XW*``, a scale a block of 32 channels in ``XSC``) and integer dot
@@ -220,8 +288,28 @@ if triton is not None:
         exact in int32 over the rounded ``x``, the second over ``x`` itself. ``BNR`` is BN, passed as an
         unspecialised int: the grid's offsets then look scattered to the compiler, which loads them
         straight into the codes' register layout instead of loading them vectorised and moving them
-        there through shared memory each step."""
-        pid_n, split, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        there through shared memory each step. ``LR``: a twin layer, ``y += (x R^T) L^T`` in the same launch
+        (``R``, ``L`` int8 with float16 row scales, rank ``RK``): the first ``LRC`` columns of programs compute
+        ``u = R x`` (:func:`_lowrank_u`), and each block's last program adds ``L u`` to its sums."""
+        pid_n, col, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        split = col - LRC
+        if split < 0:
+            if LR:  # (compiled only for twin layers: the plain call passes placeholders of another type)
+                p = col * tl.num_programs(0) + pid_n
+                if p < tl.cdiv(RK, URB) * tl.cdiv(NG * GROUP, UKC):
+                    _lowrank_u(X, RC, RS, US, U, UCNT, FLG, NG * GROUP, RK, row, p, KSP, URB, UKC, SB)
+        else:
+            _tile_gemv_body(X, XS, XW0, XW1, XW2, XSC, P0, P1, P2, S, O, Y, WS, CNT, LC, LS, U, FLG, N, NPAD, BNR, RK,
+                            pid_n, split, row, NG, PER, SPLIT, W0, OFF0, W1, OFF1, W2, OFF2, GROUP, BN, NGT, ASM,
+                            WARPS, CENTRE, UPG, A8, LR, RB)
+
+    @triton.jit
+    def _tile_gemv_body(X, XS, XW0, XW1, XW2, XSC, P0, P1, P2, S, O, Y, WS, CNT, LC, LS, U, FLG, N, NPAD, BNR, RK, pid_n,
+                        split, row, NG: tl.constexpr, PER: tl.constexpr, SPLIT: tl.constexpr, W0: tl.constexpr,
+                        OFF0: tl.constexpr, W1: tl.constexpr, OFF1: tl.constexpr, W2: tl.constexpr,
+                        OFF2: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, NGT: tl.constexpr,
+                        ASM: tl.constexpr, WARPS: tl.constexpr, CENTRE: tl.constexpr, UPG: tl.constexpr,
+                        A8: tl.constexpr, LR: tl.constexpr, RB: tl.constexpr):
         t = tl.arange(0, NGT * BN)
         n = pid_n * BN + t % BNR
         acc = tl.zeros((NGT * BN,), tl.float32)
@@ -247,7 +335,7 @@ if triton is not None:
             if CENTRE > 0:
                 offset += CENTRE * scale
             acc += scale * cx + offset * tl.load(XS + row * NG + gi)  # XS: each unit's sum of x
-        _finish(tl.sum(tl.reshape(acc, (NGT, BN)), 0), Y, WS, CNT, N, pid_n, row, BN, SPLIT)
+        _finish(tl.sum(tl.reshape(acc, (NGT, BN)), 0), Y, WS, CNT, U, LC, LS, FLG, N, RK, pid_n, row, BN, SPLIT, LR, RB)
 
     @triton.jit
     def _dp4a(a, b, ASM: tl.constexpr):
@@ -367,7 +455,8 @@ LAUNCH = {4: (8, 8)}
 
 def tile_gemv(x: torch.Tensor, tiles: list[torch.Tensor], bits: int, n: int, scale: torch.Tensor,
               offset: torch.Tensor, asm: bool = True, warps: int | None = None, groups: int | None = None,
-              per_sm: int = 8, split: int | None = None, a8: bool = False) -> torch.Tensor:
+              per_sm: int = 8, split: int | None = None, a8: bool = False,
+              lowrank: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """``x`` [..., K] (at most ``MAX_ROWS`` rows) times ``W`` (``tiles`` from :func:`pack_tiles`, ``n``
     output rows; ``W = code * scale + offset``, float16 [K / G, ceil(N / BN) BN]). ``asm``: the PTX
     dequantization (False: plain Triton, which the interpreter runs). ``warps``, ``groups``, ``per_sm``:
@@ -375,7 +464,9 @@ def tile_gemv(x: torch.Tensor, tiles: list[torch.Tensor], bits: int, n: int, sca
     SM (K is split to reach it); or ``split``, a divisor of the steps (for tuning).
     ``a8``: ``x`` rounded to int8 in blocks of 32 channels and the codes' products summed exactly by
     dp4a: the loop compiles to about 1.8 instructions a 4-bit code against 3.4 (SmolLM2's perplexity
-    moves +0.11% at 4 bits g32, +0.40% at 3 bits). Returns [..., n] in ``x``'s dtype."""
+    moves +0.11% at 4 bits g32, +0.40% at 3 bits). ``lowrank``: twin's factors (``L`` int8 [n, r], its
+    float16 row scales [n], ``R`` int8 [r, K], its scales [r]): ``(x R^T) L^T`` is added in the same
+    launch (:func:`_lowrank_u`; with ``a8``, ``R x`` reads ``x`` unrounded). Returns [..., n] in ``x``'s dtype."""
     k = x.shape[-1]
     launch = LAUNCH.get(bits, (4, 4))
     warps, groups = warps or launch[0], groups or launch[1]
@@ -396,7 +487,16 @@ def tile_gemv(x: torch.Tensor, tiles: list[torch.Tensor], bits: int, n: int, sca
     split = split or splits(ng // ngt, nb, m, x.device, per_sm)
     if (ng // ngt) % split:
         raise ValueError(f"split must divide the {ng // ngt} steps of {ngt} units, got {split}")
+    lr = 0 if lowrank is None else 1
     ws, cnt = _workspace(x.device, n, nb) if split > 1 else (y, y)
+    if lowrank is not None:
+        lc, ls, rc, rs = _check_lowrank(lowrank, n, k)
+        rank, ksn = rc.shape[0], -(-k // LOWRANK_UKC)
+        lrc = -(-(-(-rank // LOWRANK_URB) * ksn) // nb)  # columns of nb programs that compute u
+        us, u, ucnt, flg = _lowrank_workspace(x.device, rank, ksn)
+    else:
+        lc = ls = rc = rs = us = u = ucnt = flg = y  # not read
+        rank, ksn, lrc = 0, 1, 0
     if a8:  # under torch.compile the rounding and the word order fuse with the op before
         xq, xsc = quantize_input(xs)
         words = _input_words(xq, tiles, bits)
@@ -405,10 +505,41 @@ def tile_gemv(x: torch.Tensor, tiles: list[torch.Tensor], bits: int, n: int, sca
         xsc, words = xsum, [xsum] * 3  # not read
         if x.dtype == torch.bfloat16:  # float16, saturated (65280: the largest bfloat16 that float16 holds)
             xs = xs.clamp(-65280.0, 65280.0).to(torch.float16)
-    _tile_gemv_kernel[(nb, split, m)](
-        xs.contiguous(), xsum, *words, xsc, *ptrs, scale, offset, y, ws, cnt, n, nb * bn, bn, NG=ng, PER=ng // split,
-        SPLIT=split, W0=parts[0][0], OFF0=parts[0][1], W1=parts[1][0], OFF1=parts[1][1], W2=parts[2][0],
-        OFF2=parts[2][1], GROUP=group, BN=bn, NGT=ngt, ASM=asm, WARPS=warps,
+    _tile_gemv_kernel[(nb, split + lrc, m)](
+        xs.contiguous(), xsum, *words, xsc, *ptrs, scale, offset, y, ws, cnt, lc, ls, rc, rs, us, u, ucnt, flg, n,
+        nb * bn, bn, rank, NG=ng, PER=ng // split, SPLIT=split, W0=parts[0][0], OFF0=parts[0][1], W1=parts[1][0],
+        OFF1=parts[1][1], W2=parts[2][0], OFF2=parts[2][1], GROUP=group, BN=bn, NGT=ngt, ASM=asm, WARPS=warps,
         CENTRE=0 if a8 else sum(1 << (w - 1 + off) for w, off in PARTS[bits]), UPG=grid // group, A8=a8,
+        LR=lr, LRC=lrc, KSP=triton.next_power_of_2(ksn), RB=LOWRANK_RB,
+        URB=LOWRANK_URB, UKC=LOWRANK_UKC, SB=max(1, 2048 // triton.next_power_of_2(ksn)),
         num_warps=warps)
     return y.reshape(*x.shape[:-1], n)
+
+
+# twin's u = R x in a tile GEMV's launch: rows of R and input channels a program, and L's columns a step in
+# the epilogue; tiles this small (at most 8 values a thread at 8 warps) keep the registers of the plain GEMV
+LOWRANK_URB, LOWRANK_UKC, LOWRANK_RB = 16, 128, 32
+_LOWRANK_WORKSPACE: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+
+def _check_lowrank(lowrank: tuple[torch.Tensor, ...], n: int, k: int) -> tuple[torch.Tensor, ...]:
+    lc, ls, rc, rs = lowrank
+    r = rc.shape[0] if rc.dim() == 2 else -1
+    if (lc.shape != (n, r) or rc.shape != (r, k) or ls.shape != (n,) or rs.shape != (r,) or r < 1
+            or lc.dtype != torch.int8 or rc.dtype != torch.int8):
+        raise ValueError(f"lowrank must be int8 L [{n}, r], its scales [{n}], int8 R [r, {k}] and its scales [r]; "
+                         f"got {[tuple(t.shape) for t in lowrank]}")
+    return lc.contiguous(), ls.contiguous(), rc.contiguous(), rs.contiguous()
+
+
+def _lowrank_workspace(device: torch.device, rank: int, slots: int) -> tuple[torch.Tensor, ...]:
+    """u's shares [rows, slots, rank] and sum [rows, rank] (float32), the count of shares in, and u's ready
+    flag and count of blocks done (int32 [rows, 2]; all zero between calls), one set per device and shape,
+    like :func:`_workspace`."""
+    key = (device, rank, slots)
+    if key not in _LOWRANK_WORKSPACE:
+        _LOWRANK_WORKSPACE[key] = (torch.empty(MAX_ROWS, slots, rank, device=device),
+                                   torch.empty(MAX_ROWS, rank, device=device),
+                                   torch.zeros(MAX_ROWS, device=device, dtype=torch.int32),
+                                   torch.zeros(MAX_ROWS, 2, device=device, dtype=torch.int32))
+    return _LOWRANK_WORKSPACE[key]

@@ -14,7 +14,9 @@ bits, each program's block contiguous; 16-bit activations); a 4-bit grid the til
 4-bit layer of up to ``TINYGEMM_MAX`` weights, runs torch's tinygemm kernel ``torch._weight_int4pack_mm``
 (the int4 kernel torchao uses) where it takes the group size; any-precision reads below the stored
 width, and float32 activations, run a Triton GEMV that reads the bit planes (``kernels.plane_gemv``);
-more rows (prefill, where the matmul's cost hides the dequantization) dequantize.
+more rows (prefill, where the matmul's cost hides the dequantization) dequantize. A twin layer (``rank``:
+``W = L R`` + the grid's weight) runs the tiles by default, which add ``(x R^T) L^T`` in their launch;
+elsewhere the low-rank part is two small matmuls after the product.
 ``set_prefer("tiles" | "tinygemm" | "planes")`` asks for one of them where it takes the layer;
 ``"tiles-a8"``: the tiles with the input rounded to int8 (opt-in). ``kernel`` says which path a layer
 uses. The kernel's copy is made on first use; where it holds every code the bit planes are then dropped
@@ -281,8 +283,10 @@ class QuantLinear(nn.Module):
         # by default where the tiles do not fit, and for layers of up to TINYGEMM_MAX weights, where a call
         # is mostly fixed cost and tinygemm's is lower (H200, one call from HBM: q/k/v stacked, 6144 x 4096,
         # 9.9 us against the tiles' 17.5; gate/up stacked, 28672 x 4096, 34.8 against 33.4)
-        default = self.prefer is None and (not tile_gemv.fits(self.bits, self.group_size)
-                                           or self.out_features * self.in_features <= TINYGEMM_MAX)
+        # twin layers take the tiles where they fit: their kernel adds the low-rank part in the same launch
+        fits = tile_gemv.fits(self.bits, self.group_size)
+        default = self.prefer is None and (not fits or (self.out_features * self.in_features <= TINYGEMM_MAX
+                                                        and not self.rank))
         return ((self.prefer == "tinygemm" or default) and self.planes.is_cuda and self.kind == "uniform"
                 and self.read_bits == 4
                 and self.group_size in TINYGEMM_GROUPS and self.in_features % 128 == 0 and self.out_features % 8 == 0
@@ -364,24 +368,25 @@ class QuantLinear(nn.Module):
         self._drop_fast()  # new codes make the copy stale
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def _kernel_product(self, x: torch.Tensor) -> torch.Tensor | None:
+    def _kernel_product(self, x: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
         """``x`` times the grid's weight through a decode kernel that reads the codes, or None where
-        none takes this call."""
+        none takes this call; and whether twin's low-rank part is in it (the tiles add it in their launch)."""
         if self._tinygemm_ok() and x.dtype == torch.bfloat16:
             _, packed, sz = self._fast_copy("tinygemm")
             y = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, self.in_features), packed, self.group_size, sz)
-            return y.reshape(*x.shape[:-1], self.out_features)
+            return y.reshape(*x.shape[:-1], self.out_features), False
         if self._tiles_ok(x):
             _, parts, scale, offset = self._fast_copy("tiles")
+            lowrank = tuple(self._buffers[n] for n in LOWRANK_BUFFERS) if self.rank else None
             return tile_gemv.tile_gemv(x, parts, self.bits, self.out_features, scale, offset,
-                                       a8=self.prefer == "tiles-a8")
+                                       a8=self.prefer == "tiles-a8", lowrank=lowrank), True
         if self._gemv_ok(x):
             if self.meta_bits:
                 grid = {"meta": (self.scale_codes, self.offset_codes, self.meta_ranges)}
             else:
                 grid = {"scale": self.scale, "zero": self.zero}
-            return plane_gemv.plane_gemv(x, self._planes(), self.group_size, self.read_bits, **grid)
-        return None
+            return plane_gemv.plane_gemv(x, self._planes(), self.group_size, self.read_bits, **grid), False
+        return None, False
 
     # QDEC on CUDA: the correction runs on a side stream while the layer's own product runs (host
     # memory over PCIe beside HBM). Off: both on the caller's stream, one after the other.
@@ -409,12 +414,12 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         started = self._qdec_begin(x)
-        y = self._kernel_product(x)
+        y, with_lowrank = self._kernel_product(x)
         if y is None:  # the dequantized weight holds the grid's and twin's low-rank part
             y = F.linear(x, self.dequantize(x.dtype), self.bias)
-        else:  # a kernel read the codes: the bias and twin's (x R^T) L^T come after
+        else:  # a kernel read the codes: the bias and (unless the kernel added it) twin's (x R^T) L^T come after
             y = y + self.bias if self.bias is not None else y
-            if self.rank:
+            if self.rank and not with_lowrank:
                 lw, rw = self._factors()
                 y = y + F.linear(F.linear(x, rw.to(x.dtype)), lw.to(x.dtype))
         if started is not None:
