@@ -915,18 +915,12 @@ def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...]
         layers_q = [m for m in model.modules() if isinstance(m, QuantLinear)]
         for m in layers_q:
             m.set_prefer(kernel)
-        torch.cuda.empty_cache()
-        if compile:
-            torch._dynamo.reset()
-        row["quant_ms"], row["quant_mode"] = _decode_step_ms(model, batch, prompt, compile=compile, full=full)
-        kernels = [m.kernel for m in layers_q]
-        row["kernels"] = {k: kernels.count(k) for k in set(kernels)}
-        row["quant_weight_bytes"] = weight_bytes(model)["total"]
+        step = _quant_step(model, layers_q, batch, prompt, compile, full, peak)
+        row.update(quant_ms=step["ms"], quant_mode=step["mode"], kernels=step["kernels"],
+                   quant_weight_bytes=step["weight_bytes"], read_bytes=step["read_bytes"],
+                   roofline_ms=step["roofline_ms"], of_roofline=step["of_roofline"])
         # what the GPU holds: the stored weights plus each layer's kernel copy where the planes were kept
         row["quant_resident_bytes"] = row["quant_weight_bytes"] + sum(m.resident_nbytes - m.nbytes for m in layers_q)
-        row["read_bytes"] = _step_read_bytes(model)
-        row["roofline_ms"] = row["read_bytes"] / peak * 1e3
-        row["of_roofline"] = row["roofline_ms"] / row["quant_ms"]
         row["speedup"] = out["bf16_ms"] / row["quant_ms"]
         if "bf16_fused_ms" in out:
             row["speedup_vs_fused_bf16"] = out["bf16_fused_ms"] / row["quant_ms"]
@@ -941,20 +935,28 @@ def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...]
             _attach_random_factors(layers_q, twin_rank_bits)
             row["twin_rank_bits"] = twin_rank_bits
             row["twin_ranks"] = sorted({m.rank for m in layers_q})
-            torch.cuda.empty_cache()
-            if compile:
-                torch._dynamo.reset()
-            row["twin_ms"], row["twin_mode"] = _decode_step_ms(model, batch, prompt, compile=compile, full=full)
-            kernels = [m.kernel for m in layers_q]
-            row["twin_kernels"] = {k: kernels.count(k) for k in set(kernels)}
-            row["twin_weight_bytes"] = weight_bytes(model)["total"]
-            row["twin_read_bytes"] = _step_read_bytes(model)
-            row["twin_roofline_ms"] = row["twin_read_bytes"] / peak * 1e3
-            row["twin_of_roofline"] = row["twin_roofline_ms"] / row["twin_ms"]
+            step = _quant_step(model, layers_q, batch, prompt, compile, full, peak)
+            row.update({f"twin_{k}": v for k, v in step.items()})
             row["twin_vs_plain"] = row["twin_ms"] / row["quant_ms"]
         out["widths"].append(row)
     out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
+
+
+def _quant_step(model, layers: list, batch: int, prompt: int, compile: bool, full: bool, peak: float) -> dict:
+    """The decode step of a quantized ``model`` (its QuantLinear ``layers``): time, mode, the kernels the
+    layers ran, the weights' bytes stored and read, and the roofline (those bytes at ``peak`` B/s)."""
+    from memfit.weights import weight_bytes
+
+    torch.cuda.empty_cache()
+    if compile:
+        torch._dynamo.reset()
+    ms, mode = _decode_step_ms(model, batch, prompt, compile=compile, full=full)
+    kernels = [m.kernel for m in layers]
+    read = _step_read_bytes(model)
+    return {"ms": ms, "mode": mode, "kernels": {k: kernels.count(k) for k in set(kernels)},
+            "weight_bytes": weight_bytes(model)["total"], "read_bytes": read, "roofline_ms": read / peak * 1e3,
+            "of_roofline": read / peak * 1e3 / ms}
 
 
 def _attach_random_factors(layers: list, rank_bits: float) -> None:
@@ -963,7 +965,7 @@ def _attach_random_factors(layers: list, rank_bits: float) -> None:
     from memfit.weights import twin
 
     for m in layers:
-        r = twin.rank_for(m.out_features, m.in_features, rank_bits)
+        r = max(1, twin.rank_for(m.out_features, m.in_features, rank_bits))
         dev = m.planes.device
         m.attach_lowrank(torch.randint(-127, 128, (m.out_features, r), device=dev, dtype=torch.int8),
                          torch.full((m.out_features,), 1e-3, device=dev),
