@@ -865,12 +865,9 @@ def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...]
     must be off (the plain width then runs unstacked too). ``twin_rank_bits``: each width also timed with
     twin's 8-bit low-rank factors on every quantized layer (``twin.rank_for``'s rank at that many bits a
     weight; random values, as the weights are), added in the tile GEMV's launch (``twin_ms``,
-    ``twin_vs_plain``); fuse must be off (twin layers do not stack)."""
+    ``twin_vs_plain``), stacked like the plain layers where ``fuse`` is on."""
     if attention not in ("memfit", "sdpa"):
         raise ValueError(f"attention must be 'memfit' or 'sdpa', got {attention!r}")
-    if twin_rank_bits and fuse:
-        raise ValueError("twin layers do not stack: time them with fuse off (--no-fuse), against the plain width "
-                         "unstacked")
     if twin_rank_bits and qdec_channels:
         raise ValueError("time QDEC and twin's factors in separate runs")
     if qdec_channels and fuse:
@@ -878,7 +875,7 @@ def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...]
                          "width unstacked")
     attn, full = (None, True) if attention == "memfit" else ("sdpa", False)
     from memfit.weights import QuantLinear, WeightQuant, quantize_, weight_bytes
-    from memfit.weights.fuse import fuse_projections
+    from memfit.weights.fuse import fuse_projections, unfuse_projections
 
     peak = peak_tbs * 1e12
     model = _random_llama8b(layers, attn)
@@ -931,10 +928,15 @@ def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...]
             row["qdec_added"] = row["qdec_ms"] / row["quant_ms"] - 1
             row["qdec_inline_added"] = row["qdec_inline_ms"] / row["quant_ms"] - 1
         if twin_rank_bits:
+            if fuse:  # factors a layer, as a twin folder holds them, then stacked again
+                unfuse_projections(model)
             layers_q = [m for m in model.modules() if isinstance(m, QuantLinear)]
             _attach_random_factors(layers_q, twin_rank_bits)
             row["twin_rank_bits"] = twin_rank_bits
             row["twin_ranks"] = sorted({m.rank for m in layers_q})
+            if fuse:
+                row["twin_stacks"] = fuse_projections(model)
+                layers_q = [m for m in model.modules() if isinstance(m, QuantLinear)]
             step = _quant_step(model, layers_q, batch, prompt, compile, full, peak)
             row.update({f"twin_{k}": v for k, v in step.items()})
             row["twin_vs_plain"] = row["twin_ms"] / row["quant_ms"]

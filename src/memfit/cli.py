@@ -811,8 +811,7 @@ def bench_weight_decode_cmd(
     qdec_bits: int = typer.Option(8, "--qdec-bits", help="QDEC: bits of the residual in host memory."),
     twin_rank_bits: float = typer.Option(0.0, "--twin-rank-bits", help="Also time each width with twin's 8-bit "
                                          "low-rank factors on every layer, of the rank that spends this many bits a "
-                                         "weight (random values: timing only; needs --no-fuse, twin layers do "
-                                         "not stack)."),
+                                         "weight (random values: timing only)."),
     out: Path = typer.Option(Path("results/bench_weight_decode.json"), "--out", "-o"),
 ) -> None:
     """GPU: decode step time, random-weight Llama-3.1-8B shape, bf16 weights vs quantized weights."""
@@ -834,9 +833,9 @@ def bench_weight_decode_cmd(
             qdec.check(qdec_bits, qdec_channels)
         except ValueError as e:
             raise typer.BadParameter(str(e), param_hint="--qdec-channels / --qdec-bits") from None
-    if twin_rank_bits and (fuse or not 0 < twin_rank_bits < 8):
-        raise typer.BadParameter("twin layers do not stack (add --no-fuse), and the factors' bits a weight must be "
-                                 f"in (0, 8); got {twin_rank_bits}", param_hint="--twin-rank-bits")
+    if twin_rank_bits and not 0 < twin_rank_bits < 8:
+        raise typer.BadParameter(f"the factors' bits a weight must be in (0, 8); got {twin_rank_bits}",
+                                 param_hint="--twin-rank-bits")
     r = bench_weight_decode(batch, bits=tuple(bits), group_size=group_size, method=method, layers=layers,
                             compile=compile, lm_head=lm_head, meta_bits=meta_bits, kernel=kernel, fuse=fuse,
                             attention=attention, qdec_channels=qdec_channels, qdec_bits=qdec_bits,

@@ -231,9 +231,9 @@ def test_lowrank_reference_adds_x_r_l():
     torch.testing.assert_close(tile_gemv.tile_gemv_reference(x, parts, 4, 64, s, o, lowrank),
                                tile_gemv.tile_gemv_reference(x, parts, 4, 64, s, o) + x @ lr.T)
     with pytest.raises(ValueError, match="lowrank must be int8"):
-        tile_gemv._check_lowrank((lowrank[0].float(), *lowrank[1:]), 64, 128)
+        tile_gemv._check_lowrank((lowrank[0].float(), *lowrank[1:]), 64, 128, 2)
     with pytest.raises(ValueError, match="lowrank must be int8"):
-        tile_gemv._check_lowrank(lowrank, 64, 256)
+        tile_gemv._check_lowrank(lowrank, 64, 256, 2)
 
 
 @pytest.mark.gpu
@@ -282,3 +282,27 @@ def test_twin_tile_kernel_replays_from_a_cuda_graph():
         x.copy_(torch.randn_like(x))
         graph.replay()
         torch.testing.assert_close(y, q(x), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("outs", [(128, 64, 96), (200, 56)])
+def test_stacked_twin_layers_match_the_separate_layers(outs):
+    """Twin layers stacked (q/k/v-like): one launch whose blocks each read their own layer's rows of L and u
+    (a block table); layers whose rows do not fill whole blocks of 32 (200 + 56) add the factors after the
+    kernel instead. Either way the outputs equal the separate layers'."""
+    layers = []
+    for i, out in enumerate(outs):
+        q = _layer(out, 512, 4, 64)
+        if i != 1:  # one layer without factors
+            _with_lowrank(q, 7 + 13 * i, seed=i)
+        layers.append(q)
+    stacked = QuantLinear.stack(layers)
+    x = torch.randn(2, 512, device="cuda", dtype=torch.bfloat16)
+    want = torch.cat([m(x).float() for m in layers], -1)
+    ref = nn.functional.linear(x.float(), stacked.dequantize(torch.float32), stacked.bias.float())
+    for _ in range(2):
+        y = stacked(x).float()
+        assert (y - want).abs().max().item() < 1e-2 * want.abs().max().item()
+        assert (y - ref).abs().max().item() < 1e-2 * ref.abs().max().item()
+    assert (stacked._lr_table is not None) == all(o % 32 == 0 for o in outs[:-1])

@@ -116,3 +116,34 @@ def test_16_bit_projections_stack_too_and_come_back_as_they_were(make):
     assert model.state_dict().keys() == ref.state_dict().keys()  # Qwen's q/k/v biases back, Llama's none added
     for (n, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(a, b), n
+
+
+def test_twin_layers_stack_with_their_factors_and_come_back_exactly():
+    """Twin layers (different ranks, one without factors) stack: the same products and bytes, R's rows
+    one after another and each L kept apart; rows() gives each layer back, factors and all."""
+    torch.manual_seed(0)
+    layers = []
+    for out, rank in ((64, 5), (32, 0), (32, 3)):
+        q = QuantLinear(64, out, 4, 32, bias=True, dtype=torch.float32)
+        q.planes.random_(0, 256)
+        q.scale.uniform_(0.01, 0.02)
+        q.zero.uniform_(0, 15)
+        q.bias.data.normal_()
+        if rank:
+            q.attach_lowrank(torch.randint(-127, 128, (out, rank), dtype=torch.int8), torch.rand(out) * 1e-2,
+                             torch.randint(-127, 128, (rank, 64), dtype=torch.int8), torch.rand(rank) * 1e-2)
+        layers.append(q)
+    stacked = QuantLinear.stack(layers)
+    # the same bytes, but L's float16 scales for the rows of the layer without factors (zeros)
+    assert stacked.rank == 8 and stacked.nbytes == sum(m.nbytes for m in layers) + 2 * 32
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(stacked(x), torch.cat([m(x) for m in layers], -1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stacked.dequantize(torch.float32),
+                               torch.cat([m.dequantize(torch.float32) for m in layers]))
+    for m, (a, b) in zip(layers, ((0, 64), (64, 96), (96, 128))):
+        back = stacked.rows(a, b)
+        assert back.rank == m.rank and back.lr_segments is None
+        for name in ("planes", "scale", "zero", *(linear.LOWRANK_BUFFERS if m.rank else ())):
+            assert torch.equal(back._buffers[name], m._buffers[name]), name
+    with pytest.raises(ValueError, match="one stacked layer"):
+        stacked.rows(60, 70)  # across two stacked layers' factors

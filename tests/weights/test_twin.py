@@ -196,10 +196,8 @@ def test_twin_tune_configs():
         twin.tune(nn.Linear(2, 2), [], torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 4, 5), steps=1)
 
 
-def test_bench_refuses_twin_on_stacked_projections_before_building_a_model():
+def test_bench_refuses_twin_with_qdec_before_building_a_model():
     from memfit.bench import bench_weight_decode
 
-    with pytest.raises(ValueError, match="do not stack"):
-        bench_weight_decode(twin_rank_bits=0.4, fuse=True)
     with pytest.raises(ValueError, match="separate runs"):
         bench_weight_decode(twin_rank_bits=0.4, qdec_channels=0.01, fuse=False)

@@ -129,8 +129,15 @@ def tile_gemv_reference(x: torch.Tensor, tiles: list[torch.Tensor], bits: int, n
     w = codes * scale.float().T.repeat_interleave(g, 1)[:n] + offset.float().T.repeat_interleave(g, 1)[:n]
     y = x.float() @ w.T
     if lowrank is not None:
-        lc, ls, rc, rs = lowrank
-        y = y + (x.float() @ (rc.float() * rs.float()[:, None]).T) @ (lc.float() * ls.float()[:, None]).T
+        lc, ls, rc, rs, table = (*lowrank, None) if len(lowrank) == 4 else lowrank
+        u = x.float() @ (rc.float() * rs.float()[:, None]).T
+        if table is None:
+            return y + u @ (lc.float() * ls.float()[:, None]).T
+        bn = tiles[0].shape[2]
+        for b, (uo, r, at) in enumerate(table.tolist()):  # stacked layers: each block its own rows of L and u
+            rows = min(bn, n - b * bn)
+            lb = lc[at : at + rows * r].reshape(rows, r).float() * ls[b * bn : b * bn + rows].float()[:, None]
+            y[..., b * bn : b * bn + rows] += u[..., uo : uo + r] @ lb.T
     return y
 
 
@@ -196,32 +203,38 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _lowrank_term(U, LC, LS, FLG, N, RK, row, blk, BN: tl.constexpr, RB: tl.constexpr):
+    def _lowrank_term(U, LC, LS, FLG, BLK, N, RK, row, blk, BN: tl.constexpr, RB: tl.constexpr, SEG: tl.constexpr):
         """Twin's low-rank term of output block ``blk``: ``l_scale_n sum_j L_nj u_j`` (float32 [BN]; ``L`` int8
         [N, RK] in ``LC``, float16 row scales in ``LS``), ``u`` = ``R x`` (float32 ``U`` [rows, RK]) once
         :func:`_lowrank_u`'s programs say it is complete (``FLG[row, 0]``). They come first in the grid, so
         they are running or done by now: the wait is short, and cannot hold them out. The last block to
         get here (counted in ``FLG[row, 1]``) puts both flags back to zero. ``L`` is read ``RB`` columns a
-        step: small tiles keep the kernel's registers (so its occupancy) near those of the plain GEMV."""
+        step: small tiles keep the kernel's registers (so its occupancy) near those of the plain GEMV.
+        ``SEG`` (stacked layers): the block's own ``u`` offset, rank and start of its rows in the flat ``L``
+        come from ``BLK`` [blocks, 3] (``L`` is block-diagonal)."""
         ready = tl.atomic_add(FLG + row * 2, 0, sem="acquire")
         while ready == 0:
             ready = tl.atomic_add(FLG + row * 2, 0, sem="acquire")
-        out = blk * BN + tl.arange(0, BN)
-        keep = out < N
+        if SEG:
+            uo, rk, lo = tl.load(BLK + blk * 3), tl.load(BLK + blk * 3 + 1), tl.load(BLK + blk * 3 + 2)
+        else:
+            uo, rk, lo = 0, RK, blk * BN * RK
+        t = tl.arange(0, BN)
+        keep = blk * BN + t < N
         lr = tl.zeros((BN,), tl.float32)
-        for r0 in range(0, RK, RB):
+        for r0 in range(0, rk, RB):
             j = r0 + tl.arange(0, RB)
-            u = tl.load(U + row * RK + j, mask=j < RK, other=0.0, cache_modifier=".cg")  # L2, not a stale L1
-            lc = tl.load(LC + out[:, None] * RK + j[None, :], mask=keep[:, None] & (j < RK)[None, :], other=0)
+            u = tl.load(U + row * RK + uo + j, mask=j < rk, other=0.0, cache_modifier=".cg")  # L2, not a stale L1
+            lc = tl.load(LC + lo + t[:, None] * rk + j[None, :], mask=keep[:, None] & (j < rk)[None, :], other=0)
             lr += tl.sum(lc.to(tl.float32) * u[None, :], 1)
         if tl.atomic_add(FLG + row * 2 + 1, 1, sem="acq_rel") == tl.num_programs(0) - 1:
             tl.store(FLG + row * 2, 0)
             tl.store(FLG + row * 2 + 1, 0)
-        return lr * tl.load(LS + out, mask=keep, other=0.0).to(tl.float32)
+        return lr * tl.load(LS + blk * BN + t, mask=keep, other=0.0).to(tl.float32)
 
     @triton.jit
-    def _finish(y, Y, WS, CNT, U, LC, LS, FLG, N, RK, pid_n, row, BN: tl.constexpr, SPLIT: tl.constexpr,
-                LR: tl.constexpr, RB: tl.constexpr):
+    def _finish(y, Y, WS, CNT, U, LC, LS, FLG, BLK, N, RK, pid_n, row, BN: tl.constexpr, SPLIT: tl.constexpr,
+                LR: tl.constexpr, RB: tl.constexpr, SEG: tl.constexpr):
         """Write a program's sums ``y`` [BN] for output block ``pid_n``: directly, or with ``SPLIT`` > 1
         added into ``WS`` (float32, zero between calls) and counted in ``CNT``; the last program of the
         block writes the output (plus, with ``LR``, twin's low-rank term) and puts both back to zero, so
@@ -230,7 +243,7 @@ if triton is not None:
         keep = out < N
         if SPLIT == 1:
             if LR:
-                y += _lowrank_term(U, LC, LS, FLG, N, RK, row, pid_n, BN, RB)
+                y += _lowrank_term(U, LC, LS, FLG, BLK, N, RK, row, pid_n, BN, RB, SEG)
             tl.store(Y + row * N + out, y.to(Y.dtype.element_ty), mask=keep)
         else:
             tl.atomic_add(WS + row * N + out, y, mask=keep, sem="release")
@@ -240,7 +253,7 @@ if triton is not None:
                 zero = tl.zeros((BN,), tl.float32)
                 total = tl.atomic_add(WS + row * N + out, zero, mask=keep)  # read where the sums were made (L2)
                 if LR:
-                    total += _lowrank_term(U, LC, LS, FLG, N, RK, row, pid_n, BN, RB)
+                    total += _lowrank_term(U, LC, LS, FLG, BLK, N, RK, row, pid_n, BN, RB, SEG)
                 tl.store(Y + row * N + out, total.to(Y.dtype.element_ty), mask=keep)
                 tl.store(WS + row * N + out, zero, mask=keep)
                 tl.store(CNT + row * tl.num_programs(0) + pid_n, 0)
@@ -275,12 +288,14 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["BNR"])
     def _tile_gemv_kernel(X, XS, XW0, XW1, XW2, XSC, P0, P1, P2, S, O, Y, WS, CNT, LC, LS, RC, RS, US, U, UCNT, FLG,
-                          N, NPAD, BNR, RK, NG: tl.constexpr, PER: tl.constexpr, SPLIT: tl.constexpr, W0: tl.constexpr, OFF0: tl.constexpr,
-                          W1: tl.constexpr, OFF1: tl.constexpr, W2: tl.constexpr, OFF2: tl.constexpr,
-                          GROUP: tl.constexpr, BN: tl.constexpr, NGT: tl.constexpr, ASM: tl.constexpr,
+                          BLK, N, NPAD, BNR, RK, NG: tl.constexpr, PER: tl.constexpr, SPLIT: tl.constexpr,
+                          W0: tl.constexpr, OFF0: tl.constexpr, W1: tl.constexpr, OFF1: tl.constexpr,
+                          W2: tl.constexpr, OFF2: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr,
+                          NGT: tl.constexpr, ASM: tl.constexpr,
                           WARPS: tl.constexpr, CENTRE: tl.constexpr, UPG: tl.constexpr, A8: tl.constexpr,
                           LR: tl.constexpr, LRC: tl.constexpr, KSP: tl.constexpr,
-                          RB: tl.constexpr, URB: tl.constexpr, UKC: tl.constexpr, SB: tl.constexpr):
+                          RB: tl.constexpr, URB: tl.constexpr, UKC: tl.constexpr, SB: tl.constexpr,
+                          SEG: tl.constexpr):
         """Program (output block, split of K, row): units ``split PER .. split PER + PER - 1`` (``GROUP``
         channels each, ``UPG`` a group of the grid), ``NGT`` a step, its sums written by :func:`_finish`.
         ``A8``: ``x`` in int8 words (``XW*``, a scale a block of 32 channels in ``XSC``) and integer dot
@@ -299,17 +314,17 @@ if triton is not None:
                 if p < tl.cdiv(RK, URB) * tl.cdiv(NG * GROUP, UKC):
                     _lowrank_u(X, RC, RS, US, U, UCNT, FLG, NG * GROUP, RK, row, p, KSP, URB, UKC, SB)
         else:
-            _tile_gemv_body(X, XS, XW0, XW1, XW2, XSC, P0, P1, P2, S, O, Y, WS, CNT, LC, LS, U, FLG, N, NPAD, BNR, RK,
-                            pid_n, split, row, NG, PER, SPLIT, W0, OFF0, W1, OFF1, W2, OFF2, GROUP, BN, NGT, ASM,
-                            WARPS, CENTRE, UPG, A8, LR, RB)
+            _tile_gemv_body(X, XS, XW0, XW1, XW2, XSC, P0, P1, P2, S, O, Y, WS, CNT, LC, LS, U, FLG, BLK, N, NPAD, BNR,
+                            RK, pid_n, split, row, NG, PER, SPLIT, W0, OFF0, W1, OFF1, W2, OFF2, GROUP, BN, NGT, ASM,
+                            WARPS, CENTRE, UPG, A8, LR, RB, SEG)
 
     @triton.jit
-    def _tile_gemv_body(X, XS, XW0, XW1, XW2, XSC, P0, P1, P2, S, O, Y, WS, CNT, LC, LS, U, FLG, N, NPAD, BNR, RK, pid_n,
-                        split, row, NG: tl.constexpr, PER: tl.constexpr, SPLIT: tl.constexpr, W0: tl.constexpr,
-                        OFF0: tl.constexpr, W1: tl.constexpr, OFF1: tl.constexpr, W2: tl.constexpr,
+    def _tile_gemv_body(X, XS, XW0, XW1, XW2, XSC, P0, P1, P2, S, O, Y, WS, CNT, LC, LS, U, FLG, BLK, N, NPAD, BNR, RK,
+                        pid_n, split, row, NG: tl.constexpr, PER: tl.constexpr, SPLIT: tl.constexpr,
+                        W0: tl.constexpr, OFF0: tl.constexpr, W1: tl.constexpr, OFF1: tl.constexpr, W2: tl.constexpr,
                         OFF2: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, NGT: tl.constexpr,
                         ASM: tl.constexpr, WARPS: tl.constexpr, CENTRE: tl.constexpr, UPG: tl.constexpr,
-                        A8: tl.constexpr, LR: tl.constexpr, RB: tl.constexpr):
+                        A8: tl.constexpr, LR: tl.constexpr, RB: tl.constexpr, SEG: tl.constexpr):
         t = tl.arange(0, NGT * BN)
         n = pid_n * BN + t % BNR
         acc = tl.zeros((NGT * BN,), tl.float32)
@@ -335,7 +350,8 @@ if triton is not None:
             if CENTRE > 0:
                 offset += CENTRE * scale
             acc += scale * cx + offset * tl.load(XS + row * NG + gi)  # XS: each unit's sum of x
-        _finish(tl.sum(tl.reshape(acc, (NGT, BN)), 0), Y, WS, CNT, U, LC, LS, FLG, N, RK, pid_n, row, BN, SPLIT, LR, RB)
+        _finish(tl.sum(tl.reshape(acc, (NGT, BN)), 0), Y, WS, CNT, U, LC, LS, FLG, BLK, N, RK, pid_n, row, BN, SPLIT,
+                LR, RB, SEG)
 
     @triton.jit
     def _dp4a(a, b, ASM: tl.constexpr):
@@ -489,8 +505,9 @@ def tile_gemv(x: torch.Tensor, tiles: list[torch.Tensor], bits: int, n: int, sca
         raise ValueError(f"split must divide the {ng // ngt} steps of {ngt} units, got {split}")
     lr = 0 if lowrank is None else 1
     ws, cnt = _workspace(x.device, n, nb) if split > 1 else (y, y)
+    table = None
     if lowrank is not None:
-        lc, ls, rc, rs = _check_lowrank(lowrank, n, k)
+        lc, ls, rc, rs, table = _check_lowrank(lowrank, n, k, nb)
         rank, ksn = rc.shape[0], -(-k // LOWRANK_UKC)
         lrc = -(-(-(-rank // LOWRANK_URB) * ksn) // nb)  # columns of nb programs that compute u
         us, u, ucnt, flg = _lowrank_workspace(x.device, rank, ksn)
@@ -506,12 +523,13 @@ def tile_gemv(x: torch.Tensor, tiles: list[torch.Tensor], bits: int, n: int, sca
         if x.dtype == torch.bfloat16:  # float16, saturated (65280: the largest bfloat16 that float16 holds)
             xs = xs.clamp(-65280.0, 65280.0).to(torch.float16)
     _tile_gemv_kernel[(nb, split + lrc, m)](
-        xs.contiguous(), xsum, *words, xsc, *ptrs, scale, offset, y, ws, cnt, lc, ls, rc, rs, us, u, ucnt, flg, n,
+        xs.contiguous(), xsum, *words, xsc, *ptrs, scale, offset, y, ws, cnt, lc, ls, rc, rs, us, u, ucnt, flg,
+        table if table is not None else y, n,
         nb * bn, bn, rank, NG=ng, PER=ng // split, SPLIT=split, W0=parts[0][0], OFF0=parts[0][1], W1=parts[1][0],
         OFF1=parts[1][1], W2=parts[2][0], OFF2=parts[2][1], GROUP=group, BN=bn, NGT=ngt, ASM=asm, WARPS=warps,
         CENTRE=0 if a8 else sum(1 << (w - 1 + off) for w, off in PARTS[bits]), UPG=grid // group, A8=a8,
         LR=lr, LRC=lrc, KSP=triton.next_power_of_2(ksn), RB=LOWRANK_RB,
-        URB=LOWRANK_URB, UKC=LOWRANK_UKC, SB=max(1, 2048 // triton.next_power_of_2(ksn)),
+        URB=LOWRANK_URB, UKC=LOWRANK_UKC, SB=max(1, 2048 // triton.next_power_of_2(ksn)), SEG=table is not None,
         num_warps=warps)
     return y.reshape(*x.shape[:-1], n)
 
@@ -522,14 +540,32 @@ LOWRANK_URB, LOWRANK_UKC, LOWRANK_RB = 16, 128, 32
 _LOWRANK_WORKSPACE: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
 
-def _check_lowrank(lowrank: tuple[torch.Tensor, ...], n: int, k: int) -> tuple[torch.Tensor, ...]:
-    lc, ls, rc, rs = lowrank
+def _check_lowrank(lowrank: tuple[torch.Tensor, ...], n: int, k: int, blocks: int) -> tuple[torch.Tensor, ...]:
+    """(L, L scales, R, R scales) or, for stacked layers, (flat L, L scales, R, R scales, block table: int32
+    [blocks, 3], each block of outputs' u offset, rank and start in the flat L; see :func:`lowrank_blocks`),
+    checked, contiguous; the table None where not stacked."""
+    lc, ls, rc, rs, blk = (*lowrank, None) if len(lowrank) == 4 else lowrank
     r = rc.shape[0] if rc.dim() == 2 else -1
-    if (lc.shape != (n, r) or rc.shape != (r, k) or ls.shape != (n,) or rs.shape != (r,) or r < 1
+    flat = blk is not None and lc.dim() == 1 and blk.shape == (blocks, 3) and blk.dtype == torch.int32
+    if ((lc.shape != (n, r) and not flat) or rc.shape != (r, k) or ls.shape != (n,) or rs.shape != (r,) or r < 1
             or lc.dtype != torch.int8 or rc.dtype != torch.int8):
-        raise ValueError(f"lowrank must be int8 L [{n}, r], its scales [{n}], int8 R [r, {k}] and its scales [r]; "
-                         f"got {[tuple(t.shape) for t in lowrank]}")
-    return lc.contiguous(), ls.contiguous(), rc.contiguous(), rs.contiguous()
+        raise ValueError(f"lowrank must be int8 L [{n}, r] (or flat, with an int32 [{blocks}, 3] block table), its "
+                         f"scales [{n}], int8 R [r, {k}] and its scales [r]; got {[tuple(t.shape) for t in lowrank]}")
+    return lc.contiguous(), ls.contiguous(), rc.contiguous(), rs.contiguous(), blk
+
+
+def lowrank_blocks(segments: list[tuple[int, int, int, int, int]], n: int, device, block_n: int = BLOCK_N):
+    """The block table of stacked twin layers (:func:`tile_gemv`'s ``lowrank``): for each block of
+    ``block_n`` outputs, its layer's u offset, rank and the start of the block's rows in the flat ``L``;
+    ``segments``: (first row, end row, u offset, rank, start of its L) a layer. None where a block would
+    cross two layers (a layer's rows not a multiple of ``block_n``)."""
+    if any(r0 % block_n for r0, *_ in segments):
+        return None
+    rows = []
+    for b in range(-(-n // block_n)):
+        r0, _, uo, r, at = next(g for g in segments if g[0] <= b * block_n < g[1])
+        rows.append((uo, r, at + (b * block_n - r0) * r))
+    return torch.tensor(rows, dtype=torch.int32, device=device)
 
 
 def _lowrank_workspace(device: torch.device, rank: int, slots: int) -> tuple[torch.Tensor, ...]:

@@ -104,7 +104,7 @@ class Part(nn.Module):
 
 def fuse_projections(model: nn.Module, groups: dict[str, tuple[str, ...]] | None = None) -> int:
     """Stack each module's projections named in ``groups`` (default :data:`GROUPS`) where all are
-    plain QuantLinear layers of the same input, widths and grid (QDEC and twin layers stay apart), or
+    QuantLinear layers of the same input, widths and grid (twin layers too; QDEC layers stay apart), or
     all plain 16-bit ``nn.Linear`` layers of one dtype. Returns how many stacks were made. The products
     are the same, from one launch per stack."""
     made = 0

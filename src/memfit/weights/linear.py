@@ -79,6 +79,7 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         # the kernel's copy of the codes: ("tinygemm", packed, scales_and_zeros) or ("tiles", parts, scale, offset)
         self._fast: tuple | None = None
+        self._lr_table: torch.Tensor | None = None  # stacked twin layers: the kernel's block table (on first use)
         self.prefer: str | None = None
         # QDEC (memfit.weights.qdec): the residual W - Q, in host memory, added on each token's k channels
         self.qdec_k, self.qdec_bits = qdec_k, qdec_bits
@@ -88,7 +89,7 @@ class QuantLinear(nn.Module):
             qdec.check(qdec_bits, qdec_k / in_features)
             for name, t in zip(QDEC_BUFFERS, qdec.empty(in_features, out_features, qdec_bits)):
                 self.register_buffer(name, t)
-        self.rank = 0
+        self.rank, self.lr_segments = 0, None
         if rank:  # twin (memfit.weights.twin): W = L R + the grid's weight
             self.attach_lowrank(torch.zeros(out_features, rank, dtype=torch.int8, device=device),
                                 torch.zeros(out_features, dtype=torch.float16, device=device),
@@ -133,11 +134,13 @@ class QuantLinear(nn.Module):
     def stack(cls, layers: "list[QuantLinear]") -> "QuantLinear":
         """One layer whose output rows are ``layers``' rows in order: the same codes and grids, so the same
         products, from one kernel launch (projections sharing an input: ``weights.fuse``). The layers must
-        share their input size, widths, grid and dtype, and hold no QDEC residual or low-rank part."""
+        share their input size, widths, grid and dtype, and hold no QDEC residual. Twin layers stack too: the
+        factors' rows of ``R`` one after another (``u = R x`` for all at once), each layer's ``L`` kept apart
+        (flat, :attr:`lr_segments` says where: ``L`` is block-diagonal), so no byte is added."""
         first = layers[0]
-        if any(m.qdec_k or m.rank for m in layers) or any(m._plain_config() != first._plain_config() for m in layers):
-            raise ValueError("only plain QuantLinear layers with the same input size, bits, grid, dtype and device "
-                             "stack")
+        if any(m.qdec_k for m in layers) or any(m._plain_config() != first._plain_config() for m in layers):
+            raise ValueError("only QuantLinear layers with the same input size, bits, grid, dtype and device, and "
+                             "no QDEC residual, stack")
         out = cls(first.in_features, sum(m.out_features for m in layers), first.bits, first.group_size, first.kind,
                   bias=any(m.bias is not None for m in layers), device=first.planes.device, dtype=first.dtype,
                   meta_bits=first.meta_bits)
@@ -150,12 +153,33 @@ class QuantLinear(nn.Module):
             zeros = out.bias.data.new_zeros
             biases = [m.bias.data if m.bias is not None else zeros(m.out_features) for m in layers]
             out.bias.data.copy_(torch.cat(biases))
+        if any(m.rank for m in layers):
+            out._stack_lowrank(layers)
         return out
 
+    def _stack_lowrank(self, layers: "list[QuantLinear]") -> None:
+        """The twin factors of stacked ``layers`` (a layer without them: rank 0), ``L`` flat."""
+        segs, parts, row, col, at = [], {n: [] for n in LOWRANK_BUFFERS}, 0, 0, 0
+        dev = self.planes.device
+        for m in layers:
+            if m.rank:
+                for n in LOWRANK_BUFFERS:
+                    parts[n].append(m._buffers[n].reshape(-1) if n == "lr_l" else m._buffers[n])
+            else:
+                parts["lr_l_scale"].append(torch.zeros(m.out_features, dtype=torch.float16, device=dev))
+            segs.append((row, row + m.out_features, col, m.rank, at))
+            row, col, at = row + m.out_features, col + m.rank, at + m.out_features * m.rank
+        for n in LOWRANK_BUFFERS:
+            self.register_buffer(n, torch.cat(parts[n]))
+        self.rank, self.lr_segments = col, segs
+
     def rows(self, start: int, stop: int, bias: bool = True) -> "QuantLinear":
-        """A layer of output rows ``start .. stop - 1`` of this one (the inverse of :meth:`stack`)."""
-        if self.qdec_k or self.rank or not 0 <= start < stop <= self.out_features:
-            raise ValueError(f"rows {start}..{stop} of a {self.out_features}-row plain layer")
+        """A layer of output rows ``start .. stop - 1`` of this one (the inverse of :meth:`stack`; in a stacked
+        twin layer, rows of one of the stacked layers)."""
+        seg = next((g for g in self._segments() if g[0] <= start and stop <= g[1]), None) if self.rank else None
+        if self.qdec_k or (self.rank and seg is None) or not 0 <= start < stop <= self.out_features:
+            raise ValueError(f"rows {start}..{stop} of a {self.out_features}-row layer (without QDEC; of one stacked "
+                             "layer where it holds twin factors)")
         out = type(self)(self.in_features, stop - start, self.bits, self.group_size, self.kind,
                          bias=bias and self.bias is not None, device=self.planes.device, dtype=self.dtype,
                          meta_bits=self.meta_bits)
@@ -166,7 +190,17 @@ class QuantLinear(nn.Module):
                 out._buffers[name] = src.narrow(dim, start, stop - start).clone()
         if out.bias is not None:
             out.bias.data.copy_(self.bias.data[start:stop])
+        if seg is not None and seg[3]:
+            r0, r1, c0, r, at = seg
+            lc = self.lr_l.reshape(-1)[at : at + (r1 - r0) * r].reshape(r1 - r0, r)[start - r0 : stop - r0]
+            out.attach_lowrank(lc.clone(), self.lr_l_scale[start:stop].clone(), self.lr_r[c0 : c0 + r].clone(),
+                               self.lr_r_scale[c0 : c0 + r].clone())
         return out
+
+    def _segments(self) -> list[tuple[int, int, int, int, int]]:
+        """Twin's factors by stacked layer: (first row, end row, first row of ``R``, rank, start of its ``L``
+        in the flat ``lr_l``); one for a layer not stacked."""
+        return self.lr_segments or [(0, self.out_features, 0, self.rank, 0)]
 
     def attach_lowrank(self, l_codes: torch.Tensor, l_scale: torch.Tensor, r_codes: torch.Tensor,
                        r_scale: torch.Tensor) -> None:
@@ -181,11 +215,17 @@ class QuantLinear(nn.Module):
         dev = self.planes.device
         for name, t in zip(LOWRANK_BUFFERS, (l_codes, l_scale.half(), r_codes, r_scale.half())):
             self.register_buffer(name, t.to(dev))
-        self.rank = r
+        self.rank, self.lr_segments = r, None
 
     def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Twin's ``L`` [out, r] and ``R`` [r, in], float32."""
-        return twin.dequant_rows(self.lr_l, self.lr_l_scale), twin.dequant_rows(self.lr_r, self.lr_r_scale)
+        """Twin's ``L`` [out, r] and ``R`` [r, in], float32 (stacked: ``L`` block-diagonal)."""
+        rw = twin.dequant_rows(self.lr_r, self.lr_r_scale)
+        if not self.lr_segments:
+            return twin.dequant_rows(self.lr_l, self.lr_l_scale), rw
+        lw = torch.zeros(self.out_features, self.rank, device=rw.device)
+        for r0, r1, c0, r, at in self.lr_segments:
+            lw[r0:r1, c0 : c0 + r] = self.lr_l[at : at + (r1 - r0) * r].reshape(r1 - r0, r).float()
+        return lw * self.lr_l_scale.float()[:, None], rw
 
     def attach_residual(self, weight: torch.Tensor, k: int, bits: int = 8) -> None:
         """QDEC: keep ``weight - self.dequantize()`` (in host memory, at ``bits``) and add it, at each
@@ -347,7 +387,7 @@ class QuantLinear(nn.Module):
         """Forget the kernel's copy, putting the planes back first if it was their only copy."""
         if self._fast is not None and not self.planes.numel():
             self.planes = self._planes()
-        self._fast = None
+        self._fast = self._lr_table = None
 
     def _apply(self, fn, recurse: bool = True):
         self._drop_fast()  # moving or casting: the copy stays behind, the planes go along
@@ -378,8 +418,12 @@ class QuantLinear(nn.Module):
         if self._tiles_ok(x):
             _, parts, scale, offset = self._fast_copy("tiles")
             lowrank = tuple(self._buffers[n] for n in LOWRANK_BUFFERS) if self.rank else None
+            if lowrank is not None and self.lr_segments:  # stacked: each block of outputs its own rows of L
+                if self._lr_table is None:
+                    self._lr_table = tile_gemv.lowrank_blocks(self.lr_segments, self.out_features, x.device)
+                lowrank = (*lowrank, self._lr_table) if self._lr_table is not None else None
             return tile_gemv.tile_gemv(x, parts, self.bits, self.out_features, scale, offset,
-                                       a8=self.prefer == "tiles-a8", lowrank=lowrank), True
+                                       a8=self.prefer == "tiles-a8", lowrank=lowrank), lowrank is not None
         if self._gemv_ok(x):
             if self.meta_bits:
                 grid = {"meta": (self.scale_codes, self.offset_codes, self.meta_ranges)}
