@@ -482,7 +482,8 @@ def tile_gemv(x: torch.Tensor, tiles: list[torch.Tensor], bits: int, n: int, sca
     dp4a: the loop compiles to about 1.8 instructions a 4-bit code against 3.4 (SmolLM2's perplexity
     moves +0.11% at 4 bits g32, +0.40% at 3 bits). ``lowrank``: twin's factors (``L`` int8 [n, r], its
     float16 row scales [n], ``R`` int8 [r, K], its scales [r]): ``(x R^T) L^T`` is added in the same
-    launch (:func:`_lowrank_u`; with ``a8``, ``R x`` reads ``x`` unrounded). Returns [..., n] in ``x``'s dtype."""
+    launch (:func:`_lowrank_u`; with ``a8``, ``R x`` reads ``x`` unrounded); stacked twin layers pass ``L`` flat
+    and a fifth tensor, the block table of :func:`lowrank_blocks`. Returns [..., n] in ``x``'s dtype."""
     k = x.shape[-1]
     launch = LAUNCH.get(bits, (4, 4))
     warps, groups = warps or launch[0], groups or launch[1]
