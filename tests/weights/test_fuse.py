@@ -147,3 +147,5 @@ def test_twin_layers_stack_with_their_factors_and_come_back_exactly():
             assert torch.equal(back._buffers[name], m._buffers[name]), name
     with pytest.raises(ValueError, match="one stacked layer"):
         stacked.rows(60, 70)  # across two stacked layers' factors
+    with pytest.raises(ValueError, match="not stacked twin layers"):
+        QuantLinear.stack([stacked, layers[0]])

@@ -138,9 +138,10 @@ class QuantLinear(nn.Module):
         factors' rows of ``R`` one after another (``u = R x`` for all at once), each layer's ``L`` kept apart
         (flat, :attr:`lr_segments` says where: ``L`` is block-diagonal), so no byte is added."""
         first = layers[0]
-        if any(m.qdec_k for m in layers) or any(m._plain_config() != first._plain_config() for m in layers):
-            raise ValueError("only QuantLinear layers with the same input size, bits, grid, dtype and device, and "
-                             "no QDEC residual, stack")
+        if (any(m.qdec_k or m.lr_segments for m in layers)
+                or any(m._plain_config() != first._plain_config() for m in layers)):
+            raise ValueError("only QuantLinear layers with the same input size, bits, grid, dtype and device, no QDEC "
+                             "residual, and not stacked twin layers themselves, stack")
         out = cls(first.in_features, sum(m.out_features for m in layers), first.bits, first.group_size, first.kind,
                   bias=any(m.bias is not None for m in layers), device=first.planes.device, dtype=first.dtype,
                   meta_bits=first.meta_bits)
