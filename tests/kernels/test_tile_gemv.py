@@ -306,3 +306,27 @@ def test_stacked_twin_layers_match_the_separate_layers(outs):
         assert (y - want).abs().max().item() < 1e-2 * want.abs().max().item()
         assert (y - ref).abs().max().item() < 1e-2 * ref.abs().max().item()
     assert (stacked._lr_table is not None) == all(o % 32 == 0 for o in outs[:-1])
+
+
+def test_stacked_lowrank_reference_reads_each_blocks_rows_of_l():
+    """The block table of stacked twin layers (CPU): each block of 32 outputs its layer's u offset, rank and
+    rows of the flat L; the reference with it equals the stacked layer's own dequantized matmul. Layers
+    whose rows do not fill whole blocks get no table (their factors are added after the kernel)."""
+    layers = []
+    for i, (out, rank) in enumerate(((64, 5), (32, 0), (64, 3))):
+        q = quant_layer(out, 128, 4, 32, device="cpu")
+        if rank:
+            _with_lowrank(q, rank, seed=i)
+        layers.append(q)
+    stacked = QuantLinear.stack(layers)
+    table = tile_gemv.lowrank_blocks(stacked.lr_segments, 160, "cpu")
+    assert table.tolist() == [[0, 5, 0], [0, 5, 160], [5, 0, 320], [5, 3, 320], [5, 3, 416]]
+    parts = tile_gemv.pack_tiles(stacked.codes(), 4, 32)
+    scale, zero = stacked.grid()
+    s, o = scale.T.half(), (-zero * scale).T.half()
+    x = torch.randn(2, 128)
+    lowrank = (*(stacked._buffers[n] for n in linear.LOWRANK_BUFFERS), table)
+    want = x @ stacked.dequantize(torch.float32).T
+    torch.testing.assert_close(tile_gemv.tile_gemv_reference(x, parts, 4, 160, s, o, lowrank), want,
+                               rtol=1e-3, atol=1e-3 * want.abs().max().item())
+    assert tile_gemv.lowrank_blocks([(0, 40, 0, 2, 0), (40, 72, 2, 2, 80)], 72, "cpu") is None
