@@ -912,7 +912,7 @@ def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...]
         layers_q = [m for m in model.modules() if isinstance(m, QuantLinear)]
         for m in layers_q:
             m.set_prefer(kernel)
-        step = _quant_step(model, layers_q, batch, prompt, compile, full, peak)
+        step = _quant_step(model, batch, prompt, compile, full, peak)
         row.update(quant_ms=step["ms"], quant_mode=step["mode"], kernels=step["kernels"],
                    quant_weight_bytes=step["weight_bytes"], read_bytes=step["read_bytes"],
                    roofline_ms=step["roofline_ms"], of_roofline=step["of_roofline"])
@@ -936,8 +936,7 @@ def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...]
             row["twin_ranks"] = sorted({m.rank for m in layers_q})
             if fuse:
                 row["twin_stacks"] = fuse_projections(model)
-                layers_q = [m for m in model.modules() if isinstance(m, QuantLinear)]
-            step = _quant_step(model, layers_q, batch, prompt, compile, full, peak)
+            step = _quant_step(model, batch, prompt, compile, full, peak)
             row.update({f"twin_{k}": v for k, v in step.items()})
             row["twin_vs_plain"] = row["twin_ms"] / row["quant_ms"]
         out["widths"].append(row)
@@ -945,16 +944,16 @@ def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...]
     return out
 
 
-def _quant_step(model, layers: list, batch: int, prompt: int, compile: bool, full: bool, peak: float) -> dict:
-    """The decode step of a quantized ``model`` (its QuantLinear ``layers``): time, mode, the kernels the
-    layers ran, the weights' bytes stored and read, and the roofline (those bytes at ``peak`` B/s)."""
-    from memfit.weights import weight_bytes
+def _quant_step(model, batch: int, prompt: int, compile: bool, full: bool, peak: float) -> dict:
+    """The decode step of a quantized ``model``: time, mode, the kernels its QuantLinear layers ran, the
+    weights' bytes stored and read, and the roofline (those bytes at ``peak`` B/s)."""
+    from memfit.weights import QuantLinear, weight_bytes
 
     torch.cuda.empty_cache()
     if compile:
         torch._dynamo.reset()
     ms, mode = _decode_step_ms(model, batch, prompt, compile=compile, full=full)
-    kernels = [m.kernel for m in layers]
+    kernels = [m.kernel for m in model.modules() if isinstance(m, QuantLinear)]
     read = _step_read_bytes(model)
     return {"ms": ms, "mode": mode, "kernels": {k: kernels.count(k) for k in set(kernels)},
             "weight_bytes": weight_bytes(model)["total"], "read_bytes": read, "roofline_ms": read / peak * 1e3,

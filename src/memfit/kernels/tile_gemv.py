@@ -129,7 +129,7 @@ def tile_gemv_reference(x: torch.Tensor, tiles: list[torch.Tensor], bits: int, n
     w = codes * scale.float().T.repeat_interleave(g, 1)[:n] + offset.float().T.repeat_interleave(g, 1)[:n]
     y = x.float() @ w.T
     if lowrank is not None:
-        lc, ls, rc, rs, table = (*lowrank, None) if len(lowrank) == 4 else lowrank
+        lc, ls, rc, rs, table = _check_lowrank(lowrank, n, x.shape[-1], tiles[0].shape[0])
         u = x.float() @ (rc.float() * rs.float()[:, None]).T
         if table is None:
             return y + u @ (lc.float() * ls.float()[:, None]).T

@@ -192,9 +192,8 @@ class QuantLinear(nn.Module):
         if out.bias is not None:
             out.bias.data.copy_(self.bias.data[start:stop])
         if seg is not None and seg[3]:
-            r0, r1, c0, r, at = seg
-            lc = self.lr_l.reshape(-1)[at : at + (r1 - r0) * r].reshape(r1 - r0, r)[start - r0 : stop - r0]
-            out.attach_lowrank(lc.clone(), self.lr_l_scale[start:stop].clone(), self.lr_r[c0 : c0 + r].clone(),
+            r0, _, c0, r, _ = seg
+            out.attach_lowrank(self._segment_l(seg)[start - r0 : stop - r0].clone(), self.lr_l_scale[start:stop].clone(), self.lr_r[c0 : c0 + r].clone(),
                                self.lr_r_scale[c0 : c0 + r].clone())
         return out
 
@@ -202,6 +201,11 @@ class QuantLinear(nn.Module):
         """Twin's factors by stacked layer: (first row, end row, first row of ``R``, rank, start of its ``L``
         in the flat ``lr_l``); one for a layer not stacked."""
         return self.lr_segments or [(0, self.out_features, 0, self.rank, 0)]
+
+    def _segment_l(self, seg: tuple[int, int, int, int, int]) -> torch.Tensor:
+        """The int8 ``L`` [rows, rank] of one of :meth:`_segments`."""
+        r0, r1, _, r, at = seg
+        return self.lr_l.reshape(-1)[at : at + (r1 - r0) * r].reshape(r1 - r0, r)
 
     def attach_lowrank(self, l_codes: torch.Tensor, l_scale: torch.Tensor, r_codes: torch.Tensor,
                        r_scale: torch.Tensor) -> None:
@@ -224,8 +228,9 @@ class QuantLinear(nn.Module):
         if not self.lr_segments:
             return twin.dequant_rows(self.lr_l, self.lr_l_scale), rw
         lw = torch.zeros(self.out_features, self.rank, device=rw.device)
-        for r0, r1, c0, r, at in self.lr_segments:
-            lw[r0:r1, c0 : c0 + r] = self.lr_l[at : at + (r1 - r0) * r].reshape(r1 - r0, r).float()
+        for seg in self.lr_segments:
+            r0, r1, c0, r, _ = seg
+            lw[r0:r1, c0 : c0 + r] = self._segment_l(seg).float()
         return lw * self.lr_l_scale.float()[:, None], rw
 
     def attach_residual(self, weight: torch.Tensor, k: int, bits: int = 8) -> None:
