@@ -537,7 +537,7 @@ def tile_gemv(x: torch.Tensor, tiles: list[torch.Tensor], bits: int, n: int, sca
 
 # twin's u = R x in a tile GEMV's launch: rows of R and input channels a program, and L's columns a step in
 # the epilogue; tiles this small (at most 8 values a thread at 8 warps) keep the registers of the plain GEMV
-LOWRANK_URB, LOWRANK_UKC, LOWRANK_RB = 16, 128, 32
+LOWRANK_URB, LOWRANK_UKC, LOWRANK_RB = 16, 256, 32
 _LOWRANK_WORKSPACE: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
 
