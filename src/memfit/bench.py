@@ -845,7 +845,8 @@ def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...]
                         method: str = "hqq", layers: int = 32, compile: bool = False,
                         lm_head: bool = False, meta_bits: int = 0, kernel: str | None = None,
                         peak_tbs: float = 4.8, fuse: bool = True, attention: str = "memfit",
-                        qdec_channels: float = 0.0, qdec_bits: int = 8, twin_rank_bits: float = 0.0) -> dict:
+                        qdec_channels: float = 0.0, qdec_bits: int = 8, twin_rank_bits: float = 0.0,
+                        twin_epilogues: tuple[str, ...] = ("kernel",)) -> dict:
     """Decode step time of a random-weight Llama-3.1-8B-shaped model with bf16 weights, then with
     weights at each of ``bits`` (memfit's QuantLinear: on CUDA the tile-layout GEMV at every width;
     ``kernel="tinygemm"``: torch's int4 kernel at 4 bits, ``"planes"``: the bit-plane GEMV), on the same
@@ -865,11 +866,17 @@ def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...]
     must be off (the plain width then runs unstacked too). ``twin_rank_bits``: each width also timed with
     twin's 8-bit low-rank factors on every quantized layer (``twin.rank_for``'s rank at that many bits a
     weight; random values, as the weights are), added in the tile GEMV's launch (``twin_ms``,
-    ``twin_vs_plain``), stacked like the plain layers where ``fuse`` is on."""
+    ``twin_vs_plain``), stacked like the plain layers where ``fuse`` is on; with several ``twin_epilogues``
+    (``linear.TWIN_EPILOGUE``: where ``u L^T`` is added) each is timed (``twin_epilogue_ms``), the first
+    giving ``twin_ms``."""
     if attention not in ("memfit", "sdpa"):
         raise ValueError(f"attention must be 'memfit' or 'sdpa', got {attention!r}")
     if twin_rank_bits and qdec_channels:
         raise ValueError("time QDEC and twin's factors in separate runs")
+    from memfit.weights.linear import TWIN_EPILOGUES
+
+    if not twin_epilogues or any(e not in TWIN_EPILOGUES for e in twin_epilogues):
+        raise ValueError(f"twin_epilogues must name some of {TWIN_EPILOGUES}, got {twin_epilogues}")
     if qdec_channels and fuse:
         raise ValueError("QDEC layers do not stack: time them with fuse off (--no-fuse), against the plain "
                          "width unstacked")
@@ -936,8 +943,18 @@ def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...]
             row["twin_ranks"] = sorted({m.rank for m in layers_q})
             if fuse:
                 row["twin_stacks"] = fuse_projections(model)
-            step = _quant_step(model, batch, prompt, compile, full, peak)
-            row.update({f"twin_{k}": v for k, v in step.items()})
+            from memfit.weights import linear
+
+            row["twin_epilogue_ms"], before = {}, linear.TWIN_EPILOGUE
+            try:
+                for e in twin_epilogues:
+                    linear.TWIN_EPILOGUE = e
+                    step = _quant_step(model, batch, prompt, compile, full, peak)
+                    row["twin_epilogue_ms"][e] = step["ms"]
+                    if e == twin_epilogues[0]:
+                        row.update({f"twin_{k}": v for k, v in step.items()}, twin_epilogue=e)
+            finally:
+                linear.TWIN_EPILOGUE = before
             row["twin_vs_plain"] = row["twin_ms"] / row["quant_ms"]
         out["widths"].append(row)
     out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -812,13 +812,17 @@ def bench_weight_decode_cmd(
     twin_rank_bits: float = typer.Option(0.0, "--twin-rank-bits", help="Also time each width with twin's 8-bit "
                                          "low-rank factors on every layer, of the rank that spends this many bits a "
                                          "weight (random values: timing only)."),
+    twin_epilogue: list[str] = typer.Option(["kernel"], "--twin-epilogue", help="Where twin's (x R^T) L^T is "
+                                            "added: 'kernel' (in the GEMV's launch), 'torch' (after it, from the u "
+                                            "the launch hands back), 'auto' (torch while compiling); repeat to time "
+                                            "several."),
     out: Path = typer.Option(Path("results/bench_weight_decode.json"), "--out", "-o"),
 ) -> None:
     """GPU: decode step time, random-weight Llama-3.1-8B shape, bf16 weights vs quantized weights."""
     from memfit.bench import bench_weight_decode
 
     _need_cuda("bench weight-decode")
-    from memfit.weights.linear import PREFER
+    from memfit.weights.linear import PREFER, TWIN_EPILOGUES
 
     if kernel is not None and kernel not in PREFER:  # checked before an 8B model is built
         raise typer.BadParameter(f"unknown kernel {kernel!r}; use one of {PREFER}", param_hint="--kernel")
@@ -836,10 +840,13 @@ def bench_weight_decode_cmd(
     if twin_rank_bits and not 0 < twin_rank_bits < 8:
         raise typer.BadParameter(f"the factors' bits a weight must be in (0, 8); got {twin_rank_bits}",
                                  param_hint="--twin-rank-bits")
+    if bad := [e for e in twin_epilogue if e not in TWIN_EPILOGUES]:
+        raise typer.BadParameter(f"unknown twin epilogue {bad[0]!r}; use one of {TWIN_EPILOGUES}",
+                                 param_hint="--twin-epilogue")
     r = bench_weight_decode(batch, bits=tuple(bits), group_size=group_size, method=method, layers=layers,
                             compile=compile, lm_head=lm_head, meta_bits=meta_bits, kernel=kernel, fuse=fuse,
                             attention=attention, qdec_channels=qdec_channels, qdec_bits=qdec_bits,
-                            twin_rank_bits=twin_rank_bits)
+                            twin_rank_bits=twin_rank_bits, twin_epilogues=tuple(twin_epilogue))
     _write_json(out, r)
     stacked = f", stacked {r['bf16_fused_ms']:.3f} ms" if "bf16_fused_ms" in r else ""
     typer.echo(f"bf16 {r['bf16_ms']:.3f} ms{stacked} ({r['bf16_mode']}), roofline {r['bf16_roofline_ms']:.3f} ms")
@@ -855,8 +862,11 @@ def bench_weight_decode_cmd(
                        f"({w['qdec_inline_added']:+.1%})")
         if "twin_ms" in w:
             typer.echo(f"  + twin factors at {w['twin_rank_bits']} bits a weight (ranks {w['twin_ranks']}): "
-                       f"{w['twin_ms']:.3f} ms ({w['twin_vs_plain']:.3f}x the plain width; {w['twin_kernels']}), "
-                       f"roofline {w['twin_roofline_ms']:.3f} ms ({w['twin_of_roofline']:.0%})")
+                       f"{w['twin_ms']:.3f} ms ({w['twin_vs_plain']:.3f}x the plain width; {w['twin_kernels']}; "
+                       f"epilogue {w['twin_epilogue']}), roofline {w['twin_roofline_ms']:.3f} ms "
+                       f"({w['twin_of_roofline']:.0%})")
+            for e, ms in w.get("twin_epilogue_ms", {}).items():
+                typer.echo(f"    epilogue {e}: {ms:.3f} ms ({ms / w['quant_ms']:.3f}x the plain width)")
     typer.echo(f"wrote {out}")
 
 

@@ -286,11 +286,14 @@ def test_twin_tile_kernel_replays_from_a_cuda_graph():
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("epilogue", ["kernel", "torch"])
 @pytest.mark.parametrize("outs", [(128, 64, 96), (200, 56)])
-def test_stacked_twin_layers_match_the_separate_layers(outs):
+def test_stacked_twin_layers_match_the_separate_layers(outs, epilogue, monkeypatch):
     """Twin layers stacked (q/k/v-like): one launch whose blocks each read their own layer's rows of L and u
     (a block table); layers whose rows do not fill whole blocks of 32 (200 + 56) add the factors after the
-    kernel instead. Either way the outputs equal the separate layers'."""
+    kernel instead. Either way the outputs equal the separate layers', with ``u L^T`` added in the launch
+    or by torch from the ``u`` it hands back (``linear.TWIN_EPILOGUE``)."""
+    monkeypatch.setattr(linear, "TWIN_EPILOGUE", epilogue)
     layers = []
     for i, out in enumerate(outs):
         q = _layer(out, 512, 4, 64)
@@ -306,6 +309,31 @@ def test_stacked_twin_layers_match_the_separate_layers(outs):
         assert (y - want).abs().max().item() < 1e-2 * want.abs().max().item()
         assert (y - ref).abs().max().item() < 1e-2 * ref.abs().max().item()
     assert (stacked._lr_table is not None) == all(o % 32 == 0 for o in outs[:-1])
+
+
+@pytest.mark.gpu
+@cuda
+def test_twin_layer_compiled_adds_u_l_in_torch(monkeypatch):
+    """Under torch.compile a twin layer's launch hands ``u`` back and the compiled graph adds ``u L^T``
+    (``TWIN_EPILOGUE = "auto"``); the result equals the eager layer's (the product in the launch), in a
+    CUDA graph too, and the in-launch path still gives the same afterwards (its flags were left clear)."""
+    monkeypatch.setattr(linear, "TWIN_EPILOGUE", "auto")
+    torch.manual_seed(0)
+    q = _layer(256, 1024, 4, 64)
+    _with_lowrank(q, 40, seed=0)
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
+    want = q(x).float()
+    compiled = torch.compile(q, dynamic=False)
+    for _ in range(2):
+        y = compiled(x).float()
+        assert (y - want).abs().max().item() < 1e-2 * want.abs().max().item()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = compiled(x)
+    g.replay()
+    assert (out.float() - want).abs().max().item() < 1e-2 * want.abs().max().item()
+    # eager again: in the launch (the flag it waits on was left clear by the launches that handed u back)
+    assert (q(x).float() - want).abs().max().item() < 1e-2 * want.abs().max().item()
 
 
 def test_stacked_lowrank_reference_reads_each_blocks_rows_of_l():

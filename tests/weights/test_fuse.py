@@ -140,6 +140,9 @@ def test_twin_layers_stack_with_their_factors_and_come_back_exactly():
     torch.testing.assert_close(stacked(x), torch.cat([m(x) for m in layers], -1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(stacked.dequantize(torch.float32),
                                torch.cat([m.dequantize(torch.float32) for m in layers]))
+    # u L^T a layer at a time (what torch adds after a launch that hands u back) = the block-diagonal L
+    u = torch.randn(3, 8)
+    torch.testing.assert_close(stacked._lowrank_from_u(u), u @ stacked._factors()[0].T, rtol=1e-5, atol=1e-5)
     for m, (a, b) in zip(layers, ((0, 64), (64, 96), (96, 128))):
         back = stacked.rows(a, b)
         assert back.rank == m.rank and back.lr_segments is None

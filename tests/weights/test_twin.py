@@ -201,3 +201,5 @@ def test_bench_refuses_twin_with_qdec_before_building_a_model():
 
     with pytest.raises(ValueError, match="separate runs"):
         bench_weight_decode(twin_rank_bits=0.4, qdec_channels=0.01, fuse=False)
+    with pytest.raises(ValueError, match="twin_epilogues"):
+        bench_weight_decode(twin_rank_bits=0.4, twin_epilogues=("fast",))

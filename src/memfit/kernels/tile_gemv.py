@@ -260,7 +260,7 @@ if triton is not None:
 
     @triton.jit
     def _lowrank_u(X, RC, RS, US, U, UCNT, FLG, K, RK, row, p, KSP: tl.constexpr, URB: tl.constexpr,
-                   UKC: tl.constexpr, SB: tl.constexpr):
+                   UKC: tl.constexpr, SB: tl.constexpr, FLAG: tl.constexpr):
         """Twin's ``u = R x`` inside the GEMV's launch: program ``p`` of ``cdiv(RK, URB) * KS`` (``KS`` =
         ``cdiv(K, UKC)``) sums ``URB`` rows of ``R`` over ``UKC`` channels into ``US`` [rows, KS, RK] (one
         load each, so that ``u`` is ready well before the GEMV's blocks are); the last to finish (counted
@@ -283,8 +283,9 @@ if triton is not None:
                 share = tl.load(US + (row * ks_n + s[:, None]) * RK + jj[None, :],
                                 mask=(s < ks_n)[:, None] & (jj < RK)[None, :], other=0.0, cache_modifier=".cg")
                 tl.store(U + row * RK + jj, tl.sum(share, 0), mask=jj < RK)
-            tl.debug_barrier()  # u is complete before the flag says so
-            tl.atomic_xchg(FLG + row * 2, 1, sem="release")
+            if FLAG:  # the blocks' epilogue waits for it (without, u is read after the launch)
+                tl.debug_barrier()  # u is complete before the flag says so
+                tl.atomic_xchg(FLG + row * 2, 1, sem="release")
 
     @triton.jit(do_not_specialize=["BNR"])
     def _tile_gemv_kernel(X, XS, XW0, XW1, XW2, XSC, P0, P1, P2, S, O, Y, WS, CNT, LC, LS, RC, RS, US, U, UCNT, FLG,
@@ -309,10 +310,10 @@ if triton is not None:
         pid_n, col, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         split = col - LRC
         if split < 0:
-            if LR:  # (compiled only for twin layers: the plain call passes placeholders of another type)
+            if LRC > 0:  # (compiled only for twin layers: the plain call passes placeholders of another type)
                 p = col * tl.num_programs(0) + pid_n
                 if p < tl.cdiv(RK, URB) * tl.cdiv(NG * GROUP, UKC):
-                    _lowrank_u(X, RC, RS, US, U, UCNT, FLG, NG * GROUP, RK, row, p, KSP, URB, UKC, SB)
+                    _lowrank_u(X, RC, RS, US, U, UCNT, FLG, NG * GROUP, RK, row, p, KSP, URB, UKC, SB, LR)
         else:
             _tile_gemv_body(X, XS, XW0, XW1, XW2, XSC, P0, P1, P2, S, O, Y, WS, CNT, LC, LS, U, FLG, BLK, N, NPAD, BNR,
                             RK, pid_n, split, row, NG, PER, SPLIT, W0, OFF0, W1, OFF1, W2, OFF2, GROUP, BN, NGT, ASM,
@@ -472,7 +473,8 @@ LAUNCH = {4: (8, 8)}
 def tile_gemv(x: torch.Tensor, tiles: list[torch.Tensor], bits: int, n: int, scale: torch.Tensor,
               offset: torch.Tensor, asm: bool = True, warps: int | None = None, groups: int | None = None,
               per_sm: int = 8, split: int | None = None, a8: bool = False,
-              lowrank: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+              lowrank: tuple[torch.Tensor, ...] | None = None, lowrank_u: bool = False
+              ) -> "torch.Tensor | tuple[torch.Tensor, torch.Tensor]":
     """``x`` [..., K] (at most ``MAX_ROWS`` rows) times ``W`` (``tiles`` from :func:`pack_tiles`, ``n``
     output rows; ``W = code * scale + offset``, float16 [K / G, ceil(N / BN) BN]). ``asm``: the PTX
     dequantization (False: plain Triton, which the interpreter runs). ``warps``, ``groups``, ``per_sm``:
@@ -483,7 +485,10 @@ def tile_gemv(x: torch.Tensor, tiles: list[torch.Tensor], bits: int, n: int, sca
     moves +0.11% at 4 bits g32, +0.40% at 3 bits). ``lowrank``: twin's factors (``L`` int8 [n, r], its
     float16 row scales [n], ``R`` int8 [r, K], its scales [r]): ``(x R^T) L^T`` is added in the same
     launch (:func:`_lowrank_u`; with ``a8``, ``R x`` reads ``x`` unrounded); stacked twin layers pass ``L`` flat
-    and a fifth tensor, the block table of :func:`lowrank_blocks`. Returns [..., n] in ``x``'s dtype."""
+    and a fifth tensor, the block table of :func:`lowrank_blocks`. Returns [..., n] in ``x``'s dtype.
+    ``lowrank_u``: the launch computes ``u = x R^T`` but does not add ``u L^T``; returns (y, u float32
+    [rows, r]), for the caller to add (under torch.compile that product fuses with the ops around it,
+    where the in-launch epilogue waits on ``u`` at the end of every block)."""
     k = x.shape[-1]
     launch = LAUNCH.get(bits, (4, 4))
     warps, groups = warps or launch[0], groups or launch[1]
@@ -504,7 +509,7 @@ def tile_gemv(x: torch.Tensor, tiles: list[torch.Tensor], bits: int, n: int, sca
     split = split or splits(ng // ngt, nb, m, x.device, per_sm)
     if (ng // ngt) % split:
         raise ValueError(f"split must divide the {ng // ngt} steps of {ngt} units, got {split}")
-    lr = 0 if lowrank is None else 1
+    lr = 0 if lowrank is None or lowrank_u else 1
     ws, cnt = _workspace(x.device, n, nb) if split > 1 else (y, y)
     table = None
     if lowrank is not None:
@@ -512,6 +517,8 @@ def tile_gemv(x: torch.Tensor, tiles: list[torch.Tensor], bits: int, n: int, sca
         rank, ksn = rc.shape[0], -(-k // LOWRANK_UKC)
         lrc = -(-(-(-rank // LOWRANK_URB) * ksn) // nb)  # columns of nb programs that compute u
         us, u, ucnt, flg = _lowrank_workspace(x.device, rank, ksn)
+        if lowrank_u:  # u handed back: a tensor of its own, not the shared workspace
+            u = torch.empty(MAX_ROWS, rank, device=x.device)
     else:
         lc = ls = rc = rs = us = u = ucnt = flg = y  # not read
         rank, ksn, lrc = 0, 1, 0
@@ -532,6 +539,8 @@ def tile_gemv(x: torch.Tensor, tiles: list[torch.Tensor], bits: int, n: int, sca
         LR=lr, LRC=lrc, KSP=triton.next_power_of_2(ksn), RB=LOWRANK_RB,
         URB=LOWRANK_URB, UKC=LOWRANK_UKC, SB=max(1, 2048 // triton.next_power_of_2(ksn)), SEG=table is not None,
         num_warps=warps)
+    if lowrank is not None and lowrank_u:
+        return y.reshape(*x.shape[:-1], n), u[:m]
     return y.reshape(*x.shape[:-1], n)
 
 

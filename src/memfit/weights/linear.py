@@ -46,6 +46,12 @@ TINYGEMM_MAX = 6144 * 4096  # 4-bit layers up to this many weights run tinygemm 
 # decode kernels a layer may be told to prefer (None: tiles, else tinygemm, else planes); "tiles-a8": the
 # tiles with the input rounded to int8 (``tile_gemv(..., a8=True)``), opt-in until it has run on a GPU
 PREFER = ("tiles", "tinygemm", "planes", "tiles-a8")
+# twin on the tiles: "kernel" adds (x R^T) L^T in the GEMV's launch (each block's last program waits for u);
+# "torch": the launch hands u back and torch adds u L^T, which torch.compile can fuse with the ops around it;
+# "auto": torch while compiling, else the kernel. "kernel" stays the default until "auto" has been timed
+# on a GPU (its kernel side was checked in Triton's interpreter; see docs/weights.md)
+TWIN_EPILOGUE = "kernel"
+TWIN_EPILOGUES = ("kernel", "torch", "auto")
 
 
 class QuantLinear(nn.Module):
@@ -206,6 +212,16 @@ class QuantLinear(nn.Module):
         """The int8 ``L`` [rows, rank] of one of :meth:`_segments`."""
         r0, r1, _, r, at = seg
         return self.lr_l.reshape(-1)[at : at + (r1 - r0) * r].reshape(r1 - r0, r)
+
+    def _lowrank_from_u(self, u: torch.Tensor) -> torch.Tensor:
+        """Twin's ``u L^T`` (float32 [rows, out]) from ``u`` = ``x R^T`` (float32 [rows, r]), a layer at a
+        time where stacked; written as products summed (not a matmul) so that torch.compile fuses it."""
+        parts = []
+        for seg in self._segments():
+            r0, r1, c0, r, _ = seg
+            parts.append(u.new_zeros(u.shape[0], r1 - r0) if r == 0 else
+                         (u[:, None, c0 : c0 + r] * self._segment_l(seg).float()).sum(-1))
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, -1)) * self.lr_l_scale.float()
 
     def attach_lowrank(self, l_codes: torch.Tensor, l_scale: torch.Tensor, r_codes: torch.Tensor,
                        r_scale: torch.Tensor) -> None:
@@ -428,8 +444,14 @@ class QuantLinear(nn.Module):
                 if self._lr_table is None:
                     self._lr_table = tile_gemv.lowrank_blocks(self.lr_segments, self.out_features, x.device)
                 lowrank = (*lowrank, self._lr_table) if self._lr_table is not None else None
-            return tile_gemv.tile_gemv(x, parts, self.bits, self.out_features, scale, offset,
-                                       a8=self.prefer == "tiles-a8", lowrank=lowrank), lowrank is not None
+            split = lowrank is not None and (TWIN_EPILOGUE == "torch" or (
+                TWIN_EPILOGUE == "auto" and torch.compiler.is_compiling()))
+            y = tile_gemv.tile_gemv(x, parts, self.bits, self.out_features, scale, offset,
+                                    a8=self.prefer == "tiles-a8", lowrank=lowrank, lowrank_u=split)
+            if split:
+                y, u = y
+                y = (y.reshape(-1, self.out_features).float() + self._lowrank_from_u(u)).to(x.dtype).reshape(y.shape)
+            return y, lowrank is not None
         if self._gemv_ok(x):
             if self.meta_bits:
                 grid = {"meta": (self.scale_codes, self.offset_codes, self.meta_ranges)}
