@@ -113,33 +113,6 @@ def test_prefill_with_kvzip_scores_decodes_restores_and_stays_within_the_planner
     assert both.nbytes < ctx.nbytes and any(isinstance(la.ragged.qk, MixedTensor) for la in both.cache.layers)
 
 
-def test_probe_scores_take_no_repeat_pass_and_choose_from_the_prefills_own_attention(tokenizer, monkeypatch):
-    """``scores=probe``: the salient tokens ranked by the normalized attention of a probe of the prefill's
-    own queries (ZipCache's), so the prefill records that probe and no KVzip repeat pass runs."""
-    from memfit.kv import zipcache
-
-    lm = LM(tiny_llama(torch.float64), tokenizer, name="tiny")
-    spec = "hadamard(bits=2,group=16,residual=16,meta_bits=8,salient=0.2,scores=probe)"
-    pol = parse_policy(spec)
-    assert pol.observes() == set() and pol.probe() == 0.05 and pol.queries_needed() == 64
-    monkeypatch.setattr(LM, "reconstruction_scores", lambda *a, **k: pytest.fail("no repeat pass"))
-    seen = []
-    real = zipcache.probe_saliency
-    monkeypatch.setattr(zipcache, "probe_saliency", lambda *a: seen.append(real(*a)) or seen[-1])
-    ctx = lm.prefill(TEXT, spec)
-    layer = ctx.cache.layers[0]
-    assert isinstance(layer.qk, MixedTensor) and layer.qk.high is not None
-    assert len(seen) == lm.num_layers and seen[0] is not None  # each layer scored from the probe
-    n = layer.qk.num_tokens
-    scores = seen[0][0, :, :n]
-    counts = allocate(pol.quant, scores.flatten(), [0, n], True)
-    scores[:, :4] = float("-inf")  # the sinks are exact already
-    best = [scores[h].topk(c).indices.sort().values + h * n for h, c in enumerate(counts)]
-    assert torch.equal(layer.qk.index.long()[0, 0], torch.cat(best))
-    assert ctx.nbytes == policy_nbytes(pol, ctx.num_tokens, KVShape(lm.num_layers, lm.num_kv_heads, lm.head_dim, 8))
-    assert len(lm.ask(ctx, "Code?", max_new_tokens=8)) > 0
-
-
 def test_the_window_spills_at_the_low_width_after_the_scored_context(tokenizer):
     lm = LM(tiny_llama(torch.float64), tokenizer, name="tiny")
     ctx = lm.prefill(TEXT, "hadamard(bits=2,group=16,residual=16,salient=0.25)")
@@ -159,7 +132,6 @@ def test_the_window_spills_at_the_low_width_after_the_scored_context(tokenizer):
     ("hadamard(salient=1.5)", "salient must be a fraction"),
     ("hadamard(salient=0.1,high_bits=3)", "hadamard: high_bits must be one of"),
     ("hadamard(bits=4,salient=0.1,high_bits=2)", "high_bits \\(2\\) must be at least"),
-    ("hadamard(salient=0.1,scores=attention)", "scores must be one of"),
 ])
 def test_bad_configs_are_named(spec, message):
     with pytest.raises(PolicyError, match=message):

@@ -45,13 +45,13 @@ class Policy:
 
     def queries_needed(self) -> int:
         own = self.quant.window if isinstance(self.quant, LayerBits) else 0  # queries its sensitivity reads
-        own = max(own, getattr(self.quant, "probe_rows", (0.0, 0))[1])  # the recent half of a saliency probe
+        if isinstance(self.quant, ZipCache):
+            own = self.quant.recent  # the recent half of its probe
         return max([own, *(e.queries_needed() for e in self.evictions)])
 
     def probe(self) -> float:
-        """The fraction of the prefill's other queries the quantizer's saliency reads (ZipCache, the
-        rotated quantizer's salient tokens by probe)."""
-        return getattr(self.quant, "probe_rows", (0.0, 0))[0]
+        """The fraction of the prefill's other queries the quantizer's saliency reads (ZipCache)."""
+        return self.quant.probe if isinstance(self.quant, ZipCache) else 0.0
 
     @property
     def prefix_reusable(self) -> bool:

@@ -182,17 +182,12 @@ class RotatedTensor(OnCodes):
 STORED["hadamard"] = RotatedTensor
 
 
-SALIENT_SCORES = ("kvzip", "probe")
-PROBE, PROBE_RECENT = 0.05, 64  # the probe of the prefill's queries that scores="probe" reads (ZipCache's)
-
-
 @dataclass(frozen=True)
 class Hadamard(OnKIVI):
     """``bits``-bit KIVI after a Hadamard rotation, the first ``sinks`` tokens kept in 16-bit and each
     group's range clipped to ``clip`` of itself (None: by ``bits``; see the module docstring).
-    ``salient`` > 0: that fraction of a layer's tokens, chosen by KVzip's scores (``scores="kvzip"``) or
-    by the normalized attention of a probe of the prefill's own queries (``scores="probe"``), at
-    ``high_bits`` (:mod:`memfit.kv.mixed`)."""
+    ``salient`` > 0: that fraction of a layer's tokens, chosen by KVzip's scores, at ``high_bits``
+    (:mod:`memfit.kv.mixed`)."""
 
     bits: int = 2
     group: int = 64
@@ -203,9 +198,6 @@ class Hadamard(OnKIVI):
     meta_bits: int = field(default=0, metadata={"spec": "if-set"})  # 8: each group's scale and zero in 8 bits
     salient: float = field(default=0.0, metadata={"spec": "if-set"})  # tokens at high_bits, by KVzip's scores
     high_bits: int = field(default=4, metadata={"spec": "if-set"})
-    # what ranks the salient tokens: KVzip's reconstruction scores (a repeat pass), or "probe": the
-    # normalized attention from a sample of the prefill's own queries (ZipCache's, no extra pass)
-    scores: str = field(default="kvzip", metadata={"spec": "if-set"})
 
     def __post_init__(self) -> None:
         self._check_kivi("hadamard")
@@ -229,29 +221,15 @@ class Hadamard(OnKIVI):
                 raise ValueError(f"hadamard: high_{e}") from None
             if self.high_bits < max(self.bits, self.vbits):
                 raise ValueError(f"hadamard: high_bits ({self.high_bits}) must be at least bits and value_bits")
-        if self.scores not in SALIENT_SCORES:
-            raise ValueError(f"hadamard: scores must be one of {SALIENT_SCORES}, got {self.scores!r}")
 
     @property
     def observes(self) -> str | None:
-        """What the prefill must record for this quantizer: KVzip's scores, where they choose the salient tokens."""
-        return "reconstruction" if self.salient and self.scores == "kvzip" else None
-
-    @property
-    def probe_rows(self) -> tuple[float, int]:
-        """The prefill's queries recorded for ``scores="probe"`` (ZipCache's defaults: 5% and the last 64)."""
-        return (PROBE, PROBE_RECENT) if self.salient and self.scores == "probe" else (0.0, 0)
+        """What the prefill must record for this quantizer: KVzip's scores, which choose the salient tokens."""
+        return "reconstruction" if self.salient else None
 
     def saliency(self, keys: torch.Tensor, obs, start: int) -> torch.Tensor | None:
-        """Each context token's score [B, H, N] for a width (see :mod:`memfit.kv.mixed`): KVzip's, or the
-        probe's normalized attention."""
-        if not self.salient:
-            return None
-        if self.scores == "probe":
-            from memfit.kv.zipcache import probe_saliency  # (zipcache builds on this module)
-
-            return probe_saliency(keys, obs, start, PROBE_RECENT)
-        return obs.reconstruction
+        """Each context token's score [B, H, N] for a width: KVzip's (see :mod:`memfit.kv.mixed`)."""
+        return obs.reconstruction if self.salient else None
 
     @property
     def vbits(self) -> int:

@@ -64,24 +64,6 @@ def normalized_attention(queries: torch.Tensor, positions: torch.Tensor, keys: t
     return total / count.clamp_min(1)
 
 
-def probe_saliency(keys: torch.Tensor, obs, start: int, recent: int) -> torch.Tensor | None:
-    """Normalized attention of ``keys`` [B, H, N, D] (at positions ``start``...) from the probe the
-    prefill recorded in ``obs`` (an ``Observation``: a sample of its queries, and its last ``recent``);
-    None when it recorded none."""
-    parts = []
-    if obs.probe is not None:
-        parts.append(obs.probe)
-    if obs.queries is not None and recent:
-        q = obs.queries[:, :, -recent:]
-        end = start + keys.shape[-2]
-        parts.append((torch.arange(end - q.shape[2], end, device=q.device), q))
-    if not parts:
-        return None
-    pos = torch.cat([p for p, _ in parts])
-    queries = torch.cat([q for _, q in parts], dim=2)
-    return normalized_attention(queries, pos, keys, start)
-
-
 def _take(q: QTensor, idx: torch.Tensor) -> QTensor:
     """Tokens ``idx`` [B, H, m] of per-token codes ``q`` (each token's codes stand alone)."""
     pick = lambda t: t.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1]))  # noqa: E731
@@ -229,13 +211,21 @@ class ZipCache(OnKIVI):
         if not 0.0 <= self.probe <= 1.0 or self.recent < 0:
             raise ValueError(f"zipcache: probe must be in [0, 1] and recent >= 0, got {self.probe}, {self.recent}")
 
-    @property
-    def probe_rows(self) -> tuple[float, int]:
-        """What the prefill records for its saliency: a fraction of its queries, and its last ones."""
-        return self.probe, self.recent
-
     def saliency(self, keys: torch.Tensor, obs, start: int) -> torch.Tensor | None:
-        return probe_saliency(keys, obs, start, self.recent)
+        """Normalized attention of ``keys`` [B, H, N, D] (at positions ``start``...) from the probe the
+        prefill recorded in ``obs`` (an ``Observation``); None when it recorded none."""
+        parts = []
+        if obs.probe is not None:
+            parts.append(obs.probe)
+        if obs.queries is not None and self.recent:
+            q = obs.queries[:, :, -self.recent :]
+            end = start + keys.shape[-2]
+            parts.append((torch.arange(end - q.shape[2], end, device=q.device), q))
+        if not parts:
+            return None
+        pos = torch.cat([p for p, _ in parts])
+        queries = torch.cat([q for _, q in parts], dim=2)
+        return normalized_attention(queries, pos, keys, start)
 
     def _encode(self, x: torch.Tensor, scores: torch.Tensor | None, chan: bool) -> ZipTensor:
         return ZipTensor.encode(x, self.bits, self.high_bits, self.value_group(x.shape[-1]), self.salient,
