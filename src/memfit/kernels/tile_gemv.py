@@ -545,7 +545,8 @@ def tile_gemv(x: torch.Tensor, tiles: list[torch.Tensor], bits: int, n: int, sca
 
 
 # twin's u = R x in a tile GEMV's launch: rows of R and input channels a program, and L's columns a step in
-# the epilogue; tiles this small (at most 8 values a thread at 8 warps) keep the registers of the plain GEMV
+# the epilogue; tiles this small (R: 16 codes a thread at 8 warps) keep the registers of the plain GEMV; 256
+# channels, not 128: half as many u programs ahead of the GEMV's and half the shares to sum (docs/weights.md)
 LOWRANK_URB, LOWRANK_UKC, LOWRANK_RB = 16, 256, 32
 _LOWRANK_WORKSPACE: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
