@@ -873,10 +873,10 @@ def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...]
         raise ValueError(f"attention must be 'memfit' or 'sdpa', got {attention!r}")
     if twin_rank_bits and qdec_channels:
         raise ValueError("time QDEC and twin's factors in separate runs")
-    from memfit.weights.linear import TWIN_EPILOGUES
+    from memfit.weights import linear
 
-    if not twin_epilogues or any(e not in TWIN_EPILOGUES for e in twin_epilogues):
-        raise ValueError(f"twin_epilogues must name some of {TWIN_EPILOGUES}, got {twin_epilogues}")
+    if not twin_epilogues or any(e not in linear.TWIN_EPILOGUES for e in twin_epilogues):
+        raise ValueError(f"twin_epilogues must name some of {linear.TWIN_EPILOGUES}, got {twin_epilogues}")
     if qdec_channels and fuse:
         raise ValueError("QDEC layers do not stack: time them with fuse off (--no-fuse), against the plain "
                          "width unstacked")
@@ -943,8 +943,6 @@ def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...]
             row["twin_ranks"] = sorted({m.rank for m in layers_q})
             if fuse:
                 row["twin_stacks"] = fuse_projections(model)
-            from memfit.weights import linear
-
             row["twin_epilogue_ms"], before = {}, linear.TWIN_EPILOGUE
             try:
                 for e in twin_epilogues:

@@ -304,9 +304,10 @@ if triton is not None:
         exact in int32 over the rounded ``x``, the second over ``x`` itself. ``BNR`` is BN, passed as an
         unspecialised int: the grid's offsets then look scattered to the compiler, which loads them
         straight into the codes' register layout instead of loading them vectorised and moving them
-        there through shared memory each step. ``LR``: a twin layer, ``y += (x R^T) L^T`` in the same launch
-        (``R``, ``L`` int8 with float16 row scales, rank ``RK``): the first ``LRC`` columns of programs compute
-        ``u = R x`` (:func:`_lowrank_u`), and each block's last program adds ``L u`` to its sums."""
+        there through shared memory each step. Twin layers (``R``, ``L`` int8 with float16 row scales, rank
+        ``RK``): the first ``LRC`` columns of programs compute ``u = R x`` (:func:`_lowrank_u`); with ``LR``,
+        ``y += (x R^T) L^T`` in the same launch (each block's last program adds ``L u`` to its sums), without
+        it ``u`` is left for the caller."""
         pid_n, col, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         split = col - LRC
         if split < 0:
@@ -517,8 +518,8 @@ def tile_gemv(x: torch.Tensor, tiles: list[torch.Tensor], bits: int, n: int, sca
         rank, ksn = rc.shape[0], -(-k // LOWRANK_UKC)
         lrc = -(-(-(-rank // LOWRANK_URB) * ksn) // nb)  # columns of nb programs that compute u
         us, u, ucnt, flg = _lowrank_workspace(x.device, rank, ksn)
-        if lowrank_u:  # u handed back: a tensor of its own, not the shared workspace
-            u = torch.empty(MAX_ROWS, rank, device=x.device)
+        if lowrank_u:  # u handed back: a tensor of its own (the launch's rows), not the shared workspace
+            u = torch.empty(m, rank, device=x.device)
     else:
         lc = ls = rc = rs = us = u = ucnt = flg = y  # not read
         rank, ksn, lrc = 0, 1, 0
@@ -540,7 +541,7 @@ def tile_gemv(x: torch.Tensor, tiles: list[torch.Tensor], bits: int, n: int, sca
         URB=LOWRANK_URB, UKC=LOWRANK_UKC, SB=max(1, 2048 // triton.next_power_of_2(ksn)), SEG=table is not None,
         num_warps=warps)
     if lowrank is not None and lowrank_u:
-        return y.reshape(*x.shape[:-1], n), u[:m]
+        return y.reshape(*x.shape[:-1], n), u
     return y.reshape(*x.shape[:-1], n)
 
 

@@ -199,8 +199,8 @@ class QuantLinear(nn.Module):
             out.bias.data.copy_(self.bias.data[start:stop])
         if seg is not None and seg[3]:
             r0, _, c0, r, _ = seg
-            out.attach_lowrank(self._segment_l(seg)[start - r0 : stop - r0].clone(), self.lr_l_scale[start:stop].clone(), self.lr_r[c0 : c0 + r].clone(),
-                               self.lr_r_scale[c0 : c0 + r].clone())
+            out.attach_lowrank(self._segment_l(seg)[start - r0 : stop - r0].clone(), self.lr_l_scale[start:stop].clone(),
+                               self.lr_r[c0 : c0 + r].clone(), self.lr_r_scale[c0 : c0 + r].clone())
         return out
 
     def _segments(self) -> list[tuple[int, int, int, int, int]]:
