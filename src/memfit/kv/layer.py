@@ -13,6 +13,7 @@ from memfit.kernels.decode_attention import PackedRun, decode_attention_runs
 from memfit.kv import rotate
 from memfit.kv.decode import DecodeBudget
 from memfit.kv.evict import Observation, select_topk
+from memfit.kv.klt import query_weight
 from memfit.kv.lowrank import LowRank, project, reconstruct
 from memfit.kv.policy import Policy
 from memfit.kv.quant import KIVI, QTensor
@@ -82,6 +83,7 @@ class CompressedLayer(CacheLayerMixin):
         self.kernels = False  # read packed KV with the decode kernel (CUDA, memfit attention): set by the cache
         self._acc: torch.Tensor | None = None  # decode budget: attention received by each own token
         self._scores: torch.Tensor | None = None  # a quantizer's saliency of the window's tokens, until they spill
+        self._qweight: torch.Tensor | None = None  # klt: the context's queries' mean square per channel, until then
         self.parent = parent
         self.defer = defer  # keep every token in the window until compress() (evict, then quantize)
         self.qk: QTensor | None = None
@@ -93,6 +95,7 @@ class CompressedLayer(CacheLayerMixin):
         self._parent_kv: tuple | None = None  # parent dequantized once per fork: (keys, values, mask)
         self._view: tuple | None = None  # a fork's attention buffer: the parent, then its own tokens
         self.seen = parent.get_seq_length() if parent is not None else 0  # logical tokens, evicted ones included
+        self.origin = self.seen  # the position of this layer's first own token
         self.row_lag: list[int] | None = None  # per row, tokens fewer than ``seen`` (stacked contexts)
         self.static: StaticKIVI | None = None  # fixed buffers for graph-captured decoding (to_static)
         self._rotated_run = None  # (codes, rows, run): rotated codes as the kernel reads them, until a spill
@@ -241,20 +244,23 @@ class CompressedLayer(CacheLayerMixin):
 
     @property
     def pre_rope(self) -> bool:
-        """Whether this layer quantizes keys before RoPE: only a layer that holds its own tokens in
-        order from position 0 (not a fork, whose rows may be padded at different positions)."""
-        return bool(getattr(self.quant, "pre_rope", False)) and self.parent is None
+        """Whether this layer quantizes keys before RoPE: a layer that holds its own tokens in order
+        from position ``origin``; not a fork (whose rows may be padded at different positions) unless
+        its quantizer says ``rope_in_forks`` (klt, whose spills must meet its parent's pre-RoPE basis:
+        RoPE comes off and goes back on at the same positions, so a padded row reads its keys right)."""
+        return bool(getattr(self.quant, "pre_rope", False)) and (
+            self.parent is None or getattr(self.quant, "rope_in_forks", False))
 
     def _positions(self, start: int, n: int) -> torch.Tensor:
         if self.rope is None:
-            raise ValueError("kivi(pre_rope=true) needs the model's RoPE: build the cache with "
-                             "CompressedCache.for_model(model, policy)")
+            raise ValueError("keys quantized before RoPE (kivi(pre_rope=true), klt) need the model's RoPE: "
+                             "build the cache with CompressedCache.for_model(model, policy)")
         return torch.arange(start, start + n, device=self.device)
 
     def _quantized_keys(self) -> torch.Tensor:
-        if self.pre_rope:  # the quantized tokens are the layer's first ones: positions 0..n-1
+        if self.pre_rope:  # the quantized tokens are the layer's first own ones: positions origin..
             k = self.qk.dequantize(torch.float32)
-            return self.rope.rotate(k, self._positions(0, k.shape[-2])).to(self.dtype)
+            return self.rope.rotate(k, self._positions(self.origin, k.shape[-2])).to(self.dtype)
         k = self.qk.dequantize(self.dtype)
         return k if self.basis is None else reconstruct(k, self.basis, self.keys.shape[1])
 
@@ -425,6 +431,8 @@ class CompressedLayer(CacheLayerMixin):
         # those after a ragged context)
         first = {"first": self.qk is None and self.parent is None and self.ragged is None} \
             if getattr(self.quant, "sinks", 0) else {}
+        if self._qweight is not None:  # the context's first spill: its fit weighted by the queries
+            first["weight"], self._qweight = self._qweight, None
         if self._scores is not None:  # the context's saliency, scored at compress(): its first spill only,
             if self._scores.shape[-1] >= f:  # where every spilled token is a scored context token
                 first["scores"] = self._scores[..., :f]
@@ -490,6 +498,8 @@ class CompressedLayer(CacheLayerMixin):
             saliency = getattr(policy.quant, "saliency", None)  # a quantizer's own scores (ZipCache)
             if saliency is not None:
                 obs = dataclasses.replace(obs, saliency=saliency(k, obs, self.seen - k.shape[-2]))
+            if getattr(policy.quant, "queries", 0) and obs.queries is not None:  # klt's query-weighted fit
+                self._qweight = query_weight(obs.queries[..., -policy.quant.queries :, :], k.shape[1])
             if policy.evictions:
                 *first, last = policy.evictions
                 k, v, obs = self._evict_uniform(first, obs, layer, num_layers)
@@ -497,7 +507,8 @@ class CompressedLayer(CacheLayerMixin):
                 idx = picks if picks is not None else (
                     last.select(last.score(k, v, obs), keep) if keep < k.shape[-2] else None)
                 if isinstance(idx, list):  # ragged heads (the parser keeps them to the last eviction)
-                    self.ragged = Ragged.build(k, v, idx, policy.quant, obs.saliency)
+                    self.ragged = Ragged.build(k, v, idx, policy.quant, obs.saliency, self._qweight)
+                    self._qweight = None
                     k, v = k[:, :, :0], v[:, :, :0]
                     obs = dataclasses.replace(obs, saliency=None)
                 elif idx is not None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from memfit.kv.decode import DecodeBudget
 from memfit.kv.evict import H2O, TOVA, Eviction, Knorm, KVzip, PyramidKV, SnapKV, StreamingLLM
 from memfit.kv.gear import GEAR
+from memfit.kv.klt import KLT
 from memfit.kv.lowrank import LowRank
 from memfit.kv.million import Million
 from memfit.kv.qjl import QJL
@@ -24,7 +25,7 @@ from memfit.kv.zipcache import ZipCache
 EVICTIONS: dict[str, type[Eviction]] = {"snapkv": SnapKV, "streaming": StreamingLLM, "kvzip": KVzip, "h2o": H2O,
                                         "tova": TOVA, "knorm": Knorm, "pyramidkv": PyramidKV}
 QUANTIZERS: dict[str, type] = {"kivi": KIVI, "kvtuner": LayerBits, "gear": GEAR, "qjl": QJL,
-                               "hadamard": Hadamard, "million": Million, "zipcache": ZipCache}
+                               "hadamard": Hadamard, "million": Million, "zipcache": ZipCache, "klt": KLT}
 METHODS: dict[str, type] = {**EVICTIONS, "lowrank": LowRank, **QUANTIZERS, "decode": DecodeBudget}
 
 
@@ -35,7 +36,7 @@ class PolicyError(ValueError):
 @dataclass(frozen=True)
 class Policy:
     evictions: tuple[Eviction, ...] = ()
-    quant: KIVI | LayerBits | GEAR | QJL | Hadamard | Million | ZipCache | None = None
+    quant: KIVI | LayerBits | GEAR | QJL | Hadamard | Million | ZipCache | KLT | None = None
     decode: DecodeBudget | None = None
     lowrank: LowRank | None = None
 
@@ -47,6 +48,8 @@ class Policy:
         own = self.quant.window if isinstance(self.quant, LayerBits) else 0  # queries its sensitivity reads
         if isinstance(self.quant, ZipCache):
             own = self.quant.recent  # the recent half of its probe
+        if isinstance(self.quant, KLT):
+            own = self.quant.queries  # they weight its fit
         return max([own, *(e.queries_needed() for e in self.evictions)])
 
     def probe(self) -> float:

@@ -51,9 +51,10 @@ class Ragged:
 
     @classmethod
     def build(cls, keys: torch.Tensor, values: torch.Tensor, idx: list[torch.Tensor], quant: KIVI | None,
-              scores: torch.Tensor | None = None) -> "Ragged":
+              scores: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> "Ragged":
         """Each head's tokens ``idx[h]`` of ``keys``/``values`` [1, H, N, D]; ``scores`` [1, H, N]: a
-        quantizer's saliency of the tokens (ZipCache), if it scored them."""
+        quantizer's saliency of the tokens (ZipCache), if it scored them; ``weight`` [1, H, D]: the
+        queries' mean square per channel (klt's fit: one for the heads, which share a run)."""
         ks = [keys[0, h, i] for h, i in enumerate(idx)]
         vs = [values[0, h, i] for h, i in enumerate(idx)]
         lens = [len(i) for i in idx]
@@ -65,6 +66,8 @@ class Ragged:
             runs = {"starts": [s for s, q in zip(itertools.accumulate([0, *nq]), nq) if q]} if getattr(quant, "sinks", 0) else {}
             if scores is not None:
                 runs["scores"] = flat([scores[0, h, i][:q] for h, (i, q) in enumerate(zip(idx, nq))])
+            if weight is not None:
+                runs["weight"] = weight.mean(1, keepdim=True)
             qk = quant.quantize_keys(flat([k[:q] for k, q in zip(ks, nq)]), **runs)
             qv = quant.quantize_values(flat([v[:q] for v, q in zip(vs, nq)]), **runs)
         lens_t = torch.tensor([lens, nq], dtype=torch.int32, device=keys.device)

@@ -1,0 +1,370 @@
+"""Transform-coded keys: a KLT basis per head fitted on the context, and bits where the error is.
+
+Pre-RoPE keys of a head are far from isotropic: a few directions carry most of their variance (the
+projection ``W_k`` of a residual stream with a few dominant directions). Giving every channel the
+same two bits, as KIVI and the rotated quantizer do, spends as much on a near-constant direction as
+on the one that moves attention. Transform coding does what image codecs do instead:
+
+1. **Weights.** A key error ``e`` moves the logits by ``q . e``. The context's last ``queries``
+   queries (the prefill records them) give each channel's mean square ``E[q_i^2]``, the two channels
+   of a RoPE pair averaged (RoPE rotates them into each other by the query-key distance): keys are
+   scaled by its root, so that a squared error is one of the logits (none without a prefill).
+2. **Basis.** At the context's first spill each KV head's scaled pre-RoPE keys are rotated into
+   the eigenbasis of their covariance (the Karhunen-Loeve transform), fitted on the context itself
+   and stored with it (int8 columns with a float16 scale: ``head_dim**2`` bytes a head, counted).
+3. **Widths.** Each component gets its own width, 0 to ``max_bits``, by greedy reverse
+   water-filling of the layer's ``bits * heads * head_dim`` bits over all its heads' components
+   (each bit where it removes the most logit error, modelling a component as a Gaussian of its
+   variance on Max's levels). A 0-bit component keeps only its group means.
+4. **Codes.** Each component is quantized per channel over groups of ``group`` tokens, as KIVI keys
+   are, its range clipped towards the mean by its width (0.5 at 1 bit, 0.8 at 2, 0.9 at 3, none
+   above), the grid stored as two 8-bit codes a group (``log2`` of the step on eighths of an
+   octave, the zero in steps from the run's component mean). Codes of any width are bit planes,
+   packed along tokens.
+5. **Around it.** The first ``sinks`` tokens stay exact (float16); later spills and a fork's tokens
+   are coded on the fitted basis; RoPE is put back on read (keys stored before it, as
+   ``kivi(pre_rope=true)`` does; a fork takes it off at its own positions); values are the rotated
+   quantizer's (``hadamard`` per-token ``value_bits`` codes, 8-bit grids).
+
+SmolLM2, perplexity with half of a held-out text as context, ``residual=32``, everything counted
+(``memfit.eval.perplexity.perplexity_and_bits``): the first 12,000 characters of docs/store.md (none
+19.56) ``hadamard(bits=2,meta_bits=8)`` 22.21 (+13.5%) at 2.74 bits an element, ``klt(bits=1.5)``
+20.07 (+2.6%) at 2.56, ``klt(bits=2)`` 20.02 (+2.3%) at 2.80; of docs/gpu.md (none 21.59) 23.28
+(+7.8%) at 2.43, 22.02 (+2.0%) at 2.23, 21.91 (+1.5%) at 2.48. With ``pre_rope=false`` the keys are
+coded after RoPE, which is what follows an eviction (a ragged layer's heads then share one basis):
+measured, that loses most of what eviction keeps (see docs/evaluation.md). Torch path only: the
+decode kernel reads KIVI's codes, not these.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+from memfit.kv.quant import _FP16_MAX, KIVI, STORED, OnKIVI, Stored
+from memfit.kv.rotate import Hadamard
+from memfit.lazy import lazy_module
+
+torch = lazy_module("torch")
+packing = lazy_module("memfit.kernels.packing")
+
+# Mean square error of Max's optimal b-level quantizer of a unit Gaussian (b = 0: the mean alone):
+# the allocation's model of what one more bit removes from a component of variance s (s * difference).
+GAUSS_MSE = (1.0, 0.3634, 0.1175, 0.03454, 0.009497, 0.002499, 0.000642)
+CLIP = (1.0, 0.5, 0.8, 0.9, 1.0, 1.0, 1.0)  # each width's clip of a group's range (1-bit: near Max's +-0.8 sigma)
+STEP_OCTAVES = 20  # 8-bit step codes cover 2**-20 .. 2**12 in eighths of an octave
+
+
+def allocate(var: torch.Tensor, mean_bits: float, max_bits: int) -> torch.Tensor:
+    """Widths [..., D] (int64, 0..``max_bits``) for components of variances ``var`` [..., D] with
+    ``round(mean_bits * D)`` bits in all per row: greedy, each bit where it removes the most error."""
+    mse = torch.tensor(GAUSS_MSE[: max_bits + 1] + (0.0,), dtype=torch.float32, device=var.device)
+    var = var.float().clamp_min(0)
+    widths = torch.zeros(var.shape, dtype=torch.int64, device=var.device)
+    for _ in range(round(mean_bits * var.shape[-1])):
+        gain = var * (mse[widths] - mse[(widths + 1).clamp_max(max_bits + 1)])
+        gain = gain.masked_fill(widths >= max_bits, -1.0)
+        widths.scatter_add_(-1, gain.argmax(-1, keepdim=True), torch.ones_like(widths[..., :1]))
+    return widths
+
+
+@dataclass
+class KLTFit:
+    """What a layer's first run fits and its later runs (spills, a fork's tokens) are coded on: the
+    basis [B, H, D, D] (columns: components) as int8 ``basis_codes`` times a float16 ``basis_scale``
+    [B, H, 1, D] a column (0.4% of a column's largest entry: far below 2-bit codes' error, half of
+    float16's bytes), ``center`` [B, H, 1, D] float16 (each component's mean over the fitted
+    tokens), ``widths`` [B, H, D] uint8 and ``weight`` [B, H, 1, D] float16: each channel's scale
+    before the basis, the root of the queries' mean square there (ones: unweighted). Keys are coded
+    as ``(k * weight) @ basis``, in whose units a squared error is one of the logits ``q . k``."""
+
+    basis_codes: torch.Tensor
+    basis_scale: torch.Tensor
+    center: torch.Tensor
+    widths: torch.Tensor
+    weight: torch.Tensor
+
+    @classmethod
+    def fit(cls, k: torch.Tensor, mean_bits: float, max_bits: int, weight: torch.Tensor | None = None) -> "KLTFit":
+        """``weight`` [B, H, D]: the queries' mean square per channel (see :func:`query_weight`)."""
+        if weight is None:
+            weight = torch.ones(k.shape[0], k.shape[1], k.shape[-1], device=k.device)
+        w = weight.float().clamp_min(0).sqrt()  # one scale for the layer's heads: their errors compare
+        w = (w / w.mean((-2, -1), keepdim=True).clamp_min(1e-12)).clamp(2.0**-12, 2.0**12)  # float16-safe
+        w = w.unsqueeze(-2).to(torch.float16)
+        x = k.float() * w.float()
+        xc = x - x.mean(-2, keepdim=True)
+        cov = xc.transpose(-1, -2) @ xc / max(x.shape[-2], 1)
+        var, basis = torch.linalg.eigh(cov)
+        scale = (basis.abs().amax(-2, keepdim=True) / 127).clamp_min(1e-8).to(torch.float16)
+        codes = (basis / scale.float()).round().clamp(-127, 127).to(torch.int8)
+        # the layer's bits go where they remove the most logit error, whichever head that is
+        b, h, d = var.shape
+        widths = allocate(var.reshape(b, h * d), mean_bits, max_bits).reshape(b, h, d)
+        fit = cls(codes, scale, torch.zeros(()), widths.to(torch.uint8), w)
+        # coded on the basis as stored, so that encoding and decoding use one matrix
+        fit.center = (x @ fit.matrix).mean(-2, keepdim=True).clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
+        return fit
+
+    @functools.cached_property
+    def matrix(self) -> torch.Tensor:
+        """The basis as stored, float32 [B, H, D, D]."""
+        return self.basis_codes.float() * self.basis_scale.float()
+
+    def forward(self, k: torch.Tensor) -> torch.Tensor:
+        """Keys [B, H, N, D] -> their components (centered), float32."""
+        return (k.float() * self.weight.float()) @ self.matrix - self.center.float()
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return ((y + self.center.float()) @ self.matrix.transpose(-1, -2)) / self.weight.float()
+
+    @functools.cached_property
+    def channels(self) -> dict[int, torch.Tensor]:
+        """Width -> the flat indices (into B * H * D) of the components of that width."""
+        flat = self.widths.reshape(-1).long()
+        return {int(w): (flat == w).nonzero().squeeze(1) for w in flat.unique()}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"basis_codes": self.basis_codes, "basis_scale": self.basis_scale, "center": self.center,
+                "widths": self.widths, "weight": self.weight}
+
+
+def query_weight(queries: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """The mean square of ``queries`` [B, Hq, W, D] (after RoPE) per KV head and channel [B, H, D],
+    each RoPE pair (channels ``i`` and ``i + D/2``, which RoPE rotates into each other by the
+    distance between query and key) given their mean: what a key channel's error costs in the
+    logits, whatever the distance."""
+    b, hq, w, d = queries.shape
+    m = queries.float().pow(2).reshape(b, kv_heads, hq // kv_heads * w, d).mean(2)
+    half = d // 2
+    pair = (m[..., :half] + m[..., half : 2 * half]) / 2
+    return torch.cat([pair, pair, m[..., 2 * half :]], -1)
+
+
+def _encode(y: torch.Tensor, w: int, group: int) -> tuple[torch.Tensor, ...]:
+    """Components ``y`` [N, C] (centered) of width ``w`` per channel over groups of ``group`` tokens:
+    (bit planes, step codes, zeros) or, at 0 bits, (group means float16,)."""
+    n, c = y.shape
+    g = y.reshape(n // group, group, c)
+    mean = g.mean(1, keepdim=True)
+    if w == 0:
+        return (mean.squeeze(1).clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16),)
+    qmax = (1 << w) - 1
+    lo = mean + CLIP[w] * (g.amin(1, keepdim=True) - mean)
+    hi = mean + CLIP[w] * (g.amax(1, keepdim=True) - mean)
+    need = ((hi - lo) / qmax).clamp_min(2.0**-STEP_OCTAVES).log2()
+    sc = ((need + STEP_OCTAVES) * 8).ceil().clamp(0, 255)
+    step = torch.exp2(sc / 8 - STEP_OCTAVES)
+    zc = (lo / step).floor().clamp(-128, 127)
+    codes = (g / step - zc).round().clamp(0, qmax).to(torch.uint8).reshape(n, c)
+    # packed along tokens (whole groups: multiples of 8), so no width pads its channels to a byte
+    return packing.pack_planes(codes.T, w), sc.squeeze(1).to(torch.uint8), zc.squeeze(1).to(torch.int8)
+
+
+def _decode(part: tuple[torch.Tensor, ...], w: int, n: int, group: int) -> torch.Tensor:
+    if w == 0:
+        return part[0].float().repeat_interleave(group, 0)
+    planes, sc, zc = part
+    step = torch.exp2(sc.float() / 8 - STEP_OCTAVES).repeat_interleave(group, 0)
+    codes = packing.unpack_planes(planes, n).T.float()
+    return (codes + zc.float().repeat_interleave(group, 0)) * step
+
+
+@dataclass
+class KLTKeys(Stored):
+    """A run of ``n`` keys coded on ``fit``: per width, its components' codes (``parts``), and the
+    run's first tokens exactly (``sink`` [B, H, S, D] float16, or None). ``owner``: this run holds
+    the fit's tensors (a layer's first run; later runs of the layer extend it, a fork's read it)."""
+
+    fit: KLTFit
+    parts: dict[int, tuple[torch.Tensor, ...]]
+    n: int
+    group: int
+    sink: torch.Tensor | None = None
+    owner: bool = True
+    sink_at: tuple[int, ...] | None = None  # rows of the sinks (a ragged layer's: each head's first); None: the first
+    rows: int = 1  # batch rows (a fork of several rows codes them all on its parent's one-row fit)
+    extends = True  # spills are coded on the fitted basis (:meth:`extend`)
+
+    @classmethod
+    def encode(cls, k: torch.Tensor, fit: KLTFit, group: int, sinks: int = 0, owner: bool = True,
+               starts: "list[int] | None" = None) -> "KLTKeys":
+        b, h, n, d = k.shape
+        fb = fit.matrix.shape[0]
+        if n % group:
+            raise ValueError(f"klt: keys come in whole groups of {group} tokens, got {n}")
+        if fit.matrix.shape[1:] != (h, d, d) or b % fb or fb not in (1, b):
+            raise ValueError(f"klt: keys [{b}, {h}, {n}, {d}] do not match the fitted basis {tuple(fit.matrix.shape)}")
+        # [n, rows a fit serves, channels of one fit]: a one-row fit (a fork's parent) serves every row
+        y = fit.forward(k).permute(2, 0, 1, 3).reshape(n, b // fb, -1)
+        parts = {w: _encode(y[:, :, idx].reshape(n, -1), w, group) for w, idx in fit.channels.items()}
+        at = None
+        if sinks and starts is not None:  # heads back to back: each head's first tokens
+            ends = [*starts[1:], n]
+            at = tuple(r for s, e in zip(starts, ends) for r in range(s, min(s + sinks, e)))
+        rows = list(at) if at is not None else list(range(min(sinks, n)))
+        sink = k[:, :, rows].float().clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16) if sinks else None
+        return cls(fit, parts, n, group, sink, owner, at, b)
+
+    def _rows(self) -> list[int]:
+        return list(self.sink_at) if self.sink_at is not None else list(range(self.sink.shape[-2]))
+
+    @property
+    def num_tokens(self) -> int:
+        return self.n
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        _, h, d, _ = self.fit.matrix.shape
+        return self.rows, h, self.n, d
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        b, h, n, d = self.shape
+        rep = b // self.fit.matrix.shape[0]
+        y = torch.empty(n, rep, b // rep * h * d, device=self.fit.matrix.device)
+        for w, idx in self.fit.channels.items():
+            y[:, :, idx] = _decode(self.parts[w], w, n, self.group).reshape(n, rep, -1)
+        x = self.fit.inverse(y.reshape(n, b, h, d).permute(1, 2, 0, 3))
+        if self.sink is not None:
+            x[:, :, self._rows()] = self.sink.float()
+        return x.to(dtype or torch.float32)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = dict(self.fit.tensors()) if self.owner else {}
+        for w, part in self.parts.items():
+            names = ("mean",) if w == 0 else ("planes", "step", "zero")
+            out.update({f"w{w}_{name}": t for name, t in zip(names, part)})
+        if self.sink is not None:
+            out["sink"] = self.sink
+        return out
+
+    def meta(self) -> dict:
+        return {"kind": "klt", "n": self.n, "group": self.group, "owner": self.owner, "rows": self.rows,
+                **({"sink_at": list(self.sink_at)} if self.sink_at is not None else {})}
+
+    @classmethod
+    def from_meta(cls, t: dict[str, torch.Tensor], prefix: str, meta: dict) -> "KLTKeys":
+        if not meta.get("owner", True):
+            raise ValueError("klt: a run coded on another's basis (a fork's) cannot be restored on its own")
+        fit = KLTFit(*(t[prefix + name] for name in ("basis_codes", "basis_scale", "center", "widths", "weight")))
+        names = lambda w: ("mean",) if w == 0 else ("planes", "step", "zero")  # noqa: E731
+        parts = {w: tuple(t[f"{prefix}w{w}_{name}"] for name in names(w)) for w in fit.channels}
+        at = meta.get("sink_at")
+        return cls(fit, parts, meta["n"], meta["group"], t.get(prefix + "sink"), True, tuple(at) if at else None,
+                   meta.get("rows", 1))
+
+    def like(self, x: torch.Tensor) -> "KLTKeys":
+        """Keys ``x`` (not the layer's first: no sinks) as a run of their own on this run's fit."""
+        return KLTKeys.encode(x, self.fit, self.group, owner=False)
+
+    def append(self, other: "KLTKeys") -> "KLTKeys":
+        parts = {}
+        for w in self.parts:
+            if w == 0:
+                parts[w] = (torch.cat([self.parts[w][0], other.parts[w][0]]),)
+            else:
+                (p1, s1, z1), (p2, s2, z2) = self.parts[w], other.parts[w]
+                parts[w] = (torch.cat([p1, p2], -1), torch.cat([s1, s2]), torch.cat([z1, z2]))
+        return KLTKeys(self.fit, parts, self.n + other.n, self.group, self.sink, self.owner, self.sink_at, self.rows)
+
+    def extend(self, x: torch.Tensor) -> "KLTKeys":
+        """Keys ``x`` after these (the window spilling), coded on this run's fit."""
+        return self.append(self.like(x))
+
+    def cat(self, other: "KLTKeys") -> "KLTKeys":
+        if other.fit is self.fit:
+            return self.append(other)
+        return self.extend(other.dequantize(torch.float32))
+
+    def prefix(self, n: int) -> "KLTKeys":
+        if n % self.group:
+            raise ValueError(f"cannot cut a key group of {self.group} tokens at token {n}")
+        g = n // self.group
+        parts = {w: (p[0][:g].clone(),) if w == 0 else (p[0][..., : n // 8].clone(), p[1][:g].clone(), p[2][:g].clone())
+                 for w, p in self.parts.items()}
+        sink, at = self.sink, self.sink_at
+        if sink is not None:
+            keep = [i for i, r in enumerate(self._rows()) if r < n]
+            sink = sink[:, :, keep].clone()
+            at = tuple(self._rows()[i] for i in keep) if at is not None else None
+        return KLTKeys(self.fit, parts, n, self.group, sink, self.owner, at, self.rows)
+
+
+STORED["klt"] = KLTKeys
+
+
+@dataclass(frozen=True)
+class KLT(OnKIVI):
+    """Keys transform-coded at a mean of ``bits`` an element (a KLT basis per head fitted on the
+    context, each component 0..``max_bits`` wide; see the module docstring), before RoPE, the first
+    ``sinks`` tokens exact; values as ``hadamard(bits=value_bits, meta_bits=8)`` stores them."""
+
+    bits: float = 2.0
+    value_bits: int = 2
+    group: int = 64
+    residual: int = 128
+    sinks: int = 4
+    max_bits: int = 6
+    # keys coded before RoPE, put back on read at positions the layer knows: not after eviction
+    pre_rope: bool = field(default=True, metadata={"spec": "if-set"})
+    queries: int = field(default=32, metadata={"spec": "if-set"})  # the context's last queries that weight the fit
+
+    @property
+    def rope_in_forks(self) -> bool:  # a fork's spills too: they are coded on its parent's pre-RoPE basis
+        return self.pre_rope
+
+    def __post_init__(self) -> None:
+        self._check_kivi("klt")
+        if self.group < 8:
+            raise ValueError(f"klt: group must be at least 8 tokens (codes are packed 8 tokens a byte), "
+                             f"got {self.group}")
+        if not 0.0 <= self.bits <= self.max_bits:
+            raise ValueError(f"klt: bits (the keys' mean width) must be in [0, max_bits={self.max_bits}], "
+                             f"got {self.bits}")
+        if not 1 <= self.max_bits <= len(GAUSS_MSE) - 1:
+            raise ValueError(f"klt: max_bits must be in 1..{len(GAUSS_MSE) - 1}, got {self.max_bits}")
+        if self.sinks < 0:
+            raise ValueError(f"klt: sinks must be >= 0, got {self.sinks}")
+        if self.queries < 0:
+            raise ValueError(f"klt: queries must be >= 0 (0: an unweighted fit), got {self.queries}")
+        self.values  # noqa: B018  (value_bits checked as the rotated quantizer checks it)
+
+    @property
+    def kivi(self) -> KIVI:  # the window and groups: KIVI's
+        return KIVI(2, self.group, self.residual)
+
+    @property
+    def values(self) -> Hadamard:
+        try:
+            return Hadamard(self.value_bits, self.group, self.residual, self.sinks, meta_bits=8)
+        except ValueError as e:
+            raise ValueError(f"klt: value_{str(e).removeprefix('hadamard: ')}") from None
+
+    @property
+    def vbits(self) -> int:
+        return self.value_bits
+
+    def quantize_keys(self, k: torch.Tensor, starts: "list[int] | None" = None, first: bool = True,
+                      weight: torch.Tensor | None = None) -> KLTKeys:
+        """Keys [B, H, N, D]: a basis fitted to them, and their codes (``first``: the layer's first
+        tokens, which keep their sinks; ``starts``: where each head begins when ``k`` is a ragged layer's
+        heads back to back, which then share one basis; ``weight`` [B, H, D]: the queries' mean square
+        per channel, :func:`query_weight`, None: unweighted)."""
+        fit = KLTFit.fit(k, self.bits, self.max_bits, weight)
+        return KLTKeys.encode(k, fit, self.group, self.sinks if first else 0, starts=starts)
+
+    def quantize_values(self, v: torch.Tensor, starts: "list[int] | None" = None, first: bool = True,
+                        weight: torch.Tensor | None = None):
+        """Values as the rotated quantizer stores them (``weight`` is the keys')."""
+        return self.values.quantize_values(v, starts, first)
+
+    def token_bytes(self, d: int) -> float:
+        """One token of one head: key codes at the mean width and two grid bytes a key group (a 0-bit
+        component's float16 mean too); values as the rotated quantizer's."""
+        return d * self.bits / 8 + 2 * d / self.group + d * self.vbits / 8 + 2 * d / self.value_group(d)
+
+    def fixed_bytes(self, heads: int, d: int) -> float:
+        """A layer's fit (basis codes and column scales, component means, widths, channel weights),
+        sinks (keys and values) and the values' grid ranges."""
+        return heads * (d * d + d * 2 + d * 2 + d + d * 2 + 2 * self.sinks * d * 2 + 4 * 2)
+

@@ -1,0 +1,181 @@
+import math
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from memfit.hfcompat import with_cache
+from memfit.kv.cache import CompressedCache
+from memfit.kv.klt import KLT, KLTFit, KLTKeys, allocate
+from memfit.kv.plan import KVShape, policy_nbytes
+from memfit.kv.policy import PolicyError, parse_policy
+from memfit.kv.quant import load_quantized
+from memfit.kv.rotate import Hadamard
+
+
+def test_allocation_spends_the_mean_width_where_the_variance_is():
+    var = torch.tensor([[100.0, 10.0, 1.0, 0.1, 0.0, 0.0, 0.0, 0.0]])
+    w = allocate(var, 2.0, 6)
+    assert int(w.sum()) == 16 and int(w.max()) <= 6
+    assert torch.all(w[0, :-1] >= w[0, 1:])  # never more bits to a smaller variance
+    assert w[0, -4:].sum() == 0 < w[0, 0]  # constant components: no bits
+    assert allocate(torch.ones(2, 64), 1.5, 4).sum(-1).tolist() == [96, 96]  # round(mean * D) a row
+    assert allocate(torch.ones(1, 8), 6.0, 6).tolist() == [[6] * 8]  # capped at max_bits
+
+
+def _low_rank_keys(n=256, d=32, rank=4, seed=0):
+    """Keys as a head's pre-RoPE keys are: a few directions (not channels) carry their variance."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.linalg.qr(torch.randn(d, d, generator=g))[0][:rank] * torch.tensor([8.0, 4.0, 2.0, 1.0])[:, None]
+    return torch.randn(1, 2, n, rank, generator=g) @ mix + 0.05 * torch.randn(1, 2, n, d, generator=g) + 1.0
+
+
+def test_transform_coding_beats_rotated_2_bit_keys_at_the_same_mean_width():
+    k = _low_rank_keys()
+    q = torch.randn(1, 2, 8, 32, generator=torch.Generator().manual_seed(3))
+
+    def logit_err(x):
+        return float(((q @ (x - k).transpose(-1, -2)).norm() / (q @ k.transpose(-1, -2)).norm()))
+
+    klt = logit_err(KLT(bits=2, group=32, sinks=0).quantize_keys(k).dequantize())
+    had = logit_err(Hadamard(bits=2, group=32, sinks=0).quantize_keys(k).dequantize())
+    assert klt < 0.5 * had
+
+
+def test_keys_round_trip_with_exact_sinks_and_wide_components():
+    k = _low_rank_keys() * 3
+    run = KLT(bits=6, max_bits=6, group=32, sinks=2).quantize_keys(k)
+    x = run.dequantize()
+    assert torch.equal(x[:, :, :2], k[:, :, :2].half().float())  # sinks exactly (float16)
+    assert float((x - k).norm() / k.norm()) < 0.02  # 6 bits everywhere: little error
+    back = load_quantized({f"k_{n}": t for n, t in run.tensors().items()}, "k_", run.meta())
+    assert torch.equal(back.dequantize(), x) and back.nbytes == run.nbytes
+
+
+def test_later_runs_extend_on_the_fit_and_a_forks_run_carries_no_basis():
+    k = _low_rank_keys(n=128)
+    first = KLT(bits=2, group=32).quantize_keys(k[:, :, :64])
+    joined = first.extend(k[:, :, 64:])
+    assert joined.num_tokens == 128 and joined.fit is first.fit
+    torch.testing.assert_close(joined.dequantize()[:, :, :64], first.dequantize(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(joined.prefix(64).dequantize(), first.dequantize(), atol=1e-5, rtol=0)
+    forked = first.like(k[:, :, 64:])
+    assert not forked.owner and "basis_codes" not in forked.tensors() and forked.sink is None
+    assert forked.nbytes < first.nbytes - first.fit.basis_codes.numel()
+    with pytest.raises(ValueError, match="fork"):
+        load_quantized({f"k_{n}": t for n, t in forked.tensors().items()}, "k_", forked.meta())
+
+
+def test_token_bytes_bound_what_a_run_stores():
+    cfg, d, n, h = KLT(bits=1.5, group=32, sinks=4), 32, 1024, 2
+    k, v = _low_rank_keys(n=n, d=d), torch.randn(1, h, n, d)
+    stored = cfg.quantize_keys(k).nbytes + cfg.quantize_values(v).nbytes
+    bound = n * h * cfg.token_bytes(d) + cfg.fixed_bytes(h, d)
+    assert stored == bound
+
+
+def test_klt_cache_puts_rope_back_decodes_forks_and_restores():
+    model = tiny_llama()
+    ids = torch.randint(0, 250, (1, 140), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+        cache = CompressedCache.for_model(model, "klt(bits=6,max_bits=6,group=16,residual=16)")
+        out = [model(ids[:, :100], **with_cache(model, cache)).logits]
+        for t in range(100, 120):  # the window spills while decoding: later runs extend the first
+            out.append(model(ids[:, t : t + 1], **with_cache(model, cache)).logits)
+    layer = cache.layers[0]
+    assert isinstance(layer.qk, KLTKeys) and layer.pre_rope and layer.qk.num_tokens + layer.keys.shape[-2] == 120
+    assert layer.not_packed() is not None  # the decode kernel reads KIVI codes only
+    assert 0.9 * policy_nbytes(cache.policy, 120, KVShape(2, 2, 16, 4)) <= cache.nbytes <= policy_nbytes(
+        cache.policy, 120, KVShape(2, 2, 16, 4))  # the planner's bound
+    got = torch.cat(out, 1)
+    assert (got - ref[:, :120]).abs().max() < 0.05 * ref.abs().max()  # 6-bit keys, RoPE put back right
+    back = CompressedCache.from_state(*cache.to_state())
+    for la, lb in zip(cache.layers, back.layers):
+        for x, y in zip(la.materialize(), lb.materialize()):
+            assert torch.equal(x, y)
+    assert back.nbytes == cache.nbytes
+    fork = cache.fork()  # its spills: at its own positions (120..), on the parent's pre-RoPE basis
+    with torch.no_grad():
+        fork_out = [model(ids[:, t : t + 1], **with_cache(model, fork)).logits for t in range(120, 140)]
+    own = fork.layers[0].qk
+    assert own is not None and own.fit is layer.qk.fit and not own.owner and fork.layers[0].origin == 120
+    assert (torch.cat(fork_out, 1) - ref[:, 120:]).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_klt_at_two_bits_keeps_attention_closer_than_hadamard_in_a_cache():
+    model = tiny_llama()
+    ids = torch.randint(0, 250, (1, 200), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(ids).logits[:, 160:]
+
+        def err(spec):
+            cache = CompressedCache.for_model(model, spec)
+            model(ids[:, :160], **with_cache(model, cache))
+            got = model(ids[:, 160:], **with_cache(model, cache)).logits
+            return float((got - ref).norm() / ref.norm())
+
+        assert math.isfinite(err("klt(bits=2,group=16,residual=16)"))
+        assert err("klt(bits=4,group=16,residual=16)") < err("klt(bits=1,group=16,residual=16)")
+
+
+def test_bad_klt_configs_name_the_problem():
+    for spec, match in [("klt(bits=7)", "bits"), ("klt(max_bits=9)", "max_bits"), ("klt(value_bits=3)", "value_bits"),
+                        ("klt(sinks=-1)", "sinks"), ("klt(group=48)", "group"), ("klt(group=4)", "group")]:
+        with pytest.raises(PolicyError, match=match):
+            parse_policy(spec)
+    with pytest.raises(PolicyError, match="pre_rope"):
+        parse_policy("snapkv(keep=0.5)+klt(bits=2)")
+    model = tiny_llama()
+    cache = CompressedCache("klt(bits=2,group=16,residual=16)", 2)  # no model: no RoPE to take off
+    with pytest.raises(ValueError, match="RoPE"), torch.no_grad():
+        model(torch.randint(0, 250, (1, 64)), **with_cache(model, cache))
+    fit = KLTFit.fit(torch.randn(1, 2, 32, 16), 2.0, 6)
+    with pytest.raises(ValueError, match="do not match"):
+        KLTKeys.encode(torch.randn(1, 3, 32, 16), fit, 16)
+
+
+@pytest.mark.parametrize("evict", ["none", "knorm(keep=0.5)", "knorm(keep=0.5,heads=adaptive)"])
+def test_klt_answers_several_questions_after_eviction_and_round_trips(tiny_lm, evict):
+    """Pre-RoPE without eviction, post-RoPE after it (uniform and ragged heads); forks of two rows."""
+    ids = torch.randint(0, 250, (1, 400), generator=torch.Generator().manual_seed(8))
+    spec = "klt(bits=2,group=16,residual=16)" if evict == "none" else \
+        f"{evict}+klt(bits=2,group=16,residual=16,pre_rope=false)"
+    ctx = tiny_lm.prefill_ids(ids, spec)
+    exact = tiny_lm.prefill_ids(ids, evict)
+    layer = ctx.cache.layers[0]
+    qk = layer.ragged.qk if layer.ragged is not None else layer.qk
+    assert isinstance(qk, KLTKeys) and layer.pre_rope == (evict == "none")
+    if layer.ragged is not None:  # each head's first tokens are sinks of their own
+        lens, nq = layer.ragged.lens.tolist()
+        starts = [sum(nq[:h]) for h in range(len(nq)) if nq[h]]
+        assert qk.sink_at == tuple(r for s in starts for r in range(s, s + 4))
+    got, ref = ctx.cache.layers[0].materialize_masked()[0], exact.cache.layers[0].materialize_masked()[0]
+    assert float((got - ref).norm() / ref.norm()) < 0.45  # what eviction kept, in 2-bit error (a misplaced row: ~1.4)
+    a = tiny_lm.ask(ctx, ["x", "yz"], max_new_tokens=40)  # the forks' windows spill onto the context's fit
+    back = CompressedCache.from_state(*ctx.cache.to_state())
+    assert back.nbytes == ctx.nbytes
+    assert tiny_lm.ask(type(ctx)(back, ctx.token_ids, ctx.policy, lm=tiny_lm), ["x", "yz"], max_new_tokens=40) == a
+
+
+def test_query_weights_ignore_rope_and_steer_the_bits_to_what_queries_read():
+    from memfit.kv.klt import query_weight
+    from memfit.kv.rope import RoPE
+
+    g = torch.Generator().manual_seed(4)
+    scale = torch.ones(16)
+    scale[[1, 9]] = 6.0  # one RoPE pair the queries read hard
+    q = torch.randn(1, 4, 32, 16, generator=g) * scale
+    w = query_weight(q, 2)
+    assert w.shape == (1, 2, 16) and torch.equal(w[..., :8], w[..., 8:])
+    moved = RoPE.default(16, 10000.0).rotate(q, torch.arange(500, 532))
+    torch.testing.assert_close(query_weight(moved, 2), w, rtol=1e-4, atol=1e-5)
+    k = torch.randn(1, 2, 256, 16, generator=g) * torch.linspace(1.0, 3.0, 16)  # keys wide where queries are not
+
+    def logit_err(weighted):
+        cfg = KLT(bits=1.5, group=32, sinks=0)
+        x = cfg.quantize_keys(k, weight=w if weighted else None).dequantize()
+        qq = q.reshape(1, 2, 64, 16)
+        return float((qq @ (x - k).transpose(-1, -2)).norm())
+
+    assert logit_err(True) < 0.8 * logit_err(False)
