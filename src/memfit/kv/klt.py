@@ -57,15 +57,15 @@ STEP_OCTAVES = 20  # 8-bit step codes cover 2**-20 .. 2**12 in eighths of an oct
 
 def allocate(var: torch.Tensor, mean_bits: float, max_bits: int) -> torch.Tensor:
     """Widths [..., D] (int64, 0..``max_bits``) for components of variances ``var`` [..., D] with
-    ``round(mean_bits * D)`` bits in all per row: greedy, each bit where it removes the most error."""
-    mse = torch.tensor(GAUSS_MSE[: max_bits + 1] + (0.0,), dtype=torch.float32, device=var.device)
-    var = var.float().clamp_min(0)
-    widths = torch.zeros(var.shape, dtype=torch.int64, device=var.device)
-    for _ in range(round(mean_bits * var.shape[-1])):
-        gain = var * (mse[widths] - mse[(widths + 1).clamp_max(max_bits + 1)])
-        gain = gain.masked_fill(widths >= max_bits, -1.0)
-        widths.scatter_add_(-1, gain.argmax(-1, keepdim=True), torch.ones_like(widths[..., :1]))
-    return widths
+    ``round(mean_bits * D)`` bits in all per row: each bit where it removes the most error. A bit's
+    gain shrinks with the bits a component already has, so the greedy choice is the best gains
+    over every (component, next bit) pair, taken at once."""
+    mse = torch.tensor(GAUSS_MSE[: max_bits + 1], dtype=torch.float32, device=var.device)
+    gain = var.float().clamp_min(0).unsqueeze(-1) * (mse[:-1] - mse[1:])  # [..., D, max_bits]
+    flat = gain.flatten(-2)
+    take = flat.topk(round(mean_bits * var.shape[-1]), dim=-1).indices
+    picked = torch.zeros_like(flat, dtype=torch.int64).scatter_(-1, take, 1)
+    return picked.reshape(gain.shape).sum(-1)
 
 
 @dataclass
@@ -101,10 +101,9 @@ class KLTFit:
         # the layer's bits go where they remove the most logit error, whichever head that is
         b, h, d = var.shape
         widths = allocate(var.reshape(b, h * d), mean_bits, max_bits).reshape(b, h, d)
-        fit = cls(codes, scale, torch.zeros(()), widths.to(torch.uint8), w)
         # coded on the basis as stored, so that encoding and decoding use one matrix
-        fit.center = (x @ fit.matrix).mean(-2, keepdim=True).clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
-        return fit
+        center = (x @ (codes.float() * scale.float())).mean(-2, keepdim=True)
+        return cls(codes, scale, center.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16), widths.to(torch.uint8), w)
 
     @functools.cached_property
     def matrix(self) -> torch.Tensor:
