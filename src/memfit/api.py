@@ -158,7 +158,7 @@ class LM:
             raise EntryMismatch(f"stored context {entry.key} belongs to another tenant")
         entry.check(self.keyspace(stored if policy is None else policy))
         cache = CompressedCache.from_state({n: t for n, t in entry.tensors.items() if n not in ("token_ids", LOGITS)},
-                                           state, stored, device=self.device)
+                                           state, stored, device=self.device, model=self.model)
         ids = entry.tensors["token_ids"].to(torch.long).to(self.device).unsqueeze(0)
         logits = entry.tensors.get(LOGITS)
         if logits is not None:
@@ -363,7 +363,8 @@ class LM:
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be [batch, tokens] with tokens > 0, got shape {tuple(input_ids.shape)}")
         t0 = time.perf_counter()
-        base = CompressedCache("none", self.num_layers, defer=True, rope=self.rope, dtype=self.kv_dtype)
+        base = CompressedCache("none", self.num_layers, defer=True, rope=self.rope, dtype=self.kv_dtype,
+                               model=self.model)
         needs = set().union(*(p.observes() for p in pols))
         with observe(max(p.queries_needed() for p in pols), "sum" if "attention_sum" in needs else None,
                      probe=max(p.probe() for p in pols)) as rec:
@@ -464,7 +465,8 @@ class LM:
             if entry.manifest.get("tenant", "") != tenant:
                 raise EntryMismatch(f"stored document {key} belongs to another tenant")
             tensors = {n: t for n, t in entry.tensors.items() if n != "token_ids"}
-            return (CompressedCache.from_state(tensors, entry.manifest["cache"], stored, device=self.device),
+            return (CompressedCache.from_state(tensors, entry.manifest["cache"], stored, device=self.device,
+                                               model=self.model),
                     int(entry.manifest["start"]), "hit", key)
         ids = torch.tensor([head + doc_ids], device=self.device)
         keys, values = self._dense_kv(ids.shape[1])
@@ -477,7 +479,7 @@ class LM:
             # there, the keys it quantizes are the true pre-RoPE ones, and it rotates them back on read
             doc_keys, at = [self.rope.shift(k, -c).to(k.dtype) for k in doc_keys], 0
         cache = CompressedCache.from_dense(doc_keys, [v[:, :, c:] for v in values], rope=self.rope,
-                                           dtype=self.kv_dtype).derive(stored)
+                                           dtype=self.kv_dtype, model=self.model).derive(stored)
         if store is not None:
             tensors, state = cache.to_state()
             tensors = {n: t.detach().cpu() for n, t in tensors.items()}
@@ -600,7 +602,7 @@ class LM:
             hidden = done.hidden
         if anchoring is not None:
             anchoring.learn()  # what the recompute found becomes each unanchored document's anchor
-        base = CompressedCache.from_dense(keys, values, rope=self.rope, dtype=self.kv_dtype)
+        base = CompressedCache.from_dense(keys, values, rope=self.rope, dtype=self.kv_dtype, model=self.model)
         obs = {i: Observation() for i in range(self.num_layers)}
         if "reconstruction" in policy.observes():
             chunk = policy.kvzip_chunk

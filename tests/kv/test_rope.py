@@ -79,7 +79,7 @@ def test_pre_rope_needs_the_model_and_no_eviction():
     cache = CompressedCache("kivi(bits=4,group=16,residual=16,pre_rope=true)", 2)  # no model: no RoPE
     with pytest.raises(ValueError, match="CompressedCache.for_model"), torch.no_grad():
         model(torch.randint(0, 250, (1, 40)), **with_cache(model, cache))
-    with pytest.raises(PolicyError, match="pre_rope keys cannot follow eviction"):
+    with pytest.raises(PolicyError, match="nor an eviction unless the quantizer is klt"):
         parse_policy("snapkv(keep=0.5)+kivi(bits=4,pre_rope=true)")
     with pytest.raises(PolicyError, match="must be true or false"):
         parse_policy("kivi(pre_rope=maybe)")

@@ -22,6 +22,7 @@ from memfit.kv.lowrank import LowRank
 from memfit.kv.policy import Policy, parse_policy
 from memfit.kv.quant import KIVI, LayerBits, QTensor, attention_error, load_pair, pair_info
 from memfit.kv.ragged import Ragged
+from memfit.kv.xquant import Remat
 from memfit.kv.rope import RoPE
 from memfit.kv.rotate import Hadamard, RotatedTensor
 from memfit.kv.static import StaticKIVI
@@ -43,10 +44,13 @@ class CompressedCache(Cache):
     """
 
     def __init__(self, policy: "str | Policy" = "none", num_layers: int | None = None, *, defer: bool = False,
-                 rope: RoPE | None = None, dtype: torch.dtype | None = None,
+                 rope: RoPE | None = None, dtype: torch.dtype | None = None, model: torch.nn.Module | None = None,
                  _layers: list[CompressedLayer] | None = None):
-        """``dtype``: what unquantized entries are stored in (default: the model's compute dtype)."""
+        """``dtype``: what unquantized entries are stored in (default: the model's compute dtype);
+        ``model``: the model, for a quantizer that reads its weights (xquant) and for the caches
+        :meth:`derive` makes of this one (kept by reference, not stored)."""
         self.policy = parse_policy(policy)
+        self.model = model
         if _layers is None:
             if num_layers is None:
                 raise ValueError("CompressedCache needs num_layers (model.config.num_hidden_layers)")
@@ -55,6 +59,8 @@ class CompressedCache(Cache):
             _layers = [CompressedLayer(q, defer=defer, decode=self.policy.decode,
                                        lowrank=self.policy.lowrank, rope=rope, dtype=dtype) for _ in range(num_layers)]
         super().__init__(layers=_layers)
+        if model is not None:
+            self.attach_model(model)
 
     @property
     def rope(self) -> RoPE | None:
@@ -64,10 +70,28 @@ class CompressedCache(Cache):
     def for_model(cls, model: torch.nn.Module, policy: "str | Policy" = "none", **kwargs) -> "CompressedCache":
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         kwargs.setdefault("rope", RoPE.from_model(model))
+        kwargs.setdefault("model", model)
         cache = cls(policy, cfg.num_hidden_layers, **kwargs)
         # the packed-KV decode kernel is used only where memfit's attention function will take it
         cache.use_kernels(getattr(model.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION)
         return cache
+
+    def attach_model(self, model: torch.nn.Module) -> "CompressedCache":
+        """Give a quantizer that reads the model's weights (xquant: k_proj / v_proj) what it reads,
+        on this cache's layers and the runs they already hold (a restored cache). No-op otherwise."""
+        self.model = model
+        if not getattr(self.policy.quant, "needs_model", False):
+            return self
+        remats = Remat.of_model(model)
+        if len(remats) != len(self.layers):
+            raise ValueError(f"{type(model).__name__} has {len(remats)} attention layers with k_proj / v_proj, "
+                             f"this cache {len(self.layers)}")
+        for layer, r in zip(self.layers, remats):
+            layer.remat = r
+            for run in (layer.qk, layer.qv):
+                if run is not None:
+                    run.factors = r.k if run.which == "k" else r.v
+        return self
 
     def use_kernels(self, on: bool = True) -> "CompressedCache":
         """Attend over packed KV with the Triton decode kernel on CUDA (needs the model's attention
@@ -150,10 +174,10 @@ class CompressedCache(Cache):
 
     @classmethod
     def from_dense(cls, keys: list[torch.Tensor], values: list[torch.Tensor], *, rope: RoPE | None = None,
-                   dtype: torch.dtype | None = None) -> "CompressedCache":
+                   dtype: torch.dtype | None = None, model: torch.nn.Module | None = None) -> "CompressedCache":
         """An uncompressed (deferred) cache holding ``keys``/``values`` [B, H, N, D] per layer, stored
         in ``dtype``: :meth:`derive` then compresses it with any policy."""
-        out = cls("none", len(keys), defer=True, rope=rope, dtype=dtype)
+        out = cls("none", len(keys), defer=True, rope=rope, dtype=dtype, model=model)
         for layer, k, v in zip(out.layers, keys, values):
             layer.lazy_initialization(k, v)
             layer.keys, layer.values, layer.seen = k.to(layer.dtype), v.to(layer.dtype), k.shape[-2]
@@ -164,8 +188,8 @@ class CompressedCache(Cache):
         policies. Tensors are shared until compression replaces them; this cache is unchanged."""
         if not all(layer.defer and layer.qk is None for layer in self.layers):
             raise RuntimeError("derive() needs a cache prefilled with defer=True and not compressed yet")
-        out = CompressedCache(policy, len(self.layers), defer=True, rope=self.rope,
-                              dtype=self.layers[0].store_dtype).use_kernels(self.layers[0].kernels)
+        out = CompressedCache(policy, len(self.layers), defer=True, rope=self.rope, dtype=self.layers[0].store_dtype,
+                              model=self.model).use_kernels(self.layers[0].kernels)
         for mine, theirs in zip(out.layers, self.layers):
             if theirs.is_initialized:
                 mine.lazy_initialization(theirs.keys, theirs.values)
@@ -359,9 +383,9 @@ class CompressedCache(Cache):
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], state: dict, policy: Policy | None = None,
-                   device: "torch.device | str" = "cpu") -> "CompressedCache":
+                   device: "torch.device | str" = "cpu", model: torch.nn.Module | None = None) -> "CompressedCache":
         """Rebuild a cache from :meth:`to_state`. ``policy``: the state's policy, when the caller has
-        already parsed it."""
+        already parsed it; ``model``: the model it was made with (xquant reads its weights)."""
         rope = RoPE(tensors["rope.inv_freq"].float(), float(state.get("rope_scaling", 1.0))) \
             if "rope.inv_freq" in tensors else None
         cache = cls(state["policy"] if policy is None else policy, len(state["layers"]), rope=rope)
@@ -386,6 +410,8 @@ class CompressedCache(Cache):
                 if not 0 <= owner < i or cache.layers[owner].kc is None:
                     raise ValueError(f"layer {i} reads the key coefficients of layer {owner}, which holds none")
                 layer.kc, layer.coef_from = cache.layers[owner].kc, owner
+        if model is not None:
+            cache.attach_model(model)
         return cache
 
     def truncate_(self, num_tokens: int) -> "CompressedCache":

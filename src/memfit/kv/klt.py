@@ -87,23 +87,38 @@ class KLTFit:
     @classmethod
     def fit(cls, k: torch.Tensor, mean_bits: float, max_bits: int, weight: torch.Tensor | None = None) -> "KLTFit":
         """``weight`` [B, H, D]: the queries' mean square per channel (see :func:`query_weight`)."""
-        if weight is None:
-            weight = torch.ones(k.shape[0], k.shape[1], k.shape[-1], device=k.device)
-        w = weight.float().clamp_min(0).sqrt()  # one scale for the layer's heads: their errors compare
-        w = (w / w.mean((-2, -1), keepdim=True).clamp_min(1e-12)).clamp(2.0**-12, 2.0**12)  # float16-safe
-        w = w.unsqueeze(-2).to(torch.float16)
-        x = k.float() * w.float()
-        xc = x - x.mean(-2, keepdim=True)
-        cov = xc.transpose(-1, -2) @ xc / max(x.shape[-2], 1)
-        var, basis = torch.linalg.eigh(cov)
-        scale = (basis.abs().amax(-2, keepdim=True) / 127).clamp_min(1e-8).to(torch.float16)
-        codes = (basis / scale.float()).round().clamp(-127, 127).to(torch.int8)
-        # the layer's bits go where they remove the most logit error, whichever head that is
-        b, h, d = var.shape
-        widths = allocate(var.reshape(b, h * d), mean_bits, max_bits).reshape(b, h, d)
-        # coded on the basis as stored, so that encoding and decoding use one matrix
-        center = (x @ (codes.float() * scale.float())).mean(-2, keepdim=True)
-        return cls(codes, scale, center.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16), widths.to(torch.uint8), w)
+        return cls.fit_runs([k], mean_bits, max_bits, None if weight is None else [weight])[0]
+
+    @classmethod
+    def fit_runs(cls, ks: "list[torch.Tensor]", mean_bits: float, max_bits: int,
+                 weights: "list[torch.Tensor] | None" = None) -> "list[KLTFit]":
+        """One fit per run of keys ``ks[i]`` [B, H, N_i, D] (a ragged layer's heads: one run each),
+        the bits allocated over all their components together; ``weights[i]`` [B, H, D] as in :meth:`fit`."""
+        if weights is None:
+            weights = [torch.ones(k.shape[0], k.shape[1], k.shape[-1], device=k.device) for k in ks]
+        ws = [w.float().clamp_min(0).sqrt() for w in weights]
+        # one scale for all the runs' heads: their errors compare
+        mean = torch.cat([w.flatten(1) for w in ws], 1).mean(1).clamp_min(1e-12).reshape(-1, 1, 1)
+        ws = [(w / mean).clamp(2.0**-12, 2.0**12).unsqueeze(-2).to(torch.float16) for w in ws]  # float16-safe
+        xs = [k.float() * w.float() for k, w in zip(ks, ws)]
+        eig = []
+        for x in xs:
+            xc = x - x.mean(-2, keepdim=True)
+            eig.append(torch.linalg.eigh(xc.transpose(-1, -2) @ xc / max(x.shape[-2], 1)))
+        # the bits go where they remove the most logit error, whichever head that is
+        b = ks[0].shape[0]
+        widths = allocate(torch.cat([var.reshape(b, -1) for var, _ in eig], 1), mean_bits, max_bits)
+        fits, at = [], 0
+        for x, w, (var, basis) in zip(xs, ws, eig):
+            scale = (basis.abs().amax(-2, keepdim=True) / 127).clamp_min(1e-8).to(torch.float16)
+            codes = (basis / scale.float()).round().clamp(-127, 127).to(torch.int8)
+            width = widths[:, at : at + var[0].numel()].reshape(var.shape)
+            at += var[0].numel()
+            # coded on the basis as stored, so that encoding and decoding use one matrix
+            center = (x @ (codes.float() * scale.float())).mean(-2, keepdim=True)
+            fits.append(cls(codes, scale, center.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16),
+                            width.to(torch.uint8), w))
+        return fits
 
     @functools.cached_property
     def matrix(self) -> torch.Tensor:
@@ -292,6 +307,41 @@ class KLTKeys(Stored):
 STORED["klt"] = KLTKeys
 
 
+@dataclass
+class KLTHeads(Stored):
+    """A ragged layer's quantized tokens, heads back to back (as ``Ragged`` holds them), each head's
+    run coded on a basis of its own (``runs[h]``; None: a head with no quantized tokens). The widths
+    are allocated over every head's components together, as one uniform layer's are."""
+
+    runs: list[KLTKeys | None]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(r.n for r in self.runs if r is not None)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        d = next(r for r in self.runs if r is not None).shape[-1]
+        return 1, 1, self.num_tokens, d
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The heads' keys back to back, [1, 1, T, D] (before RoPE, as they were coded)."""
+        return torch.cat([r.dequantize(dtype) for r in self.runs if r is not None], -2)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"h{h}_{n}": t for h, r in enumerate(self.runs) if r is not None for n, t in r.tensors().items()}
+
+    def meta(self) -> dict:
+        return {"kind": "klt-heads", "runs": [None if r is None else r.meta() for r in self.runs]}
+
+    @classmethod
+    def from_meta(cls, t: dict[str, torch.Tensor], prefix: str, meta: dict) -> "KLTHeads":
+        return cls([None if m is None else KLTKeys.from_meta(t, f"{prefix}h{h}_", m) for h, m in enumerate(meta["runs"])])
+
+
+STORED["klt-heads"] = KLTHeads
+
+
 @dataclass(frozen=True)
 class KLT(OnKIVI):
     """Keys transform-coded at a mean of ``bits`` an element (a KLT basis per head fitted on the
@@ -351,6 +401,18 @@ class KLT(OnKIVI):
         per channel, :func:`query_weight`, None: unweighted)."""
         fit = KLTFit.fit(k, self.bits, self.max_bits, weight)
         return KLTKeys.encode(k, fit, self.group, self.sinks if first else 0, starts=starts)
+
+    def quantize_heads(self, ks: "list[torch.Tensor]", weight: torch.Tensor | None = None) -> KLTHeads:
+        """A ragged layer's keys (before RoPE), one [n_h, D] tensor per head (n_h a multiple of
+        ``group``, possibly 0), each head on a basis of its own; ``weight`` [1, H, D] as in
+        :meth:`quantize_keys`. Each head keeps its first ``sinks`` tokens exact."""
+        live = [h for h, k in enumerate(ks) if len(k)]
+        w = None if weight is None else [weight[:, h : h + 1] for h in live]
+        fits = KLTFit.fit_runs([ks[h][None, None] for h in live], self.bits, self.max_bits, w)
+        runs: list[KLTKeys | None] = [None] * len(ks)
+        for h, fit in zip(live, fits):
+            runs[h] = KLTKeys.encode(ks[h][None, None], fit, self.group, self.sinks)
+        return KLTHeads(runs)
 
     def quantize_values(self, v: torch.Tensor, starts: "list[int] | None" = None, first: bool = True,
                         weight: torch.Tensor | None = None):

@@ -72,6 +72,8 @@ class CompressedLayer(CacheLayerMixin):
         # compression figures are measured against, and what a bf16 model would store.
         self.store_dtype = dtype if dtype is not None else (parent.store_dtype if parent is not None else None)
         self.rope = rope  # the model's RoPE, for keys quantized before it (kivi(pre_rope=true))
+        # xquant: the layer's k_proj / v_proj factors, which rematerialize K and V (the model's, not stored)
+        self.remat = parent.remat if parent is not None else None
         self.lowrank = lowrank
         # low-rank keys: the layer's basis [B, H*D, r] (a fork reads its parent's), and without a
         # quantizer the context's key coefficients and values in the compute dtype
@@ -204,7 +206,7 @@ class CompressedLayer(CacheLayerMixin):
         """This layer's own stored segments, oldest first, dequantized: (keys, values, mask or None)."""
         parts = []
         if self.ragged is not None:
-            parts.append(self.ragged.dense(self.dtype))
+            parts.append(self.ragged.dense(self.dtype, self.rope))
         if self.kc is not None:
             parts.append((reconstruct(self.kc, self.basis, self.keys.shape[1]), self.vc, None))
         if self.qk is not None:
@@ -253,14 +255,15 @@ class CompressedLayer(CacheLayerMixin):
 
     def _positions(self, start: int, n: int) -> torch.Tensor:
         if self.rope is None:
-            raise ValueError("keys quantized before RoPE (kivi(pre_rope=true), klt) need the model's RoPE: "
+            raise ValueError("keys quantized before RoPE (kivi(pre_rope=true), klt, xquant) need the model's RoPE: "
                              "build the cache with CompressedCache.for_model(model, policy)")
         return torch.arange(start, start + n, device=self.device)
 
     def _quantized_keys(self) -> torch.Tensor:
-        if self.pre_rope:  # the quantized tokens are the layer's first own ones: positions origin..
+        if self.pre_rope:  # the layer's first own tokens, or those after its ragged context: positions from there
             k = self.qk.dequantize(torch.float32)
-            return self.rope.rotate(k, self._positions(self.origin, k.shape[-2])).to(self.dtype)
+            start = self.ragged.end if self.ragged is not None and self.ragged.end is not None else self.origin
+            return self.rope.rotate(k, self._positions(start, k.shape[-2])).to(self.dtype)
         k = self.qk.dequantize(self.dtype)
         return k if self.basis is None else reconstruct(k, self.basis, self.keys.shape[1])
 
@@ -431,6 +434,8 @@ class CompressedLayer(CacheLayerMixin):
         # those after a ragged context)
         first = {"first": self.qk is None and self.parent is None and self.ragged is None} \
             if getattr(self.quant, "sinks", 0) else {}
+        if getattr(self.quant, "needs_model", False):
+            first["remat"] = self.remat
         if self._qweight is not None:  # the context's first spill: its fit weighted by the queries
             first["weight"], self._qweight = self._qweight, None
         if self._scores is not None:  # the context's saliency, scored at compress(): its first spill only,
@@ -502,12 +507,23 @@ class CompressedLayer(CacheLayerMixin):
                 self._qweight = query_weight(obs.queries[..., -policy.quant.queries :, :], k.shape[1])
             if policy.evictions:
                 *first, last = policy.evictions
+                start = self.seen - k.shape[-2]  # the window's first position
+                if self.pre_rope:  # keys coded before RoPE: each kept token's position goes with it
+                    obs = dataclasses.replace(obs, positions=torch.arange(
+                        start, self.seen, device=k.device).expand(k.shape[0], k.shape[1], -1))
                 k, v, obs = self._evict_uniform(first, obs, layer, num_layers)
                 keep = last.budget(k.shape[-2], last.layer_keep(layer, num_layers))
                 idx = picks if picks is not None else (
                     last.select(last.score(k, v, obs), keep) if keep < k.shape[-2] else None)
+                if self.pre_rope and idx is not None and not isinstance(idx, list):
+                    if idx.shape[0] != 1:  # ragged storage, which records positions, holds one row
+                        raise ValueError("keys coded before RoPE after an eviction are stored ragged, one context "
+                                         f"at a time: compress a batch of 1, got {idx.shape[0]}")
+                    idx = list(idx[0])
                 if isinstance(idx, list):  # ragged heads (the parser keeps them to the last eviction)
-                    self.ragged = Ragged.build(k, v, idx, policy.quant, obs.saliency, self._qweight)
+                    where = {"positions": obs.positions, "span": (start, self.keys.shape[-2]),
+                             "rope": self.rope} if self.pre_rope else {}
+                    self.ragged = Ragged.build(k, v, idx, policy.quant, obs.saliency, self._qweight, **where)
                     self._qweight = None
                     k, v = k[:, :, :0], v[:, :, :0]
                     obs = dataclasses.replace(obs, saliency=None)

@@ -112,8 +112,10 @@ def policy_nbytes(policy: Policy, num_tokens: int, shape: KVShape) -> int:
                           _run_bytes(p.quant, p.quant.spilled(n), d) + 2 * e * d * (n - p.quant.spilled(n)))
         if p.quant is not None:
             total += p.quant.fixed_bytes(h, d)  # per layer, whatever it keeps (GEAR's bases)
-        if ragged:
+        if ragged or (p.evictions and getattr(p.quant, "pre_rope", False)):  # (keys before RoPE: always ragged)
             total += 2 * h * 4  # the int32 table of per-head lengths
+        if p.evictions and getattr(p.quant, "pre_rope", False):  # which tokens each head kept, and the span
+            total += h * math.ceil(num_tokens / 8) + 16
     if pooled:
         total += _ragged_bytes(pooled, h * shape.num_layers, p.quant, d, e)
     return math.ceil(total)

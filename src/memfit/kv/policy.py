@@ -20,12 +20,14 @@ from memfit.kv.million import Million
 from memfit.kv.qjl import QJL
 from memfit.kv.quant import KIVI, LayerBits
 from memfit.kv.rotate import Hadamard
+from memfit.kv.xquant import XQuant
 from memfit.kv.zipcache import ZipCache
 
 EVICTIONS: dict[str, type[Eviction]] = {"snapkv": SnapKV, "streaming": StreamingLLM, "kvzip": KVzip, "h2o": H2O,
                                         "tova": TOVA, "knorm": Knorm, "pyramidkv": PyramidKV}
 QUANTIZERS: dict[str, type] = {"kivi": KIVI, "kvtuner": LayerBits, "gear": GEAR, "qjl": QJL,
-                               "hadamard": Hadamard, "million": Million, "zipcache": ZipCache, "klt": KLT}
+                               "hadamard": Hadamard, "million": Million, "zipcache": ZipCache, "klt": KLT,
+                               "xquant": XQuant}
 METHODS: dict[str, type] = {**EVICTIONS, "lowrank": LowRank, **QUANTIZERS, "decode": DecodeBudget}
 
 
@@ -199,10 +201,15 @@ def parse_policy(spec: "str | Policy | None") -> Policy:
             if lowrank is not None and lowrank.layers > 1:
                 raise PolicyError(f"in {spec!r}: lowrank with layers > 1 keeps its shared coefficients unquantized")
             quant = method
-    if getattr(quant, "pre_rope", False) and (evictions or lowrank or decode):
-        # the cache puts RoPE back at each stored token's position, which it knows only while it
-        # holds every token in order
-        raise PolicyError(f"in {spec!r}: pre_rope keys cannot follow eviction, lowrank or a decode budget")
+    if isinstance(quant, XQuant) and evictions:
+        raise PolicyError(f"in {spec!r}: xquant caches each token's layer input, which all its KV heads share: it "
+                          "cannot follow an eviction, which keeps different tokens in different heads")
+    if getattr(quant, "pre_rope", False) and (lowrank or decode or (evictions and not hasattr(quant, "quantize_heads"))):
+        # the cache puts RoPE back at each stored token's position: it knows them while it holds every
+        # token in order, or, after an eviction, where the quantizer codes each head apart (klt) and
+        # the ragged storage records which tokens each head kept
+        raise PolicyError(f"in {spec!r}: pre_rope keys cannot follow lowrank or a decode budget, nor an eviction "
+                          "unless the quantizer is klt")
     return Policy(tuple(evictions), quant, decode, lowrank)
 
 

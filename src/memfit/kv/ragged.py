@@ -7,9 +7,11 @@ import itertools
 
 import torch
 
+from memfit.kernels import packing
 from memfit.kernels.decode_attention import PackedRun
 from memfit.kv import rotate
 from memfit.kv.quant import KIVI, MetaQTensor, QTensor, load_pair
+from memfit.kv.rope import RoPE
 from memfit.kv.rotate import RotatedTensor
 
 
@@ -32,12 +34,20 @@ class Ragged:
     head's tokens back to back (row-major), as one flat [1, 1, T, D] sequence. With a quantizer each
     head's oldest tokens are quantized in whole key groups (so no group spans two heads) and the rest
     kept in 16-bit, as the uniform window would be. ``rows``: the batch size (contexts compressed
-    one by one and stacked for decoding together)."""
+    one by one and stacked for decoding together).
+
+    Keys quantized before RoPE (klt after an eviction) come back at each kept token's own position:
+    ``span`` (int64 [2]: the context's first position and its length) and ``kept`` (uint8
+    [H, ceil(length / 8)], one bit a context token per head, set where the head kept it; counted,
+    about 1 / keep bits a stored token) say where."""
 
     def __init__(self, lens: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk: QTensor | None = None,
-                 qv: QTensor | None = None, rows: int = 1):
+                 qv: QTensor | None = None, rows: int = 1, span: torch.Tensor | None = None,
+                 kept: torch.Tensor | None = None):
         self.lens = lens  # int32 [2, rows * H]: tokens per row and head, of which quantized
         self.k, self.v, self.qk, self.qv, self.rows = k, v, qk, qv, rows
+        self.span, self.kept = span, kept
+        self._pos: list[torch.Tensor] | None = None
         total, nq = lens[0].tolist(), lens[1].tolist()  # one read of the small table: sizes are host numbers
         self.max_len, self.max_q = max(total), max(nq)
         self.max_w = max(n - q for n, q in zip(total, nq))
@@ -51,17 +61,37 @@ class Ragged:
 
     @classmethod
     def build(cls, keys: torch.Tensor, values: torch.Tensor, idx: list[torch.Tensor], quant: KIVI | None,
-              scores: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> "Ragged":
+              scores: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+              positions: torch.Tensor | None = None, span: tuple[int, int] | None = None,
+              rope: RoPE | None = None) -> "Ragged":
         """Each head's tokens ``idx[h]`` of ``keys``/``values`` [1, H, N, D]; ``scores`` [1, H, N]: a
         quantizer's saliency of the tokens (ZipCache), if it scored them; ``weight`` [1, H, D]: the
-        queries' mean square per channel (klt's fit: one for the heads, which share a run)."""
+        queries' mean square per channel (klt's fit). A quantizer that codes keys before RoPE
+        (``pre_rope``) also takes each token's position ``positions`` [1, H, N], the context's
+        ``span`` (first position, length) and the model's ``rope``: each head's quantized keys come
+        off RoPE at their own positions and are coded on a basis of their own."""
         ks = [keys[0, h, i] for h, i in enumerate(idx)]
         vs = [values[0, h, i] for h, i in enumerate(idx)]
         lens = [len(i) for i in idx]
         nq = [quant.spilled(n) if quant is not None else 0 for n in lens]
         flat = lambda parts: torch.cat(parts).unsqueeze(0).unsqueeze(0)  # noqa: E731
-        qk = qv = None
-        if sum(nq):
+        qk = qv = kept = None
+        if positions is not None:
+            if rope is None or span is None:
+                raise ValueError("keys coded before RoPE need the model's RoPE and the context's span")
+            pos = [positions[0, h, i] for h, i in enumerate(idx)]
+            span = torch.tensor(span, dtype=torch.int64, device=keys.device)
+            bits = torch.zeros(len(idx), int(span[1]), dtype=torch.uint8, device=keys.device)
+            for h, p in enumerate(pos):
+                bits[h, p - span[0]] = 1
+            kept = packing.pack_planes(bits, 1)[0]
+        if positions is not None and sum(nq):
+            rope.check(keys.shape[-1])
+            pre = [rope.unrotate(k[:q].unsqueeze(0).unsqueeze(0), p[:q])[0, 0] for k, p, q in zip(ks, pos, nq)]
+            qk = quant.quantize_heads(pre, weight)
+            starts = [s for s, q in zip(itertools.accumulate([0, *nq]), nq) if q]
+            qv = quant.quantize_values(flat([v[:q] for v, q in zip(vs, nq)]), starts=starts)
+        elif sum(nq):
             # a quantizer that keeps a run's first tokens apart (sinks) keeps each head's
             runs = {"starts": [s for s, q in zip(itertools.accumulate([0, *nq]), nq) if q]} if getattr(quant, "sinks", 0) else {}
             if scores is not None:
@@ -71,13 +101,29 @@ class Ragged:
             qk = quant.quantize_keys(flat([k[:q] for k, q in zip(ks, nq)]), **runs)
             qv = quant.quantize_values(flat([v[:q] for v, q in zip(vs, nq)]), **runs)
         lens_t = torch.tensor([lens, nq], dtype=torch.int32, device=keys.device)
-        return cls(lens_t, flat([k[q:] for k, q in zip(ks, nq)]), flat([v[q:] for v, q in zip(vs, nq)]), qk, qv)
+        return cls(lens_t, flat([k[q:] for k, q in zip(ks, nq)]), flat([v[q:] for v, q in zip(vs, nq)]), qk, qv,
+                   span=span if kept is not None else None, kept=kept)
+
+    @property
+    def end(self) -> int | None:
+        """The position after the context's last token (None: keys stored after RoPE)."""
+        return None if self.span is None else int(self.span.sum())
+
+    def positions(self) -> list[torch.Tensor]:
+        """Each head's quantized tokens' positions (pre-RoPE storage), decoded once from ``kept``."""
+        if self._pos is None:
+            start, n = self.span.tolist()
+            bits = packing.unpack_planes(self.kept.unsqueeze(0), n).bool()
+            self._pos = [row.nonzero().squeeze(1)[:q] + start for row, q in zip(bits, self._host[1])]
+        return self._pos
 
     @classmethod
     def stack(cls, parts: "list[Ragged]") -> "Ragged":
         """The rows of ``parts`` as one batch (their heads and quantization must agree)."""
         if len({p.heads for p in parts}) != 1:
             raise ValueError("cannot stack ragged layers with different numbers of KV heads")
+        if any(p.span is not None for p in parts):
+            raise ValueError("cannot stack ragged layers with keys stored before RoPE")
         quantized = [p.qk is not None for p in parts]
         qk = qv = None
         if any(quantized):
@@ -95,6 +141,8 @@ class Ragged:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"r_lens": self.lens, "r_k": self.k, "r_v": self.v}
+        if self.span is not None:
+            out.update({"r_span": self.span, "r_kept": self.kept})
         if self.qk is not None:
             out.update({f"r_k_{n}": t for n, t in self.qk.tensors().items()})
             out.update({f"r_v_{n}": t for n, t in self.qv.tensors().items()})
@@ -105,7 +153,7 @@ class Ragged:
         qk = qv = None
         if q is not None and any(n.startswith("r_k_") for n in t):
             qk, qv = load_pair(t, "r_k_", "r_v_", q)
-        return cls(t["r_lens"], t["r_k"], t["r_v"], qk, qv, rows)
+        return cls(t["r_lens"], t["r_k"], t["r_v"], qk, qv, rows, t.get("r_span"), t.get("r_kept"))
 
     def runs(self, rows: int, quant: KIVI | None) -> list[PackedRun]:
         """This storage as the decode kernel reads it (flat, from per-row-and-head offsets); a
@@ -136,10 +184,17 @@ class Ragged:
             self._wide[rows] = [_widened(r, rows) for r in self._runs]
         return self._wide[rows]
 
-    def dense(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Padded [rows, H, max_len, D] keys and values and the [rows, H, max_len] mask of real entries."""
+    def dense(self, dtype: torch.dtype, rope: RoPE | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Padded [rows, H, max_len, D] keys and values and the [rows, H, max_len] mask of real entries
+        (``rope``: the model's, which keys stored before RoPE need back)."""
         lens, nq = self._host
-        qk = self.qk.dequantize(dtype)[0, 0].split(nq) if self.qk is not None else [None] * len(lens)
+        if self.span is not None and self.qk is not None:
+            if rope is None:
+                raise ValueError("this ragged layer's keys are stored before RoPE: reading them needs the model's RoPE")
+            pre = self.qk.dequantize(torch.float32)[0, 0].split(nq)
+            qk = [rope.rotate(k.unsqueeze(0).unsqueeze(0), p)[0, 0].to(dtype) for k, p in zip(pre, self.positions())]
+        else:
+            qk = self.qk.dequantize(dtype)[0, 0].split(nq) if self.qk is not None else [None] * len(lens)
         qv = self.qv.dequantize(dtype)[0, 0].split(nq) if self.qv is not None else [None] * len(lens)
         wk = self.k[0, 0].split([n - q for n, q in zip(lens, nq)])
         wv = self.v[0, 0].split([n - q for n, q in zip(lens, nq)])

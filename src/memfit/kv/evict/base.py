@@ -21,16 +21,19 @@ class Observation:
     [B, H, N]: attention each key received from every context query (H2O); ``reconstruction``
     [B, H, N]: the most attention each key received while the model repeated the context (KVzip);
     ``probe``: (positions [P], query states [B, Hq, P, D]) of a random sample of the context's
-    queries (ZipCache); ``saliency`` [B, H, N]: a quantizer's per-token scores computed from them."""
+    queries (ZipCache); ``saliency`` [B, H, N]: a quantizer's per-token scores computed from them;
+    ``positions`` [B, H, N]: each token's position, which the cache follows through evictions when
+    it codes keys before RoPE."""
 
     queries: torch.Tensor | None = None
     attention_sum: torch.Tensor | None = None
     reconstruction: torch.Tensor | None = None
     probe: tuple[torch.Tensor, torch.Tensor] | None = None
     saliency: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
 
     #: the fields with one entry per context token, which follow the tokens an eviction keeps
-    PER_TOKEN: ClassVar[tuple[str, ...]] = ("attention_sum", "reconstruction", "saliency")
+    PER_TOKEN: ClassVar[tuple[str, ...]] = ("attention_sum", "reconstruction", "saliency", "positions")
 
     def kept(self, idx: torch.Tensor) -> "Observation":
         """This observation for the tokens ``idx`` [B, H, k] of each head."""
