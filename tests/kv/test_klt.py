@@ -136,7 +136,10 @@ def test_bad_klt_configs_name_the_problem():
 
 
 @pytest.mark.parametrize("evict,pre", [("none", True), ("knorm(keep=0.5)", True), ("knorm(keep=0.5,heads=adaptive)", True),
-                                        ("knorm(keep=0.5,heads=adaptive)", False)])
+                                        ("knorm(keep=0.5,heads=adaptive)", False),
+                                        # positions followed through two evictions; the last keeping everything
+                                        ("knorm(keep=0.7)+knorm(keep=0.7,heads=adaptive)", True),
+                                        ("knorm(keep=0.6)+knorm(keep=1.0)", True)])
 def test_klt_answers_several_questions_after_eviction_and_round_trips(tiny_lm, evict, pre):
     """Pre-RoPE with or without eviction (evicted heads stored ragged with their positions, each
     head on its own basis), post-RoPE ragged (heads share a basis); forks of two rows."""

@@ -30,10 +30,14 @@ SmolLM2, perplexity with half of a held-out text as context, ``residual=32``, ev
 (``memfit.eval.perplexity.perplexity_and_bits``): the first 12,000 characters of docs/store.md (none
 19.56) ``hadamard(bits=2,meta_bits=8)`` 22.21 (+13.5%) at 2.74 bits an element, ``klt(bits=1.5)``
 20.07 (+2.6%) at 2.56, ``klt(bits=2)`` 20.02 (+2.3%) at 2.80; of docs/gpu.md (none 21.59) 23.28
-(+7.8%) at 2.43, 22.02 (+2.0%) at 2.23, 21.91 (+1.5%) at 2.48. With ``pre_rope=false`` the keys are
-coded after RoPE, which is what follows an eviction (a ragged layer's heads then share one basis):
-measured, that loses most of what eviction keeps (see docs/evaluation.md). Torch path only: the
-decode kernel reads KIVI's codes, not these.
+(+7.8%) at 2.43, 22.02 (+2.0%) at 2.23, 21.91 (+1.5%) at 2.48.
+
+After an eviction the layer is stored ragged with one bit a context token per head saying which
+tokens the head kept (counted), so the keys are still coded before RoPE, each head on a basis of its
+own (:meth:`KLT.quantize_heads`, the widths allocated over all heads). ``pre_rope=false`` codes them
+after RoPE instead, the heads of a ragged layer sharing one basis: measured, that loses most of what
+eviction keeps (see docs/evaluation.md). Torch path only: the decode kernel reads KIVI's codes, not
+these.
 """
 
 from __future__ import annotations
@@ -354,7 +358,7 @@ class KLT(OnKIVI):
     residual: int = 128
     sinks: int = 4
     max_bits: int = 6
-    # keys coded before RoPE, put back on read at positions the layer knows: not after eviction
+    # keys coded before RoPE, put back on read at positions the layer knows (after an eviction: stored)
     pre_rope: bool = field(default=True, metadata={"spec": "if-set"})
     queries: int = field(default=32, metadata={"spec": "if-set"})  # the context's last queries that weight the fit
 

@@ -515,11 +515,11 @@ class CompressedLayer(CacheLayerMixin):
                 keep = last.budget(k.shape[-2], last.layer_keep(layer, num_layers))
                 idx = picks if picks is not None else (
                     last.select(last.score(k, v, obs), keep) if keep < k.shape[-2] else None)
-                if self.pre_rope and idx is not None and not isinstance(idx, list):
-                    if idx.shape[0] != 1:  # ragged storage, which records positions, holds one row
+                if self.pre_rope and not isinstance(idx, list) and (idx is not None or k.shape[-2] < self.keys.shape[-2]):
+                    if k.shape[0] != 1:  # ragged storage, which records positions, holds one row
                         raise ValueError("keys coded before RoPE after an eviction are stored ragged, one context "
-                                         f"at a time: compress a batch of 1, got {idx.shape[0]}")
-                    idx = list(idx[0])
+                                         f"at a time: compress a batch of 1, got {k.shape[0]}")
+                    idx = list(idx[0]) if idx is not None else [torch.arange(k.shape[-2], device=k.device)] * k.shape[1]
                 if isinstance(idx, list):  # ragged heads (the parser keeps them to the last eviction)
                     where = {"positions": obs.positions, "span": (start, self.keys.shape[-2]),
                              "rope": self.rope} if self.pre_rope else {}

@@ -39,11 +39,15 @@ class Factors:
     bias: torch.Tensor | None
 
     @classmethod
-    def of(cls, proj: torch.nn.Linear) -> "Factors":
-        w = proj.weight.detach().to("cpu", torch.float64)  # [H*D, hidden]
-        u, s, _ = torch.linalg.svd(w, full_matrices=False)  # u [H*D, r], r = min(H*D, hidden)
+    def of(cls, proj: torch.nn.Module) -> "Factors":
+        """From a ``Linear`` or anything that gives its weight back (a quantized layer's ``dequantize()``)."""
+        w = proj.dequantize() if hasattr(proj, "dequantize") else getattr(proj, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.ndim != 2:
+            raise ValueError(f"xquant: cannot read the weight of {type(proj).__name__} (a Linear, or a layer with "
+                             "dequantize())")
+        dev = w.device
+        u, s, _ = torch.linalg.svd(w.detach().to("cpu", torch.float64), full_matrices=False)  # u [H*D, r]
         inv = torch.where(s > s.max() * 1e-6, 1 / s, torch.zeros_like(s))  # directions W never writes: z = 0
-        dev = proj.weight.device
         bias = proj.bias.detach().to(dev, torch.float32) if getattr(proj, "bias", None) is not None else None
         return cls((u * inv).to(dev, torch.float32), (u * s).T.contiguous().to(dev, torch.float32), bias)
 
@@ -81,8 +85,8 @@ class Remat:
 
     @classmethod
     def _factor(cls, model: torch.nn.Module) -> "list[Remat]":
-        attns = [m for m in model.modules() if isinstance(getattr(m, "k_proj", None), torch.nn.Linear)
-                 and isinstance(getattr(m, "v_proj", None), torch.nn.Linear)]
+        attns = [m for m in model.modules() if isinstance(getattr(m, "k_proj", None), torch.nn.Module)
+                 and isinstance(getattr(m, "v_proj", None), torch.nn.Module)]
         if not attns:
             raise ValueError("xquant rematerializes K and V from the attention's k_proj and v_proj weights; "
                              f"{type(model).__name__} has no such modules")
