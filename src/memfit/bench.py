@@ -844,14 +844,15 @@ def _step_read_bytes(model) -> int:
 def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...] = (4,), group_size: int = 64,
                         method: str = "hqq", layers: int = 32, compile: bool = False,
                         lm_head: bool = False, meta_bits: int = 0, kernel: str | None = None,
-                        peak_tbs: float = 4.8, fuse: bool = True, attention: str = "memfit",
+                        peak_tbs: float | None = None, fuse: bool = True, attention: str = "memfit",
                         qdec_channels: float = 0.0, qdec_bits: int = 8, twin_rank_bits: float = 0.0,
                         twin_epilogues: tuple[str, ...] = ("kernel",)) -> dict:
     """Decode step time of a random-weight Llama-3.1-8B-shaped model with bf16 weights, then with
     weights at each of ``bits`` (memfit's QuantLinear: on CUDA the tile-layout GEMV at every width;
     ``kernel="tinygemm"``: torch's int4 kernel at 4 bits, ``"planes"``: the bit-plane GEMV), on the same
     model and shapes; each step with
-    its roofline (the weights it reads at ``peak_tbs`` TB/s). ``lm_head``: quantize the output layer too
+    its roofline (the weights it reads at ``peak_tbs`` TB/s; None: the GPU's own HBM peak,
+    :func:`hbm_peak`, H200's 4.8 for one not listed). ``lm_head``: quantize the output layer too
     (as torchao's int4 weight-only and gpt-fast do: every Linear); by default it stays bf16, as
     ``WeightQuant``'s skip-list keeps it. ``meta_bits``: scale and zero stored in that many bits (the
     kernels read a float16 copy made on first use). ``fuse``: q/k/v and gate/up each run as one stacked
@@ -884,7 +885,8 @@ def bench_weight_decode(batch: int = 1, prompt: int = 256, bits: tuple[int, ...]
     from memfit.weights import QuantLinear, WeightQuant, quantize_, weight_bytes
     from memfit.weights.fuse import fuse_projections, unfuse_projections
 
-    peak = peak_tbs * 1e12
+    peak = peak_tbs * 1e12 if peak_tbs else (hbm_peak() or 4.8e12)
+    peak_tbs = peak / 1e12
     model = _random_llama8b(layers, attn)
     out = {"batch": batch, "prompt": prompt, "layers": layers, "group_size": group_size, "method": method,
            "meta_bits": meta_bits, "lm_head_quantized": lm_head, "kernel": kernel or "default", "fused": fuse,
