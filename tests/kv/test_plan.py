@@ -131,3 +131,24 @@ def test_policy_or_budget_not_both(tiny_lm):
     with pytest.raises(ValueError, match="not both"):
         tiny_lm.prefill("abc", "kivi(bits=4)", budget=4)
     assert torch.is_tensor(tiny_lm.prefill("abc").token_ids)
+
+
+def test_spend_slack_looks_past_its_estimate_while_the_top_still_fits():
+    """Small contexts: windows and sinks make bytes grow far slower than keep, so 1.5x the estimated
+    keep may still fit with room to spare: the search goes on up (to every token, here)."""
+    from types import SimpleNamespace
+
+    from memfit.kv.plan import spend_slack
+
+    policy = parse_policy("kvzip(keep=0.145)+kivi(bits=4)")
+    tried = []
+
+    def derive(p):
+        keep = p.evictions[-1].keep
+        tried.append(keep)
+        return SimpleNamespace(nbytes=50_000 + 20_000 * keep)
+
+    got, cache = spend_slack(derive, policy, derive(policy), 76_000)
+    assert got.evictions[-1].keep == 1.0 and cache.nbytes == 70_000
+    got, cache = spend_slack(derive, policy, derive(policy), 62_000)  # some room: the most keep that fits
+    assert 0.55 < got.evictions[-1].keep <= 0.6 and cache.nbytes <= 62_000

@@ -325,15 +325,25 @@ def spend_slack(derive: Callable[[Policy], "CompressedCache"], policy: Policy, c
         return policy, cache
     ev = policy.evictions[-1]
     with_keep = lambda k: dataclasses.replace(policy, evictions=(*policy.evictions[:-1], dataclasses.replace(ev, keep=k)))  # noqa: E731
+    lo, best = ev.keep, (policy, cache)
     hi = min(1.0, ev.keep * limit / max(1, cache.nbytes) * 1.5)
-    for keep in sorted({round(ev.keep + (hi - ev.keep) * i / SLACK_STEPS, 4) for i in range(1, SLACK_STEPS + 1)},
-                       reverse=True):
-        if keep <= ev.keep:
+    top_fails = False
+    # bytes may grow slower than keep (small contexts: the 16-bit windows and sinks are much of them):
+    # while the top of the range fits, the room goes further
+    while hi < 1.0:
+        trial = derive(with_keep(hi))
+        if trial.nbytes > limit:
+            top_fails = True
+            break
+        lo, best, hi = hi, (with_keep(hi), trial), min(1.0, hi * 1.5)
+    steps = range(1, SLACK_STEPS) if top_fails else range(1, SLACK_STEPS + 1)
+    for keep in sorted({round(lo + (hi - lo) * i / SLACK_STEPS, 4) for i in steps}, reverse=True):
+        if keep <= lo:
             break
         trial = derive(with_keep(keep))
         if trial.nbytes <= limit:
             return with_keep(keep), trial
-    return policy, cache
+    return best
 
 
 def budget_bytes(budget: "str | int | float", num_tokens: int, shape: KVShape) -> int:
