@@ -22,10 +22,10 @@ from memfit.kv.lowrank import LowRank
 from memfit.kv.policy import Policy, parse_policy
 from memfit.kv.quant import KIVI, LayerBits, QTensor, attention_error, load_pair, pair_info
 from memfit.kv.ragged import Ragged
-from memfit.kv.xquant import Remat
 from memfit.kv.rope import RoPE
 from memfit.kv.rotate import Hadamard, RotatedTensor
 from memfit.kv.static import StaticKIVI
+from memfit.kv.xquant import Remat
 
 FULL_BYTES_PER_ELEMENT = 2  # the reference: an uncompressed 16-bit cache
 

@@ -340,7 +340,8 @@ class KLTHeads(Stored):
 
     @classmethod
     def from_meta(cls, t: dict[str, torch.Tensor], prefix: str, meta: dict) -> "KLTHeads":
-        return cls([None if m is None else KLTKeys.from_meta(t, f"{prefix}h{h}_", m) for h, m in enumerate(meta["runs"])])
+        return cls([None if m is None else KLTKeys.from_meta(t, f"{prefix}h{h}_", m)
+                    for h, m in enumerate(meta["runs"])])
 
 
 STORED["klt-heads"] = KLTHeads

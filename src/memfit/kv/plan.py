@@ -94,6 +94,9 @@ def policy_nbytes(policy: Policy, num_tokens: int, shape: KVShape) -> int:
     p = policy
     h, d, e = shape.num_kv_heads, shape.head_dim, shape.dtype_bytes
     total, pooled = 0.0, 0  # pooled: tokens of a global eviction, which may move between layers
+    # keys before RoPE after an eviction: stored ragged (uniform heads too) with which tokens each
+    # head kept (a bit a context token) and the span
+    positioned = bool(p.evictions) and getattr(p.quant, "pre_rope", False)
     for layer in range(shape.num_layers):
         n, ragged = num_tokens, None
         for ev in p.evictions:
@@ -112,9 +115,9 @@ def policy_nbytes(policy: Policy, num_tokens: int, shape: KVShape) -> int:
                           _run_bytes(p.quant, p.quant.spilled(n), d) + 2 * e * d * (n - p.quant.spilled(n)))
         if p.quant is not None:
             total += p.quant.fixed_bytes(h, d)  # per layer, whatever it keeps (GEAR's bases)
-        if ragged or (p.evictions and getattr(p.quant, "pre_rope", False)):  # (keys before RoPE: always ragged)
+        if ragged or positioned:
             total += 2 * h * 4  # the int32 table of per-head lengths
-        if p.evictions and getattr(p.quant, "pre_rope", False):  # which tokens each head kept, and the span
+        if positioned:
             total += h * math.ceil(num_tokens / 8) + 16
     if pooled:
         total += _ragged_bytes(pooled, h * shape.num_layers, p.quant, d, e)

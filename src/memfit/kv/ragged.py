@@ -85,20 +85,19 @@ class Ragged:
             for h, p in enumerate(pos):
                 bits[h, p - span[0]] = 1
             kept = packing.pack_planes(bits, 1)[0]
-        if positions is not None and sum(nq):
-            rope.check(keys.shape[-1])
-            pre = [rope.unrotate(k[:q].unsqueeze(0).unsqueeze(0), p[:q])[0, 0] for k, p, q in zip(ks, pos, nq)]
-            qk = quant.quantize_heads(pre, weight)
-            starts = [s for s, q in zip(itertools.accumulate([0, *nq]), nq) if q]
-            qv = quant.quantize_values(flat([v[:q] for v, q in zip(vs, nq)]), starts=starts)
-        elif sum(nq):
+        if sum(nq):
             # a quantizer that keeps a run's first tokens apart (sinks) keeps each head's
             runs = {"starts": [s for s, q in zip(itertools.accumulate([0, *nq]), nq) if q]} if getattr(quant, "sinks", 0) else {}
-            if scores is not None:
-                runs["scores"] = flat([scores[0, h, i][:q] for h, (i, q) in enumerate(zip(idx, nq))])
-            if weight is not None:
-                runs["weight"] = weight.mean(1, keepdim=True)
-            qk = quant.quantize_keys(flat([k[:q] for k, q in zip(ks, nq)]), **runs)
+            if positions is not None:  # off RoPE at each token's own position, a basis a head
+                rope.check(keys.shape[-1])
+                qk = quant.quantize_heads([rope.unrotate(k[:q].unsqueeze(0).unsqueeze(0), p[:q])[0, 0]
+                                           for k, p, q in zip(ks, pos, nq)], weight)
+            else:
+                if scores is not None:
+                    runs["scores"] = flat([scores[0, h, i][:q] for h, (i, q) in enumerate(zip(idx, nq))])
+                if weight is not None:
+                    runs["weight"] = weight.mean(1, keepdim=True)
+                qk = quant.quantize_keys(flat([k[:q] for k, q in zip(ks, nq)]), **runs)
             qv = quant.quantize_values(flat([v[:q] for v, q in zip(vs, nq)]), **runs)
         lens_t = torch.tensor([lens, nq], dtype=torch.int32, device=keys.device)
         return cls(lens_t, flat([k[q:] for k, q in zip(ks, nq)]), flat([v[q:] for v, q in zip(vs, nq)]), qk, qv,

@@ -118,7 +118,8 @@ class XLatent(Stored):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         if self.factors is None:
             raise ValueError("xquant: rematerializing K and V needs the model's k_proj / v_proj: build the cache "
-                             "with CompressedCache.for_model(model, policy), restore it with from_state(..., model=model)")
+                             "with CompressedCache.for_model(model, policy), restore it with "
+                             "from_state(..., model=model)")
         return self.factors.remat(self.q.dequantize(torch.float32), self.heads).to(dtype or torch.float32)
 
     def tensors(self) -> dict[str, torch.Tensor]:
