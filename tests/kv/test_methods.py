@@ -212,6 +212,27 @@ def test_global_heads_move_budget_across_layers():
     assert all(bool((peaked[0, h, i] == 1.0).all()) for h, i in enumerate(alone))
 
 
+def test_global_heads_in_whole_groups_stay_within_the_budget():
+    """With a quantizer's group as the unit every roundable head keeps whole groups (no 16-bit
+    remainder), the total at most the budget and less than a group under it; a head keeps its best."""
+    g = torch.Generator().manual_seed(3)
+    scores = [torch.rand(1, 4, 300, generator=g) ** (1 + 3 * torch.rand(1, 4, 1, generator=g)) for _ in range(3)]
+    ks = [70, 90, 130]
+    plain, whole = select_global(scores, ks), select_global(scores, ks, unit=32)
+    lens = [len(i) for layer in whole for i in layer]
+    assert all(n % 32 == 0 for n in lens) and lens != [len(i) for layer in plain for i in layer]
+    assert 4 * sum(ks) - 32 < sum(lens) <= 4 * sum(ks)
+    for s, layer in zip(scores, whole):
+        for h, i in enumerate(layer):
+            assert bool((i.diff() > 0).all()) and set(i.tolist()) == set(s[0, h].topk(len(i)).indices.tolist())
+    # a head under one group, or keeping its whole layer, is left as chosen
+    tiny = torch.zeros(1, 2, 40)
+    tiny[0, 0, :36] = 1.0
+    assert [len(i) for i in select_global([tiny], [20], unit=32)[0]] == [32, 4]  # 36 rounded down; 4 < 32
+    tiny[0, 0] = 1.0
+    assert [len(i) for i in select_global([tiny], [25], unit=32)[0]] == [40, 10]  # all 40 of its layer
+
+
 def test_policy_strings_for_new_methods():
     p = parse_policy("kvzip(keep=0.3)+kivi(bits=2)")
     assert p.spec.startswith("kvzip(keep=0.3,heads=global,chunk=2048)+kivi(bits=2")

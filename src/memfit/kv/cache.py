@@ -158,7 +158,7 @@ class CompressedCache(Cache):
         if not evs or evs[-1].heads != "global" or not all(ready):
             return [None] * n
         scored = [layer.last_scores(self.policy, obs.get(i), i, n) for i, layer in enumerate(self.layers)]
-        return select_global([s for s, _ in scored], [k for _, k in scored])
+        return select_global([s for s, _ in scored], [k for _, k in scored], self.policy.token_group)
 
     def _assign_layer_bits(self, q: LayerBits, obs: dict[int, Observation]) -> None:
         """Bits per layer from each layer's attention error on its own context (KVTuner-style)."""

@@ -514,7 +514,7 @@ class CompressedLayer(CacheLayerMixin):
                 k, v, obs = self._evict_uniform(first, obs, layer, num_layers)
                 keep = last.budget(k.shape[-2], last.layer_keep(layer, num_layers))
                 idx = picks if picks is not None else (
-                    last.select(last.score(k, v, obs), keep) if keep < k.shape[-2] else None)
+                    last.select(last.score(k, v, obs), keep, policy.token_group) if keep < k.shape[-2] else None)
                 if self.pre_rope and not isinstance(idx, list) and (idx is not None or k.shape[-2] < self.keys.shape[-2]):
                     if k.shape[0] != 1:  # ragged storage, which records positions, holds one row
                         raise ValueError("keys coded before RoPE after an eviction are stored ragged, one context "

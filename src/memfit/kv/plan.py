@@ -61,7 +61,8 @@ def _ragged_bytes(tokens: int, heads: int, q: KIVI | None, d: int, e: int) -> fl
     """Upper bound for ``heads`` ragged heads holding ``tokens`` in all: a ragged head quantizes
     whole key groups of its own tokens, so its 16-bit window is at most max(residual, group - 1)
     tokens; a 16-bit token costs more than a quantized one, so the bound is the most window the
-    heads can hold between them."""
+    heads can hold between them. (A ragged eviction rounds each head to whole groups, so most hold
+    none; a head under one group or keeping its whole layer still may: the bound does not count on it.)"""
     if q is None:
         return 2 * e * d * tokens
     c = q.token_bytes(d)
@@ -322,8 +323,8 @@ def spend_slack(derive: Callable[[Policy], "CompressedCache"], policy: Policy, c
     """Raise the last eviction's keep to the largest of a few steps whose measured bytes fit
     (``derive`` compresses the same prefill with a policy). With ragged heads the planner's estimate
     is an upper bound, so a planned cache often has room to spare. Not a bisection: with ragged
-    heads bytes are not monotonic in keep (each head quantizes whole key groups, so one more token
-    can move a group back to the 16-bit window)."""
+    heads bytes are not monotonic in keep (each head keeps and quantizes whole key groups, so the
+    heads' counts move in steps)."""
     if not policy.evictions or cache.nbytes > limit:
         return policy, cache
     ev = policy.evictions[-1]

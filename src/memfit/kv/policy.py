@@ -72,6 +72,12 @@ class Policy:
         return {e.observes for e in self.evictions if e.observes} | ({own} if own else set())
 
     @property
+    def token_group(self) -> int:
+        """Tokens the quantizer codes together (its key group; 1 without one): a ragged eviction
+        rounds each head's count to whole groups, which quantize without a 16-bit remainder."""
+        return getattr(self.quant, "group", 1) if self.quant is not None else 1
+
+    @property
     def kvzip_chunk(self) -> int:
         """The repeat pass's chunk for KVzip's scores: its evictions' smallest, else KVzip's default."""
         return min((e.chunk for e in self.evictions if isinstance(e, KVzip)), default=KVzip.chunk)
