@@ -66,12 +66,36 @@ def test_later_runs_extend_on_the_fit_and_a_forks_run_carries_no_basis():
         load_quantized({f"k_{n}": t for n, t in forked.tensors().items()}, "k_", forked.meta())
 
 
+def test_a_fit_stored_before_offsets_still_reads():
+    """Fits stored before 0-bit components became an offset kept their whole basis and group means."""
+    k = _low_rank_keys(n=128)
+    new = KLTFit.fit(k, 1.5, 6)
+    assert new.offset is not None and (new.widths == 0).any()
+    assert new.tensors()["basis_codes"].shape == (int((new.widths != 0).sum()), k.shape[-1])
+    _, h, _, d = k.shape  # the old layout: a whole basis (here the identity), 0-bit components' group means
+    ones = torch.ones(1, h, 1, d, dtype=torch.float16)
+    old = KLTFit(torch.eye(d, dtype=torch.int8).expand(1, h, d, d), ones, ones * 0, new.widths, ones)
+    run = KLTKeys.encode(k, old, 32)
+    assert "w0_mean" in run.tensors() and "offset" not in run.tensors()
+    back = load_quantized({f"k_{n}": t for n, t in run.tensors().items()}, "k_", run.meta())
+    torch.testing.assert_close(back.dequantize(), run.dequantize())
+    # a stored basis that does not match its widths is named
+    t = {f"k_{n}": v for n, v in KLTKeys.encode(k, new, 32).tensors().items()}
+    t["k_basis_codes"] = t["k_basis_codes"][1:]
+    with pytest.raises(ValueError, match="stored basis"):
+        load_quantized(t, "k_", KLTKeys.encode(k, new, 32).meta())
+
+
 def test_token_bytes_bound_what_a_run_stores():
     cfg, d, n, h = KLT(bits=1.5, group=32, sinks=4), 32, 1024, 2
     k, v = _low_rank_keys(n=n, d=d), torch.randn(1, h, n, d)
-    stored = cfg.quantize_keys(k).nbytes + cfg.quantize_values(v).nbytes
+    keys = cfg.quantize_keys(k)
+    stored = keys.nbytes + cfg.quantize_values(v).nbytes
     bound = n * h * cfg.token_bytes(d) + cfg.fixed_bytes(h, d)
-    assert stored == bound
+    # the bound counts every component's basis column (int8 codes and a float16 scale) and two grid
+    # bytes a group; a 0-bit component stores neither
+    zero = int((keys.fit.widths == 0).sum())
+    assert zero > 0 and stored == bound - zero * (d + 2) - zero * (n // cfg.group) * 2
 
 
 def test_klt_cache_puts_rope_back_decodes_forks_and_restores():
@@ -148,7 +172,9 @@ def test_klt_answers_several_questions_after_eviction_and_round_trips(tiny_lm, e
     if evict != "none":
         spec = f"{evict}+{spec}"
     ctx = tiny_lm.prefill_ids(ids, spec)
-    exact = tiny_lm.prefill_ids(ids, evict)
+    # the reference keeps what the klt cache keeps: a ragged head's count is rounded to whole groups
+    # of the quantizer's (here 8-bit KIVI's, of the same size)
+    exact = tiny_lm.prefill_ids(ids, evict if evict == "none" else f"{evict}+kivi(bits=8,group=16,residual=16)")
     layer = ctx.cache.layers[0]
     assert layer.pre_rope == pre and (layer.ragged is not None) == (evict != "none")
     qk = layer.ragged.qk if layer.ragged is not None else layer.qk
@@ -166,9 +192,10 @@ def test_klt_answers_several_questions_after_eviction_and_round_trips(tiny_lm, e
     bound = policy_nbytes(ctx.policy, 400, KVShape.from_config(tiny_lm.model.config, layer.keys.element_size()))
     # the planner's bound counts the positions too (adaptive heads: it assumes the most 16-bit window)
     assert (0.6 if "adaptive" in evict else 0.8) * bound <= ctx.cache.nbytes <= bound
-    got, ref = ctx.cache.layers[0].materialize_masked()[0], exact.cache.layers[0].materialize_masked()[0]
+    (got, gv, _), (ref, rv, _) = ctx.cache.layers[0].materialize_masked(), exact.cache.layers[0].materialize_masked()
     err = float((got - ref).norm() / ref.norm())
     assert err < 0.45  # what eviction kept, in 2-bit error (a token at a wrong position: ~1.4)
+    assert float((gv - rv).norm() / rv.norm()) < 0.45
     a = tiny_lm.ask(ctx, ["x", "yz"], max_new_tokens=40)  # the forks' windows spill onto the context's fit
     back = CompressedCache.from_state(*ctx.cache.to_state())
     assert back.nbytes == ctx.nbytes
