@@ -202,6 +202,27 @@ def test_klt_answers_several_questions_after_eviction_and_round_trips(tiny_lm, e
     assert tiny_lm.ask(type(ctx)(back, ctx.token_ids, ctx.policy, lm=tiny_lm), ["x", "yz"], max_new_tokens=40) == a
 
 
+def test_tokens_after_a_ragged_context_are_coded_on_its_heads_fits(tiny_lm):
+    """The layer's own tokens after a ragged (evicted) context, and a fork's, are coded on the
+    context's per-head bases, not on a basis fitted to their first group alone; restored from them."""
+    ids = torch.randint(0, 250, (1, 400), generator=torch.Generator().manual_seed(9))
+    ctx = tiny_lm.prefill_ids(ids, "knorm(keep=0.5,heads=adaptive)+klt(bits=2,group=16,residual=16)")
+    cache = ctx.cache
+    with torch.no_grad():
+        tiny_lm.model(torch.randint(0, 250, (1, 64)), **with_cache(tiny_lm.model, cache))
+    layer = cache.layers[0]
+    assert isinstance(layer.ragged.qk, KLTHeads) and layer.qk.num_tokens >= 32
+    assert layer.qk.on_heads == layer.ragged.heads and layer.qk.fit is layer.ragged.qk.fit and not layer.qk.owner
+    assert "basis_codes" not in layer.qk.tensors()  # the fits are the context's, stored once
+    back = CompressedCache.from_state(*cache.to_state())
+    assert back.nbytes == cache.nbytes
+    torch.testing.assert_close(back.layers[0].qk.dequantize(), layer.qk.dequantize())
+    fork = tiny_lm.prefill_ids(ids, ctx.policy).cache.fork(2)  # two rows on the unextended context
+    with torch.no_grad():
+        tiny_lm.model(torch.randint(0, 250, (2, 48)), **with_cache(tiny_lm.model, fork))
+    assert all(la.qk.on_heads == la.parent.ragged.heads and la.qk.rows == 2 for la in fork.layers)
+
+
 def test_query_weights_ignore_rope_and_steer_the_bits_to_what_queries_read():
     from memfit.kv.klt import query_weight
     from memfit.kv.rope import RoPE

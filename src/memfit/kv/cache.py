@@ -371,7 +371,10 @@ class CompressedCache(Cache):
             tensors.update({f"l{i}.{n}": t.contiguous() for n, t in layer.tensors().items()})
             q, qv = (layer.qk, layer.qv) if layer.qk is not None else (
                 (layer.ragged.qk, layer.ragged.qv) if layer.ragged is not None else (None, None))
+            # a ragged context's codes and the layer's own after it may be of two kinds (klt: heads' runs, then one run)
+            both = layer.qk is not None and layer.ragged is not None and layer.ragged.qk is not None
             layers.append({"seen": layer.seen, **({"row_lag": layer.row_lag} if layer.row_lag else {}),
+                           **({"rq": pair_info(layer.ragged.qk, layer.ragged.qv)} if both else {}),
                            **({"coef_from": layer.coef_from} if layer.coef_from is not None else {}),
                            "dtype": str(layer.dtype).removeprefix("torch.") if layer.is_initialized else None,
                            "q": None if q is None else pair_info(q, qv)})
@@ -398,7 +401,7 @@ class CompressedCache(Cache):
             layer.keys, layer.values = t["k_window"], t["v_window"]
             layer.dtype, layer.device, layer.is_initialized = getattr(torch, info["dtype"]), layer.keys.device, True
             if "r_lens" in t:
-                layer.ragged = Ragged.from_tensors(t, info["q"], rows=layer.keys.shape[0])
+                layer.ragged = Ragged.from_tensors(t, info.get("rq", info["q"]), rows=layer.keys.shape[0])
             if isinstance(cache.policy.quant, LayerBits) and info["q"]:
                 layer.quant = cache.policy.quant.kivi(info["q"]["bits"])
             layer.basis = t.get("k_basis")

@@ -13,7 +13,7 @@ from memfit.kernels.decode_attention import PackedRun, decode_attention_runs
 from memfit.kv import rotate
 from memfit.kv.decode import DecodeBudget
 from memfit.kv.evict import Observation, select_topk
-from memfit.kv.klt import query_weight
+from memfit.kv.klt import KLTHeads, query_weight
 from memfit.kv.lowrank import LowRank, project, reconstruct
 from memfit.kv.policy import Policy
 from memfit.kv.quant import KIVI, QTensor
@@ -445,8 +445,10 @@ class CompressedLayer(CacheLayerMixin):
         base = self.grid_base()
         if base is not None and base[0] is self.qk:  # encoded on what the layer already fitted
             self.qk, self.qv = self.qk.extend(k), self.qv.extend(self.values[:, :, :f])
-        elif base is not None:  # a fork's first spill: on its parent's
-            self.qk, self.qv = base[0].like(k), base[1].like(self.values[:, :, :f])
+        elif base is not None:  # a fork's first spill: on its parent's (or after a ragged context: its heads')
+            self.qk = base[0].like(k)
+            self.qv = base[1].like(self.values[:, :, :f]) if base[1] is not None else \
+                self.quant.quantize_values(self.values[:, :, :f], **first)
         else:
             kq, vq = self.quant.quantize_keys(k, **first), self.quant.quantize_values(self.values[:, :, :f], **first)
             self.qk = kq if self.qk is None else self.qk.cat(kq)
@@ -464,6 +466,11 @@ class CompressedLayer(CacheLayerMixin):
         p = self.parent
         if p is not None and getattr(p.qk, "extends", False) and hasattr(p.qk, "like"):
             return p.qk, p.qv
+        # after a ragged context whose heads' fits take the new keys (klt: this layer's or a fork's
+        # parent's); the values are quantized on their own (None)
+        r = self.ragged if self.ragged is not None else (p.ragged if p is not None and p.qk is None else None)
+        if r is not None and isinstance(r.qk, KLTHeads) and r.qk.fit is not None:
+            return r.qk, None
         return None
 
     def _rope_off(self, k: torch.Tensor, start: int) -> torch.Tensor:
