@@ -37,7 +37,8 @@ SmolLM2, perplexity with half of a held-out text as context, ``residual=32``, ev
 
 After an eviction the layer is stored ragged with one bit a context token per head saying which
 tokens the head kept (counted), so the keys are still coded before RoPE, each head on a basis of its
-own (:meth:`KLT.quantize_heads`, the widths allocated over all heads). ``pre_rope=false`` codes them
+own (:meth:`KLT.quantize_heads`, the widths allocated over all heads); the tokens after that context
+(the layer's own, a fork's) are coded on those bases (:meth:`KLTHeads.like`). ``pre_rope=false`` codes them
 after RoPE instead, the heads of a ragged layer sharing one basis: measured, that loses most of what
 eviction keeps (see docs/evaluation.md). Torch path only: the decode kernel reads KIVI's codes, not
 these.
