@@ -183,8 +183,9 @@ class KLTFit:
             return {"basis_codes": self.basis_codes, "basis_scale": self.basis_scale, "center": self.center,
                     "widths": self.widths, "weight": self.weight}
         live = self.widths != 0  # only the coded components' columns: the others are zero
-        return {"basis_codes": self.basis_codes.transpose(-1, -2)[live], "basis_scale": self.basis_scale.squeeze(-2)[live],
-                "center": self.center, "widths": self.widths, "weight": self.weight, "offset": self.offset}
+        return {"basis_codes": self.basis_codes.transpose(-1, -2)[live],
+                "basis_scale": self.basis_scale.squeeze(-2)[live], "center": self.center, "widths": self.widths,
+                "weight": self.weight, "offset": self.offset}
 
 
 def query_weight(queries: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -307,7 +308,9 @@ class KLTKeys(Stored):
     def from_meta(cls, t: dict[str, torch.Tensor], prefix: str, meta: dict) -> "KLTKeys":
         on_heads = meta.get("on_heads", 0)
         if on_heads:  # the layer's own tokens after its ragged context, coded on that context's heads' fits
-            fit = KLTHeads.stack([KLTFit.from_tensors(t, f"r_k_h{h}_") for h in range(on_heads)])
+            from memfit.kv.ragged import KEYS  # here: ragged imports torch, the spec parser imports this module
+
+            fit = KLTHeads.stack([KLTFit.from_tensors(t, KLTHeads.run_prefix(KEYS, h)) for h in range(on_heads)])
         elif not meta.get("owner", True):
             raise ValueError("klt: a run coded on another's basis (a fork's) cannot be restored on its own")
         else:
@@ -368,6 +371,11 @@ class KLTHeads(Stored):
     runs: list[KLTKeys | None]
 
     @staticmethod
+    def run_prefix(prefix: str, h: int) -> str:
+        """Where head ``h``'s run keeps its tensors under ``prefix``."""
+        return f"{prefix}h{h}_"
+
+    @staticmethod
     def stack(fits: "list[KLTFit]") -> KLTFit:
         """One-head fits as one fit of their heads."""
         cat = lambda name: torch.cat([getattr(f, name) for f in fits], 1)  # noqa: E731
@@ -401,14 +409,15 @@ class KLTHeads(Stored):
         return torch.cat([r.dequantize(dtype) for r in self.runs if r is not None], -2)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {f"h{h}_{n}": t for h, r in enumerate(self.runs) if r is not None for n, t in r.tensors().items()}
+        return {self.run_prefix("", h) + n: t for h, r in enumerate(self.runs) if r is not None
+                for n, t in r.tensors().items()}
 
     def meta(self) -> dict:
         return {"kind": "klt-heads", "runs": [None if r is None else r.meta() for r in self.runs]}
 
     @classmethod
     def from_meta(cls, t: dict[str, torch.Tensor], prefix: str, meta: dict) -> "KLTHeads":
-        return cls([None if m is None else KLTKeys.from_meta(t, f"{prefix}h{h}_", m)
+        return cls([None if m is None else KLTKeys.from_meta(t, cls.run_prefix(prefix, h), m)
                     for h, m in enumerate(meta["runs"])])
 
 

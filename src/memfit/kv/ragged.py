@@ -14,6 +14,8 @@ from memfit.kv.quant import KIVI, MetaQTensor, QTensor, load_pair
 from memfit.kv.rope import RoPE
 from memfit.kv.rotate import RotatedTensor
 
+KEYS, VALUES = "r_k_", "r_v_"  # the prefixes of the quantized keys' and values' tensors in a layer's state
+
 
 def _starts(lens: torch.Tensor) -> torch.Tensor:
     """Where each run of ``lens`` starts when they are stored back to back (int64)."""
@@ -143,15 +145,15 @@ class Ragged:
         if self.span is not None:
             out.update({"r_span": self.span, "r_kept": self.kept})
         if self.qk is not None:
-            out.update({f"r_k_{n}": t for n, t in self.qk.tensors().items()})
-            out.update({f"r_v_{n}": t for n, t in self.qv.tensors().items()})
+            out.update({f"{KEYS}{n}": t for n, t in self.qk.tensors().items()})
+            out.update({f"{VALUES}{n}": t for n, t in self.qv.tensors().items()})
         return out
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], q: dict | None, rows: int = 1) -> "Ragged":
         qk = qv = None
-        if q is not None and any(n.startswith("r_k_") for n in t):
-            qk, qv = load_pair(t, "r_k_", "r_v_", q)
+        if q is not None and any(n.startswith(KEYS) for n in t):
+            qk, qv = load_pair(t, KEYS, VALUES, q)
         return cls(t["r_lens"], t["r_k"], t["r_v"], qk, qv, rows, t.get("r_span"), t.get("r_kept"))
 
     def runs(self, rows: int, quant: KIVI | None) -> list[PackedRun]:
