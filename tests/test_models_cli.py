@@ -206,3 +206,21 @@ def test_bench_tiered_accuracy_with_fetch_caps(model_dir, tmp_path):
     assert list(res["summary"]) == ["full"] and "does not hold the window" in res["refused"]["device=0.01"]
     r = runner.invoke(app, ["bench", "tiered", "-m", str(model_dir), "--fetch-cap", "0"])
     assert r.exit_code == 2 and "--fetch-cap" in r.stderr
+
+
+@pytest.mark.parametrize("flags,onednn,native", [
+    ("fpu avx512f avx512bw avx512_vnni", True, False),  # AVX512 without bf16: oneDNN converts, slower than fp32
+    ("fpu avx512f avx512_bf16", True, True),
+    ("fpu avx512f amx_bf16 amx_tile", True, True),
+    ("fpu avx2", False, False),
+])
+def test_cpu_computes_in_bf16_only_with_bf16_instructions(flags, onednn, native, monkeypatch):
+    from pathlib import Path
+
+    from memfit import models
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn)
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert models.cpu_computes_bf16() is native
+    want = (torch.bfloat16, None) if native else (torch.float32, torch.bfloat16)
+    assert models.native_dtype(torch.device("cpu")) == want
