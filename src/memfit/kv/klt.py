@@ -220,21 +220,27 @@ def _encode(y: torch.Tensor, w: int, group: int, fine: bool = True) -> tuple[tor
         return (mean.squeeze(1).clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16),)
     qmax = (1 << w) - 1
     unit = 2.0 ** -(ZERO_FRAC[w] if fine else 0)
-    # every candidate clip at once: [A, groups, group, C]
-    a = torch.tensor(ALPHAS if fine else (CLIP[w],), device=y.device).reshape(-1, 1, 1, 1)
-    lo = mean + a * (g.amin(1, keepdim=True) - mean)
-    hi = mean + a * (g.amax(1, keepdim=True) - mean)
-    need = ((hi - lo) / qmax).clamp_min(2.0**-STEP_OCTAVES).log2()
-    sc = ((need + STEP_OCTAVES) * 8).ceil().clamp(0, 255)
-    step = torch.exp2(sc / 8 - STEP_OCTAVES)
-    zc = ((lo / (step * unit)).round() if fine else (lo / step).floor()).clamp(-128, 127)
-    zero = zc * unit * step
-    codes = ((g - zero) / step).round().clamp(0, qmax)
-    if fine:  # each group and component its least-error clip
-        pick = (codes * step + zero - g).pow(2).sum(2, keepdim=True).argmin(0, keepdim=True)
-        sc, zc = sc.gather(0, pick), zc.gather(0, pick)
-        codes = codes.gather(0, pick.expand(-1, -1, group, -1))
-    sc, zc, codes = sc[0], zc[0], codes[0]
+    lo0, hi0 = g.amin(1, keepdim=True) - mean, g.amax(1, keepdim=True) - mean
+    best = None
+    for a in ALPHAS if fine else (CLIP[w],):
+        lo, hi = mean + a * lo0, mean + a * hi0
+        need = ((hi - lo) / qmax).clamp_min(2.0**-STEP_OCTAVES).log2()
+        sc = ((need + STEP_OCTAVES) * 8).ceil().clamp(0, 255)
+        step = torch.exp2(sc / 8 - STEP_OCTAVES)
+        zc = ((lo / (step * unit)).round() if fine else (lo / step).floor()).clamp(-128, 127)
+        zero = zc * unit * step
+        codes = ((g - zero) / step).round().clamp(0, qmax)
+        if best is None:
+            best = sc, zc, codes
+            if not fine:
+                break
+            err = (codes * step + zero - g).pow(2).sum(1, keepdim=True)
+            continue
+        e = (codes * step + zero - g).pow(2).sum(1, keepdim=True)
+        better = e < err
+        err = torch.where(better, e, err)
+        best = tuple(torch.where(better, new, old) for new, old in zip((sc, zc, codes), best))
+    sc, zc, codes = best
     # packed along tokens (whole groups: multiples of 8), so no width pads its channels to a byte
     codes = codes.to(torch.uint8).reshape(n, c)
     return packing.pack_planes(codes.T, w), sc.squeeze(1).to(torch.uint8), zc.squeeze(1).to(torch.int8)
