@@ -59,15 +59,7 @@ packing = lazy_module("memfit.kernels.packing")
 # Mean square error of Max's optimal b-level quantizer of a unit Gaussian (b = 0: the mean alone):
 # the allocation's model of what one more bit removes from a component of variance s (s * difference).
 GAUSS_MSE = (1.0, 0.3634, 0.1175, 0.03454, 0.009497, 0.002499, 0.000642)
-# Runs stored before fine grids: each width's clip of a group's range, the zero on whole steps. Whole
-# steps put a 1-bit group's two levels up to a step off its range: 0.74 of a unit Gaussian's variance
-# left at 1 bit (Max's quantizer 0.36), 0.17 at 2 (0.12).
-CLIP = (1.0, 0.5, 0.8, 0.9, 1.0, 1.0, 1.0)
-# Fine grids: the zero on 1/16 of a step at 1 bit .. whole steps from 5 (int8: +-8 steps at 1 bit, as
-# far as a group's mean strays at that width), each group's clip the least-error fraction of its range
-# (0.41 / 0.13 of a unit Gaussian's variance left at 1 / 2 bits).
-ZERO_FRAC = (0, 4, 3, 2, 1, 0, 0)
-ALPHAS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
+CLIP = (1.0, 0.5, 0.8, 0.9, 1.0, 1.0, 1.0)  # each width's clip of a group's range (1-bit: near Max's +-0.8 sigma)
 STEP_OCTAVES = 20  # 8-bit step codes cover 2**-20 .. 2**12 in eighths of an octave
 
 
@@ -208,52 +200,33 @@ def query_weight(queries: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return torch.cat([pair, pair, m[..., 2 * half :]], -1)
 
 
-def _encode(y: torch.Tensor, w: int, group: int, fine: bool = True) -> tuple[torch.Tensor, ...]:
+def _encode(y: torch.Tensor, w: int, group: int) -> tuple[torch.Tensor, ...]:
     """Components ``y`` [N, C] (centered) of width ``w`` per channel over groups of ``group`` tokens:
-    (bit planes, step codes, zero codes) or, at 0 bits, (group means float16,). ``fine``: the zero
-    on ``ZERO_FRAC[w]`` fractional bits of a step and each group's clip the least-error one of
-    ``ALPHAS``; else (runs stored before) the zero on whole steps, the clip ``CLIP[w]``."""
+    (bit planes, step codes, zeros) or, at 0 bits, (group means float16,)."""
     n, c = y.shape
     g = y.reshape(n // group, group, c)
     mean = g.mean(1, keepdim=True)
     if w == 0:
         return (mean.squeeze(1).clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16),)
     qmax = (1 << w) - 1
-    unit = 2.0 ** -(ZERO_FRAC[w] if fine else 0)
-    lo0, hi0 = g.amin(1, keepdim=True) - mean, g.amax(1, keepdim=True) - mean
-    best = None
-    for a in ALPHAS if fine else (CLIP[w],):
-        lo, hi = mean + a * lo0, mean + a * hi0
-        need = ((hi - lo) / qmax).clamp_min(2.0**-STEP_OCTAVES).log2()
-        sc = ((need + STEP_OCTAVES) * 8).ceil().clamp(0, 255)
-        step = torch.exp2(sc / 8 - STEP_OCTAVES)
-        zc = ((lo / (step * unit)).round() if fine else (lo / step).floor()).clamp(-128, 127)
-        zero = zc * unit * step
-        codes = ((g - zero) / step).round().clamp(0, qmax)
-        if best is None:
-            best = sc, zc, codes
-            if not fine:
-                break
-            err = (codes * step + zero - g).pow(2).sum(1, keepdim=True)
-            continue
-        e = (codes * step + zero - g).pow(2).sum(1, keepdim=True)
-        better = e < err
-        err = torch.where(better, e, err)
-        best = tuple(torch.where(better, new, old) for new, old in zip((sc, zc, codes), best))
-    sc, zc, codes = best
+    lo = mean + CLIP[w] * (g.amin(1, keepdim=True) - mean)
+    hi = mean + CLIP[w] * (g.amax(1, keepdim=True) - mean)
+    need = ((hi - lo) / qmax).clamp_min(2.0**-STEP_OCTAVES).log2()
+    sc = ((need + STEP_OCTAVES) * 8).ceil().clamp(0, 255)
+    step = torch.exp2(sc / 8 - STEP_OCTAVES)
+    zc = (lo / step).floor().clamp(-128, 127)
+    codes = (g / step - zc).round().clamp(0, qmax).to(torch.uint8).reshape(n, c)
     # packed along tokens (whole groups: multiples of 8), so no width pads its channels to a byte
-    codes = codes.to(torch.uint8).reshape(n, c)
     return packing.pack_planes(codes.T, w), sc.squeeze(1).to(torch.uint8), zc.squeeze(1).to(torch.int8)
 
 
-def _decode(part: tuple[torch.Tensor, ...], w: int, n: int, group: int, fine: bool = True) -> torch.Tensor:
+def _decode(part: tuple[torch.Tensor, ...], w: int, n: int, group: int) -> torch.Tensor:
     if w == 0:
         return part[0].float().repeat_interleave(group, 0)
     planes, sc, zc = part
     step = torch.exp2(sc.float() / 8 - STEP_OCTAVES).repeat_interleave(group, 0)
-    zero = zc.float() * 2.0 ** -(ZERO_FRAC[w] if fine else 0)
     codes = packing.unpack_planes(planes, n).T.float()
-    return (codes + zero.repeat_interleave(group, 0)) * step
+    return (codes + zc.float().repeat_interleave(group, 0)) * step
 
 
 @dataclass
@@ -272,12 +245,11 @@ class KLTKeys(Stored):
     rows: int = 1  # batch rows (a fork of several rows codes them all on its parent's one-row fit)
     # coded on a ragged context's heads' fits (KLTHeads.like; restored from them): its heads, else 0
     on_heads: int = 0
-    fine: bool = True  # fine grids (see ZERO_FRAC); False: a run stored before them, and its extensions
     extends = True  # spills are coded on the fitted basis (:meth:`extend`)
 
     @classmethod
     def encode(cls, k: torch.Tensor, fit: KLTFit, group: int, sinks: int = 0, owner: bool = True,
-               starts: "list[int] | None" = None, on_heads: int = 0, fine: bool = True) -> "KLTKeys":
+               starts: "list[int] | None" = None, on_heads: int = 0) -> "KLTKeys":
         b, h, n, d = k.shape
         fb = fit.matrix.shape[0]
         if n % group:
@@ -286,14 +258,14 @@ class KLTKeys(Stored):
             raise ValueError(f"klt: keys [{b}, {h}, {n}, {d}] do not match the fitted basis {tuple(fit.matrix.shape)}")
         # [n, rows a fit serves, channels of one fit]: a one-row fit (a fork's parent) serves every row
         y = fit.forward(k).permute(2, 0, 1, 3).reshape(n, b // fb, -1)
-        parts = {w: _encode(y[:, :, idx].reshape(n, -1), w, group, fine) for w, idx in fit.channels.items()}
+        parts = {w: _encode(y[:, :, idx].reshape(n, -1), w, group) for w, idx in fit.channels.items()}
         at = None
         if sinks and starts is not None:  # heads back to back: each head's first tokens
             ends = [*starts[1:], n]
             at = tuple(r for s, e in zip(starts, ends) for r in range(s, min(s + sinks, e)))
         rows = list(at) if at is not None else list(range(min(sinks, n)))
         sink = k[:, :, rows].float().clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16) if sinks else None
-        return cls(fit, parts, n, group, sink, owner, at, b, on_heads, fine)
+        return cls(fit, parts, n, group, sink, owner, at, b, on_heads)
 
     def _rows(self) -> list[int]:
         return list(self.sink_at) if self.sink_at is not None else list(range(self.sink.shape[-2]))
@@ -312,7 +284,7 @@ class KLTKeys(Stored):
         rep = b // self.fit.matrix.shape[0]
         y = torch.zeros(n, rep, b // rep * h * d, device=self.fit.matrix.device)  # 0-bit: the center
         for w, idx in self.fit.channels.items():
-            y[:, :, idx] = _decode(self.parts[w], w, n, self.group, self.fine).reshape(n, rep, -1)
+            y[:, :, idx] = _decode(self.parts[w], w, n, self.group).reshape(n, rep, -1)
         x = self.fit.inverse(y.reshape(n, b, h, d).permute(1, 2, 0, 3))
         if self.sink is not None:
             x[:, :, self._rows()] = self.sink.float()
@@ -330,7 +302,7 @@ class KLTKeys(Stored):
     def meta(self) -> dict:
         return {"kind": "klt", "n": self.n, "group": self.group, "owner": self.owner, "rows": self.rows,
                 **({"sink_at": list(self.sink_at)} if self.sink_at is not None else {}),
-                **({"on_heads": self.on_heads} if self.on_heads else {}), "fine": self.fine}
+                **({"on_heads": self.on_heads} if self.on_heads else {})}
 
     @classmethod
     def from_meta(cls, t: dict[str, torch.Tensor], prefix: str, meta: dict) -> "KLTKeys":
@@ -347,15 +319,13 @@ class KLTKeys(Stored):
         parts = {w: tuple(t[f"{prefix}w{w}_{name}"] for name in names(w)) for w in fit.channels}
         at = meta.get("sink_at")
         return cls(fit, parts, meta["n"], meta["group"], t.get(prefix + "sink"), not on_heads,
-                   tuple(at) if at else None, meta.get("rows", 1), on_heads, meta.get("fine", False))
+                   tuple(at) if at else None, meta.get("rows", 1), on_heads)
 
     def like(self, x: torch.Tensor) -> "KLTKeys":
         """Keys ``x`` (not the layer's first: no sinks) as a run of their own on this run's fit."""
-        return KLTKeys.encode(x, self.fit, self.group, owner=False, on_heads=self.on_heads, fine=self.fine)
+        return KLTKeys.encode(x, self.fit, self.group, owner=False, on_heads=self.on_heads)
 
     def append(self, other: "KLTKeys") -> "KLTKeys":
-        if other.fine != self.fine:
-            raise ValueError("klt: cannot append a run on other grids (fine and stored-before-fine grids)")
         parts = {}
         for w in self.parts:
             if w == 0:
@@ -364,7 +334,7 @@ class KLTKeys(Stored):
                 (p1, s1, z1), (p2, s2, z2) = self.parts[w], other.parts[w]
                 parts[w] = (torch.cat([p1, p2], -1), torch.cat([s1, s2]), torch.cat([z1, z2]))
         return KLTKeys(self.fit, parts, self.n + other.n, self.group, self.sink, self.owner, self.sink_at, self.rows,
-                       self.on_heads, self.fine)
+                       self.on_heads)
 
     def extend(self, x: torch.Tensor) -> "KLTKeys":
         """Keys ``x`` after these (the window spilling), coded on this run's fit."""
@@ -386,7 +356,7 @@ class KLTKeys(Stored):
             keep = [i for i, r in enumerate(self._rows()) if r < n]
             sink = sink[:, :, keep].clone()
             at = tuple(self._rows()[i] for i in keep) if at is not None else None
-        return KLTKeys(self.fit, parts, n, self.group, sink, self.owner, at, self.rows, self.on_heads, self.fine)
+        return KLTKeys(self.fit, parts, n, self.group, sink, self.owner, at, self.rows, self.on_heads)
 
 
 STORED["klt"] = KLTKeys
@@ -423,8 +393,7 @@ class KLTHeads(Stored):
         """Keys ``x`` [B, H, N, D] (before RoPE, after the context) coded on the heads' fits: a
         basis fitted to a few new tokens alone is far worse (perplexity +6.8% against +2.7% for the
         same context uniform, at ``klt(bits=1.5)``)."""
-        return KLTKeys.encode(x, self.fit, self.runs[0].group, owner=False, on_heads=len(self.runs),
-                              fine=self.runs[0].fine)
+        return KLTKeys.encode(x, self.fit, self.runs[0].group, owner=False, on_heads=len(self.runs))
 
     @property
     def num_tokens(self) -> int:
