@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from memfit.models import resolve_model
+from memfit.models import cpu_flags, resolve_model
 from peer_common import add_sample_args, write_samples
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ FLAGS = {"avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "avx512f": "AVX512", "avx
 
 def cmake_args(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """CMAKE_ARGS for a llama.cpp build that runs on this CPU."""
-    have = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
+    have = cpu_flags(cpuinfo) or set()
     on = " ".join(f"-DGGML_{name}={'ON' if flag in have else 'OFF'}" for flag, name in FLAGS.items())
     return (f"-DGGML_NATIVE=OFF {on} -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF "
             "-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF")

@@ -8,7 +8,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -95,17 +94,23 @@ def default_dtype(dtype: "str | torch.dtype | None") -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; use bfloat16, float16 or float32") from None
 
 
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str] | None:
+    """The words of ``cpuinfo`` (its instruction-set flags among them); None where it cannot be read
+    (not Linux)."""
+    try:
+        return set(cpuinfo.read_text().split())
+    except OSError:
+        return None
+
+
 def cpu_computes_bf16() -> bool:
     """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX). oneDNN also runs bf16 on plain
     AVX512 by converting, which it reports as supported: measured on such a CPU (SmolLM2, 4K tokens),
     a bf16 prefill took 26 s where float32 took 10.5 s."""
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: oneDNN's word
-        return True
-    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+    flags = cpu_flags()
+    return flags is None or bool(flags & {"avx512_bf16", "amx_bf16"})  # None: not Linux, oneDNN's word
 
 
 def native_dtype(device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
