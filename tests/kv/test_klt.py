@@ -244,3 +244,38 @@ def test_query_weights_ignore_rope_and_steer_the_bits_to_what_queries_read():
         return float((qq @ (x - k).transpose(-1, -2)).norm())
 
     assert logit_err(True) < 0.8 * logit_err(False)
+
+
+@pytest.mark.parametrize("evict", ["none", "kvzip(keep=0.5,heads=adaptive)"])
+def test_salient_values_are_the_best_scored_tokens_at_high_bits_and_round_trip(tiny_lm, evict):
+    """``salient``: the values of the tokens KVzip's scores rank highest (keys untouched) at ``high_bits``,
+    uniform or after an eviction (ragged, keys before RoPE); counted within the planner's bound."""
+    from memfit.kv.mixed import MixedTensor
+
+    ids = torch.randint(0, 250, (1, 400), generator=torch.Generator().manual_seed(10))
+    base = "klt(bits=2,group=16,residual=16)" if evict == "none" else f"{evict}+klt(bits=2,group=16,residual=16)"
+    spec = base.replace("residual=16", "residual=16,salient=0.25,high_bits=8")
+    ctx, plain = tiny_lm.prefill_ids(ids, spec), tiny_lm.prefill_ids(ids, base)
+    exact = tiny_lm.prefill_ids(ids, evict if evict == "none" else f"{evict}+kivi(bits=8,group=16,residual=16)")
+    layer = ctx.cache.layers[0]
+    qv = layer.ragged.qv if layer.ragged is not None else layer.qv
+    assert isinstance(qv, MixedTensor) and qv.high is not None and qv.high.q.bits == 8
+    n = qv.low.num_tokens + qv.high.num_tokens  # over all heads: stored head after head
+    assert 0.2 * n <= qv.high.num_tokens <= 0.25 * n and not isinstance(layer.qk, MixedTensor)
+    bound = policy_nbytes(ctx.policy, 400, KVShape.from_config(tiny_lm.model.config, layer.keys.element_size()))
+    assert plain.cache.nbytes < ctx.cache.nbytes <= bound
+    if layer.ragged is None:  # the salient tokens' values are kept closer (8 bits) than the others (2 bits)
+        per_head = qv.num_tokens
+        err = (layer.materialize()[1] - exact.cache.layers[0].materialize()[1])[0, :, :per_head].norm(dim=-1)
+        mask = torch.zeros_like(err, dtype=torch.bool)
+        at = qv.index.long().flatten()
+        mask[at // per_head, at % per_head] = True
+        assert err[mask].mean() < 0.2 * err[~mask].mean()
+    a = tiny_lm.ask(ctx, ["x", "yz"], max_new_tokens=30)
+    back = CompressedCache.from_state(*ctx.cache.to_state())
+    assert back.nbytes == ctx.nbytes
+    assert tiny_lm.ask(type(ctx)(back, ctx.token_ids, ctx.policy, lm=tiny_lm), ["x", "yz"], max_new_tokens=30) == a
+    with pytest.raises(PolicyError, match="salient"):
+        parse_policy("klt(salient=1.5)")
+    with pytest.raises(PolicyError, match="high_bits"):
+        parse_policy("klt(salient=0.1,high_bits=3)")

@@ -27,7 +27,10 @@ on the one that moves attention. Transform coding does what image codecs do inst
 5. **Around it.** The first ``sinks`` tokens stay exact (float16); later spills and a fork's tokens
    are coded on the fitted basis; RoPE is put back on read (keys stored before it, as
    ``kivi(pre_rope=true)`` does; a fork takes it off at its own positions); values are the rotated
-   quantizer's (``hadamard`` per-token ``value_bits`` codes, 8-bit grids).
+   quantizer's (``hadamard`` per-token ``value_bits`` codes, 8-bit grids); with ``salient`` that
+   fraction of the tokens KVzip's scores rank highest keep their values at ``high_bits``
+   (:mod:`memfit.kv.mixed`): a value's error reaches the output weighted by the attention it gets,
+   and those scores are the largest attention a token gets while the model repeats the context.
 
 SmolLM2, perplexity with half of a held-out text as context, ``residual=32``, everything counted
 (``memfit.eval.perplexity.perplexity_and_bits``): the first 12,000 characters of docs/store.md (none
@@ -55,6 +58,7 @@ from memfit.lazy import lazy_module
 
 torch = lazy_module("torch")
 packing = lazy_module("memfit.kernels.packing")
+mixed = lazy_module("memfit.kv.mixed")
 
 # Mean square error of Max's optimal b-level quantizer of a unit Gaussian (b = 0: the mean alone):
 # the allocation's model of what one more bit removes from a component of variance s (s * difference).
@@ -443,6 +447,9 @@ class KLT(OnKIVI):
     # keys coded before RoPE, put back on read at positions the layer knows (after an eviction: stored)
     pre_rope: bool = field(default=True, metadata={"spec": "if-set"})
     queries: int = field(default=32, metadata={"spec": "if-set"})  # the context's last queries that weight the fit
+    # values only: that fraction of the context's tokens, ranked by KVzip's scores, at high_bits (see below)
+    salient: float = field(default=0.0, metadata={"spec": "if-set"})
+    high_bits: int = field(default=4, metadata={"spec": "if-set"})
 
     @property
     def rope_in_forks(self) -> bool:  # a fork's spills too: they are coded on its parent's pre-RoPE basis
@@ -462,7 +469,16 @@ class KLT(OnKIVI):
             raise ValueError(f"klt: sinks must be >= 0, got {self.sinks}")
         if self.queries < 0:
             raise ValueError(f"klt: queries must be >= 0 (0: an unweighted fit), got {self.queries}")
-        self.values  # noqa: B018  (value_bits checked as the rotated quantizer checks it)
+        # value_bits, salient and high_bits checked as the rotated quantizer checks them
+        try:
+            Hadamard(self.value_bits, self.group, self.residual, self.sinks, meta_bits=8)
+        except ValueError as e:
+            raise ValueError(f"klt: value_{str(e).removeprefix('hadamard: ')}") from None
+        try:
+            self.values  # noqa: B018
+        except ValueError as e:
+            raise ValueError("klt: " + str(e).removeprefix("hadamard: ").replace("bits and value_bits", "value_bits")) \
+                from None
 
     @property
     def kivi(self) -> KIVI:  # the window and groups: KIVI's
@@ -470,21 +486,27 @@ class KLT(OnKIVI):
 
     @property
     def values(self) -> Hadamard:
-        try:
-            return Hadamard(self.value_bits, self.group, self.residual, self.sinks, meta_bits=8)
-        except ValueError as e:
-            raise ValueError(f"klt: value_{str(e).removeprefix('hadamard: ')}") from None
+        return Hadamard(self.value_bits, self.group, self.residual, self.sinks, meta_bits=8,
+                        salient=self.salient, high_bits=self.high_bits)
+
+    @property
+    def observes(self) -> str | None:
+        """What the prefill must record: KVzip's scores, with ``salient``, which choose the wider values."""
+        return self.values.observes
+
+    def saliency(self, keys: torch.Tensor, obs, start: int) -> torch.Tensor | None:
+        return self.values.saliency(keys, obs, start)
 
     @property
     def vbits(self) -> int:
         return self.value_bits
 
     def quantize_keys(self, k: torch.Tensor, starts: "list[int] | None" = None, first: bool = True,
-                      weight: torch.Tensor | None = None) -> KLTKeys:
+                      weight: torch.Tensor | None = None, scores: torch.Tensor | None = None) -> KLTKeys:
         """Keys [B, H, N, D]: a basis fitted to them, and their codes (``first``: the layer's first
         tokens, which keep their sinks; ``starts``: where each head begins when ``k`` is a ragged layer's
         heads back to back, which then share one basis; ``weight`` [B, H, D]: the queries' mean square
-        per channel, :func:`query_weight`, None: unweighted)."""
+        per channel, :func:`query_weight`, None: unweighted; ``scores``: the values', unused here)."""
         fit = KLTFit.fit(k, self.bits, self.max_bits, weight)
         return KLTKeys.encode(k, fit, self.group, self.sinks if first else 0, starts=starts)
 
@@ -501,18 +523,34 @@ class KLT(OnKIVI):
         return KLTHeads(runs)
 
     def quantize_values(self, v: torch.Tensor, starts: "list[int] | None" = None, first: bool = True,
-                        weight: torch.Tensor | None = None):
-        """Values as the rotated quantizer stores them (``weight`` is the keys')."""
-        return self.values.quantize_values(v, starts, first)
+                        weight: torch.Tensor | None = None, scores: torch.Tensor | None = None):
+        """Values as the rotated quantizer stores them (``weight`` is the keys'); ``scores`` [B, H, N]:
+        with ``salient``, which tokens' values take ``high_bits``."""
+        return self.values.quantize_values(v, starts, first, scores)
+
+    def _value_bytes(self, bits: int, d: int) -> float:
+        return d * bits / 8 + 2 * d / self.value_group(d)
+
+    def _bytes(self, low: float, high: float, d: int) -> float:
+        """``low`` tokens with ``value_bits`` values and ``high`` salient ones with ``high_bits`` values
+        and their int32 positions; keys at the mean width, at most two grid bytes a key group and
+        component (0-bit components have none)."""
+        keys = (low + high) * (d * self.bits / 8 + 2 * d / self.group)
+        return keys + low * self._value_bytes(self.vbits, d) + high * (self._value_bytes(self.high_bits, d) + 4)
 
     def token_bytes(self, d: int) -> float:
-        """One token of one head: key codes at the mean width and at most two grid bytes a key group
-        and component (0-bit components have none); values as the rotated quantizer's."""
-        return d * self.bits / 8 + 2 * d / self.group + d * self.vbits / 8 + 2 * d / self.value_group(d)
+        """One token of one head (with ``salient``, a bound: the salient count is rounded down)."""
+        return self._bytes(1 - self.salient, self.salient, d)
+
+    def run_bytes(self, n: int, d: int) -> float:
+        """One head's run of ``n`` quantized tokens (the salient count rounds per run)."""
+        s = mixed.salient_count(self.values, n) if self.salient else 0
+        return self._bytes(n - s, s, d)
 
     def fixed_bytes(self, heads: int, d: int) -> float:
         """A layer's fit (at most: basis codes and column scales of every component, component means,
         widths, channel weights, the 0-bit components' offset), sinks (keys and values) and the
         values' grid ranges."""
-        return heads * (d * d + d * 2 + d * 2 + d + d * 2 + d * 2 + 2 * self.sinks * d * 2 + 4 * 2)
+        ranges = 4 * 2 * (2 if self.salient else 1)  # the values' grid ranges (salient ones: a run of their own)
+        return heads * (d * d + d * 2 + d * 2 + d + d * 2 + d * 2 + 2 * self.sinks * d * 2 + ranges)
 

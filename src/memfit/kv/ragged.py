@@ -67,7 +67,7 @@ class Ragged:
               positions: torch.Tensor | None = None, span: tuple[int, int] | None = None,
               rope: RoPE | None = None) -> "Ragged":
         """Each head's tokens ``idx[h]`` of ``keys``/``values`` [1, H, N, D]; ``scores`` [1, H, N]: a
-        quantizer's saliency of the tokens (ZipCache), if it scored them; ``weight`` [1, H, D]: the
+        quantizer's saliency of the tokens (ZipCache's, salient widths'), if it scored them; ``weight`` [1, H, D]: the
         queries' mean square per channel (klt's fit). A quantizer that codes keys before RoPE
         (``pre_rope``) also takes each token's position ``positions`` [1, H, N], the context's
         ``span`` (first position, length) and the model's ``rope``: each head's quantized keys come
@@ -90,13 +90,13 @@ class Ragged:
         if sum(nq):
             # a quantizer that keeps a run's first tokens apart (sinks) keeps each head's
             runs = {"starts": [s for s, q in zip(itertools.accumulate([0, *nq]), nq) if q]} if getattr(quant, "sinks", 0) else {}
+            if scores is not None:
+                runs["scores"] = flat([scores[0, h, i][:q] for h, (i, q) in enumerate(zip(idx, nq))])
             if positions is not None:  # off RoPE at each token's own position, a basis a head
                 rope.check(keys.shape[-1])
                 qk = quant.quantize_heads([rope.unrotate(k[:q].unsqueeze(0).unsqueeze(0), p[:q])[0, 0]
                                            for k, p, q in zip(ks, pos, nq)], weight)
             else:
-                if scores is not None:
-                    runs["scores"] = flat([scores[0, h, i][:q] for h, (i, q) in enumerate(zip(idx, nq))])
                 if weight is not None:
                     runs["weight"] = weight.mean(1, keepdim=True)
                 qk = quant.quantize_keys(flat([k[:q] for k, q in zip(ks, nq)]), **runs)
