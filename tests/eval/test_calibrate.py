@@ -28,3 +28,14 @@ def test_calibration_groups_each_family_and_divides_by_none(monkeypatch):
         cal.calibrate(lm, ["t"], 64, 1, families=fams, keeps=(0.2, 0.5))
     with pytest.raises(ValueError, match="keeps in"):
         cal.calibrate(lm, ["t"], 64, 1, keeps=(1.5,))
+
+
+def test_the_shipped_table_measures_the_families_calibrate_runs():
+    """The planner's table is what ``memfit calibrate`` writes: a family added to (or dropped from)
+    FAMILIES without calibrating again would leave the planner choosing among stale ones."""
+    from memfit.kv.plan import load_calibration
+
+    table = load_calibration()
+    assert table is not None and [f.template for f in table.families] == list(cal.FAMILIES)
+    for f in table.families:  # every keep measured (a fixed family: its one point)
+        assert len(f.points) == (len(cal.KEEPS) if f.free else 1)

@@ -152,3 +152,19 @@ def test_spend_slack_looks_past_its_estimate_while_the_top_still_fits():
     assert got.evictions[-1].keep == 1.0 and cache.nbytes == 70_000
     got, cache = spend_slack(derive, policy, derive(policy), 62_000)  # some room: the most keep that fits
     assert 0.55 < got.evictions[-1].keep <= 0.6 and cache.nbytes <= 62_000
+
+
+def test_a_quantizer_alone_does_not_take_a_light_budget_on_a_point_of_accuracy():
+    """A fixed family far past the budget's compression is charged for the overshoot: it loses a 2x
+    budget to an eviction that fills it at about its accuracy, and wins where it is what was asked."""
+    shape = KVShape(32, 8, 128)
+    n = 131072
+    full = n * shape.full_bytes_per_token
+    table = Calibration.from_dict({"families": [
+        {"template": "klt(bits=1.5,residual=32)", "points": [[8.5, 0.95]]},
+        {"template": "kvzip(keep={keep})", "points": [[1.5, 0.97], [2.5, 0.9], [5.0, 0.85]]}]})  # 2x: ~93%
+    assert plan(full // 2, n, shape, table=table)[0].spec.startswith("kvzip(keep=0.49")
+    assert plan(full // 7, n, shape, table=table)[0].spec.startswith("klt(bits=1.5")
+    much = Calibration.from_dict({"families": [table.to_dict()["families"][0] | {"points": [[8.5, 0.99]]},
+                                               table.to_dict()["families"][1]]})
+    assert plan(full // 2, n, shape, table=much)[0].spec.startswith("klt(bits=1.5")  # 99%: measurably better, taken

@@ -16,10 +16,13 @@ from memfit.kv.policy import parse_policy
 # quantizer replaced 2-bit KIVI's families (with outliers and pre-RoPE keys it kept about a quarter
 # of the accuracy, the rotated 2 bits more than half), and its 4-bit keys with 2-bit values kept as
 # much as 4 bits for both (at 1K tokens) in 20% fewer bytes; 4-bit KIVI stays for comparison.
+# Transform-coded keys (klt) keep the most at 6x alone and at 16x after KVzip (docs/evaluation.md).
 FAMILIES = ("kivi(bits=8,residual=32)", "kivi(bits=4,residual=32)", "hadamard(bits=4,residual=32)",
-            "hadamard(bits=4,value_bits=2,residual=32)", "hadamard(bits=2,residual=32)", "kvzip(keep={keep})",
-            "kvzip(keep={keep})+kivi(bits=4,residual=32)", "kvzip(keep={keep})+hadamard(bits=4,value_bits=2,residual=32)",
-            "kvzip(keep={keep})+hadamard(bits=2,residual=32)")
+            "hadamard(bits=4,value_bits=2,residual=32)", "hadamard(bits=2,residual=32)", "klt(bits=2,residual=32)",
+            "klt(bits=1.5,residual=32)",
+            "kvzip(keep={keep})", "kvzip(keep={keep})+kivi(bits=4,residual=32)",
+            "kvzip(keep={keep})+hadamard(bits=4,value_bits=2,residual=32)",
+            "kvzip(keep={keep})+hadamard(bits=2,residual=32)", "kvzip(keep={keep})+klt(bits=1.5,residual=32)")
 KEEPS = (0.2, 0.4, 0.7)
 
 

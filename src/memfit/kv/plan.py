@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 from memfit.units import parse_bytes
 
 MIN_KEEP = 0.02  # below this, eviction leaves too little of any context to be worth planning
+# Relative accuracy a policy is charged per e-fold of compression beyond what the budget asks: the
+# table's points (30 samples) do not resolve a point or two, so a quantizer alone at 7x does not win
+# a 2x budget over a family that fills it on a difference of that size, yet one a few points better does.
+OVERSHOOT_COST = 0.03
 
 
 @dataclass(frozen=True)
@@ -273,8 +277,8 @@ def plan(budget_bytes: int, num_tokens: int, shape: KVShape, evict: str = "kvzip
          table: "Calibration | None | bool" = True) -> tuple[Policy, int]:
     """The policy that fits ``budget_bytes`` best, and its byte count: the family of ``table``
     (True: the shipped one; None or no table: :func:`plan_ladder`) with the highest measured accuracy
-    at the compression it reaches within the budget. No compression when it fits. Raises
-    ValueError when nothing fits."""
+    at the compression it reaches within the budget, less ``OVERSHOOT_COST`` per e-fold it compresses
+    beyond the budget's. No compression when it fits. Raises ValueError when nothing fits."""
     table = load_calibration() if table is True else table
     if table is None or table is False:
         return plan_ladder(budget_bytes, num_tokens, shape, evict)
@@ -298,7 +302,8 @@ def plan(budget_bytes: int, num_tokens: int, shape: KVShape, evict: str = "kvzip
         else:
             policy = fam.policy(_largest_keep(lambda k: nbytes(k) <= budget_bytes), evict)  # noqa: B023
         b = policy_nbytes(policy, num_tokens, shape)
-        score = (fam.accuracy(full / b), b)  # ties: the one that uses more of the budget
+        over = max(0.0, math.log(budget_bytes / b))  # compressed beyond what was asked
+        score = (fam.accuracy(full / b) - OVERSHOOT_COST * over, b)  # ties: the one that uses more of the budget
         if best is None or score > best[0]:
             best = (score, policy, b)
     if best is None:
