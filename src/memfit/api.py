@@ -242,8 +242,10 @@ class LM:
 
     def plan(self, budget: "str | float", num_tokens: int, evict: str = "kvzip") -> tuple[Policy, dict]:
         """The policy the planner picks for ``num_tokens`` context tokens under ``budget`` (see
-        :mod:`memfit.kv.plan`), with what it based the choice on."""
-        return plan_budget(budget, num_tokens, self.kv_shape, evict)
+        :mod:`memfit.kv.plan`), with what it based the choice on. On CUDA only among policies the
+        decode kernel reads: a cache it dequantizes at every step (``klt``, outliers) costs far more
+        time than its extra accuracy is worth there."""
+        return plan_budget(budget, num_tokens, self.kv_shape, evict, packed=self.device.type == "cuda")
 
     @property
     def kv_shape(self) -> KVShape:

@@ -274,11 +274,12 @@ def _read_calibration(path: Path) -> Calibration | None:
 
 
 def plan(budget_bytes: int, num_tokens: int, shape: KVShape, evict: str = "kvzip",
-         table: "Calibration | None | bool" = True) -> tuple[Policy, int]:
+         table: "Calibration | None | bool" = True, packed: bool = False) -> tuple[Policy, int]:
     """The policy that fits ``budget_bytes`` best, and its byte count: the family of ``table``
     (True: the shipped one; None or no table: :func:`plan_ladder`) with the highest measured accuracy
     at the compression it reaches within the budget, less ``OVERSHOOT_COST`` per e-fold it compresses
-    beyond the budget's. No compression when it fits. Raises ValueError when nothing fits."""
+    beyond the budget's. No compression when it fits. ``packed``: only families the CUDA decode kernel
+    reads (:attr:`Policy.packed_decode`; a GPU model's). Raises ValueError when nothing fits."""
     table = load_calibration() if table is True else table
     if table is None or table is False:
         return plan_ladder(budget_bytes, num_tokens, shape, evict)
@@ -290,6 +291,8 @@ def plan(budget_bytes: int, num_tokens: int, shape: KVShape, evict: str = "kvzip
     full = num_tokens * shape.full_bytes_per_token
     best, smallest = None, None
     for fam in table.families:
+        if packed and not fam.policy(0.5 if fam.free else None, evict).packed_decode:
+            continue
         nbytes = lambda keep: policy_nbytes(fam.policy(keep, evict), num_tokens, shape)  # noqa: B023, E731
         least = nbytes(MIN_KEEP if fam.free else None)
         smallest = least if smallest is None else min(smallest, least)
@@ -306,16 +309,19 @@ def plan(budget_bytes: int, num_tokens: int, shape: KVShape, evict: str = "kvzip
         score = (fam.accuracy(full / b) - OVERSHOOT_COST * over, b)  # ties: the one that uses more of the budget
         if best is None or score > best[0]:
             best = (score, policy, b)
+    if best is None and smallest is None:  # no family the kernel reads: KIVI's ladder, which it does
+        return plan_ladder(budget_bytes, num_tokens, shape, evict)
     if best is None:
         _too_small(budget_bytes, num_tokens, smallest)
     return best[1], best[2]
 
 
-def plan_budget(budget: "str | float", num_tokens: int, shape: KVShape, evict: str = "kvzip") -> tuple[Policy, dict]:
+def plan_budget(budget: "str | float", num_tokens: int, shape: KVShape, evict: str = "kvzip",
+                packed: bool = False) -> tuple[Policy, dict]:
     """The planner's policy for ``budget`` (a size or a compression factor, see :func:`budget_bytes`),
-    with what it based the choice on (``ctx.meta["plan"]``)."""
+    with what it based the choice on (``ctx.meta["plan"]``); ``packed`` as in :func:`plan`."""
     limit = budget_bytes(budget, num_tokens, shape)
-    policy, estimate = plan(limit, num_tokens, shape, evict)
+    policy, estimate = plan(limit, num_tokens, shape, evict, packed=packed)
     return policy, {"budget": budget, "budget_bytes": limit, "policy": policy.spec, "estimate": estimate,
                     "full_nbytes": num_tokens * shape.full_bytes_per_token}
 

@@ -46,6 +46,19 @@ class Policy:
     def is_none(self) -> bool:
         return not self.evictions and self.quant is None and self.decode is None and self.lowrank is None
 
+    @property
+    def packed_decode(self) -> bool:
+        """Whether the CUDA decode kernel reads what this policy stores (else every decode step
+        dequantizes it first; ``CacheLayer.not_packed`` says why for a filled layer): 16-bit, or 2/4-bit
+        KIVI or rotated codes without sparse outliers, salient tokens or low-rank keys."""
+        q = self.quant
+        if self.lowrank is not None:
+            return False
+        if q is None:
+            return True
+        return (type(q) in (KIVI, Hadamard) and q.bits in (2, 4) and q.vbits in (2, 4)
+                and not getattr(q, "outliers", 0) and not getattr(q, "salient", 0))
+
     def queries_needed(self) -> int:
         own = self.quant.window if isinstance(self.quant, LayerBits) else 0  # queries its sensitivity reads
         if isinstance(self.quant, ZipCache):
