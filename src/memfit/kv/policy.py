@@ -49,7 +49,7 @@ class Policy:
     @property
     def packed_decode(self) -> bool:
         """Whether the CUDA decode kernel reads what this policy stores (else every decode step
-        dequantizes it first; ``CacheLayer.not_packed`` says why for a filled layer): 16-bit, or 2/4-bit
+        dequantizes it first; ``CompressedLayer.not_packed`` says why for a filled layer): 16-bit, or 2/4-bit
         KIVI or rotated codes without sparse outliers, salient tokens or low-rank keys."""
         q = self.quant
         if self.lowrank is not None:
