@@ -955,7 +955,7 @@ def plan(
                 typer.echo(f"the weights alone ({human_bytes(weights)}) exceed {gpu_memory}")
                 continue
             try:
-                picked, b = plan_policy(room, n, shape)
+                picked, b = plan_policy(room, n, shape, packed=True)  # GPU memory: what the decode kernel reads
                 typer.echo(f"planner: {picked.spec} ({human_bytes(batch * b)} of KV, {human_bytes(weights + batch * b)} "
                            f"in all, within {gpu_memory})")
             except ValueError as e:
