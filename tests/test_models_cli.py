@@ -224,3 +224,21 @@ def test_cpu_computes_in_bf16_only_with_bf16_instructions(flags, onednn, native,
     assert models.cpu_computes_bf16() is native
     want = (torch.bfloat16, None) if native else (torch.float32, torch.bfloat16)
     assert models.native_dtype(torch.device("cpu")) == want
+
+
+def test_plan_for_gpu_memory_picks_what_the_decode_kernel_reads(model_dir):
+    """`memfit plan --gpu-memory` reads only the config and plans as a model on CUDA does: among the
+    families the kernel reads, not KVzip then klt, which the CPU planner takes at 8x and beyond."""
+    from memfit.kv.plan import KVShape, plan_budget
+    from memfit.models import config_only
+
+    shape = KVShape.from_config(config_only(str(model_dir)))
+    n = 131072
+    cpu = plan_budget(16, n, shape)[0]
+    gpu, info = plan_budget(16, n, shape, packed=True)
+    assert type(cpu.quant).__name__ == "KLT" and gpu.packed_decode and not cpu.packed_decode
+    r = runner.invoke(app, ["plan", "-m", str(model_dir), "-n", str(n), "--weight-bits", "16", "-g",
+                            f"{info['budget_bytes'] + 16 * 10**6}B"])
+    assert r.exit_code == 0, r.output
+    line = next(ln for ln in r.output.splitlines() if ln.startswith("planner:"))
+    assert "klt(" not in line and "kvzip(" in line
