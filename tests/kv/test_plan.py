@@ -175,3 +175,10 @@ def test_a_quantizer_alone_does_not_take_a_light_budget_on_a_point_of_accuracy()
     assert parse_policy("kvzip(keep=0.3)+hadamard(bits=4,value_bits=2)").packed_decode
     assert not any(parse_policy(s).packed_decode for s in ("klt(bits=2)", "kivi(bits=4,outliers=0.01)", "kivi(bits=8)",
                                                            "hadamard(bits=2,salient=0.1)", "lowrank(rank=8)"))
+
+
+def test_a_model_on_cuda_plans_among_what_the_decode_kernel_reads(tiny_lm, monkeypatch):
+    p_cpu = tiny_lm.plan(16, 131072)[0]
+    monkeypatch.setattr(type(tiny_lm), "device", property(lambda self: torch.device("cuda")))
+    p_gpu = tiny_lm.plan(16, 131072)[0]
+    assert not p_cpu.packed_decode and p_gpu.packed_decode and p_gpu.evictions
