@@ -269,7 +269,9 @@ class CompressedLayer(CacheLayerMixin):
 
     def not_packed(self) -> str | None:
         """Why the decode kernel cannot read this layer's storage (None when it can): runs of 2/4-bit
-        KIVI codes and 16-bit windows, its own (uniform or ragged) and its parents'."""
+        KIVI codes and 16-bit windows, its own (uniform or ragged) and its parents'. (Its quantizer
+        checks are what ``Policy.packed_decode`` reads from a spec, before any layer is filled: keep
+        them in step.)"""
         rotated = isinstance(self.quant, Hadamard)
         if not isinstance(self.quant, KIVI) and not rotated:
             return "no KIVI quantizer"

@@ -56,7 +56,7 @@ class Policy:
             return False
         if q is None:
             return True
-        return (type(q) in (KIVI, Hadamard) and q.bits in (2, 4) and q.vbits in (2, 4)
+        return (isinstance(q, (KIVI, Hadamard)) and q.bits in (2, 4) and q.vbits in (2, 4)
                 and not getattr(q, "outliers", 0) and not getattr(q, "salient", 0))
 
     def queries_needed(self) -> int:
