@@ -477,8 +477,8 @@ class KLT(OnKIVI):
         try:
             self.values  # noqa: B018
         except ValueError as e:
-            raise ValueError("klt: " + str(e).removeprefix("hadamard: ").replace("bits and value_bits", "value_bits")) \
-                from None
+            why = str(e).removeprefix("hadamard: ").replace("bits and value_bits", "value_bits")
+            raise ValueError(f"klt: {why}") from None
 
     @property
     def kivi(self) -> KIVI:  # the window and groups: KIVI's
