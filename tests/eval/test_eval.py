@@ -192,6 +192,26 @@ def test_a_peer_is_relative_to_its_own_baseline():
     assert rel["kvpress:tova(ratio=0.5)"] == pytest.approx(0.25)
 
 
+def test_relative_accuracy_has_a_paired_standard_error():
+    """The error of accuracy / none's is a ratio estimate over the samples both ran: what the two
+    share cancels (a policy equal to none has none), and a sample none did not run is left out."""
+    from memfit.eval.runner import format_summary
+
+    def runs(policy, scores, seeds=None):
+        return [_rec("memfit", policy, c, seed=s) for c, s in zip(scores, seeds or range(len(scores)))]
+
+    recs = runs("none", [1, 1, 0, 1]) + runs("kivi(bits=4)", [1, 1, 0, 1]) + runs("kivi(bits=2)", [1, 0, 0, 1, 1])
+    rows = {r["policy"]: r for r in summarize(recs)}
+    assert rows["none"]["relative_se"] == 0 and rows["kivi(bits=4)"]["relative_se"] == 0
+    two = rows["kivi(bits=2)"]
+    assert two["paired_samples"] == 4 and two["relative"] == pytest.approx(0.6 / 0.75)
+    # by hand over the 4 pairs: R = 2/3, residuals p - R n = 1/3, -2/3, 0, 1/3
+    assert two["relative_se"] == pytest.approx(math.sqrt((6 / 9) / 3 / 4) / 0.75)
+    assert "+-31" in format_summary(list(rows.values()))
+    # without none's samples there is nothing to pair with
+    assert summarize(runs("kivi(bits=2)", [1, 0]))[0]["relative_se"] is None
+
+
 def test_exported_samples_are_the_ids_memfit_reads(tiny_lm):
     from memfit.eval.runner import export_samples
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -212,18 +213,41 @@ def _per_position(rs: list[dict]) -> tuple[dict[int, float], bool, int, dict | N
     return positions, balanced, len(full), _first_last_paired(full, nq)
 
 
+def _sample_key(r: dict) -> tuple:
+    """What identifies a sample across policies: its task, length and seed (the same text and questions)."""
+    return r["task"], r["length"], r.get("seed")
+
+
+def _relative_se(rs: list[dict], base: list[dict] | None) -> tuple[float | None, int]:
+    """Standard error of accuracy / baseline accuracy over the samples both hold (a ratio estimate
+    of paired samples: ``sd(p_i - R n_i) / (sqrt(m) mean(n))``, so what the two share cancels), and
+    how many samples that is. None with fewer than two pairs or a zero baseline."""
+    if not base:
+        return None, 0
+    ref = {_sample_key(x): x["correct"] for x in base}
+    pairs = [(x["correct"], ref[_sample_key(x)]) for x in rs if _sample_key(x) in ref]
+    m = len(pairs)
+    n_sum = sum(n for _, n in pairs)
+    if m < 2 or n_sum == 0:
+        return None, m
+    ratio = sum(p for p, _ in pairs) / n_sum
+    var = sum((p - ratio * n) ** 2 for p, n in pairs) / (m - 1)
+    return math.sqrt(var / m) / (n_sum / m), m
+
+
 def summarize(records: list[dict]) -> list[dict]:
     """Per (source, policy): accuracy, mean compression, accuracy relative to "none", per-task accuracy.
     A peer toolkit's records are relative to its own 16-bit cache where one of its policies is marked
-    ``"baseline": true`` (llama.cpp's f16 KV), else to memfit's "none"."""
+    ``"baseline": true`` (llama.cpp's f16 KV), else to memfit's "none". ``relative_se``: the standard
+    error of ``relative`` over the samples the policy shares with its baseline (``paired_samples``)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         label = r["policy"] + MODE_LABELS.get(r.get("mode"), "")
         groups[(r.get("source", "memfit"), label)].append(r)
     mean = lambda rs: sum(x["correct"] for x in rs) / len(rs)  # noqa: E731
-    base = {k[1]: mean(rs) for k, rs in groups.items()
+    base = {k[1]: rs for k, rs in groups.items()
             if k[0] == "memfit" and k[1] in ("none", *("none" + m for m in MODE_LABELS.values()))}
-    own_base = {k[0]: mean(rs) for k, rs in groups.items() if k[0] != "memfit" and rs[0].get("baseline")}
+    own_base = {k[0]: rs for k, rs in groups.items() if k[0] != "memfit" and rs[0].get("baseline")}
     rows = []
     for (source, pol), rs in groups.items():
         acc = mean(rs)
@@ -231,10 +255,13 @@ def summarize(records: list[dict]) -> list[dict]:
         for x in rs:
             per_task[f"{x['task']}@{x['length']}"].append(x["correct"])
         positions, balanced, n_multi, paired = _per_position(rs)
-        none_acc = own_base[source] if source in own_base else base.get("none" + _mode_label(pol))
+        none_rs = own_base[source] if source in own_base else base.get("none" + _mode_label(pol))
+        none_acc = mean(none_rs) if none_rs else None
+        se, pairs = _relative_se(rs, none_rs)
         rows.append({
             "source": source, "policy": pol, "family": rs[0].get("family", pol), "samples": len(rs),
             "accuracy": acc, "relative": acc / none_acc if none_acc else None,
+            "relative_se": se, "paired_samples": pairs,
             "compression": sum(x["compression"] for x in rs) / len(rs),
             "bytes_per_token": sum(x["bytes_per_token"] for x in rs) / len(rs),
             "per_task": {k: sum(v) / len(v) for k, v in sorted(per_task.items())},
@@ -265,11 +292,13 @@ def _short(label: str, width: int = 56) -> str:
 
 
 def format_summary(rows: list[dict]) -> str:
-    lines = [f"{'source':<8} {'policy':<56} {'n':>4} {'accuracy':>8} {'vs none':>8} {'compr.':>7} {'B/token':>8}"]
+    lines = [f"{'source':<8} {'policy':<56} {'n':>4} {'accuracy':>8} {'vs none':>12} {'compr.':>7} {'B/token':>8}"]
     for r in rows:
         rel = f"{100 * r['relative']:.0f}%" if r["relative"] is not None else "-"
+        if r["relative"] is not None and r.get("relative_se") is not None and r["relative_se"] > 0:
+            rel += f" +-{100 * r['relative_se']:.0f}"  # one standard error, paired with the baseline's samples
         lines.append(f"{r['source']:<8} {_short(r['policy']):<56} {r['samples']:>4} {100 * r['accuracy']:>7.1f}% "
-                     f"{rel:>8} {r['compression']:>6.2f}x {r['bytes_per_token']:>8.0f}")
+                     f"{rel:>12} {r['compression']:>6.2f}x {r['bytes_per_token']:>8.0f}")
     tasks = sorted({t for r in rows for t in r["per_task"]})
     if tasks:
         lines.append("")
