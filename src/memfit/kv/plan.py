@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from memfit.kv.evict.base import ADAPTIVE_FLOOR
 from memfit.kv.policy import EVICTIONS, Policy, parse_policy
 from memfit.kv.quant import KIVI
 
@@ -61,16 +62,26 @@ class KVShape:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 2
 
 
-def _ragged_bytes(tokens: int, heads: int, q: KIVI | None, d: int, e: int) -> float:
-    """Upper bound for ``heads`` ragged heads holding ``tokens`` in all: a ragged head quantizes
-    whole key groups of its own tokens, so its 16-bit window is at most max(residual, group - 1)
-    tokens; a 16-bit token costs more than a quantized one, so the bound is the most window the
-    heads can hold between them. (A ragged eviction rounds each head to whole groups, so most hold
-    none; a head under one group or keeping its whole layer still may: the bound does not count on it.)"""
+def _ragged_bytes(tokens: int, heads: int, q: KIVI | None, d: int, e: int, least: int = 0,
+                  layer_tokens: int = 0) -> float:
+    """Upper bound for ``heads`` ragged heads holding ``tokens`` in all, each at least ``least`` (the
+    eviction's floor), of layers of ``layer_tokens`` (0: unknown). A 16-bit token costs more than a
+    quantized one, so the bound is the most 16-bit window the heads can hold between them. A ragged
+    eviction rounds each head to whole key groups (``select_global``), whose window is at most the
+    residual's whole groups; a head under one group holds it all in 16-bit, and one that keeps its
+    whole layer holds ``layer_tokens - spilled(layer_tokens)``. With a floor of a group or more no
+    head is under one, else only as many as leave the other heads room for the rest; at most
+    ``tokens // layer_tokens`` heads keep their whole layer."""
     if q is None:
         return 2 * e * d * tokens
     c = q.token_bytes(d)
-    window = min(tokens, heads * max(q.residual, q.group - 1))
+    g, n = q.group, layer_tokens
+    window = heads * max(q.residual, g - 1)  # every head at its largest window
+    if n >= g:  # fewer, where the layer's length and the floor say how many heads can hold one
+        small = 0 if least >= g else min(heads, max(0, (heads * n - tokens) // (n - g + 1)))
+        window = min(window, small * (g - 1) + min(heads, tokens // n) * (n - q.spilled(n))
+                     + heads * (q.residual // g) * g)
+    window = min(tokens, window)
     return c * (tokens - window) + 2 * e * d * window
 
 
@@ -99,6 +110,7 @@ def policy_nbytes(policy: Policy, num_tokens: int, shape: KVShape) -> int:
     p = policy
     h, d, e = shape.num_kv_heads, shape.head_dim, shape.dtype_bytes
     total, pooled = 0.0, 0  # pooled: tokens of a global eviction, which may move between layers
+    least = None  # the smallest floor a ragged head keeps (select_global's share of its budget)
     # keys before RoPE after an eviction: stored ragged (uniform heads too) with which tokens each
     # head kept (a bit a context token) and the span
     positioned = bool(p.evictions) and getattr(p.quant, "pre_rope", False)
@@ -109,12 +121,14 @@ def policy_nbytes(policy: Policy, num_tokens: int, shape: KVShape) -> int:
             if k < n or ev.heads == "global":
                 ragged = ev.heads if ev.ragged else None
                 n = k
+        floor = min(n, math.ceil(ADAPTIVE_FLOOR * n))
+        least = floor if least is None else min(least, floor)
         if p.lowrank is not None:
             total += _lowrank_layer_bytes(n, p, shape, layer)
         elif ragged == "global":
             pooled += h * n
         elif ragged == "adaptive":
-            total += _ragged_bytes(h * n, h, p.quant, d, e)
+            total += _ragged_bytes(h * n, h, p.quant, d, e, floor, num_tokens)
         else:
             total += h * (2 * e * d * n if p.quant is None else
                           _run_bytes(p.quant, p.quant.spilled(n), d) + 2 * e * d * (n - p.quant.spilled(n)))
@@ -125,7 +139,7 @@ def policy_nbytes(policy: Policy, num_tokens: int, shape: KVShape) -> int:
         if positioned:
             total += h * math.ceil(num_tokens / 8) + 16
     if pooled:
-        total += _ragged_bytes(pooled, h * shape.num_layers, p.quant, d, e)
+        total += _ragged_bytes(pooled, h * shape.num_layers, p.quant, d, e, least, num_tokens)
     return math.ceil(total)
 
 
