@@ -114,6 +114,9 @@ def policy_nbytes(policy: Policy, num_tokens: int, shape: KVShape) -> int:
     # keys before RoPE after an eviction: stored ragged (uniform heads too) with which tokens each
     # head kept (a bit a context token) and the span
     positioned = bool(p.evictions) and getattr(p.quant, "pre_rope", False)
+    # the tokens a ragged eviction selects among (a head keeping them all keeps its whole layer): known
+    # where it is the only eviction; after another, the bound assumes nothing about them
+    cap = num_tokens if len(p.evictions) == 1 else 0
     for layer in range(shape.num_layers):
         n, ragged = num_tokens, None
         for ev in p.evictions:
@@ -128,7 +131,7 @@ def policy_nbytes(policy: Policy, num_tokens: int, shape: KVShape) -> int:
         elif ragged == "global":
             pooled += h * n
         elif ragged == "adaptive":
-            total += _ragged_bytes(h * n, h, p.quant, d, e, floor, num_tokens)
+            total += _ragged_bytes(h * n, h, p.quant, d, e, floor, cap)
         else:
             total += h * (2 * e * d * n if p.quant is None else
                           _run_bytes(p.quant, p.quant.spilled(n), d) + 2 * e * d * (n - p.quant.spilled(n)))
@@ -139,7 +142,7 @@ def policy_nbytes(policy: Policy, num_tokens: int, shape: KVShape) -> int:
         if positioned:
             total += h * math.ceil(num_tokens / 8) + 16
     if pooled:
-        total += _ragged_bytes(pooled, h * shape.num_layers, p.quant, d, e, least, num_tokens)
+        total += _ragged_bytes(pooled, h * shape.num_layers, p.quant, d, e, least, cap)
     return math.ceil(total)
 
 
