@@ -225,12 +225,19 @@ def test_global_heads_in_whole_groups_stay_within_the_budget():
     for s, layer in zip(scores, whole):
         for h, i in enumerate(layer):
             assert bool((i.diff() > 0).all()) and set(i.tolist()) == set(s[0, h].topk(len(i)).indices.tolist())
-    # a head under one group, or keeping its whole layer, is left as chosen
+    # a head under one group, where the roundings did not free enough to complete it, or keeping its
+    # whole layer, is left as chosen
     tiny = torch.zeros(1, 2, 40)
     tiny[0, 0, :36] = 1.0
     assert [len(i) for i in select_global([tiny], [20], unit=32)[0]] == [32, 4]  # 36 rounded down; 4 < 32
     tiny[0, 0] = 1.0
     assert [len(i) for i in select_global([tiny], [25], unit=32)[0]] == [40, 10]  # all 40 of its layer
+    # the tokens a rounding frees complete a head under one group (its 16-bit tokens cost the most)
+    two = torch.rand(1, 2, 200, generator=g) * 0.1
+    two[0, 0, :108] = 1.0  # head 0 takes all but head 1's floor of 12 (a fifth of 60)
+    picks = select_global([two], [60], unit=16)[0]
+    assert [len(i) for i in picks] == [96, 16]  # 108 -> 96 frees 12; 4 of them make head 1's 12 a group
+    assert set(picks[1].tolist()) == set(two[0, 1].topk(16).indices.tolist())
 
 
 def test_policy_strings_for_new_methods():

@@ -122,7 +122,9 @@ def select_global(scores: list[torch.Tensor], ks: list[int], unit: int = 1) -> l
     (largest remainders first; the total at most the allocation, less than a unit under it), as a ragged
     head quantizes whole groups of its tokens and keeps the rest in 16-bit: an unrounded head holds
     ``unit / 2`` tokens of 16-bit on average, 13% of a klt cache's bytes at 16x. A head that keeps
-    fewer than ``unit`` tokens, or every token of its layer, is left as chosen."""
+    fewer than ``unit`` tokens (all of them 16-bit) is completed to one unit from the tokens the
+    roundings freed, fullest first, while they suffice, else left as chosen, as is one that keeps every
+    token of its layer."""
     flat, shapes = [], []
     for s, k in zip(scores, ks):
         b, h, n = s.shape
@@ -161,7 +163,16 @@ def _whole_units(chosen: torch.Tensor, shapes: list[tuple[int, int]], unit: int)
     roundable = [i for i, (c, n) in enumerate(zip(counts, caps)) if unit <= c < n]
     for i in roundable:
         out[i] = counts[i] // unit * unit
-    spare = sum(counts[i] - out[i] for i in roundable) // unit  # never more than allocated: bounds hold
+    freed = sum(counts[i] - out[i] for i in roundable)
+    # a head under one group holds its tokens in 16-bit, several times a quantized token's bytes: the
+    # tokens the roundings freed first complete such heads to one whole group, fullest first
+    for i in sorted((i for i, (c, n) in enumerate(zip(counts, caps)) if 0 < c < unit <= n),
+                    key=lambda i: counts[i], reverse=True):
+        if freed < unit - counts[i]:
+            break
+        freed -= unit - counts[i]
+        out[i] = unit
+    spare = freed // unit  # never more than allocated: bounds hold
     for i in sorted(roundable, key=lambda i: counts[i] - out[i], reverse=True):
         if spare <= 0:
             break
