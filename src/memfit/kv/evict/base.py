@@ -152,8 +152,8 @@ def select_global(scores: list[torch.Tensor], ks: list[int], unit: int = 1) -> l
 
 def _whole_units(chosen: torch.Tensor, shapes: list[tuple[int, int]], unit: int) -> list[list[int]]:
     """Per layer and head, its count in ``chosen`` rounded to whole ``unit`` tokens (see
-    :func:`select_global`): every roundable head first rounded down, then the units the roundings
-    freed given back to the largest remainders."""
+    :func:`select_global`): every roundable head first rounded down, then the tokens the roundings
+    freed complete heads under one unit, then the whole units left go back to the largest remainders."""
     counts, caps, start = [], [], 0
     for h, n in shapes:
         counts += chosen[start : start + h * n].view(h, n).sum(-1).tolist()
