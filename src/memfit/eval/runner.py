@@ -177,13 +177,18 @@ def load_records(path: Path) -> list[dict]:
     return records
 
 
+def _sample_key(r: dict) -> tuple:
+    """What identifies a sample across policies: its task, length and seed (the same text and questions)."""
+    return r["task"], r["length"], r.get("seed")
+
+
 def _first_last_paired(full: list[dict], nq: int) -> dict | None:
     """Last position minus first over the questions asked at both in the same sample (every-order
     runs): mean difference and its standard error, in accuracy units; None without such pairs."""
     at: dict[tuple, dict[int, float]] = defaultdict(dict)
     for x in full:
         for pos, (q, score) in enumerate(zip(x.get("question_order", range(nq)), x["scores"])):
-            at[(x["task"], x["length"], x.get("seed"), q)][pos] = score
+            at[(*_sample_key(x), q)][pos] = score
     diffs = [p[nq - 1] - p[0] for p in at.values() if 0 in p and nq - 1 in p]
     if len(diffs) < 2:
         return None
@@ -211,11 +216,6 @@ def _per_position(rs: list[dict]) -> tuple[dict[int, float], bool, int, dict | N
     balanced = all(len(set(c.values())) == 1 and len(c) == nq for c in asked.values())
     positions = {i + 1: sum(x["scores"][i] for x in full) / len(full) for i in range(nq)}
     return positions, balanced, len(full), _first_last_paired(full, nq)
-
-
-def _sample_key(r: dict) -> tuple:
-    """What identifies a sample across policies: its task, length and seed (the same text and questions)."""
-    return r["task"], r["length"], r.get("seed")
 
 
 def _relative_se(rs: list[dict], base: list[dict] | None) -> tuple[float | None, int]:

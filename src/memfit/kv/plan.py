@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from memfit.kv.evict.base import ADAPTIVE_FLOOR
+from memfit.kv.evict.base import head_floor
 from memfit.kv.policy import EVICTIONS, Policy, parse_policy
 from memfit.kv.quant import KIVI
 
@@ -124,7 +124,7 @@ def policy_nbytes(policy: Policy, num_tokens: int, shape: KVShape) -> int:
             if k < n or ev.heads == "global":
                 ragged = ev.heads if ev.ragged else None
                 n = k
-        floor = min(n, math.ceil(ADAPTIVE_FLOOR * n))
+        floor = head_floor(n)
         least = floor if least is None else min(least, floor)
         if p.lowrank is not None:
             total += _lowrank_layer_bytes(n, p, shape, layer)

@@ -100,6 +100,12 @@ class Eviction:
         return select_adaptive(scores, k, unit)
 
 
+def head_floor(k: int) -> int:
+    """The tokens every ragged head keeps of a per-head budget ``k`` (``ADAPTIVE_FLOOR`` of it):
+    its own best, whatever the other heads score."""
+    return min(k, math.ceil(ADAPTIVE_FLOOR * k))
+
+
 def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices [B, H, k] of the ``k`` best tokens per head, in their original order."""
     return scores.topk(k, dim=-1).indices.sort(dim=-1).values
@@ -131,7 +137,7 @@ def select_global(scores: list[torch.Tensor], ks: list[int], unit: int = 1) -> l
         if b != 1:
             raise ValueError(f"adaptive head budgets need batch size 1, got {b}")
         s = s[0].float().clone()
-        s.scatter_(-1, s.topk(min(k, math.ceil(ADAPTIVE_FLOOR * k)), dim=-1).indices, float("inf"))
+        s.scatter_(-1, s.topk(head_floor(k), dim=-1).indices, float("inf"))
         flat.append(s.flatten())
         shapes.append((h, n))
     total = sum(h * k for (h, _), k in zip(shapes, ks))
