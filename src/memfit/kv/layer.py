@@ -15,11 +15,11 @@ from memfit.kv.decode import DecodeBudget
 from memfit.kv.evict import Observation, select_topk
 from memfit.kv.klt import KLTHeads, query_weight
 from memfit.kv.lowrank import LowRank, project, reconstruct
-from memfit.kv.policy import Policy
+from memfit.kv.policy import Policy, not_packed
 from memfit.kv.quant import KIVI, QTensor
 from memfit.kv.ragged import Ragged
 from memfit.kv.rope import RoPE
-from memfit.kv.rotate import Hadamard, RotatedTensor
+from memfit.kv.rotate import RotatedTensor
 from memfit.kv.static import StaticKIVI
 
 
@@ -269,22 +269,17 @@ class CompressedLayer(CacheLayerMixin):
 
     def not_packed(self) -> str | None:
         """Why the decode kernel cannot read this layer's storage (None when it can): runs of 2/4-bit
-        KIVI codes and 16-bit windows, its own (uniform or ragged) and its parents'. (Its quantizer
-        checks are what ``Policy.packed_decode`` reads from a spec, before any layer is filled: keep
-        them in step.)"""
-        rotated = isinstance(self.quant, Hadamard)
-        if not isinstance(self.quant, KIVI) and not rotated:
-            return "no KIVI quantizer"
-        if getattr(self.quant, "salient", 0):
-            return "tokens at two widths (salient)"
+        KIVI codes and 16-bit windows, its own (uniform or ragged) and its parents'. The quantizer's
+        checks are ``policy.not_packed``'s; here also the tensors it stored."""
+        why = not_packed(self.quant)
+        if why is not None:
+            return why
         qs = [q.q if isinstance(q, RotatedTensor) else q
               for q in (self.qk, self.ragged.qk if self.ragged is not None else None) if q is not None]
-        checks = ((any(q.bits not in (2, 4) for q in qs) or self.quant.bits not in (2, 4)
-                   or self.quant.vbits not in (2, 4), "codes of other than 2 or 4 bits"),
+        checks = ((any(q.bits not in (2, 4) for q in qs), "codes of other than 2 or 4 bits"),
                   (self.basis is not None or self.kc is not None, "low-rank keys"),
                   (self.defer, "deferred compression"),
-                  # the kernel reads no sparse outliers
-                  (any(q.out_idx is not None for q in qs) or getattr(self.quant, "outliers", 0), "outliers"),
+                  (any(q.out_idx is not None for q in qs), "outliers"),
                   (not self.is_initialized, "nothing stored"))
         why = next((why for bad, why in checks if bad), None)
         if why is None and self.parent is not None:

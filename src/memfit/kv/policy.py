@@ -31,6 +31,22 @@ QUANTIZERS: dict[str, type] = {"kivi": KIVI, "kvtuner": LayerBits, "gear": GEAR,
 METHODS: dict[str, type] = {**EVICTIONS, "lowrank": LowRank, **QUANTIZERS, "decode": DecodeBudget}
 
 
+def not_packed(quant) -> str | None:
+    """Why the CUDA decode kernel cannot read what this quantizer stores (None when it can: 2/4-bit
+    KIVI or rotated codes without sparse outliers or salient tokens). The one list both
+    ``Policy.packed_decode`` (a spec, before any layer is filled) and ``CompressedLayer.not_packed``
+    (a filled layer, which also checks its tensors) read."""
+    if not isinstance(quant, (KIVI, Hadamard)):
+        return "no KIVI quantizer"
+    if getattr(quant, "salient", 0):
+        return "tokens at two widths (salient)"
+    if quant.bits not in (2, 4) or quant.vbits not in (2, 4):
+        return "codes of other than 2 or 4 bits"
+    if getattr(quant, "outliers", 0):  # the kernel reads no sparse outliers
+        return "outliers"
+    return None
+
+
 class PolicyError(ValueError):
     """A policy spec that cannot be parsed or names an unknown method or argument."""
 
@@ -51,13 +67,7 @@ class Policy:
         """Whether the CUDA decode kernel reads what this policy stores (else every decode step
         dequantizes it first; ``CompressedLayer.not_packed`` says why for a filled layer): 16-bit, or 2/4-bit
         KIVI or rotated codes without sparse outliers, salient tokens or low-rank keys."""
-        q = self.quant
-        if self.lowrank is not None:
-            return False
-        if q is None:
-            return True
-        return (isinstance(q, (KIVI, Hadamard)) and q.bits in (2, 4) and q.vbits in (2, 4)
-                and not getattr(q, "outliers", 0) and not getattr(q, "salient", 0))
+        return self.lowrank is None and (self.quant is None or not_packed(self.quant) is None)
 
     def queries_needed(self) -> int:
         own = self.quant.window if isinstance(self.quant, LayerBits) else 0  # queries its sensitivity reads
