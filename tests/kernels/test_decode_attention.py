@@ -381,3 +381,52 @@ def test_ragged_runs_in_short_slices_with_empty_runs_and_known_totals(bits, layo
         for split_len in (None, 64, 128):
             err = (decode_attention_runs(q, [r], split_len=split_len) - ref).abs().max().item()
             assert err < 1e-2, (split_len, r.total_q, err)
+
+
+def test_a_work_list_holds_each_busy_slice_once_and_every_window_slice():
+    from memfit.kernels.decode_attention import work_list
+
+    lens, sl, nqs, nwin = [0, 64, 65, 300, 128], 64, 5, 2
+    entries, counts = work_list(lens, sl, nqs, nwin)
+    assert counts == [0, 1, 2, 5, 2]
+    quantized = [(e // 65536, e % 65536) for e in entries if e % 65536 < nqs]
+    assert sorted(quantized) == sorted((rh, s) for rh, c in enumerate(counts) for s in range(c))
+    assert [s for _, s in quantized] == sorted(s for _, s in quantized)  # slice-major: first slices first
+    window = sorted((e // 65536, e % 65536) for e in entries if e % 65536 >= nqs)
+    assert window == [(rh, nqs + j) for rh in range(len(lens)) for j in range(nwin)]
+    assert work_list([1000], 64, 3, 0) == ([0, 1, 2], [3])  # lengths past the slices are cut to them
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits", [2, 4])
+def test_uneven_runs_through_a_work_list_equal_the_reference_also_in_a_cuda_graph(bits, layout):
+    """Uneven ragged runs are launched over a work list (only the slices that hold tokens), built
+    once from their lengths; the merge leaves the unlaunched slices out. A CUDA graph captured before
+    the list exists falls back to the full grid; one captured after reads the list."""
+    from memfit.kernels import decode_attention as da
+
+    q, run, _ = _ragged_case(b=3, hq=32, h=8, d=128, bits=bits, device="cuda", max_groups=30, seed=4)
+    run = da.PackedRun(**{**run.__dict__, "total_q": int(run.qlen.sum())})  # the total says they are uneven
+    args, _ = _case(b=3, hq=32, h=8, n=256, w=7, d=128, bits=bits, device="cuda", seed=5)
+    own = da.PackedRun(*args[1:11], bits, 64)
+    for runs in ([run], [own, run], [run, run]):
+        ref = da.decode_attention_runs_reference(q, runs)
+        for rep in range(2):  # built, then read from the cache
+            err = (da.decode_attention_runs(q, runs) - ref).abs().max().item()
+            assert err < 1e-2, (len(runs), rep, err)
+    assert any(k[0] == "work" for k in da._built_from(run.qlen))
+    fresh = da.PackedRun(**{**run.__dict__, "qlen": run.qlen.clone()})  # lengths no list was built from
+    ref = da.decode_attention_runs_reference(q, [fresh])
+    with pytest.MonkeyPatch.context() as mp:  # compile the full grid's kernels outside the capture
+        mp.setattr(da, "_cached_work", lambda *a: None)
+        da.decode_attention_runs(q, [fresh])
+    for _ in range(2):  # first captured without the list (the full grid), then with it
+        graph, out = torch.cuda.CUDAGraph(), None
+        with torch.cuda.graph(graph):
+            out = da.decode_attention_runs(q, [fresh])
+        graph.replay()
+        torch.cuda.synchronize()
+        assert (out - ref).abs().max().item() < 1e-2
+        da.decode_attention_runs(q, [fresh])  # eager: builds the list
+    assert any(k[0] == "work" for k in da._built_from(fresh.qlen))

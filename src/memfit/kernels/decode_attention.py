@@ -484,12 +484,24 @@ if triton is not None:
         tl.store(L + row * G + og, l_i, mask=gm)
 
     @triton.jit
-    def _merge_block(M, L, b, h, g, s0, H, NSPLIT, G: tl.constexpr, SP: tl.constexpr, m_run, denom):
-        """Slices s0 .. s0+SP-1 of a query head's running merge: their rows and mask, their weights
-        (scaled to the new running max), the factor that rescales what came before, the new max and
-        denominator."""
+    def _skipped(CNT, SKIP0, SKIP_END, b, h, H, HAS_SKIP: tl.constexpr):
+        """The slices a work-list launch left unwritten in this row and head: lo .. hi - 1 (empty
+        when lo == hi), past the slices that hold its tokens."""
+        if HAS_SKIP:
+            lo = SKIP0 + tl.load(CNT + b * H + h)
+            hi = SKIP_END
+        else:
+            lo = 0
+            hi = 0
+        return lo, hi
+
+    @triton.jit
+    def _merge_block(M, L, b, h, g, s0, H, NSPLIT, G: tl.constexpr, SP: tl.constexpr, m_run, denom, lo, hi):
+        """Slices s0 .. s0+SP-1 of a query head's running merge (those in lo .. hi - 1 were never
+        written: left out): their rows and mask, their weights (scaled to the new running max), the
+        factor that rescales what came before, the new max and denominator."""
         os_ = s0 + tl.arange(0, SP)
-        sm = os_ < NSPLIT
+        sm = (os_ < NSPLIT) & ((os_ < lo) | (os_ >= hi))
         row = ((b * H + h) * NSPLIT + os_) * G + g
         m = tl.load(M + row, mask=sm, other=float("-inf"))
         m_new = tl.maximum(m_run, tl.max(m, 0))
@@ -497,9 +509,9 @@ if triton is not None:
         w = tl.where(m > float("-inf"), tl.exp(m - m_new), 0.0)
         return row, sm, w, alpha, m_new, denom * alpha + tl.sum(w * tl.load(L + row, mask=sm, other=0.0), 0)
 
-    @triton.jit(do_not_specialize=["NSPLIT"])
-    def _merge_kernel(ACC, M, L, OUT, H, NSPLIT, G: tl.constexpr, D: tl.constexpr, SP: tl.constexpr,
-                      DB: tl.constexpr):
+    @triton.jit(do_not_specialize=["NSPLIT", "SKIP0", "SKIP_END"])
+    def _merge_kernel(ACC, M, L, OUT, H, NSPLIT, CNT, SKIP0, SKIP_END, G: tl.constexpr, D: tl.constexpr,
+                      SP: tl.constexpr, DB: tl.constexpr, HAS_SKIP: tl.constexpr = False):
         """out = sum_s exp(m_s - max) acc_s / sum_s exp(m_s - max) l_s over the slices s, for one
         query head and DB of its channels a program (many programs, one pass over the partials),
         SP slices at a time with a running max: one variant for any number of slices."""
@@ -508,19 +520,20 @@ if triton is not None:
         h = hq // G
         g = hq % G
         od = tl.program_id(2) * DB + tl.arange(0, DB)
+        lo, hi = _skipped(CNT, SKIP0, SKIP_END, b, h, H, HAS_SKIP)
         m_run = float("-inf")
         denom = 0.0
         out = tl.zeros([DB], dtype=tl.float32)
         for s0 in range(0, NSPLIT, SP):
-            row, sm, w, alpha, m_run, denom = _merge_block(M, L, b, h, g, s0, H, NSPLIT, G, SP, m_run, denom)
+            row, sm, w, alpha, m_run, denom = _merge_block(M, L, b, h, g, s0, H, NSPLIT, G, SP, m_run, denom, lo, hi)
             acc = tl.load(ACC + row[:, None] * D + od[None, :], mask=sm[:, None], other=0.0)
             out = out * alpha + tl.sum(acc * w[:, None], 0)
         tl.store(OUT + (b * H * G + hq) * D + od, out / denom)
 
 
-    @triton.jit(do_not_specialize=["NSPLIT", "NROT"])
-    def _merge_rotated_kernel(ACC, M, L, OUT, ROT, H, NSPLIT, NROT, G: tl.constexpr, D: tl.constexpr,
-                              SP: tl.constexpr, JB: tl.constexpr):
+    @triton.jit(do_not_specialize=["NSPLIT", "NROT", "SKIP0", "SKIP_END"])
+    def _merge_rotated_kernel(ACC, M, L, OUT, ROT, H, NSPLIT, NROT, CNT, SKIP0, SKIP_END, G: tl.constexpr,
+                              D: tl.constexpr, SP: tl.constexpr, JB: tl.constexpr, HAS_SKIP: tl.constexpr = False):
         """``_merge_kernel`` when slices 0..NROT-1 were attended in a rotated basis (runs stored
         rotated): their weighted sum ``t`` is kept apart and rotated back once, out = (plain + ROT t)
         / denominator, one query head a program (ROT [D, D] read JB rows at a time)."""
@@ -529,12 +542,13 @@ if triton is not None:
         h = hq // G
         g = hq % G
         od = tl.arange(0, D)
+        lo, hi = _skipped(CNT, SKIP0, SKIP_END, b, h, H, HAS_SKIP)
         m_run = float("-inf")
         denom = 0.0
         plain = tl.zeros([D], dtype=tl.float32)
         turned = tl.zeros([D], dtype=tl.float32)
         for s0 in range(0, NSPLIT, SP):
-            row, sm, w, alpha, m_run, denom = _merge_block(M, L, b, h, g, s0, H, NSPLIT, G, SP, m_run, denom)
+            row, sm, w, alpha, m_run, denom = _merge_block(M, L, b, h, g, s0, H, NSPLIT, G, SP, m_run, denom, lo, hi)
             acc = tl.load(ACC + row[:, None] * D + od[None, :], mask=sm[:, None], other=0.0)
             rot = s0 + tl.arange(0, SP) < NROT
             plain = plain * alpha + tl.sum(acc * tl.where(rot, 0.0, w)[:, None], 0)
@@ -558,6 +572,9 @@ GLUON_PROGRAMS_PER_SM_4BIT_32 = 12
 # slices left its tail to the longest runs (H200, 4-bit, lengths 1/4..7/4 of the mean: 8 x 32K
 # 0.153 -> 0.126 ms, 1 x 128K 0.082 -> 0.077 ms; a sweep of 1-8 waves in docs/gpu.md)
 RAGGED_WAVES = 3
+# uneven runs the Gluon kernel reads through a work list (only the slices that hold tokens, one
+# program each): slices sized for this many waves, as equal runs are (no idle programs to spread)
+WORK_WAVES = 1
 MERGE_SP, MERGE_DB = 128, 16  # measured on the H200: within 2% of the best of 7 settings at 1x128K, 8x32K, 1x8K
 MERGE_ROT = (64, 32, 4)  # the rotated merge: slices a step, rotation rows a step, warps (H200 sweep: see docs/gpu.md)
 
@@ -652,7 +669,7 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
     scale = d ** -0.5 if scale is None else scale
     # rotated runs' slices first (the merge is the same in any order): the merge rotates slices 0..n-1 back
     runs = sorted(runs, key=lambda r: r.rotation is None)
-    plans = []
+    plans, skip = [], None  # skip: the work list of the run launched through one (at most one a call)
     for r in runs:
         use_gluon = impl != "triton" and _gluon_fits(q, r)
         if impl == "gluon" and not use_gluon:
@@ -664,6 +681,8 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
         lens = _length_tensors(r.qlen, r.wlen, b, h, q.device) if per_head else (r.qlen, r.wlen)
         n, kg = r.max_q, r.kgroup
         total = r.total_q if r.total_q is not None else n * b * h
+        whole = lambda sl: split_len or max(kg, math.ceil(sl / kg) * kg)  # noqa: E731 (whole key groups a slice)
+        work = None
         if use_gluon:  # one wave of as many programs (one warp each) as the SMs hold
             small = r.bits == r.value_bits == 4 and gluon_decode.tile_tokens(kg, r.bits, r.value_bits) == 32
             cap = GLUON_PROGRAMS_PER_SM_4BIT_32 if small else GLUON_PROGRAMS_PER_SM
@@ -671,20 +690,27 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
                 q, r.kc, r.ks, r.kz, r.vc, r.vs, r.vz, r.kw, r.vw, *lens, r.qoff, r.woff, h=h, bits=r.bits,
                 kgroup=kg, per_head=per_head, vbits=r.value_bits))
             slots = pps * _sms(q.device)
-            if n * b * h > 1.1 * total:  # uneven runs: several waves of short slices
-                sl = math.ceil(total / (RAGGED_WAVES * slots))
+            nwin = math.ceil(r.max_w / gluon_decode.WINDOW_TILE)  # window slices (beside the rest)
+            if n * b * h > 1.1 * total:  # uneven runs: a work list of the busy slices, else several waves of short ones
+                sl = whole(math.ceil(total / max(WORK_WAVES * slots - b * h, slots // 2)))
+                # entries hold a row and head under 2**15 and a slice under 2**16
+                fits = b * h < 32768 and math.ceil(n / sl) + nwin < 65536
+                if skip is None and isinstance(r.qlen, torch.Tensor) and fits:
+                    work = _cached_work(r.qlen, n, sl, math.ceil(n / sl), nwin, q.device)
+                if work is None:
+                    sl = math.ceil(total / (RAGGED_WAVES * slots))
             elif r.offsets or r.total_q is not None:  # total / sl slices, and a part slice a row and head
                 sl = math.ceil(total / max(slots - b * h, slots // 2))
             else:  # as many slices a row and head as fit
                 sl = math.ceil(n / max(1, slots // (b * h)))
-        else:  # enough slices to fill the GPU
-            sl = math.ceil(total / ((programs_per_sm or 4) * _sms(q.device)))
-        # whole key groups a slice; slices past a short run's end return at once
-        sl = split_len or max(kg, math.ceil(sl / kg) * kg)
+        else:  # enough slices to fill the GPU; the window one slice
+            sl, nwin = math.ceil(total / ((programs_per_sm or 4) * _sms(q.device))), 1
+        # slices past a short run's end return at once
+        sl = whole(sl)
         nqs = math.ceil(n / sl)  # slices of the quantized tokens
-        # + the window: one slice (Triton kernel), or one a WINDOW_TILE tokens (Gluon: run beside the rest)
-        nwin = math.ceil(r.max_w / gluon_decode.WINDOW_TILE) if use_gluon else 1
-        plans.append((use_gluon, sl, nqs, nqs + max(nwin, 0), per_head, lens))
+        if work is not None:
+            skip = work
+        plans.append((use_gluon, sl, nqs, nqs + max(nwin, 0), per_head, lens, work))
     nsplit = sum(p[3] for p in plans)
     rows = b * h * nsplit * g
     # one allocation: acc, max, sum, each starting 16-byte aligned (Triton specializes pointers on
@@ -695,17 +721,21 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
     s0, nrot = 0, 0
     rot = next(iter(rotations.values())).to(q.device, torch.float32).contiguous() if rotations else None
     turned = q.float() @ rot if rot is not None else None  # the query in the rotated basis (float32)
-    for r, (use_gluon, sl, nqs, nslices, per_head, (qlen, wlen)) in zip(runs, plans):
+    cnt, skip0, skip_end = m, 0, 0
+    for r, (use_gluon, sl, nqs, nslices, per_head, (qlen, wlen), work) in zip(runs, plans):
         if not nslices:
             continue
+        if work is not None:  # the merge leaves out each row and head's slices past its count
+            cnt, skip0, skip_end = work[1], s0, s0 + nqs
         qr = q
         if r.rotation is not None:  # its slices' outputs are rotated back by the merge
             qr, nrot = turned, s0 + nslices
         if use_gluon:
-            gluon_decode.launch(qr, r.kc, r.ks, r.kz, r.vc, r.vs, r.vz, r.kw, r.vw, qlen, wlen, r.qoff, r.woff, acc,
-                                m, lsum, h=h, bits=r.bits, kgroup=r.kgroup, nq=r.max_q, nw=r.max_w, s0=s0,
-                                nslices=nslices, nsplit=nsplit, nqs=nqs, split_len=sl, scale=scale,
-                                per_head=per_head, vbits=r.value_bits)
+            if work is None or work[0].numel():
+                gluon_decode.launch(qr, r.kc, r.ks, r.kz, r.vc, r.vs, r.vz, r.kw, r.vw, qlen, wlen, r.qoff, r.woff,
+                                    acc, m, lsum, h=h, bits=r.bits, kgroup=r.kgroup, nq=r.max_q, nw=r.max_w, s0=s0,
+                                    nslices=nslices, nsplit=nsplit, nqs=nqs, split_len=sl, scale=scale,
+                                    per_head=per_head, vbits=r.value_bits, work=None if work is None else work[0])
         else:
             # pre-RoPE runs: 8 warps, 2 stages (at 4 warps the rotation's operands spill: 540 bytes at 4 bits, sm_90)
             rope = r.rope is not None
@@ -717,29 +747,63 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
     out = torch.empty(b, hq, d, device=q.device, dtype=out_dtype)
     if nrot:  # the partial sums are linear in the values: the rotated ones' sum is rotated back once
         sp, jb, warps = MERGE_ROT
-        _merge_rotated_kernel[(b, hq)](acc, m, lsum, out, rot, h, nsplit, nrot, G=g, D=d, SP=sp, JB=jb, num_warps=warps)
+        _merge_rotated_kernel[(b, hq)](acc, m, lsum, out, rot, h, nsplit, nrot, cnt, skip0, skip_end, G=g, D=d,
+                                       SP=sp, JB=jb, HAS_SKIP=skip is not None, num_warps=warps)
         return out
     # MERGE_SP slices at a time whatever their number (no compile as a fork grows or from layer to
     # layer), MERGE_DB channels a program: many small programs over the partials
     db = min(d, MERGE_DB)
-    _merge_kernel[(b, hq, d // db)](acc, m, lsum, out, h, nsplit, G=g, D=d, SP=MERGE_SP, DB=db)
+    _merge_kernel[(b, hq, d // db)](acc, m, lsum, out, h, nsplit, cnt, skip0, skip_end, G=g, D=d, SP=MERGE_SP,
+                                    DB=db, HAS_SKIP=skip is not None)
     return out
 
 
-_ROPE_TABLES: dict[int, tuple] = {}  # id(inv_freq) -> (a weak reference to it, {block: table})
+_PER_TENSOR: dict[int, tuple] = {}  # id(t) -> (a weak reference to t, {key: what was built from it})
+
+
+def _built_from(t: torch.Tensor) -> dict:
+    """What was built once from tensor ``t`` (a RoPE table, a work list), dropped with ``t``."""
+    hit = _PER_TENSOR.get(id(t))
+    if hit is None or hit[0]() is not t:
+        hit = _PER_TENSOR[id(t)] = (weakref.ref(t), {})
+        weakref.finalize(t, _PER_TENSOR.pop, id(t), None)
+    return hit[1]
 
 
 def _rope_table(inv_freq: torch.Tensor, block: int) -> torch.Tensor:
     """cos and sin of i * inv_freq for the offsets i < block within a tile, float32 [2, block, D/2]:
     built once per inv_freq tensor (memfit.kv.rope.RoPE keeps one copy a device), not at every decode step."""
-    hit = _ROPE_TABLES.get(id(inv_freq))
-    if hit is None or hit[0]() is not inv_freq:
-        hit = _ROPE_TABLES[id(inv_freq)] = (weakref.ref(inv_freq), {})
-        weakref.finalize(inv_freq, _ROPE_TABLES.pop, id(inv_freq), None)
-    if block not in hit[1]:
+    built = _built_from(inv_freq)
+    if ("rope", block) not in built:
         ang = torch.arange(block, device=inv_freq.device, dtype=torch.float32)[:, None] * inv_freq[None, :]
-        hit[1][block] = torch.stack((ang.cos(), ang.sin())).contiguous()
-    return hit[1][block]
+        built["rope", block] = torch.stack((ang.cos(), ang.sin())).contiguous()
+    return built["rope", block]
+
+
+def work_list(lens: list[int], split_len: int, nqs: int, nwin: int) -> tuple[list[int], list[int]]:
+    """The programs of a work-list launch over runs of ``lens`` quantized tokens (one a row and head,
+    row-major): entries ``row_head * 65536 + slice`` for every slice of ``split_len`` tokens that
+    holds some (slice-major: each row and head's first slices, then their second ...), then the
+    ``nwin`` window slices of every row and head (they write an empty slice where it has no window,
+    which the merge reads). Also each row and head's count of quantized slices."""
+    counts = [min(nqs, -(-max(n, 0) // split_len)) for n in lens]
+    entries = [rh * 65536 + s for s in range(nqs) for rh, c in enumerate(counts) if s < c]
+    entries += [rh * 65536 + nqs + j for j in range(nwin) for rh in range(len(lens))]
+    return entries, counts
+
+
+def _cached_work(qlen: torch.Tensor, n: int, split_len: int, nqs: int, nwin: int, device: torch.device):
+    """The work list and counts (int32 tensors on ``device``) of runs whose lengths are ``qlen``
+    (clamped to ``n``), built once per lengths tensor and launch shape; None while a CUDA graph is
+    being captured and they were not built yet (building reads the lengths on the host)."""
+    built = _built_from(qlen)
+    key = ("work", qlen._version, n, split_len, nqs, nwin, device)
+    if key not in built:
+        if qlen.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None
+        entries, counts = work_list([min(x, n) for x in qlen.flatten().tolist()], split_len, nqs, nwin)
+        built[key] = tuple(torch.tensor(x, dtype=torch.int32, device=device) for x in (entries, counts))
+    return built[key]
 
 
 def _launch_triton(q, r: PackedRun, qlen, wlen, acc, m, lsum, *, h, s0, nslices, nsplit, nqs, split_len, scale,

@@ -150,11 +150,11 @@ if gluon is not None:
     @gluon.jit(do_not_specialize=["QLEN", "WLEN", "NSPLIT", "S0", "NQS", "NQ", "NW"])
     def _split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KW, VWIN, QLEN, WLEN, QOFF, WOFF, ACC, M, L,
                       sqb, sqh, skcb, skch, sksb, sksh, svcb, svch, svsb, svsh, swb, swh,
-                      H, NSPLIT, S0, NQS, SPLIT_LEN, NQ, NW, scale,
+                      H, NSPLIT, S0, NQS, SPLIT_LEN, NQ, NW, scale, WL,
                       G: gl.constexpr, D: gl.constexpr, BITS: gl.constexpr, NVG: gl.constexpr,
                       T: gl.constexpr, VW: gl.constexpr, PER_HEAD: gl.constexpr, STAGES: gl.constexpr,
                       WTILE: gl.constexpr, OFFSETS: gl.constexpr, VBITS: gl.constexpr, KG: gl.constexpr,
-                      TM: gl.constexpr = False, GN: gl.constexpr = 8):
+                      TM: gl.constexpr = False, GN: gl.constexpr = 8, WORK: gl.constexpr = False):
         """One program: one row, one KV head, one slice of the quantized tokens, one warp; tiles of
         T tokens within key groups of KG (one row of key scales a tile; T <= KG, KG % T == 0).
         Writes the slice's unnormalized output (float32 [G, D]), running max (natural log) and sum,
@@ -164,10 +164,18 @@ if gluon is not None:
         copies (cp.async), issued ``STAGES - 1`` tiles ahead: no registers wait on memory.
         ``TM``: the tokens are the MMAs' M and the query heads their N (``GN`` columns: 8 or 16),
         see ``_tile_t``; else the query heads are M (16 rows), see ``_tile``. ``VBITS``: the value
-        codes' width (``BITS`` is the keys')."""
-        b = gl.program_id(0)
-        h = gl.program_id(1)
-        s = gl.program_id(2)
+        codes' width (``BITS`` is the keys'). ``WORK``: a 1-D launch over the work list ``WL``
+        (int32, ``(b * H + h) * 65536 + s`` an entry: only the slices that hold tokens)."""
+        if WORK:
+            e = gl.load(WL + gl.program_id(0))
+            bh = e // 65536
+            b = bh // H
+            h = bh % H
+            s = e % 65536
+        else:
+            b = gl.program_id(0)
+            h = gl.program_id(1)
+            s = gl.program_id(2)
         if OFFSETS:  # 32-bit: a layer's flat storage holds fewer than 2**31 / 64 tokens
             # runs start at whole key groups: // KG * KG says so to the compiler, whose 16-byte
             # asynchronous copies need that alignment proven (the value scales are 2-byte words)
@@ -619,7 +627,7 @@ def supports(d: int, bits: int, kgroup: int, nvg: int, group: int, vbits: int | 
 
 def _prepared(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, acc, m, lsum, *, h: int, bits: int,
               kgroup: int, nq: int, nw: int, s0: int, nsplit: int, nqs: int, split_len: int, scale: float,
-              per_head: bool, stages: int, window_tile: int, vbits: int):
+              per_head: bool, stages: int, window_tile: int, vbits: int, work: torch.Tensor | None = None):
     """The kernel that takes these inputs, its arguments and its compile-time ones."""
     b, hq, d = q.shape
     offsets = qoff is not None
@@ -628,9 +636,9 @@ def _prepared(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, acc, m,
     g, nvg = hq // h, vs.shape[-1]
     args = (q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff if offsets else m, woff if offsets else m,
             acc, m, lsum, q.stride(0), q.stride(1), *st(kc), *st(ks), *st(vc), *st(vs), *st(kw),
-            h, nsplit, s0, nqs, split_len, nq, nw, scale)
+            h, nsplit, s0, nqs, split_len, nq, nw, scale, m if work is None else work)
     common = dict(G=g, D=d, BITS=bits, NVG=nvg, T=tile_tokens(kgroup, bits, vbits), KG=kgroup, PER_HEAD=per_head,
-                  STAGES=stages, WTILE=window_tile, OFFSETS=offsets, VBITS=vbits, num_warps=1)
+                  STAGES=stages, WTILE=window_tile, OFFSETS=offsets, VBITS=vbits, WORK=work is not None, num_warps=1)
     if _token_major(d, vbits, nvg, g):  # the value words decide it
         return _split_kernel, args, dict(VW=_word_bits_t(d, vbits, nvg), TM=True, GN=8 if g <= 8 else 16, **common)
     return _split_kernel, args, dict(VW=_word_bits(d, vbits, nvg), **common)
@@ -655,7 +663,7 @@ def programs_per_sm(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, *
                                       split_len=kgroup, scale=1.0, per_head=per_head, stages=stages,
                                       window_tile=window_tile, vbits=vbits)
         work = torch.empty(64, device=q.device, dtype=torch.float32)  # the partials' dtype and alignment
-        args = args[:13] + (work, work, work) + args[16:]
+        args = args[:13] + (work, work, work) + args[16:-1] + (work,)
         compiled = kernel.warmup(*args, grid=(1,), **kw_)
         compiled._init_handles()  # loads it: its register count is known from then on
         props = torch.cuda.get_device_properties(q.device)
@@ -668,12 +676,15 @@ def programs_per_sm(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, *
 
 def launch(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, acc, m, lsum, *, h: int, bits: int,
            kgroup: int, nq: int, nw: int, s0: int, nslices: int, nsplit: int, nqs: int, split_len: int, scale: float,
-           per_head: bool, vbits: int, stages: int = 2, window_tile: int = WINDOW_TILE) -> None:
+           per_head: bool, vbits: int, stages: int = 2, window_tile: int = WINDOW_TILE,
+           work: torch.Tensor | None = None) -> None:
     """Fill slices ``s0 .. s0 + nslices`` of the ``nsplit`` in ``acc`` / ``m`` / ``lsum``: ``nqs``
     of the quantized tokens (at most ``nq`` a row and head), then the 16-bit window's (at most
-    ``nw``), ``window_tile`` tokens each. ``qoff`` / ``woff``: [B, H] starts in flat storage, or None."""
+    ``nw``), ``window_tile`` tokens each. ``qoff`` / ``woff``: [B, H] starts in flat storage, or None.
+    ``work``: int32 entries ``(b * h + head) * 65536 + slice``, the slices to run (one program each)
+    instead of every row, head and slice."""
     kernel, args, kw_ = _prepared(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, acc, m, lsum, h=h,
                                   bits=bits, kgroup=kgroup, nq=nq, nw=nw, s0=s0, nsplit=nsplit, nqs=nqs,
                                   split_len=split_len, scale=scale, per_head=per_head, stages=stages,
-                                  window_tile=window_tile, vbits=vbits)
-    kernel[(q.shape[0], h, nslices)](*args, **kw_)
+                                  window_tile=window_tile, vbits=vbits, work=work)
+    kernel[(q.shape[0], h, nslices) if work is None else (work.numel(),)](*args, **kw_)
