@@ -241,4 +241,6 @@ def test_plan_for_gpu_memory_picks_what_the_decode_kernel_reads(model_dir):
                             f"{info['budget_bytes'] + 16 * 10**6}B"])
     assert r.exit_code == 0, r.output
     line = next(ln for ln in r.output.splitlines() if ln.startswith("planner:"))
-    assert "klt(" not in line and "kvzip(" in line
+    from memfit.kv.policy import parse_policy
+
+    assert "klt(" not in line and parse_policy(line.split()[1]).packed_decode, line

@@ -336,7 +336,9 @@ def calibrate(
     seed: int = typer.Option(0),
     model: str = typer.Option("smollm2", "--model", "-m"),
     out: Path = typer.Option(Path("results/calibration.json"), "--out", "-o", help="Where the table goes (the "
-                             "planner reads src/memfit/kv/calibration.json, or --table of memfit plan)."),
+                             "planner reads src/memfit/kv/calibration.json)."),
+    add: bool = typer.Option(False, "--add", help="Keep the tables --out already holds for other context lengths "
+                             "(one of this length is replaced): the planner reads the one nearest a context's length."),
 ) -> None:
     """Measure the planner's families (a quantizer, or an eviction at several keeps then a quantizer)
     against an uncompressed cache, and write the table the budget planner chooses by."""
@@ -349,12 +351,22 @@ def calibrate(
         _fail(f"unknown task(s) {', '.join(unknown)}; valid tasks: {', '.join(TASKS)}")
     if samples < 1 or length < 64:
         _fail("--samples must be >= 1 and --length >= 64")
+    kept = []
+    if add:  # read before the long run: a file that is not a table fails now, not after it
+        from memfit.kv.plan import read_tables, tables_dict
+
+        try:
+            kept = [t for t in (read_tables(out) or ()) if t.length != length]
+            if any(t.length is None for t in kept):
+                _fail(f"{out}: its table does not say its context length, so --add cannot keep it beside another")
+        except ValueError as e:
+            _fail(str(e))
     lm = _load(model)
     try:
         table = run(lm, names, length, samples, seed, out_dir=out.with_suffix(""))
     except ValueError as e:
         _fail(str(e))
-    _write_json(out, table.to_dict())
+    _write_json(out, tables_dict([*kept, table]) if kept else table.to_dict())
     for f in table.families:
         typer.echo(f"{f.template:<56} " + "  ".join(f"{c:.2f}x {100 * r:.0f}%" for c, r in f.points))
     typer.echo(f"-> {out}")

@@ -33,9 +33,40 @@ def test_calibration_groups_each_family_and_divides_by_none(monkeypatch):
 def test_the_shipped_table_measures_the_families_calibrate_runs():
     """The planner's table is what ``memfit calibrate`` writes: a family added to (or dropped from)
     FAMILIES without calibrating again would leave the planner choosing among stale ones."""
-    from memfit.kv.plan import load_calibration
+    from memfit.kv.plan import CALIBRATION_FILE, read_tables
 
-    table = load_calibration()
-    assert table is not None and [f.template for f in table.families] == list(cal.FAMILIES)
-    for f in table.families:  # every keep measured (a fixed family: its one point)
-        assert len(f.points) == (len(cal.KEEPS) if f.free else 1)
+    tables = read_tables(CALIBRATION_FILE)
+    assert tables
+    for table in tables:  # one a context length
+        assert [f.template for f in table.families] == list(cal.FAMILIES)
+        for f in table.families:  # every keep measured (a fixed family: its one point)
+            assert len(f.points) == (len(cal.KEEPS) if f.free else 1)
+
+
+def test_calibrate_add_keeps_the_tables_of_other_lengths(tmp_path, monkeypatch):
+    """``memfit calibrate --add`` writes its table beside those --out holds for other lengths (one of
+    the same length replaced); without --add the file is that one table; a file that is not a table
+    fails before the measuring starts."""
+    import json
+
+    from typer.testing import CliRunner
+
+    import memfit.cli as cli
+    from memfit.kv.plan import Calibration, Family, load_calibration
+
+    def fake(lm, tasks, length, samples, seed, out_dir=None):
+        return Calibration((Family("kivi(bits=4,residual=32)", ((3.3, 0.9 + length / 1e5),)),), {"length": length})
+
+    monkeypatch.setattr(cal, "calibrate", fake)
+    monkeypatch.setattr(cli, "_load", lambda model: object())
+    out = tmp_path / "cal.json"
+    run = lambda *a: CliRunner().invoke(cli.app, ["calibrate", "-o", str(out), *a])  # noqa: E731
+    assert run("-n", "1024").exit_code == 0 and "tables" not in json.loads(out.read_text())
+    assert run("-n", "4096", "--add").exit_code == 0
+    assert run("-n", "4096", "--add").exit_code == 0  # the same length again: replaced, not doubled
+    assert [t["length"] for t in json.loads(out.read_text())["tables"]] == [1024, 4096]
+    assert load_calibration(out, num_tokens=5000).families[0].points == ((3.3, 0.9 + 4096 / 1e5),)
+    assert run("-n", "2048").exit_code == 0 and json.loads(out.read_text())["length"] == 2048  # no --add: replaced
+    out.write_text("{}")
+    r = run("-n", "1024", "--add")
+    assert r.exit_code == 2 and "not a memfit calibration table" in r.output

@@ -157,6 +157,37 @@ def test_calibration_tables_are_checked(tmp_path):
     assert load_calibration(good) == TABLE
 
 
+def test_a_plan_reads_the_table_measured_nearest_its_length(tmp_path, monkeypatch):
+    """A file may hold a table a context length (``memfit calibrate --add``); a plan reads the one
+    measured nearest its own length (in log length), so a family that wins at 1K tokens need not at 4K."""
+    import json
+
+    import memfit.kv.plan as planner
+    from memfit.kv.plan import tables_dict
+
+    short = Calibration(TABLE.families, {"length": 1024})
+    # at 4K the eviction alone does better at 2x than at 1K: 99% -> 100%, while kivi(bits=4) stays
+    long = Calibration.from_dict({"length": 4096, "families": [
+        {"template": "kivi(bits=4,residual=32)", "points": [[3.5, 0.96]]},
+        {"template": "kvzip(keep={keep})", "points": [[2.0, 1.0], [4.0, 0.99]]}]})
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps(tables_dict([long, short])))
+    assert [t["length"] for t in json.loads(path.read_text())["tables"]] == [1024, 4096]
+    assert load_calibration(path, num_tokens=1500) == short and load_calibration(path, num_tokens=3000) == long
+    assert load_calibration(path, num_tokens=131072) == long and load_calibration(path) == short
+    monkeypatch.setattr(planner, "_shipped_calibration", lambda: planner.read_tables(path))
+    shape = KVShape(32, 8, 128)
+    for n, want in ((1024, "kivi(bits=4"), (4096, "kvzip(keep=")):  # 3.5x: kivi 96% vs kvzip ~93% at 1K, ~99.6% at 4K
+        assert plan(n * shape.full_bytes_per_token // 3, n, shape)[0].spec.startswith(want), n
+    with pytest.raises(ValueError, match="its own context length"):
+        tables_dict([short, Calibration(TABLE.families, {"length": 1024})])
+    with pytest.raises(ValueError, match="its own context length"):
+        tables_dict([short, TABLE])  # TABLE says no length
+    path.write_text(json.dumps({"tables": [TABLE.to_dict(), TABLE.to_dict()]}))
+    with pytest.raises(ValueError, match="not a memfit calibration table"):
+        load_calibration(path)
+
+
 def test_parameter_count_from_config_alone():
     model = tiny_llama()
     assert count_parameters(model.config) == sum(p.numel() for p in model.parameters())

@@ -4,7 +4,8 @@ a byte budget best.
 "Best" is measured: a calibration table (``calibration.json`` beside this file, written by ``memfit
 calibrate``) holds, for a few families of policies (a quantizer, or an eviction whose ``keep`` is free
 followed by a quantizer, each with its 16-bit window), the accuracy they kept relative to an
-uncompressed cache at several compressions. For a budget, every family is fitted to it (the largest
+uncompressed cache at several compressions. The file holds one table a context length it was
+measured at; a plan reads the one nearest its own length. For a budget, every family is fitted to it (the largest
 ``keep`` that fits) and the planner takes the one whose measured accuracy, interpolated at the
 compression it reaches, is highest. Without a table it falls back to a fixed ladder (none, 8-bit,
 4-bit, then eviction in 4-bit).
@@ -265,27 +266,53 @@ class Calibration:
         return {**self.source, "families": [{"template": f.template, "points": [list(p) for p in f.points]}
                                             for f in self.families]}
 
+    @property
+    def length(self) -> int | None:
+        """The context length (tokens) it was measured at, where it says."""
+        return self.source.get("length")
+
 
 CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
 
 
-def load_calibration(path: "Path | str | None" = None) -> Calibration | None:
-    """The table at ``path`` (default: the one shipped with memfit, read once; None if there is none)."""
-    if path is None:
-        return _shipped_calibration()
-    return _read_calibration(Path(path))
+def load_calibration(path: "Path | str | None" = None, num_tokens: int | None = None) -> Calibration | None:
+    """The table at ``path`` (default: the one shipped with memfit, read once; None if there is none).
+    A file may hold tables measured at several context lengths (``{"tables": [...]}``, see
+    :func:`tables_dict`): the one measured nearest ``num_tokens`` (in log length) is returned, the
+    first where ``num_tokens`` is None. Which policy keeps the most at a ratio depends on the length:
+    at 1K tokens a keep of 0.2 leaves KVzip about 200 tokens a layer, at 4K tokens 800."""
+    tables = _shipped_calibration() if path is None else read_tables(Path(path))
+    if not tables:
+        return None
+    if num_tokens is None or len(tables) == 1:
+        return tables[0]
+    return min(tables, key=lambda t: abs(math.log(num_tokens / t.length)))
+
+
+def tables_dict(tables: "list[Calibration]") -> dict:
+    """Several tables as one file holds them (ordered by length); each must say its length."""
+    if any(t.length is None for t in tables) or len({t.length for t in tables}) != len(tables):
+        raise ValueError("tables kept together need each its own context length")
+    return {"tables": [t.to_dict() for t in sorted(tables, key=lambda t: t.length)]}
 
 
 @functools.cache
-def _shipped_calibration() -> Calibration | None:
-    return _read_calibration(CALIBRATION_FILE)  # every budgeted prefill plans: read the file once
+def _shipped_calibration() -> tuple[Calibration, ...] | None:
+    return read_tables(CALIBRATION_FILE)  # every budgeted prefill plans: read the file once
 
 
-def _read_calibration(path: Path) -> Calibration | None:
+def read_tables(path: Path) -> tuple[Calibration, ...] | None:
+    """The tables a file holds: one (as ``memfit calibrate`` writes it) or several (``{"tables": [...]}``)."""
     if not path.exists():
         return None
     try:
-        return Calibration.from_dict(json.loads(path.read_text()))
+        d = json.loads(path.read_text())
+        tables = tuple(Calibration.from_dict(t) for t in d["tables"]) if "tables" in d else (Calibration.from_dict(d),)
+        if not tables:
+            raise ValueError("no tables")
+        if len(tables) > 1:
+            tables_dict(list(tables))  # the same checks as when they were written
+        return tables
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a memfit calibration table ({e})") from None
 
@@ -293,11 +320,12 @@ def _read_calibration(path: Path) -> Calibration | None:
 def plan(budget_bytes: int, num_tokens: int, shape: KVShape, evict: str = "kvzip",
          table: "Calibration | None | bool" = True, packed: bool = False) -> tuple[Policy, int]:
     """The policy that fits ``budget_bytes`` best, and its byte count: the family of ``table``
-    (True: the shipped one; None or no table: :func:`plan_ladder`) with the highest measured accuracy
-    at the compression it reaches within the budget, less ``OVERSHOOT_COST`` per e-fold it compresses
-    beyond the budget's. No compression when it fits. ``packed``: only families the CUDA decode kernel
-    reads (:attr:`Policy.packed_decode`; a GPU model's). Raises ValueError when nothing fits."""
-    table = load_calibration() if table is True else table
+    (True: the shipped one measured nearest ``num_tokens``; None or no table: :func:`plan_ladder`) with
+    the highest measured accuracy at the compression it reaches within the budget, less
+    ``OVERSHOOT_COST`` per e-fold it compresses beyond the budget's. No compression when it fits.
+    ``packed``: only families the CUDA decode kernel reads (:attr:`Policy.packed_decode`; a GPU
+    model's). Raises ValueError when nothing fits."""
+    table = load_calibration(num_tokens=num_tokens) if table is True else table
     if table is None or table is False:
         return plan_ladder(budget_bytes, num_tokens, shape, evict)
     _check_plan_args(budget_bytes, num_tokens, evict)
