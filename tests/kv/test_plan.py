@@ -183,6 +183,8 @@ def test_a_plan_reads_the_table_measured_nearest_its_length(tmp_path, monkeypatc
         tables_dict([short, Calibration(TABLE.families, {"length": 1024})])
     with pytest.raises(ValueError, match="its own context length"):
         tables_dict([short, TABLE])  # TABLE says no length
+    with pytest.raises(ValueError, match="its own context length"):
+        tables_dict([short, Calibration(TABLE.families, {"length": 0})])
     path.write_text(json.dumps({"tables": [TABLE.to_dict(), TABLE.to_dict()]}))
     with pytest.raises(ValueError, match="not a memfit calibration table"):
         load_calibration(path)

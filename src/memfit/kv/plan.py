@@ -5,10 +5,10 @@ a byte budget best.
 calibrate``) holds, for a few families of policies (a quantizer, or an eviction whose ``keep`` is free
 followed by a quantizer, each with its 16-bit window), the accuracy they kept relative to an
 uncompressed cache at several compressions. The file holds one table a context length it was
-measured at; a plan reads the one nearest its own length. For a budget, every family is fitted to it (the largest
-``keep`` that fits) and the planner takes the one whose measured accuracy, interpolated at the
-compression it reaches, is highest. Without a table it falls back to a fixed ladder (none, 8-bit,
-4-bit, then eviction in 4-bit).
+measured at; a plan reads the one nearest its own length. For a budget, every family is fitted to
+it (the largest ``keep`` that fits) and the planner takes the one whose measured accuracy,
+interpolated at the compression it reaches, is highest. Without a table it falls back to a fixed
+ladder (none, 8-bit, 4-bit, then eviction in 4-bit).
 
 The bytes are counted the way ``CompressedCache.nbytes`` counts them (codes, scales, zero points,
 the 16-bit window, the per-head length table of ragged layers). For uniform heads the count is
@@ -291,8 +291,9 @@ def load_calibration(path: "Path | str | None" = None, num_tokens: int | None = 
 
 def tables_dict(tables: "list[Calibration]") -> dict:
     """Several tables as one file holds them (ordered by length); each must say its length."""
-    if any(t.length is None for t in tables) or len({t.length for t in tables}) != len(tables):
-        raise ValueError("tables kept together need each its own context length")
+    lengths = [t.length for t in tables]
+    if any(not isinstance(n, int) or n < 1 for n in lengths) or len(set(lengths)) != len(lengths):
+        raise ValueError("tables kept together need each its own context length (a positive token count)")
     return {"tables": [t.to_dict() for t in sorted(tables, key=lambda t: t.length)]}
 
 
