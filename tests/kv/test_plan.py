@@ -179,6 +179,7 @@ def test_a_plan_reads_the_table_measured_nearest_its_length(tmp_path, monkeypatc
     shape = KVShape(32, 8, 128)
     for n, want in ((1024, "kivi(bits=4"), (4096, "kvzip(keep=")):  # 3.5x: kivi 96% vs kvzip ~93% at 1K, ~99.6% at 4K
         assert plan(n * shape.full_bytes_per_token // 3, n, shape)[0].spec.startswith(want), n
+        assert planner.plan_budget(3, n, shape)[1]["calibration_tokens"] == n  # what ctx.meta["plan"] says it read
     with pytest.raises(ValueError, match="its own context length"):
         tables_dict([short, Calibration(TABLE.families, {"length": 1024})])
     with pytest.raises(ValueError, match="its own context length"):

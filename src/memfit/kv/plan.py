@@ -365,11 +365,14 @@ def plan(budget_bytes: int, num_tokens: int, shape: KVShape, evict: str = "kvzip
 def plan_budget(budget: "str | float", num_tokens: int, shape: KVShape, evict: str = "kvzip",
                 packed: bool = False) -> tuple[Policy, dict]:
     """The planner's policy for ``budget`` (a size or a compression factor, see :func:`budget_bytes`),
-    with what it based the choice on (``ctx.meta["plan"]``); ``packed`` as in :func:`plan`."""
+    with what it based the choice on (``ctx.meta["plan"]``; ``calibration_tokens``: the context length
+    of the shipped table it read, None without one); ``packed`` as in :func:`plan`."""
     limit = budget_bytes(budget, num_tokens, shape)
     policy, estimate = plan(limit, num_tokens, shape, evict, packed=packed)
+    table = load_calibration(num_tokens=num_tokens)
     return policy, {"budget": budget, "budget_bytes": limit, "policy": policy.spec, "estimate": estimate,
-                    "full_nbytes": num_tokens * shape.full_bytes_per_token}
+                    "full_nbytes": num_tokens * shape.full_bytes_per_token,
+                    "calibration_tokens": table.length if table is not None else None}
 
 
 SLACK_STEPS = 8  # keep fractions tried above the planner's estimate when a budget has room to spare
