@@ -353,14 +353,16 @@ def calibrate(
         _fail("--samples must be >= 1 and --length >= 64")
     kept = []
     if add:  # read before the long run: a file that is not a table fails now, not after it
-        from memfit.kv.plan import read_tables, tables_dict
+        from memfit.kv.plan import check_lengths, read_tables, tables_dict
 
         try:
             kept = [t for t in (read_tables(out) or ()) if t.length != length]
-            if any(t.length is None for t in kept):
-                _fail(f"{out}: its table does not say its context length, so --add cannot keep it beside another")
         except ValueError as e:
             _fail(str(e))
+        try:
+            check_lengths(kept)  # what tables_dict will ask of them, asked now
+        except ValueError as e:
+            _fail(f"{out}: {e}")
     lm = _load(model)
     try:
         table = run(lm, names, length, samples, seed, out_dir=out.with_suffix(""))

@@ -70,3 +70,6 @@ def test_calibrate_add_keeps_the_tables_of_other_lengths(tmp_path, monkeypatch):
     out.write_text("{}")
     r = run("-n", "1024", "--add")
     assert r.exit_code == 2 and "not a memfit calibration table" in r.output
+    out.write_text(json.dumps({"families": [{"template": "kivi(bits=4,residual=32)", "points": [[3.3, 0.9]]}]}))
+    r = run("-n", "1024", "--add")  # a table that does not say its length cannot be kept beside another
+    assert r.exit_code == 2 and "context length" in r.output and "tables" not in json.loads(out.read_text())

@@ -693,10 +693,10 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
             nwin = math.ceil(r.max_w / gluon_decode.WINDOW_TILE)  # window slices (beside the rest)
             if n * b * h > 1.1 * total:  # uneven runs: a work list of the busy slices, else several waves of short ones
                 sl = whole(math.ceil(total / max(WORK_WAVES * slots - b * h, slots // 2)))
+                nqs = math.ceil(n / sl)
                 # entries hold a row and head under 2**15 and a slice under 2**16
-                fits = b * h < 32768 and math.ceil(n / sl) + nwin < 65536
-                if skip is None and isinstance(r.qlen, torch.Tensor) and fits:
-                    work = _cached_work(r.qlen, n, sl, math.ceil(n / sl), nwin, q.device)
+                if skip is None and isinstance(r.qlen, torch.Tensor) and b * h < 32768 and nqs + nwin < 65536:
+                    work = _cached_work(r.qlen, n, sl, nqs, nwin, q.device)
                 if work is None:
                     sl = math.ceil(total / (RAGGED_WAVES * slots))
             elif r.offsets or r.total_q is not None:  # total / sl slices, and a part slice a row and head

@@ -289,11 +289,16 @@ def load_calibration(path: "Path | str | None" = None, num_tokens: int | None = 
     return min(tables, key=lambda t: abs(math.log(num_tokens / t.length)))
 
 
-def tables_dict(tables: "list[Calibration]") -> dict:
-    """Several tables as one file holds them (ordered by length); each must say its length."""
+def check_lengths(tables: "list[Calibration] | tuple[Calibration, ...]") -> None:
+    """Tables kept together must each say its own context length (a positive token count)."""
     lengths = [t.length for t in tables]
     if any(not isinstance(n, int) or n < 1 for n in lengths) or len(set(lengths)) != len(lengths):
         raise ValueError("tables kept together need each its own context length (a positive token count)")
+
+
+def tables_dict(tables: "list[Calibration]") -> dict:
+    """Several tables as one file holds them (ordered by length); see :func:`check_lengths`."""
+    check_lengths(tables)
     return {"tables": [t.to_dict() for t in sorted(tables, key=lambda t: t.length)]}
 
 
@@ -312,7 +317,7 @@ def read_tables(path: Path) -> tuple[Calibration, ...] | None:
         if not tables:
             raise ValueError("no tables")
         if len(tables) > 1:
-            tables_dict(list(tables))  # the same checks as when they were written
+            check_lengths(tables)  # the same checks as when they were written
         return tables
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a memfit calibration table ({e})") from None
@@ -368,8 +373,8 @@ def plan_budget(budget: "str | float", num_tokens: int, shape: KVShape, evict: s
     with what it based the choice on (``ctx.meta["plan"]``; ``calibration_tokens``: the context length
     of the shipped table it read, None without one); ``packed`` as in :func:`plan`."""
     limit = budget_bytes(budget, num_tokens, shape)
-    policy, estimate = plan(limit, num_tokens, shape, evict, packed=packed)
-    table = load_calibration(num_tokens=num_tokens)
+    table = load_calibration(num_tokens=num_tokens)  # what plan(table=True) reads, chosen once
+    policy, estimate = plan(limit, num_tokens, shape, evict, table=table, packed=packed)
     return policy, {"budget": budget, "budget_bytes": limit, "policy": policy.spec, "estimate": estimate,
                     "full_nbytes": num_tokens * shape.full_bytes_per_token,
                     "calibration_tokens": table.length if table is not None else None}
