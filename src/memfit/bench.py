@@ -691,7 +691,8 @@ def parse_weight_config(spec: str):
     ``"guided:4:uniform"``, ``"anyprec:8"``, ``"hqq:3:q2"`` (QDEC on 2% of the input channels, its
     residual at 8 bits; ``:q2:r4`` at 4), ``"twin:3:g32:m8:l0.4"`` (low-rank factors on 0.4 bits a
     weight, a rank per layer; ``:even`` the same rank fraction everywhere; ``:t0`` without the
-    distillation steps that tune the factors, 16 by default) -> WeightQuant."""
+    distillation steps that tune the factors, 16 by default), ``:awq`` (per-channel scales searched and
+    folded before quantizing) -> WeightQuant."""
     from memfit.weights import WeightQuant
 
     parts = spec.split(":")
@@ -703,6 +704,8 @@ def parse_weight_config(spec: str):
             kw["grid"] = extra
         elif extra == "even":
             kw["twin_ranks"] = "uniform"
+        elif extra == "awq":
+            kw["scale_search"] = True
         elif extra[:1] in ("g", "m", "r", "t") and extra[1:].isdigit():
             kw[{"g": "group_size", "m": "meta_bits", "r": "qdec_bits", "t": "twin_tune"}[extra[0]]] = int(extra[1:])
         elif extra[:1] == "q" and extra[1:].replace(".", "", 1).isdigit():
@@ -711,7 +714,7 @@ def parse_weight_config(spec: str):
             kw["rank_bits"] = float(extra[1:])
         else:
             raise ValueError(f"bad weight config {spec!r}: {extra!r} is not gGROUP, mMETA_BITS, qPERCENT, rBITS, "
-                             "lRANK_BITS, tTUNE_STEPS, uniform, codebook or even")
+                             "lRANK_BITS, tTUNE_STEPS, uniform, codebook, even or awq")
     return WeightQuant(**kw)
 
 
@@ -758,6 +761,7 @@ def bench_weights(lm: LM, configs: list, text: str, read_bits: tuple[int, ...] =
                     + (f":l{cfg.rank_bits:g}" + (":even" if cfg.twin_ranks == "uniform" else "")
                        + (f":t{cfg.twin_tune}" if cfg.twin_tune != type(cfg).twin_tune else "")
                        if cfg.method == "twin" else "")
+                    + (":awq" if cfg.scale_search else "")
                     + (f"@{bits}" if cfg.method == "anyprec" else ""))
             rows.append({"config": name, "method": cfg.method, "bits": bits, "stored_bits": cfg.bits,
                          "group_size": cfg.group_size if cfg.uses_groups else None, "meta_bits": cfg.meta_bits,

@@ -428,6 +428,9 @@ def quantize(
                                    "growth, in the same bytes) or uniform."),
     twin_tune: int = typer.Option(16, "--twin-tune", help="twin: distillation steps that tune all the factors "
                                   "together towards the unquantized model (0: off)."),
+    scale_search: bool = typer.Option(False, "--scale-search", help="AWQ: per-channel scales searched on "
+                                      "calibration text and folded into the op before each layer, then quantize "
+                                      "(Llama-style models; helps hqq/rtn at 3 bits, not twin)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write (safetensors + config + tokenizer)."),
 ) -> None:
     """Quantize a model's weights and save them; `memfit.load_model(OUT)` and `--model OUT` load them."""
@@ -437,7 +440,7 @@ def quantize(
         cfg = WeightQuant(bits=bits, group_size=group_size, method=method, skip=tuple(skip), seed_bits=seed_bits,
                           calib_seqs=calib_seqs, calib_len=calib_len, grid=grid, meta_bits=meta_bits,
                           qdec_channels=qdec_channels, qdec_bits=qdec_bits, rank_bits=rank_bits,
-                          twin_ranks=twin_ranks, twin_tune=twin_tune)
+                          twin_ranks=twin_ranks, twin_tune=twin_tune, scale_search=scale_search)
     except ValueError as e:
         _fail(str(e))
     if out.exists() and any(out.iterdir()) and not (out / "memfit_quant.json").is_file():
@@ -445,7 +448,10 @@ def quantize(
     lm = _load(model)
     before = weight_bytes(lm.model)["total"]
     t0 = time.perf_counter()
-    report = quantize_(lm.model, cfg)
+    try:
+        report = quantize_(lm.model, cfg)
+    except ValueError as e:
+        _fail(str(e))
     save_quantized(lm.model, lm.tokenizer, out, report)
     after = weight_bytes(lm.model)["total"]
     typer.echo(f"{len(report.layers)} layers quantized ({method}, {bits}-bit) in {time.perf_counter() - t0:.0f} s: "

@@ -45,7 +45,11 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: "str | Path", report: Q
     layers = report.layers.values()  # the oldest format that holds the folder: older memfit reads it
     fmt = (4 if any(v.get("rank") for v in layers) else 3 if any(v.get("qdec_k") for v in layers)
            else 2 if any(v.get("meta_bits") for v in layers) else 1)
-    manifest = {"format": fmt, "config": report.config.to_dict(), "layers": report.layers,
+    # the scales were folded into the saved weights: loading needs nothing of them, and a config key
+    # older memfit does not know would make it refuse the folder, so they stand beside the config
+    config = {k: v for k, v in report.config.to_dict().items() if k != "scale_search"}
+    manifest = {"format": fmt, "config": config, **({"scale_search": report.scales} if report.scales else {}),
+                "layers": report.layers,
                 "skipped": report.skipped, "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return out
@@ -96,7 +100,7 @@ def load_quantized(folder: "str | Path", device: torch.device, dtype: torch.dtyp
     model.to(device).eval()
     if read_bits is not None:
         set_read_bits(model, read_bits)
-    return model, WeightQuant(**manifest["config"])
+    return model, WeightQuant(**manifest["config"], scale_search=bool(manifest.get("scale_search")))
 
 
 def _is_tied(model: nn.Module, name: str) -> bool:
