@@ -55,30 +55,36 @@ def _inputs(layer: nn.Module) -> dict[str, tuple[nn.Linear, ...]]:
 
 
 @torch.no_grad()
+def feed(model: nn.Module, ids: torch.Tensor, layers: dict, record, batch_size: int = 4) -> None:
+    """Run ``model`` on ``ids`` [n, length], ``batch_size`` sequences at a time, calling
+    ``record(key, x)`` with each of ``layers``' ({key: module}) inputs as [tokens, channels] float32."""
+    def hook(key):
+        def f(_mod, inp):
+            record(key, inp[0].detach().reshape(-1, inp[0].shape[-1]).float())
+        return f
+
+    handles = [mod.register_forward_pre_hook(hook(key)) for key, mod in layers.items()]
+    try:
+        for b in range(0, ids.shape[0], batch_size):
+            model(ids[b : b + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _activations(model: nn.Module, layers, ids: torch.Tensor, batch: int = 4):
     """Mean |x| per channel of each layer input, and ``SAMPLE`` of its tokens (a fixed random subset)."""
     gen = torch.Generator().manual_seed(0)
     per_batch = -(-SAMPLE * batch // ids.shape[0])
-    sums, counts, rows, hooks = {}, {}, {}, []
+    sums, counts, rows = {}, {}, {}
 
-    def hook(key):
-        def f(_mod, inp):
-            x = inp[0].detach().reshape(-1, inp[0].shape[-1]).float()
-            sums[key] = sums.get(key, 0) + x.abs().sum(0)
-            counts[key] = counts.get(key, 0) + x.shape[0]
-            pick = torch.randperm(x.shape[0], generator=gen)[:per_batch].to(x.device)
-            rows.setdefault(key, []).append(x[pick])
-        return f
+    def record(key, x):
+        sums[key] = sums.get(key, 0) + x.abs().sum(0)
+        counts[key] = counts.get(key, 0) + x.shape[0]
+        rows.setdefault(key, []).append(x[torch.randperm(x.shape[0], generator=gen)[:per_batch].to(x.device)])
 
-    for i, layer in enumerate(layers):
-        for kind, lins in _inputs(layer).items():
-            hooks.append(lins[0].register_forward_pre_hook(hook((i, kind))))
-    try:
-        for s in range(0, ids.shape[0], batch):
-            model(ids[s : s + batch])
-    finally:
-        for h in hooks:
-            h.remove()
+    feed(model, ids, {(i, kind): lins[0] for i, layer in enumerate(layers) for kind, lins in _inputs(layer).items()},
+         record, batch)
     return ({k: v / counts[k] for k, v in sums.items()}, {k: torch.cat(v)[:SAMPLE] for k, v in rows.items()})
 
 

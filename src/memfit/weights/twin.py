@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from memfit.weights import scale
 from memfit.weights.grid import MetaCodes, UniformCodes, hqq, with_meta
 
 
@@ -155,19 +156,10 @@ def activation_rms(model: nn.Module, ids: torch.Tensor, names: list[str], batch_
     mods = dict(model.named_modules())
     sums: dict[str, torch.Tensor] = {}
 
-    def hook(name):
-        def record(mod, inputs, out):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-            sums[name] = sums.get(name, 0) + (x * x).sum(0)
-        return record
+    def record(name, x):
+        sums[name] = sums.get(name, 0) + (x * x).sum(0)
 
-    handles = [mods[n].register_forward_hook(hook(n)) for n in names]
-    try:
-        for b in range(0, ids.shape[0], batch_size):
-            model(ids[b : b + batch_size])
-    finally:
-        for h in handles:
-            h.remove()
+    scale.feed(model, ids, {n: mods[n] for n in names}, record, batch_size)
     return {n: (s / ids.numel()).sqrt().cpu() for n, s in sums.items()}
 
 
