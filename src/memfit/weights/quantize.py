@@ -44,7 +44,7 @@ class WeightQuant:
     that fraction of the input channels where the token's activation is largest.
     ``scale_search`` (AWQ, :mod:`memfit.weights.scale`): per-channel scales searched on calibration
     text and folded into the op before each layer (the model's function unchanged) before quantizing;
-    Llama-style decoders only. On SmolLM2 it takes ``hqq:3:g32:m8`` from perplexity 75.7 to 42.8, but
+    Llama-style decoders only. On SmolLM2 it takes ``hqq:3:g32:m8`` from perplexity 75.7 to 42.9, but
     makes ``twin`` worse (32.1 -> 33.7), whose activation-weighted factors already protect those channels.
     """
 

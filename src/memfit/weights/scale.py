@@ -14,7 +14,7 @@ layer (Llama, Mistral, Qwen):
 ``s = mean|x| ** alpha`` on calibration text, ``alpha`` chosen among ``ALPHAS`` for each layer and
 input by the output error ``||(Q(W s) / s - W) X||^2`` of the layers that read it, ``Q`` the
 config's grid (HQQ's for the methods that fit one otherwise). SmolLM2, ``hqq:3:g32:m8``:
-perplexity 75.7 -> 42.8 (docs/weights.md).
+perplexity 75.7 -> 42.9 (docs/weights.md).
 """
 
 from __future__ import annotations
