@@ -161,7 +161,7 @@ def quantize_(model: nn.Module, config: WeightQuant, *, calibration: torch.Tenso
         scale.decoder_layers(model)  # a clear error before the calibration text is written
         calibration = _calibration(model, config, calibration)
         report.scales = scale.search_and_fold(model, calibration.to(next(model.parameters()).device), config,
-                                              progress)
+                                              set(names), progress)
     hessians, rms = {}, {}
     if config.method == "guided":
         hessians = _guided_hessians(model, names, config, calibration, progress)

@@ -19,8 +19,6 @@ perplexity 75.7 -> 42.9 (docs/weights.md).
 
 from __future__ import annotations
 
-import fnmatch
-
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -117,36 +115,37 @@ def _fold(layer: nn.Module, kind: str, s: torch.Tensor, kv_heads: int) -> None:
 
 
 @torch.no_grad()
-def search_and_fold(model: nn.Module, ids: torch.Tensor, config, progress: bool = True) -> dict[str, float]:
+def search_and_fold(model: nn.Module, ids: torch.Tensor, config, targets: "set[str]",
+                    progress: bool = True) -> dict[str, float]:
     """Choose and fold each decoder layer's four input scales for ``config`` (a ``WeightQuant``: its
-    grid, width, groups and skip list); returns ``{"<layer>.<qkv|o|gu|down>": alpha}``. Inputs read
-    only by skipped layers, or by layers whose width is not a multiple of the group, keep no scale."""
+    grid, width and groups), the error counted over the layers named in ``targets`` (those
+    ``quantize_`` will quantize); returns ``{"<layer>.<qkv|o|gu|down>": alpha}``. Inputs read by no
+    target, or by one whose width is not a multiple of the group, keep no scale."""
     layers = decoder_layers(model)
     kv_heads = model.config.num_key_value_heads
     heads = model.config.num_attention_heads
-    prefix = {id(mod): name for name, mod in model.named_modules()}
+    names = {id(mod): name for name, mod in model.named_modules()}
     mean_abs, sample = _activations(model, layers, ids)
     chosen = {}
     for i, layer in enumerate(tqdm(layers, desc="scale search", disable=not progress, leave=False)):
         for kind, lins in _inputs(layer).items():
-            quantized = [lin for lin in lins if not any(fnmatch.fnmatchcase(prefix[id(lin)], p) for p in config.skip)]
-            if not quantized or any(lin.in_features % config.group_size for lin in quantized):
+            ws = [lin.weight.float() for lin in lins if names[id(lin)] in targets]
+            if not ws or any(w.shape[1] % config.group_size for w in ws):
                 chosen[f"{i}.{kind}"] = 0.0
                 continue
             st = mean_abs[i, kind].clamp_min(1e-6)
             if kind == "o":  # one scale a value channel: the mean over the query heads that read it
-                st = st.reshape(kv_heads, heads // kv_heads, -1).mean(1, keepdim=True).expand(
-                    kv_heads, heads // kv_heads, st.numel() // heads).reshape(-1)
-            x = sample[i, kind].T
+                grouped = st.reshape(kv_heads, heads // kv_heads, -1)
+                st = grouped.mean(1, keepdim=True).expand_as(grouped).reshape(-1)
+            x = sample[i, kind].T.to(ws[0].device)
             best = None
             for alpha in ALPHAS:
                 s = st**alpha
                 s = s / (s.max() * s.min()).sqrt()  # centred in log scale: neither end grows alone
                 err = 0.0
-                for lin in quantized:
-                    w = lin.weight.float()
+                for w in ws:
                     q = _quantized(w * s, config.method, config.bits, config.group_size, config.meta_bits) / s
-                    err += ((q - w) @ x.to(w.device)).square().sum().item()
+                    err += ((q - w) @ x).square().sum().item()
                 if best is None or err < best[0]:
                     best = (err, alpha, s)
             _, alpha, s = best
