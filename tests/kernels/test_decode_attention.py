@@ -121,6 +121,83 @@ def test_the_kernel_rotates_pre_rope_keys_like_the_reference(bits, shape):
         decode_attention_runs(q, [run], impl="gluon")
 
 
+def _outlier_case(bits, pre_rope=False, rows=None, device="cpu", b=2, hq=8, h=2, n=256, w=24, d=64, kgroup=64):
+    """A run with KVQuant's sparse outliers (2% of each head's keys and values, some planted far out),
+    pre-RoPE keys or not, as the layer builds it (``kernel_outliers``); ``rows``: a one-row tensor read
+    by that many rows (a fork's parent). Returns the run, the query and what it should attend over."""
+    from memfit.kernels.decode_attention import Outliers, PackedRun
+    from memfit.kv.quant import kernel_outliers
+    from memfit.kv.rope import RoPE
+
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(b, h, n, d, generator=g) * 2
+    k[..., 3] *= 20  # an outlier channel (keys) and outlier tokens (values)
+    v = torch.randn(b, h, n, d, generator=g)
+    v[:, :, ::7, 5] += 30
+    qk, qv = quantize_keys(k, bits, kgroup, outliers=0.02), quantize_values(v, bits, 64, outliers=0.02)
+    rope = RoPE.default(d, 10000.0, scaling=1.25) if pre_rope else None
+    ra = rope.kernel_args("cpu") if rope else {}
+    rows = rows or b
+    kw = torch.randn(rows, h, w, d, generator=g).to(torch.bfloat16)
+    vw = torch.randn(rows, h, w, d, generator=g).to(torch.bfloat16)
+    q = torch.randn(rows, hq, d, generator=g).to(torch.bfloat16)
+    qlen = torch.randint(n // 2, n + 1, (rows, h), generator=g, dtype=torch.int32)
+    wlen = torch.randint(1, w + 1, (rows, h), generator=g, dtype=torch.int32)
+    t = [x.expand(rows, *x.shape[1:]) for x in (qk.codes, qk.scale, qk.zero, qv.codes, qv.scale, qv.zero)]
+    run = PackedRun(*t, kw, vw, qlen, wlen, bits, kgroup, **ra, kout=kernel_outliers(qk, rows, kgroup, ra or None),
+                    vout=kernel_outliers(qv, rows, kgroup))
+    keys = dequantize(qk, torch.float32)
+    if rope is not None:
+        keys = rope.rotate(keys, torch.arange(n))
+    moved = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
+    run = PackedRun(**{f: Outliers(*map(moved, x.__dict__.values())) if isinstance(x, Outliers) else moved(x)
+                       for f, x in run.__dict__.items()})
+    dense = [x.expand(rows, -1, -1, -1) for x in (keys, dequantize(qv, torch.float32))]
+    return run, q.to(device), (*dense, kw, vw, qlen, wlen)
+
+
+@pytest.mark.parametrize("pre_rope", [False, True], ids=["post-rope", "pre-rope"])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_sparse_outliers_are_added_to_the_dequantized_codes(bits, pre_rope):
+    """A run's outliers (their exact values less the dense codes', after RoPE where the codes are
+    stored before it) make the reference attend over exactly what ``dequantize`` gives, also read
+    by several rows from a one-row tensor; without them it differs."""
+    from memfit.kernels.decode_attention import PackedRun, decode_attention_runs_reference
+
+    for rows in (None, 3):
+        run, q, dense = _outlier_case(bits, pre_rope, rows=rows, b=1 if rows else 2)
+        assert run.kout.ptr.shape[-1] == 256 // 64 + 1 and int(run.kout.ptr[-1, -1, -1]) == len(run.kout.tok)
+        out = decode_attention_runs_reference(q, [run])
+        _attends_like(out, q, *dense)
+        plain = decode_attention_runs_reference(q, [PackedRun(**{**run.__dict__, "kout": None, "vout": None})])
+        assert (plain - out).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="kout.ptr must be int32"):
+        decode_attention_runs_reference(q, [PackedRun(**{**run.__dict__, "kout": type(run.kout)(
+            run.kout.ptr.long(), run.kout.tok, run.kout.ch, run.kout.val)})])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("pre_rope", [False, True], ids=["post-rope", "pre-rope"])
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("shape", [dict(b=1, hq=32, h=8, n=4096, w=100, d=128), dict(b=3, hq=9, h=3, n=1024, w=7, d=64),
+                                   dict(b=1, rows=3, hq=8, h=2, n=512, w=30, d=128, kgroup=32)])
+def test_the_kernel_adds_sparse_outliers_like_the_reference(bits, pre_rope, shape):
+    """Runs with outliers take the Triton kernel, which adds them to each tile's logits and output
+    share; the Gluon kernel refuses them by name."""
+    from memfit.kernels.decode_attention import decode_attention_runs, decode_attention_runs_reference
+
+    run, q, _ = _outlier_case(bits, pre_rope, device="cuda", **shape)
+    ref = decode_attention_runs_reference(q, [run])
+    for split in (None, 256):
+        out = decode_attention_runs(q, [run], split_len=split)
+        err = (out - ref).abs().max().item()
+        print(f"bits={bits} pre_rope={pre_rope} {shape} split={split} outliers max abs error {err:.2e}")
+        assert err < 1e-2
+    with pytest.raises(ValueError, match="Gluon kernel does not take"):
+        decode_attention_runs(q, [run], impl="gluon")
+
+
 def test_cpu_falls_back_to_the_reference():
     args, _ = _case(bits=2)
     assert not kernel_supports(args[0], args[1], args[2], args[5], 2)

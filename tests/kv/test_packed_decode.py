@@ -24,7 +24,10 @@ POLICIES = [RAGGED, "knorm(keep=0.4,heads=global)+kivi(bits=2,group=16,residual=
             # 8-bit group scales and zeros, read as float16
             RAGGED_META,
             # rotated codes: the query rotated, each head's sinks read in 16-bit
-            RAGGED_ROTATED, "hadamard(bits=2,group=16,residual=16)"]
+            RAGGED_ROTATED, "hadamard(bits=2,group=16,residual=16)",
+            # sparse outliers, added to the dequantized codes (keys: after RoPE where stored before it)
+            "kivi(bits=2,group=16,residual=16,outliers=0.02)",
+            "kivi(bits=4,group=16,residual=16,pre_rope=true,outliers=0.02)"]
 
 
 def packed_everywhere(monkeypatch) -> list:
@@ -114,7 +117,9 @@ def test_a_masked_step_reads_the_ragged_parent_for_every_row_with_its_padding_hi
 
 
 def test_what_the_kernel_cannot_read_says_why(tiny_lm):
-    for policy, why in (("kivi(bits=4,outliers=0.02)", "outliers"), ("kivi(bits=8)", "2 or 4 bits"),
+    for policy, why in (("knorm(keep=0.5,heads=adaptive)+kivi(bits=4,group=16,residual=16,outliers=0.02)",
+                         "outliers in a ragged context"),
+                        ("kivi(bits=8)", "2 or 4 bits"),
                         ("knorm(keep=0.5)", "no KIVI quantizer")):
         layer = _context(tiny_lm, policy, n=80).layers[0]
         assert why in layer.not_packed()
@@ -185,7 +190,7 @@ def test_stacked_contexts_decode_together_like_each_alone(tiny_lm, monkeypatch, 
 def test_rotated_contexts_of_one_length_stack_with_their_sinks(tiny_lm):
     """Uniform rotated storage stacks row by row, each row its own sinks (a stacked batch then
     spills its windows as one, so its decoding is not compared with each context alone)."""
-    caches = [_context(tiny_lm, POLICIES[-1], seed=s) for s in (4, 5)]
+    caches = [_context(tiny_lm, "hadamard(bits=2,group=16,residual=16)", seed=s) for s in (4, 5)]
     stacked = CompressedCache.stack(caches)
     assert stacked.nbytes == sum(c.nbytes for c in caches)
     for i, c in enumerate(caches):
@@ -241,6 +246,27 @@ def test_pre_rope_caches_decode_through_the_kernel_on_cuda(monkeypatch):
     dec = GraphDecoder(lm.model, cache.to_static(max_new_tokens=48))  # its spills take RoPE off
     graphed = torch.cat([first, torch.stack([dec.step(feed[:1, i : i + 1]).clone() for i in range(1, 40)])])
     assert (graphed - want).abs().max() < 0.05 * want.abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("policy", ["kivi(bits=2,group=32,residual=32,outliers=0.01)",
+                                    "kivi(bits=4,group=32,residual=32,pre_rope=true,outliers=0.01)"])
+def test_caches_with_outliers_decode_through_the_kernel_on_cuda(monkeypatch, policy):
+    """A fork of a cache with sparse outliers reads its parent's and its own through the Triton
+    kernel, which adds them, as the reference does."""
+    lm = _cuda_lm()
+    cache = lm.prefill_ids(torch.randint(0, 250, (1, 1500), device="cuda"), policy).cache
+    assert all(layer.qk.out_idx is not None and layer.not_packed() is None for layer in cache.layers)
+    feed = torch.randint(0, 250, (3, 40), device="cuda")
+    calls, out = [], {}
+    for on_kernel in (True, False):
+        _attend_with(monkeypatch, on_kernel, calls)
+        out[on_kernel] = _decode(lm.model, cache.fork(3).use_kernels(), feed)
+    assert len(calls) == 2 * 40 * 2
+    err = (out[True] - out[False]).abs().max().item()
+    print(f"{policy}: logits max abs difference kernel vs reference {err:.3e}")
+    assert err < 0.05 * out[False].abs().max().item()
 
 
 @pytest.mark.gpu

@@ -42,6 +42,30 @@ except ImportError:  # pragma: no cover - CPU-only installs
 
 
 @dataclass
+class Outliers:
+    """Corrections to a run's dequantized codes (KVQuant's dense-and-sparse outliers, read by the Triton
+    kernel): entry ``e`` adds ``val[e]`` to channel ``ch[e]`` of token ``tok[e]``, the token's index in its
+    row and head's run (keys: after RoPE, where the run's keys are stored before it). Entries are
+    grouped by row and head, and sorted by token within each; ``ptr`` [B, H, NT + 1] (int32; NT: the
+    run's key groups, a batch or head stride may be 0) holds where each row and head's entries of key
+    group ``t`` start (``ptr[..., t]``), and where its last group's end (``ptr[..., NT]``)."""
+
+    ptr: torch.Tensor
+    tok: torch.Tensor  # int32 [E]
+    ch: torch.Tensor  # int32 [E]
+    val: torch.Tensor  # float32 [E]
+
+    def per_row_head(self, b: int, h: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every entry as (row-and-head index ``b * h``-flat, token, channel, value), for the reference."""
+        start, end = self.ptr[..., 0].expand(b, h).reshape(-1).long(), self.ptr[..., -1].expand(b, h).reshape(-1).long()
+        counts = end - start
+        rh = torch.repeat_interleave(torch.arange(b * h, device=start.device), counts)
+        first = torch.cumsum(counts, 0) - counts
+        e = start[rh] + torch.arange(len(rh), device=start.device) - first[rh]
+        return rh, self.tok.long()[e], self.ch.long()[e], self.val.float()[e]
+
+
+@dataclass
 class PackedRun:
     """One run of stored KV that a decode step reads, per row and KV head: KIVI-packed tokens (the
     layout above; ``kc`` may hold no tokens), then 16-bit ones.
@@ -62,7 +86,8 @@ class PackedRun:
     [D/2]) and each key is rotated (Llama's ``rotate_half``, times ``rope_scaling``) at its index in
     its row and head's run: the layer's own first tokens, positions 0, 1, ... The 16-bit tokens are
     post-RoPE. Read by the Triton kernel (the Gluon one folds the key scales into the query, which a
-    rotation per token does not allow)."""
+    rotation per token does not allow). ``kout`` / ``vout``: sparse corrections of the quantized keys
+    / values (:class:`Outliers`), added in the Triton kernel (on an unrotated run)."""
 
     kc: torch.Tensor
     ks: torch.Tensor
@@ -85,6 +110,8 @@ class PackedRun:
     vbits: int | None = None
     rope: torch.Tensor | None = None
     rope_scaling: float = 1.0
+    kout: Outliers | None = None
+    vout: Outliers | None = None
 
     @property
     def value_bits(self) -> int:
@@ -145,6 +172,20 @@ def _check_run(q: torch.Tensor, r: PackedRun) -> int:
     if r.rope is not None and (r.rope.shape != (d // 2,) or r.rope.dtype != torch.float32 or r.rotation is not None):
         raise ValueError(f"rope must be a float32 [D/2] = [{d // 2}] inv_freq tensor on an unrotated run, got "
                          f"{r.rope.dtype} {tuple(r.rope.shape)}")
+    for name, o in (("kout", r.kout), ("vout", r.vout)):
+        if o is None:
+            continue
+        nt = -(-r.max_q // r.kgroup)
+        if r.rotation is not None:
+            raise ValueError(f"{name}: outliers on a rotated run are not read")
+        if o.ptr.dim() != 3 or o.ptr.shape[-1] < nt + 1 or o.ptr.dtype != torch.int32 or o.ptr.stride(-1) != 1:
+            raise ValueError(f"{name}.ptr must be int32 [B, H, NT + 1] with NT >= {nt} key groups, contiguous "
+                             f"in its last dimension; got {o.ptr.dtype} {tuple(o.ptr.shape)}")
+        if o.ptr.shape[:2] not in ((b, h), (1, h), (1, 1), (b, 1)):
+            raise ValueError(f"{name}.ptr's rows and heads {tuple(o.ptr.shape[:2])} do not broadcast to [{b}, {h}]")
+        if not (o.tok.dtype == o.ch.dtype == torch.int32 and o.val.dtype == torch.float32
+                and o.tok.shape == o.ch.shape == o.val.shape and o.tok.dim() == 1):
+            raise ValueError(f"{name}: tok and ch must be int32 and val float32, all [E]")
     for name, t in (("qlen", r.qlen), ("wlen", r.wlen)):
         if isinstance(t, torch.Tensor) and t.shape != (b, h):
             raise ValueError(f"{name} must be an int or a [B, H] = [{b}, {h}] tensor, got {tuple(t.shape)}")
@@ -187,8 +228,14 @@ def _dense_run(r: PackedRun, b: int, h: int, device: torch.device):
         nvg = r.vs.shape[-1]
         codes = unpack(r.vc, r.value_bits).float().reshape(-1, nvg, d // nvg)[pos]
         v = codes * r.vs.float().reshape(-1, nvg)[pos].unsqueeze(-1) + r.vz.float().reshape(-1, nvg)[pos].unsqueeze(-1)
+        v = v.reshape(b, h, -1, d)
+        for t, o in ((k, r.kout), (v, r.vout)):  # sparse corrections, in place
+            if o is not None:
+                rh, tok, ch, val = o.per_row_head(b, h)
+                keep = tok < r.max_q
+                t.view(b * h, -1, d).index_put_((rh[keep], tok[keep], ch[keep]), val[keep], accumulate=True)
         keys.append(k)
-        values.append(v.reshape(b, h, -1, d))
+        values.append(v)
         valid.append(ok)
     if r.max_w:
         start = r.woff if r.offsets else rows * r.kw.shape[2]
@@ -257,6 +304,14 @@ if triton is not None:
     def _magic(codes, scale, zero, ASM: tl.constexpr):
         return tl.inline_asm_elementwise(asm=ASM, constraints="=r,=r,r,r,r,r,r", args=[codes, scale, zero],
                                          dtype=tl.float16, is_pure=True, pack=4)
+
+    @triton.jit
+    def _outlier_entries(TOK, CH, VAL, j0, end, n0, OB: tl.constexpr):
+        """Entries j0 .. j0 + OB (those before ``end``): token within the tile (-1 past ``end``), channel, value."""
+        j = j0 + tl.arange(0, OB)
+        jm = j < end
+        t = tl.where(jm, tl.load(TOK + j, mask=jm, other=0) - n0, -1)
+        return t, tl.load(CH + j, mask=jm, other=0), tl.load(VAL + j, mask=jm, other=0.0)
 
     @triton.jit
     def _online_softmax(qk, valid, m_i, l_i):
@@ -340,16 +395,21 @@ if triton is not None:
     # new variants while a model decodes
     @triton.jit(do_not_specialize=["QLEN", "WLEN", "NSPLIT", "S0", "NQS", "NQ", "NW"])
     def _split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KW, VW, QLEN, WLEN, QOFF, WOFF, ACC, M, L, ROPE, ROPE_T,
+                      KOP, KOT, KOC, KOV, VOP, VOT, VOC, VOV,
                       sqb, sqh, skcb, skch, skcn, sksb, sksh, sksg, svcb, svch, svcn, svsb, svsh, svsn,
-                      swb, swh, swn, H, NSPLIT, S0, NQS, SPLIT_LEN, NQ, NW, scale, rope_scale,
+                      swb, swh, swn, skob, skoh, svob, svoh, H, NSPLIT, S0, NQS, SPLIT_LEN, NQ, NW, scale, rope_scale,
                       G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
                       VGROUP: tl.constexpr, NVG: tl.constexpr, BLOCK: tl.constexpr, WBLOCK: tl.constexpr,
-                      DQ: tl.constexpr, PER_HEAD: tl.constexpr, OFFSETS: tl.constexpr, HAS_ROPE: tl.constexpr):
+                      DQ: tl.constexpr, PER_HEAD: tl.constexpr, OFFSETS: tl.constexpr, HAS_ROPE: tl.constexpr,
+                      HAS_KOUT: tl.constexpr = False, HAS_VOUT: tl.constexpr = False, OB: tl.constexpr = 16):
         """Slices 0..NQS-1 of the quantized tokens, then one slice of the 16-bit window, written as
         slices S0.. of NSPLIT. ``OFFSETS``: each row and head's tokens start at QOFF / WOFF [B, H]
         in flat storage (ragged heads and batches; the row and head strides are then 0).
         ``HAS_ROPE``: the quantized keys are pre-RoPE, rotated here at their index in the run (``ROPE``:
-        inv_freq [D/2]; ``ROPE_T``: cos and sin of i * inv_freq for i < BLOCK, [2, BLOCK, D/2])."""
+        inv_freq [D/2]; ``ROPE_T``: cos and sin of i * inv_freq for i < BLOCK, [2, BLOCK, D/2]).
+        ``HAS_KOUT`` / ``HAS_VOUT``: sparse corrections of the keys / values (:class:`Outliers`: KOP / VOP
+        the entries' start a row, head and key group, KOT / KOC / KOV their tokens, channels and values),
+        read ``OB`` entries at a time, added to the tile's logits / to its share of the output."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         s = tl.program_id(2)
@@ -439,6 +499,13 @@ if triton is not None:
                     if PB == 4:
                         cb2, sb2 = _rope_next(cb2, sb2, cB2, sB2)
                         cb3, sb3 = _rope_next(cb3, sb3, cB3, sB3)
+                if HAS_KOUT:  # q . delta for each outlier, added to its token's logit
+                    kop = KOP + b * skob + h * skoh + n0 // BLOCK
+                    for j0 in range(tl.load(kop), tl.load(kop + 1), OB):
+                        t, c, dv = _outlier_entries(KOT, KOC, KOV, j0, tl.load(kop + 1), n0, OB)
+                        qc = tl.load(qrow + c[None, :], mask=gm[:, None], other=0.0).to(tl.float32) * scale
+                        hit = (t[:, None] == tl.arange(0, BLOCK)[None, :]).to(tl.float32)  # [OB, BLOCK]
+                        qk += tl.dot(qc * dv[None, :], hit, input_precision="ieee")
                 p, alpha, m_i, l_i = _online_softmax(qk, nm, m_i, l_i)
                 pb = p.to(tl.float16) if DQ == 2 else p.to(tl.bfloat16)
                 vb = tl.load(VC + b * svcb + h * svch + (qo + on)[:, None] * svcn + oi[None, :], mask=nm[:, None],
@@ -456,6 +523,18 @@ if triton is not None:
                 if PB == 4:
                     a2 = a2 * alpha[:, None] + tl.dot(pb, _dq(vb, vsc, vzc, DQ, 4, BITS))
                     a3 = a3 * alpha[:, None] + tl.dot(pb, _dq(vb, vsc, vzc, DQ, 6, BITS))
+                if HAS_VOUT:  # p of each outlier's token times its value, added to its channel
+                    vop = VOP + b * svob + h * svoh + n0 // BLOCK
+                    for j0 in range(tl.load(vop), tl.load(vop + 1), OB):
+                        t, c, dv = _outlier_entries(VOT, VOC, VOV, j0, tl.load(vop + 1), n0, OB)
+                        hit = (tl.arange(0, BLOCK)[:, None] == t[None, :]).to(tl.float32)  # [BLOCK, OB]
+                        pv = tl.dot(p, hit, input_precision="ieee") * dv[None, :]  # [GP, OB]
+                        a0 += tl.dot(pv, (c[:, None] == c0).to(tl.float32), input_precision="ieee")
+                        if PB >= 2:
+                            a1 += tl.dot(pv, (c[:, None] == c1).to(tl.float32), input_precision="ieee")
+                        if PB == 4:
+                            a2 += tl.dot(pv, (c[:, None] == c2).to(tl.float32), input_precision="ieee")
+                            a3 += tl.dot(pv, (c[:, None] == c3).to(tl.float32), input_precision="ieee")
             base = ACC + row * G * D + og[:, None] * D
             tl.store(base + c0, a0, mask=gm[:, None])
             if PB >= 2:
@@ -590,7 +669,8 @@ def _gluon_fits(q: torch.Tensor, r: PackedRun) -> bool:
                                  and all(st % 4 == 0 for st in vc.stride()[:2]))
     # a run of window tokens only takes the Triton kernel (Gluon does not compile empty code tensors)
     # nor pre-RoPE codes: it folds the key scales into the query per tile, which a rotation per token does not allow
-    return (r.max_q > 0 and r.rope is None
+    # nor sparse outliers (added in the Triton kernel only)
+    return (r.max_q > 0 and r.rope is None and r.kout is None and r.vout is None
             and gluon_decode.supports(d, r.bits, r.kgroup, nvg, q.shape[1] // r.heads(), r.vbits)
             and all(t.data_ptr() % 16 == 0 for t in (kc, ks, kz, vc, vs, vz)) and rows_aligned
             and kc.stride(2) == dp and vc.stride(2) == vp and ks.stride(2) == d and vs.stride(2) == nvg
@@ -815,10 +895,14 @@ def _launch_triton(q, r: PackedRun, qlen, wlen, acc, m, lsum, *, h, s0, nslices,
     st = (lambda t: (0, 0, t.stride(2))) if r.offsets else (lambda t: t.stride()[:3])  # noqa: E731
     rope = r.rope.to(q.device) if r.rope is not None else m
     table = _rope_table(rope, r.kgroup) if r.rope is not None else m
+    # sparse outliers: (ptr, tok, ch, val) and ptr's row and head strides, else placeholders
+    out = [((o.ptr, o.tok, o.ch, o.val), o.ptr.stride()[:2]) if o is not None else ((m,) * 4, (0, 0))
+           for o in (r.kout, r.vout)]
     _split_kernel[(b, h, nslices)](
         q, r.kc, r.ks, r.kz, r.vc, r.vs, r.vz, r.kw, r.vw, qlen, wlen, r.qoff if r.offsets else m,
-        r.woff if r.offsets else m, acc, m, lsum, rope, table, q.stride(0), q.stride(1), *st(r.kc), *st(r.ks),
-        *st(r.vc), *st(r.vs), *st(r.kw), h, nsplit, s0, nqs, split_len, r.max_q, r.max_w, scale, r.rope_scaling,
+        r.woff if r.offsets else m, acc, m, lsum, rope, table, *out[0][0], *out[1][0], q.stride(0), q.stride(1),
+        *st(r.kc), *st(r.ks), *st(r.vc), *st(r.vs), *st(r.kw), *out[0][1], *out[1][1], h, nsplit, s0, nqs,
+        split_len, r.max_q, r.max_w, scale, r.rope_scaling,
         G=g, GP=max(16, triton.next_power_of_2(g)), D=d, BITS=r.bits, VGROUP=d // nvg, NVG=nvg, BLOCK=r.kgroup,
         WBLOCK=32, DQ=_DEQUANT[dequant], PER_HEAD=per_head, OFFSETS=r.offsets, HAS_ROPE=r.rope is not None,
-        num_warps=num_warps, num_stages=num_stages)
+        HAS_KOUT=r.kout is not None, HAS_VOUT=r.vout is not None, num_warps=num_warps, num_stages=num_stages)

@@ -16,7 +16,7 @@ from memfit.kv.evict import Observation, select_topk
 from memfit.kv.klt import KLTHeads, query_weight
 from memfit.kv.lowrank import LowRank, project, reconstruct
 from memfit.kv.policy import Policy, not_packed
-from memfit.kv.quant import KIVI, QTensor
+from memfit.kv.quant import KIVI, QTensor, kernel_outliers
 from memfit.kv.ragged import Ragged
 from memfit.kv.rope import RoPE
 from memfit.kv.rotate import RotatedTensor
@@ -101,6 +101,7 @@ class CompressedLayer(CacheLayerMixin):
         self.row_lag: list[int] | None = None  # per row, tokens fewer than ``seen`` (stacked contexts)
         self.static: StaticKIVI | None = None  # fixed buffers for graph-captured decoding (to_static)
         self._rotated_run = None  # (codes, rows, run): rotated codes as the kernel reads them, until a spill
+        self._outlier_lists = None  # (key codes, rows, {kout, vout}): their outliers as the kernel adds them
         self._room: tuple | None = None  # reserve(): window buffers with room to append in place
 
     # -- sizes -----------------------------------------------------------------------------------
@@ -279,7 +280,8 @@ class CompressedLayer(CacheLayerMixin):
         checks = ((any(q.bits not in (2, 4) for q in qs), "codes of other than 2 or 4 bits"),
                   (self.basis is not None or self.kc is not None, "low-rank keys"),
                   (self.defer, "deferred compression"),
-                  (any(q.out_idx is not None for q in qs), "outliers"),
+                  (self.ragged is not None and self.ragged.qk is not None
+                   and getattr(self.ragged.qk, "out_idx", None) is not None, "outliers in a ragged context"),
                   (not self.is_initialized, "nothing stored"))
         why = next((why for bad, why in checks if bad), None)
         if why is None and self.parent is not None:
@@ -309,10 +311,22 @@ class CompressedLayer(CacheLayerMixin):
             if t[0].shape[0] != rows:
                 t = [x.expand(rows, *x.shape[1:]) for x in t]
             rope = self.rope.kernel_args(self.device) if self.pre_rope else {}  # codes stored before RoPE
-            out.append(PackedRun(*t, k, v, qk.num_tokens, k.shape[-2], qk.bits, qk.group, **rope))
+            out.append(PackedRun(*t, k, v, qk.num_tokens, k.shape[-2], qk.bits, qk.group, **rope,
+                                 **self._kernel_outliers(rows, rope or None)))
         elif k.shape[-2] or not out:
             out.append(PackedRun.window_only(k, v, k.shape[-2], self.quant.bits, self.quant.group))
         return out
+
+    def _kernel_outliers(self, rows: int, rope: dict | None) -> dict:
+        """The own codes' sparse outliers as the kernel adds them (``kout`` / ``vout``), built once a spill."""
+        if self.qk.out_idx is None and self.qv.out_idx is None:
+            return {}
+        cached = self._outlier_lists
+        if cached is None or cached[0] is not self.qk or cached[1] != rows:
+            lists = {"kout": kernel_outliers(self.qk, rows, self.qk.group, rope),
+                     "vout": kernel_outliers(self.qv, rows, self.qk.group)}
+            self._outlier_lists = cached = (self.qk, rows, lists)
+        return cached[2]
 
     def fast_decode(self, key_states: torch.Tensor) -> bool:
         """Whether this step can attend over the packed bytes directly (one new token, storage the

@@ -33,7 +33,7 @@ METHODS: dict[str, type] = {**EVICTIONS, "lowrank": LowRank, **QUANTIZERS, "deco
 
 def not_packed(quant) -> str | None:
     """Why the CUDA decode kernel cannot read what this quantizer stores (None when it can: 2/4-bit
-    KIVI or rotated codes without sparse outliers or salient tokens). The one list both
+    KIVI codes, with or without sparse outliers, or rotated codes; no salient tokens). The one list both
     ``Policy.packed_decode`` (a spec, before any layer is filled) and ``CompressedLayer.not_packed``
     (a filled layer, which also checks its tensors) read."""
     if not isinstance(quant, (KIVI, Hadamard)):
@@ -42,8 +42,6 @@ def not_packed(quant) -> str | None:
         return "tokens at two widths (salient)"
     if quant.bits not in (2, 4) or quant.vbits not in (2, 4):
         return "codes of other than 2 or 4 bits"
-    if getattr(quant, "outliers", 0):  # the kernel reads no sparse outliers
-        return "outliers"
     return None
 
 
@@ -66,8 +64,11 @@ class Policy:
     def packed_decode(self) -> bool:
         """Whether the CUDA decode kernel reads what this policy stores (else every decode step
         dequantizes it first; ``CompressedLayer.not_packed`` says why for a filled layer): 16-bit, or 2/4-bit
-        KIVI or rotated codes without sparse outliers, salient tokens or low-rank keys."""
-        return self.lowrank is None and (self.quant is None or not_packed(self.quant) is None)
+        KIVI or rotated codes without salient tokens or low-rank keys; sparse outliers where no eviction
+        stores the context ragged (the kernel adds them on a layer's own codes)."""
+        outliers_after_eviction = bool(self.evictions) and bool(getattr(self.quant, "outliers", 0))
+        return (self.lowrank is None and not outliers_after_eviction
+                and (self.quant is None or not_packed(self.quant) is None))
 
     def queries_needed(self) -> int:
         own = self.quant.window if isinstance(self.quant, LayerBits) else 0  # queries its sensitivity reads

@@ -28,8 +28,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from memfit.lazy import lazy_module
+
+if TYPE_CHECKING:
+    from memfit.kernels.decode_attention import Outliers
 
 # imported on first use: the spec parser and `memfit info` need only the config dataclasses
 torch = lazy_module("torch")
@@ -339,6 +343,41 @@ def _minmax_quantize(x: torch.Tensor, bits: int, reduce_dim: int) -> tuple[torch
     scale = ((hi - zero.float()) * (1.0 / qmax)).clamp_min(1e-6).to(torch.float16)
     codes = torch.round((x - zero.float()) / scale.float()).clamp_(0, qmax).to(torch.uint8)
     return codes, scale, zero
+
+
+def kernel_outliers(qt: QTensor, rows: int, kgroup: int, rope: dict | None = None) -> Outliers | None:
+    """``qt``'s sparse outliers as the decode kernel adds them (``decode_attention.Outliers``): each the
+    exact value less what the dense codes give at its place, grouped by row, head and key group (of
+    ``kgroup`` tokens: the kernel's tile, for keys and values alike); keys
+    after RoPE where ``rope`` (``RoPE.kernel_args``) says the codes are stored before it (an outlier
+    then corrects its channel and that channel's RoPE partner, at its token's index in the run, as the
+    kernel rotates the codes). A tensor of one row read by ``rows`` rows (a fork's parent) is read by
+    each. None without outliers."""
+    from memfit.kernels.decode_attention import Outliers
+
+    if qt.out_idx is None:
+        return None
+    b, h, n, d = qt.shape
+    idx = qt.out_idx.long()
+    dense = dequantize(QTensor(qt.codes, qt.scale, qt.zero, qt.bits, qt.axis, qt.group), torch.float32)
+    delta = qt.out_val.float() - dense.reshape(-1)[idx]
+    run, tok, ch = idx // (n * d), idx % (n * d) // d, idx % d
+    if rope is not None:  # rotate_half: channel c < D/2 also moves c + D/2 by +sin, c >= D/2 moves c - D/2 by -sin
+        ang = tok.float() * rope["rope"].to(idx.device)[ch % (d // 2)]
+        s = rope.get("rope_scaling", 1.0)
+        sign = torch.where(ch < d // 2, 1.0, -1.0)
+        run, tok = torch.cat((run, run)), torch.cat((tok, tok))
+        ch = torch.cat((ch, (ch + d // 2) % d))
+        delta = torch.cat((delta * ang.cos() * s, sign * delta * ang.sin() * s))
+    # by row, head and token (a run appended to another lists its outliers after the other's)
+    order = torch.argsort(run * n + tok, stable=True)
+    run, tok, ch, delta = run[order], tok[order], ch[order], delta[order]
+    nt = -(-n // kgroup)
+    counts = torch.bincount(run * nt + tok // kgroup, minlength=b * h * nt)
+    cum = torch.cat((counts.new_zeros(1), counts.cumsum(0)))
+    ptr = cum[(torch.arange(b * h, device=idx.device) * nt)[:, None] + torch.arange(nt + 1, device=idx.device)]
+    ptr = ptr.to(torch.int32).reshape(b, h, nt + 1)
+    return Outliers(ptr if rows == b else ptr.expand(rows, h, nt + 1), tok.int(), ch.int(), delta)
 
 
 def token_outliers(x: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
