@@ -121,8 +121,11 @@ def test_what_the_kernel_cannot_read_says_why(tiny_lm):
                          "outliers in a ragged context"),
                         ("kivi(bits=8)", "2 or 4 bits"),
                         ("knorm(keep=0.5)", "no KIVI quantizer")):
-        layer = _context(tiny_lm, policy, n=80).layers[0]
+        cache = _context(tiny_lm, policy, n=80)
+        layer = cache.layers[0]
         assert why in layer.not_packed()
+        with pytest.raises(ValueError, match=why):  # nor does static decode take it
+            cache.to_static(8)
         fork = CompressedLayer(KIVI(bits=4), parent=layer)  # itself readable: the parent is what is not
         fork.lazy_initialization(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16))
         assert fork.not_packed().startswith("a parent with")

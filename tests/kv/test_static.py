@@ -43,7 +43,10 @@ def _packed_decode_everywhere(monkeypatch):
                                     "hadamard(bits=4,value_bits=2,group=16,residual=20)",
                                     "hadamard(bits=2,group=16,residual=20,meta_bits=8)",
                                     # spills take RoPE off at their positions; the kernel puts it back
-                                    "kivi(bits=4,group=16,residual=20,pre_rope=true)"])
+                                    "kivi(bits=4,group=16,residual=20,pre_rope=true)",
+                                    # sparse outliers: the kernel's lists in fixed buffers, each spill's appended
+                                    "kivi(bits=2,group=16,residual=20,outliers=0.02)",
+                                    "kivi(bits=4,group=16,residual=20,pre_rope=true,outliers=0.02)"])
 def test_static_decode_equals_the_dynamic_cache(device, policy, monkeypatch):
     _packed_decode_everywhere(monkeypatch)
     model = tiny_llama(layers=2).to(device)
@@ -78,8 +81,6 @@ def test_static_decode_refuses_what_it_cannot_hold():
     ids = torch.randint(0, 256, (1, 40))
     with pytest.raises(ValueError, match="no KIVI quantizer"):
         _prefilled(model, ids, "none").to_static(8)
-    with pytest.raises(ValueError, match="outliers"):
-        _prefilled(model, ids, "kivi(bits=2,outliers=0.01)").to_static(8)
     cache = _prefilled(model, ids).to_static(max_new_tokens=16)
     with pytest.raises(ValueError, match="one token a step"):
         model(ids[:, :2], **with_cache(model, cache))

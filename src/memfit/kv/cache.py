@@ -315,13 +315,13 @@ class CompressedCache(Cache):
     def to_static(self, max_new_tokens: int) -> "CompressedCache":
         """Move every layer's KIVI storage into buffers with room for ``max_new_tokens`` more tokens,
         so that decode steps can be replayed as a CUDA graph (:class:`memfit.kv.static.GraphDecoder`).
-        Caches the decode kernel reads (KIVI or Hadamard at 2/4 bits, pre-RoPE keys, evicted or ragged,
-        forks of such caches); not outliers, low rank, or a decode budget."""
+        Caches the decode kernel reads (KIVI or Hadamard at 2/4 bits, pre-RoPE keys, sparse outliers,
+        evicted or ragged, forks of such caches); not low rank, or a decode budget."""
         for i, layer in enumerate(self.layers):
             # beyond what the kernel reads now, what the policy would add while decoding
             why = ("no KIVI quantizer" if not isinstance(layer.quant, (KIVI, Hadamard))
                    else "low-rank keys" if layer.lowrank is not None
-                   else "outliers" if getattr(layer.quant, "outliers", 0) else "a decode budget" if layer.decode is not None
+                   else "a decode budget" if layer.decode is not None
                    else layer.not_packed())
             if why:
                 raise ValueError(f"to_static: layer {i} has {why}; static decode takes caches the decode "

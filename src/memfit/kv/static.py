@@ -18,14 +18,15 @@ it back, e.g. to store it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
 from memfit.hfcompat import with_cache
 from memfit.kernels import window_append
-from memfit.kernels.decode_attention import PackedRun, decode_attention_runs
-from memfit.kv.quant import KIVI, MetaQTensor, QTensor, quantize_keys, quantize_values
+from memfit.kernels.decode_attention import Outliers, PackedRun, decode_attention_runs
+from memfit.kv.quant import KIVI, MetaQTensor, QTensor, kernel_outliers, quantize_keys, quantize_values
 from memfit.kv.rope import RoPE
 from memfit.kv.rotate import Hadamard, RotatedTensor, first_group, hadamard, past_first_group
 
@@ -71,6 +72,15 @@ class StaticKIVI:
         self.qk = QTensor(codes, ks, torch.zeros_like(ks), self.bits, "token", g)
         vcodes = torch.zeros(b, h, cap, d * self.vbits // 8, dtype=torch.uint8, device=dev)
         self.qv = QTensor(vcodes, vs, torch.zeros_like(vs), self.vbits, "channel", vgroup)
+        # sparse outliers (kivi(outliers=...)): the kernel's lists in fixed buffers with room for those of
+        # every spill up to the capacity (KVQuant's split takes a fixed fraction of each head's elements)
+        self.outliers = 0.0 if self.rotated else float(getattr(quant, "outliers", 0.0))
+        self.out = None
+        if self.outliers:
+            nq0 = self.nq
+            extra = math.ceil(self.outliers * (cap - nq0) * d) * (2 if rope is not None else 1)
+            self.out = [_OutlierBuffers(b, h, cap // g, _most_per_row_head(x, b, h) + extra + 1, dev)
+                        for x in (qk, qv)]
         if qk is not None:
             self._write(qk, qv, 0)
         if self.rotated:  # the first key group in 16-bit (rotated), and how many tokens of it are real
@@ -94,8 +104,9 @@ class StaticKIVI:
                              rotation=hadamard(d, dev), vbits=self.vbits),
                    PackedRun.window_only(self.keys, self.values, self.wlen, self.bits, g)]
         else:
+            lists = {"kout": self.out[0].lists, "vout": self.out[1].lists} if self.out is not None else {}
             own = [PackedRun(k.codes, k.scale, k.zero, v.codes, v.scale, v.zero, self.keys, self.values, self.qlen,
-                             self.wlen, self.bits, g, **(rope.kernel_args(dev) if rope is not None else {}))]
+                             self.wlen, self.bits, g, **(rope.kernel_args(dev) if rope is not None else {}), **lists)]
         self.runs = [*prefix, *own]
 
     @property
@@ -120,6 +131,11 @@ class StaticKIVI:
         self.qv.codes[:, :, at : at + n] = qv.codes
         self.qv.scale[:, :, at : at + n] = qv.scale
         self.qv.zero[:, :, at : at + n] = qv.zero
+        if self.out is not None:  # their outliers after those before them
+            rope = self.rope.kernel_args(qk.codes.device) if self.rope is not None else None
+            rows = self.qk.codes.shape[0]
+            self.out[0].write(qk, kernel_outliers(qk, rows, g, rope, start=at), at, g)
+            self.out[1].write(qv, kernel_outliers(qv, rows, g), at, g)
 
     def before_step(self) -> None:
         """Spill the oldest window tokens that the next token pushes out (what the dynamic cache
@@ -144,8 +160,9 @@ class StaticKIVI:
             k = self.keys[:, :, :f]
             if self.rope is not None:
                 k = self.rope.unrotate(k, torch.arange(self.nq, self.nq + f, device=k.device))
-            kq = quantize_keys(k, self.bits, self.quant.group)
-            vq = quantize_values(self.values[:, :, :f], self.bits, self.quant.value_group(self.keys.shape[-1]))
+            kq = quantize_keys(k, self.bits, self.quant.group, outliers=self.outliers)
+            vq = quantize_values(self.values[:, :, :f], self.bits, self.quant.value_group(self.keys.shape[-1]),
+                                 outliers=self.outliers)
         self._write(kq, vq, self.nq)
         rest = self.w - f
         self.keys[:, :, :rest] = self.keys[:, :, f : self.w].clone()
@@ -173,6 +190,8 @@ class StaticKIVI:
             qk = qv = None
         else:
             qk, qv = self.qk.prefix(self.nq), self.qv.prefix(self.nq)
+            if self.out is not None:  # the outliers as each run's quantization set them aside
+                qk, qv = (dataclasses.replace(x, **o.exact(x.shape)) for x, o in zip((qk, qv), self.out))
             clip = None
             if self.base is not None:  # 8-bit grids: their codes back on the ranges they were encoded on
                 qk, qv = (MetaQTensor.from_grid(x, b.q.ranges) for x, b in zip((qk, qv), self.base))
@@ -181,6 +200,69 @@ class StaticKIVI:
                 qk, qv = (RotatedTensor(x, None if s is None else s.clone(), clip=clip)
                           for x, s in zip((qk, qv), self.sinks))
         return qk, qv, self.keys[:, :, : self.w].clone(), self.values[:, :, : self.w].clone()
+
+
+def _most_per_row_head(q: QTensor | None, b: int, h: int) -> int:
+    """The most outliers one row and head of ``q`` holds (0 without)."""
+    if q is None or q.out_idx is None:
+        return 0
+    _, _, n, d = q.shape
+    return int(torch.bincount(q.out_idx.long() // (n * d), minlength=b * h).max()) * 2  # x2: RoPE's partners
+
+
+class _OutlierBuffers:
+    """One tensor's sparse outliers (keys or values) as the decode kernel reads them (``Outliers``), in
+    fixed buffers: each row and head a segment of ``room`` entries filled in token order, a spill's
+    after those before it; ``ptr`` [B, H, tiles + 1] says where each key group's entries start (tiles
+    not yet filled point at their segment's end; the kernel reads only filled ones). Also the exact
+    values and places as quantization set them aside, for :meth:`exact` (back to the dynamic cache)."""
+
+    def __init__(self, b: int, h: int, tiles: int, room: int, device: torch.device):
+        self.room = room
+        base = torch.arange(b * h, device=device, dtype=torch.int32).reshape(b, h, 1) * room
+        self.ptr = base.expand(b, h, tiles + 1).contiguous()
+        self.tok = torch.zeros(b * h * room, dtype=torch.int32, device=device)
+        self.ch = torch.zeros_like(self.tok)
+        self.val = torch.zeros(b * h * room, dtype=torch.float32, device=device)
+        self.used = torch.zeros(b * h, dtype=torch.long, device=device)
+        self.lists = Outliers(self.ptr, self.tok, self.ch, self.val)
+        self.parts: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []  # (first token, tokens, idx, values)
+
+    def write(self, q: QTensor, o: Outliers | None, at: int, group: int) -> None:
+        """The outliers ``o`` (``kernel_outliers`` of ``q``, whose first token is token ``at``, which
+        starts a key group of ``group`` tokens)."""
+        self.parts.append((q.num_tokens, q.out_idx, q.out_val))
+        if o is None:
+            return
+        tile = at // group
+        b, h, nt1 = o.ptr.shape
+        rh, tok, ch, val = o.per_row_head(b, h)
+        counts = (o.ptr[..., -1] - o.ptr[..., 0]).reshape(-1).long()
+        if bool((self.used + counts > self.room).any()):  # never past the fraction KVQuant's split takes
+            raise RuntimeError(f"static decode: more outliers than the {self.room} a row and head has room for")
+        first = torch.cumsum(counts, 0) - counts
+        base = torch.arange(b * h, device=rh.device) * self.room + self.used
+        pos = base[rh] + torch.arange(len(rh), device=rh.device) - first[rh]
+        self.tok[pos], self.ch[pos], self.val[pos] = (tok + at).int(), ch.int(), val
+        starts = base.reshape(b, h, 1) + (o.ptr - o.ptr[..., :1]).long()
+        self.ptr[:, :, tile : tile + nt1] = starts.to(torch.int32)
+        self.ptr[:, :, tile + nt1 :] = starts[..., -1:].to(torch.int32)
+        self.used += counts
+
+    def exact(self, shape: tuple[int, int, int, int]) -> dict:
+        """``out_idx`` / ``out_val`` of the first ``shape[2]`` tokens, as a ``QTensor`` of ``shape`` holds them."""
+        b, h, n, d = shape
+        idx, vals, at = [], [], 0
+        for m, i, v in self.parts:
+            if i is not None:
+                i = i.long()
+                idx.append(i // (m * d) * (n * d) + i % (m * d) + at * d)
+                vals.append(v)
+            at += m
+        if not idx:
+            return {"out_idx": None, "out_val": None}
+        idx = torch.cat(idx)
+        return {"out_idx": idx.to(torch.int32 if b * h * n * d < 2**31 else torch.int64), "out_val": torch.cat(vals)}
 
 
 def allow_recompiles(n: int) -> None:
