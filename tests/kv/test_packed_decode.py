@@ -27,6 +27,7 @@ POLICIES = [RAGGED, "knorm(keep=0.4,heads=global)+kivi(bits=2,group=16,residual=
             RAGGED_ROTATED, "hadamard(bits=2,group=16,residual=16)",
             # sparse outliers, added to the dequantized codes (keys: after RoPE where stored before it)
             "kivi(bits=2,group=16,residual=16,outliers=0.02)",
+            "knorm(keep=0.5,heads=adaptive)+kivi(bits=4,group=16,residual=16,outliers=0.02)",
             "kivi(bits=4,group=16,residual=16,pre_rope=true,outliers=0.02)"]
 
 
@@ -117,9 +118,7 @@ def test_a_masked_step_reads_the_ragged_parent_for_every_row_with_its_padding_hi
 
 
 def test_what_the_kernel_cannot_read_says_why(tiny_lm):
-    for policy, why in (("knorm(keep=0.5,heads=adaptive)+kivi(bits=4,group=16,residual=16,outliers=0.02)",
-                         "outliers in a ragged context"),
-                        ("kivi(bits=8)", "2 or 4 bits"),
+    for policy, why in (("kivi(bits=8)", "2 or 4 bits"),
                         ("knorm(keep=0.5)", "no KIVI quantizer")):
         cache = _context(tiny_lm, policy, n=80)
         layer = cache.layers[0]
@@ -133,7 +132,8 @@ def test_what_the_kernel_cannot_read_says_why(tiny_lm):
     assert _context(tiny_lm, "hadamard(bits=4,value_bits=2)", n=80).layers[0].not_packed() is None
 
 
-@pytest.mark.parametrize("quant", ["kivi(bits=4,group=32,residual=8)", "hadamard(bits=4,group=32,residual=8)",
+@pytest.mark.parametrize("quant", ["kivi(bits=4,group=32,residual=8)", "kivi(bits=4,group=32,residual=8,outliers=0.02)",
+                                   "hadamard(bits=4,group=32,residual=8)",
                                    "hadamard(bits=4,value_bits=2,group=32,residual=8)"])
 def test_static_decode_of_a_ragged_fork_equals_the_dynamic_cache(tiny_lm, monkeypatch, quant):
     packed_everywhere(monkeypatch)
@@ -254,13 +254,15 @@ def test_pre_rope_caches_decode_through_the_kernel_on_cuda(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("policy", ["kivi(bits=2,group=32,residual=32,outliers=0.01)",
-                                    "kivi(bits=4,group=32,residual=32,pre_rope=true,outliers=0.01)"])
+                                    "kivi(bits=4,group=32,residual=32,pre_rope=true,outliers=0.01)",
+                                    "knorm(keep=0.5,heads=adaptive)+kivi(bits=4,group=32,residual=32,outliers=0.01)"])
 def test_caches_with_outliers_decode_through_the_kernel_on_cuda(monkeypatch, policy):
     """A fork of a cache with sparse outliers reads its parent's and its own through the Triton
     kernel, which adds them, as the reference does."""
     lm = _cuda_lm()
     cache = lm.prefill_ids(torch.randint(0, 250, (1, 1500), device="cuda"), policy).cache
-    assert all(layer.qk.out_idx is not None and layer.not_packed() is None for layer in cache.layers)
+    assert all((layer.ragged.qk if layer.ragged is not None else layer.qk).out_idx is not None
+               and layer.not_packed() is None for layer in cache.layers)
     feed = torch.randint(0, 250, (3, 40), device="cuda")
     calls, out = [], {}
     for on_kernel in (True, False):

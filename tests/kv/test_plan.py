@@ -242,9 +242,9 @@ def test_a_quantizer_alone_does_not_take_a_light_budget_on_a_point_of_accuracy()
     only = Calibration.from_dict({"families": [much.to_dict()["families"][0]]})
     assert plan(full // 7, n, shape, table=only, packed=True) == plan_ladder(full // 7, n, shape)
     assert all(parse_policy(s).packed_decode for s in ("kvzip(keep=0.3)+hadamard(bits=4,value_bits=2)",
-                                                       "kivi(bits=4,outliers=0.01)"))
-    assert not any(parse_policy(s).packed_decode for s in ("klt(bits=2)", "kvzip(keep=0.3)+kivi(bits=4,outliers=0.01)",
-                                                           "kivi(bits=8)", "hadamard(bits=2,salient=0.1)",
+                                                       "kivi(bits=4,outliers=0.01)",
+                                                       "kvzip(keep=0.3)+kivi(bits=4,outliers=0.01)"))
+    assert not any(parse_policy(s).packed_decode for s in ("klt(bits=2)", "kivi(bits=8)", "hadamard(bits=2,salient=0.1)",
                                                            "lowrank(rank=8)"))
 
 

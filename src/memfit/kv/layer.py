@@ -280,8 +280,6 @@ class CompressedLayer(CacheLayerMixin):
         checks = ((any(q.bits not in (2, 4) for q in qs), "codes of other than 2 or 4 bits"),
                   (self.basis is not None or self.kc is not None, "low-rank keys"),
                   (self.defer, "deferred compression"),
-                  (self.ragged is not None and self.ragged.qk is not None
-                   and getattr(self.ragged.qk, "out_idx", None) is not None, "outliers in a ragged context"),
                   (not self.is_initialized, "nothing stored"))
         why = next((why for bad, why in checks if bad), None)
         if why is None and self.parent is not None:

@@ -64,11 +64,8 @@ class Policy:
     def packed_decode(self) -> bool:
         """Whether the CUDA decode kernel reads what this policy stores (else every decode step
         dequantizes it first; ``CompressedLayer.not_packed`` says why for a filled layer): 16-bit, or 2/4-bit
-        KIVI or rotated codes without salient tokens or low-rank keys; sparse outliers where no eviction
-        stores the context ragged (the kernel adds them on a layer's own codes)."""
-        outliers_after_eviction = bool(self.evictions) and bool(getattr(self.quant, "outliers", 0))
-        return (self.lowrank is None and not outliers_after_eviction
-                and (self.quant is None or not_packed(self.quant) is None))
+        KIVI (with or without sparse outliers) or rotated codes, without salient tokens or low-rank keys."""
+        return self.lowrank is None and (self.quant is None or not_packed(self.quant) is None)
 
     def queries_needed(self) -> int:
         own = self.quant.window if isinstance(self.quant, LayerBits) else 0  # queries its sensitivity reads

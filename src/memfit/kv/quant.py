@@ -345,14 +345,17 @@ def _minmax_quantize(x: torch.Tensor, bits: int, reduce_dim: int) -> tuple[torch
     return codes, scale, zero
 
 
-def kernel_outliers(qt: QTensor, rows: int, kgroup: int, rope: dict | None = None, start: int = 0) -> Outliers | None:
+def kernel_outliers(qt: QTensor, rows: int, kgroup: int, rope: dict | None = None, start: int = 0,
+                    ragged: tuple[torch.Tensor, torch.Tensor] | None = None) -> Outliers | None:
     """``qt``'s sparse outliers as the decode kernel adds them (``decode_attention.Outliers``): each the
     exact value less what the dense codes give at its place, grouped by row, head and key group (of
     ``kgroup`` tokens: the kernel's tile, for keys and values alike); keys
     after RoPE where ``rope`` (``RoPE.kernel_args``) says the codes are stored before it (an outlier
     then corrects its channel and that channel's RoPE partner, at its token's index in the run, as the
     kernel rotates the codes; ``start``: the index of ``qt``'s first token in its run, for RoPE's angle).
-    A tensor of one row read by ``rows`` rows (a fork's parent) is read by each. None without outliers."""
+    A tensor of one row read by ``rows`` rows (a fork's parent) is read by each. ``ragged``: ``qt`` is flat
+    [1, 1, T, D] storage of runs back to back, each row and head's starting at token ``starts`` and
+    ``lens`` long (both [R, H]). None without outliers."""
     from memfit.kernels.decode_attention import Outliers
 
     if qt.out_idx is None:
@@ -362,6 +365,11 @@ def kernel_outliers(qt: QTensor, rows: int, kgroup: int, rope: dict | None = Non
     dense = dequantize(QTensor(qt.codes, qt.scale, qt.zero, qt.bits, qt.axis, qt.group), torch.float32)
     delta = qt.out_val.float() - dense.reshape(-1)[idx]
     run, tok, ch = idx // (n * d), idx % (n * d) // d, idx % d
+    if ragged is not None:  # each entry's row and head: the last run starting at or before its token
+        starts = ragged[0].reshape(-1).to(idx.device)
+        run = torch.searchsorted(starts, tok, right=True) - 1
+        tok = tok - starts[run]
+        (b, h), n = ragged[0].shape, max(int(ragged[1].max()), 1)
     if rope is not None:  # rotate_half: channel c < D/2 also moves c + D/2 by +sin, c >= D/2 moves c - D/2 by -sin
         ang = (tok + start).float() * rope["rope"].to(idx.device)[ch % (d // 2)]
         s = rope.get("rope_scaling", 1.0)

@@ -8,9 +8,9 @@ import itertools
 import torch
 
 from memfit.kernels import packing
-from memfit.kernels.decode_attention import PackedRun
+from memfit.kernels.decode_attention import Outliers, PackedRun
 from memfit.kv import rotate
-from memfit.kv.quant import KIVI, MetaQTensor, QTensor, load_pair
+from memfit.kv.quant import KIVI, MetaQTensor, QTensor, kernel_outliers, load_pair
 from memfit.kv.rope import RoPE
 from memfit.kv.rotate import RotatedTensor
 
@@ -28,6 +28,10 @@ def _widened(r: PackedRun, rows: int) -> PackedRun:
             if isinstance(getattr(r, n), torch.Tensor)}
     if r.total_q is not None:
         wide["total_q"] = r.total_q * rows
+    for n in ("kout", "vout"):  # each row reads the same outliers
+        o = getattr(r, n)
+        if o is not None:
+            wide[n] = Outliers(o.ptr.expand(rows, -1, -1), o.tok, o.ch, o.val)
     return PackedRun(**{**r.__dict__, **wide})
 
 
@@ -173,9 +177,11 @@ class Ragged:
                                           ragged={"nq": self._host[1], "rows": self.rows}),
                         PackedRun.window_only(self.k, self.v, wlen, bits, group, qoff=qoff, woff=woff, nw=self.max_w)]
             else:
+                out = {n: kernel_outliers(t, self.rows, self.qk.group, ragged=(qoff, qlen))  # sparse outliers
+                       for n, t in (("kout", self.qk), ("vout", self.qv))}
                 runs = [PackedRun(self.qk.codes, self.qk.scale, self.qk.zero, self.qv.codes, self.qv.scale,
                                   self.qv.zero, self.k, self.v, qlen, wlen, self.qk.bits, self.qk.group, qoff=qoff,
-                                  woff=woff, nq=self.max_q, nw=self.max_w, total_q=sum(self._host[1]))]
+                                  woff=woff, nq=self.max_q, nw=self.max_w, total_q=sum(self._host[1]), **out)]
             self._runs = runs
         if rows == self.rows:
             return self._runs
