@@ -227,42 +227,19 @@ def _attend_with(monkeypatch, on_kernel: bool, calls: list) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_pre_rope_caches_decode_through_the_kernel_on_cuda(monkeypatch):
-    """A fork of a pre-RoPE cache reads its parent's codes through the Triton kernel (rotated there),
-    as the reference does; the cache itself decodes statically, replayed as a CUDA graph."""
-    lm = _cuda_lm()
-    ids, policy = torch.randint(0, 250, (1, 1500), device="cuda"), "kivi(bits=4,group=32,residual=32,pre_rope=true)"
-    cache = lm.prefill_ids(ids, policy).cache
-    assert all(layer.pre_rope and layer.not_packed() is None for layer in cache.layers)
-    feed = torch.randint(0, 250, (3, 40), device="cuda")
-    calls, out = [], {}
-    for on_kernel in (True, False):
-        _attend_with(monkeypatch, on_kernel, calls)
-        out[on_kernel] = _decode(lm.model, cache.fork(3).use_kernels(), feed)
-    assert len(calls) == 2 * 40 * 2
-    err = (out[True] - out[False]).abs().max().item()
-    print(f"logits max abs difference kernel vs reference {err:.3e}")
-    assert err < 0.05 * out[False].abs().max().item()
-    _attend_with(monkeypatch, True, calls)
-    want = _decode(lm.model, lm.prefill_ids(ids, policy).cache.use_kernels(), feed[:1])  # dynamic, spilling pre-RoPE
-    first = _decode(lm.model, cache.use_kernels(), feed[:1, :1])
-    dec = GraphDecoder(lm.model, cache.to_static(max_new_tokens=48))  # its spills take RoPE off
-    graphed = torch.cat([first, torch.stack([dec.step(feed[:1, i : i + 1]).clone() for i in range(1, 40)])])
-    assert (graphed - want).abs().max() < 0.05 * want.abs().max()
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("policy", ["kivi(bits=2,group=32,residual=32,outliers=0.01)",
+@pytest.mark.parametrize("policy", ["kivi(bits=4,group=32,residual=32,pre_rope=true)",
+                                    # sparse outliers, which the Triton kernel adds
+                                    "kivi(bits=2,group=32,residual=32,outliers=0.01)",
                                     "kivi(bits=4,group=32,residual=32,pre_rope=true,outliers=0.01)",
                                     "knorm(keep=0.5,heads=adaptive)+kivi(bits=4,group=32,residual=32,outliers=0.01)"])
-def test_caches_with_outliers_decode_through_the_kernel_on_cuda(monkeypatch, policy):
-    """A fork of a cache with sparse outliers reads its parent's and its own through the Triton
-    kernel, which adds them, as the reference does."""
+def test_pre_rope_and_outlier_caches_decode_through_the_kernel_on_cuda(monkeypatch, policy):
+    """A fork of a pre-RoPE cache, or of one with sparse outliers, reads its parent's codes and its own
+    through the Triton kernel (RoPE put back, outliers added there), as the reference does; the cache
+    itself decodes statically, replayed as a CUDA graph."""
     lm = _cuda_lm()
-    cache = lm.prefill_ids(torch.randint(0, 250, (1, 1500), device="cuda"), policy).cache
-    assert all((layer.ragged.qk if layer.ragged is not None else layer.qk).out_idx is not None
-               and layer.not_packed() is None for layer in cache.layers)
+    ids = torch.randint(0, 250, (1, 1500), device="cuda")
+    cache = lm.prefill_ids(ids, policy).cache
+    assert all(layer.not_packed() is None for layer in cache.layers)
     feed = torch.randint(0, 250, (3, 40), device="cuda")
     calls, out = [], {}
     for on_kernel in (True, False):
@@ -272,6 +249,12 @@ def test_caches_with_outliers_decode_through_the_kernel_on_cuda(monkeypatch, pol
     err = (out[True] - out[False]).abs().max().item()
     print(f"{policy}: logits max abs difference kernel vs reference {err:.3e}")
     assert err < 0.05 * out[False].abs().max().item()
+    _attend_with(monkeypatch, True, calls)
+    want = _decode(lm.model, lm.prefill_ids(ids, policy).cache.use_kernels(), feed[:1])  # dynamic, spilling
+    first = _decode(lm.model, cache.use_kernels(), feed[:1, :1])
+    dec = GraphDecoder(lm.model, cache.to_static(max_new_tokens=48))  # its spills take RoPE off, set outliers aside
+    graphed = torch.cat([first, torch.stack([dec.step(feed[:1, i : i + 1]).clone() for i in range(1, 40)])])
+    assert (graphed - want).abs().max() < 0.05 * want.abs().max()
 
 
 @pytest.mark.gpu
