@@ -317,8 +317,8 @@ class CompressedLayer(CacheLayerMixin):
 
     def _kernel_outliers(self, rows: int, rope: dict | None) -> dict:
         """The own codes' sparse outliers as the kernel adds them (``kout`` / ``vout``), built once a spill."""
-        if self.qk.out_idx is None and self.qv.out_idx is None:
-            return {}
+        if getattr(self.qk, "out_idx", None) is None and getattr(self.qv, "out_idx", None) is None:
+            return {}  # (codes without sparse outliers, or of a kind that holds none)
         cached = self._outlier_lists
         if cached is None or cached[0] is not self.qk or cached[1] != rows:
             lists = {"kout": kernel_outliers(self.qk, rows, self.qk.group, rope),
