@@ -120,10 +120,7 @@ class QTensor(PackedCodes):
         if self.out_idx is None:
             return None
         _, _, m, d = self.shape
-        bh, rest = self.out_idx // (m * d), self.out_idx % (m * d)
-        keep = rest < (n - offset) * d
-        idx = bh[keep].long() * (n * d) + rest[keep].long() + offset * d
-        return idx, self.out_val[keep]
+        return moved_outliers(self.out_idx, self.out_val, m, d, n, offset)
 
     def _with_outliers(self, parts: list[tuple[torch.Tensor, torch.Tensor] | None], numel: int):
         parts = [p for p in parts if p is not None and len(p[0])]
@@ -362,8 +359,7 @@ def kernel_outliers(qt: QTensor, rows: int, kgroup: int, rope: dict | None = Non
         return None
     b, h, n, d = qt.shape
     idx = qt.out_idx.long()
-    dense = dequantize(QTensor(qt.codes, qt.scale, qt.zero, qt.bits, qt.axis, qt.group), torch.float32)
-    delta = qt.out_val.float() - dense.reshape(-1)[idx]
+    delta = qt.out_val.float() - _dense_at(qt, idx)
     run, tok, ch = idx // (n * d), idx % (n * d) // d, idx % d
     if ragged is not None:  # each entry's row and head: the last run starting at or before its token
         starts = ragged[0].reshape(-1).to(idx.device)
@@ -398,6 +394,15 @@ def token_outliers(x: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.
     idx = x.abs().topk(channels, dim=-1).indices
     val = x.gather(-1, idx)
     return x.scatter(-1, idx, 0.0), idx.to(torch.uint8), val.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
+
+
+def moved_outliers(idx: torch.Tensor, val: torch.Tensor, m: int, d: int, n: int,
+                   offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outliers at flat indices ``idx`` of a [B, H, m, D] tensor, re-indexed (int64) for a tensor of ``n``
+    tokens in which it starts at token ``offset``; those at or past token ``n`` dropped."""
+    bh, rest = idx // (m * d), idx % (m * d)
+    keep = rest < (n - offset) * d
+    return bh[keep].long() * (n * d) + rest[keep].long() + offset * d, val[keep]
 
 
 def _index_dtype(numel: int) -> torch.dtype:
@@ -484,6 +489,20 @@ def dequantize(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     if q.out_idx is not None:
         out.view(-1)[q.out_idx.long()] = q.out_val.float()
     return out.to(dtype or torch.float32)
+
+
+def _dense_at(q: QTensor, idx: torch.Tensor) -> torch.Tensor:
+    """What ``q``'s codes alone (not its outliers) dequantize to at flat [B, H, N, D] indices ``idx``
+    (float32): only those elements unpacked, as :func:`dequantize` would give them."""
+    b, h, n, d = q.shape
+    row, c = idx // d, idx % d  # row: the token's row in [B * H * N]
+    per = 8 // q.bits  # codes a byte, code j at bits j * bits
+    byte = q.codes.reshape(-1, q.codes.shape[-1])[row, c // per]
+    code = ((byte.long() >> ((c % per) * q.bits)) & ((1 << q.bits) - 1)).float()
+    bh, t = row // n, row % n
+    at = (bh, t // q.group, c) if q.axis == "token" else (bh, t, c // q.group)
+    grid = [x.reshape(b * h, -1, x.shape[-1])[at].float() for x in (q.scale, q.zero)]
+    return code * grid[0] + grid[1]
 
 
 def in_run_order(low: torch.Tensor, high: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,16 @@ import torch
 from memfit.hfcompat import with_cache
 from memfit.kernels import window_append
 from memfit.kernels.decode_attention import Outliers, PackedRun, decode_attention_runs
-from memfit.kv.quant import KIVI, MetaQTensor, QTensor, kernel_outliers, quantize_keys, quantize_values
+from memfit.kv.quant import (
+    KIVI,
+    MetaQTensor,
+    QTensor,
+    _index_dtype,
+    kernel_outliers,
+    moved_outliers,
+    quantize_keys,
+    quantize_values,
+)
 from memfit.kv.rope import RoPE
 from memfit.kv.rotate import Hadamard, RotatedTensor, first_group, hadamard, past_first_group
 
@@ -226,7 +235,7 @@ class _OutlierBuffers:
         self.val = torch.zeros(b * h * room, dtype=torch.float32, device=device)
         self.used = torch.zeros(b * h, dtype=torch.long, device=device)
         self.lists = Outliers(self.ptr, self.tok, self.ch, self.val)
-        self.parts: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []  # (first token, tokens, idx, values)
+        self.parts: list[tuple[int, torch.Tensor | None, torch.Tensor | None]] = []  # (tokens, idx, values) a write
 
     def write(self, q: QTensor, o: Outliers | None, at: int, group: int) -> None:
         """The outliers ``o`` (``kernel_outliers`` of ``q``, whose first token is token ``at``, which
@@ -252,17 +261,15 @@ class _OutlierBuffers:
     def exact(self, shape: tuple[int, int, int, int]) -> dict:
         """``out_idx`` / ``out_val`` of the first ``shape[2]`` tokens, as a ``QTensor`` of ``shape`` holds them."""
         b, h, n, d = shape
-        idx, vals, at = [], [], 0
+        parts, at = [], 0
         for m, i, v in self.parts:
             if i is not None:
-                i = i.long()
-                idx.append(i // (m * d) * (n * d) + i % (m * d) + at * d)
-                vals.append(v)
+                parts.append(moved_outliers(i, v, m, d, n, at))
             at += m
-        if not idx:
+        if not parts:
             return {"out_idx": None, "out_val": None}
-        idx = torch.cat(idx)
-        return {"out_idx": idx.to(torch.int32 if b * h * n * d < 2**31 else torch.int64), "out_val": torch.cat(vals)}
+        return {"out_idx": torch.cat([p[0] for p in parts]).to(_index_dtype(b * h * n * d)),
+                "out_val": torch.cat([p[1] for p in parts])}
 
 
 def allow_recompiles(n: int) -> None:
