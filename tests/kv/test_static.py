@@ -61,6 +61,8 @@ def test_static_decode_equals_the_dynamic_cache(device, policy, monkeypatch):
     got = torch.stack([dec.step(feed[:, i : i + 1]).clone() for i in range(feed.shape[1])])
     assert cache.static_layers[0].nq > nq0  # the window spilled while decoding
     assert cache.get_seq_length() == 75 + 40
+    for buf in cache.static_layers[0].out or ():  # every tile fits the chunks the kernel was set up for
+        assert buf.lists.most >= int((buf.ptr[..., 1:] - buf.ptr[..., :-1]).max()) > 0
     torch.testing.assert_close(got, ref, rtol=2e-4, atol=2e-4)
 
     # back to a dynamic cache: it holds what the dynamic one holds, and decodes on the same way
@@ -143,3 +145,21 @@ def test_a_compiled_static_step_equals_the_uncompiled_one(device):
     for a, b in zip(c0.static_layers, c1.static_layers):
         assert (a.nq, a.w) == (b.nq, b.w)
         torch.testing.assert_close(a.keys, b.keys, rtol=1e-4, atol=1e-4)
+
+
+def test_static_outlier_buffers_refuse_a_spill_fuller_than_the_kernel_was_set_up_for():
+    """The prefill's fullest tile sets how many outliers a tile the (graph-captured) kernel reads; a
+    later spill with more in one key group is refused by name, never read short."""
+    from memfit.kv.quant import kernel_outliers, quantize_keys
+    from memfit.kv.static import _OutlierBuffers
+
+    g = torch.Generator().manual_seed(0)
+    q = quantize_keys(torch.randn(1, 1, 32, 16, generator=g), 4, 16, outliers=0.05)
+    o = kernel_outliers(q, 1, 16)
+    buf = _OutlierBuffers(1, 1, 8, 1000, 1, torch.device("cpu"))
+    buf.write(q, o, 0, 16)
+    assert buf.lists.most == o.most > 1
+    buf.write(q, o, 32, 16)  # as full as the prefill's: fits
+    fuller = quantize_keys(torch.randn(1, 1, 32, 16, generator=g), 4, 16, outliers=0.2)
+    with pytest.raises(RuntimeError, match="outliers in one key group, more than"):
+        buf.write(fuller, kernel_outliers(fuller, 1, 16), 64, 16)

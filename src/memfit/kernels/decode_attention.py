@@ -54,10 +54,30 @@ class Outliers:
     tok: torch.Tensor  # int32 [E]
     ch: torch.Tensor  # int32 [E]
     val: torch.Tensor  # float32 [E]
+    most: int = -1  # the most entries one row, head and key group holds or may come to hold; -1: count them
 
-    def per_row_head(self, b: int, h: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every entry as (row-and-head index ``b * h``-flat, token, channel, value), for the reference."""
+    def per_group(self) -> int:
+        """``most``, counted from ``ptr`` (a host sync) where it is not known."""
+        if self.most >= 0:
+            return self.most
+        if self.ptr.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise ValueError("Outliers.most must be set to capture a CUDA graph (counting them reads ptr on the host)")
+        return int((self.ptr[..., 1:] - self.ptr[..., :-1]).max()) if self.ptr.shape[-1] > 1 else 0
+
+    def per_row_head(self, b: int, h: int, all_pairs: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every entry as (row-and-head index ``b * h``-flat, token, channel, value), for the reference;
+        ``all_pairs`` (also while a CUDA graph captures): every entry for every row and head, those not
+        its own with value 0."""
         start, end = self.ptr[..., 0].expand(b, h).reshape(-1).long(), self.ptr[..., -1].expand(b, h).reshape(-1).long()
+        if all_pairs or (self.ptr.is_cuda and torch.cuda.is_current_stream_capturing()):
+            # shapes that read nothing on the host: every (row and head, entry) pair, those outside the
+            # row and head's segment worth 0 (b * h times the entries: only where a graph captures it)
+            e = torch.arange(len(self.tok), device=start.device)
+            rh = torch.arange(b * h, device=start.device).repeat_interleave(len(e))
+            e = e.repeat(b * h)
+            inside = (e >= start[rh]) & (e < end[rh])
+            return rh, self.tok.long()[e], self.ch.long()[e], torch.where(inside, self.val.float()[e], 0.0)
         counts = end - start
         rh = torch.repeat_interleave(torch.arange(b * h, device=start.device), counts)
         first = torch.cumsum(counts, 0) - counts
@@ -232,8 +252,9 @@ def _dense_run(r: PackedRun, b: int, h: int, device: torch.device):
         for t, o in ((k, r.kout), (v, r.vout)):  # sparse corrections, in place
             if o is not None:
                 rh, tok, ch, val = o.per_row_head(b, h)
-                keep = tok < r.max_q
-                t.view(b * h, -1, d).index_put_((rh[keep], tok[keep], ch[keep]), val[keep], accumulate=True)
+                keep = tok < r.max_q  # (where, not a mask: no host sync, so that CUDA graphs capture it)
+                t.view(b * h, -1, d).index_put_((rh, torch.where(keep, tok, 0), ch), torch.where(keep, val, 0.0),
+                                                accumulate=True)
         keys.append(k)
         values.append(v)
         valid.append(ok)
@@ -312,6 +333,15 @@ if triton is not None:
         jm = j < end
         t = tl.where(jm, tl.load(TOK + j, mask=jm, other=0) - n0, -1)
         return t, tl.load(CH + j, mask=jm, other=0), tl.load(VAL + j, mask=jm, other=0.0)
+
+    @triton.jit
+    def _onehot_dot(a, onehot, acc):
+        """acc + a @ onehot, where each product picks one element of float32 ``a`` (``onehot``: 0 / 1 in
+        bfloat16), to ~2^-17 of a: two bfloat16 MMAs, of a's leading bits and of the rest (TF32's one
+        rounds to 2^-11, which moved outputs of ~20 by 0.1; IEEE dots run on the CUDA cores)."""
+        hi = a.to(tl.bfloat16)
+        lo = (a - hi.to(tl.float32)).to(tl.bfloat16)
+        return tl.dot(lo, onehot, tl.dot(hi, onehot, acc))
 
     @triton.jit
     def _online_softmax(qk, valid, m_i, l_i):
@@ -401,15 +431,17 @@ if triton is not None:
                       G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
                       VGROUP: tl.constexpr, NVG: tl.constexpr, BLOCK: tl.constexpr, WBLOCK: tl.constexpr,
                       DQ: tl.constexpr, PER_HEAD: tl.constexpr, OFFSETS: tl.constexpr, HAS_ROPE: tl.constexpr,
-                      HAS_KOUT: tl.constexpr = False, HAS_VOUT: tl.constexpr = False, OB: tl.constexpr = 16):
+                      KCH: tl.constexpr = 0, KOB: tl.constexpr = 32, VCH: tl.constexpr = 0, VOB: tl.constexpr = 32):
         """Slices 0..NQS-1 of the quantized tokens, then one slice of the 16-bit window, written as
         slices S0.. of NSPLIT. ``OFFSETS``: each row and head's tokens start at QOFF / WOFF [B, H]
         in flat storage (ragged heads and batches; the row and head strides are then 0).
         ``HAS_ROPE``: the quantized keys are pre-RoPE, rotated here at their index in the run (``ROPE``:
         inv_freq [D/2]; ``ROPE_T``: cos and sin of i * inv_freq for i < BLOCK, [2, BLOCK, D/2]).
-        ``HAS_KOUT`` / ``HAS_VOUT``: sparse corrections of the keys / values (:class:`Outliers`: KOP / VOP
+        ``KCH`` / ``VCH`` > 0: sparse corrections of the keys / values (:class:`Outliers`: KOP / VOP
         the entries' start a row, head and key group, KOT / KOC / KOV their tokens, channels and values),
-        read ``OB`` entries at a time, added to the tile's logits / to its share of the output."""
+        added to the tile's logits / to its share of the output, ``KCH`` chunks of ``KOB`` entries a tile
+        (enough for the most a tile holds; unrolled, so that the tile loop has no inner loop and stays
+        software-pipelined), by one-hot MMAs at float32 precision (:func:`_onehot_dot`)."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         s = tl.program_id(2)
@@ -499,13 +531,14 @@ if triton is not None:
                     if PB == 4:
                         cb2, sb2 = _rope_next(cb2, sb2, cB2, sB2)
                         cb3, sb3 = _rope_next(cb3, sb3, cB3, sB3)
-                if HAS_KOUT:  # q . delta for each outlier, added to its token's logit
+                if KCH > 0:  # q . delta for each outlier, added to its token's logit
                     kop = KOP + b * skob + h * skoh + n0 // BLOCK
-                    for j0 in range(tl.load(kop), tl.load(kop + 1), OB):
-                        t, c, dv = _outlier_entries(KOT, KOC, KOV, j0, tl.load(kop + 1), n0, OB)
+                    k_lo, k_hi = tl.load(kop), tl.load(kop + 1)
+                    for i in tl.static_range(KCH):
+                        t, c, dv = _outlier_entries(KOT, KOC, KOV, k_lo + i * KOB, k_hi, n0, KOB)
                         qc = tl.load(qrow + c[None, :], mask=gm[:, None], other=0.0).to(tl.float32) * scale
-                        hit = (t[:, None] == tl.arange(0, BLOCK)[None, :]).to(tl.float32)  # [OB, BLOCK]
-                        qk += tl.dot(qc * dv[None, :], hit, input_precision="ieee")
+                        hit = (t[:, None] == tl.arange(0, BLOCK)[None, :]).to(tl.bfloat16)  # [KOB, BLOCK]
+                        qk = _onehot_dot(qc * dv[None, :], hit, qk)
                 p, alpha, m_i, l_i = _online_softmax(qk, nm, m_i, l_i)
                 pb = p.to(tl.float16) if DQ == 2 else p.to(tl.bfloat16)
                 vb = tl.load(VC + b * svcb + h * svch + (qo + on)[:, None] * svcn + oi[None, :], mask=nm[:, None],
@@ -523,18 +556,19 @@ if triton is not None:
                 if PB == 4:
                     a2 = a2 * alpha[:, None] + tl.dot(pb, _dq(vb, vsc, vzc, DQ, 4, BITS))
                     a3 = a3 * alpha[:, None] + tl.dot(pb, _dq(vb, vsc, vzc, DQ, 6, BITS))
-                if HAS_VOUT:  # p of each outlier's token times its value, added to its channel
+                if VCH > 0:  # p of each outlier's token times its value, added to its channel
                     vop = VOP + b * svob + h * svoh + n0 // BLOCK
-                    for j0 in range(tl.load(vop), tl.load(vop + 1), OB):
-                        t, c, dv = _outlier_entries(VOT, VOC, VOV, j0, tl.load(vop + 1), n0, OB)
-                        hit = (tl.arange(0, BLOCK)[:, None] == t[None, :]).to(tl.float32)  # [BLOCK, OB]
-                        pv = tl.dot(p, hit, input_precision="ieee") * dv[None, :]  # [GP, OB]
-                        a0 += tl.dot(pv, (c[:, None] == c0).to(tl.float32), input_precision="ieee")
+                    v_lo, v_hi = tl.load(vop), tl.load(vop + 1)
+                    for i in tl.static_range(VCH):
+                        t, c, dv = _outlier_entries(VOT, VOC, VOV, v_lo + i * VOB, v_hi, n0, VOB)
+                        hit = (tl.arange(0, BLOCK)[:, None] == t[None, :]).to(tl.bfloat16)  # [BLOCK, VOB]
+                        pv = _onehot_dot(p, hit, tl.zeros((GP, VOB), tl.float32)) * dv[None, :]  # [GP, VOB]
+                        a0 = _onehot_dot(pv, (c[:, None] == c0).to(tl.bfloat16), a0)
                         if PB >= 2:
-                            a1 += tl.dot(pv, (c[:, None] == c1).to(tl.float32), input_precision="ieee")
+                            a1 = _onehot_dot(pv, (c[:, None] == c1).to(tl.bfloat16), a1)
                         if PB == 4:
-                            a2 += tl.dot(pv, (c[:, None] == c2).to(tl.float32), input_precision="ieee")
-                            a3 += tl.dot(pv, (c[:, None] == c3).to(tl.float32), input_precision="ieee")
+                            a2 = _onehot_dot(pv, (c[:, None] == c2).to(tl.bfloat16), a2)
+                            a3 = _onehot_dot(pv, (c[:, None] == c3).to(tl.bfloat16), a3)
             base = ACC + row * G * D + og[:, None] * D
             tl.store(base + c0, a0, mask=gm[:, None])
             if PB >= 2:
@@ -886,6 +920,16 @@ def _cached_work(qlen: torch.Tensor, n: int, split_len: int, nqs: int, nwin: int
     return built[key]
 
 
+def _outlier_chunks(o: Outliers | None) -> tuple[int, int]:
+    """How the kernel reads a tile's outliers: (chunks, entries a chunk), enough for the most one tile
+    holds; chunks a power of two, so that few variants compile as caches grow. (0, 32): none."""
+    most = o.per_group() if o is not None else 0
+    if most == 0:
+        return 0, 32
+    ob = 32 if most <= 128 else 64
+    return 1 << (-(-most // ob) - 1).bit_length(), ob
+
+
 def _launch_triton(q, r: PackedRun, qlen, wlen, acc, m, lsum, *, h, s0, nslices, nsplit, nqs, split_len, scale,
                    per_head, dequant, num_warps, num_stages) -> None:
     """The Triton kernel's slices ``s0 .. s0 + nslices`` of run ``r`` (2-bit at 3 stages needs 140
@@ -898,6 +942,7 @@ def _launch_triton(q, r: PackedRun, qlen, wlen, acc, m, lsum, *, h, s0, nslices,
     # sparse outliers: (ptr, tok, ch, val) and ptr's row and head strides, else placeholders
     out = [((o.ptr, o.tok, o.ch, o.val), o.ptr.stride()[:2]) if o is not None else ((m,) * 4, (0, 0))
            for o in (r.kout, r.vout)]
+    (kch, kob), (vch, vob) = (_outlier_chunks(o) for o in (r.kout, r.vout))
     _split_kernel[(b, h, nslices)](
         q, r.kc, r.ks, r.kz, r.vc, r.vs, r.vz, r.kw, r.vw, qlen, wlen, r.qoff if r.offsets else m,
         r.woff if r.offsets else m, acc, m, lsum, rope, table, *out[0][0], *out[1][0], q.stride(0), q.stride(1),
@@ -905,4 +950,4 @@ def _launch_triton(q, r: PackedRun, qlen, wlen, acc, m, lsum, *, h, s0, nslices,
         split_len, r.max_q, r.max_w, scale, r.rope_scaling,
         G=g, GP=max(16, triton.next_power_of_2(g)), D=d, BITS=r.bits, VGROUP=d // nvg, NVG=nvg, BLOCK=r.kgroup,
         WBLOCK=32, DQ=_DEQUANT[dequant], PER_HEAD=per_head, OFFSETS=r.offsets, HAS_ROPE=r.rope is not None,
-        HAS_KOUT=r.kout is not None, HAS_VOUT=r.vout is not None, num_warps=num_warps, num_stages=num_stages)
+        KCH=kch, KOB=kob, VCH=vch, VOB=vob, num_warps=num_warps, num_stages=num_stages)

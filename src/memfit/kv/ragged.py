@@ -4,11 +4,12 @@ global eviction, contexts batched together), stored back to back without padding
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import torch
 
 from memfit.kernels import packing
-from memfit.kernels.decode_attention import Outliers, PackedRun
+from memfit.kernels.decode_attention import PackedRun
 from memfit.kv import rotate
 from memfit.kv.quant import KIVI, MetaQTensor, QTensor, kernel_outliers, load_pair
 from memfit.kv.rope import RoPE
@@ -31,7 +32,7 @@ def _widened(r: PackedRun, rows: int) -> PackedRun:
     for n in ("kout", "vout"):  # each row reads the same outliers
         o = getattr(r, n)
         if o is not None:
-            wide[n] = Outliers(o.ptr.expand(rows, -1, -1), o.tok, o.ch, o.val)
+            wide[n] = replace(o, ptr=o.ptr.expand(rows, -1, -1))
     return PackedRun(**{**r.__dict__, **wide})
 
 
