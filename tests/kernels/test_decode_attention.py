@@ -162,9 +162,7 @@ def test_sparse_outliers_are_added_to_the_dequantized_codes(bits, pre_rope):
     """A run's outliers (their exact values less the dense codes', after RoPE where the codes are
     stored before it) make the reference attend over exactly what ``dequantize`` gives, also read
     by several rows from a one-row tensor; without them it differs."""
-    from memfit.kernels.decode_attention import PackedRun, decode_attention_runs_reference
-
-    from memfit.kernels.decode_attention import _outlier_chunks
+    from memfit.kernels.decode_attention import PackedRun, _outlier_chunks, decode_attention_runs_reference
 
     for rows in (None, 3):
         run, q, dense = _outlier_case(bits, pre_rope, rows=rows, b=1 if rows else 2)
