@@ -41,6 +41,11 @@ except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
 
 
+def _capturing(t: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on ``t``'s device (then nothing may read it on the host)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 @dataclass
 class Outliers:
     """Corrections to a run's dequantized codes (KVQuant's dense-and-sparse outliers, read by the Triton
@@ -60,7 +65,7 @@ class Outliers:
         """``most``, counted from ``ptr`` (a host sync) where it is not known."""
         if self.most >= 0:
             return self.most
-        if self.ptr.is_cuda and torch.cuda.is_current_stream_capturing():
+        if _capturing(self.ptr):
             raise ValueError("Outliers.most must be set to capture a CUDA graph (counting them reads ptr on the host)")
         return int((self.ptr[..., 1:] - self.ptr[..., :-1]).max()) if self.ptr.shape[-1] > 1 else 0
 
@@ -70,7 +75,7 @@ class Outliers:
         ``all_pairs`` (also while a CUDA graph captures): every entry for every row and head, those not
         its own with value 0."""
         start, end = self.ptr[..., 0].expand(b, h).reshape(-1).long(), self.ptr[..., -1].expand(b, h).reshape(-1).long()
-        if all_pairs or (self.ptr.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if all_pairs or _capturing(self.ptr):
             # shapes that read nothing on the host: every (row and head, entry) pair, those outside the
             # row and head's segment worth 0 (b * h times the entries: only where a graph captures it)
             e = torch.arange(len(self.tok), device=start.device)
@@ -913,7 +918,7 @@ def _cached_work(qlen: torch.Tensor, n: int, split_len: int, nqs: int, nwin: int
     built = _built_from(qlen)
     key = ("work", qlen._version, n, split_len, nqs, nwin, device)
     if key not in built:
-        if qlen.is_cuda and torch.cuda.is_current_stream_capturing():
+        if _capturing(qlen):
             return None
         entries, counts = work_list([min(x, n) for x in qlen.flatten().tolist()], split_len, nqs, nwin)
         built[key] = tuple(torch.tensor(x, dtype=torch.int32, device=device) for x in (entries, counts))

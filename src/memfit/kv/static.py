@@ -87,10 +87,11 @@ class StaticKIVI:
         self.out = None
         if self.outliers:
             nq0 = self.nq
-            extra = math.ceil(self.outliers * (cap - nq0) * d) * (2 if rope is not None else 1)
+            per = 2 if rope is not None else 1  # entries an outlier (pre-RoPE: its channel and its partner)
+            extra = math.ceil(self.outliers * (cap - nq0) * d) * per
             # a step spills one key group (the window holds fewer than residual + group tokens): its
             # outliers, the fraction of its elements, are what a later tile holds at most
-            spill = math.ceil(self.outliers * g * d) * (2 if rope is not None else 1)
+            spill = math.ceil(self.outliers * g * d) * per
             self.out = [_OutlierBuffers(b, h, cap // g, _most_per_row_head(x, b, h) + extra + 1, spill, dev)
                         for x in (qk, qv)]
         if qk is not None:
@@ -254,10 +255,11 @@ class _OutlierBuffers:
         counts = (o.ptr[..., -1] - o.ptr[..., 0]).reshape(-1).long()
         if bool((self.used + counts > self.room).any()):  # never past the fraction KVQuant's split takes
             raise RuntimeError(f"static decode: more outliers than the {self.room} a row and head has room for")
+        full = o.per_group()
         if not self.parts[:-1]:  # the prefill's: their fullest tile sets what the kernel unrolls
-            self.lists.most = max(self.lists.most, o.per_group())
-        elif o.per_group() > self.lists.most:
-            raise RuntimeError(f"static decode: a spill put {o.per_group()} outliers in one key group, more than "
+            self.lists.most = max(self.lists.most, full)
+        elif full > self.lists.most:
+            raise RuntimeError(f"static decode: a spill put {full} outliers in one key group, more than "
                                f"the {self.lists.most} the kernel was set up for")
         first = torch.cumsum(counts, 0) - counts
         base = torch.arange(b * h, device=rh.device) * self.room + self.used
