@@ -162,16 +162,12 @@ def test_sparse_outliers_are_added_to_the_dequantized_codes(bits, pre_rope):
     """A run's outliers (their exact values less the dense codes', after RoPE where the codes are
     stored before it) make the reference attend over exactly what ``dequantize`` gives, also read
     by several rows from a one-row tensor; without them it differs."""
-    from memfit.kernels.decode_attention import PackedRun, _outlier_chunks, decode_attention_runs_reference
+    from memfit.kernels.decode_attention import PackedRun, decode_attention_runs_reference
 
     for rows in (None, 3):
         run, q, dense = _outlier_case(bits, pre_rope, rows=rows, b=1 if rows else 2)
         assert run.kout.ptr.shape[-1] == 256 // 64 + 1 and int(run.kout.ptr[-1, -1, -1]) == len(run.kout.tok)
-        for o in (run.kout, run.vout):  # the kernel unrolls enough chunks for the fullest tile
-            counted = int((o.ptr[..., 1:] - o.ptr[..., :-1]).max())
-            assert o.most == counted == type(o)(o.ptr, o.tok, o.ch, o.val).per_group() > 0
-            chunks, ob = _outlier_chunks(o)
-            assert chunks * ob >= counted > chunks * ob // 4 and chunks & (chunks - 1) == 0
+        for o in (run.kout, run.vout):
             sums = []  # the pairs a CUDA graph captures add up to the same corrections
             for pairs in (False, True):
                 rh, tok, ch, val = o.per_row_head(*o.ptr.shape[:2], all_pairs=pairs)

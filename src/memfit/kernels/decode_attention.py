@@ -59,15 +59,6 @@ class Outliers:
     tok: torch.Tensor  # int32 [E]
     ch: torch.Tensor  # int32 [E]
     val: torch.Tensor  # float32 [E]
-    most: int = -1  # the most entries one row, head and key group holds or may come to hold; -1: count them
-
-    def per_group(self) -> int:
-        """``most``, counted from ``ptr`` (a host sync) where it is not known."""
-        if self.most >= 0:
-            return self.most
-        if _capturing(self.ptr):
-            raise ValueError("Outliers.most must be set to capture a CUDA graph (counting them reads ptr on the host)")
-        return int((self.ptr[..., 1:] - self.ptr[..., :-1]).max()) if self.ptr.shape[-1] > 1 else 0
 
     def per_row_head(self, b: int, h: int, all_pairs: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -429,24 +420,22 @@ if triton is not None:
     # lengths change every decode step: specializing on them (divisible by 16 or not) would compile
     # new variants while a model decodes
     @triton.jit(do_not_specialize=["QLEN", "WLEN", "NSPLIT", "S0", "NQS", "NQ", "NW"])
-    def _split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KW, VW, QLEN, WLEN, QOFF, WOFF, ACC, M, L, ROPE, ROPE_T,
-                      KOP, KOT, KOC, KOV, VOP, VOT, VOC, VOV,
+    def _split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KW, VW, QLEN, WLEN, QOFF, WOFF, ACC, M, L, ROPE, ROPE_T, KCOR, VLOG,
                       sqb, sqh, skcb, skch, skcn, sksb, sksh, sksg, svcb, svch, svcn, svsb, svsh, svsn,
-                      swb, swh, swn, skob, skoh, svob, svoh, H, NSPLIT, S0, NQS, SPLIT_LEN, NQ, NW, scale, rope_scale,
+                      swb, swh, swn, H, NSPLIT, S0, NQS, SPLIT_LEN, NQ, NW, NQC, scale, rope_scale,
                       G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
                       VGROUP: tl.constexpr, NVG: tl.constexpr, BLOCK: tl.constexpr, WBLOCK: tl.constexpr,
                       DQ: tl.constexpr, PER_HEAD: tl.constexpr, OFFSETS: tl.constexpr, HAS_ROPE: tl.constexpr,
-                      KCH: tl.constexpr = 0, KOB: tl.constexpr = 32, VCH: tl.constexpr = 0, VOB: tl.constexpr = 32):
+                      KOUT: tl.constexpr = False, VOUT: tl.constexpr = False):
         """Slices 0..NQS-1 of the quantized tokens, then one slice of the 16-bit window, written as
         slices S0.. of NSPLIT. ``OFFSETS``: each row and head's tokens start at QOFF / WOFF [B, H]
         in flat storage (ragged heads and batches; the row and head strides are then 0).
         ``HAS_ROPE``: the quantized keys are pre-RoPE, rotated here at their index in the run (``ROPE``:
         inv_freq [D/2]; ``ROPE_T``: cos and sin of i * inv_freq for i < BLOCK, [2, BLOCK, D/2]).
-        ``KCH`` / ``VCH`` > 0: sparse corrections of the keys / values (:class:`Outliers`: KOP / VOP
-        the entries' start a row, head and key group, KOT / KOC / KOV their tokens, channels and values),
-        added to the tile's logits / to its share of the output, ``KCH`` chunks of ``KOB`` entries a tile
-        (enough for the most a tile holds; unrolled, so that the tile loop has no inner loop and stays
-        software-pipelined), by one-hot MMAs at float32 precision (:func:`_onehot_dot`)."""
+        Sparse outliers (:class:`Outliers`) cost the tile loop one load or store a token and query
+        head: ``KOUT``: the keys' corrections, summed per token by ``_key_outlier_kernel`` into KCOR
+        [B, H * G, NQC], are added to the logits; ``VOUT``: the logits are saved to VLOG (same shape), from
+        which ``_value_outlier_kernel`` adds the values' corrections after this kernel."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         s = tl.program_id(2)
@@ -464,6 +453,7 @@ if triton is not None:
         oi = tl.arange(0, DP)
         od = tl.arange(0, D)
         qrow = Q + b * sqb + (h * G + og)[:, None] * sqh
+        trow = ((b * H + h) * G + og).to(tl.int64)[:, None] * NQC  # a query head's row of KCOR / VLOG
         m_i = tl.full((GP,), float("-inf"), tl.float32)
         l_i = tl.zeros((GP,), tl.float32)
         if s < NQS:  # a slice of the quantized tokens
@@ -536,14 +526,10 @@ if triton is not None:
                     if PB == 4:
                         cb2, sb2 = _rope_next(cb2, sb2, cB2, sB2)
                         cb3, sb3 = _rope_next(cb3, sb3, cB3, sB3)
-                if KCH > 0:  # q . delta for each outlier, added to its token's logit
-                    kop = KOP + b * skob + h * skoh + n0 // BLOCK
-                    k_lo, k_hi = tl.load(kop), tl.load(kop + 1)
-                    for i in tl.static_range(KCH):
-                        t, c, dv = _outlier_entries(KOT, KOC, KOV, k_lo + i * KOB, k_hi, n0, KOB)
-                        qc = tl.load(qrow + c[None, :], mask=gm[:, None], other=0.0).to(tl.float32) * scale
-                        hit = (t[:, None] == tl.arange(0, BLOCK)[None, :]).to(tl.bfloat16)  # [KOB, BLOCK]
-                        qk = _onehot_dot(qc * dv[None, :], hit, qk)
+                if KOUT:  # the keys' outliers: each token's q . delta, summed beforehand
+                    qk += tl.load(KCOR + trow + on[None, :], mask=gm[:, None] & nm[None, :], other=0.0)
+                if VOUT:  # the logits the values' outliers are weighted by, after this kernel
+                    tl.store(VLOG + trow + on[None, :], qk, mask=gm[:, None] & nm[None, :])
                 p, alpha, m_i, l_i = _online_softmax(qk, nm, m_i, l_i)
                 pb = p.to(tl.float16) if DQ == 2 else p.to(tl.bfloat16)
                 vb = tl.load(VC + b * svcb + h * svch + (qo + on)[:, None] * svcn + oi[None, :], mask=nm[:, None],
@@ -561,19 +547,6 @@ if triton is not None:
                 if PB == 4:
                     a2 = a2 * alpha[:, None] + tl.dot(pb, _dq(vb, vsc, vzc, DQ, 4, BITS))
                     a3 = a3 * alpha[:, None] + tl.dot(pb, _dq(vb, vsc, vzc, DQ, 6, BITS))
-                if VCH > 0:  # p of each outlier's token times its value, added to its channel
-                    vop = VOP + b * svob + h * svoh + n0 // BLOCK
-                    v_lo, v_hi = tl.load(vop), tl.load(vop + 1)
-                    for i in tl.static_range(VCH):
-                        t, c, dv = _outlier_entries(VOT, VOC, VOV, v_lo + i * VOB, v_hi, n0, VOB)
-                        hit = (tl.arange(0, BLOCK)[:, None] == t[None, :]).to(tl.bfloat16)  # [BLOCK, VOB]
-                        pv = _onehot_dot(p, hit, tl.zeros((GP, VOB), tl.float32)) * dv[None, :]  # [GP, VOB]
-                        a0 = _onehot_dot(pv, (c[:, None] == c0).to(tl.bfloat16), a0)
-                        if PB >= 2:
-                            a1 = _onehot_dot(pv, (c[:, None] == c1).to(tl.bfloat16), a1)
-                        if PB == 4:
-                            a2 = _onehot_dot(pv, (c[:, None] == c2).to(tl.bfloat16), a2)
-                            a3 = _onehot_dot(pv, (c[:, None] == c3).to(tl.bfloat16), a3)
             base = ACC + row * G * D + og[:, None] * D
             tl.store(base + c0, a0, mask=gm[:, None])
             if PB >= 2:
@@ -612,6 +585,79 @@ if triton is not None:
             lo = 0
             hi = 0
         return lo, hi
+
+    @triton.jit
+    def _key_outlier_kernel(Q, KOP, KOT, KOC, KOV, KCOR, sqb, sqh, skob, skoh, H, NQC, scale,
+                            G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, EB: tl.constexpr):
+        """The keys' outliers of one key group of one row and head, summed per token and query head:
+        ``KCOR[b, h * G + g, n] = scale * sum q[g, ch] * delta`` over the entries of token ``n`` (0 where
+        it has none; every token of the group written). The scatter onto tokens is a one-hot MMA
+        (:func:`_onehot_dot`), EB entries a step."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        t = tl.program_id(2)
+        og = tl.arange(0, GP)
+        gm = og < G
+        qrow = Q + b * sqb + (h * G + og)[:, None] * sqh
+        kop = KOP + b * skob + h * skoh + t
+        lo, hi = tl.load(kop), tl.load(kop + 1)
+        n0 = t * BLOCK
+        acc = tl.zeros((GP, BLOCK), tl.float32)
+        for j0 in range(lo, hi, EB):
+            tk, c, dv = _outlier_entries(KOT, KOC, KOV, j0, hi, n0, EB)
+            qc = tl.load(qrow + c[None, :], mask=gm[:, None], other=0.0).to(tl.float32) * scale
+            hit = (tk[:, None] == tl.arange(0, BLOCK)[None, :]).to(tl.bfloat16)  # [EB, BLOCK]
+            acc = _onehot_dot(qc * dv[None, :], hit, acc)
+        rows = ((b * H + h) * G + og).to(tl.int64)[:, None] * NQC
+        tl.store(KCOR + rows + (n0 + tl.arange(0, BLOCK))[None, :], acc, mask=gm[:, None])
+
+    @triton.jit(do_not_specialize=["QLEN", "NQ", "NQC", "NT", "TPP", "NMAIN", "S0", "NSPLIT", "SKIP0", "SKIP_END"])
+    def _value_outlier_kernel(VLOG, ACC, M, L, VOP, VOT, VOC, VOV, CNT, QLEN, svob, svoh, H, NQ, NQC, NT, TPP, NMAIN,
+                              S0, NSPLIT, SKIP0, SKIP_END, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                              SP: tl.constexpr, EB: tl.constexpr, PER_HEAD: tl.constexpr,
+                              HAS_SKIP: tl.constexpr = False):
+        """The values' outliers of key groups ``p * TPP ..`` of one row and head, after the split kernels:
+        ``sum exp(logit - max) * delta`` onto their channels (one-hot MMAs), ``max`` the largest logit of
+        the row and head's slices 0 .. NMAIN - 1, written as slice ``S0 + p`` of the partial results with
+        that max and a probability sum of 0: the merge adds it to the output as it is. Entries past the
+        run's length (``QLEN``, as the split kernel reads it) were not attended: left out."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        p = tl.program_id(2)
+        if PER_HEAD:
+            qlen = tl.minimum(tl.load(QLEN + b * H + h), NQ)
+        else:
+            qlen = tl.minimum(QLEN, NQ)
+        og = tl.arange(0, GP)
+        gm = og < G
+        od = tl.arange(0, D)
+        lo, hi = _skipped(CNT, SKIP0, SKIP_END, b, h, H, HAS_SKIP)
+        mx = tl.full((GP,), float("-inf"), tl.float32)
+        for s0 in range(0, NMAIN, SP):
+            os_ = s0 + tl.arange(0, SP)
+            sm = (os_ < NMAIN) & ((os_ < lo) | (os_ >= hi))
+            mrow = ((b * H + h) * NSPLIT + os_) * G
+            mv = tl.load(M + mrow[None, :] + og[:, None], mask=gm[:, None] & sm[None, :], other=float("-inf"))
+            mx = tl.maximum(mx, tl.max(mv, 1))
+        base = tl.where(mx > float("-inf"), mx, 0.0)
+        vop = VOP + b * svob + h * svoh
+        e0 = tl.load(vop + tl.minimum(p * TPP, NT))
+        e1 = tl.load(vop + tl.minimum(p * TPP + TPP, NT))
+        rows = ((b * H + h) * G + og).to(tl.int64)[:, None] * NQC
+        acc = tl.zeros((GP, D), tl.float32)
+        for j0 in range(e0, e1, EB):
+            j = j0 + tl.arange(0, EB)
+            tk = tl.load(VOT + j, mask=j < e1, other=0)
+            jm = (j < e1) & (tk < qlen)
+            c = tl.load(VOC + j, mask=jm, other=-1)
+            dv = tl.load(VOV + j, mask=jm, other=0.0)
+            lg = tl.load(VLOG + rows + tk[None, :], mask=gm[:, None] & jm[None, :], other=float("-inf"))
+            w = tl.exp(lg - base[:, None]) * dv[None, :]  # [GP, EB]
+            acc = _onehot_dot(w, (c[:, None] == od[None, :]).to(tl.bfloat16), acc)
+        row = (b * H + h) * NSPLIT + S0 + p
+        tl.store(ACC + row * G * D + og[:, None] * D + od[None, :], acc, mask=gm[:, None])
+        tl.store(M + row * G + og, mx, mask=gm)
+        tl.store(L + row * G + og, tl.zeros((GP,), tl.float32), mask=gm)
 
     @triton.jit
     def _merge_block(M, L, b, h, g, s0, H, NSPLIT, G: tl.constexpr, SP: tl.constexpr, m_run, denom, lo, hi):
@@ -830,7 +876,11 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
         if work is not None:
             skip = work
         plans.append((use_gluon, sl, nqs, nqs + max(nwin, 0), per_head, lens, work))
-    nsplit = sum(p[3] for p in plans)
+    nmain = sum(p[3] for p in plans)
+    # the values' outliers: slices of their own after every run's (they need the max over all of them)
+    post = [(r, *_value_outlier_programs(r, b * h, q.device)) for r, p in zip(runs, plans)
+            if r.vout is not None and not p[0]]
+    nsplit = nmain + sum(x[1] for x in post)
     rows = b * h * nsplit * g
     # one allocation: acc, max, sum, each starting 16-byte aligned (Triton specializes pointers on
     # it: a part that moved with the row count would compile another variant in a first request)
@@ -841,6 +891,7 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
     rot = next(iter(rotations.values())).to(q.device, torch.float32).contiguous() if rotations else None
     turned = q.float() @ rot if rot is not None else None  # the query in the rotated basis (float32)
     cnt, skip0, skip_end = m, 0, 0
+    vlogs = {}  # id(run) -> the logits its values' outliers are weighted by
     for r, (use_gluon, sl, nqs, nslices, per_head, (qlen, wlen), work) in zip(runs, plans):
         if not nslices:
             continue
@@ -858,11 +909,19 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
         else:
             # pre-RoPE runs: 8 warps, 2 stages (at 4 warps the rotation's operands spill: 540 bytes at 4 bits, sm_90)
             rope = r.rope is not None
-            _launch_triton(qr, r, qlen, wlen, acc, m, lsum, h=h, s0=s0, nslices=nslices, nsplit=nsplit, nqs=nqs,
-                           split_len=sl, scale=scale, per_head=per_head, dequant=dequant,
-                           num_warps=max(num_warps, 8) if rope else num_warps,
-                           num_stages=num_stages or (3 if r.bits == 4 and not rope else 2))
+            vlogs[id(r)] = qlen, per_head, *_launch_triton(
+                qr, r, qlen, wlen, acc, m, lsum, h=h, s0=s0, nslices=nslices, nsplit=nsplit, nqs=nqs, split_len=sl,
+                scale=scale, per_head=per_head, dequant=dequant, num_warps=max(num_warps, 8) if rope else num_warps,
+                num_stages=num_stages or (3 if r.bits == 4 and not rope else 2))
         s0 += nslices
+    for r, nprog, tpp in post:
+        qlen, per_head, vlog, nqc = vlogs[id(r)]
+        o = r.vout
+        _value_outlier_kernel[(b, h, nprog)](
+            vlog, acc, m, lsum, o.ptr, o.tok, o.ch, o.val, cnt, qlen, *o.ptr.stride()[:2], h, r.max_q, nqc,
+            o.ptr.shape[-1] - 1, tpp, nmain, s0, nsplit, skip0, skip_end, G=g, GP=max(16, triton.next_power_of_2(g)),
+            D=d, SP=MERGE_SP, EB=OUTLIER_ENTRIES, PER_HEAD=per_head, HAS_SKIP=skip is not None)
+        s0 += nprog
     out = torch.empty(b, hq, d, device=q.device, dtype=out_dtype)
     if nrot:  # the partial sums are linear in the values: the rotated ones' sum is rotated back once
         sp, jb, warps = MERGE_ROT
@@ -925,18 +984,22 @@ def _cached_work(qlen: torch.Tensor, n: int, split_len: int, nqs: int, nwin: int
     return built[key]
 
 
-def _outlier_chunks(o: Outliers | None) -> tuple[int, int]:
-    """How the kernel reads a tile's outliers: (chunks, entries a chunk), enough for the most one tile
-    holds; chunks a power of two, so that few variants compile as caches grow. (0, 32): none."""
-    most = o.per_group() if o is not None else 0
-    if most == 0:
-        return 0, 32
-    ob = 32 if most <= 128 else 64
-    return 1 << (-(-most // ob) - 1).bit_length(), ob
+# outlier entries a step of the outlier kernels (one-hot MMAs of this depth)
+OUTLIER_ENTRIES = 64
+# the values' outlier kernel: about this many programs an SM (each walks its key groups' entries)
+VALUE_OUTLIER_PROGRAMS_PER_SM = 8
+
+
+def _value_outlier_programs(r: PackedRun, rows_heads: int, device: torch.device) -> tuple[int, int]:
+    """How ``_value_outlier_kernel`` splits a run's key groups: (programs a row and head, key groups a
+    program), about ``VALUE_OUTLIER_PROGRAMS_PER_SM`` programs an SM in all."""
+    nt = r.vout.ptr.shape[-1] - 1
+    tpp = max(1, math.ceil(nt * rows_heads / (VALUE_OUTLIER_PROGRAMS_PER_SM * _sms(device))))
+    return max(1, math.ceil(nt / tpp)), tpp
 
 
 def _launch_triton(q, r: PackedRun, qlen, wlen, acc, m, lsum, *, h, s0, nslices, nsplit, nqs, split_len, scale,
-                   per_head, dequant, num_warps, num_stages) -> None:
+                   per_head, dequant, num_warps, num_stages) -> tuple[torch.Tensor, int]:
     """The Triton kernel's slices ``s0 .. s0 + nslices`` of run ``r`` (2-bit at 3 stages needs 140
     registers a thread: 3 programs an SM instead of 4, hence 2 stages there by default)."""
     b, hq, d = q.shape
@@ -944,15 +1007,28 @@ def _launch_triton(q, r: PackedRun, qlen, wlen, acc, m, lsum, *, h, s0, nslices,
     st = (lambda t: (0, 0, t.stride(2))) if r.offsets else (lambda t: t.stride()[:3])  # noqa: E731
     rope = r.rope.to(q.device) if r.rope is not None else m
     table = _rope_table(rope, r.kgroup) if r.rope is not None else m
-    # sparse outliers: (ptr, tok, ch, val) and ptr's row and head strides, else placeholders
-    out = [((o.ptr, o.tok, o.ch, o.val), o.ptr.stride()[:2]) if o is not None else ((m,) * 4, (0, 0))
-           for o in (r.kout, r.vout)]
-    (kch, kob), (vch, vob) = (_outlier_chunks(o) for o in (r.kout, r.vout))
+    # sparse outliers: per token and query head, the keys' logit corrections (summed here first) and,
+    # for the values' (added after every run's slices), the logits; rows of nqc tokens
+    tiles = [o.ptr.shape[-1] - 1 for o in (r.kout, r.vout) if o is not None]
+    nqc = max([math.ceil(r.max_q / r.kgroup), *tiles]) * r.kgroup
+    gp = max(16, triton.next_power_of_2(g))
+    kcor, vlog = m, m
+    if r.kout is not None:
+        o = r.kout
+        nt = o.ptr.shape[-1] - 1
+        # tokens past the key groups ptr covers have no outliers: 0 (only where a run's lists are shorter)
+        kcor = (torch.zeros if nt * r.kgroup < nqc else torch.empty)(b, hq, nqc, device=q.device, dtype=torch.float32)
+        _key_outlier_kernel[(b, h, nt)](q, o.ptr, o.tok, o.ch, o.val, kcor, q.stride(0), q.stride(1),
+                                        *o.ptr.stride()[:2], h, nqc, scale, G=g, GP=gp, BLOCK=r.kgroup,
+                                        EB=OUTLIER_ENTRIES)
+    if r.vout is not None:
+        vlog = torch.empty(b, hq, nqc, device=q.device, dtype=torch.float32)
     _split_kernel[(b, h, nslices)](
         q, r.kc, r.ks, r.kz, r.vc, r.vs, r.vz, r.kw, r.vw, qlen, wlen, r.qoff if r.offsets else m,
-        r.woff if r.offsets else m, acc, m, lsum, rope, table, *out[0][0], *out[1][0], q.stride(0), q.stride(1),
-        *st(r.kc), *st(r.ks), *st(r.vc), *st(r.vs), *st(r.kw), *out[0][1], *out[1][1], h, nsplit, s0, nqs,
-        split_len, r.max_q, r.max_w, scale, r.rope_scaling,
-        G=g, GP=max(16, triton.next_power_of_2(g)), D=d, BITS=r.bits, VGROUP=d // nvg, NVG=nvg, BLOCK=r.kgroup,
+        r.woff if r.offsets else m, acc, m, lsum, rope, table, kcor, vlog, q.stride(0), q.stride(1),
+        *st(r.kc), *st(r.ks), *st(r.vc), *st(r.vs), *st(r.kw), h, nsplit, s0, nqs,
+        split_len, r.max_q, r.max_w, nqc, scale, r.rope_scaling,
+        G=g, GP=gp, D=d, BITS=r.bits, VGROUP=d // nvg, NVG=nvg, BLOCK=r.kgroup,
         WBLOCK=32, DQ=_DEQUANT[dequant], PER_HEAD=per_head, OFFSETS=r.offsets, HAS_ROPE=r.rope is not None,
-        KCH=kch, KOB=kob, VCH=vch, VOB=vob, num_warps=num_warps, num_stages=num_stages)
+        KOUT=r.kout is not None, VOUT=r.vout is not None, num_warps=num_warps, num_stages=num_stages)
+    return vlog, nqc

@@ -381,8 +381,7 @@ def kernel_outliers(qt: QTensor, rows: int, kgroup: int, rope: dict | None = Non
     cum = torch.cat((counts.new_zeros(1), counts.cumsum(0)))
     ptr = cum[(torch.arange(b * h, device=idx.device) * nt)[:, None] + torch.arange(nt + 1, device=idx.device)]
     ptr = ptr.to(torch.int32).reshape(b, h, nt + 1)
-    most = int(counts.max()) if counts.numel() else 0  # the kernel unrolls enough chunks for the fullest tile
-    return Outliers(ptr if rows == b else ptr.expand(rows, h, nt + 1), tok.int(), ch.int(), delta, most)
+    return Outliers(ptr if rows == b else ptr.expand(rows, h, nt + 1), tok.int(), ch.int(), delta)
 
 
 def token_outliers(x: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:

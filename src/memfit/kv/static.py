@@ -89,10 +89,7 @@ class StaticKIVI:
             nq0 = self.nq
             per = 2 if rope is not None else 1  # entries an outlier (pre-RoPE: its channel and its partner)
             extra = math.ceil(self.outliers * (cap - nq0) * d) * per
-            # a step spills one key group (the window holds fewer than residual + group tokens): its
-            # outliers, the fraction of its elements, are what a later tile holds at most
-            spill = math.ceil(self.outliers * g * d) * per
-            self.out = [_OutlierBuffers(b, h, cap // g, _most_per_row_head(x, b, h) + extra + 1, spill, dev)
+            self.out = [_OutlierBuffers(b, h, cap // g, _most_per_row_head(x, b, h) + extra + 1, dev)
                         for x in (qk, qv)]
         if qk is not None:
             self._write(qk, qv, 0)
@@ -230,9 +227,7 @@ class _OutlierBuffers:
     not yet filled point at their segment's end; the kernel reads only filled ones). Also the exact
     values and places as quantization set them aside, for :meth:`exact` (back to the dynamic cache)."""
 
-    def __init__(self, b: int, h: int, tiles: int, room: int, most: int, device: torch.device):
-        """``most``: the most entries a spill puts in one key group (the kernel, compiled for the most a
-        tile holds, is captured in graphs before later spills: every tile must fit what it was compiled for)."""
+    def __init__(self, b: int, h: int, tiles: int, room: int, device: torch.device):
         self.room = room
         base = torch.arange(b * h, device=device, dtype=torch.int32).reshape(b, h, 1) * room
         self.ptr = base.expand(b, h, tiles + 1).contiguous()
@@ -240,7 +235,7 @@ class _OutlierBuffers:
         self.ch = torch.zeros_like(self.tok)
         self.val = torch.zeros(b * h * room, dtype=torch.float32, device=device)
         self.used = torch.zeros(b * h, dtype=torch.long, device=device)
-        self.lists = Outliers(self.ptr, self.tok, self.ch, self.val, most)
+        self.lists = Outliers(self.ptr, self.tok, self.ch, self.val)
         self.parts: list[tuple[int, torch.Tensor | None, torch.Tensor | None]] = []  # (tokens, idx, values) a write
 
     def write(self, q: QTensor, o: Outliers | None, at: int, group: int) -> None:
@@ -255,12 +250,6 @@ class _OutlierBuffers:
         counts = (o.ptr[..., -1] - o.ptr[..., 0]).reshape(-1).long()
         if bool((self.used + counts > self.room).any()):  # never past the fraction KVQuant's split takes
             raise RuntimeError(f"static decode: more outliers than the {self.room} a row and head has room for")
-        full = o.per_group()
-        if not self.parts[:-1]:  # the prefill's: their fullest tile sets what the kernel unrolls
-            self.lists.most = max(self.lists.most, full)
-        elif full > self.lists.most:
-            raise RuntimeError(f"static decode: a spill put {full} outliers in one key group, more than "
-                               f"the {self.lists.most} the kernel was set up for")
         first = torch.cumsum(counts, 0) - counts
         base = torch.arange(b * h, device=rh.device) * self.room + self.used
         pos = base[rh] + torch.arange(len(rh), device=rh.device) - first[rh]
