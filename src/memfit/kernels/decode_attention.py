@@ -632,13 +632,16 @@ if triton is not None:
         gm = og < G
         od = tl.arange(0, D)
         lo, hi = _skipped(CNT, SKIP0, SKIP_END, b, h, H, HAS_SKIP)
-        mx = tl.full((GP,), float("-inf"), tl.float32)
+        # elementwise in the loop, reduced after it (a reduction carried by the loop fails to compile:
+        # Triton 3.6's OptimizeThreadLocality pass asserts when its result has several uses)
+        mv = tl.full((GP, SP), float("-inf"), tl.float32)
         for s0 in range(0, NMAIN, SP):
             os_ = s0 + tl.arange(0, SP)
             sm = (os_ < NMAIN) & ((os_ < lo) | (os_ >= hi))
             mrow = ((b * H + h) * NSPLIT + os_) * G
-            mv = tl.load(M + mrow[None, :] + og[:, None], mask=gm[:, None] & sm[None, :], other=float("-inf"))
-            mx = tl.maximum(mx, tl.max(mv, 1))
+            mv = tl.maximum(mv, tl.load(M + mrow[None, :] + og[:, None], mask=gm[:, None] & sm[None, :],
+                                        other=float("-inf")))
+        mx = tl.max(mv, 1)
         base = tl.where(mx > float("-inf"), mx, 0.0)
         vop = VOP + b * svob + h * svoh
         e0 = tl.load(vop + tl.minimum(p * TPP, NT))
