@@ -331,6 +331,16 @@ if triton is not None:
         return t, tl.load(CH + j, mask=jm, other=0), tl.load(VAL + j, mask=jm, other=0.0)
 
     @triton.jit
+    def _length(LEN, b, h, H, N, PER_HEAD: tl.constexpr):
+        """A row and head's length, clamped to its buffers (a length past them reads nothing out of
+        bounds): from a [B, H] tensor, or one number for every row and head."""
+        if PER_HEAD:
+            n = tl.minimum(tl.load(LEN + b * H + h), N)
+        else:
+            n = tl.minimum(LEN, N)
+        return n
+
+    @triton.jit
     def _onehot_dot(a, onehot, acc):
         """acc + a @ onehot, where each product picks one element of float32 ``a`` (``onehot``: 0 / 1 in
         bfloat16), to ~2^-17 of a: two bfloat16 MMAs, of a's leading bits and of the rest (TF32's one
@@ -457,10 +467,7 @@ if triton is not None:
         m_i = tl.full((GP,), float("-inf"), tl.float32)
         l_i = tl.zeros((GP,), tl.float32)
         if s < NQS:  # a slice of the quantized tokens
-            if PER_HEAD:  # clamped to the buffers: a length past them reads nothing out of bounds
-                qlen = tl.minimum(tl.load(QLEN + b * H + h), NQ)
-            else:  # one length for every row and head, passed as a number
-                qlen = tl.minimum(QLEN, NQ)
+            qlen = _length(QLEN, b, h, H, NQ, PER_HEAD)
             start = s * SPLIT_LEN
             end = tl.minimum(start + SPLIT_LEN, qlen)
             c0 = (oi * PB)[None, :]  # the channels that packed position j holds: c0 + j
@@ -555,10 +562,7 @@ if triton is not None:
                 tl.store(base + c2, a2, mask=gm[:, None])
                 tl.store(base + c3, a3, mask=gm[:, None])
         else:  # the 16-bit window
-            if PER_HEAD:
-                wlen = tl.minimum(tl.load(WLEN + b * H + h), NW)
-            else:
-                wlen = tl.minimum(WLEN, NW)
+            wlen = _length(WLEN, b, h, H, NW, PER_HEAD)
             qf = (tl.load(qrow + od[None, :], mask=gm[:, None], other=0.0).to(tl.float32) * scale).to(tl.bfloat16)
             acc = tl.zeros((GP, D), tl.float32)
             for n0 in range(0, wlen, WBLOCK):
@@ -585,6 +589,13 @@ if triton is not None:
             lo = 0
             hi = 0
         return lo, hi
+
+    @triton.jit
+    def _written(s0, NSPLIT, lo, hi, SP: tl.constexpr):
+        """Slices s0 .. s0+SP-1, and which of them hold partial results (below NSPLIT, outside the
+        unwritten lo .. hi - 1 of a work-list launch)."""
+        os_ = s0 + tl.arange(0, SP)
+        return os_, (os_ < NSPLIT) & ((os_ < lo) | (os_ >= hi))
 
     @triton.jit
     def _key_outlier_kernel(Q, KOP, KOT, KOC, KOV, KCOR, sqb, sqh, skob, skoh, H, NQC, scale,
@@ -624,10 +635,7 @@ if triton is not None:
         b = tl.program_id(0)
         h = tl.program_id(1)
         p = tl.program_id(2)
-        if PER_HEAD:
-            qlen = tl.minimum(tl.load(QLEN + b * H + h), NQ)
-        else:
-            qlen = tl.minimum(QLEN, NQ)
+        qlen = _length(QLEN, b, h, H, NQ, PER_HEAD)
         og = tl.arange(0, GP)
         gm = og < G
         od = tl.arange(0, D)
@@ -636,8 +644,7 @@ if triton is not None:
         # Triton 3.6's OptimizeThreadLocality pass asserts when its result has several uses)
         mv = tl.full((GP, SP), float("-inf"), tl.float32)
         for s0 in range(0, NMAIN, SP):
-            os_ = s0 + tl.arange(0, SP)
-            sm = (os_ < NMAIN) & ((os_ < lo) | (os_ >= hi))
+            os_, sm = _written(s0, NMAIN, lo, hi, SP)
             mrow = ((b * H + h) * NSPLIT + os_) * G
             mv = tl.maximum(mv, tl.load(M + mrow[None, :] + og[:, None], mask=gm[:, None] & sm[None, :],
                                         other=float("-inf")))
@@ -649,13 +656,10 @@ if triton is not None:
         rows = ((b * H + h) * G + og).to(tl.int64)[:, None] * NQC
         acc = tl.zeros((GP, D), tl.float32)
         for j0 in range(e0, e1, EB):
-            j = j0 + tl.arange(0, EB)
-            tk = tl.load(VOT + j, mask=j < e1, other=0)
-            jm = (j < e1) & (tk < qlen)
-            c = tl.load(VOC + j, mask=jm, other=-1)
-            dv = tl.load(VOV + j, mask=jm, other=0.0)
+            tk, c, dv = _outlier_entries(VOT, VOC, VOV, j0, e1, 0, EB)  # tk: -1 past the range
+            jm = (tk >= 0) & (tk < qlen)
             lg = tl.load(VLOG + rows + tk[None, :], mask=gm[:, None] & jm[None, :], other=float("-inf"))
-            w = tl.exp(lg - base[:, None]) * dv[None, :]  # [GP, EB]
+            w = tl.exp(lg - base[:, None]) * dv[None, :]  # [GP, EB], 0 where left out
             acc = _onehot_dot(w, (c[:, None] == od[None, :]).to(tl.bfloat16), acc)
         row = (b * H + h) * NSPLIT + S0 + p
         tl.store(ACC + row * G * D + og[:, None] * D + od[None, :], acc, mask=gm[:, None])
@@ -667,8 +671,7 @@ if triton is not None:
         """Slices s0 .. s0+SP-1 of a query head's running merge (those in lo .. hi - 1 were never
         written: left out): their rows and mask, their weights (scaled to the new running max), the
         factor that rescales what came before, the new max and denominator."""
-        os_ = s0 + tl.arange(0, SP)
-        sm = (os_ < NSPLIT) & ((os_ < lo) | (os_ >= hi))
+        os_, sm = _written(s0, NSPLIT, lo, hi, SP)
         row = ((b * H + h) * NSPLIT + os_) * G + g
         m = tl.load(M + row, mask=sm, other=float("-inf"))
         m_new = tl.maximum(m_run, tl.max(m, 0))
@@ -922,8 +925,8 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
         o = r.vout
         _value_outlier_kernel[(b, h, nprog)](
             vlog, acc, m, lsum, o.ptr, o.tok, o.ch, o.val, cnt, qlen, *o.ptr.stride()[:2], h, r.max_q, nqc,
-            o.ptr.shape[-1] - 1, tpp, nmain, s0, nsplit, skip0, skip_end, G=g, GP=max(16, triton.next_power_of_2(g)),
-            D=d, SP=MERGE_SP, EB=OUTLIER_ENTRIES, PER_HEAD=per_head, HAS_SKIP=skip is not None)
+            o.ptr.shape[-1] - 1, tpp, nmain, s0, nsplit, skip0, skip_end, G=g, GP=_padded_heads(g), D=d,
+            SP=MERGE_SP, EB=OUTLIER_ENTRIES, PER_HEAD=per_head, HAS_SKIP=skip is not None)
         s0 += nprog
     out = torch.empty(b, hq, d, device=q.device, dtype=out_dtype)
     if nrot:  # the partial sums are linear in the values: the rotated ones' sum is rotated back once
@@ -993,6 +996,11 @@ OUTLIER_ENTRIES = 64
 VALUE_OUTLIER_PROGRAMS_PER_SM = 8
 
 
+def _padded_heads(g: int) -> int:
+    """A GQA group's query heads padded to an MMA's rows (16 at least, a power of two)."""
+    return max(16, triton.next_power_of_2(g))
+
+
 def _value_outlier_programs(r: PackedRun, rows_heads: int, device: torch.device) -> tuple[int, int]:
     """How ``_value_outlier_kernel`` splits a run's key groups: (programs a row and head, key groups a
     program), about ``VALUE_OUTLIER_PROGRAMS_PER_SM`` programs an SM in all."""
@@ -1014,7 +1022,7 @@ def _launch_triton(q, r: PackedRun, qlen, wlen, acc, m, lsum, *, h, s0, nslices,
     # for the values' (added after every run's slices), the logits; rows of nqc tokens
     tiles = [o.ptr.shape[-1] - 1 for o in (r.kout, r.vout) if o is not None]
     nqc = max([math.ceil(r.max_q / r.kgroup), *tiles]) * r.kgroup
-    gp = max(16, triton.next_power_of_2(g))
+    gp = _padded_heads(g)
     kcor, vlog = m, m
     if r.kout is not None:
         o = r.kout
