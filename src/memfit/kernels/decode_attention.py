@@ -341,15 +341,6 @@ if triton is not None:
         return n
 
     @triton.jit
-    def _onehot_dot(a, onehot, acc):
-        """acc + a @ onehot, where each product picks one element of float32 ``a`` (``onehot``: 0 / 1 in
-        bfloat16), to ~2^-17 of a: two bfloat16 MMAs, of a's leading bits and of the rest (TF32's one
-        rounds to 2^-11, which moved outputs of ~20 by 0.1; IEEE dots run on the CUDA cores)."""
-        hi = a.to(tl.bfloat16)
-        lo = (a - hi.to(tl.float32)).to(tl.bfloat16)
-        return tl.dot(lo, onehot, tl.dot(hi, onehot, acc))
-
-    @triton.jit
     def _online_softmax(qk, valid, m_i, l_i):
         """One tile of flash attention's running softmax: probabilities of the tile (scaled to the
         new running max), the factor that rescales what came before, the new max and sum."""
@@ -602,8 +593,8 @@ if triton is not None:
                             G: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, EB: tl.constexpr):
         """The keys' outliers of one key group of one row and head, summed per token and query head:
         ``KCOR[b, h * G + g, n] = scale * sum q[g, ch] * delta`` over the entries of token ``n`` (0 where
-        it has none; every token of the group written). The scatter onto tokens is a one-hot MMA
-        (:func:`_onehot_dot`), EB entries a step."""
+        it has none; every token of the group written). The program zeroes its group's tokens, then
+        adds EB entries a step with float32 atomics (their order, hence the last bits, may vary)."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         t = tl.program_id(2)
@@ -613,14 +604,14 @@ if triton is not None:
         kop = KOP + b * skob + h * skoh + t
         lo, hi = tl.load(kop), tl.load(kop + 1)
         n0 = t * BLOCK
-        acc = tl.zeros((GP, BLOCK), tl.float32)
+        rows = ((b * H + h) * G + og).to(tl.int64)[:, None] * NQC + n0
+        tl.store(KCOR + rows + tl.arange(0, BLOCK)[None, :], tl.zeros((GP, BLOCK), tl.float32), mask=gm[:, None])
+        tl.debug_barrier()  # the zeros before any add (this program alone writes its group's tokens)
         for j0 in range(lo, hi, EB):
-            tk, c, dv = _outlier_entries(KOT, KOC, KOV, j0, hi, n0, EB)
-            qc = tl.load(qrow + c[None, :], mask=gm[:, None], other=0.0).to(tl.float32) * scale
-            hit = (tk[:, None] == tl.arange(0, BLOCK)[None, :]).to(tl.bfloat16)  # [EB, BLOCK]
-            acc = _onehot_dot(qc * dv[None, :], hit, acc)
-        rows = ((b * H + h) * G + og).to(tl.int64)[:, None] * NQC
-        tl.store(KCOR + rows + (n0 + tl.arange(0, BLOCK))[None, :], acc, mask=gm[:, None])
+            tk, c, dv = _outlier_entries(KOT, KOC, KOV, j0, hi, n0, EB)  # tk: -1 past the range
+            m = gm[:, None] & (tk >= 0)[None, :]
+            qc = tl.load(qrow + c[None, :], mask=m, other=0.0).to(tl.float32) * scale
+            tl.atomic_add(KCOR + rows + tk[None, :], qc * dv[None, :], mask=m, sem="relaxed")
 
     @triton.jit(do_not_specialize=["QLEN", "NQ", "NQC", "NT", "TPP", "NMAIN", "S0", "NSPLIT", "SKIP0", "SKIP_END"])
     def _value_outlier_kernel(VLOG, ACC, M, L, VOP, VOT, VOC, VOV, CNT, QLEN, svob, svoh, H, NQ, NQC, NT, TPP, NMAIN,
@@ -628,7 +619,7 @@ if triton is not None:
                               SP: tl.constexpr, EB: tl.constexpr, PER_HEAD: tl.constexpr,
                               HAS_SKIP: tl.constexpr = False):
         """The values' outliers of key groups ``p * TPP ..`` of one row and head, after the split kernels:
-        ``sum exp(logit - max) * delta`` onto their channels (one-hot MMAs), ``max`` the largest logit of
+        ``sum exp(logit - max) * delta`` onto their channels (float32 atomics), ``max`` the largest logit of
         the row and head's slices 0 .. NMAIN - 1, written as slice ``S0 + p`` of the partial results with
         that max and a probability sum of 0: the merge adds it to the output as it is. Entries past the
         run's length (``QLEN``, as the split kernel reads it) were not attended: left out."""
@@ -650,21 +641,21 @@ if triton is not None:
                                         other=float("-inf")))
         mx = tl.max(mv, 1)
         base = tl.where(mx > float("-inf"), mx, 0.0)
+        row = (b * H + h) * NSPLIT + S0 + p
+        slot = ACC + row * G * D + og[:, None] * D
+        tl.store(slot + od[None, :], tl.zeros((GP, D), tl.float32), mask=gm[:, None])
+        tl.store(M + row * G + og, mx, mask=gm)
+        tl.store(L + row * G + og, tl.zeros((GP,), tl.float32), mask=gm)
+        tl.debug_barrier()  # the slice's zeros before any add (this program alone writes its slice)
         vop = VOP + b * svob + h * svoh
         e0 = tl.load(vop + tl.minimum(p * TPP, NT))
         e1 = tl.load(vop + tl.minimum(p * TPP + TPP, NT))
         rows = ((b * H + h) * G + og).to(tl.int64)[:, None] * NQC
-        acc = tl.zeros((GP, D), tl.float32)
         for j0 in range(e0, e1, EB):
             tk, c, dv = _outlier_entries(VOT, VOC, VOV, j0, e1, 0, EB)  # tk: -1 past the range
-            jm = (tk >= 0) & (tk < qlen)
-            lg = tl.load(VLOG + rows + tk[None, :], mask=gm[:, None] & jm[None, :], other=float("-inf"))
-            w = tl.exp(lg - base[:, None]) * dv[None, :]  # [GP, EB], 0 where left out
-            acc = _onehot_dot(w, (c[:, None] == od[None, :]).to(tl.bfloat16), acc)
-        row = (b * H + h) * NSPLIT + S0 + p
-        tl.store(ACC + row * G * D + og[:, None] * D + od[None, :], acc, mask=gm[:, None])
-        tl.store(M + row * G + og, mx, mask=gm)
-        tl.store(L + row * G + og, tl.zeros((GP,), tl.float32), mask=gm)
+            m = gm[:, None] & ((tk >= 0) & (tk < qlen))[None, :]
+            lg = tl.load(VLOG + rows + tk[None, :], mask=m, other=float("-inf"))
+            tl.atomic_add(slot + c[None, :], tl.exp(lg - base[:, None]) * dv[None, :], mask=m, sem="relaxed")
 
     @triton.jit
     def _merge_block(M, L, b, h, g, s0, H, NSPLIT, G: tl.constexpr, SP: tl.constexpr, m_run, denom, lo, hi):
@@ -990,7 +981,7 @@ def _cached_work(qlen: torch.Tensor, n: int, split_len: int, nqs: int, nwin: int
     return built[key]
 
 
-# outlier entries a step of the outlier kernels (one-hot MMAs of this depth)
+# outlier entries a step of the outlier kernels
 OUTLIER_ENTRIES = 64
 # the values' outlier kernel: about this many programs an SM (each walks its key groups' entries)
 VALUE_OUTLIER_PROGRAMS_PER_SM = 8
