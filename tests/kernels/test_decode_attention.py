@@ -212,6 +212,35 @@ def test_the_kernel_adds_sparse_outliers_like_the_reference(bits, pre_rope, shap
         decode_attention_runs(q, [run], impl="gluon")
 
 
+def test_attention_received_is_each_tokens_softmax_weight():
+    """``lse=True`` gives each query head's log-sum-exp over every run; ``attention_received`` turns it
+    into the attention each token of one run receives, summed over its KV head's query heads: the
+    columns of the reference's softmax."""
+    from memfit.kernels.decode_attention import (
+        PackedRun,
+        attention_received,
+        decode_attention_runs,
+        decode_attention_runs_reference,
+    )
+
+    args, (qk, _) = _case(b=2, hq=8, h=2, n=256, w=24, d=64, bits=4)
+    q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen = args
+    first = PackedRun(kc, ks, kz, vc, vs, vz, kw[:, :, :0], vw[:, :, :0], qlen, 0, 4, 64)
+    second = PackedRun.window_only(kw, vw, wlen, 4, 64)
+    out, lse = decode_attention_runs(q, [first, second], lse=True)
+    assert torch.equal(out, decode_attention_runs_reference(q, [first, second]))
+    codes, = attention_received(q, first, lse)
+    window, = attention_received(q, second, lse)
+    # the softmax over both runs' tokens, by hand
+    k = torch.cat([dequantize(qk).float(), kw.float()], dim=2)
+    valid = torch.cat([torch.arange(256) < qlen[..., None], torch.arange(24) < wlen[..., None]], dim=-1)
+    logits = (q.float().reshape(2, 2, 4, 64) @ k.transpose(-1, -2)) * 64 ** -0.5
+    p = logits.masked_fill(~valid[:, :, None], float("-inf")).softmax(-1).sum(2)
+    torch.testing.assert_close(torch.cat([codes, window], dim=-1), p, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(lse, logits.masked_fill(~valid[:, :, None], float("-inf")).logsumexp(-1).reshape(2, 8))
+    assert float(codes[0, 0, int(qlen[0, 0]):].abs().sum()) == 0.0 and torch.allclose(p.sum(-1), torch.full((2, 2), 4.0))
+
+
 def test_cpu_falls_back_to_the_reference():
     args, _ = _case(bits=2)
     assert not kernel_supports(args[0], args[1], args[2], args[5], 2)
@@ -432,6 +461,27 @@ def test_the_gluon_kernel_reads_values_narrower_or_wider_than_keys(bits, vbits, 
             assert err < 1e-2
         with pytest.raises(ValueError, match="one width"):
             decode_attention_runs(q, [run], impl="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits", [2, 4])
+def test_the_merge_returns_the_log_sum_exp_of_the_reference(bits):
+    """``lse=True`` on the GPU: both merges (plain, and rotated slices turned back) write each query
+    head's log-sum-exp, that of the reference's logits."""
+    from memfit.kernels.decode_attention import PackedRun, decode_attention_runs, decode_attention_runs_reference
+    from memfit.kv.rotate import hadamard
+
+    args, _ = _case(b=2, hq=32, h=8, n=1024, w=20, d=128, bits=bits, device="cuda", seed=5)
+    plain = PackedRun(*args[1:11], bits, 64)
+    turned = PackedRun(*args[1:11], bits, 64, rotation=hadamard(128, "cuda"))
+    for runs in ([plain], [turned, PackedRun.window_only(args[7], args[8], 5, bits, 64)]):
+        ref, ref_lse = decode_attention_runs_reference(args[0], runs, lse=True)
+        for impl in ("auto", "triton"):
+            out, lse = decode_attention_runs(args[0], runs, impl=impl, lse=True)
+            err = (lse - ref_lse).abs().max().item()
+            print(f"bits={bits} runs={len(runs)} {impl}: lse max abs error {err:.2e}")
+            assert err < 1e-2 and (out - ref).abs().max().item() < 1e-2
 
 
 @pytest.mark.gpu

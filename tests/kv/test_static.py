@@ -37,6 +37,43 @@ def _packed_decode_everywhere(monkeypatch):
         and not self.defer))
 
 
+BUDGET = "+decode(max_tokens=120,every=16,recent=8)"  # 75 + 80 tokens: evictions from the 46th step on
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+@pytest.mark.parametrize("policy", [POLICY + BUDGET, "hadamard(bits=4,group=16,residual=20)" + BUDGET,
+                                    "kivi(bits=2,group=16,residual=20,outliers=0.02)" + BUDGET])
+def test_static_decode_keeps_a_decode_budget_as_the_dynamic_cache_does(device, policy, monkeypatch):
+    """A decode budget in static decode: each step adds the attention the layer's own tokens receive
+    (from the kernel's log-sum-exp), and between steps the layer keeps the best as the dynamic cache
+    does: the same logits, in buffers of max_tokens + 1 tokens however many steps are asked for."""
+    _packed_decode_everywhere(monkeypatch)
+    model = tiny_llama(layers=2).to(device)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (3, 75), generator=g).to(device)
+    feed = torch.randint(0, 256, (3, 80), generator=g).to(device)
+    dyn = _prefilled(model, ids, policy)
+    ref = _dynamic_logits(model, dyn, feed)
+    unbounded = _dynamic_logits(model, _prefilled(model, ids, policy.removesuffix(BUDGET)), feed)
+    assert (ref[-1] - unbounded[-1]).abs().max() > 1e-3  # the budget changed what the last steps read
+
+    cache = _prefilled(model, ids, policy).to_static(max_new_tokens=1000)
+    st = cache.static_layers[0]
+    assert st.capacity == 128  # max_tokens + 1, in whole key groups: not the 1,075 asked for
+    dec = GraphDecoder(model, cache)
+    got = []
+    for i in range(feed.shape[1]):
+        got.append(dec.step(feed[:, i : i + 1]).clone())
+        assert st.nq + st.w <= 121
+    torch.testing.assert_close(torch.stack(got), ref, rtol=2e-4, atol=2e-4)
+    assert st.nq + st.w == dyn.layers[0].own_tokens()
+    cache.to_dynamic()  # and on, dynamically, with the scores accumulated so far
+    more = torch.randint(0, 256, (3, 20), generator=g).to(device)
+    torch.testing.assert_close(_dynamic_logits(model, cache, more), _dynamic_logits(model, dyn, more),
+                               rtol=2e-4, atol=2e-4)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA")])])
 @pytest.mark.parametrize("policy", [POLICY, "hadamard(bits=4,group=16,residual=20)",

@@ -266,9 +266,11 @@ def _dense_run(r: PackedRun, b: int, h: int, device: torch.device):
     return keys, values, valid
 
 
-def decode_attention_runs_reference(q: torch.Tensor, runs: list[PackedRun], scale: float | None = None) -> torch.Tensor:
+def decode_attention_runs_reference(q: torch.Tensor, runs: list[PackedRun], scale: float | None = None,
+                                    lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """q [B, Hq, D] -> attention over every run's tokens [B, Hq, D] (float32), dequantizing then
-    attending: the definition the kernels are tested against."""
+    attending: the definition the kernels are tested against. ``lse``: also each query head's
+    log-sum-exp of its logits [B, Hq] (float32)."""
     b, hq, d = q.shape
     h = {_check_run(q, r) for r in runs}
     if len(h) != 1:
@@ -280,8 +282,27 @@ def decode_attention_runs_reference(q: torch.Tensor, runs: list[PackedRun], scal
     valid = torch.cat([m for p in parts for m in p[2]], dim=2)
     scale = d ** -0.5 if scale is None else scale
     logits = (q.float().reshape(b, h, hq // h, d) @ keys.transpose(-1, -2)) * scale  # [B, H, g, n]
-    p = logits.masked_fill(~valid.unsqueeze(2), float("-inf")).softmax(dim=-1).nan_to_num(0.0)
-    return (p @ values).reshape(b, hq, d)
+    logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
+    out = (logits.softmax(dim=-1).nan_to_num(0.0) @ values).reshape(b, hq, d)
+    return (out, logits.logsumexp(dim=-1).reshape(b, hq)) if lse else out
+
+
+def attention_received(q: torch.Tensor, run: PackedRun, lse: torch.Tensor, scale: float | None = None
+                       ) -> list[torch.Tensor]:
+    """The attention each token of ``run`` receives from the query [B, Hq, D], summed over the query
+    heads of its KV head, given each query head's log-sum-exp over everything it attends (``lse``
+    [B, Hq], as ``decode_attention_runs(..., lse=True)`` returns it): float32 [B, H, n] for the
+    run's codes (n = ``max_q``), then for its 16-bit tokens (n = ``max_w``), each part present where
+    the run has it; 0 past the lengths. Fixed shapes, no host sync: a CUDA graph captures it (H2O's
+    score in a static decode step)."""
+    b, hq, d = q.shape
+    h = _check_run(q, run)
+    keys, _, valid = _dense_run(run, b, h, q.device)
+    scale = d ** -0.5 if scale is None else scale
+    qf = q.float().reshape(b, h, hq // h, 1, d)
+    base = lse.float().reshape(b, h, hq // h, 1)
+    return [torch.where(ok, ((qf @ k.unsqueeze(2).transpose(-1, -2)).squeeze(-2) * scale - base).exp().sum(2), 0.0)
+            for k, ok in zip(keys, valid)]
 
 
 def _one_run(kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, bits) -> PackedRun:
@@ -671,11 +692,13 @@ if triton is not None:
         return row, sm, w, alpha, m_new, denom * alpha + tl.sum(w * tl.load(L + row, mask=sm, other=0.0), 0)
 
     @triton.jit(do_not_specialize=["NSPLIT", "SKIP0", "SKIP_END"])
-    def _merge_kernel(ACC, M, L, OUT, H, NSPLIT, CNT, SKIP0, SKIP_END, G: tl.constexpr, D: tl.constexpr,
-                      SP: tl.constexpr, DB: tl.constexpr, HAS_SKIP: tl.constexpr = False):
+    def _merge_kernel(ACC, M, L, OUT, LSE, H, NSPLIT, CNT, SKIP0, SKIP_END, G: tl.constexpr, D: tl.constexpr,
+                      SP: tl.constexpr, DB: tl.constexpr, HAS_SKIP: tl.constexpr = False,
+                      HAS_LSE: tl.constexpr = False):
         """out = sum_s exp(m_s - max) acc_s / sum_s exp(m_s - max) l_s over the slices s, for one
         query head and DB of its channels a program (many programs, one pass over the partials),
-        SP slices at a time with a running max: one variant for any number of slices."""
+        SP slices at a time with a running max: one variant for any number of slices. ``HAS_LSE``:
+        the first program of each query head also writes max + log(denominator) to LSE."""
         b = tl.program_id(0)
         hq = tl.program_id(1)
         h = hq // G
@@ -690,11 +713,15 @@ if triton is not None:
             acc = tl.load(ACC + row[:, None] * D + od[None, :], mask=sm[:, None], other=0.0)
             out = out * alpha + tl.sum(acc * w[:, None], 0)
         tl.store(OUT + (b * H * G + hq) * D + od, out / denom)
+        if HAS_LSE:
+            if tl.program_id(2) == 0:
+                tl.store(LSE + b * H * G + hq, m_run + tl.log(denom))
 
 
     @triton.jit(do_not_specialize=["NSPLIT", "NROT", "SKIP0", "SKIP_END"])
-    def _merge_rotated_kernel(ACC, M, L, OUT, ROT, H, NSPLIT, NROT, CNT, SKIP0, SKIP_END, G: tl.constexpr,
-                              D: tl.constexpr, SP: tl.constexpr, JB: tl.constexpr, HAS_SKIP: tl.constexpr = False):
+    def _merge_rotated_kernel(ACC, M, L, OUT, LSE, ROT, H, NSPLIT, NROT, CNT, SKIP0, SKIP_END, G: tl.constexpr,
+                              D: tl.constexpr, SP: tl.constexpr, JB: tl.constexpr, HAS_SKIP: tl.constexpr = False,
+                              HAS_LSE: tl.constexpr = False):
         """``_merge_kernel`` when slices 0..NROT-1 were attended in a rotated basis (runs stored
         rotated): their weighted sum ``t`` is kept apart and rotated back once, out = (plain + ROT t)
         / denominator, one query head a program (ROT [D, D] read JB rows at a time)."""
@@ -719,6 +746,8 @@ if triton is not None:
             r = tl.load(ROT + oj[:, None] * D + od[None, :])
             pj = tl.sum(tl.where(oj[:, None] == od[None, :], plain[None, :], 0.0), 1)
             tl.store(OUT + (b * H * G + hq) * D + oj, (pj + tl.sum(r * turned[None, :], 1)) / denom)
+        if HAS_LSE:
+            tl.store(LSE + b * H * G + hq, m_run + tl.log(denom))
 
 
 # one wave of 8 one-warp programs an SM (or fewer where fewer fit): on the H200 a 9th or 10th
@@ -796,7 +825,8 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, kz: to
 def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float | None = None, *,
                           split_len: int | None = None, programs_per_sm: int | None = None, num_warps: int = 4,
                           num_stages: int | None = None, dequant: str = "magic",
-                          out_dtype: torch.dtype = torch.float32, impl: str = "auto") -> torch.Tensor:
+                          out_dtype: torch.dtype = torch.float32, impl: str = "auto", lse: bool = False
+                          ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of one query token a row over every run (see :class:`PackedRun`): a kernel on CUDA
     for 2/4/8-bit codes with the key group as the tile (32, 64 or 128 tokens), the reference
     elsewhere. Each run's slices go to one buffer of partial results, merged once. The output is
@@ -806,7 +836,8 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
     The Triton kernel's ``dequant``: "magic" (default) builds float16 operands from the code bits
     in a few integer and packed-float16 instructions (0.13 ms); "fp16" and "fp32" convert codes to
     float and multiply in bf16 (0.16 / 0.25 ms). ``split_len``, ``programs_per_sm``, ``num_warps``
-    and ``num_stages`` tune the launch (defaults suit an H100)."""
+    and ``num_stages`` tune the launch (defaults suit an H100). ``lse``: also return each query head's
+    log-sum-exp of its logits [B, Hq] (float32; what :func:`attention_received` normalizes by)."""
     if dequant not in _DEQUANT:
         raise ValueError(f"dequant must be one of {sorted(_DEQUANT)}, got {dequant!r}")
     if impl not in ("auto", "gluon", "triton"):
@@ -820,7 +851,8 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
     if len(rotations) > 1:
         raise ValueError("runs stored in different rotated bases: one rotation a call")
     if not all(_kernel_takes(q, r) for r in runs):
-        return decode_attention_runs_reference(q, runs, scale).to(out_dtype)
+        ref = decode_attention_runs_reference(q, runs, scale, lse=lse)
+        return (ref[0].to(out_dtype), ref[1]) if lse else ref.to(out_dtype)
     for r in runs:
         for t in (r.kc, r.ks, r.kz, r.vc, r.vs, r.vz, r.kw, r.vw):
             if t.stride(-1) != 1 and t.numel():
@@ -920,17 +952,18 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
             SP=MERGE_SP, EB=OUTLIER_ENTRIES, PER_HEAD=per_head, HAS_SKIP=skip is not None)
         s0 += nprog
     out = torch.empty(b, hq, d, device=q.device, dtype=out_dtype)
+    lses = torch.empty(b, hq, device=q.device, dtype=torch.float32) if lse else m
     if nrot:  # the partial sums are linear in the values: the rotated ones' sum is rotated back once
         sp, jb, warps = MERGE_ROT
-        _merge_rotated_kernel[(b, hq)](acc, m, lsum, out, rot, h, nsplit, nrot, cnt, skip0, skip_end, G=g, D=d,
-                                       SP=sp, JB=jb, HAS_SKIP=skip is not None, num_warps=warps)
-        return out
+        _merge_rotated_kernel[(b, hq)](acc, m, lsum, out, lses, rot, h, nsplit, nrot, cnt, skip0, skip_end, G=g,
+                                       D=d, SP=sp, JB=jb, HAS_SKIP=skip is not None, HAS_LSE=lse, num_warps=warps)
+        return (out, lses) if lse else out
     # MERGE_SP slices at a time whatever their number (no compile as a fork grows or from layer to
     # layer), MERGE_DB channels a program: many small programs over the partials
     db = min(d, MERGE_DB)
-    _merge_kernel[(b, hq, d // db)](acc, m, lsum, out, h, nsplit, cnt, skip0, skip_end, G=g, D=d, SP=MERGE_SP,
-                                    DB=db, HAS_SKIP=skip is not None)
-    return out
+    _merge_kernel[(b, hq, d // db)](acc, m, lsum, out, lses, h, nsplit, cnt, skip0, skip_end, G=g, D=d, SP=MERGE_SP,
+                                    DB=db, HAS_SKIP=skip is not None, HAS_LSE=lse)
+    return (out, lses) if lse else out
 
 
 _PER_TENSOR: dict[int, tuple] = {}  # id(t) -> (a weak reference to t, {key: what was built from it})

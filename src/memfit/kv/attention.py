@@ -310,7 +310,7 @@ _pending = threading.local()
 def _state():
     """This thread's hand-offs from the cache to the attention calls of the same forward pass."""
     if not hasattr(_pending, "masks"):
-        _pending.masks, _pending.requests, _pending.scores, _pending.packed = {}, set(), {}, {}
+        _pending.masks, _pending.requests, _pending.scores, _pending.packed = {}, {}, {}, {}
     return _pending
 
 
@@ -331,14 +331,16 @@ def push_packed(layer_idx: int, packed) -> None:
     _state().packed[layer_idx] = packed
 
 
-def request_scores(layer_idx: int) -> None:
-    """Ask for the attention the next query of ``layer_idx`` gives each key (summed over its heads)."""
-    _state().requests.add(layer_idx)
+def request_scores(layer_idx: int, owner: object = None) -> None:
+    """Ask for the attention the next query of ``layer_idx`` gives each key (summed over its heads),
+    on behalf of ``owner`` (a cache: another cache's later steps never receive them)."""
+    _state().requests[layer_idx] = owner
 
 
-def pop_scores(layer_idx: int) -> torch.Tensor | None:
-    """[B, H, L] attention received by each key in the layer's last requested step, if any."""
-    return _state().scores.pop(layer_idx, None)
+def pop_scores(layer_idx: int, owner: object = None) -> torch.Tensor | None:
+    """[B, H, L] attention received by each key in ``owner``'s last requested step of the layer, if any."""
+    who, scores = _state().scores.pop(layer_idx, (None, None))
+    return scores if who is owner else None
 
 
 def _fit_mask(mask: torch.Tensor, nk: int) -> torch.Tensor:
@@ -422,8 +424,8 @@ def memfit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         if fused is not None and module.layer_idx not in state.requests:
             return fused[0], None
     if module.layer_idx in state.requests:
-        state.requests.discard(module.layer_idx)
-        state.scores[module.layer_idx] = reduce_attention(query, key, attention_mask, scaling, "sum")
+        owner = state.requests.pop(module.layer_idx)
+        state.scores[module.layer_idx] = owner, reduce_attention(query, key, attention_mask, scaling, "sum")
     parts = kwargs.get("memfit_attention_parts")
     if parts and query.device.type == "cpu" and head_mask is None and _observer is None and not kwargs.get("softcap"):
         # the same attention in groups of rows, each over the keys up to its last row, its query heads

@@ -106,7 +106,7 @@ class CompressedCache(Cache):
             return _static_update(layer, layer_idx, key_states, value_states)
         budgeted = layer.decode is not None and not layer.defer
         if budgeted:
-            scores = pop_scores(layer_idx)
+            scores = pop_scores(layer_idx, self)
             if scores is not None:
                 layer.add_scores(scores)
             layer.evict_own()  # before this step's keys: attention then reads the kept ones
@@ -115,7 +115,7 @@ class CompressedCache(Cache):
             push_packed(layer_idx, layer.packed)
             layer.packed = None
         if budgeted:
-            request_scores(layer_idx)
+            request_scores(layer_idx, self)
         mask = layer.pending_mask
         if mask is not None:  # ragged heads: memfit's attention function masks the padding
             push_head_mask(layer_idx, mask)
@@ -316,17 +316,21 @@ class CompressedCache(Cache):
         """Move every layer's KIVI storage into buffers with room for ``max_new_tokens`` more tokens,
         so that decode steps can be replayed as a CUDA graph (:class:`memfit.kv.static.GraphDecoder`).
         Caches the decode kernel reads (KIVI or Hadamard at 2/4 bits, pre-RoPE keys, sparse outliers,
-        evicted or ragged, forks of such caches); not low rank, or a decode budget."""
+        evicted or ragged, forks of such caches, a decode budget); not low rank. With a decode budget
+        (``decode(max_tokens=...)``) the buffers hold at most ``max_tokens + 1`` own tokens whatever
+        ``max_new_tokens`` is: each step adds the attention they receive, and between steps the
+        layer keeps the best as the dynamic cache does (:meth:`before_static_step`)."""
         for i, layer in enumerate(self.layers):
             # beyond what the kernel reads now, what the policy would add while decoding
             why = ("no KIVI quantizer" if not isinstance(layer.quant, (KIVI, Hadamard))
                    else "low-rank keys" if layer.lowrank is not None
-                   else "a decode budget" if layer.decode is not None
                    else layer.not_packed())
             if why:
                 raise ValueError(f"to_static: layer {i} has {why}; static decode takes caches the decode "
                                  "kernel reads (kivi or hadamard at 2/4 bits, evicted or not)")
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            if layer.decode is not None and (scores := pop_scores(i, self)) is not None:
+                layer.add_scores(scores)  # the last dynamic step's, as the next dynamic step would add them
             rows = layer.keys.shape[0]
             prefix = layer.parent.runs(rows) if layer.parent is not None else []
             if layer.ragged is not None:
@@ -334,7 +338,12 @@ class CompressedCache(Cache):
             layer.static = StaticKIVI(layer.quant, layer.qk, layer.qv, layer.keys, layer.values,
                                       capacity=layer.own_tokens() + max_new_tokens, prefix=prefix,
                                       first=layer.parent is None and layer.ragged is None, base=layer.grid_base(),
-                                      rope=layer.rope if layer.pre_rope else None)
+                                      rope=layer.rope if layer.pre_rope else None, budget=layer.decode)
+            if layer.decode is not None and layer._acc is not None:  # what the dynamic steps accumulated
+                st = layer.static
+                acc = layer.own_scores(rows, layer.keys.shape[1], st.nq + st.w)
+                st.received[0][..., : st.nq], st.received[1][..., : st.w] = acc[..., : st.nq], acc[..., st.nq :]
+            layer._acc = None
             layer.qk = layer.qv = None
             layer.keys, layer.values = layer.keys[:, :, :0], layer.values[:, :, :0]
         return self
@@ -344,6 +353,13 @@ class CompressedCache(Cache):
         if not self.layers or self.layers[0].static is None:
             return None
         return [layer.static for layer in self.layers]
+
+    def before_static_step(self) -> None:
+        """Host work between static steps, in place: a decode budget's eviction, then the window's
+        spill of what the next token pushes out."""
+        for layer in self.layers:
+            layer.evict_static()
+            layer.static.before_step()
 
     def after_static_step(self) -> None:
         """Host bookkeeping of a step that ran on the device (maybe as a replayed graph)."""
@@ -356,6 +372,8 @@ class CompressedCache(Cache):
         for layer in self.layers:
             if layer.static is not None:
                 layer.qk, layer.qv, layer.keys, layer.values = layer.static.dynamic()
+                if layer.static.received is not None:  # a decode budget's scores go on accumulating
+                    layer._acc = layer.static.scores().clone()
                 layer.static = None
         return self
 

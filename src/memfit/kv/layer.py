@@ -570,6 +570,11 @@ class CompressedLayer(CacheLayerMixin):
             self._acc = torch.cat([self._acc.expand(s.shape[0], -1, -1), pad], dim=-1)
         self._acc = s if self._acc is None else self._acc[..., :n] + s
 
+    def own_scores(self, b: int, h: int, n: int) -> torch.Tensor:
+        """[B, H, n] attention the ``n`` own tokens received so far (0 for those no step scored yet)."""
+        acc = self._acc if self._acc is not None else torch.zeros(b, h, 0, device=self.device)
+        return torch.cat([acc.expand(b, h, -1), acc.new_zeros(b, h, n - acc.shape[-1])], dim=-1)
+
     def evict_own(self) -> None:
         """Keep ``decode.keep`` own tokens: the ``recent`` newest, then the most attended; re-quantize."""
         n, budget = self.own_tokens(), self.decode
@@ -579,9 +584,7 @@ class CompressedLayer(CacheLayerMixin):
         if self.qk is not None:
             k = torch.cat([self._quantized_keys(), k], dim=-2)
             v = torch.cat([self.qv.dequantize(self.dtype), v], dim=-2)
-        acc = self._acc if self._acc is not None else k.new_zeros(k.shape[0], k.shape[1], 0, dtype=torch.float32)
-        acc = torch.cat([acc.expand(k.shape[0], k.shape[1], -1),
-                         acc.new_zeros(k.shape[0], k.shape[1], n - acc.shape[-1])], dim=-1)
+        acc = self.own_scores(k.shape[0], k.shape[1], n)
         rank = acc.clone()
         if budget.recent:
             rank[..., -budget.recent :] = float("inf")
@@ -590,6 +593,19 @@ class CompressedLayer(CacheLayerMixin):
         self.qk = self.qv = None
         self._acc = acc.gather(-1, idx)
         self._spill()
+
+    def evict_static(self) -> None:
+        """:meth:`evict_own` for a static layer (between steps): its buffers back to dynamic storage,
+        evicted and re-quantized as the dynamic layer does, and loaded back in place."""
+        st = self.static
+        if self.decode is None or st.nq + st.w <= self.decode.max_tokens or self.defer:
+            return
+        self.qk, self.qv, self.keys, self.values = st.dynamic()
+        self._acc = st.scores()
+        self.evict_own()
+        st.load(self.qk, self.qv, self.keys, self.values, self.grid_base(), self._acc)
+        self.qk = self.qv = self._acc = None
+        self.keys, self.values = self.keys[:, :, :0], self.values[:, :, :0]
 
     # -- unsupported generation features: say so instead of silently corrupting ----------------------
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

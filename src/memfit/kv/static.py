@@ -25,7 +25,8 @@ import torch
 
 from memfit.hfcompat import with_cache
 from memfit.kernels import window_append
-from memfit.kernels.decode_attention import Outliers, PackedRun, decode_attention_runs
+from memfit.kernels.decode_attention import Outliers, PackedRun, attention_received, decode_attention_runs
+from memfit.kv.decode import DecodeBudget
 from memfit.kv.quant import (
     KIVI,
     MetaQTensor,
@@ -48,16 +49,12 @@ class StaticKIVI:
 
     def __init__(self, quant: KIVI | Hadamard, qk: QTensor | RotatedTensor | None, qv: QTensor | RotatedTensor | None,
                  keys: torch.Tensor, values: torch.Tensor, capacity: int, prefix: list[PackedRun] = (),
-                 first: bool = True, base: tuple | None = None, rope: RoPE | None = None):
+                 first: bool = True, base: tuple | None = None, rope: RoPE | None = None,
+                 budget: DecodeBudget | None = None):
         b, h, w, d = keys.shape
         g, r = quant.group, quant.residual
-        if w >= r + g:
-            raise ValueError(f"static decode: the window holds {w} tokens, residual + group = {r + g} or more")
         self.quant, self.bits = quant, quant.bits
         self.vbits = quant.vbits  # the Hadamard quantizer's values may be narrower
-        # the stored run whose grid ranges later spills are encoded on, as the dynamic layer does
-        # (``CompressedLayer.grid_base``: 8-bit grids); None: each spill fits its own
-        self.base = base
         # pre-RoPE codes (kivi(pre_rope=true)): spills take RoPE off at the tokens' positions (the
         # layer's own, from 0: nq is the window's first), the kernel puts it back as it reads them
         self.rope = rope
@@ -66,13 +63,13 @@ class StaticKIVI:
         # layer's first codes are its first tokens (then they keep sinks; not a fork's or after a
         # ragged context)
         self.rotated, self.first = isinstance(quant, Hadamard), first
-        self.sinks: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
-        if isinstance(qk, RotatedTensor):
-            if qk.sink_at is not None:
-                raise ValueError("static decode: rotated codes with per-head sinks (a ragged run) are read-only runs")
-            self.sinks = (qk.sink, qv.sink)
-        self.nq = qk.num_tokens if qk is not None else 0
-        cap = math.ceil(max(capacity, self.nq) / g) * g
+        # a decode budget (decode(max_tokens=...)): the layer's own tokens never pass max_tokens + 1,
+        # so no more room than that; each step adds the attention they receive to ``received``
+        self.budget = budget
+        nq0 = qk.num_tokens if qk is not None else 0
+        if budget is not None:
+            capacity = min(capacity, budget.max_tokens + 1)
+        cap = math.ceil(max(capacity, nq0) / g) * g
         dev, vgroup = keys.device, quant.value_group(d)
         codes = torch.zeros(b, h, cap, d * self.bits // 8, dtype=torch.uint8, device=dev)
         ks = torch.ones(b, h, cap // g, d, dtype=torch.float16, device=dev)
@@ -86,26 +83,22 @@ class StaticKIVI:
         self.outliers = 0.0 if self.rotated else float(getattr(quant, "outliers", 0.0))
         self.out = None
         if self.outliers:
-            nq0 = self.nq
             per = 2 if rope is not None else 1  # entries an outlier (pre-RoPE: its channel and its partner)
             extra = math.ceil(self.outliers * (cap - nq0) * d) * per
             self.out = [_OutlierBuffers(b, h, cap // g, _most_per_row_head(x, b, h) + extra + 1, dev)
                         for x in (qk, qv)]
-        if qk is not None:
-            self._write(qk, qv, 0)
         if self.rotated:  # the first key group in 16-bit (rotated), and how many tokens of it are real
             self.head = [keys.new_zeros(b, h, g, d), values.new_zeros(b, h, g, values.shape[-1])]
             self.hlen = torch.zeros(b, h, dtype=torch.int32, device=dev)
             self.rqlen = torch.zeros(b, h, dtype=torch.int32, device=dev)  # codes read: from the second group
-            if qk is not None:
-                self._set_head(qk, qv)
-                self.rqlen.fill_(self.nq - g)
         self.keys = keys.new_zeros(b, h, r + g, d)
         self.values = values.new_zeros(b, h, r + g, values.shape[-1])
-        self.keys[:, :, :w], self.values[:, :, :w] = keys, values
-        self.w = w
-        self.qlen = torch.full((b, h), self.nq, dtype=torch.int32, device=dev)
-        self.wlen = torch.full((b, h), w, dtype=torch.int32, device=dev)  # also where the next token goes
+        self.qlen = torch.zeros(b, h, dtype=torch.int32, device=dev)
+        self.wlen = torch.zeros(b, h, dtype=torch.int32, device=dev)  # also where the next token goes
+        # the attention each own token received (H2O's score), by slot: codes, then window
+        self.received = None if budget is None else (torch.zeros(b, h, cap, device=dev),
+                                                     torch.zeros(b, h, r + g, device=dev))
+        self.load(qk, qv, keys, values, base)
         # what a step reads: the fixed runs before this layer's own tokens (a ragged context, a
         # parent), then its buffers, whose lengths the device holds
         k, v = self.qk, self.qv
@@ -117,7 +110,53 @@ class StaticKIVI:
             lists = {"kout": self.out[0].lists, "vout": self.out[1].lists} if self.out is not None else {}
             own = [PackedRun(k.codes, k.scale, k.zero, v.codes, v.scale, v.zero, self.keys, self.values, self.qlen,
                              self.wlen, self.bits, g, **(rope.kernel_args(dev) if rope is not None else {}), **lists)]
+        self.own = own
         self.runs = [*prefix, *own]
+
+    def load(self, qk: QTensor | RotatedTensor | None, qv: QTensor | RotatedTensor | None, keys: torch.Tensor,
+             values: torch.Tensor, base: tuple | None = None, received: torch.Tensor | None = None) -> None:
+        """Fill the buffers (in place: a captured graph keeps reading them) with a dynamic layer's
+        storage: codes, then a window of ``keys`` / ``values``. ``base``: the stored run whose grid
+        later spills are encoded on (``CompressedLayer.grid_base``: 8-bit grids), None: each spill
+        fits its own. ``received``: [B, H, own tokens] attention scores, with a decode budget."""
+        g, r = self.quant.group, self.quant.residual
+        w = keys.shape[-2]
+        if w >= r + g:
+            raise ValueError(f"static decode: the window holds {w} tokens, residual + group = {r + g} or more")
+        self.base = base
+        self.sinks: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        if isinstance(qk, RotatedTensor):
+            if qk.sink_at is not None:
+                raise ValueError("static decode: rotated codes with per-head sinks (a ragged run) are read-only runs")
+            self.sinks = (qk.sink, qv.sink)
+        self.nq = qk.num_tokens if qk is not None else 0
+        for o in self.out or ():
+            o.clear()
+        if qk is not None:
+            self._write(qk, qv, 0)
+        if self.rotated:
+            self.hlen.zero_()
+            self.rqlen.zero_()
+            if qk is not None:
+                self._set_head(qk, qv)
+                self.rqlen.fill_(self.nq - g)
+        self.keys.zero_()
+        self.values.zero_()
+        self.keys[:, :, :w], self.values[:, :, :w] = keys, values
+        self.w = w
+        self.qlen.fill_(self.nq)
+        self.wlen.fill_(w)
+        if self.received is not None:
+            for t in self.received:
+                t.zero_()
+            if received is not None:
+                self.received[0][..., : self.nq] = received[..., : self.nq]
+                self.received[1][..., :w] = received[..., self.nq : self.nq + w]
+
+    def scores(self) -> torch.Tensor:
+        """[B, H, own tokens] attention received so far (a decode budget), oldest first."""
+        q, win = self.received
+        return torch.cat([q[..., : self.nq], win[..., : self.w]], dim=-1)
 
     @property
     def capacity(self) -> int:
@@ -177,6 +216,11 @@ class StaticKIVI:
         rest = self.w - f
         self.keys[:, :, :rest] = self.keys[:, :, f : self.w].clone()
         self.values[:, :, :rest] = self.values[:, :, f : self.w].clone()
+        if self.received is not None:  # the spilled tokens' scores to their code slots
+            acc_q, acc_w = self.received
+            acc_q[..., self.nq : self.nq + f] = acc_w[..., :f]
+            acc_w[..., :rest] = acc_w[..., f : self.w].clone()
+            acc_w[..., rest:] = 0.0
         self.nq, self.w = self.nq + f, rest
         self.qlen.fill_(self.nq)
         if self.rotated:
@@ -192,7 +236,22 @@ class StaticKIVI:
         self.w += 1
 
     def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
-        return decode_attention_runs(query[:, :, 0], self.runs, scale=scaling, out_dtype=query.dtype).unsqueeze(1)
+        q = query[:, :, 0]
+        if self.received is None:
+            return decode_attention_runs(q, self.runs, scale=scaling, out_dtype=query.dtype).unsqueeze(1)
+        out, lse = decode_attention_runs(q, self.runs, scale=scaling, out_dtype=query.dtype, lse=True)
+        acc_q, acc_w = self.received
+        if self.rotated:  # its codes run holds the codes from the second key group, then the first group
+            g = self.quant.group
+            codes, head = attention_received(q, self.own[0], lse, scaling)
+            acc_q[..., g:] += codes
+            acc_q[..., :g] += head
+            acc_w += attention_received(q, self.own[1], lse, scaling)[-1]
+        else:
+            codes, window = attention_received(q, self.own[0], lse, scaling)
+            acc_q += codes
+            acc_w += window
+        return out.unsqueeze(1)
 
     def dynamic(self) -> tuple[QTensor | None, QTensor | None, torch.Tensor, torch.Tensor]:
         """(qk, qv, window keys, window values) as the dynamic layer holds them (copies)."""
@@ -229,14 +288,20 @@ class _OutlierBuffers:
 
     def __init__(self, b: int, h: int, tiles: int, room: int, device: torch.device):
         self.room = room
-        base = torch.arange(b * h, device=device, dtype=torch.int32).reshape(b, h, 1) * room
-        self.ptr = base.expand(b, h, tiles + 1).contiguous()
+        self.start = torch.arange(b * h, device=device, dtype=torch.int32).reshape(b, h, 1) * room
+        self.ptr = self.start.expand(b, h, tiles + 1).contiguous()
         self.tok = torch.zeros(b * h * room, dtype=torch.int32, device=device)
         self.ch = torch.zeros_like(self.tok)
         self.val = torch.zeros(b * h * room, dtype=torch.float32, device=device)
         self.used = torch.zeros(b * h, dtype=torch.long, device=device)
         self.lists = Outliers(self.ptr, self.tok, self.ch, self.val)
         self.parts: list[tuple[int, torch.Tensor | None, torch.Tensor | None]] = []  # (tokens, idx, values) a write
+
+    def clear(self) -> None:
+        """Empty (in place), as built."""
+        self.ptr.copy_(self.start.expand_as(self.ptr))
+        self.used.zero_()
+        self.parts.clear()
 
     def write(self, q: QTensor, o: Outliers | None, at: int, group: int) -> None:
         """The outliers ``o`` (``kernel_outliers`` of ``q``, whose first token is token ``at``, which
@@ -322,8 +387,7 @@ class GraphDecoder:
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        for layer in self.cache.static_layers:
-            layer.before_step()
+        self.cache.before_static_step()
         seen = self.cache.get_seq_length()
         self.ids.copy_(tokens.reshape(self.ids.shape))
         self.pos.copy_(self.cache.positions().reshape(self.pos.shape))  # per row: stacked contexts may differ

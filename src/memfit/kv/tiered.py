@@ -687,6 +687,11 @@ class TieredCache(Cache):
     def static_layers(self) -> list[TieredLayer] | None:
         return list(self.layers) if self.layers and self.layers[0].static else None
 
+    def before_static_step(self) -> None:
+        """Host checks between static steps (room left in each layer's window)."""
+        for layer in self.layers:
+            layer.before_step()
+
     def after_static_step(self) -> None:
         """Host bookkeeping of a step that ran on the device (maybe as a replayed graph)."""
         for layer in self.layers:
