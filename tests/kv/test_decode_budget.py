@@ -38,7 +38,7 @@ def test_decode_budget_keeps_recent_and_most_attended_tokens(tiny_lm):
         layer = cache.layers[0]
         if step == 40:  # 41 own tokens: the next step evicts first
             before = layer.keys.clone()
-            pending = _state().scores[0][..., -41:]  # this step's attention, added before the next step
+            pending = _state().scores[0][cache][..., -41:]  # this step's attention, added before the next step
             acc = torch.cat([layer._acc, torch.zeros(1, 2, 1)], dim=-1) + pending
     assert layer.own_tokens() == 31 and layer._acc.shape[-1] == 30
     kept = layer.keys[:, :, :30]
@@ -49,6 +49,29 @@ def test_decode_budget_keeps_recent_and_most_attended_tokens(tiny_lm):
         got, dropped = acc[0, h, :35][match[:35]], acc[0, h, :35][~match[:35]]
         assert dropped.numel() == 11
         assert got.numel() == 24 and got.min() >= dropped.max() - 1e-12
+
+
+def test_two_budgeted_caches_decoding_in_turn_each_keep_their_own_scores(tiny_lm):
+    """The scores a step leaves for the next are the cache's that asked for them: two forks decoding
+    in turn (one thread, the same layers) evict exactly as each does alone."""
+    ids = torch.randint(0, 250, (1, 40), generator=torch.Generator().manual_seed(3))
+    ctx = tiny_lm.prefill_ids(ids, "kivi(bits=8,group=16,residual=16)+decode(max_tokens=40,every=10,recent=6)")
+    feeds = [torch.randint(0, 250, (1, 60), generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+
+    def step(cache, tok):
+        return tiny_lm.model(tok, **with_cache(tiny_lm.model, cache)).logits[:, -1]
+
+    with torch.no_grad():
+        solo = [ctx.cache.fork(1) for _ in feeds]
+        alone = [[step(c, f[:, i : i + 1]) for i in range(60)] for c, f in zip(solo, feeds)]
+        forks = [ctx.cache.fork(1) for _ in feeds]
+        for i in range(60):  # the two forks' steps in turn
+            for c, f, ref in zip(forks, feeds, alone):
+                torch.testing.assert_close(step(c, f[:, i : i + 1]), ref[i])
+    for c, ref in zip(forks, solo):  # the same scores accumulated, not only the same choices
+        assert c.layers[0].own_tokens() <= 41
+        for a, b in zip(c.layers, ref.layers):
+            torch.testing.assert_close(a._acc, b._acc)
 
 
 def test_without_eviction_the_budget_changes_nothing(tiny_lm):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -331,16 +332,15 @@ def push_packed(layer_idx: int, packed) -> None:
     _state().packed[layer_idx] = packed
 
 
-def request_scores(layer_idx: int, owner: object = None) -> None:
+def request_scores(layer_idx: int, owner: object) -> None:
     """Ask for the attention the next query of ``layer_idx`` gives each key (summed over its heads),
-    on behalf of ``owner`` (a cache: another cache's later steps never receive them)."""
+    on behalf of ``owner`` (a cache: caches decoding in turn each get their own; held weakly)."""
     _state().requests[layer_idx] = owner
 
 
-def pop_scores(layer_idx: int, owner: object = None) -> torch.Tensor | None:
+def pop_scores(layer_idx: int, owner: object) -> torch.Tensor | None:
     """[B, H, L] attention received by each key in ``owner``'s last requested step of the layer, if any."""
-    who, scores = _state().scores.pop(layer_idx, (None, None))
-    return scores if who is owner else None
+    return _state().scores.get(layer_idx, {}).pop(owner, None)
 
 
 def _fit_mask(mask: torch.Tensor, nk: int) -> torch.Tensor:
@@ -425,7 +425,8 @@ def memfit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
             return fused[0], None
     if module.layer_idx in state.requests:
         owner = state.requests.pop(module.layer_idx)
-        state.scores[module.layer_idx] = owner, reduce_attention(query, key, attention_mask, scaling, "sum")
+        by_owner = state.scores.setdefault(module.layer_idx, weakref.WeakKeyDictionary())
+        by_owner[owner] = reduce_attention(query, key, attention_mask, scaling, "sum")
     parts = kwargs.get("memfit_attention_parts")
     if parts and query.device.type == "cpu" and head_mask is None and _observer is None and not kwargs.get("softcap"):
         # the same attention in groups of rows, each over the keys up to its last row, its query heads
