@@ -121,7 +121,8 @@ def test_the_kernel_rotates_pre_rope_keys_like_the_reference(bits, shape):
         decode_attention_runs(q, [run], impl="gluon")
 
 
-def _outlier_case(bits, pre_rope=False, rows=None, device="cpu", b=2, hq=8, h=2, n=256, w=24, d=64, kgroup=64):
+def _outlier_case(bits, pre_rope=False, rows=None, device="cpu", b=2, hq=8, h=2, n=256, w=24, d=64, kgroup=64,
+                  vgroup=64):
     """A run with KVQuant's sparse outliers (2% of each head's keys and values, some planted far out),
     pre-RoPE keys or not, as the layer builds it (``kernel_outliers``); ``rows``: a one-row tensor read
     by that many rows (a fork's parent). Returns the run, the query and what it should attend over."""
@@ -134,7 +135,7 @@ def _outlier_case(bits, pre_rope=False, rows=None, device="cpu", b=2, hq=8, h=2,
     k[..., 3] *= 20  # an outlier channel (keys) and outlier tokens (values)
     v = torch.randn(b, h, n, d, generator=g)
     v[:, :, ::7, 5] += 30
-    qk, qv = quantize_keys(k, bits, kgroup, outliers=0.02), quantize_values(v, bits, 64, outliers=0.02)
+    qk, qv = quantize_keys(k, bits, kgroup, outliers=0.02), quantize_values(v, bits, min(vgroup, d), outliers=0.02)
     rope = RoPE.default(d, 10000.0, scaling=1.25) if pre_rope else None
     ra = rope.kernel_args("cpu") if rope else {}
     rows = rows or b
@@ -189,27 +190,33 @@ def test_sparse_outliers_are_added_to_the_dequantized_codes(bits, pre_rope):
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("shape", [dict(b=1, hq=32, h=8, n=4096, w=100, d=128), dict(b=3, hq=9, h=3, n=1024, w=7, d=64),
                                    dict(b=1, rows=3, hq=8, h=2, n=512, w=30, d=128, kgroup=32)])
-def test_the_kernel_adds_sparse_outliers_like_the_reference(bits, pre_rope, shape):
-    """Runs with outliers take the Triton kernel (the keys' summed per token beforehand and added to
-    the logits, the values' added from the saved logits as slices of their own); the Gluon kernel refuses
-    them by name. The planted outliers give outputs up to ~20, where
-    float16 operands round at ~1e-2: the error is bounded relative to that scale (5e-3 of it: on an H100
-    the 4-bit fork case with 32-token groups gave 3.3e-3 of outputs up to 16), and must
-    be far below what the outliers change."""
+@pytest.mark.parametrize("vgroup", [64, 128])
+def test_the_kernel_adds_sparse_outliers_like_the_reference(bits, pre_rope, shape, vgroup):
+    """Runs with outliers: the keys' summed per token beforehand and added to the logits, the values'
+    added from the saved logits as slices of their own, by the Triton kernel and by the Gluon kernel's
+    token-major variant (where it takes the shapes; pre-RoPE runs and the query-major variant it refuses
+    by name). The planted outliers give outputs up to ~20, where float16 operands round at ~1e-2: the
+    error is bounded relative to that scale (5e-3 of it: on an H100 the 4-bit fork case with 32-token
+    groups gave 3.3e-3 of outputs up to 16), and must be far below what the outliers change."""
     from memfit.kernels.decode_attention import PackedRun, decode_attention_runs, decode_attention_runs_reference
 
-    run, q, _ = _outlier_case(bits, pre_rope, device="cuda", **shape)
+    run, q, _ = _outlier_case(bits, pre_rope, device="cuda", vgroup=vgroup, **shape)
     ref = decode_attention_runs_reference(q, [run])
     bare = decode_attention_runs_reference(q, [PackedRun(**{**run.__dict__, "kout": None, "vout": None})])
     effect, tol = (bare - ref).abs().max().item(), 5e-3 * max(1.0, ref.abs().max().item())
-    for split in (None, 256):
-        out = decode_attention_runs(q, [run], split_len=split)
-        err = (out - ref).abs().max().item()
-        print(f"bits={bits} pre_rope={pre_rope} {shape} split={split} outliers max abs error {err:.2e} "
-              f"(tolerance {tol:.2e}, the outliers move the output by {effect:.2e})")
-        assert err < tol < effect / 50
-    with pytest.raises(ValueError, match="Gluon kernel does not take"):
-        decode_attention_runs(q, [run], impl="gluon")
+    d, nvg, g = q.shape[-1], run.vs.shape[-1], q.shape[1] // run.heads()
+    gluon = not pre_rope and gluon_decode.supports(d, bits, run.kgroup, nvg, g) and gluon_decode.takes_outliers(
+        d, bits, nvg, g)
+    for impl in ("triton", "gluon") if gluon else ("triton",):
+        for split in (None, 256):
+            out = decode_attention_runs(q, [run], split_len=split, impl=impl)
+            err = (out - ref).abs().max().item()
+            print(f"bits={bits} pre_rope={pre_rope} {shape} vgroup={vgroup} {impl} split={split} outliers max abs "
+                  f"error {err:.2e} (tolerance {tol:.2e}, the outliers move the output by {effect:.2e})")
+            assert err < tol < effect / 50
+    if not gluon:
+        with pytest.raises(ValueError, match="Gluon kernel does not take"):
+            decode_attention_runs(q, [run], impl="gluon")
 
 
 def test_attention_received_is_each_tokens_softmax_weight():

@@ -779,10 +779,12 @@ def _gluon_fits(q: torch.Tensor, r: PackedRun) -> bool:
     rows_aligned = r.offsets or (all(st * 2 % word == 0 for st in ks.stride()[:2])
                                  and all(st % 4 == 0 for st in vc.stride()[:2]))
     # a run of window tokens only takes the Triton kernel (Gluon does not compile empty code tensors)
-    # nor pre-RoPE codes: it folds the key scales into the query per tile, which a rotation per token does not allow
-    # nor sparse outliers (added in the Triton kernel only)
-    return (r.max_q > 0 and r.rope is None and r.kout is None and r.vout is None
-            and gluon_decode.supports(d, r.bits, r.kgroup, nvg, q.shape[1] // r.heads(), r.vbits)
+    # nor pre-RoPE codes: it folds the key scales into the query per tile, which a rotation per token does not allow;
+    # sparse outliers: its token-major variant only
+    g = q.shape[1] // r.heads()
+    outliers = r.kout is not None or r.vout is not None
+    return (r.max_q > 0 and r.rope is None and gluon_decode.supports(d, r.bits, r.kgroup, nvg, g, r.vbits)
+            and (not outliers or gluon_decode.takes_outliers(d, r.value_bits, nvg, g))
             and all(t.data_ptr() % 16 == 0 for t in (kc, ks, kz, vc, vs, vz)) and rows_aligned
             and kc.stride(2) == dp and vc.stride(2) == vp and ks.stride(2) == d and vs.stride(2) == nvg
             and kz.stride() == ks.stride() and vz.stride() == vs.stride()
@@ -882,7 +884,7 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
             cap = GLUON_PROGRAMS_PER_SM_4BIT_32 if small else GLUON_PROGRAMS_PER_SM
             pps = programs_per_sm or min(cap, gluon_decode.programs_per_sm(
                 q, r.kc, r.ks, r.kz, r.vc, r.vs, r.vz, r.kw, r.vw, *lens, r.qoff, r.woff, h=h, bits=r.bits,
-                kgroup=kg, per_head=per_head, vbits=r.value_bits))
+                kgroup=kg, per_head=per_head, vbits=r.value_bits, outliers=(r.kout is not None, r.vout is not None)))
             slots = pps * _sms(q.device)
             nwin = math.ceil(r.max_w / gluon_decode.WINDOW_TILE)  # window slices (beside the rest)
             if n * b * h > 1.1 * total:  # uneven runs: a work list of the busy slices, else several waves of short ones
@@ -907,8 +909,7 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
         plans.append((use_gluon, sl, nqs, nqs + max(nwin, 0), per_head, lens, work))
     nmain = sum(p[3] for p in plans)
     # the values' outliers: slices of their own after every run's (they need the max over all of them)
-    post = [(r, *_value_outlier_programs(r, b * h, q.device)) for r, p in zip(runs, plans)
-            if r.vout is not None and not p[0]]
+    post = [(r, *_value_outlier_programs(r, b * h, q.device)) for r in runs if r.vout is not None]
     nsplit = nmain + sum(x[1] for x in post)
     rows = b * h * nsplit * g
     # one allocation: acc, max, sum, each starting 16-byte aligned (Triton specializes pointers on
@@ -930,11 +931,14 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
         if r.rotation is not None:  # its slices' outputs are rotated back by the merge
             qr, nrot = turned, s0 + nslices
         if use_gluon:
+            kcor, vlog, nqc = _outlier_buffers(qr, r, h, scale)
+            vlogs[id(r)] = qlen, per_head, vlog, nqc
             if work is None or work[0].numel():
                 gluon_decode.launch(qr, r.kc, r.ks, r.kz, r.vc, r.vs, r.vz, r.kw, r.vw, qlen, wlen, r.qoff, r.woff,
                                     acc, m, lsum, h=h, bits=r.bits, kgroup=r.kgroup, nq=r.max_q, nw=r.max_w, s0=s0,
                                     nslices=nslices, nsplit=nsplit, nqs=nqs, split_len=sl, scale=scale,
-                                    per_head=per_head, vbits=r.value_bits, work=None if work is None else work[0])
+                                    per_head=per_head, vbits=r.value_bits, work=None if work is None else work[0],
+                                    kcor=kcor, vlog=vlog)
         else:
             # pre-RoPE runs: 8 warps, 2 stages (at 4 warps the rotation's operands spill: 540 bytes at 4 bits, sm_90)
             rope = r.rope is not None
@@ -1033,6 +1037,29 @@ def _value_outlier_programs(r: PackedRun, rows_heads: int, device: torch.device)
     return max(1, math.ceil(nt / tpp)), tpp
 
 
+def _outlier_buffers(q: torch.Tensor, r: PackedRun, h: int, scale: float
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+    """Sparse outliers of a run, before its split kernel: per token and query head, the keys' logit
+    corrections (summed here by ``_key_outlier_kernel``) and, for the values' (added after every run's
+    slices), a buffer for the logits; rows of ``nqc`` tokens. None where the run has none."""
+    b, hq, _ = q.shape
+    g = hq // h
+    tiles = [o.ptr.shape[-1] - 1 for o in (r.kout, r.vout) if o is not None]
+    nqc = max([math.ceil(r.max_q / r.kgroup), *tiles]) * r.kgroup
+    kcor = vlog = None
+    if r.kout is not None:
+        o = r.kout
+        nt = o.ptr.shape[-1] - 1
+        # tokens past the key groups ptr covers have no outliers: 0 (only where a run's lists are shorter)
+        kcor = (torch.zeros if nt * r.kgroup < nqc else torch.empty)(b, hq, nqc, device=q.device, dtype=torch.float32)
+        _key_outlier_kernel[(b, h, nt)](q, o.ptr, o.tok, o.ch, o.val, kcor, q.stride(0), q.stride(1),
+                                        *o.ptr.stride()[:2], h, nqc, scale, G=g, GP=_padded_heads(g), BLOCK=r.kgroup,
+                                        EB=OUTLIER_ENTRIES)
+    if r.vout is not None:
+        vlog = torch.empty(b, hq, nqc, device=q.device, dtype=torch.float32)
+    return kcor, vlog, nqc
+
+
 def _launch_triton(q, r: PackedRun, qlen, wlen, acc, m, lsum, *, h, s0, nslices, nsplit, nqs, split_len, scale,
                    per_head, dequant, num_warps, num_stages) -> tuple[torch.Tensor, int]:
     """The Triton kernel's slices ``s0 .. s0 + nslices`` of run ``r`` (2-bit at 3 stages needs 140
@@ -1042,22 +1069,9 @@ def _launch_triton(q, r: PackedRun, qlen, wlen, acc, m, lsum, *, h, s0, nslices,
     st = (lambda t: (0, 0, t.stride(2))) if r.offsets else (lambda t: t.stride()[:3])  # noqa: E731
     rope = r.rope.to(q.device) if r.rope is not None else m
     table = _rope_table(rope, r.kgroup) if r.rope is not None else m
-    # sparse outliers: per token and query head, the keys' logit corrections (summed here first) and,
-    # for the values' (added after every run's slices), the logits; rows of nqc tokens
-    tiles = [o.ptr.shape[-1] - 1 for o in (r.kout, r.vout) if o is not None]
-    nqc = max([math.ceil(r.max_q / r.kgroup), *tiles]) * r.kgroup
     gp = _padded_heads(g)
-    kcor, vlog = m, m
-    if r.kout is not None:
-        o = r.kout
-        nt = o.ptr.shape[-1] - 1
-        # tokens past the key groups ptr covers have no outliers: 0 (only where a run's lists are shorter)
-        kcor = (torch.zeros if nt * r.kgroup < nqc else torch.empty)(b, hq, nqc, device=q.device, dtype=torch.float32)
-        _key_outlier_kernel[(b, h, nt)](q, o.ptr, o.tok, o.ch, o.val, kcor, q.stride(0), q.stride(1),
-                                        *o.ptr.stride()[:2], h, nqc, scale, G=g, GP=gp, BLOCK=r.kgroup,
-                                        EB=OUTLIER_ENTRIES)
-    if r.vout is not None:
-        vlog = torch.empty(b, hq, nqc, device=q.device, dtype=torch.float32)
+    kcor, vlog, nqc = _outlier_buffers(q, r, h, scale)
+    kcor, vlog = m if kcor is None else kcor, m if vlog is None else vlog
     _split_kernel[(b, h, nslices)](
         q, r.kc, r.ks, r.kz, r.vc, r.vs, r.vz, r.kw, r.vw, qlen, wlen, r.qoff if r.offsets else m,
         r.woff if r.offsets else m, acc, m, lsum, rope, table, kcor, vlog, q.stride(0), q.stride(1),

@@ -147,14 +147,15 @@ if gluon is not None:
 
     # lengths change every decode step: specializing on them (divisible by 16 or not) would compile
     # new variants while a model decodes
-    @gluon.jit(do_not_specialize=["QLEN", "WLEN", "NSPLIT", "S0", "NQS", "NQ", "NW"])
+    @gluon.jit(do_not_specialize=["QLEN", "WLEN", "NSPLIT", "S0", "NQS", "NQ", "NW", "NQC"])
     def _split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KW, VWIN, QLEN, WLEN, QOFF, WOFF, ACC, M, L,
                       sqb, sqh, skcb, skch, sksb, sksh, svcb, svch, svsb, svsh, swb, swh,
-                      H, NSPLIT, S0, NQS, SPLIT_LEN, NQ, NW, scale, WL,
+                      H, NSPLIT, S0, NQS, SPLIT_LEN, NQ, NW, scale, WL, KCOR, VLOG, NQC,
                       G: gl.constexpr, D: gl.constexpr, BITS: gl.constexpr, NVG: gl.constexpr,
                       T: gl.constexpr, VW: gl.constexpr, PER_HEAD: gl.constexpr, STAGES: gl.constexpr,
                       WTILE: gl.constexpr, OFFSETS: gl.constexpr, VBITS: gl.constexpr, KG: gl.constexpr,
-                      TM: gl.constexpr = False, GN: gl.constexpr = 8, WORK: gl.constexpr = False):
+                      TM: gl.constexpr = False, GN: gl.constexpr = 8, WORK: gl.constexpr = False,
+                      KOUT: gl.constexpr = False, VOUT: gl.constexpr = False):
         """One program: one row, one KV head, one slice of the quantized tokens, one warp; tiles of
         T tokens within key groups of KG (one row of key scales a tile; T <= KG, KG % T == 0).
         Writes the slice's unnormalized output (float32 [G, D]), running max (natural log) and sum,
@@ -165,7 +166,10 @@ if gluon is not None:
         ``TM``: the tokens are the MMAs' M and the query heads their N (``GN`` columns: 8 or 16),
         see ``_tile_t``; else the query heads are M (16 rows), see ``_tile``. ``VBITS``: the value
         codes' width (``BITS`` is the keys'). ``WORK``: a 1-D launch over the work list ``WL``
-        (int32, ``(b * H + h) * 65536 + s`` an entry: only the slices that hold tokens)."""
+        (int32, ``(b * H + h) * 65536 + s`` an entry: only the slices that hold tokens). Sparse
+        outliers (``TM`` only), as the Triton kernel takes them: ``KOUT`` adds the keys' corrections
+        summed per token and query head in KCOR [B, H * G, NQC] (float32, natural units) to the
+        logits; ``VOUT`` saves the logits (natural units) to VLOG, same shape, for the values'."""
         if WORK:
             e = gl.load(WL + gl.program_id(0))
             bh = e // 65536
@@ -250,6 +254,10 @@ if gluon is not None:
             DP, WT, T, PB, NVG, VW, STAGES, KG)
 
         # a query head's running max, sum and zero points' sums lie along the MMA's N (TM) or M
+        if KOUT or VOUT:  # a query head's row of KCOR / VLOG (sparse outliers), along the MMA's N
+            crow = ((b * H + h) * G + gl.arange(0, GN, layout=cols)).to(gl.int64) * NQC
+        else:
+            crow = 0
         if TM:
             vl: gl.constexpr = cols
             wl: gl.constexpr = rows
@@ -281,14 +289,15 @@ if gluon is not None:
             _issue(n0 + (STAGES - 1) * T, end, (it + STAGES - 1) % STAGES, kbuf, vbuf, ksbuf, kzbuf, vsbuf, vzbuf,
                    kc_base, vc_base, ks_ptr, kz_ptr, vs_ptr, vz_ptr, DP, WT, T, KG, VW)
             st = it % STAGES
+            outl = (KCOR, VLOG, crow)
             if n0 + T <= end:
                 m_i, l_i, accs, pz = _tile_any(n0, end, q_state, m_i, l_i, accs, pz, kbuf.index(st), vbuf.index(st),
                                                ksbuf.index(st), kzbuf.index(st), vsbuf.index(st), vzbuf.index(st),
-                                               pbuf, BITS, VB, NVG, T, VW, TM, GN, False)
+                                               pbuf, outl, BITS, VB, NVG, T, VW, TM, GN, False, G, KOUT, VOUT)
             else:  # the slice's last tile, partial
                 m_i, l_i, accs, pz = _tile_any(n0, end, q_state, m_i, l_i, accs, pz, kbuf.index(st), vbuf.index(st),
                                                ksbuf.index(st), kzbuf.index(st), vsbuf.index(st), vzbuf.index(st),
-                                               pbuf, BITS, VB, NVG, T, VW, TM, GN, True)
+                                               pbuf, outl, BITS, VB, NVG, T, VW, TM, GN, True, G, KOUT, VOUT)
         async_copy.wait_group(0)
 
         # out[c] = acc * 2**24 / f + sum(p * vz), channel c = word * NO + i
@@ -495,21 +504,24 @@ if gluon is not None:
         return m_new, l_i, new_accs, new_pz
 
     @gluon.jit
-    def _tile_any(n0, end, q_state, m_i, l_i, accs, pz, kb, vb, ksb, kzb, vsb, vzb, pbuf, BITS: gl.constexpr,
+    def _tile_any(n0, end, q_state, m_i, l_i, accs, pz, kb, vb, ksb, kzb, vsb, vzb, pbuf, outl, BITS: gl.constexpr,
                   VB: gl.constexpr, NVG: gl.constexpr, T: gl.constexpr, VW: gl.constexpr, TM: gl.constexpr,
-                  GN: gl.constexpr, MASKED: gl.constexpr):
-        """One tile, by ``_tile_t`` (``TM``; ``q_state`` = the query's B-operand chunks) or ``_tile``."""
+                  GN: gl.constexpr, MASKED: gl.constexpr, G: gl.constexpr = 0, KOUT: gl.constexpr = False,
+                  VOUT: gl.constexpr = False):
+        """One tile, by ``_tile_t`` (``TM``; ``q_state`` = the query's B-operand chunks; ``outl``: the
+        sparse outliers' buffers, read where ``KOUT`` / ``VOUT``) or ``_tile``."""
         if TM:
             return _tile_t(n0, end, q_state[0], q_state[1], m_i, l_i, accs, pz, kb, vb, ksb, kzb, vsb, vzb, pbuf,
-                           BITS, VB, NVG, T, VW, GN, MASKED)
+                           outl[0], outl[1], outl[2], BITS, VB, NVG, T, VW, GN, MASKED, G, KOUT, VOUT)
         else:
             return _tile(n0, end, q_state, m_i, l_i, accs, pz, kb, vb, ksb, kzb, vsb, vzb, BITS, VB, NVG, T, VW,
                          MASKED)
 
     @gluon.jit
-    def _tile_t(n0, end, qf, qz, m_i, l_i, accs, pz, kb, vb, ksb, kzb, vsb, vzb, pbuf, BITS: gl.constexpr,
-                VB: gl.constexpr, NVG: gl.constexpr, T: gl.constexpr, VW: gl.constexpr, GN: gl.constexpr,
-                MASKED: gl.constexpr):
+    def _tile_t(n0, end, qf, qz, m_i, l_i, accs, pz, kb, vb, ksb, kzb, vsb, vzb, pbuf, KCOR, VLOG, crow,
+                BITS: gl.constexpr, VB: gl.constexpr, NVG: gl.constexpr, T: gl.constexpr, VW: gl.constexpr,
+                GN: gl.constexpr, MASKED: gl.constexpr, G: gl.constexpr = 0, KOUT: gl.constexpr = False,
+                VOUT: gl.constexpr = False):
         """``_tile`` with ``TM``: one tile of T tokens, scores and outputs transposed: scores^T [T, GN]
         = codes [T, D] . (q * ks)^T, out^T [D, GN] = value codes^T [D, T] . (p * vs)^T. A GQA group
         has 4-8 query heads: as M (16 rows) three quarters of every MMA and of the softmax were
@@ -534,6 +546,14 @@ if gluon is not None:
                 qk = mma_v2(kv[m], qf[m * NC + c] * ks[m][:, None], qk)
                 off = mma_v2(gl.broadcast(kz[m][None, :], like)[0], qz[m * NC + c], off)
         qk = qk * 16777216.0 + gl.max(off, axis=0)[None, :]
+        if KOUT or VOUT:  # sparse outliers: [T, GN] of KCOR / VLOG, token-major (natural units there)
+            tok = n0 + gl.arange(0, T, layout=rows)
+            optr = crow[None, :] + tok[:, None]
+            om = (tok < end)[:, None] & (gl.arange(0, GN, layout=gl.SliceLayout(0, MMA)) < G)[None, :]
+            if KOUT:
+                qk += gl.load(KCOR + optr, mask=om, other=0.0) * 1.4426950408889634
+            if VOUT:
+                gl.store(VLOG + optr, qk * 0.6931471805599453, mask=om)
         if MASKED:
             valid = (n0 + gl.arange(0, T, layout=rows)) < end
             qk = gl.where(valid[:, None], qk, float("-inf"))
@@ -627,7 +647,8 @@ def supports(d: int, bits: int, kgroup: int, nvg: int, group: int, vbits: int | 
 
 def _prepared(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, acc, m, lsum, *, h: int, bits: int,
               kgroup: int, nq: int, nw: int, s0: int, nsplit: int, nqs: int, split_len: int, scale: float,
-              per_head: bool, stages: int, window_tile: int, vbits: int, work: torch.Tensor | None = None):
+              per_head: bool, stages: int, window_tile: int, vbits: int, work: torch.Tensor | None = None,
+              kcor: torch.Tensor | None = None, vlog: torch.Tensor | None = None):
     """The kernel that takes these inputs, its arguments and its compile-time ones."""
     b, hq, d = q.shape
     offsets = qoff is not None
@@ -636,19 +657,35 @@ def _prepared(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, acc, m,
     g, nvg = hq // h, vs.shape[-1]
     args = (q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff if offsets else m, woff if offsets else m,
             acc, m, lsum, q.stride(0), q.stride(1), *st(kc), *st(ks), *st(vc), *st(vs), *st(kw),
-            h, nsplit, s0, nqs, split_len, nq, nw, scale, m if work is None else work)
+            h, nsplit, s0, nqs, split_len, nq, nw, scale, m if work is None else work,
+            m if kcor is None else kcor, m if vlog is None else vlog, _row_length(kcor, vlog))
     common = dict(G=g, D=d, BITS=bits, NVG=nvg, T=tile_tokens(kgroup, bits, vbits), KG=kgroup, PER_HEAD=per_head,
                   STAGES=stages, WTILE=window_tile, OFFSETS=offsets, VBITS=vbits, WORK=work is not None, num_warps=1)
     if _token_major(d, vbits, nvg, g):  # the value words decide it
-        return _split_kernel, args, dict(VW=_word_bits_t(d, vbits, nvg), TM=True, GN=8 if g <= 8 else 16, **common)
+        return _split_kernel, args, dict(VW=_word_bits_t(d, vbits, nvg), TM=True, GN=8 if g <= 8 else 16,
+                                         KOUT=kcor is not None, VOUT=vlog is not None, **common)
+    if kcor is not None or vlog is not None:
+        raise ValueError("the query-major Gluon kernel reads no sparse outliers (see takes_outliers)")
     return _split_kernel, args, dict(VW=_word_bits(d, vbits, nvg), **common)
+
+
+def _row_length(kcor: torch.Tensor | None, vlog: torch.Tensor | None) -> int:
+    """The tokens a row of the outlier buffers holds (their last dimension; 0 without outliers)."""
+    t = kcor if kcor is not None else vlog
+    return t.shape[-1] if t is not None else 0
+
+
+def takes_outliers(d: int, bits: int, nvg: int, group: int) -> bool:
+    """Whether the kernel reads sparse outliers for these shapes: its token-major variant does."""
+    return _token_major(d, bits, nvg, group)
 
 
 _CAPACITY: dict = {}
 
 
 def programs_per_sm(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, *, h: int, bits: int, kgroup: int,
-                    per_head: bool, vbits: int, stages: int = 2, window_tile: int = WINDOW_TILE) -> int:
+                    per_head: bool, vbits: int, stages: int = 2, window_tile: int = WINDOW_TILE,
+                    outliers: tuple[bool, bool] = (False, False)) -> int:
     """How many of the kernel's programs (one warp each) an SM holds at once, from the registers
     and shared memory of the variant these inputs compile to (compiled here if it was not yet):
     the launch sizes its slices to one wave of them, since a few programs past a full wave run
@@ -656,14 +693,15 @@ def programs_per_sm(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, *
     # keyed by what picks the compiled variant, so that a decode step (which asks every layer) does
     # not build the kernel's arguments twice: _prepared runs once a variant, on the first ask
     key = (q.device, q.shape[1] // h, q.shape[2], bits, vbits, vs.shape[-1], kgroup, TILE_TOKENS, per_head, stages,
-           window_tile, qoff is not None, tuple(t.dtype for t in (q, kc, ks, kz, vc, vs, vz, kw, vw)))
+           window_tile, qoff is not None, tuple(t.dtype for t in (q, kc, ks, kz, vc, vs, vz, kw, vw)), outliers)
     if key not in _CAPACITY:
+        work = torch.empty(64, device=q.device, dtype=torch.float32)  # the partials' dtype and alignment
         kernel, args, kw_ = _prepared(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, q, q, q, h=h,
                                       bits=bits, kgroup=kgroup, nq=kgroup, nw=0, s0=0, nsplit=1, nqs=1,
                                       split_len=kgroup, scale=1.0, per_head=per_head, stages=stages,
-                                      window_tile=window_tile, vbits=vbits)
-        work = torch.empty(64, device=q.device, dtype=torch.float32)  # the partials' dtype and alignment
-        args = args[:13] + (work, work, work) + args[16:-1] + (work,)
+                                      window_tile=window_tile, vbits=vbits, kcor=work if outliers[0] else None,
+                                      vlog=work if outliers[1] else None)
+        args = args[:13] + (work, work, work) + args[16:-4] + (work, work, work, args[-1])
         compiled = kernel.warmup(*args, grid=(1,), **kw_)
         compiled._init_handles()  # loads it: its register count is known from then on
         props = torch.cuda.get_device_properties(q.device)
@@ -677,14 +715,14 @@ def programs_per_sm(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, *
 def launch(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, acc, m, lsum, *, h: int, bits: int,
            kgroup: int, nq: int, nw: int, s0: int, nslices: int, nsplit: int, nqs: int, split_len: int, scale: float,
            per_head: bool, vbits: int, stages: int = 2, window_tile: int = WINDOW_TILE,
-           work: torch.Tensor | None = None) -> None:
+           work: torch.Tensor | None = None, kcor: torch.Tensor | None = None, vlog: torch.Tensor | None = None) -> None:
     """Fill slices ``s0 .. s0 + nslices`` of the ``nsplit`` in ``acc`` / ``m`` / ``lsum``: ``nqs``
     of the quantized tokens (at most ``nq`` a row and head), then the 16-bit window's (at most
     ``nw``), ``window_tile`` tokens each. ``qoff`` / ``woff``: [B, H] starts in flat storage, or None.
     ``work``: int32 entries ``(b * h + head) * 65536 + slice``, the slices to run (one program each)
-    instead of every row, head and slice."""
+    instead of every row, head and slice. ``kcor`` / ``vlog``: sparse outliers' buffers (see ``_split_kernel``)."""
     kernel, args, kw_ = _prepared(q, kc, ks, kz, vc, vs, vz, kw, vw, qlen, wlen, qoff, woff, acc, m, lsum, h=h,
                                   bits=bits, kgroup=kgroup, nq=nq, nw=nw, s0=s0, nsplit=nsplit, nqs=nqs,
                                   split_len=split_len, scale=scale, per_head=per_head, stages=stages,
-                                  window_tile=window_tile, vbits=vbits, work=work)
+                                  window_tile=window_tile, vbits=vbits, work=work, kcor=kcor, vlog=vlog)
     kernel[(q.shape[0], h, nslices) if work is None else (work.numel(),)](*args, **kw_)
