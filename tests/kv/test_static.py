@@ -74,6 +74,23 @@ def test_static_decode_keeps_a_decode_budget_as_the_dynamic_cache_does(device, p
                                rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize("quant", ["kivi", "hadamard"])
+def test_a_decode_budget_within_one_key_group(quant, monkeypatch):
+    """A budget below one key group: the buffers hold one group (a rotated layer's codes then have no
+    group past the first, which it reads as 16-bit tokens), and decoding matches the dynamic cache."""
+    _packed_decode_everywhere(monkeypatch)
+    policy = f"{quant}(bits=4,group=16,residual=20)+decode(max_tokens=12,every=4,recent=2)"
+    model = tiny_llama(layers=2)
+    g = torch.Generator().manual_seed(0)
+    ids, feed = torch.randint(0, 256, (2, 30), generator=g), torch.randint(0, 256, (2, 30), generator=g)
+    ref = _dynamic_logits(model, _prefilled(model, ids, policy), feed)
+    cache = _prefilled(model, ids, policy).to_static(max_new_tokens=100)
+    assert cache.static_layers[0].capacity == 16
+    dec = GraphDecoder(model, cache)
+    got = torch.stack([dec.step(feed[:, i : i + 1]).clone() for i in range(feed.shape[1])])
+    torch.testing.assert_close(got, ref, rtol=2e-4, atol=2e-4)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA")])])
 @pytest.mark.parametrize("policy", [POLICY, "hadamard(bits=4,group=16,residual=20)",

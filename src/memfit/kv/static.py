@@ -241,10 +241,11 @@ class StaticKIVI:
             return decode_attention_runs(q, self.runs, scale=scaling, out_dtype=query.dtype).unsqueeze(1)
         out, lse = decode_attention_runs(q, self.runs, scale=scaling, out_dtype=query.dtype, lse=True)
         acc_q, acc_w = self.received
-        if self.rotated:  # its codes run holds the codes from the second key group, then the first group
+        if self.rotated:  # its codes run holds the codes from the second key group (if any), then the first group
             g = self.quant.group
-            codes, head = attention_received(q, self.own[0], lse, scaling)
-            acc_q[..., g:] += codes
+            *codes, head = attention_received(q, self.own[0], lse, scaling)
+            if codes:
+                acc_q[..., g:] += codes[0]
             acc_q[..., :g] += head
             acc_w += attention_received(q, self.own[1], lse, scaling)[-1]
         else:
