@@ -335,14 +335,13 @@ class CompressedCache(Cache):
             prefix = layer.parent.runs(rows) if layer.parent is not None else []
             if layer.ragged is not None:
                 prefix.extend(layer.ragged.runs(rows, layer.quant))
+            # a decode budget's scores so far (what the dynamic steps accumulated)
+            received = None if layer._acc is None else layer.own_scores(rows, layer.keys.shape[1], layer.own_tokens())
             layer.static = StaticKIVI(layer.quant, layer.qk, layer.qv, layer.keys, layer.values,
                                       capacity=layer.own_tokens() + max_new_tokens, prefix=prefix,
                                       first=layer.parent is None and layer.ragged is None, base=layer.grid_base(),
-                                      rope=layer.rope if layer.pre_rope else None, budget=layer.decode)
-            if layer.decode is not None and layer._acc is not None:  # what the dynamic steps accumulated
-                st = layer.static
-                acc = layer.own_scores(rows, layer.keys.shape[1], st.nq + st.w)
-                st.received[0][..., : st.nq], st.received[1][..., : st.w] = acc[..., : st.nq], acc[..., st.nq :]
+                                      rope=layer.rope if layer.pre_rope else None, budget=layer.decode,
+                                      received=received)
             layer._acc = None
             layer.qk = layer.qv = None
             layer.keys, layer.values = layer.keys[:, :, :0], layer.values[:, :, :0]
@@ -373,7 +372,7 @@ class CompressedCache(Cache):
             if layer.static is not None:
                 layer.qk, layer.qv, layer.keys, layer.values = layer.static.dynamic()
                 if layer.static.received is not None:  # a decode budget's scores go on accumulating
-                    layer._acc = layer.static.scores().clone()
+                    layer._acc = layer.static.scores()
                 layer.static = None
         return self
 

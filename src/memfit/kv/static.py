@@ -50,7 +50,7 @@ class StaticKIVI:
     def __init__(self, quant: KIVI | Hadamard, qk: QTensor | RotatedTensor | None, qv: QTensor | RotatedTensor | None,
                  keys: torch.Tensor, values: torch.Tensor, capacity: int, prefix: list[PackedRun] = (),
                  first: bool = True, base: tuple | None = None, rope: RoPE | None = None,
-                 budget: DecodeBudget | None = None):
+                 budget: DecodeBudget | None = None, received: torch.Tensor | None = None):
         b, h, w, d = keys.shape
         g, r = quant.group, quant.residual
         self.quant, self.bits = quant, quant.bits
@@ -64,8 +64,8 @@ class StaticKIVI:
         # ragged context)
         self.rotated, self.first = isinstance(quant, Hadamard), first
         # a decode budget (decode(max_tokens=...)): the layer's own tokens never pass max_tokens + 1,
-        # so no more room than that; each step adds the attention they receive to ``received``
-        self.budget = budget
+        # so no more room than that; each step adds the attention they receive to ``received`` (which
+        # starts from the scores the dynamic steps gave them, if any)
         nq0 = qk.num_tokens if qk is not None else 0
         if budget is not None:
             capacity = min(capacity, budget.max_tokens + 1)
@@ -98,7 +98,7 @@ class StaticKIVI:
         # the attention each own token received (H2O's score), by slot: codes, then window
         self.received = None if budget is None else (torch.zeros(b, h, cap, device=dev),
                                                      torch.zeros(b, h, r + g, device=dev))
-        self.load(qk, qv, keys, values, base)
+        self.load(qk, qv, keys, values, base, received)
         # what a step reads: the fixed runs before this layer's own tokens (a ragged context, a
         # parent), then its buffers, whose lengths the device holds
         k, v = self.qk, self.qv
