@@ -952,7 +952,7 @@ def decode_attention_runs(q: torch.Tensor, runs: list[PackedRun], scale: float |
         o = r.vout
         _value_outlier_kernel[(b, h, nprog)](
             vlog, acc, m, lsum, o.ptr, o.tok, o.ch, o.val, cnt, qlen, *o.ptr.stride()[:2], h, r.max_q, nqc,
-            o.ptr.shape[-1] - 1, tpp, nmain, s0, nsplit, skip0, skip_end, G=g, GP=_padded_heads(g), D=d,
+            o.ptr.shape[-1] - 1, tpp, nmain, s0, nsplit, skip0, skip_end, G=g, GP=_outlier_heads(g), D=d,
             SP=MERGE_SP, EB=OUTLIER_ENTRIES, PER_HEAD=per_head, HAS_SKIP=skip is not None)
         s0 += nprog
     out = torch.empty(b, hq, d, device=q.device, dtype=out_dtype)
@@ -1029,6 +1029,12 @@ def _padded_heads(g: int) -> int:
     return max(16, triton.next_power_of_2(g))
 
 
+def _outlier_heads(g: int) -> int:
+    """A GQA group's query heads padded for the outlier kernels, which use no MMA: a power of two
+    (at least 2: no size-1 blocks)."""
+    return max(2, triton.next_power_of_2(g))
+
+
 def _value_outlier_programs(r: PackedRun, rows_heads: int, device: torch.device) -> tuple[int, int]:
     """How ``_value_outlier_kernel`` splits a run's key groups: (programs a row and head, key groups a
     program), about ``VALUE_OUTLIER_PROGRAMS_PER_SM`` programs an SM in all."""
@@ -1053,7 +1059,7 @@ def _outlier_buffers(q: torch.Tensor, r: PackedRun, h: int, scale: float
         # tokens past the key groups ptr covers have no outliers: 0 (only where a run's lists are shorter)
         kcor = (torch.zeros if nt * r.kgroup < nqc else torch.empty)(b, hq, nqc, device=q.device, dtype=torch.float32)
         _key_outlier_kernel[(b, h, nt)](q, o.ptr, o.tok, o.ch, o.val, kcor, q.stride(0), q.stride(1),
-                                        *o.ptr.stride()[:2], h, nqc, scale, G=g, GP=_padded_heads(g), BLOCK=r.kgroup,
+                                        *o.ptr.stride()[:2], h, nqc, scale, G=g, GP=_outlier_heads(g), BLOCK=r.kgroup,
                                         EB=OUTLIER_ENTRIES)
     if r.vout is not None:
         vlog = torch.empty(b, hq, nqc, device=q.device, dtype=torch.float32)
