@@ -18,12 +18,14 @@ from memfit.kv.attention import ATTN_IMPLEMENTATION, observe
 from memfit.kv.cache import CompressedCache
 from memfit.kv.evict import Observation
 from memfit.kv.evict.kvzip import REPEAT_PROMPT, reconstruction_scores, repeat_inputs
+from memfit.kv import oscar
 from memfit.kv.plan import KVShape, plan_budget, spend_slack
 from memfit.kv.policy import Policy, parse_policy
 from memfit.kv.quant import LayerBits
 from memfit.kv.rope import RoPE
 from memfit.kv.tiered import TierConfig, TieredCache
-from memfit.models import ChatFormat, default_device, default_dtype, fingerprint, load_hf, native_dtype, resolve_model
+from memfit.models import (ChatFormat, cache_root, default_device, default_dtype, fingerprint, load_hf, native_dtype,
+                           resolve_model)
 from memfit.store import ContextStore, Entry, EntryMismatch, KeySpace, StoreUnavailable, open_store
 from memfit.reuse import DEFAULT_RECOMPUTE, Anchoring, AnchorPool, compute_rows, next_logits, recompute_rows
 from memfit.store.disk import atomic_write
@@ -33,6 +35,9 @@ log = logging.getLogger("memfit")
 LOGITS = "next_logits"  # an entry's tensor: the context's Context.logits (absent from entries made before them)
 
 ANYWHERE = "anywhere:"  # what document entries' key space adds to their policy (never a prefix entry)
+# oscar's calibration text: the shipped essay (memfit's own, not a task), its first tokens
+OSCAR_TEXT = Path(__file__).parent / "eval" / "data" / "lighthouses.txt"
+OSCAR_TOKENS = 2048
 DOC_INDEX_TOKENS = 32  # documents are found in a plain prompt by their first tokens (then checked whole)
 
 
@@ -122,6 +127,7 @@ class LM:
         ids = {tokenizer.eos_token_id, *([cfg.eos_token_id] if isinstance(cfg.eos_token_id, int) else cfg.eos_token_id or [])}
         im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
         self.stop_ids = {i for i in (*ids, im_end) if i is not None}
+        oscar.provide(model, self._oscar_calibration)  # fitted (or read) only when an oscar cache first needs it
 
     @cached_property
     def anchors(self) -> AnchorPool:
@@ -137,6 +143,21 @@ class LM:
     def fingerprint(self) -> str:
         """Hash of config + weights: part of every stored-context key."""
         return fingerprint(self.model, self._weight_files)
+
+    def _oscar_calibration(self) -> oscar.Calibration:
+        """This model's oscar calibration: read from ``$MEMFIT_CACHE/oscar/<fingerprint>.safetensors``,
+        else fitted on the shipped essay's first ``OSCAR_TOKENS`` tokens (one forward pass) and kept there."""
+        path = cache_root() / "oscar" / f"{self.fingerprint}.safetensors"
+        if path.is_file():
+            try:
+                return oscar.Calibration.load(path, self.fingerprint)
+            except ValueError as e:
+                log.warning("%s; calibrating again", e)
+        ids = self._encode(OSCAR_TEXT.read_text())[:OSCAR_TOKENS]
+        log.info("oscar: calibrating %s on %d tokens of %s", self.name, len(ids), OSCAR_TEXT.name)
+        calib = oscar.calibrate(self.model, torch.tensor([ids], device=self.device))
+        calib.save(path, self.fingerprint)
+        return calib
 
     @cached_property
     def tokenizer_fingerprint(self) -> str:

@@ -37,7 +37,7 @@ def test_canonical_spec_roundtrips():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("foo", "unknown method 'foo'; valid methods: none, decode, gear, h2o, hadamard, kivi, klt, knorm, kvtuner, kvzip, lowrank, million, pyramidkv, qjl, snapkv, streaming, tova, xquant, zipcache"),
+    ("foo", "unknown method 'foo'; valid methods: none, decode, gear, h2o, hadamard, kivi, klt, knorm, kvtuner, kvzip, lowrank, million, oscar, pyramidkv, qjl, snapkv, streaming, tova, xquant, zipcache"),
     ("kivi(bitz=2)", "unknown argument 'bitz'; valid arguments: bits, group, residual, outliers"),
     ("kivi(outliers=0.6)", "kivi: outliers is the fraction of elements kept in 16-bit"),
     ("kivi(bits=3)", "bits must be one of"),

@@ -25,7 +25,8 @@ POLICIES = ["none", "kivi(bits=4,group=16,residual=16)", "snapkv(keep=0.5,window
             "knorm(keep=0.5,heads=global)+hadamard(bits=2,group=16,residual=16,meta_bits=8)",
             "knorm(keep=0.5,heads=global)+million(bits=2,sub=4,group=16,residual=16,outliers=1)",
             "zipcache(bits=2,group=16,residual=16)", "lowrank(rank=16,layers=2)", "knorm(keep=0.5,heads=adaptive)+zipcache(bits=2,group=16,residual=16)",
-            "xquant(bits=4,group=16,residual=16)", "knorm(keep=0.5,heads=adaptive)+klt(bits=2,group=16,residual=16)"]
+            "xquant(bits=4,group=16,residual=16)", "knorm(keep=0.5,heads=adaptive)+klt(bits=2,group=16,residual=16)",
+            "knorm(keep=0.5)+oscar(bits=2,group=16,residual=16)"]
 
 
 @pytest.fixture
@@ -39,7 +40,9 @@ def _tier_urls(kind, tmp_path, redis_server=None):
 
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("kind", ["mem", "file", "redis"])
-def test_round_trip_restores_the_same_answers(lm, tmp_path, policy, kind, request):
+def test_round_trip_restores_the_same_answers(lm, tmp_path, policy, kind, request, monkeypatch):
+    monkeypatch.setenv("MEMFIT_CACHE", str(tmp_path / "cache"))  # oscar's calibration of the tiny model goes here
+    monkeypatch.setattr(memfit.api, "OSCAR_TOKENS", 256)  # on the essay's first 256 tokens: enough for a tiny model
     server = request.getfixturevalue("redis_server") if kind == "redis" else None
     store = open_store(_tier_urls(kind, tmp_path, server))
     fresh = lm.prefill(TEXT, policy, store=store)

@@ -25,7 +25,6 @@ from memfit.kv.ragged import Ragged
 from memfit.kv.rope import RoPE
 from memfit.kv.rotate import Hadamard, RotatedTensor
 from memfit.kv.static import StaticKIVI
-from memfit.kv.xquant import Remat
 
 FULL_BYTES_PER_ELEMENT = 2  # the reference: an uncompressed 16-bit cache
 
@@ -77,20 +76,21 @@ class CompressedCache(Cache):
         return cache
 
     def attach_model(self, model: torch.nn.Module) -> "CompressedCache":
-        """Give a quantizer that reads the model's weights (xquant: k_proj / v_proj) what it reads,
-        on this cache's layers and the runs they already hold (a restored cache). No-op otherwise."""
+        """Give a quantizer that reads the model (xquant: k_proj / v_proj; oscar: its calibration)
+        what it reads, on this cache's layers and the runs they already hold (a restored cache).
+        No-op otherwise."""
         self.model = model
         if not getattr(self.policy.quant, "needs_model", False):
             return self
-        remats = Remat.of_model(model)
-        if len(remats) != len(self.layers):
-            raise ValueError(f"{type(model).__name__} has {len(remats)} attention layers with k_proj / v_proj, "
-                             f"this cache {len(self.layers)}")
-        for layer, r in zip(self.layers, remats):
-            layer.remat = r
+        parts = self.policy.quant.model_parts(model)
+        if len(parts) != len(self.layers):
+            raise ValueError(f"{type(model).__name__} gives {self.policy.quant.__class__.__name__.lower()} "
+                             f"{len(parts)} layers, this cache has {len(self.layers)}")
+        for layer, part in zip(self.layers, parts):
+            layer.model_part = part
             for run in (layer.qk, layer.qv):
                 if run is not None:
-                    run.factors = r.k if run.which == "k" else r.v
+                    run.attach(part)
         return self
 
     def use_kernels(self, on: bool = True) -> "CompressedCache":

@@ -72,8 +72,8 @@ class CompressedLayer(CacheLayerMixin):
         # compression figures are measured against, and what a bf16 model would store.
         self.store_dtype = dtype if dtype is not None else (parent.store_dtype if parent is not None else None)
         self.rope = rope  # the model's RoPE, for keys quantized before it (kivi(pre_rope=true))
-        # xquant: the layer's k_proj / v_proj factors, which rematerialize K and V (the model's, not stored)
-        self.remat = parent.remat if parent is not None else None
+        # what a quantizer reads of the model (xquant: k_proj / v_proj factors; oscar: its calibration), not stored
+        self.model_part = parent.model_part if parent is not None else None
         self.lowrank = lowrank
         # low-rank keys: the layer's basis [B, H*D, r] (a fork reads its parent's), and without a
         # quantizer the context's key coefficients and values in the compute dtype
@@ -444,7 +444,7 @@ class CompressedLayer(CacheLayerMixin):
         first = {"first": self.qk is None and self.parent is None and self.ragged is None} \
             if getattr(self.quant, "sinks", 0) else {}
         if getattr(self.quant, "needs_model", False):
-            first["remat"] = self.remat
+            first["model_part"] = self.model_part
         if self._qweight is not None:  # the context's first spill: its fit weighted by the queries
             first["weight"], self._qweight = self._qweight, None
         if self._scores is not None:  # the context's saliency, scored at compress(): its first spill only,

@@ -17,6 +17,7 @@ from memfit.kv.gear import GEAR
 from memfit.kv.klt import KLT
 from memfit.kv.lowrank import LowRank
 from memfit.kv.million import Million
+from memfit.kv.oscar import Oscar
 from memfit.kv.qjl import QJL
 from memfit.kv.quant import KIVI, LayerBits
 from memfit.kv.rotate import Hadamard
@@ -27,7 +28,7 @@ EVICTIONS: dict[str, type[Eviction]] = {"snapkv": SnapKV, "streaming": Streaming
                                         "tova": TOVA, "knorm": Knorm, "pyramidkv": PyramidKV}
 QUANTIZERS: dict[str, type] = {"kivi": KIVI, "kvtuner": LayerBits, "gear": GEAR, "qjl": QJL,
                                "hadamard": Hadamard, "million": Million, "zipcache": ZipCache, "klt": KLT,
-                               "xquant": XQuant}
+                               "xquant": XQuant, "oscar": Oscar}
 METHODS: dict[str, type] = {**EVICTIONS, "lowrank": LowRank, **QUANTIZERS, "decode": DecodeBudget}
 
 
@@ -231,6 +232,9 @@ def parse_policy(spec: "str | Policy | None") -> Policy:
     if isinstance(quant, XQuant) and evictions:
         raise PolicyError(f"in {spec!r}: xquant caches each token's layer input, which all its KV heads share: it "
                           "cannot follow an eviction, which keeps different tokens in different heads")
+    if isinstance(quant, Oscar) and any(e.ragged for e in evictions):
+        raise PolicyError(f"in {spec!r}: oscar rotates each KV head by a matrix of its own, so the heads cannot be "
+                          "stored back to back: evict with heads=uniform (e.g. kvzip(keep=0.5,heads=uniform)+oscar)")
     if getattr(quant, "pre_rope", False) and (lowrank or decode or (evictions and not hasattr(quant, "quantize_heads"))):
         # the cache puts RoPE back at each stored token's position: it knows them while it holds every
         # token in order, or, after an eviction, where the quantizer codes each head apart (klt) and

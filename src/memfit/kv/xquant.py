@@ -132,6 +132,9 @@ class XLatent(Stored):
     def from_meta(cls, t: dict[str, torch.Tensor], prefix: str, meta: dict) -> "XLatent":
         return cls(QTensor.from_meta(t, prefix, meta["q"]), meta["heads"], meta["which"])
 
+    def attach(self, remat: Remat) -> None:
+        self.factors = remat.k if self.which == "k" else remat.v
+
     def cat(self, other: "XLatent") -> "XLatent":
         return XLatent(self.q.cat(other.q), self.heads, self.which, self.factors)
 
@@ -158,12 +161,16 @@ class XQuant(OnKIVI):
     def __post_init__(self) -> None:
         self._check_kivi("xquant")
 
-    def quantize_keys(self, k: torch.Tensor, remat: Remat | None = None, **_) -> XLatent:
-        f = self._need(remat).k
+    @staticmethod
+    def model_parts(model: torch.nn.Module) -> "list[Remat]":
+        return Remat.of_model(model)
+
+    def quantize_keys(self, k: torch.Tensor, model_part: Remat | None = None, **_) -> XLatent:
+        f = self._need(model_part).k
         return XLatent(quantize_keys(f.latent(k), self.bits, self.group), k.shape[1], "k", f)
 
-    def quantize_values(self, v: torch.Tensor, remat: Remat | None = None, **_) -> XLatent:
-        f = self._need(remat).v
+    def quantize_values(self, v: torch.Tensor, model_part: Remat | None = None, **_) -> XLatent:
+        f = self._need(model_part).v
         z = f.latent(v)
         return XLatent(quantize_values(z, self.bits, self.value_group(v.shape[-1])), v.shape[1], "v", f)
 
