@@ -44,6 +44,22 @@ def tiny_llama(dtype=torch.float32, seed: int = 0, layers: int = 2) -> LlamaForC
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
+def decode_error(model, ids: torch.Tensor, spec: str):
+    """``model`` reads ``ids[:, :100]`` into a cache for_model(``spec``), then decodes 20 tokens (the
+    window spills): the cache and the logits' relative error against the full-precision ``reference``
+    logits of ``ids``."""
+    from memfit.hfcompat import with_cache
+    from memfit.kv.cache import CompressedCache
+
+    with torch.no_grad():
+        ref = model(ids[:, :120]).logits
+        cache = CompressedCache.for_model(model, spec)
+        out = [model(ids[:, :100], **with_cache(model, cache)).logits]
+        for t in range(100, 120):
+            out.append(model(ids[:, t : t + 1], **with_cache(model, cache)).logits)
+    return cache, float((torch.cat(out, 1) - ref).norm() / ref.norm())
+
+
 def quant_layer(out: int, inp: int, bits: int, group: int, meta_bits: int = 0, stored: int | None = None,
                 device: str = "cuda"):
     """A bf16 Linear with an outlier row (a wide grid next to narrow ones), quantized with HQQ, or

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import decode_error, tiny_llama
 
 from memfit.hfcompat import with_cache
 from memfit.kv import oscar
@@ -51,16 +51,8 @@ def test_oscar_cache_decodes_spills_forks_and_restores_with_the_model():
     ids = _ids(160, 1)
     with torch.no_grad():
         ref = model(ids).logits
-
-        def run(spec):
-            cache = CompressedCache.for_model(model, spec)
-            out = [model(ids[:, :100], **with_cache(model, cache)).logits]
-            for t in range(100, 120):  # the window spills while decoding
-                out.append(model(ids[:, t : t + 1], **with_cache(model, cache)).logits)
-            return cache, float((torch.cat(out, 1) - ref[:, :120]).norm() / ref[:, :120].norm())
-
-        cache, err8 = run("oscar(bits=8,group=16,residual=16)")
-        _, err2 = run("oscar(bits=2,group=16,residual=16)")
+    cache, err8 = decode_error(model, ids, "oscar(bits=8,group=16,residual=16)")
+    _, err2 = decode_error(model, ids, "oscar(bits=2,group=16,residual=16)")
     assert err8 < 2e-3 < err2 < 0.1  # rotated back exactly at 8 bits; 2 bits close
     layer = cache.layers[0]
     assert isinstance(layer.qk, oscar.OscarRun) and layer.qk.num_tokens + layer.keys.shape[-2] == 120

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import tiny_llama, tiny_qwen
+from conftest import decode_error, tiny_llama, tiny_qwen
 
 from memfit.hfcompat import with_cache
 from memfit.kv.cache import CompressedCache
@@ -36,17 +36,9 @@ def test_xquant_cache_decodes_spills_forks_and_restores_with_the_model():
     ids = torch.randint(0, 250, (1, 160), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(ids).logits
-
-        def run(spec):
-            cache = CompressedCache.for_model(model, spec)
-            out = [model(ids[:, :100], **with_cache(model, cache)).logits]
-            for t in range(100, 120):  # the window spills while decoding
-                out.append(model(ids[:, t : t + 1], **with_cache(model, cache)).logits)
-            return cache, float((torch.cat(out, 1) - ref[:, :120]).norm() / ref[:, :120].norm())
-
-        cache, err8 = run("xquant(bits=8,group=16,residual=16)")
-        _, err2 = run("xquant(bits=2,group=16,residual=16)")
-        kivi, _ = run("kivi(bits=8,group=16,residual=16)")
+    cache, err8 = decode_error(model, ids, "xquant(bits=8,group=16,residual=16)")
+    _, err2 = decode_error(model, ids, "xquant(bits=2,group=16,residual=16)")
+    kivi, _ = decode_error(model, ids, "kivi(bits=8,group=16,residual=16)")
     assert err8 < 2e-3 < err2  # 8-bit coordinates: K and V back with RoPE on, at the right positions
     layer = cache.layers[0]
     assert isinstance(layer.qk, XLatent) and layer.pre_rope and layer.qk.num_tokens + layer.keys.shape[-2] == 120

@@ -50,7 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memfit.kv.quant import KIVI, STORED, OnKIVI, QTensor, Stored, kivi_token_bytes, quantize_keys, quantize_values
+from memfit.kv.quant import KIVI, STORED, OnCodes, OnKIVI, QTensor, kivi_token_bytes, quantize_keys, quantize_values
 from memfit.kv.rotate import Hadamard, hadamard
 from memfit.lazy import lazy_module
 
@@ -290,7 +290,7 @@ def of_model(model: torch.nn.Module) -> list[OscarLayer]:
 
 
 @dataclass
-class OscarRun(Stored):
+class OscarRun(OnCodes):
     """Keys or values (``which``) coded in their head's rotated basis (KIVI's ``QTensor``), the
     layer's first tokens exactly (``sink`` [B, H, S, D] float16, or None); ``rot`` [H, D, D], the
     model's calibration, is attached by the layer and not stored."""
@@ -299,14 +299,6 @@ class OscarRun(Stored):
     which: str
     sink: torch.Tensor | None = None
     rot: torch.Tensor | None = None
-
-    @property
-    def num_tokens(self) -> int:
-        return self.q.num_tokens
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return self.q.shape
 
     def attach(self, part: OscarLayer) -> None:
         self.rot = part.rot_k if self.which == "k" else part.rot_v
@@ -412,4 +404,4 @@ class Oscar(OnKIVI):
         return kivi_token_bytes((self.bits + self.vbits) / 2, d, self.group, self.value_group(d))
 
     def fixed_bytes(self, heads: int, d: int) -> float:
-        return 2 * heads * self.sinks * d * 2  # each head's sinks, keys and values, float16 (the calibration is the model's)
+        return 2 * heads * self.sinks * d * 2  # the sinks, keys and values, float16; not the calibration
