@@ -24,7 +24,7 @@ calibration (:func:`calibrate`: one forward pass, then the search) belongs to th
 weights: it is neither stored in a cache nor counted in its bytes, and a restored cache needs the
 model again (``from_state(..., model=)``). :func:`provide` tells memfit how to get a model's
 calibration when a cache first needs it: ``memfit.api.LM`` fits it on the shipped essay's first
-2,048 tokens (about 10 s for SmolLM2 on a 2-core CPU) and keeps it under the model's fingerprint
+2,048 tokens (about 20 s for SmolLM2 in float32 on a 2-core CPU) and keeps it under the model's fingerprint
 (``$MEMFIT_CACHE/oscar/``). Each KV head has rotations of its own, so an eviction before it must
 keep as many tokens in every head (``heads=uniform``). Torch path only: the decode kernel reads
 one rotation for all heads.
