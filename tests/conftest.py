@@ -60,6 +60,20 @@ def decode_error(model, ids: torch.Tensor, spec: str):
     return cache, float((torch.cat(out, 1) - ref).norm() / ref.norm())
 
 
+def restores_only_with_model(cache, model) -> None:
+    """``cache`` saved and restored: without ``model`` reading it says what it needs (for_model),
+    with it every layer reads back exactly."""
+    from memfit.kv.cache import CompressedCache
+
+    tensors, state = cache.to_state()
+    with pytest.raises(ValueError, match="for_model"):
+        CompressedCache.from_state(tensors, state).layers[0].materialize()
+    back = CompressedCache.from_state(tensors, state, model=model)
+    for la, lb in zip(cache.layers, back.layers):
+        for x, y in zip(la.materialize(), lb.materialize()):
+            assert torch.equal(x, y)
+
+
 def quant_layer(out: int, inp: int, bits: int, group: int, meta_bits: int = 0, stored: int | None = None,
                 device: str = "cuda"):
     """A bf16 Linear with an outlier row (a wide grid next to narrow ones), quantized with HQQ, or

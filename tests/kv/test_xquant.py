@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import decode_error, tiny_llama, tiny_qwen
+from conftest import decode_error, restores_only_with_model, tiny_llama, tiny_qwen
 
 from memfit.hfcompat import with_cache
 from memfit.kv.cache import CompressedCache
@@ -44,13 +44,7 @@ def test_xquant_cache_decodes_spills_forks_and_restores_with_the_model():
     assert isinstance(layer.qk, XLatent) and layer.pre_rope and layer.qk.num_tokens + layer.keys.shape[-2] == 120
     assert cache.nbytes == kivi.nbytes == policy_nbytes(cache.policy, 120, KVShape(2, 2, 16, 4))  # KIVI's bytes
     assert layer.not_packed() is not None  # the decode kernel reads KIVI codes of K and V, not of z
-    tensors, state = cache.to_state()
-    with pytest.raises(ValueError, match="for_model"):  # restored without the model: it says what it needs
-        CompressedCache.from_state(tensors, state).layers[0].materialize()
-    back = CompressedCache.from_state(tensors, state, model=model)
-    for la, lb in zip(cache.layers, back.layers):
-        for x, y in zip(la.materialize(), lb.materialize()):
-            assert torch.equal(x, y)
+    restores_only_with_model(cache, model)  # the factors are the model's: restored with it, refused without
     fork = cache.fork()  # a fork's spills: z of its own tokens, at its positions 120..
     with torch.no_grad():
         got = [model(ids[:, t : t + 1], **with_cache(model, fork)).logits for t in range(120, 160)]
