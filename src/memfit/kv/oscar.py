@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memfit.kv.quant import KIVI, STORED, OnCodes, OnKIVI, QTensor, kivi_token_bytes, quantize_keys, quantize_values
-from memfit.kv.rotate import Hadamard, hadamard
+from memfit.kv.rotate import Hadamard, clip_towards_mean, hadamard
 from memfit.lazy import lazy_module
 
 torch = lazy_module("torch")
@@ -141,18 +141,15 @@ def _eigbasis(m: torch.Tensor) -> torch.Tensor:
     return vec.flip(-1).float()
 
 
-def _clipped(x: torch.Tensor, clip: torch.Tensor, axis: str, group: int) -> torch.Tensor:
+def _clipped(x: torch.Tensor, clip: "float | torch.Tensor", axis: str, group: int) -> torch.Tensor:
     """``x`` [B, H, N, D] with each group's range (``axis`` "token": per channel over ``group``
-    tokens; "channel": per token over ``group`` channels) shrunk towards its mean to ``clip`` [H]
-    of itself, head by head."""
+    tokens; "channel": per token over ``group`` channels) shrunk towards its mean to ``clip`` of
+    itself (one fraction, or one a head [H])."""
     b, h, n, d = x.shape
     g = x.reshape(b, h, n // group, group, d) if axis == "token" else x.reshape(b, h, n, d // group, group)
-    dim = 3 if axis == "token" else 4
-    c = clip.to(x.device, torch.float32).reshape(1, h, 1, 1, 1)
-    mean = g.mean(dim, keepdim=True)
-    lo = mean + c * (g.amin(dim, keepdim=True) - mean)
-    hi = mean + c * (g.amax(dim, keepdim=True) - mean)
-    return torch.minimum(torch.maximum(g, lo), hi).reshape(b, h, n, d)
+    if isinstance(clip, torch.Tensor):
+        clip = clip.to(x.device, torch.float32).reshape(1, h, 1, 1, 1)
+    return clip_towards_mean(g, clip, 3 if axis == "token" else 4).reshape(b, h, n, d)
 
 
 def _coded(x: torch.Tensor, rot: torch.Tensor, clip: float, width: int, axis: str, group: int,
@@ -160,7 +157,7 @@ def _coded(x: torch.Tensor, rot: torch.Tensor, clip: float, width: int, axis: st
     """``x`` [H, N, D] with its tokens ``at`` coded at ``width`` bits after ``rot`` [H, D, D] and
     ``clip`` (the others exact, as the sinks and the window are)."""
     y = x[:, at].float() @ rot
-    y = _clipped(y[None], torch.full((x.shape[0],), clip), axis, group)
+    y = _clipped(y[None], clip, axis, group)
     q = quantize_keys(y, width, group, use_kernels=False) if axis == "token" else \
         quantize_values(y, width, group, use_kernels=False)
     out = x.float().clone()
@@ -182,8 +179,9 @@ def _best_clips(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, metric: torch
         logits = torch.einsum("hgmd,hnd->hgmn", q, keys) * scaling
         return logits.masked_fill(causal, float("-inf")).softmax(-1)
 
+    vf = v.float()[:, None]
     a = attend(k.float())
-    ref = a @ v.float()[:, None]
+    ref = a @ vf
 
     def cost(out: torch.Tensor) -> torch.Tensor:  # [H, G, M, D] -> [H]
         e = out - ref
@@ -191,8 +189,7 @@ def _best_clips(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, metric: torch
 
     out = []
     for w in WIDTHS:
-        ck = torch.stack([cost(attend(_coded(k, rot_k, c, w, "token", group, at)) @ v.float()[:, None])
-                          for c in CLIPS])
+        ck = torch.stack([cost(attend(_coded(k, rot_k, c, w, "token", group, at)) @ vf) for c in CLIPS])
         cv = torch.stack([cost(a @ _coded(v, rot_v, c, w, "channel", vgroup, at)[:, None]) for c in CLIPS])
         out.append(torch.tensor(CLIPS)[torch.stack([ck.argmin(0), cv.argmin(0)])])
     return torch.stack(out)
@@ -361,8 +358,8 @@ class Oscar(OnKIVI):
         if self.clip is not None and not 0.0 < self.clip <= 1.0:
             raise ValueError(f"oscar: clip is the fraction of each group's range kept, in (0, 1], got {self.clip}")
 
-    def _clip(self, calibrated: torch.Tensor) -> torch.Tensor:
-        return calibrated if self.clip is None else torch.full_like(calibrated, self.clip)
+    def _clip(self, calibrated: torch.Tensor) -> "float | torch.Tensor":
+        return calibrated if self.clip is None else self.clip
 
     @property
     def vbits(self) -> int:

@@ -80,9 +80,10 @@ def rotated_clipped(x: torch.Tensor, axis: str, group: int, clip: float) -> torc
     return clip_towards_mean(xr.reshape(b, h, n, d // group, group), clip, 4).reshape(b, h, n, d)
 
 
-def clip_towards_mean(x: torch.Tensor, clip: float, dim: int) -> torch.Tensor:
-    """``x`` with each slice along ``dim`` clipped to its min-max range shrunk towards its mean by ``clip``."""
-    if clip >= 1.0:
+def clip_towards_mean(x: torch.Tensor, clip: "float | torch.Tensor", dim: int) -> torch.Tensor:
+    """``x`` with each slice along ``dim`` clipped to its min-max range shrunk towards its mean by ``clip``
+    (a number, or a tensor that broadcasts against ``x``: a fraction per head)."""
+    if not isinstance(clip, torch.Tensor) and clip >= 1.0:
         return x
     mean = x.mean(dim, keepdim=True)
     lo = mean + clip * (x.amin(dim, keepdim=True) - mean)
