@@ -417,7 +417,7 @@ if triton is not None:
 
     @triton.jit
     def _rope_start(ROPE, ch, n0, BLOCK: tl.constexpr, D: tl.constexpr):
-        """For channels ``ch`` [1, DP]: cos and sin of n0 * f exactly (libdevice), and of BLOCK * f,
+        """For channels ``ch`` [1, C]: cos and sin of n0 * f exactly (libdevice), and of BLOCK * f,
         the step from one tile to the next (a precise cos and sin per tile and column cost more
         than the tile's dequantization)."""
         f = tl.load(ROPE + ch % (D // 2))
@@ -425,14 +425,29 @@ if triton is not None:
         return libdevice.cos(a), libdevice.sin(a), libdevice.cos(BLOCK * f), libdevice.sin(BLOCK * f)
 
     @triton.jit
-    def _rope(k, ksw, cb, sb, ch, sgn, ROPE_T, rope_scale, BLOCK: tl.constexpr, D: tl.constexpr):
-        """Pre-RoPE keys ``k`` [BLOCK, DP] (channels ``ch`` [1, DP]; ``ksw``: their rotate_half
-        partners, ``sgn`` its sign) rotated at positions n0 + i: ``cb``, ``sb`` = cos, sin(n0 * f),
+    def _rope_cos_sin(cb, sb, ch, ROPE_T, BLOCK: tl.constexpr, D: tl.constexpr):
+        """cos and sin at positions n0 + i of channels ``ch`` [1, C]: ``cb``, ``sb`` = cos, sin(n0 * f),
         those of i * f from the table, joined by the angle-addition formulas."""
         t = tl.arange(0, BLOCK)[:, None] * (D // 2) + ch % (D // 2)
         co, so = tl.load(ROPE_T + t), tl.load(ROPE_T + BLOCK * (D // 2) + t)
-        cos, sin = cb * co - sb * so, sb * co + cb * so
+        return cb * co - sb * so, sb * co + cb * so
+
+    @triton.jit
+    def _rope(k, ksw, cb, sb, ch, sgn, ROPE_T, rope_scale, BLOCK: tl.constexpr, D: tl.constexpr):
+        """Pre-RoPE keys ``k`` [BLOCK, DP] (channels ``ch`` [1, DP]; ``ksw``: their rotate_half
+        partners, ``sgn`` its sign) rotated at positions n0 + i."""
+        cos, sin = _rope_cos_sin(cb, sb, ch, ROPE_T, BLOCK, D)
         return ((k.to(tl.float32) * cos + sgn * ksw.to(tl.float32) * sin) * rope_scale).to(k.dtype)
+
+    @triton.jit
+    def _rope_halves(k, cb, sb, ch, ROPE_T, rope_scale, BLOCK: tl.constexpr, DP: tl.constexpr, D: tl.constexpr):
+        """Pre-RoPE keys ``k`` [BLOCK, DP] rotated at positions n0 + i, each rotate_half pair within the
+        tile's registers: column j < DP/2 holds channel ``ch`` [1, DP/2] (< D/2), column DP/2 + j its
+        partner ch + D/2 (no second load and dequantization of the partner's codes)."""
+        cos, sin = _rope_cos_sin(cb, sb, ch, ROPE_T, BLOCK, D)
+        lo, hi = tl.split(tl.permute(tl.reshape(k.to(tl.float32), [BLOCK, 2, DP // 2]), (0, 2, 1)))
+        out = tl.join((lo * cos - hi * sin) * rope_scale, (hi * cos + lo * sin) * rope_scale)
+        return tl.reshape(tl.permute(out, (0, 2, 1)), [BLOCK, DP]).to(k.dtype)
 
     @triton.jit
     def _rope_next(cb, sb, cB, sB):
@@ -470,6 +485,9 @@ if triton is not None:
         row = (b * H + h) * NSPLIT + S0 + s
         PB: tl.constexpr = 8 // BITS
         DP: tl.constexpr = D // PB
+        # pre-RoPE keys rotated in registers, halves of a tile: on an H100 (Triton 3.6) wrong at half
+        # tiles of 8 columns (head_dim 64, 2 bits), so narrower tiles load their partners' codes again
+        HALVES: tl.constexpr = DP // 2 >= 16
         og = tl.arange(0, GP)
         gm = og < G
         oi = tl.arange(0, DP)
@@ -498,15 +516,19 @@ if triton is not None:
                 a3 = tl.zeros((GP, DP), tl.float32)
             first = (oi * PB < VGROUP)[None, :]  # the value channel group of each packed column
             if HAS_ROPE:  # rotate_half pairs channel c with c +- D/2: column j with j +- DP/2, same position
-                osw = (oi + DP // 2) % DP
-                sgn = tl.where(oi < DP // 2, -1.0, 1.0)[None, :]
-                cs0 = (osw * PB)[None, :]
-                cb0, sb0, cB0, sB0 = _rope_start(ROPE, c0, start, BLOCK, D)
+                if HALVES:  # the first half's columns: their partners are the second half's, in registers
+                    rc = (tl.arange(0, DP // 2) * PB)[None, :]
+                else:  # the partners' codes loaded again, reordered
+                    rc = c0
+                    osw = (oi + DP // 2) % DP
+                    sgn = tl.where(oi < DP // 2, -1.0, 1.0)[None, :]
+                    cs0 = (osw * PB)[None, :]
+                cb0, sb0, cB0, sB0 = _rope_start(ROPE, rc, start, BLOCK, D)
                 if PB >= 2:
-                    cb1, sb1, cB1, sB1 = _rope_start(ROPE, c1, start, BLOCK, D)
+                    cb1, sb1, cB1, sB1 = _rope_start(ROPE, rc + 1, start, BLOCK, D)
                 if PB == 4:
-                    cb2, sb2, cB2, sB2 = _rope_start(ROPE, c2, start, BLOCK, D)
-                    cb3, sb3, cB3, sB3 = _rope_start(ROPE, c3, start, BLOCK, D)
+                    cb2, sb2, cB2, sB2 = _rope_start(ROPE, rc + 2, start, BLOCK, D)
+                    cb3, sb3, cB3, sB3 = _rope_start(ROPE, rc + 3, start, BLOCK, D)
             for n0 in range(start, end, BLOCK):
                 on = n0 + tl.arange(0, BLOCK)
                 nm = on < end
@@ -517,26 +539,36 @@ if triton is not None:
                 kp = KS + b * sksb + h * sksh + ((qo + n0) // BLOCK) * sksg
                 zp = KZ + b * sksb + h * sksh + ((qo + n0) // BLOCK) * sksg
                 k0 = _dq(kb, tl.load(kp + c0), tl.load(zp + c0), DQ, 0, BITS)
-                if HAS_ROPE:  # the partner columns' codes (the same bytes, reordered; from L1)
-                    kbs = tl.load(KC + b * skcb + h * skch + (qo + on)[:, None] * skcn + osw[None, :],
-                                  mask=nm[:, None], other=0)
-                    k0s = _dq(kbs, tl.load(kp + cs0), tl.load(zp + cs0), DQ, 0, BITS)
-                    k0 = _rope(k0, k0s, cb0, sb0, c0, sgn, ROPE_T, rope_scale, BLOCK, D)
+                if HAS_ROPE:
+                    if HALVES:
+                        k0 = _rope_halves(k0, cb0, sb0, rc, ROPE_T, rope_scale, BLOCK, DP, D)
+                    else:  # the partner columns' codes (the same bytes, reordered; from L1)
+                        kbs = tl.load(KC + b * skcb + h * skch + (qo + on)[:, None] * skcn + osw[None, :],
+                                      mask=nm[:, None], other=0)
+                        k0s = _dq(kbs, tl.load(kp + cs0), tl.load(zp + cs0), DQ, 0, BITS)
+                        k0 = _rope(k0, k0s, cb0, sb0, c0, sgn, ROPE_T, rope_scale, BLOCK, D)
                 qk = tl.dot(q0, tl.trans(k0))
                 if PB >= 2:
                     k1 = _dq(kb, tl.load(kp + c1), tl.load(zp + c1), DQ, BITS, BITS)
                     if HAS_ROPE:
-                        k1s = _dq(kbs, tl.load(kp + cs0 + 1), tl.load(zp + cs0 + 1), DQ, BITS, BITS)
-                        k1 = _rope(k1, k1s, cb1, sb1, c1, sgn, ROPE_T, rope_scale, BLOCK, D)
+                        if HALVES:
+                            k1 = _rope_halves(k1, cb1, sb1, rc + 1, ROPE_T, rope_scale, BLOCK, DP, D)
+                        else:
+                            k1s = _dq(kbs, tl.load(kp + cs0 + 1), tl.load(zp + cs0 + 1), DQ, BITS, BITS)
+                            k1 = _rope(k1, k1s, cb1, sb1, c1, sgn, ROPE_T, rope_scale, BLOCK, D)
                     qk += tl.dot(q1, tl.trans(k1))
                 if PB == 4:
                     k2 = _dq(kb, tl.load(kp + c2), tl.load(zp + c2), DQ, 4, BITS)
                     k3 = _dq(kb, tl.load(kp + c3), tl.load(zp + c3), DQ, 6, BITS)
                     if HAS_ROPE:
-                        k2s = _dq(kbs, tl.load(kp + cs0 + 2), tl.load(zp + cs0 + 2), DQ, 4, BITS)
-                        k3s = _dq(kbs, tl.load(kp + cs0 + 3), tl.load(zp + cs0 + 3), DQ, 6, BITS)
-                        k2 = _rope(k2, k2s, cb2, sb2, c2, sgn, ROPE_T, rope_scale, BLOCK, D)
-                        k3 = _rope(k3, k3s, cb3, sb3, c3, sgn, ROPE_T, rope_scale, BLOCK, D)
+                        if HALVES:
+                            k2 = _rope_halves(k2, cb2, sb2, rc + 2, ROPE_T, rope_scale, BLOCK, DP, D)
+                            k3 = _rope_halves(k3, cb3, sb3, rc + 3, ROPE_T, rope_scale, BLOCK, DP, D)
+                        else:
+                            k2s = _dq(kbs, tl.load(kp + cs0 + 2), tl.load(zp + cs0 + 2), DQ, 4, BITS)
+                            k3s = _dq(kbs, tl.load(kp + cs0 + 3), tl.load(zp + cs0 + 3), DQ, 6, BITS)
+                            k2 = _rope(k2, k2s, cb2, sb2, c2, sgn, ROPE_T, rope_scale, BLOCK, D)
+                            k3 = _rope(k3, k3s, cb3, sb3, c3, sgn, ROPE_T, rope_scale, BLOCK, D)
                     qk += tl.dot(q2, tl.trans(k2)) + tl.dot(q3, tl.trans(k3))
                 if HAS_ROPE:  # the next tile's first position
                     cb0, sb0 = _rope_next(cb0, sb0, cB0, sB0)
