@@ -16,7 +16,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from memfit.kv.attention import ATTN_IMPLEMENTATION, pop_scores, push_head_mask, push_packed, request_scores
-from memfit.kv.evict import Observation, select_global
+from memfit.kv.evict import Observation, key_only, select_global
 from memfit.kv.layer import CompressedLayer
 from memfit.kv.lowrank import LowRank
 from memfit.kv.policy import Policy, parse_policy
@@ -127,12 +127,12 @@ class CompressedCache(Cache):
         q, obs = self.policy.quant, obs or {}
         if isinstance(q, LayerBits):
             self._assign_layer_bits(q, obs)
-        picks = self._global_picks(obs)
+        picks, tiers = self._global_picks(obs)
         if self.policy.lowrank is not None and self.policy.lowrank.layers > 1:
             self._share_coefficients(self.policy.lowrank)
         for i, layer in enumerate(self.layers):
             policy = dataclasses.replace(self.policy, quant=layer.quant) if isinstance(q, LayerBits) else self.policy
-            layer.compress(policy, obs.get(i), i, len(self.layers), picks[i])
+            layer.compress(policy, obs.get(i), i, len(self.layers), picks[i], tiers[i])
 
     def _share_coefficients(self, lowrank: LowRank) -> None:
         """xKV: each group of ``lowrank.layers`` adjacent layers gets one set of token coefficients for
@@ -148,17 +148,23 @@ class CompressedCache(Cache):
                 la.keys, la.values = la.keys[:, :, :0], la.values[:, :, :0]
             group[0][1].coef_from = None  # the owner
 
-    def _global_picks(self, obs: dict[int, Observation]) -> list:
+    def _global_picks(self, obs: dict[int, Observation]) -> tuple[list, list]:
         """Per layer, the tokens each head keeps when the last eviction selects across layers
-        (``heads=global``); None where a layer selects on its own."""
+        (``heads=global``), and its key-only tokens (``keys=``); None where a layer selects on its own."""
         n = len(self.layers)
         evs = self.policy.evictions
         ready = [layer.is_initialized and layer.defer and layer.qk is None and layer.ragged is None
                  for layer in self.layers]
         if not evs or evs[-1].heads != "global" or not all(ready):
-            return [None] * n
+            return [None] * n, [None] * n
         scored = [layer.last_scores(self.policy, obs.get(i), i, n) for i, layer in enumerate(self.layers)]
-        return select_global([s for s, _ in scored], [k for _, k in scored], self.policy.token_group)
+        unit = self.policy.token_group
+        picks = select_global([s for s, _ in scored], [k for _, k in scored], unit)
+        if not evs[-1].keys:
+            return picks, [None] * n
+        wide = select_global([s for s, _ in scored], [evs[-1].keys_budget(s.shape[-1], i, n)
+                                                      for i, (s, _) in enumerate(scored)], unit)
+        return picks, [key_only(w, p) for w, p in zip(wide, picks)]
 
     def _assign_layer_bits(self, q: LayerBits, obs: dict[int, Observation]) -> None:
         """Bits per layer from each layer's attention error on its own context (KVTuner-style)."""
@@ -392,6 +398,8 @@ class CompressedCache(Cache):
             both = layer.qk is not None and layer.ragged is not None and layer.ragged.qk is not None
             layers.append({"seen": layer.seen, **({"row_lag": layer.row_lag} if layer.row_lag else {}),
                            **({"rq": pair_info(layer.ragged.qk, layer.ragged.qv)} if both else {}),
+                           **({"tier": layer.ragged.tier.meta()} if layer.ragged is not None
+                              and layer.ragged.tier is not None else {}),
                            **({"coef_from": layer.coef_from} if layer.coef_from is not None else {}),
                            "dtype": str(layer.dtype).removeprefix("torch.") if layer.is_initialized else None,
                            "q": None if q is None else pair_info(q, qv)})
@@ -418,7 +426,8 @@ class CompressedCache(Cache):
             layer.keys, layer.values = t["k_window"], t["v_window"]
             layer.dtype, layer.device, layer.is_initialized = getattr(torch, info["dtype"]), layer.keys.device, True
             if "r_lens" in t:
-                layer.ragged = Ragged.from_tensors(t, info.get("rq", info["q"]), rows=layer.keys.shape[0])
+                layer.ragged = Ragged.from_tensors(t, info.get("rq", info["q"]), rows=layer.keys.shape[0],
+                                                   tier=info.get("tier"))
             if isinstance(cache.policy.quant, LayerBits) and info["q"]:
                 layer.quant = cache.policy.quant.kivi(info["q"]["bits"])
             layer.basis = t.get("k_basis")

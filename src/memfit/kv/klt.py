@@ -49,6 +49,7 @@ these.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 
@@ -450,6 +451,8 @@ class KLT(OnKIVI):
     # values only: that fraction of the context's tokens, ranked by KVzip's scores, at high_bits (see below)
     salient: float = field(default=0.0, metadata={"spec": "if-set"})
     high_bits: int = field(default=4, metadata={"spec": "if-set"})
+    # the keys of an eviction's key-only tier (``kvzip(..., keys=...)``): their mean width
+    tier_bits: float = field(default=1.0, metadata={"spec": "if-set"})
 
     @property
     def rope_in_forks(self) -> bool:  # a fork's spills too: they are coded on its parent's pre-RoPE basis
@@ -469,6 +472,9 @@ class KLT(OnKIVI):
             raise ValueError(f"klt: sinks must be >= 0, got {self.sinks}")
         if self.queries < 0:
             raise ValueError(f"klt: queries must be >= 0 (0: an unweighted fit), got {self.queries}")
+        if not 0.0 <= self.tier_bits <= self.max_bits:
+            raise ValueError(f"klt: tier_bits (the key-only tier's mean width) must be in [0, max_bits="
+                             f"{self.max_bits}], got {self.tier_bits}")
         # value_bits, salient and high_bits checked as the rotated quantizer checks them
         try:
             Hadamard(self.value_bits, self.group, self.residual, self.sinks, meta_bits=8)
@@ -500,6 +506,15 @@ class KLT(OnKIVI):
     @property
     def vbits(self) -> int:
         return self.value_bits
+
+    def tier_coder(self) -> "KLT":
+        """What codes an eviction's key-only tier (:class:`memfit.kv.ragged.KeyTier`): these keys at
+        ``tier_bits``, on bases of their own, no sinks."""
+        return dataclasses.replace(self, bits=self.tier_bits, sinks=0, salient=0.0)
+
+    def tier_token_bytes(self, d: int) -> float:
+        """One key-only token of one head (codes and its share of the group grids, as :meth:`_bytes`)."""
+        return d * self.tier_bits / 8 + 2 * d / self.group
 
     def quantize_keys(self, k: torch.Tensor, starts: "list[int] | None" = None, first: bool = True,
                       weight: torch.Tensor | None = None, scores: torch.Tensor | None = None) -> KLTKeys:

@@ -12,7 +12,7 @@ from transformers.cache_utils import CacheLayerMixin
 from memfit.kernels.decode_attention import PackedRun, decode_attention_runs
 from memfit.kv import rotate
 from memfit.kv.decode import DecodeBudget
-from memfit.kv.evict import Observation, select_topk
+from memfit.kv.evict import Observation, key_only, select_topk
 from memfit.kv.klt import KLTHeads, query_weight
 from memfit.kv.lowrank import LowRank, project, reconstruct
 from memfit.kv.policy import Policy, not_packed
@@ -272,6 +272,8 @@ class CompressedLayer(CacheLayerMixin):
         """Why the decode kernel cannot read this layer's storage (None when it can): runs of 2/4-bit
         KIVI codes and 16-bit windows, its own (uniform or ragged) and its parents'. The quantizer's
         checks are ``policy.not_packed``'s; here also the tensors it stored."""
+        if self.ragged is not None and self.ragged.tier is not None:
+            return "a key-only tier (keys=)"
         why = not_packed(self.quant)
         if why is not None:
             return why
@@ -508,11 +510,11 @@ class CompressedLayer(CacheLayerMixin):
         return last.score(k, v, obs), last.budget(k.shape[-2], last.layer_keep(layer, num_layers))
 
     def compress(self, policy: Policy, obs: Observation | None = None, layer: int = 0, num_layers: int = 1,
-                 picks: list[torch.Tensor] | None = None) -> None:
+                 picks: list[torch.Tensor] | None = None, tier: list[torch.Tensor] | None = None) -> None:
         """End of prefill: apply the policy's evictions to the window, then quantize (evict, then
         quantize). ``obs``: what the prefill recorded for this layer; ``layer``/``num_layers`` set
         depth-dependent budgets; ``picks``: the kept tokens of each head chosen for the last
-        eviction by the cache (``heads=global``)."""
+        eviction by the cache (``heads=global``), ``tier``: its key-only tokens (``keys=``)."""
         if self.is_initialized and self.qk is None and self.ragged is None and self.kc is None:
             k, v = self.keys, self.values
             obs = obs or Observation()
@@ -529,8 +531,13 @@ class CompressedLayer(CacheLayerMixin):
                         start, self.seen, device=k.device).expand(k.shape[0], k.shape[1], -1))
                 k, v, obs = self._evict_uniform(first, obs, layer, num_layers)
                 keep = last.budget(k.shape[-2], last.layer_keep(layer, num_layers))
-                idx = picks if picks is not None else (
-                    last.select(last.score(k, v, obs), keep, policy.token_group) if keep < k.shape[-2] else None)
+                idx = picks
+                if picks is None and keep < k.shape[-2]:
+                    scores = last.score(k, v, obs)
+                    idx = last.select(scores, keep, policy.token_group)
+                    if last.keys and isinstance(idx, list):  # the key-only tier: selected at ``keys``, less those kept
+                        wide = last.select(scores, last.keys_budget(k.shape[-2], layer, num_layers), policy.token_group)
+                        tier = key_only(wide, idx)
                 if self.pre_rope and not isinstance(idx, list) and (idx is not None or k.shape[-2] < self.keys.shape[-2]):
                     if k.shape[0] != 1:  # ragged storage, which records positions, holds one row
                         raise ValueError("keys coded before RoPE after an eviction are stored ragged, one context "
@@ -539,7 +546,7 @@ class CompressedLayer(CacheLayerMixin):
                 if isinstance(idx, list):  # ragged heads (the parser keeps them to the last eviction)
                     where = {"positions": obs.positions, "span": (start, self.keys.shape[-2]),
                              "rope": self.rope} if self.pre_rope else {}
-                    self.ragged = Ragged.build(k, v, idx, policy.quant, obs.saliency, self._qweight, **where)
+                    self.ragged = Ragged.build(k, v, idx, policy.quant, obs.saliency, self._qweight, tier=tier, **where)
                     self._qweight = None
                     k, v = k[:, :, :0], v[:, :, :0]
                     obs = dataclasses.replace(obs, saliency=None)

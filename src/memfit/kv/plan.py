@@ -118,10 +118,14 @@ def policy_nbytes(policy: Policy, num_tokens: int, shape: KVShape) -> int:
     # the tokens a ragged eviction selects among (a head keeping them all keeps its whole layer): known
     # where it is the only eviction; after another, the bound assumes nothing about them
     cap = num_tokens if len(p.evictions) == 1 else 0
+    tier = 0  # key-only tokens (``keys=``) of every layer and head
     for layer in range(shape.num_layers):
         n, ragged = num_tokens, None
         for ev in p.evictions:
             k = ev.budget(n, ev.layer_keep(layer, shape.num_layers))
+            if ev is p.evictions[-1] and ev.keys and k < n:
+                tier += h * (ev.keys_budget(n, layer, shape.num_layers) - k)
+                total += _tier_layer_bytes(p.quant, h, d, e, num_tokens)
             if k < n or ev.heads == "global":
                 ragged = ev.heads if ev.ragged else None
                 n = k
@@ -144,7 +148,20 @@ def policy_nbytes(policy: Policy, num_tokens: int, shape: KVShape) -> int:
             total += h * math.ceil(num_tokens / 8) + 16
     if pooled:
         total += _ragged_bytes(pooled, h * shape.num_layers, p.quant, d, e, least, cap)
+    if tier:  # the selection rounds heads to whole groups: a unit per head and layer more, at most
+        tier += h * shape.num_layers * p.token_group
+        total += tier * (e * d if p.quant is None else p.quant.tier_token_bytes(d))
     return math.ceil(total)
+
+
+def _tier_layer_bytes(q, h: int, d: int, e: int, num_tokens: int) -> float:
+    """A layer's key-only tier beyond its tokens' codes: the lengths table and each head's mean value;
+    with klt each head's fit (at most every component) and 16-bit rest (under a group), the span and
+    the positions' bits (see :class:`memfit.kv.ragged.KeyTier`)."""
+    fixed = 2 * h * 4 + h * e * d
+    if q is not None:
+        fixed += h * (d * d + 9 * d) + h * (q.group - 1) * e * d + 16 + h * math.ceil(num_tokens / 8)
+    return fixed
 
 
 LADDER = (Policy(), Policy(quant=KIVI(bits=8)), Policy(quant=KIVI(bits=4)))  # tried in order: the first that fits

@@ -229,6 +229,11 @@ def parse_policy(spec: "str | Policy | None") -> Policy:
             if lowrank is not None and lowrank.layers > 1:
                 raise PolicyError(f"in {spec!r}: lowrank with layers > 1 keeps its shared coefficients unquantized")
             quant = method
+    if evictions and evictions[-1].keys and quant is not None and not hasattr(quant, "tier_coder"):
+        raise PolicyError(f"in {spec!r}: keys= (a key-only tier) is coded by klt (at its tier_bits) or kept in "
+                          f"16-bit without a quantizer, not by {_name_of(quant)}")
+    if evictions and evictions[-1].keys and decode:  # not built: the budget's scores read the layer's own tokens only
+        raise PolicyError(f"in {spec!r}: keys= (a key-only tier) is not combined with a decode budget")
     if isinstance(quant, XQuant) and evictions:
         raise PolicyError(f"in {spec!r}: xquant caches each token's layer input, which all its KV heads share: it "
                           "cannot follow an eviction, which keeps different tokens in different heads")

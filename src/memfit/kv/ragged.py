@@ -11,11 +11,12 @@ import torch
 from memfit.kernels import packing
 from memfit.kernels.decode_attention import PackedRun
 from memfit.kv import rotate
-from memfit.kv.quant import KIVI, MetaQTensor, QTensor, kernel_outliers, load_pair
+from memfit.kv.quant import KIVI, MetaQTensor, QTensor, kernel_outliers, load_pair, load_quantized
 from memfit.kv.rope import RoPE
 from memfit.kv.rotate import RotatedTensor
 
 KEYS, VALUES = "r_k_", "r_v_"  # the prefixes of the quantized keys' and values' tensors in a layer's state
+TIER = "r_t_"  # and of the key-only tier's
 
 
 def _starts(lens: torch.Tensor) -> torch.Tensor:
@@ -50,13 +51,15 @@ class Ragged:
 
     def __init__(self, lens: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk: QTensor | None = None,
                  qv: QTensor | None = None, rows: int = 1, span: torch.Tensor | None = None,
-                 kept: torch.Tensor | None = None):
+                 kept: torch.Tensor | None = None, tier: "KeyTier | None" = None):
         self.lens = lens  # int32 [2, rows * H]: tokens per row and head, of which quantized
         self.k, self.v, self.qk, self.qv, self.rows = k, v, qk, qv, rows
         self.span, self.kept = span, kept
+        self.tier = tier  # the eviction's key-only tokens (``keys=``), read after each head's own
         self._pos: list[torch.Tensor] | None = None
         total, nq = lens[0].tolist(), lens[1].tolist()  # one read of the small table: sizes are host numbers
-        self.max_len, self.max_q = max(total), max(nq)
+        padded = total if tier is None else [n + t for n, t in zip(total, tier.counts)]
+        self.max_len, self.max_q = max(padded), max(nq)
         self.max_w = max(n - q for n, q in zip(total, nq))
         self._host = (total, nq)
         self._runs: list[PackedRun] | None = None
@@ -70,13 +73,14 @@ class Ragged:
     def build(cls, keys: torch.Tensor, values: torch.Tensor, idx: list[torch.Tensor], quant: KIVI | None,
               scores: torch.Tensor | None = None, weight: torch.Tensor | None = None,
               positions: torch.Tensor | None = None, span: tuple[int, int] | None = None,
-              rope: RoPE | None = None) -> "Ragged":
+              rope: RoPE | None = None, tier: list[torch.Tensor] | None = None) -> "Ragged":
         """Each head's tokens ``idx[h]`` of ``keys``/``values`` [1, H, N, D]; ``scores`` [1, H, N]: a
         quantizer's saliency of the tokens (ZipCache's, salient widths'), if it scored them; ``weight`` [1, H, D]: the
         queries' mean square per channel (klt's fit). A quantizer that codes keys before RoPE
         (``pre_rope``) also takes each token's position ``positions`` [1, H, N], the context's
         ``span`` (first position, length) and the model's ``rope``: each head's quantized keys come
-        off RoPE at their own positions and are coded on a basis of their own."""
+        off RoPE at their own positions and are coded on a basis of their own. ``tier``: each head's
+        key-only tokens (an eviction's ``keys=``, see :class:`KeyTier`)."""
         ks = [keys[0, h, i] for h, i in enumerate(idx)]
         vs = [values[0, h, i] for h, i in enumerate(idx)]
         lens = [len(i) for i in idx]
@@ -107,8 +111,12 @@ class Ragged:
                 qk = quant.quantize_keys(flat([k[:q] for k, q in zip(ks, nq)]), **runs)
             qv = quant.quantize_values(flat([v[:q] for v, q in zip(vs, nq)]), **runs)
         lens_t = torch.tensor([lens, nq], dtype=torch.int32, device=keys.device)
+        key_tier = None
+        if tier is not None:
+            where = None if positions is None else (positions, span, rope)
+            key_tier = KeyTier.build(keys, values, tier, quant, weight, where)
         return cls(lens_t, flat([k[q:] for k, q in zip(ks, nq)]), flat([v[q:] for v, q in zip(vs, nq)]), qk, qv,
-                   span=span if kept is not None else None, kept=kept)
+                   span=span if kept is not None else None, kept=kept, tier=key_tier)
 
     @property
     def end(self) -> int | None:
@@ -130,6 +138,8 @@ class Ragged:
             raise ValueError("cannot stack ragged layers with different numbers of KV heads")
         if any(p.span is not None for p in parts):
             raise ValueError("cannot stack ragged layers with keys stored before RoPE")
+        if any(p.tier is not None for p in parts):
+            raise ValueError("cannot stack ragged layers with a key-only tier (keys=)")
         quantized = [p.qk is not None for p in parts]
         qk = qv = None
         if any(quantized):
@@ -152,14 +162,21 @@ class Ragged:
         if self.qk is not None:
             out.update({f"{KEYS}{n}": t for n, t in self.qk.tensors().items()})
             out.update({f"{VALUES}{n}": t for n, t in self.qv.tensors().items()})
+        if self.tier is not None:
+            out.update({f"{TIER}{n}": t for n, t in self.tier.tensors().items()})
         return out
 
     @classmethod
-    def from_tensors(cls, t: dict[str, torch.Tensor], q: dict | None, rows: int = 1) -> "Ragged":
+    def from_tensors(cls, t: dict[str, torch.Tensor], q: dict | None, rows: int = 1,
+                     tier: dict | None = None) -> "Ragged":
+        """Inverse of :meth:`tensors`; ``tier``: the key-only tier's description (:meth:`KeyTier.meta`)."""
         qk = qv = None
         if q is not None and any(n.startswith(KEYS) for n in t):
             qk, qv = load_pair(t, KEYS, VALUES, q)
-        return cls(t["r_lens"], t["r_k"], t["r_v"], qk, qv, rows, t.get("r_span"), t.get("r_kept"))
+        key_tier = None
+        if tier is not None:
+            key_tier = KeyTier.from_tensors({n.removeprefix(TIER): v for n, v in t.items() if n.startswith(TIER)}, tier)
+        return cls(t["r_lens"], t["r_k"], t["r_v"], qk, qv, rows, t.get("r_span"), t.get("r_kept"), key_tier)
 
     def runs(self, rows: int, quant: KIVI | None) -> list[PackedRun]:
         """This storage as the decode kernel reads it (flat, from per-row-and-head offsets); a
@@ -210,8 +227,95 @@ class Ragged:
         k = self.k.new_zeros(self.rows * h, m, d, dtype=dtype)
         v = self.v.new_zeros(self.rows * h, m, self.v.shape[-1], dtype=dtype)
         mask = torch.zeros(self.rows * h, m, dtype=torch.bool, device=self.k.device)
+        tk = self.tier.keys(dtype, rope) if self.tier is not None else None
         for i, n in enumerate(lens):
             k[i, :n] = torch.cat([t for t in (qk[i], wk[i]) if t is not None])
             v[i, :n] = torch.cat([t for t in (qv[i], wv[i]) if t is not None])
             mask[i, :n] = True
+            if tk is not None and len(tk[i]):  # the key-only tokens: their keys, and the head's one mean value
+                t = len(tk[i])
+                k[i, n : n + t], v[i, n : n + t], mask[i, n : n + t] = tk[i], self.tier.mean[i].to(dtype), True
         return (k.reshape(self.rows, h, m, d), v.reshape(self.rows, h, m, -1), mask.reshape(self.rows, h, m))
+
+
+class KeyTier:
+    """The tokens an eviction keeps for their keys alone (``keys=``, one context row): attention over
+    them stays on them instead of moving to the kept tokens, and what they add to a head's output is
+    that attention times one value, the mean of their values. Their keys are coded as the layer's
+    quantizer codes keys at its ``tier_bits`` (``tier_coder``: klt, before RoPE, a basis a head) in
+    whole key groups, the rest kept in 16-bit after RoPE; without a quantizer all in 16-bit.
+
+    ``lens`` int32 [2, H]: each head's key-only tokens, of which coded; ``k`` [1, 1, T, D]: the
+    16-bit rest, heads back to back; ``mean`` [H, Dv]; ``span`` and ``kept`` as :class:`Ragged`'s
+    (where the coded keys sit, for RoPE)."""
+
+    def __init__(self, lens: torch.Tensor, k: torch.Tensor, mean: torch.Tensor, qk=None,
+                 span: torch.Tensor | None = None, kept: torch.Tensor | None = None):
+        self.lens, self.k, self.mean, self.qk, self.span, self.kept = lens, k, mean, qk, span, kept
+        self.counts, self.coded = lens[0].tolist(), lens[1].tolist()
+
+    @classmethod
+    def build(cls, keys: torch.Tensor, values: torch.Tensor, idx: list[torch.Tensor], quant, weight=None,
+              where: tuple | None = None) -> "KeyTier":
+        """Each head's key-only tokens ``idx[h]`` (sorted) of ``keys``/``values`` [1, H, N, D];
+        ``where``: (positions [1, H, N], span, rope) when the quantizer codes keys before RoPE."""
+        coder = None
+        if quant is not None:
+            if not hasattr(quant, "tier_coder"):
+                raise ValueError(f"a key-only tier (keys=) is coded by klt or kept in 16-bit without a quantizer, "
+                                 f"not by {type(quant).__name__}")
+            coder = quant.tier_coder()
+        ks = [keys[0, h, i] for h, i in enumerate(idx)]
+        mean = torch.stack([values[0, h, i].float().mean(0) if len(i) else values.new_zeros(values.shape[-1]).float()
+                            for h, i in enumerate(idx)]).to(values.dtype)
+        nq = [len(i) // coder.group * coder.group if coder is not None else 0 for i in idx]
+        qk = span = kept = None
+        if sum(nq):
+            pre = [k[:q].float() for k, q in zip(ks, nq)]
+            if where is not None:  # off RoPE at each token's position, which ``kept`` records
+                positions, span, rope = where
+                start, n = (int(x) for x in span)
+                pos = [positions[0, h, i][:q] for h, (i, q) in enumerate(zip(idx, nq))]
+                pre = [rope.unrotate(k[None, None], p)[0, 0] for k, p in zip(pre, pos)]
+                span = torch.tensor([start, n], dtype=torch.int64, device=keys.device)
+                bits = torch.zeros(len(idx), n, dtype=torch.uint8, device=keys.device)
+                for h, p in enumerate(pos):
+                    bits[h, p - start] = 1
+                kept = packing.pack_planes(bits, 1)[0]
+            qk = coder.quantize_heads(pre, weight)
+        lens = torch.tensor([[len(i) for i in idx], nq], dtype=torch.int32, device=keys.device)
+        rest = torch.cat([k[q:] for k, q in zip(ks, nq)]).unsqueeze(0).unsqueeze(0)
+        return cls(lens, rest, mean, qk, span, kept)
+
+    def keys(self, dtype: torch.dtype, rope: RoPE | None = None) -> list[torch.Tensor]:
+        """Each head's key-only keys [t_h, D], after RoPE."""
+        h = len(self.counts)
+        coded = [None] * h
+        if self.qk is not None:
+            coded = list(self.qk.dequantize(torch.float32)[0, 0].split(self.coded))
+            if self.span is not None:
+                if rope is None:
+                    raise ValueError("this layer's key-only keys are stored before RoPE: reading them needs the "
+                                     "model's RoPE")
+                start, n = self.span.tolist()
+                bits = packing.unpack_planes(self.kept.unsqueeze(0), n).bool()
+                coded = [rope.rotate(c[None, None], row.nonzero().squeeze(1)[:q] + start)[0, 0]
+                         for c, row, q in zip(coded, bits, self.coded)]
+        rest = self.k[0, 0].split([n - q for n, q in zip(self.counts, self.coded)])
+        return [torch.cat([t.to(dtype) for t in (c, r) if t is not None]) for c, r in zip(coded, rest)]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"lens": self.lens, "k": self.k, "mean": self.mean}
+        if self.span is not None:
+            out.update({"span": self.span, "kept": self.kept})
+        if self.qk is not None:
+            out.update({f"q_{n}": t for n, t in self.qk.tensors().items()})
+        return out
+
+    def meta(self) -> dict:
+        return {"qk": None if self.qk is None else self.qk.meta()}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor], meta: dict) -> "KeyTier":
+        qk = load_quantized(t, "q_", meta["qk"]) if meta.get("qk") is not None else None
+        return cls(t["lens"], t["k"], t["mean"], qk, t.get("span"), t.get("kept"))

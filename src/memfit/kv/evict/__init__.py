@@ -5,7 +5,7 @@ from the base, ``budget``/``layer_keep``).
 head (or, with ``heads=adaptive``, of the whole layer) and frees the rest (nothing is masked).
 """
 
-from memfit.kv.evict.base import Eviction, Observation, select_adaptive, select_global, select_topk
+from memfit.kv.evict.base import Eviction, Observation, key_only, select_adaptive, select_global, select_topk
 from memfit.kv.evict.h2o import H2O
 from memfit.kv.evict.knorm import Knorm
 from memfit.kv.evict.kvzip import KVzip
@@ -15,4 +15,4 @@ from memfit.kv.evict.streaming import StreamingLLM
 from memfit.kv.evict.tova import TOVA
 
 __all__ = ["H2O", "TOVA", "Eviction", "KVzip", "Knorm", "Observation", "PyramidKV", "SnapKV", "StreamingLLM",
-           "select_adaptive", "select_global", "select_topk"]
+           "key_only", "select_adaptive", "select_global", "select_topk"]

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from memfit.lazy import lazy_module
@@ -54,10 +54,17 @@ class Eviction:
     layers and heads). ``heads``: "uniform" keeps the same number in every KV head; "adaptive"
     (AdaKV) lets heads with peaked scores take budget from heads with flat ones within a layer;
     "global" (KVzip's pair-level threshold) pools the budget of every layer and head, so layers
-    whose scores are peaked also take budget from flat ones. Adaptive and global are stored ragged."""
+    whose scores are peaked also take budget from flat ones. Adaptive and global are stored ragged.
+
+    ``keys`` (ragged heads; 0: off): the fraction of context tokens whose keys are kept, more than
+    ``keep``. The tokens ranked between ``keep`` and ``keys`` keep their keys alone (a key-only tier,
+    after klt at ``tier_bits`` or in 16-bit without a quantizer) and share one mean value per head:
+    the attention they draw stays on them instead of moving to the kept tokens, for about a third of
+    a kept token's bytes. What an eviction costs at a small ``keep`` is largely that shift."""
 
     keep: float = 0.25
     heads: str = "uniform"
+    keys: float = field(default=0.0, metadata={"spec": "if-set"})
 
     #: what ``score`` reads from the Observation: "queries", "attention_sum", "reconstruction" or None
     observes: ClassVar[str | None] = None
@@ -68,6 +75,11 @@ class Eviction:
             raise ValueError(f"{name}: keep must be in (0, 1], got {self.keep}")
         if self.heads not in HEAD_MODES:
             raise ValueError(f"{name}: heads must be one of {', '.join(HEAD_MODES)}, got {self.heads!r}")
+        if self.keys and not self.keep < self.keys <= 1.0:
+            raise ValueError(f"{name}: keys (the fraction whose keys are kept) must be in (keep={self.keep}, 1], "
+                             f"got {self.keys}")
+        if self.keys and not self.ragged:
+            raise ValueError(f"{name}: keys= (a key-only tier) is stored ragged: use heads=adaptive or heads=global")
 
     def queries_needed(self) -> int:
         """How many of the context's last queries ``score`` needs (0: none)."""
@@ -80,6 +92,10 @@ class Eviction:
     def budget(self, n: int, keep: float | None = None) -> int:
         """Tokens kept per head out of ``n``."""
         return min(n, max(1, math.ceil((self.keep if keep is None else keep) * n)))
+
+    def keys_budget(self, n: int, layer: int, num_layers: int) -> int:
+        """Tokens a head keeps at least the keys of, out of ``n`` (``keys``; scaled with depth as ``keep`` is)."""
+        return self.budget(n, self.keys * self.layer_keep(layer, num_layers) / self.keep)
 
     def score(self, keys: torch.Tensor, values: torch.Tensor, obs: Observation) -> torch.Tensor:
         """keys/values [B, H, N, D] (RoPE applied) -> scores [B, H, N]; higher is kept first."""
@@ -98,6 +114,17 @@ class Eviction:
         if self.heads == "uniform" or k >= scores.shape[-1]:
             return select_topk(scores, k)
         return select_adaptive(scores, k, unit)
+
+
+def key_only(wide: list[torch.Tensor], kept: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per head, the sorted tokens of ``wide`` (the selection at ``keys``) not in ``kept``: the key-only tier."""
+    out = []
+    for w, k in zip(wide, kept):
+        mask = torch.ones(int(max(w.max().item() if len(w) else -1, k.max().item() if len(k) else -1)) + 1,
+                          dtype=torch.bool, device=w.device)
+        mask[k] = False
+        out.append(w[mask[w]])
+    return out
 
 
 def head_floor(k: int) -> int:
