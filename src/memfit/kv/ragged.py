@@ -24,6 +24,22 @@ def _starts(lens: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(lens.long(), 0) - lens.long()
 
 
+def _kept_bits(positions: list[torch.Tensor], start: int, n: int) -> torch.Tensor:
+    """Which of the context's ``n`` tokens (from position ``start``) each head holds, one bit a token
+    (uint8 [H, ceil(n / 8)]): what puts RoPE back on keys stored before it."""
+    bits = torch.zeros(len(positions), n, dtype=torch.uint8, device=positions[0].device)
+    for h, p in enumerate(positions):
+        bits[h, p - start] = 1
+    return packing.pack_planes(bits, 1)[0]
+
+
+def _kept_positions(kept: torch.Tensor, span: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+    """Inverse of :func:`_kept_bits`: each head's first ``counts[h]`` positions, ascending."""
+    start, n = span.tolist()
+    bits = packing.unpack_planes(kept.unsqueeze(0), n).bool()
+    return [row.nonzero().squeeze(1)[:q] + start for row, q in zip(bits, counts)]
+
+
 def _widened(r: PackedRun, rows: int) -> PackedRun:
     """A one-row flat run read by ``rows`` rows: the same storage, each row its heads."""
     wide = {n: getattr(r, n).expand(rows, -1).contiguous() for n in ("qoff", "woff", "qlen", "wlen")
@@ -92,10 +108,7 @@ class Ragged:
                 raise ValueError("keys coded before RoPE need the model's RoPE and the context's span")
             pos = [positions[0, h, i] for h, i in enumerate(idx)]
             span = torch.tensor(span, dtype=torch.int64, device=keys.device)
-            bits = torch.zeros(len(idx), int(span[1]), dtype=torch.uint8, device=keys.device)
-            for h, p in enumerate(pos):
-                bits[h, p - span[0]] = 1
-            kept = packing.pack_planes(bits, 1)[0]
+            kept = _kept_bits(pos, int(span[0]), int(span[1]))
         if sum(nq):
             # a quantizer that keeps a run's first tokens apart (sinks) keeps each head's
             runs = {"starts": [s for s, q in zip(itertools.accumulate([0, *nq]), nq) if q]} if getattr(quant, "sinks", 0) else {}
@@ -126,9 +139,7 @@ class Ragged:
     def positions(self) -> list[torch.Tensor]:
         """Each head's quantized tokens' positions (pre-RoPE storage), decoded once from ``kept``."""
         if self._pos is None:
-            start, n = self.span.tolist()
-            bits = packing.unpack_planes(self.kept.unsqueeze(0), n).bool()
-            self._pos = [row.nonzero().squeeze(1)[:q] + start for row, q in zip(bits, self._host[1])]
+            self._pos = _kept_positions(self.kept, self.span, self._host[1])
         return self._pos
 
     @classmethod
@@ -278,10 +289,7 @@ class KeyTier:
                 pos = [positions[0, h, i][:q] for h, (i, q) in enumerate(zip(idx, nq))]
                 pre = [rope.unrotate(k[None, None], p)[0, 0] for k, p in zip(pre, pos)]
                 span = torch.tensor([start, n], dtype=torch.int64, device=keys.device)
-                bits = torch.zeros(len(idx), n, dtype=torch.uint8, device=keys.device)
-                for h, p in enumerate(pos):
-                    bits[h, p - start] = 1
-                kept = packing.pack_planes(bits, 1)[0]
+                kept = _kept_bits(pos, start, n)
             qk = coder.quantize_heads(pre, weight)
         lens = torch.tensor([[len(i) for i in idx], nq], dtype=torch.int32, device=keys.device)
         rest = torch.cat([k[q:] for k, q in zip(ks, nq)]).unsqueeze(0).unsqueeze(0)
@@ -297,10 +305,8 @@ class KeyTier:
                 if rope is None:
                     raise ValueError("this layer's key-only keys are stored before RoPE: reading them needs the "
                                      "model's RoPE")
-                start, n = self.span.tolist()
-                bits = packing.unpack_planes(self.kept.unsqueeze(0), n).bool()
-                coded = [rope.rotate(c[None, None], row.nonzero().squeeze(1)[:q] + start)[0, 0]
-                         for c, row, q in zip(coded, bits, self.coded)]
+                coded = [rope.rotate(c[None, None], p)[0, 0]
+                         for c, p in zip(coded, _kept_positions(self.kept, self.span, self.coded))]
         rest = self.k[0, 0].split([n - q for n, q in zip(self.counts, self.coded)])
         return [torch.cat([t.to(dtype) for t in (c, r) if t is not None]) for c, r in zip(coded, rest)]
 
