@@ -59,8 +59,9 @@ class Eviction:
     ``keys`` (ragged heads; 0: off): the fraction of context tokens whose keys are kept, more than
     ``keep``. The tokens ranked between ``keep`` and ``keys`` keep their keys alone (a key-only tier,
     after klt at ``tier_bits`` or in 16-bit without a quantizer) and share one mean value per head:
-    the attention they draw stays on them instead of moving to the kept tokens, for about a third of
-    a kept token's bytes. What an eviction costs at a small ``keep`` is largely that shift."""
+    the attention they draw stays on them instead of moving to the kept tokens, for under half of a
+    kept token's bytes (at 32x on SmolLM2 much of what the eviction cost was that shift: see
+    docs/evaluation.md)."""
 
     keep: float = 0.25
     heads: str = "uniform"
@@ -118,13 +119,7 @@ class Eviction:
 
 def key_only(wide: list[torch.Tensor], kept: list[torch.Tensor]) -> list[torch.Tensor]:
     """Per head, the sorted tokens of ``wide`` (the selection at ``keys``) not in ``kept``: the key-only tier."""
-    out = []
-    for w, k in zip(wide, kept):
-        mask = torch.ones(int(max(w.max().item() if len(w) else -1, k.max().item() if len(k) else -1)) + 1,
-                          dtype=torch.bool, device=w.device)
-        mask[k] = False
-        out.append(w[mask[w]])
-    return out
+    return [w[~torch.isin(w, k)] for w, k in zip(wide, kept)]
 
 
 def head_floor(k: int) -> int:
