@@ -26,7 +26,9 @@ POLICIES = ["none", "kivi(bits=4,group=16,residual=16)", "snapkv(keep=0.5,window
             "knorm(keep=0.5,heads=global)+million(bits=2,sub=4,group=16,residual=16,outliers=1)",
             "zipcache(bits=2,group=16,residual=16)", "lowrank(rank=16,layers=2)", "knorm(keep=0.5,heads=adaptive)+zipcache(bits=2,group=16,residual=16)",
             "xquant(bits=4,group=16,residual=16)", "knorm(keep=0.5,heads=adaptive)+klt(bits=2,group=16,residual=16)",
-            "knorm(keep=0.5)+oscar(bits=2,group=16,residual=16)"]
+            "knorm(keep=0.5)+oscar(bits=2,group=16,residual=16)",
+            "knorm(keep=0.3,keys=0.6,heads=adaptive)",  # a key-only tier, 16-bit
+            "knorm(keep=0.3,keys=0.6,heads=global)+klt(bits=2,group=16,residual=16)"]  # and coded by klt
 
 
 @pytest.fixture
